@@ -1,0 +1,114 @@
+"""`apply(pipe_or_transformer, *edits)`: install edits on a stock pipeline; `Handle.remove()` undoes it."""
+from __future__ import annotations
+
+import torch
+
+from . import processors
+from .edits import HeadGuidance, SoftPAG
+from .guidance.hooks import GuidanceController, install_hooks, remove_hooks
+from .guidance.rows import check_guided_pipeline
+from .heads import SUPPORTED_MODELS, LayerInfo, model_family, model_layers, resolve_heads
+from .processors.state import EditState, LayerEdit
+
+EDIT_TYPES = (SoftPAG, HeadGuidance)
+_MARK = "_dit_attn_handle"
+
+
+def split_target(obj) -> tuple[object | None, torch.nn.Module]:
+    """(pipeline or None, transformer) from a pipeline or a transformer model."""
+    transformer = getattr(obj, "transformer", None)
+    if isinstance(transformer, torch.nn.Module):
+        model_family(transformer)
+        return obj, transformer
+    if isinstance(obj, torch.nn.Module):
+        model_family(obj)
+        return None, obj
+    raise TypeError(
+        f"expected a diffusers pipeline or transformer, got {type(obj).__name__}; "
+        f"supported transformers: {', '.join(SUPPORTED_MODELS)}"
+    )
+
+
+def layers(pipe_or_transformer) -> list[LayerInfo]:
+    """The layer/head map: index, module name, kind, heads."""
+    return model_layers(split_target(pipe_or_transformer)[1])
+
+
+def _layer_edits(heads, u: float, target: str, scope: str, layer_map: list[LayerInfo]) -> dict[int, LayerEdit]:
+    edits = {}
+    for layer, head_ids in resolve_heads(heads, layer_map).items():
+        strength = torch.zeros(layer_map[layer].heads)
+        strength[list(head_ids)] = float(u)
+        edits[layer] = LayerEdit(strength, target, scope)
+    return edits
+
+
+class Handle:
+    """Undo for `apply`; also a context manager."""
+
+    def __init__(self, transformer, originals: dict, controller: GuidanceController | None, edits: tuple, state: EditState):
+        self.transformer = transformer
+        self.edits = edits
+        self.state = state
+        self._originals = originals
+        self._controller = controller
+        self.active = True
+
+    def remove(self) -> None:
+        """Restore the original processors, hooks and scheduler. Safe to call twice."""
+        if not self.active:
+            return
+        processors.restore(self.transformer, self._originals)
+        remove_hooks(self.transformer, self._controller)
+        if getattr(self.transformer, _MARK, None) is self:
+            delattr(self.transformer, _MARK)
+        self.active = False
+
+    def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"Handle(active={self.active}, edits={self.edits!r})"
+
+
+def apply(pipe_or_transformer, *edits) -> Handle:
+    """Install edits on a pipeline (or a transformer, for model edits such as SoftPAG).
+
+    Returns a Handle: `remove()` restores the stock model; `with apply(...):` does it on exit.
+    """
+    pipe, transformer = split_target(pipe_or_transformer)
+    for edit in edits:
+        if not isinstance(edit, EDIT_TYPES):
+            raise TypeError(f"not an edit: {edit!r}; edits are {', '.join(t.__name__ for t in EDIT_TYPES)}")
+    if not edits:
+        raise ValueError("apply needs at least one edit")
+    existing = getattr(transformer, _MARK, None)
+    if existing is not None and existing.active:
+        raise RuntimeError("this model is already edited by dit-attn: call remove() on the first handle (or leave its with-block) before applying again")
+
+    layer_map = model_layers(transformer)
+    state = EditState()
+    guidance = [e for e in edits if isinstance(e, HeadGuidance)]
+    if len(guidance) > 1:
+        raise ValueError("give at most one HeadGuidance per apply (merge their heads into one)")
+    for edit in edits:
+        if isinstance(edit, SoftPAG):
+            for layer, layer_edit in _layer_edits(edit.heads, edit.u, edit.target, edit.scope, layer_map).items():
+                state.model_edits.setdefault(layer, []).append(layer_edit)
+    controller = None
+    if guidance:
+        if pipe is None:
+            raise TypeError("HeadGuidance needs a pipeline (it guides the sampling loop); pass the pipeline, not the transformer")
+        check_guided_pipeline(pipe)
+        edit = guidance[0]
+        state.guided_edits = _layer_edits(edit.heads, edit.u, edit.target, edit.scope, layer_map)
+        controller = GuidanceController(pipe, edit, first_layer=min(state.guided_edits))
+
+    originals = processors.install(transformer, state)
+    install_hooks(transformer, state, controller)
+    handle = Handle(transformer, originals, controller, tuple(edits), state)
+    setattr(transformer, _MARK, handle)
+    return handle

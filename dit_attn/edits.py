@@ -1,0 +1,81 @@
+"""Edits say what to change. They hold no tensors and no model; `apply` checks them
+against the model's layer/head map.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .heads import normalize_heads
+from .kernels.plan import SCOPES, TARGETS
+
+
+def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"{name} must be one of {valid}, got {value!r}")
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
+@dataclass(frozen=True)
+class SoftPAG:
+    """Perturb the model itself: for each selected (layer, head) the attention map
+    becomes (1 - u)·A + u·T (SoftPAG; u = 1 with the identity target is PAG).
+
+    target: "identity" or "uniform". scope: "joint" (T over the whole joint sequence,
+    as HeadHunter) or "image" (only image→image attention of image queries, as
+    diffusers' SD3 PAG).
+    """
+
+    heads: tuple = field(default=())
+    u: float = 1.0
+    target: str = "identity"
+    scope: str = "joint"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "heads", normalize_heads(self.heads))
+        _check_fraction("u", self.u)
+        _check_choice("target", self.target, TARGETS)
+        _check_choice("scope", self.scope, SCOPES)
+
+
+@dataclass(frozen=True)
+class HeadGuidance:
+    """Guide away from the SoftPAG-perturbed model on the conditional prompt.
+
+    With CFG: ε = ε_u + g·(ε_c − ε_u) + s·(ε_c − ε_p); without: ε = ε_c + s·(ε_c − ε_p),
+    where ε_p is the prediction with the selected heads perturbed (HeadHunter, Eq. 5).
+    start/end are fractions of the denoising steps; outside [start, end) the step is stock.
+    share_prefix computes the blocks before the first perturbed layer once for the
+    conditional and perturbed rows (same result, less work).
+    """
+
+    heads: tuple = field(default=())
+    scale: float = 3.0
+    u: float = 1.0
+    target: str = "identity"
+    scope: str = "joint"
+    start: float = 0.0
+    end: float = 1.0
+    share_prefix: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "heads", normalize_heads(self.heads))
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not self.scale >= 0 or math.isinf(self.scale):
+            raise ValueError(f"scale must be a finite number >= 0, got {self.scale!r}")
+        _check_fraction("u", self.u)
+        _check_choice("target", self.target, TARGETS)
+        _check_choice("scope", self.scope, SCOPES)
+        _check_fraction("start", self.start)
+        _check_fraction("end", self.end)
+        if self.start >= self.end:
+            raise ValueError(f"start must be < end (fractions of the denoising steps), got start={self.start}, end={self.end}")
+
+    def active_at(self, fraction: float) -> bool:
+        return self.start <= fraction < self.end
+
+
+Edit = SoftPAG | HeadGuidance

@@ -1,0 +1,151 @@
+"""The layer/head map of a diffusion transformer and head addressing.
+
+Layers are numbered in forward order: SD3 `transformer_blocks.i` → i; FLUX
+`transformer_blocks.i` → i, then `single_transformer_blocks.j` → (number of double blocks) + j.
+Heads are given as `(layer, head)`, `"L{layer}H{head}"`, `"L{layer}"` (every head of a
+layer) or a preset name such as `"sd3:dark"`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Union
+
+import torch
+
+HeadSpec = Union[str, tuple, list]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    index: int
+    name: str  # module name of the attention, e.g. "transformer_blocks.3.attn"
+    kind: str  # "joint" (SD3), "double" or "single" (FLUX)
+    heads: int
+    head_dim: int
+    dual_attention: bool = False  # SD3.5 block with an extra image-only attn2 (left stock)
+
+
+@dataclass(frozen=True)
+class Preset:
+    heads: tuple[str, ...]
+    provenance: str
+
+
+_SD3_PAPER = "HeadHunter paper (v4), SD3-medium, heads named in the paper"
+_FLUX_PAPER = "HeadHunter paper (v4), FLUX.1-dev, heads named in the paper (layers 0-56)"
+PRESETS: dict[str, Preset] = {
+    "sd3:dark": Preset(("L1H2", "L1H10"), _SD3_PAPER),
+    "sd3:white": Preset(("L0H15", "L1H19"), _SD3_PAPER),
+    "sd3:golden-hour": Preset(("L18H11", "L0H17", "L2H3"), _SD3_PAPER),
+    "sd3:shearing": Preset(("L11H15",), _SD3_PAPER),
+    "sd3:shadow": Preset(("L13H17",), _SD3_PAPER),
+    "sd3:blue": Preset(("L0H23",), _SD3_PAPER),
+    "sd3:red": Preset(("L0H3",), _SD3_PAPER),
+    "sd3:horizontal-banding": Preset(("L16H3",), _SD3_PAPER),
+    "flux:glossy": Preset(("L43H17",), _FLUX_PAPER),
+    "flux:vintage-film": Preset(("L51H23",), _FLUX_PAPER),
+    "flux:warm-red": Preset(("L52H22",), _FLUX_PAPER),
+    "flux:bokeh": Preset(("L34H0",), _FLUX_PAPER),
+    "flux:cool-tone": Preset(("L52H6",), _FLUX_PAPER),
+    "flux:golden-hour": Preset(("L38H18",), _FLUX_PAPER),
+    "flux:green-filter": Preset(("L52H12",), _FLUX_PAPER),
+}
+
+SUPPORTED_MODELS = ("SD3Transformer2DModel", "FluxTransformer2DModel")
+
+
+def model_family(transformer: torch.nn.Module) -> str:
+    name = type(transformer).__name__
+    if name == "SD3Transformer2DModel":
+        return "sd3"
+    if name == "FluxTransformer2DModel":
+        return "flux"
+    raise TypeError(f"unsupported transformer class {name}; supported: {', '.join(SUPPORTED_MODELS)}")
+
+
+def model_layers(transformer: torch.nn.Module) -> list[LayerInfo]:
+    """The attention layers of a transformer in forward order."""
+    family = model_family(transformer)
+    layers: list[LayerInfo] = []
+    for i, block in enumerate(transformer.transformer_blocks):
+        kind = "joint" if family == "sd3" else "double"
+        dual = getattr(block, "attn2", None) is not None
+        layers.append(LayerInfo(i, f"transformer_blocks.{i}.attn", kind, block.attn.heads, _head_dim(block.attn), dual))
+    for j, block in enumerate(getattr(transformer, "single_transformer_blocks", ())):
+        n = len(layers)
+        layers.append(LayerInfo(n, f"single_transformer_blocks.{j}.attn", "single", block.attn.heads, _head_dim(block.attn)))
+    return layers
+
+
+def _head_dim(attn: torch.nn.Module) -> int:
+    if hasattr(attn, "head_dim"):
+        return attn.head_dim
+    return attn.inner_dim // attn.heads
+
+
+_HEAD_RE = re.compile(r"^L(\d+)(?:H(\d+))?$")
+
+
+def _expand(spec: HeadSpec) -> Iterable[tuple[int, int | None]]:
+    """Yield (layer, head or None for all heads) from one spec entry."""
+    if isinstance(spec, str):
+        if spec in PRESETS:
+            for name in PRESETS[spec].heads:
+                yield from _expand(name)
+            return
+        match = _HEAD_RE.match(spec.strip())
+        if match is None:
+            presets = ", ".join(PRESETS)
+            raise ValueError(f"cannot read head {spec!r}: use 'L<layer>H<head>', 'L<layer>', a (layer, head) tuple or a preset ({presets})")
+        yield int(match.group(1)), None if match.group(2) is None else int(match.group(2))
+        return
+    if isinstance(spec, (tuple, list)) and len(spec) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in spec):
+        yield int(spec[0]), int(spec[1])
+        return
+    raise TypeError(f"a head is a (layer, head) tuple of ints or a string like 'L1H10', got {spec!r}")
+
+
+def normalize_heads(heads: HeadSpec | Iterable[HeadSpec]) -> tuple:
+    """Make a head list hashable for frozen edits: a lone spec becomes a one-element tuple."""
+    if isinstance(heads, str) or (isinstance(heads, tuple) and len(heads) == 2 and all(isinstance(x, int) for x in heads)):
+        heads = [heads]
+    try:
+        items = list(heads)
+    except TypeError:
+        raise TypeError(f"heads must be a list of (layer, head) tuples or strings, got {heads!r}") from None
+    out = []
+    for item in items:
+        out.append(tuple(item) if isinstance(item, list) else item)
+        list(_expand(out[-1]))  # syntax check now; ranges are checked against the model on apply
+    return tuple(out)
+
+
+def resolve_heads(heads: Iterable[HeadSpec], layers: list[LayerInfo]) -> dict[int, tuple[int, ...]]:
+    """Map layer index → sorted head indices, checking every address against the model."""
+    selected: dict[int, set[int]] = {}
+    for spec in heads:
+        for layer, head in _expand(spec):
+            if not 0 <= layer < len(layers):
+                raise ValueError(f"layer {layer} (from {spec!r}) out of range: this model has layers 0-{len(layers) - 1}")
+            n_heads = layers[layer].heads
+            if head is None:
+                selected.setdefault(layer, set()).update(range(n_heads))
+            elif not 0 <= head < n_heads:
+                raise ValueError(f"head {head} of layer {layer} (from {spec!r}) out of range: valid heads are 0-{n_heads - 1}")
+            else:
+                selected.setdefault(layer, set()).add(head)
+    if not selected:
+        raise ValueError("no heads selected: give at least one head")
+    return {layer: tuple(sorted(hs)) for layer, hs in sorted(selected.items())}
+
+
+def format_layers(layers: list[LayerInfo]) -> str:
+    """A plain-text table of the layer/head map."""
+    lines = [f"{'layer':>5}  {'kind':<6} {'heads':>5} {'dim':>4}  module"]
+    for info in layers:
+        note = "  (+ image-only attn2, left stock)" if info.dual_attention else ""
+        lines.append(f"{info.index:>5}  {info.kind:<6} {info.heads:>5} {info.head_dim:>4}  {info.name}{note}")
+    total = sum(info.heads for info in layers)
+    lines.append(f"{len(layers)} layers, {total} heads")
+    return "\n".join(lines)

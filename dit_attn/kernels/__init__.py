@@ -1,0 +1,112 @@
+"""One functional attention API with backends chosen by capability.
+
+`attention(q, k, v, plan)` is the only call processors make. Backends are tried in a
+fixed preference order; each has a `can_run` check that returns the reason it cannot
+run, logged at debug level when `backend="auto"` skips it. `DIT_ATTN_BACKEND`
+overrides the choice of `auto`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .plan import SCOPES, TARGETS, AttentionPlan, Perturbation, check_plan
+from .reference import reference_attention
+from .sdpa import sdpa_attention
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS = ("BHSD", "BSHD")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    run: Callable[..., torch.Tensor]
+    # returns None when the backend can run, else the reason it cannot
+    why_not: Callable[[torch.Tensor, AttentionPlan], str | None]
+
+
+def _sdpa_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
+    return None
+
+
+def _reference_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
+    return None
+
+
+# fixed preference order for backend="auto"
+BACKENDS: dict[str, Backend] = {
+    "sdpa": Backend("sdpa", sdpa_attention, _sdpa_why_not),
+    "reference": Backend("reference", reference_attention, _reference_why_not),
+}
+
+
+def available_backends() -> tuple[str, ...]:
+    return tuple(BACKENDS)
+
+
+def choose_backend(q: torch.Tensor, plan: AttentionPlan, backend: str = "auto") -> Backend:
+    """The backend that will run: the named one, the environment's, or the first that can run."""
+    if backend == "auto":
+        backend = os.environ.get("DIT_ATTN_BACKEND", "auto") or "auto"
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; valid: 'auto', {', '.join(map(repr, BACKENDS))}")
+        reason = BACKENDS[backend].why_not(q, plan)
+        if reason is not None:
+            raise ValueError(f"attention backend {backend!r} cannot run here: {reason}")
+        return BACKENDS[backend]
+    for candidate in BACKENDS.values():
+        reason = candidate.why_not(q, plan)
+        if reason is None:
+            return candidate
+        logger.debug("attention backend %r skipped: %s", candidate.name, reason)
+    raise RuntimeError("no attention backend can run these inputs")
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: AttentionPlan | None = None,
+    *,
+    layout: str = "BHSD",
+    scale: float | None = None,
+    attn_mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Softmax attention with the plan's SoftPAG perturbations.
+
+    q, k, v: (B, H, S, D) for layout "BHSD" (SD3) or (B, S, H, D) for "BSHD" (FLUX);
+    the output has the same layout. With no plan this is exactly torch SDPA.
+    attn_mask (broadcastable to (B, H, S, S)) is supported for plain attention only.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    plan = plan or AttentionPlan()
+    if layout == "BSHD":
+        q, k, v = (x.permute(0, 2, 1, 3) for x in (q, k, v))
+    if attn_mask is not None:
+        if not plan.is_plain:
+            raise NotImplementedError("attention masks are supported only without perturbations")
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+        return out.permute(0, 2, 1, 3) if layout == "BSHD" else out
+    check_plan(q, plan)
+    out = choose_backend(q, plan, backend).run(q, k, v, plan, scale=scale)
+    return out.permute(0, 2, 1, 3) if layout == "BSHD" else out
+
+
+__all__ = [
+    "SCOPES",
+    "TARGETS",
+    "AttentionPlan",
+    "Perturbation",
+    "attention",
+    "available_backends",
+    "choose_backend",
+]

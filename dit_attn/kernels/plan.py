@@ -1,0 +1,83 @@
+"""What an attention call should compute besides plain softmax attention.
+
+A plan is data only: per-(batch row, head) SoftPAG strengths and where the image
+tokens sit in the joint sequence. Backends read it; processors build it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TARGETS = ("identity", "uniform")
+SCOPES = ("joint", "image")
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """SoftPAG on some (row, head) pairs: the attention map A becomes (1 - u)·A + u·T.
+
+    u: (B, H) strengths in [0, 1]; 0 leaves a (row, head) untouched.
+    target: "identity" (T = I) or "uniform" (T = 1/S over the keys).
+    scope: "joint" applies T over the whole joint sequence (HeadHunter);
+        "image" replaces only the image→image logits of image queries (for identity:
+        each image query keeps its own key and all text keys, as diffusers' SD3 PAG
+        masks them; for uniform: the image→image logits become their row mean) and
+        leaves text queries untouched.
+    """
+
+    u: torch.Tensor
+    target: str = "identity"
+    scope: str = "joint"
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.u.ndim != 2:
+            raise ValueError(f"u must have shape (batch, heads), got {tuple(self.u.shape)}")
+
+    def full_rows(self) -> torch.Tensor:
+        """(B,) bool: rows where every head is fully replaced (u == 1)."""
+        return (self.u == 1).all(dim=1)
+
+    def touched_rows(self) -> torch.Tensor:
+        """(B,) bool: rows where any head is perturbed."""
+        return (self.u != 0).any(dim=1)
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Perturbations applied in order, and the image-token range of the sequence.
+
+    image_tokens: (start, stop) of the image tokens in the joint sequence; None means
+    every token is an image token (an image-only attention such as SD3.5's attn2).
+    """
+
+    perturbations: tuple[Perturbation, ...] = ()
+    image_tokens: tuple[int, int] | None = None
+
+    @property
+    def is_plain(self) -> bool:
+        return not self.perturbations
+
+    def image_slice(self, seq_len: int) -> slice:
+        if self.image_tokens is None:
+            return slice(0, seq_len)
+        start, stop = self.image_tokens
+        if not 0 <= start <= stop <= seq_len:
+            raise ValueError(f"image_tokens {self.image_tokens} outside a sequence of {seq_len} tokens")
+        return slice(start, stop)
+
+
+def text_positions(seq_len: int, image: slice) -> torch.Tensor:
+    """Indices of the non-image (text) tokens around an image slice."""
+    return torch.cat([torch.arange(0, image.start), torch.arange(image.stop, seq_len)])
+
+
+def check_plan(q: torch.Tensor, plan: AttentionPlan) -> None:
+    batch, heads = q.shape[0], q.shape[1]
+    for p in plan.perturbations:
+        if tuple(p.u.shape) != (batch, heads):
+            raise ValueError(f"perturbation u has shape {tuple(p.u.shape)}, expected (batch, heads) = ({batch}, {heads})")

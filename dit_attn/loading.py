@@ -1,0 +1,47 @@
+"""Load a pipeline by name: a local directory, a hub id, or the built-in "demo"."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+DEMO = "demo"
+
+
+def _missing_components(path: str) -> dict:
+    """Components saved as null (e.g. SD3 without T5) must be passed as None again on load."""
+    index_path = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_path):
+        return {}
+    with open(index_path) as f:
+        index = json.load(f)
+    return {name: None for name, value in index.items() if isinstance(value, list) and value == [None, None]}
+
+
+def load_pipeline(name_or_path: str = DEMO, *, torch_dtype: torch.dtype | None = None, device: str | None = None):
+    """A diffusers pipeline from a local directory or a hub id (loaded with `from_pretrained`).
+
+    "demo" builds a small random-weight SD3.5-style pipeline in memory (no download), for
+    trying the commands on a fresh machine; its images are noise-like, not pictures.
+    """
+    from diffusers import DiffusionPipeline
+
+    if name_or_path == DEMO:
+        from .models.configs import build_demo_pipeline
+
+        pipe = build_demo_pipeline()
+    else:
+        kwargs = _missing_components(name_or_path) if os.path.isdir(name_or_path) else {}
+        if torch_dtype is not None:
+            kwargs["torch_dtype"] = torch_dtype
+        try:
+            pipe = DiffusionPipeline.from_pretrained(name_or_path, **kwargs)
+        except OSError as err:
+            raise ValueError(
+                f"cannot load a pipeline from {name_or_path!r}: give a local pipeline directory, a hub id "
+                f"available offline, or {DEMO!r} ({err})"
+            ) from err
+    if device is not None:
+        pipe = pipe.to(device)
+    return pipe

@@ -1,0 +1,37 @@
+"""Install one dit-attn processor per attention module, and put the originals back."""
+from __future__ import annotations
+
+import torch
+
+from ..heads import model_family
+from .flux import FluxAttnProcessor
+from .sd3 import SD3AttnProcessor
+from .state import EditState, Fork, LayerEdit
+
+
+def _processor_for(key: str, family: str, n_double: int, state: EditState):
+    # keys look like "transformer_blocks.3.attn.processor"
+    parts = key.split(".")
+    block_list, index, module = parts[0], int(parts[1]), parts[2]
+    if family == "sd3":
+        return SD3AttnProcessor(index, state, joint=(module == "attn"))
+    layer = index if block_list == "transformer_blocks" else n_double + index
+    return FluxAttnProcessor(layer, state)
+
+
+def install(transformer: torch.nn.Module, state: EditState) -> dict:
+    """Give every attention module its own processor; returns the original processors by key."""
+    family = model_family(transformer)
+    originals = dict(transformer.attn_processors)
+    n_double = len(transformer.transformer_blocks)
+    new = {key: _processor_for(key, family, n_double, state) for key in originals}
+    transformer.set_attn_processor(new)  # set_attn_processor empties the dict it is given
+    return originals
+
+
+def restore(transformer: torch.nn.Module, originals: dict) -> None:
+    """Put back the original processor objects (shared objects stay shared)."""
+    transformer.set_attn_processor(dict(originals))
+
+
+__all__ = ["EditState", "Fork", "FluxAttnProcessor", "LayerEdit", "SD3AttnProcessor", "install", "restore"]

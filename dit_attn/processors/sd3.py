@@ -1,0 +1,81 @@
+"""Processor for SD3 / SD3.5 joint attention ([image ; text] order).
+
+Reproduces diffusers' JointAttnProcessor2_0 step by step and hands the attention
+call to `dit_attn.kernels.attention` with this layer's plan.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import kernels
+from .state import EditState
+
+
+class SD3AttnProcessor:
+    """One instance per attention module. `joint` is False for SD3.5's image-only attn2."""
+
+    def __init__(self, layer: int, state: EditState, joint: bool = True):
+        self.layer = layer
+        self.state = state
+        self.joint = joint
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        residual = hidden_states
+        batch_size = hidden_states.shape[0]
+
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if encoder_hidden_states is not None:
+            context_query = attn.add_q_proj(encoder_hidden_states)
+            context_key = attn.add_k_proj(encoder_hidden_states)
+            context_value = attn.add_v_proj(encoder_hidden_states)
+            context_query = context_query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            context_key = context_key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            context_value = context_value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            if attn.norm_added_q is not None:
+                context_query = attn.norm_added_q(context_query)
+            if attn.norm_added_k is not None:
+                context_key = attn.norm_added_k(context_key)
+            query = torch.cat([query, context_query], dim=2)
+            key = torch.cat([key, context_key], dim=2)
+            value = torch.cat([value, context_value], dim=2)
+
+        plan = None
+        if self.joint:
+            plan = self.state.plan(self.layer, batch_size, (0, residual.shape[1]))
+        hidden_states = kernels.attention(query, key, value, plan)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = (
+                hidden_states[:, : residual.shape[1]],
+                hidden_states[:, residual.shape[1] :],
+            )
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
