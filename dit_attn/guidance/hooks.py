@@ -88,17 +88,20 @@ class GuidanceController:
         if getattr(scheduler.step, "_dit_attn_controller", None) is self:
             return
         original = scheduler.step
+        shadowed = vars(scheduler).get("step")  # an instance-level step set by someone else
 
         def step(model_output, *args, **kwargs):
             return original(self.guide(model_output), *args, **kwargs)
 
         step._dit_attn_controller = self
         scheduler.step = step
-        self.wrapped_schedulers.append(scheduler)
+        self.wrapped_schedulers.append((scheduler, shadowed))
 
     def unwrap(self) -> None:
-        for scheduler in self.wrapped_schedulers:
-            if "step" in vars(scheduler):
+        for scheduler, shadowed in reversed(self.wrapped_schedulers):
+            if shadowed is not None:
+                scheduler.step = shadowed
+            elif "step" in vars(scheduler):
                 del scheduler.step
         self.wrapped_schedulers.clear()
         self.pending = None

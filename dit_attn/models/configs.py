@@ -46,6 +46,7 @@ from transformers import (
 
 __all__ = [
     "TEXT_MAX_LENGTH",
+    "build_demo_pipeline",
     "build_flux_pipeline",
     "build_sd3_pipeline",
     "make_clip_tokenizer",
@@ -294,7 +295,7 @@ def save_demo_pipeline(path: str | os.PathLike, family: str = "sd3", seed: int =
     ``FluxPipeline.from_pretrained(path)``. Returns ``path`` as a string.
     """
     if family == "sd3":
-        pipe = build_sd3_pipeline(num_layers=4, num_heads=4, head_dim=16, qk_norm="rms_norm", seed=seed)
+        pipe = build_demo_pipeline(seed=seed)
     elif family == "flux":
         pipe = build_flux_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=16, seed=seed)
     else:
@@ -302,3 +303,9 @@ def save_demo_pipeline(path: str | os.PathLike, family: str = "sd3", seed: int =
     path = os.fspath(path)
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def build_demo_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
+    """The in-memory "demo" model of the CLI: SD3.5-style, 4 layers x 4 heads x 16, random weights."""
+    pipe = build_sd3_pipeline(num_layers=4, num_heads=4, head_dim=16, qk_norm="rms_norm", seed=seed)
+    return pipe
