@@ -1,0 +1,322 @@
+"""Per-step cost of head-level perturbation guidance vs diffusers PAG, and attention memory.
+
+Model: a random-weight SD3-architecture transformer built from a config (no downloads):
+12 layers x 6 heads x 64 (hidden 384), no q/k norm (so diffusers' SD3 PAG, which skips
+q/k norms, computes the same math as ours), patch 2 on a 32x32x16 latent -> 256 image
+tokens per image, and 16 CLIP + ``--t5-tokens`` zero "T5" text tokens per image (there
+is no T5 encoder in the tiny pipeline; the pipeline pads with zeros as SD3 does).
+One prompt, so CFG runs 2 rows per transformer call and CFG + PAG runs 3.
+
+Time per denoising step. Every configuration is a stock pipeline call with
+``output_type="latent"``. ``callback_on_step_end`` stamps ``time.perf_counter()`` at
+the end of every step; the difference between consecutive stamps is exactly one
+denoising step (transformer call, guidance arithmetic, scheduler step) and nothing
+else: text encoding, latent preparation, processor installation and the first step
+(which pays one-off warm-up costs) fall outside every interval. Configurations are
+interleaved in rounds, the order rotated every round, so slow drift of the machine
+hits all of them alike. Reported: the median interval over all rounds, and the ratio
+to diffusers PAG as the median over rounds of (this config / diffusers PAG in the same
+round). "ideal" is the ratio of transformer work counted as rows x blocks.
+
+Memory. Each case runs in a fresh subprocess: allocate q, k, v (B=1, H=6, S=4096 image +
+77 text tokens, D=64, fp32), warm up the same call on a small sequence (so code pages and
+thread pools are resident), reset the kernel's peak-RSS counter (``/proc/self/clear_refs``
+"5"), run the call once at full size and read the peak (VmHWM). "extra" = peak - RSS
+just before the call (output + temporaries); "total" = extra + the q, k, v inputs.
+
+Run:  python benchmarks/guidance_step.py [--threads 1] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+PROMPT = "a photo of a red cat on a blue square"
+NEGATIVE = "blurry dark"
+CFG_SCALE = 4.5
+PAG_SCALE = 3.0
+NUM_LAYERS, NUM_HEADS, HEAD_DIM = 12, 6, 64
+LATENT = 32  # 32x32 latent, patch 2 -> 256 image tokens
+PAG_LAYER = 2 * NUM_LAYERS // 3  # 2/3 depth: layer 8 of 12; "blocks.8" matches only block 8
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+def build_pipelines(seed: int = 0):
+    """(stock SD3 pipeline, {name: StableDiffusion3PAGPipeline}) sharing one transformer."""
+    from diffusers import StableDiffusion3PAGPipeline
+
+    from dit_attn.models.configs import build_sd3_pipeline, pipeline_components
+
+    # sample_size is the transformer's latent size; the tiny VAE has scale factor 2, so
+    # the default output is 64x64 px -> 32x32 latent -> 16x16 patches = 256 tokens.
+    pipe = build_sd3_pipeline(
+        num_layers=NUM_LAYERS, num_heads=NUM_HEADS, head_dim=HEAD_DIM, qk_norm=None, sample_size=LATENT, seed=seed
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pag = {}
+    for layer in (PAG_LAYER, 0):
+        p = StableDiffusion3PAGPipeline(**pipeline_components(pipe), pag_applied_layers=[f"blocks.{layer}"])
+        p.set_progress_bar_config(disable=True)
+        pag[layer] = p
+    return pipe, pag
+
+
+@dataclass
+class Config:
+    name: str
+    pipe: object
+    edit: object = None  # a dit_attn edit applied around the call, or None
+    kwargs: dict = field(default_factory=dict)
+    row_blocks: int = 0  # transformer work: sum over blocks of the rows in the call
+
+
+def make_configs(pipe, pag) -> list[Config]:
+    import dit_attn as da
+
+    n, k = NUM_LAYERS, PAG_LAYER
+
+    def ours(layer, scope, share):
+        edit = da.HeadGuidance(heads=[f"L{layer}"], scale=PAG_SCALE, u=1.0, scope=scope, share_prefix=share)
+        fork = layer if share else 0
+        name = f"ours L{layer} scope={scope} share_prefix={share}"
+        return Config(name, pipe, edit, row_blocks=2 * fork + 3 * (n - fork))
+
+    return [
+        Config(f"stock CFG (g={CFG_SCALE})", pipe, row_blocks=2 * n),
+        Config(f"diffusers PAG blocks.{k}", pag[k], kwargs={"pag_scale": PAG_SCALE}, row_blocks=3 * n),
+        ours(k, "image", False),
+        ours(k, "image", True),
+        ours(k, "joint", False),
+        ours(k, "joint", True),
+        Config("diffusers PAG blocks.0", pag[0], kwargs={"pag_scale": PAG_SCALE}, row_blocks=3 * n),
+        ours(0, "image", True),
+        ours(0, "joint", True),
+    ]
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def run_config(cfg: Config, steps: int, t5_tokens: int, seed: int = 0) -> tuple[list[float], torch.Tensor, dict]:
+    """One pipeline call; returns (seconds of steps 1..N-1, final latents, PAG processors seen)."""
+    import dit_attn as da
+
+    stamps: list[float] = []
+    seen: dict = {}
+
+    def on_step_end(p, i, t, kw):
+        stamps.append(time.perf_counter())
+        if i == 0:
+            seen.update(
+                {name: type(proc).__name__ for name, proc in p.transformer.attn_processors.items() if "PAG" in type(proc).__name__}
+            )
+        return {}
+
+    handle = da.apply(cfg.pipe, cfg.edit) if cfg.edit is not None else contextlib.nullcontext()
+    with handle, torch.inference_mode():
+        out = cfg.pipe(
+            PROMPT,
+            negative_prompt=NEGATIVE,
+            guidance_scale=CFG_SCALE,
+            num_inference_steps=steps,
+            max_sequence_length=t5_tokens,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(seed),
+            callback_on_step_end=on_step_end,
+            **cfg.kwargs,
+        )
+    intervals = [b - a for a, b in zip(stamps, stamps[1:])]
+    return intervals, out.images, seen
+
+
+def time_configs(configs: list[Config], rounds: int, steps: int, t5_tokens: int, warmup: bool):
+    """Interleave configs in rounds (rotating the order); per config: all intervals, per-round medians."""
+    if warmup:
+        for cfg in configs:
+            run_config(cfg, 2, t5_tokens)
+    intervals = {c.name: [] for c in configs}
+    per_round = {c.name: [] for c in configs}
+    latents, seen = {}, {}
+    for r in range(rounds):
+        order = configs[r % len(configs):] + configs[: r % len(configs)]
+        for cfg in order:
+            dt, lat, pag_procs = run_config(cfg, steps, t5_tokens)
+            intervals[cfg.name] += dt
+            per_round[cfg.name].append(statistics.median(dt))
+            latents.setdefault(cfg.name, lat)
+            seen.setdefault(cfg.name, pag_procs)
+        print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    return intervals, per_round, latents, seen
+
+
+def timing_table(configs, intervals, per_round, baseline: str) -> str:
+    lines = [
+        "| config | ms/step | ratio vs diffusers PAG | ideal (rows x blocks) |",
+        "|---|---:|---:|---:|",
+    ]
+    base = next(c for c in configs if c.name == baseline)
+    for cfg in configs:
+        ms = 1e3 * statistics.median(intervals[cfg.name])
+        ratio = statistics.median(a / b for a, b in zip(per_round[cfg.name], per_round[baseline]))
+        lines.append(f"| {cfg.name} | {ms:.1f} | {ratio:.3f} | {cfg.row_blocks / base.row_blocks:.3f} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- memory
+
+MEMORY_CASES = {
+    # name: (backend or "plain", scope, perturbed heads, u)
+    "plain F.scaled_dot_product_attention": ("plain", None, 0, 0.0),
+    "sdpa SoftPAG joint, 2/6 heads u=0.5": ("sdpa", "joint", 2, 0.5),
+    "sdpa SoftPAG joint, 3/6 heads u=0.5": ("sdpa", "joint", 3, 0.5),
+    "sdpa SoftPAG image, 3/6 heads u=0.5": ("sdpa", "image", 3, 0.5),
+    "sdpa PAG joint, 6/6 heads u=1": ("sdpa", "joint", 6, 1.0),
+    "sdpa PAG image, 6/6 heads u=1": ("sdpa", "image", 6, 1.0),
+    "reference SoftPAG joint, 3/6 heads u=0.5": ("reference", "joint", 3, 0.5),
+    "reference SoftPAG image, 3/6 heads u=0.5": ("reference", "image", 3, 0.5),
+}
+MEM_HEADS, MEM_IMAGE, MEM_TEXT, MEM_DIM = 6, 4096, 77, 64
+
+
+def _rss_kb() -> dict[str, int]:
+    status = open("/proc/self/status").read()
+    return {key: int(re.search(key + r":\s+(\d+)", status).group(1)) for key in ("VmRSS", "VmHWM")}
+
+
+def _attention_call(case: str, seq_len: int, image_tokens: int):
+    """(inputs, a zero-argument function running the case on them)."""
+    from dit_attn.kernels import AttentionPlan, Perturbation, attention
+
+    backend, scope, n_heads, u_value = MEMORY_CASES[case]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, MEM_HEADS, seq_len, MEM_DIM, generator=g) for _ in range(3))
+    if backend == "plain":
+        return (q, k, v), lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    u = torch.zeros(1, MEM_HEADS)
+    u[:, :n_heads] = u_value
+    plan = AttentionPlan((Perturbation(u, "identity", scope),), image_tokens=(0, image_tokens))
+    return (q, k, v), lambda: attention(q, k, v, plan, backend=backend)
+
+
+def memory_case(case: str) -> dict:
+    """Runs in a subprocess: peak extra RSS of one attention call at full size, in MB."""
+    _, warm = _attention_call(case, 256 + MEM_TEXT, 256)
+    warm()
+    inputs, run = _attention_call(case, MEM_IMAGE + MEM_TEXT, MEM_IMAGE)
+    del warm
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
+    before = _rss_kb()["VmRSS"]
+    out = run()
+    peak = _rss_kb()["VmHWM"]
+    input_mb = sum(x.numel() * x.element_size() for x in inputs) / 2**20
+    return {"extra_mb": (peak - before) / 1024, "input_mb": input_mb, "out_mb": out.numel() * out.element_size() / 2**20}
+
+
+def memory_table(threads: int) -> str:
+    results = {}
+    for case in MEMORY_CASES:
+        cmd = [sys.executable, __file__, "--memory-case", case, "--threads", str(threads)]
+        results[case] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    plain = results["plain F.scaled_dot_product_attention"]
+    s = MEM_IMAGE + MEM_TEXT
+    map_mb = MEM_HEADS * s * s * 4 / 2**20
+    lines = [
+        f"B=1, H={MEM_HEADS}, S={MEM_IMAGE}+{MEM_TEXT}={s}, D={MEM_DIM}, fp32; q,k,v = {plain['input_mb']:.1f} MB, "
+        f"output = {plain['out_mb']:.1f} MB, one B·H·S² map = {map_mb:.0f} MB",
+        "",
+        "| case | extra MB (peak - before call) | extra / plain | total MB (inputs + extra) | total / plain |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    plain_total = plain["input_mb"] + plain["extra_mb"]
+    for case, r in results.items():
+        total = r["input_mb"] + r["extra_mb"]
+        lines.append(
+            f"| {case} | {r['extra_mb']:.1f} | {r['extra_mb'] / plain['extra_mb']:.2f} | {total:.1f} | {total / plain_total:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def check_equivalence(latents: dict, pairs: list[tuple[str, str]]) -> str:
+    lines = []
+    for ours, theirs in pairs:
+        diff = (latents[ours] - latents[theirs]).abs().max().item()
+        scale = latents[theirs].abs().max().item()
+        lines.append(f"max |ours - diffusers PAG| final latents, {ours}: {diff:.2e} (latents max |x| {scale:.2f})")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round of 3 steps, no warm-up pass")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=6, help="steps per pipeline call (N-1 timed intervals)")
+    parser.add_argument("--t5-tokens", type=int, default=77, help="max_sequence_length: zero T5 tokens after 16 CLIP")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-case", help=argparse.SUPPRESS)  # internal: one memory case in this process
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    if args.memory_case:
+        print(json.dumps(memory_case(args.memory_case)))
+        return
+    if args.quick:
+        args.rounds, args.steps = 1, 3
+
+    import diffusers
+
+    pipe, pag = build_pipelines()
+    text_tokens = pipe.tokenizer.model_max_length + args.t5_tokens
+    image_tokens = (LATENT // 2) ** 2
+    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, threads {torch.get_num_threads()}")
+    print(
+        f"SD3Transformer2DModel: {NUM_LAYERS} layers x {NUM_HEADS} heads x {HEAD_DIM} (hidden {NUM_HEADS * HEAD_DIM}), "
+        f"qk_norm=None, {sum(p.numel() for p in pipe.transformer.parameters()) / 1e6:.1f}M params"
+    )
+    print(
+        f"tokens per row: {image_tokens} image + {text_tokens} text ({pipe.tokenizer.model_max_length} CLIP + "
+        f"{args.t5_tokens} zero T5) = {image_tokens + text_tokens}; 1 prompt: CFG = 2 rows, CFG+PAG = 3 rows"
+    )
+    print(f"CFG g={CFG_SCALE}, PAG/HeadGuidance s={PAG_SCALE}, u=1; layer {PAG_LAYER} = 2/3 depth")
+    print(f"{args.rounds} rounds x {args.steps} steps per call ({args.steps - 1} timed steps per call)\n")
+
+    configs = make_configs(pipe, pag)
+    intervals, per_round, latents, seen = time_configs(configs, args.rounds, args.steps, args.t5_tokens, warmup=not args.quick)
+    baseline = f"diffusers PAG blocks.{PAG_LAYER}"
+    for layer in (PAG_LAYER, 0):
+        print(f"diffusers PAG blocks.{layer} processors: {seen[f'diffusers PAG blocks.{layer}']}")
+    print()
+    print(timing_table(configs, intervals, per_round, baseline))
+    print()
+    print(
+        check_equivalence(
+            latents,
+            [
+                (f"ours L{PAG_LAYER} scope=image share_prefix=True", baseline),
+                (f"ours L{PAG_LAYER} scope=image share_prefix=False", baseline),
+                ("ours L0 scope=image share_prefix=True", "diffusers PAG blocks.0"),
+            ],
+        )
+    )
+    if not args.skip_memory:
+        print()
+        print(memory_table(args.threads))
+
+
+if __name__ == "__main__":
+    main()
