@@ -175,18 +175,50 @@ def timing_table(configs, intervals, per_round, baseline: str) -> str:
 
 # --------------------------------------------------------------------------- memory
 
+@dataclass(frozen=True)
+class MemoryCase:
+    backend: str  # "plain" (torch SDPA itself), "sdpa" or "reference"
+    batch: int = 1
+    scope: str = "joint"
+    heads: int = 0  # perturbed heads (the first ones) of each perturbed row
+    u: float = 0.0
+    rows: tuple = (0,)  # perturbed rows
+
+    @property
+    def plain_name(self) -> str:
+        return f"plain SDPA, B={self.batch}"
+
+
 MEMORY_CASES = {
-    # name: (backend or "plain", scope, perturbed heads, u)
-    "plain F.scaled_dot_product_attention": ("plain", None, 0, 0.0),
-    "sdpa SoftPAG joint, 2/6 heads u=0.5": ("sdpa", "joint", 2, 0.5),
-    "sdpa SoftPAG joint, 3/6 heads u=0.5": ("sdpa", "joint", 3, 0.5),
-    "sdpa SoftPAG image, 3/6 heads u=0.5": ("sdpa", "image", 3, 0.5),
-    "sdpa PAG joint, 6/6 heads u=1": ("sdpa", "joint", 6, 1.0),
-    "sdpa PAG image, 6/6 heads u=1": ("sdpa", "image", 6, 1.0),
-    "reference SoftPAG joint, 3/6 heads u=0.5": ("reference", "joint", 3, 0.5),
-    "reference SoftPAG image, 3/6 heads u=0.5": ("reference", "image", 3, 0.5),
+    "plain SDPA, B=1": MemoryCase("plain"),
+    "sdpa SoftPAG joint, 2/6 heads u=0.5": MemoryCase("sdpa", heads=2, u=0.5),
+    "sdpa SoftPAG joint, 3/6 heads u=0.5": MemoryCase("sdpa", heads=3, u=0.5),
+    "sdpa SoftPAG image, 3/6 heads u=0.5": MemoryCase("sdpa", scope="image", heads=3, u=0.5),
+    "sdpa PAG joint, 6/6 heads u=1": MemoryCase("sdpa", heads=6, u=1.0),
+    "sdpa PAG image, 6/6 heads u=1": MemoryCase("sdpa", scope="image", heads=6, u=1.0),
+    "reference SoftPAG joint, 3/6 heads u=0.5": MemoryCase("reference", heads=3, u=0.5),
+    "reference SoftPAG image, 3/6 heads u=0.5": MemoryCase("reference", scope="image", heads=3, u=0.5),
+    # the call HeadGuidance makes at a perturbed layer: [uncond, cond, perturbed cond]
+    "plain SDPA, B=3": MemoryCase("plain", batch=3),
+    "sdpa guided call B=3, row 3 joint 6/6 u=1": MemoryCase("sdpa", batch=3, heads=6, u=1.0, rows=(2,)),
+    "sdpa guided call B=3, row 3 image 6/6 u=1": MemoryCase("sdpa", batch=3, scope="image", heads=6, u=1.0, rows=(2,)),
 }
+QUICK_MEMORY_CASES = [name for name in MEMORY_CASES if "2/6" not in name and "B=3" not in name]
 MEM_HEADS, MEM_IMAGE, MEM_TEXT, MEM_DIM = 6, 4096, 77, 64
+
+
+def _import_kernels():
+    """dit_attn.kernels without running dit_attn/__init__ (which imports diffusers: ~5 s per subprocess)."""
+    import importlib.util
+    import types
+
+    if "dit_attn" not in sys.modules:
+        package = types.ModuleType("dit_attn")
+        package.__path__ = list(importlib.util.find_spec("dit_attn").submodule_search_locations)
+        sys.modules["dit_attn"] = package
+    import dit_attn.kernels
+
+    return dit_attn.kernels
 
 
 def _rss_kb() -> dict[str, int]:
@@ -194,27 +226,26 @@ def _rss_kb() -> dict[str, int]:
     return {key: int(re.search(key + r":\s+(\d+)", status).group(1)) for key in ("VmRSS", "VmHWM")}
 
 
-def _attention_call(case: str, seq_len: int, image_tokens: int):
+def _attention_call(case: MemoryCase, seq_len: int, image_tokens: int):
     """(inputs, a zero-argument function running the case on them)."""
-    from dit_attn.kernels import AttentionPlan, Perturbation, attention
-
-    backend, scope, n_heads, u_value = MEMORY_CASES[case]
+    kernels = _import_kernels()
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, MEM_HEADS, seq_len, MEM_DIM, generator=g) for _ in range(3))
-    if backend == "plain":
+    q, k, v = (torch.randn(case.batch, MEM_HEADS, seq_len, MEM_DIM, generator=g) for _ in range(3))
+    if case.backend == "plain":
         return (q, k, v), lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    u = torch.zeros(1, MEM_HEADS)
-    u[:, :n_heads] = u_value
-    plan = AttentionPlan((Perturbation(u, "identity", scope),), image_tokens=(0, image_tokens))
-    return (q, k, v), lambda: attention(q, k, v, plan, backend=backend)
+    u = torch.zeros(case.batch, MEM_HEADS)
+    u[list(case.rows), : case.heads] = case.u
+    plan = kernels.AttentionPlan((kernels.Perturbation(u, "identity", case.scope),), image_tokens=(0, image_tokens))
+    return (q, k, v), lambda: kernels.attention(q, k, v, plan, backend=case.backend)
 
 
-def memory_case(case: str) -> dict:
+def memory_case(name: str) -> dict:
     """Runs in a subprocess: peak extra RSS of one attention call at full size, in MB."""
+    case = MEMORY_CASES[name]
     _, warm = _attention_call(case, 256 + MEM_TEXT, 256)
-    warm()
-    inputs, run = _attention_call(case, MEM_IMAGE + MEM_TEXT, MEM_IMAGE)
+    warm()  # same code path on a small sequence: code pages, thread pool, allocator state
     del warm
+    inputs, run = _attention_call(case, MEM_IMAGE + MEM_TEXT, MEM_IMAGE)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
     before = _rss_kb()["VmRSS"]
@@ -224,26 +255,25 @@ def memory_case(case: str) -> dict:
     return {"extra_mb": (peak - before) / 1024, "input_mb": input_mb, "out_mb": out.numel() * out.element_size() / 2**20}
 
 
-def memory_table(threads: int) -> str:
+def memory_table(names: list[str], threads: int) -> str:
     results = {}
-    for case in MEMORY_CASES:
-        cmd = [sys.executable, __file__, "--memory-case", case, "--threads", str(threads)]
-        results[case] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-    plain = results["plain F.scaled_dot_product_attention"]
+    for name in names:
+        cmd = [sys.executable, __file__, "--memory-case", name, "--threads", str(threads)]
+        results[name] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     s = MEM_IMAGE + MEM_TEXT
-    map_mb = MEM_HEADS * s * s * 4 / 2**20
+    one = results["plain SDPA, B=1"]
     lines = [
-        f"B=1, H={MEM_HEADS}, S={MEM_IMAGE}+{MEM_TEXT}={s}, D={MEM_DIM}, fp32; q,k,v = {plain['input_mb']:.1f} MB, "
-        f"output = {plain['out_mb']:.1f} MB, one B·H·S² map = {map_mb:.0f} MB",
+        f"H={MEM_HEADS}, S={MEM_IMAGE}+{MEM_TEXT}={s}, D={MEM_DIM}, fp32, {threads} thread(s); per batch row: "
+        f"q,k,v = {one['input_mb']:.1f} MB, output = {one['out_mb']:.1f} MB, one H·S² map = {MEM_HEADS * s * s * 4 / 2**20:.0f} MB",
         "",
         "| case | extra MB (peak - before call) | extra / plain | total MB (inputs + extra) | total / plain |",
         "|---|---:|---:|---:|---:|",
     ]
-    plain_total = plain["input_mb"] + plain["extra_mb"]
-    for case, r in results.items():
-        total = r["input_mb"] + r["extra_mb"]
+    for name, r in results.items():
+        plain = results[MEMORY_CASES[name].plain_name]
+        total, plain_total = r["input_mb"] + r["extra_mb"], plain["input_mb"] + plain["extra_mb"]
         lines.append(
-            f"| {case} | {r['extra_mb']:.1f} | {r['extra_mb'] / plain['extra_mb']:.2f} | {total:.1f} | {total / plain_total:.2f} |"
+            f"| {name} | {r['extra_mb']:.1f} | {r['extra_mb'] / plain['extra_mb']:.2f} | {total:.1f} | {total / plain_total:.2f} |"
         )
     return "\n".join(lines)
 
@@ -315,7 +345,7 @@ def main() -> None:
     )
     if not args.skip_memory:
         print()
-        print(memory_table(args.threads))
+        print(memory_table(QUICK_MEMORY_CASES if args.quick else list(MEMORY_CASES), args.threads))
 
 
 if __name__ == "__main__":

@@ -10,18 +10,14 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
 from .. import kernels
-from .state import EditState
+from .state import LayerProcessor
 
 
-class FluxAttnProcessor:
+class FluxAttnProcessor(LayerProcessor):
     """One instance per attention module; `layer` numbers single blocks after double blocks."""
 
     _attention_backend = None
     _parallel_config = None
-
-    def __init__(self, layer: int, state: EditState):
-        self.layer = layer
-        self.state = state
 
     def __call__(
         self,

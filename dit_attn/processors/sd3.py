@@ -8,15 +8,19 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
-from .state import EditState
+from .state import EditState, LayerProcessor
 
 
-class SD3AttnProcessor:
+def _split_heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """(B, S, H·D) → (B, H, S, D)."""
+    return x.view(x.shape[0], -1, heads, head_dim).transpose(1, 2)
+
+
+class SD3AttnProcessor(LayerProcessor):
     """One instance per attention module. `joint` is False for SD3.5's image-only attn2."""
 
     def __init__(self, layer: int, state: EditState, joint: bool = True):
-        self.layer = layer
-        self.state = state
+        super().__init__(layer, state)
         self.joint = joint
 
     def __call__(
@@ -36,9 +40,7 @@ class SD3AttnProcessor:
         value = attn.to_v(hidden_states)
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        query, key, value = (_split_heads(x, attn.heads, head_dim) for x in (query, key, value))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -48,9 +50,9 @@ class SD3AttnProcessor:
             context_query = attn.add_q_proj(encoder_hidden_states)
             context_key = attn.add_k_proj(encoder_hidden_states)
             context_value = attn.add_v_proj(encoder_hidden_states)
-            context_query = context_query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            context_key = context_key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            context_value = context_value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            context_query, context_key, context_value = (
+                _split_heads(x, attn.heads, head_dim) for x in (context_query, context_key, context_value)
+            )
             if attn.norm_added_q is not None:
                 context_query = attn.norm_added_q(context_query)
             if attn.norm_added_k is not None:

@@ -54,3 +54,11 @@ class EditState:
         if not perturbations:
             return None
         return AttentionPlan(tuple(perturbations), image_tokens)
+
+
+class LayerProcessor:
+    """Base of the dit-attn processors: the layer index it serves and the shared state."""
+
+    def __init__(self, layer: int, state: EditState):
+        self.layer = layer
+        self.state = state
