@@ -80,28 +80,44 @@ def _byte_chars() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
-def make_clip_tokenizer(max_length: int = TEXT_MAX_LENGTH) -> CLIPTokenizer:
+def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: repeatedly merge the best-ranked adjacent pair."""
+    while len(symbols) > 1:
+        best = min(zip(symbols, symbols[1:]), key=lambda pair: ranks.get(pair, len(ranks)))
+        if best not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(symbols):
+            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                merged.append(symbols[i] + symbols[i + 1])
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return symbols
+
+
+def make_clip_tokenizer(max_length: int = TEXT_MAX_LENGTH, words: tuple[str, ...] = _WORDS) -> CLIPTokenizer:
     """A byte-level CLIP BPE tokenizer built in memory.
 
     The vocabulary holds every byte (alone and word-final, ``</w>``), one token per
-    word in ``_WORDS`` (each reached by a chain of merges so that every prefix is in the
-    vocabulary) and the two special tokens last, as in real CLIP.
+    word in ``words`` (lowercase, as CLIP lowercases its input) and the two special
+    tokens last, as in real CLIP. Each word gets merges appended until BPE turns it into
+    one token; a merge appended later never changes how an earlier word is split.
     """
     byte_chars = _byte_chars()
     tokens = byte_chars + [c + "</w>" for c in byte_chars]
-    merges: list[tuple[str, str]] = []
-    for word in _WORDS:
-        prefix = word[0]
-        for i, ch in enumerate(word[1:], start=2):
-            right = ch + "</w>" if i == len(word) else ch
-            merged = prefix + right
-            if merged not in tokens:
-                merges.append((prefix, right))
-                tokens.append(merged)
-            prefix = word[:i]
+    ranks: dict[tuple[str, str], int] = {}
+    for word in words:
+        symbols = _apply_merges([*word[:-1], word[-1] + "</w>"], ranks)
+        while len(symbols) > 1:
+            ranks[(symbols[0], symbols[1])] = len(ranks)
+            tokens.append(symbols[0] + symbols[1])
+            symbols = _apply_merges(symbols, ranks)
     tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    return CLIPTokenizer(vocab=vocab, merges=list(ranks), model_max_length=max_length)
 
 
 def make_t5_tokenizer(max_length: int = 512) -> T5TokenizerFast:

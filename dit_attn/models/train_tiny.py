@@ -1,0 +1,225 @@
+"""Train the embedded "tiny" model from scratch: `dit-attn train-tiny --work DIR`.
+
+Stages, each resumable from its last checkpoint in the work directory:
+1. render the synthetic world (shapes and signs, 64×64) deterministically from the seed;
+2. train the VAE (MSE + L1 + 1e-5·KL), then encode every image to latents and set the
+   VAE's shift/scaling factors from their statistics;
+3. train the SD3 transformer with flow matching (x_t = (1−t)·x0 + t·n, target n − x0,
+   logit-normal t, timestep t·1000), 10% empty captions, AdamW with warm-up and cosine
+   decay, EMA; text features from two frozen random CLIP encoders;
+4. assemble a StableDiffusion3Pipeline (EMA weights) and save it with safetensors.
+
+Runs are deterministic from the seed for a fixed thread count (step counts, not time
+budgets, decide how long each stage trains).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import make_example
+from .tiny import PIPELINE_ZERO_TOKENS, ZeroTokenBias, assemble_pipeline, make_transformer, make_vae
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    images: int = 24_000
+    vae_steps: int = 3_000
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    steps: int = 20_000
+    batch: int = 64
+    lr: float = 5e-4
+    warmup: int = 500
+    ema: float = 0.999
+    caption_dropout: float = 0.1
+    checkpoint_every: int = 500
+    threads: int = 2
+
+
+def save_atomic(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def render_dataset(cfg: TrainConfig, work: str) -> tuple[torch.Tensor, list[str]]:
+    """(N, 3, 64, 64) uint8 images and their captions, cached in the work directory."""
+    path = os.path.join(work, "data.pt")
+    if os.path.exists(path):
+        cached = torch.load(path)
+        return cached["images"], cached["captions"]
+    images, captions = [], []
+    for i in tqdm(range(cfg.images), desc="render", unit="img"):
+        example = make_example(cfg.seed, i, "mix")
+        images.append(torch.from_numpy(np.asarray(example.image, dtype=np.uint8)).permute(2, 0, 1))
+        captions.append(example.caption)
+    images = torch.stack(images)
+    save_atomic({"images": images, "captions": captions}, path)
+    return images, captions
+
+
+def step_seed(seed: int, step: int) -> int:
+    return seed * 1_000_003 + step
+
+
+def to_unit(images_uint8: torch.Tensor) -> torch.Tensor:
+    return images_uint8.float() / 127.5 - 1.0
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_vae(cfg: TrainConfig, work: str, images: torch.Tensor):
+    vae = make_vae(cfg.seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
+    ckpt_path, start = os.path.join(work, "vae_ckpt.pt"), 0
+    if os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path)
+        vae.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start = ckpt["step"]
+    generator = torch.Generator()
+    vae.train()
+    bar = tqdm(range(start, cfg.vae_steps), desc="vae", initial=start, total=cfg.vae_steps)
+    for step in bar:
+        generator.manual_seed(step_seed(cfg.seed + 11, step))  # a resumed run draws the same batches
+        batch = to_unit(images[torch.randint(len(images), (cfg.vae_batch,), generator=generator)])
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, cfg.vae_steps, cfg.vae_lr, 100)
+        posterior = vae.encode(batch).latent_dist
+        recon = vae.decode(posterior.sample(generator=generator)).sample
+        loss = F.mse_loss(recon, batch) + F.l1_loss(recon, batch) + 1e-5 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
+            save_atomic({"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}, ckpt_path)
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, work: str) -> torch.Tensor:
+    """Posterior means of every image, normalised; sets the VAE's shift and scaling factors."""
+    path = os.path.join(work, "latents.pt")
+    if os.path.exists(path):
+        cached = torch.load(path)
+    else:
+        means = [vae.encode(to_unit(images[i : i + 256])).latent_dist.mean for i in tqdm(range(0, len(images), 256), desc="encode")]
+        raw = torch.cat(means)
+        shift, scale = raw.mean().item(), 1.0 / raw.std().item()
+        cached = {"raw": raw, "shift": shift, "scale": scale}
+        save_atomic(cached, path)
+    vae.register_to_config(shift_factor=cached["shift"], scaling_factor=cached["scale"])
+    return (cached["raw"] - cached["shift"]) * cached["scale"]
+
+
+@torch.no_grad()
+def encode_captions(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP token features (N, L, 128) and pooled vectors (N, 128); "" is the empty caption."""
+    unique = sorted(set(captions) | {""})
+    embeds, pooled = pipe.encode_prompt(unique, unique, None, do_classifier_free_guidance=False, max_sequence_length=1)[0::2]
+    index = {c: i for i, c in enumerate(unique)}
+    rows = torch.tensor([index[c] for c in captions])
+    clip = embeds[:, :-1]  # drop the single zero "T5" token; training adds it back with a bias
+    return clip[rows], pooled[rows], clip[index[""]], pooled[index[""]]
+
+
+def train_transformer(cfg: TrainConfig, work: str, pipe, latents: torch.Tensor, captions: list[str]):
+    transformer = pipe.transformer
+    transformer.set_attn_processor(ZeroTokenBias(PIPELINE_ZERO_TOKENS))
+    clip, pooled, empty_clip, empty_pooled = encode_captions(pipe, captions)
+    zero = torch.zeros(1, 1, clip.shape[-1])
+    ema = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=0.01)
+    ckpt_path, start = os.path.join(work, "transformer_ckpt.pt"), 0
+    if os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path)
+        transformer.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        ema, start = ckpt["ema"], ckpt["step"]
+    generator = torch.Generator()
+    transformer.train()
+    bar = tqdm(range(start, cfg.steps), desc="transformer", initial=start, total=cfg.steps)
+    for step in bar:
+        generator.manual_seed(step_seed(cfg.seed + 23, step))  # a resumed run draws the same batches
+        rows = torch.randint(len(latents), (cfg.batch,), generator=generator)
+        x0 = latents[rows]
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.sigmoid(torch.randn(cfg.batch, generator=generator))
+        drop = torch.rand(cfg.batch, generator=generator) < cfg.caption_dropout
+        text = torch.where(drop[:, None, None], empty_clip, clip[rows])
+        text = torch.cat([text, zero.expand(cfg.batch, -1, -1)], dim=1)
+        pool = torch.where(drop[:, None], empty_pooled, pooled[rows])
+        x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup)
+        prediction = transformer(x_t, text, pool, t * 1000).sample
+        loss = F.mse_loss(prediction, noise - x0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            for k, v in transformer.state_dict().items():
+                ema[k].lerp_(v, 1 - cfg.ema) if v.is_floating_point() else ema[k].copy_(v)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            state = {"model": transformer.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema, "step": step + 1}
+            save_atomic(state, ckpt_path)
+    transformer.load_state_dict(ema)
+    return transformer.eval()
+
+
+def train_tiny(cfg: TrainConfig, work: str, out: str) -> str:
+    """Run every stage (resuming where a previous run stopped) and save the pipeline to `out`."""
+    torch.set_num_threads(cfg.threads)
+    os.makedirs(work, exist_ok=True)
+    started = time.time()
+    images, captions = render_dataset(cfg, work)
+    vae = train_vae(cfg, work, images)
+    latents = encode_latents(vae, images, work)
+    pipe = assemble_pipeline(make_transformer(cfg.seed), vae, cfg.seed)
+    train_transformer(cfg, work, pipe, latents, captions)
+    return _export(pipe, cfg, out, time.time() - started)
+
+
+def _export(pipe, cfg: TrainConfig, out: str, seconds: float) -> str:
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    pipe.transformer.set_attn_processor(JointAttnProcessor2_0())
+    pipe.save_pretrained(out, safe_serialization=True)
+    with open(os.path.join(out, "dit_attn_training.json"), "w") as f:
+        json.dump({"config": asdict(cfg), "seconds_this_run": round(seconds, 1), "torch": torch.__version__}, f, indent=2)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dit-attn train-tiny", description=__doc__.split("\n")[0])
+    parser.add_argument("--work", required=True, help="work directory for caches and checkpoints (resume by rerunning)")
+    parser.add_argument("--out", required=True, help="where to save the trained pipeline")
+    for field, value in asdict(TrainConfig()).items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+    args = vars(parser.parse_args(argv))
+    work, out = args.pop("work"), args.pop("out")
+    train_tiny(TrainConfig(**args), work, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
