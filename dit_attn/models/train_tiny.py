@@ -142,7 +142,10 @@ def encode_captions(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tens
 
 def train_transformer(cfg: TrainConfig, work: str, pipe, latents: torch.Tensor, captions: list[str]):
     transformer = pipe.transformer
-    transformer.set_attn_processor(ZeroTokenBias(PIPELINE_ZERO_TOKENS))
+    # the stock pipeline appends max_sequence_length zero tokens (default 256); training over
+    # log n ~ U(0, log 256) makes every length from 1 to 256 work, so fast callers can pass 1
+    zero_tokens = ZeroTokenBias(PIPELINE_ZERO_TOKENS)
+    transformer.set_attn_processor(zero_tokens)
     clip, pooled, empty_clip, empty_pooled = encode_captions(pipe, captions)
     zero = torch.zeros(1, 1, clip.shape[-1])
     ema = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
@@ -162,6 +165,7 @@ def train_transformer(cfg: TrainConfig, work: str, pipe, latents: torch.Tensor, 
         x0 = latents[rows]
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.sigmoid(torch.randn(cfg.batch, generator=generator))
+        zero_tokens.log_n = float(torch.rand(1, generator=generator)) * math.log(PIPELINE_ZERO_TOKENS)
         drop = torch.rand(cfg.batch, generator=generator) < cfg.caption_dropout
         text = torch.where(drop[:, None, None], empty_clip, clip[rows])
         text = torch.cat([text, zero.expand(cfg.batch, -1, -1)], dim=1)
