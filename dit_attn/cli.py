@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     heads.add_argument("--model", default=DEMO, help=f"local pipeline directory, hub id, or {DEMO!r} (default)")
     heads.add_argument("--presets", action="store_true", help="also list the named head presets")
     heads.set_defaults(func=cmd_heads)
+    sub.add_parser("train-tiny", help="train the embedded tiny model from scratch (dit-attn train-tiny --help)")
     return parser
 
 
@@ -155,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()  # optional-backend notices are noise on the command line
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train-tiny"]:  # its own parser, one option per training setting
+        from .models.train_tiny import main as train_main
+
+        return train_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -62,7 +62,7 @@ def render_dataset(cfg: TrainConfig, work: str) -> tuple[torch.Tensor, list[str]
     images, captions = [], []
     for i in tqdm(range(cfg.images), desc="render", unit="img"):
         example = make_example(cfg.seed, i, "mix")
-        images.append(torch.from_numpy(np.asarray(example.image, dtype=np.uint8)).permute(2, 0, 1))
+        images.append(torch.from_numpy(np.array(example.image, dtype=np.uint8)).permute(2, 0, 1))
         captions.append(example.caption)
     images = torch.stack(images)
     save_atomic({"images": images, "captions": captions}, path)
