@@ -43,7 +43,7 @@ class TrainConfig:
     warmup: int = 500
     ema: float = 0.999
     caption_dropout: float = 0.1
-    checkpoint_every: int = 500
+    checkpoint_every: int = 200
     threads: int = 2
 
 
