@@ -71,11 +71,6 @@ class AttentionPlan:
         return slice(start, stop)
 
 
-def text_positions(seq_len: int, image: slice) -> torch.Tensor:
-    """Indices of the non-image (text) tokens around an image slice."""
-    return torch.cat([torch.arange(0, image.start), torch.arange(image.stop, seq_len)])
-
-
 def check_plan(q: torch.Tensor, plan: AttentionPlan) -> None:
     batch, heads = q.shape[0], q.shape[1]
     for p in plan.perturbations:

@@ -1,10 +1,12 @@
-"""SoftPAG on top of torch SDPA with no S×S tensor.
+"""SoftPAG on top of torch SDPA with no S×S tensor and no output-sized temporaries.
 
 Because the output is linear in the map, (1 - u)·A + u·T gives (1 - u)·SDPA(Q, K, V) + u·T·V:
-T·V = V for the identity and mean(V) for the uniform target (HeadHunter, Eq. for SoftPAG).
-Image-scope targets only need each image query's attention over the text keys and its
-log-normaliser, O(S_img · S_txt), plus one logit per query for the image keys.
-Rows and query positions whose plain attention is fully replaced are never computed.
+T·V = V for the identity and mean(V) for the uniform target (HeadHunter's SoftPAG).
+Image-scope targets need each image query's attention over the text keys and its
+log-normaliser, O(S_img · S_txt), plus one logit per query for the image keys; they are
+computed in chunks of queries. Blends are in place on the SDPA output (lerp_), rows are
+taken as views where they are contiguous, and rows or query positions whose plain
+attention is fully replaced are never computed.
 """
 from __future__ import annotations
 
@@ -13,67 +15,80 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .plan import AttentionPlan, Perturbation, text_positions
+from .plan import AttentionPlan, Perturbation
 
-# bound on the logits tensor of one chunk of image→text attention (elements)
-_CHUNK_ELEMENTS = 1 << 22
-
-
-def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention and its log-sum-exp, chunked over queries. (B,H,N,D) → (B,H,N,D), (B,H,N)."""
-    batch, heads, n, _ = q.shape
-    if k.shape[-2] == 0:
-        return torch.zeros_like(q), torch.full(q.shape[:-1], float("-inf"), dtype=q.dtype, device=q.device)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * heads * k.shape[-2]))
-    outs, lses = [], []
-    for start in range(0, n, chunk):
-        logits = (q[:, :, start : start + chunk] @ k.transpose(-1, -2)) * scale
-        lse = torch.logsumexp(logits, dim=-1)
-        outs.append(torch.exp(logits - lse[..., None]) @ v)
-        lses.append(lse)
-    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+# bound on the elements of one chunk's temporaries (logits or per-query products)
+_CHUNK_ELEMENTS = 1 << 20
 
 
-def image_scope_target(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Perturbation, image: slice, scale: float) -> torch.Tensor:
-    """T·V for the image queries under an image-scope target. Returns (B, H, N_img, D)."""
-    seq_len = q.shape[-2]
-    text = text_positions(seq_len, image).to(q.device)
-    q_img, k_img, v_img = q[:, :, image], k[:, :, image], v[:, :, image]
+def row_runs(mask: torch.Tensor) -> list[slice]:
+    """Contiguous runs of True in a (B,) bool mask, as slices (views, not copies, of a batch)."""
+    runs, start = [], None
+    for i, flag in enumerate(mask.tolist() + [False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            runs.append(slice(start, i))
+            start = None
+    return runs
+
+
+def text_segments(seq_len: int, image: slice) -> list[slice]:
+    return [s for s in (slice(0, image.start), slice(image.stop, seq_len)) if s.stop > s.start]
+
+
+def _take_text(x: torch.Tensor, segments: list[slice]) -> torch.Tensor:
+    if len(segments) == 1:
+        return x[:, :, segments[0]]
+    return torch.cat([x[:, :, s] for s in segments], dim=2)
+
+
+def blend_image_scope(out, q, k, v, u, target: str, image: slice, scale: float) -> None:
+    """In place on out[:, :, image]: (1 - u)·out + u·T·V for an image-scope target.
+
+    T for image queries: identity keeps each query's own image key and all text keys
+    (diffusers' SD3 PAG mask); uniform replaces the image→image logits by their row mean,
+    i.e. one key mean(K_img) with multiplicity N_img.
+    """
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q_img32, k_img32 = q_img.to(compute), k_img.to(compute)
-    text_out, text_lse = attend_with_lse(q_img32, k[:, :, text].to(compute), v[:, :, text].to(compute), scale)
-    if p.target == "identity":
-        image_logit = (q_img32 * k_img32).sum(-1) * scale
-        image_value = v_img.to(compute)
-    else:
-        n_img = k_img.shape[-2]
-        mean_key = k_img32.mean(dim=-2, keepdim=True)
-        image_logit = (q_img32 @ mean_key.transpose(-1, -2)).squeeze(-1) * scale + math.log(n_img)
-        image_value = v_img.to(compute).mean(dim=-2, keepdim=True)
-    image_weight = torch.sigmoid(image_logit - text_lse)[..., None]
-    return (image_weight * image_value + (1 - image_weight) * text_out).to(q.dtype)
+    segments = text_segments(q.shape[-2], image)
+    k_txt = _take_text(k, segments).to(compute) if segments else None
+    v_txt = _take_text(v, segments).to(compute) if segments else None
+    n_img = image.stop - image.start
+    if target == "uniform":
+        mean_key = k[:, :, image].to(compute).mean(dim=-2, keepdim=True)
+        mean_value = v[:, :, image].to(compute).mean(dim=-2, keepdim=True)
+    batch, heads, _, dim = q.shape
+    width = max(dim, k_txt.shape[-2] if k_txt is not None else 0)
+    chunk = max(1, _CHUNK_ELEMENTS // (batch * heads * width))
+    for start in range(image.start, image.stop, chunk):
+        rows = slice(start, min(start + chunk, image.stop))
+        q_c = q[:, :, rows].to(compute)
+        if target == "identity":
+            image_logit = torch.linalg.vecdot(q_c, k[:, :, rows].to(compute)) * scale
+            image_value = v[:, :, rows].to(compute)
+        else:
+            image_logit = (q_c @ mean_key.transpose(-1, -2)).squeeze(-1) * scale + math.log(n_img)
+            image_value = mean_value
+        if k_txt is None:
+            mixed = image_value.expand(q_c.shape)
+        else:
+            logits = (q_c @ k_txt.transpose(-1, -2)) * scale  # chunk-sized: out-of-place keeps autograd simple
+            text_lse = torch.logsumexp(logits, dim=-1)
+            text_out = torch.softmax(logits, dim=-1) @ v_txt  # attention over the text keys alone
+            mixed = torch.lerp(text_out, image_value.expand_as(text_out), torch.sigmoid(image_logit - text_lse)[..., None])
+        out[:, :, rows].lerp_(mixed.to(out.dtype), u)
 
 
-def blend(out: torch.Tensor, q, k, v, p: Perturbation, image: slice, scale: float) -> torch.Tensor:
-    rows = p.touched_rows().nonzero().flatten()
-    if rows.numel() == 0:
-        return out
-    whole = rows.numel() == out.shape[0]
-    pick = (lambda x: x) if whole else (lambda x: x.index_select(0, rows.to(x.device)))
-    u = pick(p.u).to(device=out.device, dtype=out.dtype)[:, :, None, None]
-    q_r, k_r, v_r, out_r = pick(q), pick(k), pick(v), pick(out)
-    if p.scope == "joint":
-        target = v_r if p.target == "identity" else v_r.mean(dim=-2, keepdim=True)
-        blended = (1 - u) * out_r + u * target
-    else:
-        blended = out_r.clone()
-        target = image_scope_target(q_r, k_r, v_r, p, image, scale)
-        blended[:, :, image] = (1 - u) * out_r[:, :, image] + u * target
-    if whole:
-        return blended
-    out = out.clone()
-    out[rows.to(out.device)] = blended
-    return out
+def blend(out: torch.Tensor, q, k, v, p: Perturbation, image: slice, scale: float) -> None:
+    """Apply one perturbation in place to the rows it touches."""
+    u = p.u.to(device=out.device, dtype=out.dtype)[:, :, None, None]
+    for run in row_runs(p.touched_rows().cpu()):
+        if p.scope == "joint":
+            target = v[run] if p.target == "identity" else v[run].mean(dim=-2, keepdim=True)
+            out[run].lerp_(target.expand_as(out[run]), u[run])
+        else:
+            blend_image_scope(out[run], q[run], k[run], v[run], u[run], p.target, image, scale)
 
 
 def base_queries(plan: AttentionPlan, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,22 +110,19 @@ def sdpa_attention(q, k, v, plan: AttentionPlan, scale: float | None = None) -> 
     if plan.is_plain:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False, scale=scale)
     scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    batch, seq_len = q.shape[0], q.shape[-2]
-    image = plan.image_slice(seq_len)
-    all_queries, text_queries = base_queries(plan, batch)
+    image = plan.image_slice(q.shape[-2])
+    all_queries, text_queries = base_queries(plan, q.shape[0])
     if bool(all_queries.all()):
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     else:
-        out = torch.zeros_like(q)
-        rows = all_queries.nonzero().flatten().to(q.device)
-        if rows.numel():
-            out[rows] = F.scaled_dot_product_attention(q[rows], k[rows], v[rows], scale=scale)
-        rows = text_queries.nonzero().flatten().to(q.device)
-        text = text_positions(seq_len, image).to(q.device)
-        if rows.numel() and text.numel():
-            partial = torch.zeros_like(q[rows])
-            partial[:, :, text] = F.scaled_dot_product_attention(q[rows][:, :, text], k[rows], v[rows], scale=scale)
-            out[rows] = partial
+        out = torch.zeros_like(q)  # rows fully replaced below; zeros keep lerp_ finite
+        for run in row_runs(all_queries):
+            out[run] = F.scaled_dot_product_attention(q[run], k[run], v[run], scale=scale)
+        for run in row_runs(text_queries):
+            for segment in text_segments(q.shape[-2], image):
+                out[run, :, segment] = F.scaled_dot_product_attention(q[run, :, segment], k[run], v[run], scale=scale)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        out = out.clone()  # SDPA's backward needs its own output intact
     for p in plan.perturbations:
-        out = blend(out, q, k, v, p, image, scale_value)
+        blend(out, q, k, v, p, image, scale_value)
     return out
