@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .plan import AttentionPlan, Perturbation
 
 # bound on the elements of one chunk's temporaries (logits or per-query products)
-_CHUNK_ELEMENTS = 1 << 20
+_CHUNK_ELEMENTS = 1 << 16
 
 
 def row_runs(mask: torch.Tensor) -> list[slice]:
@@ -115,12 +115,14 @@ def sdpa_attention(q, k, v, plan: AttentionPlan, scale: float | None = None) -> 
     if bool(all_queries.all()):
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     else:
+        # one row at a time: SDPA cannot write into `out`, so this bounds its temporary to a row
         out = torch.zeros_like(q)  # rows fully replaced below; zeros keep lerp_ finite
-        for run in row_runs(all_queries):
-            out[run] = F.scaled_dot_product_attention(q[run], k[run], v[run], scale=scale)
-        for run in row_runs(text_queries):
+        for row in all_queries.nonzero().flatten().tolist():
+            out[row : row + 1] = F.scaled_dot_product_attention(q[row : row + 1], k[row : row + 1], v[row : row + 1], scale=scale)
+        for row in text_queries.nonzero().flatten().tolist():
+            one = slice(row, row + 1)
             for segment in text_segments(q.shape[-2], image):
-                out[run, :, segment] = F.scaled_dot_product_attention(q[run, :, segment], k[run], v[run], scale=scale)
+                out[one, :, segment] = F.scaled_dot_product_attention(q[one, :, segment], k[one], v[one], scale=scale)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         out = out.clone()  # SDPA's backward needs its own output intact
     for p in plan.perturbations:
