@@ -77,5 +77,3 @@ class HeadGuidance:
     def active_at(self, fraction: float) -> bool:
         return self.start <= fraction < self.end
 
-
-Edit = SoftPAG | HeadGuidance

@@ -115,3 +115,16 @@ def test_gradients_match_reference(scope):
         grads.append([x.grad for x in leaves])
     for ref, fast in zip(*grads):
         assert (ref - fast).abs().max() < 1e-10
+
+
+def test_auto_explains_skipped_backends(monkeypatch, caplog):
+    import dit_attn.kernels as kernels
+
+    q = torch.zeros(1, 1, 4, 2)
+    monkeypatch.setattr(kernels, "BACKENDS", {"reference": kernels.BACKENDS["reference"], "sdpa": kernels.BACKENDS["sdpa"]})
+    monkeypatch.setattr(kernels, "REFERENCE_MAX_BYTES", 10)
+    with caplog.at_level(logging.DEBUG, logger="dit_attn.kernels"):
+        assert choose_backend(q, AttentionPlan()).name == "sdpa"
+    assert "attention backend 'reference' skipped: it would materialise" in caplog.text
+    with pytest.raises(ValueError, match="'reference' cannot run here"):
+        choose_backend(q, AttentionPlan(), "reference")

@@ -35,7 +35,14 @@ def _sdpa_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
     return None
 
 
+REFERENCE_MAX_BYTES = 8 << 30
+
+
 def _reference_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
+    batch, heads, seq = q.shape[0], q.shape[1], q.shape[2]
+    needed = 3 * batch * heads * seq * seq * 4  # logits, map and a target map in float32
+    if needed > REFERENCE_MAX_BYTES:
+        return f"it would materialise {needed / 2**30:.1f} GiB of attention maps (limit {REFERENCE_MAX_BYTES / 2**30:.0f} GiB)"
     return None
 
 
