@@ -17,11 +17,15 @@ from .loading import DEMO
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+class SizeError(ValueError, argparse.ArgumentTypeError):
+    pass
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'64' → (64, 64); '96x64' → (height 64, width 96) as WIDTHxHEIGHT."""
     match = re.fullmatch(r"(\d+)(?:x(\d+))?", text.strip())
     if match is None:
-        raise argparse.ArgumentTypeError(f"size must be N or WIDTHxHEIGHT (e.g. 64 or 96x64), got {text!r}")
+        raise SizeError(f"size must be N or WIDTHxHEIGHT (e.g. 64 or 96x64), got {text!r}")
     width = int(match.group(1))
     height = int(match.group(2) or width)
     return height, width
@@ -36,14 +40,14 @@ def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
 
 
-def write_png_atomic(image, path: str, settings: dict) -> None:
+def write_png_atomic(image, path: str, settings: dict, tmp_prefix: str = ".partial-") -> None:
     """Save a PNG whose text chunk `dit-attn` holds the settings; never leaves a partial file."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     info.add_text("dit-attn", json.dumps(settings, sort_keys=True))
     directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix, suffix=".png.tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
@@ -54,20 +58,52 @@ def write_png_atomic(image, path: str, settings: dict) -> None:
         raise
 
 
-def append_manifest(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def item_settings(args, item) -> dict:
+    """The full settings of one item: command-line values, then the item's own overrides."""
+    settings = {
+        "prompt": item.prompt, "model": args.model, "seed": args.seed + item.index, "steps": args.steps,
+        "cfg": args.cfg, "size": args.size, "dtype": args.dtype, "heads": args.heads, "pag_scale": args.pag_scale,
+        "u": args.u, "target": args.target, "scope": args.scope, "start": args.start, "end": args.end,
+    }
+    settings.update(item.overrides)
+    if isinstance(settings["size"], str):
+        settings["size"] = parse_size(settings["size"])
+    settings["size"] = list(settings["size"]) if settings["size"] else None
+    settings["heads"] = parse_heads(settings["heads"]) if isinstance(settings["heads"], str) else settings["heads"]
+    return settings
 
 
-def guidance_from_args(args) -> HeadGuidance | None:
-    if not args.heads:
+def guidance_for(settings: dict) -> HeadGuidance | None:
+    if not settings["heads"]:
         return None
     return HeadGuidance(
-        heads=parse_heads(args.heads), scale=args.pag_scale, u=args.u, target=args.target, scope=args.scope,
-        start=args.start, end=args.end,
+        heads=settings["heads"], scale=settings["pag_scale"], u=settings["u"], target=settings["target"],
+        scope=settings["scope"], start=settings["start"], end=settings["end"],
     )
+
+
+def pipeline_kwargs(settings: dict) -> dict:
+    kwargs = {"num_inference_steps": settings["steps"]}
+    if settings["cfg"] is not None:
+        kwargs["guidance_scale"] = settings["cfg"]
+    if settings["size"]:
+        kwargs["height"], kwargs["width"] = settings["size"]
+    return kwargs
+
+
+def load_items(args) -> list:
+    from .pipelines.batch import Item, read_prompts
+
+    if args.prompts_file is None:
+        if not args.prompts:
+            raise ValueError("give one or more prompts, or --prompts FILE")
+        return [Item(i, p) for i, p in enumerate(args.prompts)]
+    if args.prompts:
+        raise ValueError("give prompts either as arguments or with --prompts FILE, not both")
+    items, bad = read_prompts(args.prompts_file)
+    for line in bad:
+        print(f"dit-attn: {args.prompts_file}:{line.line}: skipped: {line.reason}", file=sys.stderr)
+    return items
 
 
 def cmd_generate(args) -> int:
@@ -75,37 +111,50 @@ def cmd_generate(args) -> int:
 
     from .apply import apply
     from .loading import load_pipeline
+    from .pipelines.batch import Item, Manifest, shard
 
-    edit = guidance_from_args(args)  # validate settings before loading a model
-    pipe = load_pipeline(args.model, torch_dtype=DTYPES[args.dtype], device=args.device)
-    pipe.set_progress_bar_config(disable=True)
+    items = shard(load_items(args), args.num_shards, args.shard_index)
+    command_line_edit = guidance_for(item_settings(args, Item(0, "")))  # bad settings fail before loading a model
     os.makedirs(args.out, exist_ok=True)
-    manifest = os.path.join(args.out, "manifest.jsonl")
-    call_kwargs = {"num_inference_steps": args.steps}
-    if args.cfg is not None:
-        call_kwargs["guidance_scale"] = args.cfg
-    if args.size is not None:
-        call_kwargs["height"], call_kwargs["width"] = args.size
-    handle = apply(pipe, edit) if edit is not None else None
+    tmp_prefix = f".partial-{args.shard_index}-of-{args.num_shards}-"
+    for name in os.listdir(args.out):  # left by a killed run of this shard
+        if name.startswith(tmp_prefix) and name.endswith(".png.tmp"):
+            os.unlink(os.path.join(args.out, name))
+    manifest = Manifest(args.out, args.num_shards, args.shard_index)
+    finished = manifest.finished()
+    todo = [i for i in items if f"{i.index:05d}-{slug(i.prompt)}.png" not in finished]
+    skipped, failed, done = len(items) - len(todo), [], 0
+    pipe = load_pipeline(args.model, torch_dtype=DTYPES[args.dtype], device=args.device) if todo else None
+    if pipe is not None:
+        pipe.set_progress_bar_config(disable=True)
+        if command_line_edit is not None:
+            apply(pipe, command_line_edit).remove()  # heads outside the model fail here, once
+    handle, handle_edit = None, None
     try:
-        for index, prompt in enumerate(tqdm(args.prompts, desc="generate", unit="image")):
-            seed = args.seed + index
-            settings = {
-                "prompt": prompt, "model": args.model, "seed": seed, "steps": args.steps, "cfg": args.cfg,
-                "size": list(args.size) if args.size else None, "dtype": args.dtype,
-                "heads": parse_heads(args.heads) if args.heads else None, "pag_scale": args.pag_scale, "u": args.u,
-                "target": args.target, "scope": args.scope, "start": args.start, "end": args.end,
-            }
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-            image = pipe(prompt, generator=generator, **call_kwargs).images[0]
-            path = os.path.join(args.out, f"{index:05d}-{slug(prompt)}.png")
-            write_png_atomic(image, path, settings)
-            append_manifest(manifest, {"file": os.path.basename(path), **settings})
-            tqdm.write(path)
+        for item in tqdm(todo, desc="generate", unit="image"):
+            name = f"{item.index:05d}-{slug(item.prompt)}.png"
+            try:
+                settings = item_settings(args, item)
+                edit = guidance_for(settings)
+                if edit != handle_edit:
+                    if handle is not None:
+                        handle.remove()
+                    handle, handle_edit = (apply(pipe, edit) if edit is not None else None), edit
+                generator = torch.Generator(device="cpu").manual_seed(settings["seed"])
+                image = pipe(item.prompt, generator=generator, **pipeline_kwargs(settings)).images[0]
+            except (ValueError, TypeError) as err:
+                failed.append((item, str(err)))
+                continue
+            write_png_atomic(image, os.path.join(args.out, name), settings, tmp_prefix)
+            manifest.append({"file": name, **settings})
+            done += 1
     finally:
         if handle is not None:
             handle.remove()
-    return 0
+    print(f"dit-attn generate: {done} done, {skipped} already finished (skipped), {len(failed)} failed -> {args.out}")
+    for item, reason in failed:
+        print(f"  failed #{item.index} {item.prompt!r}: {reason}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_heads(args) -> int:
@@ -126,7 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate images, optionally with head-level perturbation guidance")
-    gen.add_argument("prompts", nargs="+", help="one or more prompts")
+    gen.add_argument("prompts", nargs="*", help="one or more prompts (or --prompts FILE)")
+    gen.add_argument("--prompts", dest="prompts_file", default=None,
+                     help=".txt (a prompt a line), .jsonl (objects with 'prompt' and per-line settings) or .csv (a 'prompt' column)")
+    gen.add_argument("--num-shards", type=int, default=1, help="split the items into this many shards")
+    gen.add_argument("--shard-index", type=int, default=0, help="which shard this process generates (0-based)")
     gen.add_argument("--model", default=DEMO, help=f"local pipeline directory, hub id, or {DEMO!r} (default)")
     gen.add_argument("--steps", type=int, default=20)
     gen.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (pipeline default if omitted)")
