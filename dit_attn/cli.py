@@ -106,6 +106,31 @@ def load_items(args) -> list:
     return items
 
 
+def batches(ready: list, size: int) -> list[list]:
+    """Consecutive items whose settings differ only in prompt and seed, at most `size` a batch."""
+    if size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {size}")
+    groups: list[list] = []
+    for entry in ready:
+        key = {k: v for k, v in entry[1].items() if k not in ("prompt", "seed")}
+        if groups and len(groups[-1]) < size and groups[-1][0][3] == key:
+            groups[-1].append((*entry, key))
+        else:
+            groups.append([(*entry, key)])
+    return [[entry[:3] for entry in group] for group in groups]
+
+
+def shard_from_launcher(args) -> None:
+    """Under `accelerate launch --num_processes N` (or torchrun), each process takes its own shard.
+
+    Read from the launcher's RANK / WORLD_SIZE: no process group is needed to split work,
+    and accelerate's state reports a single process on a CPU-only machine.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.num_shards == 1 and world > 1:
+        args.num_shards, args.shard_index = world, int(os.environ.get("RANK", "0"))
+
+
 def cmd_generate(args) -> int:
     from tqdm.auto import tqdm
 
@@ -113,6 +138,7 @@ def cmd_generate(args) -> int:
     from .loading import load_pipeline
     from .pipelines.batch import Item, Manifest, shard
 
+    shard_from_launcher(args)
     items = shard(load_items(args), args.num_shards, args.shard_index)
     command_line_edit = guidance_for(item_settings(args, Item(0, "")))  # bad settings fail before loading a model
     os.makedirs(args.out, exist_ok=True)
@@ -129,26 +155,38 @@ def cmd_generate(args) -> int:
         pipe.set_progress_bar_config(disable=True)
         if command_line_edit is not None:
             apply(pipe, command_line_edit).remove()  # heads outside the model fail here, once
+    ready = []
+    for item in todo:
+        try:
+            settings = item_settings(args, item)
+            ready.append((item, settings, guidance_for(settings)))
+        except (ValueError, TypeError) as err:
+            failed.append((item, str(err)))
     handle, handle_edit = None, None
+    progress = tqdm(total=len(ready), desc="generate", unit="image")
     try:
-        for item in tqdm(todo, desc="generate", unit="image"):
-            name = f"{item.index:05d}-{slug(item.prompt)}.png"
+        for group in batches(ready, args.batch_size):
+            edit, settings = group[0][2], group[0][1]
             try:
-                settings = item_settings(args, item)
-                edit = guidance_for(settings)
                 if edit != handle_edit:
                     if handle is not None:
                         handle.remove()
+                    handle, handle_edit = None, None
                     handle, handle_edit = (apply(pipe, edit) if edit is not None else None), edit
-                generator = torch.Generator(device="cpu").manual_seed(settings["seed"])
-                image = pipe(item.prompt, generator=generator, **pipeline_kwargs(settings)).images[0]
+                generators = [torch.Generator(device="cpu").manual_seed(s["seed"]) for _, s, _ in group]
+                images = pipe([item.prompt for item, _, _ in group], generator=generators, **pipeline_kwargs(settings)).images
             except (ValueError, TypeError) as err:
-                failed.append((item, str(err)))
+                failed.extend((item, str(err)) for item, _, _ in group)
+                progress.update(len(group))
                 continue
-            write_png_atomic(image, os.path.join(args.out, name), settings, tmp_prefix)
-            manifest.append({"file": name, **settings})
-            done += 1
+            for (item, own_settings, _), image in zip(group, images):
+                name = f"{item.index:05d}-{slug(item.prompt)}.png"
+                write_png_atomic(image, os.path.join(args.out, name), own_settings, tmp_prefix)
+                manifest.append({"file": name, **own_settings})
+                done += 1
+            progress.update(len(group))
     finally:
+        progress.close()
         if handle is not None:
             handle.remove()
     print(f"dit-attn generate: {done} done, {skipped} already finished (skipped), {len(failed)} failed -> {args.out}")
@@ -178,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompts", nargs="*", help="one or more prompts (or --prompts FILE)")
     gen.add_argument("--prompts", dest="prompts_file", default=None,
                      help=".txt (a prompt a line), .jsonl (objects with 'prompt' and per-line settings) or .csv (a 'prompt' column)")
+    gen.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call (items with the same settings)")
     gen.add_argument("--num-shards", type=int, default=1, help="split the items into this many shards")
     gen.add_argument("--shard-index", type=int, default=0, help="which shard this process generates (0-based)")
     gen.add_argument("--model", default=DEMO, help=f"local pipeline directory, hub id, or {DEMO!r} (default)")
