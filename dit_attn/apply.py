@@ -34,9 +34,9 @@ def layers(pipe_or_transformer) -> list[LayerInfo]:
     return model_layers(split_target(pipe_or_transformer)[1])
 
 
-def _layer_edits(heads, u: float, target: str, scope: str, layer_map: list[LayerInfo]) -> dict[int, LayerEdit]:
+def _layer_edits(heads, u: float, target: str, scope: str, layer_map: list[LayerInfo], family: str) -> dict[int, LayerEdit]:
     edits = {}
-    for layer, head_ids in resolve_heads(heads, layer_map).items():
+    for layer, head_ids in resolve_heads(heads, layer_map, family).items():
         strength = torch.zeros(layer_map[layer].heads)
         strength[list(head_ids)] = float(u)
         edits[layer] = LayerEdit(strength, target, scope)
@@ -89,14 +89,14 @@ def apply(pipe_or_transformer, *edits) -> Handle:
     if existing is not None and existing.active:
         raise RuntimeError("this model is already edited by dit-attn: call remove() on the first handle (or leave its with-block) before applying again")
 
-    layer_map = model_layers(transformer)
+    layer_map, family = model_layers(transformer), model_family(transformer)
     state = EditState()
     guidance = [e for e in edits if isinstance(e, HeadGuidance)]
     if len(guidance) > 1:
         raise ValueError("give at most one HeadGuidance per apply (merge their heads into one)")
     for edit in edits:
         if isinstance(edit, SoftPAG):
-            for layer, layer_edit in _layer_edits(edit.heads, edit.u, edit.target, edit.scope, layer_map).items():
+            for layer, layer_edit in _layer_edits(edit.heads, edit.u, edit.target, edit.scope, layer_map, family).items():
                 state.model_edits.setdefault(layer, []).append(layer_edit)
     controller = None
     if guidance:
@@ -104,7 +104,7 @@ def apply(pipe_or_transformer, *edits) -> Handle:
             raise TypeError("HeadGuidance needs a pipeline (it guides the sampling loop); pass the pipeline, not the transformer")
         check_guided_pipeline(pipe)
         edit = guidance[0]
-        state.guided_edits = _layer_edits(edit.heads, edit.u, edit.target, edit.scope, layer_map)
+        state.guided_edits = _layer_edits(edit.heads, edit.u, edit.target, edit.scope, layer_map, family)
         controller = GuidanceController(pipe, edit, first_layer=min(state.guided_edits))
 
     originals = processors.install(transformer, state)

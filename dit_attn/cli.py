@@ -68,7 +68,8 @@ def item_settings(args, item) -> dict:
     settings.update(item.overrides)
     if isinstance(settings["size"], str):
         settings["size"] = parse_size(settings["size"])
-    settings["size"] = list(settings["size"]) if settings["size"] else None
+    height, width = settings.pop("size") or (None, None)
+    settings["width"], settings["height"] = width, height
     settings["heads"] = parse_heads(settings["heads"]) if isinstance(settings["heads"], str) else settings["heads"]
     return settings
 
@@ -86,8 +87,8 @@ def pipeline_kwargs(settings: dict) -> dict:
     kwargs = {"num_inference_steps": settings["steps"]}
     if settings["cfg"] is not None:
         kwargs["guidance_scale"] = settings["cfg"]
-    if settings["size"]:
-        kwargs["height"], kwargs["width"] = settings["size"]
+    if settings["height"]:
+        kwargs["height"], kwargs["width"] = settings["height"], settings["width"]
     return kwargs
 
 
@@ -150,7 +151,10 @@ def cmd_generate(args) -> int:
     finished = manifest.finished()
     todo = [i for i in items if f"{i.index:05d}-{slug(i.prompt)}.png" not in finished]
     skipped, failed, done = len(items) - len(todo), [], 0
-    pipe = load_pipeline(args.model, torch_dtype=DTYPES[args.dtype], device=args.device) if todo else None
+    device = args.device
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per launched process
+    pipe = load_pipeline(args.model, torch_dtype=DTYPES[args.dtype], device=device) if todo else None
     if pipe is not None:
         pipe.set_progress_bar_config(disable=True)
         if command_line_edit is not None:
@@ -175,8 +179,8 @@ def cmd_generate(args) -> int:
                     handle, handle_edit = (apply(pipe, edit) if edit is not None else None), edit
                 generators = [torch.Generator(device="cpu").manual_seed(s["seed"]) for _, s, _ in group]
                 images = pipe([item.prompt for item, _, _ in group], generator=generators, **pipeline_kwargs(settings)).images
-            except (ValueError, TypeError) as err:
-                failed.extend((item, str(err)) for item, _, _ in group)
+            except (ValueError, TypeError, RuntimeError) as err:  # e.g. out of memory at one size: go on
+                failed.extend((item, f"{type(err).__name__}: {err}") for item, _, _ in group)
                 progress.update(len(group))
                 continue
             for (item, own_settings, _), image in zip(group, images):
@@ -189,9 +193,9 @@ def cmd_generate(args) -> int:
         progress.close()
         if handle is not None:
             handle.remove()
-    print(f"dit-attn generate: {done} done, {skipped} already finished (skipped), {len(failed)} failed -> {args.out}")
-    for item, reason in failed:
-        print(f"  failed #{item.index} {item.prompt!r}: {reason}", file=sys.stderr)
+        print(f"dit-attn generate: {done} done, {skipped} already finished (skipped), {len(failed)} failed -> {args.out}")
+        for item, reason in failed:
+            print(f"  failed #{item.index} {item.prompt!r}: {reason}", file=sys.stderr)
     return 1 if failed else 0
 
 

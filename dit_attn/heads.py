@@ -87,10 +87,14 @@ def _head_dim(attn: torch.nn.Module) -> int:
 _HEAD_RE = re.compile(r"^L(\d+)(?:H(\d+))?$")
 
 
-def _expand(spec: HeadSpec) -> Iterable[tuple[int, int | None]]:
+def _expand(spec: HeadSpec, family: str | None = None) -> Iterable[tuple[int, int | None]]:
     """Yield (layer, head or None for all heads) from one spec entry."""
     if isinstance(spec, str):
         if spec in PRESETS:
+            preset_family = spec.split(":")[0]
+            if family is not None and preset_family != family:
+                valid = ", ".join(name for name in PRESETS if name.startswith(family + ":")) or "none"
+                raise ValueError(f"preset {spec!r} is for {preset_family} models, this is a {family} model; its presets: {valid}")
             for name in PRESETS[spec].heads:
                 yield from _expand(name)
             return
@@ -121,11 +125,11 @@ def normalize_heads(heads: HeadSpec | Iterable[HeadSpec]) -> tuple:
     return tuple(out)
 
 
-def resolve_heads(heads: Iterable[HeadSpec], layers: list[LayerInfo]) -> dict[int, tuple[int, ...]]:
-    """Map layer index → sorted head indices, checking every address against the model."""
+def resolve_heads(heads: Iterable[HeadSpec], layers: list[LayerInfo], family: str | None = None) -> dict[int, tuple[int, ...]]:
+    """Map layer index → sorted head indices, checking every address (and preset family) against the model."""
     selected: dict[int, set[int]] = {}
     for spec in heads:
-        for layer, head in _expand(spec):
+        for layer, head in _expand(spec, family):
             if not 0 <= layer < len(layers):
                 raise ValueError(f"layer {layer} (from {spec!r}) out of range: this model has layers 0-{len(layers) - 1}")
             n_heads = layers[layer].heads

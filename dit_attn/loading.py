@@ -31,6 +31,8 @@ def load_pipeline(name_or_path: str = DEMO, *, torch_dtype: torch.dtype | None =
         from .models.configs import build_demo_pipeline
 
         pipe = build_demo_pipeline()
+        if torch_dtype not in (None, torch.float32):
+            pipe = pipe.to(dtype=torch_dtype)
     else:
         kwargs = _missing_components(name_or_path) if os.path.isdir(name_or_path) else {}
         if torch_dtype is not None:

@@ -20,10 +20,11 @@ def test_prompt_files_and_bad_lines(tmp_path):
     items, bad = read_prompts(str(txt))
     assert [i.prompt for i in items] == ["a red circle", "a blue square"] and not bad
     jsonl = tmp_path / "p.jsonl"
-    jsonl.write_text('{"prompt": "a", "seed": 5, "u": 0.5}\n{oops\n{"prompt": ""}\n{"prompt": "b", "colour": 1}\n{"prompt": "c", "steps": "x"}\n{"prompt": "d"}\n')
+    jsonl.write_text('{"prompt": "a", "seed": 5, "u": 0.5}\n{oops\n{"prompt": ""}\n{"prompt": "b", "colour": 1}\n{"prompt": "c", "steps": "x"}\n'
+                     '{"prompt": "d", "heads": ["L1H2", "L0"], "size": [64, 32]}\n{"prompt": "e", "seed": 1.5}\n{"prompt": "f", "steps": true}\n')
     items, bad = read_prompts(str(jsonl))
-    assert [(i.index, i.prompt, i.overrides) for i in items] == [(0, "a", {"seed": 5, "u": 0.5}), (1, "d", {})]
-    assert [b.line for b in bad] == [2, 3, 4, 5]
+    assert [(i.index, i.prompt, i.overrides) for i in items] == [(0, "a", {"seed": 5, "u": 0.5}), (1, "d", {"heads": "L1H2,L0", "size": "64x32"})]
+    assert [b.line for b in bad] == [2, 3, 4, 5, 7, 8]
     assert "unknown settings ['colour']" in bad[2].reason and "steps must be int" in bad[3].reason
     csv_file = tmp_path / "p.csv"
     csv_file.write_text('prompt,seed,heads\n"a red circle, large",3,L1\nno seed,,\n')
@@ -41,6 +42,8 @@ def test_shards_partition_items(tmp_path):
     assert sorted(i.index for part in parts for i in part) == list(range(7))
     with pytest.raises(ValueError, match=r"shard index must be in \[0, 2\]"):
         shard(items, 3, 3)
+    with pytest.raises(ValueError, match=r"--num-shards must be >= 1"):
+        shard(items, 0, 0)
     out = tmp_path / "out"
     for k in range(2):
         assert main(["generate", "--prompts", str(prompts), *FAST, "--num-shards", "2", "--shard-index", str(k), "--out", str(out)]) == 0
@@ -54,7 +57,7 @@ def test_per_line_settings_and_failures(tmp_path, capsys):
     assert main(["generate", "--prompts", str(prompts), *FAST, "--out", str(tmp_path / "o")]) == 1
     captured = capsys.readouterr()
     assert "1 done, 0 already finished (skipped), 1 failed" in captured.out
-    assert "failed #1 'b': layer 9" in captured.err
+    assert "failed #1 'b': ValueError: layer 9" in captured.err
     record = json.loads((tmp_path / "o" / "manifest.jsonl").read_text())
     assert record["seed"] == 11 and record["heads"] == ["L1"] and record["u"] == 0.5
 

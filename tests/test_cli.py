@@ -18,6 +18,7 @@ def test_generate_writes_pngs_with_settings_and_manifest(tmp_path, capsys):
     assert image.size == (32, 32)
     settings = json.loads(image.text["dit-attn"])
     assert settings["heads"] == ["L1", "L2H0"] and settings["u"] == 0.5 and settings["scope"] == "image"
+    assert (settings["width"], settings["height"]) == (32, 32)
     assert not list(out.glob("*.tmp"))
 
 

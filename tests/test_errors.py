@@ -82,3 +82,24 @@ def test_presets_and_head_forms():
     layers = [da.LayerInfo(i, f"transformer_blocks.{i}.attn", "joint", 24, 64) for i in range(24)]
     resolved = resolve_heads(["sd3:golden-hour", (0, 17), "L5"], layers)
     assert resolved == {0: (17,), 2: (3,), 5: tuple(range(24)), 18: (11,)}
+
+
+def test_preset_of_another_family(flux_pipe):
+    with pytest.raises(ValueError, match="preset 'sd3:dark' is for sd3 models, this is a flux model; its presets: flux:glossy"):
+        da.apply(flux_pipe, da.SoftPAG(heads=["sd3:dark"]))
+
+
+def test_non_stock_processors_are_not_replaced_silently(sd3_pipe):
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    class AdapterProcessor(JointAttnProcessor2_0):
+        pass
+
+    transformer = sd3_pipe.transformer
+    original = transformer.transformer_blocks[1].attn.processor
+    transformer.transformer_blocks[1].attn.set_processor(AdapterProcessor())
+    try:
+        with pytest.raises(TypeError, match="transformer_blocks.1.attn has a AdapterProcessor; .*JointAttnProcessor2_0"):
+            da.apply(sd3_pipe, da.SoftPAG(heads=["L0"]))
+    finally:
+        transformer.transformer_blocks[1].attn.set_processor(original)

@@ -153,3 +153,22 @@ def test_img2img_and_inpaint_pipelines(sd3_pipe, flux_pipe):
         assert n_guided == n_stock > 0
         assert not torch.allclose(stock, guided), type(pipe).__name__
         assert torch.equal(run(), stock)
+
+
+def test_flux_img2img_true_cfg_guides_only_the_conditional_call(flux_pipe):
+    """FluxImg2ImgPipeline makes its cond and negative calls without cache contexts."""
+    image = Image.fromarray((np.random.default_rng(1).random((32, 32, 3)) * 255).astype("uint8"))
+    pipe = FluxImg2ImgPipeline(**flux_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    edit = da.HeadGuidance(heads=["L1"], scale=2.0, u=0.5)
+    true_cfg = 2.0
+    with CallRecorder(pipe) as rec, da.apply(pipe, edit):
+        pipe("a red circle", image=image, strength=0.8, num_inference_steps=4, negative_prompt="blurry",
+             true_cfg_scale=true_cfg, max_sequence_length=8, output_type="latent", generator=torch.Generator().manual_seed(0), **SIZE)
+    assert len(rec.calls) == 2 * len(rec.steps) > 0
+    for step, eps in enumerate(rec.steps):
+        cond_call, uncond_call = rec.calls[2 * step], rec.calls[2 * step + 1]
+        eps_c, eps_u = replay(pipe.transformer, cond_call), replay(pipe.transformer, uncond_call)
+        with da.apply(pipe.transformer, da.SoftPAG(edit.heads, u=edit.u)):
+            eps_p = replay(pipe.transformer, cond_call)
+        assert (eps - (eps_u + true_cfg * (eps_c - eps_u) + edit.scale * (eps_c - eps_p))).abs().max() < 1e-5

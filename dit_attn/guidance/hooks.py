@@ -37,6 +37,10 @@ class PendingGuidance:
     eps_cond: torch.Tensor
     eps_perturbed: torch.Tensor
     step: int
+    timesteps: torch.Tensor  # the scheduler's schedule of that run: a new run has a new tensor
+
+    def is_for(self, pipe) -> bool:
+        return self.timesteps is pipe.scheduler.timesteps and self.step == denoising_step(pipe)[0]
 
 
 class GuidanceController:
@@ -53,6 +57,10 @@ class GuidanceController:
         step, total = denoising_step(self.pipe)
         if not self.edit.active_at(step / total):
             return None
+        if self.pending is not None and self.pending.is_for(self.pipe):
+            # the conditional call comes first; pipelines without cache contexts (e.g.
+            # FluxImg2ImgPipeline with true CFG) make the negative call next in the same step
+            return None
         cond = conditional_rows(self.pipe, batch, kwargs, context)
         if cond is None:
             return None
@@ -66,7 +74,7 @@ class GuidanceController:
         sample = output[0]
         eps_perturbed = sample[fork.perturbed_rows]
         eps_cond = sample.index_select(0, cond.to(sample.device))
-        self.pending = PendingGuidance(eps_cond, eps_perturbed, denoising_step(self.pipe)[0])
+        self.pending = PendingGuidance(eps_cond, eps_perturbed, denoising_step(self.pipe)[0], self.pipe.scheduler.timesteps)
         stock = sample[: fork.rows_before]
         if isinstance(output, tuple):
             return (stock,) + tuple(output[1:])
@@ -74,7 +82,7 @@ class GuidanceController:
 
     def guide(self, model_output: torch.Tensor) -> torch.Tensor:
         pending, self.pending = self.pending, None
-        if pending is None or pending.step != denoising_step(self.pipe)[0]:
+        if pending is None or not pending.is_for(self.pipe):
             return model_output
         if pending.eps_cond.shape != model_output.shape:
             raise RuntimeError(

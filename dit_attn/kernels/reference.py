@@ -44,6 +44,6 @@ def reference_attention(
     attn = torch.softmax(logits, dim=-1)
     image = plan.image_slice(q.shape[-2])
     for p in plan.perturbations:
-        u = p.u.to(compute)[:, :, None, None]
+        u = p.u.to(device=logits.device, dtype=compute)[:, :, None, None]
         attn = (1 - u) * attn + u * target_map(logits, attn, p, image)
     return (attn @ vf).to(q.dtype)

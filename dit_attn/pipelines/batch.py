@@ -38,11 +38,23 @@ def _overrides(record: dict) -> dict:
     for key, value in record.items():
         if key == "prompt" or value in (None, ""):
             continue
-        try:
-            out[key] = SETTING_TYPES[key](value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{key} must be {SETTING_TYPES[key].__name__}, got {value!r}") from None
+        if key == "heads" and isinstance(value, list):
+            value = ",".join(map(str, value))
+        if key == "size" and isinstance(value, list) and len(value) == 2:
+            value = f"{value[0]}x{value[1]}"  # [width, height]
+        out[key] = _convert(key, value)
     return out
+
+
+def _convert(key: str, value):
+    kind = SETTING_TYPES[key]
+    bad = isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer())
+    try:
+        if bad:
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be {kind.__name__}, got {value!r}") from None
 
 
 def _prompt(record: dict) -> str:
@@ -94,7 +106,9 @@ def read_prompts(path: str) -> tuple[list[Item], list[BadLine]]:
 
 
 def shard(items: list[Item], num_shards: int, shard_index: int) -> list[Item]:
-    if num_shards < 1 or not 0 <= shard_index < num_shards:
+    if num_shards < 1:
+        raise ValueError(f"--num-shards must be >= 1, got {num_shards}")
+    if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard index must be in [0, {num_shards - 1}] for {num_shards} shards, got {shard_index}")
     return [item for item in items if item.index % num_shards == shard_index]
 

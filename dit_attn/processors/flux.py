@@ -6,6 +6,7 @@ the attention call to `dit_attn.kernels.attention` with this layer's plan.
 from __future__ import annotations
 
 import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
@@ -55,7 +56,16 @@ class FluxAttnProcessor(LayerProcessor):
         plan = self.state.plan(self.layer, query.shape[0], (text_len, seq_len))
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
-        hidden_states = kernels.attention(query, key, value, plan, layout="BSHD", attn_mask=attention_mask)
+        if plan is None and (self._attention_backend is not None or self._parallel_config is not None):
+            # nothing to edit here: honour the backend the user chose with diffusers
+            hidden_states = dispatch_attention_fn(
+                query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
+                parallel_config=self._parallel_config,
+            )
+        elif self._parallel_config is not None:
+            raise NotImplementedError("dit-attn perturbations do not support context parallelism yet")
+        else:
+            hidden_states = kernels.attention(query, key, value, plan, layout="BSHD", attn_mask=attention_mask)
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)
 
