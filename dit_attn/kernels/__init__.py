@@ -46,8 +46,35 @@ def _reference_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
     return None
 
 
+def _triton_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
+    if plan.is_plain:
+        return "plain attention: torch SDPA is as fast"
+    if len(plan.perturbations) > 1 or plan.perturbations[0].scope != "joint":
+        return "the Triton kernel handles one joint-scope perturbation per call (image scope not yet)"
+    if torch.is_grad_enabled() and q.requires_grad:
+        return "the Triton kernel is forward-only (no autograd yet)"
+    dim = q.shape[-1]
+    if dim < 16 or dim & (dim - 1):
+        return f"head dim {dim} is not a power of two >= 16"
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return "needs a CUDA device (or TRITON_INTERPRET=1, for tests)"
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        return f"triton is not installed ({err})"
+    return None
+
+
+def _triton_run(q, k, v, plan: AttentionPlan, scale: float | None = None) -> torch.Tensor:
+    from .triton_softpag import softpag_attention
+
+    p = plan.perturbations[0]
+    return softpag_attention(q, k, v, p.u, p.target, scale)
+
+
 # fixed preference order for backend="auto"
 BACKENDS: dict[str, Backend] = {
+    "triton": Backend("triton", _triton_run, _triton_why_not),
     "sdpa": Backend("sdpa", sdpa_attention, _sdpa_why_not),
     "reference": Backend("reference", reference_attention, _reference_why_not),
 }

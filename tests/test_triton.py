@@ -1,0 +1,70 @@
+"""The Triton SoftPAG kernel, run by the Triton interpreter on the CPU (a subprocess, because
+TRITON_INTERPRET must be set before triton is first imported)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from dit_attn.kernels import AttentionPlan, Perturbation, choose_backend
+
+pytest.importorskip("triton")
+
+CHECK = textwrap.dedent('''
+    import torch
+    from dit_attn.kernels import AttentionPlan, Perturbation, attention, choose_backend
+    torch.manual_seed(0)
+    worst = {}
+    for seq, dim in ((77, 16), (130, 64)):  # lengths that are not multiples of the block size
+        for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
+            q, k, v = (torch.randn(2, 3, seq, dim).to(dtype) for _ in range(3))
+            u = torch.tensor([[0.0, 0.3, 1.0], [1.0, 0.5, 0.0]])
+            for target in ("identity", "uniform"):
+                plan = AttentionPlan((Perturbation(u, target, "joint"),))
+                assert choose_backend(q, plan).name == "triton"
+                out = attention(q, k, v, plan)
+                ref = attention(q.float(), k.float(), v.float(), plan, backend="reference")
+                err = (out.float() - ref).abs().max().item()
+                assert err < tol, (seq, dim, dtype, target, err)
+                worst[str(dtype)] = max(worst.get(str(dtype), 0.0), err)
+    print(worst)
+
+    import os
+    import dit_attn as da
+    import dit_attn.kernels as kernels
+    triton_calls = []
+    original = kernels.BACKENDS["triton"]
+    kernels.BACKENDS["triton"] = kernels.Backend(
+        "triton", lambda *a, **kw: (triton_calls.append(1), original.run(*a, **kw))[1], original.why_not)
+    from dit_attn.models.configs import build_flux_pipeline, build_sd3_pipeline
+    for pipe in (build_sd3_pipeline(num_layers=2, head_dim=16), build_flux_pipeline(head_dim=16)):
+        pipe.set_progress_bar_config(disable=True)
+        images = {}
+        with da.apply(pipe, da.SoftPAG(heads=["L1", "L0H0"], u=0.5)):
+            for backend in ("auto", "sdpa"):
+                os.environ["DIT_ATTN_BACKEND"] = backend
+                images[backend] = pipe("a red circle", num_inference_steps=2, height=32, width=32, max_sequence_length=8,
+                                       output_type="np", generator=torch.Generator().manual_seed(0)).images
+        assert abs(images["auto"] - images["sdpa"]).max() < 1e-4, type(pipe).__name__
+        assert triton_calls, "the Triton kernel did not run"
+        triton_calls.clear()
+''')
+
+
+def test_triton_kernel_matches_reference_in_interpreter_and_in_pipelines():
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_triton_dispatch_reasons(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q = torch.zeros(1, 2, 8, 16)
+    one = torch.ones(1, 2)
+    joint = AttentionPlan((Perturbation(one, "identity", "joint"),))
+    assert "CUDA" in choose_backend.__globals__["BACKENDS"]["triton"].why_not(q, joint)
+    image = AttentionPlan((Perturbation(one, "identity", "image"),), (0, 6))
+    assert "image scope not yet" in choose_backend.__globals__["BACKENDS"]["triton"].why_not(q, image)
+    assert choose_backend(q, joint).name == "sdpa"  # auto falls back on a CPU
