@@ -1,7 +1,8 @@
 """Triton flash-attention forward with the SoftPAG blend in its epilogue (joint scope).
 
 out[b, h] = (1 − u[b, h])·softmax(Q Kᵀ·scale) V + u[b, h]·T, with T = V (identity) or
-mean over keys of V (uniform). Online softmax with fp32 accumulation; a (row, head) with
+mean over keys of V (uniform). Online softmax with fp32 accumulation (half-precision
+inputs feed tl.dot directly on a GPU; the interpreter upcasts); a (row, head) with
 u = 1 and the identity target skips the QKᵀ/softmax loop entirely. Forward only: no
 autograd (the `sdpa` backend serves training). Image scope and local windows are not
 implemented here yet; `why_not` says so and dispatch falls back.
@@ -12,6 +13,7 @@ TRITON_INTERPRET=1 (set before triton is imported), which the tests use.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -29,6 +31,7 @@ def _softpag_forward(
     stride_ob, stride_oh, stride_os,
     heads, seq_len, scale,
     TARGET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     block = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -42,7 +45,9 @@ def _softpag_forward(
     v_ptr = V + b * stride_vb + h * stride_vh
     u = tl.load(U + batch_head).to(tl.float32)
 
-    q = tl.load(q_ptr + rows[:, None] * stride_qs + dims[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + rows[:, None] * stride_qs + dims[None, :], mask=row_ok[:, None], other=0.0)
+    if UPCAST:  # the interpreter's bf16 dot is wrong; fp32 inputs stay fp32 anyway
+        q = q.to(tl.float32)
     own_v = tl.load(v_ptr + rows[:, None] * stride_vs + dims[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -54,16 +59,20 @@ def _softpag_forward(
         for start in range(0, seq_len, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             col_ok = cols < seq_len
-            k = tl.load(k_ptr + cols[:, None] * stride_ks + dims[None, :], mask=col_ok[:, None], other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + cols[:, None] * stride_vs + dims[None, :], mask=col_ok[:, None], other=0.0).to(tl.float32)
-            v_sum += tl.sum(v, axis=0)
-            scores = tl.dot(q, tl.trans(k)) * scale
+            k = tl.load(k_ptr + cols[:, None] * stride_ks + dims[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_ptr + cols[:, None] * stride_vs + dims[None, :], mask=col_ok[:, None], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            v_sum += tl.sum(v.to(tl.float32), axis=0)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             scores = tl.where(col_ok[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=1))
             p = tl.exp(scores - m_new[:, None])
             correction = tl.exp(m - m_new)
             l = l * correction + tl.sum(p, axis=1)
-            acc = acc * correction[:, None] + tl.dot(p, v)
+            # half inputs: tensor cores with fp32 accumulation; fp32 inputs: exact ("ieee"), not tf32
+            acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
         attention = acc / tl.where(l > 0, l, 1.0)[:, None]
     else:
@@ -95,5 +104,7 @@ def softpag_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torc
         out.stride(0), out.stride(1), out.stride(2),
         heads, seq_len, scale,
         TARGET=IDENTITY if target == "identity" else UNIFORM, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim,
+        UPCAST=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     return out
