@@ -21,13 +21,15 @@ CHECK = textwrap.dedent('''
         for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
             q, k, v = (torch.randn(2, 3, seq, dim).to(dtype) for _ in range(3))
             u = torch.tensor([[0.0, 0.3, 1.0], [1.0, 0.5, 0.0]])
-            for target in ("identity", "uniform"):
-                plan = AttentionPlan((Perturbation(u, target, "joint"),))
+            for target, scope, image in (("identity", "joint", None), ("uniform", "joint", None),
+                                         ("identity", "image", (0, seq - 7)), ("uniform", "image", (7, seq)),
+                                         ("identity", "image", None)):
+                plan = AttentionPlan((Perturbation(u, target, scope),), image)
                 assert choose_backend(q, plan).name == "triton"
                 out = attention(q, k, v, plan)
                 ref = attention(q.float(), k.float(), v.float(), plan, backend="reference")
                 err = (out.float() - ref).abs().max().item()
-                assert err < tol, (seq, dim, dtype, target, err)
+                assert err < tol, (seq, dim, dtype, target, scope, image, err)
                 worst[str(dtype)] = max(worst.get(str(dtype), 0.0), err)
     print(worst)
 
@@ -42,7 +44,7 @@ CHECK = textwrap.dedent('''
     for pipe in (build_sd3_pipeline(num_layers=2, head_dim=16), build_flux_pipeline(head_dim=16)):
         pipe.set_progress_bar_config(disable=True)
         images = {}
-        with da.apply(pipe, da.SoftPAG(heads=["L1", "L0H0"], u=0.5)):
+        with da.apply(pipe, da.SoftPAG(heads=["L1", "L0H0"], u=0.5, scope="image")):
             for backend in ("auto", "sdpa"):
                 os.environ["DIT_ATTN_BACKEND"] = backend
                 images[backend] = pipe("a red circle", num_inference_steps=2, height=32, width=32, max_sequence_length=8,
@@ -65,6 +67,6 @@ def test_triton_dispatch_reasons(monkeypatch):
     one = torch.ones(1, 2)
     joint = AttentionPlan((Perturbation(one, "identity", "joint"),))
     assert "CUDA" in choose_backend.__globals__["BACKENDS"]["triton"].why_not(q, joint)
-    image = AttentionPlan((Perturbation(one, "identity", "image"),), (0, 6))
-    assert "image scope not yet" in choose_backend.__globals__["BACKENDS"]["triton"].why_not(q, image)
+    two = AttentionPlan((Perturbation(one, "identity", "image"), Perturbation(one, "uniform", "joint")), (0, 6))
+    assert "one perturbation per call" in choose_backend.__globals__["BACKENDS"]["triton"].why_not(q, two)
     assert choose_backend(q, joint).name == "sdpa"  # auto falls back on a CPU

@@ -49,8 +49,8 @@ def _reference_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
 def _triton_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
     if plan.is_plain:
         return "plain attention: torch SDPA is as fast"
-    if len(plan.perturbations) > 1 or plan.perturbations[0].scope != "joint":
-        return "the Triton kernel handles one joint-scope perturbation per call (image scope not yet)"
+    if len(plan.perturbations) > 1:
+        return "the Triton kernel handles one perturbation per call (several: not yet)"
     if torch.is_grad_enabled() and q.requires_grad:
         return "the Triton kernel is forward-only (no autograd yet)"
     dim = q.shape[-1]
@@ -69,7 +69,7 @@ def _triton_run(q, k, v, plan: AttentionPlan, scale: float | None = None) -> tor
     from .triton_softpag import softpag_attention
 
     p = plan.perturbations[0]
-    return softpag_attention(q, k, v, p.u, p.target, scale)
+    return softpag_attention(q, k, v, p.u, p.target, p.scope, plan.image_tokens, scale)
 
 
 # fixed preference order for backend="auto"
