@@ -66,7 +66,7 @@ def _triton_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
 
 
 def _triton_run(q, k, v, plan: AttentionPlan, scale: float | None = None) -> torch.Tensor:
-    from .triton_softpag import softpag_attention
+    from .triton.softpag import softpag_attention
 
     p = plan.perturbations[0]
     return softpag_attention(q, k, v, p.u, p.target, p.scope, plan.image_tokens, scale)
