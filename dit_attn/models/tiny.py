@@ -16,10 +16,12 @@ import math
 import re
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .. import kernels
+from ..processors.sd3 import SD3AttnProcessor
+from ..processors.state import EditState
 from .configs import make_clip_tokenizer
 from .data import VOCABULARY
 
@@ -93,39 +95,17 @@ def assemble_pipeline(transformer, vae, seed: int) -> StableDiffusion3Pipeline:
     )
 
 
-class ZeroTokenBias:
+class ZeroTokenBias(SD3AttnProcessor):
     """Training processor: SD3 joint attention where the last text token stands for n
-    identical zero tokens (key logit + log n). Same math as diffusers' JointAttnProcessor2_0."""
+    identical zero tokens (key logit + log n); otherwise the stock joint-attention math."""
 
     def __init__(self, zero_tokens: int = PIPELINE_ZERO_TOKENS):
+        super().__init__(layer=0, state=EditState())
         self.log_n = math.log(zero_tokens)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        batch, n_img = hidden_states.shape[:2]
-        heads = attn.heads
-
-        def split(x):
-            return x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)
-
-        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        bias = None
-        if encoder_hidden_states is not None:
-            cq = split(attn.add_q_proj(encoder_hidden_states))
-            ck = split(attn.add_k_proj(encoder_hidden_states))
-            cv = split(attn.add_v_proj(encoder_hidden_states))
-            if attn.norm_added_q is not None:
-                cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
-            q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-            bias = torch.zeros(k.shape[2], dtype=q.dtype, device=q.device)
-            bias[-1] = self.log_n
-            bias = bias.expand(q.shape[2], -1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        out = out.transpose(1, 2).reshape(batch, -1, heads * q.shape[-1]).to(q.dtype)
-        if encoder_hidden_states is None:
-            return attn.to_out[1](attn.to_out[0](out))
-        image, text = out[:, :n_img], out[:, n_img:]
-        if not attn.context_pre_only:
-            text = attn.to_add_out(text)
-        return attn.to_out[1](attn.to_out[0](image)), text
+    def attend(self, query, key, value, image_tokens: int) -> torch.Tensor:
+        if key.shape[2] == image_tokens:  # image-only attention: no zero token
+            return kernels.attention(query, key, value)
+        bias = torch.zeros(key.shape[2], dtype=query.dtype, device=query.device)
+        bias[-1] = self.log_n
+        return kernels.attention(query, key, value, attn_mask=bias.expand(query.shape[2], -1))

@@ -84,23 +84,33 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def resume(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Load a stage's last checkpoint into model and optimizer; {"step": 0} when there is none."""
+    if not os.path.exists(path):
+        return {"step": 0}
+    checkpoint = torch.load(path)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    return checkpoint
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def train_vae(cfg: TrainConfig, work: str, images: torch.Tensor):
     vae = make_vae(cfg.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
-    ckpt_path, start = os.path.join(work, "vae_ckpt.pt"), 0
-    if os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path)
-        vae.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start = ckpt["step"]
+    ckpt_path = os.path.join(work, "vae_ckpt.pt")
+    start = resume(ckpt_path, vae, optimizer)["step"]
     generator = torch.Generator()
     vae.train()
     bar = tqdm(range(start, cfg.vae_steps), desc="vae", initial=start, total=cfg.vae_steps)
     for step in bar:
         generator.manual_seed(step_seed(cfg.seed + 11, step))  # a resumed run draws the same batches
         batch = to_unit(images[torch.randint(len(images), (cfg.vae_batch,), generator=generator)])
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, cfg.vae_steps, cfg.vae_lr, 100)
+        set_lr(optimizer, cosine_lr(step, cfg.vae_steps, cfg.vae_lr, 100))
         posterior = vae.encode(batch).latent_dist
         recon = vae.decode(posterior.sample(generator=generator)).sample
         loss = F.mse_loss(recon, batch) + F.l1_loss(recon, batch) + 1e-5 * posterior.kl().mean()
@@ -148,14 +158,11 @@ def train_transformer(cfg: TrainConfig, work: str, pipe, latents: torch.Tensor, 
     transformer.set_attn_processor(zero_tokens)
     clip, pooled, empty_clip, empty_pooled = encode_captions(pipe, captions)
     zero = torch.zeros(1, 1, clip.shape[-1])
-    ema = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=0.01)
-    ckpt_path, start = os.path.join(work, "transformer_ckpt.pt"), 0
-    if os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path)
-        transformer.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        ema, start = ckpt["ema"], ckpt["step"]
+    ckpt_path = os.path.join(work, "transformer_ckpt.pt")
+    checkpoint = resume(ckpt_path, transformer, optimizer)
+    start = checkpoint["step"]
+    ema = checkpoint.get("ema") or {k: v.detach().clone() for k, v in transformer.state_dict().items()}
     generator = torch.Generator()
     transformer.train()
     bar = tqdm(range(start, cfg.steps), desc="transformer", initial=start, total=cfg.steps)
@@ -171,8 +178,7 @@ def train_transformer(cfg: TrainConfig, work: str, pipe, latents: torch.Tensor, 
         text = torch.cat([text, zero.expand(cfg.batch, -1, -1)], dim=1)
         pool = torch.where(drop[:, None], empty_pooled, pooled[rows])
         x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup)
+        set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup))
         prediction = transformer(x_t, text, pool, t * 1000).sample
         loss = F.mse_loss(prediction, noise - x0)
         optimizer.zero_grad(set_to_none=True)
@@ -181,7 +187,10 @@ def train_transformer(cfg: TrainConfig, work: str, pipe, latents: torch.Tensor, 
         optimizer.step()
         with torch.no_grad():
             for k, v in transformer.state_dict().items():
-                ema[k].lerp_(v, 1 - cfg.ema) if v.is_floating_point() else ema[k].copy_(v)
+                if v.is_floating_point():
+                    ema[k].lerp_(v, 1 - cfg.ema)
+                else:
+                    ema[k].copy_(v)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             state = {"model": transformer.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema, "step": step + 1}

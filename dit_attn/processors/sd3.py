@@ -23,6 +23,11 @@ class SD3AttnProcessor(LayerProcessor):
         super().__init__(layer, state)
         self.joint = joint
 
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, image_tokens: int) -> torch.Tensor:
+        """The attention call, (B, H, S, D) with [image ; text] tokens."""
+        plan = self.state.plan(self.layer, query.shape[0], (0, image_tokens)) if self.joint else None
+        return kernels.attention(query, key, value, plan)
+
     def __call__(
         self,
         attn,
@@ -61,10 +66,7 @@ class SD3AttnProcessor(LayerProcessor):
             key = torch.cat([key, context_key], dim=2)
             value = torch.cat([value, context_value], dim=2)
 
-        plan = None
-        if self.joint:
-            plan = self.state.plan(self.layer, batch_size, (0, residual.shape[1]))
-        hidden_states = kernels.attention(query, key, value, plan)
+        hidden_states = self.attend(query, key, value, residual.shape[1])
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 
