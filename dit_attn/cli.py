@@ -40,6 +40,11 @@ def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
 
 
+def item_file(item) -> str:
+    """The PNG name of an item: its index fixes the order, the slug makes it readable."""
+    return f"{item.index:05d}-{slug(item.prompt)}.png"
+
+
 def write_png_atomic(image, path: str, settings: dict, tmp_prefix: str = ".partial-") -> None:
     """Save a PNG whose text chunk `dit-attn` holds the settings; never leaves a partial file."""
     from PIL.PngImagePlugin import PngInfo
@@ -112,13 +117,15 @@ def batches(ready: list, size: int) -> list[list]:
     if size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {size}")
     groups: list[list] = []
+    last_key = None
     for entry in ready:
         key = {k: v for k, v in entry[1].items() if k not in ("prompt", "seed")}
-        if groups and len(groups[-1]) < size and groups[-1][0][3] == key:
-            groups[-1].append((*entry, key))
+        if groups and len(groups[-1]) < size and key == last_key:
+            groups[-1].append(entry)
         else:
-            groups.append([(*entry, key)])
-    return [[entry[:3] for entry in group] for group in groups]
+            groups.append([entry])
+        last_key = key
+    return groups
 
 
 def shard_from_launcher(args) -> None:
@@ -149,7 +156,7 @@ def cmd_generate(args) -> int:
             os.unlink(os.path.join(args.out, name))
     manifest = Manifest(args.out, args.num_shards, args.shard_index)
     finished = manifest.finished()
-    todo = [i for i in items if f"{i.index:05d}-{slug(i.prompt)}.png" not in finished]
+    todo = [item for item in items if item_file(item) not in finished]
     skipped, failed, done = len(items) - len(todo), [], 0
     device = args.device
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -175,8 +182,10 @@ def cmd_generate(args) -> int:
                 if edit != handle_edit:
                     if handle is not None:
                         handle.remove()
-                    handle, handle_edit = None, None
-                    handle, handle_edit = (apply(pipe, edit) if edit is not None else None), edit
+                    handle, handle_edit = None, None  # stays so if apply fails
+                    if edit is not None:
+                        handle = apply(pipe, edit)
+                    handle_edit = edit
                 generators = [torch.Generator(device="cpu").manual_seed(s["seed"]) for _, s, _ in group]
                 images = pipe([item.prompt for item, _, _ in group], generator=generators, **pipeline_kwargs(settings)).images
             except (ValueError, TypeError, RuntimeError) as err:  # e.g. out of memory at one size: go on
@@ -184,7 +193,7 @@ def cmd_generate(args) -> int:
                 progress.update(len(group))
                 continue
             for (item, own_settings, _), image in zip(group, images):
-                name = f"{item.index:05d}-{slug(item.prompt)}.png"
+                name = item_file(item)
                 write_png_atomic(image, os.path.join(args.out, name), own_settings, tmp_prefix)
                 manifest.append({"file": name, **own_settings})
                 done += 1

@@ -85,7 +85,6 @@ def _softpag_forward(
     k_ptr = K + b * stride_kb + h * stride_kh
     v_ptr = V + b * stride_vb + h * stride_vh
     u = tl.load(U + batch_head).to(tl.float32)
-    mean_v = tl.load(MeanV + batch_head * HEAD_DIM + dims).to(tl.float32)
 
     q = tl.load(q_ptr + rows[:, None] * stride_qs + dims[None, :], mask=row_ok[:, None], other=0.0)
     if UPCAST:
@@ -94,6 +93,7 @@ def _softpag_forward(
     if TARGET == 0:
         value = own_v
     else:
+        mean_v = tl.load(MeanV + batch_head * HEAD_DIM + dims).to(tl.float32)
         value = tl.broadcast_to(mean_v[None, :], [BLOCK_M, HEAD_DIM])
 
     # plain attention is skipped where u = 1 replaces every row of the block by T
@@ -147,9 +147,12 @@ def softpag_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torc
     out = torch.empty_like(q)
     strengths = u.to(device=q.device, dtype=torch.float32).contiguous()
     image_start, image_stop = image_tokens if image_tokens is not None else (0, seq_len)
-    keys = slice(image_start, image_stop) if scope == "image" else slice(0, seq_len)
-    mean_k = k[:, :, keys].float().mean(dim=2).contiguous()  # (B, H, D), O(S·D)
-    mean_v = v[:, :, keys].float().mean(dim=2).contiguous()
+    mean_k = mean_v = strengths  # placeholders: the kernel reads the means only for the uniform target
+    if target == "uniform":
+        keys = slice(image_start, image_stop) if scope == "image" else slice(0, seq_len)
+        mean_v = v[:, :, keys].mean(dim=2, dtype=torch.float32).contiguous()  # (B, H, D), O(S·D), no fp32 copy
+        if scope == "image":  # the mean key's logit stands for the image→image block
+            mean_k = k[:, :, keys].mean(dim=2, dtype=torch.float32).contiguous()
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     grid = (triton.cdiv(seq_len, block_m), batch * heads)
     _softpag_forward[grid](
