@@ -4,13 +4,14 @@ from __future__ import annotations
 import torch
 
 from . import processors
-from .edits import HeadGuidance, SoftPAG
+from .edits import HeadGuidance, LocalAttention, SoftPAG
 from .guidance.hooks import GuidanceController, install_hooks, remove_hooks
 from .guidance.rows import check_guided_pipeline
 from .heads import SUPPORTED_MODELS, LayerInfo, model_family, model_layers, resolve_heads
+from .local_attention import LocalInstall, install_local, local_setting
 from .processors.state import EditState, LayerEdit
 
-EDIT_TYPES = (SoftPAG, HeadGuidance)
+EDIT_TYPES = (SoftPAG, HeadGuidance, LocalAttention)
 _MARK = "_dit_attn_handle"
 
 
@@ -46,12 +47,14 @@ def _layer_edits(heads, u: float, target: str, scope: str, layer_map: list[Layer
 class Handle:
     """Undo for `apply`; also a context manager."""
 
-    def __init__(self, transformer, originals: dict, controller: GuidanceController | None, edits: tuple, state: EditState):
+    def __init__(self, transformer, originals: dict, controller: GuidanceController | None, edits: tuple,
+                 state: EditState, local: LocalInstall | None = None):
         self.transformer = transformer
         self.edits = edits
         self.state = state
         self._originals = originals
         self._controller = controller
+        self._local = local
         self.active = True
 
     def remove(self) -> None:
@@ -60,6 +63,8 @@ class Handle:
             return
         processors.restore(self.transformer, self._originals)
         remove_hooks(self.transformer, self._controller)
+        if self._local is not None:
+            self._local.undo()
         if getattr(self.transformer, _MARK, None) is self:
             delattr(self.transformer, _MARK)
         self.active = False
@@ -94,6 +99,12 @@ def apply(pipe_or_transformer, *edits) -> Handle:
     guidance = [e for e in edits if isinstance(e, HeadGuidance)]
     if len(guidance) > 1:
         raise ValueError("give at most one HeadGuidance per apply (merge their heads into one)")
+    local_edits = [e for e in edits if isinstance(e, LocalAttention)]
+    if len(local_edits) > 1:
+        raise ValueError("give at most one LocalAttention per apply")
+    if local_edits:
+        state.local = local_setting(local_edits[0], layer_map)
+        state.local_backend = local_edits[0].backend
     for edit in edits:
         if isinstance(edit, SoftPAG):
             for layer, layer_edit in _layer_edits(edit.heads, edit.u, edit.target, edit.scope, layer_map, family).items():
@@ -107,8 +118,14 @@ def apply(pipe_or_transformer, *edits) -> Handle:
         state.guided_edits = _layer_edits(edit.heads, edit.u, edit.target, edit.scope, layer_map, family)
         controller = GuidanceController(pipe, edit, first_layer=min(state.guided_edits))
 
-    originals = processors.install(transformer, state)
+    local = install_local(transformer, local_edits[0], state.local, layer_map) if local_edits else None
+    try:
+        originals = processors.install(transformer, state)
+    except BaseException:
+        if local is not None:
+            local.undo()
+        raise
     install_hooks(transformer, state, controller)
-    handle = Handle(transformer, originals, controller, tuple(edits), state)
+    handle = Handle(transformer, originals, controller, tuple(edits), state, local)
     setattr(transformer, _MARK, handle)
     return handle

@@ -4,10 +4,12 @@ against the model's layer/head map.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from .heads import normalize_heads
 from .kernels.plan import SCOPES, TARGETS
+from .kernels.window import check_radius
 
 
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -77,3 +79,50 @@ class HeadGuidance:
     def active_at(self, fraction: float) -> bool:
         return self.start <= fraction < self.end
 
+
+
+TEXT_MODES = ("global",)
+BACKEND_CHOICES = ("auto", "tiled", "flex", "reference")
+
+
+@dataclass(frozen=True)
+class LocalAttention:
+    """CLEAR: each image query attends to the image keys within `radius` tokens
+    (dy² + dx² < radius², clipped at the borders) and to every text key; text queries
+    attend to everything.
+
+    text: "global" (image queries see all text tokens, as CLEAR).
+    downsample: None, or a factor f: image queries also see f×f-pooled keys/values of
+        the whole image, pooled with a learnable (f, f) `spatial_weight` per attention
+        module (average pooling until trained; registered as `<attn>.local_pool`).
+    weights: a safetensors file of tensors named by transformer module names (as
+        `dit-attn distill-clear` writes), loaded while the edit is applied.
+    layers: layer indices to make local (None: every layer).
+    backend: "auto" or a backend of `dit_attn.kernels` that computes local windows.
+    """
+
+    radius: float
+    text: str = "global"
+    downsample: int | None = None
+    weights: str | os.PathLike | None = None
+    layers: tuple | None = None
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_radius(self.radius)
+        _check_choice("text", self.text, TEXT_MODES)
+        if self.downsample is not None and (
+            isinstance(self.downsample, bool) or not isinstance(self.downsample, int) or self.downsample < 2
+        ):
+            raise ValueError(f"downsample must be None or an integer factor >= 2, got {self.downsample!r}")
+        if self.weights is not None:
+            if not isinstance(self.weights, (str, os.PathLike)):
+                raise TypeError(f"weights must be a path to a .safetensors file, got {type(self.weights).__name__}")
+            if not os.path.isfile(self.weights):
+                raise ValueError(f"weights file not found: {os.fspath(self.weights)!r}")
+        if self.layers is not None:
+            layers = tuple(self.layers)
+            if not layers or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+                raise ValueError(f"layers must be None or non-empty layer indices >= 0, got {self.layers!r}")
+            object.__setattr__(self, "layers", layers)
+        _check_choice("backend", self.backend, BACKEND_CHOICES)

@@ -17,6 +17,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from ..edits import HeadGuidance
+from ..processors.grid import flux_grid, sd3_grid
 from ..processors.state import EditState, Fork
 from .formulas import perturbation_guidance
 from .rows import conditional_rows
@@ -132,6 +133,8 @@ class CallHook(ModelHook):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else (args[1] if len(args) > 1 else None)
         self.state.text_len = text.shape[1] if text is not None else 0
+        if self.state.local is not None:
+            self._record_grid(module, hidden, kwargs)
         if self.controller is None:
             return forward(*args, **kwargs)
         context = self.cache._context.name if self.cache._context is not None else None
@@ -145,6 +148,13 @@ class CallHook(ModelHook):
         finally:
             self.state.fork = None
         return self.controller.finish_call(output, fork, cond)
+
+
+    def _record_grid(self, module, hidden: torch.Tensor, kwargs: dict) -> None:
+        if hidden.ndim == 4:  # SD3 latents (B, C, H, W)
+            self.state.grid, self.state.grid_problem = sd3_grid(module, hidden), ""
+        else:  # FLUX packed tokens (B, S, C)
+            self.state.grid, self.state.grid_problem = flux_grid(kwargs.get("img_ids"), hidden.shape[1])
 
 
 class RowFork(ModelHook):

@@ -17,6 +17,8 @@ import torch
 from .plan import SCOPES, TARGETS, AttentionPlan, Perturbation, check_plan
 from .reference import reference_attention
 from .sdpa import sdpa_attention
+from .tiled import tiled_attention
+from .window import LocalWindow
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,14 @@ class Backend:
 
 
 def _sdpa_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
+    if plan.window is not None:
+        return "local windows are computed by the tiled/flex backends (or reference)"
+    return None
+
+
+def _tiled_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
+    if plan.window is None:
+        return "no local window in the plan"
     return None
 
 
@@ -49,6 +59,8 @@ def _reference_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
 def _triton_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
     if plan.is_plain:
         return "plain attention: torch SDPA is as fast"
+    if plan.window is not None:
+        return "local windows are not in the Triton kernel yet"
     if len(plan.perturbations) > 1:
         return "the Triton kernel handles one perturbation per call (several: not yet)"
     if torch.is_grad_enabled() and q.requires_grad:
@@ -75,6 +87,7 @@ def _triton_run(q, k, v, plan: AttentionPlan, scale: float | None = None) -> tor
 # fixed preference order for backend="auto"
 BACKENDS: dict[str, Backend] = {
     "triton": Backend("triton", _triton_run, _triton_why_not),
+    "tiled": Backend("tiled", tiled_attention, _tiled_why_not),
     "sdpa": Backend("sdpa", sdpa_attention, _sdpa_why_not),
     "reference": Backend("reference", reference_attention, _reference_why_not),
 }
@@ -114,7 +127,7 @@ def attention(
     attn_mask: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Softmax attention with the plan's SoftPAG perturbations.
+    """Softmax attention with the plan's local window and SoftPAG perturbations.
 
     q, k, v: (B, H, S, D) for layout "BHSD" (SD3) or (B, S, H, D) for "BSHD" (FLUX);
     the output has the same layout. With no plan this is exactly torch SDPA.
@@ -127,7 +140,7 @@ def attention(
         q, k, v = (x.permute(0, 2, 1, 3) for x in (q, k, v))
     if attn_mask is not None:
         if not plan.is_plain:
-            raise NotImplementedError("attention masks are supported only without perturbations")
+            raise NotImplementedError("attention masks are supported only without perturbations or local windows")
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
         return out.permute(0, 2, 1, 3) if layout == "BSHD" else out
     check_plan(q, plan)
@@ -139,6 +152,7 @@ __all__ = [
     "SCOPES",
     "TARGETS",
     "AttentionPlan",
+    "LocalWindow",
     "Perturbation",
     "attention",
     "available_backends",

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .window import LocalWindow
+
 TARGETS = ("identity", "uniform")
 SCOPES = ("joint", "image")
 
@@ -49,18 +51,21 @@ class Perturbation:
 
 @dataclass(frozen=True)
 class AttentionPlan:
-    """Perturbations applied in order, and the image-token range of the sequence.
+    """Perturbations applied in order, a local window, and the image-token range.
 
     image_tokens: (start, stop) of the image tokens in the joint sequence; None means
     every token is an image token (an image-only attention such as SD3.5's attn2).
+    window: CLEAR local attention of the image queries (None: global attention); the
+        perturbations blend their targets into the windowed attention.
     """
 
     perturbations: tuple[Perturbation, ...] = ()
     image_tokens: tuple[int, int] | None = None
+    window: LocalWindow | None = None
 
     @property
     def is_plain(self) -> bool:
-        return not self.perturbations
+        return not self.perturbations and self.window is None
 
     def image_slice(self, seq_len: int) -> slice:
         if self.image_tokens is None:

@@ -1,6 +1,8 @@
-"""The executable definition: materialise every attention map and blend the maps.
+"""The executable definition: materialise every attention map.
 
-O(B·H·S²) memory; for tests and small shapes only.
+The base map is softmax attention, restricted by the plan's local window (dense mask,
+pooled keys appended); each perturbation then blends its target in, in order:
+out ← (1 − u)·out + u·T·V. O(B·H·S²) memory; for tests and small shapes only.
 """
 from __future__ import annotations
 
@@ -9,16 +11,17 @@ import math
 import torch
 
 from .plan import AttentionPlan, Perturbation
+from .window import dense_mask, pool_grid
 
 
-def target_map(logits: torch.Tensor, current: torch.Tensor, p: Perturbation, image: slice) -> torch.Tensor:
-    """The map T of one perturbation, shape (B, H, S, S) like `logits`."""
+def target_output(logits: torch.Tensor, v: torch.Tensor, current: torch.Tensor, p: Perturbation, image: slice) -> torch.Tensor:
+    """T·V of one perturbation; `logits` are the full (B, H, S, S) logits, `current` the output so far."""
     seq_len = logits.shape[-1]
     if p.scope == "joint":
         if p.target == "identity":
-            return torch.eye(seq_len, dtype=logits.dtype, device=logits.device).expand_as(logits)
-        return torch.full_like(logits, 1.0 / seq_len)
-    # image scope: edit the image→image logits of image queries; text queries keep their map
+            return v
+        return torch.full_like(logits, 1.0 / seq_len) @ v
+    # image scope: edit the image→image logits of image queries; text queries keep their output
     edited = logits.clone()
     block = edited[..., image, image]
     if p.target == "identity":
@@ -29,8 +32,22 @@ def target_map(logits: torch.Tensor, current: torch.Tensor, p: Perturbation, ima
         block = block.mean(dim=-1, keepdim=True).expand_as(block)
     edited[..., image, image] = block
     target = current.clone()
-    target[..., image, :] = torch.softmax(edited[..., image, :], dim=-1)
+    target[..., image, :] = torch.softmax(edited[..., image, :], dim=-1) @ v
     return target
+
+
+def base_output(logits, q, k, v, plan: AttentionPlan, image: slice, scale: float) -> torch.Tensor:
+    window = plan.window
+    if window is None:
+        return torch.softmax(logits, dim=-1) @ v
+    keys, values = k, v
+    if window.pool:
+        pooled_k = pool_grid(k[:, :, image], window.grid, window.pool, window.pool_weight)
+        pooled_v = pool_grid(v[:, :, image], window.grid, window.pool, window.pool_weight)
+        keys, values = torch.cat([k, pooled_k], dim=2), torch.cat([v, pooled_v], dim=2)
+    allowed = dense_mask(q.shape[-2], image, window).to(logits.device)
+    masked = ((q @ keys.transpose(-1, -2)) * scale).masked_fill(~allowed, float("-inf"))
+    return torch.softmax(masked, dim=-1) @ values
 
 
 def reference_attention(
@@ -41,9 +58,9 @@ def reference_attention(
     qf, kf, vf = (x.to(compute) for x in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     logits = (qf @ kf.transpose(-1, -2)) * scale
-    attn = torch.softmax(logits, dim=-1)
     image = plan.image_slice(q.shape[-2])
+    out = base_output(logits, qf, kf, vf, plan, image, scale)
     for p in plan.perturbations:
         u = p.u.to(device=logits.device, dtype=compute)[:, :, None, None]
-        attn = (1 - u) * attn + u * target_map(logits, attn, p, image)
-    return (attn @ vf).to(q.dtype)
+        out = (1 - u) * out + u * target_output(logits, vf, out, p, image)
+    return out.to(q.dtype)

@@ -103,7 +103,7 @@ class ZeroTokenBias(SD3AttnProcessor):
         super().__init__(layer=0, state=EditState())
         self.log_n = math.log(zero_tokens)
 
-    def attend(self, query, key, value, image_tokens: int) -> torch.Tensor:
+    def attend(self, query, key, value, image_tokens: int, pool=None) -> torch.Tensor:
         if key.shape[2] == image_tokens:  # image-only attention: no zero token
             return kernels.attention(query, key, value)
         bias = torch.zeros(key.shape[2], dtype=query.dtype, device=query.device)

@@ -11,7 +11,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
 from .. import kernels
-from .state import LayerProcessor
+from .state import POOL_MODULE, LayerProcessor
 
 
 class FluxAttnProcessor(LayerProcessor):
@@ -53,7 +53,7 @@ class FluxAttnProcessor(LayerProcessor):
 
         seq_len = query.shape[1]
         text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else self.state.text_len
-        plan = self.state.plan(self.layer, query.shape[0], (text_len, seq_len))
+        plan = self.state.plan(self.layer, query.shape[0], (text_len, seq_len), getattr(attn, POOL_MODULE, None))
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
         if plan is None and (self._attention_backend is not None or self._parallel_config is not None):
@@ -65,7 +65,9 @@ class FluxAttnProcessor(LayerProcessor):
         elif self._parallel_config is not None:
             raise NotImplementedError("dit-attn perturbations do not support context parallelism yet")
         else:
-            hidden_states = kernels.attention(query, key, value, plan, layout="BSHD", attn_mask=attention_mask)
+            hidden_states = kernels.attention(
+                query, key, value, plan, layout="BSHD", attn_mask=attention_mask, backend=self.state.backend_for(plan)
+            )
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
-from .state import EditState, LayerProcessor
+from .state import POOL_MODULE, EditState, LayerProcessor
 
 
 def _split_heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
@@ -23,10 +23,11 @@ class SD3AttnProcessor(LayerProcessor):
         super().__init__(layer, state)
         self.joint = joint
 
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, image_tokens: int) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, image_tokens: int,
+               pool=None) -> torch.Tensor:
         """The attention call, (B, H, S, D) with [image ; text] tokens."""
-        plan = self.state.plan(self.layer, query.shape[0], (0, image_tokens)) if self.joint else None
-        return kernels.attention(query, key, value, plan)
+        plan = self.state.plan(self.layer, query.shape[0], (0, image_tokens), pool, perturbed=self.joint)
+        return kernels.attention(query, key, value, plan, backend=self.state.backend_for(plan))
 
     def __call__(
         self,
@@ -66,7 +67,7 @@ class SD3AttnProcessor(LayerProcessor):
             key = torch.cat([key, context_key], dim=2)
             value = torch.cat([value, context_value], dim=2)
 
-        hidden_states = self.attend(query, key, value, residual.shape[1])
+        hidden_states = self.attend(query, key, value, residual.shape[1], getattr(attn, POOL_MODULE, None))
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 

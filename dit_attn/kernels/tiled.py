@@ -1,0 +1,139 @@
+"""CLEAR local attention on the CPU without any S×S work.
+
+Image queries are grouped in 2-D tiles; each tile attends to its halo of image keys (a
+rectangle cut from the zero-padded key grid, with the exact circle and the grid border
+masked) and to the global keys (text, and pooled image keys with down-sampling). The
+two key sets share one softmax: a common row maximum, one normaliser. Text queries
+attend densely to the text and image keys with torch SDPA. One tile row is computed at
+a time, so temporaries are O(tile row · (halo + global keys)).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .plan import AttentionPlan
+from .sdpa import blend, text_segments
+from .window import LocalWindow, TileGeometry, default_tile, pool_grid, tile_geometry
+
+
+def _tile_row_queries(q_grid: torch.Tensor, geo: TileGeometry, tile_row: int) -> torch.Tensor:
+    """(B, H, rows_p, cols_p, D) padded queries → (B, H, tile cols, tile cells, D)."""
+    tile_rows, tile_cols = geo.tile
+    band = q_grid[:, :, tile_row * tile_rows : (tile_row + 1) * tile_rows]
+    band = band.unflatten(3, (-1, tile_cols))  # (B, H, tile_rows, tile cols, tile_cols, D)
+    return band.permute(0, 1, 3, 2, 4, 5).flatten(3, 4)
+
+
+def _tile_row_halos(x_padded: torch.Tensor, geo: TileGeometry, tile_row: int) -> torch.Tensor:
+    """(B, H, rows_p + 2·reach, cols_p + 2·reach, D) → (B, H, tile cols, halo cells, D)."""
+    tile_rows, tile_cols = geo.tile
+    halo_rows, halo_cols = geo.halo
+    band = x_padded[:, :, tile_row * tile_rows : tile_row * tile_rows + halo_rows]
+    halos = band.unfold(3, halo_cols, tile_cols)  # (B, H, halo_rows, tile cols, D, halo_cols)
+    return halos.permute(0, 1, 3, 2, 5, 4).flatten(3, 4)
+
+
+def _untile_row(out: torch.Tensor, geo: TileGeometry) -> torch.Tensor:
+    """(B, H, tile cols, tile cells, D) → (B, H, tile_rows, cols_p, D)."""
+    tile_rows, tile_cols = geo.tile
+    out = out.unflatten(3, (tile_rows, tile_cols)).permute(0, 1, 3, 2, 4, 5)
+    return out.flatten(3, 4)
+
+
+def _softmax_two_sets(local_logits, global_logits, v_local, v_global, in_place: bool) -> torch.Tensor:
+    """Softmax over the union of two key sets, then the value average: never concatenated."""
+    top = local_logits.amax(dim=-1, keepdim=True)
+    if global_logits is not None:
+        top = torch.maximum(top, global_logits.amax(dim=-1, keepdim=True))
+    if in_place:
+        weights_local = local_logits.sub_(top).exp_()
+    else:
+        weights_local = (local_logits - top).exp()
+    total = weights_local.sum(dim=-1, keepdim=True)
+    out = weights_local @ v_local
+    if global_logits is not None:
+        weights_global = global_logits.sub_(top).exp_() if in_place else (global_logits - top).exp()
+        total = total + weights_global.sum(dim=-1, keepdim=True)
+        out = out + weights_global @ v_global
+    return out / total
+
+
+def local_image_attention(q_img, k_img, v_img, k_global, v_global, window: LocalWindow, scale: float,
+                          tile: tuple[int, int] | None = None) -> torch.Tensor:
+    """(B, H, N_img, D) image queries → (B, H, N_img, D), local circle + global keys."""
+    rows, cols = window.grid
+    geo = tile_geometry(window.grid, float(window.radius), tile or default_tile(window.radius))
+    n_tile_rows, n_tile_cols = geo.tiles
+    r = geo.reach
+    pad_rows, pad_cols = n_tile_rows * geo.tile[0] - rows, n_tile_cols * geo.tile[1] - cols
+    in_place = not (torch.is_grad_enabled() and any(x.requires_grad for x in (q_img, k_img, v_img)))
+    if k_global is not None and k_global.requires_grad and torch.is_grad_enabled():
+        in_place = False
+
+    def grid_of(x):
+        return x.unflatten(2, (rows, cols))
+
+    q_grid = F.pad(grid_of(q_img), (0, 0, 0, pad_cols, 0, pad_rows))
+    k_padded = F.pad(grid_of(k_img), (0, 0, r, r + pad_cols, r, r + pad_rows))
+    v_padded = F.pad(grid_of(v_img), (0, 0, r, r + pad_cols, r, r + pad_rows))
+    blocked = torch.finfo(q_img.dtype if q_img.dtype.is_floating_point else torch.float32).min
+    bands = []
+    for tile_row in range(n_tile_rows):
+        q_tiles = _tile_row_queries(q_grid, geo, tile_row) * scale
+        k_halo = _tile_row_halos(k_padded, geo, tile_row)
+        v_halo = _tile_row_halos(v_padded, geo, tile_row)
+        local_logits = q_tiles @ k_halo.transpose(-1, -2)
+        allowed = geo.allowed(tile_row).to(local_logits.device)
+        if in_place:
+            local_logits.masked_fill_(~allowed, blocked)
+        else:
+            local_logits = local_logits.masked_fill(~allowed, blocked)
+        global_logits = None
+        if k_global is not None:
+            global_logits = q_tiles @ k_global.unsqueeze(2).transpose(-1, -2)
+        v_glob = v_global.unsqueeze(2) if v_global is not None else None
+        out = _softmax_two_sets(local_logits, global_logits, v_halo, v_glob, in_place)
+        bands.append(_untile_row(out, geo))
+    out = torch.cat(bands, dim=2)[:, :, :rows, :cols]
+    return out.flatten(2, 3)
+
+
+def global_keys(k, v, image: slice, window: LocalWindow) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Text keys/values plus, with down-sampling, the pooled image keys/values."""
+    parts_k = [k[:, :, s] for s in text_segments(k.shape[-2], image)]
+    parts_v = [v[:, :, s] for s in text_segments(v.shape[-2], image)]
+    if window.pool:
+        parts_k.append(pool_grid(k[:, :, image], window.grid, window.pool, window.pool_weight))
+        parts_v.append(pool_grid(v[:, :, image], window.grid, window.pool, window.pool_weight))
+    if not parts_k:
+        return None, None
+    if len(parts_k) == 1:
+        return parts_k[0], parts_v[0]
+    return torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2)
+
+
+def tiled_attention(q, k, v, plan: AttentionPlan, scale: float | None = None) -> torch.Tensor:
+    """(B, H, S, D) → (B, H, S, D): the plan's local window, then its perturbations."""
+    window = plan.window
+    scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    image = plan.image_slice(q.shape[-2])
+    if image.stop - image.start != window.tokens:
+        raise ValueError(
+            f"the local window's grid {window.grid[0]}×{window.grid[1]} = {window.tokens} tokens does not match "
+            f"the {image.stop - image.start} image tokens of the call"
+        )
+    k_global, v_global = global_keys(k, v, image, window)
+    image_out = local_image_attention(q[:, :, image], k[:, :, image], v[:, :, image], k_global, v_global, window, scale_value)
+    parts = []
+    for segment in (slice(0, image.start), image, slice(image.stop, q.shape[-2])):
+        if segment is image:
+            parts.append(image_out.to(q.dtype))
+        elif segment.stop > segment.start:
+            parts.append(F.scaled_dot_product_attention(q[:, :, segment], k, v, scale=scale))
+    out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+    for p in plan.perturbations:
+        blend(out, q, k, v, p, image, scale_value)
+    return out

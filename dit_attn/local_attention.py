@@ -1,0 +1,93 @@
+"""What `apply` does for a LocalAttention edit besides the processors: pooling modules
+on the attention modules (down-sampled variant) and trained weights, both undone on remove."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file
+
+from .edits import LocalAttention
+from .heads import LayerInfo
+from .processors.state import POOL_MODULE, LocalPool, LocalSetting
+
+
+def local_attention_modules(layer_map: list[LayerInfo], layers) -> list[str]:
+    """Module names of the attention modules the edit makes local (SD3.5's attn2 included)."""
+    names = []
+    for info in layer_map:
+        if info.index in layers:
+            names.append(info.name)
+            if info.dual_attention:
+                names.append(info.name.removesuffix(".attn") + ".attn2")
+    return names
+
+
+def local_setting(edit: LocalAttention, layer_map: list[LayerInfo]) -> LocalSetting:
+    if edit.layers is None:
+        layers = frozenset(info.index for info in layer_map)
+    else:
+        bad = [i for i in edit.layers if i >= len(layer_map)]
+        if bad:
+            raise ValueError(f"LocalAttention layers {bad} do not exist: this model has layers 0-{len(layer_map) - 1}")
+        layers = frozenset(edit.layers)
+    return LocalSetting(float(edit.radius), layers, edit.downsample)
+
+
+@dataclass
+class LocalInstall:
+    """Undo record: pooling modules added, parameters overwritten by loaded weights."""
+
+    transformer: torch.nn.Module
+    pooled_modules: list[str] = field(default_factory=list)
+    overwritten: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def undo(self) -> None:
+        with torch.no_grad():
+            for name, original in self.overwritten.items():
+                self.transformer.get_parameter(name).copy_(original)
+        for name in self.pooled_modules:
+            delattr(self.transformer.get_submodule(name), POOL_MODULE)
+        self.overwritten.clear()
+        self.pooled_modules.clear()
+
+
+def install_local(transformer: torch.nn.Module, edit: LocalAttention, setting: LocalSetting,
+                  layer_map: list[LayerInfo]) -> LocalInstall:
+    record = LocalInstall(transformer)
+    try:
+        if setting.downsample:
+            reference = next(transformer.parameters())
+            for name in local_attention_modules(layer_map, setting.layers):
+                pool = LocalPool(setting.downsample).to(device=reference.device, dtype=reference.dtype)
+                transformer.get_submodule(name).add_module(POOL_MODULE, pool)
+                record.pooled_modules.append(name)
+        if edit.weights is not None:
+            load_local_weights(transformer, os.fspath(edit.weights), record)
+    except BaseException:
+        record.undo()
+        raise
+    return record
+
+
+def load_local_weights(transformer: torch.nn.Module, path: str, record: LocalInstall) -> None:
+    try:
+        tensors = load_file(path)
+    except Exception as err:
+        raise ValueError(f"{path!r} is not a readable safetensors file: {err}") from err
+    params = dict(transformer.named_parameters())
+    unknown = [name for name in tensors if name not in params]
+    if unknown:
+        hint = "; the file was made with downsample=… — give the same downsample" if any(POOL_MODULE in n for n in unknown) else ""
+        raise ValueError(
+            f"{path!r} holds {len(unknown)} tensors this model does not have, e.g. {unknown[0]!r} "
+            f"(names must be the transformer's parameter names, e.g. {next(iter(params))!r}){hint}"
+        )
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(params[name].shape):
+            raise ValueError(f"{path!r}: {name} has shape {tuple(tensor.shape)}, the model's is {tuple(params[name].shape)}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            record.overwritten[name] = params[name].detach().clone()
+            params[name].copy_(tensor)
