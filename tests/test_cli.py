@@ -50,3 +50,22 @@ def test_heads_command(capsys):
 def test_parse_size():
     assert parse_size("64") == (64, 64)
     assert parse_size("96x64") == (64, 96)
+
+
+def test_generate_with_local_attention(tmp_path, capsys):
+    import numpy as np
+
+    def run(name, *extra):
+        assert main(["generate", "a red circle", "--steps", "2", "--size", "32x48", "--out", str(tmp_path / name), *extra]) == 0
+        return np.asarray(Image.open(next((tmp_path / name).glob("*.png"))), dtype=np.int16)
+
+    plain = run("plain")
+    assert np.abs(run("whole", "--local-radius", "100") - plain).max() <= 1  # a circle over the whole grid is stock
+    local = run("local", "--local-radius", "1.5", "--local-downsample", "2")
+    assert np.abs(local - plain).max() > 0  # (the random demo model barely reacts; tests/test_local.py checks the numbers)
+    settings = json.loads(Image.open(next((tmp_path / "local").glob("*.png"))).text["dit-attn"])
+    assert settings["local_radius"] == 1.5 and settings["local_downsample"] == 2
+    assert main(["generate", "x", "--local-radius", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "radius must be a finite number > 0" in capsys.readouterr().err
+    assert main(["generate", "x", "--local-downsample", "4", "--out", str(tmp_path / "bad")]) == 2
+    assert "need --local-radius" in capsys.readouterr().err

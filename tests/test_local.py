@@ -10,7 +10,13 @@ from dit_attn.kernels import AttentionPlan, LocalWindow, Perturbation, attention
 from dit_attn.kernels.window import dense_mask, tile_geometry
 from tests.conftest import flux_call, sd3_call
 
-LOCAL_BACKENDS = ("tiled",)
+LOCAL_BACKENDS = ("tiled", "flex")
+
+
+@pytest.fixture(autouse=True)
+def eager_flex(monkeypatch):
+    """Compiling flex per test shape would take minutes; one test below runs it compiled."""
+    monkeypatch.setenv("DIT_ATTN_FLEX_COMPILE", "0")
 
 
 def brute_force_allowed(rows, cols, radius, text_before, text_after, pooled):
@@ -96,7 +102,13 @@ def test_radius_covering_the_grid_is_stock_attention(backend):
     assert (out - torch.nn.functional.scaled_dot_product_attention(q, k, v)).abs().max() < 1e-6
 
 
-@pytest.mark.parametrize("backend", LOCAL_BACKENDS)
+def test_flex_refuses_gradients_on_the_cpu():
+    q, k, v = (x.requires_grad_() for x in random_qkv(1, 1, 16, 8))
+    with pytest.raises(ValueError, match="no backward on the CPU"):
+        attention(q, k, v, AttentionPlan((), None, LocalWindow(2, (4, 4))), backend="flex")
+
+
+@pytest.mark.parametrize("backend", ["tiled"])
 def test_image_only_attention_and_gradients(backend):
     q, k, v = (x.requires_grad_() for x in random_qkv(1, 2, 6 * 5, 8, dtype=torch.float64))
     plan = AttentionPlan((Perturbation(torch.tensor([[0.4, 0.0]], dtype=torch.float64), "uniform", "joint"),), None,
@@ -124,8 +136,22 @@ def test_pooled_keys_follow_the_spatial_weight():
     allowed = brute_force_allowed(rows, cols, 1.5, 0, 0, len(pk))
     logits = (q[0, 0] @ keys.T / 2.0).masked_fill(~allowed, float("-inf"))
     expected = torch.softmax(logits, dim=-1) @ values
-    out = attention(q, k, v, AttentionPlan((), None, LocalWindow(1.5, (rows, cols), f, w)), backend="tiled")
-    assert (out[0, 0] - expected).abs().max() < 1e-12
+    for backend in LOCAL_BACKENDS:
+        out = attention(q, k, v, AttentionPlan((), None, LocalWindow(1.5, (rows, cols), f, w)), backend=backend)
+        assert (out[0, 0] - expected).abs().max() < 1e-12
+
+
+def test_compiled_flex_matches_reference(monkeypatch):
+    import dit_attn.kernels.flex as flex
+
+    monkeypatch.setenv("DIT_ATTN_FLEX_COMPILE", "1")
+    rows, cols, text = 20, 28, 77  # several 128-token blocks: full, partial and empty block pairs
+    q, k, v = random_qkv(1, 2, rows * cols + text, 16)
+    u = torch.tensor([[0.0, 0.6]])
+    plan = AttentionPlan((Perturbation(u, "uniform", "image"),), (0, rows * cols), LocalWindow(5, (rows, cols), 4, torch.rand(4, 4)))
+    out = attention(q, k, v, plan, backend="flex")
+    assert not flex._compile_failed, flex._compile_failed
+    assert (out - attention(q, k, v, plan, backend="reference")).abs().max() < 1e-5
 
 
 def test_geometry_is_small_and_cached_per_resolution():
@@ -136,7 +162,8 @@ def test_geometry_is_small_and_cached_per_resolution():
         n = rows * cols
         plan = AttentionPlan((), (3, 3 + n), LocalWindow(3, (rows, cols)))
         qs, ks, vs = (x[:, :, : n + 3] for x in (q, k, v))
-        assert (attention(qs, ks, vs, plan, backend="tiled") - attention(qs, ks, vs, plan, backend="reference")).abs().max() < 1e-5
+        for backend in LOCAL_BACKENDS:
+            assert (attention(qs, ks, vs, plan, backend=backend) - attention(qs, ks, vs, plan, backend="reference")).abs().max() < 1e-5
     assert tile_geometry.cache_info().maxsize is not None
 
 
@@ -185,6 +212,7 @@ def test_pipelines_local_equals_reference_and_full_radius_equals_stock(family, s
     tiled = run(call, pipe, da.LocalAttention(1.5, backend="tiled"))
     reference = run(call, pipe, da.LocalAttention(1.5, backend="reference"))
     assert (tiled - reference).abs().max() < 1e-4
+    assert (run(call, pipe, da.LocalAttention(1.5, backend="flex")) - reference).abs().max() < 1e-4
     assert (tiled - stock).abs().max() > 1e-3  # the window changes the result
     # another resolution in the next call: a new grid, no stale mask
     size = dict(height=48, width=32)

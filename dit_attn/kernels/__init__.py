@@ -16,6 +16,7 @@ import torch
 
 from .plan import SCOPES, TARGETS, AttentionPlan, Perturbation, check_plan
 from .reference import reference_attention
+from .flex import flex_local_attention
 from .sdpa import sdpa_attention
 from .tiled import tiled_attention
 from .window import LocalWindow
@@ -42,6 +43,20 @@ def _sdpa_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
 def _tiled_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
     if plan.window is None:
         return "no local window in the plan"
+    if q.is_cuda:
+        return "on CUDA the block-sparse flex kernel is faster"
+    return None
+
+
+def _flex_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
+    if plan.window is None:
+        return "no local window in the plan"
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError as err:
+        return f"this torch has no flex_attention ({err})"
+    if not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
+        return "flex_attention has no backward on the CPU"
     return None
 
 
@@ -88,6 +103,7 @@ def _triton_run(q, k, v, plan: AttentionPlan, scale: float | None = None) -> tor
 BACKENDS: dict[str, Backend] = {
     "triton": Backend("triton", _triton_run, _triton_why_not),
     "tiled": Backend("tiled", tiled_attention, _tiled_why_not),
+    "flex": Backend("flex", flex_local_attention, _flex_why_not),
     "sdpa": Backend("sdpa", sdpa_attention, _sdpa_why_not),
     "reference": Backend("reference", reference_attention, _reference_why_not),
 }

@@ -10,12 +10,13 @@ a time, so temporaries are O(tile row · (halo + global keys)).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 from .plan import AttentionPlan
-from .sdpa import blend, text_segments
+from .sdpa import blend, sdpa_attention, text_segments
 from .window import LocalWindow, TileGeometry, default_tile, pool_grid, tile_geometry
 
 
@@ -125,6 +126,8 @@ def tiled_attention(q, k, v, plan: AttentionPlan, scale: float | None = None) ->
             f"the local window's grid {window.grid[0]}×{window.grid[1]} = {window.tokens} tokens does not match "
             f"the {image.stop - image.start} image tokens of the call"
         )
+    if window.covers_grid():  # every key is in every circle: stock attention
+        return sdpa_attention(q, k, v, replace(plan, window=None), scale)
     k_global, v_global = global_keys(k, v, image, window)
     image_out = local_image_attention(q[:, :, image], k[:, :, image], v[:, :, image], k_global, v_global, window, scale_value)
     parts = []

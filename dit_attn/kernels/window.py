@@ -106,13 +106,10 @@ class TileGeometry:
     grid: tuple[int, int]
     radius: float
     tile: tuple[int, int]
+    reach: int  # halo margin: the radius's reach, at most the grid's extent
     circle: torch.Tensor
     halo_rows_inside: torch.Tensor
     halo_cols_inside: torch.Tensor
-
-    @property
-    def reach(self) -> int:
-        return reach(self.radius)
 
     @property
     def tiles(self) -> tuple[int, int]:
@@ -142,7 +139,7 @@ def tile_geometry(grid: tuple[int, int], radius: float, tile: tuple[int, int]) -
     """Cached by (grid, radius, tile): a new resolution builds a new entry, never reuses an old one."""
     rows, cols = grid
     tile_rows, tile_cols = tile
-    r = reach(radius)
+    r = min(reach(radius), max(rows, cols) - 1)
     halo_rows, halo_cols = tile_rows + 2 * r, tile_cols + 2 * r
     qy = torch.arange(tile_rows).repeat_interleave(tile_cols)
     qx = torch.arange(tile_cols).repeat(tile_rows)
@@ -153,6 +150,6 @@ def tile_geometry(grid: tuple[int, int], radius: float, tile: tuple[int, int]) -
     halo_y = torch.arange(n_tile_rows)[:, None] * tile_rows - r + torch.arange(halo_rows)[None, :]
     halo_x = torch.arange(n_tile_cols)[:, None] * tile_cols - r + torch.arange(halo_cols)[None, :]
     return TileGeometry(
-        grid=grid, radius=radius, tile=tile, circle=circle,
+        grid=grid, radius=radius, tile=tile, reach=r, circle=circle,
         halo_rows_inside=(halo_y >= 0) & (halo_y < rows), halo_cols_inside=(halo_x >= 0) & (halo_x < cols),
     )

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 SETTING_TYPES = {
     "seed": int, "steps": int, "cfg": float, "pag_scale": float, "u": float, "start": float, "end": float,
     "heads": str, "target": str, "scope": str, "size": str,
+    "local_radius": float, "local_downsample": int, "local_weights": str,
 }
 
 
