@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .edits import LocalAttention
@@ -71,12 +72,36 @@ def install_local(transformer: torch.nn.Module, edit: LocalAttention, setting: L
     return record
 
 
+LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
+
+
+def merge_lora(tensors: dict[str, torch.Tensor], metadata: dict, params: dict, path: str) -> dict[str, torch.Tensor]:
+    """LoRA pairs (peft names) → the full weights W + (alpha / rank)·B·A; other tensors unchanged."""
+    pairs = sorted(n[: -len(LORA_A)] for n in tensors if n.endswith(LORA_A))
+    if not pairs:
+        return tensors
+    if "lora_alpha" not in metadata or "lora_rank" not in metadata:
+        raise ValueError(f"{path!r} holds LoRA tensors but no lora_alpha/lora_rank metadata")
+    scale = float(metadata["lora_alpha"]) / float(metadata["lora_rank"])
+    merged = {n: t for n, t in tensors.items() if not (n.endswith(LORA_A) or n.endswith(LORA_B))}
+    for module in pairs:
+        if module + LORA_B not in tensors or module + ".weight" not in params:
+            raise ValueError(f"{path!r}: LoRA for {module!r} is incomplete or names no module of this model")
+        down, up = tensors[module + LORA_A].float(), tensors[module + LORA_B].float()
+        base = params[module + ".weight"].detach()
+        merged[module + ".weight"] = (base.float() + scale * (up @ down)).to(base.dtype)
+    return merged
+
+
 def load_local_weights(transformer: torch.nn.Module, path: str, record: LocalInstall) -> None:
     try:
         tensors = load_file(path)
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
     except Exception as err:
         raise ValueError(f"{path!r} is not a readable safetensors file: {err}") from err
     params = dict(transformer.named_parameters())
+    tensors = merge_lora(tensors, metadata, params, path)
     unknown = [name for name in tensors if name not in params]
     if unknown:
         hint = "; the file was made with downsample=… — give the same downsample" if any(POOL_MODULE in n for n in unknown) else ""

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..pipelines.training import cosine_lr, save_atomic, set_lr, step_seed
 from .data import make_example
 from .tiny import PIPELINE_ZERO_TOKENS, ZeroTokenBias, assemble_pipeline, make_transformer, make_vae
 
@@ -47,12 +48,6 @@ class TrainConfig:
     threads: int = 2
 
 
-def save_atomic(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def render_dataset(cfg: TrainConfig, work: str) -> tuple[torch.Tensor, list[str]]:
     """(N, 3, 64, 64) uint8 images and their captions, cached in the work directory."""
     path = os.path.join(work, "data.pt")
@@ -69,19 +64,8 @@ def render_dataset(cfg: TrainConfig, work: str) -> tuple[torch.Tensor, list[str]
     return images, captions
 
 
-def step_seed(seed: int, step: int) -> int:
-    return seed * 1_000_003 + step
-
-
 def to_unit(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.float() / 127.5 - 1.0
-
-
-def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def resume(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -92,11 +76,6 @@ def resume(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     return checkpoint
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 def train_vae(cfg: TrainConfig, work: str, images: torch.Tensor):

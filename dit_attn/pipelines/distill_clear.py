@@ -1,0 +1,305 @@
+"""Distil a pipeline's transformer into CLEAR local attention: `dit-attn distill-clear`.
+
+Teacher: the same transformer with full attention (a frozen copy; with LoRA, the base
+model with its adapters disabled). Student: the transformer with `LocalAttention`, whose
+attention q/k/v/out projections of the local layers (+ `spatial_weight` with
+down-sampling) train, fully or through a peft LoRA. Data: latents the teacher samples
+from prompts, cached in the work directory. Loss (CLEAR): flow matching
++ teacher_weight · MSE(student ε, teacher ε) + attention_weight · MSE of the attention
+outputs of every `attention_every`-th local layer.
+
+Resumable: the teacher samples are cached as they are made, and every
+`checkpoint_every` steps the trained tensors (safetensors, diffusers module names) and
+the optimizer state are written atomically; rerunning the command continues, and the
+result is the same as an uninterrupted run (each step draws from its own seed).
+SD3 / SD3.5 pipelines (FLUX: not yet).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..apply import apply
+from ..edits import LocalAttention
+from ..heads import model_family, model_layers
+from ..local_attention import local_attention_modules
+from .training import cosine_lr, save_atomic, set_lr, step_seed
+
+PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    radius: float
+    downsample: int | None = None
+    lora_rank: int | None = None  # None: train the projections themselves
+    lora_alpha: float | None = None  # default: the rank
+    samples: int = 64
+    sample_steps: int = 20
+    size: int | None = None  # square images, pixels (pipeline default if None)
+    cfg: float | None = None
+    steps: int = 400
+    batch: int = 8
+    lr: float = 1e-4
+    warmup: int = 20
+    flow_weight: float = 1.0
+    teacher_weight: float = 0.5
+    attention_weight: float = 0.5
+    attention_every: int = 2
+    max_sequence_length: int = 1
+    seed: int = 0
+    checkpoint_every: int = 50
+
+    def __post_init__(self) -> None:
+        LocalAttention(self.radius, downsample=self.downsample)  # validates radius and downsample
+        positive = {"samples": self.samples, "sample_steps": self.sample_steps, "steps": self.steps, "batch": self.batch,
+                    "attention_every": self.attention_every, "checkpoint_every": self.checkpoint_every,
+                    "max_sequence_length": self.max_sequence_length}
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.lora_rank is not None and (not isinstance(self.lora_rank, int) or self.lora_rank < 1):
+            raise ValueError(f"lora_rank must be None (full fine-tuning) or an integer >= 1, got {self.lora_rank!r}")
+        for name in ("flow_weight", "teacher_weight", "attention_weight", "lr"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+
+
+def default_prompts(n: int, seed: int) -> list[str]:
+    from ..models.data import make_example
+
+    return [make_example(seed, i, "mix").caption for i in range(n)]
+
+
+def teacher_samples(pipe, cfg: DistillConfig, prompts: list[str], work: str) -> dict:
+    """Teacher latents and prompt embeddings for `cfg.samples` prompts, cached (resumable) in `work`."""
+    path = os.path.join(work, "teacher.pt")
+    cache = torch.load(path) if os.path.exists(path) else {"latents": [], "embeds": [], "pooled": [], "prompts": []}
+    done = len(cache["prompts"])
+    wanted = [prompts[i % len(prompts)] for i in range(cfg.samples)]
+    size = {"height": cfg.size, "width": cfg.size} if cfg.size else {}
+    extra = {"guidance_scale": cfg.cfg} if cfg.cfg is not None else {}
+    bar = tqdm(total=cfg.samples, initial=done, desc="teacher samples", unit="image")
+    for start in range(done, cfg.samples, cfg.batch):
+        chunk = wanted[start : start + cfg.batch]
+        generators = [torch.Generator().manual_seed(step_seed(cfg.seed + 7, start + i)) for i in range(len(chunk))]
+        with torch.no_grad():
+            latents = pipe(chunk, generator=generators, num_inference_steps=cfg.sample_steps, output_type="latent",
+                           max_sequence_length=cfg.max_sequence_length, **size, **extra).images
+            embeds, _, pooled, _ = pipe.encode_prompt(chunk, chunk, chunk, do_classifier_free_guidance=False,
+                                                      max_sequence_length=cfg.max_sequence_length)
+        cache["latents"].append(latents)
+        cache["embeds"].append(embeds)
+        cache["pooled"].append(pooled)
+        cache["prompts"].extend(chunk)
+        save_atomic(cache, path)
+        bar.update(len(chunk))
+    bar.close()
+    return {key: torch.cat(value) if key != "prompts" else value for key, value in cache.items()}
+
+
+def trainable_modules(transformer, layers) -> list[str]:
+    """Module names of the projections that train: q/k/v/out of each local attention module."""
+    return [f"{attn}.{proj}" for attn in local_attention_modules(model_layers(transformer), layers) for proj in PROJECTIONS]
+
+
+@contextmanager
+def full_attention(handle, lora: bool):
+    """The teacher: local attention off (and LoRA adapters disabled) for one forward pass."""
+    local, handle.state.local = handle.state.local, None
+    if lora:
+        handle.transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        handle.state.local = local
+        if lora:
+            handle.transformer.enable_adapters()
+
+
+class AttentionRecorder:
+    """Forward hooks keeping the image-stream output of chosen attention modules."""
+
+    def __init__(self, transformer, names: list[str]):
+        self.outputs: list[torch.Tensor] = []
+        self.hooks = [transformer.get_submodule(n).register_forward_hook(self._keep) for n in names]
+
+    def _keep(self, module, args, output):
+        self.outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    def take(self) -> list[torch.Tensor]:
+        taken, self.outputs = self.outputs, []
+        return taken
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
+def trained_tensors(transformer, lora: bool) -> dict[str, torch.Tensor]:
+    """The tensors that train, by name (LoRA: peft's adapter names, without the adapter name)."""
+    if lora:
+        from peft.utils import get_peft_model_state_dict
+
+        tensors = dict(get_peft_model_state_dict(transformer))
+        tensors.update({n: p for n, p in transformer.named_parameters() if n.endswith("spatial_weight")})
+    else:
+        tensors = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+    return {n: t.detach().contiguous().clone() for n, t in tensors.items()}
+
+
+def load_trained(transformer, tensors: dict[str, torch.Tensor], lora: bool) -> None:
+    params = dict(transformer.named_parameters())
+    with torch.no_grad():
+        if lora:
+            from peft.utils import set_peft_model_state_dict
+
+            set_peft_model_state_dict(transformer, {n: t for n, t in tensors.items() if "lora_" in n})
+        for name, tensor in tensors.items():
+            if not lora or "lora_" not in name:
+                params[name].copy_(tensor)
+
+
+def save_weights(path: str, tensors: dict[str, torch.Tensor], cfg: DistillConfig) -> None:
+    metadata = {"format": "dit-attn-clear", "config": json.dumps(asdict(cfg))}
+    if cfg.lora_rank is not None:
+        metadata.update(lora_rank=str(cfg.lora_rank), lora_alpha=str(cfg.lora_alpha or cfg.lora_rank))
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def distill(pipe, cfg: DistillConfig, work: str, out: str, prompts: list[str] | None = None) -> dict:
+    """Train, resuming from `work`; writes the trained tensors to `out` (.safetensors). Returns a summary."""
+    transformer = pipe.transformer
+    if model_family(transformer) != "sd3":
+        raise NotImplementedError("distill-clear supports SD3 / SD3.5 pipelines for now (FLUX: not yet)")
+    if getattr(transformer, "peft_config", None):
+        raise ValueError("the transformer already has LoRA adapters: fuse or unload them before distill-clear")
+    os.makedirs(work, exist_ok=True)
+    data = teacher_samples(pipe, cfg, prompts or default_prompts(max(cfg.samples, 1), cfg.seed), work)
+    lora = cfg.lora_rank is not None
+    all_layers = frozenset(info.index for info in model_layers(transformer))
+    modules = trainable_modules(transformer, all_layers)
+    grad_flags = {n: p.requires_grad for n, p in transformer.named_parameters()}
+    transformer.requires_grad_(False)
+    teacher = None if lora else copy.deepcopy(transformer).eval()
+    if lora:
+        from peft import LoraConfig
+
+        targets = "|".join(name.replace(".", r"\.") for name in modules)
+        transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                                           target_modules=f"^({targets})$", init_lora_weights=True))
+    handle = apply(pipe, LocalAttention(cfg.radius, downsample=cfg.downsample, backend="tiled"))
+    recorded_attention = sorted(local_attention_modules(model_layers(transformer), all_layers))[:: cfg.attention_every]
+    student_rec = AttentionRecorder(transformer, recorded_attention)
+    teacher_rec = AttentionRecorder(teacher, recorded_attention) if teacher is not None else student_rec
+    try:
+        if not lora:
+            for name in modules:
+                transformer.get_submodule(name).requires_grad_(True)
+        for name, param in transformer.named_parameters():
+            if name.endswith("spatial_weight"):
+                param.requires_grad_(True)
+        params = [p for p in transformer.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        weights_path, state_path = os.path.join(work, "trained.safetensors"), os.path.join(work, "state.pt")
+        start, losses = 0, []
+        if os.path.exists(state_path) and os.path.exists(weights_path):
+            state = torch.load(state_path)
+            load_trained(transformer, load_file(weights_path), lora)
+            optimizer.load_state_dict(state["optimizer"])
+            start, losses = state["step"], state["losses"]
+        generator = torch.Generator()
+        transformer.train()
+        bar = tqdm(range(start, cfg.steps), desc="distill-clear", initial=start, total=cfg.steps)
+        for step in bar:
+            generator.manual_seed(step_seed(cfg.seed + 31, step))
+            rows = torch.randint(len(data["latents"]), (cfg.batch,), generator=generator)
+            x0, embeds, pooled = data["latents"][rows], data["embeds"][rows], data["pooled"][rows]
+            noise = torch.randn(x0.shape, generator=generator)
+            t = torch.sigmoid(torch.randn(cfg.batch, generator=generator))
+            x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+            with torch.no_grad():
+                teacher_rec.take()
+                with full_attention(handle, lora):
+                    teacher_eps = (teacher or transformer)(x_t, embeds, pooled, t * 1000).sample
+                teacher_attention = teacher_rec.take()
+            student_eps = transformer(x_t, embeds, pooled, t * 1000).sample
+            student_attention = student_rec.take()
+            flow = F.mse_loss(student_eps, noise - x0)
+            match = F.mse_loss(student_eps, teacher_eps)
+            attention_loss = sum(F.mse_loss(s, t_) for s, t_ in zip(student_attention, teacher_attention)) / max(1, len(student_attention))
+            loss = cfg.flow_weight * flow + cfg.teacher_weight * match + cfg.attention_weight * attention_loss
+            set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", teacher=f"{match.item():.4f}")
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                save_weights(weights_path, trained_tensors(transformer, lora), cfg)
+                save_atomic({"optimizer": optimizer.state_dict(), "step": step + 1, "losses": losses}, state_path)
+        save_weights(out, trained_tensors(transformer, lora), cfg)
+    finally:
+        student_rec.close()
+        if teacher is not None:
+            teacher_rec.close()
+        handle.remove()
+        if lora:
+            transformer.unload_lora()  # back to plain Linear modules
+        else:  # the pipeline keeps its own weights; the trained ones are in `out`
+            transformer.load_state_dict(teacher.state_dict())
+        for name, param in transformer.named_parameters():
+            param.requires_grad_(grad_flags.get(name, False))
+        transformer.eval()
+    return {"out": out, "steps": cfg.steps, "losses": losses}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import dataclasses
+    import typing
+
+    from ..loading import DEMO, load_pipeline
+    from .batch import read_prompts
+
+    parser = argparse.ArgumentParser(prog="dit-attn distill-clear", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=DEMO, help="pipeline directory, hub id or an embedded model name")
+    parser.add_argument("--work", required=True, help="directory for the teacher samples and checkpoints (rerun to resume)")
+    parser.add_argument("--out", required=True, help="the .safetensors file to write (load with LocalAttention(weights=...))")
+    parser.add_argument("--prompts", default=None, help="prompt file (.txt/.jsonl/.csv); default: the synthetic captions")
+    hints = typing.get_type_hints(DistillConfig)
+    for f in dataclasses.fields(DistillConfig):
+        kind = int if hints[f.name] in (int, int | None) else float
+        option = f"--{f.name.replace('_', '-')}"
+        if f.default is dataclasses.MISSING:
+            parser.add_argument(option, type=kind, required=True)
+        else:
+            parser.add_argument(option, type=kind, default=f.default)
+    args = vars(parser.parse_args(argv))
+    model, work, out, prompt_file = (args.pop(k) for k in ("model", "work", "out", "prompts"))
+    try:
+        cfg = DistillConfig(**args)
+        prompts = None
+        if prompt_file:
+            items, bad = read_prompts(prompt_file)
+            for line in bad:
+                print(f"dit-attn: {prompt_file}:{line.line}: skipped: {line.reason}")
+            prompts = [item.prompt for item in items]
+        pipe = load_pipeline(model)
+        pipe.set_progress_bar_config(disable=True)
+        summary = distill(pipe, cfg, work, out, prompts)
+    except (ValueError, TypeError, NotImplementedError) as err:
+        parser.exit(2, f"dit-attn distill-clear: error: {err}\n")
+    print(f"dit-attn distill-clear: {summary['steps']} steps, last loss {summary['losses'][-1]:.4f} -> {out}")
+    return 0

@@ -1,0 +1,30 @@
+"""Small pieces every trainer here shares: atomic saves, per-step seeds, the LR schedule."""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+
+def save_atomic(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of one training step: a resumed run draws the same batches and noise."""
+    return seed * 1_000_003 + step
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
