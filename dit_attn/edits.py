@@ -98,6 +98,10 @@ class LocalAttention:
     weights: a safetensors file of tensors named by transformer module names (as
         `dit-attn distill-clear` writes), loaded while the edit is applied.
     layers: layer indices to make local (None: every layer).
+    train_tokens: None, or the number of image tokens at the resolution the model was
+        trained at: local layers then scale their logits by sqrt(log N / log train_tokens)
+        for N image tokens (CLEAR's length-adjusted attention scale, for resolutions above
+        the training one).
     backend: "auto" or a backend of `dit_attn.kernels` that computes local windows.
     """
 
@@ -106,6 +110,7 @@ class LocalAttention:
     downsample: int | None = None
     weights: str | os.PathLike | None = None
     layers: tuple | None = None
+    train_tokens: int | None = None
     backend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -125,4 +130,8 @@ class LocalAttention:
             if not layers or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
                 raise ValueError(f"layers must be None or non-empty layer indices >= 0, got {self.layers!r}")
             object.__setattr__(self, "layers", layers)
+        if self.train_tokens is not None and (
+            isinstance(self.train_tokens, bool) or not isinstance(self.train_tokens, int) or self.train_tokens < 2
+        ):
+            raise ValueError(f"train_tokens must be None or an integer >= 2, got {self.train_tokens!r}")
         _check_choice("backend", self.backend, BACKEND_CHOICES)

@@ -275,3 +275,29 @@ def test_flux_ids_off_the_grid_give_a_clear_error(flux_pipe):
                     pooled_projections=torch.randn(1, transformer.config.pooled_projection_dim),
                     timestep=torch.tensor([0.5]), img_ids=ids, txt_ids=torch.zeros(3, 3),
                     guidance=torch.tensor([3.5]) if transformer.config.guidance_embeds else None)
+
+
+def test_length_adjusted_scale(sd3_pipe):
+    """train_tokens = this call's image tokens leaves the scale at 1/sqrt(D); other values change it."""
+    tokens = (32 // sd3_pipe.vae_scale_factor // sd3_pipe.transformer.config.patch_size) ** 2  # 32x32 pixels
+    base = run(sd3_call, sd3_pipe, da.LocalAttention(2))
+    same = run(sd3_call, sd3_pipe, da.LocalAttention(2, train_tokens=tokens))
+    assert (same - base).abs().max() < 1e-6
+    assert (run(sd3_call, sd3_pipe, da.LocalAttention(2, train_tokens=4)) - base).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="train_tokens"):
+        da.LocalAttention(2, train_tokens=1)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_highres_workflow(family, sd3_pipe, flux_pipe):
+    from dit_attn.pipelines.highres import generate_highres
+
+    pipe = sd3_pipe if family == "sd3" else flux_pipe
+    theta = getattr(pipe.transformer.pos_embed, "theta", None)
+    result = generate_highres(pipe, "a red circle", 64, 48, radius=2, base_height=32, base_width=32,
+                              num_inference_steps=3, max_sequence_length=8)
+    assert result.image.size == (48, 64) and result.base_image.size == (32, 32)
+    assert getattr(pipe.transformer.pos_embed, "theta", None) == theta  # NTK scaling undone
+    assert type(pipe.transformer.transformer_blocks[0].attn.processor).__module__.startswith("diffusers")
+    with pytest.raises(ValueError, match="at least the base size"):
+        generate_highres(pipe, "x", 16, 16, radius=2, base_height=32, base_width=32)

@@ -66,7 +66,8 @@ class FluxAttnProcessor(LayerProcessor):
             raise NotImplementedError("dit-attn perturbations do not support context parallelism yet")
         else:
             hidden_states = kernels.attention(
-                query, key, value, plan, layout="BSHD", attn_mask=attention_mask, backend=self.state.backend_for(plan)
+                query, key, value, plan, layout="BSHD", attn_mask=attention_mask, backend=self.state.backend_for(plan),
+                scale=self.state.scale_for(self.layer, seq_len - text_len, attn.head_dim),
             )
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)

@@ -27,7 +27,8 @@ class SD3AttnProcessor(LayerProcessor):
                pool=None) -> torch.Tensor:
         """The attention call, (B, H, S, D) with [image ; text] tokens."""
         plan = self.state.plan(self.layer, query.shape[0], (0, image_tokens), pool, perturbed=self.joint)
-        return kernels.attention(query, key, value, plan, backend=self.state.backend_for(plan))
+        scale = self.state.scale_for(self.layer, image_tokens, query.shape[-1])
+        return kernels.attention(query, key, value, plan, scale=scale, backend=self.state.backend_for(plan))
 
     def __call__(
         self,

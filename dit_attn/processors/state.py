@@ -3,6 +3,7 @@ perturbs, and — during a guided transformer call — which rows are the pertur
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,7 @@ class LocalSetting:
     radius: float
     layers: frozenset[int]
     downsample: int | None = None
+    train_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,12 @@ class EditState:
     grid: tuple[int, int] | None = None  # image-token grid of the current call
     grid_problem: str = ""  # why the current call has no grid
     local_backend: str = "auto"  # LocalAttention's backend choice, for calls with a window
+
+    def scale_for(self, layer: int, image_tokens: int, head_dim: int) -> float | None:
+        """The softmax scale of a local layer with length adjustment; None: the default 1/sqrt(D)."""
+        if self.local is None or self.local.train_tokens is None or layer not in self.local.layers:
+            return None
+        return math.sqrt(math.log(max(image_tokens, 2)) / math.log(self.local.train_tokens) / head_dim)
 
     def backend_for(self, plan: AttentionPlan | None) -> str:
         return self.local_backend if plan is not None and plan.window is not None else "auto"
