@@ -35,7 +35,9 @@ class LocalSetting:
 
 @dataclass(frozen=True)
 class LayerEdit:
-    u: torch.Tensor  # (H,) strength per head, 0 for heads left alone
+    # (H,) strength per head, 0 for heads left alone; for guided edits also (R, H): one
+    # row of strengths per conditional row of the call (head search scores many head sets at once)
+    u: torch.Tensor
     target: str
     scope: str
 
@@ -99,7 +101,7 @@ class EditState:
         ]
         guided = self.guided_edits.get(layer)
         if guided is not None and self.fork is not None and batch == self.fork.row_map.numel():
-            u = torch.zeros(batch, guided.u.numel(), dtype=guided.u.dtype)
+            u = torch.zeros(batch, guided.u.shape[-1], dtype=guided.u.dtype)
             u[self.fork.perturbed_rows] = guided.u
             perturbations.append(Perturbation(u, guided.target, guided.scope))
         if not perturbations and window is None:

@@ -1,0 +1,248 @@
+"""HeadHunter's search (Algorithm 1): each round, score every remaining head h by the mean
+objective over (prompt, seed) pairs of images generated with head guidance on S ∪ {h},
+then add the top k heads to S.
+
+Many candidates are scored per pipeline call: every (candidate, pair) is one item of the
+batch, each item's perturbed row gets its own heads (per-row strengths in one guided
+call), prompts are encoded once per call, and blocks before the first perturbed layer of
+the batch run once for the conditional and perturbed rows. Candidates are sorted by
+layer, so a batch's shared prefix is as long as it can be. An item's noise comes from
+its pair's seed alone: the images are the ones one pipeline call per candidate gives.
+
+Resumable: after every batch the scores so far are written (atomically) to the
+checkpoint; rerunning with the same settings continues there. Several processes
+(`accelerate launch`/`torchrun`: RANK, WORLD_SIZE) split each round's batches and
+exchange scores over torch.distributed (gloo); the batches are the same whatever the
+number of processes, so the result is too.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..apply import apply
+from ..edits import HeadGuidance
+from ..heads import model_family, model_layers, resolve_heads
+from .objectives import get_objective
+
+Head = tuple[int, int]
+
+
+def head_name(head: Head) -> str:
+    return f"L{head[0]}H{head[1]}"
+
+
+@dataclass
+class HuntResult:
+    selected: list[str]  # heads in the order they were added
+    rounds: list[dict[str, float]]  # per round: every candidate's mean objective
+    settings: dict = field(default_factory=dict)
+
+    def save(self, path: str) -> None:
+        write_json_atomic(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: str) -> "HuntResult":
+        with open(path) as f:
+            return cls(**json.load(f))
+
+
+def write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def candidate_heads(pipe, candidates=None) -> list[Head]:
+    """Every (layer, head) of the model, or the given heads; sorted by layer, then head."""
+    transformer = pipe.transformer
+    layer_map, family = model_layers(transformer), model_family(transformer)
+    if candidates is None:
+        return [(info.index, h) for info in layer_map for h in range(info.heads)]
+    heads = resolve_heads(candidates, layer_map, family)
+    return sorted((layer, h) for layer, ids in heads.items() for h in ids)
+
+
+def guided_strengths(pipe, handle, head_sets: list[set[Head]], u: float) -> None:
+    """Give each item (conditional row) of the next calls its own heads: (items, H) strengths per layer."""
+    layer_map = model_layers(pipe.transformer)
+    for layer, edit in handle.state.guided_edits.items():
+        strengths = torch.zeros(len(head_sets), layer_map[layer].heads)
+        for row, heads in enumerate(head_sets):
+            for head_layer, head in heads:
+                if head_layer == layer:
+                    strengths[row, head] = u
+        handle.state.guided_edits[layer] = type(edit)(strengths, edit.target, edit.scope)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    objective: str
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    k: int
+    rounds: int
+    u: float
+    scale: float
+    steps: int
+    cfg: float | None
+    size: tuple[int, int] | None
+    candidates: tuple[str, ...]
+    target: str
+    scope: str
+    batch_size: int
+    max_sequence_length: int | None
+
+
+def images_for(pipe, settings: SearchSettings, head_sets: list[set[Head]], pairs: list[tuple[str, int]]):
+    """One pipeline call: item i = pairs[i] guided away from head_sets[i]."""
+    union = sorted(set().union(*head_sets))
+    kwargs = {"num_inference_steps": settings.steps}
+    if settings.cfg is not None:
+        kwargs["guidance_scale"] = settings.cfg
+    if settings.size is not None:
+        kwargs["height"], kwargs["width"] = settings.size
+    if settings.max_sequence_length is not None:
+        kwargs["max_sequence_length"] = settings.max_sequence_length
+    generators = [torch.Generator().manual_seed(seed) for _, seed in pairs]
+    prompts = [prompt for prompt, _ in pairs]
+    edit = HeadGuidance(heads=union, scale=settings.scale, u=settings.u, target=settings.target, scope=settings.scope)
+    with apply(pipe, edit) as handle:
+        guided_strengths(pipe, handle, head_sets, settings.u)
+        return pipe(prompts, generator=generators, **kwargs).images
+
+
+def score_batch(pipe, objective, settings: SearchSettings, selected: list[Head], batch: list[Head]) -> dict[str, float]:
+    """Mean objective per candidate of `batch` (each with the already selected heads)."""
+    pairs = [(p, s) for p in settings.prompts for s in settings.seeds]
+    items = [(cand, pair) for cand in batch for pair in pairs]
+    head_sets = [set(selected) | {cand} for cand, _ in items]
+    images = images_for(pipe, settings, head_sets, [pair for _, pair in items])
+    scores = [float(s) for s in objective(images, [pair[0] for _, pair in items])]
+    if len(scores) != len(items):
+        raise ValueError(f"the objective returned {len(scores)} scores for {len(items)} images")
+    per_candidate: dict[str, float] = {}
+    for i, cand in enumerate(batch):
+        chunk = scores[i * len(pairs) : (i + 1) * len(pairs)]
+        per_candidate[head_name(cand)] = sum(chunk) / len(chunk)
+    return per_candidate
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size); joins the launcher's process group (gloo) when there are several processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def gather_scores(scores: dict[str, float], world: int) -> dict[str, float]:
+    if world == 1:
+        return scores
+    import torch.distributed as dist
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, scores)
+    merged: dict[str, float] = {}
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
+def top_k(scores: dict[str, float], order: list[str], k: int) -> list[str]:
+    """The k best candidates; ties go to the earlier candidate in `order`."""
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(scores, key=lambda name: (-scores[name], rank[name]))[:k]
+
+
+def check_search(prompts, seeds, k: int, rounds: int, n_candidates: int) -> None:
+    if not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty strings")
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ValueError("seeds must be a non-empty list of integers")
+    for name, value in (("k", k), ("rounds", rounds)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if k * rounds > n_candidates:
+        raise ValueError(f"k × rounds = {k * rounds} heads to select, but there are only {n_candidates} candidates")
+
+
+def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float = 1.0, scale: float = 3.0,
+         steps: int = 20, cfg: float | None = None, size: tuple[int, int] | None = None, candidates=None,
+         checkpoint: str | None = None, batch_size: int = 4, target: str = "identity", scope: str = "joint",
+         max_sequence_length: int | None = None, progress: bool = True) -> HuntResult:
+    """Select k heads per round for `rounds` rounds (HeadHunter, Algorithm 1).
+
+    objective: a registry name (see `dit_attn.guidance.objectives`) or callable(images, prompts) -> scores.
+    candidates: head specs to search over (default: every head). size: (height, width).
+    checkpoint: JSON path written after every batch; an existing one with the same settings is resumed.
+    """
+    score_fn = get_objective(objective)
+    heads = candidate_heads(pipe, candidates)
+    check_search(list(prompts), list(seeds), k, rounds, len(heads))
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    HeadGuidance(heads=[heads[0]], scale=scale, u=u, target=target, scope=scope)  # validates the guidance settings
+    settings = SearchSettings(
+        objective=objective if isinstance(objective, str) else getattr(objective, "__name__", "callable"),
+        prompts=tuple(prompts), seeds=tuple(seeds), k=k, rounds=rounds, u=float(u), scale=float(scale), steps=steps,
+        cfg=cfg, size=tuple(size) if size else None, candidates=tuple(head_name(h) for h in heads), target=target,
+        scope=scope, batch_size=batch_size, max_sequence_length=max_sequence_length,
+    )
+    rank, world = distributed()
+    path = checkpoint if checkpoint is None or world == 1 else f"{checkpoint}.rank{rank}-of-{world}"
+    state = resume(path, settings)
+    by_name = {head_name(h): h for h in heads}
+    order = [head_name(h) for h in heads]
+    total = sum(len(heads) - r * k for r in range(rounds))
+    bar = tqdm(total=total, desc="hunt", unit="head", disable=not progress or rank != 0)
+    for round_index in range(rounds):
+        if round_index == len(state["rounds"]):
+            state["rounds"].append({})
+        scores = state["rounds"][round_index]
+        selected = [by_name[name] for name in state["selected"]]
+        remaining = [h for h in heads if h not in selected]
+        bar.set_description(f"hunt round {round_index + 1}/{rounds}")
+        batches = [remaining[i : i + batch_size] for i in range(0, len(remaining), batch_size)]
+        for index, batch in enumerate(batches):
+            if index % world != rank or all(head_name(h) in scores for h in batch):
+                bar.update(len(batch))  # another process's, or scored before a restart
+                continue
+            scores.update(score_batch(pipe, score_fn, settings, selected, batch))
+            save_state(path, settings, state)
+            bar.update(len(batch))
+        if len(state["selected"]) < (round_index + 1) * k:
+            scores.update(gather_scores(scores, world))
+            state["selected"].extend(top_k(scores, [n for n in order if n in scores], k))
+            save_state(path, settings, state)
+    bar.close()
+    result = HuntResult(state["selected"], state["rounds"], asdict(settings))
+    if checkpoint is not None and world > 1 and rank == 0:
+        result.save(checkpoint)
+    return result
+
+
+def resume(path: str | None, settings: SearchSettings) -> dict:
+    if path is None or not os.path.exists(path):
+        return {"selected": [], "rounds": []}
+    with open(path) as f:
+        saved = json.load(f)
+    if saved.get("settings") != json.loads(json.dumps(asdict(settings))):
+        raise ValueError(f"the checkpoint {path!r} was made with other settings; use another checkpoint path")
+    return {"selected": saved["selected"], "rounds": saved["rounds"]}
+
+
+def save_state(path: str | None, settings: SearchSettings, state: dict) -> None:
+    if path is not None:
+        write_json_atomic(path, {"settings": asdict(settings), **state})

@@ -1,0 +1,167 @@
+"""Head search: planted heads are found, batched scoring equals one pipeline call per
+candidate, resume and two processes give the same result, bad input is refused."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import dit_attn as da
+from dit_attn.guidance import search
+from dit_attn.guidance.objectives import get_objective
+from dit_attn.guidance.search import SearchSettings, hunt, score_batch
+from dit_attn.models.configs import build_sd3_pipeline
+
+PLANTED = {(0, 3): 4.0, (1, 1): 2.0}  # (layer, head) -> gain of its output columns; every other head is silent
+PROMPTS = ["a red circle", "a blue square"]
+RUN = dict(steps=2, size=(32, 32), max_sequence_length=8, cfg=3.0)
+
+
+def planted_pipeline():
+    """Heads outside PLANTED write nothing to the output, so perturbing them cannot change an image."""
+    pipe = build_sd3_pipeline(num_layers=2, num_heads=4, head_dim=8, seed=5)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        for layer, block in enumerate(pipe.transformer.transformer_blocks):
+            for proj in (block.attn.to_out[0], getattr(block.attn, "to_add_out", None)):
+                if proj is None:
+                    continue
+                columns = proj.weight.view(proj.weight.shape[0], 4, 8)
+                for head in range(4):
+                    columns[:, head] *= PLANTED.get((layer, head), 0.0)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return planted_pipeline()
+
+
+def stock_images(pipe, prompts, seed=0):
+    return {p: np.asarray(pipe(p, generator=torch.Generator().manual_seed(seed), num_inference_steps=2, height=32, width=32,
+                               max_sequence_length=8, guidance_scale=3.0).images[0], dtype=np.float64) for p in prompts}
+
+
+def change_objective(reference):
+    def change(images, prompts):
+        return [float(np.abs(np.asarray(im, dtype=np.float64) - reference[p]).mean()) for im, p in zip(images, prompts)]
+    return change
+
+
+def test_planted_heads_are_found(pipe, tmp_path):
+    objective = change_objective(stock_images(pipe, PROMPTS))
+    result = hunt(pipe, objective, PROMPTS, [0], k=1, rounds=2, batch_size=3, checkpoint=str(tmp_path / "c.json"), **RUN)
+    assert set(result.selected) == {"L0H3", "L1H1"}
+    first = result.rounds[0]
+    silent = [score for name, score in first.items() if name not in ("L0H3", "L1H1")]
+    assert max(silent) < 0.01 < min(first["L0H3"], first["L1H1"])
+    assert len(first) == 8 and len(result.rounds[1]) == 7
+
+
+def test_batched_scores_equal_one_pipeline_call_per_candidate(pipe):
+    objective = get_objective("color:red")
+    settings = SearchSettings("color:red", tuple(PROMPTS), (0, 1), 1, 1, 0.8, 4.0, 2, 3.0, (32, 32), (), "identity", "joint", 3, 8)
+    selected, batch = [(1, 1)], [(0, 1), (0, 3), (1, 2)]
+    batched = score_batch(pipe, objective, settings, selected, batch)
+    for cand in batch:
+        scores = []
+        with da.apply(pipe, da.HeadGuidance(heads=[cand] + selected, scale=4.0, u=0.8)):
+            for prompt in PROMPTS:
+                for seed in (0, 1):
+                    image = pipe(prompt, generator=torch.Generator().manual_seed(seed), num_inference_steps=2, height=32,
+                                 width=32, max_sequence_length=8, guidance_scale=3.0).images[0]
+                    scores += objective([image], [prompt])
+        assert abs(batched[f"L{cand[0]}H{cand[1]}"] - sum(scores) / len(scores)) < 2e-3
+
+
+def test_resume_after_interruption(pipe, tmp_path, monkeypatch):
+    objective = change_objective(stock_images(pipe, PROMPTS))
+    args = dict(k=2, rounds=2, batch_size=2, **RUN)
+    reference = hunt(pipe, objective, PROMPTS, [0], **args)
+    calls = {"n": 0}
+    real = search.score_batch
+
+    def interrupted(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(search, "score_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        hunt(pipe, objective, PROMPTS, [0], checkpoint=str(tmp_path / "c.json"), **args)
+    calls["n"] = 100
+    resumed = hunt(pipe, objective, PROMPTS, [0], checkpoint=str(tmp_path / "c.json"), **args)
+    assert resumed.selected == reference.selected and resumed.rounds == reference.rounds
+    assert calls["n"] == 100 + 2 + 3  # round 1: 2 batches left of 4; round 2: 3 batches (6 candidates)
+    with pytest.raises(ValueError, match="other settings"):
+        hunt(pipe, objective, PROMPTS, [0], checkpoint=str(tmp_path / "c.json"), **{**args, "k": 1})
+
+
+TWO_PROCESS_SCRIPT = """
+import json, sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {root!r})
+from tests.test_hunt import planted_pipeline, PROMPTS, RUN
+from dit_attn.guidance.search import hunt
+pipe = planted_pipeline()
+result = hunt(pipe, "color:green", PROMPTS, [0, 1], k=1, rounds=2, batch_size=2, checkpoint={ckpt!r}, progress=False, **RUN)
+print("RESULT", json.dumps([result.selected, result.rounds]))
+"""
+
+
+def test_two_processes_equal_one(pipe, tmp_path):
+    single = hunt(pipe, "color:green", PROMPTS, [0, 1], k=1, rounds=2, batch_size=2, **RUN)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = TWO_PROCESS_SCRIPT.format(root=root, ckpt=str(tmp_path / "h.json"))
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": "29517", "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-2000:]
+    for out, _ in outputs:
+        selected, rounds = json.loads(out.split("RESULT", 1)[1])
+        assert selected == single.selected and rounds == single.rounds
+    assert json.loads((tmp_path / "h.json").read_text())["selected"] == single.selected
+    assert (tmp_path / "h.json.rank1-of-2").exists()
+
+
+def test_bad_input(pipe):
+    with pytest.raises(ValueError, match="unknown objective"):
+        hunt(pipe, "beauty", PROMPTS, [0])
+    with pytest.raises(ValueError, match="unknown palette colour"):
+        hunt(pipe, "color:teal", PROMPTS, [0])
+    with pytest.raises(ValueError, match="prompts must be a non-empty"):
+        hunt(pipe, "color:red", [], [0])
+    with pytest.raises(ValueError, match="seeds"):
+        hunt(pipe, "color:red", PROMPTS, [])
+    with pytest.raises(ValueError, match="only 8 candidates"):
+        hunt(pipe, "color:red", PROMPTS, [0], k=3, rounds=3)
+    with pytest.raises(ValueError, match="only 2 candidates"):
+        hunt(pipe, "color:red", PROMPTS, [0], k=3, rounds=1, candidates=["L0H1", "L1H2"])
+    with pytest.raises(TypeError, match="objective must be"):
+        hunt(pipe, 42, PROMPTS, [0])
+    with pytest.raises(ValueError, match="needs its model weights"):
+        get_objective("pickscore:/nonexistent/pickscore")
+
+
+def test_cli_hunt(tmp_path, capsys):
+    from dit_attn.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    out = tmp_path / "hunt.json"
+    assert main(["hunt", "--objective", "color:blue", "--prompts", str(prompts), "--k", "1", "--rounds", "1",
+                 "--steps", "1", "--size", "32", "--candidates", "L0H0,L1", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert set(saved["rounds"][0]) == {"L0H0", "L1H0", "L1H1", "L1H2", "L1H3"}  # the demo model has 4 heads a layer
+    assert saved["selected"] == [max(saved["rounds"][0], key=saved["rounds"][0].get)]
+    assert saved["settings"]["objective"] == "color:blue" and "selected" in capsys.readouterr().out
+    assert main(["hunt", "--objective", "nope", "--prompts", str(prompts), "--out", str(out)]) == 2
+    assert "unknown objective" in capsys.readouterr().err
