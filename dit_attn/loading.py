@@ -1,4 +1,4 @@
-"""Load a pipeline by name: a local directory, a hub id, or the built-in "demo"."""
+"""Load a pipeline by name: a local directory, a hub id, or an embedded model ("tiny", "demo")."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,13 @@ import os
 import torch
 
 DEMO = "demo"
+TINY = "tiny"
+EMBEDDED_MODELS = (TINY, DEMO)
+
+
+def call_defaults(pipe) -> dict:
+    """Pipeline-call settings an embedded model prefers (the tiny model: one zero T5 token, not 256)."""
+    return dict(getattr(pipe, "dit_attn_call_defaults", {}))
 
 
 def _missing_components(path: str) -> dict:
@@ -22,12 +29,17 @@ def _missing_components(path: str) -> dict:
 def load_pipeline(name_or_path: str = DEMO, *, torch_dtype: torch.dtype | None = None, device: str | None = None):
     """A diffusers pipeline from a local directory or a hub id (loaded with `from_pretrained`).
 
-    "demo" builds a small random-weight SD3.5-style pipeline in memory (no download), for
-    trying the commands on a fresh machine; its images are noise-like, not pictures.
+    "tiny" loads the embedded text-to-image model trained on the synthetic world (package
+    data, no download). "demo" builds a small random-weight SD3.5-style pipeline in memory,
+    for trying the commands on any architecture setting; its images are noise-like.
     """
     from diffusers import DiffusionPipeline
 
-    if name_or_path == DEMO:
+    if name_or_path == TINY:
+        from .models.tiny import load_shipped
+
+        pipe = load_shipped(torch_dtype)
+    elif name_or_path == DEMO:
         from .models.configs import build_demo_pipeline
 
         pipe = build_demo_pipeline()

@@ -165,3 +165,34 @@ def test_cli_hunt(tmp_path, capsys):
     assert saved["settings"]["objective"] == "color:blue" and "selected" in capsys.readouterr().out
     assert main(["hunt", "--objective", "nope", "--prompts", str(prompts), "--out", str(out)]) == 2
     assert "unknown objective" in capsys.readouterr().err
+
+
+def test_atlas_marks_the_planted_heads(pipe, tmp_path):
+    from PIL import Image
+
+    from dit_attn.guidance.atlas import atlas, render_html, render_png
+
+    objective = change_objective(stock_images(pipe, PROMPTS))
+    ckpt = str(tmp_path / "a.json")
+    result = atlas(pipe, objective, PROMPTS, [0], batch_size=3, checkpoint=ckpt, **RUN)
+    assert result.baseline < 1e-6  # unguided images are the reference images
+    assert {h for h in result.scores if result.delta(h) > 0.01} == {"L0H3", "L1H1"}
+    again = atlas(pipe, objective, PROMPTS, [0], batch_size=3, checkpoint=ckpt, **RUN)  # all resumed
+    assert again.scores == result.scores
+    render_png(result, str(tmp_path / "a.png"))
+    render_html(result, str(tmp_path / "a.html"))
+    picture = Image.open(tmp_path / "a.png")
+    assert picture.width > 4 * 48 and picture.height > 2 * 48
+    page = (tmp_path / "a.html").read_text()
+    assert page.count("data:image/png;base64,") == 8 + 1 and "L0H3" in page  # every head + the baseline
+
+
+def test_cli_atlas(tmp_path):
+    from dit_attn.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    assert main(["atlas", "--objective", "color:red", "--prompts", str(prompts), "--steps", "1", "--size", "32",
+                 "--out", str(tmp_path / "atlas")]) == 0
+    assert all((tmp_path / f"atlas.{ext}").exists() for ext in ("png", "html", "json"))
+    assert len(json.loads((tmp_path / "atlas.json").read_text())["scores"]) == 16

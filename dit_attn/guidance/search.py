@@ -101,9 +101,8 @@ class SearchSettings:
     max_sequence_length: int | None
 
 
-def images_for(pipe, settings: SearchSettings, head_sets: list[set[Head]], pairs: list[tuple[str, int]]):
-    """One pipeline call: item i = pairs[i] guided away from head_sets[i]."""
-    union = sorted(set().union(*head_sets))
+def generate(pipe, settings: SearchSettings, pairs: list[tuple[str, int]]):
+    """The pipeline call of `pairs` with the search's settings (each item seeded by its pair)."""
     kwargs = {"num_inference_steps": settings.steps}
     if settings.cfg is not None:
         kwargs["guidance_scale"] = settings.cfg
@@ -112,26 +111,44 @@ def images_for(pipe, settings: SearchSettings, head_sets: list[set[Head]], pairs
     if settings.max_sequence_length is not None:
         kwargs["max_sequence_length"] = settings.max_sequence_length
     generators = [torch.Generator().manual_seed(seed) for _, seed in pairs]
-    prompts = [prompt for prompt, _ in pairs]
+    return pipe([prompt for prompt, _ in pairs], generator=generators, **kwargs).images
+
+
+def images_for(pipe, settings: SearchSettings, head_sets: list[set[Head]], pairs: list[tuple[str, int]]):
+    """One pipeline call: item i = pairs[i] guided away from head_sets[i]."""
+    union = sorted(set().union(*head_sets))
     edit = HeadGuidance(heads=union, scale=settings.scale, u=settings.u, target=settings.target, scope=settings.scope)
     with apply(pipe, edit) as handle:
         guided_strengths(pipe, handle, head_sets, settings.u)
-        return pipe(prompts, generator=generators, **kwargs).images
+        return generate(pipe, settings, pairs)
 
 
-def score_batch(pipe, objective, settings: SearchSettings, selected: list[Head], batch: list[Head]) -> dict[str, float]:
-    """Mean objective per candidate of `batch` (each with the already selected heads)."""
-    pairs = [(p, s) for p in settings.prompts for s in settings.seeds]
+def pairs_of(settings: SearchSettings) -> list[tuple[str, int]]:
+    return [(p, s) for p in settings.prompts for s in settings.seeds]
+
+
+def checked_scores(objective, images, prompts) -> list[float]:
+    scores = [float(s) for s in objective(images, prompts)]
+    if len(scores) != len(images):
+        raise ValueError(f"the objective returned {len(scores)} scores for {len(images)} images")
+    return scores
+
+
+def score_batch(pipe, objective, settings: SearchSettings, selected: list[Head], batch: list[Head],
+                keep_images: bool = False):
+    """Mean objective per candidate of `batch` (each with the already selected heads);
+    with keep_images, also each candidate's image of the first (prompt, seed) pair."""
+    pairs = pairs_of(settings)
     items = [(cand, pair) for cand in batch for pair in pairs]
     head_sets = [set(selected) | {cand} for cand, _ in items]
     images = images_for(pipe, settings, head_sets, [pair for _, pair in items])
-    scores = [float(s) for s in objective(images, [pair[0] for _, pair in items])]
-    if len(scores) != len(items):
-        raise ValueError(f"the objective returned {len(scores)} scores for {len(items)} images")
+    scores = checked_scores(objective, images, [pair[0] for _, pair in items])
     per_candidate: dict[str, float] = {}
     for i, cand in enumerate(batch):
         chunk = scores[i * len(pairs) : (i + 1) * len(pairs)]
         per_candidate[head_name(cand)] = sum(chunk) / len(chunk)
+    if keep_images:
+        return per_candidate, {head_name(cand): images[i * len(pairs)] for i, cand in enumerate(batch)}
     return per_candidate
 
 
@@ -178,6 +195,21 @@ def check_search(prompts, seeds, k: int, rounds: int, n_candidates: int) -> None
         raise ValueError(f"k × rounds = {k * rounds} heads to select, but there are only {n_candidates} candidates")
 
 
+def search_settings(objective, prompts, seeds, k, rounds, u, scale, steps, cfg, size, heads: list[Head], target, scope,
+                    batch_size, max_sequence_length) -> SearchSettings:
+    """Validated settings (clear errors before any generation)."""
+    check_search(list(prompts), list(seeds), k, rounds, len(heads))
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    HeadGuidance(heads=[heads[0]], scale=scale, u=u, target=target, scope=scope)  # validates the guidance settings
+    return SearchSettings(
+        objective=objective if isinstance(objective, str) else getattr(objective, "__name__", "callable"),
+        prompts=tuple(prompts), seeds=tuple(seeds), k=k, rounds=rounds, u=float(u), scale=float(scale), steps=steps,
+        cfg=cfg, size=tuple(size) if size else None, candidates=tuple(head_name(h) for h in heads), target=target,
+        scope=scope, batch_size=batch_size, max_sequence_length=max_sequence_length,
+    )
+
+
 def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float = 1.0, scale: float = 3.0,
          steps: int = 20, cfg: float | None = None, size: tuple[int, int] | None = None, candidates=None,
          checkpoint: str | None = None, batch_size: int = 4, target: str = "identity", scope: str = "joint",
@@ -190,16 +222,8 @@ def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float 
     """
     score_fn = get_objective(objective)
     heads = candidate_heads(pipe, candidates)
-    check_search(list(prompts), list(seeds), k, rounds, len(heads))
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    HeadGuidance(heads=[heads[0]], scale=scale, u=u, target=target, scope=scope)  # validates the guidance settings
-    settings = SearchSettings(
-        objective=objective if isinstance(objective, str) else getattr(objective, "__name__", "callable"),
-        prompts=tuple(prompts), seeds=tuple(seeds), k=k, rounds=rounds, u=float(u), scale=float(scale), steps=steps,
-        cfg=cfg, size=tuple(size) if size else None, candidates=tuple(head_name(h) for h in heads), target=target,
-        scope=scope, batch_size=batch_size, max_sequence_length=max_sequence_length,
-    )
+    settings = search_settings(objective, prompts, seeds, k, rounds, u, scale, steps, cfg, size, heads, target, scope,
+                               batch_size, max_sequence_length)
     rank, world = distributed()
     path = checkpoint if checkpoint is None or world == 1 else f"{checkpoint}.rank{rank}-of-{world}"
     state = resume(path, settings)

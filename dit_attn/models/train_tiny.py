@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..pipelines.training import cosine_lr, save_atomic, set_lr, step_seed
 from .data import make_example
-from .tiny import PIPELINE_ZERO_TOKENS, ZeroTokenBias, assemble_pipeline, make_transformer, make_vae
+from .tiny import PIPELINE_ZERO_TOKENS, ZeroTokenBias, assemble_pipeline, export_half, make_transformer, make_vae
 
 
 @dataclass(frozen=True)
@@ -204,12 +204,16 @@ def _export(pipe, cfg: TrainConfig, out: str, seconds: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dit-attn train-tiny", description=__doc__.split("\n")[0])
     parser.add_argument("--work", required=True, help="work directory for caches and checkpoints (resume by rerunning)")
-    parser.add_argument("--out", required=True, help="where to save the trained pipeline")
+    parser.add_argument("--out", required=True, help="where to save the trained pipeline (float32)")
+    parser.add_argument("--package", default=None,
+                        help="also write the float16 copy that ships as package data (dit_attn/models/tiny)")
     for field, value in asdict(TrainConfig()).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
     args = vars(parser.parse_args(argv))
-    work, out = args.pop("work"), args.pop("out")
+    work, out, package = args.pop("work"), args.pop("out"), args.pop("package")
     train_tiny(TrainConfig(**args), work, out)
+    if package:
+        export_half(out, package)
     return 0
 
 

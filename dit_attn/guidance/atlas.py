@@ -1,0 +1,169 @@
+"""Head atlas: every head's effect on an objective when guidance perturbs it alone.
+
+`atlas(pipe, objective, prompts, seeds)` scores each head h by the mean objective of
+images guided away from {h} (the first round of a head search), minus the objective of
+the unguided images, and keeps one thumbnail per head. `render_png` draws a layers ×
+heads heatmap with thumbnails; `render_html` writes a self-contained page (images
+inline). Resumable through the checkpoint (scores and thumbnails, written per batch).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from dataclasses import asdict, dataclass
+
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
+
+from ..heads import model_layers
+from .objectives import get_objective
+from .search import (candidate_heads, checked_scores, generate, head_name, pairs_of, score_batch, search_settings,
+                     write_json_atomic)
+
+THUMB = 48
+
+
+@dataclass
+class Atlas:
+    baseline: float  # mean objective without guidance
+    scores: dict[str, float]  # head -> mean objective with that head perturbed
+    thumbnails: dict[str, str]  # head -> PNG (base64) of its first (prompt, seed) image; "baseline" too
+    layers: list[int]  # heads per layer
+    settings: dict
+
+    def delta(self, head: str) -> float:
+        return self.scores[head] - self.baseline
+
+    def save(self, path: str) -> None:
+        write_json_atomic(path, asdict(self))
+
+
+def png_base64(image: Image.Image, size: int = THUMB) -> str:
+    buffer = io.BytesIO()
+    image.convert("RGB").resize((size, size), Image.LANCZOS).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def atlas(pipe, objective, prompts, seeds=(0,), u: float = 1.0, scale: float = 3.0, steps: int = 20,
+          cfg: float | None = None, size: tuple[int, int] | None = None, batch_size: int = 4,
+          target: str = "identity", scope: str = "joint", max_sequence_length: int | None = None,
+          checkpoint: str | None = None, progress: bool = True) -> Atlas:
+    score_fn = get_objective(objective)
+    heads = candidate_heads(pipe)
+    settings = search_settings(objective, prompts, seeds, 1, 1, u, scale, steps, cfg, size, heads, target, scope,
+                               batch_size, max_sequence_length)
+    state = {"baseline": None, "scores": {}, "thumbnails": {}}
+    if checkpoint and os.path.exists(checkpoint):
+        with open(checkpoint) as f:
+            saved = json.load(f)
+        if saved["settings"] != json.loads(json.dumps(asdict(settings))):
+            raise ValueError(f"the checkpoint {checkpoint!r} was made with other settings; use another path")
+        state = saved["state"]
+
+    def save() -> None:
+        if checkpoint:
+            write_json_atomic(checkpoint, {"settings": asdict(settings), "state": state})
+
+    pairs = pairs_of(settings)
+    if state["baseline"] is None:
+        images = generate(pipe, settings, pairs)
+        scores = checked_scores(score_fn, images, [p for p, _ in pairs])
+        state["baseline"] = sum(scores) / len(scores)
+        state["thumbnails"]["baseline"] = png_base64(images[0])
+        save()
+    bar = tqdm(total=len(heads), desc="atlas", unit="head", disable=not progress)
+    for start in range(0, len(heads), batch_size):
+        batch = heads[start : start + batch_size]
+        if all(head_name(h) in state["scores"] for h in batch):
+            bar.update(len(batch))
+            continue
+        scores, images = score_batch(pipe, score_fn, settings, [], batch, keep_images=True)
+        state["scores"].update(scores)
+        state["thumbnails"].update({name: png_base64(image) for name, image in images.items()})
+        save()
+        bar.update(len(batch))
+    bar.close()
+    layer_heads = [info.heads for info in model_layers(pipe.transformer)]
+    return Atlas(state["baseline"], state["scores"], state["thumbnails"], layer_heads, asdict(settings))
+
+
+def _color(delta: float, extent: float) -> tuple[int, int, int]:
+    """Diverging: blue (objective down) - white - red (objective up)."""
+    x = max(-1.0, min(1.0, delta / extent)) if extent > 0 else 0.0
+    if x >= 0:
+        return 255, int(255 * (1 - x)), int(255 * (1 - x))
+    return int(255 * (1 + x)), int(255 * (1 + x)), 255
+
+
+def _extent(result: Atlas) -> float:
+    return max((abs(result.delta(h)) for h in result.scores), default=0.0)
+
+
+def render_png(result: Atlas, path: str) -> None:
+    """Heatmap: a row per layer, a cell per head (thumbnail on a frame coloured by the change)."""
+    cell, margin, label = THUMB + 8, 4, 40
+    n_heads = max(result.layers)
+    width, height = label + n_heads * cell + margin, 24 + len(result.layers) * cell + 24
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    extent = _extent(result)
+    draw.text((margin, 4), f"{result.settings['objective']}: change vs no guidance (baseline {result.baseline:.4g}, "
+                           f"max |change| {extent:.3g})", fill="black", font=font)
+    for layer, heads in enumerate(result.layers):
+        y = 24 + layer * cell
+        draw.text((margin, y + cell // 2 - 6), f"L{layer}", fill="black", font=font)
+        for head in range(heads):
+            name = f"L{layer}H{head}"
+            x = label + head * cell
+            if name not in result.scores:
+                continue
+            draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill=_color(result.delta(name), extent))
+            thumb = Image.open(io.BytesIO(base64.b64decode(result.thumbnails[name])))
+            canvas.paste(thumb, (x + 3, y + 3))
+    for head in range(n_heads):
+        draw.text((label + head * cell + cell // 2 - 8, height - 20), f"H{head}", fill="black", font=font)
+    tmp = path + ".tmp.png"
+    canvas.save(tmp)
+    os.replace(tmp, path)
+
+
+def render_html(result: Atlas, path: str) -> None:
+    """One self-contained page: the table of heads, each cell coloured, with its thumbnail and numbers."""
+    extent = _extent(result)
+    rows = []
+    for layer, heads in enumerate(result.layers):
+        cells = []
+        for head in range(heads):
+            name = f"L{layer}H{head}"
+            if name not in result.scores:
+                cells.append("<td></td>")
+                continue
+            r, g, b = _color(result.delta(name), extent)
+            tip = f"{name}: {result.scores[name]:.4g} (change {result.delta(name):+.4g})"
+            cells.append(f'<td style="background:rgb({r},{g},{b})" title="{html.escape(tip)}">'
+                         f'<img src="data:image/png;base64,{result.thumbnails[name]}" alt="{name}"><br>'
+                         f'{result.delta(name):+.3g}</td>')
+        rows.append(f"<tr><th>L{layer}</th>{''.join(cells)}</tr>")
+    header = "".join(f"<th>H{h}</th>" for h in range(max(result.layers)))
+    settings = html.escape(json.dumps(result.settings, indent=1))
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>dit-attn head atlas</title>
+<style>body{{font-family:sans-serif}} td{{text-align:center;font-size:11px;padding:3px}} img{{display:block;margin:auto}}</style>
+</head><body>
+<h1>Head atlas: {html.escape(str(result.settings['objective']))}</h1>
+<p>Each cell: the images with that head perturbed by head guidance (u={result.settings['u']}, scale={result.settings['scale']}),
+and the change of the mean objective against no guidance (baseline {result.baseline:.4g};
+<img style="display:inline" src="data:image/png;base64,{result.thumbnails['baseline']}" alt="baseline">).
+Red: the objective goes up; blue: down.</p>
+<table><tr><th></th>{header}</tr>{''.join(rows)}</table>
+<details><summary>settings</summary><pre>{settings}</pre></details>
+</body></html>
+"""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(page)
+    os.replace(tmp, path)
