@@ -10,7 +10,21 @@ from dit_attn.kernels import AttentionPlan, LocalWindow, Perturbation, attention
 from dit_attn.kernels.window import dense_mask, tile_geometry
 from tests.conftest import flux_call, sd3_call
 
-LOCAL_BACKENDS = ("tiled", "flex")
+LOCAL_BACKENDS = ("tiled", "tiled-unfused", "flex")
+
+
+@pytest.fixture(autouse=True)
+def unfused_tiled(monkeypatch, request):
+    """"tiled-unfused": the tiled backend without torch's fused CPU kernel (its path with gradients)."""
+    backend = request.node.callspec.params.get("backend") if hasattr(request.node, "callspec") else None
+    if backend == "tiled-unfused":
+        import dit_attn.kernels.tiled as tiled
+
+        monkeypatch.setattr(tiled, "_flash_with_lse", lambda: None)
+
+
+def backend_name(backend: str) -> str:
+    return "tiled" if backend == "tiled-unfused" else backend
 
 
 @pytest.fixture(autouse=True)
@@ -86,10 +100,10 @@ def test_backend_matches_reference(backend, rows, cols, radius, text, image_firs
     ]
     for plan in plans:
         expected = attention(q, k, v, plan, backend="reference")
-        assert (attention(q, k, v, plan, backend=backend) - expected).abs().max() < 1e-5
+        assert (attention(q, k, v, plan, backend=backend_name(backend)) - expected).abs().max() < 1e-5
     # BSHD layout (FLUX) gives the same numbers
     plan = plans[1]
-    bshd = attention(*(x.transpose(1, 2) for x in (q, k, v)), plan, layout="BSHD", backend=backend)
+    bshd = attention(*(x.transpose(1, 2) for x in (q, k, v)), plan, layout="BSHD", backend=backend_name(backend))
     assert (bshd.transpose(1, 2) - attention(q, k, v, plan, backend="reference")).abs().max() < 1e-5
 
 
@@ -98,7 +112,7 @@ def test_radius_covering_the_grid_is_stock_attention(backend):
     q, k, v = random_qkv(2, 2, 6 * 7 + 4, 16)
     window = LocalWindow(math.hypot(5, 6) + 0.01, (6, 7))
     assert window.covers_grid()
-    out = attention(q, k, v, AttentionPlan((), (4, 46), window), backend=backend)
+    out = attention(q, k, v, AttentionPlan((), (4, 46), window), backend=backend_name(backend))
     assert (out - torch.nn.functional.scaled_dot_product_attention(q, k, v)).abs().max() < 1e-6
 
 
@@ -137,7 +151,7 @@ def test_pooled_keys_follow_the_spatial_weight():
     logits = (q[0, 0] @ keys.T / 2.0).masked_fill(~allowed, float("-inf"))
     expected = torch.softmax(logits, dim=-1) @ values
     for backend in LOCAL_BACKENDS:
-        out = attention(q, k, v, AttentionPlan((), None, LocalWindow(1.5, (rows, cols), f, w)), backend=backend)
+        out = attention(q, k, v, AttentionPlan((), None, LocalWindow(1.5, (rows, cols), f, w)), backend=backend_name(backend))
         assert (out[0, 0] - expected).abs().max() < 1e-12
 
 
@@ -163,7 +177,7 @@ def test_geometry_is_small_and_cached_per_resolution():
         plan = AttentionPlan((), (3, 3 + n), LocalWindow(3, (rows, cols)))
         qs, ks, vs = (x[:, :, : n + 3] for x in (q, k, v))
         for backend in LOCAL_BACKENDS:
-            assert (attention(qs, ks, vs, plan, backend=backend) - attention(qs, ks, vs, plan, backend="reference")).abs().max() < 1e-5
+            assert (attention(qs, ks, vs, plan, backend=backend_name(backend)) - attention(qs, ks, vs, plan, backend="reference")).abs().max() < 1e-5
     assert tile_geometry.cache_info().maxsize is not None
 
 

@@ -62,17 +62,28 @@ def _softmax_two_sets(local_logits, global_logits, v_local, v_global, in_place: 
     return out / total
 
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _flash_with_lse():
+    """torch's fused CPU attention that also returns the log-normaliser (None if this torch lacks it)."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 def local_image_attention(q_img, k_img, v_img, k_global, v_global, window: LocalWindow, scale: float,
                           tile: tuple[int, int] | None = None) -> torch.Tensor:
-    """(B, H, N_img, D) image queries → (B, H, N_img, D), local circle + global keys."""
+    """(B, H, N_img, D) image queries → (B, H, N_img, D), local circle + global keys.
+
+    Inference on the CPU uses torch's fused attention kernel per tile row and merges the
+    local and global parts by their log-normalisers; with gradients, the same math runs
+    as plain tensor ops (the fused kernel's log-normaliser has no gradient).
+    """
     rows, cols = window.grid
     geo = tile_geometry(window.grid, float(window.radius), tile or default_tile(window.radius))
     n_tile_rows, n_tile_cols = geo.tiles
     r = geo.reach
     pad_rows, pad_cols = n_tile_rows * geo.tile[0] - rows, n_tile_cols * geo.tile[1] - cols
-    in_place = not (torch.is_grad_enabled() and any(x.requires_grad for x in (q_img, k_img, v_img)))
-    if k_global is not None and k_global.requires_grad and torch.is_grad_enabled():
-        in_place = False
 
     def grid_of(x):
         return x.unflatten(2, (rows, cols))
@@ -80,9 +91,19 @@ def local_image_attention(q_img, k_img, v_img, k_global, v_global, window: Local
     q_grid = F.pad(grid_of(q_img), (0, 0, 0, pad_cols, 0, pad_rows))
     k_padded = F.pad(grid_of(k_img), (0, 0, r, r + pad_cols, r, r + pad_rows))
     v_padded = F.pad(grid_of(v_img), (0, 0, r, r + pad_cols, r, r + pad_rows))
-    blocked = torch.finfo(q_img.dtype if q_img.dtype.is_floating_point else torch.float32).min
+    fused = _flash_with_lse()
+    if fused is not None and not q_img.is_cuda and not _needs_grad(q_img, k_img, v_img, k_global, v_global):
+        out = _fused_bands(fused, q_grid, k_padded, v_padded, k_global, v_global, geo, scale)
+    else:
+        out = _exact_bands(q_grid, k_padded, v_padded, k_global, v_global, geo, scale)
+    return out[:, :, :rows, :cols].flatten(2, 3)
+
+
+def _exact_bands(q_grid, k_padded, v_padded, k_global, v_global, geo: TileGeometry, scale: float) -> torch.Tensor:
+    in_place = not _needs_grad(q_grid, k_padded, v_padded, k_global, v_global)
+    blocked = torch.finfo(q_grid.dtype).min
     bands = []
-    for tile_row in range(n_tile_rows):
+    for tile_row in range(geo.tiles[0]):
         q_tiles = _tile_row_queries(q_grid, geo, tile_row) * scale
         k_halo = _tile_row_halos(k_padded, geo, tile_row)
         v_halo = _tile_row_halos(v_padded, geo, tile_row)
@@ -98,8 +119,35 @@ def local_image_attention(q_img, k_img, v_img, k_global, v_global, window: Local
         v_glob = v_global.unsqueeze(2) if v_global is not None else None
         out = _softmax_two_sets(local_logits, global_logits, v_halo, v_glob, in_place)
         bands.append(_untile_row(out, geo))
-    out = torch.cat(bands, dim=2)[:, :, :rows, :cols]
-    return out.flatten(2, 3)
+    return torch.cat(bands, dim=2)
+
+
+def _fused_bands(fused, q_grid, k_padded, v_padded, k_global, v_global, geo: TileGeometry, scale: float) -> torch.Tensor:
+    batch, heads, dim = q_grid.shape[0], q_grid.shape[1], q_grid.shape[-1]
+    n_tile_cols = geo.tiles[1]
+    blocked = torch.finfo(q_grid.dtype).min
+
+    def tiles_as_batch(x):  # (B, H, tiles, n, D) → (B·tiles, H, n, D)
+        return x.transpose(1, 2).reshape(batch * n_tile_cols, heads, x.shape[-2], x.shape[-1])
+
+    outs, lses = [], []
+    for tile_row in range(geo.tiles[0]):
+        bias = torch.zeros(geo.allowed(tile_row).shape, dtype=q_grid.dtype).masked_fill_(~geo.allowed(tile_row), blocked)
+        bias = bias.to(q_grid.device).unsqueeze(1).repeat(batch, 1, 1, 1)  # (B·tiles, 1, cells, halo)
+        out, lse = fused(tiles_as_batch(_tile_row_queries(q_grid, geo, tile_row)),
+                         tiles_as_batch(_tile_row_halos(k_padded, geo, tile_row)),
+                         tiles_as_batch(_tile_row_halos(v_padded, geo, tile_row)), attn_mask=bias, scale=scale)
+        outs.append(_untile_row(out.view(batch, n_tile_cols, heads, -1, dim).transpose(1, 2), geo))
+        lses.append(_untile_row(lse.view(batch, n_tile_cols, heads, -1, 1).transpose(1, 2), geo))
+    out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+    if k_global is None:
+        return out
+    padded = q_grid.shape[2:4]
+    out_g, lse_g = fused(q_grid.flatten(2, 3), k_global, v_global, scale=scale)
+    out_g, lse_g = out_g.unflatten(2, padded), lse_g.unflatten(2, padded).unsqueeze(-1)
+    top = torch.maximum(lse, lse_g)
+    weight, weight_g = (lse - top).exp_(), (lse_g - top).exp_()
+    return out.mul_(weight).add_(out_g.mul_(weight_g)).div_(weight.add_(weight_g))
 
 
 def global_keys(k, v, image: slice, window: LocalWindow) -> tuple[torch.Tensor | None, torch.Tensor | None]:
