@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from dit_attn.kernels import AttentionPlan, LocalWindow, attention
+from dit_attn.kernels.blocks import window_blocks
 from dit_attn.kernels.flex import local_block_mask
 from dit_attn.kernels.window import default_tile, tile_geometry
 
@@ -132,6 +133,7 @@ def mask_table(args) -> None:
         geo = tile_geometry((256, 256), float(radius), default_tile(radius))
         tiled_s = time.perf_counter() - start
         local_block_mask.cache_clear()
+        window_blocks.cache_clear()
         start = time.perf_counter()
         mask, order = local_block_mask((256, 256), float(radius), 512, 0, "cpu")
         flex_s = time.perf_counter() - start

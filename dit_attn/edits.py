@@ -82,7 +82,7 @@ class HeadGuidance:
 
 
 TEXT_MODES = ("global",)
-BACKEND_CHOICES = ("auto", "tiled", "flex", "reference")
+BACKEND_CHOICES = ("auto", "triton", "tiled", "flex", "reference")
 
 
 @dataclass(frozen=True)
@@ -135,3 +135,68 @@ class LocalAttention:
         ):
             raise ValueError(f"train_tokens must be None or an integer >= 2, got {self.train_tokens!r}")
         _check_choice("backend", self.backend, BACKEND_CHOICES)
+
+
+def _check_layers(name: str, layers) -> tuple[int, ...]:
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = (layers,)
+    try:
+        layers = tuple(layers)
+    except TypeError:
+        raise TypeError(f"{name} must be a list of layer indices, got {layers!r}") from None
+    if not layers or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+        raise ValueError(f"{name} must be a non-empty list of layer indices >= 0, got {layers!r}")
+    return tuple(sorted(set(layers)))
+
+
+@dataclass(frozen=True)
+class TextPatch:
+    """Replace the text-stream keys and values of `layers` by those computed for
+    `source_prompt` at the same step and noise, from the `start` fraction of the steps on
+    (text-layer localization, "Precise Parameter Localization for Textual Generation").
+
+    SD3/SD3.5: the `add_k_proj`/`add_v_proj` outputs (after their norms); FLUX double blocks
+    likewise; FLUX single blocks: the text slice of `to_k`/`to_v`. The source prompt runs as
+    extra rows of the pipeline's own transformer call, up to the last patched layer; only
+    the conditional rows are patched (CFG's unconditional rows stay stock).
+    """
+
+    layers: tuple = field(default=())
+    source_prompt: str = ""
+    start: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", _check_layers("layers", self.layers))
+        if not isinstance(self.source_prompt, str) or not self.source_prompt.strip():
+            raise ValueError(f"source_prompt must be a non-empty string, got {self.source_prompt!r}")
+        _check_fraction("start", self.start)
+        if self.start >= 1.0:
+            raise ValueError(f"start must be < 1 (the fraction of the steps before patching begins), got {self.start}")
+
+
+@dataclass(frozen=True)
+class TextGuard:
+    """When a quoted word of the prompt (e.g. `a sign that says "WORD"`) is on the
+    blocklist, patch `layers` (the text layers `localize` found) with the prompt whose
+    blocked words are replaced by `replacement`, from step 0. Prompts without blocked words
+    run stock. Matching is case-insensitive and on whole words inside double quotes.
+    """
+
+    blocklist: tuple = field(default=())
+    replacement: str = "****"
+    layers: tuple = field(default=())
+
+    def __post_init__(self) -> None:
+        words = (self.blocklist,) if isinstance(self.blocklist, str) else self.blocklist
+        try:
+            words = tuple(words)
+        except TypeError:
+            raise TypeError(f"blocklist must be a list of words, got {self.blocklist!r}") from None
+        if not words or not all(isinstance(w, str) and w.strip() and '"' not in w for w in words):
+            raise ValueError(f"blocklist must be a non-empty list of non-empty words without quotes, got {self.blocklist!r}")
+        object.__setattr__(self, "blocklist", tuple(w.strip() for w in words))
+        if not isinstance(self.replacement, str) or '"' in self.replacement:
+            raise ValueError(f"replacement must be a string without double quotes, got {self.replacement!r}")
+        if not self.layers:
+            raise ValueError("TextGuard needs layers: the text layers of the model (see da.localize)")
+        object.__setattr__(self, "layers", _check_layers("layers", self.layers))

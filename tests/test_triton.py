@@ -52,6 +52,34 @@ CHECK = textwrap.dedent('''
         assert abs(images["auto"] - images["sdpa"]).max() < 1e-4, type(pipe).__name__
         assert triton_calls, "the Triton kernel did not run"
         triton_calls.clear()
+    os.environ.pop("DIT_ATTN_BACKEND")
+
+    # local windows (block-sparse), alone and with a joint-scope SoftPAG blend in the same launch
+    from dit_attn.kernels import LocalWindow
+    for rows, cols, r, text, image_first, pool, dim in ((7, 9, 2.5, 13, True, None, 16), (12, 10, 3, 21, False, 2, 32),
+                                                        (16, 16, 5, 7, True, 4, 64)):
+        n = rows * cols
+        image = (0, n) if image_first else (text, n + text)
+        for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
+            q, k, v = (torch.randn(2, 3, n + text, dim).to(dtype) for _ in range(3))
+            weight = torch.rand(pool, pool) if pool else None
+            u = torch.tensor([[0.0, 0.3, 1.0], [1.0, 0.5, 0.0]])
+            for perturbations in ((), (Perturbation(u, "identity", "joint"),), (Perturbation(u, "uniform", "joint"),)):
+                plan = AttentionPlan(perturbations, image, LocalWindow(r, (rows, cols), pool, weight))
+                assert choose_backend(q, plan).name == "triton"
+                out = attention(q, k, v, plan)
+                ref = attention(q.float(), k.float(), v.float(), plan, backend="reference")
+                err = (out.float() - ref).abs().max().item()
+                assert err < tol, ("local", rows, cols, dtype, len(perturbations), err)
+    pipe = build_sd3_pipeline(num_layers=2, head_dim=16)
+    pipe.set_progress_bar_config(disable=True)
+    images = {}
+    for backend in ("triton", "tiled"):
+        with da.apply(pipe, da.LocalAttention(1.5, backend=backend), da.SoftPAG(heads=["L1H0"], u=0.5)):
+            images[backend] = pipe("a red circle", num_inference_steps=2, height=32, width=32, max_sequence_length=8,
+                                   output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert abs(images["triton"] - images["tiled"]).max() < 1e-4
+    assert triton_calls, "the Triton local kernel did not run"
 ''')
 
 

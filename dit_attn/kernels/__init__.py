@@ -74,10 +74,10 @@ def _reference_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
 def _triton_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
     if plan.is_plain:
         return "plain attention: torch SDPA is as fast"
-    if plan.window is not None:
-        return "local windows are not in the Triton kernel yet"
     if len(plan.perturbations) > 1:
         return "the Triton kernel handles one perturbation per call (several: not yet)"
+    if plan.window is not None and plan.perturbations and plan.perturbations[0].scope != "joint":
+        return "the Triton local-window kernel blends joint-scope perturbations only (image scope: not yet)"
     if torch.is_grad_enabled() and q.requires_grad:
         return "the Triton kernel is forward-only (no autograd yet)"
     dim = q.shape[-1]
@@ -93,6 +93,12 @@ def _triton_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
 
 
 def _triton_run(q, k, v, plan: AttentionPlan, scale: float | None = None) -> torch.Tensor:
+    if plan.window is not None:
+        from .triton.local import local_window_attention
+
+        p = plan.perturbations[0] if plan.perturbations else None
+        return local_window_attention(q, k, v, plan.window, plan.image_slice(q.shape[-2]), p.u if p else None,
+                                      p.target if p else "identity", scale)
     from .triton.softpag import softpag_attention
 
     p = plan.perturbations[0]

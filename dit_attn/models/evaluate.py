@@ -25,6 +25,9 @@ def held_out_prompts(kind: str, n: int) -> list[str]:
 
 
 def generate(pipe, prompts: list[str], *, seed: int = 0, batch: int = 8, **kwargs) -> list[Image.Image]:
+    from ..loading import call_defaults
+
+    kwargs = {**call_defaults(pipe), **kwargs}
     images = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
@@ -46,14 +49,14 @@ def score(images: list[Image.Image], prompts: list[str]) -> dict[str, float]:
     return {"accuracy": sum(hits) / len(hits), "adherence": float(adherence(images, prompts).mean())}
 
 
-def seconds_per_image(pipe, prompt: str, repeats: int = 3) -> float:
+def seconds_per_image(pipe, prompt: str, repeats: int = 3, **kwargs) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        pipe(prompt, height=64, width=64, num_inference_steps=2)  # warm-up
+        pipe(prompt, height=64, width=64, num_inference_steps=2, **kwargs)  # warm-up
         start = time.perf_counter()
         for i in range(repeats):
-            pipe(prompt, height=64, width=64, generator=torch.Generator().manual_seed(i))
+            pipe(prompt, height=64, width=64, generator=torch.Generator().manual_seed(i), **kwargs)
         return (time.perf_counter() - start) / repeats
     finally:
         torch.set_num_threads(threads)
@@ -99,7 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     pipe.set_progress_bar_config(disable=True)
     guidance = da.HeadGuidance(heads=args.heads.split(","), scale=args.pag_scale) if args.heads else None
     report = evaluate(pipe, args.n, guidance)
-    report["seconds per 64x64 image, 1 thread, default settings"] = seconds_per_image(pipe, held_out_prompts("shape", 1)[0])
+    from ..loading import call_defaults
+
+    prompt = held_out_prompts("shape", 1)[0]
+    report["seconds per 64x64 image, 1 thread, pipeline defaults"] = seconds_per_image(pipe, prompt)
+    if call_defaults(pipe):
+        report[f"seconds per 64x64 image, 1 thread, defaults + {call_defaults(pipe)}"] = seconds_per_image(
+            pipe, prompt, **call_defaults(pipe))
     print(json.dumps(report, indent=2))
     if args.out:
         with open(args.out, "w") as f:

@@ -113,7 +113,7 @@ class ZeroTokenBias(SD3AttnProcessor):
         return kernels.attention(query, key, value, attn_mask=bias.expand(query.shape[2], -1))
 
 
-SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny")  # package data
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "tiny")  # package data
 FAST_CALL = {"max_sequence_length": 1}  # one zero "T5" token acts like 256 (ZeroTokenBias): same images, faster
 
 

@@ -135,6 +135,13 @@ def _softpag_forward(
     tl.store(o_ptr + rows[:, None] * stride_os + dims[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
+def launch_options(q: torch.Tensor) -> dict:
+    """UPCAST: fp32 inside tl.dot (fp32 inputs; and the interpreter, whose bf16 dot is wrong);
+    PRECISION: exact fp32 products for fp32 inputs, tensor cores for half inputs."""
+    return dict(UPCAST=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
 def softpag_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor, target: str,
                       scope: str = "joint", image_tokens: tuple[int, int] | None = None,
                       scale: float | None = None, block_m: int = 32, block_n: int = 32) -> torch.Tensor:
@@ -163,8 +170,6 @@ def softpag_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torc
         out.stride(0), out.stride(1), out.stride(2),
         heads, seq_len, image_start, image_stop, scale,
         TARGET=IDENTITY if target == "identity" else UNIFORM, IMAGE_SCOPE=scope == "image",
-        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim,
-        UPCAST=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim, **launch_options(q),
     )
     return out

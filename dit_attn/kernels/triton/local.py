@@ -1,0 +1,153 @@
+"""Triton flash-attention forward over CLEAR's block-sparse local window, with an optional
+joint-scope SoftPAG blend in the epilogue (one launch for a batch mixing stock rows,
+perturbed rows and local attention).
+
+Tokens are reordered to [text ; image in tile order ; pooled keys] (`kernels.blocks`).
+Each query block visits only the key blocks its circles touch: blocks wholly inside every
+circle without a mask, partially covered ones with the exact circle computed from the
+tokens' grid positions. Online softmax with fp32 accumulation. out = (1 − u)·attention
++ u·T with T = V (identity) or mean V (uniform) per (row, head); u = 1 skips the loops.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..blocks import window_blocks
+from ..window import LocalWindow, pool_grid
+from .softpag import IDENTITY, UNIFORM, launch_options
+
+
+@triton.jit
+def _visit(q, acc, m, l, k_ptr, v_ptr, stride_ks, stride_vs, kv_block, rows, row_ok, qy, qx, PosY, PosX,
+           text, seq_q, seq_kv, r2, scale, MASKED: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+           UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One key block of the online softmax (MASKED: apply the window rule pair by pair)."""
+    dims = tl.arange(0, HEAD_DIM)
+    cols = kv_block * BLOCK + tl.arange(0, BLOCK)
+    col_ok = cols < seq_kv
+    k = tl.load(k_ptr + cols[:, None] * stride_ks + dims[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(v_ptr + cols[:, None] * stride_vs + dims[None, :], mask=col_ok[:, None], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    allowed = col_ok[None, :] & row_ok[:, None]
+    if MASKED:
+        on_grid = cols < seq_q
+        ky = tl.load(PosY + cols, mask=on_grid, other=0)
+        kx = tl.load(PosX + cols, mask=on_grid, other=0)
+        dy = qy[:, None] - ky[None, :]
+        dx = qx[:, None] - kx[None, :]
+        near = (dy * dy + dx * dx).to(tl.float32) < r2
+        kv_image = (cols >= text) & on_grid
+        q_image = rows >= text
+        allowed = allowed & tl.where(q_image[:, None], (~kv_image)[None, :] | near, on_grid[None, :])
+    scores = tl.where(allowed, scores, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, axis=1))
+    safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(scores - safe[:, None])
+    correction = tl.exp(m - safe)
+    l = l * correction + tl.sum(p, axis=1)
+    acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l
+
+
+@triton.jit
+def _local_forward(
+    Q, K, V, U, MeanV, Out, PosY, PosX, FullCount, FullIndex, PartCount, PartIndex,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os, heads, seq_q, seq_kv, text, n_kv_blocks, r2, scale,
+    TARGET: tl.constexpr, BLEND: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    block = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    b = batch_head // heads
+    h = batch_head % heads
+    rows = block * BLOCK + tl.arange(0, BLOCK)
+    dims = tl.arange(0, HEAD_DIM)
+    row_ok = rows < seq_q
+    q_ptr = Q + b * stride_qb + h * stride_qh
+    k_ptr = K + b * stride_kb + h * stride_kh
+    v_ptr = V + b * stride_vb + h * stride_vh
+    u = 0.0
+    if BLEND:
+        u = tl.load(U + batch_head).to(tl.float32)
+    attention = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    if u < 1.0:
+        q = tl.load(q_ptr + rows[:, None] * stride_qs + dims[None, :], mask=row_ok[:, None], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        qy = tl.load(PosY + rows, mask=row_ok, other=0)
+        qx = tl.load(PosX + rows, mask=row_ok, other=0)
+        m = tl.full([BLOCK], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK], tl.float32)
+        acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+        n_full = tl.load(FullCount + block)
+        for j in range(0, n_full):
+            kv_block = tl.load(FullIndex + block * n_kv_blocks + j)
+            acc, m, l = _visit(q, acc, m, l, k_ptr, v_ptr, stride_ks, stride_vs, kv_block, rows, row_ok, qy, qx,
+                               PosY, PosX, text, seq_q, seq_kv, r2, scale, False, BLOCK, HEAD_DIM, UPCAST, PRECISION)
+        n_partial = tl.load(PartCount + block)
+        for j in range(0, n_partial):
+            kv_block = tl.load(PartIndex + block * n_kv_blocks + j)
+            acc, m, l = _visit(q, acc, m, l, k_ptr, v_ptr, stride_ks, stride_vs, kv_block, rows, row_ok, qy, qx,
+                               PosY, PosX, text, seq_q, seq_kv, r2, scale, True, BLOCK, HEAD_DIM, UPCAST, PRECISION)
+        attention = acc / tl.where(l > 0, l, 1.0)[:, None]
+    out = attention
+    if BLEND:
+        if TARGET == 0:
+            value = tl.load(v_ptr + rows[:, None] * stride_vs + dims[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        else:
+            mean_v = tl.load(MeanV + batch_head * HEAD_DIM + dims).to(tl.float32)
+            value = tl.broadcast_to(mean_v[None, :], [BLOCK, HEAD_DIM])
+        out = (1.0 - u) * attention + u * value
+    o_ptr = Out + b * stride_ob + h * stride_oh
+    tl.store(o_ptr + rows[:, None] * stride_os + dims[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _block_lists(selected: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    counts = selected.sum(dim=1).to(torch.int32)
+    index = torch.argsort((~selected).to(torch.int8), dim=1, stable=True).to(torch.int32)
+    return counts.to(device), index.contiguous().to(device)
+
+
+def local_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: LocalWindow, image: slice,
+                           u: torch.Tensor | None = None, target: str = "identity", scale: float | None = None,
+                           block: int = 32) -> torch.Tensor:
+    """(B, H, S, D) → (B, H, S, D): local window attention, blended toward T where u > 0 (joint scope)."""
+    batch, heads, seq, dim = q.shape
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    text_index = torch.cat([torch.arange(0, image.start), torch.arange(image.stop, seq)])
+    pooled = (window.grid[0] // window.pool) * (window.grid[1] // window.pool) if window.pool else 0
+    blocks = window_blocks(window.grid, float(window.radius), text_index.numel(), pooled, block)
+    permutation = torch.cat([text_index, blocks.order + image.start]).to(q.device)
+    qp, kp, vp = (x.index_select(2, permutation) for x in (q, k, v))
+    if window.pool:
+        kp = torch.cat([kp, pool_grid(k[:, :, image], window.grid, window.pool, window.pool_weight)], dim=2)
+        vp = torch.cat([vp, pool_grid(v[:, :, image], window.grid, window.pool, window.pool_weight)], dim=2)
+    kp, vp = kp.contiguous(), vp.contiguous()
+    full_count, full_index = _block_lists(blocks.full, q.device)
+    part_count, part_index = _block_lists(blocks.partial, q.device)
+    pos_y = blocks.ys.to(device=q.device, dtype=torch.int32)
+    pos_x = blocks.xs.to(device=q.device, dtype=torch.int32)
+    blend = u is not None
+    strengths = (u if blend else torch.zeros(batch, heads)).to(device=q.device, dtype=torch.float32).contiguous()
+    if blend and target == "uniform":
+        mean_v = v.mean(dim=2, dtype=torch.float32).contiguous()
+    else:
+        mean_v = strengths  # placeholder: read only for the uniform target
+    out = torch.empty_like(qp)
+    grid = (triton.cdiv(blocks.seq_q, block), batch * heads)
+    _local_forward[grid](
+        qp, kp, vp, strengths, mean_v, out, pos_y, pos_x, full_count, full_index, part_count, part_index,
+        *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *out.stride()[:3],
+        heads, blocks.seq_q, blocks.seq_kv, text_index.numel(), blocks.full.shape[1], float(window.radius) ** 2, scale,
+        TARGET=IDENTITY if target == "identity" else UNIFORM, BLEND=blend, BLOCK=block, HEAD_DIM=dim,
+        **launch_options(q),
+    )
+    return torch.empty_like(out).index_copy_(2, permutation, out)

@@ -1,0 +1,41 @@
+"""The shipped tiny model: loads offline from package data, draws 64×64 images that the
+judge reads as captioned (a floor that broken or swapped weights cannot reach), runs at
+128×128, and fits the size budget."""
+import os
+
+import torch
+
+import dit_attn as da
+from dit_attn.models.evaluate import held_out_prompts, score
+from dit_attn.models.tiny import SHIPPED_DIR
+
+SHAPE_FLOOR = 0.6  # shape+colour accuracy on 8 held-out prompts (measured 100-prompt figures: README)
+GLYPH_FLOOR = 0.3  # glyph accuracy on 8 held-out sign prompts
+
+
+def test_shipped_weights_fit_the_budget():
+    total = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(SHIPPED_DIR) for f in files)
+    assert 0 < total <= 30 * 2**20
+
+
+def test_tiny_model_meets_its_floor():
+    pipe = da.load_pipeline("tiny")
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.text_encoder_3 is None
+    assert pipe.transformer.dtype == torch.float32
+    config = pipe.transformer.config
+    assert config.num_layers >= 6 and config.num_attention_heads >= 4
+    for kind, floor in (("shape", SHAPE_FLOOR), ("sign", GLYPH_FLOOR)):
+        prompts = held_out_prompts(kind, 8)
+        images = [pipe(p, generator=torch.Generator().manual_seed(i), height=64, width=64, num_inference_steps=20,
+                       **da.call_defaults(pipe)).images[0] for i, p in enumerate(prompts)]
+        assert images[0].size == (64, 64)
+        assert score(images, prompts)["accuracy"] >= floor, kind
+
+
+def test_tiny_model_runs_at_128():
+    pipe = da.load_pipeline("tiny")
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a large red circle on a white background", height=128, width=128, num_inference_steps=4,
+                 generator=torch.Generator().manual_seed(0), **da.call_defaults(pipe)).images[0]
+    assert image.size == (128, 128)
