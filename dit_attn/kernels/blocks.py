@@ -99,3 +99,34 @@ def window_blocks(grid: tuple[int, int], radius: float, text: int, pooled: int, 
     any_pair = torch.where(q_text, text_any, False) | torch.where(q_image, image_any, False)
     full = torch.where(q_pure_image, image_full, torch.where(q_image, False, text_full))
     return WindowBlocks(order, ys[:seq_q], xs[:seq_q], full, any_pair & ~full, seq_q, seq_kv)
+
+
+@dataclass(frozen=True)
+class Reordered:
+    """q, k, v in block order: [text ; tile-ordered image] (+ pooled keys/values for k, v)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    permutation: torch.Tensor  # (seq,) original position of each reordered query-side token
+    blocks: WindowBlocks
+
+    def restore(self, out: torch.Tensor) -> torch.Tensor:
+        """(B, H, seq, D) in block order → the original token order."""
+        return torch.empty_like(out).index_copy(2, self.permutation, out)
+
+
+def reorder(q, k, v, window, image: slice, block: int) -> Reordered:
+    """(B, H, S, D) tensors with the image tokens at `image` → block order for `window`."""
+    from .window import pool_grid
+
+    seq = q.shape[-2]
+    text_index = torch.cat([torch.arange(0, image.start), torch.arange(image.stop, seq)])
+    pooled = (window.grid[0] // window.pool) * (window.grid[1] // window.pool) if window.pool else 0
+    blocks = window_blocks(window.grid, float(window.radius), text_index.numel(), pooled, block)
+    permutation = torch.cat([text_index, blocks.order + image.start]).to(q.device)
+    qp, kp, vp = (x.index_select(2, permutation) for x in (q, k, v))
+    if window.pool:
+        kp = torch.cat([kp, pool_grid(k[:, :, image], window.grid, window.pool, window.pool_weight)], dim=2)
+        vp = torch.cat([vp, pool_grid(v[:, :, image], window.grid, window.pool, window.pool_weight)], dim=2)
+    return Reordered(qp, kp, vp, permutation, blocks)

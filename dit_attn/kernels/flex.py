@@ -18,9 +18,9 @@ from functools import lru_cache
 import torch
 
 from .plan import AttentionPlan
-from .sdpa import blend, sdpa_attention, text_segments
-from .blocks import sparse_indices, window_blocks
-from .window import LocalWindow, pool_grid
+from .sdpa import blend, sdpa_attention
+from .blocks import reorder, sparse_indices, window_blocks
+from .window import LocalWindow
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def local_block_mask(grid: tuple[int, int], radius: float, text: int, pooled: in
     return BlockMask.from_kv_blocks(
         partial_counts.to(device), partial_index.to(device), full_counts.to(device), full_index.to(device),
         BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(seq_q, seq_kv),
-    ), blocks.order
+    )
 
 
 _compiled_flex = None
@@ -81,23 +81,13 @@ def flex_local_attention(q, k, v, plan: AttentionPlan, scale: float | None = Non
     scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     seq = q.shape[-2]
     image = plan.image_slice(seq)
-    if image.stop - image.start != window.tokens:
-        raise ValueError(
-            f"the local window's grid {window.grid[0]}×{window.grid[1]} = {window.tokens} tokens does not match "
-            f"the {image.stop - image.start} image tokens of the call"
-        )
+    window.check_tokens(image)
     if window.covers_grid():  # every key is in every circle: stock attention
         return sdpa_attention(q, k, v, replace(plan, window=None), scale)
-    text_index = torch.cat([torch.arange(s.start, s.stop) for s in text_segments(seq, image)] or [torch.zeros(0, dtype=torch.long)])
-    pooled = (window.grid[0] // window.pool) * (window.grid[1] // window.pool) if window.pool else 0
-    block_mask, order = local_block_mask(window.grid, float(window.radius), text_index.numel(), pooled, str(q.device))
-    permutation = torch.cat([text_index, order + image.start]).to(q.device)
-    qp, kp, vp = (x.index_select(2, permutation) for x in (q, k, v))
-    if window.pool:
-        kp = torch.cat([kp, pool_grid(k[:, :, image], window.grid, window.pool, window.pool_weight)], dim=2)
-        vp = torch.cat([vp, pool_grid(v[:, :, image], window.grid, window.pool, window.pool_weight)], dim=2)
-    out_permuted = _flex(qp, kp, vp, block_mask, scale_value)
-    out = torch.empty_like(out_permuted).index_copy(2, permutation, out_permuted)
+    tokens = reorder(q, k, v, window, image, BLOCK)
+    text, pooled = tokens.blocks.seq_q - window.tokens, tokens.blocks.seq_kv - tokens.blocks.seq_q
+    block_mask = local_block_mask(window.grid, float(window.radius), text, pooled, str(q.device))
+    out = tokens.restore(_flex(tokens.q, tokens.k, tokens.v, block_mask, scale_value))
     for p in plan.perturbations:
         blend(out, q, k, v, p, image, scale_value)
     return out

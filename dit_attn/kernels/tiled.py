@@ -169,11 +169,7 @@ def tiled_attention(q, k, v, plan: AttentionPlan, scale: float | None = None) ->
     window = plan.window
     scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     image = plan.image_slice(q.shape[-2])
-    if image.stop - image.start != window.tokens:
-        raise ValueError(
-            f"the local window's grid {window.grid[0]}×{window.grid[1]} = {window.tokens} tokens does not match "
-            f"the {image.stop - image.start} image tokens of the call"
-        )
+    window.check_tokens(image)
     if window.covers_grid():  # every key is in every circle: stock attention
         return sdpa_attention(q, k, v, replace(plan, window=None), scale)
     k_global, v_global = global_keys(k, v, image, window)

@@ -55,6 +55,13 @@ class LocalWindow:
         """The largest integer offset d with d² < r²."""
         return reach(self.radius)
 
+    def check_tokens(self, image: slice) -> None:
+        if image.stop - image.start != self.tokens:
+            raise ValueError(
+                f"the local window's grid {self.grid[0]}×{self.grid[1]} = {self.tokens} tokens does not match "
+                f"the {image.stop - image.start} image tokens of the call"
+            )
+
     def covers_grid(self) -> bool:
         """True when every image key is inside every image query's circle."""
         rows, cols = self.grid

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..blocks import window_blocks
-from ..window import LocalWindow, pool_grid
+from ..blocks import reorder
+from ..window import LocalWindow
 from .softpag import IDENTITY, UNIFORM, launch_options
 
 
@@ -121,16 +121,11 @@ def local_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wi
                            block: int = 32) -> torch.Tensor:
     """(B, H, S, D) → (B, H, S, D): local window attention, blended toward T where u > 0 (joint scope)."""
     batch, heads, seq, dim = q.shape
+    window.check_tokens(image)
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    text_index = torch.cat([torch.arange(0, image.start), torch.arange(image.stop, seq)])
-    pooled = (window.grid[0] // window.pool) * (window.grid[1] // window.pool) if window.pool else 0
-    blocks = window_blocks(window.grid, float(window.radius), text_index.numel(), pooled, block)
-    permutation = torch.cat([text_index, blocks.order + image.start]).to(q.device)
-    qp, kp, vp = (x.index_select(2, permutation) for x in (q, k, v))
-    if window.pool:
-        kp = torch.cat([kp, pool_grid(k[:, :, image], window.grid, window.pool, window.pool_weight)], dim=2)
-        vp = torch.cat([vp, pool_grid(v[:, :, image], window.grid, window.pool, window.pool_weight)], dim=2)
-    kp, vp = kp.contiguous(), vp.contiguous()
+    tokens = reorder(q, k, v, window, image, block)
+    blocks = tokens.blocks
+    qp, kp, vp = tokens.q, tokens.k.contiguous(), tokens.v.contiguous()
     full_count, full_index = _block_lists(blocks.full, q.device)
     part_count, part_index = _block_lists(blocks.partial, q.device)
     pos_y = blocks.ys.to(device=q.device, dtype=torch.int32)
@@ -146,8 +141,8 @@ def local_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wi
     _local_forward[grid](
         qp, kp, vp, strengths, mean_v, out, pos_y, pos_x, full_count, full_index, part_count, part_index,
         *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *out.stride()[:3],
-        heads, blocks.seq_q, blocks.seq_kv, text_index.numel(), blocks.full.shape[1], float(window.radius) ** 2, scale,
+        heads, blocks.seq_q, blocks.seq_kv, blocks.seq_q - window.tokens, blocks.full.shape[1], float(window.radius) ** 2, scale,
         TARGET=IDENTITY if target == "identity" else UNIFORM, BLEND=blend, BLOCK=block, HEAD_DIM=dim,
         **launch_options(q),
     )
-    return torch.empty_like(out).index_copy_(2, permutation, out)
+    return tokens.restore(out)
