@@ -4,14 +4,14 @@ from __future__ import annotations
 import torch
 
 from . import processors
-from .edits import HeadGuidance, LocalAttention, SoftPAG
+from .edits import HeadGuidance, LocalAttention, SoftPAG, TextGuard, TextPatch
 from .guidance.hooks import GuidanceController, install_hooks, remove_hooks
 from .guidance.rows import check_guided_pipeline
 from .heads import SUPPORTED_MODELS, LayerInfo, model_family, model_layers, resolve_heads
 from .local_attention import LocalInstall, install_local, local_setting
 from .processors.state import EditState, LayerEdit
 
-EDIT_TYPES = (SoftPAG, HeadGuidance, LocalAttention)
+EDIT_TYPES = (SoftPAG, HeadGuidance, LocalAttention, TextPatch, TextGuard)
 _MARK = "_dit_attn_handle"
 
 
@@ -48,13 +48,14 @@ class Handle:
     """Undo for `apply`; also a context manager."""
 
     def __init__(self, transformer, originals: dict, controller: GuidanceController | None, edits: tuple,
-                 state: EditState, local: LocalInstall | None = None):
+                 state: EditState, local: LocalInstall | None = None, text=None):
         self.transformer = transformer
         self.edits = edits
         self.state = state
         self._originals = originals
         self._controller = controller
         self._local = local
+        self._text = text
         self.active = True
 
     def remove(self) -> None:
@@ -62,7 +63,7 @@ class Handle:
         if not self.active:
             return
         processors.restore(self.transformer, self._originals)
-        remove_hooks(self.transformer, self._controller)
+        remove_hooks(self.transformer, self._controller, self._text)
         if self._local is not None:
             self._local.undo()
         if getattr(self.transformer, _MARK, None) is self:
@@ -77,6 +78,30 @@ class Handle:
 
     def __repr__(self) -> str:
         return f"Handle(active={self.active}, edits={self.edits!r})"
+
+
+def _text_controller(pipe, edits: tuple, state: EditState, layer_map: list[LayerInfo]):
+    """The controller of a TextPatch or TextGuard (at most one per apply), or None."""
+    from .localization.guard import GuardController
+    from .localization.patching import TextPatchController, check_text_pipeline
+
+    text_edits = [e for e in edits if isinstance(e, (TextPatch, TextGuard))]
+    if not text_edits:
+        return None
+    if len(text_edits) > 1:
+        raise ValueError("give at most one TextPatch or TextGuard per apply")
+    edit = text_edits[0]
+    name = type(edit).__name__
+    if pipe is None:
+        raise TypeError(f"{name} needs a pipeline (it encodes prompts with the pipeline's text encoders); pass the pipeline, not the transformer")
+    check_text_pipeline(pipe, name)
+    bad = [i for i in edit.layers if i >= len(layer_map)]
+    if bad:
+        raise ValueError(f"{name} layers {bad} do not exist: this model has layers 0-{len(layer_map) - 1}")
+    state.patch_layers = frozenset(edit.layers)
+    if isinstance(edit, TextGuard):
+        return GuardController(pipe, edit)
+    return TextPatchController(pipe, edit.layers, edit.start, lambda rows: [edit.source_prompt] * rows)
 
 
 def apply(pipe_or_transformer, *edits) -> Handle:
@@ -118,6 +143,8 @@ def apply(pipe_or_transformer, *edits) -> Handle:
         state.guided_edits = _layer_edits(edit.heads, edit.u, edit.target, edit.scope, layer_map, family)
         controller = GuidanceController(pipe, edit, first_layer=min(state.guided_edits))
 
+    text = _text_controller(pipe, edits, state, layer_map)
+
     local = install_local(transformer, local_edits[0], state.local, layer_map) if local_edits else None
     try:
         originals = processors.install(transformer, state)
@@ -125,7 +152,9 @@ def apply(pipe_or_transformer, *edits) -> Handle:
         if local is not None:
             local.undo()
         raise
-    install_hooks(transformer, state, controller)
-    handle = Handle(transformer, originals, controller, tuple(edits), state, local)
+    if text is not None:
+        text.install()
+    install_hooks(transformer, state, controller, text)
+    handle = Handle(transformer, originals, controller, tuple(edits), state, local, text)
     setattr(transformer, _MARK, handle)
     return handle

@@ -26,7 +26,7 @@ def _missing_components(path: str) -> dict:
     return {name: None for name, value in index.items() if isinstance(value, list) and value == [None, None]}
 
 
-def load_pipeline(name_or_path: str = DEMO, *, torch_dtype: torch.dtype | None = None, device: str | None = None):
+def load_pipeline(name_or_path: str = TINY, *, torch_dtype: torch.dtype | None = None, device: str | None = None):
     """A diffusers pipeline from a local directory or a hub id (loaded with `from_pretrained`).
 
     "tiny" loads the embedded text-to-image model trained on the synthetic world (package

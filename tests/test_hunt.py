@@ -160,7 +160,7 @@ def test_cli_hunt(tmp_path, capsys):
     assert main(["hunt", "--objective", "color:blue", "--prompts", str(prompts), "--k", "1", "--rounds", "1",
                  "--steps", "1", "--size", "32", "--candidates", "L0H0,L1", "--out", str(out)]) == 0
     saved = json.loads(out.read_text())
-    assert set(saved["rounds"][0]) == {"L0H0", "L1H0", "L1H1", "L1H2", "L1H3"}  # the demo model has 4 heads a layer
+    assert set(saved["rounds"][0]) == {"L0H0"} | {f"L1H{h}" for h in range(6)}  # the tiny model has 6 heads a layer
     assert saved["selected"] == [max(saved["rounds"][0], key=saved["rounds"][0].get)]
     assert saved["settings"]["objective"] == "color:blue" and "selected" in capsys.readouterr().out
     assert main(["hunt", "--objective", "nope", "--prompts", str(prompts), "--out", str(out)]) == 2
@@ -195,4 +195,4 @@ def test_cli_atlas(tmp_path):
     assert main(["atlas", "--objective", "color:red", "--prompts", str(prompts), "--steps", "1", "--size", "32",
                  "--out", str(tmp_path / "atlas")]) == 0
     assert all((tmp_path / f"atlas.{ext}").exists() for ext in ("png", "html", "json"))
-    assert len(json.loads((tmp_path / "atlas.json").read_text())["scores"]) == 16
+    assert len(json.loads((tmp_path / "atlas.json").read_text())["scores"]) == 36  # tiny: 6 layers x 6 heads

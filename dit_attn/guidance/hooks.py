@@ -1,10 +1,13 @@
 """Guidance inside the transformer call a pipeline already makes.
 
-- `CallHook` (on the transformer) records the text length of each call and, on a guided
-  call, appends copies of the conditional rows that fork at the first perturbed layer:
-  the call returns the stock rows, and keeps ε_c and ε_p for the scheduler step.
-- `RowFork` (on every block from the fork on, and on `norm_out`) widens the batch-carrying
-  inputs to the forked rows: blocks before the fork run once for both (shared prefix).
+- `CallHook` (on the transformer) records the text length of each call and plans its
+  extra rows (`RowPlan`): on a guided call, copies of the conditional rows that fork at the
+  first perturbed layer; with a TextPatch, source-prompt rows appended to the inputs and
+  dropped after the last patched layer. The call returns the stock rows, and keeps ε_c
+  and ε_p for the scheduler step.
+- `RowFork` (on every block and on `norm_out`) selects each stage's rows from the block
+  inputs: blocks before the fork run once for the conditional and perturbed rows (shared
+  prefix), blocks after the last patched layer without the source rows.
 - `GuidedStep` wraps `scheduler.step` and adds s·(ε_c − ε_p) to the pipeline's final ε,
   so CFG, true CFG and skip-layer guidance stay the pipeline's own arithmetic.
 """
@@ -12,13 +15,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import inspect
+
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from ..edits import HeadGuidance
 from ..processors.grid import flux_grid, sd3_grid
-from ..processors.state import EditState, Fork
+from ..processors.state import EditState, RowPlan, plan_rows
 from .formulas import perturbation_guidance
 from .rows import conditional_rows
 from .schedule import denoising_step
@@ -54,7 +59,8 @@ class GuidanceController:
         self.pending: PendingGuidance | None = None
         self.wrapped_schedulers: list = []
 
-    def fork_for_call(self, batch: int, kwargs: dict, context: str | None) -> tuple[Fork, torch.Tensor] | None:
+    def fork_for_call(self, batch: int, kwargs: dict, context: str | None) -> torch.Tensor | None:
+        """The conditional rows to copy (as perturbed rows) in this call, or None."""
         step, total = denoising_step(self.pipe)
         if not self.edit.active_at(step / total):
             return None
@@ -68,18 +74,14 @@ class GuidanceController:
         if any(kwargs.get(name) is not None for name in _CONTROLNET_ARGS):
             raise NotImplementedError("HeadGuidance does not support ControlNet residuals yet")
         self._wrap_scheduler()
-        row_map = torch.cat([torch.arange(batch), cond])
-        return Fork(rows_before=batch, row_map=row_map, first_layer=self.fork_layer), cond
+        return cond
 
-    def finish_call(self, output, fork: Fork, cond: torch.Tensor):
+    def finish_call(self, output, plan: RowPlan, cond: torch.Tensor):
         sample = output[0]
-        eps_perturbed = sample[fork.perturbed_rows]
+        eps_perturbed = sample[plan.final.perturbed.to(sample.device)]
         eps_cond = sample.index_select(0, cond.to(sample.device))
         self.pending = PendingGuidance(eps_cond, eps_perturbed, denoising_step(self.pipe)[0], self.pipe.scheduler.timesteps)
-        stock = sample[: fork.rows_before]
-        if isinstance(output, tuple):
-            return (stock,) + tuple(output[1:])
-        return type(output)(sample=stock)
+        return stock_output(output, plan.stock_rows)
 
     def guide(self, model_output: torch.Tensor) -> torch.Tensor:
         pending, self.pending = self.pending, None
@@ -116,13 +118,37 @@ class GuidanceController:
         self.pending = None
 
 
+def stock_output(output, rows: int):
+    """The transformer output with only its first `rows` rows (the pipeline's own)."""
+    sample = output[0]
+    if sample.shape[0] == rows:
+        return output
+    if isinstance(output, tuple):
+        return (sample[:rows],) + tuple(output[1:])
+    return type(output)(sample=sample[:rows])
+
+
+def named_arguments(forward, args: tuple, kwargs: dict) -> dict:
+    """Positional arguments of a call turned into keyword arguments."""
+    names = list(inspect.signature(forward).parameters)
+    return {**dict(zip(names, args)), **kwargs}
+
+
 class CallHook(ModelHook):
+    """Sees every transformer call; adds the extra rows of HeadGuidance and TextPatch.
+
+    text: None, or a controller with `sources_for_call(batch, kwargs, context)` returning
+    None or an object with `sources` ({target row: source row}), `patch_end` (first layer
+    without source rows) and `extend(kwargs)` (the inputs with the source rows appended).
+    """
+
     _is_stateful = True  # so diffusers hands it the cache context ("cond"/"uncond")
 
-    def __init__(self, state: EditState, controller: GuidanceController | None):
+    def __init__(self, state: EditState, controller: GuidanceController | None, text=None):
         super().__init__()
         self.state = state
         self.controller = controller
+        self.text = text
         self.cache = StateManager(_NoState)
 
     def reset_state(self, module):
@@ -130,25 +156,38 @@ class CallHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         forward = self.fn_ref.original_forward
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else (args[1] if len(args) > 1 else None)
-        self.state.text_len = text.shape[1] if text is not None else 0
+        if args:
+            kwargs = named_arguments(forward, args, kwargs)
+        hidden = kwargs["hidden_states"]
+        text_states = kwargs.get("encoder_hidden_states")
+        self.state.text_len = text_states.shape[1] if text_states is not None else 0
         if self.state.local is not None:
             self._record_grid(module, hidden, kwargs)
-        if self.controller is None:
-            return forward(*args, **kwargs)
+        if self.controller is None and self.text is None:
+            return forward(**kwargs)
         context = self.cache._context.name if self.cache._context is not None else None
-        plan = self.controller.fork_for_call(hidden.shape[0], kwargs, context)
-        if plan is None:
-            return forward(*args, **kwargs)
-        fork, cond = plan
-        self.state.fork = fork
+        batch = hidden.shape[0]
+        cond = self.controller.fork_for_call(batch, kwargs, context) if self.controller is not None else None
+        patch = self.text.sources_for_call(batch, kwargs, context) if self.text is not None else None
+        if cond is None and patch is None:
+            return forward(**kwargs)
+        plan = plan_rows(
+            batch,
+            sources=patch.sources if patch is not None else None,
+            patch_end=patch.patch_end if patch is not None else None,
+            cond=cond,
+            fork_layer=self.controller.fork_layer if cond is not None else None,
+        )
+        if patch is not None:
+            kwargs = patch.extend(kwargs)
+        self.state.rows = plan
         try:
-            output = forward(*args, **kwargs)
+            output = forward(**kwargs)
         finally:
-            self.state.fork = None
-        return self.controller.finish_call(output, fork, cond)
-
+            self.state.rows = None
+        if cond is not None:
+            return self.controller.finish_call(output, plan, cond)
+        return stock_output(output, batch)
 
     def _record_grid(self, module, hidden: torch.Tensor, kwargs: dict) -> None:
         if hidden.ndim == 4:  # SD3 latents (B, C, H, W)
@@ -158,46 +197,69 @@ class CallHook(ModelHook):
 
 
 class RowFork(ModelHook):
-    """Widen batch-carrying tensor inputs from the rows entering the call to the forked rows."""
+    """Give a block (or `norm_out`) the rows of its stage of the call's RowPlan.
 
-    def __init__(self, state: EditState, layer: float):
+    Stream inputs (hidden states, text states) come from the previous block: where a new
+    stage starts they are re-selected. Inputs computed once before the blocks (temb) hold
+    the call's rows and are mapped to the stage's rows at every block.
+    """
+
+    STREAM_ARGS = ("hidden_states", "encoder_hidden_states", "x")
+    CALL_ARGS = ("temb", "conditioning_embedding")
+
+    def __init__(self, state: EditState, layer: int, module: torch.nn.Module):
         super().__init__()
         self.state = state
         self.layer = layer
+        self.names = list(inspect.signature(type(module).forward).parameters)[1:]  # without self
 
-    def _widen(self, value, fork: Fork):
-        if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == fork.rows_before:
-            return value.index_select(0, fork.row_map.to(value.device))
+    @staticmethod
+    def _select(value, index: torch.Tensor):
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            return value.index_select(0, index.to(value.device))
         return value
 
     def pre_forward(self, module, *args, **kwargs):
-        fork = self.state.fork
-        if fork is None or self.layer < fork.first_layer:
+        plan = self.state.rows
+        if plan is None:
             return args, kwargs
-        args = tuple(self._widen(a, fork) for a in args)
-        kwargs = {k: self._widen(v, fork) for k, v in kwargs.items()}
-        return args, kwargs
+        stage = plan.stage_at(self.layer)
+        new_rows = stage.layer == self.layer and not stage.keeps_rows
+        if not new_rows and stage.is_call_rows:
+            return args, kwargs
+        values = {**dict(zip(self.names, args)), **kwargs}
+        for name in self.STREAM_ARGS:
+            if new_rows and name in values:
+                values[name] = self._select(values[name], stage.select)
+        for name in self.CALL_ARGS:
+            if name in values and not stage.is_call_rows:
+                values[name] = self._select(values[name], stage.from_call)
+        positional = tuple(values.pop(name) for name in self.names[: len(args)])
+        return positional, values
 
 
-def fork_points(transformer) -> list[tuple[torch.nn.Module, float]]:
-    """Modules that receive batch-carrying inputs after the blocks start, with their layer."""
+def fork_points(transformer) -> list[tuple[torch.nn.Module, int]]:
+    """Modules that receive batch-carrying inputs after the blocks start, with their layer
+    (`norm_out` counts as the layer after the last block)."""
     blocks = list(transformer.transformer_blocks) + list(getattr(transformer, "single_transformer_blocks", ()))
-    return [(block, float(i)) for i, block in enumerate(blocks)] + [(transformer.norm_out, float("inf"))]
+    return [(block, i) for i, block in enumerate(blocks)] + [(transformer.norm_out, len(blocks))]
 
 
-def install_hooks(transformer, state: EditState, controller: GuidanceController | None) -> None:
+def install_hooks(transformer, state: EditState, controller: GuidanceController | None, text=None) -> None:
     root = HookRegistry.check_if_exists_or_initialize(transformer)
-    root.register_hook(CallHook(state, controller), CALL_HOOK)
-    if controller is not None:
+    root.register_hook(CallHook(state, controller, text), CALL_HOOK)
+    if controller is not None or text is not None:
         for module, layer in fork_points(transformer):
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(RowFork(state, layer), FORK_HOOK)
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(RowFork(state, layer, module), FORK_HOOK)
     root.invalidate_child_registries_cache()
 
 
-def remove_hooks(transformer, controller: GuidanceController | None) -> None:
+def remove_hooks(transformer, controller: GuidanceController | None, text=None) -> None:
     root = HookRegistry.check_if_exists_or_initialize(transformer)
     root.remove_hook(CALL_HOOK, recurse=False)
     root.remove_hook(FORK_HOOK, recurse=True)
     root.invalidate_child_registries_cache()
     if controller is not None:
         controller.unwrap()
+    if text is not None:
+        text.unwrap()

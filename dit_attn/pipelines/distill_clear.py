@@ -270,11 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     import dataclasses
     import typing
 
-    from ..loading import DEMO, load_pipeline
+    from ..loading import TINY, load_pipeline
     from .batch import read_prompts
 
     parser = argparse.ArgumentParser(prog="dit-attn distill-clear", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=DEMO, help="pipeline directory, hub id or an embedded model name")
+    parser.add_argument("--model", default=TINY, help="pipeline directory, hub id or an embedded model name (default: tiny)")
     parser.add_argument("--work", required=True, help="directory for the teacher samples and checkpoints (rerun to resume)")
     parser.add_argument("--out", required=True, help="the .safetensors file to write (load with LocalAttention(weights=...))")
     parser.add_argument("--prompts", default=None, help="prompt file (.txt/.jsonl/.csv); default: the synthetic captions")

@@ -6,7 +6,7 @@ import torch
 from ..heads import model_family
 from .flux import FluxAttnProcessor
 from .sd3 import SD3AttnProcessor
-from .state import EditState, Fork, LayerEdit
+from .state import EditState, LayerEdit, RowPlan
 
 
 def _processor_for(key: str, family: str, n_double: int, state: EditState):
@@ -51,4 +51,4 @@ def restore(transformer: torch.nn.Module, originals: dict) -> None:
     transformer.set_attn_processor(dict(originals))
 
 
-__all__ = ["EditState", "Fork", "FluxAttnProcessor", "LayerEdit", "SD3AttnProcessor", "install", "restore"]
+__all__ = ["EditState", "FluxAttnProcessor", "LayerEdit", "RowPlan", "SD3AttnProcessor", "install", "restore"]

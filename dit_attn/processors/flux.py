@@ -43,9 +43,16 @@ class FluxAttnProcessor(LayerProcessor):
             encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
             encoder_query = attn.norm_added_q(encoder_query)
             encoder_key = attn.norm_added_k(encoder_key)
+            encoder_key, encoder_value = self.state.patch_text(self.layer, encoder_key, encoder_value)
             query = torch.cat([encoder_query, query], dim=1)
             key = torch.cat([encoder_key, key], dim=1)
             value = torch.cat([encoder_value, value], dim=1)
+        elif self.layer in self.state.patch_layers and self.state.rows is not None:
+            # single block: the text tokens lead the joint sequence
+            text_len = self.state.text_len
+            text_key, text_value = self.state.patch_text(self.layer, key[:, :text_len], value[:, :text_len])
+            key = torch.cat([text_key, key[:, text_len:]], dim=1)
+            value = torch.cat([text_value, value[:, text_len:]], dim=1)
 
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)

@@ -64,6 +64,7 @@ class SD3AttnProcessor(LayerProcessor):
                 context_query = attn.norm_added_q(context_query)
             if attn.norm_added_k is not None:
                 context_key = attn.norm_added_k(context_key)
+            context_key, context_value = self.state.patch_text(self.layer, context_key, context_value)
             query = torch.cat([query, context_query], dim=2)
             key = torch.cat([key, context_key], dim=2)
             value = torch.cat([value, context_value], dim=2)

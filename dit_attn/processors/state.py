@@ -43,27 +43,118 @@ class LayerEdit:
 
 
 @dataclass(frozen=True)
-class Fork:
-    """Rows added inside one transformer call, from the fork layer on.
+class RowStage:
+    """The rows a transformer call runs from block `layer` on, until the next stage.
 
-    row_map: indices into the rows entering the call; rows ≥ rows_before are copies
-    of conditional rows and carry the guidance perturbation.
+    Every tensor is (R,) for the R rows of the stage:
+    select: the row of the previous stage (for the first stage: of the call's inputs) each row comes from;
+    from_call: the row of the call's inputs each row comes from (for inputs such as temb that
+        the model computes once, before the blocks);
+    perturbed_of: for HeadGuidance's copies of the conditional rows (and of their source rows),
+        which carry its perturbation, the index of their conditional row among the copied ones
+        (guided strengths may have one row each); -1 for the other rows;
+    patch_targets / patch_sources: rows whose text-stream keys/values a TextPatch replaces, and the
+        rows (of this stage) they take them from.
     """
 
-    rows_before: int
-    row_map: torch.Tensor
-    first_layer: int
+    layer: int
+    select: torch.Tensor
+    from_call: torch.Tensor
+    perturbed_of: torch.Tensor
+    patch_targets: torch.Tensor
+    patch_sources: torch.Tensor
+    keeps_rows: bool  # select is the identity: the rows entering this stage run on unchanged
+    is_call_rows: bool  # from_call is the identity: the stage runs the call's rows
 
     @property
-    def perturbed_rows(self) -> slice:
-        return slice(self.rows_before, self.row_map.numel())
+    def size(self) -> int:
+        return self.select.numel()
+
+    @property
+    def perturbed(self) -> torch.Tensor:
+        return self.perturbed_of >= 0
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """How the rows of one transformer call change from block to block.
+
+    The first `stock_rows` rows are the pipeline's own; they come first in every stage and
+    are all the call returns. Extra rows: a TextPatch's source rows (appended to the call's
+    inputs, run up to the last patched layer) and HeadGuidance's perturbed copies of the
+    conditional rows (forked at its first layer, run to the end).
+    """
+
+    stock_rows: int
+    stages: tuple[RowStage, ...]
+
+    def stage_at(self, layer: float) -> RowStage:
+        current = self.stages[0]
+        for stage in self.stages[1:]:
+            if stage.layer > layer:
+                break
+            current = stage
+        return current
+
+    @property
+    def final(self) -> RowStage:
+        return self.stages[-1]
+
+
+def plan_rows(stock_rows: int, sources: dict[int, int] | None = None, patch_end: int | None = None,
+              cond: torch.Tensor | None = None, fork_layer: int | None = None) -> RowPlan:
+    """The RowPlan of a call with `stock_rows` pipeline rows.
+
+    sources: {target row: source row} with source rows numbered from stock_rows on (the
+        inputs the call gets after they are appended); they are dropped from `patch_end` on.
+    cond, fork_layer: rows copied (as perturbed rows) at block `fork_layer`, with their
+        source rows while those run.
+    """
+    sources = sources or {}
+    call_rows = stock_rows + len(sources)
+    copy_index = {}  # call row of a copied row → index of its conditional row
+    for k, c in enumerate([] if cond is None else cond.tolist()):
+        copy_index[c] = k
+        if c in sources:
+            copy_index[sources[c]] = k
+    # a row is (row of the call's inputs, perturbed copy?): unique within a stage
+    previous = [(i, False) for i in range(call_rows)]
+    layers = sorted({0} | {x for x in (patch_end, fork_layer) if x is not None})
+    stages = []
+    for layer in layers:
+        rows = list(previous)
+        if patch_end is not None and layer >= patch_end:
+            rows = [r for r in rows if r[0] < stock_rows]
+        if cond is not None and layer == fork_layer:
+            copies = [int(c) for c in cond]
+            # the perturbed model patches its copies with a perturbed run of their source prompts
+            copies += [sources[c] for c in copies if (sources.get(c), False) in rows]
+            rows += [(c, True) for c in copies]
+        if stages and rows == previous:
+            continue
+        position = {r: i for i, r in enumerate(rows)}
+        select = [previous.index(r) if r in previous else previous.index((r[0], False)) for r in rows]
+        targets = [i for i, r in enumerate(rows) if (sources.get(r[0]), r[1]) in position]
+        stages.append(RowStage(
+            layer=layer,
+            select=torch.tensor(select, dtype=torch.long),
+            from_call=torch.tensor([r[0] for r in rows], dtype=torch.long),
+            perturbed_of=torch.tensor([copy_index[r[0]] if r[1] else -1 for r in rows], dtype=torch.long),
+            patch_targets=torch.tensor(targets, dtype=torch.long),
+            patch_sources=torch.tensor([position[(sources[rows[i][0]], rows[i][1])] for i in targets], dtype=torch.long),
+            keeps_rows=select == list(range(len(previous))),
+            is_call_rows=[r[0] for r in rows] == list(range(call_rows)) and not any(r[1] for r in rows),
+        ))
+        previous = rows
+    return RowPlan(stock_rows, tuple(stages))
 
 
 @dataclass
 class EditState:
     model_edits: dict[int, list[LayerEdit]] = field(default_factory=dict)  # every row
     guided_edits: dict[int, LayerEdit] = field(default_factory=dict)  # perturbed rows of a guided call
-    fork: Fork | None = None
+    rows: RowPlan | None = None  # extra rows of the current call (TextPatch sources, HeadGuidance copies)
+    patch_layers: frozenset[int] = frozenset()  # layers whose text keys/values a TextPatch replaces
     text_len: int = 0  # text tokens of the current call (FLUX single blocks need it)
     local: LocalSetting | None = None
     grid: tuple[int, int] | None = None  # image-token grid of the current call
@@ -100,13 +191,27 @@ class EditState:
             Perturbation(edit.u.expand(batch, -1), edit.target, edit.scope) for edit in self.model_edits.get(layer, ())
         ]
         guided = self.guided_edits.get(layer)
-        if guided is not None and self.fork is not None and batch == self.fork.row_map.numel():
+        stage = self.rows.stage_at(layer) if self.rows is not None else None
+        if guided is not None and stage is not None and batch == stage.size and bool(stage.perturbed.any()):
             u = torch.zeros(batch, guided.u.shape[-1], dtype=guided.u.dtype)
-            u[self.fork.perturbed_rows] = guided.u
+            copies = stage.perturbed.nonzero().flatten()
+            u[copies] = guided.u if guided.u.ndim == 1 else guided.u[stage.perturbed_of[copies]]
             perturbations.append(Perturbation(u, guided.target, guided.scope))
         if not perturbations and window is None:
             return None
         return AttentionPlan(tuple(perturbations), image_tokens, window)
+
+    def patch_text(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """TextPatch: the text-stream keys and values of the target rows replaced by their
+        source rows' ones. key, value: (B, ...) text tokens only, batch first."""
+        if layer not in self.patch_layers or self.rows is None:
+            return key, value
+        stage = self.rows.stage_at(layer)
+        if stage.size != key.shape[0] or stage.patch_targets.numel() == 0:
+            return key, value
+        targets, sources = stage.patch_targets.to(key.device), stage.patch_sources.to(key.device)
+        return (key.index_copy(0, targets, key.index_select(0, sources)),
+                value.index_copy(0, targets, value.index_select(0, sources)))
 
 
 class LayerProcessor:

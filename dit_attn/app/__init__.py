@@ -1,0 +1,8 @@
+"""The `dit-attn app` web page (Gradio): generate with head guidance, compare with and without it.
+
+Needs the `app` extra: `pip install -e ".[app]"`.
+"""
+from .models import ModelRegistry, embedded_models
+from .server import create_app, serve
+
+__all__ = ["ModelRegistry", "create_app", "embedded_models", "serve"]

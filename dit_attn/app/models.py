@@ -1,0 +1,109 @@
+"""The models the web app offers: embedded names and directories allowed at launch, loaded once and cached.
+
+The page only ever sends one of `ModelRegistry.choices`; anything else is refused, so a
+user cannot make the server read a path of their choosing.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import loading
+from ..apply import layers
+from ..heads import PRESETS, LayerInfo, model_family, resolve_heads
+
+
+def embedded_models() -> tuple[str, ...]:
+    """Names `load_pipeline` builds without a path.
+
+    `loading.EMBEDDED_MODELS`, when that module defines it (e.g. once "tiny" ships), else
+    just its demo model.
+    """
+    return tuple(getattr(loading, "EMBEDDED_MODELS", (loading.DEMO,)))
+
+
+def check_model_dir(path: str) -> str:
+    """The absolute path of a diffusers pipeline directory; ValueError if it is not one."""
+    absolute = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(absolute):
+        raise ValueError(f"--model-dir {path!r} is not a directory")
+    if not os.path.isfile(os.path.join(absolute, "model_index.json")):
+        raise ValueError(f"--model-dir {path!r} is not a diffusers pipeline directory (it has no model_index.json)")
+    return absolute
+
+
+@dataclass
+class LoadedModel:
+    choice: str  # as offered in the page; also the `model` of the settings (a name or a directory)
+    pipe: object
+    family: str  # "sd3" or "flux"
+    layer_map: list[LayerInfo]
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time per pipeline
+
+    def head_choices(self) -> list[str]:
+        return [f"L{info.index}H{head}" for info in self.layer_map for head in range(info.heads)]
+
+    def presets(self) -> list[str]:
+        """Presets of this model's family whose heads all exist in this model."""
+        fitting = []
+        for name in PRESETS:
+            if not name.startswith(self.family + ":"):
+                continue
+            try:
+                resolve_heads([name], self.layer_map, self.family)
+            except ValueError:
+                continue
+            fitting.append(name)
+        return fitting
+
+    def summary(self) -> str:
+        heads = sorted({info.heads for info in self.layer_map})
+        per_layer = "/".join(map(str, heads))
+        total = sum(info.heads for info in self.layer_map)
+        return f"{type(self.pipe).__name__} ({self.family}): {len(self.layer_map)} layers × {per_layer} heads, {total} heads"
+
+
+class ModelRegistry:
+    """Embedded models plus `model_dirs`; keeps up to `max_loaded` pipelines, least recently used dropped first."""
+
+    def __init__(self, model_dirs=(), *, embedded: tuple[str, ...] | None = None, device: str | None = None,
+                 torch_dtype: torch.dtype = torch.float32, max_loaded: int = 2):
+        if max_loaded < 1:
+            raise ValueError(f"max_loaded must be >= 1, got {max_loaded}")
+        names = embedded_models() if embedded is None else tuple(embedded)
+        dirs = [check_model_dir(path) for path in model_dirs]
+        self.choices: list[str] = list(dict.fromkeys([*names, *dirs]))
+        if not self.choices:
+            raise ValueError("no models to offer: give --model-dir DIR or keep the embedded models")
+        self.device = device
+        self.torch_dtype = torch_dtype
+        self.max_loaded = max_loaded
+        self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._loading = threading.Lock()
+
+    @property
+    def default(self) -> str:
+        return self.choices[0]
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.torch_dtype).removeprefix("torch.")
+
+    def get(self, choice: str) -> LoadedModel:
+        if choice not in self.choices:
+            raise ValueError(f"unknown model {choice!r}: choose one of {', '.join(self.choices)}")
+        with self._loading:
+            model = self._loaded.get(choice)
+            if model is None:
+                pipe = loading.load_pipeline(choice, torch_dtype=self.torch_dtype, device=self.device)
+                pipe.set_progress_bar_config(disable=True)
+                model = LoadedModel(choice, pipe, model_family(pipe.transformer), layers(pipe))
+                self._loaded[choice] = model
+                while len(self._loaded) > self.max_loaded:
+                    self._loaded.popitem(last=False)  # a generation still running keeps its own reference
+            self._loaded.move_to_end(choice)
+            return model

@@ -1,0 +1,96 @@
+"""Turn the page's form values into the settings dict of `dit-attn generate`, checking each one.
+
+The settings use the keys of the command line's (see `cli.item_settings`; of the local
+attention options the page offers only the radius), so a PNG's `dit-attn` text chunk from
+the app and from `dit-attn generate` read the same.
+"""
+from __future__ import annotations
+
+import math
+
+from ..cli import parse_heads, parse_size
+from ..edits import HeadGuidance, LocalAttention
+from ..heads import normalize_heads, resolve_heads
+from .models import LoadedModel
+
+MAX_STEPS = 200
+MAX_SIDE = 2048
+MAX_SEED = 2**63 - 1
+
+
+def _whole_number(name: str, value, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value != int(value):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if not low <= int(value) <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {int(value)}")
+    return int(value)
+
+
+def _number(name: str, value, low: float, high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+    return float(value)
+
+
+def collect_heads(text: str | None, picked=None, presets=None) -> list[str]:
+    """Heads typed as text ('L1H0, L2'), ticked in the picker and chosen as presets, in that order, without repeats."""
+    typed = parse_heads(text or "")
+    normalize_heads(typed)  # syntax errors name the valid forms
+    chosen = [*typed, *(picked or []), *(presets or [])]
+    return list(dict.fromkeys(chosen))
+
+
+def parse_image_size(text: str | None, model: LoadedModel) -> tuple[int | None, int | None]:
+    """(width, height) from 'N' or 'WIDTHxHEIGHT'; (None, None) for the model's default size."""
+    if text is None or not text.strip():
+        return None, None
+    height, width = parse_size(text)
+    multiple = size_multiple(model.pipe)
+    for side in (width, height):
+        if not multiple <= side <= MAX_SIDE or side % multiple:
+            raise ValueError(
+                f"size sides must be multiples of {multiple} between {multiple} and {MAX_SIDE} on this model "
+                f"(e.g. {8 * multiple} or {8 * multiple}x{4 * multiple}), got {text.strip()!r}"
+            )
+    return width, height
+
+
+def size_multiple(pipe) -> int:
+    """Image sides must divide into whole latent patches: VAE factor × transformer patch (2 for FLUX's packing)."""
+    return int(pipe.vae_scale_factor) * int(getattr(pipe, "patch_size", 2))
+
+
+def build_settings(model: LoadedModel, *, prompt: str, steps, cfg, seed, size: str | None, heads: list[str],
+                   pag_scale, u, scope: str, target: str = "identity", local_radius=None, dtype: str = "float32") -> dict:
+    """Checked settings; heads are also checked against the model's layer/head map.
+
+    local_radius: None (or 0) for full attention, else the CLEAR radius in tokens.
+    """
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("the prompt is empty: describe the image to generate")
+    width, height = parse_image_size(size, model)
+    settings = {
+        "prompt": prompt.strip(), "model": model.choice, "seed": _whole_number("seed", seed, 0, MAX_SEED),
+        "steps": _whole_number("steps", steps, 1, MAX_STEPS), "cfg": _number("CFG scale", cfg, 0.0),
+        "width": width, "height": height, "dtype": dtype, "heads": list(heads),
+        "pag_scale": _number("guidance scale", pag_scale, 0.0), "u": _number("u", u, 0.0, 1.0),
+        "target": target, "scope": scope, "start": 0.0, "end": 1.0, "local_radius": local_radius or None,
+    }
+    for edit in edits_for(settings):  # each edit checks its own fields
+        if isinstance(edit, HeadGuidance):
+            resolve_heads(edit.heads, model.layer_map, model.family)
+    return settings
+
+
+def edits_for(settings: dict) -> tuple:
+    """The edits the settings ask for: head guidance and/or CLEAR local attention (none: the stock model)."""
+    edits = []
+    if settings["heads"]:
+        edits.append(HeadGuidance(heads=settings["heads"], scale=settings["pag_scale"], u=settings["u"],
+                                  target=settings["target"], scope=settings["scope"], start=settings["start"], end=settings["end"]))
+    if settings.get("local_radius") is not None:
+        edits.append(LocalAttention(radius=settings["local_radius"]))
+    return tuple(edits)

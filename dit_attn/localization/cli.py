@@ -1,0 +1,171 @@
+"""`dit-attn localize` and `dit-attn edit-text`."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+
+SCORES = "judge (glyph probability x SSIM), ssim, easyocr:DIR or trocr:DIR (OCR F1 x SSIM, local weights)"
+
+
+def parse_layer_groups(text: str) -> list[list[int]]:
+    """'3,5+6,10' → [[3], [5, 6], [10]] (a '+' joins layers patched together)."""
+    groups = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            groups.append([int(x) for x in part.split("+")])
+        except ValueError:
+            raise ValueError(f"cannot read layers {text!r}: use indices like '3,5+6,10' ('+' patches layers together)") from None
+    if not groups:
+        raise ValueError(f"no layers in {text!r}")
+    return groups
+
+
+def read_pairs(path: str) -> list[tuple[str, str]]:
+    """Pairs from a .jsonl (objects with prompt, source_prompt), .csv (those columns) or a
+    text file with one `prompt<TAB>source prompt` a line (# comments)."""
+    pairs = []
+    with open(path, newline="") as f:
+        if path.endswith(".jsonl"):
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                        pairs.append((row["prompt"], row["source_prompt"]))
+                    except (json.JSONDecodeError, KeyError, TypeError) as err:
+                        raise ValueError(f"{path}:{number}: expected an object with prompt and source_prompt ({err})") from None
+        elif path.endswith(".csv"):
+            for row in csv.DictReader(f):
+                pairs.append((row["prompt"], row["source_prompt"]))
+        else:
+            for number, line in enumerate(f, 1):
+                line = line.rstrip("\n")
+                if not line.strip() or line.lstrip().startswith("#"):
+                    continue
+                if line.count("\t") != 1:
+                    raise ValueError(f"{path}:{number}: expected 'prompt<TAB>source prompt'")
+                pairs.append(tuple(line.split("\t")))
+    return pairs
+
+
+def make_score(name: str):
+    from .score import OCRScore, judge_score, ssim_score
+
+    if name == "judge":
+        return judge_score
+    if name == "ssim":
+        return ssim_score
+    kind, _, directory = name.partition(":")
+    if kind in ("easyocr", "trocr") and directory:
+        return getattr(OCRScore, kind)(directory)
+    raise ValueError(f"unknown score {name!r}; use {SCORES}")
+
+
+def pipeline_options(args) -> dict:
+    options = {}
+    if args.cfg is not None:
+        options["guidance_scale"] = args.cfg
+    if args.size is not None:
+        options["height"], options["width"] = args.size
+    if args.max_sequence_length is not None:
+        options["max_sequence_length"] = args.max_sequence_length
+    return options
+
+
+def load(args):
+    from ..loading import load_pipeline
+    from ..cli import DTYPES
+
+    pipe = load_pipeline(args.model, torch_dtype=DTYPES[args.dtype], device=args.device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def cmd_localize(args) -> int:
+    from .localize import localize, sign_pairs
+
+    pairs = [tuple(p) for p in args.pair or []]
+    if args.pairs_file:
+        pairs += read_pairs(args.pairs_file)
+    if args.signs:
+        pairs += [(p.prompt, p.source_prompt) for p in sign_pairs(args.signs, seed=args.signs_seed)]
+    if not pairs:
+        raise ValueError("give pairs: --pair PROMPT SOURCE_PROMPT (repeatable), --pairs FILE or --signs N")
+    layers = parse_layer_groups(args.layers) if args.layers else None
+    score = make_score(args.score)
+    pipe = load(args)
+    result = localize(pipe, pairs, score=score, layers=layers, seeds=args.seeds, steps=args.steps, start=args.start,
+                      out=args.out, **pipeline_options(args))
+    top = result.top
+    print(f"dit-attn localize: top {top.label} score {top.score:.4f} ({top.text_kv_share:.3%} of parameters in its "
+          f"text K/V projections, {top.block_share:.2%} in its blocks) -> {os.path.join(args.out, 'localization.json')}")
+    for entry in result.ranking[:5]:
+        parts = ", ".join(f"{k} {v:.3f}" for k, v in entry.components.items() if k != "score")
+        print(f"  {entry.label:<10} {entry.score:.4f}  ({parts})")
+    return 0
+
+
+def cmd_edit_text(args) -> int:
+    from PIL.PngImagePlugin import PngInfo
+
+    from .editing import edit_text
+    from .output import save_png
+
+    layers = [g[0] for g in parse_layer_groups(args.layers.replace("+", ","))]
+    pipe = load(args)
+    result = edit_text(pipe, args.prompt, args.text, layers=layers, start=args.start, seed=args.seed, steps=args.steps,
+                       **pipeline_options(args))
+    settings = {"prompt": result.prompt, "source_prompt": result.source_prompt, "layers": list(result.layers),
+                "start": result.start, "seed": result.seed, "steps": args.steps, "model": args.model,
+                "cfg": args.cfg, "size": args.size}
+    os.makedirs(args.out, exist_ok=True)
+    for name, image in (("original", result.original), ("edited", result.edited), ("side_by_side", result.side_by_side)):
+        info = PngInfo()
+        info.add_text("dit-attn", json.dumps({**settings, "image": name}, sort_keys=True))
+        save_png(os.path.join(args.out, f"{name}.png"), image, info)
+    print(f"dit-attn edit-text: {result.source_prompt!r} patched into layers {list(result.layers)} "
+          f"({result.seconds_edited:.2f}s edited vs {result.seconds_original:.2f}s original) -> {args.out}")
+    return 0
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    from ..cli import DTYPES, parse_size
+    from ..loading import DEMO
+
+    parser.add_argument("--model", default=DEMO, help=f"local pipeline directory, hub id, or {DEMO!r} (default)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (pipeline default if omitted)")
+    parser.add_argument("--size", type=parse_size, default=None, help="N or WIDTHxHEIGHT in pixels")
+    parser.add_argument("--start", type=float, default=0.0, help="patch from this fraction of the steps on")
+    parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: the model's)")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--device", default=None)
+
+
+def add_commands(sub) -> None:
+    """Add `localize` and `edit-text` to the `dit-attn` subcommands."""
+    loc = sub.add_parser("localize", help="rank the layers by how much patching them moves the text of a prompt")
+    loc.add_argument("--pair", nargs=2, action="append", metavar=("PROMPT", "SOURCE_PROMPT"),
+                     help="a prompt and the prompt whose text to patch in (repeatable)")
+    loc.add_argument("--pairs", dest="pairs_file", default=None, help=".jsonl/.csv (prompt, source_prompt) or prompt<TAB>source lines")
+    loc.add_argument("--signs", type=int, default=0, help="add N sign pairs of the tiny model's world")
+    loc.add_argument("--signs-seed", type=int, default=0)
+    loc.add_argument("--layers", default=None, help="layers to patch, e.g. '0,3,5+6' (default: every layer alone)")
+    loc.add_argument("--seeds", type=int, nargs="+", default=[0])
+    loc.add_argument("--score", default="judge", help=SCORES)
+    loc.add_argument("--out", default="localization", help="directory for localization.json and localization.png")
+    add_common(loc)
+    loc.set_defaults(func=cmd_localize)
+
+    edit = sub.add_parser("edit-text", help="generate a prompt and its twin with new quoted text patched into the text layers")
+    edit.add_argument("prompt", help='a prompt with quoted text, e.g. \'a sign that says "A" in red on a white background\'')
+    edit.add_argument("--text", required=True, help="the new text for the quotes")
+    edit.add_argument("--layers", required=True, help="the text layers, e.g. '3' or '3,4' (from dit-attn localize)")
+    edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument("--out", default="edit", help="directory for original.png, edited.png, side_by_side.png")
+    add_common(edit)
+    edit.set_defaults(func=cmd_edit_text)

@@ -1,0 +1,302 @@
+"""The web app: form checking, models, the API through gradio_client, and the page in headless chromium."""
+import html
+import json
+import os
+import re
+import socket
+
+import numpy as np
+import pytest
+import torch
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+import dit_attn as da
+from dit_attn.app import ModelRegistry, serve
+from dit_attn.app.generation import difference_image, run_pipeline
+from dit_attn.app.models import LoadedModel, check_model_dir
+from dit_attn.app.settings import build_settings, collect_heads
+from dit_attn.cli import build_parser, main
+from dit_attn.heads import PRESETS, LayerInfo
+from dit_attn.models.configs import build_demo_pipeline, save_demo_pipeline
+
+CHROMIUM = "/usr/bin/chromium"
+PROMPT = "a red circle"
+FORM = dict(model="demo", prompt=PROMPT, steps=2, cfg=4.5, seed=3, size="32", heads="L1H0, L2", picked=[], presets=[],
+            u=0.5, scope="image", target="identity", pag_scale=2.0, local_radius=None)
+
+
+def form(**changes) -> list:
+    """The inputs of the generate/compare endpoints, in the page's order."""
+    return list({**FORM, **changes}.values())
+
+
+def png_settings(path: str) -> dict:
+    return json.loads(Image.open(path).text["dit-attn"])
+
+
+def pixels(path_or_image) -> np.ndarray:
+    image = Image.open(path_or_image) if isinstance(path_or_image, str) else path_or_image
+    return np.asarray(image.convert("RGB"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return ModelRegistry(embedded=("demo",))  # the smallest model keeps each generation short
+
+
+@pytest.fixture(scope="module")
+def server(registry, tmp_path_factory):
+    app = serve(registry, port=free_port(), output_dir=str(tmp_path_factory.mktemp("app-out")), block=False)
+    yield app
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def client(server, tmp_path_factory):
+    return Client(server.local_url, verbose=False, analytics_enabled=False, download_files=str(tmp_path_factory.mktemp("dl")))
+
+
+@pytest.fixture(scope="module")
+def stock_demo():
+    """An independent copy of the demo model (same seed, so same weights) for expected images."""
+    pipe = build_demo_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def stock_image(pipe, **call):
+    return pipe(PROMPT, generator=torch.Generator().manual_seed(FORM["seed"]), num_inference_steps=FORM["steps"],
+                guidance_scale=FORM["cfg"], height=32, width=32, **call).images[0]
+
+
+# form values and models
+
+
+def test_collect_heads_merges_text_picker_and_presets_in_order():
+    assert collect_heads("L1H0, L2,,", ["L0H1", "L2"], ["sd3:dark"]) == ["L1H0", "L2", "L0H1", "sd3:dark"]
+    assert collect_heads("", None, None) == []
+    with pytest.raises(ValueError, match=r"L<layer>H<head>"):
+        collect_heads("head7")
+
+
+def test_build_settings_checks_every_field(registry):
+    demo = registry.get("demo")
+    good = dict(prompt=" a cat ", steps=2, cfg=4.5, seed=1, size="64x32", heads=["L3H3"], pag_scale=3.0, u=1.0, scope="joint")
+    settings = build_settings(demo, **good)
+    assert settings["prompt"] == "a cat" and (settings["width"], settings["height"]) == (64, 32)
+    assert settings["model"] == "demo" and settings["heads"] == ["L3H3"] and settings["dtype"] == "float32"
+    for change, message in [
+        (dict(prompt="  "), "prompt is empty"),
+        (dict(size="30"), "multiples of 4"),
+        (dict(size="big"), "N or WIDTHxHEIGHT"),
+        (dict(size="4096"), "between 4 and 2048"),
+        (dict(heads=["L99H0"]), r"layers 0-3"),
+        (dict(heads=["L0H4"]), r"valid heads are 0-3"),
+        (dict(steps=0), r"steps must be in \[1, 200\]"),
+        (dict(steps=2.5), "steps must be a whole number"),
+        (dict(seed=-1), "seed must be in"),
+        (dict(u=1.5), r"u must be in \[0.0, 1.0\]"),
+        (dict(cfg=float("nan")), "CFG scale must be a number"),
+        (dict(scope="everything"), "scope must be one of"),
+        (dict(local_radius=-1), "radius must be a finite number > 0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            build_settings(demo, **{**good, **change})
+
+
+def test_registry_offers_the_embedded_models_by_default():
+    assert ModelRegistry().choices == list(da.loading.EMBEDDED_MODELS)  # nothing is loaded until asked for
+
+
+def test_registry_offers_only_its_choices_and_caches(registry, tmp_path):
+    assert registry.choices == ["demo"] and registry.default == "demo"
+    assert registry.get("demo") is registry.get("demo")
+    for path in ("/etc", str(tmp_path), "../demo"):
+        with pytest.raises(ValueError, match="unknown model"):
+            registry.get(path)
+    with pytest.raises(ValueError, match="not a directory"):
+        check_model_dir(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="no model_index.json"):
+        check_model_dir(str(tmp_path))
+
+
+def test_model_dir_is_offered_and_loaded(tmp_path):
+    path = save_demo_pipeline(tmp_path / "flux", family="flux")
+    registry = ModelRegistry([path, path], embedded=("demo",), max_loaded=1)
+    assert registry.choices == ["demo", os.path.abspath(path)]
+    flux = registry.get(os.path.abspath(path))
+    assert flux.family == "flux" and len(flux.head_choices()) == 4 * 4 and flux.head_choices()[-1] == "L3H3"
+    assert registry.get("demo") is not None and list(registry._loaded) == ["demo"]  # least recently used dropped
+
+
+def test_presets_offered_are_the_family_presets_that_fit():
+    sd3_medium = [LayerInfo(i, f"transformer_blocks.{i}.attn", "joint", 24, 64) for i in range(24)]
+    model = LoadedModel("sd3-medium", None, "sd3", sd3_medium)
+    assert model.presets() == [name for name in PRESETS if name.startswith("sd3:")]
+    assert model.summary().endswith("24 layers × 24 heads, 576 heads")
+    assert LoadedModel("small", None, "sd3", sd3_medium[:2]).presets() == ["sd3:dark", "sd3:white", "sd3:blue", "sd3:red"]
+    assert LoadedModel("flux", None, "flux", sd3_medium).presets() == []  # FLUX presets address layers past 24
+
+
+def test_run_pipeline_reports_each_step_and_is_seeded(registry):
+    demo = registry.get("demo")
+    settings = build_settings(demo, prompt=PROMPT, steps=2, cfg=4.5, seed=3, size="32", heads=["L1H0"], pag_scale=2.0,
+                              u=1.0, scope="joint")
+    done = []
+    first = run_pipeline(demo, settings, on_step=done.append)
+    assert done == [1, 2]
+    np.testing.assert_array_equal(pixels(run_pipeline(demo, settings)), pixels(first))
+    assert not demo.lock.locked() and not hasattr(demo.pipe.transformer, "_dit_attn_handle")  # edit removed
+
+
+def test_difference_image_is_scaled_absolute_difference():
+    a = Image.fromarray(np.array([[[10, 20, 30], [0, 0, 0]]], dtype=np.uint8))
+    b = Image.fromarray(np.array([[[20, 20, 0], [0, 5, 0]]], dtype=np.uint8))
+    image, peak, gain = difference_image(a, b)
+    assert peak == 30 and gain == pytest.approx(8.5)
+    assert pixels(image).tolist() == [[[85, 0, 255], [0, 42, 0]]]
+    assert pixels(difference_image(a, a)[0]).max() == 0
+
+
+def test_cli_app_options_and_bad_dir(tmp_path, capsys):
+    args = build_parser().parse_args(["app"])
+    assert (args.host, args.port, args.model_dirs, args.concurrency, args.max_queue) == ("127.0.0.1", 7860, [], 1, 16)
+    args = build_parser().parse_args(["app", "--model-dir", "a", "--model-dir", "b", "--concurrency", "2"])
+    assert args.model_dirs == ["a", "b"] and args.concurrency == 2
+    assert main(["app", "--model-dir", str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+# the running app through its API
+
+
+def test_server_is_local_and_queued(server):
+    assert server.server_name == "127.0.0.1"
+    assert server._queue.max_size == 16 and server._queue.default_concurrency_limit == 1
+
+
+def test_api_generate_returns_png_with_settings_and_the_guided_image(client, stock_demo):
+    path, shown = client.predict(*form(), api_name="/generate")
+    assert path.endswith(".png")
+    settings = png_settings(path)
+    assert settings == shown
+    expected = {"prompt": PROMPT, "model": "demo", "seed": 3, "steps": 2, "cfg": 4.5, "width": 32, "height": 32,
+                "heads": ["L1H0", "L2"], "pag_scale": 2.0, "u": 0.5, "scope": "image", "target": "identity"}
+    assert {k: settings[k] for k in expected} == expected
+    edit = da.HeadGuidance(heads=["L1H0", "L2"], scale=2.0, u=0.5, scope="image")
+    with da.apply(stock_demo, edit):
+        guided = stock_image(stock_demo)
+    np.testing.assert_array_equal(pixels(path), pixels(guided))
+
+
+def test_api_generate_without_heads_is_the_stock_image(client, stock_demo):
+    path, settings = client.predict(*form(heads="", size=""), api_name="/generate")
+    assert settings["heads"] == [] and (settings["width"], settings["height"]) == (32, 32)  # the model's default size
+    np.testing.assert_array_equal(pixels(path), pixels(stock_image(stock_demo)))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(heads="L99H0"), "layer 99 (from 'L99H0') out of range: this model has layers 0-3"),
+    (dict(heads="head7"), "use 'L<layer>H<head>', 'L<layer>'"),
+    (dict(prompt=" "), "the prompt is empty"),
+    (dict(size="30"), "multiples of 4"),
+    (dict(local_radius=-2), "radius must be a finite number > 0"),
+])
+def test_api_bad_input_is_a_readable_error(client, change, message):
+    with pytest.raises(AppError) as caught:
+        client.predict(*form(**change), api_name="/generate")
+    text = html.unescape(str(caught.value))
+    assert message in text and "Traceback" not in text
+
+
+def test_api_compare_matches_stock_and_guided_calls(client, stock_demo):
+    without, with_edit, difference, summary = client.predict(*form(heads="L0, L1H2", u=1.0, pag_scale=5.0), api_name="/compare")
+    plain = pixels(stock_image(stock_demo))
+    np.testing.assert_array_equal(pixels(without), plain)
+    with da.apply(stock_demo, da.HeadGuidance(heads=["L0", "L1H2"], scale=5.0, u=1.0, scope="image")):
+        guided = pixels(stock_image(stock_demo))
+    np.testing.assert_array_equal(pixels(with_edit), guided)
+    assert not np.array_equal(plain, guided)
+    diff = np.abs(plain.astype(int) - guided.astype(int))
+    np.testing.assert_array_equal(pixels(difference), np.rint(diff * (255 / diff.max())).astype(np.uint8))
+    assert f"{diff.max()}/255" in summary
+    assert png_settings(without)["heads"] == [] and png_settings(with_edit)["heads"] == ["L0", "L1H2"]
+    assert png_settings(difference)["largest_difference"] == diff.max()
+    with pytest.raises(AppError, match="Compare needs an edit"):
+        client.predict(*form(heads=""), api_name="/compare")
+
+
+def test_api_local_attention_is_the_clear_edit(client, stock_demo):
+    without, with_edit, _, _ = client.predict(*form(heads="", local_radius=1.5), api_name="/compare")
+    assert png_settings(with_edit)["local_radius"] == 1.5 and png_settings(without)["local_radius"] is None
+    with da.apply(stock_demo, da.LocalAttention(radius=1.5)):
+        local = pixels(stock_image(stock_demo))
+    np.testing.assert_array_equal(pixels(with_edit), local)
+    assert not np.array_equal(pixels(without), local)
+
+
+# the page in a real browser
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{CHROMIUM} is missing in CI: .ci/run installs Debian's chromium")
+        pytest.skip(f"browser test needs Debian's chromium at {CHROMIUM} (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                             args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        page = browser.new_page()
+        page.set_default_timeout(30_000)
+        page.goto(server.local_url)
+        yield page
+        browser.close()
+
+
+def _fill_form(page, heads: str) -> None:
+    page.locator("#prompt").get_by_role("textbox").fill(PROMPT)
+    page.locator("#size").get_by_role("textbox").fill("32")
+    steps = page.locator("#steps input[type=number]")
+    steps.fill("2")
+    steps.press("Enter")
+    page.locator("#heads").get_by_role("textbox").fill(heads)
+
+
+def _wait_for_images(page, *elem_ids: str) -> None:
+    for elem_id in elem_ids:
+        image = page.locator(f"#{elem_id} img")
+        image.wait_for(state="visible")
+        page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=image.element_handle())
+
+
+def test_browser_generate_shows_an_image(page):
+    _fill_form(page, "L1H0, L2")
+    page.locator("#generate-button").click()
+    _wait_for_images(page, "generate-image")
+    assert page.locator("#generate-image img").get_attribute("src").endswith(".png")
+
+
+def test_browser_invalid_head_shows_a_readable_error(page):
+    _fill_form(page, "L99H0")
+    page.locator("#generate-button").click()
+    page.get_by_text(re.compile(r"out of range: this model has layers 0-3")).first.wait_for(state="visible")
+    assert "Traceback" not in page.content()
+
+
+def test_browser_compare_shows_both_images_and_their_difference(page):
+    _fill_form(page, "L0")
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#compare-button").click()
+    _wait_for_images(page, "compare-without", "compare-with", "compare-difference")
+    page.get_by_text(re.compile(r"Largest pixel difference: \d+/255")).wait_for(state="visible")
