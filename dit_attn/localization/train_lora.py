@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..heads import model_family, model_layers
-from ..pipelines.training import cosine_lr, save_atomic, set_lr, step_seed
+from ..pipelines.training import cosine_lr, optimizer_step, save_atomic, step_seed
 from .lora import DEFAULT_TARGETS, localized_lora_config, lora_parameter_count, save_lora
 
 MODES = ("localized", "all")
@@ -179,11 +179,7 @@ def train_lora(pipe, cfg: LoraTrainConfig, data_dir: str, work: str, out: str) -
                 pooled_projections=data["pooled"][rows].to(device, dtype), timestep=(t * 1000).to(device, dtype),
             ).sample
             loss = F.mse_loss(prediction.float(), (noise - x0).to(device))
-            set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
+            optimizer_step(optimizer, loss, params, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup))
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:

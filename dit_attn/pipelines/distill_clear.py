@@ -31,7 +31,7 @@ from ..apply import apply
 from ..edits import LocalAttention
 from ..heads import model_family, model_layers
 from ..local_attention import local_attention_modules
-from .training import cosine_lr, save_atomic, set_lr, step_seed
+from .training import cosine_lr, optimizer_step, save_atomic, step_seed
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -239,11 +239,7 @@ def distill(pipe, cfg: DistillConfig, work: str, out: str, prompts: list[str] | 
             match = F.mse_loss(student_eps, teacher_eps)
             attention_loss = sum(F.mse_loss(s, t_) for s, t_ in zip(student_attention, teacher_attention)) / max(1, len(student_attention))
             loss = cfg.flow_weight * flow + cfg.teacher_weight * match + cfg.attention_weight * attention_loss
-            set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
+            optimizer_step(optimizer, loss, params, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup))
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}", teacher=f"{match.item():.4f}")
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:

@@ -28,3 +28,12 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params, lr: float, max_norm: float = 1.0) -> None:
+    """One update at learning rate `lr`, with gradients clipped to `max_norm`."""
+    set_lr(optimizer, lr)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
