@@ -1,0 +1,56 @@
+"""Batch generation throughput on the tiny model: `dit-attn generate --prompts FILE` one prompt
+per pipeline call vs `--batch-size N`, same prompts and seeds, timed side by side in one run
+(each into a fresh output directory), with the largest pixel difference between the two.
+
+Run:  python benchmarks/batch_generate.py [--n 32] [--batch-size 8] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dit_attn.cli import main as cli
+from dit_attn.models.evaluate import held_out_prompts
+
+
+def run(prompts_file: str, out: str, batch_size: int, steps: int) -> float:
+    start = time.perf_counter()
+    assert cli(["generate", "--prompts", prompts_file, "--batch-size", str(batch_size), "--steps", str(steps),
+                "--out", out]) == 0
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as work:
+        prompts_file = os.path.join(work, "prompts.txt")
+        with open(prompts_file, "w") as f:
+            f.write("\n".join(held_out_prompts("shape", args.n // 2) + held_out_prompts("sign", args.n - args.n // 2)))
+        run(prompts_file, os.path.join(work, "warm"), args.batch_size, 1)  # loads and warms the model
+        one = run(prompts_file, os.path.join(work, "one"), 1, args.steps)
+        batched = run(prompts_file, os.path.join(work, "batched"), args.batch_size, args.steps)
+        diff = max(
+            int(np.abs(np.asarray(Image.open(os.path.join(work, "one", name)), dtype=np.int16)
+                       - np.asarray(Image.open(os.path.join(work, "batched", name)), dtype=np.int16)).max())
+            for name in os.listdir(os.path.join(work, "one")) if name.endswith(".png")
+        )
+    print(f"tiny model, {args.n} prompts, {args.steps} steps, threads {args.threads}, load {os.getloadavg()[0]:.2f}")
+    print(f"one prompt per call: {one:.1f} s ({args.n / one:.2f} images/s)")
+    print(f"--batch-size {args.batch_size}: {batched:.1f} s ({args.n / batched:.2f} images/s) -> {one / batched:.2f}x")
+    print(f"largest pixel difference between the two: {diff}/255")
+
+
+if __name__ == "__main__":
+    main()
