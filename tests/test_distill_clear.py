@@ -113,3 +113,30 @@ def test_cli_distill_clear(tmp_path, capsys):
     assert out.exists() and "2 steps" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["distill-clear", "--work", str(tmp_path / "w"), "--out", str(out), "--radius", "-1"])
+
+
+def test_flux_distillation_closes_the_gap(tmp_path):
+    from dit_attn.models.configs import build_flux_pipeline
+
+    pipe = build_flux_pipeline(num_layers=1, num_single_layers=1, num_heads=2, head_dim=8)
+    pipe.set_progress_bar_config(disable=True)
+    out = str(tmp_path / "flux.safetensors")
+    distill(pipe, DistillConfig(**{**SMALL, "lr": 1e-3}, flow_weight=0.0), str(tmp_path / "work"), out, PROMPTS)
+    tensors = load_file(out)
+    assert "single_transformer_blocks.0.attn.to_q.weight" in tensors and "transformer_blocks.0.attn.to_out.0.weight" in tensors
+
+    def gap(*edits):
+        g = torch.Generator().manual_seed(99)
+        transformer = pipe.transformer
+        x = torch.randn(2, 16, transformer.config.in_channels, generator=g)  # a 4x4 token grid, packed
+        ids = pipe._prepare_latent_image_ids(1, 4, 4, x.device, x.dtype)
+        embeds, pooled, _ = pipe.encode_prompt(PROMPTS[:2], PROMPTS[:2], max_sequence_length=2)
+        args = dict(encoder_hidden_states=embeds, pooled_projections=pooled, timestep=torch.tensor([0.3, 0.7]), img_ids=ids,
+                    txt_ids=torch.zeros(2, 3), guidance=torch.full((2,), 3.5) if transformer.config.guidance_embeds else None)
+        with torch.no_grad():
+            full = transformer(hidden_states=x, **args).sample
+            with da.apply(pipe, *edits):
+                local = transformer(hidden_states=x, **args).sample
+        return float(((local - full) ** 2).mean())
+
+    assert gap(da.LocalAttention(1.5, weights=out)) < gap(da.LocalAttention(1.5))

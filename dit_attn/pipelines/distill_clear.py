@@ -12,7 +12,7 @@ Resumable: the teacher samples are cached as they are made, and every
 `checkpoint_every` steps the trained tensors (safetensors, diffusers module names) and
 the optimizer state are written atomically; rerunning the command continues, and the
 result is the same as an uninterrupted run (each step draws from its own seed).
-SD3 / SD3.5 pipelines (FLUX: not yet).
+SD3 / SD3.5 and FLUX pipelines.
 """
 from __future__ import annotations
 
@@ -94,8 +94,7 @@ def teacher_samples(pipe, cfg: DistillConfig, prompts: list[str], work: str) -> 
         with torch.no_grad():
             latents = pipe(chunk, generator=generators, num_inference_steps=cfg.sample_steps, output_type="latent",
                            max_sequence_length=cfg.max_sequence_length, **size, **extra).images
-            embeds, _, pooled, _ = pipe.encode_prompt(chunk, chunk, chunk, do_classifier_free_guidance=False,
-                                                      max_sequence_length=cfg.max_sequence_length)
+            embeds, pooled = encode(pipe, chunk, cfg.max_sequence_length)
         cache["latents"].append(latents)
         cache["embeds"].append(embeds)
         cache["pooled"].append(pooled)
@@ -106,9 +105,44 @@ def teacher_samples(pipe, cfg: DistillConfig, prompts: list[str], work: str) -> 
     return {key: torch.cat(value) if key != "prompts" else value for key, value in cache.items()}
 
 
+def encode(pipe, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token features, pooled features) of the prompts, with the pipeline's own encoders."""
+    if model_family(pipe.transformer) == "flux":
+        embeds, pooled, _ = pipe.encode_prompt(prompts, prompts, max_sequence_length=max_sequence_length)
+        return embeds, pooled
+    embeds, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, do_classifier_free_guidance=False,
+                                              max_sequence_length=max_sequence_length)
+    return embeds, pooled
+
+
+class Denoiser:
+    """ε of a transformer for noisy latents x_t at flow time t ∈ (0, 1), in the layout the pipeline's latents have."""
+
+    def __init__(self, pipe, cfg: DistillConfig, latents: torch.Tensor):
+        self.flux = model_family(pipe.transformer) == "flux"
+        if self.flux:  # packed latents (B, S, C): position ids of the S image tokens, zero text ids
+            size = cfg.size or pipe.default_sample_size * pipe.vae_scale_factor
+            side = 2 * (size // (pipe.vae_scale_factor * 2)) // 2
+            self.img_ids = pipe._prepare_latent_image_ids(1, side, side, latents.device, latents.dtype)
+            if self.img_ids.shape[0] != latents.shape[1]:
+                raise ValueError(f"{latents.shape[1]} latent tokens, but the ids of a {side}x{side} grid")
+            self.guidance = cfg.cfg if cfg.cfg is not None else 3.5  # FluxPipeline's default
+        self.config = pipe.transformer.config
+
+    def __call__(self, transformer, x_t, embeds, pooled, t) -> torch.Tensor:
+        if not self.flux:
+            return transformer(x_t, embeds, pooled, t * 1000).sample
+        guidance = torch.full((x_t.shape[0],), self.guidance) if self.config.guidance_embeds else None
+        return transformer(hidden_states=x_t, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=t,
+                           img_ids=self.img_ids, txt_ids=torch.zeros(embeds.shape[1], 3), guidance=guidance).sample
+
+
 def trainable_modules(transformer, layers) -> list[str]:
-    """Module names of the projections that train: q/k/v/out of each local attention module."""
-    return [f"{attn}.{proj}" for attn in local_attention_modules(model_layers(transformer), layers) for proj in PROJECTIONS]
+    """Module names of the projections that train: q/k/v/out of each local attention module
+    (FLUX single blocks have no attention output projection)."""
+    names = [f"{attn}.{proj}" for attn in local_attention_modules(model_layers(transformer), layers) for proj in PROJECTIONS]
+    existing = {name for name, _ in transformer.named_modules()}
+    return [name for name in names if name in existing]
 
 
 @contextmanager
@@ -180,12 +214,11 @@ def save_weights(path: str, tensors: dict[str, torch.Tensor], cfg: DistillConfig
 def distill(pipe, cfg: DistillConfig, work: str, out: str, prompts: list[str] | None = None) -> dict:
     """Train, resuming from `work`; writes the trained tensors to `out` (.safetensors). Returns a summary."""
     transformer = pipe.transformer
-    if model_family(transformer) != "sd3":
-        raise NotImplementedError("distill-clear supports SD3 / SD3.5 pipelines for now (FLUX: not yet)")
     if getattr(transformer, "peft_config", None):
         raise ValueError("the transformer already has LoRA adapters: fuse or unload them before distill-clear")
     os.makedirs(work, exist_ok=True)
     data = teacher_samples(pipe, cfg, prompts or default_prompts(max(cfg.samples, 1), cfg.seed), work)
+    denoise = Denoiser(pipe, cfg, data["latents"])
     lora = cfg.lora_rank is not None
     all_layers = frozenset(info.index for info in model_layers(transformer))
     modules = trainable_modules(transformer, all_layers)
@@ -227,13 +260,14 @@ def distill(pipe, cfg: DistillConfig, work: str, out: str, prompts: list[str] | 
             x0, embeds, pooled = data["latents"][rows], data["embeds"][rows], data["pooled"][rows]
             noise = torch.randn(x0.shape, generator=generator)
             t = torch.sigmoid(torch.randn(cfg.batch, generator=generator))
-            x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+            t_b = t.view(-1, *[1] * (x0.ndim - 1))  # SD3 latents (B, C, H, W), FLUX packed (B, S, C)
+            x_t = (1 - t_b) * x0 + t_b * noise
             with torch.no_grad():
                 teacher_rec.take()
                 with full_attention(handle, lora):
-                    teacher_eps = (teacher or transformer)(x_t, embeds, pooled, t * 1000).sample
+                    teacher_eps = denoise(teacher or transformer, x_t, embeds, pooled, t)
                 teacher_attention = teacher_rec.take()
-            student_eps = transformer(x_t, embeds, pooled, t * 1000).sample
+            student_eps = denoise(transformer, x_t, embeds, pooled, t)
             student_attention = student_rec.take()
             flow = F.mse_loss(student_eps, noise - x0)
             match = F.mse_loss(student_eps, teacher_eps)
