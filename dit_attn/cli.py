@@ -12,7 +12,7 @@ import torch
 
 from .edits import HeadGuidance, LocalAttention
 from .heads import PRESETS, format_layers
-from .loading import TINY, call_defaults
+from .loading import TINY, call_defaults, call_options
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -97,12 +97,8 @@ def edits_for(settings: dict) -> tuple:
 
 
 def pipeline_kwargs(settings: dict) -> dict:
-    kwargs = {"num_inference_steps": settings["steps"]}
-    if settings["cfg"] is not None:
-        kwargs["guidance_scale"] = settings["cfg"]
-    if settings["height"]:
-        kwargs["height"], kwargs["width"] = settings["height"], settings["width"]
-    return kwargs
+    size = (settings["height"], settings["width"]) if settings["height"] else None
+    return {"num_inference_steps": settings["steps"], **call_options(settings["cfg"], size)}
 
 
 def load_items(args) -> list:

@@ -11,6 +11,19 @@ TINY = "tiny"
 EMBEDDED_MODELS = (TINY, DEMO)
 
 
+def call_options(cfg: float | None = None, size: tuple[int, int] | None = None,
+                 max_sequence_length: int | None = None) -> dict:
+    """Pipeline-call keyword arguments for the settings given (None: the pipeline's default). size: (height, width)."""
+    options = {}
+    if cfg is not None:
+        options["guidance_scale"] = cfg
+    if size is not None:
+        options["height"], options["width"] = size
+    if max_sequence_length is not None:
+        options["max_sequence_length"] = max_sequence_length
+    return options
+
+
 def call_defaults(pipe) -> dict:
     """Pipeline-call settings an embedded model prefers (the tiny model: one zero T5 token, not 256)."""
     return dict(getattr(pipe, "dit_attn_call_defaults", {}))

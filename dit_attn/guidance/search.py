@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..apply import apply
 from ..edits import HeadGuidance
 from ..heads import model_family, model_layers, resolve_heads
+from ..loading import call_options
 from .objectives import get_objective
 
 Head = tuple[int, int]
@@ -103,13 +104,8 @@ class SearchSettings:
 
 def generate(pipe, settings: SearchSettings, pairs: list[tuple[str, int]]):
     """The pipeline call of `pairs` with the search's settings (each item seeded by its pair)."""
-    kwargs = {"num_inference_steps": settings.steps}
-    if settings.cfg is not None:
-        kwargs["guidance_scale"] = settings.cfg
-    if settings.size is not None:
-        kwargs["height"], kwargs["width"] = settings.size
-    if settings.max_sequence_length is not None:
-        kwargs["max_sequence_length"] = settings.max_sequence_length
+    kwargs = {"num_inference_steps": settings.steps,
+              **call_options(settings.cfg, settings.size, settings.max_sequence_length)}
     generators = [torch.Generator().manual_seed(seed) for _, seed in pairs]
     return pipe([prompt for prompt, _ in pairs], generator=generators, **kwargs).images
 

@@ -52,7 +52,7 @@ def _flex_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
     if plan.window is None:
         return "no local window in the plan"
     try:
-        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401 (availability check)
     except ImportError as err:
         return f"this torch has no flex_attention ({err})"
     if not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:

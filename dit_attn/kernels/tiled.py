@@ -132,7 +132,8 @@ def _fused_bands(fused, q_grid, k_padded, v_padded, k_global, v_global, geo: Til
 
     outs, lses = [], []
     for tile_row in range(geo.tiles[0]):
-        bias = torch.zeros(geo.allowed(tile_row).shape, dtype=q_grid.dtype).masked_fill_(~geo.allowed(tile_row), blocked)
+        allowed = geo.allowed(tile_row)
+        bias = torch.zeros(allowed.shape, dtype=q_grid.dtype).masked_fill_(~allowed, blocked)
         bias = bias.to(q_grid.device).unsqueeze(1).repeat(batch, 1, 1, 1)  # (B·tiles, 1, cells, halo)
         out, lse = fused(tiles_as_batch(_tile_row_queries(q_grid, geo, tile_row)),
                          tiles_as_batch(_tile_row_halos(k_padded, geo, tile_row)),

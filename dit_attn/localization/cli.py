@@ -66,14 +66,9 @@ def make_score(name: str):
 
 
 def pipeline_options(args) -> dict:
-    options = {}
-    if args.cfg is not None:
-        options["guidance_scale"] = args.cfg
-    if args.size is not None:
-        options["height"], options["width"] = args.size
-    if args.max_sequence_length is not None:
-        options["max_sequence_length"] = args.max_sequence_length
-    return options
+    from ..loading import call_options
+
+    return call_options(args.cfg, args.size, args.max_sequence_length)
 
 
 def load(args):
