@@ -8,6 +8,7 @@ from .loading import call_defaults, load_pipeline
 from .models import judge  # da.judge.judge(images), da.judge.adherence(images, prompts)
 from .edits import TextGuard, TextPatch
 from .localization import LocalizationResult, TextEdit, edit_text, localize, localized_lora_config
+from . import ic  # da.ic.caption, da.ic.compose / split, da.ic.generate_set (in-context sets)
 
 __version__ = "0.1.0"
 
@@ -15,4 +16,5 @@ __all__ = [
     "PRESETS", "Atlas", "Handle", "HeadGuidance", "HuntResult", "LayerInfo", "LocalAttention", "SoftPAG", "apply",
     "atlas", "call_defaults", "hunt", "judge", "layers", "load_pipeline", "__version__",
 ]
+__all__ += ["ic"]
 __all__ += ["LocalizationResult", "TextEdit", "TextGuard", "TextPatch", "edit_text", "localize", "localized_lora_config"]

@@ -1,14 +1,20 @@
-"""Train a LoRA on the text layers only (or on every layer, to compare): `dit-attn train-lora`.
+"""Train a LoRA: on the text layers only (`--mode localized`), on every layer (`all`), or an
+In-Context LoRA on panel sets (`ic`, every layer's attention): `dit-attn train-lora`.
 
 Data: a directory of images with captions, either a `metadata.jsonl` (objects with
 `file_name` and `text`, the Hugging Face image-folder layout) or `NAME.png` + `NAME.txt`
-pairs. The images are encoded once with the pipeline's VAE and text encoders and cached in
-the work directory. Loss: flow matching (x_t = (1 − t)·x0 + t·n, target n − x0,
-logit-normal t, timestep 1000·t). Resumable: every `checkpoint_every` steps the LoRA
-tensors and the optimizer state are written atomically; rerunning continues, and each
-step draws its batch and noise from its own seed, so the result equals an uninterrupted
-run. The LoRA is saved with its config as metadata (`pipe.load_lora_weights(out)` keeps
-lora_alpha). SD3 / SD3.5 pipelines (FLUX: not yet).
+pairs; in `ic` mode the images are whole set canvases, or the directory holds panels and a
+`sets.json` that the trainer composes into canvases (`dit_attn.ic.data`). The images are
+encoded once with the pipeline's VAE and text encoders and cached in the work directory,
+grouped in buckets of one image size: a batch only mixes latents of one size (the bucket of
+each step is drawn in proportion to its size). Loss: flow matching (x_t = (1 − t)·x0 + t·n,
+target n − x0, logit-normal t; SD3 timestep 1000·t, FLUX t on packed latents with position
+ids and a guidance value). Caption dropout replaces a caption by the empty one; gradient
+accumulation sums `accumulate` batches per update. Resumable: every `checkpoint_every`
+steps the LoRA tensors and the optimizer state are written atomically; rerunning
+continues, and each step draws its batches and noise from its own seed, so the result
+equals an uninterrupted run. The LoRA is saved with its config as metadata
+(`pipe.load_lora_weights(out)` keeps lora_alpha). SD3 / SD3.5 and FLUX pipelines.
 """
 from __future__ import annotations
 
@@ -22,11 +28,13 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..heads import model_family, model_layers
-from ..pipelines.training import cosine_lr, optimizer_step, save_atomic, step_seed
+from ..heads import model_layers
+from ..pipelines.flow import latents_of, predict, text_features
+from ..pipelines.training import cosine_lr, save_atomic, set_lr, step_seed
 from .lora import DEFAULT_TARGETS, localized_lora_config, lora_parameter_count, save_lora
 
-MODES = ("localized", "all")
+MODES = ("localized", "all", "ic")
+CACHE_FORMAT = "dit-attn-lora-data/2"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -45,13 +53,20 @@ class LoraTrainConfig:
     max_sequence_length: int | None = None  # default: the pipeline's call defaults, else 256
     seed: int = 0
     checkpoint_every: int = 50
+    caption_dropout: float = 0.0  # probability that a caption is replaced by the empty one
+    accumulate: int = 1  # batches per optimizer update (gradient accumulation)
+    guidance: float = 1.0  # FLUX guidance-embedding value while training (guidance-distilled models)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.mode == "localized" and not self.layers:
             raise ValueError("--mode localized needs --layers (the text layers from dit-attn localize)")
-        for name in ("rank", "steps", "batch", "checkpoint_every"):
+        if self.mode == "ic" and self.size is not None:
+            raise ValueError("--size resizes to squares and applies to --mode localized/all; ic sets train at their own size")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout!r}")
+        for name in ("rank", "steps", "batch", "checkpoint_every", "accumulate"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -101,32 +116,106 @@ def write_sign_data(directory: str, n: int, seed: int = 0) -> int:
     return n
 
 
-def encode_dataset(pipe, items: list[tuple[str, str]], cfg: LoraTrainConfig, max_sequence_length: int, work: str) -> dict:
-    """Latents (N, C, h, w), text states (N, S, D) and pooled embeddings (N, P), cached in `work`."""
+def _load_image(source, size: int | None) -> Image.Image:
+    image = source.convert("RGB") if isinstance(source, Image.Image) else Image.open(source).convert("RGB")
+    return image.resize((size, size), Image.BICUBIC) if size is not None else image
+
+
+def _check_sizes(pipe, sizes) -> None:
+    from ..ic.latents import alignment
+    from ..ic.layout import nearest_sizes
+
+    _, align = alignment(pipe)
+    for height, width in sizes:
+        if height % align or width % align:
+            near = ", ".join(f"{w}x{h}" for h, w in nearest_sizes(height, width, align, align))
+            raise ValueError(f"training images of {width}x{height} (WxH) are not whole {align}-pixel tokens of "
+                             f"{type(pipe).__name__}; nearest valid sizes: {near}")
+
+
+def encode_dataset(pipe, items: list[tuple], cfg: LoraTrainConfig, max_sequence_length: int, work: str) -> dict:
+    """The data, encoded once and cached in `work`: {"buckets": [one dict per image size with
+    "size" (H, W), "latent_hw" (h, w), "latents" (N, ...) in the pipeline's layout, "embeds"
+    (N, S, D), "pooled" (N, P)], "empty": (embeds (1, S, D), pooled (1, P)) of the empty caption}.
+    `items`: (image path or PIL image, caption)."""
     path = os.path.join(work, "data.pt")
     if os.path.exists(path):
-        return torch.load(path)
-    vae = pipe.vae
-    latents, embeds, pooled = [], [], []
+        cached = torch.load(path)
+        if isinstance(cached, dict) and cached.get("format") == CACHE_FORMAT:
+            return cached
+    groups: dict[tuple[int, int], list[tuple[Image.Image, str]]] = {}
+    for source, text in items:
+        image = _load_image(source, cfg.size)
+        groups.setdefault((image.height, image.width), []).append((image, text))
+    _check_sizes(pipe, groups)
+    buckets = []
+    vae_scale = int(pipe.vae_scale_factor)
     with torch.no_grad():
-        for start in tqdm(range(0, len(items), 16), desc="encode", unit="batch"):
-            chunk = items[start:start + 16]
-            images = []
-            for image_path, _ in chunk:
-                image = Image.open(image_path).convert("RGB")
-                if cfg.size is not None:
-                    image = image.resize((cfg.size, cfg.size), Image.BICUBIC)
-                images.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1))
-            x = torch.stack(images).to(device=vae.device, dtype=vae.dtype)
-            z = vae.encode(x).latent_dist.mode()
-            latents.append(((z - vae.config.shift_factor) * vae.config.scaling_factor).float().cpu())
-            e, _, p, _ = pipe.encode_prompt([c for _, c in chunk], None, None, do_classifier_free_guidance=False,
-                                            max_sequence_length=max_sequence_length)
-            embeds.append(e.float().cpu())
-            pooled.append(p.float().cpu())
-    data = {"latents": torch.cat(latents), "embeds": torch.cat(embeds), "pooled": torch.cat(pooled)}
+        bar = tqdm(total=len(items), desc="encode", unit="image")
+        for (height, width), group in sorted(groups.items()):
+            latents, embeds, pooled = [], [], []
+            for start in range(0, len(group), 16):
+                chunk = group[start:start + 16]
+                x = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+                                 for im, _ in chunk])
+                latents.append(latents_of(pipe, x).cpu())
+                e, p = text_features(pipe, [c for _, c in chunk], max_sequence_length)
+                embeds.append(e.cpu())
+                pooled.append(p.cpu())
+                bar.update(len(chunk))
+            buckets.append({"size": (height, width), "latent_hw": (height // vae_scale, width // vae_scale),
+                            "latents": torch.cat(latents), "embeds": torch.cat(embeds), "pooled": torch.cat(pooled)})
+        bar.close()
+        empty = tuple(t.cpu() for t in text_features(pipe, [""], max_sequence_length))
+    data = {"format": CACHE_FORMAT, "buckets": buckets, "empty": empty}
     save_atomic(data, path)
     return data
+
+
+def draw_batch(data: dict, cfg: LoraTrainConfig, generator: torch.Generator) -> tuple:
+    """One batch of one bucket: (x0, noise, t, embeds, pooled, latent_hw), all drawn from `generator`."""
+    buckets = data["buckets"]
+    bucket = buckets[0]
+    if len(buckets) > 1:  # a bucket in proportion to its number of images
+        weights = torch.tensor([float(len(b["latents"])) for b in buckets])
+        bucket = buckets[int(torch.multinomial(weights, 1, generator=generator))]
+    rows = torch.randint(len(bucket["latents"]), (cfg.batch,), generator=generator)
+    x0 = bucket["latents"][rows]
+    noise = torch.randn(x0.shape, generator=generator)
+    t = torch.sigmoid(torch.randn(cfg.batch, generator=generator))
+    embeds, pooled = bucket["embeds"][rows], bucket["pooled"][rows]
+    if cfg.caption_dropout > 0:
+        drop = torch.rand(cfg.batch, generator=generator) < cfg.caption_dropout
+        if drop.any():
+            embeds, pooled = embeds.clone(), pooled.clone()
+            embeds[drop], pooled[drop] = data["empty"][0][0], data["empty"][1][0]
+    return x0, noise, t, embeds, pooled, bucket["latent_hw"]
+
+
+def training_items(cfg: LoraTrainConfig, data_dir: str) -> list[tuple]:
+    """(image path or PIL image, caption) of the data directory; ic mode also reads panels + sets.json."""
+    if cfg.mode == "ic":
+        from ..ic.data import read_set_data
+
+        if not os.path.isdir(data_dir):
+            raise ValueError(f"data directory not found: {data_dir!r}")
+        return read_set_data(data_dir)
+    return read_captioned_images(data_dir)
+
+
+def save_lora_atomic(pipe, out: str) -> None:
+    """save_lora into a fresh directory beside `out`, then move each file into `out` (never a partial file)."""
+    import shutil
+    import tempfile
+
+    os.makedirs(out, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".partial-lora-", dir=out)
+    try:
+        save_lora(pipe, tmp)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def train_lora(pipe, cfg: LoraTrainConfig, data_dir: str, work: str, out: str) -> dict:
@@ -137,15 +226,13 @@ def train_lora(pipe, cfg: LoraTrainConfig, data_dir: str, work: str, out: str) -
     from ..loading import call_defaults
 
     transformer = pipe.transformer
-    if model_family(transformer) != "sd3":
-        raise NotImplementedError("train-lora supports SD3 / SD3.5 pipelines for now (FLUX: not yet)")
     if getattr(transformer, "peft_config", None):
         raise ValueError("the transformer already has LoRA adapters: unload them before train-lora")
     layers = cfg.layers if cfg.mode == "localized" else tuple(info.index for info in model_layers(transformer))
     lora_config = localized_lora_config(pipe, layers, cfg.rank, cfg.alpha, cfg.targets)  # checks layers, targets
     os.makedirs(work, exist_ok=True)
     max_sequence_length = cfg.max_sequence_length or call_defaults(pipe).get("max_sequence_length", 256)
-    data = encode_dataset(pipe, read_captioned_images(data_dir), cfg, max_sequence_length, work)
+    data = encode_dataset(pipe, training_items(cfg, data_dir), cfg, max_sequence_length, work)
     grad_flags = {n: p.requires_grad for n, p in transformer.named_parameters()}
     transformer.requires_grad_(False)
     transformer.add_adapter(lora_config)
@@ -165,29 +252,30 @@ def train_lora(pipe, cfg: LoraTrainConfig, data_dir: str, work: str, out: str) -
             start, losses = state["step"], state["losses"]
         generator = torch.Generator()
         transformer.train()
-        device, dtype = transformer.device, transformer.dtype
         bar = tqdm(range(start, cfg.steps), desc=f"train-lora ({cfg.mode})", initial=start, total=cfg.steps)
         for step in bar:
             generator.manual_seed(step_seed(cfg.seed, step))
-            rows = torch.randint(len(data["latents"]), (cfg.batch,), generator=generator)
-            x0 = data["latents"][rows]
-            noise = torch.randn(x0.shape, generator=generator)
-            t = torch.sigmoid(torch.randn(cfg.batch, generator=generator))
-            x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
-            prediction = transformer(
-                hidden_states=x_t.to(device, dtype), encoder_hidden_states=data["embeds"][rows].to(device, dtype),
-                pooled_projections=data["pooled"][rows].to(device, dtype), timestep=(t * 1000).to(device, dtype),
-            ).sample
-            loss = F.mse_loss(prediction.float(), (noise - x0).to(device))
-            optimizer_step(optimizer, loss, params, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup))
-            losses.append(loss.item())
+            set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup))
+            optimizer.zero_grad(set_to_none=True)
+            loss = 0.0
+            for _ in range(cfg.accumulate):
+                x0, noise, t, embeds, pooled, latent_hw = draw_batch(data, cfg, generator)
+                t_b = t.view(-1, *[1] * (x0.ndim - 1))  # SD3 (B, C, h, w), FLUX packed (B, S, D)
+                x_t = (1 - t_b) * x0 + t_b * noise
+                prediction = predict(transformer, x_t, embeds, pooled, t, latent_hw, cfg.guidance)
+                part = F.mse_loss(prediction.float(), (noise - x0).to(prediction.device)) / cfg.accumulate
+                part.backward()
+                loss += part.item()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            losses.append(loss)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 lora = {n: t.detach().cpu().clone() for n, t in get_peft_model_state_dict(transformer).items()}
                 save_atomic({"config": asdict(cfg), "lora": lora, "optimizer": optimizer.state_dict(), "step": step + 1,
                              "losses": losses}, state_path)
         transformer.eval()
-        save_lora(pipe, out)
+        save_lora_atomic(pipe, out)
         summary = {
             "out": out, "mode": cfg.mode, "layers": list(layers), "steps": cfg.steps, "losses": losses,
             "lora_parameters": lora_parameter_count(transformer),
@@ -204,21 +292,26 @@ def train_lora(pipe, cfg: LoraTrainConfig, data_dir: str, work: str, out: str) -
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from ..loading import DEMO, load_pipeline
+    from ..loading import DEMO, TINY, load_pipeline
     from .cli import parse_layer_groups
 
     parser = argparse.ArgumentParser(prog="dit-attn train-lora", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=DEMO, help="pipeline directory, hub id or an embedded model name")
-    parser.add_argument("--mode", default="localized", choices=MODES, help="LoRA on --layers only, or on every layer")
+    parser.add_argument("--model", default=None,
+                        help=f"pipeline directory, hub id or an embedded model name (default: {TINY!r} for --mode ic, else {DEMO!r})")
+    parser.add_argument("--mode", default="localized", choices=MODES,
+                        help="LoRA on --layers only, on every layer, or an in-context LoRA on panel sets (every layer)")
     parser.add_argument("--layers", default="", help="the text layers, e.g. '3' or '3,4' (from dit-attn localize)")
     parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="module names inside each layer's attention or block")
-    parser.add_argument("--data", required=True, help="images + captions: metadata.jsonl (file_name, text) or NAME.png + NAME.txt")
+    parser.add_argument("--data", required=True, help="images + captions: metadata.jsonl (file_name, text) or NAME.png + NAME.txt; "
+                        "--mode ic also: panels + sets.json (see dit_attn.ic.data)")
     parser.add_argument("--make-signs", type=int, default=0, help="first render N sign images of the tiny model's world into --data")
+    parser.add_argument("--make-sets", type=int, default=0, help="first render N two-panel sets of the tiny model's world into --data")
     parser.add_argument("--work", required=True, help="directory for the encoded data and checkpoints (rerun to resume)")
     parser.add_argument("--out", required=True, help="directory for the LoRA (pytorch_lora_weights.safetensors)")
     defaults = LoraTrainConfig(mode="all")
     for name, kind in (("rank", int), ("alpha", float), ("steps", int), ("batch", int), ("lr", float), ("warmup", int),
-                       ("size", int), ("max_sequence_length", int), ("seed", int), ("checkpoint_every", int)):
+                       ("size", int), ("max_sequence_length", int), ("seed", int), ("checkpoint_every", int),
+                       ("caption_dropout", float), ("accumulate", int), ("guidance", float)):
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name))
     args = parser.parse_args(argv)
     try:
@@ -227,11 +320,16 @@ def main(argv: list[str] | None = None) -> int:
             mode=args.mode, layers=layers, targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
             rank=args.rank, alpha=args.alpha, steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
             size=args.size, max_sequence_length=args.max_sequence_length, seed=args.seed,
-            checkpoint_every=args.checkpoint_every,
+            checkpoint_every=args.checkpoint_every, caption_dropout=args.caption_dropout, accumulate=args.accumulate,
+            guidance=args.guidance,
         )
         if args.make_signs:
             write_sign_data(args.data, args.make_signs, args.seed)
-        pipe = load_pipeline(args.model)
+        if args.make_sets:
+            from ..ic.data import write_set_data
+
+            write_set_data(args.data, args.make_sets, args.seed)
+        pipe = load_pipeline(args.model or (TINY if cfg.mode == "ic" else DEMO))
         pipe.set_progress_bar_config(disable=True)
         summary = train_lora(pipe, cfg, args.data, args.work, args.out)
     except (ValueError, TypeError, NotImplementedError) as err:
