@@ -366,9 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .localization.cli import add_commands as add_localization_commands
 
     add_localization_commands(sub)  # localize, edit-text
+    from .ic.cli import add_command as add_ic_command
+
+    add_ic_command(sub)  # ic
     sub.add_parser("train-tiny", help="train the embedded tiny model from scratch (dit-attn train-tiny --help)")
     sub.add_parser("distill-clear", help="distil a model into CLEAR local attention (dit-attn distill-clear --help)")
-    sub.add_parser("train-lora", help="train a LoRA on the text layers only (dit-attn train-lora --help)")
+    sub.add_parser("train-lora", help="train a LoRA: text layers, all layers, or in-context sets (dit-attn train-lora --help)")
     return parser
 
 
