@@ -434,3 +434,19 @@ def test_cli_ic_writes_canvas_and_panels(tmp_path, capsys):
     assert settings["caption"] == ex.caption and settings["reference_panels"] == [0] and settings["model"] == "tiny"
     assert main(["ic", "--panel", "a", "--panel", "b", "--size", "100x64", "--out", str(out)]) == 2
     assert "nearest valid sizes: 96x64, 112x64" in capsys.readouterr().err
+
+
+def test_app_sets_tab_action(tmp_path):
+    pytest.importorskip("gradio")
+    from dit_attn.app.models import ModelRegistry
+    from dit_attn.app.ui import AppActions
+
+    actions = AppActions(ModelRegistry(embedded=("demo",)), str(tmp_path))
+    canvas, panels, text = actions.sets("demo", 2, 4.5, 1, "64x32", "1x2", "a red circle\na blue circle\n", "SET", "",
+                                        noise_image(50, 40, 0), 1, progress=lambda *a, **k: None)
+    assert text == "[SET]; [LEFT] a red circle; [RIGHT] a blue circle"
+    image = Image.open(canvas)
+    assert image.size == (64, 32) and [Image.open(p).size for p in panels] == [(32, 32)] * 2
+    assert json.loads(image.text["dit-attn"])["reference_panels"] == [1]
+    with pytest.raises(ValueError, match="rows >= 1"):
+        actions.sets("demo", 2, 4.5, 1, "", "0x2", "a\nb", "", "", None, 0, progress=lambda *a, **k: None)

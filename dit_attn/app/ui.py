@@ -20,7 +20,6 @@ PLACEHOLDERS = {
     "Head atlas": "Not in the page yet (issue 6). Make an atlas of what each head does from the command line: "
                   "`dit-attn atlas --objective judge --prompts prompts.txt --out atlas` writes atlas.png and atlas.html.",
     "Text edit": "Text editing (localize the layers that draw text and patch them) arrives in the page with issue 7.",
-    "Sets": "In-context sets (multi-panel layouts, captions per panel, reference upload) arrive with issue 8.",
 }
 
 
@@ -92,6 +91,45 @@ class AppActions:
         return (save_png(without, plain, self.output_dir, "without"), save_png(edited_image, edited, self.output_dir, "with"),
                 save_png(difference, difference_settings, self.output_dir, "difference"), summary)
 
+    def sets(self, model_choice, steps, cfg, seed, size, layout, panel_text, task_tag, summary, reference, reference_panel,
+             progress=gr.Progress()):
+        """An in-context set: one caption line a panel, optional reference image for one panel (resized to the panel)."""
+        from ..cli import parse_size
+        from ..ic import Layout, caption, generate_set
+
+        progress(0, desc="loading model")
+        layout = Layout.parse(layout or "1x2")
+        text = caption([line.strip() for line in (panel_text or "").splitlines() if line.strip()], layout,
+                       task_tag=(task_tag or "").strip() or None, summary=(summary or "").strip() or None)
+        if not 1 <= int(steps) <= MAX_STEPS:
+            raise ValueError(f"steps must be in 1-{MAX_STEPS}, got {steps}")
+        model = self.registry.get(model_choice)
+        pipe = model.pipe
+        if size and str(size).strip():
+            height, width = parse_size(str(size))
+        else:
+            side = int(pipe.default_sample_size * pipe.vae_scale_factor)
+            height, width = layout.rows * side, layout.cols * side
+        references = {}
+        if reference is not None:
+            panel = int(reference_panel or 0)
+            panel_h, panel_w = layout.check_size(height, width)
+            references[panel] = reference.convert("RGB").resize((panel_w, panel_h))
+        total = int(steps)
+
+        def step_ended(_pipe, step, timestep, tensors):
+            progress((step + 1, total), desc="denoising", unit="steps")
+            return {}
+
+        with model.lock:
+            result = generate_set(pipe, text, layout, size=(height, width), reference=references or None, seed=int(seed),
+                                  num_inference_steps=total, callback_on_step_end=step_ended,
+                                  **({"guidance_scale": float(cfg)} if cfg is not None else {}))
+        settings = {**result.settings, "model": model.choice, "steps": total, "cfg": cfg}
+        canvas = save_png(result.canvas, settings, self.output_dir, "set")
+        panels = [save_png(p, {**settings, "panel": k}, self.output_dir, f"panel-{k}") for k, p in enumerate(result.panels)]
+        return canvas, panels, text
+
     def model_changed(self, model_choice):
         model = self.registry.get(model_choice)
         return (gr.update(choices=model.head_choices(), value=[]),
@@ -150,6 +188,27 @@ def build_blocks(registry: ModelRegistry, output_dir: str) -> gr.Blocks:
                             with_edit = _image("With the edit", "compare-with")
                         difference = _image("Difference (amplified)", "compare-difference")
                         difference_note = gr.Markdown()
+                    with gr.Tab("Sets", id="sets"):
+                        gr.Markdown("In-context sets: one caption line a panel, joined as `[TASK] summary; [LEFT] ...; "
+                                    "[RIGHT] ...`. A reference image keeps its panel (resized to the panel) while the "
+                                    "others are generated. Uses the model, steps, CFG, seed and size (the whole canvas) "
+                                    "on the left.")
+                        with gr.Row():
+                            set_layout = gr.Textbox(value="1x2", label="Layout", info="ROWSxCOLS", elem_id="set-layout")
+                            set_task = gr.Textbox(value="SET", label="Task tag", elem_id="set-task")
+                            set_summary = gr.Textbox(label="Summary", placeholder="two panels of the same circle",
+                                                     elem_id="set-summary")
+                        set_panels = gr.Textbox(label="Panel captions (one a line, row by row)", lines=3,
+                                                elem_id="set-panels")
+                        with gr.Row():
+                            set_reference = gr.Image(label="Reference panel (optional)", type="pil", sources=["upload"],
+                                                     height=160, elem_id="set-reference")
+                            set_reference_panel = gr.Number(value=0, precision=0, minimum=0, label="Reference panel index",
+                                                            info="0-based, row by row")
+                        sets_button = gr.Button("Generate set", variant="primary", elem_id="sets-button")
+                        set_canvas = _image("Canvas", "set-canvas")
+                        set_gallery = gr.Gallery(label="Panels", columns=4, height=200, elem_id="set-panels-gallery")
+                        set_caption_view = gr.Textbox(label="Caption used", interactive=False)
                     for title, text in PLACEHOLDERS.items():
                         with gr.Tab(title):
                             gr.Markdown(text)
@@ -159,6 +218,9 @@ def build_blocks(registry: ModelRegistry, output_dir: str) -> gr.Blocks:
         generate_button.click(readable_errors(actions.generate), inputs, [image, settings_view], api_name="generate")
         compare_button.click(readable_errors(actions.compare), inputs, [without, with_edit, difference, difference_note],
                              api_name="compare")
+        sets_button.click(readable_errors(actions.sets), [model_choice, steps, cfg, seed, size, set_layout, set_panels, set_task,
+                                                          set_summary, set_reference, set_reference_panel],
+                          [set_canvas, set_gallery, set_caption_view], api_name="sets")
         model_choice.change(readable_errors(actions.model_changed), [model_choice], [picked, presets, model_summary],
                             api_visibility="private")
     return blocks
