@@ -41,7 +41,10 @@ TRANSFORMER_CONFIG = dict(
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
     down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-    block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=32, sample_size=64,
+    # one normalisation group: per-channel groups (32 of 32 channels) act as instance norm,
+    # erase each channel's flat level (the colour of a plain background) and teach the
+    # decoder blob-shaped "droplet" artefacts to smuggle it through (measured: 24 dB, colour shifts)
+    block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=1, sample_size=64,
     mid_block_add_attention=False, use_quant_conv=False, use_post_quant_conv=False,
 )
 
