@@ -1,4 +1,5 @@
 """The web app: form checking, models, the API through gradio_client, and the page in headless chromium."""
+import base64
 import html
 import json
 import os
@@ -10,13 +11,18 @@ import pytest
 import torch
 from gradio_client import Client
 from gradio_client.exceptions import AppError
+import gradio as gr
 from PIL import Image
 
 import dit_attn as da
 from dit_attn.app import ModelRegistry, serve
+from dit_attn.app.atlas import MAX_ATLAS_WORK, objective_choices, parse_seeds
 from dit_attn.app.generation import difference_image, run_pipeline
 from dit_attn.app.models import LoadedModel, check_model_dir
 from dit_attn.app.settings import build_settings, collect_heads
+from dit_attn.app.text_edit import DEFAULT_SIGN_PROMPT, text_layers
+from dit_attn.app.ui import AppActions, readable_errors
+from dit_attn.localization.score import to_pil
 from dit_attn.cli import build_parser, main
 from dit_attn.heads import PRESETS, LayerInfo
 from dit_attn.models.configs import build_demo_pipeline, save_demo_pipeline
@@ -24,7 +30,8 @@ from dit_attn.models.configs import build_demo_pipeline, save_demo_pipeline
 CHROMIUM = "/usr/bin/chromium"
 PROMPT = "a red circle"
 FORM = dict(model="demo", prompt=PROMPT, steps=2, cfg=4.5, seed=3, size="32", heads="L1H0, L2", picked=[], presets=[],
-            u=0.5, scope="image", target="identity", pag_scale=2.0, local_radius=None)
+            u=0.5, scope="image", target="identity", pag_scale=2.0, local_radius=None, start=0.0, end=1.0,
+            local_downsample=None)
 
 
 def form(**changes) -> list:
@@ -107,6 +114,10 @@ def test_build_settings_checks_every_field(registry):
         (dict(cfg=float("nan")), "CFG scale must be a number"),
         (dict(scope="everything"), "scope must be one of"),
         (dict(local_radius=-1), "radius must be a finite number > 0"),
+        (dict(start=1.5), r"guidance start must be in \[0.0, 1.0\]"),
+        (dict(start=0.5, end=0.5), "start must be < end"),
+        (dict(local_downsample=4), "local downsample needs a local attention radius"),
+        (dict(local_radius=2, local_downsample=1), r"local downsample must be in \[2, 64\]"),
     ]:
         with pytest.raises(ValueError, match=message):
             build_settings(demo, **{**good, **change})
@@ -243,6 +254,185 @@ def test_api_local_attention_is_the_clear_edit(client, stock_demo):
     assert not np.array_equal(pixels(without), local)
 
 
+def test_api_guidance_interval_and_local_downsample_are_the_edits(client, stock_demo):
+    path, settings = client.predict(*form(heads="L0", u=1.0, pag_scale=5.0, start=0.5, end=1.0), api_name="/generate")
+    assert (settings["start"], settings["end"]) == (0.5, 1.0)
+    with da.apply(stock_demo, da.HeadGuidance(heads=["L0"], scale=5.0, u=1.0, scope="image", start=0.5)):
+        late = pixels(stock_image(stock_demo))
+    with da.apply(stock_demo, da.HeadGuidance(heads=["L0"], scale=5.0, u=1.0, scope="image")):
+        whole = pixels(stock_image(stock_demo))
+    np.testing.assert_array_equal(pixels(path), late)
+    assert not np.array_equal(late, whole)  # the interval changed what was guided
+    _, with_edit, _, _ = client.predict(*form(heads="", local_radius=1.5, local_downsample=2), api_name="/compare")
+    assert png_settings(with_edit)["local_downsample"] == 2
+    with da.apply(stock_demo, da.LocalAttention(radius=1.5, downsample=2)):
+        pooled = pixels(stock_image(stock_demo))
+    np.testing.assert_array_equal(pixels(with_edit), pooled)
+
+
+# the Head atlas and Text edit tabs, called as the page calls them
+
+ATLAS = dict(model="demo", objective="color:purple", prompts="a red circle\na blue square", seeds="0", steps=2, u=1.0,
+             scale=3.0, cfg=4.5, size="32", scope="joint", target="identity")
+TEXT = dict(model="demo", steps=2, cfg=4.5, seed=3, size="32", prompt=DEFAULT_SIGN_PROMPT, new_text="B", layers="1",
+            start=0.0, blocklist="")
+
+
+def atlas_form(**changes) -> list:
+    return list({**ATLAS, **changes}.values())
+
+
+def text_form(**changes) -> list:
+    return list({**TEXT, **changes}.values())
+
+
+@pytest.fixture(scope="module")
+def actions(registry, tmp_path_factory):
+    return AppActions(registry, str(tmp_path_factory.mktemp("actions-out")))
+
+
+@pytest.fixture(scope="module")
+def direct_atlas(stock_demo):
+    """`da.atlas` on the independent demo copy with the settings of ATLAS (the demo's noise-like images are purplish)."""
+    return da.atlas(stock_demo, "color:purple", ["a red circle", "a blue square"], [0], u=1.0, scale=3.0, steps=2, cfg=4.5,
+                    size=(32, 32), progress=False)
+
+
+def test_atlas_tab_offers_only_objectives_without_paths():
+    choices = objective_choices()
+    assert choices[0] == "judge" and "color:red" in choices and "clip-score" in choices
+    assert not any(name.startswith("aesthetic") or name.count(":") > 1 for name in choices)
+    assert parse_seeds("0, 1 1") == (0, 1) and parse_seeds(3) == (3,)
+
+
+def test_atlas_action_equals_da_atlas(actions, direct_atlas):
+    png, (page, data), summary = actions.atlas(*atlas_form())
+    with open(data) as f:
+        saved = json.load(f)
+    assert saved["scores"] == pytest.approx(direct_atlas.scores, abs=0) and saved["baseline"] == direct_atlas.baseline
+    assert len(saved["scores"]) == 16 and len(set(saved["scores"].values())) > 1  # the heads differ
+    assert saved["settings"]["objective"] == "color:purple" and saved["settings"]["model"] == "demo"
+    assert Image.open(png).size[0] > 4 * 48 and page.endswith(".html")
+    with open(page) as f:
+        assert f.read().count("data:image/png;base64,") == 16 + 1
+    best = max(direct_atlas.scores, key=direct_atlas.delta)
+    assert f"Largest rises: {best} " in summary
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(objective="aesthetic:/etc"), "unknown objective 'aesthetic:/etc'; choose one of judge, color:"),
+    (dict(prompts=" \n "), "no prompts"),
+    (dict(prompts="\n".join(["a red circle"] * 9)), "at most 8 prompts"),
+    (dict(seeds="0 x"), "seeds must be whole numbers"),
+    (dict(seeds="0 1 2 3 4"), "at most 4 seeds"),
+    (dict(steps=51), "steps must be in [1, 50]"),
+    (dict(prompts="\n".join(["a red circle"] * 8), seeds="0 1 2 3", steps=50),
+     f"needs 27200 image-steps ((heads + 1) × prompts × seeds × steps = 17 × 8 × 4 × 50); the page allows at most {MAX_ATLAS_WORK}"),
+    (dict(objective="judge", prompts="a cat on the moon"), "the judge objective scores captions of the tiny model's world"),
+    (dict(size="30"), "multiples of 4"),
+])
+def test_atlas_action_bad_input_is_a_readable_error(actions, change, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        actions.atlas(*atlas_form(**change))
+    with pytest.raises(gr.Error):
+        readable_errors(actions.atlas)(*atlas_form(**change))
+
+
+def test_load_atlas_draws_an_uploaded_atlas_json(actions, direct_atlas, tmp_path):
+    path = tmp_path / "atlas.json"
+    direct_atlas.save(str(path))
+    png, (page, data), summary = actions.load_atlas(str(path))
+    with open(data) as f:
+        assert json.load(f)["scores"] == direct_atlas.scores
+    assert Image.open(png).format == "PNG" and "color:purple" in summary
+    bad = {"baseline": 1.0, "scores": {"L9H0": 1.0}, "thumbnails": {}, "layers": [2], "settings": {}}
+    not_png = {**bad, "scores": {"L0H1": 0.5}, "thumbnails": {"L0H1": base64.b64encode(b"text").decode(), "baseline": ""}}
+    for content, message in [("{", "not an atlas JSON"), (json.dumps([1]), "expected an object"),
+                             (json.dumps({**bad, "baseline": "x"}), "'baseline' must be a number"),
+                             (json.dumps(bad), "head 'L9H0' is not in its 1 layers"),
+                             (json.dumps(not_png), "the thumbnail of L0H1 is not a base64 PNG")]:
+        path.write_text(content)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            actions.load_atlas(str(path))
+    with pytest.raises(ValueError, match="choose an atlas JSON file"):
+        actions.load_atlas(None)
+
+
+def test_text_layers_default_to_the_models_known_ones():
+    tiny = LoadedModel("tiny", None, "sd3", [])
+    assert tiny.text_layers() == (2,) and text_layers("", tiny) == (2,) and text_layers("3+1, 3", tiny) == (1, 3)
+    with pytest.raises(ValueError, match="none are on record for this model; find them with `dit-attn localize"):
+        text_layers(" ", LoadedModel("other", None, "sd3", []))
+    with pytest.raises(ValueError, match="cannot read layers"):
+        text_layers("two", tiny)
+
+
+def direct_edit(stock_demo, layers=(1,), new_text="B"):
+    return da.edit_text(stock_demo, DEFAULT_SIGN_PROMPT, new_text, layers=list(layers), start=0.0, seed=3, steps=2,
+                        guidance_scale=4.5, height=32, width=32)
+
+
+def guarded_image(pipe, blocklist, layers=(1,)):
+    with da.apply(pipe, da.TextGuard(blocklist, layers=layers)):
+        out = pipe(DEFAULT_SIGN_PROMPT, generator=torch.Generator().manual_seed(3), num_inference_steps=2, guidance_scale=4.5,
+                   height=32, width=32, output_type="pt")
+    return pixels(to_pil(out.images)[0])
+
+
+def test_text_edit_action_equals_da_edit_text(actions, stock_demo):
+    original, edited, guarded, note = actions.text_edit(*text_form())
+    expected = direct_edit(stock_demo)
+    np.testing.assert_array_equal(pixels(original), pixels(expected.original))
+    np.testing.assert_array_equal(pixels(edited), pixels(expected.edited))
+    assert not np.array_equal(pixels(original), pixels(edited)) and guarded is None
+    settings = png_settings(edited)
+    assert settings["source_prompt"] == 'a sign that says "B" in red on a white background'
+    assert (settings["layers"], settings["image"], settings["model"]) == ([1], "edited", "demo")
+    assert "into layers 1 from 0% of the steps" in note
+
+
+def test_text_edit_blocklist_guards_only_blocked_words(actions, stock_demo):
+    original, _, guarded, note = actions.text_edit(*text_form(blocklist="a, X"))  # case-insensitive: "A" is blocked
+    np.testing.assert_array_equal(pixels(guarded), guarded_image(stock_demo, ["a", "X"]))
+    assert not np.array_equal(pixels(guarded), pixels(original)) and "has a blocked word" in note
+    assert png_settings(guarded)["blocklist"] == ["a", "X"]
+    original, _, guarded, note = actions.text_edit(*text_form(blocklist="Z"))
+    np.testing.assert_array_equal(pixels(guarded), pixels(original))
+    assert "the guarded image is the original" in note
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(layers=""), "none are on record for this model"),
+    (dict(layers="9"), "layers [9] do not exist: this model has layers 0-3"),
+    (dict(prompt="a sign"), "the prompt has no quoted text to replace"),
+    (dict(prompt=" "), "the sign prompt is empty"),
+    (dict(new_text=" "), "new_text must be a non-empty string"),
+    (dict(start=1.0), "start must be < 1"),
+    (dict(blocklist='"A"'), "blocklist must be a non-empty list of non-empty words without quotes"),
+    (dict(steps=0), "steps must be in [1, 200]"),
+])
+def test_text_edit_bad_input_is_a_readable_error(actions, change, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        actions.text_edit(*text_form(**change))
+    with pytest.raises(gr.Error):
+        readable_errors(actions.text_edit)(*text_form(**change))
+
+
+def test_api_text_edit_and_atlas(client, stock_demo, direct_atlas):
+    original, edited, guarded, _ = client.predict(*text_form(), api_name="/text_edit")
+    expected = direct_edit(stock_demo)
+    np.testing.assert_array_equal(pixels(original), pixels(expected.original))
+    np.testing.assert_array_equal(pixels(edited), pixels(expected.edited))
+    assert guarded is None
+    png, files, summary = client.predict(*atlas_form(), api_name="/atlas")
+    data = next(path for path in files if path.endswith(".json"))
+    with open(data) as f:
+        assert json.load(f)["scores"] == direct_atlas.scores
+    assert png.endswith(".png") and "Largest rises" in summary
+    with pytest.raises(AppError, match="at most 8 prompts"):
+        client.predict(*atlas_form(prompts="\n".join(["a red circle"] * 9)), api_name="/atlas")
+
+
 # the page in a real browser
 
 
@@ -300,3 +490,25 @@ def test_browser_compare_shows_both_images_and_their_difference(page):
     page.locator("#compare-button").click()
     _wait_for_images(page, "compare-without", "compare-with", "compare-difference")
     page.get_by_text(re.compile(r"Largest pixel difference: \d+/255")).wait_for(state="visible")
+
+
+def test_browser_head_atlas_tab_computes_an_atlas(page):
+    _fill_form(page, "")
+    page.get_by_role("tab", name="Head atlas").click()
+    page.locator("#atlas-prompts").get_by_role("textbox").fill("a red circle on a white background")
+    steps = page.locator("#atlas-steps input[type=number]")
+    steps.fill("2")
+    steps.press("Enter")
+    page.locator("#atlas-button").click()
+    _wait_for_images(page, "atlas-image")
+    page.get_by_text(re.compile(r"Largest rises: L\dH\d")).wait_for(state="visible")
+    assert page.locator("#atlas-files").get_by_text(re.compile(r"atlas-judge-.*\.html")).count() == 1
+
+
+def test_browser_text_edit_tab_shows_original_and_edited(page):
+    _fill_form(page, "")
+    page.get_by_role("tab", name="Text edit").click()
+    page.locator("#text-layers").get_by_role("textbox").fill("1")
+    page.locator("#text-button").click()
+    _wait_for_images(page, "text-original", "text-edited")
+    page.get_by_text(re.compile(r"into layers 1 from 0% of the steps")).wait_for(state="visible")

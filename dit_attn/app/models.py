@@ -17,6 +17,11 @@ from ..apply import layers
 from ..heads import PRESETS, LayerInfo, model_family, resolve_heads
 
 
+# The text layers `dit-attn localize` found per embedded model (README, "Text-layer localization":
+# on the tiny model L2 alone moves the drawn glyph; every other layer scores ~0).
+TEXT_LAYERS = {loading.TINY: (2,)}
+
+
 def embedded_models() -> tuple[str, ...]:
     """Names `load_pipeline` builds without a path.
 
@@ -59,6 +64,10 @@ class LoadedModel:
                 continue
             fitting.append(name)
         return fitting
+
+    def text_layers(self) -> tuple[int, ...]:
+        """The layers that draw text, when known for this model (else empty: run `dit-attn localize`)."""
+        return TEXT_LAYERS.get(self.choice, ())
 
     def summary(self) -> str:
         heads = sorted({info.heads for info in self.layer_map})

@@ -1,8 +1,9 @@
 """Turn the page's form values into the settings dict of `dit-attn generate`, checking each one.
 
 The settings use the keys of the command line's (see `cli.item_settings`; of the local
-attention options the page offers only the radius), so a PNG's `dit-attn` text chunk from
-the app and from `dit-attn generate` read the same.
+attention options the page offers the radius and the pooled-key downsample factor, not a
+weights file, which would be a path typed into the page), so a PNG's `dit-attn` text chunk
+from the app and from `dit-attn generate` read the same.
 """
 from __future__ import annotations
 
@@ -64,10 +65,13 @@ def size_multiple(pipe) -> int:
 
 
 def build_settings(model: LoadedModel, *, prompt: str, steps, cfg, seed, size: str | None, heads: list[str],
-                   pag_scale, u, scope: str, target: str = "identity", local_radius=None, dtype: str = "float32") -> dict:
+                   pag_scale, u, scope: str, target: str = "identity", local_radius=None, start=0.0, end=1.0,
+                   local_downsample=None, dtype: str = "float32") -> dict:
     """Checked settings; heads are also checked against the model's layer/head map.
 
     local_radius: None (or 0) for full attention, else the CLEAR radius in tokens.
+    start, end: the fractions of the steps between which head guidance is active.
+    local_downsample: None (or 0) or the factor of CLEAR's pooled keys (needs a radius).
     """
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("the prompt is empty: describe the image to generate")
@@ -77,7 +81,9 @@ def build_settings(model: LoadedModel, *, prompt: str, steps, cfg, seed, size: s
         "steps": _whole_number("steps", steps, 1, MAX_STEPS), "cfg": _number("CFG scale", cfg, 0.0),
         "width": width, "height": height, "dtype": dtype, "heads": list(heads),
         "pag_scale": _number("guidance scale", pag_scale, 0.0), "u": _number("u", u, 0.0, 1.0),
-        "target": target, "scope": scope, "start": 0.0, "end": 1.0, "local_radius": local_radius or None,
+        "target": target, "scope": scope, "start": _number("guidance start", start, 0.0, 1.0),
+        "end": _number("guidance end", end, 0.0, 1.0), "local_radius": local_radius or None,
+        "local_downsample": _whole_number("local downsample", local_downsample, 2, 64) if local_downsample else None,
     }
     for edit in edits_for(settings):  # each edit checks its own fields
         if isinstance(edit, HeadGuidance):
@@ -92,5 +98,7 @@ def edits_for(settings: dict) -> tuple:
         edits.append(HeadGuidance(heads=settings["heads"], scale=settings["pag_scale"], u=settings["u"],
                                   target=settings["target"], scope=settings["scope"], start=settings["start"], end=settings["end"]))
     if settings.get("local_radius") is not None:
-        edits.append(LocalAttention(radius=settings["local_radius"]))
+        edits.append(LocalAttention(radius=settings["local_radius"], downsample=settings.get("local_downsample")))
+    elif settings.get("local_downsample") is not None:
+        raise ValueError("local downsample needs a local attention radius: set the radius too, or clear the downsample")
     return tuple(edits)

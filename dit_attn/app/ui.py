@@ -7,20 +7,22 @@ import logging
 
 import gradio as gr
 
+from ..guidance.atlas import atlas as compute_atlas
+from ..loading import call_defaults, call_options
+from ..cli import slug
+from .atlas import (MAX_ATLAS_STEPS, MAX_ATLAS_WORK, MAX_PROMPTS, MAX_SEEDS, atlas_request, check_work, objective_choices,
+                    read_atlas, summarize, write_atlas)
 from .generation import difference_image, run_pipeline, save_png, with_actual_size
 from .models import LoadedModel, ModelRegistry
-from .settings import MAX_STEPS, build_settings, collect_heads, edits_for
+from .settings import MAX_SEED, MAX_STEPS, _number, _whole_number, build_settings, collect_heads, edits_for, parse_image_size
+from .text_edit import DEFAULT_SIGN_PROMPT, REPLACEMENT, parse_blocklist, run_text_edit, text_layers
 
 logger = logging.getLogger(__name__)
 
 # Small models draw 32-64 px images: show them filling the frame, with visible pixels.
 CSS = ".dit-attn-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 
-PLACEHOLDERS = {
-    "Head atlas": "Not in the page yet (issue 6). Make an atlas of what each head does from the command line: "
-                  "`dit-attn atlas --objective judge --prompts prompts.txt --out atlas` writes atlas.png and atlas.html.",
-    "Text edit": "Text editing (localize the layers that draw text and patch them) arrives in the page with issue 7.",
-}
+ATLAS_BATCH = 4  # heads scored per pipeline call, as `dit-attn atlas` by default
 
 
 def readable_errors(handler):
@@ -53,32 +55,32 @@ class AppActions:
         self.output_dir = output_dir
 
     def _settings(self, model_choice, prompt, steps, cfg, seed, size, heads_text, picked, presets, u, scope, target, pag_scale,
-                  local_radius):
+                  local_radius, start=0.0, end=1.0, local_downsample=None):
         heads = collect_heads(heads_text, picked, presets)  # syntax errors before a model loads
         model = self.registry.get(model_choice)
         settings = build_settings(model, prompt=prompt, steps=steps, cfg=cfg, seed=seed, size=size, heads=heads,
                                   pag_scale=pag_scale, u=u, scope=scope, target=target, local_radius=local_radius,
-                                  dtype=self.registry.dtype_name)
+                                  start=start, end=end, local_downsample=local_downsample, dtype=self.registry.dtype_name)
         return model, settings
 
     def generate(self, model_choice, prompt, steps, cfg, seed, size, heads_text, picked, presets, u, scope, target, pag_scale,
-                 local_radius, progress=gr.Progress()):
+                 local_radius, start=0.0, end=1.0, local_downsample=None, progress=gr.Progress()):
         progress(0, desc="loading model")
         model, settings = self._settings(model_choice, prompt, steps, cfg, seed, size, heads_text, picked, presets, u, scope,
-                                         target, pag_scale, local_radius)
+                                         target, pag_scale, local_radius, start, end, local_downsample)
         total = settings["steps"]
         image = run_pipeline(model, settings, on_step=lambda done: progress((done, total), desc="denoising", unit="steps"))
         settings = with_actual_size(settings, image)
         return save_png(image, settings, self.output_dir, "image"), settings
 
     def compare(self, model_choice, prompt, steps, cfg, seed, size, heads_text, picked, presets, u, scope, target, pag_scale,
-                local_radius, progress=gr.Progress()):
+                local_radius, start=0.0, end=1.0, local_downsample=None, progress=gr.Progress()):
         progress(0, desc="loading model")
         model, edited = self._settings(model_choice, prompt, steps, cfg, seed, size, heads_text, picked, presets, u, scope,
-                                       target, pag_scale, local_radius)
+                                       target, pag_scale, local_radius, start, end, local_downsample)
         if not edits_for(edited):
             raise ValueError("Compare needs an edit: type or pick at least one head (e.g. L1H0), or set a local attention radius")
-        plain = {**edited, "heads": [], "local_radius": None}
+        plain = {**edited, "heads": [], "local_radius": None, "local_downsample": None}
         total = 2 * edited["steps"]
         without = run_pipeline(model, plain, on_step=lambda done: progress((done, total), desc="without the edit", unit="steps"))
         edited_image = run_pipeline(model, edited, on_step=lambda done: progress((edited["steps"] + done, total),
@@ -130,11 +132,70 @@ class AppActions:
         panels = [save_png(p, {**settings, "panel": k}, self.output_dir, f"panel-{k}") for k, p in enumerate(result.panels)]
         return canvas, panels, text
 
+    def atlas(self, model_choice, objective, prompts_text, seeds_text, steps, u, scale, cfg, size, scope, target,
+              progress=gr.Progress(track_tqdm=True)):
+        """Every head's effect on the objective (`da.atlas`), bounded to MAX_ATLAS_WORK image-steps: PNG, [HTML, JSON], summary."""
+        request = atlas_request(objective, prompts_text, seeds_text, steps, u, scale)
+        cfg = None if cfg is None else _number("CFG scale", cfg, 0.0)
+        progress(0, desc="loading model")
+        model = self.registry.get(model_choice)
+        width, height = parse_image_size(size, model)
+        check_work(model, request)
+        with model.lock:
+            result = compute_atlas(model.pipe, request.objective, list(request.prompts), list(request.seeds), u=request.u,
+                                   scale=request.scale, steps=request.steps, cfg=cfg,
+                                   size=(height, width) if height else None, batch_size=ATLAS_BATCH, target=target,
+                                   scope=scope, max_sequence_length=call_defaults(model.pipe).get("max_sequence_length"))
+        result.settings["model"] = model.choice
+        png, page, data = write_atlas(result, self.output_dir, slug(request.objective, 24))
+        return png, [page, data], summarize(result)
+
+    def load_atlas(self, upload):
+        """An atlas JSON written by `dit-attn atlas` (uploaded, never a typed path), drawn as the computed ones."""
+        if upload is None:
+            raise ValueError("choose an atlas JSON file (OUT.json from `dit-attn atlas`) to upload")
+        result = read_atlas(upload)
+        png, page, data = write_atlas(result, self.output_dir, "uploaded")
+        return png, [page, data], summarize(result)
+
+    def text_edit(self, model_choice, steps, cfg, seed, size, prompt, new_text, layers_text, start, blocklist_text,
+                  progress=gr.Progress()):
+        """The sign prompt and its twin with `new_text` patched into the text layers; with a blocklist also the guarded prompt."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError('the sign prompt is empty: e.g. a sign that says "A" in red on a white background')
+        steps = _whole_number("steps", steps, 1, MAX_STEPS)
+        seed = _whole_number("seed", seed, 0, MAX_SEED)
+        start = _number("start", start, 0.0, 1.0)
+        cfg = None if cfg is None else _number("CFG scale", cfg, 0.0)
+        blocklist = parse_blocklist(blocklist_text)
+        progress(0, desc="loading model")
+        model = self.registry.get(model_choice)
+        layers = text_layers(layers_text, model)
+        width, height = parse_image_size(size, model)
+        total = steps * (3 if blocklist else 2)
+        result = run_text_edit(model, prompt.strip(), (new_text or "").strip(), layers, start, seed, steps,
+                               call_options(cfg, (height, width) if height else None), blocklist,
+                               on_step=lambda done: progress((done, total), desc="denoising", unit="steps"))
+        edit = result.edit
+        settings = {"prompt": edit.prompt, "source_prompt": edit.source_prompt, "layers": list(edit.layers),
+                    "start": edit.start, "seed": seed, "steps": steps, "cfg": cfg, "model": model.choice,
+                    "width": edit.original.width, "height": edit.original.height}
+        original = save_png(edit.original, {**settings, "image": "original"}, self.output_dir, "original")
+        edited = save_png(edit.edited, {**settings, "image": "edited"}, self.output_dir, "edited")
+        note = f"Patched `{edit.source_prompt}` into layers {', '.join(map(str, edit.layers))} from {start:.0%} of the steps."
+        guarded = None
+        if result.guarded is not None:
+            guarded = save_png(result.guarded, {**settings, "image": "guarded", "blocklist": list(blocklist)},
+                               self.output_dir, "guarded")
+            note += (" The quoted text has a blocked word: the guarded image patches it with "
+                     f"`{REPLACEMENT}`." if result.blocked else " No blocked word in the quotes: the guarded image is the original.")
+        return original, edited, guarded, note
+
     def model_changed(self, model_choice):
         model = self.registry.get(model_choice)
         return (gr.update(choices=model.head_choices(), value=[]),
                 gr.update(choices=model.presets(), value=[], info=_presets_info(model)),
-                model.summary())
+                model.summary(), ",".join(map(str, model.text_layers())))
 
 
 def _image(label: str, elem_id: str) -> gr.Image:
@@ -171,8 +232,16 @@ def build_blocks(registry: ModelRegistry, output_dir: str) -> gr.Blocks:
                     with gr.Row():
                         scope = gr.Radio(["joint", "image"], value="joint", label="Scope")
                         target = gr.Radio(["identity", "uniform"], value="identity", label="Target")
-                local_radius = gr.Number(value=None, label="Local attention radius (tokens)", elem_id="local-radius",
-                                         info="CLEAR: image tokens attend within this radius and to all text; 0 or empty = full attention")
+                    with gr.Row():
+                        guidance_start = gr.Slider(0, 1, value=0.0, step=0.05, label="Guidance start", elem_id="guidance-start",
+                                                   info="fraction of the steps where head guidance begins")
+                        guidance_end = gr.Slider(0, 1, value=1.0, step=0.05, label="Guidance end", elem_id="guidance-end",
+                                                 info="... and where it stops (steps before start / from end on are stock)")
+                with gr.Row():
+                    local_radius = gr.Number(value=None, label="Local attention radius (tokens)", elem_id="local-radius",
+                                             info="CLEAR: image tokens attend within this radius and to all text; 0 or empty = full attention")
+                    local_downsample = gr.Number(value=None, precision=0, label="Local downsample", elem_id="local-downsample",
+                                                 info="also attend to f×f average-pooled keys (factor f >= 2; empty = off)")
             with gr.Column(scale=2):
                 with gr.Tabs():
                     with gr.Tab("Generate", id="generate"):
@@ -209,18 +278,74 @@ def build_blocks(registry: ModelRegistry, output_dir: str) -> gr.Blocks:
                         set_canvas = _image("Canvas", "set-canvas")
                         set_gallery = gr.Gallery(label="Panels", columns=4, height=200, elem_id="set-panels-gallery")
                         set_caption_view = gr.Textbox(label="Caption used", interactive=False)
-                    for title, text in PLACEHOLDERS.items():
-                        with gr.Tab(title):
-                            gr.Markdown(text)
+                    with gr.Tab("Head atlas", id="atlas"):
+                        gr.Markdown("Each head perturbed alone by head guidance vs no guidance: the change of the objective "
+                                    "(red up, blue down) with a thumbnail per head (`da.atlas`). Uses the model, CFG, size, "
+                                    f"scope and target on the left. At most {MAX_PROMPTS} prompts, {MAX_SEEDS} seeds, "
+                                    f"{MAX_ATLAS_STEPS} steps and {MAX_ATLAS_WORK} image-steps ((heads + 1) × prompts × "
+                                    "seeds × steps); larger atlases: `dit-attn atlas`.")
+                        with gr.Row():
+                            atlas_objective = gr.Dropdown(objective_choices(), value="judge", label="Objective",
+                                                          elem_id="atlas-objective",
+                                                          info="judge: the tiny world's prompt adherence; color: share of "
+                                                               "pixels near the colour")
+                            atlas_seeds = gr.Textbox(value="0", label="Seeds", info="e.g. 0 1", elem_id="atlas-seeds")
+                        atlas_prompts = gr.Textbox(value="a red circle on a white background", lines=3,
+                                                   label=f"Prompts (one a line, at most {MAX_PROMPTS})", elem_id="atlas-prompts")
+                        with gr.Row():
+                            atlas_steps = gr.Slider(1, MAX_ATLAS_STEPS, value=8, step=1, label="Steps", elem_id="atlas-steps")
+                            atlas_u = gr.Slider(0, 1, value=1.0, step=0.05, label="u")
+                            atlas_scale = gr.Slider(0, 20, value=3.0, step=0.1, label="Guidance scale s")
+                        atlas_button = gr.Button("Compute atlas", variant="primary", elem_id="atlas-button")
+                        atlas_image = gr.Image(label="Atlas (layers × heads)", type="filepath", format="png", interactive=False,
+                                               buttons=["download", "fullscreen"], elem_id="atlas-image")
+                        atlas_summary = gr.Markdown(elem_id="atlas-summary")
+                        atlas_files = gr.File(label="Atlas page (HTML, self-contained) and data (JSON)", file_count="multiple",
+                                              interactive=False, elem_id="atlas-files")
+                        with gr.Accordion("Show an atlas made by `dit-attn atlas`", open=False):
+                            atlas_upload = gr.File(label="OUT.json", file_types=[".json"], type="filepath",
+                                                   elem_id="atlas-upload")
+                            atlas_load_button = gr.Button("Show uploaded atlas", elem_id="atlas-load-button")
+                    with gr.Tab("Text edit", id="text-edit"):
+                        gr.Markdown("Generate a sign and its twin whose quoted text comes from the new text, patched "
+                                    "into the layers that draw text only (`da.edit_text`, same seed). A blocklist also "
+                                    "generates the prompt under `da.TextGuard`. Uses the model, steps, CFG, seed and "
+                                    "size on the left.")
+                        text_prompt = gr.Textbox(value=DEFAULT_SIGN_PROMPT, label="Sign prompt (with quoted text)",
+                                                 elem_id="text-prompt")
+                        with gr.Row():
+                            text_new = gr.Textbox(value="B", label="New text", elem_id="text-new")
+                            text_layers_box = gr.Textbox(value=",".join(map(str, first.text_layers())), label="Text layers",
+                                                         placeholder="e.g. 2 or 2,3", elem_id="text-layers",
+                                                         info="from `dit-attn localize`; empty = the model's known ones")
+                            text_start = gr.Slider(0, 0.95, value=0.0, step=0.05, label="Start",
+                                                   info="patch from this fraction of the steps on")
+                        text_blocklist = gr.Textbox(label="Blocklist (optional)", placeholder="e.g. A, X",
+                                                    info=f"quoted words to patch with {REPLACEMENT} (TextGuard)",
+                                                    elem_id="text-blocklist")
+                        text_button = gr.Button("Edit text", variant="primary", elem_id="text-button")
+                        with gr.Row():
+                            text_original = _image("Original", "text-original")
+                            text_edited = _image("Edited", "text-edited")
+                            text_guarded = _image("Guarded (blocklist)", "text-guarded")
+                        text_note = gr.Markdown(elem_id="text-note")
 
         inputs = [model_choice, prompt, steps, cfg, seed, size, heads_text, picked, presets, u, scope, target, pag_scale,
-                  local_radius]
+                  local_radius, guidance_start, guidance_end, local_downsample]
         generate_button.click(readable_errors(actions.generate), inputs, [image, settings_view], api_name="generate")
         compare_button.click(readable_errors(actions.compare), inputs, [without, with_edit, difference, difference_note],
                              api_name="compare")
         sets_button.click(readable_errors(actions.sets), [model_choice, steps, cfg, seed, size, set_layout, set_panels, set_task,
                                                           set_summary, set_reference, set_reference_panel],
                           [set_canvas, set_gallery, set_caption_view], api_name="sets")
-        model_choice.change(readable_errors(actions.model_changed), [model_choice], [picked, presets, model_summary],
-                            api_visibility="private")
+        atlas_outputs = [atlas_image, atlas_files, atlas_summary]
+        atlas_button.click(readable_errors(actions.atlas), [model_choice, atlas_objective, atlas_prompts, atlas_seeds,
+                                                            atlas_steps, atlas_u, atlas_scale, cfg, size, scope, target],
+                           atlas_outputs, api_name="atlas")
+        atlas_load_button.click(readable_errors(actions.load_atlas), [atlas_upload], atlas_outputs, api_name="load_atlas")
+        text_button.click(readable_errors(actions.text_edit), [model_choice, steps, cfg, seed, size, text_prompt, text_new,
+                                                               text_layers_box, text_start, text_blocklist],
+                          [text_original, text_edited, text_guarded, text_note], api_name="text_edit")
+        model_choice.change(readable_errors(actions.model_changed), [model_choice],
+                            [picked, presets, model_summary, text_layers_box], api_visibility="private")
     return blocks

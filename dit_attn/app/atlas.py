@@ -1,0 +1,179 @@
+"""The Head atlas tab: check the form, bound the work, compute or load an atlas, write PNG/HTML/JSON.
+
+The page offers only objectives that need no path (judge, the palette colours, CLIP score
+and PickScore from their default hub ids), so no typed text makes the server read a file.
+An atlas made by `dit-attn atlas` is loaded from an upload, never from a typed path.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+import os
+import re
+import uuid
+from dataclasses import dataclass
+
+from PIL import Image
+
+from ..guidance.atlas import Atlas, render_html, render_png
+from ..heads import model_layers
+from .models import LoadedModel
+from .settings import MAX_SEED, _number, _whole_number
+
+MAX_PROMPTS = 8
+MAX_SEEDS = 4
+MAX_ATLAS_STEPS = 50
+# (heads + 1) × prompts × seeds × steps denoising steps of one image: the tiny model's 36 heads
+# with 2 prompts, 1 seed and 20 steps are 1480; the cap is ~10 minutes of one CPU core there.
+MAX_ATLAS_WORK = 20_000
+MAX_UPLOAD_BYTES = 64 * 2**20
+
+
+def objective_choices() -> list[str]:
+    from ..models.data import PALETTE
+
+    return ["judge", *(f"color:{name}" for name in PALETTE), "clip-score", "pickscore"]
+
+
+@dataclass(frozen=True)
+class AtlasRequest:
+    objective: str
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    steps: int
+    u: float
+    scale: float
+
+
+def parse_prompts(text: str | None) -> tuple[str, ...]:
+    prompts = tuple(line.strip() for line in (text or "").splitlines() if line.strip())
+    if not prompts:
+        raise ValueError("no prompts: type one prompt a line")
+    if len(prompts) > MAX_PROMPTS:
+        raise ValueError(f"at most {MAX_PROMPTS} prompts in the page, got {len(prompts)} "
+                         "(for more, run `dit-attn atlas --prompts FILE` from the command line)")
+    return prompts
+
+
+def parse_seeds(text) -> tuple[int, ...]:
+    """'0 1' or '0, 1' (or a single number) → (0, 1)."""
+    parts = [p for p in re.split(r"[\s,]+", str(text if text is not None else "").strip()) if p]
+    if not parts:
+        raise ValueError("no seeds: give one or more whole numbers, e.g. '0 1'")
+    try:
+        seeds = tuple(dict.fromkeys(int(p) for p in parts))
+    except ValueError:
+        raise ValueError(f"seeds must be whole numbers separated by spaces or commas, got {text!r}") from None
+    if len(seeds) > MAX_SEEDS:
+        raise ValueError(f"at most {MAX_SEEDS} seeds in the page, got {len(seeds)}")
+    for seed in seeds:
+        _whole_number("seed", seed, 0, MAX_SEED)
+    return seeds
+
+
+def check_prompts_for(objective: str, prompts: tuple[str, ...]) -> None:
+    """The judge reads only the tiny world's captions: refuse others before generating anything."""
+    if objective != "judge":
+        return
+    from ..models.data import parse_caption
+
+    for prompt in prompts:
+        try:
+            parse_caption(prompt)
+        except ValueError as err:
+            raise ValueError(f"the judge objective scores captions of the tiny model's world (e.g. 'a red circle on a "
+                             f"white background'); cannot read {prompt!r}: {err}") from None
+
+
+def atlas_request(objective, prompts_text, seeds_text, steps, u, scale) -> AtlasRequest:
+    choices = objective_choices()
+    if objective not in choices:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(choices)}")
+    prompts = parse_prompts(prompts_text)
+    check_prompts_for(objective, prompts)
+    return AtlasRequest(objective, prompts, parse_seeds(seeds_text), _whole_number("steps", steps, 1, MAX_ATLAS_STEPS),
+                        _number("u", u, 0.0, 1.0), _number("guidance scale", scale, 0.0))
+
+
+def check_work(model: LoadedModel, request: AtlasRequest) -> int:
+    """The number of image-steps the atlas costs; ValueError naming the cap when it is too many."""
+    heads = sum(info.heads for info in model_layers(model.pipe.transformer))
+    work = (heads + 1) * len(request.prompts) * len(request.seeds) * request.steps
+    if work > MAX_ATLAS_WORK:
+        raise ValueError(
+            f"this atlas needs {work} image-steps ((heads + 1) × prompts × seeds × steps = {heads + 1} × "
+            f"{len(request.prompts)} × {len(request.seeds)} × {request.steps}); the page allows at most {MAX_ATLAS_WORK}: "
+            "use fewer prompts, seeds or steps, or run `dit-attn atlas` from the command line")
+    return work
+
+
+def write_atlas(result: Atlas, directory: str, name: str) -> tuple[str, str, str]:
+    """PNG, HTML and JSON of `result` in `directory` (fresh names); their paths."""
+    os.makedirs(directory, exist_ok=True)
+    base = os.path.join(directory, f"atlas-{name}-{uuid.uuid4().hex[:8]}")
+    paths = base + ".png", base + ".html", base + ".json"
+    render_png(result, paths[0])
+    render_html(result, paths[1])
+    result.save(paths[2])
+    return paths
+
+
+def summarize(result: Atlas, top: int = 3) -> str:
+    ranked = sorted(result.scores, key=result.delta)
+    rises = ", ".join(f"{h} {result.delta(h):+.3g}" for h in reversed(ranked[-top:]))
+    drops = ", ".join(f"{h} {result.delta(h):+.3g}" for h in ranked[:top])
+    return (f"**{result.settings.get('objective')}**, {len(result.scores)} heads; baseline (no guidance) "
+            f"{result.baseline:.4g}. Largest rises: {rises}. Largest drops: {drops}.")
+
+
+def _field(data: dict, key: str, kind, what: str):
+    value = data.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"not an atlas JSON (from `dit-attn atlas`): {key!r} must be {what}")
+    return value
+
+
+def _check_thumbnail(head: str, text) -> None:
+    try:
+        Image.open(io.BytesIO(base64.b64decode(text, validate=True))).verify()
+    except (binascii.Error, TypeError, ValueError, OSError):
+        raise ValueError(f"not an atlas JSON (from `dit-attn atlas`): the thumbnail of {head} is not a base64 PNG") from None
+
+
+def read_atlas(path: str) -> Atlas:
+    """An uploaded atlas JSON, checked field by field (it is rendered, so it must be well formed)."""
+    if os.path.getsize(path) > MAX_UPLOAD_BYTES:
+        raise ValueError(f"the atlas file is larger than {MAX_UPLOAD_BYTES // 2**20} MB")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"not an atlas JSON (from `dit-attn atlas`): {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError("not an atlas JSON (from `dit-attn atlas`): expected an object")
+    baseline = _field(data, "baseline", (int, float), "a number")
+    scores = _field(data, "scores", dict, "an object of head -> score")
+    thumbnails = _field(data, "thumbnails", dict, "an object of head -> PNG")
+    layer_heads = _field(data, "layers", list, "a list of heads per layer")
+    settings = _field(data, "settings", dict, "an object")
+    if not layer_heads or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in layer_heads):
+        raise ValueError("not an atlas JSON (from `dit-attn atlas`): 'layers' must list heads per layer (integers > 0)")
+    if not scores:
+        raise ValueError("not an atlas JSON: it scores no head")
+    valid = {f"L{layer}H{head}" for layer, n in enumerate(layer_heads) for head in range(n)}
+    for head, score in scores.items():
+        if head not in valid:
+            raise ValueError(f"not an atlas JSON: head {head!r} is not in its {len(layer_heads)} layers")
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise ValueError(f"not an atlas JSON: the score of {head} is not a number")
+    for head in [*scores, "baseline"]:
+        if head not in thumbnails:
+            raise ValueError(f"not an atlas JSON: no thumbnail for {head}")
+        _check_thumbnail(head, thumbnails[head])
+    settings.setdefault("objective", "objective")
+    settings.setdefault("u", "?")
+    settings.setdefault("scale", "?")
+    return Atlas(float(baseline), scores, thumbnails, layer_heads, settings)
