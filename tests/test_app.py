@@ -6,10 +6,11 @@ import os
 import re
 import socket
 
+import httpx
 import numpy as np
 import pytest
 import torch
-from gradio_client import Client
+from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 import gradio as gr
 from PIL import Image
@@ -309,7 +310,7 @@ def test_atlas_action_equals_da_atlas(actions, direct_atlas):
     png, (page, data), summary = actions.atlas(*atlas_form())
     with open(data) as f:
         saved = json.load(f)
-    assert saved["scores"] == pytest.approx(direct_atlas.scores, abs=0) and saved["baseline"] == direct_atlas.baseline
+    assert saved["scores"] == direct_atlas.scores and saved["baseline"] == direct_atlas.baseline
     assert len(saved["scores"]) == 16 and len(set(saved["scores"].values())) > 1  # the heads differ
     assert saved["settings"]["objective"] == "color:purple" and saved["settings"]["model"] == "demo"
     assert Image.open(png).size[0] > 4 * 48 and page.endswith(".html")
@@ -431,6 +432,20 @@ def test_api_text_edit_and_atlas(client, stock_demo, direct_atlas):
     assert png.endswith(".png") and "Largest rises" in summary
     with pytest.raises(AppError, match="at most 8 prompts"):
         client.predict(*atlas_form(prompts="\n".join(["a red circle"] * 9)), api_name="/atlas")
+
+
+def test_api_load_atlas_takes_uploads_never_server_paths(server, client, direct_atlas, tmp_path):
+    path = tmp_path / "atlas.json"
+    direct_atlas.save(str(path))
+    png, files, summary = client.predict(handle_file(str(path)), api_name="/load_atlas")
+    data = next(p for p in files if p.endswith(".json"))
+    with open(data) as f:
+        assert json.load(f)["scores"] == direct_atlas.scores
+    # A request naming a file on the server (gradio_client would upload it; raw HTTP does not) is refused.
+    url = server.local_url.rstrip("/") + "/gradio_api/call/load_atlas"
+    event = httpx.post(url, json={"data": [{"path": str(path), "meta": {"_type": "gradio.FileData"}}]}).json()["event_id"]
+    stream = httpx.get(f"{url}/{event}", timeout=30).text
+    assert "event: error" in stream and "event: complete" not in stream and "Largest rises" not in stream
 
 
 # the page in a real browser
