@@ -1,4 +1,4 @@
-"""The `dit-attn app` web page (Gradio): generate with head guidance, compare with and without it.
+"""The `dit-attn app` web page (Gradio): Generate, Compare, Head atlas, Text edit and Sets tabs.
 
 Needs the `app` extra: `pip install -e ".[app]"`.
 """

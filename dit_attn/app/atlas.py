@@ -21,7 +21,7 @@ from PIL import Image
 from ..guidance.atlas import Atlas, render_html, render_png
 from ..heads import model_layers
 from .models import LoadedModel
-from .settings import MAX_SEED, _number, _whole_number
+from .settings import MAX_SEED, number, whole_number
 
 MAX_PROMPTS = 8
 MAX_SEEDS = 4
@@ -70,7 +70,7 @@ def parse_seeds(text) -> tuple[int, ...]:
     if len(seeds) > MAX_SEEDS:
         raise ValueError(f"at most {MAX_SEEDS} seeds in the page, got {len(seeds)}")
     for seed in seeds:
-        _whole_number("seed", seed, 0, MAX_SEED)
+        whole_number("seed", seed, 0, MAX_SEED)
     return seeds
 
 
@@ -94,8 +94,8 @@ def atlas_request(objective, prompts_text, seeds_text, steps, u, scale) -> Atlas
         raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(choices)}")
     prompts = parse_prompts(prompts_text)
     check_prompts_for(objective, prompts)
-    return AtlasRequest(objective, prompts, parse_seeds(seeds_text), _whole_number("steps", steps, 1, MAX_ATLAS_STEPS),
-                        _number("u", u, 0.0, 1.0), _number("guidance scale", scale, 0.0))
+    return AtlasRequest(objective, prompts, parse_seeds(seeds_text), whole_number("steps", steps, 1, MAX_ATLAS_STEPS),
+                        number("u", u, 0.0, 1.0), number("guidance scale", scale, 0.0))
 
 
 def check_work(model: LoadedModel, request: AtlasRequest) -> int:

@@ -19,7 +19,7 @@ MAX_SIDE = 2048
 MAX_SEED = 2**63 - 1
 
 
-def _whole_number(name: str, value, low: int, high: int) -> int:
+def whole_number(name: str, value, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value != int(value):
         raise ValueError(f"{name} must be a whole number, got {value!r}")
     if not low <= int(value) <= high:
@@ -27,7 +27,7 @@ def _whole_number(name: str, value, low: int, high: int) -> int:
     return int(value)
 
 
-def _number(name: str, value, low: float, high: float | None = None) -> float:
+def number(name: str, value, low: float, high: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a number, got {value!r}")
     if value < low or (high is not None and value > high):
@@ -77,13 +77,13 @@ def build_settings(model: LoadedModel, *, prompt: str, steps, cfg, seed, size: s
         raise ValueError("the prompt is empty: describe the image to generate")
     width, height = parse_image_size(size, model)
     settings = {
-        "prompt": prompt.strip(), "model": model.choice, "seed": _whole_number("seed", seed, 0, MAX_SEED),
-        "steps": _whole_number("steps", steps, 1, MAX_STEPS), "cfg": _number("CFG scale", cfg, 0.0),
+        "prompt": prompt.strip(), "model": model.choice, "seed": whole_number("seed", seed, 0, MAX_SEED),
+        "steps": whole_number("steps", steps, 1, MAX_STEPS), "cfg": number("CFG scale", cfg, 0.0),
         "width": width, "height": height, "dtype": dtype, "heads": list(heads),
-        "pag_scale": _number("guidance scale", pag_scale, 0.0), "u": _number("u", u, 0.0, 1.0),
-        "target": target, "scope": scope, "start": _number("guidance start", start, 0.0, 1.0),
-        "end": _number("guidance end", end, 0.0, 1.0), "local_radius": local_radius or None,
-        "local_downsample": _whole_number("local downsample", local_downsample, 2, 64) if local_downsample else None,
+        "pag_scale": number("guidance scale", pag_scale, 0.0), "u": number("u", u, 0.0, 1.0),
+        "target": target, "scope": scope, "start": number("guidance start", start, 0.0, 1.0),
+        "end": number("guidance end", end, 0.0, 1.0), "local_radius": local_radius or None,
+        "local_downsample": whole_number("local downsample", local_downsample, 2, 64) if local_downsample else None,
     }
     for edit in edits_for(settings):  # each edit checks its own fields
         if isinstance(edit, HeadGuidance):

@@ -7,14 +7,14 @@ import logging
 
 import gradio as gr
 
+from ..cli import slug
 from ..guidance.atlas import atlas as compute_atlas
 from ..loading import call_defaults, call_options
-from ..cli import slug
 from .atlas import (MAX_ATLAS_STEPS, MAX_ATLAS_WORK, MAX_PROMPTS, MAX_SEEDS, atlas_request, check_work, objective_choices,
                     read_atlas, summarize, write_atlas)
 from .generation import difference_image, run_pipeline, save_png, with_actual_size
 from .models import LoadedModel, ModelRegistry
-from .settings import MAX_SEED, MAX_STEPS, _number, _whole_number, build_settings, collect_heads, edits_for, parse_image_size
+from .settings import MAX_SEED, MAX_STEPS, build_settings, collect_heads, edits_for, number, parse_image_size, whole_number
 from .text_edit import DEFAULT_SIGN_PROMPT, REPLACEMENT, parse_blocklist, run_text_edit, text_layers
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class AppActions:
               progress=gr.Progress(track_tqdm=True)):
         """Every head's effect on the objective (`da.atlas`), bounded to MAX_ATLAS_WORK image-steps: PNG, [HTML, JSON], summary."""
         request = atlas_request(objective, prompts_text, seeds_text, steps, u, scale)
-        cfg = None if cfg is None else _number("CFG scale", cfg, 0.0)
+        cfg = None if cfg is None else number("CFG scale", cfg, 0.0)
         progress(0, desc="loading model")
         model = self.registry.get(model_choice)
         width, height = parse_image_size(size, model)
@@ -163,10 +163,10 @@ class AppActions:
         """The sign prompt and its twin with `new_text` patched into the text layers; with a blocklist also the guarded prompt."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError('the sign prompt is empty: e.g. a sign that says "A" in red on a white background')
-        steps = _whole_number("steps", steps, 1, MAX_STEPS)
-        seed = _whole_number("seed", seed, 0, MAX_SEED)
-        start = _number("start", start, 0.0, 1.0)
-        cfg = None if cfg is None else _number("CFG scale", cfg, 0.0)
+        steps = whole_number("steps", steps, 1, MAX_STEPS)
+        seed = whole_number("seed", seed, 0, MAX_SEED)
+        start = number("start", start, 0.0, 1.0)
+        cfg = None if cfg is None else number("CFG scale", cfg, 0.0)
         blocklist = parse_blocklist(blocklist_text)
         progress(0, desc="loading model")
         model = self.registry.get(model_choice)
