@@ -83,10 +83,67 @@ CHECK = textwrap.dedent('''
 ''')
 
 
-def test_triton_kernel_matches_reference_in_interpreter_and_in_pipelines():
+BACKWARD = textwrap.dedent('''
+    import torch
+    import dit_attn as da
+    from dit_attn.kernels import AttentionPlan, LocalWindow, Perturbation, attention, choose_backend
+    torch.manual_seed(0)
+
+    def run(q, k, v, plan, backend, grad_out):
+        q, k, v = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+        out = attention(q, k, v, plan, backend=backend)
+        (out.float() * grad_out).sum().backward()
+        return [out.detach().float(), q.grad.float(), k.grad.float(), v.grad.float()]
+
+    u = torch.tensor([[0.0, 0.3, 1.0], [1.0, 0.5, 0.0]])
+    plans = [
+        (77, 16, AttentionPlan((Perturbation(u, "identity", "joint"), Perturbation(u.flip(0), "uniform", "joint")))),
+        (130, 64, AttentionPlan((Perturbation(u, "uniform", "joint"),))),
+        (76, 16, AttentionPlan((), (0, 63), LocalWindow(2.5, (7, 9)))),  # border windows, odd grid, text after
+        (141, 32, AttentionPlan((Perturbation(u, "identity", "joint"),), (21, 141), LocalWindow(3, (12, 10), 2, torch.rand(2, 2)))),
+        (49, 16, AttentionPlan((), (7, 49), LocalWindow(1, (6, 7)))),  # r = 1: only the own cell
+        (49, 16, AttentionPlan((), (7, 49), LocalWindow(20, (6, 7)))),  # r covers the grid
+    ]
+    for seq, dim, plan in plans:
+        for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
+            q, k, v = (torch.randn(2, 3, seq, dim).to(dtype) for _ in range(3))
+            grad_out = torch.randn(2, 3, seq, dim)
+            assert choose_backend(q.clone().requires_grad_(True), plan).name == "triton"
+            mine = run(q, k, v, plan, "triton", grad_out)
+            ref = run(q.float(), k.float(), v.float(), plan, "reference", grad_out)
+            for name, a, b in zip(("out", "dq", "dk", "dv"), mine, ref):
+                err = ((a - b).abs().max() / b.abs().max().clamp(min=1)).item()
+                assert err < tol, (seq, dim, dtype, name, err)
+
+    # distill-clear's path: the transformer's parameter gradients through local attention equal the tiled backend's
+    from dit_attn.models.configs import build_sd3_pipeline
+    pipe = build_sd3_pipeline(num_layers=2, head_dim=16)
+    transformer = pipe.transformer
+    x, text, pooled = torch.randn(2, transformer.config.in_channels, 12, 12), torch.randn(2, 24, transformer.config.joint_attention_dim), torch.randn(2, transformer.config.pooled_projection_dim)
+    grads = {}
+    for backend in ("triton", "tiled"):
+        transformer.zero_grad()
+        with da.apply(pipe, da.LocalAttention(1.5, backend=backend)):
+            transformer(x, text, pooled, torch.tensor([500.0, 100.0])).sample.square().mean().backward()
+        grads[backend] = {n: p.grad.clone() for n, p in transformer.named_parameters() if p.grad is not None}
+    assert grads["triton"].keys() == grads["tiled"].keys() and len(grads["tiled"]) > 10
+    worst = max((grads["triton"][n] - g).abs().max().item() / max(g.abs().max().item(), 1e-6) for n, g in grads["tiled"].items())
+    assert worst < 1e-4, worst
+''')
+
+
+def _interpret(script: str) -> None:
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_triton_backward_matches_reference_dense_and_local_and_trains_a_transformer():
+    _interpret(BACKWARD)
+
+
+def test_triton_kernel_matches_reference_in_interpreter_and_in_pipelines():
+    _interpret(CHECK)
 
 
 def test_triton_dispatch_reasons(monkeypatch):
@@ -98,3 +155,46 @@ def test_triton_dispatch_reasons(monkeypatch):
     two = AttentionPlan((Perturbation(one, "identity", "image"), Perturbation(one, "uniform", "joint")), (0, 6))
     assert "one perturbation per call" in choose_backend.__globals__["BACKENDS"]["triton"].why_not(q, two)
     assert choose_backend(q, joint).name == "sdpa"  # auto falls back on a CPU
+
+
+def test_tuning_times_candidates_once_then_reads_the_cache(tmp_path, monkeypatch):
+    from dit_attn.kernels.triton import tuning
+
+    monkeypatch.setattr(tuning, "_memory", {})
+    path = str(tmp_path / "blocks.json")
+    candidates = tuning.CANDIDATES["softpag"]
+    times = {c["block_m"] * 1000 + c["block_n"] + c["num_warps"]: t for c, t in zip(candidates, (5.0, 2.0, 1.0, 3.0, 4.0))}
+    launched = []
+
+    def run(config):
+        if config["block_m"] == 128 and config["block_n"] == 32:
+            raise RuntimeError("out of shared memory")  # a config the GPU cannot launch is skipped
+        launched.append(config)
+
+    def bench(fn):
+        fn()
+        return times[launched[-1]["block_m"] * 1000 + launched[-1]["block_n"] + launched[-1]["num_warps"]]
+
+    best = tuning.tune("gpu|softpag|d64|float16|s1024", candidates, run, bench, path)
+    assert best == dict(block_m=64, block_n=64, num_warps=4) and len(launched) == 4
+    tuning._memory.clear()  # a new process: the file answers, nothing is timed again
+
+    def no_bench(fn):
+        raise AssertionError("timed again")
+
+    assert tuning.tune("gpu|softpag|d64|float16|s1024", candidates, run, no_bench, path) == best
+    (tmp_path / "blocks.json").write_text("{not json")  # a damaged file is ignored and rewritten
+    tuning._memory.clear()
+    assert tuning.tune("gpu|softpag|d64|float16|s1024", candidates, run, bench, path) == best
+    assert tuning._read(path) == {"gpu|softpag|d64|float16|s1024": best}
+
+
+def test_tuning_falls_back_deterministically_off_the_gpu():
+    from dit_attn.kernels.triton import tuning
+
+    q = torch.zeros(1, 2, 300, 64, dtype=torch.float16)
+    assert tuning.choose("softpag", q, run=None) == tuning.fallback("softpag", q) == dict(block_m=32, block_n=32, num_warps=4)
+    assert tuning.choose("local", q, run=None) == dict(block=32, num_warps=4)
+    assert tuning.tuning_key("local", q) == "cpu|local|d64|float16|s512"
+    with pytest.raises(ValueError, match="valid: softpag, local"):
+        tuning.fallback("dense", q)

@@ -71,15 +71,20 @@ def _reference_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
     return None
 
 
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _triton_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
     if plan.is_plain:
         return "plain attention: torch SDPA is as fast"
-    if len(plan.perturbations) > 1:
-        return "the Triton kernel handles one perturbation per call (several: not yet)"
-    if plan.window is not None and plan.perturbations and plan.perturbations[0].scope != "joint":
+    if _needs_grad(q):
+        if any(p.scope != "joint" for p in plan.perturbations):
+            return "the Triton backward covers dense and local attention with joint-scope blends (image scope: not yet)"
+    elif len(plan.perturbations) > 1:
+        return "the Triton inference kernel fuses one perturbation per call (several: not yet)"
+    elif plan.window is not None and plan.perturbations and plan.perturbations[0].scope != "joint":
         return "the Triton local-window kernel blends joint-scope perturbations only (image scope: not yet)"
-    if torch.is_grad_enabled() and q.requires_grad:
-        return "the Triton kernel is forward-only (no autograd yet)"
     dim = q.shape[-1]
     if dim < 16 or dim & (dim - 1):
         return f"head dim {dim} is not a power of two >= 16"
@@ -93,6 +98,10 @@ def _triton_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
 
 
 def _triton_run(q, k, v, plan: AttentionPlan, scale: float | None = None) -> torch.Tensor:
+    if _needs_grad(q, k, v):
+        from .triton.backward import trainable_attention
+
+        return trainable_attention(q, k, v, plan, scale)
     if plan.window is not None:
         from .triton.local import local_window_attention
 

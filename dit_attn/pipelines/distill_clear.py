@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..apply import apply
-from ..edits import LocalAttention
+from ..edits import BACKEND_CHOICES, LocalAttention
 from ..heads import model_family, model_layers
 from ..local_attention import local_attention_modules
 from .training import cosine_lr, optimizer_step, save_atomic, step_seed
@@ -57,9 +57,10 @@ class DistillConfig:
     max_sequence_length: int = 1
     seed: int = 0
     checkpoint_every: int = 50
+    backend: str = "auto"  # local-window kernel with a backward: triton on CUDA, tiled on the CPU
 
     def __post_init__(self) -> None:
-        LocalAttention(self.radius, downsample=self.downsample)  # validates radius and downsample
+        LocalAttention(self.radius, downsample=self.downsample, backend=self.backend)  # validates all three
         positive = {"samples": self.samples, "sample_steps": self.sample_steps, "steps": self.steps, "batch": self.batch,
                     "attention_every": self.attention_every, "checkpoint_every": self.checkpoint_every,
                     "max_sequence_length": self.max_sequence_length}
@@ -231,7 +232,7 @@ def distill(pipe, cfg: DistillConfig, work: str, out: str, prompts: list[str] | 
         targets = "|".join(name.replace(".", r"\.") for name in modules)
         transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
                                            target_modules=f"^({targets})$", init_lora_weights=True))
-    handle = apply(pipe, LocalAttention(cfg.radius, downsample=cfg.downsample, backend="tiled"))
+    handle = apply(pipe, LocalAttention(cfg.radius, downsample=cfg.downsample, backend=cfg.backend))
     recorded_attention = sorted(local_attention_modules(model_layers(transformer), all_layers))[:: cfg.attention_every]
     student_rec = AttentionRecorder(transformer, recorded_attention)
     teacher_rec = AttentionRecorder(teacher, recorded_attention) if teacher is not None else student_rec
@@ -310,9 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", default=None, help="prompt file (.txt/.jsonl/.csv); default: the synthetic captions")
     hints = typing.get_type_hints(DistillConfig)
     for f in dataclasses.fields(DistillConfig):
-        kind = int if hints[f.name] in (int, int | None) else float
+        kind = int if hints[f.name] in (int, int | None) else str if hints[f.name] is str else float
         option = f"--{f.name.replace('_', '-')}"
-        if f.default is dataclasses.MISSING:
+        if f.name == "backend":
+            parser.add_argument(option, default=f.default, choices=BACKEND_CHOICES,
+                                help="attention kernel for the local windows (auto: triton on CUDA, tiled on the CPU)")
+        elif f.default is dataclasses.MISSING:
             parser.add_argument(option, type=kind, required=True)
         else:
             parser.add_argument(option, type=kind, default=f.default)

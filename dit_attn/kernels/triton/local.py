@@ -10,6 +10,7 @@ tokens' grid positions. Online softmax with fp32 accumulation. out = (1 − u)·
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -18,7 +19,23 @@ import triton.language as tl
 
 from ..blocks import reorder
 from ..window import LocalWindow
+from . import tuning
 from .softpag import IDENTITY, UNIFORM, launch_options
+
+
+@triton.jit
+def window_rule(rows, cols, qy, qx, PosY, PosX, text, seq_q, r2):
+    """(rows, cols) bool: which pairs the window allows. Text queries see text and image keys
+    (never pooled ones); image queries see text and pooled keys and image keys in the circle."""
+    on_grid = cols < seq_q
+    ky = tl.load(PosY + cols, mask=on_grid, other=0)
+    kx = tl.load(PosX + cols, mask=on_grid, other=0)
+    dy = qy[:, None] - ky[None, :]
+    dx = qx[:, None] - kx[None, :]
+    near = (dy * dy + dx * dx).to(tl.float32) < r2
+    kv_image = (cols >= text) & on_grid
+    q_image = rows >= text
+    return tl.where(q_image[:, None], (~kv_image)[None, :] | near, on_grid[None, :])
 
 
 @triton.jit
@@ -37,15 +54,7 @@ def _visit(q, acc, m, l, k_ptr, v_ptr, stride_ks, stride_vs, kv_block, rows, row
     scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     allowed = col_ok[None, :] & row_ok[:, None]
     if MASKED:
-        on_grid = cols < seq_q
-        ky = tl.load(PosY + cols, mask=on_grid, other=0)
-        kx = tl.load(PosX + cols, mask=on_grid, other=0)
-        dy = qy[:, None] - ky[None, :]
-        dx = qx[:, None] - kx[None, :]
-        near = (dy * dy + dx * dx).to(tl.float32) < r2
-        kv_image = (cols >= text) & on_grid
-        q_image = rows >= text
-        allowed = allowed & tl.where(q_image[:, None], (~kv_image)[None, :] | near, on_grid[None, :])
+        allowed = allowed & window_rule(rows, cols, qy, qx, PosY, PosX, text, seq_q, r2)
     scores = tl.where(allowed, scores, float("-inf"))
     m_new = tl.maximum(m, tl.max(scores, axis=1))
     safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -58,10 +67,10 @@ def _visit(q, acc, m, l, k_ptr, v_ptr, stride_ks, stride_vs, kv_block, rows, row
 
 @triton.jit
 def _local_forward(
-    Q, K, V, U, MeanV, Out, PosY, PosX, FullCount, FullIndex, PartCount, PartIndex,
+    Q, K, V, U, MeanV, Out, Lse, PosY, PosX, FullCount, FullIndex, PartCount, PartIndex,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_ob, stride_oh, stride_os, heads, seq_q, seq_kv, text, n_kv_blocks, r2, scale,
-    TARGET: tl.constexpr, BLEND: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    TARGET: tl.constexpr, BLEND: tl.constexpr, STORE_LSE: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     block = tl.program_id(0)
@@ -98,6 +107,8 @@ def _local_forward(
             acc, m, l = _visit(q, acc, m, l, k_ptr, v_ptr, stride_ks, stride_vs, kv_block, rows, row_ok, qy, qx,
                                PosY, PosX, text, seq_q, seq_kv, r2, scale, True, BLOCK, HEAD_DIM, UPCAST, PRECISION)
         attention = acc / tl.where(l > 0, l, 1.0)[:, None]
+        if STORE_LSE:  # for the backward pass (which runs without a blend)
+            tl.store(Lse + batch_head * seq_q + rows, m + tl.log(l), mask=row_ok)
     out = attention
     if BLEND:
         if TARGET == 0:
@@ -110,7 +121,7 @@ def _local_forward(
     tl.store(o_ptr + rows[:, None] * stride_os + dims[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
-def _block_lists(selected: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+def block_lists(selected: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
     counts = selected.sum(dim=1).to(torch.int32)
     index = torch.argsort((~selected).to(torch.int8), dim=1, stable=True).to(torch.int32)
     return counts.to(device), index.contiguous().to(device)
@@ -118,16 +129,23 @@ def _block_lists(selected: torch.Tensor, device) -> tuple[torch.Tensor, torch.Te
 
 def local_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: LocalWindow, image: slice,
                            u: torch.Tensor | None = None, target: str = "identity", scale: float | None = None,
-                           block: int = 32) -> torch.Tensor:
-    """(B, H, S, D) → (B, H, S, D): local window attention, blended toward T where u > 0 (joint scope)."""
-    batch, heads, seq, dim = q.shape
+                           config: dict | None = None) -> torch.Tensor:
+    """(B, H, S, D) → (B, H, S, D): local window attention, blended toward T where u > 0 (joint scope).
+    config: block, num_warps (default: tuned on a GPU, see `tuning`)."""
     window.check_tokens(image)
-    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    launch = functools.partial(_launch_local, q, k, v, window, image, u, target, scale)
+    return launch(config or tuning.choose("local", q, launch))
+
+
+def _launch_local(q, k, v, window: LocalWindow, image: slice, u, target: str, scale: float, config: dict) -> torch.Tensor:
+    block, num_warps = config["block"], config["num_warps"]
+    batch, heads, seq, dim = q.shape
     tokens = reorder(q, k, v, window, image, block)
     blocks = tokens.blocks
     qp, kp, vp = tokens.q, tokens.k.contiguous(), tokens.v.contiguous()
-    full_count, full_index = _block_lists(blocks.full, q.device)
-    part_count, part_index = _block_lists(blocks.partial, q.device)
+    full_count, full_index = block_lists(blocks.full, q.device)
+    part_count, part_index = block_lists(blocks.partial, q.device)
     pos_y = blocks.ys.to(device=q.device, dtype=torch.int32)
     pos_x = blocks.xs.to(device=q.device, dtype=torch.int32)
     blend = u is not None
@@ -139,10 +157,10 @@ def local_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wi
     out = torch.empty_like(qp)
     grid = (triton.cdiv(blocks.seq_q, block), batch * heads)
     _local_forward[grid](
-        qp, kp, vp, strengths, mean_v, out, pos_y, pos_x, full_count, full_index, part_count, part_index,
+        qp, kp, vp, strengths, mean_v, out, strengths, pos_y, pos_x, full_count, full_index, part_count, part_index,
         *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *out.stride()[:3],
         heads, blocks.seq_q, blocks.seq_kv, blocks.seq_q - window.tokens, blocks.full.shape[1], float(window.radius) ** 2, scale,
-        TARGET=IDENTITY if target == "identity" else UNIFORM, BLEND=blend, BLOCK=block, HEAD_DIM=dim,
-        **launch_options(q),
+        TARGET=IDENTITY if target == "identity" else UNIFORM, BLEND=blend, STORE_LSE=False, BLOCK=block, HEAD_DIM=dim,
+        num_warps=num_warps, **launch_options(q),
     )
     return tokens.restore(out)

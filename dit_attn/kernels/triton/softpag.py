@@ -6,8 +6,9 @@ inputs feed tl.dot directly on a GPU; the interpreter upcasts); a (row, head) wi
 u = 1 skips the full QKᵀ/softmax loop. scope="image": image queries blend toward a map whose
 image→image logits are replaced (own key, or the mean key with multiplicity N_img), from
 a second online softmax over the text keys only; text queries keep plain attention.
-Forward only: no autograd (the `sdpa` backend serves training). Local windows and several
-perturbations per launch are not implemented yet; `why_not` says so and dispatch falls back.
+Inference only: with autograd the dispatcher runs `backward.py` (flash attention with dq, dk,
+dv; joint-scope blends in torch). Several perturbations in one inference launch are not
+implemented yet; `why_not` says so and dispatch falls back.
 
 Triton has no CPU backend: on a CPU machine these kernels run only under
 TRITON_INTERPRET=1 (set before triton is imported), which the tests use.
@@ -20,6 +21,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from . import tuning
 
 IDENTITY, UNIFORM = 0, 1
 
@@ -144,10 +147,11 @@ def launch_options(q: torch.Tensor) -> dict:
 
 def softpag_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor, target: str,
                       scope: str = "joint", image_tokens: tuple[int, int] | None = None,
-                      scale: float | None = None, block_m: int = 32, block_n: int = 32) -> torch.Tensor:
+                      scale: float | None = None, config: dict | None = None) -> torch.Tensor:
     """(B, H, S, D) inputs (last dim contiguous), u (B, H) → (B, H, S, D).
 
     image_tokens: (start, stop) of the image tokens for scope="image" (None: all tokens).
+    config: block_m, block_n, num_warps (default: tuned on a GPU, see `tuning`).
     """
     batch, heads, seq_len, dim = q.shape
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
@@ -161,15 +165,18 @@ def softpag_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torc
         if scope == "image":  # the mean key's logit stands for the image→image block
             mean_k = k[:, :, keys].mean(dim=2, dtype=torch.float32).contiguous()
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    grid = (triton.cdiv(seq_len, block_m), batch * heads)
-    _softpag_forward[grid](
-        q, k, v, strengths, mean_k, mean_v, out,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        heads, seq_len, image_start, image_stop, scale,
-        TARGET=IDENTITY if target == "identity" else UNIFORM, IMAGE_SCOPE=scope == "image",
-        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim, **launch_options(q),
-    )
+
+    def launch(c: dict) -> None:
+        _softpag_forward[(triton.cdiv(seq_len, c["block_m"]), batch * heads)](
+            q, k, v, strengths, mean_k, mean_v, out,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            heads, seq_len, image_start, image_stop, scale,
+            TARGET=IDENTITY if target == "identity" else UNIFORM, IMAGE_SCOPE=scope == "image",
+            BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], HEAD_DIM=dim, num_warps=c["num_warps"], **launch_options(q),
+        )
+
+    launch(config or tuning.choose("softpag", q, launch))
     return out

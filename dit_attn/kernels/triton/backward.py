@@ -1,0 +1,256 @@
+"""Trainable Triton attention: block-sparse flash attention with a backward pass (dq, dk, dv).
+
+Dense attention is the block-sparse pattern where every (query block, key block) pair is
+full; CLEAR's local window is the pattern of `kernels.blocks` (partial pairs apply the
+exact circle). The forward is the local-window kernel storing each row's log-sum-exp;
+the backward recomputes the probabilities block by block (FlashAttention-2):
+  P = exp(S − lse),  dV = Pᵀ dO,  dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)),  dQ = dS K·scale,  dK = dSᵀ Q·scale,
+with one program per query block for dQ and one per key block for dK, dV (no atomics).
+Joint-scope SoftPAG blends (1 − u)·A + u·T stay outside, in torch, so autograd differentiates them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..blocks import reorder
+from ..plan import AttentionPlan
+from . import tuning
+from .local import _local_forward, block_lists, window_rule
+from .softpag import IDENTITY, launch_options
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """Which key blocks each query block visits (and the transpose), plus the window's geometry."""
+
+    full_count: torch.Tensor  # (q blocks,) int32
+    full_index: torch.Tensor  # (q blocks, kv blocks) int32, visited blocks first
+    part_count: torch.Tensor
+    part_index: torch.Tensor
+    full_count_t: torch.Tensor  # (kv blocks,): query blocks that visit each key block
+    full_index_t: torch.Tensor  # (kv blocks, q blocks)
+    part_count_t: torch.Tensor
+    part_index_t: torch.Tensor
+    pos_y: torch.Tensor  # (seq_q,) int32 grid row of each query-side token (dense: unused)
+    pos_x: torch.Tensor
+    seq_q: int
+    seq_kv: int
+    text: int
+    r2: float
+    block: int
+
+
+def block_sparsity(full: torch.Tensor, partial: torch.Tensor, pos_y: torch.Tensor, pos_x: torch.Tensor, seq_q: int,
+                   seq_kv: int, text: int, r2: float, block: int, device) -> Sparsity:
+    lists = [block_lists(m, device) for m in (full, partial, full.T, partial.T)]
+    pos = [p.to(device=device, dtype=torch.int32) for p in (pos_y, pos_x)]
+    return Sparsity(*lists[0], *lists[1], *lists[2], *lists[3], *pos, seq_q, seq_kv, text, r2, block)
+
+
+def dense_sparsity(seq: int, block: int, device) -> Sparsity:
+    n = triton.cdiv(seq, block)
+    zeros = torch.zeros(seq, dtype=torch.int32)
+    return block_sparsity(torch.ones(n, n, dtype=torch.bool), torch.zeros(n, n, dtype=torch.bool), zeros, zeros,
+                          seq, seq, 0, 0.0, block, device)
+
+
+@triton.jit
+def _probabilities(q, k, rows, cols, row_ok, col_ok, qy, qx, lse, PosY, PosX, text, seq_q, r2, scale,
+                   MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """The forward's attention probabilities of a (query block, key block) pair, from the saved lse."""
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    allowed = row_ok[:, None] & col_ok[None, :]
+    if MASKED:
+        allowed = allowed & window_rule(rows, cols, qy, qx, PosY, PosX, text, seq_q, r2)
+    return tl.where(allowed, tl.exp(scores - lse[:, None]), 0.0)
+
+
+@triton.jit
+def _load_rows(ptr, stride, rows, row_ok, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    dims = tl.arange(0, HEAD_DIM)
+    x = tl.load(ptr + rows[:, None] * stride + dims[None, :], mask=row_ok[:, None], other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _dq_visit(dq, q, do, lse, delta, k_ptr, v_ptr, stride_ks, stride_vs, kv_block, rows, row_ok, qy, qx, PosY, PosX,
+              text, seq_q, seq_kv, r2, scale, MASKED: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+              UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    cols = kv_block * BLOCK + tl.arange(0, BLOCK)
+    col_ok = cols < seq_kv
+    k = _load_rows(k_ptr, stride_ks, cols, col_ok, HEAD_DIM, UPCAST)
+    v = _load_rows(v_ptr, stride_vs, cols, col_ok, HEAD_DIM, UPCAST)
+    p = _probabilities(q, k, rows, cols, row_ok, col_ok, qy, qx, lse, PosY, PosX, text, seq_q, r2, scale,
+                       MASKED, PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+
+@triton.jit
+def _flash_dq(
+    Q, K, V, dO, Lse, Delta, dQ, PosY, PosX, FullCount, FullIndex, PartCount, PartIndex,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os, heads, seq_q, seq_kv, text, n_kv_blocks, r2, scale,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One query block: dQ over the key blocks it visits. dO, dQ share the (contiguous) strides stride_o*."""
+    block = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    b = batch_head // heads
+    h = batch_head % heads
+    rows = block * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < seq_q
+    k_ptr = K + b * stride_kb + h * stride_kh
+    v_ptr = V + b * stride_vb + h * stride_vh
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, stride_qs, rows, row_ok, HEAD_DIM, UPCAST)
+    do = _load_rows(dO + b * stride_ob + h * stride_oh, stride_os, rows, row_ok, HEAD_DIM, UPCAST)
+    lse = tl.load(Lse + batch_head * seq_q + rows, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + batch_head * seq_q + rows, mask=row_ok, other=0.0)
+    qy = tl.load(PosY + rows, mask=row_ok, other=0)
+    qx = tl.load(PosX + rows, mask=row_ok, other=0)
+    dq = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    for j in range(0, tl.load(FullCount + block)):
+        kv_block = tl.load(FullIndex + block * n_kv_blocks + j)
+        dq = _dq_visit(dq, q, do, lse, delta, k_ptr, v_ptr, stride_ks, stride_vs, kv_block, rows, row_ok, qy, qx,
+                       PosY, PosX, text, seq_q, seq_kv, r2, scale, False, BLOCK, HEAD_DIM, UPCAST, PRECISION)
+    for j in range(0, tl.load(PartCount + block)):
+        kv_block = tl.load(PartIndex + block * n_kv_blocks + j)
+        dq = _dq_visit(dq, q, do, lse, delta, k_ptr, v_ptr, stride_ks, stride_vs, kv_block, rows, row_ok, qy, qx,
+                       PosY, PosX, text, seq_q, seq_kv, r2, scale, True, BLOCK, HEAD_DIM, UPCAST, PRECISION)
+    dims = tl.arange(0, HEAD_DIM)
+    out = dQ + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + dims[None, :]
+    tl.store(out, (dq * scale).to(dQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _dkdv_visit(dk, dv, k, v, q_ptr, do_ptr, stride_qs, stride_os, Lse, Delta, batch_head, q_block, cols, col_ok,
+                PosY, PosX, text, seq_q, r2, scale, MASKED: tl.constexpr, BLOCK: tl.constexpr,
+                HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    rows = q_block * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < seq_q
+    q = _load_rows(q_ptr, stride_qs, rows, row_ok, HEAD_DIM, UPCAST)
+    do = _load_rows(do_ptr, stride_os, rows, row_ok, HEAD_DIM, UPCAST)
+    lse = tl.load(Lse + batch_head * seq_q + rows, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + batch_head * seq_q + rows, mask=row_ok, other=0.0)
+    qy = tl.load(PosY + rows, mask=row_ok, other=0)
+    qx = tl.load(PosX + rows, mask=row_ok, other=0)
+    p = _probabilities(q, k, rows, cols, row_ok, col_ok, qy, qx, lse, PosY, PosX, text, seq_q, r2, scale,
+                       MASKED, PRECISION)
+    dv = dv + tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    dk = dk + tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _flash_dkdv(
+    Q, K, V, dO, Lse, Delta, dK, dV, PosY, PosX, FullCountT, FullIndexT, PartCountT, PartIndexT,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os, stride_gb, stride_gh, stride_gs, heads, seq_q, seq_kv, text, n_q_blocks, r2, scale,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One key block: dK, dV over the query blocks that visit it (dK, dV share the strides stride_g*)."""
+    kv_block = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    b = batch_head // heads
+    h = batch_head % heads
+    cols = kv_block * BLOCK + tl.arange(0, BLOCK)
+    col_ok = cols < seq_kv
+    k = _load_rows(K + b * stride_kb + h * stride_kh, stride_ks, cols, col_ok, HEAD_DIM, UPCAST)
+    v = _load_rows(V + b * stride_vb + h * stride_vh, stride_vs, cols, col_ok, HEAD_DIM, UPCAST)
+    q_ptr = Q + b * stride_qb + h * stride_qh
+    do_ptr = dO + b * stride_ob + h * stride_oh
+    dk = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    for i in range(0, tl.load(FullCountT + kv_block)):
+        q_block = tl.load(FullIndexT + kv_block * n_q_blocks + i)
+        dk, dv = _dkdv_visit(dk, dv, k, v, q_ptr, do_ptr, stride_qs, stride_os, Lse, Delta, batch_head, q_block, cols,
+                             col_ok, PosY, PosX, text, seq_q, r2, scale, False, BLOCK, HEAD_DIM, UPCAST, PRECISION)
+    for i in range(0, tl.load(PartCountT + kv_block)):
+        q_block = tl.load(PartIndexT + kv_block * n_q_blocks + i)
+        dk, dv = _dkdv_visit(dk, dv, k, v, q_ptr, do_ptr, stride_qs, stride_os, Lse, Delta, batch_head, q_block, cols,
+                             col_ok, PosY, PosX, text, seq_q, r2, scale, True, BLOCK, HEAD_DIM, UPCAST, PRECISION)
+    dims = tl.arange(0, HEAD_DIM)
+    offsets = b * stride_gb + h * stride_gh + cols[:, None] * stride_gs + dims[None, :]
+    tl.store(dK + offsets, (dk * scale).to(dK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(dV + offsets, dv.to(dV.dtype.element_ty), mask=col_ok[:, None])
+
+
+class BlockSparseAttention(torch.autograd.Function):
+    """softmax(Q Kᵀ·scale) V over a block-sparse pattern; (B, H, seq_q, D) queries, (B, H, seq_kv, D) keys/values."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sparsity: Sparsity, scale: float):
+        q, k, v = (x.contiguous() for x in (q, k, v))
+        batch, heads, seq_q, dim = q.shape
+        out = torch.empty_like(q)
+        lse = torch.empty(batch * heads, seq_q, device=q.device, dtype=torch.float32)
+        unused = lse  # the kernel reads U and MeanV only when it blends
+        s = sparsity
+        _local_forward[(triton.cdiv(seq_q, s.block), batch * heads)](
+            q, k, v, unused, unused, out, lse, s.pos_y, s.pos_x, s.full_count, s.full_index, s.part_count, s.part_index,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            heads, seq_q, s.seq_kv, s.text, s.full_index.shape[1], s.r2, scale,
+            TARGET=IDENTITY, BLEND=False, STORE_LSE=True, BLOCK=s.block, HEAD_DIM=dim, **launch_options(q),
+        )
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.sparsity, ctx.scale = sparsity, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        s, scale = ctx.sparsity, ctx.scale
+        batch, heads, seq_q, dim = q.shape
+        grad_out = grad_out.contiguous()
+        delta = (grad_out.float() * out.float()).sum(-1).reshape(batch * heads, seq_q).contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        common = dict(BLOCK=s.block, HEAD_DIM=dim, **launch_options(q))
+        _flash_dq[(triton.cdiv(seq_q, s.block), batch * heads)](
+            q, k, v, grad_out, lse, delta, dq, s.pos_y, s.pos_x, s.full_count, s.full_index, s.part_count, s.part_index,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
+            heads, seq_q, s.seq_kv, s.text, s.full_index.shape[1], s.r2, scale, **common,
+        )
+        _flash_dkdv[(triton.cdiv(s.seq_kv, s.block), batch * heads)](
+            q, k, v, grad_out, lse, delta, dk, dv, s.pos_y, s.pos_x,
+            s.full_count_t, s.full_index_t, s.part_count_t, s.part_index_t,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dk.stride()[:3],
+            heads, seq_q, s.seq_kv, s.text, s.full_index_t.shape[1], s.r2, scale, **common,
+        )
+        return dq, dk, dv, None, None
+
+
+def trainable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan,
+                        scale: float | None = None, block: int | None = None) -> torch.Tensor:
+    """(B, H, S, D) → (B, H, S, D) with autograd: dense or local-window attention on the Triton
+    kernels, then the plan's joint-scope SoftPAG blends in order (in torch). block: the fixed
+    fallback of the local kernel unless given (training is not timed)."""
+    block = block or tuning.fallback("local", q)["block"]
+    if any(p.scope != "joint" for p in plan.perturbations):
+        raise ValueError("the Triton backward blends joint-scope perturbations only; use backend='sdpa' for image scope")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if plan.window is None:
+        out = BlockSparseAttention.apply(q, k, v, dense_sparsity(q.shape[-2], block, q.device), scale)
+    else:
+        window = plan.window
+        image = plan.image_slice(q.shape[-2])
+        window.check_tokens(image)
+        tokens = reorder(q, k, v, window, image, block)
+        b = tokens.blocks
+        sparsity = block_sparsity(b.full, b.partial, b.ys, b.xs, b.seq_q, b.seq_kv, b.seq_q - window.tokens,
+                                  float(window.radius) ** 2, block, q.device)
+        out = tokens.restore(BlockSparseAttention.apply(tokens.q, tokens.k, tokens.v, sparsity, scale))
+    for p in plan.perturbations:
+        u = p.u.to(device=out.device, dtype=out.dtype)[:, :, None, None]
+        target = v if p.target == "identity" else v.mean(dim=2, keepdim=True)
+        out = (1 - u) * out + u * target
+    return out
