@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from PIL import Image
 
 from ..guidance.atlas import Atlas, render_html, render_png
-from ..heads import model_layers
 from .models import LoadedModel
 from .settings import MAX_SEED, number, whole_number
 
@@ -100,7 +99,7 @@ def atlas_request(objective, prompts_text, seeds_text, steps, u, scale) -> Atlas
 
 def check_work(model: LoadedModel, request: AtlasRequest) -> int:
     """The number of image-steps the atlas costs; ValueError naming the cap when it is too many."""
-    heads = sum(info.heads for info in model_layers(model.pipe.transformer))
+    heads = sum(info.heads for info in model.layer_map)
     work = (heads + 1) * len(request.prompts) * len(request.seeds) * request.steps
     if work > MAX_ATLAS_WORK:
         raise ValueError(
