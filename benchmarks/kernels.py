@@ -1,9 +1,13 @@
 """Attention kernels side by side: torch SDPA vs the Triton SoftPAG kernel (and the `sdpa` path).
 
-On CUDA: forward time and achieved TFLOP/s at FLUX token counts (1024², 2048², 4096² images:
-4096 / 16384 / 65536 image tokens + 512 text tokens), 24 heads × 128, bf16, for plain
-attention, SoftPAG with 25% of heads perturbed at u = 0.5 and at u = 1, in both scopes.
-Local windows (CLEAR) and backward passes are not implemented in the kernel yet.
+On CUDA: time and achieved TFLOP/s at FLUX token counts (1024², 2048², 4096² images:
+4096 / 16384 / 65536 image tokens + 512 text tokens), 24 heads × 128, bf16:
+- forward: plain SDPA (flash), SoftPAG with 25% of heads perturbed at u = 0.5 and u = 1 in
+  both scopes (triton vs the `sdpa` path), local windows r ∈ {8, 16, 32} (triton vs
+  flex_attention; dense FLOPs are the reference for "effective" TFLOP/s);
+- forward + backward: SDPA vs the Triton dense kernel, and local r ∈ {8, 16, 32} triton vs flex.
+Targets (to confirm on a GPU): SoftPAG within 5% of plain flash attention; u = 1 heads cost
+≈ 0; local r = 16 at 4096² ≥ 10× over dense flash attention.
 
 On a CPU there is no GPU figure to take: the script says so and runs the Triton
 interpreter (TRITON_INTERPRET=1) at small sizes for correctness against `reference` only.
@@ -40,7 +44,7 @@ def time_cuda(fn, repeats: int) -> float:
 
 
 def gpu_table(sizes: list[int], repeats: int) -> None:
-    from dit_attn.kernels import AttentionPlan, Perturbation, attention
+    from dit_attn.kernels import AttentionPlan, LocalWindow, Perturbation, attention
 
     heads, dim, dtype = 24, 128, torch.bfloat16
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, {heads} heads x {dim}")
@@ -57,11 +61,40 @@ def gpu_table(sizes: list[int], repeats: int) -> None:
                 plan = AttentionPlan((Perturbation(quarter.clone(), "identity", scope),), (FLUX_TEXT, seq))
                 cases[f"triton SoftPAG 25% u={u} {scope}"] = lambda plan=plan: attention(q, k, v, plan, backend="triton")
                 cases[f"sdpa SoftPAG 25% u={u} {scope}"] = lambda plan=plan: attention(q, k, v, plan, backend="sdpa")
+        grid = (pixels // 16, pixels // 16)
+        for radius in (8, 16, 32):
+            window = AttentionPlan((), (FLUX_TEXT, seq), LocalWindow(radius, grid))
+            for backend in ("triton", "flex"):
+                cases[f"{backend} local r={radius}"] = lambda plan=window, b=backend: attention(q, k, v, plan, backend=b)
         base = None
         for name, fn in cases.items():
             ms = time_cuda(fn, repeats)
             base = base or ms
             print(f"| {pixels}² | {seq} | {name} | {ms:.2f} | {flops(1, heads, seq, dim) / ms / 1e9:.1f} | {ms / base:.2f} |")
+        training_table(q, k, v, pixels, seq, grid, repeats)
+
+
+def training_table(q, k, v, pixels: int, seq: int, grid: tuple[int, int], repeats: int) -> None:
+    """Forward + backward of the kernels distill-clear trains with (time relative to SDPA's)."""
+    from dit_attn.kernels import AttentionPlan, LocalWindow, attention
+    from dit_attn.kernels.triton.backward import BlockSparseAttention, dense_sparsity
+
+    q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
+    grad = torch.randn_like(q)
+    dense = dense_sparsity(seq, 64, q.device)
+    cases = {
+        "SDPA fwd+bwd": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+        "triton dense fwd+bwd": lambda: BlockSparseAttention.apply(q, k, v, dense, q.shape[-1] ** -0.5),
+    }
+    for radius in (8, 16, 32):
+        plan = AttentionPlan((), (FLUX_TEXT, seq), LocalWindow(radius, grid))
+        for backend in ("triton", "flex"):
+            cases[f"{backend} local r={radius} fwd+bwd"] = lambda plan=plan, b=backend: attention(q, k, v, plan, backend=b)
+    base = None
+    for name, forward in cases.items():
+        ms = time_cuda(lambda: forward().backward(grad), repeats)
+        base = base or ms
+        print(f"| {pixels}² | {seq} | {name} | {ms:.2f} | {3.5 * flops(1, q.shape[1], seq, q.shape[-1]) / ms / 1e9:.1f} | {ms / base:.2f} |")
 
 
 def interpreter_check() -> int:
@@ -76,6 +109,15 @@ def interpreter_check() -> int:
         "        plan = AttentionPlan((Perturbation(u, target, scope),), (44, 300))\n"
         "        err = (attention(q, k, v, plan, backend='triton') - attention(q, k, v, plan, backend='reference')).abs().max()\n"
         "        print(f'{scope:5} {target:8} S=300 D=64: max |triton - reference| = {err:.2e}')\n"
+        "from dit_attn.kernels import LocalWindow\n"
+        "plan = AttentionPlan((), (44, 300), LocalWindow(4, (16, 16)))\n"
+        "grads = {}\n"
+        "for backend in ('triton', 'reference'):\n"
+        "    x = [t.clone().requires_grad_(True) for t in (q, k, v)]\n"
+        "    attention(*x, plan, backend=backend).square().sum().backward()\n"
+        "    grads[backend] = [t.grad for t in x]\n"
+        "err = max((a - b).abs().max().item() for a, b in zip(grads['triton'], grads['reference']))\n"
+        "print(f'local r=4 16x16 grid, 44 text, backward: max |d triton - d reference| = {err:.2e}')\n"
     )
     env = dict(os.environ, TRITON_INTERPRET="1")
     return subprocess.run([sys.executable, "-c", code], env=env).returncode

@@ -103,6 +103,8 @@ BACKWARD = textwrap.dedent('''
         (141, 32, AttentionPlan((Perturbation(u, "identity", "joint"),), (21, 141), LocalWindow(3, (12, 10), 2, torch.rand(2, 2)))),
         (49, 16, AttentionPlan((), (7, 49), LocalWindow(1, (6, 7)))),  # r = 1: only the own cell
         (49, 16, AttentionPlan((), (7, 49), LocalWindow(20, (6, 7)))),  # r covers the grid
+        (49, 16, AttentionPlan((Perturbation(u, "uniform", "joint"),), (0, 49), LocalWindow(2, (7, 7)))),  # no text
+        (141, 16, AttentionPlan((), (77, 141), LocalWindow(2, (8, 8)))),  # 77 text tokens
     ]
     for seq, dim, plan in plans:
         for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
