@@ -30,6 +30,7 @@ class LayerInfo:
 class Preset:
     heads: tuple[str, ...]
     provenance: str
+    family: str = "sd3"  # the model family whose layer/head map the heads address
 
 
 _SD3_PAPER = "HeadHunter paper (v4), SD3-medium, heads named in the paper"
@@ -43,13 +44,13 @@ PRESETS: dict[str, Preset] = {
     "sd3:blue": Preset(("L0H23",), _SD3_PAPER),
     "sd3:red": Preset(("L0H3",), _SD3_PAPER),
     "sd3:horizontal-banding": Preset(("L16H3",), _SD3_PAPER),
-    "flux:glossy": Preset(("L43H17",), _FLUX_PAPER),
-    "flux:vintage-film": Preset(("L51H23",), _FLUX_PAPER),
-    "flux:warm-red": Preset(("L52H22",), _FLUX_PAPER),
-    "flux:bokeh": Preset(("L34H0",), _FLUX_PAPER),
-    "flux:cool-tone": Preset(("L52H6",), _FLUX_PAPER),
-    "flux:golden-hour": Preset(("L38H18",), _FLUX_PAPER),
-    "flux:green-filter": Preset(("L52H12",), _FLUX_PAPER),
+    "flux:glossy": Preset(("L43H17",), _FLUX_PAPER, "flux"),
+    "flux:vintage-film": Preset(("L51H23",), _FLUX_PAPER, "flux"),
+    "flux:warm-red": Preset(("L52H22",), _FLUX_PAPER, "flux"),
+    "flux:bokeh": Preset(("L34H0",), _FLUX_PAPER, "flux"),
+    "flux:cool-tone": Preset(("L52H6",), _FLUX_PAPER, "flux"),
+    "flux:golden-hour": Preset(("L38H18",), _FLUX_PAPER, "flux"),
+    "flux:green-filter": Preset(("L52H12",), _FLUX_PAPER, "flux"),
 }
 
 SUPPORTED_MODELS = ("SD3Transformer2DModel", "FluxTransformer2DModel")
@@ -91,9 +92,9 @@ def _expand(spec: HeadSpec, family: str | None = None) -> Iterable[tuple[int, in
     """Yield (layer, head or None for all heads) from one spec entry."""
     if isinstance(spec, str):
         if spec in PRESETS:
-            preset_family = spec.split(":")[0]
+            preset_family = PRESETS[spec].family
             if family is not None and preset_family != family:
-                valid = ", ".join(name for name in PRESETS if name.startswith(family + ":")) or "none"
+                valid = ", ".join(name for name, p in PRESETS.items() if p.family == family) or "none"
                 raise ValueError(f"preset {spec!r} is for {preset_family} models, this is a {family} model; its presets: {valid}")
             for name in PRESETS[spec].heads:
                 yield from _expand(name)

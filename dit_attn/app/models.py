@@ -55,8 +55,8 @@ class LoadedModel:
     def presets(self) -> list[str]:
         """Presets of this model's family whose heads all exist in this model."""
         fitting = []
-        for name in PRESETS:
-            if not name.startswith(self.family + ":"):
+        for name, preset in PRESETS.items():
+            if preset.family != self.family:
                 continue
             try:
                 resolve_heads([name], self.layer_map, self.family)
