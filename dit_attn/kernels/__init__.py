@@ -78,12 +78,12 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
 def _triton_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
     if plan.is_plain:
         return "plain attention: torch SDPA is as fast"
-    if _needs_grad(q):
-        if any(p.scope != "joint" for p in plan.perturbations):
-            return "the Triton backward covers dense and local attention with joint-scope blends (image scope: not yet)"
-    elif len(plan.perturbations) > 1:
-        return "the Triton inference kernel fuses one perturbation per call (several: not yet)"
-    elif plan.window is not None and plan.perturbations and plan.perturbations[0].scope != "joint":
+    image_scope = any(p.scope == "image" for p in plan.perturbations)
+    if image_scope and _needs_grad(q):
+        return "the Triton backward covers dense and local attention with joint-scope blends (image scope: not yet)"
+    if image_scope and len(plan.perturbations) > 1:
+        return "the Triton kernel takes one image-scope perturbation per call (with others: not yet)"
+    if image_scope and plan.window is not None:
         return "the Triton local-window kernel blends joint-scope perturbations only (image scope: not yet)"
     dim = q.shape[-1]
     if dim < 16 or dim & (dim - 1):
@@ -105,13 +105,10 @@ def _triton_run(q, k, v, plan: AttentionPlan, scale: float | None = None) -> tor
     if plan.window is not None:
         from .triton.local import local_window_attention
 
-        p = plan.perturbations[0] if plan.perturbations else None
-        return local_window_attention(q, k, v, plan.window, plan.image_slice(q.shape[-2]), p.u if p else None,
-                                      p.target if p else "identity", scale)
+        return local_window_attention(q, k, v, plan.window, plan.image_slice(q.shape[-2]), plan.perturbations, scale)
     from .triton.softpag import softpag_attention
 
-    p = plan.perturbations[0]
-    return softpag_attention(q, k, v, p.u, p.target, p.scope, plan.image_tokens, scale)
+    return softpag_attention(q, k, v, plan.perturbations, plan.image_tokens, scale)
 
 
 # fixed preference order for backend="auto"

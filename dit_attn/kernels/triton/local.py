@@ -20,7 +20,7 @@ import triton.language as tl
 from ..blocks import reorder
 from ..window import LocalWindow
 from . import tuning
-from .softpag import IDENTITY, UNIFORM, launch_options
+from .softpag import IDENTITY, UNIFORM, joint_weights, launch_options
 
 
 @triton.jit
@@ -83,11 +83,11 @@ def _local_forward(
     q_ptr = Q + b * stride_qb + h * stride_qh
     k_ptr = K + b * stride_kb + h * stride_kh
     v_ptr = V + b * stride_vb + h * stride_vh
-    u = 0.0
-    if BLEND:
-        u = tl.load(U + batch_head).to(tl.float32)
+    keep = 1.0
+    if BLEND:  # U holds (kept, identity, uniform) weights per (row, head), see softpag.joint_weights
+        keep = tl.load(U + batch_head * 3).to(tl.float32)
     attention = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
-    if u < 1.0:
+    if keep > 0.0:
         q = tl.load(q_ptr + rows[:, None] * stride_qs + dims[None, :], mask=row_ok[:, None], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
@@ -111,12 +111,11 @@ def _local_forward(
             tl.store(Lse + batch_head * seq_q + rows, m + tl.log(l), mask=row_ok)
     out = attention
     if BLEND:
-        if TARGET == 0:
-            value = tl.load(v_ptr + rows[:, None] * stride_vs + dims[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-        else:
+        own_v = tl.load(v_ptr + rows[:, None] * stride_vs + dims[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        out = keep * attention + tl.load(U + batch_head * 3 + 1) * own_v
+        if TARGET == 1:
             mean_v = tl.load(MeanV + batch_head * HEAD_DIM + dims).to(tl.float32)
-            value = tl.broadcast_to(mean_v[None, :], [BLOCK, HEAD_DIM])
-        out = (1.0 - u) * attention + u * value
+            out += tl.load(U + batch_head * 3 + 2) * mean_v[None, :]
     o_ptr = Out + b * stride_ob + h * stride_oh
     tl.store(o_ptr + rows[:, None] * stride_os + dims[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
@@ -128,17 +127,20 @@ def block_lists(selected: torch.Tensor, device) -> tuple[torch.Tensor, torch.Ten
 
 
 def local_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: LocalWindow, image: slice,
-                           u: torch.Tensor | None = None, target: str = "identity", scale: float | None = None,
-                           config: dict | None = None) -> torch.Tensor:
-    """(B, H, S, D) → (B, H, S, D): local window attention, blended toward T where u > 0 (joint scope).
+                           perturbations=(), scale: float | None = None, config: dict | None = None) -> torch.Tensor:
+    """(B, H, S, D) → (B, H, S, D): local window attention with the joint-scope SoftPAG blends of
+    `perturbations` (any number, folded into one epilogue).
     config: block, num_warps (default: tuned on a GPU, see `tuning`)."""
     window.check_tokens(image)
+    if any(p.scope != "joint" for p in perturbations):
+        raise ValueError("the Triton local-window kernel blends joint-scope perturbations only")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    launch = functools.partial(_launch_local, q, k, v, window, image, u, target, scale)
+    launch = functools.partial(_launch_local, q, k, v, window, image, tuple(perturbations), scale)
     return launch(config or tuning.choose("local", q, launch))
 
 
-def _launch_local(q, k, v, window: LocalWindow, image: slice, u, target: str, scale: float, config: dict) -> torch.Tensor:
+def _launch_local(q, k, v, window: LocalWindow, image: slice, perturbations: tuple, scale: float,
+                  config: dict) -> torch.Tensor:
     block, num_warps = config["block"], config["num_warps"]
     batch, heads, seq, dim = q.shape
     tokens = reorder(q, k, v, window, image, block)
@@ -148,19 +150,17 @@ def _launch_local(q, k, v, window: LocalWindow, image: slice, u, target: str, sc
     part_count, part_index = block_lists(blocks.partial, q.device)
     pos_y = blocks.ys.to(device=q.device, dtype=torch.int32)
     pos_x = blocks.xs.to(device=q.device, dtype=torch.int32)
-    blend = u is not None
-    strengths = (u if blend else torch.zeros(batch, heads)).to(device=q.device, dtype=torch.float32).contiguous()
-    if blend and target == "uniform":
-        mean_v = v.mean(dim=2, dtype=torch.float32).contiguous()
-    else:
-        mean_v = strengths  # placeholder: read only for the uniform target
+    blend = bool(perturbations)
+    weights = joint_weights(perturbations, batch, heads, q.device).contiguous()
+    uniform = any(p.target == "uniform" for p in perturbations)
+    mean_v = v.mean(dim=2, dtype=torch.float32).contiguous() if uniform else weights  # placeholder unless uniform
     out = torch.empty_like(qp)
     grid = (triton.cdiv(blocks.seq_q, block), batch * heads)
     _local_forward[grid](
-        qp, kp, vp, strengths, mean_v, out, strengths, pos_y, pos_x, full_count, full_index, part_count, part_index,
+        qp, kp, vp, weights, mean_v, out, weights, pos_y, pos_x, full_count, full_index, part_count, part_index,
         *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *out.stride()[:3],
         heads, blocks.seq_q, blocks.seq_kv, blocks.seq_q - window.tokens, blocks.full.shape[1], float(window.radius) ** 2, scale,
-        TARGET=IDENTITY if target == "identity" else UNIFORM, BLEND=blend, STORE_LSE=False, BLOCK=block, HEAD_DIM=dim,
+        TARGET=UNIFORM if uniform else IDENTITY, BLEND=blend, STORE_LSE=False, BLOCK=block, HEAD_DIM=dim,
         num_warps=num_warps, **launch_options(q),
     )
     return tokens.restore(out)

@@ -87,24 +87,27 @@ def _softpag_forward(
     q_ptr = Q + b * stride_qb + h * stride_qh
     k_ptr = K + b * stride_kb + h * stride_kh
     v_ptr = V + b * stride_vb + h * stride_vh
-    u = tl.load(U + batch_head).to(tl.float32)
-
     q = tl.load(q_ptr + rows[:, None] * stride_qs + dims[None, :], mask=row_ok[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     own_v = tl.load(v_ptr + rows[:, None] * stride_vs + dims[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-    if TARGET == 0:
-        value = own_v
-    else:
-        mean_v = tl.load(MeanV + batch_head * HEAD_DIM + dims).to(tl.float32)
-        value = tl.broadcast_to(mean_v[None, :], [BLOCK_M, HEAD_DIM])
+    mean_v = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if TARGET == 1:
+        mean_v += tl.load(MeanV + batch_head * HEAD_DIM + dims).to(tl.float32)[None, :]
 
-    # plain attention is skipped where u = 1 replaces every row of the block by T
-    block_is_image = (block * BLOCK_M >= image_start) & ((block + 1) * BLOCK_M <= image_stop)
+    # plain attention is skipped where the blend keeps none of it (every row of the block replaced)
     if IMAGE_SCOPE:
+        u = tl.load(U + batch_head).to(tl.float32)
+        if TARGET == 0:
+            value = own_v
+        else:
+            value = mean_v
+        block_is_image = (block * BLOCK_M >= image_start) & ((block + 1) * BLOCK_M <= image_stop)
         replaced = (u == 1.0) & block_is_image
-    else:
-        replaced = u == 1.0
+    else:  # joint scope: U holds (kept, identity, uniform) weights that fold one or several blends
+        keep = tl.load(U + batch_head * 3).to(tl.float32)
+        value = tl.load(U + batch_head * 3 + 1) * own_v + tl.load(U + batch_head * 3 + 2) * mean_v
+        replaced = keep == 0.0
     attention = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if not replaced:
         m, l, acc = _attend(q, k_ptr, v_ptr, stride_ks, stride_vs, 0, seq_len, scale,
@@ -133,7 +136,7 @@ def _softpag_forward(
         is_image = (rows >= image_start) & (rows < image_stop)
         out = tl.where(is_image[:, None], (1.0 - u) * attention + u * target, attention)
     else:
-        out = (1.0 - u) * attention + u * value
+        out = keep * attention + value
     o_ptr = Out + b * stride_ob + h * stride_oh
     tl.store(o_ptr + rows[:, None] * stride_os + dims[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
@@ -145,10 +148,23 @@ def launch_options(q: torch.Tensor) -> dict:
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
-def softpag_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor, target: str,
-                      scope: str = "joint", image_tokens: tuple[int, int] | None = None,
-                      scale: float | None = None, config: dict | None = None) -> torch.Tensor:
-    """(B, H, S, D) inputs (last dim contiguous), u (B, H) → (B, H, S, D).
+def joint_weights(perturbations, batch: int, heads: int, device) -> torch.Tensor:
+    """(B, H, 3) float32 (kept attention, identity, uniform) weights of joint-scope blends applied
+    in order: A ← (1 − u)·A + u·T for each, folded into out = kept·A + w_id·V + w_uni·mean V."""
+    weights = torch.zeros(batch, heads, 3, device=device)
+    weights[..., 0] = 1.0
+    for p in perturbations:
+        u = p.u.to(device=device, dtype=torch.float32)
+        weights = weights * (1 - u)[..., None]
+        weights[..., 1 if p.target == "identity" else 2] += u
+    return weights
+
+
+def softpag_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, perturbations,
+                      image_tokens: tuple[int, int] | None = None, scale: float | None = None,
+                      config: dict | None = None) -> torch.Tensor:
+    """(B, H, S, D) inputs (last dim contiguous) → (B, H, S, D) with the SoftPAG blends of
+    `perturbations`: any number of joint-scope ones (folded into one epilogue), or one image-scope one.
 
     image_tokens: (start, stop) of the image tokens for scope="image" (None: all tokens).
     config: block_m, block_n, num_warps (default: tuned on a GPU, see `tuning`).
@@ -156,13 +172,20 @@ def softpag_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torc
     batch, heads, seq_len, dim = q.shape
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     out = torch.empty_like(q)
-    strengths = u.to(device=q.device, dtype=torch.float32).contiguous()
     image_start, image_stop = image_tokens if image_tokens is not None else (0, seq_len)
+    image_scope = any(p.scope == "image" for p in perturbations)
+    if image_scope and len(perturbations) != 1:
+        raise ValueError("the Triton kernel takes one image-scope perturbation per call")
+    if image_scope:
+        strengths = perturbations[0].u.to(device=q.device, dtype=torch.float32).contiguous()
+    else:
+        strengths = joint_weights(perturbations, batch, heads, q.device).contiguous()
+    uniform = any(p.target == "uniform" for p in perturbations)
     mean_k = mean_v = strengths  # placeholders: the kernel reads the means only for the uniform target
-    if target == "uniform":
-        keys = slice(image_start, image_stop) if scope == "image" else slice(0, seq_len)
+    if uniform:
+        keys = slice(image_start, image_stop) if image_scope else slice(0, seq_len)
         mean_v = v[:, :, keys].mean(dim=2, dtype=torch.float32).contiguous()  # (B, H, D), O(S·D), no fp32 copy
-        if scope == "image":  # the mean key's logit stands for the image→image block
+        if image_scope:  # the mean key's logit stands for the image→image block
             mean_k = k[:, :, keys].mean(dim=2, dtype=torch.float32).contiguous()
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
 
@@ -174,7 +197,7 @@ def softpag_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torc
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             heads, seq_len, image_start, image_stop, scale,
-            TARGET=IDENTITY if target == "identity" else UNIFORM, IMAGE_SCOPE=scope == "image",
+            TARGET=UNIFORM if uniform else IDENTITY, IMAGE_SCOPE=image_scope,
             BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], HEAD_DIM=dim, num_warps=c["num_warps"], **launch_options(q),
         )
 
