@@ -66,12 +66,17 @@ def gpu_table(sizes: list[int], repeats: int) -> None:
             window = AttentionPlan((), (FLUX_TEXT, seq), LocalWindow(radius, grid))
             for backend in ("triton", "flex"):
                 cases[f"{backend} local r={radius}"] = lambda plan=window, b=backend: attention(q, k, v, plan, backend=b)
-        base = None
-        for name, fn in cases.items():
-            ms = time_cuda(fn, repeats)
-            base = base or ms
-            print(f"| {pixels}² | {seq} | {name} | {ms:.2f} | {flops(1, heads, seq, dim) / ms / 1e9:.1f} | {ms / base:.2f} |")
+        print_rows(cases, pixels, seq, flops(1, heads, seq, dim), repeats)
         training_table(q, k, v, pixels, seq, grid, repeats)
+
+
+def print_rows(cases: dict, pixels: int, seq: int, work: float, repeats: int) -> None:
+    """One table row per case: time, dense-equivalent TFLOP/s (`work` FLOPs), time relative to the first case."""
+    base = None
+    for name, fn in cases.items():
+        ms = time_cuda(fn, repeats)
+        base = base or ms
+        print(f"| {pixels}² | {seq} | {name} | {ms:.2f} | {work / ms / 1e9:.1f} | {ms / base:.2f} |")
 
 
 def training_table(q, k, v, pixels: int, seq: int, grid: tuple[int, int], repeats: int) -> None:
@@ -90,11 +95,8 @@ def training_table(q, k, v, pixels: int, seq: int, grid: tuple[int, int], repeat
         plan = AttentionPlan((), (FLUX_TEXT, seq), LocalWindow(radius, grid))
         for backend in ("triton", "flex"):
             cases[f"{backend} local r={radius} fwd+bwd"] = lambda plan=plan, b=backend: attention(q, k, v, plan, backend=b)
-    base = None
-    for name, forward in cases.items():
-        ms = time_cuda(lambda: forward().backward(grad), repeats)
-        base = base or ms
-        print(f"| {pixels}² | {seq} | {name} | {ms:.2f} | {3.5 * flops(1, q.shape[1], seq, q.shape[-1]) / ms / 1e9:.1f} | {ms / base:.2f} |")
+    steps = {name: (lambda forward=forward: forward().backward(grad)) for name, forward in cases.items()}
+    print_rows(steps, pixels, seq, 3.5 * flops(1, q.shape[1], seq, q.shape[-1]), repeats)  # backward ≈ 2.5× forward
 
 
 def interpreter_check() -> int:
