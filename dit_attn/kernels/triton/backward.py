@@ -10,6 +10,7 @@ Joint-scope SoftPAG blends (1 − u)·A + u·T stay outside, in torch, so autogr
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..blocks import reorder
+from ..blocks import reorder, window_blocks
 from ..plan import AttentionPlan
 from . import tuning
 from .local import _local_forward, block_lists, window_rule
@@ -52,11 +53,19 @@ def block_sparsity(full: torch.Tensor, partial: torch.Tensor, pos_y: torch.Tenso
     return Sparsity(*lists[0], *lists[1], *lists[2], *lists[3], *pos, seq_q, seq_kv, text, r2, block)
 
 
+@functools.lru_cache(maxsize=32)
 def dense_sparsity(seq: int, block: int, device) -> Sparsity:
     n = triton.cdiv(seq, block)
     zeros = torch.zeros(seq, dtype=torch.int32)
     return block_sparsity(torch.ones(n, n, dtype=torch.bool), torch.zeros(n, n, dtype=torch.bool), zeros, zeros,
                           seq, seq, 0, 0.0, block, device)
+
+
+@functools.lru_cache(maxsize=32)
+def _window_sparsity(grid: tuple[int, int], radius: float, text: int, pooled: int, block: int, device) -> Sparsity:
+    """The block lists of one window layout, built once per layout and device."""
+    b = window_blocks(grid, radius, text, pooled, block)
+    return block_sparsity(b.full, b.partial, b.ys, b.xs, b.seq_q, b.seq_kv, text, radius * radius, block, device)
 
 
 @triton.jit
@@ -246,8 +255,8 @@ def trainable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
         window.check_tokens(image)
         tokens = reorder(q, k, v, window, image, block)
         b = tokens.blocks
-        sparsity = block_sparsity(b.full, b.partial, b.ys, b.xs, b.seq_q, b.seq_kv, b.seq_q - window.tokens,
-                                  float(window.radius) ** 2, block, q.device)
+        sparsity = _window_sparsity(window.grid, float(window.radius), b.seq_q - window.tokens, b.seq_kv - b.seq_q,
+                                    block, q.device)
         out = tokens.restore(BlockSparseAttention.apply(tokens.q, tokens.k, tokens.v, sparsity, scale))
     for p in plan.perturbations:
         u = p.u.to(device=out.device, dtype=out.dtype)[:, :, None, None]
