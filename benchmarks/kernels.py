@@ -82,7 +82,8 @@ def print_rows(cases: dict, pixels: int, seq: int, work: float, repeats: int) ->
 def training_table(q, k, v, pixels: int, seq: int, grid: tuple[int, int], repeats: int) -> None:
     """Forward + backward of the kernels distill-clear trains with (time relative to SDPA's)."""
     from dit_attn.kernels import AttentionPlan, LocalWindow, attention
-    from dit_attn.kernels.triton.backward import BlockSparseAttention, dense_sparsity
+    from dit_attn.kernels.triton.backward import BlockSparseAttention
+    from dit_attn.kernels.triton.sparsity import dense_sparsity
 
     q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
     grad = torch.randn_like(q)

@@ -10,62 +10,18 @@ Joint-scope SoftPAG blends (1 − u)·A + u·T stay outside, in torch, so autogr
 """
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from ..blocks import reorder, window_blocks
+from ..blocks import reorder
 from ..plan import AttentionPlan
 from . import tuning
-from .local import _local_forward, block_lists, window_rule
-from .softpag import IDENTITY, launch_options
-
-
-@dataclass(frozen=True)
-class Sparsity:
-    """Which key blocks each query block visits (and the transpose), plus the window's geometry."""
-
-    full_count: torch.Tensor  # (q blocks,) int32
-    full_index: torch.Tensor  # (q blocks, kv blocks) int32, visited blocks first
-    part_count: torch.Tensor
-    part_index: torch.Tensor
-    full_count_t: torch.Tensor  # (kv blocks,): query blocks that visit each key block
-    full_index_t: torch.Tensor  # (kv blocks, q blocks)
-    part_count_t: torch.Tensor
-    part_index_t: torch.Tensor
-    pos_y: torch.Tensor  # (seq_q,) int32 grid row of each query-side token (dense: unused)
-    pos_x: torch.Tensor
-    seq_q: int
-    seq_kv: int
-    text: int
-    r2: float
-    block: int
-
-
-def block_sparsity(full: torch.Tensor, partial: torch.Tensor, pos_y: torch.Tensor, pos_x: torch.Tensor, seq_q: int,
-                   seq_kv: int, text: int, r2: float, block: int, device) -> Sparsity:
-    lists = [block_lists(m, device) for m in (full, partial, full.T, partial.T)]
-    pos = [p.to(device=device, dtype=torch.int32) for p in (pos_y, pos_x)]
-    return Sparsity(*lists[0], *lists[1], *lists[2], *lists[3], *pos, seq_q, seq_kv, text, r2, block)
-
-
-@functools.lru_cache(maxsize=32)
-def dense_sparsity(seq: int, block: int, device) -> Sparsity:
-    n = triton.cdiv(seq, block)
-    zeros = torch.zeros(seq, dtype=torch.int32)
-    return block_sparsity(torch.ones(n, n, dtype=torch.bool), torch.zeros(n, n, dtype=torch.bool), zeros, zeros,
-                          seq, seq, 0, 0.0, block, device)
-
-
-@functools.lru_cache(maxsize=32)
-def _window_sparsity(grid: tuple[int, int], radius: float, text: int, pooled: int, block: int, device) -> Sparsity:
-    """The block lists of one window layout, built once per layout and device."""
-    b = window_blocks(grid, radius, text, pooled, block)
-    return block_sparsity(b.full, b.partial, b.ys, b.xs, b.seq_q, b.seq_kv, text, radius * radius, block, device)
+from .local import launch_local_forward, window_rule
+from .softpag import launch_options
+from .sparsity import Sparsity, dense_sparsity, window_sparsity
 
 
 @triton.jit
@@ -203,14 +159,7 @@ class BlockSparseAttention(torch.autograd.Function):
         batch, heads, seq_q, dim = q.shape
         out = torch.empty_like(q)
         lse = torch.empty(batch * heads, seq_q, device=q.device, dtype=torch.float32)
-        unused = lse  # the kernel reads U and MeanV only when it blends
-        s = sparsity
-        _local_forward[(triton.cdiv(seq_q, s.block), batch * heads)](
-            q, k, v, unused, unused, out, lse, s.pos_y, s.pos_x, s.full_count, s.full_index, s.part_count, s.part_index,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            heads, seq_q, s.seq_kv, s.text, s.full_index.shape[1], s.r2, scale,
-            TARGET=IDENTITY, BLEND=False, STORE_LSE=True, BLOCK=s.block, HEAD_DIM=dim, **launch_options(q),
-        )
+        launch_local_forward(q, k, v, out, sparsity, scale, lse=lse)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.sparsity, ctx.scale = sparsity, scale
         return out
@@ -255,7 +204,7 @@ def trainable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
         window.check_tokens(image)
         tokens = reorder(q, k, v, window, image, block)
         b = tokens.blocks
-        sparsity = _window_sparsity(window.grid, float(window.radius), b.seq_q - window.tokens, b.seq_kv - b.seq_q,
+        sparsity = window_sparsity(window.grid, float(window.radius), b.seq_q - window.tokens, b.seq_kv - b.seq_q,
                                     block, q.device)
         out = tokens.restore(BlockSparseAttention.apply(tokens.q, tokens.k, tokens.v, sparsity, scale))
     for p in plan.perturbations:

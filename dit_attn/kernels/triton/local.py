@@ -21,6 +21,7 @@ from ..blocks import reorder
 from ..window import LocalWindow
 from . import tuning
 from .softpag import IDENTITY, UNIFORM, joint_weights, launch_options
+from .sparsity import Sparsity, window_sparsity
 
 
 @triton.jit
@@ -120,12 +121,6 @@ def _local_forward(
     tl.store(o_ptr + rows[:, None] * stride_os + dims[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
-def block_lists(selected: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    counts = selected.sum(dim=1).to(torch.int32)
-    index = torch.argsort((~selected).to(torch.int8), dim=1, stable=True).to(torch.int32)
-    return counts.to(device), index.contiguous().to(device)
-
-
 def local_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: LocalWindow, image: slice,
                            perturbations=(), scale: float | None = None, config: dict | None = None) -> torch.Tensor:
     """(B, H, S, D) → (B, H, S, D): local window attention with the joint-scope SoftPAG blends of
@@ -141,26 +136,30 @@ def local_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wi
 
 def _launch_local(q, k, v, window: LocalWindow, image: slice, perturbations: tuple, scale: float,
                   config: dict) -> torch.Tensor:
-    block, num_warps = config["block"], config["num_warps"]
-    batch, heads, seq, dim = q.shape
-    tokens = reorder(q, k, v, window, image, block)
-    blocks = tokens.blocks
-    qp, kp, vp = tokens.q, tokens.k.contiguous(), tokens.v.contiguous()
-    full_count, full_index = block_lists(blocks.full, q.device)
-    part_count, part_index = block_lists(blocks.partial, q.device)
-    pos_y = blocks.ys.to(device=q.device, dtype=torch.int32)
-    pos_x = blocks.xs.to(device=q.device, dtype=torch.int32)
-    blend = bool(perturbations)
+    tokens = reorder(q, k, v, window, image, config["block"])
+    b = tokens.blocks
+    sparsity = window_sparsity(window.grid, float(window.radius), b.seq_q - window.tokens, b.seq_kv - b.seq_q,
+                               config["block"], q.device)
+    out = torch.empty_like(tokens.q)
+    launch_local_forward(tokens.q, tokens.k.contiguous(), tokens.v.contiguous(), out, sparsity, scale, perturbations,
+                         num_warps=config["num_warps"])
+    return tokens.restore(out)
+
+
+def launch_local_forward(q, k, v, out: torch.Tensor, sparsity: Sparsity, scale: float, perturbations: tuple = (),
+                         lse: torch.Tensor | None = None, num_warps: int = 4) -> None:
+    """Run the block-sparse forward on tokens in block order into `out`, blending the joint-scope
+    `perturbations`; with `lse` ((B·H, seq_q) float32) also store each row's log-sum-exp."""
+    batch, heads, seq_q, dim = q.shape
+    s = sparsity
     weights = joint_weights(perturbations, batch, heads, q.device).contiguous()
     uniform = any(p.target == "uniform" for p in perturbations)
-    mean_v = v.mean(dim=2, dtype=torch.float32).contiguous() if uniform else weights  # placeholder unless uniform
-    out = torch.empty_like(qp)
-    grid = (triton.cdiv(blocks.seq_q, block), batch * heads)
-    _local_forward[grid](
-        qp, kp, vp, weights, mean_v, out, weights, pos_y, pos_x, full_count, full_index, part_count, part_index,
-        *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *out.stride()[:3],
-        heads, blocks.seq_q, blocks.seq_kv, blocks.seq_q - window.tokens, blocks.full.shape[1], float(window.radius) ** 2, scale,
-        TARGET=UNIFORM if uniform else IDENTITY, BLEND=blend, STORE_LSE=False, BLOCK=block, HEAD_DIM=dim,
-        num_warps=num_warps, **launch_options(q),
+    mean_v = v[:, :, :seq_q].mean(dim=2, dtype=torch.float32).contiguous() if uniform else weights  # else unread
+    _local_forward[(triton.cdiv(seq_q, s.block), batch * heads)](
+        q, k, v, weights, mean_v, out, weights if lse is None else lse, s.pos_y, s.pos_x,
+        s.full_count, s.full_index, s.part_count, s.part_index,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        heads, seq_q, s.seq_kv, s.text, s.full_index.shape[1], s.r2, scale,
+        TARGET=UNIFORM if uniform else IDENTITY, BLEND=bool(perturbations), STORE_LSE=lse is not None,
+        BLOCK=s.block, HEAD_DIM=dim, num_warps=num_warps, **launch_options(q),
     )
-    return tokens.restore(out)

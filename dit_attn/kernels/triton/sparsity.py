@@ -1,0 +1,61 @@
+"""Block lists of the Triton kernels: which key blocks each query block visits (and the
+transpose, for the backward's per-key-block programs), built once per layout and device."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from ..blocks import window_blocks
+
+
+def block_lists(selected: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) bool → per row the number of selected columns and their indices, selected first."""
+    counts = selected.sum(dim=1).to(torch.int32)
+    index = torch.argsort((~selected).to(torch.int8), dim=1, stable=True).to(torch.int32)
+    return counts.to(device), index.contiguous().to(device)
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """Which key blocks each query block visits (and the transpose), plus the window's geometry."""
+
+    full_count: torch.Tensor  # (q blocks,) int32
+    full_index: torch.Tensor  # (q blocks, kv blocks) int32, visited blocks first
+    part_count: torch.Tensor
+    part_index: torch.Tensor
+    full_count_t: torch.Tensor  # (kv blocks,): query blocks that visit each key block
+    full_index_t: torch.Tensor  # (kv blocks, q blocks)
+    part_count_t: torch.Tensor
+    part_index_t: torch.Tensor
+    pos_y: torch.Tensor  # (seq_q,) int32 grid row of each query-side token (dense: unused)
+    pos_x: torch.Tensor
+    seq_q: int
+    seq_kv: int
+    text: int
+    r2: float
+    block: int
+
+
+def block_sparsity(full: torch.Tensor, partial: torch.Tensor, pos_y: torch.Tensor, pos_x: torch.Tensor, seq_q: int,
+                   seq_kv: int, text: int, r2: float, block: int, device) -> Sparsity:
+    lists = [block_lists(m, device) for m in (full, partial, full.T, partial.T)]
+    pos = [p.to(device=device, dtype=torch.int32) for p in (pos_y, pos_x)]
+    return Sparsity(*lists[0], *lists[1], *lists[2], *lists[3], *pos, seq_q, seq_kv, text, r2, block)
+
+
+@functools.lru_cache(maxsize=32)
+def dense_sparsity(seq: int, block: int, device) -> Sparsity:
+    """Every (query block, key block) pair full: dense attention."""
+    n = -(-seq // block)
+    zeros = torch.zeros(seq, dtype=torch.int32)
+    return block_sparsity(torch.ones(n, n, dtype=torch.bool), torch.zeros(n, n, dtype=torch.bool), zeros, zeros,
+                          seq, seq, 0, 0.0, block, device)
+
+
+@functools.lru_cache(maxsize=32)
+def window_sparsity(grid: tuple[int, int], radius: float, text: int, pooled: int, block: int, device) -> Sparsity:
+    """CLEAR's local window in the token order of `kernels.blocks.reorder`."""
+    b = window_blocks(grid, radius, text, pooled, block)
+    return block_sparsity(b.full, b.partial, b.ys, b.xs, b.seq_q, b.seq_kv, text, radius * radius, block, device)
