@@ -31,6 +31,7 @@ from ..apply import apply
 from ..edits import BACKEND_CHOICES, LocalAttention
 from ..heads import model_family, model_layers
 from ..local_attention import local_attention_modules
+from .flow import predict
 from .training import cosine_lr, optimizer_step, save_atomic, step_seed
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -120,22 +121,17 @@ class Denoiser:
     """ε of a transformer for noisy latents x_t at flow time t ∈ (0, 1), in the layout the pipeline's latents have."""
 
     def __init__(self, pipe, cfg: DistillConfig, latents: torch.Tensor):
-        self.flux = model_family(pipe.transformer) == "flux"
-        if self.flux:  # packed latents (B, S, C): position ids of the S image tokens, zero text ids
+        self.latent_hw, self.guidance = None, 1.0  # SD3 needs neither
+        if model_family(pipe.transformer) == "flux":  # packed latents (B, S, C) of a square side × side token grid
             size = cfg.size or pipe.default_sample_size * pipe.vae_scale_factor
-            side = 2 * (size // (pipe.vae_scale_factor * 2)) // 2
-            self.img_ids = pipe._prepare_latent_image_ids(1, side, side, latents.device, latents.dtype)
-            if self.img_ids.shape[0] != latents.shape[1]:
+            side = size // (pipe.vae_scale_factor * 2)
+            if side * side != latents.shape[1]:
                 raise ValueError(f"{latents.shape[1]} latent tokens, but the ids of a {side}x{side} grid")
+            self.latent_hw = (2 * side, 2 * side)
             self.guidance = cfg.cfg if cfg.cfg is not None else 3.5  # FluxPipeline's default
-        self.config = pipe.transformer.config
 
     def __call__(self, transformer, x_t, embeds, pooled, t) -> torch.Tensor:
-        if not self.flux:
-            return transformer(x_t, embeds, pooled, t * 1000).sample
-        guidance = torch.full((x_t.shape[0],), self.guidance) if self.config.guidance_embeds else None
-        return transformer(hidden_states=x_t, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=t,
-                           img_ids=self.img_ids, txt_ids=torch.zeros(embeds.shape[1], 3), guidance=guidance).sample
+        return predict(transformer, x_t, embeds, pooled, t, self.latent_hw, self.guidance)
 
 
 def trainable_modules(transformer, layers) -> list[str]:
