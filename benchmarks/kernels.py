@@ -90,7 +90,7 @@ def training_table(q, k, v, pixels: int, seq: int, grid: tuple[int, int], repeat
     dense = dense_sparsity(seq, 64, q.device)
     cases = {
         "SDPA fwd+bwd": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
-        "triton dense fwd+bwd": lambda: BlockSparseAttention.apply(q, k, v, dense, q.shape[-1] ** -0.5),
+        "triton dense fwd+bwd": lambda: BlockSparseAttention.apply(q, k, v, dense, q.shape[-1] ** -0.5)[0],
     }
     for radius in (8, 16, 32):
         plan = AttentionPlan((), (FLUX_TEXT, seq), LocalWindow(radius, grid))
@@ -113,14 +113,19 @@ def interpreter_check() -> int:
         "        err = (attention(q, k, v, plan, backend='triton') - attention(q, k, v, plan, backend='reference')).abs().max()\n"
         "        print(f'{scope:5} {target:8} S=300 D=64: max |triton - reference| = {err:.2e}')\n"
         "from dit_attn.kernels import LocalWindow\n"
-        "plan = AttentionPlan((), (44, 300), LocalWindow(4, (16, 16)))\n"
+        "mixed = (Perturbation(u, 'identity', 'image'), Perturbation(u.flip(1), 'uniform', 'joint'))\n"
+        "for window in (None, LocalWindow(4, (16, 16))):\n"
+        "    plan = AttentionPlan(mixed, (44, 300), window)\n"
+        "    err = (attention(q, k, v, plan, backend='triton') - attention(q, k, v, plan, backend='reference')).abs().max()\n"
+        "    print(f'image+joint {\"local r=4\" if window else \"dense\"}: max |triton - reference| = {err:.2e}')\n"
+        "plan = AttentionPlan(mixed, (44, 300), LocalWindow(4, (16, 16)))\n"
         "grads = {}\n"
         "for backend in ('triton', 'reference'):\n"
         "    x = [t.clone().requires_grad_(True) for t in (q, k, v)]\n"
         "    attention(*x, plan, backend=backend).square().sum().backward()\n"
         "    grads[backend] = [t.grad for t in x]\n"
         "err = max((a - b).abs().max().item() for a, b in zip(grads['triton'], grads['reference']))\n"
-        "print(f'local r=4 16x16 grid, 44 text, backward: max |d triton - d reference| = {err:.2e}')\n"
+        "print(f'local r=4 16x16 grid, 44 text, image+joint, backward: max |d triton - d reference| = {err:.2e}')\n"
     )
     env = dict(os.environ, TRITON_INTERPRET="1")
     return subprocess.run([sys.executable, "-c", code], env=env).returncode

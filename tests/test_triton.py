@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from dit_attn.kernels import AttentionPlan, Perturbation, choose_backend
+from dit_attn.kernels import AttentionPlan, LocalWindow, Perturbation, choose_backend
 
 pytest.importorskip("triton")
 
@@ -64,7 +64,8 @@ CHECK = textwrap.dedent('''
             q, k, v = (torch.randn(2, 3, n + text, dim).to(dtype) for _ in range(3))
             weight = torch.rand(pool, pool) if pool else None
             u = torch.tensor([[0.0, 0.3, 1.0], [1.0, 0.5, 0.0]])
-            for perturbations in ((), (Perturbation(u, "identity", "joint"),), (Perturbation(u, "uniform", "joint"),)):
+            image_and_joint = (Perturbation(u, "uniform", "image"), Perturbation(u.flip(0), "identity", "joint"))
+            for perturbations in ((), (Perturbation(u, "identity", "joint"),), (Perturbation(u, "uniform", "joint"),), image_and_joint):
                 plan = AttentionPlan(perturbations, image, LocalWindow(r, (rows, cols), pool, weight))
                 assert choose_backend(q, plan).name == "triton"
                 out = attention(q, k, v, plan)
@@ -80,6 +81,22 @@ CHECK = textwrap.dedent('''
             assert choose_backend(q, plan).name == "triton"
             err = (attention(q, k, v, plan).float() - attention(q.float(), k.float(), v.float(), plan, backend="reference")).abs().max().item()
             assert err < tol, ("two perturbations", plan.window is not None, dtype, err)
+    # image scope in every kernel: alone (both targets, u in {0, 0.3, 1}) and mixed with joint scope in one
+    # launch, dense and local (odd grid, text before or after the image, or none)
+    mixed = (Perturbation(u, "identity", "image"), Perturbation(u2, "uniform", "joint"), Perturbation(u2.flip(1), "uniform", "image"))
+    for text, image_first in ((7, False), (7, True), (0, True)):
+        n = 7 * 9
+        image = (0, n) if image_first else (text, n + text)
+        for window in (None, LocalWindow(2.5, (7, 9))):
+            for perturbations in ((Perturbation(u, "identity", "image"),), (Perturbation(u, "uniform", "image"),), mixed):
+                plan = AttentionPlan(perturbations, image, window)
+                for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
+                    q, k, v = (torch.randn(2, 3, n + text, 16).to(dtype) for _ in range(3))
+                    assert choose_backend(q, plan).name == "triton"
+                    err = (attention(q, k, v, plan).float() - attention(q.float(), k.float(), v.float(), plan, backend="reference")).abs().max().item()
+                    assert err < tol, ("image scope", text, image_first, window, len(perturbations), dtype, err)
+                    worst[str(dtype)] = max(worst[str(dtype)], err)
+    print("image scope, worst:", worst)
 
     pipe = build_sd3_pipeline(num_layers=2, head_dim=16)
     pipe.set_progress_bar_config(disable=True)
@@ -115,7 +132,13 @@ BACKWARD = textwrap.dedent('''
         (49, 16, AttentionPlan((), (7, 49), LocalWindow(20, (6, 7)))),  # r covers the grid
         (49, 16, AttentionPlan((Perturbation(u, "uniform", "joint"),), (0, 49), LocalWindow(2, (7, 7)))),  # no text
         (141, 16, AttentionPlan((), (77, 141), LocalWindow(2, (8, 8)))),  # 77 text tokens
+        # image scope: text keys' attention (with its lse gradient) mixed with the image key, dense and local
+        (77, 16, AttentionPlan((Perturbation(u, "identity", "image"), Perturbation(u.flip(0), "uniform", "joint")), (0, 70))),
+        (70, 16, AttentionPlan((Perturbation(u, "uniform", "image"),), (7, 70))),
+        (70, 16, AttentionPlan((Perturbation(u, "identity", "image"), Perturbation(u.flip(1), "uniform", "image")), (7, 70), LocalWindow(2.5, (7, 9)))),
+        (63, 16, AttentionPlan((Perturbation(u, "uniform", "image"), Perturbation(u, "identity", "image")), (0, 63), LocalWindow(2.5, (7, 9)))),  # no text
     ]
+    worst = {}
     for seq, dim, plan in plans:
         for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
             q, k, v = (torch.randn(2, 3, seq, dim).to(dtype) for _ in range(3))
@@ -126,6 +149,8 @@ BACKWARD = textwrap.dedent('''
             for name, a, b in zip(("out", "dq", "dk", "dv"), mine, ref):
                 err = ((a - b).abs().max() / b.abs().max().clamp(min=1)).item()
                 assert err < tol, (seq, dim, dtype, name, err)
+                worst[str(dtype)] = max(worst.get(str(dtype), 0.0), err)
+    print("backward, worst relative error:", worst)
 
     # distill-clear's path: the transformer's parameter gradients through local attention equal the tiled backend's
     from dit_attn.models.configs import build_sd3_pipeline
@@ -164,8 +189,11 @@ def test_triton_dispatch_reasons(monkeypatch):
     one = torch.ones(1, 2)
     joint = AttentionPlan((Perturbation(one, "identity", "joint"),))
     assert "CUDA" in choose_backend.__globals__["BACKENDS"]["triton"].why_not(q, joint)
-    two = AttentionPlan((Perturbation(one, "identity", "image"), Perturbation(one, "uniform", "joint")), (0, 6))
-    assert "one image-scope perturbation per call" in choose_backend.__globals__["BACKENDS"]["triton"].why_not(q, two)
+    # image scope runs on Triton with other perturbations, a local window and autograd: only the device is missing
+    mixed = (Perturbation(one, "identity", "image"), Perturbation(one, "uniform", "joint"))
+    for plan in (AttentionPlan(mixed, (0, 6)), AttentionPlan(mixed[:1], (2, 8), LocalWindow(2, (2, 3)))):
+        for x in (q, q.clone().requires_grad_(True)):
+            assert "CUDA" in choose_backend.__globals__["BACKENDS"]["triton"].why_not(x, plan)
     assert choose_backend(q, joint).name == "sdpa"  # auto falls back on a CPU
 
 

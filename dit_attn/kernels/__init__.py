@@ -78,13 +78,6 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
 def _triton_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
     if plan.is_plain:
         return "plain attention: torch SDPA is as fast"
-    image_scope = any(p.scope == "image" for p in plan.perturbations)
-    if image_scope and _needs_grad(q):
-        return "the Triton backward covers dense and local attention with joint-scope blends (image scope: not yet)"
-    if image_scope and len(plan.perturbations) > 1:
-        return "the Triton kernel takes one image-scope perturbation per call (with others: not yet)"
-    if image_scope and plan.window is not None:
-        return "the Triton local-window kernel blends joint-scope perturbations only (image scope: not yet)"
     dim = q.shape[-1]
     if dim < 16 or dim & (dim - 1):
         return f"head dim {dim} is not a power of two >= 16"

@@ -43,6 +43,24 @@ def _take_text(x: torch.Tensor, segments: list[slice]) -> torch.Tensor:
     return torch.cat([x[:, :, s] for s in segments], dim=2)
 
 
+def image_key(q_rows, k_rows, v_rows, target: str, image_means, n_img: int, scale: float):
+    """The one image key each image query's image-scope target map keeps: its logit (B, H, n)
+    and value, the query's own key (identity) or mean(K_img) with multiplicity N_img (uniform;
+    image_means = (mean K_img, mean V_img), each (B, H, 1, D))."""
+    if target == "identity":
+        return torch.linalg.vecdot(q_rows, k_rows) * scale, v_rows
+    mean_key, mean_value = image_means
+    return (q_rows @ mean_key.transpose(-1, -2)).squeeze(-1) * scale + math.log(n_img), mean_value
+
+
+def toward_image_key(text_out, text_lse, image_logit, image_value):
+    """Softmax over the text keys and the image key, from the text keys' output and log-normaliser;
+    text_out None (no text keys) gives the image value."""
+    if text_out is None:
+        return image_value.expand(*image_logit.shape, image_value.shape[-1])
+    return torch.lerp(text_out, image_value.expand_as(text_out), torch.sigmoid(image_logit - text_lse)[..., None])
+
+
 def blend_image_scope(out, q, k, v, u, target: str, image: slice, scale: float) -> None:
     """In place on out[:, :, image]: (1 - u)·out + u·T·V for an image-scope target.
 
@@ -55,28 +73,23 @@ def blend_image_scope(out, q, k, v, u, target: str, image: slice, scale: float) 
     k_txt = _take_text(k, segments).to(compute) if segments else None
     v_txt = _take_text(v, segments).to(compute) if segments else None
     n_img = image.stop - image.start
+    means = None
     if target == "uniform":
-        mean_key = k[:, :, image].to(compute).mean(dim=-2, keepdim=True)
-        mean_value = v[:, :, image].to(compute).mean(dim=-2, keepdim=True)
+        means = tuple(x[:, :, image].to(compute).mean(dim=-2, keepdim=True) for x in (k, v))
     batch, heads, _, dim = q.shape
     width = max(dim, k_txt.shape[-2] if k_txt is not None else 0)
     chunk = max(1, _CHUNK_ELEMENTS // (batch * heads * width))
     for start in range(image.start, image.stop, chunk):
         rows = slice(start, min(start + chunk, image.stop))
         q_c = q[:, :, rows].to(compute)
-        if target == "identity":
-            image_logit = torch.linalg.vecdot(q_c, k[:, :, rows].to(compute)) * scale
-            image_value = v[:, :, rows].to(compute)
-        else:
-            image_logit = (q_c @ mean_key.transpose(-1, -2)).squeeze(-1) * scale + math.log(n_img)
-            image_value = mean_value
-        if k_txt is None:
-            mixed = image_value.expand(q_c.shape)
-        else:
+        image_logit, image_value = image_key(q_c, k[:, :, rows].to(compute), v[:, :, rows].to(compute), target, means,
+                                             n_img, scale)
+        text_out = text_lse = None
+        if k_txt is not None:
             logits = (q_c @ k_txt.transpose(-1, -2)) * scale  # chunk-sized: out-of-place keeps autograd simple
             text_lse = torch.logsumexp(logits, dim=-1)
             text_out = torch.softmax(logits, dim=-1) @ v_txt  # attention over the text keys alone
-            mixed = torch.lerp(text_out, image_value.expand_as(text_out), torch.sigmoid(image_logit - text_lse)[..., None])
+        mixed = toward_image_key(text_out, text_lse, image_logit, image_value)
         out[:, :, rows].lerp_(mixed.to(out.dtype), u)
 
 

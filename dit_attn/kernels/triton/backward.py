@@ -4,9 +4,12 @@ Dense attention is the block-sparse pattern where every (query block, key block)
 full; CLEAR's local window is the pattern of `kernels.blocks` (partial pairs apply the
 exact circle). The forward is the local-window kernel storing each row's log-sum-exp;
 the backward recomputes the probabilities block by block (FlashAttention-2):
-  P = exp(S − lse),  dV = Pᵀ dO,  dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)),  dQ = dS K·scale,  dK = dSᵀ Q·scale,
+  P = exp(S − lse),  dV = Pᵀ dO,  dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O) + d lse),  dQ = dS K·scale,  dK = dSᵀ Q·scale,
 with one program per query block for dQ and one per key block for dK, dV (no atomics).
-Joint-scope SoftPAG blends (1 − u)·A + u·T stay outside, in torch, so autograd differentiates them.
+The log-sum-exp is an output with a gradient (∂lse/∂S = P, hence the + d lse term).
+SoftPAG blends (1 − u)·A + u·T stay outside, in torch, so autograd differentiates them. An
+image-scope target T mixes each image query's attention over the text keys alone (this
+kernel again, dense, with its differentiable lse) with one image key (`sdpa.image_key`).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import triton.language as tl
 
 from ..blocks import reorder
 from ..plan import AttentionPlan
+from ..sdpa import image_key, text_segments, toward_image_key
 from . import tuning
 from .local import launch_local_forward, window_rule
 from .softpag import launch_options
@@ -151,26 +155,28 @@ def _flash_dkdv(
 
 
 class BlockSparseAttention(torch.autograd.Function):
-    """softmax(Q Kᵀ·scale) V over a block-sparse pattern; (B, H, seq_q, D) queries, (B, H, seq_kv, D) keys/values."""
+    """softmax(Q Kᵀ·scale) V over a block-sparse pattern and each row's log-sum-exp, both
+    differentiable: (B, H, seq_q, D) queries, (B, H, seq_kv, D) keys/values → (B, H, seq_q, D)
+    and (B, H, seq_q) float32."""
 
     @staticmethod
     def forward(ctx, q, k, v, sparsity: Sparsity, scale: float):
         q, k, v = (x.contiguous() for x in (q, k, v))
         batch, heads, seq_q, dim = q.shape
         out = torch.empty_like(q)
-        lse = torch.empty(batch * heads, seq_q, device=q.device, dtype=torch.float32)
+        lse = torch.empty(batch, heads, seq_q, device=q.device, dtype=torch.float32)
         launch_local_forward(q, k, v, out, sparsity, scale, lse=lse)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.sparsity, ctx.scale = sparsity, scale
-        return out
+        return out, lse
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
         s, scale = ctx.sparsity, ctx.scale
         batch, heads, seq_q, dim = q.shape
         grad_out = grad_out.contiguous()
-        delta = (grad_out.float() * out.float()).sum(-1).reshape(batch * heads, seq_q).contiguous()
+        delta = ((grad_out.float() * out.float()).sum(-1) - grad_lse).contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         common = dict(BLOCK=s.block, HEAD_DIM=dim, **launch_options(q))
         _flash_dq[(triton.cdiv(seq_q, s.block), batch * heads)](
@@ -187,28 +193,62 @@ class BlockSparseAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+def windowed_or_dense(q, k, v, plan: AttentionPlan, image: slice, scale: float, block: int) -> torch.Tensor:
+    """The plan's attention before any blend: local window, or dense without one."""
+    if plan.window is None:
+        return BlockSparseAttention.apply(q, k, v, dense_sparsity(q.shape[-2], block, q.device), scale)[0]
+    window = plan.window
+    window.check_tokens(image)
+    tokens = reorder(q, k, v, window, image, block)
+    b = tokens.blocks
+    sparsity = window_sparsity(window.grid, float(window.radius), b.seq_q - window.tokens, b.seq_kv - b.seq_q,
+                               block, q.device)
+    return tokens.restore(BlockSparseAttention.apply(tokens.q, tokens.k, tokens.v, sparsity, scale)[0])
+
+
+def text_attention(q_image, k, v, image: slice, scale: float, block: int):
+    """Each image query's attention over the text keys alone and its log-normaliser,
+    ((B, H, N_img, D), (B, H, N_img)), both differentiable; None without text (or image) tokens."""
+    segments = text_segments(k.shape[-2], image)
+    if not segments or image.stop == image.start:
+        return None
+    k_text, v_text = (torch.cat([x[:, :, s] for s in segments], dim=2) for x in (k, v))
+    sparsity = dense_sparsity(q_image.shape[-2], block, q_image.device, k_text.shape[-2])
+    return BlockSparseAttention.apply(q_image, k_text, v_text, sparsity, scale)
+
+
+def with_image_target(out, text, q, k, v, target: str, image: slice, scale: float) -> torch.Tensor:
+    """`out` with its image-query rows replaced by the image-scope target T·V (fp32 math);
+    text queries keep their output, as in `reference.target_output`."""
+    n_img = image.stop - image.start
+    if n_img == 0:
+        return out
+    q_img, k_img, v_img = (x[:, :, image].float() for x in (q, k, v))
+    means = tuple(x.mean(dim=2, keepdim=True) for x in (k_img, v_img)) if target == "uniform" else None
+    image_logit, image_value = image_key(q_img, k_img, v_img, target, means, n_img, scale)
+    text_out, text_lse = (None, None) if text is None else (text[0].float(), text[1])
+    mixed = toward_image_key(text_out, text_lse, image_logit, image_value).to(out.dtype)
+    return torch.cat([out[:, :, : image.start], mixed, out[:, :, image.stop :]], dim=2)
+
+
 def trainable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan,
                         scale: float | None = None, block: int | None = None) -> torch.Tensor:
     """(B, H, S, D) → (B, H, S, D) with autograd: dense or local-window attention on the Triton
-    kernels, then the plan's joint-scope SoftPAG blends in order (in torch). block: the fixed
-    fallback of the local kernel unless given (training is not timed)."""
+    kernels, then the plan's SoftPAG blends in order (in torch, any scope and target, as in
+    `reference_attention`). block: the fixed fallback of the local kernel unless given
+    (training is not timed)."""
     block = block or tuning.fallback("local", q)["block"]
-    if any(p.scope != "joint" for p in plan.perturbations):
-        raise ValueError("the Triton backward blends joint-scope perturbations only; use backend='sdpa' for image scope")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if plan.window is None:
-        out = BlockSparseAttention.apply(q, k, v, dense_sparsity(q.shape[-2], block, q.device), scale)
-    else:
-        window = plan.window
-        image = plan.image_slice(q.shape[-2])
-        window.check_tokens(image)
-        tokens = reorder(q, k, v, window, image, block)
-        b = tokens.blocks
-        sparsity = window_sparsity(window.grid, float(window.radius), b.seq_q - window.tokens, b.seq_kv - b.seq_q,
-                                    block, q.device)
-        out = tokens.restore(BlockSparseAttention.apply(tokens.q, tokens.k, tokens.v, sparsity, scale))
+    image = plan.image_slice(q.shape[-2])
+    out = windowed_or_dense(q, k, v, plan, image, scale, block)
+    text = None  # the image queries' text-key attention, shared by the image-scope targets
     for p in plan.perturbations:
         u = p.u.to(device=out.device, dtype=out.dtype)[:, :, None, None]
-        target = v if p.target == "identity" else v.mean(dim=2, keepdim=True)
+        if p.scope == "joint":
+            target = v if p.target == "identity" else v.mean(dim=2, keepdim=True)
+        else:
+            if text is None:
+                text = text_attention(q[:, :, image], k, v, image, scale, block)
+            target = with_image_target(out, text, q, k, v, p.target, image, scale)
         out = (1 - u) * out + u * target
     return out

@@ -46,12 +46,14 @@ def block_sparsity(full: torch.Tensor, partial: torch.Tensor, pos_y: torch.Tenso
 
 
 @functools.lru_cache(maxsize=32)
-def dense_sparsity(seq: int, block: int, device) -> Sparsity:
-    """Every (query block, key block) pair full: dense attention."""
-    n = -(-seq // block)
+def dense_sparsity(seq: int, block: int, device, seq_kv: int | None = None) -> Sparsity:
+    """Every (query block, key block) pair full: dense attention of `seq` queries over `seq_kv`
+    keys (default: as many as queries)."""
+    seq_kv = seq if seq_kv is None else seq_kv
+    n_q, n_kv = -(-seq // block), -(-seq_kv // block)
     zeros = torch.zeros(seq, dtype=torch.int32)
-    return block_sparsity(torch.ones(n, n, dtype=torch.bool), torch.zeros(n, n, dtype=torch.bool), zeros, zeros,
-                          seq, seq, 0, 0.0, block, device)
+    return block_sparsity(torch.ones(n_q, n_kv, dtype=torch.bool), torch.zeros(n_q, n_kv, dtype=torch.bool), zeros,
+                          zeros, seq, seq_kv, 0, 0.0, block, device)
 
 
 @functools.lru_cache(maxsize=32)
