@@ -169,6 +169,49 @@ BACKWARD = textwrap.dedent('''
 ''')
 
 
+BACKWARD_CONFIGS = textwrap.dedent('''
+    import torch
+    from dit_attn.kernels import AttentionPlan, LocalWindow, Perturbation, attention
+    from dit_attn.kernels.triton import tuning
+    from dit_attn.kernels.triton.backward import trainable_attention
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+
+    # what tuning on a GPU may pick for the backward: every candidate, dq and dk/dv at block sizes
+    # below and above the forward's (64), so each kernel walks block lists rebuilt for its own size
+    picked, asked = {}, set()
+    fallback_choose = tuning.choose
+
+    def choose(kernel, q, run):
+        asked.add(kernel)
+        return picked.get(kernel) or fallback_choose(kernel, q, run)
+
+    tuning.choose = choose
+
+    def grads(attend, q, k, v, grad_out):
+        q, k, v = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+        (attend(q, k, v) * grad_out).sum().backward()
+        return [q.grad, k.grad, v.grad]
+
+    u = torch.tensor([[0.0, 0.3, 1.0], [1.0, 0.5, 0.0]])
+    plans = [
+        (141, 16, AttentionPlan((Perturbation(u, "uniform", "joint"),))),
+        (141, 32, AttentionPlan((Perturbation(u, "identity", "joint"),), (21, 141), LocalWindow(5, (12, 10), 2, torch.rand(2, 2)))),
+        (70, 16, AttentionPlan((Perturbation(u, "identity", "image"), Perturbation(u.flip(1), "uniform", "image")), (7, 70), LocalWindow(2.5, (7, 9)))),
+    ]
+    dq_configs, dkdv_configs = tuning.CANDIDATES["flash_dq"], tuning.CANDIDATES["flash_dkdv"][::-1]
+    for seq, dim, plan in plans:
+        q, k, v, grad_out = (torch.randn(2, 3, seq, dim) for _ in range(4))
+        ref = grads(lambda *x: attention(*x, plan, backend="reference"), q, k, v, grad_out)
+        for picked["flash_dq"], picked["flash_dkdv"] in zip(dq_configs, dkdv_configs):
+            mine = grads(lambda *x: trainable_attention(*x, plan, block=64), q, k, v, grad_out)
+            for name, a, b in zip(("dq", "dk", "dv"), mine, ref):
+                err = ((a - b).abs().max() / b.abs().max().clamp(min=1)).item()
+                assert err < 1e-4, (seq, dim, picked, name, err)
+    assert asked == {"flash_dq", "flash_dkdv"}, asked
+''')
+
+
 def _interpret(script: str) -> None:
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
@@ -177,6 +220,10 @@ def _interpret(script: str) -> None:
 
 def test_triton_backward_matches_reference_dense_and_local_and_trains_a_transformer():
     _interpret(BACKWARD)
+
+
+def test_triton_backward_matches_reference_at_every_tuned_block_size():
+    _interpret(BACKWARD_CONFIGS)
 
 
 def test_triton_kernel_matches_reference_in_interpreter_and_in_pipelines():
@@ -197,36 +244,63 @@ def test_triton_dispatch_reasons(monkeypatch):
     assert choose_backend(q, joint).name == "sdpa"  # auto falls back on a CPU
 
 
+def _fake_gpu(fastest: dict, failing: dict):
+    """A launcher that fails for `failing` (e.g. out of shared memory), a timer where `fastest` wins,
+    and the list of configs that launched."""
+    launched = []
+
+    def run(config):
+        if config == failing:
+            raise RuntimeError("out of shared memory")
+        launched.append(config)
+
+    def bench(fn):
+        fn()
+        return 1.0 if launched[-1] == fastest else 2.0
+
+    return run, bench, launched
+
+
+def _no_bench(fn):
+    raise AssertionError("timed again")
+
+
 def test_tuning_times_candidates_once_then_reads_the_cache(tmp_path, monkeypatch):
     from dit_attn.kernels.triton import tuning
 
     monkeypatch.setattr(tuning, "_memory", {})
     path = str(tmp_path / "blocks.json")
     candidates = tuning.CANDIDATES["softpag"]
-    times = {c["block_m"] * 1000 + c["block_n"] + c["num_warps"]: t for c, t in zip(candidates, (5.0, 2.0, 1.0, 3.0, 4.0))}
-    launched = []
-
-    def run(config):
-        if config["block_m"] == 128 and config["block_n"] == 32:
-            raise RuntimeError("out of shared memory")  # a config the GPU cannot launch is skipped
-        launched.append(config)
-
-    def bench(fn):
-        fn()
-        return times[launched[-1]["block_m"] * 1000 + launched[-1]["block_n"] + launched[-1]["num_warps"]]
-
+    run, bench, launched = _fake_gpu(dict(block_m=64, block_n=64, num_warps=4), dict(block_m=128, block_n=32, num_warps=4))
     best = tuning.tune("gpu|softpag|d64|float16|s1024", candidates, run, bench, path)
     assert best == dict(block_m=64, block_n=64, num_warps=4) and len(launched) == 4
     tuning._memory.clear()  # a new process: the file answers, nothing is timed again
-
-    def no_bench(fn):
-        raise AssertionError("timed again")
-
-    assert tuning.tune("gpu|softpag|d64|float16|s1024", candidates, run, no_bench, path) == best
+    assert tuning.tune("gpu|softpag|d64|float16|s1024", candidates, run, _no_bench, path) == best
     (tmp_path / "blocks.json").write_text("{not json")  # a damaged file is ignored and rewritten
     tuning._memory.clear()
     assert tuning.tune("gpu|softpag|d64|float16|s1024", candidates, run, bench, path) == best
     assert tuning._read(path) == {"gpu|softpag|d64|float16|s1024": best}
+
+
+def test_backward_kernels_tune_their_own_configs_then_read_the_cache(tmp_path, monkeypatch):
+    from dit_attn.kernels.triton import tuning
+
+    monkeypatch.setattr(tuning, "_memory", {})
+    monkeypatch.setattr(tuning, "timed", lambda q: True)  # as on a GPU
+    monkeypatch.setenv("DIT_ATTN_CACHE", str(tmp_path))
+    q = torch.zeros(1, 2, 300, 64, dtype=torch.float16)
+    fastest = {"flash_dq": dict(block=64, num_warps=8), "flash_dkdv": dict(block=32, num_warps=4)}
+    failing = dict(block=128, num_warps=8)
+    for kernel, best in fastest.items():
+        run, bench, launched = _fake_gpu(best, failing)
+        monkeypatch.setattr(tuning, "_do_bench", bench)
+        assert tuning.choose(kernel, q, run) == best
+        assert launched == [c for c in tuning.CANDIDATES[kernel] if c != failing]
+    tuning._memory.clear()  # a new process: the file answers, nothing is timed again
+    monkeypatch.setattr(tuning, "_do_bench", _no_bench)
+    for kernel, best in fastest.items():
+        assert tuning.choose(kernel, q, run=None) == best
+    assert tuning._read(tuning.cache_path()) == {tuning.tuning_key(k, q): c for k, c in fastest.items()}
 
 
 def test_tuning_falls_back_deterministically_off_the_gpu():
@@ -236,5 +310,22 @@ def test_tuning_falls_back_deterministically_off_the_gpu():
     assert tuning.choose("softpag", q, run=None) == tuning.fallback("softpag", q) == dict(block_m=32, block_n=32, num_warps=4)
     assert tuning.choose("local", q, run=None) == dict(block=32, num_warps=4)
     assert tuning.tuning_key("local", q) == "cpu|local|d64|float16|s512"
+    for kernel in ("flash_dq", "flash_dkdv"):  # the training forward's block: the backward reuses its lists
+        assert tuning.choose(kernel, q, run=None) == tuning.fallback("local", q)
     with pytest.raises(ValueError, match="valid: softpag, local"):
         tuning.fallback("dense", q)
+
+
+def test_block_lists_at_another_block_size_keep_the_token_layout():
+    from dit_attn.kernels.triton.sparsity import dense_sparsity, window_sparsity
+
+    cpu = torch.device("cpu")
+    layout = window_sparsity((12, 10), 3.0, 21, 30, 32, cpu)
+    wide = layout.with_block(64)
+    assert layout.with_block(32) is layout and wide is window_sparsity((12, 10), 3.0, 21, 30, 64, cpu)
+    assert wide.block == 64 and wide.full_index.shape == wide.full_index_t.shape == (3, 3)
+    assert torch.equal(wide.pos_y, layout.pos_y) and torch.equal(wide.pos_x, layout.pos_x)  # same tokens, same order
+    assert (wide.seq_q, wide.seq_kv, wide.text, wide.r2) == (layout.seq_q, layout.seq_kv, layout.text, layout.r2)
+    narrow = dense_sparsity(77, 32, cpu, 40).with_block(16)
+    assert (narrow.block, narrow.seq_q, narrow.seq_kv, narrow.full_index.shape) == (16, 77, 40, (5, 3))
+    assert narrow.full_count.tolist() == [3] * 5 and narrow.part_count.tolist() == [0] * 5

@@ -5,7 +5,8 @@ full; CLEAR's local window is the pattern of `kernels.blocks` (partial pairs app
 exact circle). The forward is the local-window kernel storing each row's log-sum-exp;
 the backward recomputes the probabilities block by block (FlashAttention-2):
   P = exp(S − lse),  dV = Pᵀ dO,  dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O) + d lse),  dQ = dS K·scale,  dK = dSᵀ Q·scale,
-with one program per query block for dQ and one per key block for dK, dV (no atomics).
+with one program per query block for dQ and one per key block for dK, dV (no atomics), each
+kernel at the block size and warps `tuning` picks for it (block lists rebuilt for that size).
 The log-sum-exp is an output with a gradient (∂lse/∂S = P, hence the + d lse term).
 SoftPAG blends (1 − u)·A + u·T stay outside, in torch, so autograd differentiates them. An
 image-scope target T mixes each image query's attention over the text keys alone (this
@@ -13,6 +14,7 @@ kernel again, dense, with its differentiable lse) with one image key (`sdpa.imag
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -173,24 +175,42 @@ class BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        s, scale = ctx.sparsity, ctx.scale
-        batch, heads, seq_q, dim = q.shape
         grad_out = grad_out.contiguous()
         delta = ((grad_out.float() * out.float()).sum(-1) - grad_lse).contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        common = dict(BLOCK=s.block, HEAD_DIM=dim, **launch_options(q))
-        _flash_dq[(triton.cdiv(seq_q, s.block), batch * heads)](
-            q, k, v, grad_out, lse, delta, dq, s.pos_y, s.pos_x, s.full_count, s.full_index, s.part_count, s.part_index,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
-            heads, seq_q, s.seq_kv, s.text, s.full_index.shape[1], s.r2, scale, **common,
-        )
-        _flash_dkdv[(triton.cdiv(s.seq_kv, s.block), batch * heads)](
-            q, k, v, grad_out, lse, delta, dk, dv, s.pos_y, s.pos_x,
-            s.full_count_t, s.full_index_t, s.part_count_t, s.part_index_t,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dk.stride()[:3],
-            heads, seq_q, s.seq_kv, s.text, s.full_index_t.shape[1], s.r2, scale, **common,
-        )
+        inputs = (q, k, v, grad_out, lse, delta, ctx.sparsity, ctx.scale)
+        for kernel, launch in (("flash_dq", functools.partial(_launch_dq, *inputs, dq)),
+                               ("flash_dkdv", functools.partial(_launch_dkdv, *inputs, dk, dv))):
+            launch(tuning.choose(kernel, q, launch))
         return dq, dk, dv, None, None
+
+
+# Each backward kernel picks its own block size, independent of the forward's: a layout's token
+# order does not depend on the block size, so `with_block` gives exact block lists for the same
+# tokens (cached per layout), and a tuned block can never disagree with the lists it walks.
+def _block_options(q: torch.Tensor, sparsity: Sparsity, config: dict) -> dict:
+    return dict(BLOCK=sparsity.block, HEAD_DIM=q.shape[-1], num_warps=config["num_warps"], **launch_options(q))
+
+
+def _launch_dq(q, k, v, grad_out, lse, delta, layout: Sparsity, scale: float, dq, config: dict) -> None:
+    s = layout.with_block(config["block"])
+    batch, heads, seq_q, _ = q.shape
+    _flash_dq[(triton.cdiv(seq_q, s.block), batch * heads)](
+        q, k, v, grad_out, lse, delta, dq, s.pos_y, s.pos_x, s.full_count, s.full_index, s.part_count, s.part_index,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
+        heads, seq_q, s.seq_kv, s.text, s.full_index.shape[1], s.r2, scale, **_block_options(q, s, config),
+    )
+
+
+def _launch_dkdv(q, k, v, grad_out, lse, delta, layout: Sparsity, scale: float, dk, dv, config: dict) -> None:
+    s = layout.with_block(config["block"])
+    batch, heads, seq_q, _ = q.shape
+    _flash_dkdv[(triton.cdiv(s.seq_kv, s.block), batch * heads)](
+        q, k, v, grad_out, lse, delta, dk, dv, s.pos_y, s.pos_x,
+        s.full_count_t, s.full_index_t, s.part_count_t, s.part_index_t,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dk.stride()[:3],
+        heads, seq_q, s.seq_kv, s.text, s.full_index_t.shape[1], s.r2, scale, **_block_options(q, s, config),
+    )
 
 
 def windowed_or_dense(q, k, v, plan: AttentionPlan, image: slice, scale: float, block: int) -> torch.Tensor:
@@ -235,8 +255,8 @@ def trainable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
                         scale: float | None = None, block: int | None = None) -> torch.Tensor:
     """(B, H, S, D) → (B, H, S, D) with autograd: dense or local-window attention on the Triton
     kernels, then the plan's SoftPAG blends in order (in torch, any scope and target, as in
-    `reference_attention`). block: the fixed fallback of the local kernel unless given
-    (training is not timed)."""
+    `reference_attention`). block: the forward's, the fixed fallback of the local kernel unless
+    given (the forward is not timed; the backward kernels tune their own, see `tuning`)."""
     block = block or tuning.fallback("local", q)["block"]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     image = plan.image_slice(q.shape[-2])

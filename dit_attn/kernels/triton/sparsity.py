@@ -1,9 +1,12 @@
 """Block lists of the Triton kernels: which key blocks each query block visits (and the
-transpose, for the backward's per-key-block programs), built once per layout and device."""
+transpose, for the backward's per-key-block programs), built once per layout, block size
+and device. A layout's token order does not depend on the block size (`blocks.tile_order`
+uses fixed tiles), so the same tokens have exact lists at any block size (`with_block`)."""
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -36,13 +39,19 @@ class Sparsity:
     text: int
     r2: float
     block: int
+    rebuild: Callable[[int], Sparsity]  # the same layout at another block size (cached)
+
+    def with_block(self, block: int) -> Sparsity:
+        """This layout's block lists for `block`-token blocks (same tokens, same order)."""
+        return self if block == self.block else self.rebuild(block)
 
 
 def block_sparsity(full: torch.Tensor, partial: torch.Tensor, pos_y: torch.Tensor, pos_x: torch.Tensor, seq_q: int,
-                   seq_kv: int, text: int, r2: float, block: int, device) -> Sparsity:
+                   seq_kv: int, text: int, r2: float, block: int, device,
+                   rebuild: Callable[[int], Sparsity]) -> Sparsity:
     lists = [block_lists(m, device) for m in (full, partial, full.T, partial.T)]
     pos = [p.to(device=device, dtype=torch.int32) for p in (pos_y, pos_x)]
-    return Sparsity(*lists[0], *lists[1], *lists[2], *lists[3], *pos, seq_q, seq_kv, text, r2, block)
+    return Sparsity(*lists[0], *lists[1], *lists[2], *lists[3], *pos, seq_q, seq_kv, text, r2, block, rebuild)
 
 
 @functools.lru_cache(maxsize=32)
@@ -53,11 +62,13 @@ def dense_sparsity(seq: int, block: int, device, seq_kv: int | None = None) -> S
     n_q, n_kv = -(-seq // block), -(-seq_kv // block)
     zeros = torch.zeros(seq, dtype=torch.int32)
     return block_sparsity(torch.ones(n_q, n_kv, dtype=torch.bool), torch.zeros(n_q, n_kv, dtype=torch.bool), zeros,
-                          zeros, seq, seq_kv, 0, 0.0, block, device)
+                          zeros, seq, seq_kv, 0, 0.0, block, device,
+                          lambda other: dense_sparsity(seq, other, device, seq_kv))
 
 
 @functools.lru_cache(maxsize=32)
 def window_sparsity(grid: tuple[int, int], radius: float, text: int, pooled: int, block: int, device) -> Sparsity:
     """CLEAR's local window in the token order of `kernels.blocks.reorder`."""
     b = window_blocks(grid, radius, text, pooled, block)
-    return block_sparsity(b.full, b.partial, b.ys, b.xs, b.seq_q, b.seq_kv, text, radius * radius, block, device)
+    return block_sparsity(b.full, b.partial, b.ys, b.xs, b.seq_q, b.seq_kv, text, radius * radius, block, device,
+                          lambda other: window_sparsity(grid, radius, text, pooled, other, device))

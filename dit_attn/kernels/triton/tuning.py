@@ -1,6 +1,9 @@
-"""Block sizes of the Triton kernels: timed once per (GPU, kernel, head dim, dtype, length
-bucket), kept in memory and in a JSON file; fixed fallback configs where nothing is timed
-(the CPU interpreter, `DIT_ATTN_AUTOTUNE=0`, the backward pass).
+"""Block sizes and warps of the Triton kernels, the inference forwards (`softpag`, `local`)
+and the backward's two kernels (`flash_dq`, `flash_dkdv`, each tuned on its own): timed once
+per (GPU, kernel, head dim, dtype, length bucket), kept in memory and in a JSON file; fixed
+fallback configs where nothing is timed (the CPU interpreter, `DIT_ATTN_AUTOTUNE=0`). The
+training forward keeps the local kernel's fallback block; the backward builds block lists
+for the block size it picks (`Sparsity.with_block`).
 
 The cache file is `$DIT_ATTN_CACHE/triton-blocks.json` (default `~/.cache/dit_attn`),
 written atomically; a damaged file is ignored and rewritten.
@@ -18,11 +21,16 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# the inference kernels' tunable launch settings: block sizes and warps per program
+# square blocks over block lists (`sparsity`): the local forward and both backward kernels
+_SQUARE_BLOCKS = tuple(dict(block=b, num_warps=w) for b, w in ((32, 4), (64, 4), (64, 8), (128, 8)))
+
+# each kernel's tunable launch settings: block sizes and warps per program
 CANDIDATES: dict[str, tuple[dict, ...]] = {
     "softpag": tuple(dict(block_m=m, block_n=n, num_warps=w) for m, n, w in
                      ((32, 32, 4), (64, 32, 4), (64, 64, 4), (128, 64, 8), (128, 32, 4))),
-    "local": tuple(dict(block=b, num_warps=w) for b, w in ((32, 4), (64, 4), (64, 8), (128, 8))),
+    "local": _SQUARE_BLOCKS,
+    "flash_dq": _SQUARE_BLOCKS,
+    "flash_dkdv": _SQUARE_BLOCKS,
 }
 
 _memory: dict[str, dict] = {}
@@ -30,7 +38,8 @@ _memory: dict[str, dict] = {}
 
 def fallback(kernel: str, q: torch.Tensor) -> dict:
     """Deterministic settings: small blocks in the interpreter and for fp32 (register pressure),
-    64-row blocks for half precision at head dim ≤ 64."""
+    64-row blocks for half precision at head dim ≤ 64. The backward's match the local kernel's,
+    so by default it reuses the training forward's block lists."""
     if kernel not in CANDIDATES:
         raise ValueError(f"unknown kernel {kernel!r}; valid: {', '.join(CANDIDATES)}")
     half = q.dtype in (torch.float16, torch.bfloat16)
@@ -101,8 +110,13 @@ def _do_bench(fn: Callable) -> float:
     return float(triton.testing.do_bench(fn, warmup=5, rep=20))
 
 
+def timed(q: torch.Tensor) -> bool:
+    """Whether launch settings for inputs like `q` are timed: on CUDA, unless DIT_ATTN_AUTOTUNE=0."""
+    return q.is_cuda and os.environ.get("DIT_ATTN_AUTOTUNE", "1") != "0"
+
+
 def choose(kernel: str, q: torch.Tensor, run: Callable[[dict], object]) -> dict:
     """Launch settings for `kernel` on inputs like `q`; `run(config)` launches the kernel once."""
-    if not q.is_cuda or os.environ.get("DIT_ATTN_AUTOTUNE", "1") == "0":
+    if not timed(q):
         return fallback(kernel, q)
     return tune(tuning_key(kernel, q), CANDIDATES[kernel], run, _do_bench, cache_path())
