@@ -247,7 +247,7 @@ def cmd_atlas(args) -> int:
     objective, prompts, pipe = search_inputs(args)
     result = atlas(pipe, objective, prompts, args.seeds, u=args.u, scale=args.pag_scale, steps=args.steps, cfg=args.cfg,
                    size=args.size, batch_size=args.batch_size, target=args.target, scope=args.scope,
-                   max_sequence_length=args.max_sequence_length or call_defaults(pipe).get("max_sequence_length"),
+                   max_sequence_length=args.max_sequence_length,
                    checkpoint=args.out + ".checkpoint.json")
     result.settings["objective"] = args.objective
     result.save(args.out + ".json")
@@ -266,7 +266,7 @@ def cmd_hunt(args) -> int:
         scale=args.pag_scale, steps=args.steps, cfg=args.cfg, size=args.size, candidates=parse_heads(args.candidates)
         if args.candidates else None, checkpoint=args.checkpoint or args.out + ".checkpoint", batch_size=args.batch_size,
         target=args.target, scope=args.scope,
-        max_sequence_length=args.max_sequence_length or call_defaults(pipe).get("max_sequence_length"),
+        max_sequence_length=args.max_sequence_length,
     )
     result.settings["objective"] = args.objective
     if int(os.environ.get("RANK", "0")) == 0:

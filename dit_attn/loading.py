@@ -29,6 +29,11 @@ def call_defaults(pipe) -> dict:
     return dict(getattr(pipe, "dit_attn_call_defaults", {}))
 
 
+def sequence_length(pipe, max_sequence_length: int | None) -> int | None:
+    """The given T5 length, else the pipeline's call default (None: the pipeline's own default)."""
+    return max_sequence_length if max_sequence_length is not None else call_defaults(pipe).get("max_sequence_length")
+
+
 def _missing_components(path: str) -> dict:
     """Components saved as null (e.g. SD3 without T5) must be passed as None again on load."""
     index_path = os.path.join(path, "model_index.json")

@@ -61,6 +61,22 @@ def test_planted_heads_are_found(pipe, tmp_path):
     assert len(first) == 8 and len(result.rounds[1]) == 7
 
 
+def test_hunt_takes_the_pipelines_call_defaults(pipe, monkeypatch):
+    """Without max_sequence_length, a hunt runs at the pipeline's call default (the tiny model's
+    one zero T5 token), as every dit-attn command does, and records it in its settings."""
+    seen = []
+    monkeypatch.setattr(pipe, "dit_attn_call_defaults", {"max_sequence_length": 5}, raising=False)
+    original = type(pipe).__call__
+    monkeypatch.setattr(type(pipe), "__call__", lambda self, *a, **kw: seen.append(kw.get("max_sequence_length"))
+                        or original(self, *a, **kw))
+    run = {**RUN, "max_sequence_length": None}
+    result = hunt(pipe, lambda images, prompts: [0.0] * len(images), PROMPTS[:1], [0], k=1, rounds=1,
+                  candidates=["L0H0", "L0H1"], progress=False, **run)
+    assert result.settings["max_sequence_length"] == 5 and set(seen) == {5}
+    assert hunt(pipe, lambda images, prompts: [0.0] * len(images), PROMPTS[:1], [0], k=1, rounds=1,
+                candidates=["L0H0"], progress=False, **RUN).settings["max_sequence_length"] == 8
+
+
 def test_batched_scores_equal_one_pipeline_call_per_candidate(pipe):
     objective = get_objective("color:red")
     settings = SearchSettings("color:red", tuple(PROMPTS), (0, 1), 1, 1, 0.8, 4.0, 2, 3.0, (32, 32), (), "identity", "joint", 3, 8)

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from ..heads import model_layers
+from ..loading import sequence_length
 from .objectives import get_objective
 from .search import (candidate_heads, checked_scores, generate, head_name, pairs_of, score_batch, search_settings,
                      write_json_atomic)
@@ -54,7 +55,7 @@ def atlas(pipe, objective, prompts, seeds=(0,), u: float = 1.0, scale: float = 3
     score_fn = get_objective(objective)
     heads = candidate_heads(pipe)
     settings = search_settings(objective, prompts, seeds, 1, 1, u, scale, steps, cfg, size, heads, target, scope,
-                               batch_size, max_sequence_length)
+                               batch_size, sequence_length(pipe, max_sequence_length))
     state = {"baseline": None, "scores": {}, "thumbnails": {}}
     if checkpoint and os.path.exists(checkpoint):
         with open(checkpoint) as f:

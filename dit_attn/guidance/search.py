@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..apply import apply
 from ..edits import HeadGuidance
 from ..heads import model_family, model_layers, resolve_heads
-from ..loading import call_options
+from ..loading import call_options, sequence_length
 from .objectives import get_objective
 
 Head = tuple[int, int]
@@ -215,11 +215,12 @@ def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float 
     objective: a registry name (see `dit_attn.guidance.objectives`) or callable(images, prompts) -> scores.
     candidates: head specs to search over (default: every head). size: (height, width).
     checkpoint: JSON path written after every batch; an existing one with the same settings is resumed.
+    max_sequence_length: None takes the pipeline's call default (the tiny model's one zero T5 token).
     """
     score_fn = get_objective(objective)
     heads = candidate_heads(pipe, candidates)
     settings = search_settings(objective, prompts, seeds, k, rounds, u, scale, steps, cfg, size, heads, target, scope,
-                               batch_size, max_sequence_length)
+                               batch_size, sequence_length(pipe, max_sequence_length))
     rank, world = distributed()
     path = checkpoint if checkpoint is None or world == 1 else f"{checkpoint}.rank{rank}-of-{world}"
     state = resume(path, settings)

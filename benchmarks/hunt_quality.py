@@ -1,0 +1,124 @@
+"""What a hunted head set buys on the tiny model, measured on prompts the hunt never saw.
+
+For each objective: hunt (HeadHunter, u = 1 during the search) on the hunt prompts, pick
+the best single layer (layer-level PAG, all heads, same scale) on the same prompts, then
+score on held-out prompts and seeds: no perturbation guidance, the best layer, the hunted
+heads, and the hunted heads' u-curve. Prints one table per objective and the search's
+wall time; writes everything to --out (JSON). Hunts checkpoint beside --out (rerun to resume).
+
+Run:  python benchmarks/hunt_quality.py [--objectives judge color:red color:blue] [--scale 3]
+      [--k 1] [--rounds 2] [--steps 12] [--threads 1] [--out hunt_quality.json]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import time
+
+import torch
+
+import dit_attn as da
+from dit_attn.guidance.objectives import get_objective
+from dit_attn.heads import model_layers
+from dit_attn.loading import call_defaults, load_pipeline
+from dit_attn.models.data import make_example
+
+U_CURVE = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def prompts_for(objective: str, stream_seed: int, n: int) -> list[str]:
+    """Judge: shapes and signs (2:1); colour objectives: shapes of every colour."""
+    if objective == "judge":
+        shapes = [make_example(stream_seed, i, "shape").caption for i in range(n - n // 3)]
+        return shapes + [make_example(stream_seed, i, "sign").caption for i in range(n // 3)]
+    return [make_example(stream_seed, i, "shape").caption for i in range(n)]
+
+
+def mean_objective(pipe, objective, prompts, seeds, steps: int, edit=None, batch: int = 8) -> float:
+    pairs = [(p, s) for p in prompts for s in seeds]
+    scores: list[float] = []
+    with da.apply(pipe, edit) if edit is not None else contextlib.nullcontext():
+        for start in range(0, len(pairs), batch):
+            chunk = pairs[start : start + batch]
+            images = pipe([p for p, _ in chunk], generator=[torch.Generator().manual_seed(s) for _, s in chunk],
+                          num_inference_steps=steps, height=64, width=64, **call_defaults(pipe)).images
+            scores += [float(x) for x in objective(images, [p for p, _ in chunk])]
+    return sum(scores) / len(scores)
+
+
+def measure(pipe, name: str, args) -> dict:
+    objective = get_objective(name)
+    hunt_prompts = prompts_for(name, 555_000, args.hunt_prompts)
+    held_out = prompts_for(name, 666_000, args.held_out_prompts)
+    hunt_seeds, held_seeds = [0, 1], [100, 101]
+    checkpoint = f"{os.path.splitext(args.out)[0]}.{name.replace(':', '-')}.checkpoint.json"
+    began = time.perf_counter()
+    result = da.hunt(pipe, name, hunt_prompts, seeds=hunt_seeds, k=args.k, rounds=args.rounds, u=1.0,
+                     scale=args.scale, steps=args.steps, checkpoint=checkpoint, batch_size=args.batch_size)
+    hunt_seconds = time.perf_counter() - began
+
+    def guided(heads, u=1.0):
+        return da.HeadGuidance(heads=list(heads), scale=args.scale, u=u)
+
+    layers = [f"L{info.index}" for info in model_layers(pipe.transformer)]
+    layer_scores = {layer: mean_objective(pipe, objective, hunt_prompts, hunt_seeds, args.steps, guided([layer]))
+                    for layer in layers}
+    best_layer = max(layer_scores, key=layer_scores.get)
+    held = lambda edit=None: mean_objective(pipe, objective, held_out, held_seeds, args.steps, edit)  # noqa: E731
+    report = {
+        "objective": name, "hunted": result.selected, "hunt_seconds": round(hunt_seconds, 1),
+        "best_layer": best_layer, "best_layer_heads": pipe.transformer.config.num_attention_heads,
+        "layer_scores_on_hunt_prompts": layer_scores,
+        "hunt_prompts": len(hunt_prompts), "held_out_prompts": len(held_out), "seeds": [hunt_seeds, held_seeds],
+        "held_out": {
+            "no guidance": held(),
+            f"best layer {best_layer}": held(guided([best_layer])),
+            "hunted": held(guided(result.selected)),
+        },
+        "u_curve": {u: held(guided(result.selected, u)) for u in U_CURVE},
+    }
+    return report
+
+
+def print_report(report: dict, args) -> None:
+    print(f"\n{report['objective']}: hunted {report['hunted']} in {report['hunt_seconds']:.0f} s; "
+          f"best layer on the hunt prompts {report['best_layer']} ({report['best_layer_heads']} heads)")
+    print(f"| held-out ({report['held_out_prompts']} prompts x 2 seeds, s={args.scale}) | objective |")
+    print("|---|---|")
+    for setting, value in report["held_out"].items():
+        print(f"| {setting} | {value:.4f} |")
+    print("u-curve of the hunted set: " + ", ".join(f"u={u}: {v:.4f}" for u, v in report["u_curve"].items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--objectives", nargs="+", default=["judge", "color:red", "color:blue"])
+    parser.add_argument("--scale", type=float, default=3.0)
+    parser.add_argument("--k", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--hunt-prompts", type=int, default=12)
+    parser.add_argument("--held-out-prompts", type=int, default=24)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="hunt_quality.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    pipe = load_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    print(f"torch {torch.__version__}, threads {args.threads}, model {args.model}, {args.steps} steps, "
+          f"scale {args.scale}, k {args.k}, rounds {args.rounds}")
+    reports = []
+    for name in args.objectives:
+        reports.append(measure(pipe, name, args))
+        print_report(reports[-1], args)
+        with open(args.out + ".tmp", "w") as f:
+            json.dump({"settings": vars(args), "reports": reports}, f, indent=1)
+        os.replace(args.out + ".tmp", args.out)
+
+
+if __name__ == "__main__":
+    main()
