@@ -14,7 +14,7 @@ from dit_attn.models.evaluate import held_out_prompts
 pipe = da.load_pipeline("tiny")                      # <- your pipeline
 pipe.set_progress_bar_config(disable=True)
 prompts = held_out_prompts("shape", 4)               # <- your prompts
-run = dict(steps=10, batch_size=6, **da.call_defaults(pipe))
+run = dict(steps=10, batch_size=4)                 # 1-4 candidates per call suit a CPU
 
 result = hunt(pipe, "judge", prompts, seeds=[0], k=2, rounds=1, checkpoint="hunt.checkpoint.json", **run)
 print("selected heads:", result.selected)
