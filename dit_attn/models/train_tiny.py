@@ -46,6 +46,7 @@ class TrainConfig:
     warmup: int = 500
     ema: float = 0.999
     caption_dropout: float = 0.1
+    t_location: float = 0.0  # logit-normal location of the training flow times; > 0 trains more at high noise
     checkpoint_every: int = 200
     threads: int = 2
 
@@ -152,7 +153,7 @@ def train_transformer(cfg: TrainConfig, work: str, pipe, latents: torch.Tensor, 
         rows = torch.randint(len(latents), (cfg.batch,), generator=generator)
         x0 = latents[rows]
         noise = torch.randn(x0.shape, generator=generator)
-        t = torch.sigmoid(torch.randn(cfg.batch, generator=generator))
+        t = torch.sigmoid(torch.randn(cfg.batch, generator=generator) + cfg.t_location)
         zero_tokens.log_n = float(torch.rand(1, generator=generator)) * math.log(PIPELINE_ZERO_TOKENS)
         drop = torch.rand(cfg.batch, generator=generator) < cfg.caption_dropout
         text = torch.where(drop[:, None, None], empty_clip, clip[rows])
