@@ -37,7 +37,8 @@ def text_segments(seq_len: int, image: slice) -> list[slice]:
     return [s for s in (slice(0, image.start), slice(image.stop, seq_len)) if s.stop > s.start]
 
 
-def _take_text(x: torch.Tensor, segments: list[slice]) -> torch.Tensor:
+def take_text(x: torch.Tensor, segments: list[slice]) -> torch.Tensor:
+    """The tokens of `segments` (B, H, ·, D), concatenated in order (a view for one segment)."""
     if len(segments) == 1:
         return x[:, :, segments[0]]
     return torch.cat([x[:, :, s] for s in segments], dim=2)
@@ -70,8 +71,8 @@ def blend_image_scope(out, q, k, v, u, target: str, image: slice, scale: float) 
     """
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     segments = text_segments(q.shape[-2], image)
-    k_txt = _take_text(k, segments).to(compute) if segments else None
-    v_txt = _take_text(v, segments).to(compute) if segments else None
+    k_txt = take_text(k, segments).to(compute) if segments else None
+    v_txt = take_text(v, segments).to(compute) if segments else None
     n_img = image.stop - image.start
     means = None
     if target == "uniform":

@@ -21,13 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..blocks import reorder
 from ..plan import AttentionPlan
-from ..sdpa import image_key, text_segments, toward_image_key
+from ..sdpa import image_key, take_text, text_segments, toward_image_key
 from . import tuning
-from .local import launch_local_forward, window_rule
+from .local import launch_local_forward, window_rule, window_tokens
 from .softpag import launch_options
-from .sparsity import Sparsity, dense_sparsity, window_sparsity
+from .sparsity import Sparsity, dense_sparsity
 
 
 @triton.jit
@@ -219,10 +218,7 @@ def windowed_or_dense(q, k, v, plan: AttentionPlan, image: slice, scale: float, 
         return BlockSparseAttention.apply(q, k, v, dense_sparsity(q.shape[-2], block, q.device), scale)[0]
     window = plan.window
     window.check_tokens(image)
-    tokens = reorder(q, k, v, window, image, block)
-    b = tokens.blocks
-    sparsity = window_sparsity(window.grid, float(window.radius), b.seq_q - window.tokens, b.seq_kv - b.seq_q,
-                               block, q.device)
+    tokens, sparsity = window_tokens(q, k, v, window, image, block)
     return tokens.restore(BlockSparseAttention.apply(tokens.q, tokens.k, tokens.v, sparsity, scale)[0])
 
 
@@ -232,7 +228,7 @@ def text_attention(q_image, k, v, image: slice, scale: float, block: int):
     segments = text_segments(k.shape[-2], image)
     if not segments or image.stop == image.start:
         return None
-    k_text, v_text = (torch.cat([x[:, :, s] for s in segments], dim=2) for x in (k, v))
+    k_text, v_text = (take_text(x, segments) for x in (k, v))
     sparsity = dense_sparsity(q_image.shape[-2], block, q_image.device, k_text.shape[-2])
     return BlockSparseAttention.apply(q_image, k_text, v_text, sparsity, scale)
 

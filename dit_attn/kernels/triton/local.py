@@ -139,12 +139,18 @@ def local_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wi
     return launch(config or tuning.choose("local", q, launch))
 
 
-def _launch_local(q, k, v, window: LocalWindow, image: slice, perturbations: tuple, scale: float,
-                  config: dict) -> torch.Tensor:
-    tokens = reorder(q, k, v, window, image, config["block"])
+def window_tokens(q, k, v, window: LocalWindow, image: slice, block: int):
+    """The tokens in the window's block order and the (cached) block lists of that layout."""
+    tokens = reorder(q, k, v, window, image, block)
     b = tokens.blocks
     sparsity = window_sparsity(window.grid, float(window.radius), b.seq_q - window.tokens, b.seq_kv - b.seq_q,
-                               config["block"], q.device)
+                               block, q.device)
+    return tokens, sparsity
+
+
+def _launch_local(q, k, v, window: LocalWindow, image: slice, perturbations: tuple, scale: float,
+                  config: dict) -> torch.Tensor:
+    tokens, sparsity = window_tokens(q, k, v, window, image, config["block"])
     out = torch.empty_like(tokens.q)
     launch_local_forward(tokens.q, tokens.k.contiguous(), tokens.v.contiguous(), out, sparsity, scale, perturbations,
                          num_warps=config["num_warps"])
