@@ -9,7 +9,7 @@ import gradio as gr
 
 from ..cli import slug
 from ..guidance.atlas import atlas as compute_atlas
-from ..loading import call_defaults, call_options
+from ..loading import call_options
 from .atlas import (MAX_ATLAS_STEPS, MAX_ATLAS_WORK, MAX_PROMPTS, MAX_SEEDS, atlas_request, check_work, objective_choices,
                     read_atlas, summarize, write_atlas)
 from .generation import difference_image, run_pipeline, save_png, with_actual_size
@@ -145,7 +145,7 @@ class AppActions:
             result = compute_atlas(model.pipe, request.objective, list(request.prompts), list(request.seeds), u=request.u,
                                    scale=request.scale, steps=request.steps, cfg=cfg,
                                    size=(height, width) if height else None, batch_size=ATLAS_BATCH, target=target,
-                                   scope=scope, max_sequence_length=call_defaults(model.pipe).get("max_sequence_length"))
+                                   scope=scope)  # the pipeline's call defaults apply
         result.settings["model"] = model.choice
         png, page, data = write_atlas(result, self.output_dir, slug(request.objective, 24))
         return png, [page, data], summarize(result)
