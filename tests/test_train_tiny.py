@@ -25,8 +25,9 @@ def test_zero_token_bias_equals_stock_padding():
     assert (stock - biased).abs().max() < 1e-5
 
 
-def test_train_resume_after_crash_gives_same_weights(tmp_path, monkeypatch):
-    cfg = train_tiny.TrainConfig(**SMALL)
+@pytest.mark.parametrize("options", [{}, {"bf16": True, "layers": 7}], ids=["float32", "bf16-7-layers"])
+def test_train_resume_after_crash_gives_same_weights(tmp_path, monkeypatch, options):
+    cfg = train_tiny.TrainConfig(**SMALL, **options)
     reference = train_tiny.train_tiny(cfg, str(tmp_path / "a"), str(tmp_path / "a_out"))
 
     saves = {"n": 0}
@@ -54,5 +55,41 @@ def test_train_resume_after_crash_gives_same_weights(tmp_path, monkeypatch):
 
     pipe = da.load_pipeline(resumed)
     pipe.set_progress_bar_config(disable=True)
+    assert pipe.transformer.config.num_layers == cfg.layers
     image = pipe("a red circle on a white background", num_inference_steps=2, height=64, width=64).images[0]
     assert image.size == (64, 64)
+
+
+def test_bf16_autocast_keeps_attention_in_float32(monkeypatch):
+    """Under bfloat16 autocast the projections are bfloat16 but the attention itself runs in
+    float32 (the CPU's bfloat16 attention backward is slow); the output stays close to float32's."""
+    from dit_attn import kernels
+
+    transformer = make_transformer(0).eval()
+    transformer.set_attn_processor(ZeroTokenBias(256))
+    x, text = torch.randn(2, 8, 16, 16), torch.randn(2, CLIP_LENGTH + 1, 128)
+    pooled, t = torch.randn(2, 128), torch.tensor([500.0, 200.0])
+    seen = []
+    real_attention = kernels.attention
+
+    def spy(query, key, value, **kwargs):
+        seen.append((query.dtype, torch.is_autocast_enabled("cpu")))
+        return real_attention(query, key, value, **kwargs)
+
+    with torch.no_grad():
+        full = transformer(x, text, pooled, t).sample
+        monkeypatch.setattr(kernels, "attention", spy)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = transformer(x, text, pooled, t).sample.float()
+    assert len(seen) == 6 and all(dtype == torch.float32 and not autocast for dtype, autocast in seen)
+    assert (mixed - full).norm() / full.norm() < 0.05
+
+
+def test_cli_flags_for_bool_fields(tmp_path, monkeypatch):
+    got = {}
+    monkeypatch.setattr(train_tiny, "train_tiny", lambda cfg, work, out: got.setdefault("cfg", cfg))
+    train_tiny.main(["--work", str(tmp_path), "--out", str(tmp_path / "o"), "--bf16", "--layers", "8"])
+    assert got["cfg"].bf16 is True and got["cfg"].layers == 8
+    got.clear()
+    train_tiny.main(["--work", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert got["cfg"].bf16 is False and got["cfg"] == train_tiny.TrainConfig()

@@ -85,9 +85,9 @@ def make_vae(seed: int) -> AutoencoderKL:
     return AutoencoderKL(**VAE_CONFIG)
 
 
-def make_transformer(seed: int) -> SD3Transformer2DModel:
+def make_transformer(seed: int, num_layers: int = TRANSFORMER_CONFIG["num_layers"]) -> SD3Transformer2DModel:
     torch.manual_seed(seed)
-    return SD3Transformer2DModel(**TRANSFORMER_CONFIG)
+    return SD3Transformer2DModel(**{**TRANSFORMER_CONFIG, "num_layers": num_layers})
 
 
 def assemble_pipeline(transformer, vae, seed: int) -> StableDiffusion3Pipeline:
@@ -109,11 +109,16 @@ class ZeroTokenBias(SD3AttnProcessor):
         self.log_n = math.log(zero_tokens)
 
     def attend(self, query, key, value, image_tokens: int, pool=None) -> torch.Tensor:
-        if key.shape[2] == image_tokens:  # image-only attention: no zero token
-            return kernels.attention(query, key, value)
-        bias = torch.zeros(key.shape[2], dtype=query.dtype, device=query.device)
-        bias[-1] = self.log_n
-        return kernels.attention(query, key, value, attn_mask=bias.expand(query.shape[2], -1))
+        # under bfloat16 autocast the projections are bfloat16, but the CPU's bfloat16
+        # attention backward is ~3× slower than float32's: attend in float32
+        dtype = query.dtype
+        query, key, value = query.float(), key.float(), value.float()
+        with torch.autocast(query.device.type, enabled=False):
+            if key.shape[2] == image_tokens:  # image-only attention: no zero token
+                return kernels.attention(query, key, value).to(dtype)
+            bias = torch.zeros(key.shape[2], dtype=query.dtype, device=query.device)
+            bias[-1] = self.log_n
+            return kernels.attention(query, key, value, attn_mask=bias.expand(query.shape[2], -1)).to(dtype)
 
 
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "tiny")  # package data

@@ -46,9 +46,13 @@ class TrainConfig:
     warmup: int = 500
     ema: float = 0.999
     caption_dropout: float = 0.1
+    layers: int = 6  # transformer blocks
     t_location: float = 0.0  # logit-normal location of the training flow times; > 0 trains more at high noise
     checkpoint_every: int = 200
     threads: int = 2
+    # bfloat16 autocast for convolutions and linear layers (attention stays float32): VAE steps
+    # ~2.1× and transformer steps ~1.4× faster on CPUs with AVX-512 BF16; False = the shipped recipe
+    bf16: bool = False
 
 
 def render_dataset(cfg: TrainConfig, work: str) -> tuple[torch.Tensor, list[str]]:
@@ -81,8 +85,14 @@ def resume(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
     return checkpoint
 
 
+def autocast(cfg: TrainConfig):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+
+
 def train_vae(cfg: TrainConfig, work: str, images: torch.Tensor):
     vae = make_vae(cfg.seed)
+    layout = torch.channels_last if cfg.bf16 else torch.contiguous_format  # oneDNN's fast bfloat16 convolutions
+    vae.to(memory_format=layout)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
     ckpt_path = os.path.join(work, "vae_ckpt.pt")
     start = resume(ckpt_path, vae, optimizer)["step"]
@@ -92,9 +102,11 @@ def train_vae(cfg: TrainConfig, work: str, images: torch.Tensor):
     for step in bar:
         generator.manual_seed(step_seed(cfg.seed + 11, step))  # a resumed run draws the same batches
         batch = to_unit(images[torch.randint(len(images), (cfg.vae_batch,), generator=generator)])
+        batch = batch.contiguous(memory_format=layout)
         set_lr(optimizer, cosine_lr(step, cfg.vae_steps, cfg.vae_lr, 100))
-        posterior = vae.encode(batch).latent_dist
-        recon = vae.decode(posterior.mode()).sample  # sampled latents trained 3× slower here
+        with autocast(cfg):
+            posterior = vae.encode(batch).latent_dist
+            recon = vae.decode(posterior.mode()).sample.float()  # sampled latents trained 3× slower here
         loss = F.mse_loss(recon, batch) + F.l1_loss(recon, batch) + 1e-5 * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -102,7 +114,7 @@ def train_vae(cfg: TrainConfig, work: str, images: torch.Tensor):
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
             save_atomic({"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}, ckpt_path)
-    return vae.eval()
+    return vae.to(memory_format=torch.contiguous_format).eval()
 
 
 @torch.no_grad()
@@ -161,7 +173,8 @@ def train_transformer(cfg: TrainConfig, work: str, pipe, latents: torch.Tensor, 
         pool = torch.where(drop[:, None], empty_pooled, pooled[rows])
         x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
         set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup))
-        prediction = transformer(x_t, text, pool, t * 1000).sample
+        with autocast(cfg):
+            prediction = transformer(x_t, text, pool, t * 1000).sample.float()
         loss = F.mse_loss(prediction, noise - x0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -189,7 +202,7 @@ def train_tiny(cfg: TrainConfig, work: str, out: str) -> str:
     images, captions = render_dataset(cfg, work)
     vae = train_vae(cfg, work, images)
     latents = encode_latents(vae, images, work)
-    pipe = assemble_pipeline(make_transformer(cfg.seed), vae, cfg.seed)
+    pipe = assemble_pipeline(make_transformer(cfg.seed, cfg.layers), vae, cfg.seed)
     train_transformer(cfg, work, pipe, latents, captions)
     return _export(pipe, cfg, out, time.time() - started)
 
@@ -211,7 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--package", default=None,
                         help="also write the float16 copy that ships as package data (dit_attn/models/tiny)")
     for field, value in asdict(TrainConfig()).items():
-        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+        if isinstance(value, bool):
+            parser.add_argument(f"--{field.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=value)
+        else:
+            parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
     args = vars(parser.parse_args(argv))
     work, out, package = args.pop("work"), args.pop("out"), args.pop("package")
     train_tiny(TrainConfig(**args), work, out)
