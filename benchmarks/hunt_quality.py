@@ -56,7 +56,8 @@ def measure(pipe, name: str, args) -> dict:
     checkpoint = f"{os.path.splitext(args.out)[0]}.{name.replace(':', '-')}.checkpoint.json"
     began = time.perf_counter()
     result = da.hunt(pipe, name, hunt_prompts, seeds=hunt_seeds, k=args.k, rounds=args.rounds, u=1.0,
-                     scale=args.scale, steps=args.steps, checkpoint=checkpoint, batch_size=args.batch_size)
+                     scale=args.scale, steps=args.steps, checkpoint=checkpoint, batch_size=args.batch_size,
+                     min_z=args.min_z)
     hunt_seconds = time.perf_counter() - began
 
     def guided(heads, u=1.0):
@@ -75,10 +76,12 @@ def measure(pipe, name: str, args) -> dict:
         "held_out": {
             "no guidance": held(),
             f"best layer {best_layer}": held(guided([best_layer])),
-            "hunted": held(guided(result.selected)),
         },
-        "u_curve": {u: held(guided(result.selected, u)) for u in U_CURVE},
+        "u_curve": {u: held(guided(result.selected, u)) for u in U_CURVE} if result.selected else {},
+        "min_z": args.min_z, "baselines": result.baselines, "gains": result.gains,
     }
+    if result.selected:  # with --min-z, no head may qualify: then nothing is shipped
+        report["held_out"]["hunted"] = held(guided(result.selected))
     return report
 
 
@@ -103,6 +106,7 @@ def main() -> None:
     parser.add_argument("--hunt-prompts", type=int, default=12)
     parser.add_argument("--held-out-prompts", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--min-z", type=float, default=None, help="the hunt's significance threshold (see da.hunt)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="hunt_quality.json")
     args = parser.parse_args()

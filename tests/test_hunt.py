@@ -16,6 +16,7 @@ from dit_attn.guidance.search import SearchSettings, hunt, score_batch
 from dit_attn.models.configs import build_sd3_pipeline
 
 PLANTED = {(0, 3): 4.0, (1, 1): 2.0}  # (layer, head) -> gain of its output columns; every other head is silent
+PLANTED_NAMES = {f"L{layer}H{head}" for layer, head in PLANTED}
 PROMPTS = ["a red circle", "a blue square"]
 RUN = dict(steps=2, size=(32, 32), max_sequence_length=8, cfg=3.0)
 
@@ -61,6 +62,28 @@ def test_planted_heads_are_found(pipe, tmp_path):
     assert len(first) == 8 and len(result.rounds[1]) == 7
 
 
+def test_min_z_keeps_noise_out_and_stops(pipe, tmp_path):
+    """With min_z, a head joins only if it changes the objective on every pair (with two pairs,
+    z > 1 means both paired gains are positive); silent heads never do, so the hunt stops at
+    the first round without a qualifying head instead of adding one of them."""
+    objective = change_objective(stock_images(pipe, PROMPTS))
+    ckpt = str(tmp_path / "z.json")
+    result = hunt(pipe, objective, PROMPTS, [0], k=1, rounds=4, batch_size=3, min_z=1.0, checkpoint=ckpt, **RUN)
+    assert result.selected[0] == "L0H3" and set(result.selected) <= {"L0H3", "L1H1"}
+    assert len(result.rounds) == len(result.baselines) == len(result.gains) == len(result.selected) + 1 < 4
+    assert result.baselines[0] < 1e-6  # round 1's baseline is plain generation: the reference images
+    last = result.gains[-1]
+    assert all(abs(gain) < 1e-3 for gain, _ in last.values())  # only silent heads were left
+    for name, (gain, se) in result.gains[0].items():
+        assert (gain > 0.01) == (name in PLANTED_NAMES)
+    again = hunt(pipe, objective, PROMPTS, [0], k=1, rounds=4, batch_size=3, min_z=1.0, checkpoint=ckpt, **RUN)
+    assert (again.selected, again.rounds, again.gains) == (result.selected, result.rounds, result.gains)
+    with pytest.raises(ValueError, match="min_z must be a number"):
+        hunt(pipe, objective, PROMPTS, [0], k=1, rounds=1, min_z=-1, **RUN)
+    with pytest.raises(ValueError, match="at least 2"):
+        hunt(pipe, objective, PROMPTS[:1], [0], k=1, rounds=1, min_z=2.0, **RUN)
+
+
 def test_hunt_takes_the_pipelines_call_defaults(pipe, monkeypatch):
     """Without max_sequence_length, a hunt runs at the pipeline's call default (the tiny model's
     one zero T5 token), as every dit-attn command does, and records it in its settings."""
@@ -98,7 +121,7 @@ def test_resume_after_interruption(pipe, tmp_path, monkeypatch):
     args = dict(k=2, rounds=2, batch_size=2, **RUN)
     reference = hunt(pipe, objective, PROMPTS, [0], **args)
     calls = {"n": 0}
-    real = search.score_batch
+    real = search.score_pairs
 
     def interrupted(*a, **kw):
         calls["n"] += 1
@@ -106,7 +129,7 @@ def test_resume_after_interruption(pipe, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(search, "score_batch", interrupted)
+    monkeypatch.setattr(search, "score_pairs", interrupted)
     with pytest.raises(KeyboardInterrupt):
         hunt(pipe, objective, PROMPTS, [0], checkpoint=str(tmp_path / "c.json"), **args)
     calls["n"] = 100
@@ -179,6 +202,10 @@ def test_cli_hunt(tmp_path, capsys):
     assert set(saved["rounds"][0]) == {"L0H0"} | {f"L1H{h}" for h in range(6)}  # the tiny model has 6 heads a layer
     assert saved["selected"] == [max(saved["rounds"][0], key=saved["rounds"][0].get)]
     assert saved["settings"]["objective"] == "color:blue" and "selected" in capsys.readouterr().out
+    assert main(["hunt", "--objective", "color:blue", "--prompts", str(prompts), "--k", "1", "--rounds", "1",
+                 "--steps", "1", "--size", "32", "--candidates", "L0H0,L0H1", "--min-z", "0", "--out", str(tmp_path / "z.json")]) == 0
+    saved = json.loads((tmp_path / "z.json").read_text())
+    assert saved["settings"]["min_z"] == 0.0 and len(saved["gains"]) == 1 and set(saved["gains"][0]) == {"L0H0", "L0H1"}
     assert main(["hunt", "--objective", "nope", "--prompts", str(prompts), "--out", str(out)]) == 2
     assert "unknown objective" in capsys.readouterr().err
 

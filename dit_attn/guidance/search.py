@@ -14,10 +14,17 @@ checkpoint; rerunning with the same settings continues there. Several processes
 (`accelerate launch`/`torchrun`: RANK, WORLD_SIZE) split each round's batches and
 exchange scores over torch.distributed (gloo); the batches are the same whatever the
 number of processes, so the result is too.
+
+Noise: a candidate's mean over a few pairs moves by more than most heads change it, so the
+plain top-k can pick noise. With `min_z`, each round also scores the current selection
+alone on the same pairs, and a candidate may join only if its paired gain (same prompt,
+same seed) is more than `min_z` standard errors above zero; a round where none qualifies
+ends the hunt.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -42,6 +49,10 @@ class HuntResult:
     selected: list[str]  # heads in the order they were added
     rounds: list[dict[str, float]]  # per round: every candidate's mean objective
     settings: dict = field(default_factory=dict)
+    # with min_z, per round: the current selection's mean objective, and every candidate's
+    # paired gain over it as [mean, standard error]
+    baselines: list[float] = field(default_factory=list)
+    gains: list[dict[str, list[float]]] = field(default_factory=list)
 
     def save(self, path: str) -> None:
         write_json_atomic(path, asdict(self))
@@ -100,6 +111,7 @@ class SearchSettings:
     scope: str
     batch_size: int
     max_sequence_length: int | None
+    min_z: float | None = None
 
 
 def generate(pipe, settings: SearchSettings, pairs: list[tuple[str, int]]):
@@ -134,18 +146,44 @@ def score_batch(pipe, objective, settings: SearchSettings, selected: list[Head],
                 keep_images: bool = False):
     """Mean objective per candidate of `batch` (each with the already selected heads);
     with keep_images, also each candidate's image of the first (prompt, seed) pair."""
-    pairs = pairs_of(settings)
-    items = [(cand, pair) for cand in batch for pair in pairs]
-    head_sets = [set(selected) | {cand} for cand, _ in items]
-    images = images_for(pipe, settings, head_sets, [pair for _, pair in items])
-    scores = checked_scores(objective, images, [pair[0] for _, pair in items])
-    per_candidate: dict[str, float] = {}
-    for i, cand in enumerate(batch):
-        chunk = scores[i * len(pairs) : (i + 1) * len(pairs)]
-        per_candidate[head_name(cand)] = sum(chunk) / len(chunk)
+    per_pair, images = score_pairs(pipe, objective, settings, [set(selected) | {cand} for cand in batch])
+    means = {head_name(cand): mean(scores) for cand, scores in zip(batch, per_pair)}
     if keep_images:
-        return per_candidate, {head_name(cand): images[i * len(pairs)] for i, cand in enumerate(batch)}
-    return per_candidate
+        return means, {head_name(cand): image for cand, image in zip(batch, images)}
+    return means
+
+
+def score_pairs(pipe, objective, settings: SearchSettings, head_sets: list[set[Head]]):
+    """For each head set, its objective on every (prompt, seed) pair and its image of the first
+    pair; all sets in one pipeline call (an empty set is plain generation)."""
+    pairs = pairs_of(settings)
+    items = [(heads, pair) for heads in head_sets for pair in pairs]
+    if any(head_sets):
+        images = images_for(pipe, settings, [heads for heads, _ in items], [pair for _, pair in items])
+    else:
+        images = generate(pipe, settings, [pair for _, pair in items])
+    scores = checked_scores(objective, images, [pair[0] for _, pair in items])
+    n = len(pairs)
+    return [scores[i * n : (i + 1) * n] for i in range(len(head_sets))], images[::n]
+
+
+def mean(values) -> float:
+    return sum(values) / len(values)
+
+
+def paired_gain(scores: list[float], baseline: list[float]) -> list[float]:
+    """[mean, standard error] of the per-pair differences scores − baseline."""
+    diffs = [a - b for a, b in zip(scores, baseline)]
+    m = mean(diffs)
+    if len(diffs) < 2:
+        return [m, math.inf]
+    var = sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1)
+    return [m, math.sqrt(var / len(diffs))]
+
+
+def significant(gain: list[float], min_z: float) -> bool:
+    m, se = gain
+    return m > 0 and m > min_z * se
 
 
 def distributed() -> tuple[int, int]:
@@ -192,9 +230,15 @@ def check_search(prompts, seeds, k: int, rounds: int, n_candidates: int) -> None
 
 
 def search_settings(objective, prompts, seeds, k, rounds, u, scale, steps, cfg, size, heads: list[Head], target, scope,
-                    batch_size, max_sequence_length) -> SearchSettings:
+                    batch_size, max_sequence_length, min_z: float | None = None) -> SearchSettings:
     """Validated settings (clear errors before any generation)."""
     check_search(list(prompts), list(seeds), k, rounds, len(heads))
+    if min_z is not None:
+        if isinstance(min_z, bool) or not isinstance(min_z, (int, float)) or not math.isfinite(min_z) or min_z < 0:
+            raise ValueError(f"min_z must be a number >= 0 (standard errors) or None, got {min_z!r}")
+        if len(prompts) * len(seeds) < 2:
+            raise ValueError("min_z needs at least 2 (prompt, seed) pairs to estimate a standard error")
+        min_z = float(min_z)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     HeadGuidance(heads=[heads[0]], scale=scale, u=u, target=target, scope=scope)  # validates the guidance settings
@@ -202,25 +246,27 @@ def search_settings(objective, prompts, seeds, k, rounds, u, scale, steps, cfg, 
         objective=objective if isinstance(objective, str) else getattr(objective, "__name__", "callable"),
         prompts=tuple(prompts), seeds=tuple(seeds), k=k, rounds=rounds, u=float(u), scale=float(scale), steps=steps,
         cfg=cfg, size=tuple(size) if size else None, candidates=tuple(head_name(h) for h in heads), target=target,
-        scope=scope, batch_size=batch_size, max_sequence_length=max_sequence_length,
+        scope=scope, batch_size=batch_size, max_sequence_length=max_sequence_length, min_z=min_z,
     )
 
 
 def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float = 1.0, scale: float = 3.0,
          steps: int = 20, cfg: float | None = None, size: tuple[int, int] | None = None, candidates=None,
          checkpoint: str | None = None, batch_size: int = 4, target: str = "identity", scope: str = "joint",
-         max_sequence_length: int | None = None, progress: bool = True) -> HuntResult:
+         max_sequence_length: int | None = None, min_z: float | None = None, progress: bool = True) -> HuntResult:
     """Select k heads per round for `rounds` rounds (HeadHunter, Algorithm 1).
 
     objective: a registry name (see `dit_attn.guidance.objectives`) or callable(images, prompts) -> scores.
     candidates: head specs to search over (default: every head). size: (height, width).
     checkpoint: JSON path written after every batch; an existing one with the same settings is resumed.
     max_sequence_length: None takes the pipeline's call default (the tiny model's one zero T5 token).
+    min_z: only heads whose paired gain over the current selection exceeds min_z standard errors
+        may join (fewer than k if fewer qualify); the hunt stops at a round where none does.
     """
     score_fn = get_objective(objective)
     heads = candidate_heads(pipe, candidates)
     settings = search_settings(objective, prompts, seeds, k, rounds, u, scale, steps, cfg, size, heads, target, scope,
-                               batch_size, sequence_length(pipe, max_sequence_length))
+                               batch_size, sequence_length(pipe, max_sequence_length), min_z)
     rank, world = distributed()
     path = checkpoint if checkpoint is None or world == 1 else f"{checkpoint}.rank{rank}-of-{world}"
     state = resume(path, settings)
@@ -229,39 +275,70 @@ def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float 
     total = sum(len(heads) - r * k for r in range(rounds))
     bar = tqdm(total=total, desc="hunt", unit="head", disable=not progress or rank != 0)
     for round_index in range(rounds):
+        if state["stopped"]:
+            break
         if round_index == len(state["rounds"]):
             state["rounds"].append({})
-        scores = state["rounds"][round_index]
+            state["pairs"].append({})
+        scores, pair_scores = state["rounds"][round_index], state["pairs"][round_index]
         selected = [by_name[name] for name in state["selected"]]
         remaining = [h for h in heads if h not in selected]
         bar.set_description(f"hunt round {round_index + 1}/{rounds}")
+        if min_z is not None and rank == 0 and BASELINE not in pair_scores:
+            pair_scores[BASELINE] = score_pairs(pipe, score_fn, settings, [set(selected)])[0][0]
+            save_state(path, settings, state)
         batches = [remaining[i : i + batch_size] for i in range(0, len(remaining), batch_size)]
         for index, batch in enumerate(batches):
             if index % world != rank or all(head_name(h) in scores for h in batch):
                 bar.update(len(batch))  # another process's, or scored before a restart
                 continue
-            scores.update(score_batch(pipe, score_fn, settings, selected, batch))
+            per_pair, _ = score_pairs(pipe, score_fn, settings, [set(selected) | {cand} for cand in batch])
+            scores.update({head_name(cand): mean(values) for cand, values in zip(batch, per_pair)})
+            if min_z is not None:
+                pair_scores.update({head_name(cand): values for cand, values in zip(batch, per_pair)})
             save_state(path, settings, state)
             bar.update(len(batch))
-        if len(state["selected"]) < (round_index + 1) * k:
+        if state["done"] == round_index:
             scores.update(gather_scores(scores, world))
-            state["selected"].extend(top_k(scores, [n for n in order if n in scores], k))
+            pair_scores.update(gather_scores(pair_scores, world))
+            picks = choose(scores, pair_scores, [n for n in order if n in scores], k, min_z)
+            state["selected"].extend(picks)
+            state["done"] += 1
+            state["stopped"] = min_z is not None and not picks
             save_state(path, settings, state)
     bar.close()
-    result = HuntResult(state["selected"], state["rounds"], asdict(settings))
+    result = HuntResult(state["selected"], state["rounds"][: state["done"]], asdict(settings))
+    if min_z is not None:
+        for pair_scores in state["pairs"][: state["done"]]:
+            base = pair_scores[BASELINE]
+            result.baselines.append(mean(base))
+            result.gains.append({n: paired_gain(v, base) for n, v in pair_scores.items() if n != BASELINE})
     if checkpoint is not None and world > 1 and rank == 0:
         result.save(checkpoint)
     return result
 
 
+BASELINE = "(selected)"  # the current selection alone, scored each round when min_z is set
+
+
+def choose(scores: dict[str, float], pair_scores: dict[str, list[float]], order: list[str], k: int,
+           min_z: float | None) -> list[str]:
+    """The round's picks: the top k, or with min_z the top k of those significantly above the baseline."""
+    if min_z is not None:
+        base = pair_scores[BASELINE]
+        scores = {n: s for n, s in scores.items() if significant(paired_gain(pair_scores[n], base), min_z)}
+    return top_k(scores, [n for n in order if n in scores], k)
+
+
 def resume(path: str | None, settings: SearchSettings) -> dict:
+    fresh = {"selected": [], "rounds": [], "pairs": [], "done": 0, "stopped": False}
     if path is None or not os.path.exists(path):
-        return {"selected": [], "rounds": []}
+        return fresh
     with open(path) as f:
         saved = json.load(f)
     if saved.get("settings") != json.loads(json.dumps(asdict(settings))):
         raise ValueError(f"the checkpoint {path!r} was made with other settings; use another checkpoint path")
-    return {"selected": saved["selected"], "rounds": saved["rounds"]}
+    return {key: saved.get(key, value) for key, value in fresh.items()}
 
 
 def save_state(path: str | None, settings: SearchSettings, state: dict) -> None:
