@@ -113,12 +113,13 @@ class ZeroTokenBias(SD3AttnProcessor):
         # attention backward is ~3× slower than float32's: attend in float32
         dtype = query.dtype
         query, key, value = query.float(), key.float(), value.float()
-        with torch.autocast(query.device.type, enabled=False):
-            if key.shape[2] == image_tokens:  # image-only attention: no zero token
-                return kernels.attention(query, key, value).to(dtype)
+        mask = None  # image-only attention has no zero token
+        if key.shape[2] != image_tokens:
             bias = torch.zeros(key.shape[2], dtype=query.dtype, device=query.device)
             bias[-1] = self.log_n
-            return kernels.attention(query, key, value, attn_mask=bias.expand(query.shape[2], -1)).to(dtype)
+            mask = bias.expand(query.shape[2], -1)
+        with torch.autocast(query.device.type, enabled=False):
+            return kernels.attention(query, key, value, attn_mask=mask).to(dtype)
 
 
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "tiny")  # package data
