@@ -57,7 +57,7 @@ def measure(pipe, name: str, args) -> dict:
     began = time.perf_counter()
     result = da.hunt(pipe, name, hunt_prompts, seeds=hunt_seeds, k=args.k, rounds=args.rounds, u=1.0,
                      scale=args.scale, steps=args.steps, checkpoint=checkpoint, batch_size=args.batch_size,
-                     min_z=args.min_z)
+                     min_z=args.min_z, confirm_seeds=args.confirm_seeds, confirm_top=args.confirm_top)
     hunt_seconds = time.perf_counter() - began
 
     def guided(heads, u=1.0):
@@ -79,6 +79,7 @@ def measure(pipe, name: str, args) -> dict:
         },
         "u_curve": {u: held(guided(result.selected, u)) for u in U_CURVE} if result.selected else {},
         "min_z": args.min_z, "baselines": result.baselines, "gains": result.gains,
+        "confirm_seeds": args.confirm_seeds, "confirmations": result.confirmations,
     }
     if result.selected:  # with --min-z, no head may qualify: then nothing is shipped
         report["held_out"]["hunted"] = held(guided(result.selected))
@@ -107,6 +108,9 @@ def main() -> None:
     parser.add_argument("--held-out-prompts", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--min-z", type=float, default=None, help="the hunt's significance threshold (see da.hunt)")
+    parser.add_argument("--confirm-seeds", type=int, nargs="+", default=None,
+                        help="fresh seeds for the hunt's confirmation stage (see da.hunt); not 0, 1 (hunt) or 100, 101 (held out)")
+    parser.add_argument("--confirm-top", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="hunt_quality.json")
     args = parser.parse_args()

@@ -266,7 +266,8 @@ def cmd_hunt(args) -> int:
         scale=args.pag_scale, steps=args.steps, cfg=args.cfg, size=args.size, candidates=parse_heads(args.candidates)
         if args.candidates else None, checkpoint=args.checkpoint or args.out + ".checkpoint", batch_size=args.batch_size,
         target=args.target, scope=args.scope,
-        max_sequence_length=args.max_sequence_length, min_z=args.min_z,
+        max_sequence_length=args.max_sequence_length, min_z=args.min_z, confirm_seeds=args.confirm_seeds,
+        confirm_top=args.confirm_top,
     )
     result.settings["objective"] = args.objective
     if int(os.environ.get("RANK", "0")) == 0:
@@ -348,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     hunt.add_argument("--min-z", type=float, default=None,
                       help="a head joins only if its paired gain over the current selection exceeds this many "
                            "standard errors; the hunt stops at a round where none does (default: plain top-k)")
+    hunt.add_argument("--confirm-seeds", type=int, nargs="+", default=None,
+                      help="with --min-z: fresh seeds on which each round's best candidates are scored again; "
+                           "only those scores decide who joins")
+    hunt.add_argument("--confirm-top", type=int, default=None, help="candidates confirmed per round (default 3k)")
     hunt.add_argument("--candidates", default=None, help="heads to search over, e.g. 'L0,L1H2' (default: all)")
     hunt.add_argument("--checkpoint", default=None, help="resume file (default: OUT.checkpoint)")
     hunt.add_argument("--out", default="hunt.json", help="result: selected heads, every round's scores, settings")

@@ -103,6 +103,24 @@ def test_size_and_position_are_visible():
         assert side[ex.scene.position], (ex.caption, cx, cy)
 
 
+def test_fixed_geometry_draws_one_image_per_placement():
+    fixed, varied = {}, {}
+    for i in range(400):
+        ex, ex_varied = data.make_example(6, i, "shape", fixed_geometry=True), data.make_example(6, i, "shape")
+        assert (ex.caption, ex.scene) == (ex_varied.caption, ex_varied.scene)  # only the drawing changes
+        s = ex.scene
+        key = (s.shape, s.size, s.position, s.color, s.background)
+        fixed.setdefault(key, set()).add(ex.image.tobytes())
+        varied.setdefault(key, set()).add(ex_varied.image.tobytes())
+        ys, xs = np.nonzero(_mask(ex.image, s.background))
+        cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+        dx, dy = {"left": (-1, 0), "right": (1, 0), "top": (0, -1), "bottom": (0, 1), "center": (0, 0)}[s.position]
+        offset = 18 if s.size == "small" else 14
+        assert abs(cx - (32 + dx * offset)) <= 1 and abs(cy - (32 + dy * offset)) <= 1, (ex.caption, cx, cy)
+    assert all(len(images) == 1 for images in fixed.values())
+    assert any(len(images) > 1 for images in varied.values())  # the default drawing jitters
+
+
 def test_glyphs_are_large_and_centred():
     for g in data.GLYPHS:
         img = data.render(Attributes("sign", color="black", background="white", glyph=g))

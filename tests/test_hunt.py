@@ -84,6 +84,59 @@ def test_min_z_keeps_noise_out_and_stops(pipe, tmp_path):
         hunt(pipe, objective, PROMPTS[:1], [0], k=1, rounds=1, min_z=2.0, **RUN)
 
 
+def test_confirmation_seeds_decide_who_joins(pipe, tmp_path, monkeypatch):
+    """With confirm_seeds, the round's best candidates by z are scored again, with the selection
+    alone, on fresh seeds only, and those scores alone decide; the stage resumes after a crash."""
+    objective = change_objective(stock_images(pipe, PROMPTS))
+    calls = []
+    real_score_pairs = search.score_pairs
+
+    def spy(pipe_, score_fn, settings, head_sets, pairs=None):
+        calls.append((pairs, [sorted(h) for h in head_sets]))
+        return real_score_pairs(pipe_, score_fn, settings, head_sets, pairs)
+
+    monkeypatch.setattr(search, "score_pairs", spy)
+    run = dict(k=1, rounds=3, batch_size=3, min_z=1.0, confirm_seeds=[7], confirm_top=2, **RUN)
+    result = hunt(pipe, objective, PROMPTS, [0], **run)
+    assert result.selected[0] == "L0H3" and set(result.selected) <= PLANTED_NAMES
+    assert len(result.confirmations) == len(result.rounds) == len(result.selected) + 1
+    first_confirm = [c for c in calls if c[0] is not None][:2]
+    assert first_confirm[0] == ([(p, 7) for p in PROMPTS], [[]])  # the selection alone: plain generation
+    assert sorted(map(tuple, first_confirm[1][1])) == [((0, 3),), ((1, 1),)]  # the two planted heads, shortlisted
+    assert set(result.confirmations[0]) == PLANTED_NAMES
+
+    def against_on_fresh_seeds(pipe_, score_fn, settings, head_sets, pairs=None):
+        per_pair, images = real_score_pairs(pipe_, score_fn, settings, head_sets, pairs)
+        if pairs is not None:  # every candidate scores below the selection alone on the confirmation pairs
+            per_pair = [[-1.0] * len(values) if heads else values for heads, values in zip(head_sets, per_pair)]
+        return per_pair, images
+
+    monkeypatch.setattr(search, "score_pairs", against_on_fresh_seeds)
+    fooled = hunt(pipe, objective, PROMPTS, [0], **run)
+    assert fooled.selected == [] and len(fooled.rounds) == 1 and fooled.gains[0]["L0H3"][0] > 0.01
+
+    crashes = {"left": 1}
+
+    def crash_in_confirmation(pipe_, score_fn, settings, head_sets, pairs=None):
+        if pairs is not None and head_sets[0] and crashes["left"]:
+            crashes["left"] -= 1
+            raise KeyboardInterrupt
+        return real_score_pairs(pipe_, score_fn, settings, head_sets, pairs)
+
+    monkeypatch.setattr(search, "score_pairs", crash_in_confirmation)
+    ckpt = str(tmp_path / "confirm.json")
+    with pytest.raises(KeyboardInterrupt):
+        hunt(pipe, objective, PROMPTS, [0], checkpoint=ckpt, **run)
+    resumed = hunt(pipe, objective, PROMPTS, [0], checkpoint=ckpt, **run)
+    assert (resumed.selected, resumed.confirmations) == (result.selected, result.confirmations)
+    with pytest.raises(ValueError, match="fresh"):
+        hunt(pipe, objective, PROMPTS, [0], **{**run, "confirm_seeds": [0, 7]})
+    with pytest.raises(ValueError, match="needs min_z"):
+        hunt(pipe, objective, PROMPTS, [0], **{**run, "min_z": None})
+    with pytest.raises(ValueError, match="confirm_top must be"):
+        hunt(pipe, objective, PROMPTS, [0], **{**run, "confirm_top": 0})
+
+
 def test_hunt_takes_the_pipelines_call_defaults(pipe, monkeypatch):
     """Without max_sequence_length, a hunt runs at the pipeline's call default (the tiny model's
     one zero T5 token), as every dit-attn command does, and records it in its settings."""
@@ -206,6 +259,12 @@ def test_cli_hunt(tmp_path, capsys):
                  "--steps", "1", "--size", "32", "--candidates", "L0H0,L0H1", "--min-z", "0", "--out", str(tmp_path / "z.json")]) == 0
     saved = json.loads((tmp_path / "z.json").read_text())
     assert saved["settings"]["min_z"] == 0.0 and len(saved["gains"]) == 1 and set(saved["gains"][0]) == {"L0H0", "L0H1"}
+    assert main(["hunt", "--objective", "color:blue", "--prompts", str(prompts), "--k", "1", "--rounds", "1",
+                 "--steps", "1", "--size", "32", "--candidates", "L0H0,L0H1", "--min-z", "0", "--confirm-seeds", "5",
+                 "--confirm-top", "1", "--out", str(tmp_path / "c.json")]) == 0
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved["settings"]["confirm_seeds"] == [5] and len(saved["confirmations"]) == 1
+    assert len(saved["confirmations"][0]) <= 1
     assert main(["hunt", "--objective", "nope", "--prompts", str(prompts), "--out", str(out)]) == 2
     assert "unknown objective" in capsys.readouterr().err
 

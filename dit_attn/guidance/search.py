@@ -19,7 +19,9 @@ Noise: a candidate's mean over a few pairs moves by more than most heads change 
 plain top-k can pick noise. With `min_z`, each round also scores the current selection
 alone on the same pairs, and a candidate may join only if its paired gain (same prompt,
 same seed) is more than `min_z` standard errors above zero; a round where none qualifies
-ends the hunt.
+ends the hunt. Picking the best of many noisy candidates still favours lucky ones, so with
+`confirm_seeds` the round's `confirm_top` candidates (by z) are scored again, with the
+selection alone, on fresh seeds, and the test is made on those scores only.
 """
 from __future__ import annotations
 
@@ -53,6 +55,9 @@ class HuntResult:
     # paired gain over it as [mean, standard error]
     baselines: list[float] = field(default_factory=list)
     gains: list[dict[str, list[float]]] = field(default_factory=list)
+    # with confirm_seeds, per round: the shortlisted candidates' [mean, standard error] of the
+    # paired gain on the confirmation pairs, which alone decide who joins
+    confirmations: list[dict[str, list[float]]] = field(default_factory=list)
 
     def save(self, path: str) -> None:
         write_json_atomic(path, asdict(self))
@@ -112,6 +117,8 @@ class SearchSettings:
     batch_size: int
     max_sequence_length: int | None
     min_z: float | None = None
+    confirm_seeds: tuple[int, ...] = ()
+    confirm_top: int = 0
 
 
 def generate(pipe, settings: SearchSettings, pairs: list[tuple[str, int]]):
@@ -153,10 +160,10 @@ def score_batch(pipe, objective, settings: SearchSettings, selected: list[Head],
     return means
 
 
-def score_pairs(pipe, objective, settings: SearchSettings, head_sets: list[set[Head]]):
-    """For each head set, its objective on every (prompt, seed) pair and its image of the first
-    pair; all sets in one pipeline call (an empty set is plain generation)."""
-    pairs = pairs_of(settings)
+def score_pairs(pipe, objective, settings: SearchSettings, head_sets: list[set[Head]], pairs=None):
+    """For each head set, its objective on every (prompt, seed) pair (default: the search's) and
+    its image of the first pair; all sets in one pipeline call (an empty set is plain generation)."""
+    pairs = pairs or pairs_of(settings)
     items = [(heads, pair) for heads in head_sets for pair in pairs]
     if any(head_sets):
         images = images_for(pipe, settings, [heads for heads, _ in items], [pair for _, pair in items])
@@ -184,6 +191,13 @@ def paired_gain(scores: list[float], baseline: list[float]) -> list[float]:
 def significant(gain: list[float], min_z: float) -> bool:
     m, se = gain
     return m > 0 and m > min_z * se
+
+
+def z_score(gain: list[float]) -> float:
+    m, se = gain
+    if se > 0:
+        return m / se
+    return math.inf if m > 0 else (-math.inf if m < 0 else 0.0)
 
 
 def distributed() -> tuple[int, int]:
@@ -230,7 +244,8 @@ def check_search(prompts, seeds, k: int, rounds: int, n_candidates: int) -> None
 
 
 def search_settings(objective, prompts, seeds, k, rounds, u, scale, steps, cfg, size, heads: list[Head], target, scope,
-                    batch_size, max_sequence_length, min_z: float | None = None) -> SearchSettings:
+                    batch_size, max_sequence_length, min_z: float | None = None, confirm_seeds=None,
+                    confirm_top: int | None = None) -> SearchSettings:
     """Validated settings (clear errors before any generation)."""
     check_search(list(prompts), list(seeds), k, rounds, len(heads))
     if min_z is not None:
@@ -239,6 +254,21 @@ def search_settings(objective, prompts, seeds, k, rounds, u, scale, steps, cfg, 
         if len(prompts) * len(seeds) < 2:
             raise ValueError("min_z needs at least 2 (prompt, seed) pairs to estimate a standard error")
         min_z = float(min_z)
+    confirm_seeds = list(confirm_seeds or ())
+    if confirm_seeds:
+        if min_z is None:
+            raise ValueError("confirm_seeds needs min_z: the confirmation pairs decide by the same z test")
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in confirm_seeds):
+            raise ValueError(f"confirm_seeds must be integers, got {confirm_seeds!r}")
+        if set(confirm_seeds) & set(seeds):
+            raise ValueError(f"confirm_seeds must be fresh: {sorted(set(confirm_seeds) & set(seeds))} also in seeds")
+        if len(prompts) * len(confirm_seeds) < 2:
+            raise ValueError("confirm_seeds needs at least 2 (prompt, confirmation seed) pairs")
+        confirm_top = 3 * k if confirm_top is None else confirm_top
+        if isinstance(confirm_top, bool) or not isinstance(confirm_top, int) or confirm_top < k:
+            raise ValueError(f"confirm_top must be an integer >= k ({k}), got {confirm_top!r}")
+    elif confirm_top is not None:
+        raise ValueError("confirm_top is only used with confirm_seeds")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     HeadGuidance(heads=[heads[0]], scale=scale, u=u, target=target, scope=scope)  # validates the guidance settings
@@ -247,13 +277,15 @@ def search_settings(objective, prompts, seeds, k, rounds, u, scale, steps, cfg, 
         prompts=tuple(prompts), seeds=tuple(seeds), k=k, rounds=rounds, u=float(u), scale=float(scale), steps=steps,
         cfg=cfg, size=tuple(size) if size else None, candidates=tuple(head_name(h) for h in heads), target=target,
         scope=scope, batch_size=batch_size, max_sequence_length=max_sequence_length, min_z=min_z,
+        confirm_seeds=tuple(confirm_seeds), confirm_top=confirm_top or 0,
     )
 
 
 def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float = 1.0, scale: float = 3.0,
          steps: int = 20, cfg: float | None = None, size: tuple[int, int] | None = None, candidates=None,
          checkpoint: str | None = None, batch_size: int = 4, target: str = "identity", scope: str = "joint",
-         max_sequence_length: int | None = None, min_z: float | None = None, progress: bool = True) -> HuntResult:
+         max_sequence_length: int | None = None, min_z: float | None = None, confirm_seeds=None,
+         confirm_top: int | None = None, progress: bool = True) -> HuntResult:
     """Select k heads per round for `rounds` rounds (HeadHunter, Algorithm 1).
 
     objective: a registry name (see `dit_attn.guidance.objectives`) or callable(images, prompts) -> scores.
@@ -262,11 +294,14 @@ def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float 
     max_sequence_length: None takes the pipeline's call default (the tiny model's one zero T5 token).
     min_z: only heads whose paired gain over the current selection exceeds min_z standard errors
         may join (fewer than k if fewer qualify); the hunt stops at a round where none does.
+    confirm_seeds: fresh seeds (with min_z); each round's confirm_top (default 3k) candidates by z
+        are scored again on (prompts × confirm_seeds), and only those scores decide who joins.
     """
     score_fn = get_objective(objective)
     heads = candidate_heads(pipe, candidates)
     settings = search_settings(objective, prompts, seeds, k, rounds, u, scale, steps, cfg, size, heads, target, scope,
-                               batch_size, sequence_length(pipe, max_sequence_length), min_z)
+                               batch_size, sequence_length(pipe, max_sequence_length), min_z, confirm_seeds,
+                               confirm_top)
     rank, world = distributed()
     path = checkpoint if checkpoint is None or world == 1 else f"{checkpoint}.rank{rank}-of-{world}"
     state = resume(path, settings)
@@ -280,6 +315,7 @@ def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float 
         if round_index == len(state["rounds"]):
             state["rounds"].append({})
             state["pairs"].append({})
+            state["confirm"].append({})
         scores, pair_scores = state["rounds"][round_index], state["pairs"][round_index]
         selected = [by_name[name] for name in state["selected"]]
         remaining = [h for h in heads if h not in selected]
@@ -301,7 +337,15 @@ def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float 
         if state["done"] == round_index:
             scores.update(gather_scores(scores, world))
             pair_scores.update(gather_scores(pair_scores, world))
-            picks = choose(scores, pair_scores, [n for n in order if n in scores], k, min_z)
+            if settings.confirm_seeds:
+                shortlist = shortlisted(pair_scores, order, settings.confirm_top)
+                picks = []
+                if shortlist:
+                    confirmed = confirm(pipe, score_fn, settings, state, round_index, selected, shortlist, by_name,
+                                        (rank, world), path)
+                    picks = choose({n: mean(confirmed[n]) for n in shortlist}, confirmed, shortlist, k, min_z)
+            else:
+                picks = choose(scores, pair_scores, [n for n in order if n in scores], k, min_z)
             state["selected"].extend(picks)
             state["done"] += 1
             state["stopped"] = min_z is not None and not picks
@@ -313,6 +357,9 @@ def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float 
             base = pair_scores[BASELINE]
             result.baselines.append(mean(base))
             result.gains.append({n: paired_gain(v, base) for n, v in pair_scores.items() if n != BASELINE})
+        for confirmed in state["confirm"][: state["done"]] if settings.confirm_seeds else ():
+            base = confirmed.get(BASELINE)  # none when no candidate had a positive gain
+            result.confirmations.append({n: paired_gain(v, base) for n, v in confirmed.items() if n != BASELINE})
     if checkpoint is not None and world > 1 and rank == 0:
         result.save(checkpoint)
     return result
@@ -330,8 +377,35 @@ def choose(scores: dict[str, float], pair_scores: dict[str, list[float]], order:
     return top_k(scores, [n for n in order if n in scores], k)
 
 
+def shortlisted(pair_scores: dict[str, list[float]], order: list[str], top: int) -> list[str]:
+    """The `top` candidates with a positive paired gain, by z (ties: earlier in `order`)."""
+    base = pair_scores[BASELINE]
+    z = {n: z_score(paired_gain(pair_scores[n], base)) for n in order if n in pair_scores}
+    positive = [n for n in order if n in z and z[n] > 0]
+    return sorted(positive, key=lambda n: -z[n])[:top]
+
+
+def confirm(pipe, score_fn, settings: SearchSettings, state: dict, round_index: int, selected: list[Head],
+            shortlist: list[str], by_name: dict[str, Head], process: tuple[int, int], path: str | None):
+    """Per-pair scores of the selection alone and of each shortlisted candidate on the
+    confirmation pairs (prompts × confirm_seeds); checkpointed after every batch."""
+    rank, world = process
+    pairs = [(p, s) for p in settings.prompts for s in settings.confirm_seeds]
+    confirmed = state["confirm"][round_index]
+    batches = [[BASELINE]] + [shortlist[i : i + settings.batch_size] for i in range(0, len(shortlist), settings.batch_size)]
+    for index, batch in enumerate(batches):
+        if index % world != rank or all(name in confirmed for name in batch):
+            continue
+        head_sets = [set(selected) | ({by_name[name]} if name != BASELINE else set()) for name in batch]
+        per_pair, _ = score_pairs(pipe, score_fn, settings, head_sets, pairs)
+        confirmed.update(dict(zip(batch, per_pair)))
+        save_state(path, settings, state)
+    confirmed.update(gather_scores(confirmed, world))
+    return confirmed
+
+
 def resume(path: str | None, settings: SearchSettings) -> dict:
-    fresh = {"selected": [], "rounds": [], "pairs": [], "done": 0, "stopped": False}
+    fresh = {"selected": [], "rounds": [], "pairs": [], "confirm": [], "done": 0, "stopped": False}
     if path is None or not os.path.exists(path):
         return fresh
     with open(path) as f:

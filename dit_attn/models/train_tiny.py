@@ -47,6 +47,8 @@ class TrainConfig:
     ema: float = 0.999
     caption_dropout: float = 0.1
     layers: int = 6  # transformer blocks
+    # shapes drawn without jitter at one extent per size (50 placements, like the glyphs' one)
+    fixed_geometry: bool = False
     t_location: float = 0.0  # logit-normal location of the training flow times; > 0 trains more at high noise
     checkpoint_every: int = 200
     threads: int = 2
@@ -63,7 +65,7 @@ def render_dataset(cfg: TrainConfig, work: str) -> tuple[torch.Tensor, list[str]
         return cached["images"], cached["captions"]
     images, captions = [], []
     for i in tqdm(range(cfg.images), desc="render", unit="img"):
-        example = make_example(cfg.seed, i, "mix")
+        example = make_example(cfg.seed, i, "mix", fixed_geometry=cfg.fixed_geometry)
         images.append(torch.from_numpy(np.array(example.image, dtype=np.uint8)).permute(2, 0, 1))
         captions.append(example.caption)
     images = torch.stack(images)
