@@ -138,8 +138,9 @@ def images_for(pipe, settings: SearchSettings, head_sets: list[set[Head]], pairs
         return generate(pipe, settings, pairs)
 
 
-def pairs_of(settings: SearchSettings) -> list[tuple[str, int]]:
-    return [(p, s) for p in settings.prompts for s in settings.seeds]
+def pairs_of(settings: SearchSettings, seeds=None) -> list[tuple[str, int]]:
+    """Every (prompt, seed) pair of the search, or of its prompts with other `seeds`."""
+    return [(p, s) for p in settings.prompts for s in (settings.seeds if seeds is None else seeds)]
 
 
 def checked_scores(objective, images, prompts) -> list[float]:
@@ -390,7 +391,7 @@ def confirm(pipe, score_fn, settings: SearchSettings, state: dict, round_index: 
     """Per-pair scores of the selection alone and of each shortlisted candidate on the
     confirmation pairs (prompts × confirm_seeds); checkpointed after every batch."""
     rank, world = process
-    pairs = [(p, s) for p in settings.prompts for s in settings.confirm_seeds]
+    pairs = pairs_of(settings, settings.confirm_seeds)
     confirmed = state["confirm"][round_index]
     batches = [[BASELINE]] + [shortlist[i : i + settings.batch_size] for i in range(0, len(shortlist), settings.batch_size)]
     for index, batch in enumerate(batches):
