@@ -117,6 +117,11 @@ def _check_value(name: str, value, allowed) -> None:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
+def _check_probability(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+
+
 def _check(a: Attributes) -> None:
     _check_value("kind", a.kind, KINDS)
     _check_value("color", a.color, COLORS)
@@ -176,6 +181,8 @@ def sample_attributes(
     ``p_position`` (else ``None``). ``kind="mix"`` is a sign with probability
     ``sign_fraction``.
     """
+    for name, value in (("p_size", p_size), ("p_position", p_position), ("sign_fraction", sign_fraction)):
+        _check_probability(name, value)
     if kind == "mix":
         kind = "sign" if rng.random() < sign_fraction else "shape"
     _check_value("kind", kind, KINDS + ("mix",))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..pipelines.training import cosine_lr, save_atomic, set_lr, step_seed
-from .data import make_example
+from .data import SIGN_FRACTION, make_example
 from .tiny import PIPELINE_ZERO_TOKENS, ZeroTokenBias, assemble_pipeline, export_half, make_transformer, make_vae
 
 
@@ -49,6 +49,7 @@ class TrainConfig:
     layers: int = 6  # transformer blocks
     # shapes drawn without jitter at one extent per size (50 placements, like the glyphs' one)
     fixed_geometry: bool = False
+    sign_fraction: float = SIGN_FRACTION  # share of signs among the rendered images; the rest are shapes
     t_location: float = 0.0  # logit-normal location of the training flow times; > 0 trains more at high noise
     checkpoint_every: int = 200
     threads: int = 2
@@ -65,7 +66,7 @@ def render_dataset(cfg: TrainConfig, work: str) -> tuple[torch.Tensor, list[str]
         return cached["images"], cached["captions"]
     images, captions = [], []
     for i in tqdm(range(cfg.images), desc="render", unit="img"):
-        example = make_example(cfg.seed, i, "mix", fixed_geometry=cfg.fixed_geometry)
+        example = make_example(cfg.seed, i, "mix", fixed_geometry=cfg.fixed_geometry, sign_fraction=cfg.sign_fraction)
         images.append(torch.from_numpy(np.array(example.image, dtype=np.uint8)).permute(2, 0, 1))
         captions.append(example.caption)
     images = torch.stack(images)
