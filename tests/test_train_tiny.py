@@ -88,8 +88,12 @@ def test_bf16_autocast_keeps_attention_in_float32(monkeypatch):
 def test_cli_flags_for_bool_fields(tmp_path, monkeypatch):
     got = {}
     monkeypatch.setattr(train_tiny, "train_tiny", lambda cfg, work, out: got.setdefault("cfg", cfg))
-    train_tiny.main(["--work", str(tmp_path), "--out", str(tmp_path / "o"), "--bf16", "--layers", "8"])
-    assert got["cfg"].bf16 is True and got["cfg"].layers == 8
+    train_tiny.main(["--work", str(tmp_path), "--out", str(tmp_path / "o"), "--bf16", "--layers", "8",
+                     "--sign-fraction", "0.25"])
+    assert got["cfg"].bf16 is True and got["cfg"].layers == 8 and got["cfg"].sign_fraction == 0.25
+    got.clear()
+    train_tiny.main(["--work", str(tmp_path), "--out", str(tmp_path / "o"), "--no-bf16", "--no-fixed-geometry"])
+    assert got["cfg"].bf16 is False and got["cfg"].fixed_geometry is False
     got.clear()
     train_tiny.main(["--work", str(tmp_path), "--out", str(tmp_path / "o")])
-    assert got["cfg"].bf16 is False and got["cfg"] == train_tiny.TrainConfig()
+    assert got["cfg"] == train_tiny.TrainConfig()
