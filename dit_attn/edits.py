@@ -7,6 +7,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from .checks import check_fraction
 from .heads import normalize_heads
 from .kernels.plan import SCOPES, TARGETS
 from .kernels.window import check_radius
@@ -15,11 +16,6 @@ from .kernels.window import check_radius
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ValueError(f"{name} must be one of {valid}, got {value!r}")
-
-
-def _check_fraction(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -39,7 +35,7 @@ class SoftPAG:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "heads", normalize_heads(self.heads))
-        _check_fraction("u", self.u)
+        check_fraction("u", self.u)
         _check_choice("target", self.target, TARGETS)
         _check_choice("scope", self.scope, SCOPES)
 
@@ -68,11 +64,11 @@ class HeadGuidance:
         object.__setattr__(self, "heads", normalize_heads(self.heads))
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not self.scale >= 0 or math.isinf(self.scale):
             raise ValueError(f"scale must be a finite number >= 0, got {self.scale!r}")
-        _check_fraction("u", self.u)
+        check_fraction("u", self.u)
         _check_choice("target", self.target, TARGETS)
         _check_choice("scope", self.scope, SCOPES)
-        _check_fraction("start", self.start)
-        _check_fraction("end", self.end)
+        check_fraction("start", self.start)
+        check_fraction("end", self.end)
         if self.start >= self.end:
             raise ValueError(f"start must be < end (fractions of the denoising steps), got start={self.start}, end={self.end}")
 
@@ -169,7 +165,7 @@ class TextPatch:
         object.__setattr__(self, "layers", _check_layers("layers", self.layers))
         if not isinstance(self.source_prompt, str) or not self.source_prompt.strip():
             raise ValueError(f"source_prompt must be a non-empty string, got {self.source_prompt!r}")
-        _check_fraction("start", self.start)
+        check_fraction("start", self.start)
         if self.start >= 1.0:
             raise ValueError(f"start must be < 1 (the fraction of the steps before patching begins), got {self.start}")
 

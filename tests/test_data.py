@@ -81,8 +81,9 @@ def test_sign_fraction_sets_the_mix_and_probabilities_are_checked():
         return sum(data.make_example(3, i, "mix", sign_fraction=fraction).attrs.kind == "sign" for i in range(400))
     assert signs(0.0) == 0 and signs(1.0) == 400
     assert 90 <= signs(0.3) <= 150 and 170 <= signs(0.5) <= 230
-    for name, bad in [("sign_fraction", 1.5), ("p_size", -0.1), ("p_position", "half"), ("sign_fraction", True)]:
-        with pytest.raises(ValueError, match=f"{name} must be a probability"):
+    for name, bad in [("sign_fraction", 1.5), ("p_size", -0.1), ("p_position", "half"), ("sign_fraction", True),
+                      ("p_size", float("nan"))]:
+        with pytest.raises(ValueError, match=f"{name} must be a number in \\[0, 1\\]"):
             data.make_example(3, 0, "mix", **{name: bad})
 
 

@@ -44,6 +44,8 @@ from typing import Iterator, Literal, Optional
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..checks import check_fraction
+
 __all__ = [
     "PALETTE", "COLORS", "SHAPES", "SIZES", "POSITIONS", "GLYPHS", "KINDS", "VOCABULARY",
     "IMAGE_SIZE", "Attributes", "SetAttributes", "Example", "SetExample",
@@ -117,11 +119,6 @@ def _check_value(name: str, value, allowed) -> None:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
-def _check_probability(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
-
-
 def _check(a: Attributes) -> None:
     _check_value("kind", a.kind, KINDS)
     _check_value("color", a.color, COLORS)
@@ -182,7 +179,7 @@ def sample_attributes(
     ``sign_fraction``.
     """
     for name, value in (("p_size", p_size), ("p_position", p_position), ("sign_fraction", sign_fraction)):
-        _check_probability(name, value)
+        check_fraction(name, value)
     if kind == "mix":
         kind = "sign" if rng.random() < sign_fraction else "shape"
     _check_value("kind", kind, KINDS + ("mix",))
