@@ -9,7 +9,7 @@
 3. TextGuard on M sign prompts whose character is blocked: how often the judge still reads
    the blocked character, and SSIM to the unguarded image.
 
-Run:  python benchmarks/text_localization.py [--model tiny] [--pairs 20] [--guard 50] [--threads 1] [--out bench-text]
+Run:  python benchmarks/text_localization.py [--model tiny] [--pairs 20] [--guard 50] [--guard-top 1] [--threads 1] [--out bench-text]
 (the LoRA comparison: `dit-attn train-lora --mode localized|all`, then `--lora DIR` here
 reports glyph accuracy with each LoRA loaded.)
 """
@@ -64,6 +64,10 @@ def editing(pipe, pairs, layers, seeds, steps, kwargs) -> dict:
     }
 
 
+def top_layers(ranking, n: int) -> tuple[int, ...]:
+    return tuple(sorted({layer for score in ranking[:n] for layer in score.layers}))
+
+
 def guard(pipe, n: int, layers, steps, kwargs, blocked=("X", "K", "Z", "7")) -> dict:
     from dit_attn.models import data
 
@@ -112,6 +116,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guard", type=int, default=50)
+    parser.add_argument("--guard-top", type=int, default=1, help="the guard patches the top N ranked layers")
     parser.add_argument("--lora", action="append", default=[], help="LoRA directories to compare (repeatable)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="bench-text")
@@ -128,13 +133,13 @@ def main() -> None:
     report = {"localization": result.to_dict(), "editing": [], "guard": None, "lora": []}
     held_out = sign_pairs(args.pairs, seed=1)
     for n in (1, 2, 3):  # the top-n ranked layers patched together
-        layers = tuple(sorted({layer for score in top[:n] for layer in score.layers}))
+        layers = top_layers(top, n)
         row = editing(pipe, held_out, layers, args.seeds, args.steps, kwargs)
         report["editing"].append(row)
         print(f"edit {layers}: glyph acc {row['glyph_accuracy_edit']:.2f} vs swap {row['glyph_accuracy_swap']:.2f}, "
               f"SSIM {row['ssim_edit']:.3f} vs swap {row['ssim_swap']:.3f}, time {row['time_ratio']:.2f}x a generation")
     if args.guard:
-        report["guard"] = guard(pipe, args.guard, top[0].layers, args.steps, kwargs)
+        report["guard"] = guard(pipe, args.guard, top_layers(top, args.guard_top), args.steps, kwargs)
         print(f"guard: {report['guard']}")
     for lora in args.lora:
         report["lora"].append(lora_accuracy(pipe, lora, held_out, args.seeds, args.steps, kwargs))

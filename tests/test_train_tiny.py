@@ -25,7 +25,8 @@ def test_zero_token_bias_equals_stock_padding():
     assert (stock - biased).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("options", [{}, {"bf16": True, "layers": 7}], ids=["float32", "bf16-7-layers"])
+@pytest.mark.parametrize("options", [{"bf16": False, "fixed_geometry": False}, {"bf16": True, "layers": 7}],
+                         ids=["float32-jittered", "bf16-7-layers"])
 def test_train_resume_after_crash_gives_same_weights(tmp_path, monkeypatch, options):
     cfg = train_tiny.TrainConfig(**SMALL, **options)
     reference = train_tiny.train_tiny(cfg, str(tmp_path / "a"), str(tmp_path / "a_out"))
