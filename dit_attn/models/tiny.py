@@ -106,7 +106,8 @@ class ZeroTokenBias(SD3AttnProcessor):
 
     def __init__(self, zero_tokens: int = PIPELINE_ZERO_TOKENS):
         super().__init__(layer=0, state=EditState())
-        self.log_n = math.log(zero_tokens)
+        # a tensor, so the trainer can change it in place under torch.compile without recompiling
+        self.log_n = torch.tensor(math.log(zero_tokens))
 
     def attend(self, query, key, value, image_tokens: int, pool=None) -> torch.Tensor:
         # under bfloat16 autocast the projections are bfloat16, but the CPU's bfloat16
