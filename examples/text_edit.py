@@ -3,7 +3,7 @@ new prompt through the text layers only (same seed), then the sign under a block
 
     python examples/text_edit.py            (CPU, a few seconds; writes text_edit*.png here)
 
-The layers are those `dit-attn localize --signs 20` ranks first; on the tiny model L1, then L0.
+The layers are those `dit-attn localize --signs 20` ranks first; on the tiny model L3, then L0.
 On a GPU with SD3.5 or FLUX.1, change the marked lines:
     pipe = StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium",
                                                     torch_dtype=torch.bfloat16).to("cuda")
@@ -21,7 +21,7 @@ torch.set_num_threads(1)
 
 pipe = da.load_pipeline("tiny")                      # <- your pipeline
 pipe.set_progress_bar_config(disable=True)
-layers = [0, 1]                                      # <- your model's text layers
+layers = [0, 3]                                      # <- your model's text layers
 prompt = 'a sign that says "A" in red on a white background'
 new_text = "B"
 steps = 20                                           # <- 28 for SD3.5, 20-28 for FLUX.1

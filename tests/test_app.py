@@ -361,7 +361,7 @@ def test_load_atlas_draws_an_uploaded_atlas_json(actions, direct_atlas, tmp_path
 
 def test_text_layers_default_to_the_models_known_ones():
     tiny = LoadedModel("tiny", None, "sd3", [])
-    assert tiny.text_layers() == (0, 1) and text_layers("", tiny) == (0, 1) and text_layers("3+1, 3", tiny) == (1, 3)
+    assert tiny.text_layers() == (0, 3) and text_layers("", tiny) == (0, 3) and text_layers("3+1, 3", tiny) == (1, 3)
     with pytest.raises(ValueError, match="none are on record for this model; find them with `dit-attn localize"):
         text_layers(" ", LoadedModel("other", None, "sd3", []))
     with pytest.raises(ValueError, match="cannot read layers"):
