@@ -7,7 +7,8 @@ Stages, each resumable from its last checkpoint in the work directory:
    VAE's shift/scaling factors from their statistics;
 3. train the SD3 transformer with flow matching (x_t = (1−t)·x0 + t·n, target n − x0,
    logit-normal t, timestep t·1000), 10% empty captions, AdamW with warm-up and cosine
-   decay, EMA; text features from two frozen random CLIP encoders;
+   decay, EMA, the step under torch.compile; text features from two frozen random CLIP
+   encoders;
 4. assemble a StableDiffusion3Pipeline (EMA weights) and save it with safetensors.
 
 Runs are deterministic from the seed for a fixed thread count (step counts, not time
@@ -42,7 +43,7 @@ class TrainConfig:
     vae_batch: int = 32
     vae_lr: float = 1e-3
     # batch 32 and 64 give the same samples/s here (~56), so take the smaller batch and twice the updates
-    steps: int = 13_000  # ~0.34 s a step at batch 32 with 2 threads, bf16 and compile here: ~73 min
+    steps: int = 13_000  # ~0.33 s a step at batch 32 with 2 threads, bf16 and compile here: ~72 min
     batch: int = 32
     lr: float = 5e-4
     warmup: int = 500
@@ -62,7 +63,7 @@ class TrainConfig:
     # bfloat16 autocast for convolutions and linear layers (attention stays float32): VAE steps
     # ~2.1× and transformer steps ~1.5× faster on CPUs with AVX-512 BF16 (the shipped recipe uses it)
     bf16: bool = True
-    # torch.compile the transformer's training step: ~1.2× faster steps here after ~45 s of
+    # torch.compile the transformer's training step: ~1.2× faster steps here after ~20 s of
     # compiling; needs a C++ compiler (without one the trainer warns and runs eagerly)
     compile: bool = True
 
