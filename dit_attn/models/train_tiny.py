@@ -158,7 +158,7 @@ def encode_captions(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tens
 
 
 def compiled(model: torch.nn.Module):
-    if not any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++")):
+    if not any(name and shutil.which(name) for name in (os.environ.get("CXX"), "g++", "clang++", "c++")):
         warnings.warn("no C++ compiler found for torch.compile: training the transformer eagerly (slower)")
         return model
     return torch.compile(model)
