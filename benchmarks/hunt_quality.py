@@ -22,7 +22,7 @@ import torch
 import dit_attn as da
 from dit_attn.guidance.objectives import get_objective
 from dit_attn.heads import model_layers
-from dit_attn.loading import call_defaults, load_pipeline
+from dit_attn.loading import call_defaults, call_options, load_pipeline
 from dit_attn.models.data import make_example
 
 U_CURVE = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -36,14 +36,16 @@ def prompts_for(objective: str, stream_seed: int, n: int) -> list[str]:
     return [make_example(stream_seed, i, "shape").caption for i in range(n)]
 
 
-def mean_objective(pipe, objective, prompts, seeds, steps: int, edit=None, batch: int = 8) -> float:
+def mean_objective(pipe, objective, prompts, seeds, steps: int, edit=None, batch: int = 8,
+                   cfg: float | None = None) -> float:
     pairs = [(p, s) for p in prompts for s in seeds]
+    options = {**call_defaults(pipe), **call_options(cfg)}
     scores: list[float] = []
     with da.apply(pipe, edit) if edit is not None else contextlib.nullcontext():
         for start in range(0, len(pairs), batch):
             chunk = pairs[start : start + batch]
             images = pipe([p for p, _ in chunk], generator=[torch.Generator().manual_seed(s) for _, s in chunk],
-                          num_inference_steps=steps, height=64, width=64, **call_defaults(pipe)).images
+                          num_inference_steps=steps, height=64, width=64, **options).images
             scores += [float(x) for x in objective(images, [p for p, _ in chunk])]
     return sum(scores) / len(scores)
 
@@ -56,7 +58,7 @@ def measure(pipe, name: str, args) -> dict:
     checkpoint = f"{os.path.splitext(args.out)[0]}.{name.replace(':', '-')}.checkpoint.json"
     began = time.perf_counter()
     result = da.hunt(pipe, name, hunt_prompts, seeds=hunt_seeds, k=args.k, rounds=args.rounds, u=1.0,
-                     scale=args.scale, steps=args.steps, checkpoint=checkpoint, batch_size=args.batch_size,
+                     scale=args.scale, steps=args.steps, cfg=args.cfg, checkpoint=checkpoint, batch_size=args.batch_size,
                      min_z=args.min_z, confirm_seeds=args.confirm_seeds, confirm_top=args.confirm_top)
     hunt_seconds = time.perf_counter() - began
 
@@ -64,10 +66,11 @@ def measure(pipe, name: str, args) -> dict:
         return da.HeadGuidance(heads=list(heads), scale=args.scale, u=u)
 
     layers = [f"L{info.index}" for info in model_layers(pipe.transformer)]
-    layer_scores = {layer: mean_objective(pipe, objective, hunt_prompts, hunt_seeds, args.steps, guided([layer]))
+    layer_scores = {layer: mean_objective(pipe, objective, hunt_prompts, hunt_seeds, args.steps, guided([layer]),
+                                           cfg=args.cfg)
                     for layer in layers}
     best_layer = max(layer_scores, key=layer_scores.get)
-    held = lambda edit=None: mean_objective(pipe, objective, held_out, held_seeds, args.steps, edit)  # noqa: E731
+    held = lambda edit=None: mean_objective(pipe, objective, held_out, held_seeds, args.steps, edit, cfg=args.cfg)  # noqa: E731
     report = {
         "objective": name, "hunted": result.selected, "hunt_seconds": round(hunt_seconds, 1),
         "best_layer": best_layer, "best_layer_heads": pipe.transformer.config.num_attention_heads,
@@ -89,7 +92,7 @@ def measure(pipe, name: str, args) -> dict:
 def print_report(report: dict, args) -> None:
     print(f"\n{report['objective']}: hunted {report['hunted']} in {report['hunt_seconds']:.0f} s; "
           f"best layer on the hunt prompts {report['best_layer']} ({report['best_layer_heads']} heads)")
-    print(f"| held-out ({report['held_out_prompts']} prompts x 2 seeds, s={args.scale}) | objective |")
+    print(f"| held-out ({report['held_out_prompts']} prompts x 2 seeds, s={args.scale}, cfg={args.cfg or 'default'}) | objective |")
     print("|---|---|")
     for setting, value in report["held_out"].items():
         print(f"| {setting} | {value:.4f} |")
@@ -104,6 +107,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--cfg", type=float, default=None,
+                        help="classifier-free guidance scale for every image (default: the pipeline's; 1 turns CFG off)")
     parser.add_argument("--hunt-prompts", type=int, default=12)
     parser.add_argument("--held-out-prompts", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -118,7 +123,7 @@ def main() -> None:
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     print(f"torch {torch.__version__}, threads {args.threads}, model {args.model}, {args.steps} steps, "
-          f"scale {args.scale}, k {args.k}, rounds {args.rounds}")
+          f"scale {args.scale}, k {args.k}, rounds {args.rounds}, cfg {args.cfg or 'default'}")
     reports = []
     for name in args.objectives:
         reports.append(measure(pipe, name, args))

@@ -58,14 +58,6 @@ PRESETS: dict[str, Preset] = {
         "(418 s, 2 threads). Held-out, 24 prompts x seeds 100, 101: red share 0.0175 without guidance, "
         "0.0228 with these 2 heads, 0.0204 with all 6 heads of L3 (the best layer on the hunt prompts)"),
         "sd3", (6, 6)),
-    "tiny:blue": Preset(("L4H3", "L5H1", "L2H0"), (
-        "dit-attn hunt on the embedded tiny model (benchmarks/hunt_quality.py): objective color:blue, 12 shape "
-        "prompts x seeds 0, 1, 12 steps, CFG 7, s=3, u=1, k=1, 4 rounds, min_z 1.5 confirmed on seeds 2, 3 "
-        "(1068 s, 2 threads, the machine partly shared), on the session-8 weights. Held-out, 24 prompts x seeds "
-        "100, 101: blue share 0.2263 without guidance, 0.2299 with these 3 heads, 0.2340 with all 6 heads of L5. "
-        "On the current weights (not re-hunted): 0.2319 without guidance, 0.2326 with these heads (within noise), "
-        "0.2355 with L5 (the stronger setting)"),
-        "sd3", (6, 6)),
 }
 
 SUPPORTED_MODELS = ("SD3Transformer2DModel", "FluxTransformer2DModel")
