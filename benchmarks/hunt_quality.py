@@ -58,7 +58,7 @@ def measure(pipe, name: str, args) -> dict:
     checkpoint = f"{os.path.splitext(args.out)[0]}.{name.replace(':', '-')}.checkpoint.json"
     began = time.perf_counter()
     result = da.hunt(pipe, name, hunt_prompts, seeds=hunt_seeds, k=args.k, rounds=args.rounds, u=1.0,
-                     scale=args.scale, steps=args.steps, cfg=args.cfg, checkpoint=checkpoint, batch_size=args.batch_size,
+                     scale=args.scale, steps=args.steps, cfg=args.cfg, candidates=args.candidates, checkpoint=checkpoint, batch_size=args.batch_size,
                      min_z=args.min_z, confirm_seeds=args.confirm_seeds, confirm_top=args.confirm_top)
     hunt_seconds = time.perf_counter() - began
 
@@ -116,6 +116,8 @@ def main() -> None:
     parser.add_argument("--confirm-seeds", type=int, nargs="+", default=None,
                         help="fresh seeds for the hunt's confirmation stage (see da.hunt); not 0, 1 (hunt) or 100, 101 (held out)")
     parser.add_argument("--confirm-top", type=int, default=None)
+    parser.add_argument("--candidates", nargs="+", default=None,
+                        help="heads the hunt may pick from, e.g. L2 or L2H0 L2H4 (default: every head)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="hunt_quality.json")
     args = parser.parse_args()
