@@ -71,7 +71,8 @@ def measure(pipe, name: str, args) -> dict:
                                            cfg=args.cfg)
                     for layer in layers}
     best_layer = max(layer_scores, key=layer_scores.get)
-    held = lambda edit=None: mean_objective(pipe, objective, held_out, held_seeds, args.steps, edit, cfg=args.cfg)  # noqa: E731
+    held = lambda edit=None: mean_objective(  # noqa: E731
+        pipe, objective, held_out, held_seeds, args.steps, edit, cfg=args.cfg)
     report = {
         "objective": name, "hunted": result.selected, "hunt_seconds": round(hunt_seconds, 1),
         "best_layer": best_layer, "best_layer_heads": pipe.transformer.config.num_attention_heads,
@@ -90,10 +91,14 @@ def measure(pipe, name: str, args) -> dict:
     return report
 
 
+def cfg_label(args) -> str:
+    return "default" if args.cfg is None else str(args.cfg)
+
+
 def print_report(report: dict, args) -> None:
     print(f"\n{report['objective']}: hunted {report['hunted']} in {report['hunt_seconds']:.0f} s; "
           f"best layer on the hunt prompts {report['best_layer']} ({report['best_layer_heads']} heads)")
-    print(f"| held-out ({report['held_out_prompts']} prompts x 2 seeds, s={args.scale}, cfg={args.cfg or 'default'}) | objective |")
+    print(f"| held-out ({report['held_out_prompts']} prompts x 2 seeds, s={args.scale}, cfg={cfg_label(args)}) | objective |")
     print("|---|---|")
     for setting, value in report["held_out"].items():
         print(f"| {setting} | {value:.4f} |")
@@ -126,7 +131,7 @@ def main() -> None:
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     print(f"torch {torch.__version__}, threads {args.threads}, model {args.model}, {args.steps} steps, "
-          f"scale {args.scale}, k {args.k}, rounds {args.rounds}, cfg {args.cfg or 'default'}")
+          f"scale {args.scale}, k {args.k}, rounds {args.rounds}, cfg {cfg_label(args)}")
     reports = []
     for name in args.objectives:
         reports.append(measure(pipe, name, args))
