@@ -229,6 +229,8 @@ def test_bad_input(pipe):
         hunt(pipe, "beauty", PROMPTS, [0])
     with pytest.raises(ValueError, match="unknown palette colour"):
         hunt(pipe, "color:teal", PROMPTS, [0])
+    with pytest.raises(ValueError, match=r"unknown objective 'judge:hard'; built in: judge, judge:soft"):
+        get_objective("judge:hard")
     with pytest.raises(ValueError, match="prompts must be a non-empty"):
         hunt(pipe, "color:red", [], [0])
     with pytest.raises(ValueError, match="seeds"):

@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from dit_attn.models import data
 from dit_attn.models.judge import (CLASSES, HEADS, WEIGHTS_PATH, _load, adherence, evaluate_judge, judge,
-                                   load_judge, train_judge)
+                                   load_judge, probabilities, train_judge)
 
 torch.set_num_threads(1)
 
@@ -79,6 +79,22 @@ def test_adherence_own_caption_is_one_and_mismatch_is_low():
         adherence(images[:2], ["a red circle on a blue background"] * 3)
     with pytest.raises(ValueError, match="grammar"):
         adherence(images[0], "a photo of a cat")
+
+
+def test_soft_adherence_is_the_mean_probability_of_the_wanted_classes():
+    exs = [data.make_example(FRESH_SEED + 2, i, "mix") for i in range(16)]
+    images, captions = [e.image for e in exs], [e.caption for e in exs]
+    probs = probabilities(images)
+    expected = []
+    for i, caption in enumerate(captions):  # independent of adherence(): straight from the probability table
+        want = data.parse_caption(caption).specified()
+        expected.append(sum(float(probs[h][i, CLASSES[h].index(v)]) for h, v in want.items()) / len(want))
+    soft = adherence(images, captions, soft=True)
+    assert soft.tolist() == pytest.approx(expected, abs=1e-6)
+    assert torch.all(soft > 0.9) and torch.all(soft <= 1.0)
+    # a blurred image lowers the soft score continuously while the verdicts may stay the same
+    blurred = [e.image.resize((16, 16)).resize((64, 64)) for e in exs]
+    assert adherence(blurred, captions, soft=True).mean() < soft.mean()
 
 
 def test_adherence_on_sets():

@@ -34,7 +34,7 @@ MAX_UPLOAD_BYTES = 64 * 2**20
 def objective_choices() -> list[str]:
     from ..models.data import PALETTE
 
-    return ["judge", *(f"color:{name}" for name in PALETTE), "clip-score", "pickscore"]
+    return ["judge", "judge:soft", *(f"color:{name}" for name in PALETTE), "clip-score", "pickscore"]
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def parse_seeds(text) -> tuple[int, ...]:
 
 def check_prompts_for(objective: str, prompts: tuple[str, ...]) -> None:
     """The judge reads only the tiny world's captions: refuse others before generating anything."""
-    if objective != "judge":
+    if objective.partition(":")[0] != "judge":
         return
     from ..models.data import parse_caption
 

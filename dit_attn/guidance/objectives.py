@@ -1,7 +1,8 @@
 """Objectives for head search: `objective(images, prompts) -> scores` (higher is better).
 
 Built in: "judge" (the tiny model's judge: fraction of the prompt's attributes the image
-shows), "color:<palette name>" (share of pixels near that colour — a toy style), and
+shows; "judge:soft" counts the judge's probability of each attribute instead, a continuous
+score for searches over weak edits), "color:<palette name>" (share of pixels near that colour — a toy style), and
 "clip-score[:model]", "pickscore[:model]", "aesthetic:<dir>" loaded through transformers
 from a local path or a hub id available offline (a clear error names what is missing).
 Any callable with the same signature works too.
@@ -23,6 +24,12 @@ def judge_objective(images, prompts) -> list[float]:
     from ..models.judge import adherence
 
     return adherence(list(images), list(prompts)).tolist()
+
+
+def soft_judge_objective(images, prompts) -> list[float]:
+    from ..models.judge import adherence
+
+    return adherence(list(images), list(prompts), soft=True).tolist()
 
 
 def color_objective(name: str) -> Objective:
@@ -103,7 +110,7 @@ def aesthetic_objective(source: str) -> Objective:
 
 
 DEFAULT_SOURCES = {"clip-score": "openai/clip-vit-large-patch14", "pickscore": "yuvalkirstain/PickScore_v1"}
-BUILT_IN = ("judge", "color:<palette name>", "clip-score[:model]", "pickscore[:model]", "aesthetic:<dir>")
+BUILT_IN = ("judge", "judge:soft", "color:<palette name>", "clip-score[:model]", "pickscore[:model]", "aesthetic:<dir>")
 
 
 def get_objective(spec: Union[str, Objective]) -> Objective:
@@ -113,8 +120,8 @@ def get_objective(spec: Union[str, Objective]) -> Objective:
     if not isinstance(spec, str):
         raise TypeError(f"objective must be a name or a callable(images, prompts) -> scores, got {type(spec).__name__}")
     name, _, argument = spec.partition(":")
-    if name == "judge" and not argument:
-        return judge_objective
+    if name == "judge" and argument in ("", "soft"):
+        return soft_judge_objective if argument else judge_objective
     if name == "color":
         return color_objective(argument)
     if name in DEFAULT_SOURCES:

@@ -224,11 +224,16 @@ def judge(images: ImagesLike, model: Optional[JudgeNet] = None,
 
 
 def adherence(images: ImagesLike, prompts: Union[str, Sequence[str]], model: Optional[JudgeNet] = None,
-              value_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+              value_range: tuple[float, float] = (0.0, 1.0), soft: bool = False) -> torch.Tensor:
     """Per-image score in [0, 1]: the fraction of the prompt's specified attributes
     (:func:`data.parse_caption`, e.g. shape, colour, background, and size / position if
     the prompt names them; glyph, colour, background for signs) that the judge reads in
     the image. Returns a float tensor (B,).
+
+    With ``soft=True`` each attribute counts the judge's probability of the wanted class
+    instead of a 0/1 verdict: a continuous score that moves with small changes of the
+    image (what a search over weak edits needs), and equals the verdict score where the
+    judge is certain.
 
     ``prompts``: one caption for all images or one per image. Set captions (``[SET] …``)
     expect 128×64 images: each panel is judged against its own half of the caption and
@@ -254,10 +259,13 @@ def adherence(images: ImagesLike, prompts: Union[str, Sequence[str]], model: Opt
             crops.append(x)
             wanted.append(data.parse_caption(prompt).specified())
             owner.append(i)
-    seen = judge(_to_batch(crops), model)
+    probs = _probabilities(_to_batch(crops), model)
     hits, total = torch.zeros(len(crops_in)), torch.zeros(len(crops_in))
-    for read, want, i in zip(seen, wanted, owner):
-        hits[i] += sum(read[k][0] == v for k, v in want.items())
+    for j, (want, i) in enumerate(zip(wanted, owner)):
+        for head, value in want.items():
+            p = probs[head][j]
+            wanted_class = CLASSES[head].index(value)
+            hits[i] += float(p[wanted_class]) if soft else float(int(p.argmax()) == wanted_class)
         total[i] += len(want)
     return hits / total
 
