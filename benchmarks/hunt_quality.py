@@ -30,28 +30,32 @@ U_CURVE = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 def prompts_for(objective: str, stream_seed: int, n: int) -> list[str]:
     """Judge: shapes and signs (2:1); colour objectives: shapes of every colour."""
-    if objective == "judge":
+    if objective.startswith("judge"):
         shapes = [make_example(stream_seed, i, "shape").caption for i in range(n - n // 3)]
         return shapes + [make_example(stream_seed, i, "sign").caption for i in range(n // 3)]
     return [make_example(stream_seed, i, "shape").caption for i in range(n)]
 
 
-def mean_objective(pipe, objective, prompts, seeds, steps: int, edit=None, batch: int = 8,
-                   cfg: float | None = None) -> float:
+def mean_objectives(pipe, objectives: dict, prompts, seeds, steps: int, edit=None, batch: int = 8,
+                    cfg: float | None = None) -> dict[str, float]:
+    """{name: mean score} of each objective on the same images (one per prompt and seed)."""
     pairs = [(p, s) for p in prompts for s in seeds]
     options = {**call_defaults(pipe), **call_options(cfg)}
-    scores: list[float] = []
+    scores: dict[str, list[float]] = {name: [] for name in objectives}
     with da.apply(pipe, edit) if edit is not None else contextlib.nullcontext():
         for start in range(0, len(pairs), batch):
             chunk = pairs[start : start + batch]
             images = pipe([p for p, _ in chunk], generator=[torch.Generator().manual_seed(s) for _, s in chunk],
                           num_inference_steps=steps, height=64, width=64, **options).images
-            scores += [float(x) for x in objective(images, [p for p, _ in chunk])]
-    return sum(scores) / len(scores)
+            for name, objective in objectives.items():
+                scores[name] += [float(x) for x in objective(images, [p for p, _ in chunk])]
+    return {name: sum(values) / len(values) for name, values in scores.items()}
 
 
 def measure(pipe, name: str, args) -> dict:
     objective = get_objective(name)
+    # the soft judge is a search aid: held-out images are also read by the verdict judge users know
+    held_out_objectives = {name: objective, **({"judge": get_objective("judge")} if name == "judge:soft" else {})}
     hunt_prompts = prompts_for(name, 555_000, args.hunt_prompts)
     held_out = prompts_for(name, 666_000, args.held_out_prompts)
     hunt_seeds, held_seeds = [0, 1], [100, 101]
@@ -67,12 +71,12 @@ def measure(pipe, name: str, args) -> dict:
         return da.HeadGuidance(heads=list(heads), scale=args.scale, u=u)
 
     layers = [f"L{info.index}" for info in model_layers(pipe.transformer)]
-    layer_scores = {layer: mean_objective(pipe, objective, hunt_prompts, hunt_seeds, args.steps, guided([layer]),
-                                           cfg=args.cfg)
+    layer_scores = {layer: mean_objectives(pipe, {name: objective}, hunt_prompts, hunt_seeds, args.steps,
+                                           guided([layer]), cfg=args.cfg)[name]
                     for layer in layers}
     best_layer = max(layer_scores, key=layer_scores.get)
-    held = lambda edit=None: mean_objective(  # noqa: E731
-        pipe, objective, held_out, held_seeds, args.steps, edit, cfg=args.cfg)
+    held = lambda edit=None: mean_objectives(  # noqa: E731
+        pipe, held_out_objectives, held_out, held_seeds, args.steps, edit, cfg=args.cfg)
     report = {
         "objective": name, "hunted": result.selected, "hunt_seconds": round(hunt_seconds, 1),
         "best_layer": best_layer, "best_layer_heads": pipe.transformer.config.num_attention_heads,
@@ -98,11 +102,14 @@ def cfg_label(args) -> str:
 def print_report(report: dict, args) -> None:
     print(f"\n{report['objective']}: hunted {report['hunted']} in {report['hunt_seconds']:.0f} s; "
           f"best layer on the hunt prompts {report['best_layer']} ({report['best_layer_heads']} heads)")
-    print(f"| held-out ({report['held_out_prompts']} prompts x 2 seeds, s={args.scale}, cfg={cfg_label(args)}) | objective |")
-    print("|---|---|")
-    for setting, value in report["held_out"].items():
-        print(f"| {setting} | {value:.4f} |")
-    print("u-curve of the hunted set: " + ", ".join(f"u={u}: {v:.4f}" for u, v in report["u_curve"].items()))
+    names = list(report["held_out"]["no guidance"])
+    print(f"| held-out ({report['held_out_prompts']} prompts x 2 seeds, s={args.scale}, cfg={cfg_label(args)}) | "
+          + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for setting, values in report["held_out"].items():
+        print(f"| {setting} | " + " | ".join(f"{values[n]:.4f}" for n in names) + " |")
+    print("u-curve of the hunted set: " + ", ".join(
+        f"u={u}: " + "/".join(f"{v:.4f}" for v in values.values()) for u, values in report["u_curve"].items()))
 
 
 def main() -> None:

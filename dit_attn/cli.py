@@ -290,7 +290,7 @@ def cmd_app(args) -> int:
 def add_search_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by `hunt` and `atlas`: model, objective, prompts and the guidance used to score heads."""
     parser.add_argument("--model", default=TINY, help="local pipeline directory, hub id, or an embedded model: 'tiny' (default), 'demo'")
-    parser.add_argument("--objective", required=True, help="judge, color:<name>, clip-score[:model], pickscore[:model], aesthetic:<dir>")
+    parser.add_argument("--objective", required=True, help="judge, judge:soft, color:<name>, clip-score[:model], pickscore[:model], aesthetic:<dir>")
     parser.add_argument("--prompts", dest="prompts_file", required=True, help="prompt file: .txt, .jsonl or .csv")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="each prompt is generated with each seed")
     parser.add_argument("--u", type=float, default=1.0, help="SoftPAG strength while scoring")
