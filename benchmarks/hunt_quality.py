@@ -64,7 +64,8 @@ def measure(pipe, name: str, args) -> dict:
     result = da.hunt(pipe, name, hunt_prompts, seeds=hunt_seeds, k=args.k, rounds=args.rounds, u=1.0,
                      scale=args.scale, steps=args.steps, cfg=args.cfg, candidates=args.candidates,
                      checkpoint=checkpoint, batch_size=args.batch_size,
-                     min_z=args.min_z, confirm_seeds=args.confirm_seeds, confirm_top=args.confirm_top)
+                     min_z=args.min_z, confirm_seeds=args.confirm_seeds, confirm_top=args.confirm_top,
+                     confirm_together=args.confirm_together)
     hunt_seconds = time.perf_counter() - began
 
     def guided(heads, u=1.0):
@@ -129,6 +130,8 @@ def main() -> None:
     parser.add_argument("--confirm-seeds", type=int, nargs="+", default=None,
                         help="fresh seeds for the hunt's confirmation stage (see da.hunt); not 0, 1 (hunt) or 100, 101 (held out)")
     parser.add_argument("--confirm-top", type=int, default=None)
+    parser.add_argument("--confirm-together", action="store_true",
+                        help="confirm each round's top k as one set (see da.hunt)")
     parser.add_argument("--candidates", nargs="+", default=None,
                         help="heads the hunt may pick from, e.g. L2 or L2H0 L2H4 (default: every head)")
     parser.add_argument("--threads", type=int, default=1)

@@ -267,7 +267,7 @@ def cmd_hunt(args) -> int:
         if args.candidates else None, checkpoint=args.checkpoint or args.out + ".checkpoint", batch_size=args.batch_size,
         target=args.target, scope=args.scope,
         max_sequence_length=args.max_sequence_length, min_z=args.min_z, confirm_seeds=args.confirm_seeds,
-        confirm_top=args.confirm_top,
+        confirm_top=args.confirm_top, confirm_together=args.confirm_together,
     )
     result.settings["objective"] = args.objective
     if int(os.environ.get("RANK", "0")) == 0:
@@ -353,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --min-z: fresh seeds on which each round's best candidates are scored again; "
                            "only those scores decide who joins")
     hunt.add_argument("--confirm-top", type=int, default=None, help="candidates confirmed per round (default 3k)")
+    hunt.add_argument("--confirm-together", action="store_true",
+                      help="with --confirm-seeds: confirm each round's top k as one set (all join or none), for "
+                           "heads too weak to confirm one by one")
     hunt.add_argument("--candidates", default=None, help="heads to search over, e.g. 'L0,L1H2' (default: all)")
     hunt.add_argument("--checkpoint", default=None, help="resume file (default: OUT.checkpoint)")
     hunt.add_argument("--out", default="hunt.json", help="result: selected heads, every round's scores, settings")

@@ -137,6 +137,45 @@ def test_confirmation_seeds_decide_who_joins(pipe, tmp_path, monkeypatch):
         hunt(pipe, objective, PROMPTS, [0], **{**run, "confirm_top": 0})
 
 
+def test_confirm_together_scores_the_top_k_as_one_set(pipe, tmp_path, monkeypatch):
+    """With confirm_together the round's top k by z are generated together with the selection
+    on the fresh seeds, once, and that set's paired gain alone decides: all join or none."""
+    objective = change_objective(stock_images(pipe, PROMPTS))
+    calls = []
+    real_score_pairs = search.score_pairs
+
+    def spy(pipe_, score_fn, settings, head_sets, pairs=None):
+        calls.append((pairs, [sorted(h) for h in head_sets]))
+        return real_score_pairs(pipe_, score_fn, settings, head_sets, pairs)
+
+    monkeypatch.setattr(search, "score_pairs", spy)
+    run = dict(k=2, rounds=2, batch_size=3, min_z=1.0, confirm_seeds=[7], confirm_together=True, **RUN)
+    result = hunt(pipe, objective, PROMPTS, [0], checkpoint=str(tmp_path / "t.json"), **run)
+    assert set(result.selected) == PLANTED_NAMES
+    confirming = [heads for pairs, heads in calls if pairs is not None]
+    assert confirming[:2] == [[[]], [[(0, 3), (1, 1)]]]  # the selection alone, then both planted heads in one image
+    assert list(result.confirmations[0]) == ["+".join(result.selected)]
+    gain, se = result.confirmations[0]["+".join(result.selected)]
+    assert gain > 0.01 and gain > se
+    again = hunt(pipe, objective, PROMPTS, [0], checkpoint=str(tmp_path / "t.json"), **run)  # resumes the finished hunt
+    assert (again.selected, again.confirmations) == (result.selected, result.confirmations)
+
+    def against_on_fresh_seeds(pipe_, score_fn, settings, head_sets, pairs=None):
+        per_pair, images = real_score_pairs(pipe_, score_fn, settings, head_sets, pairs)
+        if pairs is not None:
+            per_pair = [[-1.0] * len(values) if heads else values for heads, values in zip(head_sets, per_pair)]
+        return per_pair, images
+
+    monkeypatch.setattr(search, "score_pairs", against_on_fresh_seeds)
+    assert hunt(pipe, objective, PROMPTS, [0], **run).selected == []
+    with pytest.raises(ValueError, match="needs confirm_seeds"):
+        hunt(pipe, objective, PROMPTS, [0], **{**run, "confirm_seeds": None})
+    with pytest.raises(ValueError, match="confirm_top does not apply"):
+        hunt(pipe, objective, PROMPTS, [0], **{**run, "confirm_top": 2})
+    with pytest.raises(TypeError, match="confirm_together must be"):
+        hunt(pipe, objective, PROMPTS, [0], **{**run, "confirm_together": "yes"})
+
+
 def test_hunt_takes_the_pipelines_call_defaults(pipe, monkeypatch):
     """Without max_sequence_length, a hunt runs at the pipeline's call default (the tiny model's
     one zero T5 token), as every dit-attn command does, and records it in its settings."""

@@ -21,7 +21,9 @@ alone on the same pairs, and a candidate may join only if its paired gain (same 
 same seed) is more than `min_z` standard errors above zero; a round where none qualifies
 ends the hunt. Picking the best of many noisy candidates still favours lucky ones, so with
 `confirm_seeds` the round's `confirm_top` candidates (by z) are scored again, with the
-selection alone, on fresh seeds, and the test is made on those scores only.
+selection alone, on fresh seeds, and the test is made on those scores only. When one
+head's effect is below the noise of the pairs while several heads' sum is not,
+`confirm_together` confirms the round's top k (by z) as one set: all join or none.
 """
 from __future__ import annotations
 
@@ -119,6 +121,7 @@ class SearchSettings:
     min_z: float | None = None
     confirm_seeds: tuple[int, ...] = ()
     confirm_top: int = 0
+    confirm_together: bool = False
 
 
 def generate(pipe, settings: SearchSettings, pairs: list[tuple[str, int]]):
@@ -246,8 +249,14 @@ def check_search(prompts, seeds, k: int, rounds: int, n_candidates: int) -> None
 
 def search_settings(objective, prompts, seeds, k, rounds, u, scale, steps, cfg, size, heads: list[Head], target, scope,
                     batch_size, max_sequence_length, min_z: float | None = None, confirm_seeds=None,
-                    confirm_top: int | None = None) -> SearchSettings:
+                    confirm_top: int | None = None, confirm_together: bool = False) -> SearchSettings:
     """Validated settings (clear errors before any generation)."""
+    if not isinstance(confirm_together, bool):
+        raise TypeError(f"confirm_together must be True or False, got {confirm_together!r}")
+    if confirm_together and not confirm_seeds:
+        raise ValueError("confirm_together needs confirm_seeds: the set is confirmed on those fresh seeds")
+    if confirm_together and confirm_top is not None:
+        raise ValueError("confirm_top does not apply with confirm_together: the round's top k are confirmed as one set")
     check_search(list(prompts), list(seeds), k, rounds, len(heads))
     if min_z is not None:
         if isinstance(min_z, bool) or not isinstance(min_z, (int, float)) or not math.isfinite(min_z) or min_z < 0:
@@ -278,7 +287,8 @@ def search_settings(objective, prompts, seeds, k, rounds, u, scale, steps, cfg, 
         prompts=tuple(prompts), seeds=tuple(seeds), k=k, rounds=rounds, u=float(u), scale=float(scale), steps=steps,
         cfg=cfg, size=tuple(size) if size else None, candidates=tuple(head_name(h) for h in heads), target=target,
         scope=scope, batch_size=batch_size, max_sequence_length=max_sequence_length, min_z=min_z,
-        confirm_seeds=tuple(confirm_seeds), confirm_top=confirm_top or 0,
+        confirm_seeds=tuple(confirm_seeds), confirm_top=0 if confirm_together else confirm_top or 0,
+        confirm_together=confirm_together,
     )
 
 
@@ -286,7 +296,7 @@ def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float 
          steps: int = 20, cfg: float | None = None, size: tuple[int, int] | None = None, candidates=None,
          checkpoint: str | None = None, batch_size: int = 4, target: str = "identity", scope: str = "joint",
          max_sequence_length: int | None = None, min_z: float | None = None, confirm_seeds=None,
-         confirm_top: int | None = None, progress: bool = True) -> HuntResult:
+         confirm_top: int | None = None, confirm_together: bool = False, progress: bool = True) -> HuntResult:
     """Select k heads per round for `rounds` rounds (HeadHunter, Algorithm 1).
 
     objective: a registry name (see `dit_attn.guidance.objectives`) or callable(images, prompts) -> scores.
@@ -297,12 +307,15 @@ def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float 
         may join (fewer than k if fewer qualify); the hunt stops at a round where none does.
     confirm_seeds: fresh seeds (with min_z); each round's confirm_top (default 3k) candidates by z
         are scored again on (prompts × confirm_seeds), and only those scores decide who joins.
+    confirm_together: confirm the round's top k candidates by z as one set (scored once, with
+        the selection, on the confirmation pairs): all k join if the set passes the z test, else
+        none and the hunt stops. For heads whose effects are too small to confirm one by one.
     """
     score_fn = get_objective(objective)
     heads = candidate_heads(pipe, candidates)
     settings = search_settings(objective, prompts, seeds, k, rounds, u, scale, steps, cfg, size, heads, target, scope,
                                batch_size, sequence_length(pipe, max_sequence_length), min_z, confirm_seeds,
-                               confirm_top)
+                               confirm_top, confirm_together)
     rank, world = distributed()
     path = checkpoint if checkpoint is None or world == 1 else f"{checkpoint}.rank{rank}-of-{world}"
     state = resume(path, settings)
@@ -338,7 +351,15 @@ def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float 
         if state["done"] == round_index:
             scores.update(gather_scores(scores, world))
             pair_scores.update(gather_scores(pair_scores, world))
-            if settings.confirm_seeds:
+            if settings.confirm_together:
+                group = shortlisted(pair_scores, order, k)
+                picks = []
+                if group:
+                    confirmed = confirm(pipe, score_fn, settings, state, round_index, selected, [GROUP.join(group)],
+                                        by_name, (rank, world), path)
+                    picks = group if significant(paired_gain(confirmed[GROUP.join(group)], confirmed[BASELINE]),
+                                                 min_z) else []
+            elif settings.confirm_seeds:
                 shortlist = shortlisted(pair_scores, order, settings.confirm_top)
                 picks = []
                 if shortlist:
@@ -367,6 +388,7 @@ def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float 
 
 
 BASELINE = "(selected)"  # the current selection alone, scored each round when min_z is set
+GROUP = "+"  # joins the names of heads confirmed together: "L2H4+L1H1"
 
 
 def choose(scores: dict[str, float], pair_scores: dict[str, list[float]], order: list[str], k: int,
@@ -388,8 +410,9 @@ def shortlisted(pair_scores: dict[str, list[float]], order: list[str], top: int)
 
 def confirm(pipe, score_fn, settings: SearchSettings, state: dict, round_index: int, selected: list[Head],
             shortlist: list[str], by_name: dict[str, Head], process: tuple[int, int], path: str | None):
-    """Per-pair scores of the selection alone and of each shortlisted candidate on the
-    confirmation pairs (prompts × confirm_seeds); checkpointed after every batch."""
+    """Per-pair scores of the selection alone and of each shortlisted candidate (a head, or
+    heads joined by GROUP) on the confirmation pairs (prompts × confirm_seeds); checkpointed
+    after every batch."""
     rank, world = process
     pairs = pairs_of(settings, settings.confirm_seeds)
     confirmed = state["confirm"][round_index]
@@ -397,7 +420,8 @@ def confirm(pipe, score_fn, settings: SearchSettings, state: dict, round_index: 
     for index, batch in enumerate(batches):
         if index % world != rank or all(name in confirmed for name in batch):
             continue
-        head_sets = [set(selected) | ({by_name[name]} if name != BASELINE else set()) for name in batch]
+        head_sets = [set(selected) | ({by_name[head] for head in name.split(GROUP)} if name != BASELINE else set())
+                     for name in batch]
         per_pair, _ = score_pairs(pipe, score_fn, settings, head_sets, pairs)
         confirmed.update(dict(zip(batch, per_pair)))
         save_state(path, settings, state)
