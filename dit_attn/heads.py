@@ -58,6 +58,12 @@ PRESETS: dict[str, Preset] = {
         "(418 s, 2 threads). Held-out, 24 prompts x seeds 100, 101: red share 0.0175 without guidance, "
         "0.0228 with these 2 heads, 0.0204 with all 6 heads of L3 (the best layer on the hunt prompts)"),
         "sd3", (6, 6)),
+    "tiny:yellow": Preset(("L4H5", "L5H3", "L4H3", "L5H0"), (
+        "dit-attn hunt on the embedded tiny model (benchmarks/hunt_quality.py): objective color:yellow, 24 shape "
+        "prompts x seeds 0, 1, 12 steps, CFG 7, s=3, u=1, k=2, 2 rounds, min_z 1.5 confirmed on seeds 2, 3 "
+        "(1096 s, 1 thread). Held-out, 24 prompts x seeds 100, 101: yellow share 0.0425 without guidance, "
+        "0.0539 with these 4 heads, 0.0520 with all 6 heads of L3 (the best layer on the hunt prompts)"),
+        "sd3", (6, 6)),
 }
 
 SUPPORTED_MODELS = ("SD3Transformer2DModel", "FluxTransformer2DModel")

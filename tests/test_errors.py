@@ -87,6 +87,7 @@ def test_presets_and_head_forms():
 def test_model_specific_preset_only_on_its_layout():
     tiny = [da.LayerInfo(i, f"transformer_blocks.{i}.attn", "joint", 6, 32) for i in range(6)]
     assert resolve_heads(["tiny:red"], tiny, "sd3") == {0: (1,), 1: (4,)}
+    assert resolve_heads(["tiny:yellow"], tiny, "sd3") == {4: (3, 5), 5: (0, 3)}
     sd3_medium = [da.LayerInfo(i, f"transformer_blocks.{i}.attn", "joint", 24, 64) for i in range(24)]
     with pytest.raises(ValueError, match="found on a model of 6 layers x 6 heads, this one has 24 x 24"):
         resolve_heads(["tiny:red"], sd3_medium, "sd3")
