@@ -321,7 +321,7 @@ def test_atlas_action_equals_da_atlas(actions, direct_atlas):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(objective="aesthetic:/etc"), "unknown objective 'aesthetic:/etc'; choose one of judge, color:"),
+    (dict(objective="aesthetic:/etc"), "unknown objective 'aesthetic:/etc'; choose one of judge, judge:soft, color:"),
     (dict(prompts=" \n "), "no prompts"),
     (dict(prompts="\n".join(["a red circle"] * 9)), "at most 8 prompts"),
     (dict(seeds="0 x"), "seeds must be whole numbers"),
