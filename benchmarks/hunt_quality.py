@@ -3,8 +3,8 @@
 For each objective: hunt (HeadHunter, u = 1 during the search) on the hunt prompts, pick
 the best single layer (layer-level PAG, all heads, same scale) on the same prompts, then
 score on held-out prompts and seeds: no perturbation guidance, the best layer, the hunted
-heads, and the hunted heads' u-curve. Prints one table per objective and the search's
-wall time; writes everything to --out (JSON). Hunts checkpoint beside --out (rerun to resume).
+heads, and the hunted heads' u-curve. Prints one table per objective (held-out means, and
+each setting's paired gain over no guidance ± its standard error) and the search's wall time; writes everything to --out (JSON). Hunts checkpoint beside --out (rerun to resume).
 
 Run:  python benchmarks/hunt_quality.py [--objectives judge color:red color:blue] [--scale 3]
       [--k 1] [--rounds 2] [--steps 12] [--threads 1] [--out hunt_quality.json]
@@ -21,6 +21,7 @@ import torch
 
 import dit_attn as da
 from dit_attn.guidance.objectives import get_objective
+from dit_attn.guidance.search import mean, paired_gain
 from dit_attn.heads import model_layers
 from dit_attn.loading import call_defaults, call_options, load_pipeline
 from dit_attn.models.data import make_example
@@ -36,9 +37,9 @@ def prompts_for(objective: str, stream_seed: int, n: int) -> list[str]:
     return [make_example(stream_seed, i, "shape").caption for i in range(n)]
 
 
-def mean_objectives(pipe, objectives: dict, prompts, seeds, steps: int, edit=None, batch: int = 8,
-                    cfg: float | None = None) -> dict[str, float]:
-    """{name: mean score} of each objective on the same images (one per prompt and seed)."""
+def pair_scores(pipe, objectives: dict, prompts, seeds, steps: int, edit=None, batch: int = 8,
+                cfg: float | None = None) -> dict[str, list[float]]:
+    """{name: per-pair scores} of each objective on the same images (one per prompt and seed)."""
     pairs = [(p, s) for p in prompts for s in seeds]
     options = {**call_defaults(pipe), **call_options(cfg)}
     scores: dict[str, list[float]] = {name: [] for name in objectives}
@@ -49,7 +50,7 @@ def mean_objectives(pipe, objectives: dict, prompts, seeds, steps: int, edit=Non
                           num_inference_steps=steps, height=64, width=64, **options).images
             for name, objective in objectives.items():
                 scores[name] += [float(x) for x in objective(images, [p for p, _ in chunk])]
-    return {name: sum(values) / len(values) for name, values in scores.items()}
+    return scores
 
 
 def measure(pipe, name: str, args) -> dict:
@@ -72,27 +73,37 @@ def measure(pipe, name: str, args) -> dict:
         return da.HeadGuidance(heads=list(heads), scale=args.scale, u=u)
 
     layers = [f"L{info.index}" for info in model_layers(pipe.transformer)]
-    layer_scores = {layer: mean_objectives(pipe, {name: objective}, hunt_prompts, hunt_seeds, args.steps,
-                                           guided([layer]), cfg=args.cfg)[name]
+    layer_scores = {layer: mean(pair_scores(pipe, {name: objective}, hunt_prompts, hunt_seeds, args.steps,
+                                            guided([layer]), cfg=args.cfg)[name])
                     for layer in layers}
     best_layer = max(layer_scores, key=layer_scores.get)
-    held = lambda edit=None: mean_objectives(  # noqa: E731
+    held_pairs = lambda edit=None: pair_scores(  # noqa: E731
         pipe, held_out_objectives, held_out, held_seeds, args.steps, edit, cfg=args.cfg)
+    unguided = held_pairs()
+    gains: dict[str, dict[str, list[float]]] = {}
+
+    def held(edit, setting: str | None = None) -> dict[str, float]:
+        scores = held_pairs(edit)
+        if setting is not None:
+            gains[setting] = {n: paired_gain(scores[n], unguided[n]) for n in scores}
+        return {n: mean(values) for n, values in scores.items()}
     report = {
         "objective": name, "hunted": result.selected, "hunt_seconds": round(hunt_seconds, 1),
         "best_layer": best_layer, "best_layer_heads": pipe.transformer.config.num_attention_heads,
         "layer_scores_on_hunt_prompts": layer_scores,
         "hunt_prompts": len(hunt_prompts), "held_out_prompts": len(held_out), "seeds": [hunt_seeds, held_seeds],
         "held_out": {
-            "no guidance": held(),
-            f"best layer {best_layer}": held(guided([best_layer])),
+            "no guidance": {n: mean(values) for n, values in unguided.items()},
+            f"best layer {best_layer}": held(guided([best_layer]), f"best layer {best_layer}"),
         },
-        "u_curve": {u: held(guided(result.selected, u)) for u in U_CURVE} if result.selected else {},
+        "u_curve": {u: held(guided(result.selected, u), "hunted" if u == 1.0 else None)
+                    for u in U_CURVE} if result.selected else {},
+        "held_out_gain_over_no_guidance": gains,  # [mean, standard error] of the paired differences
         "min_z": args.min_z, "baselines": result.baselines, "gains": result.gains,
         "confirm_seeds": args.confirm_seeds, "confirmations": result.confirmations,
     }
     if result.selected:  # with --min-z, no head may qualify: then nothing is shipped
-        report["held_out"]["hunted"] = held(guided(result.selected))
+        report["held_out"]["hunted"] = report["u_curve"][1.0]
     return report
 
 
@@ -108,7 +119,9 @@ def print_report(report: dict, args) -> None:
           + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
     for setting, values in report["held_out"].items():
-        print(f"| {setting} | " + " | ".join(f"{values[n]:.4f}" for n in names) + " |")
+        gain = report["held_out_gain_over_no_guidance"].get(setting)
+        print(f"| {setting} | " + " | ".join(
+            f"{values[n]:.4f}" + (f" ({gain[n][0]:+.4f} ± {gain[n][1]:.4f})" if gain else "") for n in names) + " |")
     print("u-curve of the hunted set: " + ", ".join(
         f"u={u}: " + "/".join(f"{v:.4f}" for v in values.values()) for u, values in report["u_curve"].items()))
 
