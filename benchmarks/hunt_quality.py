@@ -4,7 +4,8 @@ For each objective: hunt (HeadHunter, u = 1 during the search) on the hunt promp
 the best single layer (layer-level PAG, all heads, same scale) on the same prompts, then
 score on held-out prompts and seeds: no perturbation guidance, the best layer, the hunted
 heads, and the hunted heads' u-curve. Prints one table per objective (held-out means, and
-each setting's paired gain over no guidance ± its standard error) and the search's wall time; writes everything to --out (JSON). Hunts checkpoint beside --out (rerun to resume).
+each setting's paired gain over no guidance ± its standard error) and the search's wall
+time; writes everything to --out (JSON). Hunts checkpoint beside --out (rerun to resume).
 
 Run:  python benchmarks/hunt_quality.py [--objectives judge color:red color:blue] [--scale 3]
       [--k 1] [--rounds 2] [--steps 12] [--threads 1] [--out hunt_quality.json]
