@@ -159,6 +159,17 @@ def test_confirm_together_scores_the_top_k_as_one_set(pipe, tmp_path, monkeypatc
     assert gain > 0.01 and gain > se
     again = hunt(pipe, objective, PROMPTS, [0], checkpoint=str(tmp_path / "t.json"), **run)  # resumes the finished hunt
     assert (again.selected, again.confirmations) == (result.selected, result.confirmations)
+    older = json.loads((tmp_path / "t.json").read_text())  # a checkpoint from before confirm_together existed
+    del older["settings"]["confirm_together"]
+    (tmp_path / "old.json").write_text(json.dumps(older))
+    plain = {**run, "confirm_together": False}
+    with pytest.raises(ValueError, match="other settings"):  # it was made with confirm_together=True
+        hunt(pipe, objective, PROMPTS, [0], checkpoint=str(tmp_path / "old.json"), **run)
+    older["settings"]["confirm_top"] = 2
+    (tmp_path / "old.json").write_text(json.dumps(older))
+    calls.clear()
+    resumed = hunt(pipe, objective, PROMPTS, [0], checkpoint=str(tmp_path / "old.json"), **{**plain, "confirm_top": 2})
+    assert resumed.selected == result.selected and not calls  # read back whole: nothing generated again
 
     def against_on_fresh_seeds(pipe_, score_fn, settings, head_sets, pairs=None):
         per_pair, images = real_score_pairs(pipe_, score_fn, settings, head_sets, pairs)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import torch
 from tqdm.auto import tqdm
@@ -435,7 +435,9 @@ def resume(path: str | None, settings: SearchSettings) -> dict:
         return fresh
     with open(path) as f:
         saved = json.load(f)
-    if saved.get("settings") != json.loads(json.dumps(asdict(settings))):
+    # settings added in later versions take their defaults, so older checkpoints still resume
+    defaults = {f.name: f.default for f in fields(SearchSettings) if f.default is not MISSING}
+    if {**json.loads(json.dumps(defaults)), **saved.get("settings", {})} != json.loads(json.dumps(asdict(settings))):
         raise ValueError(f"the checkpoint {path!r} was made with other settings; use another checkpoint path")
     return {key: saved.get(key, value) for key, value in fresh.items()}
 
