@@ -353,12 +353,12 @@ def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float 
             pair_scores.update(gather_scores(pair_scores, world))
             if settings.confirm_together:
                 group = shortlisted(pair_scores, order, k)
+                name = GROUP.join(group)
                 picks = []
                 if group:
-                    confirmed = confirm(pipe, score_fn, settings, state, round_index, selected, [GROUP.join(group)],
-                                        by_name, (rank, world), path)
-                    picks = group if significant(paired_gain(confirmed[GROUP.join(group)], confirmed[BASELINE]),
-                                                 min_z) else []
+                    confirmed = confirm(pipe, score_fn, settings, state, round_index, selected, [name], by_name,
+                                        (rank, world), path)
+                    picks = group if significant(paired_gain(confirmed[name], confirmed[BASELINE]), min_z) else []
             elif settings.confirm_seeds:
                 shortlist = shortlisted(pair_scores, order, settings.confirm_top)
                 picks = []
