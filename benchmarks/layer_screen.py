@@ -10,7 +10,6 @@ Run:  python benchmarks/layer_screen.py [--prompts 24] [--scale 3] [--cfg 1] [--
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 
 import numpy as np
@@ -19,21 +18,9 @@ import torch
 import dit_attn as da
 from dit_attn.guidance.objectives import get_objective
 from dit_attn.heads import model_layers
-from dit_attn.loading import call_defaults, call_options, load_pipeline
+from dit_attn.loading import load_pipeline
 from dit_attn.models.data import PALETTE, make_example
-
-
-def scores_of(pipe, objectives: dict, pairs, steps: int, cfg, edit=None, batch: int = 8) -> dict[str, np.ndarray]:
-    options = {**call_defaults(pipe), **call_options(cfg)}
-    out: dict[str, list[float]] = {name: [] for name in objectives}
-    with da.apply(pipe, edit) if edit is not None else contextlib.nullcontext():
-        for start in range(0, len(pairs), batch):
-            chunk = pairs[start : start + batch]
-            images = pipe([p for p, _ in chunk], generator=[torch.Generator().manual_seed(s) for _, s in chunk],
-                          num_inference_steps=steps, height=64, width=64, **options).images
-            for name, objective in objectives.items():
-                out[name] += [float(x) for x in objective(images, [p for p, _ in chunk])]
-    return {name: np.array(values) for name, values in out.items()}
+from hunt_quality import pair_scores  # the sibling benchmark: same generation, per-pair scores
 
 
 def main() -> None:
@@ -49,16 +36,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
-    pairs = [(make_example(555_000, i, "shape").caption, seed) for i in range(args.prompts) for seed in (0, 1)]
+    prompts = [make_example(555_000, i, "shape").caption for i in range(args.prompts)]
     names = [f"color:{c}" for c in PALETTE] + ["judge"]
     objectives = {name: get_objective(name) for name in names}
-    base = scores_of(pipe, objectives, pairs, args.steps, args.cfg)
+    screen = lambda edit=None: {name: np.array(values) for name, values in pair_scores(  # noqa: E731
+        pipe, objectives, prompts, [0, 1], args.steps, edit, cfg=args.cfg).items()}
+    base = screen()
     gains = {}
     for info in model_layers(pipe.transformer):
-        guided = scores_of(pipe, objectives, pairs, args.steps, args.cfg,
-                           da.HeadGuidance(heads=[f"L{info.index}"], scale=args.scale, u=1.0))
+        guided = screen(da.HeadGuidance(heads=[f"L{info.index}"], scale=args.scale, u=1.0))
         gains[f"L{info.index}"] = {name: [float((guided[name] - base[name]).mean()),
-                                          float((guided[name] - base[name]).std(ddof=1) / np.sqrt(len(pairs)))]
+                                          float((guided[name] - base[name]).std(ddof=1) / np.sqrt(len(base[name])))]
                                    for name in names}
     cfg = "default" if args.cfg is None else args.cfg
     print(f"torch {torch.__version__}, threads {args.threads}, {args.prompts} prompts x 2 seeds, {args.steps} steps, "

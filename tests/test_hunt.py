@@ -84,18 +84,33 @@ def test_min_z_keeps_noise_out_and_stops(pipe, tmp_path):
         hunt(pipe, objective, PROMPTS[:1], [0], k=1, rounds=1, min_z=2.0, **RUN)
 
 
+def recording(calls):
+    """search.score_pairs that also records (pairs, head sets) of every call."""
+    real_score_pairs = search.score_pairs
+
+    def spy(pipe_, score_fn, settings, head_sets, pairs=None):
+        calls.append((pairs, [sorted(h) for h in head_sets]))
+        return real_score_pairs(pipe_, score_fn, settings, head_sets, pairs)
+    return spy
+
+
+def against_on_fresh_seeds(real_score_pairs):
+    """search.score_pairs where every head set scores below the selection alone on the confirmation pairs."""
+    def scores(pipe_, score_fn, settings, head_sets, pairs=None):
+        per_pair, images = real_score_pairs(pipe_, score_fn, settings, head_sets, pairs)
+        if pairs is not None:
+            per_pair = [[-1.0] * len(values) if heads else values for heads, values in zip(head_sets, per_pair)]
+        return per_pair, images
+    return scores
+
+
 def test_confirmation_seeds_decide_who_joins(pipe, tmp_path, monkeypatch):
     """With confirm_seeds, the round's best candidates by z are scored again, with the selection
     alone, on fresh seeds only, and those scores alone decide; the stage resumes after a crash."""
     objective = change_objective(stock_images(pipe, PROMPTS))
     calls = []
     real_score_pairs = search.score_pairs
-
-    def spy(pipe_, score_fn, settings, head_sets, pairs=None):
-        calls.append((pairs, [sorted(h) for h in head_sets]))
-        return real_score_pairs(pipe_, score_fn, settings, head_sets, pairs)
-
-    monkeypatch.setattr(search, "score_pairs", spy)
+    monkeypatch.setattr(search, "score_pairs", recording(calls))
     run = dict(k=1, rounds=3, batch_size=3, min_z=1.0, confirm_seeds=[7], confirm_top=2, **RUN)
     result = hunt(pipe, objective, PROMPTS, [0], **run)
     assert result.selected[0] == "L0H3" and set(result.selected) <= PLANTED_NAMES
@@ -105,13 +120,7 @@ def test_confirmation_seeds_decide_who_joins(pipe, tmp_path, monkeypatch):
     assert sorted(map(tuple, first_confirm[1][1])) == [((0, 3),), ((1, 1),)]  # the two planted heads, shortlisted
     assert set(result.confirmations[0]) == PLANTED_NAMES
 
-    def against_on_fresh_seeds(pipe_, score_fn, settings, head_sets, pairs=None):
-        per_pair, images = real_score_pairs(pipe_, score_fn, settings, head_sets, pairs)
-        if pairs is not None:  # every candidate scores below the selection alone on the confirmation pairs
-            per_pair = [[-1.0] * len(values) if heads else values for heads, values in zip(head_sets, per_pair)]
-        return per_pair, images
-
-    monkeypatch.setattr(search, "score_pairs", against_on_fresh_seeds)
+    monkeypatch.setattr(search, "score_pairs", against_on_fresh_seeds(real_score_pairs))
     fooled = hunt(pipe, objective, PROMPTS, [0], **run)
     assert fooled.selected == [] and len(fooled.rounds) == 1 and fooled.gains[0]["L0H3"][0] > 0.01
 
@@ -143,12 +152,7 @@ def test_confirm_together_scores_the_top_k_as_one_set(pipe, tmp_path, monkeypatc
     objective = change_objective(stock_images(pipe, PROMPTS))
     calls = []
     real_score_pairs = search.score_pairs
-
-    def spy(pipe_, score_fn, settings, head_sets, pairs=None):
-        calls.append((pairs, [sorted(h) for h in head_sets]))
-        return real_score_pairs(pipe_, score_fn, settings, head_sets, pairs)
-
-    monkeypatch.setattr(search, "score_pairs", spy)
+    monkeypatch.setattr(search, "score_pairs", recording(calls))
     run = dict(k=2, rounds=2, batch_size=3, min_z=1.0, confirm_seeds=[7], confirm_together=True, **RUN)
     result = hunt(pipe, objective, PROMPTS, [0], checkpoint=str(tmp_path / "t.json"), **run)
     assert set(result.selected) == PLANTED_NAMES
@@ -171,13 +175,7 @@ def test_confirm_together_scores_the_top_k_as_one_set(pipe, tmp_path, monkeypatc
     resumed = hunt(pipe, objective, PROMPTS, [0], checkpoint=str(tmp_path / "old.json"), **{**plain, "confirm_top": 2})
     assert resumed.selected == result.selected and not calls  # read back whole: nothing generated again
 
-    def against_on_fresh_seeds(pipe_, score_fn, settings, head_sets, pairs=None):
-        per_pair, images = real_score_pairs(pipe_, score_fn, settings, head_sets, pairs)
-        if pairs is not None:
-            per_pair = [[-1.0] * len(values) if heads else values for heads, values in zip(head_sets, per_pair)]
-        return per_pair, images
-
-    monkeypatch.setattr(search, "score_pairs", against_on_fresh_seeds)
+    monkeypatch.setattr(search, "score_pairs", against_on_fresh_seeds(real_score_pairs))
     assert hunt(pipe, objective, PROMPTS, [0], **run).selected == []
     with pytest.raises(ValueError, match="needs confirm_seeds"):
         hunt(pipe, objective, PROMPTS, [0], **{**run, "confirm_seeds": None})
