@@ -28,6 +28,7 @@ from dit_attn.loading import call_defaults, call_options, load_pipeline
 from dit_attn.models.data import make_example
 
 U_CURVE = (0.0, 0.25, 0.5, 0.75, 1.0)
+HUNT_STREAM, HELD_OUT_STREAM = 555_000, 666_000  # make_example stream seeds of the hunt and held-out prompts
 
 
 def prompts_for(objective: str, stream_seed: int, n: int) -> list[str]:
@@ -58,8 +59,8 @@ def measure(pipe, name: str, args) -> dict:
     objective = get_objective(name)
     # the soft judge is a search aid: held-out images are also read by the verdict judge users know
     held_out_objectives = {name: objective, **({"judge": get_objective("judge")} if name == "judge:soft" else {})}
-    hunt_prompts = prompts_for(name, 555_000, args.hunt_prompts)
-    held_out = prompts_for(name, 666_000, args.held_out_prompts)
+    hunt_prompts = prompts_for(name, HUNT_STREAM, args.hunt_prompts)
+    held_out = prompts_for(name, HELD_OUT_STREAM, args.held_out_prompts)
     hunt_seeds, held_seeds = [0, 1], [100, 101]
     checkpoint = f"{os.path.splitext(args.out)[0]}.{name.replace(':', '-')}.checkpoint.json"
     began = time.perf_counter()

@@ -20,7 +20,7 @@ from dit_attn.guidance.objectives import get_objective
 from dit_attn.heads import model_layers
 from dit_attn.loading import load_pipeline
 from dit_attn.models.data import PALETTE, make_example
-from hunt_quality import pair_scores  # the sibling benchmark: same generation, per-pair scores
+from hunt_quality import HUNT_STREAM, pair_scores  # the sibling benchmark: same generation, per-pair scores
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
-    prompts = [make_example(555_000, i, "shape").caption for i in range(args.prompts)]
+    prompts = [make_example(HUNT_STREAM, i, "shape").caption for i in range(args.prompts)]
     names = [f"color:{c}" for c in PALETTE] + ["judge"]
     objectives = {name: get_objective(name) for name in names}
     screen = lambda edit=None: {name: np.array(values) for name, values in pair_scores(  # noqa: E731
