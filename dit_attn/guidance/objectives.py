@@ -2,7 +2,7 @@
 
 Built in: "judge" (the tiny model's judge: fraction of the prompt's attributes the image
 shows; "judge:soft" counts the judge's probability of each attribute instead, a continuous
-score for searches over weak edits), "color:<palette name>" (share of pixels near that colour — a toy style), and
+score), "color:<palette name>" (share of pixels near that colour — a toy style), and
 "clip-score[:model]", "pickscore[:model]", "aesthetic:<dir>" loaded through transformers
 from a local path or a hub id available offline (a clear error names what is missing).
 Any callable with the same signature works too.
