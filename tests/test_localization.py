@@ -13,6 +13,10 @@ from dit_attn.models.configs import build_flux_pipeline, build_sd3_pipeline
 
 from .conftest import SIZE, CallRecorder, flux_call, replay, sd3_call
 
+# Rows computed in a wider batch (the source rows ride along) round differently: float32 GEMM
+# blocking depends on the batch and the CPU (1.7e-6 seen with AVX-512). A patch moves ≥ 1e-4.
+ROUNDING = 1e-5
+
 PROMPT, SOURCE = "a red circle", "a blue square"
 
 
@@ -94,7 +98,7 @@ def test_patch_with_own_prompt_equals_stock(family, layers, request):
     stock = call(pipe, PROMPT)
     with da.apply(pipe, da.TextPatch(layers=layers, source_prompt=PROMPT)):
         patched = call(pipe, PROMPT)
-    assert (patched - stock).abs().max() <= 1e-6
+    assert (patched - stock).abs().max() <= ROUNDING
     with da.apply(pipe, da.TextPatch(layers=layers, source_prompt=SOURCE)):
         other = call(pipe, PROMPT)
     assert (other - stock).abs().max() > 1e-4
@@ -141,7 +145,7 @@ def test_batched_source_rows_equal_separate_source_run(family, module, request):
     finally:
         hook.remove()
     assert batched.shape[0] == n + len(cond)  # stock rows + one source row per conditional row
-    assert (batched[n:] - separate).abs().max() <= 1e-6
+    assert (batched[n:] - separate).abs().max() <= ROUNDING
 
 
 def block_outputs(pipe, family, edit=None):
@@ -171,13 +175,13 @@ def test_patch_changes_only_what_follows_the_layer(family, layer, request):
         image_a, image_b = a[1], b[1][:rows]  # blocks return (text, image)
         if i < layer:
             assert b[1].shape[0] == rows + n_cond  # the source rows ride along up to the patched layer
-            assert (image_a - image_b).abs().max() <= 1e-6  # equal up to rounding of a wider batch
+            assert (image_a - image_b).abs().max() <= ROUNDING
         elif i == layer:
             assert (image_a - image_b).abs().max() > 1e-4
         else:
             assert b[1].shape[0] == rows  # and not beyond it
     if family == "sd3":  # CFG's unconditional rows are never patched
-        assert torch.equal(stock[layer][1][: rows // 2], patched[layer][1][: rows // 2])
+        assert (stock[layer][1][: rows // 2] - patched[layer][1][: rows // 2]).abs().max() <= ROUNDING
 
 
 def test_start_fraction(sd3_pipe):
@@ -226,7 +230,7 @@ def test_with_local_attention(sd3_pipe):
         alone = sd3_call(sd3_pipe, PROMPT)
     with da.apply(sd3_pipe, local, da.TextPatch(layers=[0, 2], source_prompt=PROMPT)):
         both = sd3_call(sd3_pipe, PROMPT)
-    assert (both - alone).abs().max() <= 1e-6
+    assert (both - alone).abs().max() <= ROUNDING
 
 
 def test_with_head_guidance(sd3_pipe, flux_pipe):
@@ -267,8 +271,8 @@ def test_guard_leaves_clean_prompts_untouched(family, request):
         both = call(pipe, [clean, blocked])
     with da.apply(pipe, da.TextPatch(layers=[1], source_prompt='a sign that says "O"')):
         explicit = call(pipe, [blocked, blocked])  # same batch shape: row 1 gets the same noise
-    assert (both[:1] - stock[:1]).abs().max() <= 1e-6  # the clean row stays stock next to a guarded one
-    assert (both[1:] - explicit[1:]).abs().max() <= 1e-6
+    assert (both[:1] - stock[:1]).abs().max() <= ROUNDING  # the clean row stays stock next to a guarded one
+    assert (both[1:] - explicit[1:]).abs().max() <= ROUNDING
     assert (both[1:] - stock[1:]).abs().max() > 1e-4
     assert "check_inputs" not in vars(pipe)  # unwrapped on remove
 
