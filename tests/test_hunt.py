@@ -250,16 +250,21 @@ TWO_PROCESS_SCRIPT = """
 import json, sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {root!r})
-from tests.test_hunt import planted_pipeline, PROMPTS, RUN
+from tests.test_hunt import planted_pipeline, PROMPTS, RUN, CONFIRMED_TOGETHER
 from dit_attn.guidance.search import hunt
 pipe = planted_pipeline()
 result = hunt(pipe, "color:green", PROMPTS, [0, 1], k=1, rounds=2, batch_size=2, checkpoint={ckpt!r}, progress=False, **RUN)
-print("RESULT", json.dumps([result.selected, result.rounds]))
+together = hunt(pipe, "color:green", PROMPTS, [0, 1], progress=False, **CONFIRMED_TOGETHER, **RUN)
+print("RESULT", json.dumps([result.selected, result.rounds, together.selected, together.confirmations]))
 """
+# the confirmation stage split across processes: the selection alone on one, the set on the other
+CONFIRMED_TOGETHER = dict(k=2, rounds=1, batch_size=2, min_z=0.0, confirm_seeds=[5], confirm_together=True)
 
 
 def test_two_processes_equal_one(pipe, tmp_path):
     single = hunt(pipe, "color:green", PROMPTS, [0, 1], k=1, rounds=2, batch_size=2, **RUN)
+    together = hunt(pipe, "color:green", PROMPTS, [0, 1], **CONFIRMED_TOGETHER, **RUN)
+    assert len(together.confirmations[0]) == 1  # a set was confirmed (so the stage ran)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = TWO_PROCESS_SCRIPT.format(root=root, ckpt=str(tmp_path / "h.json"))
     procs = []
@@ -271,8 +276,9 @@ def test_two_processes_equal_one(pipe, tmp_path):
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-2000:]
     for out, _ in outputs:
-        selected, rounds = json.loads(out.split("RESULT", 1)[1])
+        selected, rounds, together_selected, confirmations = json.loads(out.split("RESULT", 1)[1])
         assert selected == single.selected and rounds == single.rounds
+        assert together_selected == together.selected and confirmations == together.confirmations
     assert json.loads((tmp_path / "h.json").read_text())["selected"] == single.selected
     assert (tmp_path / "h.json.rank1-of-2").exists()
 
