@@ -27,6 +27,7 @@ head's effect is below the noise of the pairs while several heads' sum is not,
 """
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -213,7 +214,17 @@ def distributed() -> tuple[int, int]:
 
     if not dist.is_initialized():
         dist.init_process_group("gloo")
+        # gloo's threads must be joined before the interpreter tears down, or a process that
+        # finished its hunt can abort at exit ("terminate called without an active exception")
+        atexit.register(leave_process_group)
     return dist.get_rank(), dist.get_world_size()
+
+
+def leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def gather_scores(scores: dict[str, float], world: int) -> dict[str, float]:
