@@ -330,6 +330,27 @@ def test_cli_hunt(tmp_path, capsys):
     assert "unknown objective" in capsys.readouterr().err
 
 
+def test_accelerate_launch_hunt_equals_one_process(tmp_path):
+    """`accelerate launch --num_processes 2 -m dit_attn.cli hunt` (here with the confirmation stage
+    split across the processes) selects and scores as one process does, and both exit cleanly."""
+    from dit_attn.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    hunt_args = ["hunt", "--objective", "color:blue", "--prompts", str(prompts), "--seeds", "0", "1", "--k", "2",
+                 "--rounds", "1", "--steps", "1", "--size", "32", "--candidates", "L0,L1H2", "--min-z", "0",
+                 "--confirm-seeds", "5", "--confirm-together"]
+    assert main([*hunt_args, "--out", str(tmp_path / "one.json")]) == 0
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+               "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dit_attn.cli", *hunt_args,
+               "--out", str(tmp_path / "two.json")]
+    launched = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
+    assert two["selected"] == one["selected"] and two["rounds"] == one["rounds"]
+    assert two["confirmations"] == one["confirmations"] and len(one["confirmations"][0]) == 1
+
+
 def test_atlas_marks_the_planted_heads(pipe, tmp_path):
     from PIL import Image
 
