@@ -20,7 +20,7 @@ import dit_attn as da
 from dit_attn.guidance.objectives import get_objective
 from dit_attn.guidance.search import mean, paired_gain
 from dit_attn.loading import load_pipeline
-from hunt_quality import HELD_OUT_STREAM, pair_scores, prompts_for  # the sibling benchmark
+from hunt_quality import HELD_OUT_STREAM, cfg_label, pair_scores, prompts_for  # the sibling benchmark
 
 
 def main() -> None:
@@ -45,9 +45,8 @@ def main() -> None:
     score = lambda edit=None: pair_scores(pipe, objectives, prompts, args.seeds, args.steps, edit, cfg=args.cfg)  # noqa: E731
     unguided = score()
     report = {"settings": vars(args), "no guidance": {n: mean(v) for n, v in unguided.items()}, "head sets": {}}
-    cfg = "default" if args.cfg is None else args.cfg
     print(f"torch {torch.__version__}, threads {args.threads}, {args.prompts} prompts x {len(args.seeds)} seeds, "
-          f"{args.steps} steps, s={args.scale}, cfg {cfg}")
+          f"{args.steps} steps, s={args.scale}, cfg {cfg_label(args)}")
     print("| heads | " + " | ".join(f"{n}: mean (gain ± se)" for n in objectives) + " |")
     print("|---|" + "---|" * len(objectives))
     print("| no guidance | " + " | ".join(f"{report['no guidance'][n]:.4f}" for n in objectives) + " |")

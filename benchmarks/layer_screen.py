@@ -12,15 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
 import torch
 
 import dit_attn as da
 from dit_attn.guidance.objectives import get_objective
+from dit_attn.guidance.search import mean, paired_gain
 from dit_attn.heads import model_layers
 from dit_attn.loading import load_pipeline
 from dit_attn.models.data import PALETTE, make_example
-from hunt_quality import HUNT_STREAM, pair_scores  # the sibling benchmark: same generation, per-pair scores
+from hunt_quality import HUNT_STREAM, cfg_label, pair_scores  # the sibling benchmark: same generation, per-pair scores
 
 
 def main() -> None:
@@ -39,25 +39,21 @@ def main() -> None:
     prompts = [make_example(HUNT_STREAM, i, "shape").caption for i in range(args.prompts)]
     names = [f"color:{c}" for c in PALETTE] + ["judge"]
     objectives = {name: get_objective(name) for name in names}
-    screen = lambda edit=None: {name: np.array(values) for name, values in pair_scores(  # noqa: E731
-        pipe, objectives, prompts, [0, 1], args.steps, edit, cfg=args.cfg).items()}
+    screen = lambda edit=None: pair_scores(pipe, objectives, prompts, [0, 1], args.steps, edit, cfg=args.cfg)  # noqa: E731
     base = screen()
     gains = {}
     for info in model_layers(pipe.transformer):
         guided = screen(da.HeadGuidance(heads=[f"L{info.index}"], scale=args.scale, u=1.0))
-        gains[f"L{info.index}"] = {name: [float((guided[name] - base[name]).mean()),
-                                          float((guided[name] - base[name]).std(ddof=1) / np.sqrt(len(base[name])))]
-                                   for name in names}
-    cfg = "default" if args.cfg is None else args.cfg
+        gains[f"L{info.index}"] = {name: paired_gain(guided[name], base[name]) for name in names}
     print(f"torch {torch.__version__}, threads {args.threads}, {args.prompts} prompts x 2 seeds, {args.steps} steps, "
-          f"s={args.scale}, cfg {cfg}: each layer's paired gain (z)")
+          f"s={args.scale}, cfg {cfg_label(args)}: each layer's paired gain (z)")
     print("| objective | no guidance | " + " | ".join(gains) + " |")
     print("|---|---:|" + "---:|" * len(gains))
     for name in names:
         cells = [f"{g[name][0]:+.4f} ({g[name][0] / max(g[name][1], 1e-12):+.1f})" for g in gains.values()]
-        print(f"| {name} | {base[name].mean():.4f} | " + " | ".join(cells) + " |")
+        print(f"| {name} | {mean(base[name]):.4f} | " + " | ".join(cells) + " |")
     with open(args.out, "w") as f:
-        json.dump({"settings": vars(args), "no_guidance": {n: float(v.mean()) for n, v in base.items()},
+        json.dump({"settings": vars(args), "no_guidance": {n: mean(v) for n, v in base.items()},
                    "gains": gains}, f, indent=1)
 
 
