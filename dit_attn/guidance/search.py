@@ -285,7 +285,8 @@ def search_settings(objective, prompts, seeds, k, rounds, u, scale, steps, cfg, 
             raise ValueError(f"confirm_seeds must be fresh: {sorted(set(confirm_seeds) & set(seeds))} also in seeds")
         if len(prompts) * len(confirm_seeds) < 2:
             raise ValueError("confirm_seeds needs at least 2 (prompt, confirmation seed) pairs")
-        confirm_top = 3 * k if confirm_top is None else confirm_top
+        if confirm_top is None:  # confirm_together confirms exactly the round's top k, as one set
+            confirm_top = k if confirm_together else 3 * k
         if isinstance(confirm_top, bool) or not isinstance(confirm_top, int) or confirm_top < k:
             raise ValueError(f"confirm_top must be an integer >= k ({k}), got {confirm_top!r}")
     elif confirm_top is not None:
@@ -298,7 +299,7 @@ def search_settings(objective, prompts, seeds, k, rounds, u, scale, steps, cfg, 
         prompts=tuple(prompts), seeds=tuple(seeds), k=k, rounds=rounds, u=float(u), scale=float(scale), steps=steps,
         cfg=cfg, size=tuple(size) if size else None, candidates=tuple(head_name(h) for h in heads), target=target,
         scope=scope, batch_size=batch_size, max_sequence_length=max_sequence_length, min_z=min_z,
-        confirm_seeds=tuple(confirm_seeds), confirm_top=0 if confirm_together else confirm_top or 0,
+        confirm_seeds=tuple(confirm_seeds), confirm_top=confirm_top or 0,
         confirm_together=confirm_together,
     )
 
@@ -362,21 +363,16 @@ def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float 
         if state["done"] == round_index:
             scores.update(gather_scores(scores, world))
             pair_scores.update(gather_scores(pair_scores, world))
-            if settings.confirm_together:
-                group = shortlisted(pair_scores, order, k)
-                name = GROUP.join(group)
-                picks = []
-                if group:
-                    confirmed = confirm(pipe, score_fn, settings, state, round_index, selected, [name], by_name,
-                                        (rank, world), path)
-                    picks = group if significant(paired_gain(confirmed[name], confirmed[BASELINE]), min_z) else []
-            elif settings.confirm_seeds:
+            if settings.confirm_seeds:
                 shortlist = shortlisted(pair_scores, order, settings.confirm_top)
+                if settings.confirm_together and shortlist:  # the top k, confirmed as one set
+                    shortlist = [GROUP.join(shortlist)]
                 picks = []
                 if shortlist:
                     confirmed = confirm(pipe, score_fn, settings, state, round_index, selected, shortlist, by_name,
                                         (rank, world), path)
-                    picks = choose({n: mean(confirmed[n]) for n in shortlist}, confirmed, shortlist, k, min_z)
+                    chosen = choose({n: mean(confirmed[n]) for n in shortlist}, confirmed, shortlist, k, min_z)
+                    picks = [head for name in chosen for head in name.split(GROUP)]
             else:
                 picks = choose(scores, pair_scores, [n for n in order if n in scores], k, min_z)
             state["selected"].extend(picks)
