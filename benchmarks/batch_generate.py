@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from dit_attn.cli import main as cli
-from dit_attn.models.evaluate import held_out_prompts
+from dit_attn.toy.evaluate import held_out_prompts
 
 
 def run(prompts_file: str, out: str, batch_size: int, steps: int) -> float:

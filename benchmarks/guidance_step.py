@@ -66,7 +66,7 @@ def build_pipelines(seed: int = 0):
     """(stock SD3 pipeline, {name: StableDiffusion3PAGPipeline}) sharing one transformer."""
     from diffusers import StableDiffusion3PAGPipeline
 
-    from dit_attn.models.configs import build_sd3_pipeline, pipeline_components
+    from dit_attn.toy.configs import build_sd3_pipeline, pipeline_components
 
     # sample_size is the transformer's latent size; the tiny VAE has scale factor 2, so
     # the default output is 64x64 px -> 32x32 latent -> 16x16 patches = 256 tokens.

@@ -22,7 +22,7 @@ import dit_attn as da
 from dit_attn.guidance.objectives import get_objective
 from dit_attn.guidance.search import SearchSettings, candidate_heads, generate, head_name, score_batch
 from dit_attn.loading import call_defaults, load_pipeline
-from dit_attn.models.evaluate import held_out_prompts
+from dit_attn.toy.evaluate import held_out_prompts
 
 
 def naive_scores(pipe, objective, settings: SearchSettings, heads) -> dict[str, float]:

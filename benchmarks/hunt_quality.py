@@ -25,7 +25,7 @@ from dit_attn.guidance.objectives import get_objective
 from dit_attn.guidance.search import mean, paired_gain
 from dit_attn.heads import model_layers
 from dit_attn.loading import call_defaults, call_options, load_pipeline
-from dit_attn.models.data import make_example
+from dit_attn.toy.data import make_example
 
 U_CURVE = (0.0, 0.25, 0.5, 0.75, 1.0)
 HUNT_STREAM, HELD_OUT_STREAM = 555_000, 666_000  # make_example stream seeds of the hunt and held-out prompts

@@ -22,8 +22,8 @@ import dit_attn as da
 from dit_attn.ic.data import set_captions, write_set_data
 from dit_attn.ic.latents import decode, encode, image_tensor
 from dit_attn.ic.score import set_consistency, summarize
-from dit_attn.localization.train_lora import LoraTrainConfig, train_lora
-from dit_attn.models import data
+from dit_attn.train.lora import LoraTrainConfig, train_lora
+from dit_attn.toy import data
 
 HELD_OUT_SEED = 1_000_003  # the training sets use seed 0
 

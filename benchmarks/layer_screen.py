@@ -19,7 +19,7 @@ from dit_attn.guidance.objectives import get_objective
 from dit_attn.guidance.search import mean, paired_gain
 from dit_attn.heads import model_layers
 from dit_attn.loading import load_pipeline
-from dit_attn.models.data import PALETTE, make_example
+from dit_attn.toy.data import PALETTE, make_example
 from hunt_quality import HUNT_STREAM, cfg_label, pair_scores  # the sibling benchmark: same generation, per-pair scores
 
 

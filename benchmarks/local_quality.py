@@ -16,8 +16,8 @@ import torch
 
 import dit_attn as da
 from dit_attn.loading import call_defaults, load_pipeline
-from dit_attn.models.evaluate import held_out_prompts
-from dit_attn.models.judge import adherence
+from dit_attn.toy.evaluate import held_out_prompts
+from dit_attn.toy.judge import adherence
 
 
 def psnr(a, b) -> float:

@@ -27,7 +27,7 @@ from dit_attn.loading import call_defaults, load_pipeline
 from dit_attn.localization import sign_pairs, ssim
 from dit_attn.localization.localize import generate
 from dit_attn.localization.prompts import quoted_text
-from dit_attn.models.judge import judge
+from dit_attn.toy.judge import judge
 
 
 def read_glyphs(images: torch.Tensor) -> list[str | None]:
@@ -69,7 +69,7 @@ def top_layers(ranking, n: int) -> tuple[int, ...]:
 
 
 def guard(pipe, n: int, layers, steps, kwargs, blocked=("X", "K", "Z", "7")) -> dict:
-    from dit_attn.models import data
+    from dit_attn.toy import data
 
     prompts = []
     for i in range(n):

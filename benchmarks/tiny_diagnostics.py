@@ -21,10 +21,10 @@ from PIL import Image
 
 from dit_attn.ic.latents import decode
 from dit_attn.loading import call_defaults, load_pipeline
-from dit_attn.models.data import make_example, parse_caption
-from dit_attn.models.evaluate import HELD_OUT_SEED, generate
-from dit_attn.models.judge import judge
-from dit_attn.pipelines.flow import latents_of, predict, text_features
+from dit_attn.toy.data import make_example, parse_caption
+from dit_attn.toy.evaluate import HELD_OUT_SEED, generate
+from dit_attn.toy.judge import judge
+from dit_attn.train.flow import latents_of, predict, text_features
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from dit_attn.loading import load_pipeline
-from dit_attn.models.data import parse_caption
-from dit_attn.models.evaluate import generate, held_out_prompts
-from dit_attn.models.judge import judge
+from dit_attn.toy.data import parse_caption
+from dit_attn.toy.evaluate import generate, held_out_prompts
+from dit_attn.toy.judge import judge
 
 
 def main() -> None:

@@ -1,20 +1,39 @@
-"""dit-attn: edit and guide the attention of diffusion transformers in stock diffusers pipelines."""
-from .apply import Handle, apply, layers
-from .edits import HeadGuidance, LocalAttention, SoftPAG
-from .heads import PRESETS, LayerInfo
-from .guidance.atlas import Atlas, atlas
-from .guidance.search import HuntResult, hunt
-from .loading import call_defaults, load_pipeline
-from .models import judge  # da.judge.judge(images), da.judge.adherence(images, prompts)
-from .edits import TextGuard, TextPatch
-from .localization import LocalizationResult, TextEdit, edit_text, localize, localized_lora_config
-from . import ic  # da.ic.caption, da.ic.compose / split, da.ic.generate_set (in-context sets)
+"""dit-attn: edit and guide the attention of diffusion transformers in stock diffusers pipelines.
+
+The public names load on first use: `import dit_attn` imports neither torch nor diffusers.
+"""
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "PRESETS", "Atlas", "Handle", "HeadGuidance", "HuntResult", "LayerInfo", "LocalAttention", "SoftPAG", "apply",
-    "atlas", "call_defaults", "hunt", "judge", "layers", "load_pipeline", "__version__",
-]
-__all__ += ["ic"]
-__all__ += ["LocalizationResult", "TextEdit", "TextGuard", "TextPatch", "edit_text", "localize", "localized_lora_config"]
+_EXPORTS = {
+    "apply": ".handle", "Handle": ".handle", "layers": ".handle",
+    "HeadGuidance": ".edits", "LocalAttention": ".edits", "SoftPAG": ".edits", "TextGuard": ".edits",
+    "TextPatch": ".edits", "edit_from_dict": ".edits",
+    "PRESETS": ".heads", "LayerInfo": ".heads",
+    "Atlas": ".guidance.atlas", "atlas": ".guidance.atlas",
+    "HuntResult": ".guidance.search", "hunt": ".guidance.search",
+    "call_defaults": ".loading", "load_pipeline": ".loading",
+    "LocalizationResult": ".localization", "TextEdit": ".localization", "edit_text": ".localization",
+    "localize": ".localization", "localized_lora_config": ".localization",
+}
+_MODULES = {"ic": ".ic", "judge": ".toy.judge", "families": ".families"}  # da.ic.generate_set, da.judge.adherence
+
+__all__ = sorted([*_EXPORTS, *_MODULES, "__version__"])
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    elif name in _MODULES:
+        value = importlib.import_module(_MODULES[name], __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,4 +1,4 @@
-"""Argument checks shared by modules that must not import each other."""
+"""Argument checks and choices shared by edits and kernels (no torch import: edits stay light)."""
 from __future__ import annotations
 
 import math
@@ -8,3 +8,12 @@ def check_fraction(name: str, value) -> None:
     """A ValueError naming `name` unless `value` is a real number in [0, 1] (not a bool, not NaN)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
+TARGETS = ("identity", "uniform")  # what a perturbed head's attention map moves toward
+SCOPES = ("joint", "image")  # the whole joint sequence, or image->image attention of image queries only
+
+
+def check_radius(radius) -> None:
+    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not math.isfinite(radius) or radius <= 0:
+        raise ValueError(f"radius must be a finite number > 0 (in tokens), got {radius!r}")

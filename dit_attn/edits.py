@@ -5,12 +5,53 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
-from .checks import check_fraction
+from .checks import SCOPES, TARGETS, check_fraction, check_radius
 from .heads import normalize_heads
-from .kernels.plan import SCOPES, TARGETS
-from .kernels.window import check_radius
+
+
+def _plain(value):
+    """JSON-ready: tuples become lists, paths strings."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def _tupled(value):
+    if isinstance(value, list):
+        return tuple(_tupled(v) for v in value)
+    return value
+
+
+class Edit:
+    """Base of the edits: `to_dict()` gives JSON-ready settings, `from_dict()` rebuilds the edit."""
+
+    def to_dict(self) -> dict:
+        return {"edit": type(self).__name__, **{f.name: _plain(getattr(self, f.name)) for f in fields(self)}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Edit":
+        data = dict(data)
+        name = data.pop("edit", cls.__name__)
+        if cls is Edit:
+            return edit_from_dict({"edit": name, **data})
+        if name != cls.__name__:
+            raise ValueError(f"settings of a {name}, not a {cls.__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} settings {unknown}; valid: {', '.join(sorted(known))}")
+        return cls(**{k: _tupled(v) for k, v in data.items()})
+
+
+def edit_from_dict(data: dict) -> Edit:
+    """The edit whose `to_dict()` gave `data`."""
+    if not isinstance(data, dict) or data.get("edit") not in EDITS:
+        raise ValueError(f"an edit's settings are a dict with 'edit' one of {', '.join(EDITS)}, got {data!r}")
+    return EDITS[data["edit"]].from_dict(data)
 
 
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -19,7 +60,7 @@ def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
 
 
 @dataclass(frozen=True)
-class SoftPAG:
+class SoftPAG(Edit):
     """Perturb the model itself: for each selected (layer, head) the attention map
     becomes (1 - u)·A + u·T (SoftPAG; u = 1 with the identity target is PAG).
 
@@ -41,7 +82,7 @@ class SoftPAG:
 
 
 @dataclass(frozen=True)
-class HeadGuidance:
+class HeadGuidance(Edit):
     """Guide away from the SoftPAG-perturbed model on the conditional prompt.
 
     With CFG: ε = ε_u + g·(ε_c − ε_u) + s·(ε_c − ε_p); without: ε = ε_c + s·(ε_c − ε_p),
@@ -82,7 +123,7 @@ BACKEND_CHOICES = ("auto", "triton", "tiled", "flex", "reference")
 
 
 @dataclass(frozen=True)
-class LocalAttention:
+class LocalAttention(Edit):
     """CLEAR: each image query attends to the image keys within `radius` tokens
     (dy² + dx² < radius², clipped at the borders) and to every text key; text queries
     attend to everything.
@@ -146,7 +187,7 @@ def _check_layers(name: str, layers) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class TextPatch:
+class TextPatch(Edit):
     """Replace the text-stream keys and values of `layers` by those computed for
     `source_prompt` at the same step and noise, from the `start` fraction of the steps on
     (text-layer localization, "Precise Parameter Localization for Textual Generation").
@@ -171,7 +212,7 @@ class TextPatch:
 
 
 @dataclass(frozen=True)
-class TextGuard:
+class TextGuard(Edit):
     """When a quoted word of the prompt (e.g. `a sign that says "WORD"`) is on the
     blocklist, patch `layers` (the text layers `localize` found) with the prompt whose
     blocked words are replaced by `replacement`, from step 0. Prompts without blocked words
@@ -196,3 +237,6 @@ class TextGuard:
         if not self.layers:
             raise ValueError("TextGuard needs layers: the text layers of the model (see da.localize)")
         object.__setattr__(self, "layers", _check_layers("layers", self.layers))
+
+
+EDITS = {cls.__name__: cls for cls in (SoftPAG, HeadGuidance, LocalAttention, TextPatch, TextGuard)}

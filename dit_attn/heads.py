@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable, Union
+from typing import TYPE_CHECKING, Iterable, Union
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 HeadSpec = Union[str, tuple, list]
 

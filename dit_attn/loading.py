@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 import os
 
-import torch
-
 DEMO = "demo"
 TINY = "tiny"
 EMBEDDED_MODELS = (TINY, DEMO)
@@ -44,29 +42,46 @@ def _missing_components(path: str) -> dict:
     return {name: None for name, value in index.items() if isinstance(value, list) and value == [None, None]}
 
 
-def load_pipeline(name_or_path: str = TINY, *, torch_dtype: torch.dtype | None = None, device: str | None = None):
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def resolve_dtype(dtype) -> "torch.dtype | None":
+    """A torch dtype from a torch dtype or its name ('float32', 'float16', 'bfloat16'); None stays None."""
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in DTYPES:
+        return getattr(torch, dtype)
+    raise ValueError(f"dtype must be a torch dtype or one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def load_pipeline(name_or_path: str = TINY, *, dtype=None, device: str | None = None):
     """A diffusers pipeline from a local directory or a hub id (loaded with `from_pretrained`).
 
     "tiny" loads the embedded text-to-image model trained on the synthetic world (package
     data, no download). "demo" builds a small random-weight SD3.5-style pipeline in memory,
     for trying the commands on any architecture setting; its images are noise-like.
     """
+    import torch
     from diffusers import DiffusionPipeline
 
-    if name_or_path == TINY:
-        from .models.tiny import load_shipped
+    dtype = resolve_dtype(dtype)
 
-        pipe = load_shipped(torch_dtype)
+    if name_or_path == TINY:
+        from .toy.tiny import load_shipped
+
+        pipe = load_shipped(dtype)
     elif name_or_path == DEMO:
-        from .models.configs import build_demo_pipeline
+        from .toy.configs import build_demo_pipeline
 
         pipe = build_demo_pipeline()
-        if torch_dtype not in (None, torch.float32):
-            pipe = pipe.to(dtype=torch_dtype)
+        if dtype not in (None, torch.float32):
+            pipe = pipe.to(dtype=dtype)
     else:
         kwargs = _missing_components(name_or_path) if os.path.isdir(name_or_path) else {}
-        if torch_dtype is not None:
-            kwargs["torch_dtype"] = torch_dtype
+        if dtype is not None:
+            kwargs["dtype"] = dtype
         try:
             pipe = DiffusionPipeline.from_pretrained(name_or_path, **kwargs)
         except OSError as err:

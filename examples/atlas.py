@@ -7,7 +7,7 @@ head that raises the objective most, used for guidance.
 Here the objective is `color:red` (share of red pixels). On a GPU with SD3.5 or FLUX.1, change
 the marked lines:
     pipe = StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium",
-                                                    torch_dtype=torch.bfloat16).to("cuda")
+                                                    dtype=torch.bfloat16).to("cuda")
     objective = "pickscore"              # or "clip-score", "aesthetic:<dir>" (weights available locally)
     prompts = [...]; steps = 20          # SD3.5-medium has 24 layers × 24 heads: 577 images a (prompt, seed)
 The same with a progress bar, resumable: dit-attn atlas --objective color:red --prompts prompts.txt --out atlas

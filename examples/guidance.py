@@ -5,7 +5,7 @@ guidance away from a few heads, saved side by side.
 
 On a GPU with SD3.5 or FLUX.1, change the marked lines:
     pipe = StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium",
-                                                    torch_dtype=torch.bfloat16).to("cuda")
+                                                    dtype=torch.bfloat16).to("cuda")
     heads = ["L1H10", "L11H15"]          # or a preset: "sd3:dark"; FLUX: "flux:glossy"
 and drop `**da.call_defaults(pipe)` (it only shortens the tiny model's zero T5 padding).
 """

@@ -9,7 +9,7 @@ weights available locally) and real prompts, and raise `steps` to 20-28.
 import dit_attn as da
 from dit_attn.guidance.atlas import atlas, render_html, render_png
 from dit_attn.guidance.search import hunt
-from dit_attn.models.evaluate import held_out_prompts
+from dit_attn.toy.evaluate import held_out_prompts
 
 pipe = da.load_pipeline("tiny")                      # <- your pipeline
 pipe.set_progress_bar_config(disable=True)

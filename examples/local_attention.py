@@ -11,7 +11,7 @@ lines, e.g. pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", 
 import torch
 
 import dit_attn as da
-from dit_attn.pipelines.highres import generate_highres
+from dit_attn.workflows.highres import generate_highres
 
 pipe = da.load_pipeline("tiny")                      # <- your pipeline
 size, radius = 128, 4                                # <- e.g. 2048, 16 for FLUX.1

@@ -7,12 +7,12 @@ For a trained set LoRA first:  dit-attn train-lora --mode ic --make-sets 64 --da
 import torch
 
 import dit_attn as da
-from dit_attn.models import data
+from dit_attn.toy import data
 
 torch.set_num_threads(1)
 
 pipe = da.load_pipeline("tiny")  # FLUX.1 on a GPU: FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev",
-#                                    torch_dtype=torch.bfloat16).to("cuda"); SD3.5: StableDiffusion3Pipeline(...)
+#                                    dtype=torch.bfloat16).to("cuda"); SD3.5: StableDiffusion3Pipeline(...)
 pipe.set_progress_bar_config(disable=True)
 # pipe.load_lora_weights("ic-lora/")  # an IC-LoRA from `dit-attn train-lora --mode ic` (or a kohya / ai-toolkit FLUX LoRA)
 

@@ -6,7 +6,7 @@ new prompt through the text layers only (same seed), then the sign under a block
 The layers are those `dit-attn localize --signs 20` ranks first; on the tiny model L3, then L0.
 On a GPU with SD3.5 or FLUX.1, change the marked lines:
     pipe = StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium",
-                                                    torch_dtype=torch.bfloat16).to("cuda")
+                                                    dtype=torch.bfloat16).to("cuda")
     layers = [...]                       # your model's text layers, from `dit-attn localize --model ...`
     prompt = 'a storefront sign that says "OPEN"'; new_text = "CLOSED"; steps = 28
 (FLUX.1: FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", ...); its single blocks count

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dit_attn.models.configs import build_flux_pipeline, build_sd3_pipeline
+from dit_attn.toy.configs import build_flux_pipeline, build_sd3_pipeline
 
 torch.set_num_threads(1)
 

@@ -26,7 +26,7 @@ from dit_attn.app.ui import AppActions, readable_errors
 from dit_attn.localization.score import to_pil
 from dit_attn.cli import build_parser, main
 from dit_attn.heads import PRESETS, LayerInfo
-from dit_attn.models.configs import build_demo_pipeline, save_demo_pipeline
+from dit_attn.toy.configs import build_demo_pipeline, save_demo_pipeline
 
 CHROMIUM = "/usr/bin/chromium"
 PROMPT = "a red circle"
@@ -117,7 +117,7 @@ def test_build_settings_checks_every_field(registry):
         (dict(local_radius=-1), "radius must be a finite number > 0"),
         (dict(start=1.5), r"guidance start must be in \[0.0, 1.0\]"),
         (dict(start=0.5, end=0.5), "start must be < end"),
-        (dict(local_downsample=4), "local downsample needs a local attention radius"),
+        (dict(local_downsample=4), "need a local attention radius"),
         (dict(local_radius=2, local_downsample=1), r"local downsample must be in \[2, 64\]"),
     ]:
         with pytest.raises(ValueError, match=message):

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from dit_attn.cli import main
-from dit_attn.pipelines.batch import Manifest, read_prompts, shard
+from dit_attn.workflows.batch import Manifest, read_prompts, shard
 
 FAST = ["--steps", "1", "--size", "32"]
 

@@ -3,7 +3,8 @@ import json
 import pytest
 from PIL import Image
 
-from dit_attn.cli import main, parse_size
+from dit_attn.cli import main
+from dit_attn.io import parse_size
 
 
 def test_generate_writes_pngs_with_settings_and_manifest(tmp_path, capsys):
@@ -68,4 +69,4 @@ def test_generate_with_local_attention(tmp_path, capsys):
     assert main(["generate", "x", "--local-radius", "0", "--out", str(tmp_path / "bad")]) == 2
     assert "radius must be a finite number > 0" in capsys.readouterr().err
     assert main(["generate", "x", "--local-downsample", "4", "--out", str(tmp_path / "bad")]) == 2
-    assert "need --local-radius" in capsys.readouterr().err
+    assert "need a local attention radius (--local-radius)" in capsys.readouterr().err

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from dit_attn.models import data
-from dit_attn.models.data import PALETTE, Attributes
+from dit_attn.toy import data
+from dit_attn.toy.data import PALETTE, Attributes
 
 torch.set_num_threads(1)
 

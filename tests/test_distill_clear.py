@@ -6,9 +6,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import dit_attn as da
-from dit_attn.models.configs import build_sd3_pipeline
-from dit_attn.pipelines import distill_clear
-from dit_attn.pipelines.distill_clear import DistillConfig, distill
+from dit_attn.toy.configs import build_sd3_pipeline
+from dit_attn.train import distill_clear
+from dit_attn.train.distill_clear import DistillConfig, distill
 
 SMALL = dict(radius=1.5, samples=4, sample_steps=2, size=32, steps=8, batch=2, lr=3e-3, warmup=1, checkpoint_every=3,
              max_sequence_length=2)
@@ -111,12 +111,12 @@ def test_cli_distill_clear(tmp_path, capsys):
             "--sample-steps", "1", "--size", "32", "--steps", "2", "--batch", "1"]
     assert main(args) == 0
     assert out.exists() and "2 steps" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["distill-clear", "--work", str(tmp_path / "w"), "--out", str(out), "--radius", "-1"])
+    assert main(["distill-clear", "--work", str(tmp_path / "w2"), "--out", str(out), "--radius", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "dit-attn distill-clear: error: radius must be a finite number > 0 (in tokens), got -1.0"
 
 
 def test_flux_distillation_closes_the_gap(tmp_path):
-    from dit_attn.models.configs import build_flux_pipeline
+    from dit_attn.toy.configs import build_flux_pipeline
 
     pipe = build_flux_pipeline(num_layers=1, num_single_layers=1, num_heads=2, head_dim=8)
     pipe.set_progress_bar_config(disable=True)

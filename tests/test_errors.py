@@ -5,7 +5,7 @@ from diffusers import StableDiffusion3PAGPipeline
 
 import dit_attn as da
 from dit_attn.heads import PRESETS, resolve_heads
-from dit_attn.models.configs import pipeline_components
+from dit_attn.toy.configs import pipeline_components
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
-from dit_attn.models.data import make_example
-from dit_attn.models.evaluate import HELD_OUT_SEED, grid, held_out_prompts, score
+from dit_attn.toy.data import make_example
+from dit_attn.toy.evaluate import HELD_OUT_SEED, grid, held_out_prompts, score
 
 
 def test_score_is_perfect_on_renders_and_low_on_shuffled_pairs():

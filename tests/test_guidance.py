@@ -11,7 +11,7 @@ from diffusers import (
 from PIL import Image
 
 import dit_attn as da
-from dit_attn.models.configs import build_sd3_pipeline, pipeline_components
+from dit_attn.toy.configs import build_sd3_pipeline, pipeline_components
 
 from .conftest import SIZE, CallRecorder, flux_call, replay, sd3_call
 

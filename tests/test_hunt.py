@@ -13,7 +13,7 @@ import dit_attn as da
 from dit_attn.guidance import search
 from dit_attn.guidance.objectives import get_objective
 from dit_attn.guidance.search import SearchSettings, hunt, score_batch
-from dit_attn.models.configs import build_sd3_pipeline
+from dit_attn.toy.configs import build_sd3_pipeline
 
 PLANTED = {(0, 3): 4.0, (1, 1): 2.0}  # (layer, head) -> gain of its output columns; every other head is silent
 PLANTED_NAMES = {f"L{layer}H{head}" for layer, head in PLANTED}

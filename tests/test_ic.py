@@ -10,8 +10,8 @@ from PIL import Image
 
 import dit_attn as da
 from dit_attn.ic.layout import Layout
-from dit_attn.models import data
-from dit_attn.models.configs import build_flux_pipeline, build_sd3_pipeline
+from dit_attn.toy import data
+from dit_attn.toy.configs import build_flux_pipeline, build_sd3_pipeline
 
 torch.set_num_threads(1)
 
@@ -291,7 +291,7 @@ def small_sets(directory, n=6):
 
 def fixed_loss(pipe, bucket, seed=0):
     """Flow-matching loss of the pipeline on one fixed batch of a bucket (same noise and times every call)."""
-    from dit_attn.pipelines.flow import predict
+    from dit_attn.train.flow import predict
 
     g = torch.Generator().manual_seed(seed)
     x0 = bucket["latents"]
@@ -306,7 +306,7 @@ def fixed_loss(pipe, bucket, seed=0):
 def test_ic_training_lowers_loss_saves_and_reloads(family, tmp_path):
     from peft.utils import set_peft_model_state_dict
 
-    from dit_attn.localization.train_lora import LoraTrainConfig, draw_batch, train_lora
+    from dit_attn.train.lora import LoraTrainConfig, draw_batch, train_lora
 
     directory = small_sets(tmp_path / "data")
     cfg = LoraTrainConfig(mode="ic", rank=4, alpha=8.0, steps=25, batch=2, lr=2e-2, warmup=2, max_sequence_length=8,
@@ -342,7 +342,7 @@ def test_ic_training_lowers_loss_saves_and_reloads(family, tmp_path):
 def test_ic_training_resume_equals_uninterrupted(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from dit_attn.localization.train_lora import LoraTrainConfig, train_lora
+    from dit_attn.train.lora import LoraTrainConfig, train_lora
 
     directory = small_sets(tmp_path / "data", n=4)
     cfg = LoraTrainConfig(mode="ic", rank=2, steps=5, batch=2, lr=1e-2, warmup=1, max_sequence_length=8,
@@ -373,7 +373,7 @@ def test_ic_training_resume_equals_uninterrupted(tmp_path, monkeypatch):
 
 
 def test_training_images_must_be_token_aligned(tmp_path):
-    from dit_attn.localization.train_lora import LoraTrainConfig, train_lora
+    from dit_attn.train.lora import LoraTrainConfig, train_lora
 
     noise_image(30, 32, 0).save(tmp_path / "a.png")
     (tmp_path / "a.txt").write_text("[LEFT] a; [RIGHT] b")

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from dit_attn.models import data
-from dit_attn.models.judge import (CLASSES, HEADS, WEIGHTS_PATH, _load, adherence, evaluate_judge, judge,
+from dit_attn.toy import data
+from dit_attn.toy.judge import (CLASSES, HEADS, WEIGHTS_PATH, _load, adherence, evaluate_judge, judge,
                                    load_judge, probabilities, train_judge)
 
 torch.set_num_threads(1)

@@ -304,7 +304,7 @@ def test_length_adjusted_scale(sd3_pipe):
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_highres_workflow(family, sd3_pipe, flux_pipe):
-    from dit_attn.pipelines.highres import generate_highres
+    from dit_attn.workflows.highres import generate_highres
 
     pipe = sd3_pipe if family == "sd3" else flux_pipe
     theta = getattr(pipe.transformer.pos_embed, "theta", None)

@@ -9,7 +9,7 @@ from PIL import Image
 import dit_attn as da
 from dit_attn.localization import localized_lora_modules, save_lora, sign_pairs, ssim, ssim_score
 from dit_attn.localization.prompts import guarded_prompt, with_quoted_text
-from dit_attn.models.configs import build_flux_pipeline, build_sd3_pipeline
+from dit_attn.toy.configs import build_flux_pipeline, build_sd3_pipeline
 
 from .conftest import SIZE, CallRecorder, flux_call, replay, sd3_call
 
@@ -464,7 +464,7 @@ def test_row_plan_with_guidance_and_patch():
 
 
 def small_sign_data(directory, n=4):
-    from dit_attn.localization.train_lora import write_sign_data
+    from dit_attn.train.lora import write_sign_data
 
     write_sign_data(str(directory), n)
     for path in directory.glob("*.png"):  # the tiny test pipelines draw 32×32 images
@@ -475,7 +475,7 @@ def small_sign_data(directory, n=4):
 def test_train_lora_resumes_and_reloads(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from dit_attn.localization.train_lora import LoraTrainConfig, train_lora
+    from dit_attn.train.lora import LoraTrainConfig, train_lora
 
     def build():
         pipe = build_sd3_pipeline(num_layers=3, num_heads=4, head_dim=8)

@@ -6,8 +6,8 @@ import os
 import torch
 
 import dit_attn as da
-from dit_attn.models.evaluate import held_out_prompts, score
-from dit_attn.models.tiny import SHIPPED_DIR
+from dit_attn.toy.evaluate import held_out_prompts, score
+from dit_attn.toy.tiny import SHIPPED_DIR
 
 # judge adherence (share of the prompt's attributes seen) on 8 held-out prompts of each kind, 20 steps:
 # the shipped model gives 1.00 (shapes) and 1.00 (signs); the same pipeline with a random transformer 0.27 / 0.08

@@ -3,8 +3,8 @@ its zero-token attention bias equals the stock pipeline's padding."""
 import pytest
 import torch
 
-from dit_attn.models import train_tiny
-from dit_attn.models.tiny import CLIP_LENGTH, ZeroTokenBias, make_tokenizer, clip_words, make_transformer
+from dit_attn.train import tiny as train_tiny
+from dit_attn.toy.tiny import CLIP_LENGTH, ZeroTokenBias, make_tokenizer, clip_words, make_transformer
 
 SMALL = dict(images=12, vae_steps=2, vae_batch=2, steps=4, batch=2, checkpoint_every=2, threads=1, compile=False)
 
@@ -102,15 +102,17 @@ def test_bf16_autocast_keeps_attention_in_float32(monkeypatch):
 
 
 def test_cli_flags_for_bool_fields(tmp_path, monkeypatch):
+    from dit_attn.cli import main
+
     got = {}
-    monkeypatch.setattr(train_tiny, "train_tiny", lambda cfg, work, out: got.setdefault("cfg", cfg))
-    train_tiny.main(["--work", str(tmp_path), "--out", str(tmp_path / "o"), "--bf16", "--layers", "8",
-                     "--sign-fraction", "0.25"])
+    monkeypatch.setattr(train_tiny, "train_tiny", lambda cfg, work, out, restart=False: got.setdefault("cfg", cfg))
+    main(["train-tiny", "--work", str(tmp_path), "--out", str(tmp_path / "o"), "--bf16", "--layers", "8",
+          "--sign-fraction", "0.25"])
     assert got["cfg"].bf16 is True and got["cfg"].layers == 8 and got["cfg"].sign_fraction == 0.25
     got.clear()
-    train_tiny.main(["--work", str(tmp_path), "--out", str(tmp_path / "o"), "--no-bf16", "--no-fixed-geometry",
-                     "--no-compile"])
+    main(["train-tiny", "--work", str(tmp_path), "--out", str(tmp_path / "o"), "--no-bf16", "--no-fixed-geometry",
+          "--no-compile"])
     assert got["cfg"].bf16 is False and got["cfg"].fixed_geometry is False and got["cfg"].compile is False
     got.clear()
-    train_tiny.main(["--work", str(tmp_path), "--out", str(tmp_path / "o")])
+    main(["train-tiny", "--work", str(tmp_path), "--out", str(tmp_path / "o")])
     assert got["cfg"] == train_tiny.TrainConfig()

@@ -40,7 +40,7 @@ CHECK = textwrap.dedent('''
     original = kernels.BACKENDS["triton"]
     kernels.BACKENDS["triton"] = kernels.Backend(
         "triton", lambda *a, **kw: (triton_calls.append(1), original.run(*a, **kw))[1], original.why_not)
-    from dit_attn.models.configs import build_flux_pipeline, build_sd3_pipeline
+    from dit_attn.toy.configs import build_flux_pipeline, build_sd3_pipeline
     for pipe in (build_sd3_pipeline(num_layers=2, head_dim=16), build_flux_pipeline(head_dim=16)):
         pipe.set_progress_bar_config(disable=True)
         images = {}
@@ -153,7 +153,7 @@ BACKWARD = textwrap.dedent('''
     print("backward, worst relative error:", worst)
 
     # distill-clear's path: the transformer's parameter gradients through local attention equal the tiled backend's
-    from dit_attn.models.configs import build_sd3_pipeline
+    from dit_attn.toy.configs import build_sd3_pipeline
     pipe = build_sd3_pipeline(num_layers=2, head_dim=16)
     transformer = pipe.transformer
     x, text, pooled = torch.randn(2, transformer.config.in_channels, 12, 12), torch.randn(2, 24, transformer.config.joint_attention_dim), torch.randn(2, transformer.config.pooled_projection_dim)

@@ -32,7 +32,7 @@ MAX_UPLOAD_BYTES = 64 * 2**20
 
 
 def objective_choices() -> list[str]:
-    from ..models.data import PALETTE
+    from ..toy.data import PALETTE
 
     return ["judge", "judge:soft", *(f"color:{name}" for name in PALETTE), "clip-score", "pickscore"]
 
@@ -77,7 +77,7 @@ def check_prompts_for(objective: str, prompts: tuple[str, ...]) -> None:
     """The judge reads only the tiny world's captions: refuse others before generating anything."""
     if objective.partition(":")[0] != "judge":
         return
-    from ..models.data import parse_caption
+    from ..toy.data import parse_caption
 
     for prompt in prompts:
         try:

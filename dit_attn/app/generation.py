@@ -10,11 +10,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..apply import apply
-from ..cli import pipeline_kwargs, slug, write_png_atomic
+from ..handle import apply
+from ..io import slug, write_png_atomic
 from ..loading import call_defaults
 from .models import LoadedModel
-from .settings import edits_for
+from ..workflows.batch import edits_for, pipeline_kwargs
 
 
 def run_pipeline(model: LoadedModel, settings: dict, on_step: Callable[[int], None] | None = None) -> Image.Image:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import loading
-from ..apply import layers
+from ..handle import layers
 from ..heads import PRESETS, LayerInfo, model_family, resolve_heads
 
 
@@ -81,7 +81,7 @@ class ModelRegistry:
     """Embedded models plus `model_dirs`; keeps up to `max_loaded` pipelines, least recently used dropped first."""
 
     def __init__(self, model_dirs=(), *, embedded: tuple[str, ...] | None = None, device: str | None = None,
-                 torch_dtype: torch.dtype = torch.float32, max_loaded: int = 2):
+                 dtype: str = "float32", max_loaded: int = 2):
         if max_loaded < 1:
             raise ValueError(f"max_loaded must be >= 1, got {max_loaded}")
         names = embedded_models() if embedded is None else tuple(embedded)
@@ -90,7 +90,7 @@ class ModelRegistry:
         if not self.choices:
             raise ValueError("no models to offer: give --model-dir DIR or keep the embedded models")
         self.device = device
-        self.torch_dtype = torch_dtype
+        self.dtype = dtype
         self.max_loaded = max_loaded
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._loading = threading.Lock()
@@ -101,7 +101,7 @@ class ModelRegistry:
 
     @property
     def dtype_name(self) -> str:
-        return str(self.torch_dtype).removeprefix("torch.")
+        return self.dtype
 
     def get(self, choice: str) -> LoadedModel:
         if choice not in self.choices:
@@ -109,7 +109,7 @@ class ModelRegistry:
         with self._loading:
             model = self._loaded.get(choice)
             if model is None:
-                pipe = loading.load_pipeline(choice, torch_dtype=self.torch_dtype, device=self.device)
+                pipe = loading.load_pipeline(choice, dtype=self.dtype, device=self.device)
                 pipe.set_progress_bar_config(disable=True)
                 model = LoadedModel(choice, pipe, model_family(pipe.transformer), layers(pipe))
                 self._loaded[choice] = model

@@ -1,6 +1,6 @@
 """Turn the page's form values into the settings dict of `dit-attn generate`, checking each one.
 
-The settings use the keys of the command line's (see `cli.item_settings`; of the local
+The settings use the keys of the command line's (see `workflows.batch.item_settings`; of the local
 attention options the page offers the radius and the pooled-key downsample factor, not a
 weights file, which would be a path typed into the page), so a PNG's `dit-attn` text chunk
 from the app and from `dit-attn generate` read the same.
@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 
-from ..cli import parse_heads, parse_size
-from ..edits import HeadGuidance, LocalAttention
+from ..io import parse_heads, parse_size
+from ..edits import HeadGuidance
 from ..heads import normalize_heads, resolve_heads
+from ..workflows.batch import edits_for
 from .models import LoadedModel
 
 MAX_STEPS = 200
@@ -89,16 +90,3 @@ def build_settings(model: LoadedModel, *, prompt: str, steps, cfg, seed, size: s
         if isinstance(edit, HeadGuidance):
             resolve_heads(edit.heads, model.layer_map, model.family)
     return settings
-
-
-def edits_for(settings: dict) -> tuple:
-    """The edits the settings ask for: head guidance and/or CLEAR local attention (none: the stock model)."""
-    edits = []
-    if settings["heads"]:
-        edits.append(HeadGuidance(heads=settings["heads"], scale=settings["pag_scale"], u=settings["u"],
-                                  target=settings["target"], scope=settings["scope"], start=settings["start"], end=settings["end"]))
-    if settings.get("local_radius") is not None:
-        edits.append(LocalAttention(radius=settings["local_radius"], downsample=settings.get("local_downsample")))
-    elif settings.get("local_downsample") is not None:
-        raise ValueError("local downsample needs a local attention radius: set the radius too, or clear the downsample")
-    return tuple(edits)

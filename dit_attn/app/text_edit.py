@@ -9,10 +9,10 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from ..apply import apply
+from ..handle import apply
 from ..edits import TextGuard
 from ..loading import call_defaults
-from ..localization.cli import parse_layer_groups
+from ..io import parse_layer_groups
 from ..localization.editing import TextEdit, edit_text
 from ..localization.prompts import guarded_prompt
 from ..localization.score import to_pil

@@ -7,14 +7,15 @@ import logging
 
 import gradio as gr
 
-from ..cli import slug
+from ..io import slug
 from ..guidance.atlas import atlas as compute_atlas
 from ..loading import call_options
 from .atlas import (MAX_ATLAS_STEPS, MAX_ATLAS_WORK, MAX_PROMPTS, MAX_SEEDS, atlas_request, check_work, objective_choices,
                     read_atlas, summarize, write_atlas)
 from .generation import difference_image, run_pipeline, save_png, with_actual_size
 from .models import LoadedModel, ModelRegistry
-from .settings import MAX_SEED, MAX_STEPS, build_settings, collect_heads, edits_for, number, parse_image_size, whole_number
+from ..workflows.batch import edits_for
+from .settings import MAX_SEED, MAX_STEPS, build_settings, collect_heads, number, parse_image_size, whole_number
 from .text_edit import DEFAULT_SIGN_PROMPT, REPLACEMENT, parse_blocklist, run_text_edit, text_layers
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class AppActions:
     def sets(self, model_choice, steps, cfg, seed, size, layout, panel_text, task_tag, summary, reference, reference_panel,
              progress=gr.Progress()):
         """An in-context set: one caption line a panel, optional reference image for one panel (resized to the panel)."""
-        from ..cli import parse_size
+        from ..io import parse_size
         from ..ic import Layout, caption, generate_set
 
         progress(0, desc="loading model")

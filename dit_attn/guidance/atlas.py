@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from ..heads import model_layers
 from ..loading import sequence_length
 from .objectives import get_objective
-from .search import (candidate_heads, checked_scores, generate, head_name, pairs_of, score_batch, search_settings,
-                     write_json_atomic)
+from .search import (candidate_heads, checked_scores, generate, head_name, pairs_of, score_batch, search_settings)
+from ..io import write_atomic, write_json_atomic, write_text_atomic
 
 THUMB = 48
 
@@ -127,9 +127,7 @@ def render_png(result: Atlas, path: str) -> None:
             canvas.paste(thumb, (x + 3, y + 3))
     for head in range(n_heads):
         draw.text((label + head * cell + cell // 2 - 8, height - 20), f"H{head}", fill="black", font=font)
-    tmp = path + ".tmp.png"
-    canvas.save(tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: canvas.save(f, format="PNG"))
 
 
 def render_html(result: Atlas, path: str) -> None:
@@ -164,7 +162,4 @@ Red: the objective goes up; blue: down.</p>
 <details><summary>settings</summary><pre>{settings}</pre></details>
 </body></html>
 """
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(page)
-    os.replace(tmp, path)
+    write_text_atomic(path, page)

@@ -21,19 +21,19 @@ COLOR_DISTANCE = 60.0  # RGB distance within which a pixel counts as the palette
 
 
 def judge_objective(images, prompts) -> list[float]:
-    from ..models.judge import adherence
+    from ..toy.judge import adherence
 
     return adherence(list(images), list(prompts)).tolist()
 
 
 def soft_judge_objective(images, prompts) -> list[float]:
-    from ..models.judge import adherence
+    from ..toy.judge import adherence
 
     return adherence(list(images), list(prompts), soft=True).tolist()
 
 
 def color_objective(name: str) -> Objective:
-    from ..models.data import PALETTE
+    from ..toy.data import PALETTE
 
     if name not in PALETTE:
         raise ValueError(f"unknown palette colour {name!r}; valid: {', '.join(PALETTE)}")

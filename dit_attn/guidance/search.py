@@ -36,7 +36,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 import torch
 from tqdm.auto import tqdm
 
-from ..apply import apply
+from ..handle import apply
+from ..io import write_json_atomic
 from ..edits import HeadGuidance
 from ..heads import model_family, model_layers, resolve_heads
 from ..loading import call_options, sequence_length
@@ -69,15 +70,6 @@ class HuntResult:
     def load(cls, path: str) -> "HuntResult":
         with open(path) as f:
             return cls(**json.load(f))
-
-
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def candidate_heads(pipe, candidates=None) -> list[Head]:

@@ -30,7 +30,7 @@ def caption(panels: Sequence[str], layout: Layout | str | tuple[int, int] | None
     gives one tag a panel (brackets optional). `layout` None means one row of panels.
 
     With task tag "SET" and summary "two panels of the same {shape}" this is exactly the
-    tiny model's set caption (`dit_attn.models.data.set_caption`).
+    tiny model's set caption (`dit_attn.toy.data.set_caption`).
     """
     if isinstance(panels, str) or not isinstance(panels, Sequence):
         raise TypeError("panels must be a list of panel captions (one string a panel)")

@@ -25,6 +25,7 @@ from PIL import Image
 
 from .canvas import compose
 from .captions import caption as make_caption
+from ..io import write_png_atomic, write_text_atomic
 from .layout import Layout
 
 SETS_JSON = "sets.json"
@@ -69,7 +70,7 @@ def read_set_json(directory: str) -> list[tuple[Image.Image, str]]:
 
 def read_set_data(directory: str) -> list[tuple[Image.Image | str, str]]:
     """(image or image path, caption) pairs of an IC training directory: sets.json if present, else set images."""
-    from ..localization.train_lora import read_captioned_images
+    from ..train.lora import read_captioned_images
 
     if os.path.isfile(os.path.join(directory, SETS_JSON)):
         return read_set_json(directory)
@@ -78,9 +79,9 @@ def read_set_data(directory: str) -> list[tuple[Image.Image | str, str]]:
 
 def write_set_data(directory: str, n: int, seed: int = 0, start: int = 0) -> int:
     """Render sets `start` .. `start`+n−1 of the tiny model's world (128×64, two panels with the same
-    shape in two colours, `dit_attn.models.data.make_set_example`) with their captions into
+    shape in two colours, `dit_attn.toy.data.make_set_example`) with their captions into
     `directory` (set-NNNNN.png + metadata.jsonl). Returns n."""
-    from ..models import data
+    from ..toy import data
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
@@ -89,19 +90,14 @@ def write_set_data(directory: str, n: int, seed: int = 0, start: int = 0) -> int
     for i in range(start, start + n):
         example = data.make_set_example(seed, i)
         name = f"set-{i:05d}.png"
-        tmp = os.path.join(directory, f".{name}.tmp")
-        example.image.save(tmp, format="PNG")
-        os.replace(tmp, os.path.join(directory, name))
+        write_png_atomic(example.image, os.path.join(directory, name))
         rows.append(json.dumps({"file_name": name, "text": example.caption}))
-    tmp = os.path.join(directory, ".metadata.jsonl.tmp")
-    with open(tmp, "w") as f:
-        f.write("\n".join(rows) + "\n")
-    os.replace(tmp, os.path.join(directory, "metadata.jsonl"))
+    write_text_atomic(os.path.join(directory, "metadata.jsonl"), "\n".join(rows) + "\n")
     return n
 
 
 def set_captions(n: int, seed: int, start: int = 0) -> list[str]:
     """Captions of sets `start` .. `start`+n−1 of the tiny world's stream `seed` (held-out prompts: another seed)."""
-    from ..models import data
+    from ..toy import data
 
     return [data.make_set_example(seed, i).caption for i in range(start, start + n)]

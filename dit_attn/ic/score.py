@@ -15,8 +15,8 @@ def set_consistency(canvases: Sequence[Image.Image], captions: Sequence[str], mo
     captioned shape), `colors_right` (each panel's colour as captioned), `consistent` (same shape
     and both colours right) and the panels' judged labels.
     """
-    from ..models.data import parse_set_caption
-    from ..models.judge import judge
+    from ..toy.data import parse_set_caption
+    from ..toy.judge import judge
 
     if len(canvases) != len(captions):
         raise ValueError(f"got {len(canvases)} canvases but {len(captions)} captions")

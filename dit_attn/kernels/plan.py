@@ -9,10 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import SCOPES, TARGETS
 from .window import LocalWindow
 
-TARGETS = ("identity", "uniform")
-SCOPES = ("joint", "image")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ from functools import lru_cache
 
 import torch
 
+from ..checks import check_radius
+
 
 @dataclass(frozen=True)
 class LocalWindow:
@@ -66,11 +68,6 @@ class LocalWindow:
         """True when every image key is inside every image query's circle."""
         rows, cols = self.grid
         return self.pool is None and (rows - 1) ** 2 + (cols - 1) ** 2 < self.radius**2
-
-
-def check_radius(radius) -> None:
-    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not math.isfinite(radius) or radius <= 0:
-        raise ValueError(f"radius must be a finite number > 0 (in tokens), got {radius!r}")
 
 
 def reach(radius: float) -> int:

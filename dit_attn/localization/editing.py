@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from ..apply import apply, layers as layer_map
+from ..handle import apply, layers as layer_map
 from ..edits import TextPatch
 from .prompts import with_quoted_text
 from .score import to_pil

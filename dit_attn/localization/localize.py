@@ -8,9 +8,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..apply import apply, layers as layer_map
+from ..handle import apply, layers as layer_map
 from ..edits import TextPatch
-from .output import bar_chart, save_png, write_json
+from ..io import write_json_atomic, write_png_atomic
+from .output import bar_chart
 from .score import TextPair, as_pairs, components, judge_score
 
 RESULT_JSON = "localization.json"
@@ -103,8 +104,8 @@ class LocalizationResult:
     def save(self, directory: str) -> tuple[str, str]:
         """Write localization.json and localization.png (each atomically); returns their paths."""
         json_path, png_path = os.path.join(directory, RESULT_JSON), os.path.join(directory, RESULT_PNG)
-        write_json(json_path, self.to_dict())
-        save_png(png_path, self.chart())
+        write_json_atomic(json_path, self.to_dict())
+        write_png_atomic(self.chart(), png_path)
         return json_path, png_path
 
 
@@ -177,7 +178,7 @@ def sign_pairs(n: int, seed: int = 0) -> list[TextPair]:
     two different characters."""
     import numpy as np
 
-    from ..models import data
+    from ..toy import data
 
     rng = np.random.default_rng(seed)
     pairs = []

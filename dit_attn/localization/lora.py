@@ -7,10 +7,10 @@ import re
 
 import torch
 
-from ..apply import layers as layer_map
+from ..handle import layers as layer_map
 
 # inside the attention module; FLUX single blocks have no to_out/add_* and keep to_q/k/v
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+from ..train.config import LORA_TARGETS as DEFAULT_TARGETS
 
 
 def _block_name(attention_name: str) -> str:

@@ -1,34 +1,7 @@
-"""Atomic result files and the localization bar chart (drawn with Pillow)."""
+"""The localization bar chart (drawn with Pillow)."""
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-
 from PIL import Image, ImageDraw, ImageFont
-
-
-def write_atomic(path: str, write) -> None:
-    """Call write(file) on a temporary file beside `path`, then rename it into place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: str, data) -> None:
-    write_atomic(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
-
-
-def save_png(path: str, image: Image.Image, pnginfo=None) -> None:
-    write_atomic(path, lambda f: image.save(f, format="PNG", pnginfo=pnginfo))
 
 
 def bar_chart(labels: list[str], values: list[float], title: str, highlight: int | None = None) -> Image.Image:

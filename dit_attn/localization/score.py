@@ -96,8 +96,8 @@ def ssim_score(images: torch.Tensor, originals: torch.Tensor, pairs: Sequence[Te
 
 def judge_glyph_probability(images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
     """The embedded judge's probability that each image shows its text (one of A–Z, 0–9)."""
-    from ..models.data import GLYPHS
-    from ..models.judge import CLASSES, probabilities
+    from ..toy.data import GLYPHS
+    from ..toy.judge import CLASSES, probabilities
 
     glyphs = CLASSES["glyph"]
     bad = [t for t in texts if t not in GLYPHS]

@@ -1,6 +1,6 @@
 """Judge-measured quality and speed of a pipeline on held-out synthetic-world prompts.
 
-`python -m dit_attn.models.evaluate --model DIR --out report.json --grid grid.png`
+`python -m dit_attn.toy.evaluate --model DIR --out report.json --grid grid.png`
 reports, for shape prompts, shape+colour adherence (both right) and, for sign prompts,
 glyph accuracy, with CFG on and off and optionally with a HeadGuidance setting; plus the
 seconds per 64×64 image on one thread at the pipeline's default settings.

@@ -29,47 +29,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..heads import model_layers
-from ..pipelines.flow import latents_of, predict, text_features
-from ..pipelines.training import cosine_lr, save_atomic, set_lr, step_seed
-from .lora import DEFAULT_TARGETS, localized_lora_config, lora_parameter_count, save_lora
+from .flow import latents_of, predict, text_features
+from ..io import save_torch_atomic as save_atomic
+from .common import cosine_lr, set_lr, start_over, step_seed
+from .config import LORA_MODES as MODES, LoraTrainConfig
+from ..localization.lora import DEFAULT_TARGETS, localized_lora_config, lora_parameter_count, save_lora
 
-MODES = ("localized", "all", "ic")
 CACHE_FORMAT = "dit-attn-lora-data/2"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-
-
-@dataclass(frozen=True)
-class LoraTrainConfig:
-    mode: str = "localized"
-    layers: tuple[int, ...] = ()
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    rank: int = 4
-    alpha: float | None = None
-    steps: int = 200
-    batch: int = 8
-    lr: float = 1e-4
-    warmup: int = 10
-    size: int | None = None  # train resolution in pixels (default: the images' own)
-    max_sequence_length: int | None = None  # default: the pipeline's call defaults, else 256
-    seed: int = 0
-    checkpoint_every: int = 50
-    caption_dropout: float = 0.0  # probability that a caption is replaced by the empty one
-    accumulate: int = 1  # batches per optimizer update (gradient accumulation)
-    guidance: float = 1.0  # FLUX guidance-embedding value while training (guidance-distilled models)
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.mode == "localized" and not self.layers:
-            raise ValueError("--mode localized needs --layers (the text layers from dit-attn localize)")
-        if self.mode == "ic" and self.size is not None:
-            raise ValueError("--size resizes to squares and applies to --mode localized/all; ic sets train at their own size")
-        if not 0.0 <= self.caption_dropout < 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout!r}")
-        for name in ("rank", "steps", "batch", "checkpoint_every", "accumulate"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def read_captioned_images(directory: str) -> list[tuple[str, str]]:
@@ -102,7 +69,7 @@ def read_captioned_images(directory: str) -> list[tuple[str, str]]:
 
 def write_sign_data(directory: str, n: int, seed: int = 0) -> int:
     """Render n sign images of the tiny model's world with captions into `directory` (metadata.jsonl)."""
-    from ..models import data
+    from ..toy import data
 
     os.makedirs(directory, exist_ok=True)
     rows = []
@@ -218,9 +185,10 @@ def save_lora_atomic(pipe, out: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def train_lora(pipe, cfg: LoraTrainConfig, data_dir: str, work: str, out: str) -> dict:
-    """Train (resuming from `work`) and save the LoRA to `out`; the pipeline is left without it.
-    Returns a summary with the losses and parameter counts."""
+def train_lora(pipe, cfg: LoraTrainConfig, data_dir: str, work: str, out: str, restart: bool = False) -> dict:
+    """Train (resuming from `work`; restart=True: from scratch) and save the LoRA to `out`; the pipeline is
+    left without it. Returns a summary with the losses and parameter counts."""
+    start_over(work, restart)
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
     from ..loading import call_defaults
@@ -287,54 +255,3 @@ def train_lora(pipe, cfg: LoraTrainConfig, data_dir: str, work: str, out: str) -
             param.requires_grad_(grad_flags.get(name, False))
         transformer.eval()
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from ..loading import DEMO, TINY, load_pipeline
-    from .cli import parse_layer_groups
-
-    parser = argparse.ArgumentParser(prog="dit-attn train-lora", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None,
-                        help=f"pipeline directory, hub id or an embedded model name (default: {TINY!r} for --mode ic, else {DEMO!r})")
-    parser.add_argument("--mode", default="localized", choices=MODES,
-                        help="LoRA on --layers only, on every layer, or an in-context LoRA on panel sets (every layer)")
-    parser.add_argument("--layers", default="", help="the text layers, e.g. '3' or '3,4' (from dit-attn localize)")
-    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="module names inside each layer's attention or block")
-    parser.add_argument("--data", required=True, help="images + captions: metadata.jsonl (file_name, text) or NAME.png + NAME.txt; "
-                        "--mode ic also: panels + sets.json (see dit_attn.ic.data)")
-    parser.add_argument("--make-signs", type=int, default=0, help="first render N sign images of the tiny model's world into --data")
-    parser.add_argument("--make-sets", type=int, default=0, help="first render N two-panel sets of the tiny model's world into --data")
-    parser.add_argument("--work", required=True, help="directory for the encoded data and checkpoints (rerun to resume)")
-    parser.add_argument("--out", required=True, help="directory for the LoRA (pytorch_lora_weights.safetensors)")
-    defaults = LoraTrainConfig(mode="all")
-    for name, kind in (("rank", int), ("alpha", float), ("steps", int), ("batch", int), ("lr", float), ("warmup", int),
-                       ("size", int), ("max_sequence_length", int), ("seed", int), ("checkpoint_every", int),
-                       ("caption_dropout", float), ("accumulate", int), ("guidance", float)):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name))
-    args = parser.parse_args(argv)
-    try:
-        layers = tuple(i for group in parse_layer_groups(args.layers) for i in group) if args.layers else ()
-        cfg = LoraTrainConfig(
-            mode=args.mode, layers=layers, targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
-            rank=args.rank, alpha=args.alpha, steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
-            size=args.size, max_sequence_length=args.max_sequence_length, seed=args.seed,
-            checkpoint_every=args.checkpoint_every, caption_dropout=args.caption_dropout, accumulate=args.accumulate,
-            guidance=args.guidance,
-        )
-        if args.make_signs:
-            write_sign_data(args.data, args.make_signs, args.seed)
-        if args.make_sets:
-            from ..ic.data import write_set_data
-
-            write_set_data(args.data, args.make_sets, args.seed)
-        pipe = load_pipeline(args.model or (TINY if cfg.mode == "ic" else DEMO))
-        pipe.set_progress_bar_config(disable=True)
-        summary = train_lora(pipe, cfg, args.data, args.work, args.out)
-    except (ValueError, TypeError, NotImplementedError) as err:
-        parser.exit(2, f"dit-attn train-lora: error: {err}\n")
-    share = summary["lora_parameters"] / summary["transformer_parameters"]
-    print(f"dit-attn train-lora: {summary['mode']} LoRA on layers {summary['layers']}, {summary['lora_parameters']} "
-          f"parameters ({share:.3%} of the transformer), last loss {summary['losses'][-1]:.4f} -> {summary['out']}")
-    return 0

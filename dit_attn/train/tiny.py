@@ -16,7 +16,6 @@ budgets, decide how long each stage trains).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -30,42 +29,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..pipelines.training import cosine_lr, save_atomic, set_lr, step_seed
-from .data import make_example
-from .tiny import PIPELINE_ZERO_TOKENS, ZeroTokenBias, assemble_pipeline, export_half, make_transformer, make_vae
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    seed: int = 0
-    images: int = 24_000
-    vae_steps: int = 600  # ~0.6 s a step at batch 32 with 2 threads and bf16 here: ~6 min
-    vae_batch: int = 32
-    vae_lr: float = 1e-3
-    # batch 32 and 64 give the same samples/s here (~56), so take the smaller batch and twice the updates
-    steps: int = 13_000  # ~0.33 s a step at batch 32 with 2 threads, bf16 and compile here: ~72 min
-    batch: int = 32
-    lr: float = 5e-4
-    warmup: int = 500
-    ema: float = 0.999
-    caption_dropout: float = 0.1
-    layers: int = 6  # transformer blocks
-    # shapes drawn without jitter at one extent per size (50 placements, like the glyphs' one)
-    fixed_geometry: bool = True
-    # share of signs among the rendered images, the rest are shapes; glyphs are learnt from fewer
-    # examples than shapes but are easier (one centred glyph), so the shipped recipe gives shapes 80% of the data
-    sign_fraction: float = 0.2
-    # logit-normal location of the training flow times; > 0 trains more at high noise, where the
-    # shape and its colour are decided (the shipped recipe: 0.3)
-    t_location: float = 0.3
-    checkpoint_every: int = 200
-    threads: int = 2
-    # bfloat16 autocast for convolutions and linear layers (attention stays float32): VAE steps
-    # ~2.1× and transformer steps ~1.5× faster on CPUs with AVX-512 BF16 (the shipped recipe uses it)
-    bf16: bool = True
-    # torch.compile the transformer's training step: ~1.2× faster steps here after ~20 s of
-    # compiling; needs a C++ compiler (without one the trainer warns and runs eagerly)
-    compile: bool = True
+from ..io import save_torch_atomic as save_atomic
+from .common import cosine_lr, set_lr, start_over, step_seed
+from .config import TrainConfig
+from ..toy.data import make_example
+from ..toy.tiny import PIPELINE_ZERO_TOKENS, ZeroTokenBias, assemble_pipeline, export_half, make_transformer, make_vae
 
 
 def render_dataset(cfg: TrainConfig, work: str) -> tuple[torch.Tensor, list[str]]:
@@ -215,8 +183,9 @@ def train_transformer(cfg: TrainConfig, work: str, pipe, latents: torch.Tensor, 
     return transformer.eval()
 
 
-def train_tiny(cfg: TrainConfig, work: str, out: str) -> str:
-    """Run every stage (resuming where a previous run stopped) and save the pipeline to `out`."""
+def train_tiny(cfg: TrainConfig, work: str, out: str, restart: bool = False) -> str:
+    """Run every stage (resuming where a previous run stopped; restart=True: from scratch) and save the pipeline to `out`."""
+    start_over(work, restart)
     torch.set_num_threads(cfg.threads)
     os.makedirs(work, exist_ok=True)
     started = time.time()
@@ -236,27 +205,3 @@ def _export(pipe, cfg: TrainConfig, out: str, seconds: float) -> str:
     with open(os.path.join(out, "dit_attn_training.json"), "w") as f:
         json.dump({"config": asdict(cfg), "seconds_this_run": round(seconds, 1), "torch": torch.__version__}, f, indent=2)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dit-attn train-tiny", description=__doc__.split("\n")[0])
-    parser.add_argument("--work", required=True, help="work directory for caches and checkpoints (resume by rerunning)")
-    parser.add_argument("--out", required=True, help="where to save the trained pipeline (float32)")
-    parser.add_argument("--package", default=None,
-                        help="also write the float16 copy that ships as package data (dit_attn/models/tiny)")
-    for field, value in asdict(TrainConfig()).items():
-        flag = f"--{field.replace('_', '-')}"
-        if isinstance(value, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-        else:
-            parser.add_argument(flag, type=type(value), default=value)
-    args = vars(parser.parse_args(argv))
-    work, out, package = args.pop("work"), args.pop("out"), args.pop("package")
-    train_tiny(TrainConfig(**args), work, out)
-    if package:
-        export_half(out, package)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -144,11 +144,11 @@ def export_half(pipeline_dir: str, out_dir: str) -> str:
     return out_dir
 
 
-def load_shipped(torch_dtype: torch.dtype | None = None) -> StableDiffusion3Pipeline:
+def load_shipped(dtype: torch.dtype | None = None) -> StableDiffusion3Pipeline:
     if not os.path.isfile(os.path.join(SHIPPED_DIR, "model_index.json")):
         raise ValueError(f"the tiny model's weights are not in this installation ({SHIPPED_DIR} is missing)")
     pipe = StableDiffusion3Pipeline.from_pretrained(
-        SHIPPED_DIR, text_encoder_3=None, tokenizer_3=None, torch_dtype=torch_dtype or torch.float32
+        SHIPPED_DIR, text_encoder_3=None, tokenizer_3=None, dtype=dtype or torch.float32
     )
     pipe.dit_attn_call_defaults = dict(FAST_CALL)
     return pipe

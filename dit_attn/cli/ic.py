@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from .common import TINY, add_model_options, load, size_argument
+
 
 def parse_reference(text: str) -> tuple[int, str]:
     """'0=left.png' → (0, 'left.png')."""
@@ -16,11 +18,11 @@ def parse_reference(text: str) -> tuple[int, str]:
 def cmd_ic(args) -> int:
     from PIL import Image
 
-    from ..cli import DTYPES, write_png_atomic
-    from ..loading import call_options, load_pipeline
-    from .captions import caption
-    from .generate import generate_set
-    from .layout import Layout
+    from ..ic.captions import caption
+    from ..ic.generate import generate_set
+    from ..ic.layout import Layout
+    from ..io import write_png_atomic
+    from ..loading import call_options
 
     layout = Layout.parse(args.layout)
     if bool(args.caption) == bool(args.panels):
@@ -32,8 +34,7 @@ def cmd_ic(args) -> int:
         if not os.path.isfile(path):
             raise ValueError(f"reference image not found: {path}")
         references[index] = Image.open(path).convert("RGB")
-    pipe = load_pipeline(args.model, torch_dtype=DTYPES[args.dtype], device=args.device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load(args)
     if args.lora:
         pipe.load_lora_weights(args.lora)
     options = call_options(args.cfg, None, args.max_sequence_length)
@@ -50,11 +51,8 @@ def cmd_ic(args) -> int:
     return 0
 
 
-def add_command(sub) -> None:
+def add_commands(sub) -> None:
     """Add `ic` to the `dit-attn` subcommands."""
-    from ..cli import DTYPES, parse_size
-    from ..loading import TINY
-
     ic = sub.add_parser("ic", help="generate an in-context set: one joint caption, a canvas of panels (IC-LoRA)")
     ic.add_argument("caption", nargs="?", default=None, help="the joint caption (or give --panel captions)")
     ic.add_argument("--panel", dest="panels", action="append", default=[], help="one panel's caption (repeat, row-major order)")
@@ -62,7 +60,7 @@ def add_command(sub) -> None:
     ic.add_argument("--summary", default=None, help="summary after the task tag")
     ic.add_argument("--tags", default=None, help="position tags, comma-separated (default: from the layout)")
     ic.add_argument("--layout", default="1x2", help="ROWSxCOLS, e.g. 1x2, 2x2, 3x1 (default 1x2)")
-    ic.add_argument("--size", type=parse_size, default=None,
+    ic.add_argument("--size", type=size_argument, default=None,
                     help="canvas WIDTHxHEIGHT in pixels (default: each panel at the model's default size)")
     ic.add_argument("--reference", dest="references", type=parse_reference, action="append", default=[],
                     metavar="PANEL=IMAGE", help="keep panel PANEL (0-based, row-major) as this panel-sized image (repeatable)")
@@ -70,12 +68,10 @@ def add_command(sub) -> None:
                     help="overwrite: reference latents put back every step (SD3/FLUX); fill: a FluxFillPipeline with a mask")
     ic.add_argument("--decode", default="canvas", choices=["canvas", "panels"], help="VAE-decode the whole canvas or each panel")
     ic.add_argument("--lora", default=None, help="a LoRA to load (e.g. from dit-attn train-lora --mode ic)")
-    ic.add_argument("--model", default=TINY, help="local pipeline directory, hub id, or an embedded model: 'tiny' (default), 'demo'")
+    add_model_options(ic, TINY)
     ic.add_argument("--steps", type=int, default=20)
     ic.add_argument("--cfg", type=float, default=None, help="guidance scale (pipeline default if omitted)")
     ic.add_argument("--seed", type=int, default=0)
     ic.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: the model's call defaults)")
-    ic.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    ic.add_argument("--device", default=None)
     ic.add_argument("--out", default="set", help="directory for canvas.png and panel-K.png (settings in their text chunks)")
     ic.set_defaults(func=cmd_ic)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from ..apply import apply
+from ..handle import apply
 from ..edits import LocalAttention
 from ..heads import model_family
 

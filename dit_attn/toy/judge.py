@@ -1,7 +1,7 @@
 """The judge: a small CNN that reads the attributes of synthetic-world images.
 
 It predicts six attributes of a 64×64 image of the synthetic world
-(:mod:`dit_attn.models.data`), each with a ``none`` class where the attribute does not
+(:mod:`dit_attn.toy.data`), each with a ``none`` class where the attribute does not
 apply (glyph of a shape; shape, size and position of a sign):
 
 =========== ================================================ =======
@@ -17,14 +17,14 @@ glyph       A–Z 0–9                                          shapes
 
 The size and position of a shape are always read from the image, even if its caption
 did not specify them. Weights ship as package data (``weights/judge.safetensors``, about
-1.3 MB) and are produced by :func:`train_judge` (``python -m dit_attn.models.judge --out
+1.3 MB) and are produced by :func:`train_judge` (``python -m dit_attn.toy.judge --out
 PATH``). Inputs are PIL images or float tensors (B, 3, H, W) with values in ``[0, 1]``
 (pass ``value_range=(-1, 1)`` for VAE-range tensors); square inputs of another size are
 resized to 64×64 with anti-aliasing.
 
 Typical use::
 
-    from dit_attn.models.judge import judge, adherence
+    from dit_attn.toy.judge import judge, adherence
     judge([image])[0]["shape"]            # ('circle', 0.998)
     adherence(images, prompts)            # tensor (B,), fraction of the prompt's attributes seen
 """
@@ -120,7 +120,7 @@ def _load(path: Union[str, os.PathLike]) -> JudgeNet:
         if meta.get("format") != _FORMAT:
             raise ValueError(f"{path} is not a judge checkpoint (format {meta.get('format')!r}, expected {_FORMAT!r})")
         if {k: tuple(v) for k, v in meta["classes"].items()} != CLASSES:
-            raise ValueError(f"{path} was trained for other classes than this version of dit_attn.models.data")
+            raise ValueError(f"{path} was trained for other classes than this version of dit_attn.toy.data")
         state = {k: f.get_tensor(k) for k in f.keys()}
     model = JudgeNet(**meta["config"])
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -140,7 +140,7 @@ def load_judge(path: Union[str, os.PathLike, None] = None) -> JudgeNet:
     path = Path(path) if path is not None else WEIGHTS_PATH
     if not path.exists():
         raise FileNotFoundError(f"judge weights not found at {path}; train them with "
-                                "`python -m dit_attn.models.judge --out PATH`")
+                                "`python -m dit_attn.toy.judge --out PATH`")
     return _load_cached(str(path.resolve()))
 
 
@@ -376,9 +376,9 @@ def evaluate_judge(model: Optional[JudgeNet] = None, seed: int = 1_000_003, n: i
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m dit_attn.models.judge",
+    p = argparse.ArgumentParser(prog="python -m dit_attn.toy.judge",
                                 description="Train (--out) and/or evaluate (--eval) the synthetic-world judge.")
-    p.add_argument("--out", help="train and save weights here (the shipped file is dit_attn/models/weights/judge.safetensors)")
+    p.add_argument("--out", help="train and save weights here (the shipped file is dit_attn/toy/weights/judge.safetensors)")
     p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=64)

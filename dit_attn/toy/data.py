@@ -27,7 +27,7 @@ Glyphs are about 40 px tall with their ink box centred exactly.
 
 Typical use::
 
-    from dit_attn.models import data
+    from dit_attn.toy import data
     ex = data.make_example(seed=0, index=7, kind="mix")
     ex.image, ex.caption, ex.attrs, ex.scene      # PIL image, str, caption attrs, drawn attrs
     data.parse_caption(ex.caption) == ex.attrs    # True: the caption is an exact inverse

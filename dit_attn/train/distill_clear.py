@@ -27,56 +27,20 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..apply import apply
+from ..handle import apply
 from ..edits import BACKEND_CHOICES, LocalAttention
 from ..heads import model_family, model_layers
+from ..io import save_safetensors_atomic, save_torch_atomic as save_atomic
 from ..local_attention import local_attention_modules
 from .flow import predict
-from .training import cosine_lr, optimizer_step, save_atomic, step_seed
+from .common import cosine_lr, optimizer_step, start_over, step_seed
+from .config import DistillConfig
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-@dataclass(frozen=True)
-class DistillConfig:
-    radius: float
-    downsample: int | None = None
-    lora_rank: int | None = None  # None: train the projections themselves
-    lora_alpha: float | None = None  # default: the rank
-    samples: int = 64
-    sample_steps: int = 20
-    size: int | None = None  # square images, pixels (pipeline default if None)
-    cfg: float | None = None
-    steps: int = 400
-    batch: int = 8
-    lr: float = 1e-4
-    warmup: int = 20
-    flow_weight: float = 1.0
-    teacher_weight: float = 0.5
-    attention_weight: float = 0.5
-    attention_every: int = 2
-    max_sequence_length: int = 1
-    seed: int = 0
-    checkpoint_every: int = 50
-    backend: str = "auto"  # local-window kernel with a backward: triton on CUDA, tiled on the CPU
-
-    def __post_init__(self) -> None:
-        LocalAttention(self.radius, downsample=self.downsample, backend=self.backend)  # validates all three
-        positive = {"samples": self.samples, "sample_steps": self.sample_steps, "steps": self.steps, "batch": self.batch,
-                    "attention_every": self.attention_every, "checkpoint_every": self.checkpoint_every,
-                    "max_sequence_length": self.max_sequence_length}
-        for name, value in positive.items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.lora_rank is not None and (not isinstance(self.lora_rank, int) or self.lora_rank < 1):
-            raise ValueError(f"lora_rank must be None (full fine-tuning) or an integer >= 1, got {self.lora_rank!r}")
-        for name in ("flow_weight", "teacher_weight", "attention_weight", "lr"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-
-
 def default_prompts(n: int, seed: int) -> list[str]:
-    from ..models.data import make_example
+    from ..toy.data import make_example
 
     return [make_example(seed, i, "mix").caption for i in range(n)]
 
@@ -203,13 +167,12 @@ def save_weights(path: str, tensors: dict[str, torch.Tensor], cfg: DistillConfig
     metadata = {"format": "dit-attn-clear", "config": json.dumps(asdict(cfg))}
     if cfg.lora_rank is not None:
         metadata.update(lora_rank=str(cfg.lora_rank), lora_alpha=str(cfg.lora_alpha or cfg.lora_rank))
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    save_safetensors_atomic(tensors, path, metadata)
 
 
-def distill(pipe, cfg: DistillConfig, work: str, out: str, prompts: list[str] | None = None) -> dict:
-    """Train, resuming from `work`; writes the trained tensors to `out` (.safetensors). Returns a summary."""
+def distill(pipe, cfg: DistillConfig, work: str, out: str, prompts: list[str] | None = None, restart: bool = False) -> dict:
+    """Train, resuming from `work` (restart=True: from scratch); writes the trained tensors to `out` (.safetensors). Returns a summary."""
+    start_over(work, restart)
     transformer = pipe.transformer
     if getattr(transformer, "peft_config", None):
         raise ValueError("the transformer already has LoRA adapters: fuse or unload them before distill-clear")
@@ -290,46 +253,3 @@ def distill(pipe, cfg: DistillConfig, work: str, out: str, prompts: list[str] | 
             param.requires_grad_(grad_flags.get(name, False))
         transformer.eval()
     return {"out": out, "steps": cfg.steps, "losses": losses}
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import dataclasses
-    import typing
-
-    from ..loading import TINY, load_pipeline
-    from .batch import read_prompts
-
-    parser = argparse.ArgumentParser(prog="dit-attn distill-clear", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=TINY, help="pipeline directory, hub id or an embedded model name (default: tiny)")
-    parser.add_argument("--work", required=True, help="directory for the teacher samples and checkpoints (rerun to resume)")
-    parser.add_argument("--out", required=True, help="the .safetensors file to write (load with LocalAttention(weights=...))")
-    parser.add_argument("--prompts", default=None, help="prompt file (.txt/.jsonl/.csv); default: the synthetic captions")
-    hints = typing.get_type_hints(DistillConfig)
-    for f in dataclasses.fields(DistillConfig):
-        kind = int if hints[f.name] in (int, int | None) else str if hints[f.name] is str else float
-        option = f"--{f.name.replace('_', '-')}"
-        if f.name == "backend":
-            parser.add_argument(option, default=f.default, choices=BACKEND_CHOICES,
-                                help="attention kernel for the local windows (auto: triton on CUDA, tiled on the CPU)")
-        elif f.default is dataclasses.MISSING:
-            parser.add_argument(option, type=kind, required=True)
-        else:
-            parser.add_argument(option, type=kind, default=f.default)
-    args = vars(parser.parse_args(argv))
-    model, work, out, prompt_file = (args.pop(k) for k in ("model", "work", "out", "prompts"))
-    try:
-        cfg = DistillConfig(**args)
-        prompts = None
-        if prompt_file:
-            items, bad = read_prompts(prompt_file)
-            for line in bad:
-                print(f"dit-attn: {prompt_file}:{line.line}: skipped: {line.reason}")
-            prompts = [item.prompt for item in items]
-        pipe = load_pipeline(model)
-        pipe.set_progress_bar_config(disable=True)
-        summary = distill(pipe, cfg, work, out, prompts)
-    except (ValueError, TypeError, NotImplementedError) as err:
-        parser.exit(2, f"dit-attn distill-clear: error: {err}\n")
-    print(f"dit-attn distill-clear: {summary['steps']} steps, last loss {summary['losses'][-1]:.4f} -> {out}")
-    return 0

@@ -6,23 +6,10 @@ import csv
 import json
 import os
 
+from ..io import parse_layer_groups
+from .common import DEMO, add_model_options, load, size_argument
+
 SCORES = "judge (glyph probability x SSIM), ssim, easyocr:DIR or trocr:DIR (OCR F1 x SSIM, local weights)"
-
-
-def parse_layer_groups(text: str) -> list[list[int]]:
-    """'3,5+6,10' → [[3], [5, 6], [10]] (a '+' joins layers patched together)."""
-    groups = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            groups.append([int(x) for x in part.split("+")])
-        except ValueError:
-            raise ValueError(f"cannot read layers {text!r}: use indices like '3,5+6,10' ('+' patches layers together)") from None
-    if not groups:
-        raise ValueError(f"no layers in {text!r}")
-    return groups
 
 
 def read_pairs(path: str) -> list[tuple[str, str]]:
@@ -53,7 +40,7 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
 
 
 def make_score(name: str):
-    from .score import OCRScore, judge_score, ssim_score
+    from ..localization.score import OCRScore, judge_score, ssim_score
 
     if name == "judge":
         return judge_score
@@ -71,17 +58,8 @@ def pipeline_options(args) -> dict:
     return call_options(args.cfg, args.size, args.max_sequence_length)
 
 
-def load(args):
-    from ..loading import load_pipeline
-    from ..cli import DTYPES
-
-    pipe = load_pipeline(args.model, torch_dtype=DTYPES[args.dtype], device=args.device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def cmd_localize(args) -> int:
-    from .localize import localize, sign_pairs
+    from ..localization.localize import localize, sign_pairs
 
     pairs = [tuple(p) for p in args.pair or []]
     if args.pairs_file:
@@ -105,10 +83,8 @@ def cmd_localize(args) -> int:
 
 
 def cmd_edit_text(args) -> int:
-    from PIL.PngImagePlugin import PngInfo
-
-    from .editing import edit_text
-    from .output import save_png
+    from ..io import write_png_atomic
+    from ..localization.editing import edit_text
 
     layers = [g[0] for g in parse_layer_groups(args.layers.replace("+", ","))]
     pipe = load(args)
@@ -119,26 +95,19 @@ def cmd_edit_text(args) -> int:
                 "cfg": args.cfg, "size": args.size}
     os.makedirs(args.out, exist_ok=True)
     for name, image in (("original", result.original), ("edited", result.edited), ("side_by_side", result.side_by_side)):
-        info = PngInfo()
-        info.add_text("dit-attn", json.dumps({**settings, "image": name}, sort_keys=True))
-        save_png(os.path.join(args.out, f"{name}.png"), image, info)
+        write_png_atomic(image, os.path.join(args.out, f"{name}.png"), {**settings, "image": name})
     print(f"dit-attn edit-text: {result.source_prompt!r} patched into layers {list(result.layers)} "
           f"({result.seconds_edited:.2f}s edited vs {result.seconds_original:.2f}s original) -> {args.out}")
     return 0
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
-    from ..cli import DTYPES, parse_size
-    from ..loading import DEMO
-
-    parser.add_argument("--model", default=DEMO, help=f"local pipeline directory, hub id, or {DEMO!r} (default)")
+    add_model_options(parser, DEMO)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (pipeline default if omitted)")
-    parser.add_argument("--size", type=parse_size, default=None, help="N or WIDTHxHEIGHT in pixels")
+    parser.add_argument("--size", type=size_argument, default=None, help="N or WIDTHxHEIGHT in pixels")
     parser.add_argument("--start", type=float, default=0.0, help="patch from this fraction of the steps on")
     parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: the model's)")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    parser.add_argument("--device", default=None)
 
 
 def add_commands(sub) -> None:

@@ -1,16 +1,17 @@
-"""Small pieces every trainer here shares: atomic saves, per-step seeds, the LR schedule."""
+"""Small pieces every trainer here shares: per-step seeds, the LR schedule, one optimizer update."""
 from __future__ import annotations
 
 import math
 import os
+import shutil
 
 import torch
 
 
-def save_atomic(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def start_over(work: str, restart: bool) -> None:
+    """restart=True: remove the work directory's checkpoints and caches, so the run starts from step 0."""
+    if restart and os.path.isdir(work):
+        shutil.rmtree(work)
 
 
 def step_seed(seed: int, step: int) -> int:

@@ -1,0 +1,94 @@
+"""`dit-attn hunt` (head search) and `dit-attn atlas` (every head's effect as a picture)."""
+from __future__ import annotations
+
+import os
+
+from ..io import parse_heads
+from .common import TINY, add_model_options, load, size_argument, warn_skipped
+from .generate import add_guidance_options
+
+
+def search_inputs(args):
+    """(objective, prompts, pipeline) of `hunt`/`atlas`; a missing objective model fails before the pipeline loads."""
+    from ..guidance.objectives import get_objective
+    from ..workflows.batch import read_prompts
+
+    objective = get_objective(args.objective)
+    items, bad = read_prompts(args.prompts_file)
+    warn_skipped(args.prompts_file, bad)
+    return objective, [item.prompt for item in items], load(args)
+
+
+def cmd_atlas(args) -> int:
+    from ..guidance.atlas import atlas, render_html, render_png
+
+    objective, prompts, pipe = search_inputs(args)
+    result = atlas(pipe, objective, prompts, args.seeds, u=args.u, scale=args.pag_scale, steps=args.steps, cfg=args.cfg,
+                   size=args.size, batch_size=args.batch_size, target=args.target, scope=args.scope,
+                   max_sequence_length=args.max_sequence_length, checkpoint=args.out + ".checkpoint.json")
+    result.settings["objective"] = args.objective
+    result.save(args.out + ".json")
+    render_png(result, args.out + ".png")
+    render_html(result, args.out + ".html")
+    print(f"dit-attn atlas: {len(result.scores)} heads -> {args.out}.png, {args.out}.html, {args.out}.json")
+    return 0
+
+
+def cmd_hunt(args) -> int:
+    from ..guidance.search import hunt
+
+    objective, prompts, pipe = search_inputs(args)
+    result = hunt(
+        pipe, objective, prompts, args.seeds, k=args.k, rounds=args.rounds, u=args.u,
+        scale=args.pag_scale, steps=args.steps, cfg=args.cfg, size=args.size,
+        candidates=parse_heads(args.candidates) if args.candidates else None,
+        checkpoint=args.checkpoint or args.out + ".checkpoint", batch_size=args.batch_size,
+        target=args.target, scope=args.scope, max_sequence_length=args.max_sequence_length, min_z=args.min_z,
+        confirm_seeds=args.confirm_seeds, confirm_top=args.confirm_top, confirm_together=args.confirm_together,
+    )
+    result.settings["objective"] = args.objective
+    if int(os.environ.get("RANK", "0")) == 0:
+        result.save(args.out)
+        print(f"dit-attn hunt: selected {','.join(result.selected)} -> {args.out}")
+    return 0
+
+
+def add_search_options(parser) -> None:
+    """Options shared by `hunt` and `atlas`: model, objective, prompts and the guidance used to score heads."""
+    add_model_options(parser, TINY)
+    parser.add_argument("--objective", required=True,
+                        help="judge, judge:soft, color:<name>, clip-score[:model], pickscore[:model], aesthetic:<dir>")
+    parser.add_argument("--prompts", dest="prompts_file", required=True, help="prompt file: .txt, .jsonl or .csv")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="each prompt is generated with each seed")
+    add_guidance_options(parser)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (pipeline default if omitted)")
+    parser.add_argument("--size", type=size_argument, default=None, help="N or WIDTHxHEIGHT in pixels")
+    parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (the tiny model needs only 1)")
+    parser.add_argument("--batch-size", type=int, default=4, help="heads scored per pipeline call")
+
+
+def add_commands(sub) -> None:
+    hunt = sub.add_parser("hunt", help="search the heads whose guidance serves an objective (HeadHunter)")
+    add_search_options(hunt)
+    hunt.add_argument("--k", type=int, default=3, help="heads added per round")
+    hunt.add_argument("--rounds", type=int, default=5)
+    hunt.add_argument("--min-z", type=float, default=None,
+                      help="a head joins only if its paired gain over the current selection exceeds this many "
+                           "standard errors; the hunt stops at a round where none does (default: plain top-k)")
+    hunt.add_argument("--confirm-seeds", type=int, nargs="+", default=None,
+                      help="with --min-z: fresh seeds on which each round's best candidates are scored again; "
+                           "only those scores decide who joins")
+    hunt.add_argument("--confirm-top", type=int, default=None, help="candidates confirmed per round (default 3k)")
+    hunt.add_argument("--confirm-together", action="store_true",
+                      help="with --confirm-seeds: confirm each round's top k as one set (all join or none), for "
+                           "heads too weak to confirm one by one")
+    hunt.add_argument("--candidates", default=None, help="heads to search over, e.g. 'L0,L1H2' (default: all)")
+    hunt.add_argument("--checkpoint", default=None, help="resume file (default: OUT.checkpoint)")
+    hunt.add_argument("--out", default="hunt.json", help="result: selected heads, every round's scores, settings")
+    hunt.set_defaults(func=cmd_hunt)
+
+    atlas = sub.add_parser("atlas", help="picture every head's effect on an objective (PNG heatmap + HTML page)")
+    add_search_options(atlas)
+    atlas.add_argument("--out", default="atlas", help="writes OUT.png, OUT.html, OUT.json (resume: OUT.checkpoint.json)")
+    atlas.set_defaults(func=cmd_atlas)

@@ -1,0 +1,141 @@
+"""Files and text the project reads and writes: atomic writes (with the umask's permissions),
+PNGs that carry their settings, and the parsers of sizes, head lists and layer groups.
+
+Sizes are (height, width) everywhere inside dit-attn; the text form is `N` or `WIDTHxHEIGHT`
+(as image tools write it) and is parsed here once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from typing import Callable
+
+PNG_SETTINGS_KEY = "dit-attn"
+
+
+def _read_umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc: read it by setting it (once, at import)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The permissions a plain `open(path, "w")` would give a new file under the current umask."""
+    return 0o666 & ~_read_umask()
+
+
+def write_atomic(path: str | os.PathLike, write: Callable, tmp_prefix: str = ".partial-") -> None:
+    """Call write(binary file) on a temporary file beside `path`, flush it to disk, then rename it into
+    place: a reader sees the old file or the whole new one, never a part. The file gets the umask's mode."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix, suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_json_atomic(path: str | os.PathLike, data, indent: int | None = 2) -> None:
+    write_text_atomic(path, json.dumps(data, indent=indent) + "\n")
+
+
+def save_torch_atomic(obj, path: str | os.PathLike) -> None:
+    import torch
+
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def save_safetensors_atomic(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    from safetensors.torch import save
+
+    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    write_atomic(path, lambda f: f.write(data))
+
+
+def write_png_atomic(image, path: str | os.PathLike, settings: dict | None = None, tmp_prefix: str = ".partial-") -> None:
+    """Save a PNG whose `dit-attn` text chunk holds `settings` (JSON); never leaves a partial file."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if settings is not None:
+        info.add_text(PNG_SETTINGS_KEY, json.dumps(settings, sort_keys=True))
+    write_atomic(path, lambda f: image.save(f, format="PNG", pnginfo=info), tmp_prefix)
+
+
+def read_png_settings(path: str | os.PathLike) -> dict:
+    """The settings stored by `write_png_atomic` in a PNG's `dit-attn` text chunk."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = image.text.get(PNG_SETTINGS_KEY) if hasattr(image, "text") else None
+    if text is None:
+        raise ValueError(f"{os.fspath(path)!r} has no {PNG_SETTINGS_KEY!r} settings chunk (not written by dit-attn)")
+    return json.loads(text)
+
+
+class SizeError(ValueError):
+    pass
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'64' → (64, 64); '96x64' (WIDTHxHEIGHT) → (height 64, width 96)."""
+    match = re.fullmatch(r"(\d+)(?:[xX](\d+))?", str(text).strip())
+    if match is None:
+        raise SizeError(f"size must be N or WIDTHxHEIGHT (e.g. 64 or 96x64), got {text!r}")
+    width = int(match.group(1))
+    height = int(match.group(2) or width)
+    return height, width
+
+
+def format_size(size: tuple[int, int]) -> str:
+    """(height, width) → 'WIDTHxHEIGHT', the inverse of `parse_size`."""
+    height, width = size
+    return f"{width}x{height}"
+
+
+def parse_heads(text: str) -> list[str]:
+    """'L1H10,L11H15,sd3:dark' → ['L1H10', 'L11H15', 'sd3:dark']."""
+    return [part.strip() for part in str(text).split(",") if part.strip()]
+
+
+def parse_layer_groups(text: str) -> list[list[int]]:
+    """'3,5+6,10' → [[3], [5, 6], [10]] (a '+' joins layers patched together)."""
+    groups = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            groups.append([int(x) for x in part.split("+")])
+        except ValueError:
+            raise ValueError(f"cannot read layers {text!r}: use indices like '3,5+6,10' ('+' patches layers together)") from None
+    if not groups:
+        raise ValueError(f"no layers in {text!r}")
+    return groups
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """A file-name-safe short form of a prompt."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
