@@ -19,7 +19,7 @@ _EXPORTS = {
     "LocalizationResult": ".localization", "TextEdit": ".localization", "edit_text": ".localization",
     "localize": ".localization", "localized_lora_config": ".localization",
 }
-_MODULES = {"ic": ".ic", "judge": ".toy.judge", "families": ".families"}  # da.ic.generate_set, da.judge.adherence
+_MODULES = {"ic": ".ic", "judge": ".toy.judge", "families": ".families", "localization": ".localization"}  # da.ic.generate_set, da.judge.adherence
 
 __all__ = sorted([*_EXPORTS, *_MODULES, "__version__"])
 

@@ -5,9 +5,11 @@ import torch
 
 from . import processors
 from .edits import HeadGuidance, LocalAttention, SoftPAG, TextGuard, TextPatch
-from .guidance.hooks import GuidanceController, install_hooks, remove_hooks
-from .guidance.rows import check_guided_pipeline
-from .heads import SUPPORTED_MODELS, LayerInfo, model_family, model_layers, resolve_heads
+from .families import SUPPORTED_MODELS, Family, family_of
+from .guidance.controller import GuidanceController
+from .heads import LayerInfo, resolve_heads
+from .hooks.calls import install_hooks, remove_hooks
+from .hooks.selection import check_pipeline
 from .local_attention import LocalInstall, install_local, local_setting
 from .processors.state import EditState, LayerEdit
 
@@ -19,10 +21,10 @@ def split_target(obj) -> tuple[object | None, torch.nn.Module]:
     """(pipeline or None, transformer) from a pipeline or a transformer model."""
     transformer = getattr(obj, "transformer", None)
     if isinstance(transformer, torch.nn.Module):
-        model_family(transformer)
+        family_of(transformer)
         return obj, transformer
     if isinstance(obj, torch.nn.Module):
-        model_family(obj)
+        family_of(obj)
         return None, obj
     raise TypeError(
         f"expected a diffusers pipeline or transformer, got {type(obj).__name__}; "
@@ -32,7 +34,8 @@ def split_target(obj) -> tuple[object | None, torch.nn.Module]:
 
 def layers(pipe_or_transformer) -> list[LayerInfo]:
     """The layer/head map: index, module name, kind, heads."""
-    return model_layers(split_target(pipe_or_transformer)[1])
+    transformer = split_target(pipe_or_transformer)[1]
+    return family_of(transformer).layers(transformer)
 
 
 def _layer_edits(heads, u: float, target: str, scope: str, layer_map: list[LayerInfo], family: str) -> dict[int, LayerEdit]:
@@ -63,7 +66,11 @@ class Handle:
         if not self.active:
             return
         processors.restore(self.transformer, self._originals)
-        remove_hooks(self.transformer, self._controller, self._text)
+        remove_hooks(self.transformer)
+        if self._controller is not None:
+            self._controller.unwrap()
+        if self._text is not None:
+            self._text.unwrap()
         if self._local is not None:
             self._local.undo()
         if getattr(self.transformer, _MARK, None) is self:
@@ -80,10 +87,10 @@ class Handle:
         return f"Handle(active={self.active}, edits={self.edits!r})"
 
 
-def _text_controller(pipe, edits: tuple, state: EditState, layer_map: list[LayerInfo]):
+def _text_controller(pipe, family: Family, edits: tuple, state: EditState, layer_map: list[LayerInfo]):
     """The controller of a TextPatch or TextGuard (at most one per apply), or None."""
     from .localization.guard import GuardController
-    from .localization.patching import TextPatchController, check_text_pipeline
+    from .localization.patching import TextPatchController
 
     text_edits = [e for e in edits if isinstance(e, (TextPatch, TextGuard))]
     if not text_edits:
@@ -94,14 +101,14 @@ def _text_controller(pipe, edits: tuple, state: EditState, layer_map: list[Layer
     name = type(edit).__name__
     if pipe is None:
         raise TypeError(f"{name} needs a pipeline (it encodes prompts with the pipeline's text encoders); pass the pipeline, not the transformer")
-    check_text_pipeline(pipe, name)
+    check_pipeline(pipe, family, name)
     bad = [i for i in edit.layers if i >= len(layer_map)]
     if bad:
         raise ValueError(f"{name} layers {bad} do not exist: this model has layers 0-{len(layer_map) - 1}")
     state.patch_layers = frozenset(edit.layers)
     if isinstance(edit, TextGuard):
-        return GuardController(pipe, edit)
-    return TextPatchController(pipe, edit.layers, edit.start, lambda rows: [edit.source_prompt] * rows)
+        return GuardController(pipe, family, edit)
+    return TextPatchController(pipe, family, edit.layers, edit.start, lambda rows: [edit.source_prompt] * rows)
 
 
 def apply(pipe_or_transformer, *edits) -> Handle:
@@ -119,7 +126,8 @@ def apply(pipe_or_transformer, *edits) -> Handle:
     if existing is not None and existing.active:
         raise RuntimeError("this model is already edited by dit-attn: call remove() on the first handle (or leave its with-block) before applying again")
 
-    layer_map, family = model_layers(transformer), model_family(transformer)
+    family = family_of(transformer)
+    layer_map = family.layers(transformer)
     state = EditState()
     guidance = [e for e in edits if isinstance(e, HeadGuidance)]
     if len(guidance) > 1:
@@ -132,18 +140,18 @@ def apply(pipe_or_transformer, *edits) -> Handle:
         state.local_backend = local_edits[0].backend
     for edit in edits:
         if isinstance(edit, SoftPAG):
-            for layer, layer_edit in _layer_edits(edit.heads, edit.u, edit.target, edit.scope, layer_map, family).items():
+            for layer, layer_edit in _layer_edits(edit.heads, edit.u, edit.target, edit.scope, layer_map, family.name).items():
                 state.model_edits.setdefault(layer, []).append(layer_edit)
     controller = None
     if guidance:
         if pipe is None:
             raise TypeError("HeadGuidance needs a pipeline (it guides the sampling loop); pass the pipeline, not the transformer")
-        check_guided_pipeline(pipe)
+        check_pipeline(pipe, family, "HeadGuidance")
         edit = guidance[0]
-        state.guided_edits = _layer_edits(edit.heads, edit.u, edit.target, edit.scope, layer_map, family)
-        controller = GuidanceController(pipe, edit, first_layer=min(state.guided_edits))
+        state.guided_edits = _layer_edits(edit.heads, edit.u, edit.target, edit.scope, layer_map, family.name)
+        controller = GuidanceController(pipe, family, edit, first_layer=min(state.guided_edits))
 
-    text = _text_controller(pipe, edits, state, layer_map)
+    text = _text_controller(pipe, family, edits, state, layer_map)
 
     local = install_local(transformer, local_edits[0], state.local, layer_map) if local_edits else None
     try:
@@ -154,7 +162,7 @@ def apply(pipe_or_transformer, *edits) -> Handle:
         raise
     if text is not None:
         text.install()
-    install_hooks(transformer, state, controller, text)
+    install_hooks(transformer, family, state, controller, text)
     handle = Handle(transformer, originals, controller, tuple(edits), state, local, text)
     setattr(transformer, _MARK, handle)
     return handle

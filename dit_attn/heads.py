@@ -67,33 +67,21 @@ PRESETS: dict[str, Preset] = {
         "sd3", (6, 6)),
 }
 
-SUPPORTED_MODELS = ("SD3Transformer2DModel", "FluxTransformer2DModel")
+def model_family(transformer) -> str:
+    """The family name of a transformer ("sd3", "flux", ...): the namespace of its presets."""
+    from .families import family_of
+
+    return family_of(transformer).name
 
 
-def model_family(transformer: torch.nn.Module) -> str:
-    name = type(transformer).__name__
-    if name == "SD3Transformer2DModel":
-        return "sd3"
-    if name == "FluxTransformer2DModel":
-        return "flux"
-    raise TypeError(f"unsupported transformer class {name}; supported: {', '.join(SUPPORTED_MODELS)}")
+def model_layers(transformer) -> list[LayerInfo]:
+    """The attention layers of a transformer in forward order (from its family spec)."""
+    from .families import family_of
+
+    return family_of(transformer).layers(transformer)
 
 
-def model_layers(transformer: torch.nn.Module) -> list[LayerInfo]:
-    """The attention layers of a transformer in forward order."""
-    family = model_family(transformer)
-    layers: list[LayerInfo] = []
-    for i, block in enumerate(transformer.transformer_blocks):
-        kind = "joint" if family == "sd3" else "double"
-        dual = getattr(block, "attn2", None) is not None
-        layers.append(LayerInfo(i, f"transformer_blocks.{i}.attn", kind, block.attn.heads, _head_dim(block.attn), dual))
-    for j, block in enumerate(getattr(transformer, "single_transformer_blocks", ())):
-        n = len(layers)
-        layers.append(LayerInfo(n, f"single_transformer_blocks.{j}.attn", "single", block.attn.heads, _head_dim(block.attn)))
-    return layers
-
-
-def _head_dim(attn: torch.nn.Module) -> int:
+def head_dim(attn) -> int:
     if hasattr(attn, "head_dim"):
         return attn.head_dim
     return attn.inner_dim // attn.heads

@@ -100,7 +100,7 @@ class Overwrite:
 
 def decode_panels(pipe, grid: LatentGrid, latents: torch.Tensor) -> list[Image.Image]:
     """Canvases from the pipeline's final latents, each panel decoded by the VAE on its own."""
-    if grid.family == "flux":
+    if grid.packed:
         latents = unpack(latents, *grid.latent_hw)
     h, w = grid.latent_hw
     lh, lw = h // grid.layout.rows, w // grid.layout.cols

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..heads import model_family
+from ..families import family_of
 from .layout import Layout
 
 
@@ -29,7 +29,7 @@ def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
 class LatentGrid:
     """The latent geometry of one canvas size in one pipeline."""
 
-    family: str  # "sd3" | "flux"
+    packed: bool  # the transformer takes 2×2-packed latent tokens (FLUX)
     height: int  # canvas pixels
     width: int
     vae_scale: int  # pixels per latent cell
@@ -44,13 +44,13 @@ class LatentGrid:
     def shape(self, batch: int = 1) -> tuple[int, ...]:
         """Shape of the pipeline's `latents` for this canvas."""
         h, w = self.latent_hw
-        if self.family == "flux":
+        if self.packed:
             return batch, (h // 2) * (w // 2), self.channels * 4
         return batch, self.channels, h, w
 
     def to_pipeline(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) latents in the pipeline's layout (FLUX: packed)."""
-        return pack(latents) if self.family == "flux" else latents
+        return pack(latents) if self.packed else latents
 
     def panel_mask(self, panels) -> torch.Tensor:
         """Boolean mask over the pipeline's latents, True on the given panels (broadcasts over batch and channels)."""
@@ -60,16 +60,15 @@ class LatentGrid:
         for k in panels:
             r, c = self.layout.position(k)
             cells[r * ph:(r + 1) * ph, c * pw:(c + 1) * pw] = True
-        if self.family == "flux":  # every 2×2 cell of a token lies in one panel (panels are token-aligned)
+        if self.packed:  # every 2×2 cell of a token lies in one panel (panels are token-aligned)
             return cells[::2, ::2].reshape(1, -1, 1)
         return cells[None, None]
 
 
 def alignment(pipe) -> tuple[int, int]:
     """(VAE scale, pixels per token) of a pipeline."""
-    family = model_family(pipe.transformer)
     vae_scale = int(getattr(pipe, "vae_scale_factor", 2 ** (len(pipe.vae.config.block_out_channels) - 1)))
-    patch = 2 if family == "flux" else int(pipe.transformer.config.patch_size)
+    patch = family_of(pipe.transformer).latent_patch(pipe.transformer)
     return vae_scale, vae_scale * patch
 
 
@@ -77,10 +76,10 @@ def latent_grid(pipe, layout: Layout | str | tuple[int, int], height: int, width
     """The latent geometry of a `height` × `width` canvas; ValueError naming the nearest valid sizes
     when the panels would not be whole transformer tokens."""
     layout = Layout.parse(layout)
-    family = model_family(pipe.transformer)
+    packed = family_of(pipe.transformer).packs_latents
     vae_scale, align = alignment(pipe)
     layout.check_size(height, width, align, what=f"canvas for {type(pipe).__name__} ({align} px a token)")
-    return LatentGrid(family, height, width, vae_scale, align, int(pipe.vae.config.latent_channels), layout)
+    return LatentGrid(packed, height, width, vae_scale, align, int(pipe.vae.config.latent_channels), layout)
 
 
 def image_tensor(image: Image.Image | torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -2,41 +2,33 @@
 from __future__ import annotations
 
 from ..edits import TextGuard
+from ..families import Family
+from ..hooks.pipeline import capture_prompts
 from .patching import TextPatchController
 from .prompts import guarded_prompt
 
 
 class GuardController(TextPatchController):
-    """Reads the prompt of each pipeline call (from its `check_inputs`, which every
-    supported pipeline calls first with the prompt) and patches the rows of prompts with
-    blocked words with their guarded twins, from step 0."""
+    """Reads the prompt of each pipeline call (from its `check_inputs`) and patches the rows of
+    prompts with blocked words with their guarded twins, from step 0."""
 
-    def __init__(self, pipe, edit: TextGuard):
-        super().__init__(pipe, edit.layers, 0.0, self._row_prompts)
+    def __init__(self, pipe, family: Family, edit: TextGuard):
+        super().__init__(pipe, family, edit.layers, 0.0, self._row_prompts, edit_name="TextGuard")
         self.edit = edit
         self.prompts: list | None = None
-        self._wrapped = False
+        self._capture = None
+
+    def _record(self, prompt) -> None:
+        self.prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
 
     def install(self) -> None:
-        original = self.pipe.check_inputs
-
-        def check_inputs(prompt, *args, **kwargs):
-            self.prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
-            return original(prompt, *args, **kwargs)
-
-        self._shadowed = vars(self.pipe).get("check_inputs")
-        self.pipe.check_inputs = check_inputs
-        self._wrapped = True
+        self._capture = capture_prompts(self.pipe, self._record)
 
     def unwrap(self) -> None:
         super().unwrap()
-        if not self._wrapped:
-            return
-        if self._shadowed is not None:
-            self.pipe.check_inputs = self._shadowed
-        else:
-            del self.pipe.check_inputs
-        self._wrapped = False
+        if self._capture is not None:
+            self._capture.undo()
+            self._capture = None
 
     def _row_prompts(self, rows: int) -> list[str | None]:
         if self.prompts is None:

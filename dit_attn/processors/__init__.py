@@ -3,41 +3,27 @@ from __future__ import annotations
 
 import torch
 
-from ..heads import model_family
+from ..families import family_of
 from .flux import FluxAttnProcessor
 from .sd3 import SD3AttnProcessor
 from .state import EditState, LayerEdit, RowPlan
 
 
-def _processor_for(key: str, family: str, n_double: int, state: EditState):
-    # keys look like "transformer_blocks.3.attn.processor"
-    parts = key.split(".")
-    block_list, index, module = parts[0], int(parts[1]), parts[2]
-    if family == "sd3":
-        return SD3AttnProcessor(index, state, joint=(module == "attn"))
-    layer = index if block_list == "transformer_blocks" else n_double + index
-    return FluxAttnProcessor(layer, state)
-
-
-STOCK_PROCESSORS = ("JointAttnProcessor2_0", "FluxAttnProcessor")
-
-
 def install(transformer: torch.nn.Module, state: EditState) -> dict:
     """Give every attention module its own processor; returns the original processors by key.
 
-    Only stock processors are replaced: an adapter's processor (e.g. IP-Adapter) would be
-    silently dropped otherwise.
+    Only the family's stock processors are replaced: an adapter's processor (e.g. IP-Adapter)
+    would be silently dropped otherwise.
     """
-    family = model_family(transformer)
+    family = family_of(transformer)
     originals = dict(transformer.attn_processors)
     for key, processor in originals.items():
-        if type(processor).__name__ not in STOCK_PROCESSORS:
+        if type(processor).__name__ not in family.stock_processors:
             raise TypeError(
                 f"{key.removesuffix('.processor')} has a {type(processor).__name__}; dit-attn edits models whose "
-                f"attention uses the stock processors ({', '.join(STOCK_PROCESSORS)}): unload adapters first"
+                f"attention uses the stock processors ({', '.join(family.stock_processors)}): unload adapters first"
             )
-    n_double = len(transformer.transformer_blocks)
-    new = {key: _processor_for(key, family, n_double, state) for key in originals}
+    new = {key: family.processor_for(key, family.layer_of_key(key, transformer), state) for key in originals}
     for key, processor in new.items():  # keep diffusers' attention backend / context-parallel settings
         for name in ("_attention_backend", "_parallel_config"):
             if hasattr(processor, name):

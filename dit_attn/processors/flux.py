@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
 from .. import kernels
+from ..hooks.private import flux_qkv_projections
 from .state import POOL_MODULE, LayerProcessor
 
 
@@ -28,7 +28,7 @@ class FluxAttnProcessor(LayerProcessor):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+        query, key, value, encoder_query, encoder_key, encoder_value = flux_qkv_projections(
             attn, hidden_states, encoder_hidden_states
         )
         query = query.unflatten(-1, (-1, attn.head_dim))
@@ -47,9 +47,9 @@ class FluxAttnProcessor(LayerProcessor):
             query = torch.cat([encoder_query, query], dim=1)
             key = torch.cat([encoder_key, key], dim=1)
             value = torch.cat([encoder_value, value], dim=1)
-        elif self.layer in self.state.patch_layers and self.state.rows is not None:
+        elif self.layer in self.state.patch_layers and self.state.call.rows is not None:
             # single block: the text tokens lead the joint sequence
-            text_len = self.state.text_len
+            text_len = self.state.call.text_len
             text_key, text_value = self.state.patch_text(self.layer, key[:, :text_len], value[:, :text_len])
             key = torch.cat([text_key, key[:, text_len:]], dim=1)
             value = torch.cat([text_value, value[:, text_len:]], dim=1)
@@ -59,7 +59,7 @@ class FluxAttnProcessor(LayerProcessor):
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
         seq_len = query.shape[1]
-        text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else self.state.text_len
+        text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else self.state.call.text_len
         plan = self.state.plan(self.layer, query.shape[0], (text_len, seq_len), getattr(attn, POOL_MODULE, None))
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]

@@ -4,6 +4,7 @@ perturbs, and — during a guided transformer call — which rows are the pertur
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -150,16 +151,33 @@ def plan_rows(stock_rows: int, sources: dict[int, int] | None = None, patch_end:
 
 
 @dataclass
+class CallState:
+    """What the processors need to know about the transformer call running now (set by the call hook)."""
+
+    rows: RowPlan | None = None  # extra rows of the call (TextPatch sources, HeadGuidance copies)
+    text_len: int = 0  # text tokens of the call (FLUX single blocks need it)
+    grid: tuple[int, int] | None = None  # image-token grid of the call
+    grid_problem: str = ""  # why the call has no grid
+
+
+@dataclass
 class EditState:
+    """The static configuration of one `apply` (which heads, layers, windows), and the per-call
+    state apart from it: `call` is the state of the call running in this thread."""
+
     model_edits: dict[int, list[LayerEdit]] = field(default_factory=dict)  # every row
     guided_edits: dict[int, LayerEdit] = field(default_factory=dict)  # perturbed rows of a guided call
-    rows: RowPlan | None = None  # extra rows of the current call (TextPatch sources, HeadGuidance copies)
     patch_layers: frozenset[int] = frozenset()  # layers whose text keys/values a TextPatch replaces
-    text_len: int = 0  # text tokens of the current call (FLUX single blocks need it)
     local: LocalSetting | None = None
-    grid: tuple[int, int] | None = None  # image-token grid of the current call
-    grid_problem: str = ""  # why the current call has no grid
     local_backend: str = "auto"  # LocalAttention's backend choice, for calls with a window
+    _calls: threading.local = field(default_factory=threading.local, repr=False, compare=False)
+
+    @property
+    def call(self) -> CallState:
+        current = getattr(self._calls, "state", None)
+        if current is None:
+            current = self._calls.state = CallState()
+        return current
 
     def scale_for(self, layer: int, image_tokens: int, head_dim: int) -> float | None:
         """The softmax scale of a local layer with length adjustment; None: the default 1/sqrt(D)."""
@@ -173,10 +191,11 @@ class EditState:
     def window(self, layer: int, pool: LocalPool | None) -> LocalWindow | None:
         if self.local is None or layer not in self.local.layers:
             return None
-        if self.grid is None:
-            raise ValueError(f"LocalAttention needs the image tokens of each call on a full row-major grid: {self.grid_problem}")
+        call = self.call
+        if call.grid is None:
+            raise ValueError(f"LocalAttention needs the image tokens of each call on a full row-major grid: {call.grid_problem}")
         weight = pool.spatial_weight if pool is not None else None
-        return LocalWindow(self.local.radius, self.grid, self.local.downsample, weight)
+        return LocalWindow(self.local.radius, call.grid, self.local.downsample, weight)
 
     def plan(self, layer: int, batch: int, image_tokens: tuple[int, int] | None, pool: LocalPool | None = None,
              perturbed: bool = True) -> AttentionPlan | None:
@@ -191,7 +210,8 @@ class EditState:
             Perturbation(edit.u.expand(batch, -1), edit.target, edit.scope) for edit in self.model_edits.get(layer, ())
         ]
         guided = self.guided_edits.get(layer)
-        stage = self.rows.stage_at(layer) if self.rows is not None else None
+        rows = self.call.rows
+        stage = rows.stage_at(layer) if rows is not None else None
         if guided is not None and stage is not None and batch == stage.size and bool(stage.perturbed.any()):
             u = torch.zeros(batch, guided.u.shape[-1], dtype=guided.u.dtype)
             copies = stage.perturbed.nonzero().flatten()
@@ -204,9 +224,10 @@ class EditState:
     def patch_text(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """TextPatch: the text-stream keys and values of the target rows replaced by their
         source rows' ones. key, value: (B, ...) text tokens only, batch first."""
-        if layer not in self.patch_layers or self.rows is None:
+        rows = self.call.rows
+        if layer not in self.patch_layers or rows is None:
             return key, value
-        stage = self.rows.stage_at(layer)
+        stage = rows.stage_at(layer)
         if stage.size != key.shape[0] or stage.patch_targets.numel() == 0:
             return key, value
         targets, sources = stage.patch_targets.to(key.device), stage.patch_sources.to(key.device)

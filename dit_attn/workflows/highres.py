@@ -14,7 +14,7 @@ from PIL import Image
 
 from ..handle import apply
 from ..edits import LocalAttention
-from ..heads import model_family
+from ..families import family_of
 
 
 @dataclass
@@ -24,7 +24,7 @@ class HighResResult:
 
 
 def image_tokens(transformer, height: int, width: int, vae_scale: int) -> int:
-    patch = transformer.config.patch_size if model_family(transformer) == "sd3" else 2
+    patch = family_of(transformer).latent_patch(transformer)
     return (height // vae_scale // patch) * (width // vae_scale // patch)
 
 
@@ -32,7 +32,7 @@ def image_tokens(transformer, height: int, width: int, vae_scale: int) -> int:
 def ntk_rotary(transformer, factor: float):
     """FLUX: stretch the rotary base by NTK-aware scaling for a `factor`× longer side; SD3: nothing to do."""
     pos_embed = getattr(transformer, "pos_embed", None)
-    if model_family(transformer) != "flux" or factor <= 1 or not hasattr(pos_embed, "theta"):
+    if not family_of(transformer).rotary or factor <= 1 or not hasattr(pos_embed, "theta"):
         yield
         return
     original = pos_embed.theta

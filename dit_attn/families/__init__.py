@@ -1,0 +1,37 @@
+"""The registry of DiT family specs: `family_of(transformer)` finds the spec of a model.
+
+Adding a family: one module here with a `Family` subclass, its processor(s) in
+`dit_attn/processors/`, an entry in `_SPECS`, and tests (see docs/architecture.md).
+"""
+from __future__ import annotations
+
+import importlib
+
+from .base import CallRows, Family
+
+# transformer class name → (module, spec class); modules load on first use
+_SPECS = {
+    "SD3Transformer2DModel": (".sd3", "SD3"),
+    "FluxTransformer2DModel": (".flux", "Flux"),
+}
+_LOADED: dict[str, Family] = {}
+
+SUPPORTED_MODELS = tuple(_SPECS)
+
+
+def family_of(transformer) -> Family:
+    """The spec of a transformer model; TypeError naming the supported classes for any other."""
+    name = type(transformer).__name__
+    if name not in _SPECS:
+        raise TypeError(f"unsupported transformer class {name}; supported: {', '.join(SUPPORTED_MODELS)}")
+    if name not in _LOADED:
+        module, cls = _SPECS[name]
+        _LOADED[name] = getattr(importlib.import_module(module, __name__), cls)()
+    return _LOADED[name]
+
+
+def family_of_pipeline(pipe) -> Family:
+    return family_of(pipe.transformer)
+
+
+__all__ = ["CallRows", "Family", "SUPPORTED_MODELS", "family_of", "family_of_pipeline"]

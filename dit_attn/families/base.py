@@ -1,0 +1,103 @@
+"""What dit-attn must know about a DiT family, in one object (see docs/architecture.md).
+
+A spec answers, for one family: its layers and their attention modules, the processor
+that replaces each, where text sits in the joint sequence, how a call's text length and
+image grid are read, which call inputs carry one entry per row (and so are widened for
+extra rows), which modules get per-row inputs after the blocks start, which rows of which
+call are the conditional ones in its pipelines, how a prompt is encoded, and how a
+flow-matching training call is made. Nothing outside `families/` tests class names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..heads import LayerInfo
+
+
+@dataclass(frozen=True)
+class CallRows:
+    """How a family's transformer call carries its batch.
+
+    call_args: inputs of the transformer call with one entry per row (dim 0); extra rows are
+        appended to these.
+    block_stream_args: block inputs that flow from block to block (re-selected where the rows change).
+    block_call_args: block inputs the model computes once per call from per-row inputs (e.g. temb):
+        mapped to each stage's rows at every block.
+    controlnet_args: call inputs of ControlNet residuals (refused by row-widening edits).
+    """
+
+    call_args: tuple[str, ...]
+    block_stream_args: tuple[str, ...]
+    block_call_args: tuple[str, ...]
+    controlnet_args: tuple[str, ...] = ()
+
+
+class Family:
+    """Base of the family specs; each subclass is one DiT family."""
+
+    name: str = ""  # preset namespace and the name in messages, e.g. "sd3"
+    transformer_classes: tuple[str, ...] = ()
+    stock_processors: tuple[str, ...] = ()  # processor classes dit-attn replaces (others are refused)
+    guided_pipelines: tuple[str, ...] = ()  # pipelines whose calls the family knows (HeadGuidance, TextPatch)
+    rows: CallRows = CallRows((), (), ())
+    text_first: bool = False  # joint sequence order: [text ; image] (True) or [image ; text]
+    rotary: bool = False  # positions are rotary embeddings from a `pos_embed` with a `theta` base
+    packs_latents: bool = False  # the transformer takes 2×2-packed latent tokens (B, S, 4C), not (B, C, H, W)
+
+    # --- layers and processors -------------------------------------------------------------
+    def layers(self, transformer) -> list["LayerInfo"]:
+        raise NotImplementedError
+
+    def processor_for(self, key: str, layer: int, state):
+        """The dit-attn processor for processor key `key` (an entry of `transformer.attn_processors`) of `layer`."""
+        raise NotImplementedError
+
+    def layer_of_key(self, key: str, transformer) -> int:
+        """The layer index of a processor key such as 'transformer_blocks.3.attn.processor'."""
+        raise NotImplementedError
+
+    def fork_points(self, transformer) -> list[tuple["torch.nn.Module", int]]:
+        """Modules that receive per-row inputs after the blocks start, with their layer (the module
+        after the last block counts as the layer after it)."""
+        raise NotImplementedError
+
+    # --- one transformer call ----------------------------------------------------------------
+    def text_length(self, call: dict) -> int:
+        text = call.get("encoder_hidden_states")
+        return text.shape[1] if text is not None else 0
+
+    def grid(self, transformer, call: dict) -> tuple[tuple[int, int] | None, str]:
+        """(rows, cols) of the call's image-token grid, or (None, why not)."""
+        raise NotImplementedError
+
+    # --- its pipelines -------------------------------------------------------------------------
+    def supports_pipeline(self, pipe) -> bool:
+        return type(pipe).__name__ in self.guided_pipelines
+
+    def conditional_rows(self, pipe, batch: int, call: dict, context: str | None) -> "torch.Tensor | None":
+        """Indices of the conditional rows of this call, or None when the call is not one to edit."""
+        raise NotImplementedError
+
+    def encode_prompts(self, pipe, prompts: list[str], max_sequence_length: int | None) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """(text states (N, S, D), pooled embeddings (N, P)) from the pipeline's own `encode_prompt`."""
+        raise NotImplementedError
+
+    def sequence_length_of_call(self, pipe, text_length: int) -> int:
+        """The `max_sequence_length` that encodes a prompt to `text_length` text tokens of a call."""
+        return text_length
+
+    # --- training --------------------------------------------------------------------------------
+    def latent_patch(self, transformer) -> int:
+        """Latent pixels per token side."""
+        return int(transformer.config.patch_size)
+
+    def predict(self, transformer, x_t, embeds, pooled, t, latent_hw: tuple[int, int], guidance: float = 1.0):
+        """The velocity prediction for noisy latents at flow time t ∈ (0, 1) (B,)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<dit-attn family {self.name}>"

@@ -1,0 +1,100 @@
+"""FLUX.1 (`FluxTransformer2DModel`): double blocks `transformer_blocks.i` → layer i, then single
+blocks `single_transformer_blocks.j` → (number of double blocks) + j; [text ; image] tokens;
+2×2-packed latent tokens with position ids (0, row, col)."""
+from __future__ import annotations
+
+import torch
+
+from ..heads import LayerInfo, head_dim
+from .base import CallRows, Family
+
+
+def image_ids(h: int, w: int) -> torch.Tensor:
+    """Position ids (S, 3) of an h × w latent grid packed into (h/2)·(w/2) tokens: (0, row, col)."""
+    rows = torch.arange(h // 2).repeat_interleave(w // 2)
+    cols = torch.arange(w // 2).repeat(h // 2)
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).float()
+
+
+def grid_from_ids(img_ids: torch.Tensor | None, image_tokens: int) -> tuple[tuple[int, int] | None, str]:
+    """(rows, cols) from image position ids, or (None, why) when they are not a full row-major grid
+    (e.g. Kontext's reference tokens appended to the image)."""
+    if img_ids is None:
+        return None, "the call has no img_ids"
+    ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+    if ids.shape[0] != image_tokens:
+        return None, f"{ids.shape[0]} image ids for {image_tokens} image tokens"
+    y, x = ids[:, 1].round().long(), ids[:, 2].round().long()
+    y, x = y - y.min(), x - x.min()
+    rows, cols = int(y.max()) + 1, int(x.max()) + 1
+    if rows * cols != image_tokens:
+        return None, f"image ids span {rows}×{cols} cells for {image_tokens} tokens"
+    expected_y = torch.arange(rows, device=y.device).repeat_interleave(cols)
+    expected_x = torch.arange(cols, device=x.device).repeat(rows)
+    if not (torch.equal(y, expected_y) and torch.equal(x, expected_x)):
+        return None, "image ids are not in row-major order"
+    return (rows, cols), ""
+
+
+class Flux(Family):
+    name = "flux"
+    transformer_classes = ("FluxTransformer2DModel",)
+    stock_processors = ("FluxAttnProcessor",)
+    guided_pipelines = ("FluxPipeline", "FluxImg2ImgPipeline")
+    rows = CallRows(
+        call_args=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance"),
+        block_stream_args=("hidden_states", "encoder_hidden_states", "x"),  # "x": norm_out's input
+        block_call_args=("temb", "conditioning_embedding"),  # per-row inputs of blocks and of norm_out
+        controlnet_args=("controlnet_block_samples", "controlnet_single_block_samples"),
+    )
+    text_first = True
+    rotary = True
+    packs_latents = True
+
+    def layers(self, transformer) -> list[LayerInfo]:
+        layers = [LayerInfo(i, f"transformer_blocks.{i}.attn", "double", block.attn.heads, head_dim(block.attn))
+                  for i, block in enumerate(transformer.transformer_blocks)]
+        n = len(layers)
+        layers += [LayerInfo(n + j, f"single_transformer_blocks.{j}.attn", "single", block.attn.heads, head_dim(block.attn))
+                   for j, block in enumerate(transformer.single_transformer_blocks)]
+        return layers
+
+    def layer_of_key(self, key: str, transformer) -> int:
+        block_list, index = key.split(".")[:2]
+        return int(index) + (len(transformer.transformer_blocks) if block_list == "single_transformer_blocks" else 0)
+
+    def processor_for(self, key: str, layer: int, state):
+        from ..processors.flux import FluxAttnProcessor
+
+        return FluxAttnProcessor(layer, state)
+
+    def fork_points(self, transformer):
+        blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+        return [(block, i) for i, block in enumerate(blocks)] + [(transformer.norm_out, len(blocks))]
+
+    def grid(self, transformer, call: dict):
+        return grid_from_ids(call.get("img_ids"), call["hidden_states"].shape[1])
+
+    def conditional_rows(self, pipe, batch: int, call: dict, context: str | None):
+        """Guidance-distilled FLUX makes one call a step; true CFG makes two, the negative one under
+        cache context "uncond" (left stock)."""
+        if context == "uncond":
+            return None
+        return torch.arange(batch)
+
+    def encode_prompts(self, pipe, prompts, max_sequence_length):
+        embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, num_images_per_prompt=1,
+                                               max_sequence_length=max_sequence_length or 512)
+        return embeds, pooled
+
+    def latent_patch(self, transformer) -> int:
+        return 2
+
+    def predict(self, transformer, x_t, embeds, pooled, t, latent_hw, guidance=1.0):
+        device, dtype = transformer.device, transformer.dtype
+        guide = torch.full((x_t.shape[0],), float(guidance), device=device, dtype=dtype) \
+            if transformer.config.guidance_embeds else None
+        return transformer(hidden_states=x_t.to(device, dtype), encoder_hidden_states=embeds.to(device, dtype),
+                           pooled_projections=pooled.to(device, dtype), timestep=t.to(device, dtype),
+                           img_ids=image_ids(*latent_hw).to(device, dtype),
+                           txt_ids=torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype), guidance=guide).sample

@@ -1,0 +1,163 @@
+"""Hooks on the transformer and its blocks (diffusers `ModelHook`s):
+
+- `CallHook` (on the transformer) sees every call: records the call's text length and image
+  grid in the per-call state, and plans the call's extra rows (`RowPlan`): on a guided call,
+  copies of the conditional rows forked at the first perturbed layer; with a TextPatch,
+  source-prompt rows appended to the inputs and dropped after the last patched layer. The
+  call returns the stock rows only.
+- `RowFork` (on every block and the final norm, the family's fork points) selects each
+  stage's rows from the block inputs.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
+
+from ..families import Family
+from ..processors.state import EditState, plan_rows
+from .private import cache_context_name, check_diffusers_version
+
+CALL_HOOK = "dit_attn.call"
+FORK_HOOK = "dit_attn.fork"
+
+
+class _NoState(BaseState):
+    def reset(self, *args, **kwargs) -> None:
+        pass
+
+
+def stock_output(output, rows: int):
+    """The transformer output with only its first `rows` rows (the pipeline's own)."""
+    sample = output[0]
+    if sample.shape[0] == rows:
+        return output
+    if isinstance(output, tuple):
+        return (sample[:rows],) + tuple(output[1:])
+    return type(output)(sample=sample[:rows])
+
+
+def named_arguments(forward, args: tuple, kwargs: dict) -> dict:
+    """Positional arguments of a call turned into keyword arguments."""
+    names = list(inspect.signature(forward).parameters)
+    return {**dict(zip(names, args)), **kwargs}
+
+
+class CallHook(ModelHook):
+    """Sees every transformer call; adds the extra rows of HeadGuidance and TextPatch.
+
+    guidance: None, or a controller with `fork_for_call(batch, call, context)` (the conditional
+    rows to copy, or None), `fork_layer` and `finish_call(output, plan, cond)`.
+    text: None, or a controller with `sources_for_call(batch, call, context)` returning None or
+    an object with `sources` ({target row: source row}), `patch_end` (first layer without
+    source rows) and `extend(call)` (the inputs with the source rows appended).
+    """
+
+    _is_stateful = True  # so diffusers hands it the cache context ("cond"/"uncond")
+
+    def __init__(self, family: Family, state: EditState, guidance=None, text=None):
+        super().__init__()
+        self.family = family
+        self.state = state
+        self.guidance = guidance
+        self.text = text
+        self.cache = StateManager(_NoState)
+
+    def reset_state(self, module):
+        return module
+
+    def new_forward(self, module, *args, **kwargs):
+        forward = self.fn_ref.original_forward
+        call = named_arguments(forward, args, kwargs) if args else kwargs
+        current = self.state.call
+        current.text_len = self.family.text_length(call)
+        if self.state.local is not None:
+            current.grid, current.grid_problem = self.family.grid(module, call)
+        if self.guidance is None and self.text is None:
+            return forward(**call)
+        context = cache_context_name(self.cache)
+        batch = call["hidden_states"].shape[0]
+        cond = self.guidance.fork_for_call(batch, call, context) if self.guidance is not None else None
+        patch = self.text.sources_for_call(batch, call, context) if self.text is not None else None
+        if cond is None and patch is None:
+            return forward(**call)
+        plan = plan_rows(
+            batch,
+            sources=patch.sources if patch is not None else None,
+            patch_end=patch.patch_end if patch is not None else None,
+            cond=cond,
+            fork_layer=self.guidance.fork_layer if cond is not None else None,
+        )
+        if patch is not None:
+            call = patch.extend(call)
+        current.rows = plan
+        try:
+            output = forward(**call)
+        finally:
+            current.rows = None
+        if output[0].shape[0] != plan.final.size:
+            raise RuntimeError(f"{type(module).__name__} returned {output[0].shape[0]} rows for a call widened to "
+                               f"{plan.final.size}: this model does not carry extra rows through its blocks")
+        if cond is not None:
+            return self.guidance.finish_call(output, plan, cond)
+        return stock_output(output, batch)
+
+
+class RowFork(ModelHook):
+    """Give a block (or the final norm) the rows of its stage of the call's RowPlan.
+
+    Stream inputs (hidden states, text states) come from the previous block: where a new
+    stage starts they are re-selected. Inputs computed once before the blocks (temb) hold
+    the call's rows and are mapped to the stage's rows at every block.
+    """
+
+    def __init__(self, family: Family, state: EditState, layer: int, module: torch.nn.Module):
+        super().__init__()
+        self.stream_args = family.rows.block_stream_args
+        self.call_args = family.rows.block_call_args
+        self.state = state
+        self.layer = layer
+        self.names = list(inspect.signature(type(module).forward).parameters)[1:]  # without self
+
+    @staticmethod
+    def _select(value, index: torch.Tensor):
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            return value.index_select(0, index.to(value.device))
+        return value
+
+    def pre_forward(self, module, *args, **kwargs):
+        plan = self.state.call.rows
+        if plan is None:
+            return args, kwargs
+        stage = plan.stage_at(self.layer)
+        new_rows = stage.layer == self.layer and not stage.keeps_rows
+        if not new_rows and stage.is_call_rows:
+            return args, kwargs
+        values = {**dict(zip(self.names, args)), **kwargs}
+        for name in self.stream_args:
+            if new_rows and name in values:
+                values[name] = self._select(values[name], stage.select)
+        for name in self.call_args:
+            if name in values and not stage.is_call_rows:
+                values[name] = self._select(values[name], stage.from_call)
+        positional = tuple(values.pop(name) for name in self.names[: len(args)])
+        return positional, values
+
+
+def install_hooks(transformer, family: Family, state: EditState, guidance=None, text=None) -> None:
+    check_diffusers_version()
+    root = HookRegistry.check_if_exists_or_initialize(transformer)
+    root.register_hook(CallHook(family, state, guidance, text), CALL_HOOK)
+    if guidance is not None or text is not None:
+        for module, layer in family.fork_points(transformer):
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(RowFork(family, state, layer, module), FORK_HOOK)
+    root.invalidate_child_registries_cache()
+
+
+def remove_hooks(transformer) -> None:
+    root = HookRegistry.check_if_exists_or_initialize(transformer)
+    root.remove_hook(CALL_HOOK, recurse=False)
+    root.remove_hook(FORK_HOOK, recurse=True)
+    root.invalidate_child_registries_cache()

@@ -1,0 +1,45 @@
+"""The one rule for which transformer call of a denoising step an edit acts on, shared by
+HeadGuidance and TextPatch: the first call of the step, its conditional rows as the family's
+spec reads them, and never a call with ControlNet residuals."""
+from __future__ import annotations
+
+import torch
+
+from ..families import Family
+from .steps import denoising_step
+
+
+class CallSelector:
+    """Remembers the last step it selected a call in; `select` gives the conditional rows or None."""
+
+    def __init__(self, pipe, family: Family, edit_name: str):
+        self.pipe = pipe
+        self.family = family
+        self.edit_name = edit_name
+        self._last = None  # (timesteps tensor, step) of the last selected call
+
+    def reset(self) -> None:
+        self._last = None
+
+    def selected_this_step(self) -> bool:
+        step = denoising_step(self.pipe)[0]
+        return self._last is not None and self._last[0] is self.pipe.scheduler.timesteps and self._last[1] == step
+
+    def select(self, batch: int, call: dict, context: str | None) -> torch.Tensor | None:
+        if self.selected_this_step():
+            # the conditional call comes first; a second call in the same step is a negative
+            # (true CFG without cache contexts) or skip-layer call
+            return None
+        cond = self.family.conditional_rows(self.pipe, batch, call, context)
+        if cond is None:
+            return None
+        if any(call.get(name) is not None for name in self.family.rows.controlnet_args):
+            raise NotImplementedError(f"{self.edit_name} does not support ControlNet residuals yet")
+        self._last = (self.pipe.scheduler.timesteps, denoising_step(self.pipe)[0])
+        return cond
+
+
+def check_pipeline(pipe, family: Family, edit_name: str) -> None:
+    if not family.supports_pipeline(pipe):
+        raise TypeError(f"{edit_name} does not support {type(pipe).__name__}; supported pipelines: "
+                        f"{', '.join(family.guided_pipelines)}")
