@@ -1,9 +1,11 @@
-"""Small pieces every trainer here shares: per-step seeds, the LR schedule, one optimizer update."""
+"""Small pieces every trainer here shares: per-step seeds, seeded initialisation, the flow-matching loss, the LR
+schedule, one optimizer update."""
 from __future__ import annotations
 
 import math
 import os
 import shutil
+from contextlib import contextmanager
 
 import torch
 
@@ -17,6 +19,23 @@ def start_over(work: str, restart: bool) -> None:
 def step_seed(seed: int, step: int) -> int:
     """The seed of one training step: a resumed run draws the same batches and noise."""
     return seed * 1_000_003 + step
+
+
+@contextmanager
+def seeded(seed: int):
+    """Inside: torch's global generators (the CPU's and every initialised CUDA device's) seeded with `seed`;
+    after: as they were. For initialisations that draw from the global generators, such as peft's LoRA
+    weights, so that two runs with one seed start from the same weights."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def flow_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The flow-matching loss: mean squared error of a velocity prediction (any dtype, any device) against its
+    target n − x0 (`flow.noised`), in float32."""
+    return torch.nn.functional.mse_loss(prediction.float(), target.to(prediction.device))
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:

@@ -8,11 +8,14 @@ from prompts, cached in the work directory. Loss (CLEAR): flow matching
 + teacher_weight · MSE(student ε, teacher ε) + attention_weight · MSE of the attention
 outputs of every `attention_every`-th local layer.
 
-Resumable: the teacher samples are cached as they are made, and every
-`checkpoint_every` steps the trained tensors (safetensors, diffusers module names) and
-the optimizer state are written atomically; rerunning the command continues, and the
-result is the same as an uninterrupted run (each step draws from its own seed).
-SD3 / SD3.5 and FLUX pipelines.
+With `lora_rank` the adapters' initial weights are drawn from the config's seed, so two
+runs with one seed train the same weights. Resumable: the teacher samples are cached as
+they are made, and every `checkpoint_every` steps the trained tensors (diffusers module
+names) and the optimizer state are written atomically, in one file; rerunning the command
+continues, and the result is the same as an uninterrupted run (each step draws from its
+own seed). The cache and the checkpoint record the run's settings (with the model's
+fingerprint) and the fingerprint of its prompts; a rerun with other ones stops, naming the
+difference (`train.resume`). SD3 / SD3.5 and FLUX pipelines.
 """
 from __future__ import annotations
 
@@ -20,21 +23,21 @@ import copy
 import json
 import os
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..handle import apply
-from ..edits import BACKEND_CHOICES, LocalAttention
+from ..edits import LocalAttention
 from ..heads import model_family, model_layers
 from ..io import save_safetensors_atomic, save_torch_atomic as save_atomic
 from ..local_attention import local_attention_modules
-from .flow import predict
-from .common import cosine_lr, optimizer_step, start_over, step_seed
+from .flow import noised, predict, text_features
+from .common import cosine_lr, flow_loss, optimizer_step, seeded, start_over, step_seed
 from .config import DistillConfig
+from .resume import RUN_KEY, fingerprint, load_checkpoint, model_fingerprint, run_record
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -45,12 +48,20 @@ def default_prompts(n: int, seed: int) -> list[str]:
     return [make_example(seed, i, "mix").caption for i in range(n)]
 
 
-def teacher_samples(pipe, cfg: DistillConfig, prompts: list[str], work: str) -> dict:
-    """Teacher latents and prompt embeddings for `cfg.samples` prompts, cached (resumable) in `work`."""
+def wanted_prompts(cfg: DistillConfig, prompts: list[str]) -> list[str]:
+    """The prompt of each of the `cfg.samples` teacher samples (the prompts repeated in order)."""
+    return [prompts[i % len(prompts)] for i in range(cfg.samples)]
+
+
+def teacher_samples(pipe, cfg: DistillConfig, prompts: list[str], work: str, run: dict | None = None) -> dict:
+    """Teacher latents and prompt embeddings (on the CPU) for `cfg.samples` prompts, cached (resumable) in `work`.
+    `run`: the run_record the cache carries and a cached one must match (default: the config and the prompts)."""
     path = os.path.join(work, "teacher.pt")
-    cache = torch.load(path) if os.path.exists(path) else {"latents": [], "embeds": [], "pooled": [], "prompts": []}
+    wanted = wanted_prompts(cfg, prompts)
+    run = run or run_record(asdict(cfg), fingerprint(wanted))
+    cache = load_checkpoint(path, run["settings"], run["fingerprint"]) or \
+        {"latents": [], "embeds": [], "pooled": [], "prompts": [], RUN_KEY: run}
     done = len(cache["prompts"])
-    wanted = [prompts[i % len(prompts)] for i in range(cfg.samples)]
     size = {"height": cfg.size, "width": cfg.size} if cfg.size else {}
     extra = {"guidance_scale": cfg.cfg} if cfg.cfg is not None else {}
     bar = tqdm(total=cfg.samples, initial=done, desc="teacher samples", unit="image")
@@ -60,25 +71,15 @@ def teacher_samples(pipe, cfg: DistillConfig, prompts: list[str], work: str) -> 
         with torch.no_grad():
             latents = pipe(chunk, generator=generators, num_inference_steps=cfg.sample_steps, output_type="latent",
                            max_sequence_length=cfg.max_sequence_length, **size, **extra).images
-            embeds, pooled = encode(pipe, chunk, cfg.max_sequence_length)
-        cache["latents"].append(latents)
-        cache["embeds"].append(embeds)
-        cache["pooled"].append(pooled)
+            embeds, pooled = text_features(pipe, chunk, cfg.max_sequence_length)
+        cache["latents"].append(latents.cpu())
+        cache["embeds"].append(embeds.cpu())
+        cache["pooled"].append(pooled.cpu())
         cache["prompts"].extend(chunk)
         save_atomic(cache, path)
         bar.update(len(chunk))
     bar.close()
-    return {key: torch.cat(value) if key != "prompts" else value for key, value in cache.items()}
-
-
-def encode(pipe, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token features, pooled features) of the prompts, with the pipeline's own encoders."""
-    if model_family(pipe.transformer) == "flux":
-        embeds, pooled, _ = pipe.encode_prompt(prompts, prompts, max_sequence_length=max_sequence_length)
-        return embeds, pooled
-    embeds, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, do_classifier_free_guidance=False,
-                                              max_sequence_length=max_sequence_length)
-    return embeds, pooled
+    return {key: value if key == "prompts" else torch.cat(value) for key, value in cache.items() if key != RUN_KEY}
 
 
 class Denoiser:
@@ -177,7 +178,11 @@ def distill(pipe, cfg: DistillConfig, work: str, out: str, prompts: list[str] | 
     if getattr(transformer, "peft_config", None):
         raise ValueError("the transformer already has LoRA adapters: fuse or unload them before distill-clear")
     os.makedirs(work, exist_ok=True)
-    data = teacher_samples(pipe, cfg, prompts or default_prompts(max(cfg.samples, 1), cfg.seed), work)
+    wanted = wanted_prompts(cfg, prompts or default_prompts(max(cfg.samples, 1), cfg.seed))
+    run = run_record({**asdict(cfg), "model": model_fingerprint(pipe)}, fingerprint(wanted))
+    state_path = os.path.join(work, "state.pt")
+    state = load_checkpoint(state_path, run["settings"], run["fingerprint"])  # stops before sampling if another run's
+    data = teacher_samples(pipe, cfg, wanted, work, run)
     denoise = Denoiser(pipe, cfg, data["latents"])
     lora = cfg.lora_rank is not None
     all_layers = frozenset(info.index for info in model_layers(transformer))
@@ -189,8 +194,9 @@ def distill(pipe, cfg: DistillConfig, work: str, out: str, prompts: list[str] | 
         from peft import LoraConfig
 
         targets = "|".join(name.replace(".", r"\.") for name in modules)
-        transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
-                                           target_modules=f"^({targets})$", init_lora_weights=True))
+        with seeded(step_seed(cfg.seed + 41, 0)):  # peft draws the initial LoRA weights from torch's global generator
+            transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                                               target_modules=f"^({targets})$", init_lora_weights=True))
     handle = apply(pipe, LocalAttention(cfg.radius, downsample=cfg.downsample, backend=cfg.backend))
     recorded_attention = sorted(local_attention_modules(model_layers(transformer), all_layers))[:: cfg.attention_every]
     student_rec = AttentionRecorder(transformer, recorded_attention)
@@ -204,11 +210,9 @@ def distill(pipe, cfg: DistillConfig, work: str, out: str, prompts: list[str] | 
                 param.requires_grad_(True)
         params = [p for p in transformer.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        weights_path, state_path = os.path.join(work, "trained.safetensors"), os.path.join(work, "state.pt")
         start, losses = 0, []
-        if os.path.exists(state_path) and os.path.exists(weights_path):
-            state = torch.load(state_path)
-            load_trained(transformer, load_file(weights_path), lora)
+        if state is not None:
+            load_trained(transformer, state["trained"], lora)
             optimizer.load_state_dict(state["optimizer"])
             start, losses = state["step"], state["losses"]
         generator = torch.Generator()
@@ -220,8 +224,7 @@ def distill(pipe, cfg: DistillConfig, work: str, out: str, prompts: list[str] | 
             x0, embeds, pooled = data["latents"][rows], data["embeds"][rows], data["pooled"][rows]
             noise = torch.randn(x0.shape, generator=generator)
             t = torch.sigmoid(torch.randn(cfg.batch, generator=generator))
-            t_b = t.view(-1, *[1] * (x0.ndim - 1))  # SD3 latents (B, C, H, W), FLUX packed (B, S, C)
-            x_t = (1 - t_b) * x0 + t_b * noise
+            x_t, target = noised(x0, noise, t)
             with torch.no_grad():
                 teacher_rec.take()
                 with full_attention(handle, lora):
@@ -229,7 +232,7 @@ def distill(pipe, cfg: DistillConfig, work: str, out: str, prompts: list[str] | 
                 teacher_attention = teacher_rec.take()
             student_eps = denoise(transformer, x_t, embeds, pooled, t)
             student_attention = student_rec.take()
-            flow = F.mse_loss(student_eps, noise - x0)
+            flow = flow_loss(student_eps, target)
             match = F.mse_loss(student_eps, teacher_eps)
             attention_loss = sum(F.mse_loss(s, t_) for s, t_ in zip(student_attention, teacher_attention)) / max(1, len(student_attention))
             loss = cfg.flow_weight * flow + cfg.teacher_weight * match + cfg.attention_weight * attention_loss
@@ -237,8 +240,8 @@ def distill(pipe, cfg: DistillConfig, work: str, out: str, prompts: list[str] | 
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}", teacher=f"{match.item():.4f}")
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-                save_weights(weights_path, trained_tensors(transformer, lora), cfg)
-                save_atomic({"optimizer": optimizer.state_dict(), "step": step + 1, "losses": losses}, state_path)
+                save_atomic({"trained": trained_tensors(transformer, lora), "optimizer": optimizer.state_dict(),
+                             "step": step + 1, "losses": losses, RUN_KEY: run}, state_path)
         save_weights(out, trained_tensors(transformer, lora), cfg)
     finally:
         student_rec.close()

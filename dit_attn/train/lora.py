@@ -10,32 +10,36 @@ grouped in buckets of one image size: a batch only mixes latents of one size (th
 each step is drawn in proportion to its size). Loss: flow matching (x_t = (1 − t)·x0 + t·n,
 target n − x0, logit-normal t; SD3 timestep 1000·t, FLUX t on packed latents with position
 ids and a guidance value). Caption dropout replaces a caption by the empty one; gradient
-accumulation sums `accumulate` batches per update. Resumable: every `checkpoint_every`
-steps the LoRA tensors and the optimizer state are written atomically; rerunning
-continues, and each step draws its batches and noise from its own seed, so the result
-equals an uninterrupted run. The LoRA is saved with its config as metadata
-(`pipe.load_lora_weights(out)` keeps lora_alpha). SD3 / SD3.5 and FLUX pipelines.
+accumulation sums `accumulate` batches per update. The LoRA's initial weights are drawn
+from the config's seed, so two runs with one seed train the same LoRA. Resumable: every
+`checkpoint_every` steps the LoRA tensors and the optimizer state are written atomically;
+rerunning continues, and each step draws its batches and noise from its own seed, so the
+result equals an uninterrupted run. The encoded data and the checkpoint record the run's
+settings (with the model's fingerprint) and the fingerprint of its images and captions; a
+rerun with other ones stops, naming the difference (`train.resume`). The LoRA is saved
+with its config as metadata (`pipe.load_lora_weights(out)` keeps lora_alpha). SD3 / SD3.5
+and FLUX pipelines.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
 from ..heads import model_layers
-from .flow import latents_of, predict, text_features
+from .flow import latents_of, noised, predict, text_features
 from ..io import save_torch_atomic as save_atomic
-from .common import cosine_lr, set_lr, start_over, step_seed
+from .common import cosine_lr, flow_loss, seeded, set_lr, start_over, step_seed
 from .config import LORA_MODES as MODES, LoraTrainConfig
+from .resume import RUN_KEY, file_digest, fingerprint, load_checkpoint, model_fingerprint, run_record
 from ..localization.lora import DEFAULT_TARGETS, localized_lora_config, lora_parameter_count, save_lora
 
-CACHE_FORMAT = "dit-attn-lora-data/2"
+CACHE_FORMAT = "dit-attn-lora-data/3"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -100,16 +104,24 @@ def _check_sizes(pipe, sizes) -> None:
                              f"{type(pipe).__name__}; nearest valid sizes: {near}")
 
 
-def encode_dataset(pipe, items: list[tuple], cfg: LoraTrainConfig, max_sequence_length: int, work: str) -> dict:
+def data_fingerprint(items: list[tuple]) -> str:
+    """sha256 of the training data: each item's image (a file's bytes, or a PIL image's pixels) and caption, in order."""
+    return fingerprint([(file_digest(source) if isinstance(source, (str, os.PathLike)) else source, text)
+                        for source, text in items])
+
+
+def encode_dataset(pipe, items: list[tuple], cfg: LoraTrainConfig, max_sequence_length: int, work: str,
+                   run: dict | None = None) -> dict:
     """The data, encoded once and cached in `work`: {"buckets": [one dict per image size with
     "size" (H, W), "latent_hw" (h, w), "latents" (N, ...) in the pipeline's layout, "embeds"
     (N, S, D), "pooled" (N, P)], "empty": (embeds (1, S, D), pooled (1, P)) of the empty caption}.
-    `items`: (image path or PIL image, caption)."""
+    `items`: (image path or PIL image, caption). `run`: the run_record the cache carries and a
+    cached one must match (default: the config and the items' fingerprint)."""
     path = os.path.join(work, "data.pt")
-    if os.path.exists(path):
-        cached = torch.load(path)
-        if isinstance(cached, dict) and cached.get("format") == CACHE_FORMAT:
-            return cached
+    run = run or run_record(asdict(cfg), data_fingerprint(items))
+    cached = load_checkpoint(path, run["settings"], run["fingerprint"])
+    if cached is not None:
+        return cached
     groups: dict[tuple[int, int], list[tuple[Image.Image, str]]] = {}
     for source, text in items:
         image = _load_image(source, cfg.size)
@@ -134,7 +146,7 @@ def encode_dataset(pipe, items: list[tuple], cfg: LoraTrainConfig, max_sequence_
                             "latents": torch.cat(latents), "embeds": torch.cat(embeds), "pooled": torch.cat(pooled)})
         bar.close()
         empty = tuple(t.cpu() for t in text_features(pipe, [""], max_sequence_length))
-    data = {"format": CACHE_FORMAT, "buckets": buckets, "empty": empty}
+    data = {"format": CACHE_FORMAT, "buckets": buckets, "empty": empty, RUN_KEY: run}
     save_atomic(data, path)
     return data
 
@@ -200,21 +212,23 @@ def train_lora(pipe, cfg: LoraTrainConfig, data_dir: str, work: str, out: str, r
     lora_config = localized_lora_config(pipe, layers, cfg.rank, cfg.alpha, cfg.targets)  # checks layers, targets
     os.makedirs(work, exist_ok=True)
     max_sequence_length = cfg.max_sequence_length or call_defaults(pipe).get("max_sequence_length", 256)
-    data = encode_dataset(pipe, training_items(cfg, data_dir), cfg, max_sequence_length, work)
+    items = training_items(cfg, data_dir)
+    settings = {**asdict(cfg), "model": model_fingerprint(pipe)}
+    run = run_record(settings, data_fingerprint(items))
+    state_path = os.path.join(work, "state.pt")
+    state = load_checkpoint(state_path, run["settings"], run["fingerprint"])  # stops before encoding if another run's
+    data = encode_dataset(pipe, items, cfg, max_sequence_length, work, run)
     grad_flags = {n: p.requires_grad for n, p in transformer.named_parameters()}
     transformer.requires_grad_(False)
-    transformer.add_adapter(lora_config)
+    with seeded(step_seed(cfg.seed + 41, 0)):  # peft draws the initial LoRA weights from torch's global generator
+        transformer.add_adapter(lora_config)
     try:
         params = [p for n, p in transformer.named_parameters() if "lora_" in n]
         for p in params:
             p.requires_grad_(True)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        state_path = os.path.join(work, "state.pt")
         start, losses = 0, []
-        if os.path.exists(state_path):
-            state = torch.load(state_path)
-            if state["config"] != asdict(cfg):
-                raise ValueError(f"{work} holds a run with other settings ({state['config']}); use a new --work directory")
+        if state is not None:
             set_peft_model_state_dict(transformer, state["lora"])
             optimizer.load_state_dict(state["optimizer"])
             start, losses = state["step"], state["losses"]
@@ -228,10 +242,9 @@ def train_lora(pipe, cfg: LoraTrainConfig, data_dir: str, work: str, out: str, r
             loss = 0.0
             for _ in range(cfg.accumulate):
                 x0, noise, t, embeds, pooled, latent_hw = draw_batch(data, cfg, generator)
-                t_b = t.view(-1, *[1] * (x0.ndim - 1))  # SD3 (B, C, h, w), FLUX packed (B, S, D)
-                x_t = (1 - t_b) * x0 + t_b * noise
+                x_t, target = noised(x0, noise, t)
                 prediction = predict(transformer, x_t, embeds, pooled, t, latent_hw, cfg.guidance)
-                part = F.mse_loss(prediction.float(), (noise - x0).to(prediction.device)) / cfg.accumulate
+                part = flow_loss(prediction, target) / cfg.accumulate
                 part.backward()
                 loss += part.item()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -241,7 +254,7 @@ def train_lora(pipe, cfg: LoraTrainConfig, data_dir: str, work: str, out: str, r
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 lora = {n: t.detach().cpu().clone() for n, t in get_peft_model_state_dict(transformer).items()}
                 save_atomic({"config": asdict(cfg), "lora": lora, "optimizer": optimizer.state_dict(), "step": step + 1,
-                             "losses": losses}, state_path)
+                             "losses": losses, RUN_KEY: run}, state_path)
         transformer.eval()
         save_lora_atomic(pipe, out)
         summary = {
