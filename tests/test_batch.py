@@ -1,10 +1,11 @@
 """Batch generation: prompt files, bad lines, shards, and resume after kill -9."""
 import json
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -62,27 +63,72 @@ def test_per_line_settings_and_failures(tmp_path, capsys):
     assert record["seed"] == 11 and record["heads"] == ["L1"] and record["u"] == 0.5
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+KILL_POINT = "KILL-POINT"
+# The batch run of the CLI with one change: the PNG after the k-th manifest line is written halfway,
+# then the child says so on stdout and waits to be killed (a kill -9 mid-write, at a known point).
+KILLED_CHILD = """
+import sys, time
+import dit_attn.workflows.batch as batch
+from dit_attn.io import write_atomic
+from dit_attn.cli import main
+
+k = int(sys.argv[1])
+real_write, writes = batch.write_png_atomic, []
+
+def write_png_atomic(image, path, settings=None, tmp_prefix=".partial-"):
+    writes.append(path)
+    if len(writes) <= k:
+        return real_write(image, path, settings, tmp_prefix)
+
+    def half_then_wait(f):
+        f.write(b"\\x89PNG\\r\\n\\x1a\\n half an image")
+        f.flush()
+        print("%s", len(writes) - 1, flush=True)
+        time.sleep(3600)
+
+    write_atomic(path, half_then_wait, tmp_prefix)
+
+batch.write_png_atomic = write_png_atomic
+sys.exit(main(["generate", *sys.argv[2:]]))
+""" % KILL_POINT
+
+
 def test_resume_after_kill_9(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(f"a red circle number {i}" for i in range(30)))
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "dit_attn.cli", "generate", "--prompts", str(prompts), *FAST, "--out", str(out)]
+    args = ["--prompts", str(prompts), *FAST, "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    k = 3
+    with open(tmp_path / "child.err", "w") as err:
+        process = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(k), *args], env=env, stdout=subprocess.PIPE,
+                                   stderr=err, text=True)
+        try:
+            ready, _, _ = select.select([process.stdout], [], [], 300)
+            line = process.stdout.readline() if ready else ""
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+    assert line.split() == [KILL_POINT, str(k)], (line, (tmp_path / "child.err").read_text()[-2000:])
+    assert process.returncode == -signal.SIGKILL
     manifest = out / "manifest.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not manifest.exists() or len(manifest.read_text().splitlines()) < 3):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    (out / ".partial-0-of-1-abc.png.tmp").write_bytes(b"\x89PNG half")  # as if killed mid-write
-    first = len(manifest.read_text().splitlines())
-    assert 3 <= first < 30, "the kill should land mid-run"
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    first = [json.loads(line)["file"] for line in manifest.read_text().splitlines()]
+    assert len(first) == k  # killed while writing item k: items 0..k-1 finished, nothing after
+    partial = [f for f in os.listdir(out) if f.endswith(".tmp")]
+    assert len(partial) == 1 and partial[0].startswith(".partial-0-of-1-")  # the half-written PNG of item k
+    assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == sorted(first)
+    result = subprocess.run([sys.executable, "-m", "dit_attn.cli", "generate", *args], env=env, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert f"already finished (skipped)" in result.stdout
+    assert f"{30 - k} done, {k} already finished (skipped), 0 failed" in result.stdout
     files = [json.loads(line)["file"] for line in manifest.read_text().splitlines()]
-    assert len(files) == len(set(files)) == 30
+    assert files[:k] == first and len(files) == len(set(files)) == 30
     assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == sorted(files)
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]  # the partial file is gone
 
@@ -108,7 +154,7 @@ def test_accelerate_launch_splits_work(tmp_path):
     prompts.write_text("\n".join(f"prompt {i}" for i in range(5)))
     out = tmp_path / "out"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "dit_attn.cli", "generate", "--prompts", str(prompts), *FAST, "--out", str(out)]
     result = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -2,6 +2,7 @@
 candidate, resume and two processes give the same result, bad input is refused."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -246,6 +247,13 @@ def test_resume_after_interruption(pipe, tmp_path, monkeypatch):
         hunt(pipe, objective, PROMPTS, [0], checkpoint=str(tmp_path / "c.json"), **{**args, "k": 1})
 
 
+def free_port() -> int:
+    """A port no one listens on now (the OS picks it), instead of a fixed one another run may hold."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 TWO_PROCESS_SCRIPT = """
 import json, sys, torch
 torch.set_num_threads(1)
@@ -267,10 +275,10 @@ def test_two_processes_equal_one(pipe, tmp_path):
     assert len(together.confirmations[0]) == 1  # a set was confirmed (so the stage ran)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = TWO_PROCESS_SCRIPT.format(root=root, ckpt=str(tmp_path / "h.json"))
-    procs = []
+    procs, port = [], free_port()
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": "29517", "OMP_NUM_THREADS": "1"}
+               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
         procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outputs):
@@ -325,7 +333,15 @@ def test_cli_hunt(tmp_path, capsys):
                  "--confirm-top", "1", "--out", str(tmp_path / "c.json")]) == 0
     saved = json.loads((tmp_path / "c.json").read_text())
     assert saved["settings"]["confirm_seeds"] == [5] and len(saved["confirmations"]) == 1
-    assert len(saved["confirmations"][0]) <= 1
+    # the shortlist, recomputed from the round's paired gains [mean, se]: heads with a positive gain,
+    # by z = mean / se (ties: candidate order), the first --confirm-top of them
+    gains = saved["gains"][0]
+    positive = [name for name in ("L0H0", "L0H1") if gains[name][0] > 0]
+    expected = sorted(positive, key=lambda name: -gains[name][0] / gains[name][1])[:1]
+    assert len(positive) == 2 and len(expected) == 1  # both qualify: --confirm-top 1 is what keeps one out
+    assert list(saved["confirmations"][0]) == expected
+    mean, se = saved["confirmations"][0][expected[0]]  # the fresh seeds alone decide, by the same z test (min_z 0)
+    assert saved["selected"] == (expected if mean > 0 else [])
     assert main(["hunt", "--objective", "nope", "--prompts", str(prompts), "--out", str(out)]) == 2
     assert "unknown objective" in capsys.readouterr().err
 
@@ -342,8 +358,8 @@ def test_accelerate_launch_hunt_equals_one_process(tmp_path):
                  "--confirm-seeds", "5", "--confirm-together"]
     assert main([*hunt_args, "--out", str(tmp_path / "one.json")]) == 0
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-               "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dit_attn.cli", *hunt_args,
-               "--out", str(tmp_path / "two.json")]
+               "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "dit_attn.cli", *hunt_args, "--out", str(tmp_path / "two.json")]
     launched = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert launched.returncode == 0, launched.stderr[-2000:]
     one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))

@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 import dit_attn as da
 from dit_attn.kernels import AttentionPlan, LocalWindow, Perturbation, attention
-from dit_attn.kernels.window import dense_mask, tile_geometry
+from dit_attn.kernels.window import default_tile, dense_mask, tile_geometry
 from tests.conftest import flux_call, sd3_call
 
 LOCAL_BACKENDS = ("tiled", "tiled-unfused", "flex")
@@ -168,17 +168,49 @@ def test_compiled_flex_matches_reference(monkeypatch):
     assert (out - attention(q, k, v, plan, backend="reference")).abs().max() < 1e-5
 
 
-def test_geometry_is_small_and_cached_per_resolution():
+def test_geometry_is_small_and_cached_per_resolution(monkeypatch):
+    """Geometry builds are counted where they happen (the TileGeometry the builder constructs, the
+    WindowBlocks flex builds): one per new (grid, radius) and none for a resolution seen before,
+    and each call's output still equals the dense-mask reference."""
+    import dit_attn.kernels.blocks as blocks
+    import dit_attn.kernels.flex as flex
+    import dit_attn.kernels.window as window
+
     big = tile_geometry((256, 256), 8.0, (8, 8))
-    assert big.nbytes() < 200 << 20
-    q, k, v = random_qkv(1, 2, 12 * 12 + 3, 8)
-    for rows, cols in [(12, 12), (9, 16), (12, 12), (16, 9)]:
+    # closed form: circle (tile cells × halo cells) + the in-grid masks of 32 tile rows and 32 tile cols, 1 byte each
+    halo = 8 + 2 * 7
+    assert big.nbytes() == 8 * 8 * halo * halo + 2 * 32 * halo < (256 * 256) ** 2 // 10_000  # vs the dense S² mask
+    built = {"tile": [], "blocks": []}
+
+    def counting(cls, key, grid_of):
+        def build(*args, **kwargs):
+            made = cls(*args, **kwargs)
+            built[key].append(grid_of(made))
+            return made
+        return build
+
+    monkeypatch.setattr(window, "TileGeometry", counting(window.TileGeometry, "tile", lambda g: g.grid))
+    monkeypatch.setattr(blocks, "WindowBlocks", counting(blocks.WindowBlocks, "blocks", lambda b: b.seq_q))
+    for cached in (tile_geometry, blocks.window_blocks, flex.local_block_mask):
+        cached.cache_clear()
+    q, k, v = random_qkv(1, 2, 16 * 9 + 3, 8)
+    resolutions = [(12, 12), (9, 16), (12, 12), (16, 9), (9, 16)]
+    geometries = []
+    for rows, cols in resolutions:
         n = rows * cols
         plan = AttentionPlan((), (3, 3 + n), LocalWindow(3, (rows, cols)))
         qs, ks, vs = (x[:, :, : n + 3] for x in (q, k, v))
-        for backend in LOCAL_BACKENDS:
-            assert (attention(qs, ks, vs, plan, backend=backend_name(backend)) - attention(qs, ks, vs, plan, backend="reference")).abs().max() < 1e-5
-    assert tile_geometry.cache_info().maxsize is not None
+        expected = attention(qs, ks, vs, plan, backend="reference")
+        for backend in ("tiled", "flex"):
+            assert (attention(qs, ks, vs, plan, backend=backend) - expected).abs().max() < 1e-5
+        geometries.append(tile_geometry((rows, cols), 3.0, default_tile(3)))
+    distinct = list(dict.fromkeys(resolutions))  # [(12, 12), (9, 16), (16, 9)]: first-seen order
+    assert built["tile"] == distinct  # one build per new resolution, in order, none for a repeated one
+    assert built["blocks"] == [rows * cols + 3 for rows, cols in distinct]
+    assert geometries[0] is geometries[2] and geometries[1] is geometries[4]
+    assert [g.grid for g in geometries] == resolutions  # never another resolution's entry
+    for cached in (tile_geometry, blocks.window_blocks, flex.local_block_mask):
+        cached.cache_clear()  # drop the entries built while the constructors were spied on
 
 
 def test_grid_must_match_the_image_tokens():

@@ -263,11 +263,11 @@ def test_guard_leaves_clean_prompts_untouched(family, request):
     pipe = request.getfixturevalue(f"{family}_pipe")
     call = family_call(family)
     clean, blocked = 'a sign that says "A"', 'a sign that says "X"'
-    stock, stock_clean = call(pipe, [clean, blocked]), call(pipe, clean)
+    stock, stock_clean, stock_pair = call(pipe, [clean, blocked]), call(pipe, clean), call(pipe, [clean, clean])
     guard = da.TextGuard(blocklist=["x"], replacement="O", layers=[1])
     with da.apply(pipe, guard):
         assert torch.equal(call(pipe, clean), stock_clean)
-        assert torch.equal(call(pipe, [clean, clean]), call(pipe, [clean, clean]))
+        assert torch.equal(call(pipe, [clean, clean]), stock_pair)  # a batch with nothing blocked is the stock batch
         both = call(pipe, [clean, blocked])
     with da.apply(pipe, da.TextPatch(layers=[1], source_prompt='a sign that says "O"')):
         explicit = call(pipe, [blocked, blocked])  # same batch shape: row 1 gets the same noise
@@ -286,30 +286,76 @@ def test_guard_needs_prompt_text(sd3_pipe):
 # ---------------------------------------------------------------------------- localize / edit
 
 
+def pixel_images(pipe, prompt, seeds, steps, *edits):
+    """(len(seeds), 3, H, W) in [0, 1] from one stock pipeline call (the edits applied around it)."""
+    def run():
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        return pipe([prompt] * len(seeds), generator=generators, num_inference_steps=steps, output_type="pt",
+                    max_sequence_length=8, **SIZE).images.float()
+    if not edits:
+        return run()
+    with da.apply(pipe, *edits):
+        return run()
+
+
+TIGHT = 1e-6  # the same pipeline calls at the same batch shape: the samples agree to float32 rounding
+
+
+def parameter_share(transformer, prefixes) -> float:
+    """Share of the transformer's parameters under the named modules, counted from named_parameters."""
+    named = dict(transformer.named_parameters())
+    return sum(p.numel() for n, p in named.items() if n.startswith(tuple(prefixes))) / sum(p.numel() for p in named.values())
+
+
 def test_localize_ranks_layers_and_writes_results(sd3_pipe, tmp_path):
-    pairs = [(PROMPT, PROMPT), (PROMPT, SOURCE)]
+    # this source ranks the layers in reverse order, with gaps well above float32 rounding
+    pairs = [(PROMPT, PROMPT), (PROMPT, "a green triangle")]
     result = da.localize(sd3_pipe, pairs, score=ssim_score, seeds=[0, 1], steps=2, out=str(tmp_path),
                          progress=False, max_sequence_length=8, **SIZE)
     assert [s.layers for s in result.scores] == [(0,), (1,), (2,)]
     assert result.baseline == {"ssim": pytest.approx(1.0, abs=1e-6), "score": pytest.approx(1.0, abs=1e-6)}
+    # the reference: each (pair, seed) sample recomputed from separate pipeline calls and SSIM to the stock images
+    originals = pixel_images(sd3_pipe, PROMPT, [0, 1], 2)
+    expected = {}
+    for layer in range(3):
+        samples = torch.cat([ssim(pixel_images(sd3_pipe, PROMPT, [0, 1], 2, da.TextPatch(layers=[layer], source_prompt=source)),
+                                  originals) for _, source in pairs])
+        expected[f"L{layer}"] = samples.tolist()
     for s in result.scores:
+        assert s.samples == pytest.approx(expected[s.label], abs=TIGHT)
         assert s.samples[:2] == pytest.approx([1.0, 1.0], abs=1e-5)  # patching with the prompt itself
-        assert 0 < s.text_kv_share < s.block_share < 1
-    assert result.top.score == max(s.score for s in result.scores)
-    assert min(s.score for s in result.scores) < 1 - 1e-4
+        assert max(s.samples[2:]) < 1 - 5e-5  # patching with the other prompt changes the image
+        assert s.score == pytest.approx(sum(expected[s.label]) / 4, abs=TIGHT)
+        block = f"transformer_blocks.{s.layers[0]}."
+        assert s.text_kv_share == pytest.approx(parameter_share(sd3_pipe.transformer, [block + "attn.add_k_proj.", block + "attn.add_v_proj."]))
+        assert s.block_share == pytest.approx(parameter_share(sd3_pipe.transformer, [block]))
+    means = {label: sum(v) / len(v) for label, v in expected.items()}
+    ranking = sorted(means, key=means.get, reverse=True)
+    assert min(means[a] - means[b] for a, b in zip(ranking, ranking[1:])) > 2 * TIGHT  # a ranking TIGHT cannot flip
+    assert [s.label for s in result.ranking] == ranking and result.top.label == ranking[0]
     data = json.loads((tmp_path / "localization.json").read_text())
-    assert data["ranking"][0] == result.top.label and len(data["scores"]) == 3
+    assert data["ranking"] == ranking and len(data["scores"]) == 3
     assert Image.open(tmp_path / "localization.png").size[0] >= 3 * 26
     assert not list(tmp_path.glob(".partial-*"))
 
 
 def test_localize_default_score_on_flux_groups(flux_pipe):
+    from dit_attn.toy.judge import CLASSES, probabilities
+
     pairs = sign_pairs(1)
     result = da.localize(flux_pipe, pairs, layers=[[0, 1], 3], steps=1, progress=False, max_sequence_length=8, **SIZE)
     assert [s.layers for s in result.scores] == [(0, 1), (3,)]
     assert set(result.scores[0].components) == {"score", "glyph", "ssim"}
-    for s in result.scores:  # glyph probability × SSIM, per image
-        assert 0 <= s.components["glyph"] <= 1 and s.score <= s.components["glyph"] + 1e-6
+    pair = pairs[0]
+    glyph_index = CLASSES["glyph"].index(pair.source_prompt.split('"')[1])  # the source sign's character
+    originals = pixel_images(flux_pipe, pair.prompt, [0], 1)
+    for s in result.scores:  # the judge's probability of the source glyph × SSIM to the stock image, computed here
+        patched = pixel_images(flux_pipe, pair.prompt, [0], 1, da.TextPatch(layers=list(s.layers), source_prompt=pair.source_prompt))
+        glyph = float(probabilities(patched)["glyph"][0, glyph_index])
+        similarity = float(ssim(patched, originals)[0])
+        assert s.components["glyph"] == pytest.approx(glyph, abs=1e-5)
+        assert s.components["ssim"] == pytest.approx(similarity, abs=1e-5)
+        assert s.score == pytest.approx(glyph * similarity, abs=1e-5) and s.samples == pytest.approx([glyph * similarity], abs=1e-5)
 
 
 def test_edit_text(sd3_pipe):
@@ -325,12 +371,34 @@ def test_edit_text(sd3_pipe):
     assert edit.side_by_side.size == (64, 32)
 
 
+def windowed_ssim(a, b, size=11, sigma=1.5):
+    """SSIM (Wang et al. 2004) of two (C, H, W) arrays from the definition: every valid 11×11 window's
+    Gaussian-weighted means, variances and covariance, K1 = 0.01, K2 = 0.03, averaged over windows and channels."""
+    import numpy as np
+
+    r = np.arange(size) - (size - 1) / 2
+    w = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma**2))
+    w /= w.sum()
+    wa, wb = (np.lib.stride_tricks.sliding_window_view(np.asarray(t, dtype=np.float64), (size, size), axis=(1, 2)) for t in (a, b))
+    mean_a, mean_b = (np.einsum("chwij,ij->chw", t, w) for t in (wa, wb))
+    da_, db_ = wa - mean_a[..., None, None], wb - mean_b[..., None, None]
+    var_a, var_b, cov = (np.einsum("chwij,ij->chw", p, w) for p in (da_ * da_, db_ * db_, da_ * db_))
+    c1, c2 = 0.01**2, 0.03**2
+    value = (2 * mean_a * mean_b + c1) * (2 * cov + c2) / ((mean_a**2 + mean_b**2 + c1) * (var_a + var_b + c2))
+    return float(value.mean())
+
+
 def test_ssim_properties():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 32, 32, generator=g)
     assert torch.allclose(ssim(x, x), torch.ones(2))
     noisy = (x + 0.2 * torch.randn(x.shape, generator=g)).clamp(0, 1)
     assert (ssim(x, noisy) < 0.9).all() and torch.allclose(ssim(x, noisy), ssim(noisy, x))
+    blurred = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    for other in (noisy, blurred, 1 - x):
+        got = ssim(x, other)
+        for i in range(2):
+            assert float(got[i]) == pytest.approx(windowed_ssim(x[i].numpy(), other[i].numpy()), abs=1e-6)
 
 
 # ---------------------------------------------------------------------------- LoRA
