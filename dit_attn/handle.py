@@ -9,6 +9,7 @@ from .families import SUPPORTED_MODELS, Family, family_of
 from .guidance.controller import GuidanceController
 from .heads import LayerInfo, resolve_heads
 from .hooks.calls import install_hooks, remove_hooks
+from .hooks.private import check_diffusers_version
 from .hooks.selection import check_pipeline
 from .local_attention import LocalInstall, install_local, local_setting
 from .processors.state import EditState, LayerEdit
@@ -116,6 +117,7 @@ def apply(pipe_or_transformer, *edits) -> Handle:
 
     Returns a Handle: `remove()` restores the stock model; `with apply(...):` does it on exit.
     """
+    check_diffusers_version()
     pipe, transformer = split_target(pipe_or_transformer)
     for edit in edits:
         if not isinstance(edit, EDIT_TYPES):

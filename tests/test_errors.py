@@ -112,3 +112,13 @@ def test_non_stock_processors_are_not_replaced_silently(sd3_pipe):
             da.apply(sd3_pipe, da.SoftPAG(heads=["L0"]))
     finally:
         transformer.transformer_blocks[1].attn.set_processor(original)
+
+
+def test_unsupported_diffusers_version_is_refused_before_anything_changes(sd3_pipe, monkeypatch):
+    import diffusers
+
+    before = dict(sd3_pipe.transformer.attn_processors)
+    monkeypatch.setattr(diffusers, "__version__", "0.43.0")
+    with pytest.raises(RuntimeError, match=r"diffusers >=0.42,<0.43; this is diffusers 0.43.0"):
+        da.apply(sd3_pipe, da.SoftPAG(heads=["L0H0"]))
+    assert sd3_pipe.transformer.attn_processors == before

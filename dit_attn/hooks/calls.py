@@ -18,7 +18,7 @@ from diffusers.hooks.hooks import BaseState, StateManager
 
 from ..families import Family
 from ..processors.state import EditState, plan_rows
-from .private import cache_context_name, check_diffusers_version
+from .private import cache_context_name
 
 CALL_HOOK = "dit_attn.call"
 FORK_HOOK = "dit_attn.fork"
@@ -147,7 +147,6 @@ class RowFork(ModelHook):
 
 
 def install_hooks(transformer, family: Family, state: EditState, guidance=None, text=None) -> None:
-    check_diffusers_version()
     root = HookRegistry.check_if_exists_or_initialize(transformer)
     root.register_hook(CallHook(family, state, guidance, text), CALL_HOOK)
     if guidance is not None or text is not None:

@@ -32,12 +32,6 @@ def seeded(seed: int):
         yield
 
 
-def flow_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The flow-matching loss: mean squared error of a velocity prediction (any dtype, any device) against its
-    target n − x0 (`flow.noised`), in float32."""
-    return torch.nn.functional.mse_loss(prediction.float(), target.to(prediction.device))
-
-
 def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup

@@ -34,8 +34,8 @@ from ..edits import LocalAttention
 from ..heads import model_family, model_layers
 from ..io import save_safetensors_atomic, save_torch_atomic as save_atomic
 from ..local_attention import local_attention_modules
-from .flow import noised, predict, text_features
-from .common import cosine_lr, flow_loss, optimizer_step, seeded, start_over, step_seed
+from .flow import flow_loss, noised, predict, text_features
+from .common import cosine_lr, optimizer_step, seeded, start_over, step_seed
 from .config import DistillConfig
 from .resume import RUN_KEY, fingerprint, load_checkpoint, model_fingerprint, run_record
 

@@ -31,6 +31,12 @@ def noised(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torc
     return (1 - tt) * x0 + tt * noise, noise - x0
 
 
+def flow_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The flow-matching loss: mean squared error of a velocity prediction (any dtype, any device) against its
+    target n − x0 (`noised`), in float32."""
+    return torch.nn.functional.mse_loss(prediction.float(), target.to(prediction.device))
+
+
 def predict(transformer, x_t: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, t: torch.Tensor,
             latent_hw: tuple[int, int], guidance: float = 1.0) -> torch.Tensor:
     """The transformer's velocity prediction (n − x0) for noisy latents x_t at flow time t ∈ (0, 1) (B,)."""

@@ -32,9 +32,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..heads import model_layers
-from .flow import latents_of, noised, predict, text_features
+from .flow import flow_loss, latents_of, noised, predict, text_features
 from ..io import save_torch_atomic as save_atomic
-from .common import cosine_lr, flow_loss, seeded, set_lr, start_over, step_seed
+from .common import cosine_lr, seeded, set_lr, start_over, step_seed
 from .config import LORA_MODES as MODES, LoraTrainConfig
 from .resume import RUN_KEY, file_digest, fingerprint, load_checkpoint, model_fingerprint, run_record
 from ..localization.lora import DEFAULT_TARGETS, localized_lora_config, lora_parameter_count, save_lora

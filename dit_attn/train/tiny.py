@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..io import save_torch_atomic as save_atomic, write_json_atomic
-from .common import cosine_lr, flow_loss, set_lr, start_over, step_seed
+from .common import cosine_lr, set_lr, start_over, step_seed
 from .config import TrainConfig
-from .flow import noised, predict, text_features
+from .flow import flow_loss, noised, predict, text_features
 from .resume import RUN_KEY, check_resumable, fingerprint, load_checkpoint, run_record
 from ..toy.data import make_example
 from ..toy.tiny import PIPELINE_ZERO_TOKENS, ZeroTokenBias, assemble_pipeline, export_half, make_transformer, make_vae
