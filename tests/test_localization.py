@@ -586,11 +586,12 @@ def test_train_lora_resumes_and_reloads(tmp_path, monkeypatch):
 def test_train_lora_cli_errors(tmp_path, capsys):
     from dit_attn.cli import main
 
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train-lora", "--mode", "localized", "--data", str(tmp_path), "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")])
-    assert exit_info.value.code == 2 and "--layers" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["train-lora", "--layers", "1", "--data", str(tmp_path / "none"), "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")])
+    assert main(["train-lora", "--mode", "localized", "--data", str(tmp_path), "--work", str(tmp_path / "w"),
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dit-attn train-lora: error: ") and "--layers" in err and err.count("\n") == 1
+    assert main(["train-lora", "--layers", "1", "--data", str(tmp_path / "none"), "--work", str(tmp_path / "w"),
+                 "--out", str(tmp_path / "o")]) == 2
     assert "data directory not found" in capsys.readouterr().err
 
 
