@@ -54,6 +54,11 @@ def edit_from_dict(data: dict) -> Edit:
     return EDITS[data["edit"]].from_dict(data)
 
 
+def _check_some_heads(edit: str, heads: tuple) -> None:
+    if not heads:
+        raise ValueError(f"{edit} needs at least one head: e.g. 'L1H10', (1, 10), 'L2' (every head of layer 2) or a preset")
+
+
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ValueError(f"{name} must be one of {valid}, got {value!r}")
@@ -76,6 +81,7 @@ class SoftPAG(Edit):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "heads", normalize_heads(self.heads))
+        _check_some_heads(type(self).__name__, self.heads)
         check_fraction("u", self.u)
         _check_choice("target", self.target, TARGETS)
         _check_choice("scope", self.scope, SCOPES)
@@ -103,6 +109,7 @@ class HeadGuidance(Edit):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "heads", normalize_heads(self.heads))
+        _check_some_heads(type(self).__name__, self.heads)
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not self.scale >= 0 or math.isinf(self.scale):
             raise ValueError(f"scale must be a finite number >= 0, got {self.scale!r}")
         check_fraction("u", self.u)

@@ -122,3 +122,13 @@ def test_unsupported_diffusers_version_is_refused_before_anything_changes(sd3_pi
     with pytest.raises(RuntimeError, match=r"diffusers >=0.42,<0.43; this is diffusers 0.43.0"):
         da.apply(sd3_pipe, da.SoftPAG(heads=["L0H0"]))
     assert sd3_pipe.transformer.attn_processors == before
+
+
+@pytest.mark.parametrize("heads", [[], (), " , "])
+def test_edits_need_at_least_one_head(heads):
+    from dit_attn.io import parse_heads
+
+    heads = parse_heads(heads) if isinstance(heads, str) else heads
+    for edit in (da.SoftPAG, da.HeadGuidance):
+        with pytest.raises(ValueError, match="needs at least one head"):
+            edit(heads=heads)
