@@ -308,3 +308,19 @@ def test_cli_rerun_with_other_settings_stops_and_restart_starts_over(tmp_path, c
     err = capsys.readouterr().err
     assert "its run had other settings: radius 2.0 → 3.0" in err and "--restart" in err
     assert main(args + ["--radius", "3", "--restart"]) == 0
+
+
+def test_checkpoints_load_with_weights_only(tmp_path):
+    """A checkpoint holding anything but tensors and plain data is refused, not executed (issue 25)."""
+    import pickle
+
+    from dit_attn.train.resume import load_checkpoint
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    path = tmp_path / "state.pt"
+    torch.save({"step": 1, "payload": Payload()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(str(path), {}, "")

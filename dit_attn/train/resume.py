@@ -74,10 +74,10 @@ def check_resumable(checkpoint, settings: dict, fingerprint: str, where: str = "
 
 
 def load_checkpoint(path: str, settings: dict, fingerprint: str) -> dict | None:
-    """torch.load(path), checked with check_resumable; None when there is no such file."""
+    """torch.load(path, weights_only=True), checked with check_resumable; None when there is no such file."""
     if not os.path.exists(path):
         return None
-    checkpoint = torch.load(path)
+    checkpoint = torch.load(path, weights_only=True)
     check_resumable(checkpoint, settings, fingerprint, where=path)
     return checkpoint
 

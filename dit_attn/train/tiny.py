@@ -43,7 +43,7 @@ def render_dataset(cfg: TrainConfig, work: str) -> tuple[torch.Tensor, list[str]
     """(N, 3, 64, 64) uint8 images, their captions and the data's fingerprint, cached in the work directory."""
     path = os.path.join(work, "data.pt")
     if os.path.exists(path):
-        cached = torch.load(path)
+        cached = torch.load(path, weights_only=True)
         data = fingerprint(cached["images"], cached["captions"])
         check_resumable(cached, asdict(cfg), data, where=path)
         return cached["images"], cached["captions"], data
