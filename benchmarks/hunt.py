@@ -62,8 +62,9 @@ def main() -> None:
     heads = candidate_heads(pipe)[: args.candidates]
     defaults = call_defaults(pipe)
     settings = SearchSettings(args.objective, tuple(held_out_prompts("shape", args.prompts)), tuple(range(args.seeds)),
-                              1, 1, 1.0, 3.0, args.steps, None, None, tuple(head_name(h) for h in heads), "identity",
-                              "joint", 1, defaults.get("max_sequence_length"))
+                              k=1, rounds=1, u=1.0, scale=3.0, num_inference_steps=args.steps, guidance_scale=None,
+                              height=None, width=None, candidates=tuple(head_name(h) for h in heads), target="identity",
+                              scope="joint", batch_size=1, max_sequence_length=defaults.get("max_sequence_length"))
     print(f"torch {torch.__version__}, threads {args.threads}, load {os.getloadavg()[0]:.2f}, model {args.model}, "
           f"{len(heads)} candidates x {args.prompts * args.seeds} pairs, {args.steps} steps, objective {args.objective}")
     configs = {"naive (one call per candidate)": lambda: naive_scores(pipe, objective, settings, heads)}

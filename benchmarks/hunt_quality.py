@@ -65,7 +65,8 @@ def measure(pipe, name: str, args) -> dict:
     checkpoint = f"{os.path.splitext(args.out)[0]}.{name.replace(':', '-')}.checkpoint.json"
     began = time.perf_counter()
     result = da.hunt(pipe, name, hunt_prompts, seeds=hunt_seeds, k=args.k, rounds=args.rounds, u=1.0,
-                     scale=args.scale, steps=args.steps, cfg=args.cfg, candidates=args.candidates,
+                     scale=args.scale, num_inference_steps=args.steps, guidance_scale=args.cfg,
+                     candidates=args.candidates,
                      checkpoint=checkpoint, batch_size=args.batch_size,
                      min_z=args.min_z, confirm_seeds=args.confirm_seeds, confirm_top=args.confirm_top,
                      confirm_together=args.confirm_together)

@@ -126,7 +126,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     kwargs = call_defaults(pipe)
     pairs = sign_pairs(args.pairs)
-    result = da.localize(pipe, pairs, seeds=args.seeds, steps=args.steps, out=args.out, **kwargs)
+    result = da.localize(pipe, pairs, seeds=args.seeds, num_inference_steps=args.steps, out=args.out, **kwargs)
     top = result.ranking
     print(f"threads {args.threads}; ranking: " + ", ".join(f"{s.label} {s.score:.3f}" for s in top))
     print(f"top {top[0].label}: {top[0].text_kv_share:.3%} of parameters in its text K/V, {top[0].block_share:.2%} in its block")

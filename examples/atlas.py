@@ -9,7 +9,7 @@ the marked lines:
     pipe = StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium",
                                                     dtype=torch.bfloat16).to("cuda")
     objective = "pickscore"              # or "clip-score", "aesthetic:<dir>" (weights available locally)
-    prompts = [...]; steps = 20          # SD3.5-medium has 24 layers × 24 heads: 577 images a (prompt, seed)
+    prompts = [...]; num_inference_steps = 20  # SD3.5-medium has 24 layers × 24 heads: 577 images a (prompt, seed)
 The same with a progress bar, resumable: dit-attn atlas --objective color:red --prompts prompts.txt --out atlas
 """
 import torch
@@ -23,10 +23,10 @@ pipe = da.load_pipeline("tiny")                      # <- your pipeline
 pipe.set_progress_bar_config(disable=True)
 objective = "color:red"                              # <- your objective
 prompts = ["a circle on a white background", "a large square on a black background"]  # <- your prompts
-steps = 8                                            # <- 20-28 on a real model
+num_inference_steps = 8                              # <- 20-28 on a real model
 
-picture = da.atlas(pipe, objective, prompts, seeds=[0], u=1.0, scale=3.0, steps=steps, batch_size=6,
-                   **da.call_defaults(pipe), checkpoint="atlas-red.checkpoint.json")  # rerun to resume
+picture = da.atlas(pipe, objective, prompts, seeds=[0], u=1.0, scale=3.0, num_inference_steps=num_inference_steps,
+                   batch_size=6, **da.call_defaults(pipe), checkpoint="atlas-red.checkpoint.json")  # rerun to resume
 render_png(picture, "atlas-red.png")
 render_html(picture, "atlas-red.html")
 picture.save("atlas-red.json")

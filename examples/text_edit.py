@@ -1,5 +1,5 @@
 """Text editing on the embedded tiny model: a sign and its twin whose quoted text comes from a
-new prompt through the text layers only (same seed), then the sign under a blocklist.
+new prompt through the text layers only (same starting noise), then the sign under a blocklist.
 
     python examples/text_edit.py            (CPU, a few seconds; writes text_edit*.png here)
 
@@ -8,7 +8,7 @@ On a GPU with SD3.5 or FLUX.1, change the marked lines:
     pipe = StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium",
                                                     dtype=torch.bfloat16).to("cuda")
     layers = [...]                       # your model's text layers, from `dit-attn localize --model ...`
-    prompt = 'a storefront sign that says "OPEN"'; new_text = "CLOSED"; steps = 28
+    prompt = 'a storefront sign that says "OPEN"'; new_text = "CLOSED"; num_inference_steps = 28
 (FLUX.1: FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", ...); its single blocks count
 from 19, so text layers there are numbers like 19 + j.)
 """
@@ -24,10 +24,12 @@ pipe.set_progress_bar_config(disable=True)
 layers = [0, 3]                                      # <- your model's text layers
 prompt = 'a sign that says "A" in red on a white background'
 new_text = "B"
-steps = 20                                           # <- 28 for SD3.5, 20-28 for FLUX.1
+num_inference_steps = 20                             # <- 28 for SD3.5, 20-28 for FLUX.1
 
-# The original and its edited twin: "B" patched into the text keys/values of `layers` from step 0.
-edit = da.edit_text(pipe, prompt, new_text, layers=layers, start=0.0, seed=0, steps=steps)
+# The original and its edited twin: "B" patched into the text keys/values of `layers` from step 0,
+# both from the generator's starting state.
+edit = da.edit_text(pipe, prompt, new_text, layers=layers, start=0.0, generator=torch.Generator().manual_seed(0),
+                    num_inference_steps=num_inference_steps)
 edit.side_by_side.save("text_edit.png")
 # The tiny world's judge reads one character (drop these lines on a real model, or use an OCR score).
 p_new = judge_glyph_probability([edit.original, edit.edited], [new_text, new_text]).tolist()
@@ -37,7 +39,7 @@ print(f"wrote text_edit.png: left {prompt!r}, right {edit.source_prompt!r} throu
 
 # A blocklist: quoted words on it are patched with "****" in the same layers; other prompts run stock.
 with da.apply(pipe, da.TextGuard(["A"], layers=layers)):
-    guarded = pipe(prompt, generator=torch.Generator().manual_seed(0), num_inference_steps=steps,
+    guarded = pipe(prompt, generator=torch.Generator().manual_seed(0), num_inference_steps=num_inference_steps,
                    **da.call_defaults(pipe)).images[0]
 guarded.save("text_edit_guarded.png")
 print("wrote text_edit_guarded.png: the same sign with \"A\" blocked")

@@ -297,8 +297,8 @@ def actions(registry, tmp_path_factory):
 @pytest.fixture(scope="module")
 def direct_atlas(stock_demo):
     """`da.atlas` on the independent demo copy with the settings of ATLAS (the demo's noise-like images are purplish)."""
-    return da.atlas(stock_demo, "color:purple", ["a red circle", "a blue square"], [0], u=1.0, scale=3.0, steps=2, cfg=4.5,
-                    size=(32, 32), progress=False)
+    return da.atlas(stock_demo, "color:purple", ["a red circle", "a blue square"], [0], u=1.0, scale=3.0,
+                    num_inference_steps=2, guidance_scale=4.5, height=32, width=32, progress=False)
 
 
 def test_atlas_tab_offers_only_objectives_without_paths():
@@ -315,6 +315,8 @@ def test_atlas_action_equals_da_atlas(actions, direct_atlas):
     assert saved["scores"] == direct_atlas.scores and saved["baseline"] == direct_atlas.baseline
     assert len(saved["scores"]) == 16 and len(set(saved["scores"].values())) > 1  # the heads differ
     assert saved["settings"]["objective"] == "color:purple" and saved["settings"]["model"] == "demo"
+    assert {k: saved["settings"][k] for k in ("num_inference_steps", "guidance_scale", "height", "width")} == \
+        {"num_inference_steps": 2, "guidance_scale": 4.5, "height": 32, "width": 32}
     assert Image.open(png).size[0] > 4 * 48 and page.endswith(".html")
     with open(page) as f:
         assert f.read().count("data:image/png;base64,") == 16 + 1
@@ -371,8 +373,9 @@ def test_text_layers_default_to_the_models_known_ones():
 
 
 def direct_edit(stock_demo, layers=(1,), new_text="B"):
-    return da.edit_text(stock_demo, DEFAULT_SIGN_PROMPT, new_text, layers=list(layers), start=0.0, seed=3, steps=2,
-                        guidance_scale=4.5, height=32, width=32)
+    return da.edit_text(stock_demo, DEFAULT_SIGN_PROMPT, new_text, layers=list(layers), start=0.0,
+                        generator=torch.Generator().manual_seed(3), num_inference_steps=2, guidance_scale=4.5, height=32,
+                        width=32)
 
 
 def guarded_image(pipe, blocklist, layers=(1,)):

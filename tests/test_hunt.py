@@ -19,7 +19,7 @@ from dit_attn.toy.configs import build_sd3_pipeline
 PLANTED = {(0, 3): 4.0, (1, 1): 2.0}  # (layer, head) -> gain of its output columns; every other head is silent
 PLANTED_NAMES = {f"L{layer}H{head}" for layer, head in PLANTED}
 PROMPTS = ["a red circle", "a blue square"]
-RUN = dict(steps=2, size=(32, 32), max_sequence_length=8, cfg=3.0)
+RUN = dict(num_inference_steps=2, height=32, width=32, max_sequence_length=8, guidance_scale=3.0)
 
 
 def planted_pipeline():
@@ -209,7 +209,9 @@ def test_hunt_takes_the_pipelines_call_defaults(pipe, monkeypatch):
 
 def test_batched_scores_equal_one_pipeline_call_per_candidate(pipe):
     objective = get_objective("color:red")
-    settings = SearchSettings("color:red", tuple(PROMPTS), (0, 1), 1, 1, 0.8, 4.0, 2, 3.0, (32, 32), (), "identity", "joint", 3, 8)
+    settings = SearchSettings("color:red", tuple(PROMPTS), (0, 1), k=1, rounds=1, u=0.8, scale=4.0, num_inference_steps=2,
+                              guidance_scale=3.0, height=32, width=32, candidates=(), target="identity", scope="joint",
+                              batch_size=3, max_sequence_length=8)
     selected, batch = [(1, 1)], [(0, 1), (0, 3), (1, 2)]
     batched = score_batch(pipe, objective, settings, selected, batch)
     for cand in batch:
@@ -243,8 +245,67 @@ def test_resume_after_interruption(pipe, tmp_path, monkeypatch):
     resumed = hunt(pipe, objective, PROMPTS, [0], checkpoint=str(tmp_path / "c.json"), **args)
     assert resumed.selected == reference.selected and resumed.rounds == reference.rounds
     assert calls["n"] == 100 + 2 + 3  # round 1: 2 batches left of 4; round 2: 3 batches (6 candidates)
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match="other settings: k 2 → 1; use another checkpoint path"):
         hunt(pipe, objective, PROMPTS, [0], checkpoint=str(tmp_path / "c.json"), **{**args, "k": 1})
+
+
+# a checkpoint as versions before the diffusers names wrote it: steps, cfg, size = [height, width], and
+# none of the settings added since (min_z, confirm_seeds, confirm_top, confirm_together)
+OLD_SETTINGS = {"objective": "color:red", "prompts": PROMPTS, "seeds": [0], "k": 1, "rounds": 1, "u": 1.0, "scale": 3.0,
+                "steps": 2, "cfg": 3.0, "size": [32, 32], "candidates": ["L0H3", "L1H1"], "target": "identity",
+                "scope": "joint", "batch_size": 4, "max_sequence_length": 8}
+
+
+def test_checkpoint_with_the_older_setting_names_resumes(pipe, tmp_path, monkeypatch):
+    """steps, cfg and size of an older checkpoint are read as num_inference_steps, guidance_scale,
+    height and width: with the same values it resumes (here the finished hunt, generating nothing);
+    with another value it stops, naming the setting."""
+    ckpt = tmp_path / "old.json"
+    ckpt.write_text(json.dumps({"settings": OLD_SETTINGS, "selected": ["L1H1"], "rounds": [{"L0H3": 0.25, "L1H1": 0.5}],
+                                "done": 1}))
+    calls = []
+    monkeypatch.setattr(search, "score_pairs", recording(calls))
+    run = dict(k=1, rounds=1, candidates=["L0H3", "L1H1"], checkpoint=str(ckpt), progress=False, **RUN)
+    result = hunt(pipe, "color:red", PROMPTS, [0], **run)
+    assert result.selected == ["L1H1"] and result.rounds == [{"L0H3": 0.25, "L1H1": 0.5}] and not calls
+    assert {k: result.settings[k] for k in ("num_inference_steps", "guidance_scale", "height", "width")} == \
+        {"num_inference_steps": 2, "guidance_scale": 3.0, "height": 32, "width": 32}
+    assert not {"steps", "cfg", "size"} & set(result.settings)
+    for change, named in [(dict(num_inference_steps=3), "num_inference_steps 2 → 3"),
+                          (dict(guidance_scale=None), "guidance_scale 3.0 → null"),
+                          (dict(height=64), "height 32 → 64"), (dict(width=16), "width 32 → 16")]:
+        with pytest.raises(ValueError, match=f"other settings: {named}; use another checkpoint path"):
+            hunt(pipe, "color:red", PROMPTS, [0], **{**run, **change})
+    for old, named in [(dict(steps=20), "num_inference_steps 20 → 2"),
+                       (dict(size=None), "height null → 32, width null → 32")]:
+        ckpt.write_text(json.dumps({"settings": {**OLD_SETTINGS, **old}, "selected": [], "rounds": [], "done": 0}))
+        with pytest.raises(ValueError, match=f"other settings: {named}; use another"):
+            hunt(pipe, "color:red", PROMPTS, [0], **run)
+    assert not calls
+    saved = tmp_path / "hunt.json"  # a result saved by an older version reads back under today's names
+    saved.write_text(json.dumps({"selected": ["L1H1"], "rounds": [{"L1H1": 0.5}], "settings": OLD_SETTINGS}))
+    assert search.HuntResult.load(str(saved)).settings == {**{k: v for k, v in OLD_SETTINGS.items() if k not in
+                                                              ("steps", "cfg", "size")},
+                                                           "num_inference_steps": 2, "guidance_scale": 3.0, "height": 32,
+                                                           "width": 32}
+
+
+def test_atlas_checkpoint_with_the_older_setting_names_resumes(pipe, tmp_path):
+    from PIL import Image
+
+    from dit_attn.guidance.atlas import atlas, png_base64
+
+    heads = [f"L{layer}H{head}" for layer in range(2) for head in range(4)]
+    thumb = png_base64(Image.new("RGB", (32, 32)))
+    settings = {**OLD_SETTINGS, "candidates": heads, "batch_size": 3, "min_z": None, "confirm_seeds": [], "confirm_top": 0,
+                "confirm_together": False}
+    state = {"baseline": 0.0, "scores": {h: 0.5 for h in heads}, "thumbnails": {h: thumb for h in ["baseline", *heads]}}
+    ckpt = tmp_path / "atlas.json"
+    ckpt.write_text(json.dumps({"settings": settings, "state": state}))
+    result = atlas(pipe, "color:red", PROMPTS, [0], batch_size=3, checkpoint=str(ckpt), progress=False, **RUN)
+    assert result.scores == state["scores"] and result.settings["num_inference_steps"] == 2  # all read back
+    with pytest.raises(ValueError, match="other settings: guidance_scale 3.0 → 4.5; use another path"):
+        atlas(pipe, "color:red", PROMPTS, [0], batch_size=3, checkpoint=str(ckpt), **{**RUN, "guidance_scale": 4.5})
 
 
 def free_port() -> int:
@@ -324,6 +385,7 @@ def test_cli_hunt(tmp_path, capsys):
     assert set(saved["rounds"][0]) == {"L0H0"} | {f"L1H{h}" for h in range(6)}  # the tiny model has 6 heads a layer
     assert saved["selected"] == [max(saved["rounds"][0], key=saved["rounds"][0].get)]
     assert saved["settings"]["objective"] == "color:blue" and "selected" in capsys.readouterr().out
+    assert (saved["settings"]["num_inference_steps"], saved["settings"]["height"]) == (1, 32)  # --steps: the older flag
     assert main(["hunt", "--objective", "color:blue", "--prompts", str(prompts), "--k", "1", "--rounds", "1",
                  "--steps", "1", "--size", "32", "--candidates", "L0H0,L0H1", "--min-z", "0", "--out", str(tmp_path / "z.json")]) == 0
     saved = json.loads((tmp_path / "z.json").read_text())
@@ -392,7 +454,10 @@ def test_cli_atlas(tmp_path):
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n")
-    assert main(["atlas", "--objective", "color:red", "--prompts", str(prompts), "--steps", "1", "--size", "32",
-                 "--out", str(tmp_path / "atlas")]) == 0
+    assert main(["atlas", "--objective", "color:red", "--prompts", str(prompts), "--num-inference-steps", "1",
+                 "--guidance-scale", "2.5", "--size", "64x32", "--out", str(tmp_path / "atlas")]) == 0
     assert all((tmp_path / f"atlas.{ext}").exists() for ext in ("png", "html", "json"))
-    assert len(json.loads((tmp_path / "atlas.json").read_text())["scores"]) == 36  # tiny: 6 layers x 6 heads
+    saved = json.loads((tmp_path / "atlas.json").read_text())
+    assert len(saved["scores"]) == 36  # tiny: 6 layers x 6 heads
+    assert {k: saved["settings"][k] for k in ("num_inference_steps", "guidance_scale", "height", "width")} == \
+        {"num_inference_steps": 1, "guidance_scale": 2.5, "height": 32, "width": 64}  # --size is WIDTHxHEIGHT

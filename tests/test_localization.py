@@ -310,7 +310,7 @@ def parameter_share(transformer, prefixes) -> float:
 def test_localize_ranks_layers_and_writes_results(sd3_pipe, tmp_path):
     # this source ranks the layers in reverse order, with gaps well above float32 rounding
     pairs = [(PROMPT, PROMPT), (PROMPT, "a green triangle")]
-    result = da.localize(sd3_pipe, pairs, score=ssim_score, seeds=[0, 1], steps=2, out=str(tmp_path),
+    result = da.localize(sd3_pipe, pairs, score=ssim_score, seeds=[0, 1], num_inference_steps=2, out=str(tmp_path),
                          progress=False, max_sequence_length=8, **SIZE)
     assert [s.layers for s in result.scores] == [(0,), (1,), (2,)]
     assert result.baseline == {"ssim": pytest.approx(1.0, abs=1e-6), "score": pytest.approx(1.0, abs=1e-6)}
@@ -335,6 +335,9 @@ def test_localize_ranks_layers_and_writes_results(sd3_pipe, tmp_path):
     assert [s.label for s in result.ranking] == ranking and result.top.label == ranking[0]
     data = json.loads((tmp_path / "localization.json").read_text())
     assert data["ranking"] == ranking and len(data["scores"]) == 3
+    assert {k: data["settings"][k] for k in ("seeds", "num_inference_steps", "guidance_scale", "height", "width")} == \
+        {"seeds": [0, 1], "num_inference_steps": 2, "guidance_scale": None, "height": 32, "width": 32}
+    assert data["settings"]["pipeline_kwargs"] == {"max_sequence_length": 8}
     assert Image.open(tmp_path / "localization.png").size[0] >= 3 * 26
     assert not list(tmp_path.glob(".partial-*"))
 
@@ -343,7 +346,8 @@ def test_localize_default_score_on_flux_groups(flux_pipe):
     from dit_attn.toy.judge import CLASSES, probabilities
 
     pairs = sign_pairs(1)
-    result = da.localize(flux_pipe, pairs, layers=[[0, 1], 3], steps=1, progress=False, max_sequence_length=8, **SIZE)
+    result = da.localize(flux_pipe, pairs, layers=[[0, 1], 3], num_inference_steps=1, progress=False, max_sequence_length=8,
+                         **SIZE)
     assert [s.layers for s in result.scores] == [(0, 1), (3,)]
     assert set(result.scores[0].components) == {"score", "glyph", "ssim"}
     pair = pairs[0]
@@ -360,15 +364,39 @@ def test_localize_default_score_on_flux_groups(flux_pipe):
 
 def test_edit_text(sd3_pipe):
     prompt = 'a sign that says "A" in red on a white background'
-    same = da.edit_text(sd3_pipe, prompt, "A", layers=[1], steps=2, max_sequence_length=8, **SIZE)
-    assert same.source_prompt == prompt
+    same = da.edit_text(sd3_pipe, prompt, "A", layers=[1], num_inference_steps=2, max_sequence_length=8, **SIZE)
+    assert same.source_prompt == prompt and same.seed == 0  # the default generator: seed 0
     stock = sd3_pipe(prompt, generator=torch.Generator().manual_seed(0), num_inference_steps=2, max_sequence_length=8, **SIZE).images[0]
     assert same.original.tobytes() == stock.tobytes()
     assert same.edited.tobytes() == stock.tobytes()
-    edit = da.edit_text(sd3_pipe, prompt, "B", layers=[1], steps=2, max_sequence_length=8, **SIZE)
+    edit = da.edit_text(sd3_pipe, prompt, "B", layers=[1], num_inference_steps=2, max_sequence_length=8, **SIZE)
     assert edit.source_prompt == prompt.replace('"A"', '"B"')
     assert edit.edited.tobytes() != stock.tobytes()
     assert edit.side_by_side.size == (64, 32)
+
+
+def test_edit_text_starts_both_images_from_the_generators_state(sd3_pipe):
+    """The original uses the generator given, the edited twin a copy of the state it had: with the
+    prompt's own text patched in, both images are the stock image of that generator state."""
+    prompt = 'a sign that says "A" in red on a white background'
+    run = dict(num_inference_steps=2, guidance_scale=2.0, max_sequence_length=8, **SIZE)
+    generator = torch.Generator().manual_seed(5)
+    torch.randn(3, generator=generator)  # a state other than the seed's first
+    state = generator.get_state()
+    same = da.edit_text(sd3_pipe, prompt, "A", layers=[1], generator=generator, **run)
+    stock = sd3_pipe(prompt, generator=torch.Generator().set_state(state), **run).images[0]
+    assert same.original.tobytes() == stock.tobytes() and same.edited.tobytes() == stock.tobytes()
+    assert same.seed == 5 and not torch.equal(generator.get_state(), state)  # the generator given was used
+    fresh = da.edit_text(sd3_pipe, prompt, "A", layers=[1], generator=torch.Generator().manual_seed(5), **run)
+    assert fresh.original.tobytes() != stock.tobytes()  # seed 5's first state is another image
+    with pytest.raises(TypeError, match="generator must be one torch.Generator"):
+        da.edit_text(sd3_pipe, prompt, "B", layers=[1], generator=5)
+    for old, new in [("seed", "generator"), ("steps", "num_inference_steps"), ("cfg", "guidance_scale"),
+                     ("size", "height and width")]:
+        with pytest.raises(TypeError, match=f"edit_text\\(\\) takes {new}.*not '{old}'"):
+            da.edit_text(sd3_pipe, prompt, "B", layers=[1], **{old: 1})
+        with pytest.raises(TypeError, match=f"localize\\(\\) takes {new}.*not '{old}'"):
+            da.localize(sd3_pipe, [(PROMPT, SOURCE)], score=ssim_score, **{old: 1})
 
 
 def windowed_ssim(a, b, size=11, sigma=1.5):
@@ -502,11 +530,17 @@ def test_cli_localize_and_edit_text(tmp_path, capsys):
     assert [s["layers"] for s in data["scores"]] == [[0], [2]]
     assert (out / "localization.png").exists()
     edit_out = tmp_path / "edit"
-    assert main(["edit-text", 'a sign that says "A"', "--text", "B", "--layers", "1", "--steps", "1", "--size", "32",
-                 "--out", str(edit_out)]) == 0
+    assert main(["edit-text", 'a sign that says "A"', "--text", "B", "--layers", "1", "--num-inference-steps", "1",
+                 "--guidance-scale", "2.0", "--seed", "4", "--size", "32", "--out", str(edit_out)]) == 0
     side = Image.open(edit_out / "side_by_side.png")
     assert side.size == (64, 32)
-    assert json.loads(side.text["dit-attn"])["source_prompt"] == 'a sign that says "B"'
+    settings = json.loads(side.text["dit-attn"])
+    assert settings["source_prompt"] == 'a sign that says "B"'
+    assert {k: settings[k] for k in ("seed", "num_inference_steps", "guidance_scale", "height", "width")} == \
+        {"seed": 4, "num_inference_steps": 1, "guidance_scale": 2.0, "height": 32, "width": 32}
+    assert not {"steps", "cfg", "size"} & set(settings)
+    data = json.loads((out / "localization.json").read_text())  # --steps: the older flag
+    assert (data["settings"]["num_inference_steps"], data["settings"]["height"]) == (1, 32)
     assert main(["localize", "--steps", "1", "--out", str(out)]) == 2
     assert "pair" in capsys.readouterr().err
 

@@ -42,7 +42,7 @@ class AtlasRequest:
     objective: str
     prompts: tuple[str, ...]
     seeds: tuple[int, ...]
-    steps: int
+    num_inference_steps: int
     u: float
     scale: float
 
@@ -87,24 +87,26 @@ def check_prompts_for(objective: str, prompts: tuple[str, ...]) -> None:
                              f"white background'); cannot read {prompt!r}: {err}") from None
 
 
-def atlas_request(objective, prompts_text, seeds_text, steps, u, scale) -> AtlasRequest:
+def atlas_request(objective, prompts_text, seeds_text, num_inference_steps, u, scale) -> AtlasRequest:
     choices = objective_choices()
     if objective not in choices:
         raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(choices)}")
     prompts = parse_prompts(prompts_text)
     check_prompts_for(objective, prompts)
-    return AtlasRequest(objective, prompts, parse_seeds(seeds_text), whole_number("steps", steps, 1, MAX_ATLAS_STEPS),
+    return AtlasRequest(objective, prompts, parse_seeds(seeds_text),
+                        whole_number("steps", num_inference_steps, 1, MAX_ATLAS_STEPS),
                         number("u", u, 0.0, 1.0), number("guidance scale", scale, 0.0))
 
 
 def check_work(model: LoadedModel, request: AtlasRequest) -> int:
     """The number of image-steps the atlas costs; ValueError naming the cap when it is too many."""
     heads = sum(info.heads for info in model.layer_map)
-    work = (heads + 1) * len(request.prompts) * len(request.seeds) * request.steps
+    work = (heads + 1) * len(request.prompts) * len(request.seeds) * request.num_inference_steps
     if work > MAX_ATLAS_WORK:
         raise ValueError(
             f"this atlas needs {work} image-steps ((heads + 1) × prompts × seeds × steps = {heads + 1} × "
-            f"{len(request.prompts)} × {len(request.seeds)} × {request.steps}); the page allows at most {MAX_ATLAS_WORK}: "
+            f"{len(request.prompts)} × {len(request.seeds)} × {request.num_inference_steps}); the page allows at most "
+            f"{MAX_ATLAS_WORK}: "
             "use fewer prompts, seeds or steps, or run `dit-attn atlas` from the command line")
     return work
 

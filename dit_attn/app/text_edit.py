@@ -47,10 +47,11 @@ class TextEditResult:
 
 
 def run_text_edit(model: LoadedModel, prompt: str, new_text: str, layers: tuple[int, ...], start: float, seed: int,
-                  steps: int, pipe_kwargs: dict, blocklist: tuple[str, ...] = (),
+                  num_inference_steps: int, pipe_kwargs: dict, blocklist: tuple[str, ...] = (),
                   on_step: Callable[[int], None] | None = None) -> TextEditResult:
-    """`edit_text` (original, then edited) and, with a blocklist, the guarded original; `on_step(done)` counts
-    the steps of all the generations."""
+    """`edit_text` (original, then edited, from a CPU generator seeded `seed`) and, with a blocklist, the guarded
+    original from the same seed; pipe_kwargs: guidance_scale, height, width (absent: the model's default) and
+    other pipeline-call arguments. `on_step(done)` counts the steps of all the generations."""
     guard = TextGuard(blocklist, REPLACEMENT, layers) if blocklist else None  # checks the words before generating
     done = 0
 
@@ -62,13 +63,15 @@ def run_text_edit(model: LoadedModel, prompt: str, new_text: str, layers: tuple[
 
     callback = {"callback_on_step_end": step_ended} if on_step else {}
     with model.lock:
-        edit = edit_text(model.pipe, prompt, new_text, layers=layers, start=start, seed=seed, steps=steps,
+        edit = edit_text(model.pipe, prompt, new_text, layers=layers, start=start,
+                         generator=torch.Generator(device="cpu").manual_seed(seed), num_inference_steps=num_inference_steps,
                          **pipe_kwargs, **callback)
         guarded = None
         if guard is not None:
             with apply(model.pipe, guard):
-                out = model.pipe(prompt, generator=torch.Generator(device="cpu").manual_seed(seed), num_inference_steps=steps,
-                                 output_type="pt", **{**call_defaults(model.pipe), **pipe_kwargs}, **callback)
+                out = model.pipe(prompt, generator=torch.Generator(device="cpu").manual_seed(seed),
+                                 num_inference_steps=num_inference_steps, output_type="pt",
+                                 **{**call_defaults(model.pipe), **pipe_kwargs}, **callback)
             guarded = to_pil(out.images.float().cpu())[0]  # converted as edit_text converts its images
     blocked = bool(blocklist) and guarded_prompt(prompt, blocklist, REPLACEMENT) is not None
     return TextEditResult(edit, guarded, blocked)

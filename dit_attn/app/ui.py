@@ -144,8 +144,8 @@ class AppActions:
         check_work(model, request)
         with model.lock:
             result = compute_atlas(model.pipe, request.objective, list(request.prompts), list(request.seeds), u=request.u,
-                                   scale=request.scale, steps=request.steps, cfg=cfg,
-                                   size=(height, width) if height else None, batch_size=ATLAS_BATCH, target=target,
+                                   scale=request.scale, num_inference_steps=request.num_inference_steps,
+                                   guidance_scale=cfg, height=height, width=width, batch_size=ATLAS_BATCH, target=target,
                                    scope=scope)  # the pipeline's call defaults apply
         result.settings["model"] = model.choice
         png, page, data = write_atlas(result, self.output_dir, slug(request.objective, 24))

@@ -7,7 +7,8 @@ import json
 import os
 
 from ..io import parse_layer_groups
-from .common import DEMO, add_model_options, load, size_argument
+from .common import DEMO, add_model_options, load
+from .search import add_call_options, call_settings
 
 SCORES = "judge (glyph probability x SSIM), ssim, easyocr:DIR or trocr:DIR (OCR F1 x SSIM, local weights)"
 
@@ -53,9 +54,9 @@ def make_score(name: str):
 
 
 def pipeline_options(args) -> dict:
-    from ..loading import call_options
-
-    return call_options(args.cfg, args.size, args.max_sequence_length)
+    """num_inference_steps, guidance_scale, height, width (None: the model's) and max_sequence_length if given."""
+    extra = {} if args.max_sequence_length is None else {"max_sequence_length": args.max_sequence_length}
+    return {**call_settings(args), **extra}
 
 
 def cmd_localize(args) -> int:
@@ -71,8 +72,8 @@ def cmd_localize(args) -> int:
     layers = parse_layer_groups(args.layers) if args.layers else None
     score = make_score(args.score)
     pipe = load(args)
-    result = localize(pipe, pairs, score=score, layers=layers, seeds=args.seeds, steps=args.steps, start=args.start,
-                      out=args.out, **pipeline_options(args))
+    result = localize(pipe, pairs, score=score, layers=layers, seeds=args.seeds, start=args.start, out=args.out,
+                      **pipeline_options(args))
     top = result.top
     print(f"dit-attn localize: top {top.label} score {top.score:.4f} ({top.text_kv_share:.3%} of parameters in its "
           f"text K/V projections, {top.block_share:.2%} in its blocks) -> {os.path.join(args.out, 'localization.json')}")
@@ -83,16 +84,19 @@ def cmd_localize(args) -> int:
 
 
 def cmd_edit_text(args) -> int:
+    import torch
+
     from ..io import write_png_atomic
     from ..localization.editing import edit_text
 
     layers = [g[0] for g in parse_layer_groups(args.layers.replace("+", ","))]
     pipe = load(args)
-    result = edit_text(pipe, args.prompt, args.text, layers=layers, start=args.start, seed=args.seed, steps=args.steps,
-                       **pipeline_options(args))
+    result = edit_text(pipe, args.prompt, args.text, layers=layers, start=args.start,
+                       generator=torch.Generator(device="cpu").manual_seed(args.seed), **pipeline_options(args))
     settings = {"prompt": result.prompt, "source_prompt": result.source_prompt, "layers": list(result.layers),
-                "start": result.start, "seed": result.seed, "steps": args.steps, "model": args.model,
-                "cfg": args.cfg, "size": args.size}
+                "start": result.start, "seed": result.seed, "num_inference_steps": args.num_inference_steps,
+                "guidance_scale": args.guidance_scale, "height": result.original.height, "width": result.original.width,
+                "model": args.model, "dtype": args.dtype}
     os.makedirs(args.out, exist_ok=True)
     for name, image in (("original", result.original), ("edited", result.edited), ("side_by_side", result.side_by_side)):
         write_png_atomic(image, os.path.join(args.out, f"{name}.png"), {**settings, "image": name})
@@ -103,9 +107,7 @@ def cmd_edit_text(args) -> int:
 
 def add_common(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser, DEMO)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (pipeline default if omitted)")
-    parser.add_argument("--size", type=size_argument, default=None, help="N or WIDTHxHEIGHT in pixels")
+    add_call_options(parser)
     parser.add_argument("--start", type=float, default=0.0, help="patch from this fraction of the steps on")
     parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: the model's)")
 

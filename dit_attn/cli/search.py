@@ -19,12 +19,29 @@ def search_inputs(args):
     return objective, [item.prompt for item in items], load(args)
 
 
+def call_settings(args) -> dict:
+    """num_inference_steps, guidance_scale, height, width of the flags (--size WIDTHxHEIGHT arrives as (height, width))."""
+    height, width = args.size or (None, None)
+    return {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
+            "height": height, "width": width}
+
+
+def add_call_options(parser) -> None:
+    """--num-inference-steps (--steps), --guidance-scale (--cfg), --size: the pipeline call's settings."""
+    parser.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int, default=20,
+                        help="denoising steps (--steps: the older name)")
+    parser.add_argument("--guidance-scale", "--cfg", dest="guidance_scale", type=float, default=None,
+                        help="classifier-free guidance scale (pipeline default if omitted; --cfg: the older name)")
+    parser.add_argument("--size", type=size_argument, default=None,
+                        help="N or WIDTHxHEIGHT in pixels (stored as height and width; default: the model's)")
+
+
 def cmd_atlas(args) -> int:
     from ..guidance.atlas import atlas, render_html, render_png
 
     objective, prompts, pipe = search_inputs(args)
-    result = atlas(pipe, objective, prompts, args.seeds, u=args.u, scale=args.pag_scale, steps=args.steps, cfg=args.cfg,
-                   size=args.size, batch_size=args.batch_size, target=args.target, scope=args.scope,
+    result = atlas(pipe, objective, prompts, args.seeds, u=args.u, scale=args.pag_scale, **call_settings(args),
+                   batch_size=args.batch_size, target=args.target, scope=args.scope,
                    max_sequence_length=args.max_sequence_length, checkpoint=args.out + ".checkpoint.json")
     result.settings["objective"] = args.objective
     result.save(args.out + ".json")
@@ -40,7 +57,7 @@ def cmd_hunt(args) -> int:
     objective, prompts, pipe = search_inputs(args)
     result = hunt(
         pipe, objective, prompts, args.seeds, k=args.k, rounds=args.rounds, u=args.u,
-        scale=args.pag_scale, steps=args.steps, cfg=args.cfg, size=args.size,
+        scale=args.pag_scale, **call_settings(args),
         candidates=parse_heads(args.candidates) if args.candidates else None,
         checkpoint=args.checkpoint or args.out + ".checkpoint", batch_size=args.batch_size,
         target=args.target, scope=args.scope, max_sequence_length=args.max_sequence_length, min_z=args.min_z,
@@ -61,9 +78,7 @@ def add_search_options(parser) -> None:
     parser.add_argument("--prompts", dest="prompts_file", required=True, help="prompt file: .txt, .jsonl or .csv")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="each prompt is generated with each seed")
     add_guidance_options(parser)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (pipeline default if omitted)")
-    parser.add_argument("--size", type=size_argument, default=None, help="N or WIDTHxHEIGHT in pixels")
+    add_call_options(parser)
     parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (the tiny model needs only 1)")
     parser.add_argument("--batch-size", type=int, default=4, help="heads scored per pipeline call")
 

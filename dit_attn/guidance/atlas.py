@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from ..heads import model_layers
 from ..loading import sequence_length
 from .objectives import get_objective
-from .search import (candidate_heads, checked_scores, generate, head_name, pairs_of, score_batch, search_settings)
+from .search import (candidate_heads, check_checkpoint_settings, checked_scores, generate, head_name, pairs_of, score_batch,
+                     search_settings)
 from ..io import write_atomic, write_json_atomic, write_text_atomic
 
 THUMB = 48
@@ -48,20 +49,23 @@ def png_base64(image: Image.Image, size: int = THUMB) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def atlas(pipe, objective, prompts, seeds=(0,), u: float = 1.0, scale: float = 3.0, steps: int = 20,
-          cfg: float | None = None, size: tuple[int, int] | None = None, batch_size: int = 4,
+def atlas(pipe, objective, prompts, seeds=(0,), u: float = 1.0, scale: float = 3.0, num_inference_steps: int = 20,
+          guidance_scale: float | None = None, height: int | None = None, width: int | None = None, batch_size: int = 4,
           target: str = "identity", scope: str = "joint", max_sequence_length: int | None = None,
           checkpoint: str | None = None, progress: bool = True) -> Atlas:
+    """Every head's mean objective when head guidance (u, scale, target, scope) perturbs it alone, over
+    prompts × seeds, against no guidance. num_inference_steps, guidance_scale, height, width: the
+    pipeline call's (None: the pipeline's default). checkpoint: JSON path written per batch; an existing
+    one with the same settings is resumed (one written with the older names steps/cfg/size too)."""
     score_fn = get_objective(objective)
     heads = candidate_heads(pipe)
-    settings = search_settings(objective, prompts, seeds, 1, 1, u, scale, steps, cfg, size, heads, target, scope,
-                               batch_size, sequence_length(pipe, max_sequence_length))
+    settings = search_settings(objective, prompts, seeds, 1, 1, u, scale, num_inference_steps, guidance_scale, height,
+                               width, heads, target, scope, batch_size, sequence_length(pipe, max_sequence_length))
     state = {"baseline": None, "scores": {}, "thumbnails": {}}
     if checkpoint and os.path.exists(checkpoint):
         with open(checkpoint) as f:
             saved = json.load(f)
-        if saved["settings"] != json.loads(json.dumps(asdict(settings))):
-            raise ValueError(f"the checkpoint {checkpoint!r} was made with other settings; use another path")
+        check_checkpoint_settings(checkpoint, saved["settings"], settings, "use another path")
         state = saved["state"]
 
     def save() -> None:

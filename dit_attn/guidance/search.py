@@ -40,7 +40,7 @@ from ..handle import apply
 from ..io import write_json_atomic
 from ..edits import HeadGuidance
 from ..heads import model_family, model_layers, resolve_heads
-from ..loading import call_options, sequence_length
+from ..loading import sequence_length
 from .objectives import get_objective
 
 Head = tuple[int, int]
@@ -69,7 +69,8 @@ class HuntResult:
     @classmethod
     def load(cls, path: str) -> "HuntResult":
         with open(path) as f:
-            return cls(**json.load(f))
+            data = json.load(f)
+        return cls(**{**data, "settings": renamed_settings(data.get("settings", {}))})
 
 
 def candidate_heads(pipe, candidates=None) -> list[Head]:
@@ -103,9 +104,10 @@ class SearchSettings:
     rounds: int
     u: float
     scale: float
-    steps: int
-    cfg: float | None
-    size: tuple[int, int] | None
+    num_inference_steps: int
+    guidance_scale: float | None  # None: the pipeline's default
+    height: int | None  # None: the pipeline's default
+    width: int | None
     candidates: tuple[str, ...]
     target: str
     scope: str
@@ -117,10 +119,18 @@ class SearchSettings:
     confirm_together: bool = False
 
 
+def call_kwargs(settings: SearchSettings) -> dict:
+    """The pipeline-call keyword arguments of the search's settings (a None one: the pipeline's default)."""
+    kwargs = {"num_inference_steps": settings.num_inference_steps}
+    for name in ("guidance_scale", "height", "width", "max_sequence_length"):
+        if getattr(settings, name) is not None:
+            kwargs[name] = getattr(settings, name)
+    return kwargs
+
+
 def generate(pipe, settings: SearchSettings, pairs: list[tuple[str, int]]):
     """The pipeline call of `pairs` with the search's settings (each item seeded by its pair)."""
-    kwargs = {"num_inference_steps": settings.steps,
-              **call_options(settings.cfg, settings.size, settings.max_sequence_length)}
+    kwargs = call_kwargs(settings)
     generators = [torch.Generator().manual_seed(seed) for _, seed in pairs]
     return pipe([prompt for prompt, _ in pairs], generator=generators, **kwargs).images
 
@@ -250,10 +260,23 @@ def check_search(prompts, seeds, k: int, rounds: int, n_candidates: int) -> None
         raise ValueError(f"k × rounds = {k * rounds} heads to select, but there are only {n_candidates} candidates")
 
 
-def search_settings(objective, prompts, seeds, k, rounds, u, scale, steps, cfg, size, heads: list[Head], target, scope,
-                    batch_size, max_sequence_length, min_z: float | None = None, confirm_seeds=None,
-                    confirm_top: int | None = None, confirm_together: bool = False) -> SearchSettings:
+def check_call_settings(num_inference_steps, guidance_scale, height, width) -> None:
+    """The pipeline-call settings of a search: whole steps >= 1, a number or None, sides > 0 or None."""
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+    if guidance_scale is not None and (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float))
+                                       or not math.isfinite(guidance_scale)):
+        raise ValueError(f"guidance_scale must be a number or None (the pipeline's default), got {guidance_scale!r}")
+    for name, side in (("height", height), ("width", width)):
+        if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 1):
+            raise ValueError(f"{name} must be a whole number of pixels >= 1 or None (the pipeline's default), got {side!r}")
+
+
+def search_settings(objective, prompts, seeds, k, rounds, u, scale, num_inference_steps, guidance_scale, height, width,
+                    heads: list[Head], target, scope, batch_size, max_sequence_length, min_z: float | None = None,
+                    confirm_seeds=None, confirm_top: int | None = None, confirm_together: bool = False) -> SearchSettings:
     """Validated settings (clear errors before any generation)."""
+    check_call_settings(num_inference_steps, guidance_scale, height, width)
     if not isinstance(confirm_together, bool):
         raise TypeError(f"confirm_together must be True or False, got {confirm_together!r}")
     if confirm_together and not confirm_seeds:
@@ -288,8 +311,9 @@ def search_settings(objective, prompts, seeds, k, rounds, u, scale, steps, cfg, 
     HeadGuidance(heads=[heads[0]], scale=scale, u=u, target=target, scope=scope)  # validates the guidance settings
     return SearchSettings(
         objective=objective if isinstance(objective, str) else getattr(objective, "__name__", "callable"),
-        prompts=tuple(prompts), seeds=tuple(seeds), k=k, rounds=rounds, u=float(u), scale=float(scale), steps=steps,
-        cfg=cfg, size=tuple(size) if size else None, candidates=tuple(head_name(h) for h in heads), target=target,
+        prompts=tuple(prompts), seeds=tuple(seeds), k=k, rounds=rounds, u=float(u), scale=float(scale),
+        num_inference_steps=num_inference_steps, guidance_scale=None if guidance_scale is None else float(guidance_scale),
+        height=height, width=width, candidates=tuple(head_name(h) for h in heads), target=target,
         scope=scope, batch_size=batch_size, max_sequence_length=max_sequence_length, min_z=min_z,
         confirm_seeds=tuple(confirm_seeds), confirm_top=confirm_top or 0,
         confirm_together=confirm_together,
@@ -297,14 +321,16 @@ def search_settings(objective, prompts, seeds, k, rounds, u, scale, steps, cfg, 
 
 
 def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float = 1.0, scale: float = 3.0,
-         steps: int = 20, cfg: float | None = None, size: tuple[int, int] | None = None, candidates=None,
-         checkpoint: str | None = None, batch_size: int = 4, target: str = "identity", scope: str = "joint",
-         max_sequence_length: int | None = None, min_z: float | None = None, confirm_seeds=None,
-         confirm_top: int | None = None, confirm_together: bool = False, progress: bool = True) -> HuntResult:
+         num_inference_steps: int = 20, guidance_scale: float | None = None, height: int | None = None,
+         width: int | None = None, candidates=None, checkpoint: str | None = None, batch_size: int = 4,
+         target: str = "identity", scope: str = "joint", max_sequence_length: int | None = None,
+         min_z: float | None = None, confirm_seeds=None, confirm_top: int | None = None, confirm_together: bool = False,
+         progress: bool = True) -> HuntResult:
     """Select k heads per round for `rounds` rounds (HeadHunter, Algorithm 1).
 
     objective: a registry name (see `dit_attn.guidance.objectives`) or callable(images, prompts) -> scores.
-    candidates: head specs to search over (default: every head). size: (height, width).
+    num_inference_steps, guidance_scale, height, width: the pipeline call's (None: the pipeline's default).
+    candidates: head specs to search over (default: every head).
     checkpoint: JSON path written after every batch; an existing one with the same settings is resumed.
     max_sequence_length: None takes the pipeline's call default (the tiny model's one zero T5 token).
     min_z: only heads whose paired gain over the current selection exceeds min_z standard errors
@@ -317,9 +343,9 @@ def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float 
     """
     score_fn = get_objective(objective)
     heads = candidate_heads(pipe, candidates)
-    settings = search_settings(objective, prompts, seeds, k, rounds, u, scale, steps, cfg, size, heads, target, scope,
-                               batch_size, sequence_length(pipe, max_sequence_length), min_z, confirm_seeds,
-                               confirm_top, confirm_together)
+    settings = search_settings(objective, prompts, seeds, k, rounds, u, scale, num_inference_steps, guidance_scale, height,
+                               width, heads, target, scope, batch_size, sequence_length(pipe, max_sequence_length), min_z,
+                               confirm_seeds, confirm_top, confirm_together)
     rank, world = distributed()
     path = checkpoint if checkpoint is None or world == 1 else f"{checkpoint}.rank{rank}-of-{world}"
     state = resume(path, settings)
@@ -428,17 +454,50 @@ def confirm(pipe, score_fn, settings: SearchSettings, state: dict, round_index: 
     return confirmed
 
 
+# settings stored under older names: steps, cfg, size ([height, width] or null)
+RENAMED = {"steps": "num_inference_steps", "cfg": "guidance_scale"}
+
+
+def renamed_settings(saved: dict) -> dict:
+    """Stored settings with the older names (steps, cfg, size) under today's (num_inference_steps,
+    guidance_scale, height and width); settings already under today's names are kept."""
+    settings = {name: value for name, value in saved.items() if name != "size" and name not in RENAMED}
+    for old, new in RENAMED.items():
+        if old in saved:
+            settings.setdefault(new, saved[old])
+    if "size" in saved:
+        height, width = saved["size"] if saved["size"] else (None, None)
+        settings.setdefault("height", height)
+        settings.setdefault("width", width)
+    return settings
+
+
+def check_checkpoint_settings(path: str, saved: dict, settings: SearchSettings, how: str) -> None:
+    """Stop (ValueError naming each differing setting, stored → now) unless the checkpoint's stored
+    settings are these. Older names are read as today's (`renamed_settings`), and settings added in
+    later versions take their defaults, so older checkpoints still resume."""
+    defaults = {f.name: f.default for f in fields(SearchSettings) if f.default is not MISSING}
+    old = {**json.loads(json.dumps(defaults)), **renamed_settings(saved)}
+    new = json.loads(json.dumps(asdict(settings)))
+    missing = object()
+    show = lambda value: "(unset)" if value is missing else json.dumps(value)  # noqa: E731
+    changed = [f"{name} {show(old.get(name, missing))} → {show(new.get(name, missing))}"
+               for name in [*new, *(n for n in old if n not in new)] if old.get(name, missing) != new.get(name, missing)]
+    if changed:
+        raise ValueError(f"the checkpoint {path!r} was made with other settings: {', '.join(changed)}; {how}")
+
+
 def resume(path: str | None, settings: SearchSettings) -> dict:
     fresh = {"selected": [], "rounds": [], "pairs": [], "confirm": [], "done": 0, "stopped": False}
     if path is None or not os.path.exists(path):
         return fresh
     with open(path) as f:
         saved = json.load(f)
-    # settings added in later versions take their defaults, so older checkpoints still resume
-    defaults = {f.name: f.default for f in fields(SearchSettings) if f.default is not MISSING}
-    if {**json.loads(json.dumps(defaults)), **saved.get("settings", {})} != json.loads(json.dumps(asdict(settings))):
-        raise ValueError(f"the checkpoint {path!r} was made with other settings; use another checkpoint path")
-    return {key: saved.get(key, value) for key, value in fresh.items()}
+    check_checkpoint_settings(path, saved.get("settings", {}), settings, "use another checkpoint path")
+    state = {key: saved.get(key, value) for key, value in fresh.items()}
+    for key in ("pairs", "confirm"):  # kept per round since min_z and confirm_seeds exist; older checkpoints lack them
+        state[key] += [{} for _ in range(len(state["rounds"]) - len(state[key]))]
+    return state
 
 
 def save_state(path: str | None, settings: SearchSettings, state: dict) -> None:

@@ -18,10 +18,34 @@ RESULT_JSON = "localization.json"
 RESULT_PNG = "localization.png"
 
 
-def generate(pipe, prompt: str, seeds: list[int], steps: int, **pipe_kwargs) -> torch.Tensor:
+# older names of the pipeline-call settings, refused with the name to use (they would reach the pipeline)
+RENAMED_ARGUMENTS = {"steps": "num_inference_steps", "cfg": "guidance_scale", "size": "height and width",
+                     "seed": "generator (e.g. torch.Generator().manual_seed(seed))"}
+
+
+def check_argument_names(function: str, pipe_kwargs: dict) -> None:
+    """TypeError for a keyword argument under an older name (steps, cfg, size, seed), naming today's."""
+    for old, new in RENAMED_ARGUMENTS.items():
+        if old in pipe_kwargs:
+            raise TypeError(f"{function}() takes {new}, not {old!r} (the diffusers name)")
+
+
+def call_options(guidance_scale: float | None, height: int | None, width: int | None) -> dict:
+    """The given pipeline-call settings (None: left to the pipeline's default)."""
+    options = {"guidance_scale": guidance_scale, "height": height, "width": width}
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def check_steps(num_inference_steps) -> None:
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+
+
+def generate(pipe, prompt: str, seeds: list[int], num_inference_steps: int, **pipe_kwargs) -> torch.Tensor:
     """One pipeline call for `prompt` at each seed: (len(seeds), 3, H, W) in [0, 1]."""
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-    out = pipe([prompt] * len(seeds), generator=generators, num_inference_steps=steps, output_type="pt", **pipe_kwargs)
+    out = pipe([prompt] * len(seeds), generator=generators, num_inference_steps=num_inference_steps, output_type="pt",
+               **pipe_kwargs)
     return out.images.float().cpu()
 
 
@@ -109,7 +133,8 @@ class LocalizationResult:
         return json_path, png_path
 
 
-def localize(pipe, pairs, score=None, layers=None, seeds=(0,), steps: int = 20, start: float = 0.0,
+def localize(pipe, pairs, score=None, layers=None, seeds=(0,), num_inference_steps: int = 20,
+             guidance_scale: float | None = None, height: int | None = None, width: int | None = None, start: float = 0.0,
              out: str | None = None, progress: bool = True, **pipe_kwargs) -> LocalizationResult:
     """Patch each layer group alone with the source prompt of each pair and score the images.
 
@@ -117,34 +142,38 @@ def localize(pipe, pairs, score=None, layers=None, seeds=(0,), steps: int = 20, 
     pairs)` (see `dit_attn.localization.score`); default: judge glyph probability of the
     source text × SSIM to the unpatched image. layers: None (every layer alone) or a list
     of layer indices / lists of indices. Each pair makes one unpatched and one patched
-    pipeline call per group, each with one row per seed. pipe_kwargs go to the pipeline
-    (e.g. guidance_scale, height, width). With `out`, the result is saved there.
+    pipeline call per group, each with one row per seed. num_inference_steps, guidance_scale,
+    height, width: the pipeline call's (None: the pipeline's default); other pipe_kwargs go to
+    the pipeline too (e.g. max_sequence_length). The settings record the images' height and
+    width. With `out`, the result is saved there.
     """
     from ..loading import call_defaults
 
+    check_argument_names("localize", pipe_kwargs)
     pairs = as_pairs(pairs)
-    pipe_kwargs = {**call_defaults(pipe), **pipe_kwargs}
+    pipe_kwargs = {**call_defaults(pipe), **pipe_kwargs, **call_options(guidance_scale, height, width)}
     transformer = pipe.transformer
     n_layers = len(layer_map(transformer))
     groups = layer_groups(layers, n_layers)
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ValueError(f"seeds must be a non-empty list of integers, got {seeds!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    check_steps(num_inference_steps)
     score = score or judge_score
     collected: list[list[dict[str, torch.Tensor]]] = [[] for _ in groups]
     baseline: list[dict[str, torch.Tensor]] = []
+    image_size: tuple[int, int] | None = None  # (height, width) of the images generated
     bar = tqdm(total=len(pairs) * (1 + len(groups)), desc="localize", unit="gen", disable=not progress)
     try:
         for pair in pairs:
             row_pairs = [pair] * len(seeds)
-            originals = generate(pipe, pair.prompt, seeds, steps, **pipe_kwargs)
+            originals = generate(pipe, pair.prompt, seeds, num_inference_steps, **pipe_kwargs)
+            image_size = tuple(originals.shape[-2:])
             baseline.append(components(score(originals, originals, row_pairs)))
             bar.update(1)
             for g, group in enumerate(groups):
                 with apply(pipe, TextPatch(layers=group, source_prompt=pair.source_prompt, start=start)):
-                    images = generate(pipe, pair.prompt, seeds, steps, **pipe_kwargs)
+                    images = generate(pipe, pair.prompt, seeds, num_inference_steps, **pipe_kwargs)
                 collected[g].append(components(score(images, originals, row_pairs)))
                 bar.update(1)
     finally:
@@ -163,9 +192,12 @@ def localize(pipe, pairs, score=None, layers=None, seeds=(0,), steps: int = 20, 
         scores=scores,
         baseline={k: float(torch.cat([b[k] for b in baseline]).mean()) for k in baseline[0]},
         settings={
-            "pairs": [asdict(p) for p in pairs], "seeds": seeds, "steps": steps, "start": start,
-            "score": getattr(score, "__name__", type(score).__name__), "model": type(transformer).__name__,
-            "layers": n_layers, "pipeline_kwargs": {k: v for k, v in pipe_kwargs.items() if isinstance(v, (int, float, str))},
+            "pairs": [asdict(p) for p in pairs], "seeds": seeds, "num_inference_steps": num_inference_steps,
+            "guidance_scale": pipe_kwargs.get("guidance_scale"), "height": image_size[0], "width": image_size[1],
+            "start": start, "score": getattr(score, "__name__", type(score).__name__), "model": type(transformer).__name__,
+            "layers": n_layers,
+            "pipeline_kwargs": {k: v for k, v in pipe_kwargs.items()
+                                if isinstance(v, (int, float, str)) and k not in ("guidance_scale", "height", "width")},
         },
     )
     if out is not None:
