@@ -10,10 +10,9 @@ import argparse
 import time
 
 import torch
-from diffusers.hooks import HookRegistry
 
 import dit_attn as da
-from dit_attn.hooks.zero_tokens import ZERO_TOKENS_HOOK, collapse_zero_tokens
+from dit_attn.hooks.zero_tokens import collapse_zero_tokens
 
 
 def seconds(pipe, repeats: int, **kwargs) -> float:
@@ -38,7 +37,7 @@ def main() -> None:
     seconds(pipe, 1, **options)  # warm-up
     collapsed = seconds(pipe, args.repeats, **options)
     defaults = seconds(pipe, args.repeats, **options, **da.call_defaults(pipe))
-    HookRegistry.check_if_exists_or_initialize(pipe.transformer).remove_hook(ZERO_TOKENS_HOOK, recurse=True)
+    pipe.transformer._dit_attn_zero_tokens.remove()
     stock = seconds(pipe, args.repeats, **options)
     collapse_zero_tokens(pipe)
     print(f"tiny model, 64x64, {args.steps} steps, CFG default, {args.threads} thread(s), best of {args.repeats}")

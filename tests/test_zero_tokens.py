@@ -3,10 +3,9 @@ which gives the stock 256-token result (the hook removed) up to rounding."""
 import numpy as np
 import pytest
 import torch
-from diffusers.hooks import HookRegistry
 
 import dit_attn as da
-from dit_attn.hooks.zero_tokens import ZERO_TOKENS_HOOK, collapse_zero_tokens
+from dit_attn.hooks.zero_tokens import collapse_zero_tokens
 
 PROMPT = "a red circle on a white background"
 
@@ -25,9 +24,7 @@ def generate(pipe, **kwargs):
 
 
 def without_hook(pipe):
-    registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
-    registry.remove_hook(ZERO_TOKENS_HOOK, recurse=True)
-    return registry
+    pipe.transformer._dit_attn_zero_tokens.remove()
 
 
 def test_collapsed_call_equals_the_stock_256_tokens():
@@ -73,3 +70,23 @@ def test_collapse_steps_aside_for_edits_and_t5(tiny):
     assert np.array_equal(edited, stock)
     with pytest.raises(ValueError, match="T5 encoder"):
         collapse_zero_tokens(type("Pipe", (), {"text_encoder_3": object()})())
+
+
+def test_a_deep_copy_runs_its_own_weights_and_still_collapses(tiny):
+    import copy
+
+    copied = copy.deepcopy(tiny.transformer)
+    config = copied.config
+    call = dict(hidden_states=torch.randn(1, config.in_channels, 16, 16),
+                encoder_hidden_states=torch.cat([torch.randn(1, tiny.tokenizer_max_length, config.joint_attention_dim),
+                                                 torch.zeros(1, 256, config.joint_attention_dim)], dim=1),
+                pooled_projections=torch.randn(1, config.pooled_projection_dim), timestep=torch.tensor([500.0]))
+    seen = []
+    copied.transformer_blocks[0].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].shape[1]), with_kwargs=True)
+    with torch.no_grad():
+        same = copied(**call).sample
+        assert torch.equal(same, tiny.transformer(**call).sample)
+        copied.proj_out.weight.mul_(2)
+        assert not torch.allclose(copied(**call).sample, tiny.transformer(**call).sample)
+    assert seen == [tiny.tokenizer_max_length + 1] * 2

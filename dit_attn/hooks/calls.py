@@ -29,6 +29,17 @@ class _NoState(BaseState):
         pass
 
 
+class _Hook(ModelHook):
+    """Base of dit-attn's hooks: can stand inert in a module's hook chain, refuses deep copies."""
+
+    active = True
+
+    def __deepcopy__(self, memo):
+        raise TypeError("copy.deepcopy of a model with dit-attn edits applied would run the original model's "
+                        "weights (diffusers' hook chain keeps pointing at it): remove() the edits, copy, then apply "
+                        "to each copy")
+
+
 def stock_output(output, rows: int):
     """The transformer output with only its first `rows` rows (the pipeline's own)."""
     sample = output[0]
@@ -45,7 +56,7 @@ def named_arguments(forward, args: tuple, kwargs: dict) -> dict:
     return {**dict(zip(names, args)), **kwargs}
 
 
-class CallHook(ModelHook):
+class CallHook(_Hook):
     """Sees every transformer call; adds the extra rows of HeadGuidance and TextPatch.
 
     guidance: None, or a controller with `fork_for_call(batch, call, context)` (the conditional
@@ -70,6 +81,8 @@ class CallHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         forward = self.fn_ref.original_forward
+        if not self.active:
+            return forward(*args, **kwargs)
         call = named_arguments(forward, args, kwargs) if args else kwargs
         current = self.state.call
         current.text_len = self.family.text_length(call)
@@ -105,7 +118,7 @@ class CallHook(ModelHook):
         return stock_output(output, batch)
 
 
-class RowFork(ModelHook):
+class RowFork(_Hook):
     """Give a block (or the final norm) the rows of its stage of the call's RowPlan.
 
     Stream inputs (hidden states, text states) come from the previous block: where a new
@@ -128,6 +141,8 @@ class RowFork(ModelHook):
         return value
 
     def pre_forward(self, module, *args, **kwargs):
+        if not self.active:
+            return args, kwargs
         plan = self.state.call.rows
         if plan is None:
             return args, kwargs
@@ -146,17 +161,44 @@ class RowFork(ModelHook):
         return positional, values
 
 
+def _register(module: torch.nn.Module, hook: _Hook, name: str) -> None:
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    left = registry.get_hook(name)
+    if left is not None:  # an inert hook left in place by an earlier remove (see `_unregister`): take its place
+        if left.active:
+            raise RuntimeError(f"{type(module).__name__} already has an active {name} hook")
+        left.__dict__.update({k: v for k, v in vars(hook).items() if k != "fn_ref"})
+        left.active = True
+        return
+    registry.register_hook(hook, name)
+    hook.forward_installed = module.forward
+
+
+def _unregister(module: torch.nn.Module, name: str) -> None:
+    """Take a hook out of a module's chain. If something outside diffusers' registry wrapped the
+    module's forward after it (e.g. accelerate's offload hooks), removing it would drop that
+    wrapper: the hook stays in place, inert."""
+    registry = getattr(module, "_diffusers_hook", None)
+    hook = registry.get_hook(name) if registry is not None else None
+    if hook is None:
+        return
+    wrapped_after = list(registry.hooks)[-1] == name and module.forward is not getattr(hook, "forward_installed", None)
+    if wrapped_after:
+        hook.active = False
+    else:
+        registry.remove_hook(name, recurse=False)
+
+
 def install_hooks(transformer, family: Family, state: EditState, guidance=None, text=None) -> None:
-    root = HookRegistry.check_if_exists_or_initialize(transformer)
-    root.register_hook(CallHook(family, state, guidance, text), CALL_HOOK)
+    _register(transformer, CallHook(family, state, guidance, text), CALL_HOOK)
     if guidance is not None or text is not None:
         for module, layer in family.fork_points(transformer):
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(RowFork(family, state, layer, module), FORK_HOOK)
-    root.invalidate_child_registries_cache()
+            _register(module, RowFork(family, state, layer, module), FORK_HOOK)
+    HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
 
 
 def remove_hooks(transformer) -> None:
-    root = HookRegistry.check_if_exists_or_initialize(transformer)
-    root.remove_hook(CALL_HOOK, recurse=False)
-    root.remove_hook(FORK_HOOK, recurse=True)
-    root.invalidate_child_registries_cache()
+    _unregister(transformer, CALL_HOOK)
+    for module in transformer.modules():
+        _unregister(module, FORK_HOOK)
+    HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()

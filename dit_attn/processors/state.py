@@ -172,6 +172,15 @@ class EditState:
     local_backend: str = "auto"  # LocalAttention's backend choice, for calls with a window
     _calls: threading.local = field(default_factory=threading.local, repr=False, compare=False)
 
+    def __deepcopy__(self, memo):
+        """A copy with its own (empty) per-call state; the configuration is copied."""
+        import copy
+
+        fresh = EditState(copy.deepcopy(self.model_edits, memo), copy.deepcopy(self.guided_edits, memo),
+                          self.patch_layers, self.local, self.local_backend)
+        memo[id(self)] = fresh
+        return fresh
+
     @property
     def call(self) -> CallState:
         current = getattr(self._calls, "state", None)

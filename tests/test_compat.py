@@ -1,0 +1,82 @@
+"""dit-attn beside other mechanisms that wrap a model: accelerate's hooks added after `apply`, and
+`copy.deepcopy` (issue 24)."""
+import copy
+
+import pytest
+import torch
+from accelerate import cpu_offload
+from accelerate.hooks import ModelHook as AccelerateHook, add_hook_to_module, remove_hook_from_module
+
+import dit_attn as da
+from dit_attn.toy.configs import build_sd3_pipeline
+
+
+def transformer_call(transformer, seed=0):
+    config = transformer.config
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(2, config.in_channels, 8, 8, generator=g),
+                encoder_hidden_states=torch.randn(2, 5, config.joint_attention_dim, generator=g),
+                pooled_projections=torch.randn(2, config.pooled_projection_dim, generator=g),
+                timestep=torch.tensor([500.0, 300.0]))
+
+
+@pytest.fixture()
+def pipe():
+    return build_sd3_pipeline(num_layers=2, num_heads=2, head_dim=8)
+
+
+class Counting(AccelerateHook):
+    def __init__(self):
+        self.calls = 0
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.calls += 1
+        return args, kwargs
+
+
+def test_remove_keeps_an_accelerate_hook_added_after_apply(pipe):
+    transformer = pipe.transformer
+    call = transformer_call(transformer)
+    with torch.no_grad():
+        stock = transformer(**call).sample
+        handle = da.apply(pipe, da.SoftPAG(heads=["L0", "L1H1"], u=0.7))
+        edited = transformer(**call).sample
+        counter = Counting()
+        add_hook_to_module(transformer, counter)
+        assert torch.equal(transformer(**call).sample, edited) and counter.calls == 1
+        handle.remove()
+        assert torch.equal(transformer(**call).sample, stock) and counter.calls == 2  # the hook still runs
+        again = da.apply(pipe, da.SoftPAG(heads=["L0", "L1H1"], u=0.7))  # and the edits can come back
+        assert torch.equal(transformer(**call).sample, edited) and counter.calls == 3
+        again.remove()
+        remove_hook_from_module(transformer)
+        assert torch.equal(transformer(**call).sample, stock)
+    assert not torch.equal(edited, stock)
+
+
+def test_cpu_offload_inside_and_outside_apply(pipe):
+    transformer = pipe.transformer
+    call = transformer_call(transformer, seed=1)
+    with torch.no_grad():
+        stock = transformer(**call).sample
+        with da.apply(pipe, da.SoftPAG(heads=["L0H0"], u=0.5)):
+            edited = transformer(**call).sample
+        cpu_offload(transformer, execution_device="cpu")  # weights leave for a CPU copy, loaded per call
+        assert torch.equal(transformer(**call).sample, stock)
+        with da.apply(pipe, da.SoftPAG(heads=["L0H0"], u=0.5)):
+            assert torch.equal(transformer(**call).sample, edited)
+        assert torch.equal(transformer(**call).sample, stock)
+
+
+def test_deepcopy_of_an_applied_model_is_refused_and_works_after_remove(pipe):
+    transformer = pipe.transformer
+    call = transformer_call(transformer)
+    handle = da.apply(pipe, da.SoftPAG(heads=["L0H1"], u=1.0))
+    with pytest.raises(TypeError, match="remove\\(\\) the edits, copy, then apply"):
+        copy.deepcopy(transformer)
+    handle.remove()
+    copied = copy.deepcopy(transformer)
+    with torch.no_grad():
+        assert torch.equal(copied(**call).sample, transformer(**call).sample)
+        copied.proj_out.weight.mul_(2)  # the copy runs its own weights
+        assert not torch.allclose(copied(**call).sample, transformer(**call).sample)
