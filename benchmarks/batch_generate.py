@@ -19,10 +19,10 @@ from dit_attn.cli import main as cli
 from dit_attn.toy.evaluate import held_out_prompts
 
 
-def run(prompts_file: str, out: str, batch_size: int, steps: int) -> float:
+def run(prompts_file: str, out: str, batch_size: int, num_inference_steps: int) -> float:
     start = time.perf_counter()
-    assert cli(["generate", "--prompts", prompts_file, "--batch-size", str(batch_size), "--steps", str(steps),
-                "--out", out]) == 0
+    assert cli(["generate", "--prompts", prompts_file, "--batch-size", str(batch_size),
+                "--num-inference-steps", str(num_inference_steps), "--out", out]) == 0
     return time.perf_counter() - start
 
 
@@ -30,7 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -39,14 +39,14 @@ def main() -> None:
         with open(prompts_file, "w") as f:
             f.write("\n".join(held_out_prompts("shape", args.n // 2) + held_out_prompts("sign", args.n - args.n // 2)))
         run(prompts_file, os.path.join(work, "warm"), args.batch_size, 1)  # loads and warms the model
-        one = run(prompts_file, os.path.join(work, "one"), 1, args.steps)
-        batched = run(prompts_file, os.path.join(work, "batched"), args.batch_size, args.steps)
+        one = run(prompts_file, os.path.join(work, "one"), 1, args.num_inference_steps)
+        batched = run(prompts_file, os.path.join(work, "batched"), args.batch_size, args.num_inference_steps)
         diff = max(
             int(np.abs(np.asarray(Image.open(os.path.join(work, "one", name)), dtype=np.int16)
                        - np.asarray(Image.open(os.path.join(work, "batched", name)), dtype=np.int16)).max())
             for name in os.listdir(os.path.join(work, "one")) if name.endswith(".png")
         )
-    print(f"tiny model, {args.n} prompts, {args.steps} steps, threads {args.threads}, load {os.getloadavg()[0]:.2f}")
+    print(f"tiny model, {args.n} prompts, {args.num_inference_steps} steps, threads {args.threads}, load {os.getloadavg()[0]:.2f}")
     print(f"one prompt per call: {one:.1f} s ({args.n / one:.2f} images/s)")
     print(f"--batch-size {args.batch_size}: {batched:.1f} s ({args.n / batched:.2f} images/s) -> {one / batched:.2f}x")
     print(f"largest pixel difference between the two: {diff}/255")

@@ -97,10 +97,11 @@ def test_collect_heads_merges_text_picker_and_presets_in_order():
 
 def test_build_settings_checks_every_field(registry):
     demo = registry.get("demo")
-    good = dict(prompt=" a cat ", steps=2, cfg=4.5, seed=1, size="64x32", heads=["L3H3"], pag_scale=3.0, u=1.0, scope="joint")
+    good = dict(prompt=" a cat ", num_inference_steps=2, guidance_scale=4.5, seed=1, size="64x32", heads=["L3H3"], pag_scale=3.0,
+                u=1.0, scope="joint")
     settings = build_settings(demo, **good)
     assert settings["prompt"] == "a cat" and (settings["width"], settings["height"]) == (64, 32)
-    assert settings["model"] == "demo" and settings["heads"] == ["L3H3"] and settings["dtype"] == "float32"
+    assert settings["model"] == "demo" and settings["edits"][0]["heads"] == ["L3H3"] and settings["dtype"] == "float32"
     for change, message in [
         (dict(prompt="  "), "prompt is empty"),
         (dict(size="30"), "multiples of 4"),
@@ -108,11 +109,11 @@ def test_build_settings_checks_every_field(registry):
         (dict(size="4096"), "between 4 and 2048"),
         (dict(heads=["L99H0"]), r"layers 0-3"),
         (dict(heads=["L0H4"]), r"valid heads are 0-3"),
-        (dict(steps=0), r"steps must be in \[1, 200\]"),
-        (dict(steps=2.5), "steps must be a whole number"),
+        (dict(num_inference_steps=0), r"steps must be in \[1, 200\]"),
+        (dict(num_inference_steps=2.5), "steps must be a whole number"),
         (dict(seed=-1), "seed must be in"),
         (dict(u=1.5), r"u must be in \[0.0, 1.0\]"),
-        (dict(cfg=float("nan")), "CFG scale must be a number"),
+        (dict(guidance_scale=float("nan")), "CFG scale must be a number"),
         (dict(scope="everything"), "scope must be one of"),
         (dict(local_radius=-1), "radius must be a finite number > 0"),
         (dict(start=1.5), r"guidance start must be in \[0.0, 1.0\]"),
@@ -162,8 +163,8 @@ def test_presets_offered_are_the_family_presets_that_fit():
 
 def test_run_pipeline_reports_each_step_and_is_seeded(registry):
     demo = registry.get("demo")
-    settings = build_settings(demo, prompt=PROMPT, steps=2, cfg=4.5, seed=3, size="32", heads=["L1H0"], pag_scale=2.0,
-                              u=1.0, scope="joint")
+    settings = build_settings(demo, prompt=PROMPT, num_inference_steps=2, guidance_scale=4.5, seed=3, size="32", heads=["L1H0"],
+                              pag_scale=2.0, u=1.0, scope="joint")
     done = []
     first = run_pipeline(demo, settings, on_step=done.append)
     assert done == [1, 2]
@@ -202,10 +203,9 @@ def test_api_generate_returns_png_with_settings_and_the_guided_image(client, sto
     assert path.endswith(".png")
     settings = png_settings(path)
     assert settings == shown
-    expected = {"prompt": PROMPT, "model": "demo", "seed": 3, "steps": 2, "cfg": 4.5, "width": 32, "height": 32,
-                "heads": ["L1H0", "L2"], "pag_scale": 2.0, "u": 0.5, "scope": "image", "target": "identity"}
-    assert {k: settings[k] for k in expected} == expected
     edit = da.HeadGuidance(heads=["L1H0", "L2"], scale=2.0, u=0.5, scope="image")
+    assert settings == {"prompt": PROMPT, "model": "demo", "seed": 3, "num_inference_steps": 2, "guidance_scale": 4.5,
+                        "height": 32, "width": 32, "dtype": "float32", "edits": [edit.to_dict()]}
     with da.apply(stock_demo, edit):
         guided = stock_image(stock_demo)
     np.testing.assert_array_equal(pixels(path), pixels(guided))
@@ -213,8 +213,16 @@ def test_api_generate_returns_png_with_settings_and_the_guided_image(client, sto
 
 def test_api_generate_without_heads_is_the_stock_image(client, stock_demo):
     path, settings = client.predict(*form(heads="", size=""), api_name="/generate")
-    assert settings["heads"] == [] and (settings["width"], settings["height"]) == (32, 32)  # the model's default size
+    assert settings["edits"] == [] and (settings["height"], settings["width"]) == (32, 32)  # the model's default size
     np.testing.assert_array_equal(pixels(path), pixels(stock_image(stock_demo)))
+
+
+def test_api_png_regenerates_bit_identical(client):
+    from dit_attn.workflows.batch import regenerate
+
+    path, _ = client.predict(*form(heads="L1H0", local_radius=1.5, local_downsample=2), api_name="/generate")
+    assert [e["edit"] for e in png_settings(path)["edits"]] == ["HeadGuidance", "LocalAttention"]
+    assert np.array_equal(pixels(regenerate(path)), pixels(path))  # the settings' model ("demo") loaded afresh
 
 
 @pytest.mark.parametrize("change, message", [
@@ -242,7 +250,7 @@ def test_api_compare_matches_stock_and_guided_calls(client, stock_demo):
     diff = np.abs(plain.astype(int) - guided.astype(int))
     np.testing.assert_array_equal(pixels(difference), np.rint(diff * (255 / diff.max())).astype(np.uint8))
     assert f"{diff.max()}/255" in summary
-    assert png_settings(without)["heads"] == [] and png_settings(with_edit)["heads"] == ["L0", "L1H2"]
+    assert png_settings(without)["edits"] == [] and png_settings(with_edit)["edits"][0]["heads"] == ["L0", "L1H2"]
     assert png_settings(difference)["largest_difference"] == diff.max()
     with pytest.raises(AppError, match="Compare needs an edit"):
         client.predict(*form(heads=""), api_name="/compare")
@@ -250,7 +258,7 @@ def test_api_compare_matches_stock_and_guided_calls(client, stock_demo):
 
 def test_api_local_attention_is_the_clear_edit(client, stock_demo):
     without, with_edit, _, _ = client.predict(*form(heads="", local_radius=1.5), api_name="/compare")
-    assert png_settings(with_edit)["local_radius"] == 1.5 and png_settings(without)["local_radius"] is None
+    assert png_settings(with_edit)["edits"] == [da.LocalAttention(radius=1.5).to_dict()] and png_settings(without)["edits"] == []
     with da.apply(stock_demo, da.LocalAttention(radius=1.5)):
         local = pixels(stock_image(stock_demo))
     np.testing.assert_array_equal(pixels(with_edit), local)
@@ -259,7 +267,7 @@ def test_api_local_attention_is_the_clear_edit(client, stock_demo):
 
 def test_api_guidance_interval_and_local_downsample_are_the_edits(client, stock_demo):
     path, settings = client.predict(*form(heads="L0", u=1.0, pag_scale=5.0, start=0.5, end=1.0), api_name="/generate")
-    assert (settings["start"], settings["end"]) == (0.5, 1.0)
+    assert (settings["edits"][0]["start"], settings["edits"][0]["end"]) == (0.5, 1.0)
     with da.apply(stock_demo, da.HeadGuidance(heads=["L0"], scale=5.0, u=1.0, scope="image", start=0.5)):
         late = pixels(stock_image(stock_demo))
     with da.apply(stock_demo, da.HeadGuidance(heads=["L0"], scale=5.0, u=1.0, scope="image")):
@@ -267,7 +275,7 @@ def test_api_guidance_interval_and_local_downsample_are_the_edits(client, stock_
     np.testing.assert_array_equal(pixels(path), late)
     assert not np.array_equal(late, whole)  # the interval changed what was guided
     _, with_edit, _, _ = client.predict(*form(heads="", local_radius=1.5, local_downsample=2), api_name="/compare")
-    assert png_settings(with_edit)["local_downsample"] == 2
+    assert png_settings(with_edit)["edits"][0]["downsample"] == 2
     with da.apply(stock_demo, da.LocalAttention(radius=1.5, downsample=2)):
         pooled = pixels(stock_image(stock_demo))
     np.testing.assert_array_equal(pixels(with_edit), pooled)
@@ -392,8 +400,9 @@ def test_text_edit_action_equals_da_edit_text(actions, stock_demo):
     np.testing.assert_array_equal(pixels(edited), pixels(expected.edited))
     assert not np.array_equal(pixels(original), pixels(edited)) and guarded is None
     settings = png_settings(edited)
-    assert settings["source_prompt"] == 'a sign that says "B" in red on a white background'
-    assert (settings["layers"], settings["image"], settings["model"]) == ([1], "edited", "demo")
+    patch = da.TextPatch(layers=[1], source_prompt='a sign that says "B" in red on a white background')
+    assert settings["edits"] == [patch.to_dict()] and png_settings(original)["edits"] == []
+    assert (settings["image"], settings["model"], settings["num_inference_steps"]) == ("edited", "demo", 2)
     assert "into layers 1 from 0% of the steps" in note
 
 
@@ -401,7 +410,7 @@ def test_text_edit_blocklist_guards_only_blocked_words(actions, stock_demo):
     original, _, guarded, note = actions.text_edit(*text_form(blocklist="a, X"))  # case-insensitive: "A" is blocked
     np.testing.assert_array_equal(pixels(guarded), guarded_image(stock_demo, ["a", "X"]))
     assert not np.array_equal(pixels(guarded), pixels(original)) and "has a blocked word" in note
-    assert png_settings(guarded)["blocklist"] == ["a", "X"]
+    assert png_settings(guarded)["edits"][0]["blocklist"] == ["a", "X"]
     original, _, guarded, note = actions.text_edit(*text_form(blocklist="Z"))
     stock = stock_demo(DEFAULT_SIGN_PROMPT, generator=torch.Generator().manual_seed(3), num_inference_steps=2, guidance_scale=4.5,
                        height=32, width=32, **da.loading.call_defaults(stock_demo)).images[0]  # no dit-attn edit at all

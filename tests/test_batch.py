@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from dit_attn.cli import main
+from dit_attn.edits import HeadGuidance
 from dit_attn.workflows.batch import Manifest, read_prompts, shard
 
 FAST = ["--steps", "1", "--size", "32"]
@@ -22,11 +23,18 @@ def test_prompt_files_and_bad_lines(tmp_path):
     assert [i.prompt for i in items] == ["a red circle", "a blue square"] and not bad
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text('{"prompt": "a", "seed": 5, "u": 0.5}\n{oops\n{"prompt": ""}\n{"prompt": "b", "colour": 1}\n{"prompt": "c", "steps": "x"}\n'
-                     '{"prompt": "d", "heads": ["L1H2", "L0"], "size": [64, 32]}\n{"prompt": "e", "seed": 1.5}\n{"prompt": "f", "steps": true}\n')
+                     '{"prompt": "d", "heads": ["L1H2", "L0"], "size": [64, 32]}\n{"prompt": "e", "seed": 1.5}\n{"prompt": "f", "steps": true}\n'
+                     '{"prompt": "g", "num_inference_steps": 3, "guidance_scale": 2, "height": 32, "width": 64}\n'
+                     '{"prompt": "h", "steps": 3, "cfg": 2, "size": "64x32"}\n{"prompt": "i", "steps": 3, "num_inference_steps": 3}\n'
+                     '{"prompt": "j", "size": 32, "height": 32}\n')
     items, bad = read_prompts(str(jsonl))
-    assert [(i.index, i.prompt, i.overrides) for i in items] == [(0, "a", {"seed": 5, "u": 0.5}), (1, "d", {"heads": "L1H2,L0", "size": "64x32"})]
-    assert [b.line for b in bad] == [2, 3, 4, 5, 7, 8]
+    new_names = {"num_inference_steps": 3, "guidance_scale": 2.0, "height": 32, "width": 64}
+    assert [(i.index, i.prompt, i.overrides) for i in items] == [
+        (0, "a", {"seed": 5, "u": 0.5}), (1, "d", {"heads": "L1H2,L0", "height": 32, "width": 64}),
+        (2, "g", new_names), (3, "h", new_names)]  # the older names steps, cfg and size read as the new ones
+    assert [b.line for b in bad] == [2, 3, 4, 5, 7, 8, 11, 12]
     assert "unknown settings ['colour']" in bad[2].reason and "steps must be int" in bad[3].reason
+    assert "give steps or num_inference_steps, not both" in bad[6].reason and "size or height/width" in bad[7].reason
     csv_file = tmp_path / "p.csv"
     csv_file.write_text('prompt,seed,heads\n"a red circle, large",3,L1\nno seed,,\n')
     items, bad = read_prompts(str(csv_file))
@@ -60,7 +68,7 @@ def test_per_line_settings_and_failures(tmp_path, capsys):
     assert "1 done, 0 already finished (skipped), 1 failed" in captured.out
     assert "failed #1 'b': ValueError: layer 9" in captured.err
     record = json.loads((tmp_path / "o" / "manifest.jsonl").read_text())
-    assert record["seed"] == 11 and record["heads"] == ["L1"] and record["u"] == 0.5
+    assert record["seed"] == 11 and record["edits"] == [HeadGuidance(heads=["L1"], scale=3.0, u=0.5).to_dict()]
 
 
 def free_port() -> int:

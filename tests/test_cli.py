@@ -3,14 +3,16 @@ import json
 import pytest
 from PIL import Image
 
-from dit_attn.cli import main
+from dit_attn.cli import build_parser, main
+from dit_attn.edits import HeadGuidance, LocalAttention
 from dit_attn.io import parse_size
 
 
 def test_generate_writes_pngs_with_settings_and_manifest(tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["generate", "a red circle", "a blue square", "--steps", "2", "--size", "32", "--heads", "L1,L2H0",
-                 "--pag-scale", "2", "--u", "0.5", "--scope", "image", "--seed", "7", "--out", str(out)])
+    code = main(["generate", "a red circle", "a blue square", "--num-inference-steps", "2", "--guidance-scale", "3",
+                 "--size", "32", "--heads", "L1,L2H0", "--pag-scale", "2", "--u", "0.5", "--scope", "image", "--seed", "7",
+                 "--out", str(out)])
     assert code == 0
     lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in lines] == ["a red circle", "a blue square"]
@@ -18,8 +20,10 @@ def test_generate_writes_pngs_with_settings_and_manifest(tmp_path, capsys):
     image = Image.open(out / lines[0]["file"])
     assert image.size == (32, 32)
     settings = json.loads(image.text["dit-attn"])
-    assert settings["heads"] == ["L1", "L2H0"] and settings["u"] == 0.5 and settings["scope"] == "image"
-    assert (settings["width"], settings["height"]) == (32, 32)
+    assert settings == {"prompt": "a red circle", "model": "tiny", "seed": 7, "num_inference_steps": 2, "guidance_scale": 3.0,
+                        "height": 32, "width": 32, "dtype": "float32",
+                        "edits": [HeadGuidance(heads=["L1", "L2H0"], scale=2.0, u=0.5, scope="image").to_dict()]}
+    assert {k: v for k, v in lines[0].items() if k != "file"} == settings  # the manifest line holds the same settings
     assert not list(out.glob("*.tmp"))
 
 
@@ -65,8 +69,40 @@ def test_generate_with_local_attention(tmp_path, capsys):
     local = run("local", "--local-radius", "1.5", "--local-downsample", "2")
     assert np.abs(local - plain).max() > 10
     settings = json.loads(Image.open(next((tmp_path / "local").glob("*.png"))).text["dit-attn"])
-    assert settings["local_radius"] == 1.5 and settings["local_downsample"] == 2
+    assert settings["edits"] == [LocalAttention(1.5, downsample=2).to_dict()]
+    assert (settings["height"], settings["width"]) == (48, 32)
     assert main(["generate", "x", "--local-radius", "0", "--out", str(tmp_path / "bad")]) == 2
     assert "radius must be a finite number > 0" in capsys.readouterr().err
     assert main(["generate", "x", "--local-downsample", "4", "--out", str(tmp_path / "bad")]) == 2
     assert "need a local attention radius (--local-radius)" in capsys.readouterr().err
+
+
+def test_older_flag_names_are_the_same_options():
+    parse = build_parser().parse_args
+    old = parse(["generate", "x", "--steps", "3", "--cfg", "2.5"])
+    new = parse(["generate", "x", "--num-inference-steps", "3", "--guidance-scale", "2.5"])
+    assert (old.num_inference_steps, old.guidance_scale) == (new.num_inference_steps, new.guidance_scale) == (3, 2.5)
+
+
+def test_regenerate_from_the_png_is_bit_identical(tmp_path):
+    import numpy as np
+
+    from dit_attn.io import read_png_settings
+    from dit_attn.loading import load_pipeline
+    from dit_attn.workflows.batch import regenerate
+
+    out = tmp_path / "out"
+    assert main(["generate", "a red circle", "a blue square", "--steps", "2", "--size", "32x48", "--heads", "L1,L2H0",
+                 "--pag-scale", "4", "--u", "0.5", "--local-radius", "1.5", "--max-sequence-length", "2",
+                 "--out", str(out)]) == 0
+    paths = sorted(out.glob("*.png"))
+    settings = read_png_settings(paths[1])
+    assert settings["max_sequence_length"] == 2 and [e["edit"] for e in settings["edits"]] == ["HeadGuidance", "LocalAttention"]
+    pipe = load_pipeline("tiny")
+    pipe.set_progress_bar_config(disable=True)
+    for path, given in zip(paths, (None, pipe)):  # the model of the settings loaded, or the pipeline given
+        again = regenerate(path, given)
+        assert np.array_equal(np.asarray(again), np.asarray(Image.open(path)))
+    Image.new("RGB", (4, 4)).save(tmp_path / "plain.png")
+    with pytest.raises(ValueError, match="no 'dit-attn' settings chunk"):
+        regenerate(tmp_path / "plain.png", pipe)

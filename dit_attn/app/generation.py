@@ -1,41 +1,28 @@
 """One seeded pipeline call with or without edits, the difference of two images, PNGs with settings."""
 from __future__ import annotations
 
-import contextlib
 import os
 import uuid
 from typing import Callable
 
 import numpy as np
-import torch
 from PIL import Image
 
-from ..handle import apply
 from ..io import slug, write_png_atomic
-from ..loading import call_defaults
 from .models import LoadedModel
-from ..workflows.batch import edits_for, pipeline_kwargs
+from ..workflows.batch import render
 
 
 def run_pipeline(model: LoadedModel, settings: dict, on_step: Callable[[int], None] | None = None) -> Image.Image:
-    """The image of `settings` (seeded, so the same settings give the same pixels); `on_step(done)` after each step."""
-    edits = edits_for(settings)
+    """The image of stored `settings` (seeded, so the same settings give the same pixels, as
+    `workflows.batch.regenerate` of its PNG does); `on_step(done)` after each step."""
 
     def step_ended(pipe, step: int, timestep, tensors: dict) -> dict:
         on_step(step + 1)
         return {}
 
-    generator = torch.Generator(device="cpu").manual_seed(settings["seed"])
     with model.lock:
-        with apply(model.pipe, *edits) if edits else contextlib.nullcontext():
-            result = model.pipe(settings["prompt"], generator=generator, callback_on_step_end=step_ended if on_step else None,
-                                **{**call_defaults(model.pipe), **pipeline_kwargs(settings)})
-    return result.images[0]
-
-
-def with_actual_size(settings: dict, image: Image.Image) -> dict:
-    """Settings that record the size the model drew (the model's default when none was given)."""
-    return {**settings, "width": image.width, "height": image.height}
+        return render(model.pipe, settings, callback_on_step_end=step_ended if on_step else None)
 
 
 def difference_image(first: Image.Image, second: Image.Image) -> tuple[Image.Image, int, float]:

@@ -1,9 +1,10 @@
-"""Turn the page's form values into the settings dict of `dit-attn generate`, checking each one.
+"""Turn the page's form values into the stored settings of `dit-attn generate`, checking each one.
 
-The settings use the keys of the command line's (see `workflows.batch.item_settings`; of the local
-attention options the page offers the radius and the pooled-key downsample factor, not a
-weights file, which would be a path typed into the page), so a PNG's `dit-attn` text chunk
-from the app and from `dit-attn generate` read the same.
+The settings are those `dit-attn generate` stores (see `workflows.batch.stored_settings`: diffusers'
+names, the edits as their `to_dict()`; of the local attention options the page offers the radius and
+the pooled-key downsample factor, not a weights file, which would be a path typed into the page), so
+a PNG's `dit-attn` text chunk from the app and from `dit-attn generate` read the same, and
+`workflows.batch.regenerate` rebuilds either.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import math
 from ..io import parse_heads, parse_size
 from ..edits import HeadGuidance
 from ..heads import normalize_heads, resolve_heads
-from ..workflows.batch import edits_for
+from ..workflows.batch import edits_from_options, stored_settings
 from .models import LoadedModel
 
 MAX_STEPS = 200
@@ -46,7 +47,7 @@ def collect_heads(text: str | None, picked=None, presets=None) -> list[str]:
 
 
 def parse_image_size(text: str | None, model: LoadedModel) -> tuple[int | None, int | None]:
-    """(width, height) from 'N' or 'WIDTHxHEIGHT'; (None, None) for the model's default size."""
+    """(height, width) from 'N' or 'WIDTHxHEIGHT'; (None, None) for the model's default size."""
     if text is None or not text.strip():
         return None, None
     height, width = parse_size(text)
@@ -57,7 +58,7 @@ def parse_image_size(text: str | None, model: LoadedModel) -> tuple[int | None, 
                 f"size sides must be multiples of {multiple} between {multiple} and {MAX_SIDE} on this model "
                 f"(e.g. {8 * multiple} or {8 * multiple}x{4 * multiple}), got {text.strip()!r}"
             )
-    return width, height
+    return height, width
 
 
 def size_multiple(pipe) -> int:
@@ -65,28 +66,31 @@ def size_multiple(pipe) -> int:
     return int(pipe.vae_scale_factor) * int(getattr(pipe, "patch_size", 2))
 
 
-def build_settings(model: LoadedModel, *, prompt: str, steps, cfg, seed, size: str | None, heads: list[str],
-                   pag_scale, u, scope: str, target: str = "identity", local_radius=None, start=0.0, end=1.0,
-                   local_downsample=None, dtype: str = "float32") -> dict:
-    """Checked settings; heads are also checked against the model's layer/head map.
+def build_settings(model: LoadedModel, *, prompt: str, num_inference_steps, guidance_scale, seed, size: str | None,
+                   heads: list[str], pag_scale, u, scope: str, target: str = "identity", local_radius=None, start=0.0,
+                   end=1.0, local_downsample=None, dtype: str = "float32") -> dict:
+    """Checked stored settings; heads are also checked against the model's layer/head map.
 
+    pag_scale, u, scope, target: the HeadGuidance edit's scale and fields (no such edit without heads).
     local_radius: None (or 0) for full attention, else the CLEAR radius in tokens.
     start, end: the fractions of the steps between which head guidance is active.
     local_downsample: None (or 0) or the factor of CLEAR's pooled keys (needs a radius).
     """
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("the prompt is empty: describe the image to generate")
-    width, height = parse_image_size(size, model)
-    settings = {
-        "prompt": prompt.strip(), "model": model.choice, "seed": whole_number("seed", seed, 0, MAX_SEED),
-        "steps": whole_number("steps", steps, 1, MAX_STEPS), "cfg": number("CFG scale", cfg, 0.0),
-        "width": width, "height": height, "dtype": dtype, "heads": list(heads),
-        "pag_scale": number("guidance scale", pag_scale, 0.0), "u": number("u", u, 0.0, 1.0),
+    height, width = parse_image_size(size, model)
+    seed = whole_number("seed", seed, 0, MAX_SEED)
+    num_inference_steps = whole_number("steps", num_inference_steps, 1, MAX_STEPS)
+    guidance_scale = number("CFG scale", guidance_scale, 0.0)
+    options = {
+        "heads": list(heads), "pag_scale": number("guidance scale", pag_scale, 0.0), "u": number("u", u, 0.0, 1.0),
         "target": target, "scope": scope, "start": number("guidance start", start, 0.0, 1.0),
         "end": number("guidance end", end, 0.0, 1.0), "local_radius": local_radius or None,
         "local_downsample": whole_number("local downsample", local_downsample, 2, 64) if local_downsample else None,
     }
-    for edit in edits_for(settings):  # each edit checks its own fields
+    edits = edits_from_options(options)  # each edit checks its own fields
+    for edit in edits:
         if isinstance(edit, HeadGuidance):
             resolve_heads(edit.heads, model.layer_map, model.family)
-    return settings
+    return stored_settings(prompt.strip(), model=model.choice, seed=seed, num_inference_steps=num_inference_steps,
+                           guidance_scale=guidance_scale, height=height, width=width, dtype=dtype, edits=edits)

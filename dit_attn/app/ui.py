@@ -12,9 +12,10 @@ from ..guidance.atlas import atlas as compute_atlas
 from ..loading import call_options
 from .atlas import (MAX_ATLAS_STEPS, MAX_ATLAS_WORK, MAX_PROMPTS, MAX_SEEDS, atlas_request, check_work, objective_choices,
                     read_atlas, summarize, write_atlas)
-from .generation import difference_image, run_pipeline, save_png, with_actual_size
+from .generation import difference_image, run_pipeline, save_png
 from .models import LoadedModel, ModelRegistry
-from ..workflows.batch import edits_for
+from ..edits import TextGuard, TextPatch
+from ..workflows.batch import edits_for, stored_settings, with_image_size
 from .settings import MAX_SEED, MAX_STEPS, build_settings, collect_heads, number, parse_image_size, whole_number
 from .text_edit import DEFAULT_SIGN_PROMPT, REPLACEMENT, parse_blocklist, run_text_edit, text_layers
 
@@ -55,38 +56,40 @@ class AppActions:
         self.registry = registry
         self.output_dir = output_dir
 
-    def _settings(self, model_choice, prompt, steps, cfg, seed, size, heads_text, picked, presets, u, scope, target, pag_scale,
-                  local_radius, start=0.0, end=1.0, local_downsample=None):
+    def _settings(self, model_choice, prompt, num_inference_steps, guidance_scale, seed, size, heads_text, picked, presets,
+                  u, scope, target, pag_scale, local_radius, start=0.0, end=1.0, local_downsample=None):
         heads = collect_heads(heads_text, picked, presets)  # syntax errors before a model loads
         model = self.registry.get(model_choice)
-        settings = build_settings(model, prompt=prompt, steps=steps, cfg=cfg, seed=seed, size=size, heads=heads,
-                                  pag_scale=pag_scale, u=u, scope=scope, target=target, local_radius=local_radius,
-                                  start=start, end=end, local_downsample=local_downsample, dtype=self.registry.dtype_name)
+        settings = build_settings(model, prompt=prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                  seed=seed, size=size, heads=heads, pag_scale=pag_scale, u=u, scope=scope, target=target,
+                                  local_radius=local_radius, start=start, end=end, local_downsample=local_downsample,
+                                  dtype=self.registry.dtype_name)
         return model, settings
 
-    def generate(self, model_choice, prompt, steps, cfg, seed, size, heads_text, picked, presets, u, scope, target, pag_scale,
-                 local_radius, start=0.0, end=1.0, local_downsample=None, progress=gr.Progress()):
+    def generate(self, model_choice, prompt, num_inference_steps, guidance_scale, seed, size, heads_text, picked, presets, u,
+                 scope, target, pag_scale, local_radius, start=0.0, end=1.0, local_downsample=None, progress=gr.Progress()):
         progress(0, desc="loading model")
-        model, settings = self._settings(model_choice, prompt, steps, cfg, seed, size, heads_text, picked, presets, u, scope,
-                                         target, pag_scale, local_radius, start, end, local_downsample)
-        total = settings["steps"]
+        model, settings = self._settings(model_choice, prompt, num_inference_steps, guidance_scale, seed, size, heads_text,
+                                         picked, presets, u, scope, target, pag_scale, local_radius, start, end, local_downsample)
+        total = settings["num_inference_steps"]
         image = run_pipeline(model, settings, on_step=lambda done: progress((done, total), desc="denoising", unit="steps"))
-        settings = with_actual_size(settings, image)
+        settings = with_image_size(settings, image)
         return save_png(image, settings, self.output_dir, "image"), settings
 
-    def compare(self, model_choice, prompt, steps, cfg, seed, size, heads_text, picked, presets, u, scope, target, pag_scale,
-                local_radius, start=0.0, end=1.0, local_downsample=None, progress=gr.Progress()):
+    def compare(self, model_choice, prompt, num_inference_steps, guidance_scale, seed, size, heads_text, picked, presets, u,
+                scope, target, pag_scale, local_radius, start=0.0, end=1.0, local_downsample=None, progress=gr.Progress()):
         progress(0, desc="loading model")
-        model, edited = self._settings(model_choice, prompt, steps, cfg, seed, size, heads_text, picked, presets, u, scope,
-                                       target, pag_scale, local_radius, start, end, local_downsample)
+        model, edited = self._settings(model_choice, prompt, num_inference_steps, guidance_scale, seed, size, heads_text,
+                                       picked, presets, u, scope, target, pag_scale, local_radius, start, end, local_downsample)
         if not edits_for(edited):
             raise ValueError("Compare needs an edit: type or pick at least one head (e.g. L1H0), or set a local attention radius")
-        plain = {**edited, "heads": [], "local_radius": None, "local_downsample": None}
-        total = 2 * edited["steps"]
+        plain = {**edited, "edits": []}
+        steps = edited["num_inference_steps"]
+        total = 2 * steps
         without = run_pipeline(model, plain, on_step=lambda done: progress((done, total), desc="without the edit", unit="steps"))
-        edited_image = run_pipeline(model, edited, on_step=lambda done: progress((edited["steps"] + done, total),
+        edited_image = run_pipeline(model, edited, on_step=lambda done: progress((steps + done, total),
                                                                                  desc="with the edit", unit="steps"))
-        plain, edited = with_actual_size(plain, without), with_actual_size(edited, edited_image)
+        plain, edited = with_image_size(plain, without), with_image_size(edited, edited_image)
         difference, peak, gain = difference_image(without, edited_image)
         difference_settings = {**edited, "image": "difference", "largest_difference": peak, "gain": round(gain, 4)}
         summary = (f"Largest pixel difference: {peak}/255, shown ×{gain:.1f} (white = largest)." if peak
@@ -94,8 +97,8 @@ class AppActions:
         return (save_png(without, plain, self.output_dir, "without"), save_png(edited_image, edited, self.output_dir, "with"),
                 save_png(difference, difference_settings, self.output_dir, "difference"), summary)
 
-    def sets(self, model_choice, steps, cfg, seed, size, layout, panel_text, task_tag, summary, reference, reference_panel,
-             progress=gr.Progress()):
+    def sets(self, model_choice, num_inference_steps, guidance_scale, seed, size, layout, panel_text, task_tag, summary,
+             reference, reference_panel, progress=gr.Progress()):
         """An in-context set: one caption line a panel, optional reference image for one panel (resized to the panel)."""
         from ..io import parse_size
         from ..ic import Layout, caption, generate_set
@@ -104,8 +107,8 @@ class AppActions:
         layout = Layout.parse(layout or "1x2")
         text = caption([line.strip() for line in (panel_text or "").splitlines() if line.strip()], layout,
                        task_tag=(task_tag or "").strip() or None, summary=(summary or "").strip() or None)
-        if not 1 <= int(steps) <= MAX_STEPS:
-            raise ValueError(f"steps must be in 1-{MAX_STEPS}, got {steps}")
+        if not 1 <= int(num_inference_steps) <= MAX_STEPS:
+            raise ValueError(f"steps must be in 1-{MAX_STEPS}, got {num_inference_steps}")
         model = self.registry.get(model_choice)
         pipe = model.pipe
         if size and str(size).strip():
@@ -118,7 +121,7 @@ class AppActions:
             panel = int(reference_panel or 0)
             panel_h, panel_w = layout.check_size(height, width)
             references[panel] = reference.convert("RGB").resize((panel_w, panel_h))
-        total = int(steps)
+        total = int(num_inference_steps)
 
         def step_ended(_pipe, step, timestep, tensors):
             progress((step + 1, total), desc="denoising", unit="steps")
@@ -127,8 +130,9 @@ class AppActions:
         with model.lock:
             result = generate_set(pipe, text, layout, size=(height, width), reference=references or None, seed=int(seed),
                                   num_inference_steps=total, callback_on_step_end=step_ended,
-                                  **({"guidance_scale": float(cfg)} if cfg is not None else {}))
-        settings = {**result.settings, "model": model.choice, "steps": total, "cfg": cfg}
+                                  **({"guidance_scale": float(guidance_scale)} if guidance_scale is not None else {}))
+        settings = {**result.settings, "model": model.choice, "num_inference_steps": total, "guidance_scale": guidance_scale,
+                    "dtype": self.registry.dtype_name}
         canvas = save_png(result.canvas, settings, self.output_dir, "set")
         panels = [save_png(p, {**settings, "panel": k}, self.output_dir, f"panel-{k}") for k, p in enumerate(result.panels)]
         return canvas, panels, text
@@ -140,7 +144,7 @@ class AppActions:
         cfg = None if cfg is None else number("CFG scale", cfg, 0.0)
         progress(0, desc="loading model")
         model = self.registry.get(model_choice)
-        width, height = parse_image_size(size, model)
+        height, width = parse_image_size(size, model)
         check_work(model, request)
         with model.lock:
             result = compute_atlas(model.pipe, request.objective, list(request.prompts), list(request.seeds), u=request.u,
@@ -159,34 +163,38 @@ class AppActions:
         png, page, data = write_atlas(result, self.output_dir, "uploaded")
         return png, [page, data], summarize(result)
 
-    def text_edit(self, model_choice, steps, cfg, seed, size, prompt, new_text, layers_text, start, blocklist_text,
-                  progress=gr.Progress()):
+    def text_edit(self, model_choice, num_inference_steps, guidance_scale, seed, size, prompt, new_text, layers_text, start,
+                  blocklist_text, progress=gr.Progress()):
         """The sign prompt and its twin with `new_text` patched into the text layers; with a blocklist also the guarded prompt."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError('the sign prompt is empty: e.g. a sign that says "A" in red on a white background')
-        steps = whole_number("steps", steps, 1, MAX_STEPS)
+        steps = whole_number("steps", num_inference_steps, 1, MAX_STEPS)
         seed = whole_number("seed", seed, 0, MAX_SEED)
         start = number("start", start, 0.0, 1.0)
-        cfg = None if cfg is None else number("CFG scale", cfg, 0.0)
+        cfg = None if guidance_scale is None else number("CFG scale", guidance_scale, 0.0)
         blocklist = parse_blocklist(blocklist_text)
         progress(0, desc="loading model")
         model = self.registry.get(model_choice)
         layers = text_layers(layers_text, model)
-        width, height = parse_image_size(size, model)
+        height, width = parse_image_size(size, model)
         total = steps * (3 if blocklist else 2)
         result = run_text_edit(model, prompt.strip(), (new_text or "").strip(), layers, start, seed, steps,
                                call_options(cfg, (height, width) if height else None), blocklist,
                                on_step=lambda done: progress((done, total), desc="denoising", unit="steps"))
         edit = result.edit
-        settings = {"prompt": edit.prompt, "source_prompt": edit.source_prompt, "layers": list(edit.layers),
-                    "start": edit.start, "seed": seed, "steps": steps, "cfg": cfg, "model": model.choice,
-                    "width": edit.original.width, "height": edit.original.height}
-        original = save_png(edit.original, {**settings, "image": "original"}, self.output_dir, "original")
-        edited = save_png(edit.edited, {**settings, "image": "edited"}, self.output_dir, "edited")
+
+        def settings(image: str, *edits) -> dict:
+            return {**stored_settings(edit.prompt, model=model.choice, seed=seed, num_inference_steps=steps, guidance_scale=cfg,
+                                      height=edit.original.height, width=edit.original.width,
+                                      dtype=self.registry.dtype_name, edits=edits), "image": image}
+
+        original = save_png(edit.original, settings("original"), self.output_dir, "original")
+        edited = save_png(edit.edited, settings("edited", TextPatch(edit.layers, edit.source_prompt, edit.start)),
+                          self.output_dir, "edited")
         note = f"Patched `{edit.source_prompt}` into layers {', '.join(map(str, edit.layers))} from {start:.0%} of the steps."
         guarded = None
         if result.guarded is not None:
-            guarded = save_png(result.guarded, {**settings, "image": "guarded", "blocklist": list(blocklist)},
+            guarded = save_png(result.guarded, settings("guarded", TextGuard(blocklist, REPLACEMENT, edit.layers)),
                                self.output_dir, "guarded")
             note += (" The quoted text has a blocked word: the guarded image patches it with "
                      f"`{REPLACEMENT}`." if result.blocked else " No blocked word in the quotes: the guarded image is the original.")

@@ -25,11 +25,15 @@ def load_items(args) -> list:
 
 
 def run_settings(args) -> dict:
-    """The settings of the run that each item starts from (see `workflows.batch.item_settings`)."""
+    """The options of the run that each item starts from (see `workflows.batch.item_settings`): the
+    keys of `workflows.batch.SETTING_TYPES` (one a flag: --num-inference-steps is num_inference_steps)
+    plus model and dtype. --size (WIDTHxHEIGHT) arrives parsed as (height, width)."""
+    height, width = args.size or (None, None)
     return {
-        "model": args.model, "seed": args.seed, "steps": args.steps, "cfg": args.cfg, "size": args.size,
-        "dtype": args.dtype, "heads": args.heads, "pag_scale": args.pag_scale, "u": args.u, "target": args.target,
-        "scope": args.scope, "start": args.start, "end": args.end, "local_radius": args.local_radius,
+        "model": args.model, "seed": args.seed, "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale, "height": height, "width": width, "dtype": args.dtype,
+        "max_sequence_length": args.max_sequence_length, "heads": args.heads, "pag_scale": args.pag_scale, "u": args.u,
+        "target": args.target, "scope": args.scope, "start": args.start, "end": args.end, "local_radius": args.local_radius,
         "local_downsample": args.local_downsample, "local_weights": args.local_weights,
     }
 
@@ -69,7 +73,9 @@ def cmd_heads(args) -> int:
 
 def add_guidance_options(parser) -> None:
     """HeadGuidance's settings as options (see `da.HeadGuidance`)."""
-    parser.add_argument("--pag-scale", type=float, default=3.0, help="perturbation guidance scale s (HeadGuidance.scale)")
+    parser.add_argument("--pag-scale", type=float, default=3.0,
+                        help="perturbation guidance scale s: HeadGuidance's scale (stored as \"scale\" in the HeadGuidance "
+                             "edit of the PNG/manifest settings)")
     parser.add_argument("--u", type=float, default=1.0, help="SoftPAG strength in [0, 1]")
     parser.add_argument("--target", default="identity", choices=GUIDANCE_TARGETS)
     parser.add_argument("--scope", default="joint", choices=GUIDANCE_SCOPES)
@@ -83,10 +89,14 @@ def add_commands(sub) -> None:
     gen.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call (items with the same settings)")
     gen.add_argument("--num-shards", type=int, default=1, help="split the items into this many shards")
     gen.add_argument("--shard-index", type=int, default=0, help="which shard this process generates (0-based)")
-    gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (pipeline default if omitted)")
+    gen.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int, default=20,
+                     help="denoising steps (--steps: the older name)")
+    gen.add_argument("--guidance-scale", "--cfg", dest="guidance_scale", type=float, default=None,
+                     help="classifier-free guidance scale (pipeline default if omitted; --cfg: the older name)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed + i")
-    gen.add_argument("--size", type=size_argument, default=None, help="N or WIDTHxHEIGHT in pixels")
+    gen.add_argument("--size", type=size_argument, default=None,
+                     help="N or WIDTHxHEIGHT in pixels (stored as height and width; default: the model's)")
+    gen.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: the model's call defaults)")
     gen.add_argument("--heads", default=None, help="heads to guide away from, e.g. 'L1H10,L11H15' or 'L2' or 'sd3:dark'")
     add_guidance_options(gen)
     gen.add_argument("--start", type=float, default=0.0, help="first guided fraction of the steps")
@@ -96,7 +106,9 @@ def add_commands(sub) -> None:
     gen.add_argument("--local-downsample", type=int, default=None, help="also attend to pooled keys (factor, e.g. 4)")
     gen.add_argument("--local-weights", default=None, help="safetensors from `dit-attn distill-clear` for this radius")
     add_model_options(gen, TINY)
-    gen.add_argument("--out", default="out", help="output directory (PNGs + manifest.jsonl)")
+    gen.add_argument("--out", default="out",
+                     help="output directory (PNGs + manifest.jsonl); each PNG's settings rebuild it: "
+                          "dit_attn.workflows.batch.regenerate(png)")
     gen.set_defaults(func=cmd_generate)
 
     heads = sub.add_parser("heads", help="print a model's layer/head map")

@@ -2,23 +2,35 @@
 
 An item is finished when its manifest line exists; its PNG is written atomically before
 that line, so a killed run leaves no partial file and a rerun redoes only what is missing.
+
+Stored settings (a PNG's `dit-attn` chunk, a manifest line, from `dit-attn generate` and the
+app alike) use diffusers' names and hold the edits themselves:
+{"prompt", "model", "seed", "num_inference_steps", "guidance_scale", "height", "width", "dtype",
+"max_sequence_length" (only when set), "edits": [edit.to_dict(), ...]}; `regenerate` rebuilds
+an image from them.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 from dataclasses import dataclass, field
 
-from ..edits import HeadGuidance, LocalAttention
-from ..io import parse_heads, parse_size, slug, write_png_atomic
+from ..edits import HeadGuidance, LocalAttention, edit_from_dict
+from ..io import parse_heads, parse_size, read_png_settings, slug, write_png_atomic
 
-SETTING_TYPES = {
-    "seed": int, "steps": int, "cfg": float, "pag_scale": float, "u": float, "start": float, "end": float,
-    "heads": str, "target": str, "scope": str, "size": str,
-    "local_radius": float, "local_downsample": int, "local_weights": str,
-}
+# Per-line settings of a prompt file (and the run's options of `dit-attn generate`, flag --x-y = key x_y).
+# The HeadGuidance options are stored as that edit's fields (pag_scale as its "scale"), the local ones
+# as LocalAttention's (radius, downsample, weights).
+CALL_SETTINGS = {"seed": int, "num_inference_steps": int, "guidance_scale": float, "height": int, "width": int,
+                 "max_sequence_length": int}
+EDIT_OPTIONS = {"heads": str, "pag_scale": float, "u": float, "target": str, "scope": str, "start": float, "end": float,
+                "local_radius": float, "local_downsample": int, "local_weights": str}
+SETTING_TYPES = {**CALL_SETTINGS, **EDIT_OPTIONS}
+ALIASES = {"steps": "num_inference_steps", "cfg": "guidance_scale"}  # older names, still read
+SIZE_ALIAS = "size"  # N, "WIDTHxHEIGHT" or [width, height]: sets height and width
 
 
 @dataclass(frozen=True)
@@ -35,22 +47,34 @@ class BadLine:
 
 
 def _overrides(record: dict) -> dict:
-    unknown = set(record) - set(SETTING_TYPES) - {"prompt"}
+    valid = {"prompt", *SETTING_TYPES, *ALIASES, SIZE_ALIAS}
+    unknown = set(record) - valid
     if unknown:
-        raise ValueError(f"unknown settings {sorted(unknown)}; valid: prompt, {', '.join(SETTING_TYPES)}")
+        raise ValueError(f"unknown settings {sorted(unknown)}; valid: prompt, {', '.join(SETTING_TYPES)} "
+                         f"(older names: {', '.join(ALIASES)}, {SIZE_ALIAS})")
+    given = {k: v for k, v in record.items() if k != "prompt" and v not in (None, "")}
     out = {}
-    for key, value in record.items():
-        if key == "prompt" or value in (None, ""):
+    for key, value in given.items():
+        if key == SIZE_ALIAS:
+            if "height" in given or "width" in given:
+                raise ValueError("give size or height/width, not both")
+            if isinstance(value, list) and len(value) == 2:
+                value = f"{value[0]}x{value[1]}"  # [width, height]
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                raise ValueError(f"size must be N, 'WIDTHxHEIGHT' or [width, height], got {value!r}")
+            out["height"], out["width"] = parse_size(str(value))
             continue
-        if key == "heads" and isinstance(value, list):
+        name = ALIASES.get(key, key)
+        if name != key and name in given:
+            raise ValueError(f"give {key} or {name}, not both")
+        if name == "heads" and isinstance(value, list):
             value = ",".join(map(str, value))
-        if key == "size" and isinstance(value, list) and len(value) == 2:
-            value = f"{value[0]}x{value[1]}"  # [width, height]
-        out[key] = _convert(key, value)
+        out[name] = _convert(name, value, key)
     return out
 
 
-def _convert(key: str, value):
+def _convert(key: str, value, label: str | None = None):
+    """`value` as the type of setting `key`; errors name it as written (`label`, e.g. an older name)."""
     kind = SETTING_TYPES[key]
     bad = isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer())
     try:
@@ -58,7 +82,7 @@ def _convert(key: str, value):
             raise ValueError
         return kind(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{key} must be {kind.__name__}, got {value!r}") from None
+        raise ValueError(f"{label or key} must be {kind.__name__}, got {value!r}") from None
 
 
 def _prompt(record: dict) -> str:
@@ -164,28 +188,42 @@ def item_file(item: Item) -> str:
     return f"{item.index:05d}-{slug(item.prompt)}.png"
 
 
-def item_settings(base: dict, item: Item) -> dict:
-    """The full settings of one item: the run's settings, then the item's own overrides.
-    `base` holds the keys of SETTING_TYPES plus model and dtype; size is (height, width) or None."""
-    settings = {"prompt": item.prompt, **base, "seed": base["seed"] + item.index}
-    settings.update(item.overrides)
-    size = settings.pop("size")
-    if isinstance(size, str):
-        size = parse_size(size)
-    settings["height"], settings["width"] = size or (None, None)
-    settings["heads"] = parse_heads(settings["heads"]) if isinstance(settings["heads"], str) else settings["heads"]
+def stored_settings(prompt: str, *, model: str, seed: int, num_inference_steps: int, guidance_scale: float | None = None,
+                    height: int | None = None, width: int | None = None, dtype: str = "float32",
+                    max_sequence_length: int | None = None, edits=()) -> dict:
+    """The settings a PNG and a manifest line store (None: the pipeline's default); `edits` as objects."""
+    settings = {"prompt": prompt, "model": model, "seed": seed, "num_inference_steps": num_inference_steps,
+                "guidance_scale": guidance_scale, "height": height, "width": width, "dtype": dtype}
+    if max_sequence_length is not None:
+        settings["max_sequence_length"] = max_sequence_length
+    settings["edits"] = [edit.to_dict() for edit in edits]
     return settings
 
 
-def edits_for(settings: dict) -> tuple:
-    """The edits settings ask for: head guidance and/or CLEAR local attention (none: the stock model)."""
+def item_settings(base: dict, item: Item) -> dict:
+    """The stored settings of one item: the run's options, then the item's own overrides.
+
+    `base` holds the keys of SETTING_TYPES plus model and dtype (see `cli.generate.run_settings`);
+    the edit options become the edits (`edits_from_options`), which check their fields here.
+    """
+    options = {**base, "seed": base["seed"] + item.index, **item.overrides}
+    return stored_settings(item.prompt, model=options["model"], dtype=options["dtype"],
+                           edits=edits_from_options(options), **{k: options.get(k) for k in CALL_SETTINGS})
+
+
+def edits_from_options(options: dict) -> tuple:
+    """The edits the options ask for: head guidance and/or CLEAR local attention (none: the stock model)."""
     edits = []
-    if settings.get("heads"):
+    heads = options.get("heads")
+    if isinstance(heads, str):
+        heads = parse_heads(heads)
+    if heads:
         edits.append(HeadGuidance(
-            heads=settings["heads"], scale=settings["pag_scale"], u=settings["u"], target=settings["target"],
-            scope=settings["scope"], start=settings["start"], end=settings["end"],
+            heads=heads, scale=options.get("pag_scale", 3.0), u=options.get("u", 1.0),
+            target=options.get("target", "identity"), scope=options.get("scope", "joint"),
+            start=options.get("start", 0.0), end=options.get("end", 1.0),
         ))
-    radius, downsample, weights = (settings.get(k) for k in ("local_radius", "local_downsample", "local_weights"))
+    radius, downsample, weights = (options.get(k) for k in ("local_radius", "local_downsample", "local_weights"))
     if radius is not None:
         edits.append(LocalAttention(radius, downsample=downsample, weights=weights))
     elif downsample is not None or weights is not None:
@@ -193,12 +231,57 @@ def edits_for(settings: dict) -> tuple:
     return tuple(edits)
 
 
-def pipeline_kwargs(settings: dict) -> dict:
-    """The pipeline-call keyword arguments of settings (None values: the pipeline's default)."""
-    from ..loading import call_options
+def edits_for(settings: dict) -> tuple:
+    """The edits of stored settings (their "edits" list rebuilt with `edit_from_dict`)."""
+    return tuple(edit_from_dict(data) for data in settings.get("edits") or ())
 
-    size = (settings["height"], settings["width"]) if settings.get("height") else None
-    return {"num_inference_steps": settings["steps"], **call_options(settings["cfg"], size)}
+
+def pipeline_kwargs(settings: dict) -> dict:
+    """The pipeline-call keyword arguments of stored settings (None values: the pipeline's default)."""
+    kwargs = {"num_inference_steps": settings["num_inference_steps"]}
+    for key in ("guidance_scale", "height", "width", "max_sequence_length"):
+        if settings.get(key) is not None:
+            kwargs[key] = settings[key]
+    return kwargs
+
+
+def with_image_size(settings: dict, image) -> dict:
+    """Settings that record the size the model drew (its default where none was given)."""
+    return {**settings, "height": image.height, "width": image.width}
+
+
+def render(pipe, settings: dict, **call):
+    """The image of stored settings on `pipe`: one seeded call with their edits applied for it.
+
+    `call`: further pipeline-call arguments that do not change the image (e.g. callback_on_step_end).
+    """
+    import torch
+
+    from ..handle import apply
+    from ..loading import call_defaults
+
+    edits = edits_for(settings)
+    generator = torch.Generator(device="cpu").manual_seed(settings["seed"])
+    with apply(pipe, *edits) if edits else contextlib.nullcontext():
+        return pipe(settings["prompt"], generator=generator,
+                    **{**call_defaults(pipe), **pipeline_kwargs(settings), **call}).images[0]
+
+
+def regenerate(png_path: str | os.PathLike, pipe=None, *, device: str | None = None):
+    """The image a dit-attn PNG (from `dit-attn generate` or the app) was made from, generated again from its
+    `dit-attn` settings chunk: the edits rebuilt, the model loaded (model, dtype; on `device`) unless `pipe` is
+    given. Same model, software and device give the same pixels, for images made one per pipeline call
+    (`--batch-size` above 1 changes float rounding)."""
+    settings = read_png_settings(png_path)
+    missing = [k for k in ("prompt", "model", "seed", "num_inference_steps", "edits") if k not in settings]
+    if missing:
+        raise ValueError(f"{os.fspath(png_path)!r}: its settings lack {missing} (written by an older dit-attn?)")
+    if pipe is None:
+        from ..loading import load_pipeline
+
+        pipe = load_pipeline(settings["model"], dtype=settings.get("dtype") or "float32", device=device)
+        pipe.set_progress_bar_config(disable=True)
+    return render(pipe, settings)
 
 
 def batches(ready: list, size: int) -> list[list]:
@@ -228,7 +311,7 @@ def generate_batch(items: list[Item], base: dict, out: str, *, batch_size: int =
                    shard_index: int = 0, device: str | None = None, progress: bool = True) -> BatchReport:
     """Generate this shard's items into `out` (PNG + manifest line each), skipping finished ones.
 
-    `base`: the run's settings (see `item_settings`). Items whose own settings are bad, or
+    `base`: the run's options (see `item_settings`). Items whose own settings are bad, or
     whose call fails (e.g. out of memory at one size), are reported and the rest go on.
     """
     import torch
@@ -238,7 +321,7 @@ def generate_batch(items: list[Item], base: dict, out: str, *, batch_size: int =
     from ..loading import call_defaults, load_pipeline
 
     items = shard(items, num_shards, shard_index)
-    edits_for(item_settings(base, Item(0, "")))  # bad run settings fail before loading a model
+    run_edits = edits_for(item_settings(base, Item(0, "")))  # bad run settings fail before loading a model
     os.makedirs(out, exist_ok=True)
     tmp_prefix = f".partial-{shard_index}-of-{num_shards}-"
     for name in os.listdir(out):  # left by a killed run of this shard
@@ -252,7 +335,6 @@ def generate_batch(items: list[Item], base: dict, out: str, *, batch_size: int =
         return report
     pipe = load_pipeline(base["model"], dtype=base["dtype"], device=device)
     pipe.set_progress_bar_config(disable=True)
-    run_edits = edits_for(item_settings(base, Item(0, "")))
     if run_edits:
         apply(pipe, *run_edits).remove()  # heads or layers outside the model fail here, once
     ready = []
@@ -276,14 +358,15 @@ def generate_batch(items: list[Item], base: dict, out: str, *, batch_size: int =
                         handle = apply(pipe, *edits)
                     handle_edits = edits
                 generators = [torch.Generator(device="cpu").manual_seed(s["seed"]) for _, s, _ in group]
-                images = pipe([item.prompt for item, _, _ in group], generator=generators, **call_defaults(pipe),
-                              **pipeline_kwargs(settings)).images
+                images = pipe([item.prompt for item, _, _ in group], generator=generators,
+                              **{**call_defaults(pipe), **pipeline_kwargs(settings)}).images
             except (ValueError, TypeError, RuntimeError) as err:
                 report.failed.extend((item, f"{type(err).__name__}: {err}") for item, _, _ in group)
                 bar.update(len(group))
                 continue
             for (item, own_settings, _), image in zip(group, images):
                 name = item_file(item)
+                own_settings = with_image_size(own_settings, image)
                 write_png_atomic(image, os.path.join(out, name), own_settings, tmp_prefix)
                 manifest.append({"file": name, **own_settings})
                 report.done += 1
