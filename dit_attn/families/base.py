@@ -91,6 +91,10 @@ class Family:
         return text_length
 
     # --- training --------------------------------------------------------------------------------
+    def max_token_side(self, transformer) -> int | None:
+        """The most latent tokens along an image side the model can address (None: no limit)."""
+        return None
+
     def latent_patch(self, transformer) -> int:
         """Latent pixels per token side."""
         return int(transformer.config.patch_size)

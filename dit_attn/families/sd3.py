@@ -68,6 +68,11 @@ class SD3(Family):
             raise ValueError(f"cannot read max_sequence_length from a call with {text_length} text tokens")
         return t5_tokens
 
+    def max_token_side(self, transformer) -> int | None:
+        # the position embedding is cropped from a table of pos_embed_max_size² patches
+        size = transformer.config.get("pos_embed_max_size") if hasattr(transformer.config, "get") else None
+        return int(size) if size else None
+
     def predict(self, transformer, x_t, embeds, pooled, t, latent_hw, guidance=1.0):
         device, dtype = transformer.device, transformer.dtype
         return transformer(hidden_states=x_t.to(device, dtype), encoder_hidden_states=embeds.to(device, dtype),
