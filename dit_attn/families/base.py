@@ -45,6 +45,9 @@ class Family:
     guided_pipelines: tuple[str, ...] = ()  # pipelines whose calls the family knows (HeadGuidance, TextPatch)
     rows: CallRows = CallRows((), (), ())
     text_first: bool = False  # joint sequence order: [text ; image] (True) or [image ; text]
+    # the model reshapes with its *input* batch after the blocks (Wan, HunyuanVideo): extra rows are
+    # appended to the call's inputs instead of forked at a block (no prefix sharing; source rows run to the end)
+    widen_at_call: bool = False
     rotary: bool = False  # positions are rotary embeddings from a `pos_embed` with a `theta` base
     packs_latents: bool = False  # the transformer takes 2×2-packed latent tokens (B, S, 4C), not (B, C, H, W)
 
@@ -81,6 +84,11 @@ class Family:
     def conditional_rows(self, pipe, batch: int, call: dict, context: str | None) -> "torch.Tensor | None":
         """Indices of the conditional rows of this call, or None when the call is not one to edit."""
         raise NotImplementedError
+
+    def prediction(self, sample: "torch.Tensor") -> "torch.Tensor":
+        """The pipeline's prediction from the transformer's output rows, when its pipelines transform it
+        linearly before the scheduler step (e.g. negate it); HeadGuidance's term is taken in that space."""
+        return sample
 
     def encode_prompts(self, pipe, prompts: list[str], max_sequence_length: int | None) -> tuple["torch.Tensor", "torch.Tensor"]:
         """(text states (N, S, D), pooled embeddings (N, P)) from the pipeline's own `encode_prompt`."""

@@ -39,6 +39,7 @@ class GuidanceController:
         self.pipe = pipe
         self.edit = edit
         self.fork_layer = first_layer if edit.share_prefix else 0
+        self.family = family
         self.selector = CallSelector(pipe, family, "HeadGuidance")
         self.pending: PendingGuidance | None = None
         self.wraps: list = []
@@ -58,8 +59,10 @@ class GuidanceController:
 
     def finish_call(self, output, plan: RowPlan, cond: torch.Tensor):
         sample = output[0]
-        eps_perturbed = sample[plan.final.perturbed.to(sample.device)]
-        eps_cond = sample.index_select(0, cond.to(sample.device))
+        final = plan.final  # the perturbed copies of the conditional rows (not of TextPatch's source rows)
+        copies = final.perturbed & (final.from_call < plan.stock_rows)
+        eps_perturbed = self.family.prediction(sample[copies.to(sample.device)])
+        eps_cond = self.family.prediction(sample.index_select(0, cond.to(sample.device)))
         self.pending = PendingGuidance(eps_cond, eps_perturbed, denoising_step(self.pipe)[0], self.pipe.scheduler.timesteps)
         return stock_output(output, plan.stock_rows)
 

@@ -40,6 +40,15 @@ class _Hook(ModelHook):
                         "to each copy")
 
 
+def take_rows(value, index: torch.Tensor):
+    """Rows `index` of a per-row input: a tensor (dim 0) or a list with one entry per row; other values unchanged."""
+    if isinstance(value, torch.Tensor) and value.ndim > 0:
+        return value.index_select(0, index.to(value.device))
+    if isinstance(value, (list, tuple)):
+        return type(value)(value[i] for i in index.tolist())
+    return value
+
+
 def stock_output(output, rows: int):
     """The transformer output with only its first `rows` rows (the pipeline's own)."""
     sample = output[0]
@@ -96,15 +105,19 @@ class CallHook(_Hook):
         patch = self.text.sources_for_call(batch, call, context) if self.text is not None else None
         if cond is None and patch is None:
             return forward(**call)
+        at_call = self.family.widen_at_call
         plan = plan_rows(
             batch,
             sources=patch.sources if patch is not None else None,
-            patch_end=patch.patch_end if patch is not None else None,
+            patch_end=patch.patch_end if patch is not None and not at_call else None,
             cond=cond,
-            fork_layer=self.guidance.fork_layer if cond is not None else None,
+            fork_layer=(0 if at_call else self.guidance.fork_layer) if cond is not None else None,
         )
         if patch is not None:
             call = patch.extend(call)
+        if at_call and not plan.stages[0].keeps_rows:
+            call = {name: take_rows(value, plan.stages[0].select) if name in self.family.rows.call_args else value
+                    for name, value in call.items()}
         current.rows = plan
         try:
             output = forward(**call)
@@ -134,12 +147,6 @@ class RowFork(_Hook):
         self.layer = layer
         self.names = list(inspect.signature(type(module).forward).parameters)[1:]  # without self
 
-    @staticmethod
-    def _select(value, index: torch.Tensor):
-        if isinstance(value, torch.Tensor) and value.ndim > 0:
-            return value.index_select(0, index.to(value.device))
-        return value
-
     def pre_forward(self, module, *args, **kwargs):
         if not self.active:
             return args, kwargs
@@ -153,10 +160,10 @@ class RowFork(_Hook):
         values = {**dict(zip(self.names, args)), **kwargs}
         for name in self.stream_args:
             if new_rows and name in values:
-                values[name] = self._select(values[name], stage.select)
+                values[name] = take_rows(values[name], stage.select)
         for name in self.call_args:
             if name in values and not stage.is_call_rows:
-                values[name] = self._select(values[name], stage.from_call)
+                values[name] = take_rows(values[name], stage.from_call)
         positional = tuple(values.pop(name) for name in self.names[: len(args)])
         return positional, values
 
@@ -191,7 +198,7 @@ def _unregister(module: torch.nn.Module, name: str) -> None:
 
 def install_hooks(transformer, family: Family, state: EditState, guidance=None, text=None) -> None:
     _register(transformer, CallHook(family, state, guidance, text), CALL_HOOK)
-    if guidance is not None or text is not None:
+    if (guidance is not None or text is not None) and not family.widen_at_call:
         for module, layer in family.fork_points(transformer):
             _register(module, RowFork(family, state, layer, module), FORK_HOOK)
     HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
