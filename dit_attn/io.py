@@ -6,6 +6,7 @@ Sizes are (height, width) everywhere inside dit-attn; the text form is `N` or `W
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import tempfile
 from typing import Callable
 
 PNG_SETTINGS_KEY = "dit-attn"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last chunk of every PNG (empty, fixed checksum)
 
 
 def _read_umask() -> int:
@@ -33,10 +35,28 @@ def file_mode() -> int:
     return 0o666 & ~_read_umask()
 
 
+def fsync_directory(directory: str | os.PathLike) -> None:
+    """Flush a directory's entries (a rename into it) to disk; a no-op where directories cannot be synced."""
+    if os.name == "nt":  # Windows: no directory handles to sync
+        return
+    fd = os.open(os.fspath(directory), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):  # file systems that cannot sync a directory
+            raise
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: str | os.PathLike, write: Callable, tmp_prefix: str = ".partial-") -> None:
-    """Call write(binary file) on a temporary file beside `path`, flush it to disk, then rename it into
-    place: a reader sees the old file or the whole new one, never a part. The file gets the umask's mode."""
+    """Call write(binary file) on a temporary file beside `path`, flush it to disk, rename it into place and
+    flush the directory: a reader sees the old file or the whole new one, never a part, and once this returns
+    the new file survives a crash (so a record written after it never names a file that is not there).
+    The file gets the umask's mode. A folder at `path` is refused before anything is written."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "a folder is there, give a file name", path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=tmp_prefix, suffix=".tmp", dir=directory)
@@ -47,6 +67,7 @@ def write_atomic(path: str | os.PathLike, write: Callable, tmp_prefix: str = ".p
             os.fsync(f.fileno())
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
+        fsync_directory(directory)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -93,6 +114,40 @@ def read_png_settings(path: str | os.PathLike) -> dict:
     if text is None:
         raise ValueError(f"{os.fspath(path)!r} has no {PNG_SETTINGS_KEY!r} settings chunk (not written by dit-attn)")
     return json.loads(text)
+
+
+def verified_png_settings(path: str | os.PathLike) -> dict:
+    """The `dit-attn` settings of a PNG that is whole: ValueError if the file is missing, empty, truncated or
+    damaged (every chunk's checksum is checked through IEND, without decoding the pixels) or has no
+    settings chunk. Used by batch resume to trust a file only when it is the image its record names."""
+    from PIL import Image
+
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(size - len(PNG_END), 0))
+            whole = f.read() == PNG_END
+        if not whole:
+            raise ValueError(f"{path!r} is not a whole PNG: it does not end with the IEND chunk")
+        with Image.open(path) as image:
+            if image.format != "PNG":
+                raise ValueError(f"{path!r} is a {image.format} file, not a PNG")
+            text = image.info.get(PNG_SETTINGS_KEY)  # written before the image data by write_png_atomic
+            image.verify()
+    except ValueError:
+        raise
+    except Exception as err:  # missing, empty, truncated, bad checksum (PIL raises OSError, SyntaxError, struct.error)
+        raise ValueError(f"{path!r} is not a whole PNG: {err}") from None
+    if not isinstance(text, str):
+        raise ValueError(f"{path!r} has no {PNG_SETTINGS_KEY!r} settings chunk (not written by dit-attn)")
+    try:
+        settings = json.loads(text)
+    except ValueError:
+        raise ValueError(f"{path!r}: its {PNG_SETTINGS_KEY!r} chunk is not JSON") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path!r}: its {PNG_SETTINGS_KEY!r} chunk is not a settings object")
+    return settings
 
 
 class SizeError(ValueError):

@@ -98,3 +98,62 @@ def check_image_size(pipe, height: int | None, width: int | None) -> None:
             raise ValueError(f"{name} must be a multiple of {multiple} px on this model (whole tokens), got {side}")
         if largest is not None and side > largest:
             raise ValueError(f"{name} {side} px is more than this model's largest side, {largest} px")
+
+
+def default_size(pipe) -> tuple[int | None, int | None]:
+    """The (height, width) a pipeline draws when none is given (None, None where it does not say)."""
+    sample = getattr(pipe, "default_sample_size", None)
+    if not isinstance(sample, int) or isinstance(sample, bool):
+        return None, None
+    side = sample * int(getattr(pipe, "vae_scale_factor", 8))
+    return side, side
+
+
+def check_call(pipe=None, *, height=None, width=None, num_inference_steps=None, guidance_scale=None) -> None:
+    """One generation's settings, before it allocates: steps and guidance scale (None: not given, the
+    pipeline's default), and the image size against the model (with `pipe`) and the machine. A side left
+    None counts at the pipeline's default size for the pixel budget."""
+    if num_inference_steps is not None:
+        check_steps(num_inference_steps)
+    if guidance_scale is not None:
+        number("guidance_scale", guidance_scale)
+    if pipe is None:
+        check_pixels(height, width)
+        return
+    check_image_size(pipe, height, width)
+    default_height, default_width = default_size(pipe)
+    check_pixels(height if height is not None else default_height, width if width is not None else default_width)
+
+
+def check_device(device) -> None:
+    """Refuse, before a model loads, a device this machine does not have (None: where the pipeline loads).
+    The message says why: no such device name, a torch build without CUDA, no visible GPU, an index too high."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"device {device!r} is not a device name: e.g. cpu, cuda, cuda:1, mps") from None
+    kind = parsed.type
+    if kind == "cpu" or kind == "meta":
+        return
+    if kind == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise ValueError(f"device {device!r}: this torch build ({torch.__version__}) has no CUDA support; "
+                             "install a CUDA build of torch or use --device cpu")
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA device is visible on this machine (torch.cuda.is_available() "
+                             "is False); check the driver and CUDA_VISIBLE_DEVICES, or use --device cpu")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+        return
+    if kind == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {device!r}: MPS (Apple GPU) is not available in this torch build or on this machine")
+        return
+    available = getattr(getattr(torch, kind, None), "is_available", None)
+    if callable(available) and not available():
+        raise ValueError(f"device {device!r}: no {kind} device is available on this machine")

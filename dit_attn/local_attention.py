@@ -2,6 +2,7 @@
 on the attention modules (down-sampled variant) and trained weights, both undone on remove."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -75,18 +76,119 @@ def install_local(transformer: torch.nn.Module, edit: LocalAttention, setting: L
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 
 
+def _lora_rank(metadata: dict, path: str) -> int:
+    text = metadata.get("lora_rank")
+    try:
+        rank = float(text)
+    except (TypeError, ValueError):
+        rank = float("nan")
+    if not rank >= 1 or not rank.is_integer():
+        raise ValueError(f"{path!r}: lora_rank metadata must be a whole number >= 1, got {text!r}")
+    return int(rank)
+
+
+def check_lora_pairs(shapes: dict[str, tuple[int, ...]], path: str, rank: int | None = None) -> list[str]:
+    """The module names of the LoRA pairs in a file's tensor shapes (peft names: M.lora_A.weight of shape
+    (r, in), M.lora_B.weight of shape (out, r)): ValueError naming the tensor if a pair is incomplete, a rank
+    is 0, or the two disagree on it (or with `rank`, the file's metadata)."""
+    modules = sorted({n[: -len(suffix)] for n in shapes for suffix in (LORA_A, LORA_B) if n.endswith(suffix)})
+    for module in modules:
+        down, up = shapes.get(module + LORA_A), shapes.get(module + LORA_B)
+        if down is None or up is None:
+            raise ValueError(f"{path!r}: the LoRA of {module!r} is incomplete (it needs {LORA_A[1:]} and {LORA_B[1:]})")
+        if len(down) != 2 or len(up) != 2:
+            raise ValueError(f"{path!r}: the LoRA of {module!r} has shapes {down} and {up}; both must be matrices")
+        if down[0] < 1 or up[1] < 1:
+            raise ValueError(f"{path!r}: the LoRA of {module!r} has rank 0 ({module}{LORA_A} {down}, {LORA_B[1:]} {up})")
+        if down[0] != up[1]:
+            raise ValueError(f"{path!r}: the LoRA of {module!r} has mismatched shapes: {LORA_A[1:]} {down} is rank "
+                             f"{down[0]}, {LORA_B[1:]} {up} rank {up[1]}")
+        if rank is not None and down[0] != rank:
+            raise ValueError(f"{path!r}: the LoRA of {module!r} is rank {down[0]}, its lora_rank metadata says {rank}")
+    return modules
+
+
+def check_lora_against(modules: list[str], shapes: dict[str, tuple[int, ...]], params: dict, path: str,
+                       prefix: str = "") -> None:
+    """Each LoRA pair against the model's weight of its module: (out, in) must be (B rows, A columns)."""
+    for module in modules:
+        name = module.removeprefix(prefix)
+        weight = params.get(name + ".weight")
+        if weight is None:
+            raise ValueError(f"{path!r}: the LoRA of {module!r} names no module of this model")
+        down, up = shapes[module + LORA_A], shapes[module + LORA_B]
+        if (up[0], down[1]) != tuple(weight.shape):
+            raise ValueError(f"{path!r}: the LoRA of {module!r} makes a {up[0]}x{down[1]} update, the model's weight "
+                             f"is {tuple(weight.shape)} (a LoRA for another model?)")
+
+
+def file_shapes(path: str) -> tuple[dict[str, tuple[int, ...]], dict]:
+    """(tensor shapes, metadata) of a safetensors file, from its header only; ValueError if it is not one."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+            metadata = handle.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for a file that is not one
+        raise ValueError(f"{path!r} is not a readable safetensors file: {err}") from None
+    return shapes, metadata
+
+
+def check_weights_file(path: str, what: str = "weights") -> None:
+    """A LocalAttention weights file (from `dit-attn distill-clear`), checked without a model: a safetensors
+    file whose LoRA pairs, if any, are complete, of rank >= 1 and of the rank its metadata says."""
+    shapes, metadata = file_shapes(os.fspath(path))
+    if not shapes:
+        raise ValueError(f"{what} {os.fspath(path)!r} holds no tensors")
+    if any(n.endswith(LORA_A) or n.endswith(LORA_B) for n in shapes):
+        check_lora_pairs(shapes, os.fspath(path), _lora_rank(metadata, os.fspath(path)))
+
+
+def lora_weights_file(path: str) -> str | None:
+    """The safetensors file of a diffusers LoRA given as a file or a folder (None: neither exists here, e.g. a hub id)."""
+    if os.path.isdir(path):
+        found = [n for n in sorted(os.listdir(path)) if n.endswith(".safetensors")]
+        preferred = "pytorch_lora_weights.safetensors"
+        return os.path.join(path, preferred if preferred in found else found[0]) if found else None
+    return path if os.path.isfile(path) else None
+
+
+def check_lora_file(path: str, transformer: torch.nn.Module | None = None) -> None:
+    """A diffusers LoRA (`pipe.load_lora_weights`), checked before it is loaded: its pairs are complete and
+    of rank >= 1 and, with `transformer`, fit that model's weights (diffusers prefixes them 'transformer.')."""
+    file = lora_weights_file(path)
+    if file is None:
+        if os.path.isdir(path):
+            raise ValueError(f"{path!r} holds no .safetensors LoRA file")
+        return  # not here: a hub id, for diffusers to resolve
+    shapes, _ = file_shapes(file)
+    modules = check_lora_pairs(shapes, file)
+    if not modules:
+        raise ValueError(f"{file!r} holds no LoRA tensors (names ending {LORA_A} / {LORA_B})")
+    if transformer is not None:
+        ours = [m for m in modules if m.startswith("transformer.")] or modules
+        check_lora_against(ours, shapes, dict(transformer.named_parameters()), file,
+                           "transformer." if ours[0].startswith("transformer.") else "")
+
+
 def merge_lora(tensors: dict[str, torch.Tensor], metadata: dict, params: dict, path: str) -> dict[str, torch.Tensor]:
     """LoRA pairs (peft names) → the full weights W + (alpha / rank)·B·A; other tensors unchanged."""
     pairs = sorted(n[: -len(LORA_A)] for n in tensors if n.endswith(LORA_A))
-    if not pairs:
+    if not pairs and not any(n.endswith(LORA_B) for n in tensors):
         return tensors
     if "lora_alpha" not in metadata or "lora_rank" not in metadata:
         raise ValueError(f"{path!r} holds LoRA tensors but no lora_alpha/lora_rank metadata")
-    scale = float(metadata["lora_alpha"]) / float(metadata["lora_rank"])
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    pairs = check_lora_pairs(shapes, path, _lora_rank(metadata, path))
+    check_lora_against(pairs, shapes, params, path)
+    try:
+        alpha = float(metadata["lora_alpha"])
+    except ValueError:
+        alpha = float("nan")
+    if not math.isfinite(alpha):
+        raise ValueError(f"{path!r}: lora_alpha metadata must be a finite number, got {metadata['lora_alpha']!r}")
+    scale = alpha / _lora_rank(metadata, path)
     merged = {n: t for n, t in tensors.items() if not (n.endswith(LORA_A) or n.endswith(LORA_B))}
     for module in pairs:
-        if module + LORA_B not in tensors or module + ".weight" not in params:
-            raise ValueError(f"{path!r}: LoRA for {module!r} is incomplete or names no module of this model")
         down, up = tensors[module + LORA_A].float(), tensors[module + LORA_B].float()
         base = params[module + ".weight"].detach()
         merged[module + ".weight"] = (base.float() + scale * (up @ down)).to(base.dtype)

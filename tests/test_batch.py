@@ -170,3 +170,152 @@ def test_accelerate_launch_splits_work(tmp_path):
     assert manifests == ["manifest-000-of-002.jsonl", "manifest-001-of-002.jsonl"]
     files = [json.loads(line)["file"] for m in manifests for line in (out / m).read_text().splitlines()]
     assert len(files) == len(set(files)) == 5
+
+
+def pngs(out) -> list[str]:
+    return sorted(f for f in os.listdir(out) if f.endswith(".png"))
+
+
+def png_settings(path) -> dict:
+    from dit_attn.io import read_png_settings
+
+    return read_png_settings(path)
+
+
+def test_rerun_with_other_settings_regenerates_or_refuses(tmp_path, capsys):
+    out = tmp_path / "out"
+    run = ["generate", "a red circle", "a blue square", *FAST, "--out", str(out)]
+    assert main(run) == 0
+    first = {name: (out / name).read_bytes() for name in pngs(out)}
+    capsys.readouterr()
+    assert main([*run, "--seed", "5"]) == 0  # another seed: every image made again, not "already finished"
+    captured = capsys.readouterr()
+    assert "2 done (2 of them redone), 0 already finished (skipped), 0 failed" in captured.out
+    assert "redone #0 'a red circle': made with other settings (seed: 0 recorded, 5 asked)" in captured.err
+    assert [png_settings(out / name)["seed"] for name in pngs(out)] == [5, 6]
+    assert all((out / name).read_bytes() != data for name, data in first.items())
+    assert main([*run, "--seed", "5"]) == 0
+    assert "0 done, 2 already finished (skipped)" in capsys.readouterr().out
+    before = {name: (out / name).read_bytes() for name in pngs(out)}
+    lines = (out / "manifest.jsonl").read_text()
+    assert main([*run, "--seed", "5", "--heads", "L1", "--no-overwrite"]) == 2  # refused, naming the item and the setting
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not overwriting item #0 'a red circle'" in err and "edits: [] recorded" in err
+    assert "1 more items differ too" in err and "--no-overwrite" in err
+    assert {name: (out / name).read_bytes() for name in pngs(out)} == before and (out / "manifest.jsonl").read_text() == lines
+    assert main([*run, "--seed", "5", "--heads", "L1"]) == 0
+    assert "2 done (2 of them redone)" in capsys.readouterr().out
+    assert [png_settings(out / name)["edits"][0]["heads"] for name in pngs(out)] == [["L1"], ["L1"]]
+    files = [json.loads(line)["file"] for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(files) == 6 and set(files) == set(pngs(out))  # a redone item adds a line; its PNG tells the current one
+
+
+def test_deleted_empty_or_truncated_pngs_are_regenerated(tmp_path, capsys):
+    out = tmp_path / "out"
+    run = ["generate", "a", "b", "c", "d", *FAST, "--out", str(out), "--no-overwrite"]
+    assert main(run) == 0
+    names = pngs(out)
+    good = (out / names[3]).read_bytes()
+    (out / names[0]).unlink()
+    (out / names[1]).write_bytes(b"")
+    (out / names[2]).write_bytes((out / names[2]).read_bytes()[:-20])
+    capsys.readouterr()
+    assert main(run) == 0  # not images: redone even with --no-overwrite
+    captured = capsys.readouterr()
+    assert "3 done (3 of them redone), 1 already finished (skipped), 0 failed" in captured.out
+    assert "its PNG is missing" in captured.err and "not a whole dit-attn PNG" in captured.err
+    assert pngs(out) == names and (out / names[3]).read_bytes() == good
+    from dit_attn.io import verified_png_settings
+
+    assert [verified_png_settings(out / name)["prompt"] for name in names] == ["a", "b", "c", "d"]
+
+
+def test_a_png_replaced_by_another_image_is_regenerated(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["generate", "a", "b", *FAST, "--out", str(out)]) == 0
+    names = pngs(out)
+    (out / names[0]).write_bytes((out / names[1]).read_bytes())  # a whole PNG, but not the one the line records
+    capsys.readouterr()
+    assert main(["generate", "a", "b", *FAST, "--out", str(out), "--no-overwrite"]) == 2
+    assert "its PNG, which no manifest line records, was made with other settings (prompt: " in capsys.readouterr().err
+    assert main(["generate", "a", "b", *FAST, "--out", str(out)]) == 0
+    assert png_settings(out / names[0])["prompt"] == "a"
+
+
+def test_the_models_default_size_is_matched_only_by_asking_for_none_or_that_size(tmp_path, capsys):
+    out = tmp_path / "out"
+    plain = ["generate", "a", "--steps", "1", "--out", str(out)]
+    assert main(plain) == 0  # the tiny model's default: 64x64
+    record = json.loads((out / "manifest.jsonl").read_text())
+    assert (record["height"], record["width"], record["model_defaults"]) == (64, 64, ["height", "width"])
+    assert "model_defaults" not in png_settings(out / record["file"])  # a key of the manifest line only
+    capsys.readouterr()
+    assert main([*plain, "--size", "64"]) == 0  # asks for the size that was drawn: finished
+    assert "0 done, 1 already finished" in capsys.readouterr().out
+    assert main([*plain, "--size", "32"]) == 0
+    assert "1 done (1 of them redone)" in capsys.readouterr().out
+    assert main(plain) == 0  # 32 was asked for then; the default (64) now
+    captured = capsys.readouterr()
+    assert "1 done (1 of them redone)" in captured.out and "height: 32 recorded (given then), the model's default asked" in captured.err
+    assert main(plain) == 0
+    assert "0 done, 1 already finished" in capsys.readouterr().out
+
+
+def test_image_then_line_order(tmp_path, monkeypatch):
+    import dit_attn.workflows.batch as batch
+
+    events = []
+    real_write, real_append = batch.write_png_atomic, batch.Manifest.append
+
+    def write(image, path, settings=None, tmp_prefix=".partial-"):
+        real_write(image, path, settings, tmp_prefix)
+        events.append(("png", os.path.basename(path)))
+
+    def append(self, record):
+        assert os.path.exists(os.path.join(self.directory, record["file"]))  # on disk before its line
+        events.append(("line", record["file"]))
+        real_append(self, record)
+
+    monkeypatch.setattr(batch, "write_png_atomic", write)
+    monkeypatch.setattr(batch.Manifest, "append", append)
+    assert main(["generate", "a", "b", *FAST, "--out", str(tmp_path / "o")]) == 0
+    assert [kind for kind, _ in events] == ["png", "line", "png", "line"]
+    assert events[0][1] == events[1][1] and events[2][1] == events[3][1]
+
+
+def test_a_second_process_on_the_same_shard_stops_at_once(tmp_path):
+    import time
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"a red circle number {i}" for i in range(10)))
+    out = tmp_path / "out"
+    args = ["--prompts", str(prompts), *FAST, "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(tmp_path / "first.err", "w") as err:
+        first = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, "1", *args], env=env, stdout=subprocess.PIPE,
+                                 stderr=err, text=True)  # writes one image, then holds the shard (and its lock)
+        try:
+            ready, _, _ = select.select([first.stdout], [], [], 300)
+            line = first.stdout.readline() if ready else ""
+            assert line.split() == [KILL_POINT, "1"], (tmp_path / "first.err").read_text()[-2000:]
+            began = time.monotonic()
+            second = subprocess.run([sys.executable, "-m", "dit_attn.cli", "generate", *args], env=env,
+                                    capture_output=True, text=True, timeout=120)
+            seconds = time.monotonic() - began
+            other_shard = subprocess.run([sys.executable, "-m", "dit_attn.cli", "generate", *args, "--num-shards", "2",
+                                          "--shard-index", "1", "--steps", "1"], env=env, capture_output=True, text=True,
+                                         timeout=300)
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+    assert second.returncode == 1, second.stderr
+    lock = out / ".manifest.jsonl.lock"
+    assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
+    assert f"process {first.pid} is already generating into" in second.stderr and repr(str(lock)) in second.stderr
+    assert "Loading pipeline" not in second.stderr and seconds < 60  # before any model loads
+    assert len((out / "manifest.jsonl").read_text().splitlines()) == 1  # only the first one's image
+    assert other_shard.returncode == 0, other_shard.stderr  # another shard has its own lock
+    result = subprocess.run([sys.executable, "-m", "dit_attn.cli", "generate", *args], env=env, capture_output=True,
+                            text=True, timeout=300)  # the killed holder's lock is gone with it
+    assert result.returncode == 0, result.stderr
+    assert "4 done, 6 already finished (skipped), 0 failed" in result.stdout  # 1 + the other shard's 5

@@ -106,3 +106,25 @@ def test_regenerate_from_the_png_is_bit_identical(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "plain.png")
     with pytest.raises(ValueError, match="no 'dit-attn' settings chunk"):
         regenerate(tmp_path / "plain.png", pipe)
+
+
+def test_sizes_the_model_cannot_draw_fail_once_after_it_loads(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["generate", "a", "b", "--steps", "1", "--size", "36", "--out", str(out)]) == 2  # not whole 8 px tokens
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.rstrip().splitlines()[-1] == (
+        "dit-attn generate: error: height must be a multiple of 8 px on this model (whole tokens), got 36")
+    assert not list(out.glob("*.png"))
+    assert main(["generate", "a", "--steps", "1", "--size", "1024", "--out", str(out)]) == 2  # the tiny model: 256 px
+    assert "height 1024 px is more than this model's largest side, 256 px" in capsys.readouterr().err
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "b", "size": 36}\n')
+    assert main(["generate", "--prompts", str(prompts), "--steps", "1", "--size", "32", "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "1 done" in captured.out and "failed #1 'b': height must be a multiple of 8 px" in captured.err
+
+
+def test_debug_is_a_top_level_flag_and_no_overwrite_a_generate_flag():
+    args = build_parser().parse_args(["--debug", "generate", "x", "--no-overwrite"])
+    assert args.debug and args.no_overwrite
+    assert not build_parser().parse_args(["generate", "x"]).debug

@@ -85,6 +85,56 @@ def test_generate_outputs_follow_the_umask(tmp_path, umask):
     assert mode(out) == 0o777 & ~umask
 
 
+def test_write_atomic_flushes_the_file_then_renames_then_flushes_the_folder(tmp_path, monkeypatch):
+    import dit_attn.io as dio
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(dio.os, "fsync", fsync)
+    monkeypatch.setattr(dio.os, "replace", replace)
+    write_png_atomic(Image.new("RGB", (4, 4)), tmp_path / "a.png", {"seed": 1})
+    assert events == ["fsync file", "rename", "fsync folder"]
+
+
+def test_write_atomic_refuses_a_folder_before_writing(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(IsADirectoryError, match="a folder is there, give a file name"):
+        save_safetensors_atomic({"w": torch.ones(2)}, tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["out"] and not os.listdir(tmp_path / "out")  # no temporary file left
+
+
+def test_verified_png_settings_trusts_only_whole_pngs(tmp_path):
+    from dit_attn.io import verified_png_settings
+
+    path = tmp_path / "a.png"
+    write_png_atomic(Image.new("RGB", (16, 16), "red"), path, {"seed": 1})
+    assert verified_png_settings(path) == {"seed": 1}
+    data = path.read_bytes()
+    for label, damaged in (("empty", b""), ("header only", data[:8]), ("truncated", data[:-20]), ("last byte", data[:-1])):
+        (tmp_path / "bad.png").write_bytes(damaged)
+        with pytest.raises(ValueError, match="is not a whole PNG"):
+            verified_png_settings(tmp_path / "bad.png")
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF  # inside the image data: its checksum fails
+    (tmp_path / "bad.png").write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="is not a whole PNG"):
+        verified_png_settings(tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="is not a whole PNG"):
+        verified_png_settings(tmp_path / "missing.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "plain.png")
+    with pytest.raises(ValueError, match="no 'dit-attn' settings chunk"):
+        verified_png_settings(tmp_path / "plain.png")
+
+
 # ---------------------------------------------------------------------------- parsers
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 import sys
 
-from .common import TINY, add_model_options, size_argument, warn_skipped
+from .common import (TINY, add_model_options, check_call_flags, check_input_file, check_out_dir, check_prompt,
+                     finite_float, size_argument, warn_skipped)
 
 GUIDANCE_TARGETS = ("identity", "uniform")
 GUIDANCE_SCOPES = ("joint", "image")
@@ -16,10 +17,12 @@ def load_items(args) -> list:
     if args.prompts_file is None:
         if not args.prompts:
             raise ValueError("give one or more prompts, or --prompts FILE")
-        return [Item(i, p) for i, p in enumerate(args.prompts)]
+        for i, prompt in enumerate(args.prompts):
+            check_prompt(f"prompt {i + 1}" if len(args.prompts) > 1 else "the prompt", prompt)
+        return [Item(i, p.strip()) for i, p in enumerate(args.prompts)]
     if args.prompts:
         raise ValueError("give prompts either as arguments or with --prompts FILE, not both")
-    items, bad = read_prompts(args.prompts_file)
+    items, bad = read_prompts(check_input_file("--prompts", args.prompts_file))
     warn_skipped(args.prompts_file, bad)
     return items
 
@@ -38,23 +41,50 @@ def run_settings(args) -> dict:
     }
 
 
+def check_generate(args) -> None:
+    """The flags of `generate` against the limits, before the prompts are read or a model loads."""
+    from ..limits import check_seed, whole_number
+
+    check_call_flags(args)  # the guidance and local options are finite (finite_float); their edits check the rest
+    check_seed(args.seed, "--seed")
+    whole_number("--batch-size", args.batch_size, 1)
+    if args.local_weights is not None:
+        from ..local_attention import check_weights_file
+
+        check_weights_file(check_input_file("--local-weights", args.local_weights), "--local-weights")
+    check_out_dir("--out", args.out)
+
+
+def report_lines(report, limit: int = 10) -> None:
+    for item, reason in report.redone[:limit]:
+        print(f"  redone #{item.index} {item.prompt!r}: {reason}", file=sys.stderr)
+    if len(report.redone) > limit:
+        print(f"  ... and {len(report.redone) - limit} more redone", file=sys.stderr)
+    for item, reason in report.failed:
+        print(f"  failed #{item.index} {item.prompt!r}: {reason}", file=sys.stderr)
+
+
 def cmd_generate(args) -> int:
+    from ..limits import check_device
     from ..workflows.batch import generate_batch, shard_from_launcher
 
+    check_generate(args)
     num_shards, shard_index = shard_from_launcher(args.num_shards, args.shard_index)
     device = args.device
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per launched process
+        check_device(device)
     report = None
     try:
         report = generate_batch(load_items(args), run_settings(args), args.out, batch_size=args.batch_size,
-                                num_shards=num_shards, shard_index=shard_index, device=device)
+                                num_shards=num_shards, shard_index=shard_index, device=device,
+                                overwrite=not args.no_overwrite)
     finally:
         if report is not None:
-            print(f"dit-attn generate: {report.done} done, {report.skipped} already finished (skipped), "
+            redone = f" ({len(report.redone)} of them redone)" if report.redone else ""
+            print(f"dit-attn generate: {report.done} done{redone}, {report.skipped} already finished (skipped), "
                   f"{len(report.failed)} failed -> {args.out}")
-            for item, reason in report.failed:
-                print(f"  failed #{item.index} {item.prompt!r}: {reason}", file=sys.stderr)
+            report_lines(report)
     return 1 if report.failed else 0
 
 
@@ -73,10 +103,10 @@ def cmd_heads(args) -> int:
 
 def add_guidance_options(parser) -> None:
     """HeadGuidance's settings as options (see `da.HeadGuidance`)."""
-    parser.add_argument("--pag-scale", type=float, default=3.0,
+    parser.add_argument("--pag-scale", type=finite_float, default=3.0,
                         help="perturbation guidance scale s: HeadGuidance's scale (stored as \"scale\" in the HeadGuidance "
                              "edit of the PNG/manifest settings)")
-    parser.add_argument("--u", type=float, default=1.0, help="SoftPAG strength in [0, 1]")
+    parser.add_argument("--u", type=finite_float, default=1.0, help="SoftPAG strength in [0, 1]")
     parser.add_argument("--target", default="identity", choices=GUIDANCE_TARGETS)
     parser.add_argument("--scope", default="joint", choices=GUIDANCE_SCOPES)
 
@@ -91,7 +121,7 @@ def add_commands(sub) -> None:
     gen.add_argument("--shard-index", type=int, default=0, help="which shard this process generates (0-based)")
     gen.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int, default=20,
                      help="denoising steps (--steps: the older name)")
-    gen.add_argument("--guidance-scale", "--cfg", dest="guidance_scale", type=float, default=None,
+    gen.add_argument("--guidance-scale", "--cfg", dest="guidance_scale", type=finite_float, default=None,
                      help="classifier-free guidance scale (pipeline default if omitted; --cfg: the older name)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed + i")
     gen.add_argument("--size", type=size_argument, default=None,
@@ -99,9 +129,9 @@ def add_commands(sub) -> None:
     gen.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: the model's call defaults)")
     gen.add_argument("--heads", default=None, help="heads to guide away from, e.g. 'L1H10,L11H15' or 'L2' or 'sd3:dark'")
     add_guidance_options(gen)
-    gen.add_argument("--start", type=float, default=0.0, help="first guided fraction of the steps")
-    gen.add_argument("--end", type=float, default=1.0, help="guidance stops at this fraction of the steps")
-    gen.add_argument("--local-radius", type=float, default=None,
+    gen.add_argument("--start", type=finite_float, default=0.0, help="first guided fraction of the steps")
+    gen.add_argument("--end", type=finite_float, default=1.0, help="guidance stops at this fraction of the steps")
+    gen.add_argument("--local-radius", type=finite_float, default=None,
                      help="CLEAR local attention: image tokens attend within this radius (in tokens) + all text")
     gen.add_argument("--local-downsample", type=int, default=None, help="also attend to pooled keys (factor, e.g. 4)")
     gen.add_argument("--local-weights", default=None, help="safetensors from `dit-attn distill-clear` for this radius")
@@ -109,6 +139,9 @@ def add_commands(sub) -> None:
     gen.add_argument("--out", default="out",
                      help="output directory (PNGs + manifest.jsonl); each PNG's settings rebuild it: "
                           "dit_attn.workflows.batch.regenerate(png)")
+    gen.add_argument("--no-overwrite", action="store_true",
+                     help="stop (before loading the model) if an item's PNG or manifest line in --out was made with "
+                          "other settings, instead of generating it again; missing or damaged PNGs are still redone")
     gen.set_defaults(func=cmd_generate)
 
     heads = sub.add_parser("heads", help="print a model's layer/head map")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import TINY, add_model_options, load, size_argument
+from .common import (TINY, add_model_options, check_call_flags, check_input_file, check_out_dir, check_prompt, check_seeds,
+                     finite_float, load, size_argument)
 
 
 def parse_reference(text: str) -> tuple[int, str]:
@@ -15,9 +16,40 @@ def parse_reference(text: str) -> tuple[int, str]:
     return int(index), path
 
 
-def cmd_ic(args) -> int:
+def open_reference(index: int, path: str):
+    """A --reference image, read and size-checked before any model loads."""
     from PIL import Image
 
+    from ..limits import check_pixels
+
+    check_input_file("--reference", path)
+    try:
+        with Image.open(path) as image:
+            check_pixels(image.height, image.width)  # from the header, before its pixels are decoded
+            return image.convert("RGB")
+    except ValueError as err:
+        raise ValueError(f"--reference {index}={path}: {err}") from None
+    except Exception as err:  # PIL: UnidentifiedImageError, truncated data, decompression bombs
+        raise ValueError(f"--reference {index}={path}: not an image this machine can read ({err})") from None
+
+
+def check_ic_flags(args) -> None:
+    """The numbers, files and output folder of `ic`, before a model loads."""
+    check_call_flags(args, steps="steps", guidance="cfg")
+    check_seeds("--seed", [args.seed])
+    if args.caption is not None:
+        check_prompt("the caption", args.caption)
+    for k, panel in enumerate(args.panels):
+        check_prompt(f"--panel {k + 1}", panel)
+    if args.lora:
+        from ..local_attention import check_lora_file
+
+        if os.path.exists(args.lora):
+            check_lora_file(args.lora)
+    check_out_dir("--out", args.out)
+
+
+def cmd_ic(args) -> int:
     from ..ic.captions import caption
     from ..ic.generate import generate_set
     from ..ic.layout import Layout
@@ -27,16 +59,19 @@ def cmd_ic(args) -> int:
     layout = Layout.parse(args.layout)
     if bool(args.caption) == bool(args.panels):
         raise ValueError("give the joint caption as an argument, or one --panel caption a panel (not both)")
+    check_ic_flags(args)
     text = args.caption or caption(args.panels, layout, task_tag=args.task_tag, summary=args.summary,
                                    tags=[t.strip() for t in args.tags.split(",")] if args.tags else None)
-    references = {}
-    for index, path in args.references:
-        if not os.path.isfile(path):
-            raise ValueError(f"reference image not found: {path}")
-        references[index] = Image.open(path).convert("RGB")
+    references = {index: open_reference(index, path) for index, path in args.references}
     pipe = load(args)
     if args.lora:
-        pipe.load_lora_weights(args.lora)
+        from ..local_attention import check_lora_file
+
+        check_lora_file(args.lora, pipe.transformer)  # shapes against this model, before diffusers loads it
+        try:
+            pipe.load_lora_weights(args.lora)
+        except (ValueError, TypeError, KeyError, RuntimeError, OSError) as err:
+            raise ValueError(f"--lora {args.lora!r}: cannot load it into {args.model!r}: {err}") from None
     options = call_options(args.cfg, None, args.max_sequence_length)
     result = generate_set(pipe, text, layout, size=args.size, reference=references or None, mode=args.mode,
                           seed=args.seed, decode=args.decode, num_inference_steps=args.steps, **options)
@@ -70,7 +105,7 @@ def add_commands(sub) -> None:
     ic.add_argument("--lora", default=None, help="a LoRA to load (e.g. from dit-attn train-lora --mode ic)")
     add_model_options(ic, TINY)
     ic.add_argument("--steps", type=int, default=20)
-    ic.add_argument("--cfg", type=float, default=None, help="guidance scale (pipeline default if omitted)")
+    ic.add_argument("--cfg", type=finite_float, default=None, help="guidance scale (pipeline default if omitted)")
     ic.add_argument("--seed", type=int, default=0)
     ic.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: the model's call defaults)")
     ic.add_argument("--out", default="set", help="directory for canvas.png and panel-K.png (settings in their text chunks)")

@@ -7,7 +7,8 @@ import json
 import os
 
 from ..io import parse_layer_groups
-from .common import DEMO, add_model_options, load
+from .common import (DEMO, add_model_options, check_call_flags, check_input_file, check_out_dir, check_prompt, check_seeds,
+                     finite_float, load)
 from .search import add_call_options, call_settings
 
 SCORES = "judge (glyph probability x SSIM), ssim, easyocr:DIR or trocr:DIR (OCR F1 x SSIM, local weights)"
@@ -17,7 +18,7 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
     """Pairs from a .jsonl (objects with prompt, source_prompt), .csv (those columns) or a
     text file with one `prompt<TAB>source prompt` a line (# comments)."""
     pairs = []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # a UTF-8 byte-order mark is not part of a prompt
         if path.endswith(".jsonl"):
             for number, line in enumerate(f, 1):
                 if line.strip():
@@ -27,7 +28,10 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
                     except (json.JSONDecodeError, KeyError, TypeError) as err:
                         raise ValueError(f"{path}:{number}: expected an object with prompt and source_prompt ({err})") from None
         elif path.endswith(".csv"):
-            for row in csv.DictReader(f):
+            reader = csv.DictReader(f)
+            if not {"prompt", "source_prompt"} <= set(reader.fieldnames or ()):
+                raise ValueError(f"{path}: the CSV header needs 'prompt' and 'source_prompt' columns")
+            for row in reader:
                 pairs.append((row["prompt"], row["source_prompt"]))
         else:
             for number, line in enumerate(f, 1):
@@ -59,12 +63,33 @@ def pipeline_options(args) -> dict:
     return {**call_settings(args), **extra}
 
 
+def check_localization_flags(args) -> None:
+    """The numbers and the output folder of `localize`/`edit-text`, before a model loads."""
+    from ..limits import number, whole_number
+
+    check_call_flags(args)
+    number("--start", args.start, 0, 1)
+    if args.command == "localize":
+        check_seeds("--seeds", args.seeds)
+        whole_number("--signs", args.signs, 0)
+        check_seeds("--signs-seed", [args.signs_seed])
+    else:
+        check_seeds("--seed", [args.seed])
+        check_prompt("the prompt", args.prompt)
+        check_prompt("--text", args.text)
+    check_out_dir("--out", args.out)
+
+
 def cmd_localize(args) -> int:
     from ..localization.localize import localize, sign_pairs
 
+    check_localization_flags(args)
     pairs = [tuple(p) for p in args.pair or []]
     if args.pairs_file:
-        pairs += read_pairs(args.pairs_file)
+        pairs += read_pairs(check_input_file("--pairs", args.pairs_file))
+    for prompt, source in pairs:
+        check_prompt("a pair's prompt", prompt)
+        check_prompt("a pair's source prompt", source)
     if args.signs:
         pairs += [(p.prompt, p.source_prompt) for p in sign_pairs(args.signs, seed=args.signs_seed)]
     if not pairs:
@@ -89,6 +114,7 @@ def cmd_edit_text(args) -> int:
     from ..io import write_png_atomic
     from ..localization.editing import edit_text
 
+    check_localization_flags(args)
     layers = [g[0] for g in parse_layer_groups(args.layers.replace("+", ","))]
     pipe = load(args)
     result = edit_text(pipe, args.prompt, args.text, layers=layers, start=args.start,
@@ -108,7 +134,7 @@ def cmd_edit_text(args) -> int:
 def add_common(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser, DEMO)
     add_call_options(parser)
-    parser.add_argument("--start", type=float, default=0.0, help="patch from this fraction of the steps on")
+    parser.add_argument("--start", type=finite_float, default=0.0, help="patch from this fraction of the steps on")
     parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: the model's)")
 
 

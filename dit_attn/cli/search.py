@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 
 from ..io import parse_heads
-from .common import TINY, add_model_options, load, size_argument, warn_skipped
+from .common import (TINY, add_model_options, check_call_flags, check_input_file, check_out_file, check_seeds, finite_float,
+                     load, size_argument, warn_skipped)
 from .generate import add_guidance_options
 
 
@@ -13,10 +14,33 @@ def search_inputs(args):
     from ..guidance.objectives import get_objective
     from ..workflows.batch import read_prompts
 
+    check_search_flags(args)
     objective = get_objective(args.objective)
-    items, bad = read_prompts(args.prompts_file)
+    items, bad = read_prompts(check_input_file("--prompts", args.prompts_file))
     warn_skipped(args.prompts_file, bad)
+    if not items:
+        raise ValueError(f"--prompts {args.prompts_file!r} holds no prompts")
     return objective, [item.prompt for item in items], load(args)
+
+
+def check_search_flags(args) -> None:
+    """The numbers and the output of `hunt`/`atlas`, before a model loads (the heads are checked once it has)."""
+    from ..limits import whole_number
+
+    check_call_flags(args)
+    check_seeds("--seeds", args.seeds)
+    whole_number("--batch-size", args.batch_size, 1)
+    if args.command == "hunt":
+        whole_number("--k", args.k, 1)
+        whole_number("--rounds", args.rounds, 1)
+        check_seeds("--confirm-seeds", args.confirm_seeds or ())
+        if args.min_z is not None and args.min_z < 0:
+            raise ValueError(f"--min-z must be >= 0 (standard errors), got {args.min_z}")
+        check_out_file("--out", args.out, "hunt.json")
+        if args.checkpoint:
+            check_out_file("--checkpoint", args.checkpoint, "hunt.checkpoint")
+    else:
+        check_out_file("--out", args.out + ".json", "atlas.json")
 
 
 def call_settings(args) -> dict:
@@ -30,7 +54,7 @@ def add_call_options(parser) -> None:
     """--num-inference-steps (--steps), --guidance-scale (--cfg), --size: the pipeline call's settings."""
     parser.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int, default=20,
                         help="denoising steps (--steps: the older name)")
-    parser.add_argument("--guidance-scale", "--cfg", dest="guidance_scale", type=float, default=None,
+    parser.add_argument("--guidance-scale", "--cfg", dest="guidance_scale", type=finite_float, default=None,
                         help="classifier-free guidance scale (pipeline default if omitted; --cfg: the older name)")
     parser.add_argument("--size", type=size_argument, default=None,
                         help="N or WIDTHxHEIGHT in pixels (stored as height and width; default: the model's)")
@@ -88,7 +112,7 @@ def add_commands(sub) -> None:
     add_search_options(hunt)
     hunt.add_argument("--k", type=int, default=3, help="heads added per round")
     hunt.add_argument("--rounds", type=int, default=5)
-    hunt.add_argument("--min-z", type=float, default=None,
+    hunt.add_argument("--min-z", type=finite_float, default=None,
                       help="a head joins only if its paired gain over the current selection exceeds this many "
                            "standard errors; the hunt stops at a round where none does (default: plain top-k)")
     hunt.add_argument("--confirm-seeds", type=int, nargs="+", default=None,

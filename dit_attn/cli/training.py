@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import typing
 
 from ..io import parse_layer_groups
 from ..train.config import LORA_MODES, LORA_TARGETS, DistillConfig, LoraTrainConfig, TrainConfig
-from .common import DEMO, TINY, load, warn_skipped
+from .common import DEMO, TINY, check_input_file, check_out_dir, check_out_file, finite_float, load, warn_skipped
 
 BACKENDS = ("auto", "triton", "tiled", "flex", "reference")
 
@@ -24,6 +25,7 @@ def add_config_options(parser: argparse.ArgumentParser, config: type, skip: tupl
             parser.add_argument(option, action=argparse.BooleanOptionalAction, default=f.default)
             continue
         base = next((t for t in (int, float, str) if kind is t or kind == (t | None)), str)
+        base = finite_float if base is float else base  # no setting wants nan or inf
         if f.default is dataclasses.MISSING:
             parser.add_argument(option, type=base, required=True)
         else:
@@ -35,14 +37,46 @@ def config_from(args: argparse.Namespace, config: type, **overrides):
     return config(**{**{k: v for k, v in vars(args).items() if k in names}, **overrides})
 
 
+def check_work_and_out(args, out_is_file: bool = False) -> None:
+    """--work and --out (and --package) can be written, before any data is rendered or a model loads."""
+    check_out_dir("--work", args.work)
+    if out_is_file:
+        check_out_file("--out", args.out, "clear.safetensors")
+    else:
+        check_out_dir("--out", args.out)
+    if getattr(args, "package", None):
+        check_out_dir("--package", args.package)
+
+
 def cmd_train_tiny(args) -> int:
+    from ..limits import whole_number
     from ..toy.tiny import export_half
     from ..train.tiny import train_tiny
 
+    whole_number("--images", args.images, 1)
+    for flag in ("batch", "vae_batch", "threads", "checkpoint_every", "layers"):
+        whole_number("--" + flag.replace("_", "-"), getattr(args, flag), 1)
+    check_work_and_out(args)
     train_tiny(config_from(args, TrainConfig), args.work, args.out, restart=args.restart)
     if args.package:
         export_half(args.out, args.package)
     return 0
+
+
+def check_train_numbers(cfg) -> None:
+    """A trainer's image size and seed against the limits (the config checks its own counts)."""
+    from ..limits import check_pixels, check_seed
+
+    check_seed(cfg.seed, "--seed")
+    if getattr(cfg, "size", None) is not None:
+        try:
+            check_pixels(cfg.size, cfg.size)
+        except ValueError as err:
+            raise ValueError(f"--size: {err}") from None
+    if getattr(cfg, "sample_steps", None) is not None:
+        from ..limits import check_steps
+
+        check_steps(cfg.sample_steps, "--sample-steps")
 
 
 def cmd_distill_clear(args) -> int:
@@ -50,9 +84,11 @@ def cmd_distill_clear(args) -> int:
     from ..workflows.batch import read_prompts
 
     cfg = config_from(args, DistillConfig)
+    check_train_numbers(cfg)
+    check_work_and_out(args, out_is_file=True)
     prompts = None
     if args.prompts:
-        items, bad = read_prompts(args.prompts)
+        items, bad = read_prompts(check_input_file("--prompts", args.prompts))
         warn_skipped(args.prompts, bad)
         prompts = [item.prompt for item in items]
     summary = distill(load(args), cfg, args.work, args.out, prompts, restart=args.restart)
@@ -66,6 +102,12 @@ def cmd_train_lora(args) -> int:
     layers = tuple(i for group in parse_layer_groups(args.layers) for i in group) if args.layers else ()
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     cfg = config_from(args, LoraTrainConfig, layers=layers, targets=targets)
+    check_train_numbers(cfg)
+    check_work_and_out(args)
+    if args.make_signs or args.make_sets:
+        check_out_dir("--data", args.data)
+    elif not os.path.isdir(args.data):
+        raise ValueError(f"--data {args.data!r}: data directory not found (give a folder of captioned images, or --make-signs N)")
     if args.make_signs:
         write_sign_data(args.data, args.make_signs, args.seed)
     if args.make_sets:

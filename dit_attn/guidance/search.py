@@ -40,6 +40,7 @@ from ..handle import apply
 from ..io import write_json_atomic
 from ..edits import HeadGuidance
 from ..heads import model_family, model_layers, resolve_heads
+from ..limits import check_image_size, check_pixels, check_steps
 from ..loading import sequence_length
 from .objectives import get_objective
 
@@ -261,15 +262,18 @@ def check_search(prompts, seeds, k: int, rounds: int, n_candidates: int) -> None
 
 
 def check_call_settings(num_inference_steps, guidance_scale, height, width) -> None:
-    """The pipeline-call settings of a search: whole steps >= 1, a number or None, sides > 0 or None."""
+    """The pipeline-call settings of a search: whole steps in [1, 1000], a number or None, sides > 0 or None,
+    within the machine's pixel budget (`dit_attn.limits`)."""
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+    check_steps(num_inference_steps)
     if guidance_scale is not None and (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float))
                                        or not math.isfinite(guidance_scale)):
         raise ValueError(f"guidance_scale must be a number or None (the pipeline's default), got {guidance_scale!r}")
     for name, side in (("height", height), ("width", width)):
         if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 1):
             raise ValueError(f"{name} must be a whole number of pixels >= 1 or None (the pipeline's default), got {side!r}")
+    check_pixels(height, width)
 
 
 def search_settings(objective, prompts, seeds, k, rounds, u, scale, num_inference_steps, guidance_scale, height, width,
@@ -343,6 +347,7 @@ def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float 
     """
     score_fn = get_objective(objective)
     heads = candidate_heads(pipe, candidates)
+    check_image_size(pipe, height, width)  # the model's sides; search_settings checks the rest before any call
     settings = search_settings(objective, prompts, seeds, k, rounds, u, scale, num_inference_steps, guidance_scale, height,
                                width, heads, target, scope, batch_size, sequence_length(pipe, max_sequence_length), min_z,
                                confirm_seeds, confirm_top, confirm_together)

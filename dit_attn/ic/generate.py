@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from ..limits import check_call
 from ..loading import call_defaults
 from .canvas import compose, split
 from .captions import caption as make_caption
@@ -153,7 +154,9 @@ def generate_set(pipe, caption_or_panels: str | Sequence[str], layout: Layout | 
     else:
         text = make_caption(list(caption_or_panels), layout, task_tag=task_tag, summary=summary, tags=tags)
     height, width = _size(pipe, layout, size)
-    grid = latent_grid(pipe, layout, height, width)
+    grid = latent_grid(pipe, layout, height, width)  # whole tokens per panel (no allocation)
+    check_call(pipe, height=height, width=width, num_inference_steps=kwargs.get("num_inference_steps"),
+               guidance_scale=kwargs.get("guidance_scale"))  # the model's and the machine's limits, before the noise
     references = _references(reference, layout)
     fill = _is_fill(pipe)
     if mode == "fill" and not fill:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from .. import limits
 from ..handle import apply, layers as layer_map
 from ..edits import TextPatch
 from .localize import call_options, check_argument_names, check_steps
@@ -54,6 +55,7 @@ def edit_text(pipe, prompt: str, new_text: str, layers, start: float = 0.0, gene
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be one torch.Generator (or None: seed 0), got {type(generator).__name__}")
     check_steps(num_inference_steps)
+    limits.check_call(pipe, height=height, width=width, guidance_scale=guidance_scale)
     pipe_kwargs = {**call_defaults(pipe), **pipe_kwargs, **call_options(guidance_scale, height, width)}
     if not isinstance(new_text, str) or not new_text.strip():
         raise ValueError(f"new_text must be a non-empty string, got {new_text!r}")

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .. import limits
 from ..handle import apply, layers as layer_map
 from ..edits import TextPatch
 from ..io import write_json_atomic, write_png_atomic
@@ -39,6 +40,7 @@ def call_options(guidance_scale: float | None, height: int | None, width: int | 
 def check_steps(num_inference_steps) -> None:
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+    limits.check_steps(num_inference_steps)
 
 
 def generate(pipe, prompt: str, seeds: list[int], num_inference_steps: int, **pipe_kwargs) -> torch.Tensor:
@@ -150,6 +152,8 @@ def localize(pipe, pairs, score=None, layers=None, seeds=(0,), num_inference_ste
     from ..loading import call_defaults
 
     check_argument_names("localize", pipe_kwargs)
+    limits.check_call(pipe, height=height, width=width, num_inference_steps=num_inference_steps,
+                      guidance_scale=guidance_scale)
     pairs = as_pairs(pairs)
     pipe_kwargs = {**call_defaults(pipe), **pipe_kwargs, **call_options(guidance_scale, height, width)}
     transformer = pipe.transformer

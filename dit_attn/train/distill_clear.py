@@ -173,6 +173,9 @@ def save_weights(path: str, tensors: dict[str, torch.Tensor], cfg: DistillConfig
 
 def distill(pipe, cfg: DistillConfig, work: str, out: str, prompts: list[str] | None = None, restart: bool = False) -> dict:
     """Train, resuming from `work` (restart=True: from scratch); writes the trained tensors to `out` (.safetensors). Returns a summary."""
+    if os.path.isdir(out):  # found before training, not when the weights are written
+        raise ValueError(f"out {os.fspath(out)!r} is a folder; give the .safetensors file to write, "
+                         f"e.g. {os.path.join(out, 'clear.safetensors')}")
     start_over(work, restart)
     transformer = pipe.transformer
     if getattr(transformer, "peft_config", None):

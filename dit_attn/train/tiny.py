@@ -196,6 +196,11 @@ def train_transformer(cfg: TrainConfig, work: str, pipe, latents: torch.Tensor, 
 
 def train_tiny(cfg: TrainConfig, work: str, out: str, restart: bool = False) -> str:
     """Run every stage (resuming where a previous run stopped; restart=True: from scratch) and save the pipeline to `out`."""
+    from ..limits import whole_number
+
+    whole_number("images", cfg.images, 1)  # before anything is rendered
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"out {out!r} is a file; the pipeline is saved as a folder")
     start_over(work, restart)
     torch.set_num_threads(cfg.threads)
     os.makedirs(work, exist_ok=True)

@@ -1,7 +1,23 @@
 """Batch generation: prompt files, per-item settings and edits, shards, and a manifest that makes reruns resume.
 
-An item is finished when its manifest line exists; its PNG is written atomically before
-that line, so a killed run leaves no partial file and a rerun redoes only what is missing.
+Resume rule: an item is finished only when (1) a manifest line for its file records the settings this
+run asks of it, and (2) its file is a whole PNG (every chunk's checksum through IEND) whose `dit-attn`
+chunk holds that line's settings. Anything else is generated again: a missing, empty or damaged file, a
+file or line made with other settings (another --seed, --heads, size, model ...). With overwrite=False
+(`--no-overwrite`) an item whose PNG is a whole image made with other settings stops the run before a
+model loads, naming the item and the settings that differ; missing or damaged files are still redone.
+When an item is redone its new line is appended: the PNG on disk tells which of a file's lines is current.
+
+Sizes: a line records the height and width the model drew. An item that asks for no size (None: the
+model's default) matches a line only if that line's size was the model's default too: such lines list
+the settings the model filled in under "model_defaults" (a key of manifest lines only, not of the PNG
+chunk), e.g. "model_defaults": ["height", "width"]. An item that asks for a size matches the size drawn.
+Lines written before this rule have no "model_defaults": their default-size items are redone once.
+
+One process per output shard: a run holds an exclusive lock (fcntl.flock) on `.MANIFEST.lock` beside its
+manifest, released when the process ends or is killed; a second run on the same shard stops at once.
+Each image is written to a temporary file, flushed, renamed into place and its folder flushed before its
+manifest line is appended and flushed, so a line never names a file that a crash could lose.
 
 Stored settings (a PNG's `dit-attn` chunk, a manifest line, from `dit-attn generate` and the
 app alike) use diffusers' names and hold the edits themselves:
@@ -13,13 +29,20 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import os
 from dataclasses import dataclass, field
 
 from ..edits import HeadGuidance, LocalAttention, edit_from_dict
-from ..io import parse_heads, parse_size, read_png_settings, slug, write_png_atomic
+from ..io import parse_heads, parse_size, read_png_settings, slug, verified_png_settings, write_atomic, write_png_atomic
+from ..limits import check_call, check_image_size, check_pixels, check_seed, check_steps, number, whole_number
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks, one process per --out is up to the user
+    fcntl = None
 
 # Per-line settings of a prompt file (and the run's options of `dit-attn generate`, flag --x-y = key x_y).
 # The HeadGuidance options are stored as that edit's fields (pag_scale as its "scale"), the local ones
@@ -70,19 +93,44 @@ def _overrides(record: dict) -> dict:
         if name == "heads" and isinstance(value, list):
             value = ",".join(map(str, value))
         out[name] = _convert(name, value, key)
+    check_pixels(out.get("height"), out.get("width"))
     return out
 
 
 def _convert(key: str, value, label: str | None = None):
-    """`value` as the type of setting `key`; errors name it as written (`label`, e.g. an older name)."""
+    """`value` as the type of setting `key`, in its range; errors name it as written (`label`, e.g. an older name)."""
     kind = SETTING_TYPES[key]
+    label = label or key
     bad = isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer())
     try:
         if bad:
             raise ValueError
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{label or key} must be {kind.__name__}, got {value!r}") from None
+        value = kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{label} must be {kind.__name__}, got {value!r}") from None
+    if kind is float:
+        return number(label, value)  # NaN and infinities (JSON allows them) are refused
+    if key == "seed":
+        return check_seed(value, label)
+    if key == "num_inference_steps":
+        return check_steps(value, label)
+    if kind is int:  # height, width, max_sequence_length, local_downsample
+        return whole_number(label, value, 1)
+    return value
+
+
+def check_settings(settings: dict) -> dict:
+    """Stored settings in range before anything is allocated: a prompt, seed, steps, a finite guidance
+    scale, a size within the machine's pixel budget, max_sequence_length >= 1."""
+    prompt = settings.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"the prompt is empty, got {prompt!r}")
+    check_seed(settings["seed"])
+    check_call(height=settings.get("height"), width=settings.get("width"),
+               num_inference_steps=settings["num_inference_steps"], guidance_scale=settings.get("guidance_scale"))
+    if settings.get("max_sequence_length") is not None:
+        whole_number("max_sequence_length", settings["max_sequence_length"], 1)
+    return settings
 
 
 def _prompt(record: dict) -> str:
@@ -98,8 +146,11 @@ def read_prompts(path: str) -> tuple[list[Item], list[BadLine]]:
     extension = os.path.splitext(path)[1].lower()
     if extension not in (".txt", ".jsonl", ".csv"):
         raise ValueError(f"prompt file must be .txt, .jsonl or .csv, got {path!r}")
-    with open(path, newline="", encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8-sig")  # a UTF-8 byte-order mark (Windows editors) is not part of the prompt
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save the prompt file as UTF-8") from None
     records: list[tuple[int, dict | Exception]] = []
     if extension == ".txt":
         for number, line in enumerate(text.splitlines(), 1):
@@ -141,46 +192,159 @@ def shard(items: list[Item], num_shards: int, shard_index: int) -> list[Item]:
     return [item for item in items if item.index % num_shards == shard_index]
 
 
+class OutputLocked(RuntimeError):
+    """Another process is generating the same shard into the same folder."""
+
+
+class ResumeConflict(ValueError):
+    """overwrite=False (--no-overwrite) and an item's PNG is a whole image made with other settings."""
+
+
+MODEL_DEFAULTS = "model_defaults"  # manifest lines only: the settings the model filled in (the item asked None)
+LINE_ONLY = ("file", MODEL_DEFAULTS)  # keys of a manifest line that are not stored settings
+
+
 class Manifest:
-    """Append-only JSON-lines record of finished items, one file per shard."""
+    """Append-only JSON-lines record of finished items, one file per shard, and that shard's lock."""
 
     def __init__(self, directory: str, num_shards: int = 1, shard_index: int = 0):
         self.directory = directory
         name = "manifest.jsonl" if num_shards == 1 else f"manifest-{shard_index:03d}-of-{num_shards:03d}.jsonl"
         self.path = os.path.join(directory, name)
-        self._drop_torn_tail()
+        self.lock_path = os.path.join(directory, f".{name}.lock")
+        self._lock_fd: int | None = None
 
-    def _drop_torn_tail(self) -> None:
-        """A kill in the middle of an append leaves a last line without its newline: drop it."""
+    def lock(self) -> None:
+        """Take this shard's lock (fcntl.flock, exclusive, not waiting): OutputLocked naming the lock file and the
+        process holding it if another run has it. The kernel releases it when this process ends, even by kill -9."""
+        if fcntl is None or self._lock_fd is not None:
+            return
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            try:
+                with open(self.lock_path) as f:
+                    holder = f.read().strip()
+            except OSError:
+                holder = ""
+            who = f"process {holder}" if holder else "another process"
+            raise OutputLocked(f"{who} is already generating into {self.directory!r} (this shard's lock {self.lock_path!r} "
+                               "is held); wait for it to finish, stop it, or give another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the only descriptor releases the flock
+            self._lock_fd = None
+
+    @contextlib.contextmanager
+    def locked(self):
+        self.lock()
+        try:
+            yield self
+        finally:
+            self.unlock()
+
+    def drop_torn_tail(self) -> None:
+        """A kill in the middle of an append leaves a last line without its newline: drop it (under the lock)."""
         if not os.path.exists(self.path):
             return
         with open(self.path, "rb") as f:
             data = f.read()
         if data and not data.endswith(b"\n"):
             keep = data[: data.rfind(b"\n") + 1]
-            tmp = self.path + ".tmp"
-            with open(tmp, "wb") as f:
-                f.write(keep)
-            os.replace(tmp, self.path)
+            write_atomic(self.path, lambda f: f.write(keep), ".partial-manifest-")
 
-    def finished(self) -> set[str]:
-        """Files recorded by any shard's manifest in the directory."""
-        done = set()
-        for name in os.listdir(self.directory):
+    def records(self) -> dict[str, list[dict]]:
+        """Every shard's manifest lines in the directory, by file name (in the order written per manifest)."""
+        found: dict[str, list[dict]] = {}
+        for name in sorted(os.listdir(self.directory)):
             if name.startswith("manifest") and name.endswith(".jsonl"):
-                with open(os.path.join(self.directory, name)) as f:
+                with open(os.path.join(self.directory, name), encoding="utf-8") as f:
                     for line in f:
                         try:
-                            done.add(json.loads(line)["file"])
-                        except (ValueError, KeyError):
+                            record = json.loads(line)
+                            found.setdefault(record["file"], []).append(record)
+                        except (ValueError, KeyError, TypeError):
                             continue
-        return done
+        return found
+
+    def finished(self) -> set[str]:
+        """Files recorded by any shard's manifest in the directory (recorded: not yet checked, see `item_state`)."""
+        return set(self.records())
 
     def append(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        line = json.dumps(record, sort_keys=True, allow_nan=False) + "\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
             f.flush()
             os.fsync(f.fileno())
+
+
+def _plain(settings: dict) -> dict:
+    """Settings as a JSON round trip gives them (tuples as lists), to compare with what a file holds."""
+    return json.loads(json.dumps(settings, sort_keys=True))
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def settings_difference(asked: dict, record: dict) -> list[str]:
+    """What differs between the stored settings an item asks for and a manifest line (or a PNG's chunk), each
+    as 'setting: recorded value, asked value'; [] when the line is the item's. A size the item leaves to the
+    model (None) matches only a line that lists it under "model_defaults"."""
+    asked = _plain(asked)
+    made = {k: v for k, v in record.items() if k not in LINE_ONLY}
+    defaults = set(record.get(MODEL_DEFAULTS) or ())
+    differences = []
+    for key in [*asked, *sorted(set(made) - set(asked))]:
+        want, got = asked.get(key), made.get(key)
+        if key in ("height", "width") and want is None:
+            if key not in defaults:
+                differences.append(f"{key}: {_short(got)} recorded (given then), the model's default asked")
+        elif want != got:
+            differences.append(f"{key}: {_short(got)} recorded, {_short(want)} asked")
+    return differences
+
+
+@dataclass(frozen=True)
+class ItemState:
+    finished: bool
+    reason: str = ""  # why it is generated again ("" for a new item)
+    conflict: bool = False  # a whole PNG made with other settings would be replaced (refused by --no-overwrite)
+
+
+def item_state(out: str, name: str, asked: dict, records: list[dict]) -> ItemState:
+    """Whether the item of file `name` in `out` is finished by the resume rule (see the module docstring).
+
+    The PNG on disk decides which of the file's manifest lines is current (the last line whose settings it
+    holds; older lines of a redone item are stale); that line must be the item's settings."""
+    path = os.path.join(out, name)
+    try:
+        png = verified_png_settings(path)
+    except ValueError as err:
+        if not os.path.lexists(path):
+            return ItemState(False, "its PNG is missing" if records else "")
+        return ItemState(False, f"its file is not a whole dit-attn PNG ({err})")
+    current = [r for r in records if {k: v for k, v in r.items() if k not in LINE_ONLY} == png]
+    if current:
+        difference = settings_difference(asked, current[-1])
+        if not difference:
+            return ItemState(True)
+        return ItemState(False, f"made with other settings ({'; '.join(difference)})", True)
+    difference = settings_difference(asked, {**png, MODEL_DEFAULTS: ["height", "width"]})  # sizes: as drawn
+    if not difference:
+        return ItemState(False, "its manifest line is missing")
+    return ItemState(False, f"its PNG, which no manifest line records, was made with other settings "
+                            f"({'; '.join(difference)})", True)
 
 
 def item_file(item: Item) -> str:
@@ -204,11 +368,12 @@ def item_settings(base: dict, item: Item) -> dict:
     """The stored settings of one item: the run's options, then the item's own overrides.
 
     `base` holds the keys of SETTING_TYPES plus model and dtype (see `cli.generate.run_settings`);
-    the edit options become the edits (`edits_from_options`), which check their fields here.
+    the edit options become the edits (`edits_from_options`), which check their fields here, and the
+    call's settings are checked against the limits (`check_settings`).
     """
     options = {**base, "seed": base["seed"] + item.index, **item.overrides}
-    return stored_settings(item.prompt, model=options["model"], dtype=options["dtype"],
-                           edits=edits_from_options(options), **{k: options.get(k) for k in CALL_SETTINGS})
+    return check_settings(stored_settings(item.prompt, model=options["model"], dtype=options["dtype"],
+                                          edits=edits_from_options(options), **{k: options.get(k) for k in CALL_SETTINGS}))
 
 
 def edits_from_options(options: dict) -> tuple:
@@ -305,45 +470,94 @@ class BatchReport:
     done: int = 0
     skipped: int = 0
     failed: list = field(default_factory=list)  # (item, reason)
+    redone: list = field(default_factory=list)  # (item, why it was generated again): part of `done` once written
+
+
+RUN_CHECK_PROMPT = "(the run's settings)"  # stands for the prompt when the run's own options are checked
+
+
+def plan_resume(items: list[Item], base: dict, out: str, manifest: Manifest, overwrite: bool = True):
+    """(report, todo) for this shard's items: finished ones counted as skipped, bad ones as failed; todo holds
+    (item, settings, why it is redone or "") for the rest. ResumeConflict with overwrite=False if any would
+    replace a file or line made with other settings."""
+    records = manifest.records()
+    report = BatchReport()
+    todo, conflicts = [], []
+    for item in items:
+        try:
+            asked = item_settings(base, item)
+        except (ValueError, TypeError) as err:
+            report.failed.append((item, str(err)))
+            continue
+        state = item_state(out, item_file(item), asked, records.get(item_file(item), []))
+        if state.finished:
+            report.skipped += 1
+            continue
+        if state.conflict:
+            conflicts.append((item, state.reason))
+        todo.append((item, asked, state.reason))
+    if conflicts and not overwrite:
+        item, reason = conflicts[0]
+        more = f"; {len(conflicts) - 1} more items differ too" if len(conflicts) > 1 else ""
+        raise ResumeConflict(f"not overwriting item #{item.index} {item.prompt!r} ({os.path.join(out, item_file(item))}): "
+                             f"{reason}{more}. Rerun without --no-overwrite (overwrite=False) to generate them again with "
+                             "these settings, or give another --out")
+    return report, todo
 
 
 def generate_batch(items: list[Item], base: dict, out: str, *, batch_size: int = 1, num_shards: int = 1,
-                   shard_index: int = 0, device: str | None = None, progress: bool = True) -> BatchReport:
+                   shard_index: int = 0, device: str | None = None, progress: bool = True,
+                   overwrite: bool = True) -> BatchReport:
     """Generate this shard's items into `out` (PNG + manifest line each), skipping finished ones.
 
     `base`: the run's options (see `item_settings`). Items whose own settings are bad, or
     whose call fails (e.g. out of memory at one size), are reported and the rest go on.
+    Finished follows the resume rule of this module's docstring: an item whose line or file was made with
+    other settings is generated again, or with overwrite=False stops the run (ResumeConflict) before a model
+    loads. A second process on the same shard of `out` stops at once (OutputLocked).
     """
+    items = shard(items, num_shards, shard_index)
+    run_settings = item_settings(base, Item(0, RUN_CHECK_PROMPT))  # bad run settings fail before loading a model
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(errno.ENOTDIR, "a file is there, the output must be a folder", out)
+    os.makedirs(out, exist_ok=True)
+    manifest = Manifest(out, num_shards, shard_index)
+    with manifest.locked():
+        tmp_prefix = f".partial-{shard_index}-of-{num_shards}-"
+        for name in os.listdir(out):  # left by a killed run of this shard (none of it can be writing: the lock)
+            if name.startswith(tmp_prefix) and name.endswith(".tmp"):
+                os.unlink(os.path.join(out, name))
+        manifest.drop_torn_tail()
+        report, todo = plan_resume(items, base, out, manifest, overwrite)
+        if todo:
+            _generate(todo, base, run_settings, out, manifest, report, tmp_prefix, batch_size, device, progress)
+    return report
+
+
+def _generate(todo: list, base: dict, run_settings: dict, out: str, manifest: Manifest, report: BatchReport,
+              tmp_prefix: str, batch_size: int, device: str | None, progress: bool) -> None:
     import torch
     from tqdm.auto import tqdm
 
     from ..handle import apply
     from ..loading import call_defaults, load_pipeline
 
-    items = shard(items, num_shards, shard_index)
-    run_edits = edits_for(item_settings(base, Item(0, "")))  # bad run settings fail before loading a model
-    os.makedirs(out, exist_ok=True)
-    tmp_prefix = f".partial-{shard_index}-of-{num_shards}-"
-    for name in os.listdir(out):  # left by a killed run of this shard
-        if name.startswith(tmp_prefix) and name.endswith(".tmp"):
-            os.unlink(os.path.join(out, name))
-    manifest = Manifest(out, num_shards, shard_index)
-    finished = manifest.finished()
-    todo = [item for item in items if item_file(item) not in finished]
-    report = BatchReport(skipped=len(items) - len(todo))
-    if not todo:
-        return report
     pipe = load_pipeline(base["model"], dtype=base["dtype"], device=device)
     pipe.set_progress_bar_config(disable=True)
+    check_image_size(pipe, run_settings["height"], run_settings["width"])  # the run's size, once, before generating
+    run_edits = edits_for(run_settings)
     if run_edits:
         apply(pipe, *run_edits).remove()  # heads or layers outside the model fail here, once
     ready = []
-    for item in todo:
+    for item, settings, reason in todo:
         try:
-            settings = item_settings(base, item)
+            check_call(pipe, height=settings["height"], width=settings["width"])
             ready.append((item, settings, edits_for(settings)))
         except (ValueError, TypeError) as err:
             report.failed.append((item, str(err)))
+            continue
+        if reason:
+            report.redone.append((item, reason))
     handle, handle_edits = None, ()
     bar = tqdm(total=len(ready), desc="generate", unit="image", disable=not progress)
     try:
@@ -364,18 +578,19 @@ def generate_batch(items: list[Item], base: dict, out: str, *, batch_size: int =
                 report.failed.extend((item, f"{type(err).__name__}: {err}") for item, _, _ in group)
                 bar.update(len(group))
                 continue
-            for (item, own_settings, _), image in zip(group, images):
+            for (item, asked, _), image in zip(group, images):
                 name = item_file(item)
-                own_settings = with_image_size(own_settings, image)
-                write_png_atomic(image, os.path.join(out, name), own_settings, tmp_prefix)
-                manifest.append({"file": name, **own_settings})
+                drawn = with_image_size(asked, image)
+                defaults = [key for key in ("height", "width") if asked[key] is None]
+                # the image is on disk (file and folder flushed) before its line: a line never names a lost file
+                write_png_atomic(image, os.path.join(out, name), drawn, tmp_prefix)
+                manifest.append({"file": name, **drawn, **({MODEL_DEFAULTS: defaults} if defaults else {})})
                 report.done += 1
             bar.update(len(group))
     finally:
         bar.close()
         if handle is not None:
             handle.remove()
-    return report
 
 
 def shard_from_launcher(num_shards: int, shard_index: int) -> tuple[int, int]:

@@ -15,6 +15,7 @@ from PIL import Image
 from ..handle import apply
 from ..edits import LocalAttention
 from ..families import family_of
+from ..limits import check_call
 
 
 @dataclass
@@ -56,6 +57,8 @@ def generate_highres(pipe, prompt: str, height: int, width: int, *, radius: floa
     vae_scale = getattr(pipe, "vae_scale_factor", 8)
     default = pipe.default_sample_size * vae_scale if hasattr(pipe, "default_sample_size") else 1024
     base_height, base_width = base_height or default, base_width or default
+    check_call(pipe, height=height, width=width, num_inference_steps=num_inference_steps)  # before the base image
+    check_call(pipe, height=base_height, width=base_width)
     if height < base_height or width < base_width:
         raise ValueError(f"the target {width}x{height} must be at least the base size {base_width}x{base_height}")
     generator = torch.Generator().manual_seed(seed)
