@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("--guard", type=int, default=50)
     parser.add_argument("--guard-top", type=int, default=1, help="the guard patches the top N ranked layers")
     parser.add_argument("--lora", action="append", default=[], help="LoRA directories to compare (repeatable)")
+    parser.add_argument("--lora-only", action="store_true", help="only the LoRA comparison (no ranking, editing or guard)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="bench-text")
     args = parser.parse_args()
@@ -126,12 +127,16 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     kwargs = call_defaults(pipe)
     pairs = sign_pairs(args.pairs)
+    held_out = sign_pairs(args.pairs, seed=1)
+    report = {"localization": None, "editing": [], "guard": None, "lora": []}
+    if args.lora_only:
+        compare_loras(pipe, report, held_out, kwargs, args)
+        return
     result = da.localize(pipe, pairs, seeds=args.seeds, num_inference_steps=args.steps, out=args.out, **kwargs)
     top = result.ranking
     print(f"threads {args.threads}; ranking: " + ", ".join(f"{s.label} {s.score:.3f}" for s in top))
     print(f"top {top[0].label}: {top[0].text_kv_share:.3%} of parameters in its text K/V, {top[0].block_share:.2%} in its block")
-    report = {"localization": result.to_dict(), "editing": [], "guard": None, "lora": []}
-    held_out = sign_pairs(args.pairs, seed=1)
+    report["localization"] = result.to_dict()
     for n in (1, 2, 3):  # the top-n ranked layers patched together
         layers = top_layers(top, n)
         row = editing(pipe, held_out, layers, args.seeds, args.steps, kwargs)
@@ -141,9 +146,14 @@ def main() -> None:
     if args.guard:
         report["guard"] = guard(pipe, args.guard, top_layers(top, args.guard_top), args.steps, kwargs)
         print(f"guard: {report['guard']}")
+    compare_loras(pipe, report, held_out, kwargs, args)
+
+
+def compare_loras(pipe, report: dict, held_out, kwargs, args) -> None:
     for lora in args.lora:
         report["lora"].append(lora_accuracy(pipe, lora, held_out, args.seeds, args.steps, kwargs))
         print(f"lora: {report['lora'][-1]}")
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "benchmark.json"), "w") as f:
         json.dump(report, f, indent=2)
 

@@ -194,3 +194,53 @@ def parse_layer_groups(text: str) -> list[list[int]]:
 def slug(text: str, limit: int = 40) -> str:
     """A file-name-safe short form of a prompt."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
+
+
+def read_records(path: str | os.PathLike, columns: tuple[str, ...], what: str = "file",
+                 text_suffixes: tuple[str, ...] | None = (".txt",)) -> list[tuple[int, dict | ValueError]]:
+    """(line number, record or the ValueError of a bad line) of a .jsonl (a JSON object a line), a .csv
+    (a header with `columns`) or a text file (a line each, '#' comments; several columns split by tabs).
+    text_suffixes: the suffixes read as text (None: every suffix but .jsonl and .csv). UTF-8, a byte-order
+    mark allowed. Errors of the whole file (its kind, its encoding, a CSV header) raise ValueError."""
+    import csv
+    import io as stdio
+
+    path = os.fspath(path)
+    suffix = os.path.splitext(path)[1].lower()
+    is_text = suffix not in (".jsonl", ".csv") and (text_suffixes is None or suffix in text_suffixes)
+    if suffix not in (".jsonl", ".csv") and not is_text:
+        raise ValueError(f"{what} must be {', '.join(text_suffixes)}, .jsonl or .csv, got {path!r}")
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8-sig")  # a UTF-8 byte-order mark (Windows editors) is not part of a line
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save the {what} as UTF-8") from None
+    records: list[tuple[int, dict | ValueError]] = []
+    if suffix == ".jsonl":
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("a line must be a JSON object")
+                records.append((number, record))
+            except ValueError as err:
+                records.append((number, ValueError(str(err))))
+    elif suffix == ".csv":
+        reader = csv.DictReader(stdio.StringIO(text))
+        missing = [c for c in columns if c not in (reader.fieldnames or ())]
+        if missing:
+            raise ValueError(f"{path}: the CSV header needs {' and '.join(repr(c) for c in missing)} column(s)")
+        for row in reader:
+            records.append((reader.line_num, {k: v for k, v in row.items() if k is not None}))
+    else:
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            fields = [line] if len(columns) == 1 else line.split("\t")
+            if len(fields) != len(columns):
+                records.append((number, ValueError(f"expected {'<TAB>'.join(columns)}")))
+            else:
+                records.append((number, dict(zip(columns, fields))))
+    return records

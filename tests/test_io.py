@@ -182,3 +182,28 @@ def test_parse_layer_groups():
     for empty in ("", " , ", ","):
         with pytest.raises(ValueError, match="no layers in"):
             parse_layer_groups(empty)
+
+
+def test_read_records_reads_each_kind_and_reports_bad_lines(tmp_path):
+    from dit_attn.io import read_records
+
+    text = tmp_path / "pairs.tsv"
+    text.write_bytes("\ufeffa\tb\n# a comment\n\nno tab here\nc\td\n".encode("utf-8"))
+    got = read_records(text, ("prompt", "source_prompt"), text_suffixes=None)
+    assert [n for n, _ in got] == [1, 4, 5]
+    assert got[0][1] == {"prompt": "a", "source_prompt": "b"} and got[2][1] == {"prompt": "c", "source_prompt": "d"}
+    assert isinstance(got[1][1], ValueError) and "prompt<TAB>source_prompt" in str(got[1][1])
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "x"}\n[1]\nnot json\n')
+    kinds = [type(r).__name__ for _, r in read_records(jsonl, ("prompt",))]
+    assert kinds == ["dict", "ValueError", "ValueError"]
+    csv_file = tmp_path / "p.csv"
+    csv_file.write_text("prompt,seed\nx,1\n")
+    assert read_records(csv_file, ("prompt",)) == [(2, {"prompt": "x", "seed": "1"})]
+    with pytest.raises(ValueError, match="'source_prompt' column"):
+        read_records(csv_file, ("prompt", "source_prompt"))
+    with pytest.raises(ValueError, match="prompt file must be .txt, .jsonl or .csv"):
+        read_records(tmp_path / "p.md", ("prompt",), what="prompt file")
+    (tmp_path / "latin.txt").write_bytes(b"caf\xe9\n")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        read_records(tmp_path / "latin.txt", ("prompt",))

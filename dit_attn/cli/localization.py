@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 
-from ..io import parse_layer_groups
+from ..io import parse_layer_groups, read_records
 from .common import (DEMO, add_model_options, check_call_flags, check_input_file, check_out_dir, check_prompt, check_seeds,
                      finite_float, load)
 from .search import add_call_options, call_settings
@@ -18,29 +16,12 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
     """Pairs from a .jsonl (objects with prompt, source_prompt), .csv (those columns) or a
     text file with one `prompt<TAB>source prompt` a line (# comments)."""
     pairs = []
-    with open(path, newline="", encoding="utf-8-sig") as f:  # a UTF-8 byte-order mark is not part of a prompt
-        if path.endswith(".jsonl"):
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                        pairs.append((row["prompt"], row["source_prompt"]))
-                    except (json.JSONDecodeError, KeyError, TypeError) as err:
-                        raise ValueError(f"{path}:{number}: expected an object with prompt and source_prompt ({err})") from None
-        elif path.endswith(".csv"):
-            reader = csv.DictReader(f)
-            if not {"prompt", "source_prompt"} <= set(reader.fieldnames or ()):
-                raise ValueError(f"{path}: the CSV header needs 'prompt' and 'source_prompt' columns")
-            for row in reader:
-                pairs.append((row["prompt"], row["source_prompt"]))
-        else:
-            for number, line in enumerate(f, 1):
-                line = line.rstrip("\n")
-                if not line.strip() or line.lstrip().startswith("#"):
-                    continue
-                if line.count("\t") != 1:
-                    raise ValueError(f"{path}:{number}: expected 'prompt<TAB>source prompt'")
-                pairs.append(tuple(line.split("\t")))
+    for number, record in read_records(path, ("prompt", "source_prompt"), what="pairs file", text_suffixes=None):
+        if isinstance(record, ValueError):
+            raise ValueError(f"{path}:{number}: {record}")
+        if not all(isinstance(record.get(k), str) for k in ("prompt", "source_prompt")):
+            raise ValueError(f"{path}:{number}: expected an object with prompt and source_prompt")
+        pairs.append((record["prompt"], record["source_prompt"]))
     return pairs
 
 

@@ -28,15 +28,14 @@ an image from them.
 from __future__ import annotations
 
 import contextlib
-import csv
 import errno
-import io
 import json
 import os
 from dataclasses import dataclass, field
 
 from ..edits import HeadGuidance, LocalAttention, edit_from_dict
-from ..io import parse_heads, parse_size, read_png_settings, slug, verified_png_settings, write_atomic, write_png_atomic
+from ..io import (parse_heads, parse_size, read_png_settings, read_records, slug, verified_png_settings, write_atomic,
+                  write_png_atomic)
 from ..limits import check_call, check_image_size, check_pixels, check_seed, check_steps, number, whole_number
 
 try:
@@ -143,36 +142,7 @@ def _prompt(record: dict) -> str:
 def read_prompts(path: str) -> tuple[list[Item], list[BadLine]]:
     """Items from a .txt (one prompt a line, '#' comments), .jsonl (objects with "prompt" and
     per-line settings) or .csv (a "prompt" column and optional setting columns) file."""
-    extension = os.path.splitext(path)[1].lower()
-    if extension not in (".txt", ".jsonl", ".csv"):
-        raise ValueError(f"prompt file must be .txt, .jsonl or .csv, got {path!r}")
-    try:
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8-sig")  # a UTF-8 byte-order mark (Windows editors) is not part of the prompt
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save the prompt file as UTF-8") from None
-    records: list[tuple[int, dict | Exception]] = []
-    if extension == ".txt":
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip() and not line.lstrip().startswith("#"):
-                records.append((number, {"prompt": line}))
-    elif extension == ".jsonl":
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("a line must be a JSON object")
-                records.append((number, record))
-            except ValueError as err:
-                records.append((number, err))
-    else:
-        reader = csv.DictReader(io.StringIO(text))
-        if reader.fieldnames is None or "prompt" not in reader.fieldnames:
-            raise ValueError(f"{path}: the CSV header needs a 'prompt' column")
-        for row in reader:
-            records.append((reader.line_num, {k: v for k, v in row.items() if k is not None}))
+    records = read_records(path, ("prompt",), what="prompt file")
     items, bad = [], []
     for number, record in records:
         try:
