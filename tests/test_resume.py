@@ -18,6 +18,9 @@ from dit_attn.train.distill_clear import DistillConfig, distill
 from dit_attn.train.lora import LoraTrainConfig, train_lora, write_sign_data
 from dit_attn.train.resume import RUN_KEY, check_resumable, fingerprint, model_fingerprint, run_record
 
+from .test_distill_clear import PROMPTS, SMALL
+from .test_distill_clear import pipe as distill_pipe  # noqa: F401  (a fixture)
+
 AGAIN = "use --restart \\(restart=True\\) to start over, or a new --work directory"
 
 
@@ -225,16 +228,8 @@ def test_train_lora_ic_panels_stop_when_a_panel_changes(pipe, tmp_path):
 
 # ---------------------------------------------------------------------------- distill-clear
 
-DISTILL = dict(radius=1.5, samples=4, sample_steps=2, size=32, steps=6, batch=2, lr=3e-3, warmup=1, checkpoint_every=3,
-               max_sequence_length=2)
-PROMPTS = ["a red circle", "a blue square", "a green cross", "a white diamond"]
-
-
-@pytest.fixture()
-def small_pipe():
-    pipe = build_sd3_pipeline(num_layers=2, num_heads=2, head_dim=8, seed=3)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+DISTILL = {**SMALL, "steps": 6}
+small_pipe = distill_pipe  # the fixture of test_distill_clear, under this module's name
 
 
 def test_distill_lora_identical_runs_give_identical_weights(small_pipe, tmp_path):
