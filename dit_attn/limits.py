@@ -100,6 +100,58 @@ def check_image_size(pipe, height: int | None, width: int | None) -> None:
             raise ValueError(f"{name} {side} px is more than this model's largest side, {largest} px")
 
 
+# --- additions for the web app and the atlas files (the other functions above keep their signatures) ----------------
+
+MAX_GUIDANCE_SCALE = 100.0
+MAX_TEXT_CHARS = 10_000  # one text field of a request (a prompt, a caption list, a blocklist)
+MAX_LIST_ITEMS = 1_000  # one list field of a request (heads ticked, presets)
+MAX_ATLAS_LAYERS = 100
+MAX_ATLAS_HEADS = 64  # per layer
+MAX_THUMBNAIL_SIDE = 256
+MAX_LOCAL_RADIUS = 4096.0  # tokens: beyond any image grid (a larger radius is full attention; 1e308 overflows its square)
+
+
+def check_guidance_scale(value, name: str = "guidance_scale") -> float:
+    """A classifier-free guidance scale: finite, in [0, MAX_GUIDANCE_SCALE]."""
+    return number(name, value, 0.0, MAX_GUIDANCE_SCALE)
+
+
+def check_text(name: str, value, max_chars: int = MAX_TEXT_CHARS) -> str:
+    """A text field: a string of at most `max_chars` characters (None reads as empty)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be text, got {type(value).__name__}")
+    if len(value) > max_chars:
+        raise ValueError(f"{name} has {len(value):,} characters, more than the limit of {max_chars:,}")
+    return value
+
+
+def check_layer_heads(layers, what: str = "an atlas") -> list[int]:
+    """Heads per layer of a layer/head map read from a file: 1-MAX_ATLAS_LAYERS layers of 1-MAX_ATLAS_HEADS heads."""
+    if not isinstance(layers, (list, tuple)) or not layers:
+        raise ValueError(f"{what} must list heads per layer (a non-empty list of integers)")
+    if len(layers) > MAX_ATLAS_LAYERS:
+        raise ValueError(f"{what} has {len(layers)} layers, more than the limit of {MAX_ATLAS_LAYERS}")
+    for layer, heads in enumerate(layers):
+        if isinstance(heads, bool) or not isinstance(heads, int) or not 1 <= heads <= MAX_ATLAS_HEADS:
+            raise ValueError(f"{what}: layer {layer} must have 1-{MAX_ATLAS_HEADS} heads (an integer), got {heads!r}")
+    return list(layers)
+
+
+def check_image_header(image, name: str = "image", max_side: int | None = None) -> None:
+    """An opened, not yet decoded PIL image (`Image.open` reads only the header): refuse it before decoding
+    when a side exceeds `max_side` or its pixels exceed the machine's budget (max_pixels())."""
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ValueError(f"{name} has no pixels ({width}x{height})")
+    if max_side is not None and max(width, height) > max_side:
+        raise ValueError(f"{name} is {width}x{height} px; its sides may be at most {max_side} px")
+    if width * height > max_pixels():
+        raise ValueError(f"{name} is {width}x{height} px, {width * height:,} pixels, more than this machine's budget "
+                         f"of {max_pixels():,} (DIT_ATTN_MAX_PIXELS)")
+
+
 def default_size(pipe) -> tuple[int | None, int | None]:
     """The (height, width) a pipeline draws when none is given (None, None where it does not say)."""
     sample = getattr(pipe, "default_sample_size", None)

@@ -104,16 +104,18 @@ def test_build_settings_checks_every_field(registry):
     assert settings["model"] == "demo" and settings["edits"][0]["heads"] == ["L3H3"] and settings["dtype"] == "float32"
     for change, message in [
         (dict(prompt="  "), "prompt is empty"),
-        (dict(size="30"), "multiples of 4"),
+        (dict(size="30"), "must be a multiple of 4 px"),
         (dict(size="big"), "N or WIDTHxHEIGHT"),
-        (dict(size="4096"), "between 4 and 2048"),
+        (dict(size="4096"), "more than this model's largest side, 256 px"),
+        (dict(size="0"), "height must be >= 1"),
         (dict(heads=["L99H0"]), r"layers 0-3"),
         (dict(heads=["L0H4"]), r"valid heads are 0-3"),
-        (dict(num_inference_steps=0), r"steps must be in \[1, 200\]"),
+        (dict(num_inference_steps=0), r"steps must be in \[1, 1000\]"),
         (dict(num_inference_steps=2.5), "steps must be a whole number"),
         (dict(seed=-1), "seed must be in"),
         (dict(u=1.5), r"u must be in \[0.0, 1.0\]"),
-        (dict(guidance_scale=float("nan")), "CFG scale must be a number"),
+        (dict(guidance_scale=float("nan")), "CFG scale must be a finite number"),
+        (dict(guidance_scale=1e9), r"CFG scale must be in \[0.0, 100.0\]"),
         (dict(scope="everything"), "scope must be one of"),
         (dict(local_radius=-1), "radius must be a finite number > 0"),
         (dict(start=1.5), r"guidance start must be in \[0.0, 1.0\]"),
@@ -229,7 +231,7 @@ def test_api_png_regenerates_bit_identical(client):
     (dict(heads="L99H0"), "layer 99 (from 'L99H0') out of range: this model has layers 0-3"),
     (dict(heads="head7"), "use 'L<layer>H<head>', 'L<layer>'"),
     (dict(prompt=" "), "the prompt is empty"),
-    (dict(size="30"), "multiples of 4"),
+    (dict(size="30"), "must be a multiple of 4 px"),
     (dict(local_radius=-2), "radius must be a finite number > 0"),
 ])
 def test_api_bad_input_is_a_readable_error(client, change, message):
@@ -342,7 +344,7 @@ def test_atlas_action_equals_da_atlas(actions, direct_atlas):
     (dict(prompts="\n".join(["a red circle"] * 8), seeds="0 1 2 3", steps=50),
      f"needs 27200 image-steps ((heads + 1) × prompts × seeds × steps = 17 × 8 × 4 × 50); the page allows at most {MAX_ATLAS_WORK}"),
     (dict(objective="judge", prompts="a cat on the moon"), "the judge objective scores captions of the tiny model's world"),
-    (dict(size="30"), "multiples of 4"),
+    (dict(size="30"), "must be a multiple of 4 px"),
 ])
 def test_atlas_action_bad_input_is_a_readable_error(actions, change, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -427,7 +429,7 @@ def test_text_edit_blocklist_guards_only_blocked_words(actions, stock_demo):
     (dict(new_text=" "), "new_text must be a non-empty string"),
     (dict(start=1.0), "start must be < 1"),
     (dict(blocklist='"A"'), "blocklist must be a non-empty list of non-empty words without quotes"),
-    (dict(steps=0), "steps must be in [1, 200]"),
+    (dict(steps=0), "steps must be in [1, 1000]"),
 ])
 def test_text_edit_bad_input_is_a_readable_error(actions, change, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -463,6 +465,292 @@ def test_api_load_atlas_takes_uploads_never_server_paths(server, client, direct_
     event = httpx.post(url, json={"data": [{"path": str(path), "meta": {"_type": "gradio.FileData"}}]}).json()["event_id"]
     stream = httpx.get(f"{url}/{event}", timeout=30).text
     assert "event: error" in stream and "event: complete" not in stream and "Largest rises" not in stream
+
+
+# hardening: every endpoint applies the shared limits before it allocates; uploads, exposure and failures
+
+SETS = dict(model="demo", steps=2, cfg=4.5, seed=3, size="", layout="1x2", panels="a red circle\na blue circle",
+            task="SET", summary="", reference=None, reference_panel=0)
+
+
+def sets_form(**changes) -> list:
+    return list({**SETS, **changes}.values())
+
+
+def png_file(path, width: int, height: int) -> str:
+    Image.new("RGB", (width, height), (200, 30, 30)).save(path)
+    return str(path)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A well-formed PNG whose header claims width × height pixels (decoding it would allocate them all)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def no_set_generation(monkeypatch):
+    """generate_set fails the test if reached: the Sets tab must refuse before it allocates anything."""
+    import dit_attn.ic
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("generate_set was called: the request was not checked first")
+
+    monkeypatch.setattr(dit_attn.ic, "generate_set", refuse)
+
+
+def test_sets_action_makes_a_set_from_a_reference_file(actions, tmp_path):
+    reference = png_file(tmp_path / "left.png", 40, 24)
+    canvas, panels, text = actions.sets(*sets_form(reference=reference))
+    assert Image.open(canvas).size == (64, 32) and len(panels) == 2
+    assert text == "[SET] ; [LEFT] a red circle; [RIGHT] a blue circle" or text.startswith("[SET]")
+    settings = png_settings(canvas)
+    assert (settings["seed"], settings["num_inference_steps"], settings["guidance_scale"]) == (3, 2, 4.5)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(size="16000x8000", reference="REF"), "16000x8000 is 128,000,000 pixels, more than this machine's budget of 16,777,216"),
+    (dict(size="512x256", reference="REF"), "width 512 px is more than this model's largest side, 256 px"),
+    (dict(size="0"), "height must be >= 1"),
+    (dict(seed=-1), "seed must be in [0, 9223372036854775807], got -1"),
+    (dict(seed=2**63), "seed must be in [0, 9223372036854775807]"),
+    (dict(seed=1.5), "seed must be a whole number"),
+    (dict(cfg=float("nan")), "CFG scale must be a finite number"),
+    (dict(cfg=-1), "CFG scale must be in [0.0, 100.0], got -1"),
+    (dict(cfg=1e9), "CFG scale must be in [0.0, 100.0]"),
+    (dict(steps=1001), "steps must be in [1, 1000], got 1001"),
+    (dict(steps=0), "steps must be in [1, 1000], got 0"),
+    (dict(layout="100000x100000"), "the page makes sets of at most 16"),
+    (dict(reference="REF", reference_panel=2), "reference panel index must be in [0, 1], got 2"),
+    (dict(reference="BOMB"), "the reference image is 5000x5000 px, 25,000,000 pixels, more than this machine's budget"),
+    (dict(reference="TEXT"), "the reference is not an image file this server can read"),
+])
+def test_sets_checks_every_value_before_generating(actions, no_set_generation, tmp_path, change, message):
+    files = {"REF": png_file(tmp_path / "ref.png", 16, 16), "BOMB": str(tmp_path / "bomb.png"),
+             "TEXT": str(tmp_path / "text.png")}
+    (tmp_path / "bomb.png").write_bytes(png_claiming(5000, 5000))
+    (tmp_path / "text.png").write_text("not an image")
+    change = {k: files.get(v, v) if isinstance(v, str) else v for k, v in change.items()}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        actions.sets(*sets_form(**change))
+    with pytest.raises(gr.Error):
+        readable_errors(actions.sets)(*sets_form(**change))
+
+
+def test_sets_canvas_is_held_to_the_machines_pixel_budget(actions, no_set_generation, monkeypatch):
+    monkeypatch.setenv("DIT_ATTN_MAX_PIXELS", "2048")
+    with pytest.raises(ValueError, match=re.escape("64x32 is 2,048 pixels") + "|" + re.escape("more than this machine's budget of 2,048")):
+        actions.sets(*sets_form(size="64x64"))
+
+
+ENDPOINT_FORMS = {"/generate": form, "/compare": lambda **c: form(**{"heads": "L0", **c}), "/sets": sets_form,
+                  "/atlas": atlas_form, "/text_edit": text_form}
+
+
+@pytest.mark.parametrize("endpoint", sorted(ENDPOINT_FORMS))
+@pytest.mark.parametrize("change, message", [
+    (dict(size="16000x8000"), "16000x8000 is 128,000,000 pixels, more than this machine's budget of 16,777,216"),
+    (dict(size="512x256"), "width 512 px is more than this model's largest side, 256 px"),
+    (dict(size="30"), "height must be a multiple of 4 px on this model"),
+    (dict(cfg=1e9), "CFG scale must be in [0.0, 100.0]"),
+])
+def test_every_endpoint_applies_the_same_limits(client, no_set_generation, endpoint, change, message):
+    with pytest.raises(AppError) as caught:
+        client.predict(*ENDPOINT_FORMS[endpoint](**change), api_name=endpoint)
+    assert message in html.unescape(str(caught.value))
+
+
+@pytest.mark.parametrize("endpoint", ["/generate", "/compare", "/sets", "/text_edit"])
+def test_every_generating_endpoint_checks_steps_and_seed_alike(client, no_set_generation, endpoint):
+    for change, message in [(dict(steps=1001), r"Steps: Value 1001 is greater than maximum value 1000"),
+                            (dict(seed=-1), r"[Ss]eed.* -1 .*0|seed must be in \[0, 9223372036854775807\]"),
+                            (dict(seed=2**63), r"seed must be in \[0, 9223372036854775807\], got 9223372036854775808")]:
+        with pytest.raises(AppError) as caught:
+            client.predict(*ENDPOINT_FORMS[endpoint](**change), api_name=endpoint)
+        assert re.search(message, html.unescape(str(caught.value))), str(caught.value)
+
+
+def test_api_refuses_oversized_text_and_wrong_types_readably(client):
+    for args, message in [(form(prompt="a" * 20_000), "more than the limit of 10,000"),
+                          (form(heads="L0H0," * 3000), "more than the limit of 10,000"),
+                          (form(steps="many"), "Steps: 'many' is not a value this field takes"),
+                          (form(picked=7), "is not a value this field takes"),
+                          (form(local_radius=1e308), "local attention radius must be at most 4096 tokens")]:
+        with pytest.raises(AppError) as caught:
+            client.predict(*args, api_name="/generate")
+        text = html.unescape(str(caught.value))
+        assert message in text and "verbose error reporting" not in text
+    with pytest.raises(AppError, match="expected an uploaded file"):
+        client.predict("/etc/passwd", api_name="/load_atlas")
+
+
+def atlas_data(layers=(4, 4, 4, 4), thumbnail: bytes | None = None, **changes) -> dict:
+    if thumbnail is None:
+        buffer = __import__("io").BytesIO()
+        Image.new("RGB", (48, 48), "white").save(buffer, format="PNG")
+        thumbnail = buffer.getvalue()
+    thumb = base64.b64encode(thumbnail).decode()
+    scores = {"L0H0": 0.5, "L1H2": 0.25}
+    data = {"baseline": 0.3, "scores": scores, "thumbnails": {**{h: thumb for h in scores}, "baseline": thumb},
+            "layers": list(layers), "settings": {"objective": "color:red", "u": 1.0, "scale": 3.0}}
+    return {**data, **changes}
+
+
+def big_png(side: int) -> bytes:
+    buffer = __import__("io").BytesIO()
+    Image.new("RGB", (side, side), "white").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("content, message", [
+    (atlas_data(layers=[1] * 101), "'layers' has 101 layers, more than the limit of 100"),
+    (atlas_data(layers=[2] * 10**5), "'layers' has 100000 layers, more than the limit of 100"),
+    (atlas_data(layers=[65]), "layer 0 must have 1-64 heads (an integer), got 65"),
+    (atlas_data(layers=[10**9]), "layer 0 must have 1-64 heads"),
+    (atlas_data(thumbnail=big_png(257)), "the thumbnail of L0H0 is 257x257 px; its sides may be at most 256 px"),
+    (atlas_data(thumbnail=png_claiming(60000, 60000)), "the thumbnail of L0H0 is not a base64 PNG"),
+    (atlas_data(thumbnail=png_claiming(5000, 5000)), "the thumbnail of L0H0 is 5000x5000 px; its sides may be at most 256 px"),
+    (atlas_data(baseline=float("nan")), "'baseline' must be a finite number"),
+    (atlas_data(settings={"objective": "x" * 300}), "its setting 'objective' has 300 characters"),
+    ({"scores": {f"k{i}": 0 for i in range(250_000)}}, "more than an atlas of the largest layout"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+])
+def test_uploaded_atlas_is_checked_against_a_real_layout_before_drawing(actions, tmp_path, content, message):
+    path = tmp_path / "atlas.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        actions.load_atlas(str(path))
+
+
+def test_uploaded_atlas_of_the_largest_layout_is_drawn(actions, tmp_path):
+    heads = [f"L{layer}H{head}" for layer in range(100) for head in range(64)]
+    data = atlas_data(layers=[64] * 100)
+    data["scores"] = {h: (i % 7) / 7 for i, h in enumerate(heads)}
+    data["thumbnails"] = {h: data["thumbnails"]["baseline"] for h in [*heads, "baseline"]}
+    path = tmp_path / "atlas.json"
+    path.write_text(json.dumps(data))
+    png, (page, _), summary = actions.load_atlas(str(path))
+    assert Image.open(png).size == (40 + 64 * 56 + 4, 48 + 100 * 56) and "6400 heads" in summary
+
+
+def test_atlas_strings_are_escaped_in_the_page_and_the_summary(actions, tmp_path):
+    settings = {"objective": "<script>alert(1)</script>", "u": "<img src=x onerror=alert(1)>", "scale": '"><svg onload=x>',
+                "prompts": ["</pre><script>alert(2)</script>"]}
+    path = tmp_path / "atlas.json"
+    path.write_text(json.dumps(atlas_data(settings=settings)))
+    png, (page, data), summary = actions.load_atlas(str(path))
+    with open(page) as f:
+        text = f.read()
+    assert "<script" not in text and "<img src=x" not in text and "<svg" not in text and "</pre><script" not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text and "&lt;img src=x onerror=alert(1)&gt;" in text
+    assert "<script>" not in summary and r"\<script\>" in summary
+    # render_html escapes what it is given directly too (a thumbnail is attribute text)
+    from dit_attn.guidance.atlas import Atlas, render_html, render_png
+
+    hostile = Atlas(0.0, {"L0H0": 1.0}, {"L0H0": '"><script>alert(3)</script>', "baseline": "x"}, [1],
+                    {"objective": "o", "u": 1, "scale": 2})
+    render_html(hostile, str(tmp_path / "page.html"))
+    assert "<script" not in (tmp_path / "page.html").read_text()
+    with pytest.raises(ValueError, match="more than the limit of 100"):
+        render_png(Atlas(0.0, {"L0H0": 1.0}, {}, [1] * 1000, {"objective": "o"}), str(tmp_path / "big.png"))
+
+
+def test_uploads_are_capped(server):
+    from dit_attn.limits import MAX_UPLOAD_BYTES
+
+    assert server.max_file_size == MAX_UPLOAD_BYTES == 64 * 2**20
+    url = server.local_url.rstrip("/") + "/gradio_api/upload"
+    response = httpx.post(url, files={"files": ("atlas.json", b" " * (MAX_UPLOAD_BYTES + 1))}, timeout=60)
+    assert response.status_code == 413 and "maximum allowed size" in response.text
+    assert httpx.post(url, files={"files": ("atlas.json", b"{}")}, timeout=60).status_code == 200
+
+
+def test_exposure_warning_names_what_a_non_loopback_host_exposes(registry):
+    from dit_attn.app.server import exposure_warning, is_loopback
+
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert is_loopback(host) and exposure_warning(host, 7860, registry, None) is None
+    warning = exposure_warning("0.0.0.0", 7860, registry, None)
+    assert "0.0.0.0:7860" in warning and "every network interface" in warning and "no login" in warning
+    assert "demo" in warning and "64 MB" in warning and "--auth USER:PASSWORD" in warning and "--host 127.0.0.1" in warning
+    assert "knows the --auth password" in exposure_warning("192.168.1.5", 80, registry, ("u", "p"))
+    assert not is_loopback("example.org") and not is_loopback("::")
+
+
+def test_serve_warns_on_a_public_host_and_passes_the_upload_cap_and_auth(registry, monkeypatch, capsys, tmp_path):
+    from dit_attn.app import server as app_server
+
+    launched = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launched.update(kwargs))
+    monkeypatch.setenv("DIT_ATTN_APP_AUTH", "alice:s3cret:with:colons")
+    app_server.serve(registry, host="0.0.0.0", port=9, output_dir=str(tmp_path), block=False)
+    err = capsys.readouterr().err
+    assert err.startswith("warning: dit-attn app listens on 0.0.0.0:9, every network interface of this machine")
+    assert launched["server_name"] == "0.0.0.0" and launched["max_file_size"] == 64 * 2**20
+    assert launched["auth"] == ("alice", "s3cret:with:colons")
+    monkeypatch.delenv("DIT_ATTN_APP_AUTH")
+    app_server.serve(registry, port=9, output_dir=str(tmp_path), block=False)
+    assert capsys.readouterr().err == "" and launched["auth"] is None and launched["server_name"] == "127.0.0.1"
+    with pytest.raises(ValueError, match="auth must be USER:PASSWORD"):
+        app_server.serve(registry, port=9, output_dir=str(tmp_path), block=False, auth="nopassword")
+
+
+def test_cli_app_auth_flag(capsys):
+    assert build_parser().parse_args(["app", "--auth", "u:p"]).auth == "u:p"
+    assert build_parser().parse_args(["app"]).auth is None
+    assert main(["app", "--auth", "no-colon"]) == 2
+    assert "auth must be USER:PASSWORD" in capsys.readouterr().err
+
+
+def test_auth_makes_the_api_ask_for_the_login(registry, tmp_path):
+    app = serve(registry, port=free_port(), output_dir=str(tmp_path), block=False, auth=("alice", "s3cret"))
+    try:
+        assert httpx.get(app.local_url.rstrip("/") + "/config").status_code == 401
+        with pytest.raises(Exception):
+            Client(app.local_url, verbose=False, analytics_enabled=False, auth=("alice", "wrong"))
+        logged_in = Client(app.local_url, verbose=False, analytics_enabled=False, auth=("alice", "s3cret"),
+                           download_files=False)
+        assert logged_in.predict(*form(heads=""), api_name="/generate")[1]["seed"] == 3
+    finally:
+        app.close()
+
+
+@pytest.mark.parametrize("error", [MemoryError(), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20 GiB"),
+                                   RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")])
+def test_out_of_memory_is_a_message_and_the_server_keeps_serving(client, monkeypatch, error):
+    import dit_attn.app.generation
+    import dit_attn.ic
+
+    def exhausted(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(dit_attn.app.generation, "render", exhausted)
+    monkeypatch.setattr(dit_attn.ic, "generate_set", exhausted)
+    for endpoint, args in [("/generate", form()), ("/sets", sets_form())]:
+        with pytest.raises(AppError) as caught:
+            client.predict(*args, api_name=endpoint)
+        assert "out of memory: this request needs more memory than the server has free" in str(caught.value)
+    monkeypatch.undo()
+    path, settings = client.predict(*form(), api_name="/generate")  # the model's lock was released
+    assert settings["seed"] == 3 and Image.open(path).size == (32, 32)
+
+
+def test_an_unexpected_error_is_a_short_message_not_a_traceback(client, monkeypatch):
+    import dit_attn.app.generation
+
+    def broken(*args, **kwargs):
+        raise KeyError("secret internal detail")
+
+    monkeypatch.setattr(dit_attn.app.generation, "render", broken)
+    with pytest.raises(AppError) as caught:
+        client.predict(*form(), api_name="/generate")
+    assert "internal error (KeyError)" in str(caught.value) and "secret internal detail" not in str(caught.value)
 
 
 # the page in a real browser

@@ -8,62 +8,70 @@ a PNG's `dit-attn` text chunk from the app and from `dit-attn generate` read the
 """
 from __future__ import annotations
 
-import math
-
 from ..io import parse_heads, parse_size
 from ..edits import HeadGuidance
 from ..heads import normalize_heads, resolve_heads
+from ..limits import (MAX_LIST_ITEMS, MAX_LOCAL_RADIUS, check_guidance_scale, check_image_size, check_seed, check_steps, check_text, number,
+                      whole_number)
 from ..workflows.batch import edits_from_options, stored_settings
 from .models import LoadedModel
 
-MAX_STEPS = 200
-MAX_SIDE = 2048
-MAX_SEED = 2**63 - 1
+MAX_SIZE_CHARS = 32  # 'WIDTHxHEIGHT' of any size the machine can hold
 
 
-def whole_number(name: str, value, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value != int(value):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
-    if not low <= int(value) <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {int(value)}")
-    return int(value)
+def check_form_steps(value) -> int:
+    """The page's Steps (num_inference_steps), by the limit every entry point applies."""
+    return check_steps(value, "steps")
 
 
-def number(name: str, value, low: float, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be {bounds}, got {value}")
-    return float(value)
+def check_form_seed(value) -> int:
+    return check_seed(value, "seed")
+
+
+def check_form_cfg(value) -> float | None:
+    """The page's CFG scale (guidance_scale); None: the pipeline's default."""
+    return None if value is None else check_guidance_scale(value, "CFG scale")
+
+
+def check_names(name: str, values) -> list[str]:
+    """A list field of the page (ticked heads, presets): at most MAX_LIST_ITEMS short strings (None: empty)."""
+    if values is None:
+        return []
+    if isinstance(values, str) or not isinstance(values, (list, tuple)):
+        raise ValueError(f"{name} must be a list of names, got {type(values).__name__}")
+    if len(values) > MAX_LIST_ITEMS:
+        raise ValueError(f"{name}: {len(values):,} items, more than the limit of {MAX_LIST_ITEMS:,}")
+    return [check_text(name, value, 100) for value in values]
 
 
 def collect_heads(text: str | None, picked=None, presets=None) -> list[str]:
     """Heads typed as text ('L1H0, L2'), ticked in the picker and chosen as presets, in that order, without repeats."""
-    typed = parse_heads(text or "")
+    typed = parse_heads(check_text("heads", text))
     normalize_heads(typed)  # syntax errors name the valid forms
-    chosen = [*typed, *(picked or []), *(presets or [])]
+    chosen = [*typed, *check_names("picked heads", picked), *check_names("presets", presets)]
     return list(dict.fromkeys(chosen))
 
 
 def parse_image_size(text: str | None, model: LoadedModel) -> tuple[int | None, int | None]:
-    """(height, width) from 'N' or 'WIDTHxHEIGHT'; (None, None) for the model's default size."""
-    if text is None or not text.strip():
+    """(height, width) from 'N' or 'WIDTHxHEIGHT'; (None, None) for the model's default size. Checked by
+    `limits.check_image_size` (whole tokens, the model's largest side, the machine's pixel budget) before
+    anything is allocated."""
+    if text is None or not str(text).strip():
         return None, None
+    text = check_text("size", text, MAX_SIZE_CHARS)
     height, width = parse_size(text)
-    multiple = size_multiple(model.pipe)
-    for side in (width, height):
-        if not multiple <= side <= MAX_SIDE or side % multiple:
-            raise ValueError(
-                f"size sides must be multiples of {multiple} between {multiple} and {MAX_SIDE} on this model "
-                f"(e.g. {8 * multiple} or {8 * multiple}x{4 * multiple}), got {text.strip()!r}"
-            )
+    check_image_size(model.pipe, height, width)
     return height, width
 
 
-def size_multiple(pipe) -> int:
-    """Image sides must divide into whole latent patches: VAE factor × transformer patch (2 for FLUX's packing)."""
-    return int(pipe.vae_scale_factor) * int(getattr(pipe, "patch_size", 2))
+def _local_radius(value) -> float | None:
+    """None (or 0) for full attention; else the radius, whose own checks (finite, > 0) are LocalAttention's."""
+    if not value:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > MAX_LOCAL_RADIUS:
+        raise ValueError(f"local attention radius must be at most {MAX_LOCAL_RADIUS:g} tokens (more is full attention), "
+                         f"got {value:g}")
+    return value
 
 
 def build_settings(model: LoadedModel, *, prompt: str, num_inference_steps, guidance_scale, seed, size: str | None,
@@ -76,16 +84,16 @@ def build_settings(model: LoadedModel, *, prompt: str, num_inference_steps, guid
     start, end: the fractions of the steps between which head guidance is active.
     local_downsample: None (or 0) or the factor of CLEAR's pooled keys (needs a radius).
     """
-    if not isinstance(prompt, str) or not prompt.strip():
+    if not check_text("prompt", prompt).strip():
         raise ValueError("the prompt is empty: describe the image to generate")
     height, width = parse_image_size(size, model)
-    seed = whole_number("seed", seed, 0, MAX_SEED)
-    num_inference_steps = whole_number("steps", num_inference_steps, 1, MAX_STEPS)
-    guidance_scale = number("CFG scale", guidance_scale, 0.0)
+    seed = check_form_seed(seed)
+    num_inference_steps = check_form_steps(num_inference_steps)
+    guidance_scale = check_guidance_scale(guidance_scale, "CFG scale")
     options = {
-        "heads": list(heads), "pag_scale": number("guidance scale", pag_scale, 0.0), "u": number("u", u, 0.0, 1.0),
+        "heads": list(heads), "pag_scale": check_guidance_scale(pag_scale, "guidance scale"), "u": number("u", u, 0.0, 1.0),
         "target": target, "scope": scope, "start": number("guidance start", start, 0.0, 1.0),
-        "end": number("guidance end", end, 0.0, 1.0), "local_radius": local_radius or None,
+        "end": number("guidance end", end, 0.0, 1.0), "local_radius": _local_radius(local_radius),
         "local_downsample": whole_number("local downsample", local_downsample, 2, 64) if local_downsample else None,
     }
     edits = edits_from_options(options)  # each edit checks its own fields

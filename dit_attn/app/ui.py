@@ -1,13 +1,21 @@
 """The page: shared settings on the left, one tab per feature on the right."""
 from __future__ import annotations
 
+import abc
 import functools
+import gc
 import html
+import inspect
 import logging
 
 import gradio as gr
+import pydantic
+import torch
+from PIL import Image
 
 from ..io import slug
+from ..limits import (MAX_LIST_ITEMS, MAX_STEPS, MAX_TEXT_CHARS, check_image_header, check_image_size, check_text, number,
+                      whole_number)
 from ..guidance.atlas import atlas as compute_atlas
 from ..loading import call_options
 from .atlas import (MAX_ATLAS_STEPS, MAX_ATLAS_WORK, MAX_PROMPTS, MAX_SEEDS, atlas_request, check_work, objective_choices,
@@ -16,7 +24,7 @@ from .generation import difference_image, run_pipeline, save_png
 from .models import LoadedModel, ModelRegistry
 from ..edits import TextGuard, TextPatch
 from ..workflows.batch import edits_for, stored_settings, with_image_size
-from .settings import MAX_SEED, MAX_STEPS, build_settings, collect_heads, number, parse_image_size, whole_number
+from .settings import (build_settings, check_form_cfg, check_form_seed, check_form_steps, collect_heads, parse_image_size)
 from .text_edit import DEFAULT_SIGN_PROMPT, REPLACEMENT, parse_blocklist, run_text_edit, text_layers
 
 logger = logging.getLogger(__name__)
@@ -27,20 +35,140 @@ CSS = ".dit-attn-image img { width: 100%; height: 100%; object-fit: contain; ima
 ATLAS_BATCH = 4  # heads scored per pipeline call, as `dit-attn atlas` by default
 
 
+MAX_PANELS = 16  # panels of an in-context set made in the page
+OUT_OF_MEMORY = ("out of memory: this request needs more memory than the server has free; try a smaller size, fewer "
+                 "steps or panels (the server is still running)")
+
+
+def _check_request(handler, args, kwargs) -> None:
+    """Every text and list value of a request within the shared limits, before the handler runs."""
+    try:
+        named = inspect.signature(handler).bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        named = {f"value {i}": value for i, value in enumerate([*args, *kwargs.values()])}
+    for name, value in named.items():
+        if isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
+            raise ValueError(f"{name} has {len(value):,} characters, more than the limit of {MAX_TEXT_CHARS:,}")
+        if isinstance(value, (list, tuple)) and len(value) > MAX_LIST_ITEMS:
+            raise ValueError(f"{name} has {len(value):,} items, more than the limit of {MAX_LIST_ITEMS:,}")
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def readable_errors(handler):
-    """Bad input reaches the page as its message in an error box, never as a stack trace."""
+    """Bad input reaches the page as its message in an error box, never as a stack trace; running out of memory
+    is a message too, and the server keeps serving."""
 
     @functools.wraps(handler)
     def wrapper(*args, **kwargs):
         try:
+            _check_request(handler, args, kwargs)
             return handler(*args, **kwargs)
+        except gr.Error:
+            raise
         except (ValueError, TypeError) as err:
             raise gr.Error(html.escape(str(err), quote=False), print_exception=False) from None
-        except RuntimeError as err:  # e.g. out of memory at a large size
+        except (MemoryError, torch.OutOfMemoryError):
+            logger.exception("out of memory in a request")
+            _free_memory()
+            raise gr.Error(OUT_OF_MEMORY, print_exception=False) from None
+        except RuntimeError as err:  # e.g. a backend failure at a large size
             logger.exception("generation failed")
+            _free_memory()
+            if "out of memory" in str(err).lower() or "can't allocate memory" in str(err).lower():
+                raise gr.Error(OUT_OF_MEMORY, print_exception=False) from None
             raise gr.Error(html.escape(f"generation failed: {err}", quote=False), print_exception=False) from None
+        except Exception as err:  # a bug: a short message on the page, the traceback in the server's log
+            logger.exception("request failed")
+            raise gr.Error(f"the request failed with an internal error ({type(err).__name__}); the server's log has "
+                           "the details", print_exception=False) from None
 
     return wrapper
+
+
+def open_reference(path, panel_size: tuple[int, int]) -> Image.Image:
+    """The uploaded reference image resized to the panel (height, width): its header is checked against the machine's
+    pixel budget before it is decoded."""
+    if not isinstance(path, str):
+        raise ValueError("the reference must be an uploaded image file")
+    try:
+        image = Image.open(path)
+    except Exception:  # PIL raises OSError, SyntaxError, DecompressionBombError... for what is not an image
+        raise ValueError("the reference is not an image file this server can read (PNG, JPEG, WebP, ...)") from None
+    with image:
+        check_image_header(image, "the reference image")
+        try:
+            rgb = image.convert("RGB")
+        except Exception:
+            raise ValueError("the reference image is broken: it could not be decoded") from None
+    return rgb.resize((panel_size[1], panel_size[0]))
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return html.escape(text if len(text) <= 40 else text[:37] + "...", quote=False)
+
+
+class _ReadableDataModel:
+    """A Gradio data model (e.g. FileData) whose validation failure, a payload of the wrong shape (text where an
+    uploaded file goes), is a readable error naming the field; everything else is the model's own."""
+
+    def __init__(self, model, field: str):
+        self._model, self._field = model, field
+
+    def model_validate(self, obj, *args, **kwargs):
+        try:
+            return self._model.model_validate(obj, *args, **kwargs)
+        except pydantic.ValidationError:
+            raise gr.Error(f"{self._field}: expected an uploaded file (from gradio_client: handle_file(path)), got "
+                           f"{_shown(obj)}", print_exception=False) from None
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def _readable(component: type, what: str = "is not a value this field takes") -> type:
+    """`component` (drawn by the page as itself: a Gradio template) whose preprocessing failure, on a value the page
+    never sends (text for a number, a number for a list, a file that is not an image), is a readable error naming
+    the field instead of Gradio's generic one; Gradio's own refusals (bounds, choices) name the field too."""
+
+    def field(self) -> str:
+        return str(getattr(self, "label", None) or getattr(self, "elem_id", None) or component.__name__)
+
+    def get_data_model(self):  # Gradio's own (a class attribute, or set by __init__ as gr.File does), made readable
+        model = self.__dict__.get("_raw_data_model", getattr(component, "data_model", None))
+        return None if model is None else _ReadableDataModel(model, field(self))
+
+    def set_data_model(self, model) -> None:
+        self.__dict__["_raw_data_model"] = model
+
+    def preprocess(self, payload):
+        try:
+            return component.preprocess(self, payload)
+        except gr.Error as err:
+            raise gr.Error(f"{html.escape(field(self), quote=False)}: {err.message}", print_exception=False) from None
+        except Image.DecompressionBombError as err:
+            raise gr.Error(html.escape(f"{field(self)}: {err}", quote=False), print_exception=False) from None
+        except Exception:
+            raise gr.Error(f"{html.escape(field(self), quote=False)}: {_shown(payload)} {what}",
+                           print_exception=False) from None
+
+    name = f"Readable{component.__name__}"
+    namespace = {"__module__": __name__, "__qualname__": name, "__doc__": component.__doc__, "is_template": True,
+                 "preprocess": preprocess, "data_model": property(get_data_model, set_data_model)}
+    # Built with ABCMeta.__new__, not Gradio's ComponentMeta.__new__: that one would write a .pyi stub of this module
+    # into the package (read-only once installed, and shadowing ui.py for type checkers). This class defines no
+    # __init__ and no events, the only other things ComponentMeta.__new__ handles.
+    return abc.ABCMeta.__new__(type(component), name, (component,), namespace)
+
+
+Dropdown, Textbox, Slider, Number = (_readable(c) for c in (gr.Dropdown, gr.Textbox, gr.Slider, gr.Number))
+Radio, CheckboxGroup, File = (_readable(c) for c in (gr.Radio, gr.CheckboxGroup, gr.File))
+ReferenceImage = _readable(gr.Image, "is not an image file this server can read (PNG, JPEG, WebP, ...)")
 
 
 def _presets_info(model: LoadedModel) -> str:
@@ -99,39 +227,47 @@ class AppActions:
 
     def sets(self, model_choice, num_inference_steps, guidance_scale, seed, size, layout, panel_text, task_tag, summary,
              reference, reference_panel, progress=gr.Progress()):
-        """An in-context set: one caption line a panel, optional reference image for one panel (resized to the panel)."""
+        """An in-context set: one caption line a panel, optional reference image for one panel (resized to the panel).
+        Every number and the canvas size are checked by the shared limits before the model is asked for anything."""
         from ..io import parse_size
         from ..ic import Layout, caption, generate_set
 
+        layout = Layout.parse(check_text("layout", layout, 32) or "1x2")
+        if layout.panels > MAX_PANELS:
+            raise ValueError(f"a {layout} layout has {layout.panels} panels; the page makes sets of at most {MAX_PANELS}")
+        text = caption([line.strip() for line in check_text("panel captions", panel_text).splitlines() if line.strip()],
+                       layout, task_tag=check_text("task tag", task_tag).strip() or None,
+                       summary=check_text("summary", summary).strip() or None)
+        total = check_form_steps(num_inference_steps)
+        seed = check_form_seed(seed)
+        cfg = check_form_cfg(guidance_scale)
+        panel = None
+        if reference is not None:
+            panel = whole_number("reference panel index", 0 if reference_panel is None else reference_panel, 0,
+                                 layout.panels - 1)
         progress(0, desc="loading model")
-        layout = Layout.parse(layout or "1x2")
-        text = caption([line.strip() for line in (panel_text or "").splitlines() if line.strip()], layout,
-                       task_tag=(task_tag or "").strip() or None, summary=(summary or "").strip() or None)
-        if not 1 <= int(num_inference_steps) <= MAX_STEPS:
-            raise ValueError(f"steps must be in 1-{MAX_STEPS}, got {num_inference_steps}")
         model = self.registry.get(model_choice)
         pipe = model.pipe
-        if size and str(size).strip():
-            height, width = parse_size(str(size))
+        if size is not None and str(size).strip():
+            height, width = parse_size(check_text("size", size, 32))
         else:
             side = int(pipe.default_sample_size * pipe.vae_scale_factor)
             height, width = layout.rows * side, layout.cols * side
+        check_image_size(pipe, height, width)  # the whole canvas, before any allocation
         references = {}
         if reference is not None:
-            panel = int(reference_panel or 0)
-            panel_h, panel_w = layout.check_size(height, width)
-            references[panel] = reference.convert("RGB").resize((panel_w, panel_h))
-        total = int(num_inference_steps)
+            panel_size = layout.check_size(height, width)
+            references[panel] = open_reference(reference, panel_size)
 
         def step_ended(_pipe, step, timestep, tensors):
             progress((step + 1, total), desc="denoising", unit="steps")
             return {}
 
         with model.lock:
-            result = generate_set(pipe, text, layout, size=(height, width), reference=references or None, seed=int(seed),
+            result = generate_set(pipe, text, layout, size=(height, width), reference=references or None, seed=seed,
                                   num_inference_steps=total, callback_on_step_end=step_ended,
-                                  **({"guidance_scale": float(guidance_scale)} if guidance_scale is not None else {}))
-        settings = {**result.settings, "model": model.choice, "num_inference_steps": total, "guidance_scale": guidance_scale,
+                                  **({"guidance_scale": cfg} if cfg is not None else {}))
+        settings = {**result.settings, "model": model.choice, "num_inference_steps": total, "guidance_scale": cfg,
                     "dtype": self.registry.dtype_name}
         canvas = save_png(result.canvas, settings, self.output_dir, "set")
         panels = [save_png(p, {**settings, "panel": k}, self.output_dir, f"panel-{k}") for k, p in enumerate(result.panels)]
@@ -141,7 +277,7 @@ class AppActions:
               progress=gr.Progress(track_tqdm=True)):
         """Every head's effect on the objective (`da.atlas`), bounded to MAX_ATLAS_WORK image-steps: PNG, [HTML, JSON], summary."""
         request = atlas_request(objective, prompts_text, seeds_text, steps, u, scale)
-        cfg = None if cfg is None else number("CFG scale", cfg, 0.0)
+        cfg = check_form_cfg(cfg)
         progress(0, desc="loading model")
         model = self.registry.get(model_choice)
         height, width = parse_image_size(size, model)
@@ -166,16 +302,17 @@ class AppActions:
     def text_edit(self, model_choice, num_inference_steps, guidance_scale, seed, size, prompt, new_text, layers_text, start,
                   blocklist_text, progress=gr.Progress()):
         """The sign prompt and its twin with `new_text` patched into the text layers; with a blocklist also the guarded prompt."""
-        if not isinstance(prompt, str) or not prompt.strip():
+        if not check_text("sign prompt", prompt).strip():
             raise ValueError('the sign prompt is empty: e.g. a sign that says "A" in red on a white background')
-        steps = whole_number("steps", num_inference_steps, 1, MAX_STEPS)
-        seed = whole_number("seed", seed, 0, MAX_SEED)
+        steps = check_form_steps(num_inference_steps)
+        seed = check_form_seed(seed)
         start = number("start", start, 0.0, 1.0)
-        cfg = None if guidance_scale is None else number("CFG scale", guidance_scale, 0.0)
-        blocklist = parse_blocklist(blocklist_text)
+        cfg = check_form_cfg(guidance_scale)
+        new_text = check_text("new text", new_text)
+        blocklist = parse_blocklist(check_text("blocklist", blocklist_text))
         progress(0, desc="loading model")
         model = self.registry.get(model_choice)
-        layers = text_layers(layers_text, model)
+        layers = text_layers(check_text("text layers", layers_text, 1000), model)
         height, width = parse_image_size(size, model)
         total = steps * (3 if blocklist else 2)
         result = run_text_edit(model, prompt.strip(), (new_text or "").strip(), layers, start, seed, steps,
@@ -218,39 +355,39 @@ def build_blocks(registry: ModelRegistry, output_dir: str) -> gr.Blocks:
     with gr.Blocks(title="dit-attn", analytics_enabled=False, delete_cache=(3600, 3600)) as blocks:
         gr.Markdown("# dit-attn\nHead-level perturbation guidance on diffusion transformers, in your browser.")
         with gr.Row():
-            model_choice = gr.Dropdown(registry.choices, value=registry.default, label="Model", scale=1,
-                                       info="embedded models and the directories allowed at launch (--model-dir)")
+            model_choice = Dropdown(registry.choices, value=registry.default, label="Model", scale=1,
+                                    info="embedded models and the directories allowed at launch (--model-dir)")
             model_summary = gr.Markdown(first.summary())
         with gr.Row():
             with gr.Column(scale=1):
-                prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle on a white background", elem_id="prompt")
+                prompt = Textbox(label="Prompt", lines=2, placeholder="a red circle on a white background", elem_id="prompt")
                 with gr.Row():
-                    steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="steps")
-                    cfg = gr.Number(value=4.5, minimum=0, label="CFG scale")
+                    steps = Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="steps")
+                    cfg = Number(value=4.5, minimum=0, label="CFG scale")
                 with gr.Row():
-                    seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
-                    size = gr.Textbox(label="Size", placeholder="model default", info="N or WIDTHxHEIGHT", elem_id="size")
+                    seed = Number(value=0, precision=0, minimum=0, label="Seed")
+                    size = Textbox(label="Size", placeholder="model default", info="N or WIDTHxHEIGHT", elem_id="size")
                 with gr.Accordion("Head guidance", open=True):
-                    heads_text = gr.Textbox(label="Heads", placeholder="e.g. L1H0, L2", elem_id="heads",
-                                            info="L<layer>H<head>, or L<layer> for all heads of a layer; empty = no guidance")
+                    heads_text = Textbox(label="Heads", placeholder="e.g. L1H0, L2", elem_id="heads",
+                                         info="L<layer>H<head>, or L<layer> for all heads of a layer; empty = no guidance")
                     with gr.Accordion("Layers × heads picker", open=False):
-                        picked = gr.CheckboxGroup(first.head_choices(), label="Heads (layer, head)", elem_id="head-picker")
-                    presets = gr.Dropdown(first.presets(), value=[], multiselect=True, label="Presets", info=_presets_info(first))
-                    pag_scale = gr.Slider(0, 20, value=3.0, step=0.1, label="Guidance scale s")
-                    u = gr.Slider(0, 1, value=1.0, step=0.05, label="u (perturbation strength)")
+                        picked = CheckboxGroup(first.head_choices(), label="Heads (layer, head)", elem_id="head-picker")
+                    presets = Dropdown(first.presets(), value=[], multiselect=True, label="Presets", info=_presets_info(first))
+                    pag_scale = Slider(0, 20, value=3.0, step=0.1, label="Guidance scale s")
+                    u = Slider(0, 1, value=1.0, step=0.05, label="u (perturbation strength)")
                     with gr.Row():
-                        scope = gr.Radio(["joint", "image"], value="joint", label="Scope")
-                        target = gr.Radio(["identity", "uniform"], value="identity", label="Target")
+                        scope = Radio(["joint", "image"], value="joint", label="Scope")
+                        target = Radio(["identity", "uniform"], value="identity", label="Target")
                     with gr.Row():
-                        guidance_start = gr.Slider(0, 1, value=0.0, step=0.05, label="Guidance start", elem_id="guidance-start",
-                                                   info="fraction of the steps where head guidance begins")
-                        guidance_end = gr.Slider(0, 1, value=1.0, step=0.05, label="Guidance end", elem_id="guidance-end",
-                                                 info="... and where it stops (steps before start / from end on are stock)")
+                        guidance_start = Slider(0, 1, value=0.0, step=0.05, label="Guidance start", elem_id="guidance-start",
+                                                info="fraction of the steps where head guidance begins")
+                        guidance_end = Slider(0, 1, value=1.0, step=0.05, label="Guidance end", elem_id="guidance-end",
+                                              info="... and where it stops (steps before start / from end on are stock)")
                 with gr.Row():
-                    local_radius = gr.Number(value=None, label="Local attention radius (tokens)", elem_id="local-radius",
-                                             info="CLEAR: image tokens attend within this radius and to all text; 0 or empty = full attention")
-                    local_downsample = gr.Number(value=None, precision=0, label="Local downsample", elem_id="local-downsample",
-                                                 info="also attend to f×f average-pooled keys (factor f >= 2; empty = off)")
+                    local_radius = Number(value=None, label="Local attention radius (tokens)", elem_id="local-radius",
+                                          info="CLEAR: image tokens attend within this radius and to all text; 0 or empty = full attention")
+                    local_downsample = Number(value=None, precision=0, label="Local downsample", elem_id="local-downsample",
+                                              info="also attend to f×f average-pooled keys (factor f >= 2; empty = off)")
             with gr.Column(scale=2):
                 with gr.Tabs():
                     with gr.Tab("Generate", id="generate"):
@@ -272,17 +409,18 @@ def build_blocks(registry: ModelRegistry, output_dir: str) -> gr.Blocks:
                                     "others are generated. Uses the model, steps, CFG, seed and size (the whole canvas) "
                                     "on the left.")
                         with gr.Row():
-                            set_layout = gr.Textbox(value="1x2", label="Layout", info="ROWSxCOLS", elem_id="set-layout")
-                            set_task = gr.Textbox(value="SET", label="Task tag", elem_id="set-task")
-                            set_summary = gr.Textbox(label="Summary", placeholder="two panels of the same circle",
-                                                     elem_id="set-summary")
-                        set_panels = gr.Textbox(label="Panel captions (one a line, row by row)", lines=3,
-                                                elem_id="set-panels")
+                            set_layout = Textbox(value="1x2", label="Layout", info="ROWSxCOLS", elem_id="set-layout")
+                            set_task = Textbox(value="SET", label="Task tag", elem_id="set-task")
+                            set_summary = Textbox(label="Summary", placeholder="two panels of the same circle",
+                                                  elem_id="set-summary")
+                        set_panels = Textbox(label="Panel captions (one a line, row by row)", lines=3,
+                                             elem_id="set-panels")
                         with gr.Row():
-                            set_reference = gr.Image(label="Reference panel (optional)", type="pil", sources=["upload"],
-                                                     height=160, elem_id="set-reference")
-                            set_reference_panel = gr.Number(value=0, precision=0, minimum=0, label="Reference panel index",
-                                                            info="0-based, row by row")
+                            set_reference = ReferenceImage(label="Reference panel (optional)", type="filepath",
+                                                           image_mode=None, sources=["upload"], height=160,
+                                                           elem_id="set-reference")
+                            set_reference_panel = Number(value=0, precision=0, minimum=0, label="Reference panel index",
+                                                         info="0-based, row by row")
                         sets_button = gr.Button("Generate set", variant="primary", elem_id="sets-button")
                         set_canvas = _image("Canvas", "set-canvas")
                         set_gallery = gr.Gallery(label="Panels", columns=4, height=200, elem_id="set-panels-gallery")
@@ -294,17 +432,17 @@ def build_blocks(registry: ModelRegistry, output_dir: str) -> gr.Blocks:
                                     f"{MAX_ATLAS_STEPS} steps and {MAX_ATLAS_WORK} image-steps ((heads + 1) × prompts × "
                                     "seeds × steps); larger atlases: `dit-attn atlas`.")
                         with gr.Row():
-                            atlas_objective = gr.Dropdown(objective_choices(), value="judge", label="Objective",
-                                                          elem_id="atlas-objective",
-                                                          info="judge: the tiny world's prompt adherence; color: share of "
-                                                               "pixels near the colour")
-                            atlas_seeds = gr.Textbox(value="0", label="Seeds", info="e.g. 0 1", elem_id="atlas-seeds")
-                        atlas_prompts = gr.Textbox(value="a red circle on a white background", lines=3,
-                                                   label=f"Prompts (one a line, at most {MAX_PROMPTS})", elem_id="atlas-prompts")
+                            atlas_objective = Dropdown(objective_choices(), value="judge", label="Objective",
+                                                       elem_id="atlas-objective",
+                                                       info="judge: the tiny world's prompt adherence; color: share of "
+                                                            "pixels near the colour")
+                            atlas_seeds = Textbox(value="0", label="Seeds", info="e.g. 0 1", elem_id="atlas-seeds")
+                        atlas_prompts = Textbox(value="a red circle on a white background", lines=3,
+                                                label=f"Prompts (one a line, at most {MAX_PROMPTS})", elem_id="atlas-prompts")
                         with gr.Row():
-                            atlas_steps = gr.Slider(1, MAX_ATLAS_STEPS, value=8, step=1, label="Steps", elem_id="atlas-steps")
-                            atlas_u = gr.Slider(0, 1, value=1.0, step=0.05, label="u")
-                            atlas_scale = gr.Slider(0, 20, value=3.0, step=0.1, label="Guidance scale s")
+                            atlas_steps = Slider(1, MAX_ATLAS_STEPS, value=8, step=1, label="Steps", elem_id="atlas-steps")
+                            atlas_u = Slider(0, 1, value=1.0, step=0.05, label="u")
+                            atlas_scale = Slider(0, 20, value=3.0, step=0.1, label="Guidance scale s")
                         atlas_button = gr.Button("Compute atlas", variant="primary", elem_id="atlas-button")
                         atlas_image = gr.Image(label="Atlas (layers × heads)", type="filepath", format="png", interactive=False,
                                                buttons=["download", "fullscreen"], elem_id="atlas-image")
@@ -312,26 +450,26 @@ def build_blocks(registry: ModelRegistry, output_dir: str) -> gr.Blocks:
                         atlas_files = gr.File(label="Atlas page (HTML, self-contained) and data (JSON)", file_count="multiple",
                                               interactive=False, elem_id="atlas-files")
                         with gr.Accordion("Show an atlas made by `dit-attn atlas`", open=False):
-                            atlas_upload = gr.File(label="OUT.json", file_types=[".json"], type="filepath",
-                                                   elem_id="atlas-upload")
+                            atlas_upload = File(label="OUT.json", file_types=[".json"], type="filepath",
+                                                elem_id="atlas-upload")
                             atlas_load_button = gr.Button("Show uploaded atlas", elem_id="atlas-load-button")
                     with gr.Tab("Text edit", id="text-edit"):
                         gr.Markdown("Generate a sign and its twin whose quoted text comes from the new text, patched "
                                     "into the layers that draw text only (`da.edit_text`, same seed). A blocklist also "
                                     "generates the prompt under `da.TextGuard`. Uses the model, steps, CFG, seed and "
                                     "size on the left.")
-                        text_prompt = gr.Textbox(value=DEFAULT_SIGN_PROMPT, label="Sign prompt (with quoted text)",
-                                                 elem_id="text-prompt")
+                        text_prompt = Textbox(value=DEFAULT_SIGN_PROMPT, label="Sign prompt (with quoted text)",
+                                              elem_id="text-prompt")
                         with gr.Row():
-                            text_new = gr.Textbox(value="B", label="New text", elem_id="text-new")
-                            text_layers_box = gr.Textbox(value=",".join(map(str, first.text_layers())), label="Text layers",
-                                                         placeholder="e.g. 2 or 2,3", elem_id="text-layers",
-                                                         info="from `dit-attn localize`; empty = the model's known ones")
-                            text_start = gr.Slider(0, 0.95, value=0.0, step=0.05, label="Start",
-                                                   info="patch from this fraction of the steps on")
-                        text_blocklist = gr.Textbox(label="Blocklist (optional)", placeholder="e.g. A, X",
-                                                    info=f"quoted words to patch with {REPLACEMENT} (TextGuard)",
-                                                    elem_id="text-blocklist")
+                            text_new = Textbox(value="B", label="New text", elem_id="text-new")
+                            text_layers_box = Textbox(value=",".join(map(str, first.text_layers())), label="Text layers",
+                                                      placeholder="e.g. 2 or 2,3", elem_id="text-layers",
+                                                      info="from `dit-attn localize`; empty = the model's known ones")
+                            text_start = Slider(0, 0.95, value=0.0, step=0.05, label="Start",
+                                                info="patch from this fraction of the steps on")
+                        text_blocklist = Textbox(label="Blocklist (optional)", placeholder="e.g. A, X",
+                                                 info=f"quoted words to patch with {REPLACEMENT} (TextGuard)",
+                                                 elem_id="text-blocklist")
                         text_button = gr.Button("Edit text", variant="primary", elem_id="text-button")
                         with gr.Row():
                             text_original = _image("Original", "text-original")

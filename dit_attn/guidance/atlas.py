@@ -108,7 +108,13 @@ def _extent(result: Atlas) -> float:
 
 
 def render_png(result: Atlas, path: str) -> None:
-    """Heatmap: a row per layer, a cell per head (thumbnail on a frame coloured by the change)."""
+    """Heatmap: a row per layer, a cell per head (thumbnail on a frame coloured by the change).
+
+    The layout is checked first (at most limits.MAX_ATLAS_LAYERS layers × MAX_ATLAS_HEADS heads) and each
+    thumbnail's header before it is decoded (at most MAX_THUMBNAIL_SIDE px a side), so the canvas is bounded."""
+    from ..limits import MAX_THUMBNAIL_SIDE, check_image_header, check_layer_heads
+
+    check_layer_heads(result.layers, "the atlas")
     cell, margin, label = THUMB + 8, 4, 40
     n_heads = max(result.layers)
     width, height = label + n_heads * cell + margin, 24 + len(result.layers) * cell + 24
@@ -128,6 +134,7 @@ def render_png(result: Atlas, path: str) -> None:
                 continue
             draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill=_color(result.delta(name), extent))
             thumb = Image.open(io.BytesIO(base64.b64decode(result.thumbnails[name])))
+            check_image_header(thumb, f"the thumbnail of {name}", max_side=MAX_THUMBNAIL_SIDE)
             canvas.paste(thumb, (x + 3, y + 3))
     for head in range(n_heads):
         draw.text((label + head * cell + cell // 2 - 8, height - 20), f"H{head}", fill="black", font=font)
@@ -135,7 +142,19 @@ def render_png(result: Atlas, path: str) -> None:
 
 
 def render_html(result: Atlas, path: str) -> None:
-    """One self-contained page: the table of heads, each cell coloured, with its thumbnail and numbers."""
+    """One self-contained page: the table of heads, each cell coloured, with its thumbnail and numbers.
+
+    Every string taken from the atlas (settings, thumbnails, names) is HTML-escaped: an atlas read from a file
+    cannot put markup or script into the page."""
+    from ..limits import check_layer_heads
+
+    def text(value) -> str:
+        return html.escape(str(value), quote=True)
+
+    def number(value, spec: str) -> str:
+        return text(format(value, spec)) if isinstance(value, (int, float)) and not isinstance(value, bool) else text(value)
+
+    check_layer_heads(result.layers, "the atlas")
     extent = _extent(result)
     rows = []
     for layer, heads in enumerate(result.layers):
@@ -147,20 +166,20 @@ def render_html(result: Atlas, path: str) -> None:
                 continue
             r, g, b = _color(result.delta(name), extent)
             tip = f"{name}: {result.scores[name]:.4g} (change {result.delta(name):+.4g})"
-            cells.append(f'<td style="background:rgb({r},{g},{b})" title="{html.escape(tip)}">'
-                         f'<img src="data:image/png;base64,{result.thumbnails[name]}" alt="{name}"><br>'
-                         f'{result.delta(name):+.3g}</td>')
+            cells.append(f'<td style="background:rgb({r},{g},{b})" title="{text(tip)}">'
+                         f'<img src="data:image/png;base64,{text(result.thumbnails[name])}" alt="{text(name)}"><br>'
+                         f'{text(format(result.delta(name), "+.3g"))}</td>')
         rows.append(f"<tr><th>L{layer}</th>{''.join(cells)}</tr>")
     header = "".join(f"<th>H{h}</th>" for h in range(max(result.layers)))
-    settings = html.escape(json.dumps(result.settings, indent=1))
+    settings = text(json.dumps(result.settings, indent=1))
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>dit-attn head atlas</title>
 <style>body{{font-family:sans-serif}} td{{text-align:center;font-size:11px;padding:3px}} img{{display:block;margin:auto}}</style>
 </head><body>
-<h1>Head atlas: {html.escape(str(result.settings['objective']))}</h1>
-<p>Each cell: the images with that head perturbed by head guidance (u={result.settings['u']}, scale={result.settings['scale']}),
-and the change of the mean objective against no guidance (baseline {result.baseline:.4g};
-<img style="display:inline" src="data:image/png;base64,{result.thumbnails['baseline']}" alt="baseline">).
+<h1>Head atlas: {text(result.settings['objective'])}</h1>
+<p>Each cell: the images with that head perturbed by head guidance (u={text(result.settings['u'])}, scale={text(result.settings['scale'])}),
+and the change of the mean objective against no guidance (baseline {number(result.baseline, '.4g')};
+<img style="display:inline" src="data:image/png;base64,{text(result.thumbnails['baseline'])}" alt="baseline">).
 Red: the objective goes up; blue: down.</p>
 <table><tr><th></th>{header}</tr>{''.join(rows)}</table>
 <details><summary>settings</summary><pre>{settings}</pre></details>
