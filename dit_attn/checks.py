@@ -14,6 +14,11 @@ TARGETS = ("identity", "uniform")  # what a perturbed head's attention map moves
 SCOPES = ("joint", "image")  # the whole joint sequence, or image->image attention of image queries only
 
 
+MAX_LOCAL_RADIUS = 4096.0  # tokens: beyond any image grid (a larger radius is full attention; 1e308 overflows its square)
+
+
 def check_radius(radius) -> None:
     if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not math.isfinite(radius) or radius <= 0:
         raise ValueError(f"radius must be a finite number > 0 (in tokens), got {radius!r}")
+    if radius > MAX_LOCAL_RADIUS:
+        raise ValueError(f"radius must be at most {MAX_LOCAL_RADIUS:g} tokens (beyond any image grid), got {radius!r}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import os
 
+from .checks import MAX_LOCAL_RADIUS  # noqa: F401  (the app checks radii against it)
+
 MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1
 MAX_UPLOAD_BYTES = 64 * 2**20
@@ -100,7 +102,7 @@ def check_image_size(pipe, height: int | None, width: int | None) -> None:
             raise ValueError(f"{name} {side} px is more than this model's largest side, {largest} px")
 
 
-# --- additions for the web app and the atlas files (the other functions above keep their signatures) ----------------
+# --- request fields and files (the web app, atlas files) -----------------------------------------------------------
 
 MAX_GUIDANCE_SCALE = 100.0
 MAX_TEXT_CHARS = 10_000  # one text field of a request (a prompt, a caption list, a blocklist)
@@ -108,7 +110,6 @@ MAX_LIST_ITEMS = 1_000  # one list field of a request (heads ticked, presets)
 MAX_ATLAS_LAYERS = 100
 MAX_ATLAS_HEADS = 64  # per layer
 MAX_THUMBNAIL_SIDE = 256
-MAX_LOCAL_RADIUS = 4096.0  # tokens: beyond any image grid (a larger radius is full attention; 1e308 overflows its square)
 
 
 def check_guidance_scale(value, name: str = "guidance_scale") -> float:
@@ -168,7 +169,7 @@ def check_call(pipe=None, *, height=None, width=None, num_inference_steps=None, 
     if num_inference_steps is not None:
         check_steps(num_inference_steps)
     if guidance_scale is not None:
-        number("guidance_scale", guidance_scale)
+        check_guidance_scale(guidance_scale)
     if pipe is None:
         check_pixels(height, width)
         return

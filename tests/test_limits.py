@@ -44,3 +44,13 @@ def test_image_size_limits_come_from_the_model_and_the_machine(monkeypatch):
     monkeypatch.setenv("DIT_ATTN_MAX_PIXELS", "lots")
     with pytest.raises(ValueError, match="DIT_ATTN_MAX_PIXELS must be a whole number"):
         limits.max_pixels()
+
+
+def test_one_radius_bound_for_the_api_and_the_cli(capsys):
+    import dit_attn as da
+    from dit_attn.cli import main
+
+    with pytest.raises(ValueError, match="radius must be at most 4096 tokens"):
+        da.LocalAttention(radius=1e308)
+    assert main(["generate", "x", "--local-radius", "1e200", "--out", "/tmp/dit-attn-never-written"]) == 2
+    assert "radius must be at most 4096 tokens" in capsys.readouterr().err
