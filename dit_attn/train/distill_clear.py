@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..handle import apply
 from ..edits import LocalAttention
-from ..heads import model_family, model_layers
+from ..families import family_of
+from ..handle import apply
+from ..heads import model_layers
 from ..io import save_safetensors_atomic, save_torch_atomic as save_atomic
 from ..local_attention import local_attention_modules
 from .flow import flow_loss, noised, predict, text_features
@@ -87,7 +88,7 @@ class Denoiser:
 
     def __init__(self, pipe, cfg: DistillConfig, latents: torch.Tensor):
         self.latent_hw, self.guidance = None, 1.0  # SD3 needs neither
-        if model_family(pipe.transformer) == "flux":  # packed latents (B, S, C) of a square side × side token grid
+        if family_of(pipe.transformer).packs_latents:  # packed latents (B, S, C) of a square side × side token grid
             size = cfg.size or pipe.default_sample_size * pipe.vae_scale_factor
             side = size // (pipe.vae_scale_factor * 2)
             if side * side != latents.shape[1]:
