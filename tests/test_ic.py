@@ -442,8 +442,10 @@ def test_app_sets_tab_action(tmp_path):
     from dit_attn.app.ui import AppActions
 
     actions = AppActions(ModelRegistry(embedded=("demo",)), str(tmp_path))
+    reference = tmp_path / "reference.png"  # the page hands over uploads as file paths
+    noise_image(50, 40, 0).save(reference)
     canvas, panels, text = actions.sets("demo", 2, 4.5, 1, "64x32", "1x2", "a red circle\na blue circle\n", "SET", "",
-                                        noise_image(50, 40, 0), 1, progress=lambda *a, **k: None)
+                                        str(reference), 1, progress=lambda *a, **k: None)
     assert text == "[SET]; [LEFT] a red circle; [RIGHT] a blue circle"
     image = Image.open(canvas)
     assert image.size == (64, 32) and [Image.open(p).size for p in panels] == [(32, 32)] * 2
