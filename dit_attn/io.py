@@ -25,7 +25,7 @@ def _read_umask() -> int:
                     return int(line.split()[1], 8)
     except OSError:
         pass
-    mask = os.umask(0o022)  # no /proc: read it by setting it (once, at import)
+    mask = os.umask(0o022)  # no /proc: read it by setting it and putting it back
     os.umask(mask)
     return mask
 
@@ -148,6 +148,12 @@ def verified_png_settings(path: str | os.PathLike) -> dict:
     if not isinstance(settings, dict):
         raise ValueError(f"{path!r}: its {PNG_SETTINGS_KEY!r} chunk is not a settings object")
     return settings
+
+
+def as_stored(value, default=None):
+    """`value` as it reads back from a JSON file (tuples as lists, keys as strings), to compare settings with
+    what a file holds. default: as for json.dumps (e.g. str for values JSON has no form of)."""
+    return json.loads(json.dumps(value, sort_keys=True, default=default))
 
 
 class SizeError(ValueError):

@@ -55,6 +55,7 @@ CASES = [
     (["generate", "", "--out", "{out}"], "the prompt is empty"),
     (["generate", "a", "  ", "--out", "{out}"], "prompt 2 is empty"),
     (["generate", "a", "--guidance-scale", "nan", "--out", "{out}"], "must be a finite number, got 'nan'"),
+    (["generate", "a", "--guidance-scale", "150", "--out", "{out}"], "--guidance-scale must be in [0.0, 100.0], got 150"),
     (["generate", "a", "--pag-scale", "inf", "--out", "{out}"], "must be a finite number, got 'inf'"),
     (["generate", "a", "--u=-inf", "--out", "{out}"], "must be a finite number"),
     (["generate", "a", "--seed", "-1", "--out", "{out}"], "--seed must be in [0, "),

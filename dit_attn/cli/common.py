@@ -132,12 +132,12 @@ def check_call_flags(args, steps: str = "num_inference_steps", guidance: str = "
                      size: str = "size") -> None:
     """--num-inference-steps, --guidance-scale, --size and --max-sequence-length (where the command has them)
     against the limits, before a model loads (the model's own size limits are checked once it has loaded)."""
-    from ..limits import check_pixels, check_steps, number, whole_number
+    from ..limits import check_guidance_scale, check_pixels, check_steps, whole_number
 
     if getattr(args, steps, None) is not None:
         check_steps(getattr(args, steps), "--" + ("steps" if steps == "steps" else "num-inference-steps"))
     if getattr(args, guidance, None) is not None:
-        number("--" + guidance.replace("_", "-"), getattr(args, guidance))
+        check_guidance_scale(getattr(args, guidance), "--" + guidance.replace("_", "-"))
     if getattr(args, size, None) is not None:
         height, width = getattr(args, size)
         try:

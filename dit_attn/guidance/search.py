@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..handle import apply
-from ..io import write_json_atomic
+from ..io import as_stored, write_json_atomic
 from ..edits import HeadGuidance
 from ..heads import model_family, model_layers, resolve_heads
 from ..limits import check_image_size, check_pixels, check_steps
@@ -482,8 +482,8 @@ def check_checkpoint_settings(path: str, saved: dict, settings: SearchSettings, 
     settings are these. Older names are read as today's (`renamed_settings`), and settings added in
     later versions take their defaults, so older checkpoints still resume."""
     defaults = {f.name: f.default for f in fields(SearchSettings) if f.default is not MISSING}
-    old = {**json.loads(json.dumps(defaults)), **renamed_settings(saved)}
-    new = json.loads(json.dumps(asdict(settings)))
+    old = {**as_stored(defaults), **renamed_settings(saved)}
+    new = as_stored(asdict(settings))
     missing = object()
     show = lambda value: "(unset)" if value is missing else json.dumps(value)  # noqa: E731
     changed = [f"{name} {show(old.get(name, missing))} → {show(new.get(name, missing))}"

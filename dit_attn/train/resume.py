@@ -26,6 +26,8 @@ import struct
 
 import torch
 
+from ..io import as_stored
+
 RUN_KEY = "run"
 RECORD_FORMAT = "dit-attn-run/1"
 # settings that may differ between a run and its resume (they change no trained value)
@@ -33,14 +35,9 @@ FREE_SETTINGS = ("checkpoint_every",)
 HOW_TO_GO_ON = "use --restart (restart=True) to start over, or a new --work directory"
 
 
-def _plain(settings: dict) -> dict:
-    """Settings as JSON values (tuples become lists), so a stored record and a new one compare equal."""
-    return json.loads(json.dumps(settings, sort_keys=True, default=str))
-
-
 def run_record(settings: dict, fingerprint: str) -> dict:
     """The record a checkpoint keeps under RUN_KEY: {"format", "settings", "fingerprint"}."""
-    return {"format": RECORD_FORMAT, "settings": _plain(settings), "fingerprint": str(fingerprint)}
+    return {"format": RECORD_FORMAT, "settings": as_stored(settings, default=str), "fingerprint": str(fingerprint)}
 
 
 _MISSING = object()
@@ -58,7 +55,7 @@ def check_resumable(checkpoint, settings: dict, fingerprint: str, where: str = "
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
         raise ValueError(f"cannot resume from {where}: it was written without the settings and data fingerprint of "
                          f"its run (an older dit-attn), so it cannot be checked against this run; {HOW_TO_GO_ON}")
-    old, new = record.get("settings") or {}, _plain(settings)
+    old, new = record.get("settings") or {}, as_stored(settings, default=str)
     changed = [f"{name} {_show(old.get(name, _MISSING))} → {_show(new.get(name, _MISSING))}"
                for name in sorted(set(old) | set(new))
                if name not in FREE_SETTINGS and old.get(name, _MISSING) != new.get(name, _MISSING)]

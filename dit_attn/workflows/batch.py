@@ -34,8 +34,8 @@ import os
 from dataclasses import dataclass, field
 
 from ..edits import HeadGuidance, LocalAttention, edit_from_dict
-from ..io import (parse_heads, parse_size, read_png_settings, read_records, slug, verified_png_settings, write_atomic,
-                  write_png_atomic)
+from ..io import (as_stored, parse_heads, parse_size, read_png_settings, read_records, slug, verified_png_settings,
+                  write_atomic, write_png_atomic)
 from ..limits import check_call, check_image_size, check_pixels, check_seed, check_steps, number, whole_number
 
 try:
@@ -257,11 +257,6 @@ class Manifest:
             os.fsync(f.fileno())
 
 
-def _plain(settings: dict) -> dict:
-    """Settings as a JSON round trip gives them (tuples as lists), to compare with what a file holds."""
-    return json.loads(json.dumps(settings, sort_keys=True))
-
-
 def _short(value) -> str:
     text = json.dumps(value, sort_keys=True)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -271,7 +266,7 @@ def settings_difference(asked: dict, record: dict) -> list[str]:
     """What differs between the stored settings an item asks for and a manifest line (or a PNG's chunk), each
     as 'setting: recorded value, asked value'; [] when the line is the item's. A size the item leaves to the
     model (None) matches only a line that lists it under "model_defaults"."""
-    asked = _plain(asked)
+    asked = as_stored(asked)
     made = {k: v for k, v in record.items() if k not in LINE_ONLY}
     defaults = set(record.get(MODEL_DEFAULTS) or ())
     differences = []
