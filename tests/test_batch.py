@@ -107,12 +107,16 @@ sys.exit(main(["generate", *sys.argv[2:]]))
 """ % KILL_POINT
 
 
-def test_resume_after_kill_9(tmp_path):
+def child_run(tmp_path, items: int):
+    """(generate arguments, output folder, environment) of a child run over `items` prompts."""
     prompts = tmp_path / "p.txt"
-    prompts.write_text("\n".join(f"a red circle number {i}" for i in range(30)))
+    prompts.write_text("\n".join(f"a red circle number {i}" for i in range(items)))
     out = tmp_path / "out"
-    args = ["--prompts", str(prompts), *FAST, "--out", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return ["--prompts", str(prompts), *FAST, "--out", str(out)], out, dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def test_resume_after_kill_9(tmp_path):
+    args, out, env = child_run(tmp_path, 30)
     k = 3
     with open(tmp_path / "child.err", "w") as err:
         process = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(k), *args], env=env, stdout=subprocess.PIPE,
@@ -286,11 +290,7 @@ def test_image_then_line_order(tmp_path, monkeypatch):
 def test_a_second_process_on_the_same_shard_stops_at_once(tmp_path):
     import time
 
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("\n".join(f"a red circle number {i}" for i in range(10)))
-    out = tmp_path / "out"
-    args = ["--prompts", str(prompts), *FAST, "--out", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args, out, env = child_run(tmp_path, 10)
     with open(tmp_path / "first.err", "w") as err:
         first = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, "1", *args], env=env, stdout=subprocess.PIPE,
                                  stderr=err, text=True)  # writes one image, then holds the shard (and its lock)
