@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from . import masks
 from .plan import SCOPES, TARGETS, AttentionPlan, Perturbation, check_plan
 from .reference import reference_attention
 from .flex import flex_local_attention
@@ -30,27 +31,29 @@ LAYOUTS = ("BHSD", "BSHD")
 class Backend:
     name: str
     run: Callable[..., torch.Tensor]
-    # returns None when the backend can run, else the reason it cannot
-    why_not: Callable[[torch.Tensor, AttentionPlan], str | None]
+    # returns None when the backend can run, else the reason it cannot; (q, plan, attn_mask or None)
+    why_not: Callable[..., str | None]
 
 
-def _sdpa_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
+def _sdpa_why_not(q: torch.Tensor, plan: AttentionPlan, mask: torch.Tensor | None = None) -> str | None:
     if plan.window is not None:
         return "local windows are computed by the tiled/flex backends (or reference)"
     return None
 
 
-def _tiled_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
+def _tiled_why_not(q: torch.Tensor, plan: AttentionPlan, mask: torch.Tensor | None = None) -> str | None:
     if plan.window is None:
         return "no local window in the plan"
-    if q.is_cuda:
+    if q.is_cuda and mask is None:
         return "on CUDA the block-sparse flex kernel is faster"
     return None
 
 
-def _flex_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
+def _flex_why_not(q: torch.Tensor, plan: AttentionPlan, mask: torch.Tensor | None = None) -> str | None:
     if plan.window is None:
         return "no local window in the plan"
+    if mask is not None:
+        return "the flex kernel does not take a pipeline's attention mask (the tiled kernel does)"
     try:
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401 (availability check)
     except ImportError as err:
@@ -63,7 +66,7 @@ def _flex_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
 REFERENCE_MAX_BYTES = 8 << 30
 
 
-def _reference_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
+def _reference_why_not(q: torch.Tensor, plan: AttentionPlan, mask: torch.Tensor | None = None) -> str | None:
     batch, heads, seq = q.shape[0], q.shape[1], q.shape[2]
     needed = 3 * batch * heads * seq * seq * 4  # logits, map and a target map in float32
     if needed > REFERENCE_MAX_BYTES:
@@ -75,9 +78,11 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _triton_why_not(q: torch.Tensor, plan: AttentionPlan) -> str | None:
+def _triton_why_not(q: torch.Tensor, plan: AttentionPlan, mask: torch.Tensor | None = None) -> str | None:
     if plan.is_plain:
         return "plain attention: torch SDPA is as fast"
+    if mask is not None:
+        return "the triton kernels do not take a pipeline's attention mask (sdpa and tiled do)"
     dim = q.shape[-1]
     if dim < 16 or dim & (dim - 1):
         return f"head dim {dim} is not a power of two >= 16"
@@ -118,19 +123,19 @@ def available_backends() -> tuple[str, ...]:
     return tuple(BACKENDS)
 
 
-def choose_backend(q: torch.Tensor, plan: AttentionPlan, backend: str = "auto") -> Backend:
+def choose_backend(q: torch.Tensor, plan: AttentionPlan, backend: str = "auto", mask: torch.Tensor | None = None) -> Backend:
     """The backend that will run: the named one, the environment's, or the first that can run."""
     if backend == "auto":
         backend = os.environ.get("DIT_ATTN_BACKEND", "auto") or "auto"
     if backend != "auto":
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; valid: 'auto', {', '.join(map(repr, BACKENDS))}")
-        reason = BACKENDS[backend].why_not(q, plan)
+        reason = BACKENDS[backend].why_not(q, plan, mask)
         if reason is not None:
             raise ValueError(f"attention backend {backend!r} cannot run here: {reason}")
         return BACKENDS[backend]
     for candidate in BACKENDS.values():
-        reason = candidate.why_not(q, plan)
+        reason = candidate.why_not(q, plan, mask)
         if reason is None:
             return candidate
         logger.debug("attention backend %r skipped: %s", candidate.name, reason)
@@ -152,20 +157,23 @@ def attention(
 
     q, k, v: (B, H, S, D) for layout "BHSD" (SD3) or (B, S, H, D) for "BSHD" (FLUX);
     the output has the same layout. With no plan this is exactly torch SDPA.
-    attn_mask (broadcastable to (B, H, S, S)) is supported for plain attention only.
+    attn_mask: the pipeline's mask, a bool keep-mask or a float bias, (B, S), (B, S, S) or
+    broadcastable to (B, H, S, S); perturbations keep it (see `kernels.masks`).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     plan = plan or AttentionPlan()
     if layout == "BSHD":
         q, k, v = (x.permute(0, 2, 1, 3) for x in (q, k, v))
-    if attn_mask is not None:
-        if not plan.is_plain:
-            raise NotImplementedError("attention masks are supported only without perturbations or local windows")
+    if attn_mask is not None and plan.is_plain:
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
         return out.permute(0, 2, 1, 3) if layout == "BSHD" else out
     check_plan(q, plan)
-    out = choose_backend(q, plan, backend).run(q, k, v, plan, scale=scale)
+    if attn_mask is None:
+        out = choose_backend(q, plan, backend).run(q, k, v, plan, scale=scale)
+    else:
+        attn_mask = masks.as_four_d(attn_mask, k.shape[-2])
+        out = choose_backend(q, plan, backend, attn_mask).run(q, k, v, plan, scale=scale, attn_mask=attn_mask)
     return out.permute(0, 2, 1, 3) if layout == "BSHD" else out
 
 

@@ -15,6 +15,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from . import masks
 from .plan import AttentionPlan
 from .sdpa import blend, sdpa_attention, text_segments
 from .window import LocalWindow, TileGeometry, default_tile, pool_grid, tile_geometry
@@ -72,12 +73,13 @@ def _flash_with_lse():
 
 
 def local_image_attention(q_img, k_img, v_img, k_global, v_global, window: LocalWindow, scale: float,
-                          tile: tuple[int, int] | None = None) -> torch.Tensor:
+                          tile: tuple[int, int] | None = None, global_bias: torch.Tensor | None = None) -> torch.Tensor:
     """(B, H, N_img, D) image queries → (B, H, N_img, D), local circle + global keys.
 
     Inference on the CPU uses torch's fused attention kernel per tile row and merges the
     local and global parts by their log-normalisers; with gradients, the same math runs
-    as plain tensor ops (the fused kernel's log-normaliser has no gradient).
+    as plain tensor ops (the fused kernel's log-normaliser has no gradient). global_bias
+    (B|1, H|1, 1, G): a bias of the global keys shared by every image query (a pipeline's key mask).
     """
     rows, cols = window.grid
     geo = tile_geometry(window.grid, float(window.radius), tile or default_tile(window.radius))
@@ -93,13 +95,14 @@ def local_image_attention(q_img, k_img, v_img, k_global, v_global, window: Local
     v_padded = F.pad(grid_of(v_img), (0, 0, r, r + pad_cols, r, r + pad_rows))
     fused = _flash_with_lse()
     if fused is not None and not q_img.is_cuda and not _needs_grad(q_img, k_img, v_img, k_global, v_global):
-        out = _fused_bands(fused, q_grid, k_padded, v_padded, k_global, v_global, geo, scale)
+        out = _fused_bands(fused, q_grid, k_padded, v_padded, k_global, v_global, geo, scale, global_bias)
     else:
-        out = _exact_bands(q_grid, k_padded, v_padded, k_global, v_global, geo, scale)
+        out = _exact_bands(q_grid, k_padded, v_padded, k_global, v_global, geo, scale, global_bias)
     return out[:, :, :rows, :cols].flatten(2, 3)
 
 
-def _exact_bands(q_grid, k_padded, v_padded, k_global, v_global, geo: TileGeometry, scale: float) -> torch.Tensor:
+def _exact_bands(q_grid, k_padded, v_padded, k_global, v_global, geo: TileGeometry, scale: float,
+                 global_bias=None) -> torch.Tensor:
     in_place = not _needs_grad(q_grid, k_padded, v_padded, k_global, v_global)
     blocked = torch.finfo(q_grid.dtype).min
     bands = []
@@ -116,13 +119,16 @@ def _exact_bands(q_grid, k_padded, v_padded, k_global, v_global, geo: TileGeomet
         global_logits = None
         if k_global is not None:
             global_logits = q_tiles @ k_global.unsqueeze(2).transpose(-1, -2)
+            if global_bias is not None:
+                global_logits = global_logits + global_bias.unsqueeze(2)
         v_glob = v_global.unsqueeze(2) if v_global is not None else None
         out = _softmax_two_sets(local_logits, global_logits, v_halo, v_glob, in_place)
         bands.append(_untile_row(out, geo))
     return torch.cat(bands, dim=2)
 
 
-def _fused_bands(fused, q_grid, k_padded, v_padded, k_global, v_global, geo: TileGeometry, scale: float) -> torch.Tensor:
+def _fused_bands(fused, q_grid, k_padded, v_padded, k_global, v_global, geo: TileGeometry, scale: float,
+                 global_bias=None) -> torch.Tensor:
     batch, heads, dim = q_grid.shape[0], q_grid.shape[1], q_grid.shape[-1]
     n_tile_cols = geo.tiles[1]
     blocked = torch.finfo(q_grid.dtype).min
@@ -144,7 +150,11 @@ def _fused_bands(fused, q_grid, k_padded, v_padded, k_global, v_global, geo: Til
     if k_global is None:
         return out
     padded = q_grid.shape[2:4]
-    out_g, lse_g = fused(q_grid.flatten(2, 3), k_global, v_global, scale=scale)
+    q_flat = q_grid.flatten(2, 3)
+    mask = None
+    if global_bias is not None:
+        mask = global_bias.to(q_flat.dtype).expand(batch, global_bias.shape[1], q_flat.shape[2], -1)
+    out_g, lse_g = fused(q_flat, k_global, v_global, attn_mask=mask, scale=scale)
     out_g, lse_g = out_g.unflatten(2, padded), lse_g.unflatten(2, padded).unsqueeze(-1)
     top = torch.maximum(lse, lse_g)
     weight, weight_g = (lse - top).exp_(), (lse_g - top).exp_()
@@ -165,23 +175,40 @@ def global_keys(k, v, image: slice, window: LocalWindow) -> tuple[torch.Tensor |
     return torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2)
 
 
-def tiled_attention(q, k, v, plan: AttentionPlan, scale: float | None = None) -> torch.Tensor:
-    """(B, H, S, D) → (B, H, S, D): the plan's local window, then its perturbations."""
+def global_key_bias(attn_mask: torch.Tensor, image: slice, seq_len: int, window: LocalWindow, dtype) -> torch.Tensor:
+    """The pipeline mask's bias of the global keys (text, then pooled), relative to the image keys."""
+    text = masks.text_key_bias(masks.additive(attn_mask, torch.float32), image, text_segments(seq_len, image))
+    rows, cols = window.grid
+    pooled = (rows // window.pool) * (cols // window.pool) if window.pool else 0
+    bias = F.pad(text, (0, pooled))
+    return bias.clamp(min=torch.finfo(dtype).min).to(dtype)  # fully masked sets stay finite in the merge
+
+
+def tiled_attention(q, k, v, plan: AttentionPlan, scale: float | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, H, S, D) → (B, H, S, D): the plan's local window, then its perturbations; attn_mask:
+    a pipeline's key mask (4-D, the same for every image query, see `masks`)."""
     window = plan.window
     scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     image = plan.image_slice(q.shape[-2])
     window.check_tokens(image)
     if window.covers_grid():  # every key is in every circle: stock attention
-        return sdpa_attention(q, k, v, replace(plan, window=None), scale)
+        return sdpa_attention(q, k, v, replace(plan, window=None), scale, attn_mask)
     k_global, v_global = global_keys(k, v, image, window)
-    image_out = local_image_attention(q[:, :, image], k[:, :, image], v[:, :, image], k_global, v_global, window, scale_value)
+    bias = None
+    if attn_mask is not None and k_global is not None:
+        bias = global_key_bias(attn_mask, image, q.shape[-2], window, torch.float64 if q.dtype == torch.float64 else torch.float32)
+    elif attn_mask is not None:
+        masks.image_query_bias(masks.additive(attn_mask, torch.float32), image)  # raises on masks among image keys
+    image_out = local_image_attention(q[:, :, image], k[:, :, image], v[:, :, image], k_global, v_global, window,
+                                      scale_value, global_bias=bias)
     parts = []
     for segment in (slice(0, image.start), image, slice(image.stop, q.shape[-2])):
         if segment is image:
             parts.append(image_out.to(q.dtype))
         elif segment.stop > segment.start:
-            parts.append(F.scaled_dot_product_attention(q[:, :, segment], k, v, scale=scale))
+            parts.append(F.scaled_dot_product_attention(q[:, :, segment], k, v, attn_mask=masks.queries(attn_mask, segment),
+                                                        scale=scale))
     out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
     for p in plan.perturbations:
-        blend(out, q, k, v, p, image, scale_value)
+        blend(out, q, k, v, p, image, scale_value, attn_mask)
     return out
