@@ -100,6 +100,8 @@ def _text_controller(pipe, family: Family, edits: tuple, state: EditState, layer
         raise ValueError("give at most one TextPatch or TextGuard per apply")
     edit = text_edits[0]
     name = type(edit).__name__
+    if family.text_edits_unsupported:
+        raise NotImplementedError(f"{name} does not run on {family.name} models: {family.text_edits_unsupported}")
     if pipe is None:
         raise TypeError(f"{name} needs a pipeline (it encodes prompts with the pipeline's text encoders); pass the pipeline, not the transformer")
     check_pipeline(pipe, family, name)

@@ -13,6 +13,8 @@ from .base import CallRows, Family
 _SPECS = {
     "SD3Transformer2DModel": (".sd3", "SD3"),
     "FluxTransformer2DModel": (".flux", "Flux"),
+    "ChromaTransformer2DModel": (".chroma", "Chroma"),
+    "QwenImageTransformer2DModel": (".qwen_image", "QwenImage"),
 }
 _LOADED: dict[str, Family] = {}
 

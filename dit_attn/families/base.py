@@ -50,6 +50,7 @@ class Family:
     widen_at_call: bool = False
     rotary: bool = False  # positions are rotary embeddings from a `pos_embed` with a `theta` base
     packs_latents: bool = False  # the transformer takes 2×2-packed latent tokens (B, S, 4C), not (B, C, H, W)
+    text_edits_unsupported: str = ""  # why TextPatch/TextGuard/localize cannot run on this family ("" : they can)
 
     # --- layers and processors -------------------------------------------------------------
     def layers(self, transformer) -> list["LayerInfo"]:
@@ -91,8 +92,24 @@ class Family:
         return sample
 
     def encode_prompts(self, pipe, prompts: list[str], max_sequence_length: int | None) -> tuple["torch.Tensor", "torch.Tensor"]:
-        """(text states (N, S, D), pooled embeddings (N, P)) from the pipeline's own `encode_prompt`."""
+        """(text states (N, S, D), pooled embeddings (N, P) or what else the call takes per prompt) from the
+        pipeline's own `encode_prompt`."""
         raise NotImplementedError
+
+    def append_text_rows(self, call: dict, embeds: "torch.Tensor", extra: "torch.Tensor") -> dict:
+        """The text inputs of `call` with rows appended: (embeds, extra) from `encode_prompts` (TextPatch's
+        source prompts), as {call input: widened value}."""
+        import torch
+
+        text = call["encoder_hidden_states"]
+        if embeds.shape[1:] != text.shape[1:]:
+            raise RuntimeError(f"TextPatch: the source prompt encodes to {tuple(embeds.shape[1:])} text states, "
+                               f"the call has {tuple(text.shape[1:])}")
+        out = {"encoder_hidden_states": torch.cat([text, embeds.to(text)])}
+        pooled = call.get("pooled_projections")
+        if pooled is not None:
+            out["pooled_projections"] = torch.cat([pooled, extra.to(pooled)])
+        return out
 
     def sequence_length_of_call(self, pipe, text_length: int) -> int:
         """The `max_sequence_length` that encodes a prompt to `text_length` text tokens of a call."""

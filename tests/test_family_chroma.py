@@ -1,0 +1,183 @@
+"""Chroma: FLUX.1's attention under the pipeline's own float 0/1 mask, in its stock pipelines."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+import dit_attn as da
+from dit_attn import processors
+from dit_attn.processors.state import EditState
+from dit_attn.toy.chroma import build_chroma_pipeline
+
+from .conftest import SIZE, CallRecorder, replay
+
+HEADS = [1, 3]
+
+
+@pytest.fixture(scope="module")
+def chroma_pipe():
+    pipe = build_chroma_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=8)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def chroma_call(pipe, prompt="a red circle", steps=2, seed=0, **kwargs):
+    args = dict(num_inference_steps=steps, guidance_scale=1.0, max_sequence_length=8, output_type="latent", **SIZE)
+    args.update(kwargs)
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **args).images
+
+
+class PerturbSDPA(TorchFunctionMode):
+    """Independent SoftPAG at u = 1 in one attention module: the selected heads' SDPA output is
+    replaced by V (identity) or by softmax(mask)·V (uniform: constant logits, the mask kept)."""
+
+    def __init__(self, module, heads, target="identity"):
+        super().__init__()
+        self.heads, self.target, self.inside = heads, target, False
+        self.handles = [module.register_forward_pre_hook(lambda *a: self._set(True)),
+                        module.register_forward_hook(lambda *a: self._set(False))]
+
+    def _set(self, value):
+        self.inside = value
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.scaled_dot_product_attention and self.inside:
+            named = dict(zip(("query", "key", "value", "attn_mask"), args)) | kwargs
+            q, k, v, mask = named["query"], named["key"], named["value"], named.get("attn_mask")
+            heads = list(self.heads)
+            if self.target == "identity":
+                target = v[:, heads]
+            else:
+                bias = torch.zeros(q.shape[0], 1, q.shape[2], k.shape[2]) if mask is None else mask.float()
+                target = torch.softmax(bias.expand(q.shape[0], 1, q.shape[2], k.shape[2]), dim=-1) @ v[:, heads]
+            out = out.clone()
+            out[:, heads] = target.to(out.dtype)
+        return out
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        return super().__exit__(*exc)
+
+
+def attention_module(pipe, layer):
+    transformer = pipe.transformer
+    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    return blocks[layer].attn
+
+
+def recorded(pipe, **kwargs):
+    with CallRecorder(pipe) as rec:
+        chroma_call(pipe, **kwargs)
+    return rec
+
+
+def test_processors_bit_exact_under_the_mask(chroma_pipe):
+    calls = recorded(chroma_pipe, guidance_scale=3.0, negative_prompt="blue").calls
+    assert all(c["attention_mask"] is not None for c in calls)
+    stock = [replay(chroma_pipe.transformer, c) for c in calls]
+    originals = processors.install(chroma_pipe.transformer, EditState())
+    try:
+        mine = [replay(chroma_pipe.transformer, c) for c in calls]
+    finally:
+        processors.restore(chroma_pipe.transformer, originals)
+    assert all(torch.equal(a, b) for a, b in zip(stock, mine))
+
+
+def test_softpag_u0_is_stock_and_layers_are_numbered(chroma_pipe):
+    stock = chroma_call(chroma_pipe, guidance_scale=3.0)
+    with da.apply(chroma_pipe, da.SoftPAG(["L0", "L3"], u=0.0)):
+        assert torch.equal(chroma_call(chroma_pipe, guidance_scale=3.0), stock)
+    layer_map = da.layers(chroma_pipe)
+    assert [(info.index, info.kind) for info in layer_map] == [(0, "double"), (1, "double"), (2, "single"), (3, "single")]
+    assert layer_map[2].name == "single_transformer_blocks.0.attn"
+
+
+@pytest.mark.parametrize("layer,target", [(1, "identity"), (2, "uniform"), (0, "uniform")])
+def test_softpag_equals_an_sdpa_perturbation_inside_the_module(chroma_pipe, layer, target):
+    call = recorded(chroma_pipe).calls[0]
+    with PerturbSDPA(attention_module(chroma_pipe, layer), HEADS, target):
+        want = replay(chroma_pipe.transformer, call)
+    with da.apply(chroma_pipe.transformer, da.SoftPAG([(layer, h) for h in HEADS], u=1.0, target=target)):
+        got = replay(chroma_pipe.transformer, call)
+    assert (got - want).abs().max() < 1e-5
+    assert (got - replay(chroma_pipe.transformer, call)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("cfg,images", [(1.0, 1), (3.0, 1), (3.0, 2)])
+def test_guided_step_equals_the_explicit_computation(chroma_pipe, cfg, images):
+    layer, scale = 1, 2.0
+    edit = da.HeadGuidance(heads=[(layer, h) for h in HEADS], scale=scale, u=1.0)
+    kwargs = dict(guidance_scale=cfg, negative_prompt="blue" if cfg > 1 else None, num_images_per_prompt=images)
+    with CallRecorder(chroma_pipe) as rec, da.apply(chroma_pipe, edit):
+        chroma_call(chroma_pipe, **kwargs)
+    per_step = 2 if cfg > 1 else 1
+    assert len(rec.calls) == per_step * len(rec.steps)
+    for step, eps in enumerate(rec.steps):
+        cond_call = rec.calls[per_step * step]
+        eps_c = replay(chroma_pipe.transformer, cond_call)
+        with PerturbSDPA(attention_module(chroma_pipe, layer), HEADS):
+            eps_p = replay(chroma_pipe.transformer, cond_call)
+        assert (eps_c - eps_p).abs().max() > 1e-4
+        want = eps_c
+        if cfg > 1:
+            eps_u = replay(chroma_pipe.transformer, rec.calls[per_step * step + 1])
+            want = eps_u + cfg * (eps_c - eps_u)
+        want = want + scale * (eps_c - eps_p)
+        assert eps.shape[0] == images
+        assert (eps - want).abs().max() < 1e-5
+
+
+def test_calls_shared_prefix_and_remove(chroma_pipe):
+    kwargs = dict(guidance_scale=3.0, negative_prompt="blue")
+    stock_calls = len(recorded(chroma_pipe, **kwargs).calls)
+    stock = chroma_call(chroma_pipe, **kwargs)
+    results = {}
+    for share in (True, False):
+        handle = da.apply(chroma_pipe, da.HeadGuidance(heads=["L2H0", "L3"], scale=1.5, share_prefix=share))
+        with CallRecorder(chroma_pipe) as rec:
+            results[share] = chroma_call(chroma_pipe, **kwargs)
+        handle.remove()
+        assert len(rec.calls) == stock_calls
+    assert (results[True] - results[False]).abs().max() < 1e-5
+    assert (results[True] - stock).abs().max() > 1e-4
+    assert torch.equal(chroma_call(chroma_pipe, **kwargs), stock)
+
+
+def test_local_attention_under_the_mask(chroma_pipe):
+    kwargs = dict(guidance_scale=3.0, negative_prompt="blue")
+    out = {}
+    for backend in ("tiled", "reference"):
+        with da.apply(chroma_pipe, da.LocalAttention(radius=2.0, layers=[1, 2], backend=backend)):
+            out[backend] = chroma_call(chroma_pipe, **kwargs)
+    assert (out["tiled"] - out["reference"]).abs().max() < 1e-4
+    assert (out["tiled"] - chroma_call(chroma_pipe, **kwargs)).abs().max() > 1e-4
+    stock = chroma_call(chroma_pipe, **kwargs)
+    with da.apply(chroma_pipe, da.LocalAttention(radius=100.0, layers=[1, 2], backend="tiled")):
+        assert torch.equal(chroma_call(chroma_pipe, **kwargs), stock)  # a circle covering the grid is stock attention
+
+
+def test_flux_presets_and_text_edits_are_refused_clearly(chroma_pipe):
+    with pytest.raises(ValueError, match="is for flux models, this is a chroma model"):
+        da.apply(chroma_pipe, da.SoftPAG(["flux:glossy"]))
+    with pytest.raises(NotImplementedError, match="TextPatch does not run on chroma models"):
+        da.apply(chroma_pipe, da.TextPatch(layers=[1], source_prompt="a blue circle"))
+
+
+def test_img2img_pipeline_is_guided(chroma_pipe):
+    from diffusers import ChromaImg2ImgPipeline
+    from PIL import Image
+
+    pipe = ChromaImg2ImgPipeline(**{k: v for k, v in chroma_pipe.components.items()})
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    run = lambda: pipe("a red circle", image=image, strength=0.8, num_inference_steps=3, guidance_scale=1.0,  # noqa: E731
+                       max_sequence_length=8, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    with CallRecorder(pipe) as rec:
+        stock = run()
+    with da.apply(pipe, da.HeadGuidance(heads=["L1"], scale=2.0)):
+        with CallRecorder(pipe) as guided:
+            out = run()
+    assert len(guided.calls) == len(rec.calls) and (out - stock).abs().max() > 1e-4
