@@ -1,5 +1,7 @@
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from dit_attn.toy.configs import build_flux_pipeline, build_sd3_pipeline
 
@@ -83,3 +85,45 @@ def replay(transformer, call: dict, rows=None) -> torch.Tensor:
     kwargs["return_dict"] = False
     with torch.no_grad():
         return transformer(**kwargs)[0]
+
+
+class PerturbSDPA(TorchFunctionMode):
+    """Independent SoftPAG at u = 1 in one attention module: the selected heads' SDPA output is
+    replaced by V (identity) or by softmax(mask)·V (uniform: constant logits, the mask kept)."""
+
+    def __init__(self, module, heads, target="identity"):
+        super().__init__()
+        self.heads, self.target, self.inside = heads, target, False
+        self.handles = [module.register_forward_pre_hook(lambda *a: self._set(True)),
+                        module.register_forward_hook(lambda *a: self._set(False))]
+
+    def _set(self, value):
+        self.inside = value
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.scaled_dot_product_attention and self.inside:
+            named = dict(zip(("query", "key", "value", "attn_mask"), args)) | kwargs
+            q, k, v, mask = named["query"], named["key"], named["value"], named.get("attn_mask")
+            heads = list(self.heads)
+            if self.target == "identity":
+                target = v[:, heads]
+            else:
+                bias = torch.zeros(q.shape[0], 1, q.shape[2], k.shape[2]) if mask is None else mask.float()
+                target = torch.softmax(bias.expand(q.shape[0], 1, q.shape[2], k.shape[2]), dim=-1) @ v[:, heads]
+            out = out.clone()
+            out[:, heads] = target.to(out.dtype)
+        return out
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        return super().__exit__(*exc)
+
+
+def flux_attention_module(pipe, layer):
+    """The attention module of a FLUX-layout layer (double blocks, then single blocks)."""
+    transformer = pipe.transformer
+    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    return blocks[layer].attn

@@ -1,15 +1,13 @@
 """Chroma: FLUX.1's attention under the pipeline's own float 0/1 mask, in its stock pipelines."""
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 import dit_attn as da
 from dit_attn import processors
 from dit_attn.processors.state import EditState
 from dit_attn.toy.chroma import build_chroma_pipeline
 
-from .conftest import SIZE, CallRecorder, replay
+from .conftest import SIZE, CallRecorder, PerturbSDPA, flux_attention_module, replay
 
 HEADS = [1, 3]
 
@@ -25,47 +23,6 @@ def chroma_call(pipe, prompt="a red circle", steps=2, seed=0, **kwargs):
     args = dict(num_inference_steps=steps, guidance_scale=1.0, max_sequence_length=8, output_type="latent", **SIZE)
     args.update(kwargs)
     return pipe(prompt, generator=torch.Generator().manual_seed(seed), **args).images
-
-
-class PerturbSDPA(TorchFunctionMode):
-    """Independent SoftPAG at u = 1 in one attention module: the selected heads' SDPA output is
-    replaced by V (identity) or by softmax(mask)·V (uniform: constant logits, the mask kept)."""
-
-    def __init__(self, module, heads, target="identity"):
-        super().__init__()
-        self.heads, self.target, self.inside = heads, target, False
-        self.handles = [module.register_forward_pre_hook(lambda *a: self._set(True)),
-                        module.register_forward_hook(lambda *a: self._set(False))]
-
-    def _set(self, value):
-        self.inside = value
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func is F.scaled_dot_product_attention and self.inside:
-            named = dict(zip(("query", "key", "value", "attn_mask"), args)) | kwargs
-            q, k, v, mask = named["query"], named["key"], named["value"], named.get("attn_mask")
-            heads = list(self.heads)
-            if self.target == "identity":
-                target = v[:, heads]
-            else:
-                bias = torch.zeros(q.shape[0], 1, q.shape[2], k.shape[2]) if mask is None else mask.float()
-                target = torch.softmax(bias.expand(q.shape[0], 1, q.shape[2], k.shape[2]), dim=-1) @ v[:, heads]
-            out = out.clone()
-            out[:, heads] = target.to(out.dtype)
-        return out
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        return super().__exit__(*exc)
-
-
-def attention_module(pipe, layer):
-    transformer = pipe.transformer
-    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
-    return blocks[layer].attn
 
 
 def recorded(pipe, **kwargs):
@@ -98,7 +55,7 @@ def test_softpag_u0_is_stock_and_layers_are_numbered(chroma_pipe):
 @pytest.mark.parametrize("layer,target", [(1, "identity"), (2, "uniform"), (0, "uniform")])
 def test_softpag_equals_an_sdpa_perturbation_inside_the_module(chroma_pipe, layer, target):
     call = recorded(chroma_pipe).calls[0]
-    with PerturbSDPA(attention_module(chroma_pipe, layer), HEADS, target):
+    with PerturbSDPA(flux_attention_module(chroma_pipe, layer), HEADS, target):
         want = replay(chroma_pipe.transformer, call)
     with da.apply(chroma_pipe.transformer, da.SoftPAG([(layer, h) for h in HEADS], u=1.0, target=target)):
         got = replay(chroma_pipe.transformer, call)
@@ -118,7 +75,7 @@ def test_guided_step_equals_the_explicit_computation(chroma_pipe, cfg, images):
     for step, eps in enumerate(rec.steps):
         cond_call = rec.calls[per_step * step]
         eps_c = replay(chroma_pipe.transformer, cond_call)
-        with PerturbSDPA(attention_module(chroma_pipe, layer), HEADS):
+        with PerturbSDPA(flux_attention_module(chroma_pipe, layer), HEADS):
             eps_p = replay(chroma_pipe.transformer, cond_call)
         assert (eps_c - eps_p).abs().max() > 1e-4
         want = eps_c

@@ -50,6 +50,9 @@ class Family:
     widen_at_call: bool = False
     rotary: bool = False  # positions are rotary embeddings from a `pos_embed` with a `theta` base
     packs_latents: bool = False  # the transformer takes 2×2-packed latent tokens (B, S, 4C), not (B, C, H, W)
+    # its edit pipelines append reference-image tokens after the generated ones and hand the scheduler
+    # the leading tokens of the prediction: HeadGuidance's term is taken on those
+    reference_tokens_trail: bool = False
     text_edits_unsupported: str = ""  # why TextPatch/TextGuard/localize cannot run on this family ("" : they can)
 
     # --- layers and processors -------------------------------------------------------------

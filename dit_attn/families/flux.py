@@ -22,6 +22,8 @@ def grid_from_ids(img_ids: torch.Tensor | None, image_tokens: int) -> tuple[tupl
     if img_ids is None:
         return None, "the call has no img_ids"
     ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+    if ids.shape[0] and not bool((ids[:, 0] == ids[0, 0]).all()):
+        return None, "the call carries reference-image tokens (their ids have another first coordinate, as in FLUX.1 Kontext)"
     if ids.shape[0] != image_tokens:
         return None, f"{ids.shape[0]} image ids for {image_tokens} image tokens"
     y, x = ids[:, 1].round().long(), ids[:, 2].round().long()
@@ -40,7 +42,7 @@ class Flux(Family):
     name = "flux"
     transformer_classes = ("FluxTransformer2DModel",)
     stock_processors = ("FluxAttnProcessor",)
-    guided_pipelines = ("FluxPipeline", "FluxImg2ImgPipeline")
+    guided_pipelines = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxKontextPipeline")
     rows = CallRows(
         call_args=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance"),
         block_stream_args=("hidden_states", "encoder_hidden_states", "x"),  # "x": norm_out's input
@@ -50,6 +52,7 @@ class Flux(Family):
     text_first = True
     rotary = True
     packs_latents = True
+    reference_tokens_trail = True  # Kontext appends the reference image's tokens and keeps the leading ones
 
     def layers(self, transformer) -> list[LayerInfo]:
         layers = [LayerInfo(i, f"transformer_blocks.{i}.attn", "double", block.attn.heads, head_dim(block.attn))

@@ -70,12 +70,17 @@ class GuidanceController:
         pending, self.pending = self.pending, None
         if pending is None or not pending.is_for(self.pipe):
             return model_output
-        if pending.eps_cond.shape != model_output.shape:
+        eps_cond, eps_perturbed = pending.eps_cond, pending.eps_perturbed
+        if eps_cond.shape != model_output.shape and self.family.reference_tokens_trail and eps_cond.ndim == 3 \
+                and eps_cond.shape[0] == model_output.shape[0] and eps_cond.shape[1] > model_output.shape[1]:
+            generated = model_output.shape[1]  # the reference-image tokens the pipeline dropped
+            eps_cond, eps_perturbed = eps_cond[:, :generated], eps_perturbed[:, :generated]
+        if eps_cond.shape != model_output.shape:
             raise RuntimeError(
                 f"HeadGuidance: the scheduler got a prediction of shape {tuple(model_output.shape)}, "
                 f"but the conditional rows had {tuple(pending.eps_cond.shape)}"
             )
-        return perturbation_guidance(model_output, pending.eps_cond, pending.eps_perturbed, self.edit.scale)
+        return perturbation_guidance(model_output, eps_cond, eps_perturbed, self.edit.scale)
 
     def unwrap(self) -> None:
         for wrap in reversed(self.wraps):
