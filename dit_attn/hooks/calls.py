@@ -49,6 +49,18 @@ def take_rows(value, index: torch.Tensor):
     return value
 
 
+def take_call_rows(value, index: torch.Tensor, call_rows: int):
+    """Rows `index` (rows of the call) of an input the model computed once per call: one row per call
+    row, k·N rows for the N call rows (k blocks of them, e.g. a timestep embedding for [t ; 0]), or a
+    single row that broadcasts."""
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] != call_rows:
+        if value.shape[0] == 1:
+            return value
+        if value.shape[0] % call_rows == 0:
+            index = torch.cat([index + j * call_rows for j in range(value.shape[0] // call_rows)])
+    return take_rows(value, index)
+
+
 def stock_output(output, rows: int):
     """The transformer output with only its first `rows` rows (the pipeline's own)."""
     sample = output[0]
@@ -163,7 +175,7 @@ class RowFork(_Hook):
                 values[name] = take_rows(values[name], stage.select)
         for name in self.call_args:
             if name in values and not stage.is_call_rows:
-                values[name] = take_rows(values[name], stage.from_call)
+                values[name] = take_call_rows(values[name], stage.from_call, plan.call_rows)
         positional = tuple(values.pop(name) for name in self.names[: len(args)])
         return positional, values
 

@@ -32,7 +32,8 @@ class PatchRows:
 
     sources: {target row: source row}, source rows numbered from the call's batch on.
     targets: (N,) the target row of each source row (its latents, timestep, guidance).
-    embeds: (N, S, D) and pooled: (N, P), the source prompts' text inputs.
+    embeds: (N, S, D) and pooled: (N, P), the source prompts' text inputs (pooled: the second output of
+        the family's `encode_prompts`, e.g. Qwen-Image's text mask).
     patch_end: the first layer that runs without the source rows.
     """
 
@@ -41,26 +42,18 @@ class PatchRows:
     embeds: torch.Tensor
     pooled: torch.Tensor
     patch_end: int
-    call_args: tuple[str, ...]  # the family's per-row call inputs
+    family: Family
 
     def extend(self, kwargs: dict) -> dict:
         """The call's inputs with the source rows appended."""
         out = dict(kwargs)
         batch = kwargs["hidden_states"].shape[0]
-        text = kwargs["encoder_hidden_states"]
-        if self.embeds.shape[1:] != text.shape[1:]:
-            raise RuntimeError(
-                f"TextPatch: the source prompt encodes to {tuple(self.embeds.shape[1:])} text states, "
-                f"the call has {tuple(text.shape[1:])}"
-            )
-        for name in self.call_args:
+        text = self.family.append_text_rows(kwargs, self.embeds, self.pooled)
+        for name in self.family.rows.call_args:
             value = kwargs.get(name)
-            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
+            if name not in text and isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
                 out[name] = torch.cat([value, value.index_select(0, self.targets.to(value.device))])
-        out["encoder_hidden_states"] = torch.cat([text, self.embeds.to(text)])
-        pooled = kwargs.get("pooled_projections")
-        if pooled is not None:
-            out["pooled_projections"] = torch.cat([pooled, self.pooled.to(pooled)])
+        out.update(text)
         return out
 
 
@@ -107,7 +100,7 @@ class TextPatchController:
             embeds=embeds,
             pooled=pooled,
             patch_end=max(self.layers) + 1,
-            call_args=self.family.rows.call_args,
+            family=self.family,
         )
 
     def _encoded(self, prompts: list[str], kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:

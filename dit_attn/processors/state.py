@@ -101,6 +101,11 @@ class RowPlan:
     def final(self) -> RowStage:
         return self.stages[-1]
 
+    @property
+    def call_rows(self) -> int:
+        """Rows of the call's inputs: the first stage runs all of them, besides any perturbed copies."""
+        return int((self.stages[0].perturbed_of < 0).sum())
+
 
 def plan_rows(stock_rows: int, sources: dict[int, int] | None = None, patch_end: int | None = None,
               cond: torch.Tensor | None = None, fork_layer: int | None = None) -> RowPlan:

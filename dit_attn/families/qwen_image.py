@@ -1,0 +1,132 @@
+"""Qwen-Image (`QwenImageTransformer2DModel`): dual-stream blocks `transformer_blocks.i` → layer i,
+joint sequence [text ; image (; Qwen-Image-Edit's reference tokens)]; 2×2-packed latent tokens;
+RMS q/k norms and complex rotary tables for image and text; a joint bool key mask from
+`encoder_hidden_states_mask` when the prompts of a call are padded.
+
+Per-row block inputs computed once per call: `temb` (2B rows, [t ; 0], for `zero_cond_t`
+models: `hooks.calls` maps an input with k·N rows for N call rows as k blocks of them),
+`encoder_hidden_states_mask`, `modulate_index` (one row per entry of `img_shapes`, which the
+pipelines give per prompt: a single row broadcasts over the images of one prompt).
+
+HeadGuidance and CFG: the pipelines make the conditional call under `cache_context("cond")`
+and the negative one under `cache_context("uncond")` (left stock), then take
+ε_cfg = ε_u + w·(ε_c − ε_u) rescaled to ε_c's norm per token, ε_cfg·‖ε_c‖/‖ε_cfg‖.
+HeadGuidance's s·(ε_c − ε_p) is added to the prediction the scheduler step gets, i.e. after
+the CFG combination *and* its rescale: the rescale is the pipeline's own arithmetic on its two
+predictions (as SD3's CFG or FLUX's true CFG are), and adding the perturbation term after it
+keeps it the same term, s·(ε_c − ε_p), with CFG on or off; folding it in before the rescale
+would shrink it by ‖ε_c‖/‖ε_cfg‖ per token and make its strength depend on the CFG scale.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..heads import LayerInfo, head_dim
+from .base import CallRows, Family
+
+
+def first_image_shape(img_shapes) -> tuple[list[tuple[int, int, int]] | None, str]:
+    """The (frames, rows, cols) entries of the first row's images in a call's `img_shapes`, or (None, why)."""
+    if not img_shapes:
+        return None, "the call has no img_shapes"
+    entry = img_shapes[0]
+    shapes = list(entry) if isinstance(entry, list) else [entry]
+    if not all(isinstance(s, (tuple, list)) and len(s) == 3 for s in shapes):
+        return None, f"img_shapes entries are not (frames, rows, cols): {entry!r}"
+    return [tuple(int(x) for x in s) for s in shapes], ""
+
+
+class QwenImage(Family):
+    name = "qwen_image"
+    transformer_classes = ("QwenImageTransformer2DModel",)
+    stock_processors = ("QwenDoubleStreamAttnProcessor2_0",)
+    guided_pipelines = ("QwenImagePipeline", "QwenImageImg2ImgPipeline")
+    rows = CallRows(
+        call_args=("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "guidance",
+                   "additional_t_cond"),
+        block_stream_args=("hidden_states", "encoder_hidden_states", "x"),  # "x": norm_out's input
+        block_call_args=("temb", "encoder_hidden_states_mask", "modulate_index", "conditioning_embedding"),
+        controlnet_args=("controlnet_block_samples",),
+    )
+    text_first = True
+    packs_latents = True
+
+    def layers(self, transformer) -> list[LayerInfo]:
+        return [LayerInfo(i, f"transformer_blocks.{i}.attn", "double", block.attn.heads, head_dim(block.attn))
+                for i, block in enumerate(transformer.transformer_blocks)]
+
+    def layer_of_key(self, key: str, transformer) -> int:
+        return int(key.split(".")[1])
+
+    def processor_for(self, key: str, layer: int, state):
+        from ..processors.qwen_image import QwenImageAttnProcessor
+
+        return QwenImageAttnProcessor(layer, state)
+
+    def fork_points(self, transformer):
+        blocks = list(transformer.transformer_blocks)
+        return [(block, i) for i, block in enumerate(blocks)] + [(transformer.norm_out, len(blocks))]
+
+    def grid(self, transformer, call: dict):
+        shapes, why = first_image_shape(call.get("img_shapes"))
+        if shapes is None:
+            return None, why
+        if len(shapes) > 1:
+            return None, (f"the call carries {len(shapes) - 1} edit-reference image(s) after the generated tokens "
+                          "(Qwen-Image-Edit); local windows cover one image grid")
+        frames, rows, cols = shapes[0]
+        tokens = call["hidden_states"].shape[1]
+        if frames != 1 or rows * cols != tokens:
+            return None, f"img_shapes {shapes[0]} does not describe the call's {tokens} image tokens"
+        return (rows, cols), ""
+
+    def conditional_rows(self, pipe, batch: int, call: dict, context: str | None):
+        """Two calls a step with true CFG: the conditional one under cache context "cond", the negative
+        one under "uncond" (left stock); without a negative prompt only the "cond" call."""
+        if context == "uncond":
+            return None
+        return torch.arange(batch)
+
+    def encode_prompts(self, pipe, prompts, max_sequence_length):
+        """(text states (N, S, D), text mask (N, S)); with `max_sequence_length` exactly that many tokens
+        (shorter prompts padded with masked zero states, as in a call with a longer prompt)."""
+        embeds, mask = pipe.encode_prompt(prompt=list(prompts), num_images_per_prompt=1,
+                                          max_sequence_length=max_sequence_length or 512)
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        if max_sequence_length is not None and embeds.shape[1] < max_sequence_length:
+            pad = max_sequence_length - embeds.shape[1]
+            embeds = torch.nn.functional.pad(embeds, (0, 0, 0, pad))
+            mask = torch.nn.functional.pad(mask, (0, pad))
+        return embeds, mask
+
+    def append_text_rows(self, call: dict, embeds, extra) -> dict:
+        """`extra` is the source prompts' text mask; the call's mask is None when no prompt of it is padded."""
+        text = call["encoder_hidden_states"]
+        if embeds.shape[1:] != text.shape[1:]:
+            raise RuntimeError(f"TextPatch: the source prompt encodes to {tuple(embeds.shape[1:])} text states, "
+                               f"the call has {tuple(text.shape[1:])}")
+        mask = call.get("encoder_hidden_states_mask")
+        source = extra.to(text.device) != 0
+        if mask is None and bool(source.all()):
+            joint = None
+        else:
+            stock = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device) if mask is None else mask.bool()
+            joint = torch.cat([stock, source])
+            if mask is not None:
+                joint = joint.to(mask.dtype)
+        return {"encoder_hidden_states": torch.cat([text, embeds.to(text)]), "encoder_hidden_states_mask": joint}
+
+    def latent_patch(self, transformer) -> int:
+        return 2
+
+    def predict(self, transformer, x_t, embeds, pooled, t, latent_hw, guidance=1.0):
+        """`pooled` is the text mask from `encode_prompts` (or None); Qwen-Image is not guidance-distilled."""
+        device, dtype = transformer.device, transformer.dtype
+        mask = None
+        if pooled is not None and not bool((pooled != 0).all()):
+            mask = pooled.to(device) != 0
+        h, w = latent_hw
+        return transformer(hidden_states=x_t.to(device, dtype), encoder_hidden_states=embeds.to(device, dtype),
+                           encoder_hidden_states_mask=mask, timestep=t.to(device, dtype),
+                           img_shapes=[[(1, h // 2, w // 2)]] * x_t.shape[0]).sample

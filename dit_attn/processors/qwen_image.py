@@ -1,0 +1,97 @@
+"""Processor for Qwen-Image's dual-stream joint attention ([text ; image] order).
+
+Reproduces diffusers' QwenDoubleStreamAttnProcessor2_0 (separate text/image projections,
+RMS q/k norms, complex rotary with the image and text tables, the joint key mask built from
+`encoder_hidden_states_mask`) and hands the attention call to `dit_attn.kernels.attention`
+with this layer's plan.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+from .. import kernels
+from .state import POOL_MODULE, LayerProcessor
+
+
+class QwenImageAttnProcessor(LayerProcessor):
+    """One instance per attention module (every block is dual-stream)."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if encoder_hidden_states is None:
+            raise ValueError("Qwen-Image attention needs encoder_hidden_states (the text stream)")
+        if attention_mask is not None:
+            raise ValueError("Qwen-Image attention takes no external attention_mask: pass encoder_hidden_states_mask")
+
+        if encoder_hidden_states_mask is not None:
+            # rows whose text keys/values a TextPatch replaces take their source rows' text mask with them
+            text_mask, _ = self.state.patch_text(self.layer, encoder_hidden_states_mask, encoder_hidden_states_mask)
+            image_mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+            attention_mask = torch.cat([text_mask, image_mask], dim=1)[:, None, None, :]
+
+        text_len = encoder_hidden_states.shape[1]
+        head_dim = attn.inner_dim // attn.heads
+        img_query, img_key, img_value = (
+            proj(hidden_states).unflatten(-1, (-1, head_dim)) for proj in (attn.to_q, attn.to_k, attn.to_v)
+        )
+        txt_query, txt_key, txt_value = (
+            proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+            for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+        )
+        if attn.norm_q is not None:
+            img_query = attn.norm_q(img_query)
+        if attn.norm_k is not None:
+            img_key = attn.norm_k(img_key)
+        if attn.norm_added_q is not None:
+            txt_query = attn.norm_added_q(txt_query)
+        if attn.norm_added_k is not None:
+            txt_key = attn.norm_added_k(txt_key)
+
+        if image_rotary_emb is not None:
+            img_freqs, txt_freqs = image_rotary_emb
+            img_query = apply_rotary_emb_qwen(img_query, img_freqs, use_real=False)
+            img_key = apply_rotary_emb_qwen(img_key, img_freqs, use_real=False)
+            txt_query = apply_rotary_emb_qwen(txt_query, txt_freqs, use_real=False)
+            txt_key = apply_rotary_emb_qwen(txt_key, txt_freqs, use_real=False)
+        txt_key, txt_value = self.state.patch_text(self.layer, txt_key, txt_value)
+
+        query = torch.cat([txt_query, img_query], dim=1)
+        key = torch.cat([txt_key, img_key], dim=1)
+        value = torch.cat([txt_value, img_value], dim=1)
+
+        seq_len = query.shape[1]
+        plan = self.state.plan(self.layer, query.shape[0], (text_len, seq_len), getattr(attn, POOL_MODULE, None))
+        if plan is None and (self._attention_backend is not None or self._parallel_config is not None):
+            # nothing to edit here: honour the backend the user chose with diffusers
+            joint = dispatch_attention_fn(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                backend=self._attention_backend, parallel_config=self._parallel_config,
+            )
+        elif self._parallel_config is not None:
+            raise NotImplementedError("dit-attn perturbations do not support context parallelism yet")
+        else:
+            joint = kernels.attention(
+                query, key, value, plan, layout="BSHD", attn_mask=attention_mask,
+                backend=self.state.backend_for(plan),
+                scale=self.state.scale_for(self.layer, seq_len - text_len, head_dim),
+            )
+        joint = joint.flatten(2, 3).to(query.dtype)
+
+        txt_out, img_out = joint[:, :text_len], joint[:, text_len:]
+        img_out = attn.to_out[0](img_out.contiguous())
+        if len(attn.to_out) > 1:
+            img_out = attn.to_out[1](img_out)
+        txt_out = attn.to_add_out(txt_out.contiguous())
+        return img_out, txt_out
