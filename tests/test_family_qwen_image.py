@@ -290,3 +290,64 @@ def test_guided_step_with_padded_prompts_equals_explicit(qwen_pipe):
     for step, eps in enumerate(rec.steps):
         want = explicit_step(qwen_pipe, rec.calls[2 * step], rec.calls[2 * step + 1], edit, {1: [1]}, 2.0)
         assert (eps - want).abs().max() < 1e-5
+
+
+@pytest.fixture()
+def edit_pipe(qwen_pipe, monkeypatch):
+    """QwenImageEditPipeline on the tiny components, text states passed in; the pipeline's 1024² reference
+    area is shrunk to 32² so that the reference image is 4×4 tokens."""
+    from diffusers import QwenImageEditPipeline
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit_module
+
+    original = edit_module.calculate_dimensions
+    monkeypatch.setattr(edit_module, "calculate_dimensions", lambda area, ratio: original(32 * 32, ratio))
+    parts = {k: v for k, v in qwen_pipe.components.items() if k not in ("text_encoder", "tokenizer")}
+    pipe = QwenImageEditPipeline(**parts, text_encoder=None, tokenizer=None, processor=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("true_cfg", [None, 2.0])
+def test_edit_guided_step_on_generated_tokens_equals_explicit(edit_pipe, true_cfg):
+    image = Image.fromarray((torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(2)) * 255).byte().numpy())
+    texts = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(3))
+    kwargs = dict(prompt=None, image=image, prompt_embeds=texts[:1])
+    if true_cfg:
+        kwargs.update(negative_prompt_embeds=texts[1:], true_cfg_scale=true_cfg)
+    edit = da.HeadGuidance(heads=["L1H1", "L2H0", "L2H3"], scale=2.0, u=1.0)
+    with CallRecorder(edit_pipe) as rec, da.apply(edit_pipe, edit):
+        qwen_call(edit_pipe, **kwargs)
+    per_step = 2 if true_cfg else 1
+    assert len(rec.calls) == per_step * len(rec.steps) == 3 * per_step
+    assert rec.calls[0]["hidden_states"].shape[1] == 32  # 16 generated + 16 reference tokens
+    generated = rec.steps[0].shape[1]
+    for step, eps in enumerate(rec.steps):
+        cond, uncond = rec.calls[per_step * step], rec.calls[per_step * step + per_step - 1]
+        eps_c = replay(edit_pipe.transformer, cond)[:, :generated]
+        with SDPAToward(edit_pipe.transformer, {1: [1], 2: [0, 3]}, 1.0):
+            eps_p = replay(edit_pipe.transformer, cond)[:, :generated]
+        base = eps_c
+        if true_cfg:
+            eps_u = replay(edit_pipe.transformer, uncond)[:, :generated]
+            comb = eps_u + true_cfg * (eps_c - eps_u)
+            base = comb * (eps_c.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True))
+        assert (eps - (base + edit.scale * (eps_c - eps_p))).abs().max() < 1e-5
+        assert (eps - base).abs().max() > 1e-4
+
+
+def test_edit_pipeline_refuses_text_edits(edit_pipe):
+    with pytest.raises(NotImplementedError, match="reference image"):
+        family_of(edit_pipe.transformer).encode_prompts(edit_pipe, ["a cat"], 8)
+
+
+def test_predict_is_the_pipeline_call(qwen_pipe):
+    """The training call: text mask from encode_prompts, timestep t, img_shapes from the latent size."""
+    family = family_of(qwen_pipe.transformer)
+    call = recorded(qwen_pipe, prompt=PADDED).calls[0]
+    embeds, mask = family.encode_prompts(qwen_pipe, PADDED, 16)
+    with torch.no_grad():
+        got = family.predict(qwen_pipe.transformer, call["hidden_states"], embeds, mask, call["timestep"], (8, 8))
+        unpadded = family.predict(qwen_pipe.transformer, call["hidden_states"], embeds[:, :8], mask[:, :8],
+                                  call["timestep"], (8, 8))
+    assert (got - replay(qwen_pipe.transformer, call)).abs().max() < 1e-5
+    assert (got - unpadded).abs().max() < 1e-5  # padding to 16 tokens is masked

@@ -1,5 +1,6 @@
 """Qwen-Image (`QwenImageTransformer2DModel`): dual-stream blocks `transformer_blocks.i` → layer i,
-joint sequence [text ; image (; Qwen-Image-Edit's reference tokens)]; 2×2-packed latent tokens;
+joint sequence [text ; image (; Qwen-Image-Edit's reference tokens, sliced off the prediction by
+the pipeline: HeadGuidance's term is taken on the generated tokens)]; 2×2-packed latent tokens;
 RMS q/k norms and complex rotary tables for image and text; a joint bool key mask from
 `encoder_hidden_states_mask` when the prompts of a call are padded.
 
@@ -25,6 +26,9 @@ from ..heads import LayerInfo, head_dim
 from .base import CallRows, Family
 
 
+EDIT_PIPELINES = ("QwenImageEditPipeline",)
+
+
 def first_image_shape(img_shapes) -> tuple[list[tuple[int, int, int]] | None, str]:
     """The (frames, rows, cols) entries of the first row's images in a call's `img_shapes`, or (None, why)."""
     if not img_shapes:
@@ -40,7 +44,7 @@ class QwenImage(Family):
     name = "qwen_image"
     transformer_classes = ("QwenImageTransformer2DModel",)
     stock_processors = ("QwenDoubleStreamAttnProcessor2_0",)
-    guided_pipelines = ("QwenImagePipeline", "QwenImageImg2ImgPipeline")
+    guided_pipelines = ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageEditPipeline")
     rows = CallRows(
         call_args=("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "guidance",
                    "additional_t_cond"),
@@ -50,6 +54,7 @@ class QwenImage(Family):
     )
     text_first = True
     packs_latents = True
+    reference_tokens_trail = True  # Qwen-Image-Edit appends the reference latents and keeps the leading tokens
 
     def layers(self, transformer) -> list[LayerInfo]:
         return [LayerInfo(i, f"transformer_blocks.{i}.attn", "double", block.attn.heads, head_dim(block.attn))
@@ -90,6 +95,9 @@ class QwenImage(Family):
     def encode_prompts(self, pipe, prompts, max_sequence_length):
         """(text states (N, S, D), text mask (N, S)); with `max_sequence_length` exactly that many tokens
         (shorter prompts padded with masked zero states, as in a call with a longer prompt)."""
+        if type(pipe).__name__ in EDIT_PIPELINES:
+            raise NotImplementedError(f"{type(pipe).__name__} encodes each prompt together with its reference image: "
+                                      "text edits need the prompt's text states alone")
         embeds, mask = pipe.encode_prompt(prompt=list(prompts), num_images_per_prompt=1,
                                           max_sequence_length=max_sequence_length or 512)
         if mask is None:
