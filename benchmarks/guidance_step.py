@@ -33,7 +33,13 @@ median of 3 fresh processes per case (1 with --quick). Ratios are against plain 
 SDPA with the same batch. The B=3 cases are the call HeadGuidance makes at a perturbed
 layer: rows [uncond, cond, perturbed cond].
 
-Run:  python benchmarks/guidance_step.py [--threads 1] [--quick]
+Qwen-Image (``--family qwen_image``): a config-built QwenImageTransformer2DModel, 12 dual-stream
+layers x 4 heads x 64 (hidden 256), 256 image + ``--t5-tokens`` random text tokens per row, true
+CFG as two 1-row calls a step; diffusers' PerturbedAttentionGuidance guider (its own layer-skip
+hooks on a third call a step, as its modular loop runs it) against ours at the same layer (2/3
+depth, all heads, u=1, joint scope), with and without the shared prefix. Timing only.
+
+Run:  python benchmarks/guidance_step.py [--threads 1] [--quick] [--family qwen_image]
 """
 from __future__ import annotations
 
@@ -193,6 +199,146 @@ def timing_table(configs, intervals, per_round, baseline: str) -> tuple[str, dic
     return "\n".join(lines), ratios
 
 
+# --------------------------------------------------------------------------- Qwen-Image
+
+QWEN_LAYERS, QWEN_HEADS, QWEN_HEAD_DIM = 12, 4, 64
+QWEN_PX = 128  # tiny VAE factor 4, 2x2 packing -> 16x16 = 256 image tokens
+QWEN_TRUE_CFG = 4.0  # QwenImagePipeline's default true_cfg_scale
+
+
+class DiffusersPAG:
+    """diffusers' PerturbedAttentionGuidance on the classic QwenImagePipeline, as its modular loop runs it:
+    the guider's own hooks (attention scores skipped in one block) on a third, separate call of the
+    conditional batch per step; its term s·(ε_c − ε_skip) is added after the pipeline's CFG and norm rescale."""
+
+    def __init__(self, pipe, layer: int, scale: float):
+        from diffusers.guiders import PerturbedAttentionGuidance
+
+        self.pipe, self.scale = pipe, scale
+        # the guider's window is exclusive at its start: start -1 perturbs step 0 too
+        self.guider = PerturbedAttentionGuidance(guidance_scale=QWEN_TRUE_CFG, perturbed_guidance_scale=scale,
+                                                 perturbed_guidance_layers=[layer], perturbed_guidance_start=-1.0,
+                                                 perturbed_guidance_stop=1.0)
+        self.calls, self.inside, self.pending = 0, False, None
+
+    def _after_call(self, module, args, kwargs, output):
+        if self.inside:
+            return output
+        self.calls += 1
+        if self.calls % 2 == 0:  # the negative call
+            return output
+        step = self.calls // 2
+        self.guider.set_state(step, self.pipe._num_timesteps, kwargs["timestep"])
+        for _ in range(2):  # conditions 1 and 2 (cond, uncond) are the pipeline's own calls
+            self.guider.prepare_models(module)
+            self.guider.cleanup_models(module)
+        self.guider.prepare_models(module)
+        self.inside = True
+        try:
+            skip = module(**{**kwargs, "return_dict": False})[0]
+        finally:
+            self.inside = False
+            self.guider.cleanup_models(module)
+        self.pending = (output[0], skip)
+        return output
+
+    def __enter__(self):
+        self.hook = self.pipe.transformer.register_forward_hook(self._after_call, with_kwargs=True)
+        original = self.pipe.scheduler.step
+
+        def step(model_output, *args, **kwargs):
+            (eps_c, skip), self.pending = self.pending, None
+            return original(model_output + self.scale * (eps_c - skip), *args, **kwargs)
+
+        self.pipe.scheduler.step = step
+        return self
+
+    def __exit__(self, *exc):
+        self.hook.remove()
+        del self.pipe.scheduler.step
+
+
+def qwen_run(cfg: Config, steps: int, texts, seed: int = 0):
+    import dit_attn as da
+
+    stamps = []
+
+    def on_step_end(p, i, t, kw):
+        stamps.append((time.perf_counter(), time.process_time()))
+        return {}
+
+    if cfg.kwargs.get("diffusers_pag") is not None:
+        handle = DiffusersPAG(cfg.pipe, cfg.kwargs["diffusers_pag"], PAG_SCALE)
+    else:
+        handle = da.apply(cfg.pipe, cfg.edit) if cfg.edit is not None else contextlib.nullcontext()
+    with handle, torch.inference_mode():
+        out = cfg.pipe(prompt_embeds=texts[0], negative_prompt_embeds=texts[1], prompt_embeds_mask=texts[2],
+                       negative_prompt_embeds_mask=texts[3], true_cfg_scale=QWEN_TRUE_CFG,
+                       height=QWEN_PX, width=QWEN_PX, num_inference_steps=steps, output_type="latent",
+                       generator=torch.Generator().manual_seed(seed), callback_on_step_end=on_step_end)
+    return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps, stamps[1:])], out.images
+
+
+def qwen_section(args) -> None:
+    """Qwen-Image-shaped step costs: stock true CFG, diffusers' PAG guider, ours with and without prefix sharing."""
+    import diffusers
+
+    import dit_attn as da
+    from dit_attn.toy.qwen_image import build_qwen_image_pipeline
+
+    pipe = build_qwen_image_pipeline(num_layers=QWEN_LAYERS, num_heads=QWEN_HEADS, head_dim=QWEN_HEAD_DIM,
+                                     text_encoder=False)
+    # the tiny builder's 16-wide text states; real Qwen-Image takes 3584-wide Qwen2.5-VL states
+    text_dim = pipe.transformer.config.joint_attention_dim
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(1)
+    texts = [torch.randn(1, args.t5_tokens, text_dim, generator=g) for _ in range(2)]
+    texts += [torch.ones(1, args.t5_tokens, dtype=torch.long)] * 2  # unpadded: the pipeline passes no mask
+    n, k = QWEN_LAYERS, 2 * QWEN_LAYERS // 3
+    image_tokens = (QWEN_PX // 8) ** 2
+    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, threads {torch.get_num_threads()}")
+    print(f"QwenImageTransformer2DModel: {n} dual-stream layers x {QWEN_HEADS} heads x {QWEN_HEAD_DIM} "
+          f"(hidden {QWEN_HEADS * QWEN_HEAD_DIM}), {sum(p.numel() for p in pipe.transformer.parameters()) / 1e6:.1f}M params")
+    print(f"tokens per row: {args.t5_tokens} text + {image_tokens} image = {args.t5_tokens + image_tokens}; "
+          f"true CFG {QWEN_TRUE_CFG} = 2 calls of 1 row a step (cond, uncond), rescaled to the conditional norm")
+    print(f"PAG/HeadGuidance s={PAG_SCALE}, u=1, all heads of layer {k} (2/3 depth), joint scope")
+    print(f"{args.rounds} rounds x {args.steps} steps per call ({args.steps - 1} timed steps per call)")
+    print(f"load average before timing: {open('/proc/loadavg').read().split()[0]} ({os.cpu_count()} CPUs)\n")
+
+    def ours(share):
+        edit = da.HeadGuidance(heads=[f"L{k}"], scale=PAG_SCALE, u=1.0, share_prefix=share)
+        fork = k if share else 0
+        return Config(f"ours L{k} share_prefix={share}", pipe, edit, row_blocks=n + fork + 2 * (n - fork))
+
+    baseline = f"diffusers PAG guider blocks.{k}"
+    configs = [
+        Config(f"stock true CFG ({QWEN_TRUE_CFG})", pipe, row_blocks=2 * n),
+        Config(baseline, pipe, kwargs={"diffusers_pag": k}, row_blocks=3 * n),
+        ours(False),
+        ours(True),
+    ]
+    if not args.quick:
+        for cfg in configs:
+            qwen_run(cfg, 2, texts)
+    intervals = {c.name: [] for c in configs}
+    per_round = {c.name: [] for c in configs}
+    latents = {}
+    cpu_before = _cpu_ticks()
+    for r in range(args.rounds):
+        for cfg in configs[r % len(configs):] + configs[: r % len(configs)]:
+            dt, lat = qwen_run(cfg, args.steps, texts)
+            intervals[cfg.name] += dt
+            per_round[cfg.name].append(tuple(statistics.median(x) for x in zip(*dt)))
+            latents.setdefault(cfg.name, lat)
+        print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    busy, steal = _busy_and_steal(cpu_before, _cpu_ticks())
+    print(f"load average after timing: {open('/proc/loadavg').read().split()[0]}; during timing all CPUs were "
+          f"{busy:.0%} busy (this benchmark uses {args.threads} of {os.cpu_count()}), steal {steal:.0%}\n")
+    print(timing_table(configs, intervals, per_round, baseline)[0])
+    print()
+    print(check_equivalence(latents, [(f"ours L{k} share_prefix=True", baseline), (f"ours L{k} share_prefix=False", baseline)]))
+
+
 # --------------------------------------------------------------------------- memory
 
 @dataclass(frozen=True)
@@ -343,6 +489,8 @@ def main() -> None:
     parser.add_argument("--t5-tokens", type=int, default=77, help="max_sequence_length: zero T5 tokens after 16 CLIP")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--memory-case", help=argparse.SUPPRESS)  # internal: one memory case in this process
+    parser.add_argument("--family", choices=("sd3", "qwen_image"), default="sd3",
+                        help="qwen_image: the Qwen-Image-shaped step timing only (--t5-tokens sets its text tokens)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -351,6 +499,9 @@ def main() -> None:
         return
     if args.quick:
         args.rounds, args.steps = 1, 3
+    if args.family == "qwen_image":
+        qwen_section(args)
+        return
 
     import diffusers
 
