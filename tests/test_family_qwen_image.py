@@ -351,3 +351,11 @@ def test_predict_is_the_pipeline_call(qwen_pipe):
                                   call["timestep"], (8, 8))
     assert (got - replay(qwen_pipe.transformer, call)).abs().max() < 1e-5
     assert (got - unpadded).abs().max() < 1e-5  # padding to 16 tokens is masked
+
+
+def test_text_guard_patches_quoted_words_only(qwen_pipe):
+    quoted, plain = 'a sign that says "cat"', "a red circle"
+    stock = {p: qwen_call(qwen_pipe, prompt=p, steps=2) for p in (quoted, plain)}
+    with da.apply(qwen_pipe, da.TextGuard(blocklist=("cat",), replacement="dog", layers=(0, 1))):
+        assert (qwen_call(qwen_pipe, prompt=quoted, steps=2) - stock[quoted]).abs().max() > 1e-3
+        assert torch.equal(qwen_call(qwen_pipe, prompt=plain, steps=2), stock[plain])
