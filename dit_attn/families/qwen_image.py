@@ -15,8 +15,8 @@ and the negative one under `cache_context("uncond")` (left stock), then take
 HeadGuidance's s·(ε_c − ε_p) is added to the prediction the scheduler step gets, i.e. after
 the CFG combination *and* its rescale: the rescale is the pipeline's own arithmetic on its two
 predictions (as SD3's CFG or FLUX's true CFG are), and adding the perturbation term after it
-keeps it the same term, s·(ε_c − ε_p), with CFG on or off; folding it in before the rescale
-would shrink it by ‖ε_c‖/‖ε_cfg‖ per token and make its strength depend on the CFG scale.
+keeps it the same term, s·(ε_c − ε_p), with CFG on or off; folded in before the rescale it would
+be multiplied by the per-token norm ratio, and its strength would depend on the CFG scale.
 """
 from __future__ import annotations
 
