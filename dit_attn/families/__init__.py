@@ -14,6 +14,7 @@ _SPECS = {
     "SD3Transformer2DModel": (".sd3", "SD3"),
     "FluxTransformer2DModel": (".flux", "Flux"),
     "ChromaTransformer2DModel": (".chroma", "Chroma"),
+    "Flux2Transformer2DModel": (".flux2", "Flux2"),
     "QwenImageTransformer2DModel": (".qwen_image", "QwenImage"),
 }
 _LOADED: dict[str, Family] = {}

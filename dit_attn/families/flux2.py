@@ -1,0 +1,115 @@
+"""FLUX.2 (`Flux2Transformer2DModel`): double blocks `transformer_blocks.i` (`Flux2Attention`) → layer i,
+then single blocks `single_transformer_blocks.j` (`Flux2ParallelSelfAttention`, attention fused with the
+MLP) → (number of double blocks) + j; [text ; image] tokens; 2×2-patchified latent tokens with 4-axis
+position ids (t, row, col, l).
+
+Pipelines: `Flux2Pipeline` (guidance-distilled, one call a step) and `Flux2KleinPipeline` (CFG as a second
+call under `cache_context("uncond")`). With reference images the call's tokens are [text ; generated ;
+reference] (the references' ids have t = 10, 20, ...) and the pipeline keeps the leading, generated tokens
+of the prediction. The per-row modulation tensors (`temb_mod_img`, `temb_mod_txt`, `temb_mod`) are computed
+once per call and mapped to each stage's rows.
+
+The KV-cache variant (`Flux2KleinKVPipeline`, `kv_cache_mode=...`) reuses reference keys across steps: its
+calls are refused by the processors.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..heads import LayerInfo, head_dim
+from .base import CallRows, Family
+from .flux import grid_from_ids
+
+
+def image_ids(h: int, w: int) -> torch.Tensor:
+    """Position ids (S, 4) of an h × w latent grid patchified into (h/2)·(w/2) tokens: (0, row, col, 0)."""
+    rows = torch.arange(h // 2).repeat_interleave(w // 2)
+    cols = torch.arange(w // 2).repeat(h // 2)
+    zeros = torch.zeros_like(rows)
+    return torch.stack([zeros, rows, cols, zeros], dim=-1)
+
+
+def text_ids(length: int) -> torch.Tensor:
+    """Position ids (L, 4) of L text tokens: (0, 0, 0, l)."""
+    l = torch.arange(length)
+    zeros = torch.zeros_like(l)
+    return torch.stack([zeros, zeros, zeros, l], dim=-1)
+
+
+class Flux2(Family):
+    name = "flux2"
+    transformer_classes = ("Flux2Transformer2DModel",)
+    # the KV-cache processors are replaced too, so that a KV-cache call is refused with its reason
+    # (without kv_cache_mode they compute exactly what the plain ones do)
+    stock_processors = ("Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor",
+                        "Flux2KVAttnProcessor", "Flux2KVParallelSelfAttnProcessor")
+    guided_pipelines = ("Flux2Pipeline", "Flux2KleinPipeline")
+    rows = CallRows(
+        call_args=("hidden_states", "encoder_hidden_states", "timestep", "guidance"),
+        block_stream_args=("hidden_states", "encoder_hidden_states", "x"),  # "x": norm_out's input
+        # per-row modulation of the double blocks, the single blocks and norm_out
+        block_call_args=("temb_mod_img", "temb_mod_txt", "temb_mod", "conditioning_embedding"),
+    )
+    text_first = True
+    rotary = True
+    packs_latents = True
+    reference_tokens_trail = True
+
+    def layers(self, transformer) -> list[LayerInfo]:
+        layers = [LayerInfo(i, f"transformer_blocks.{i}.attn", "double", block.attn.heads, head_dim(block.attn))
+                  for i, block in enumerate(transformer.transformer_blocks)]
+        n = len(layers)
+        layers += [LayerInfo(n + j, f"single_transformer_blocks.{j}.attn", "single", block.attn.heads, head_dim(block.attn))
+                   for j, block in enumerate(transformer.single_transformer_blocks)]
+        return layers
+
+    def layer_of_key(self, key: str, transformer) -> int:
+        block_list, index = key.split(".")[:2]
+        return int(index) + (len(transformer.transformer_blocks) if block_list == "single_transformer_blocks" else 0)
+
+    def processor_for(self, key: str, layer: int, state):
+        from ..processors.flux2 import Flux2AttnProcessor, Flux2SingleAttnProcessor
+
+        single = key.startswith("single_transformer_blocks.")
+        return (Flux2SingleAttnProcessor if single else Flux2AttnProcessor)(layer, state)
+
+    def fork_points(self, transformer):
+        blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+        return [(block, i) for i, block in enumerate(blocks)] + [(transformer.norm_out, len(blocks))]
+
+    def grid(self, transformer, call: dict):
+        ids = call.get("img_ids")
+        if ids is None:
+            return None, "the call has no img_ids"
+        ids = ids[0] if ids.ndim == 3 else ids
+        if ids.shape[0] and not bool((ids[:, 0] == ids[0, 0]).all()):
+            # the kernels take the image tokens as one range with one grid: the generated tokens cannot
+            # be told apart from the reference tokens that follow them
+            return None, ("the call carries FLUX.2 reference-image tokens after the generated ones (their ids have "
+                          "another t coordinate); local windows need the image tokens alone on one grid")
+        return grid_from_ids(ids[:, :3].float(), call["hidden_states"].shape[1])
+
+    def conditional_rows(self, pipe, batch: int, call: dict, context: str | None):
+        """Flux2Pipeline makes one call a step; Flux2KleinPipeline makes the conditional call under cache context
+        "cond" and, with CFG, the negative one under "uncond" (left stock)."""
+        if context == "uncond":
+            return None
+        return torch.arange(batch)
+
+    def encode_prompts(self, pipe, prompts, max_sequence_length):
+        if getattr(pipe, "text_encoder", None) is None:
+            raise ValueError(f"{type(pipe).__name__} has no text encoder: text edits on FLUX.2 encode their prompts with it")
+        embeds, _ = pipe.encode_prompt(prompt=prompts, num_images_per_prompt=1,
+                                       max_sequence_length=max_sequence_length or 512)
+        return embeds, embeds.new_zeros(embeds.shape[0], 0)
+
+    def latent_patch(self, transformer) -> int:
+        return 2
+
+    def predict(self, transformer, x_t, embeds, pooled, t, latent_hw, guidance=1.0):
+        device, dtype = transformer.device, transformer.dtype
+        guide = torch.full((x_t.shape[0],), float(guidance), device=device, dtype=dtype) \
+            if transformer.config.guidance_embeds else None
+        return transformer(hidden_states=x_t.to(device, dtype), encoder_hidden_states=embeds.to(device, dtype),
+                           timestep=t.to(device, dtype), img_ids=image_ids(*latent_hw).to(device),
+                           txt_ids=text_ids(embeds.shape[1]).to(device), guidance=guide).sample

@@ -1,0 +1,151 @@
+"""Processors for FLUX.2's double-stream `Flux2Attention` and single-stream `Flux2ParallelSelfAttention`
+([text ; image] order).
+
+They reproduce diffusers' `Flux2AttnProcessor` / `Flux2ParallelSelfAttnProcessor` (projections, RMS q/k
+norms, 4-axis rotary; the single block's fused QKV+MLP input projection and fused output projection) and
+hand the attention call to `dit_attn.kernels.attention` with this layer's plan.
+
+The plan's image tokens are [text_len, S): with reference images that range holds the generated tokens and
+the reference tokens after them, so scope="image" perturbs attention among all image tokens, generated and
+reference alike.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
+
+from .. import kernels
+from .state import POOL_MODULE, LayerProcessor
+
+
+def _refuse_kv_cache(kv_cache_mode) -> None:
+    if kv_cache_mode is not None:
+        raise NotImplementedError(
+            f"dit-attn does not edit FLUX.2's KV-cache calls (kv_cache_mode={kv_cache_mode!r}, Flux2KleinKVPipeline): "
+            "they reuse the reference tokens' keys and values across steps; use Flux2KleinPipeline"
+        )
+
+
+def _projections(attn, hidden_states, encoder_hidden_states):
+    if getattr(attn, "fused_projections", False):
+        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        encoder_query = encoder_key = encoder_value = None
+        if encoder_hidden_states is not None and hasattr(attn, "to_added_qkv"):
+            encoder_query, encoder_key, encoder_value = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+        return query, key, value, encoder_query, encoder_key, encoder_value
+    query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    encoder_query = encoder_key = encoder_value = None
+    if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+        encoder_query = attn.add_q_proj(encoder_hidden_states)
+        encoder_key = attn.add_k_proj(encoder_hidden_states)
+        encoder_value = attn.add_v_proj(encoder_hidden_states)
+    return query, key, value, encoder_query, encoder_key, encoder_value
+
+
+class _Flux2Processor(LayerProcessor):
+    _attention_backend = None
+    _parallel_config = None
+
+    def _attend(self, attn, query, key, value, text_len: int, attention_mask):
+        seq_len = query.shape[1]
+        plan = self.state.plan(self.layer, query.shape[0], (text_len, seq_len), getattr(attn, POOL_MODULE, None))
+        if attention_mask is not None and attention_mask.ndim == 2:
+            attention_mask = attention_mask[:, None, None, :]
+        if plan is None and (self._attention_backend is not None or self._parallel_config is not None):
+            # nothing to edit here: honour the backend the user chose with diffusers
+            out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
+                                        parallel_config=self._parallel_config)
+        elif self._parallel_config is not None:
+            raise NotImplementedError("dit-attn perturbations do not support context parallelism yet")
+        else:
+            out = kernels.attention(
+                query, key, value, plan, layout="BSHD", attn_mask=attention_mask, backend=self.state.backend_for(plan),
+                scale=self.state.scale_for(self.layer, seq_len - text_len, attn.head_dim),
+            )
+        return out.flatten(2, 3).to(query.dtype)
+
+    def _patch_leading_text(self, key, value):
+        """TextPatch where text and image share one projection: the text tokens lead the sequence."""
+        if self.layer not in self.state.patch_layers or self.state.call.rows is None:
+            return key, value
+        text_len = self.state.call.text_len
+        text_key, text_value = self.state.patch_text(self.layer, key[:, :text_len], value[:, :text_len])
+        return torch.cat([text_key, key[:, text_len:]], dim=1), torch.cat([text_value, value[:, text_len:]], dim=1)
+
+
+class Flux2AttnProcessor(_Flux2Processor):
+    """Double-stream blocks; one instance per attention module."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 kv_cache=None, kv_cache_mode=None, num_ref_tokens: int = 0):
+        _refuse_kv_cache(kv_cache_mode)
+        query, key, value, encoder_query, encoder_key, encoder_value = _projections(
+            attn, hidden_states, encoder_hidden_states
+        )
+        query = query.unflatten(-1, (-1, attn.head_dim))
+        key = key.unflatten(-1, (-1, attn.head_dim))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+
+        if attn.added_kv_proj_dim is not None:
+            encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
+            encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
+            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+            encoder_query = attn.norm_added_q(encoder_query)
+            encoder_key = attn.norm_added_k(encoder_key)
+            encoder_key, encoder_value = self.state.patch_text(self.layer, encoder_key, encoder_value)
+            query = torch.cat([encoder_query, query], dim=1)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+        else:
+            key, value = self._patch_leading_text(key, value)
+
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else self.state.call.text_len
+        hidden_states = self._attend(attn, query, key, value, text_len, attention_mask)
+
+        if encoder_hidden_states is not None:
+            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+            )
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+class Flux2SingleAttnProcessor(_Flux2Processor):
+    """Single-stream (parallel) blocks: attention and MLP share the input and output projections."""
+
+    def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None, kv_cache=None,
+                 kv_cache_mode=None, num_txt_tokens: int = 0, num_ref_tokens: int = 0):
+        _refuse_kv_cache(kv_cache_mode)
+        hidden_states = attn.to_qkv_mlp_proj(hidden_states)
+        # split by the global QKV:MLP ratio, as the stock processor does (the same with column sharding)
+        qkv_dim = 3 * attn.inner_dim
+        mlp_dim = attn.mlp_hidden_dim * attn.mlp_mult_factor
+        local_qkv = hidden_states.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
+        qkv, mlp_hidden_states = torch.split(hidden_states, [local_qkv, hidden_states.shape[-1] - local_qkv], dim=-1)
+
+        query, key, value = qkv.chunk(3, dim=-1)
+        query = query.unflatten(-1, (-1, attn.head_dim))
+        key = key.unflatten(-1, (-1, attn.head_dim))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+        key, value = self._patch_leading_text(key, value)
+
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        hidden_states = self._attend(attn, query, key, value, self.state.call.text_len, attention_mask)
+        mlp_hidden_states = attn.mlp_act_fn(mlp_hidden_states)
+        return attn.to_out(torch.cat([hidden_states, mlp_hidden_states], dim=-1))
