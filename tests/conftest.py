@@ -1,3 +1,5 @@
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,14 @@ def flux_call(pipe, prompt="a red circle", steps=3, seed=0, **kwargs):
     return pipe(prompt, generator=torch.Generator().manual_seed(seed), **args).images
 
 
+def _copy(value):
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, list):  # per-row lists (Z-Image's x, cap_feats)
+        return [_copy(v) for v in value]
+    return value
+
+
 class CallRecorder:
     """Records every stock-sized transformer call (inputs) and every scheduler step (ε it got).
 
@@ -56,8 +66,10 @@ class CallRecorder:
         self.steps: list[torch.Tensor] = []
 
     def __enter__(self):
+        names = list(inspect.signature(self.pipe.transformer.forward).parameters)
+
         def record_call(module, args, kwargs):
-            self.calls.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()})
+            self.calls.append({k: _copy(v) for k, v in {**dict(zip(names, args)), **kwargs}.items()})
 
         self._hook = self.pipe.transformer.register_forward_pre_hook(record_call, with_kwargs=True)
         original = self.pipe.scheduler.step
@@ -110,7 +122,12 @@ class PerturbSDPA(TorchFunctionMode):
             if self.target == "identity":
                 target = v[:, heads]
             else:
-                bias = torch.zeros(q.shape[0], 1, q.shape[2], k.shape[2]) if mask is None else mask.float()
+                if mask is None:
+                    bias = torch.zeros(q.shape[0], 1, q.shape[2], k.shape[2])
+                elif mask.dtype == torch.bool:  # a keep-mask: masked keys get no weight
+                    bias = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+                else:
+                    bias = mask.float()
                 target = torch.softmax(bias.expand(q.shape[0], 1, q.shape[2], k.shape[2]), dim=-1) @ v[:, heads]
             out = out.clone()
             out[:, heads] = target.to(out.dtype)

@@ -16,6 +16,7 @@ _SPECS = {
     "ChromaTransformer2DModel": (".chroma", "Chroma"),
     "Flux2Transformer2DModel": (".flux2", "Flux2"),
     "QwenImageTransformer2DModel": (".qwen_image", "QwenImage"),
+    "ZImageTransformer2DModel": (".z_image", "ZImage"),
 }
 _LOADED: dict[str, Family] = {}
 

@@ -60,8 +60,16 @@ class Family:
         raise NotImplementedError
 
     def processor_for(self, key: str, layer: int, state):
-        """The dit-attn processor for processor key `key` (an entry of `transformer.attn_processors`) of `layer`."""
+        """The dit-attn processor for processor key `key` (an entry of `attention_processors`) of `layer`."""
         raise NotImplementedError
+
+    def attention_processors(self, transformer) -> dict:
+        """The processors dit-attn replaces, by key ('<attention module>.processor')."""
+        return dict(transformer.attn_processors)
+
+    def set_processors(self, transformer, processors: dict) -> None:
+        """Give the attention modules of these keys these processors."""
+        transformer.set_attn_processor(dict(processors))  # set_attn_processor empties the dict it is given
 
     def layer_of_key(self, key: str, transformer) -> int:
         """The layer index of a processor key such as 'transformer_blocks.3.attn.processor'."""
@@ -73,9 +81,17 @@ class Family:
         raise NotImplementedError
 
     # --- one transformer call ----------------------------------------------------------------
+    def batch_size(self, call: dict) -> int:
+        """Rows of a transformer call."""
+        return call["hidden_states"].shape[0]
+
     def text_length(self, call: dict) -> int:
         text = call.get("encoder_hidden_states")
         return text.shape[1] if text is not None else 0
+
+    def image_length(self, call: dict) -> int | None:
+        """Image tokens of the call, for processors that cannot tell them from their inputs (None: not needed)."""
+        return None
 
     def grid(self, transformer, call: dict) -> tuple[tuple[int, int] | None, str]:
         """(rows, cols) of the call's image-token grid, or (None, why not)."""

@@ -13,7 +13,7 @@ import torch
 
 from ..edits import HeadGuidance
 from ..families import Family
-from ..hooks.calls import stock_output
+from ..hooks.calls import stock_output, take_rows
 from ..hooks.pipeline import wrap_scheduler_step
 from ..hooks.selection import CallSelector
 from ..hooks.steps import denoising_step
@@ -61,8 +61,8 @@ class GuidanceController:
         sample = output[0]
         final = plan.final  # the perturbed copies of the conditional rows (not of TextPatch's source rows)
         copies = final.perturbed & (final.from_call < plan.stock_rows)
-        eps_perturbed = self.family.prediction(sample[copies.to(sample.device)])
-        eps_cond = self.family.prediction(sample.index_select(0, cond.to(sample.device)))
+        eps_perturbed = self.family.prediction(take_rows(sample, copies.nonzero().flatten()))
+        eps_cond = self.family.prediction(take_rows(sample, cond))
         self.pending = PendingGuidance(eps_cond, eps_perturbed, denoising_step(self.pipe)[0], self.pipe.scheduler.timesteps)
         return stock_output(output, plan.stock_rows)
 

@@ -61,10 +61,15 @@ def take_call_rows(value, index: torch.Tensor, call_rows: int):
     return take_rows(value, index)
 
 
+def row_count(value) -> int:
+    """Rows of a per-row value: a tensor (dim 0) or a list with one entry per row."""
+    return len(value) if isinstance(value, (list, tuple)) else value.shape[0]
+
+
 def stock_output(output, rows: int):
     """The transformer output with only its first `rows` rows (the pipeline's own)."""
     sample = output[0]
-    if sample.shape[0] == rows:
+    if row_count(sample) == rows:
         return output
     if isinstance(output, tuple):
         return (sample[:rows],) + tuple(output[1:])
@@ -107,12 +112,13 @@ class CallHook(_Hook):
         call = named_arguments(forward, args, kwargs) if args else kwargs
         current = self.state.call
         current.text_len = self.family.text_length(call)
+        current.image_len = self.family.image_length(call)
         if self.state.local is not None:
             current.grid, current.grid_problem = self.family.grid(module, call)
         if self.guidance is None and self.text is None:
             return forward(**call)
         context = cache_context_name(self.cache)
-        batch = call["hidden_states"].shape[0]
+        batch = self.family.batch_size(call)
         cond = self.guidance.fork_for_call(batch, call, context) if self.guidance is not None else None
         patch = self.text.sources_for_call(batch, call, context) if self.text is not None else None
         if cond is None and patch is None:
@@ -135,8 +141,8 @@ class CallHook(_Hook):
             output = forward(**call)
         finally:
             current.rows = None
-        if output[0].shape[0] != plan.final.size:
-            raise RuntimeError(f"{type(module).__name__} returned {output[0].shape[0]} rows for a call widened to "
+        if row_count(output[0]) != plan.final.size:
+            raise RuntimeError(f"{type(module).__name__} returned {row_count(output[0])} rows for a call widened to "
                                f"{plan.final.size}: this model does not carry extra rows through its blocks")
         if cond is not None:
             return self.guidance.finish_call(output, plan, cond)

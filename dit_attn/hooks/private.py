@@ -2,9 +2,11 @@
 
 - the name of the active cache context ("cond"/"uncond"), which diffusers hands only to
   stateful hooks through a `StateManager` (read from its `_context`);
-- FLUX's q/k/v projection helper, so the FLUX processor projects exactly like the stock one.
+- FLUX's q/k/v projection helper, so the FLUX processor projects exactly like the stock one;
+- the Z-Image pipelines' `cfg_truncation` setting of the running call (`_cfg_truncation`), which
+  decides per step whether the call carries negative rows.
 
-Both were checked on the diffusers versions in `SUPPORTED_DIFFUSERS`.
+All were checked on the diffusers versions in `SUPPORTED_DIFFUSERS`.
 """
 from __future__ import annotations
 
@@ -31,3 +33,8 @@ def flux_qkv_projections(attn, hidden_states, encoder_hidden_states):
     from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
     return _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+
+
+def z_image_cfg_truncation(pipe) -> float | None:
+    """The `cfg_truncation` a Z-Image pipeline's running call was given (None outside a call)."""
+    return getattr(pipe, "_cfg_truncation", None)

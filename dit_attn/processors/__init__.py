@@ -16,7 +16,7 @@ def install(transformer: torch.nn.Module, state: EditState) -> dict:
     would be silently dropped otherwise.
     """
     family = family_of(transformer)
-    originals = dict(transformer.attn_processors)
+    originals = family.attention_processors(transformer)
     for key, processor in originals.items():
         if type(processor).__name__ not in family.stock_processors:
             raise TypeError(
@@ -28,13 +28,13 @@ def install(transformer: torch.nn.Module, state: EditState) -> dict:
         for name in ("_attention_backend", "_parallel_config"):
             if hasattr(processor, name):
                 setattr(processor, name, getattr(originals[key], name, None))
-    transformer.set_attn_processor(new)  # set_attn_processor empties the dict it is given
+    family.set_processors(transformer, new)
     return originals
 
 
 def restore(transformer: torch.nn.Module, originals: dict) -> None:
     """Put back the original processor objects (shared objects stay shared)."""
-    transformer.set_attn_processor(dict(originals))
+    family_of(transformer).set_processors(transformer, originals)
 
 
 __all__ = ["EditState", "FluxAttnProcessor", "LayerEdit", "RowPlan", "SD3AttnProcessor", "install", "restore"]

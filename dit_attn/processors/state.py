@@ -161,6 +161,7 @@ class CallState:
 
     rows: RowPlan | None = None  # extra rows of the call (TextPatch sources, HeadGuidance copies)
     text_len: int = 0  # text tokens of the call (FLUX single blocks need it)
+    image_len: int | None = None  # image tokens of the call, where the family reads them from the call (Z-Image)
     grid: tuple[int, int] | None = None  # image-token grid of the call
     grid_problem: str = ""  # why the call has no grid
 
