@@ -81,22 +81,38 @@ def test_softpag_u0_is_stock_and_layers_are_numbered(z_pipe):
     assert all(info.heads == 4 and info.head_dim == 8 for info in layer_map)
 
 
+class ImageScopeIdentitySDPA(PerturbSDPA):
+    """Independent SoftPAG identity at u = 1 with scope "image" in one module: the selected heads' image queries
+    see their own key and every key outside the image range (caption, padding under the rows' mask)."""
+
+    def __init__(self, module, heads, image_tokens):
+        super().__init__(module, heads, "identity")
+        self.image_tokens = image_tokens
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.nn.functional.scaled_dot_product_attention and self.inside:
+            q, k, v, mask = kwargs["query"], kwargs["key"], kwargs["value"], kwargs.get("attn_mask")
+            seq, n = q.shape[2], self.image_tokens
+            index = torch.arange(seq)
+            allowed = (index[:, None] >= n) | (index[None, :] >= n) | (index[:, None] == index[None, :])
+            keep = allowed if mask is None else mask & allowed
+            out = out.clone()
+            out[:, self.heads] = func(q[:, self.heads], k[:, self.heads], v[:, self.heads], attn_mask=keep)
+        return out
+
+
 @pytest.mark.parametrize("layer,target,scope", [(1, "identity", "joint"), (2, "uniform", "joint"), (0, "uniform", "joint"),
                                                 (1, "identity", "image")])
 def test_softpag_equals_an_sdpa_perturbation_inside_the_module(z_pipe, layer, target, scope):
     call = recorded(z_pipe, guidance_scale=3.0, negative_prompt=LONG).calls[0]
     assert is_padded(call)
-    edit = da.SoftPAG([(layer, h) for h in HEADS], u=1.0, target=target, scope=scope)
-    if scope == "image":  # identity on image→image only: image queries keep their own key and every caption key
-        with da.apply(z_pipe.transformer, edit):
-            got = torch.stack(run(z_pipe.transformer, call))
-        with da.apply(z_pipe.transformer, da.SoftPAG([(layer, h) for h in HEADS], u=1.0, target=target)):
-            joint = torch.stack(run(z_pipe.transformer, call))
-        assert (got - joint).abs().max() > 1e-4
-        return
-    with PerturbSDPA(z_pipe.transformer.layers[layer].attention, HEADS, target):
+    module = z_pipe.transformer.layers[layer].attention
+    mode = ImageScopeIdentitySDPA(module, HEADS, 64) if scope == "image" else PerturbSDPA(module, HEADS, target)
+    with mode:
         want = torch.stack(run(z_pipe.transformer, call))
-    with da.apply(z_pipe.transformer, edit):
+    with da.apply(z_pipe.transformer, da.SoftPAG([(layer, h) for h in HEADS], u=1.0, target=target, scope=scope)):
         got = torch.stack(run(z_pipe.transformer, call))
     assert (got - want).abs().max() < 1e-5
     assert (got - torch.stack(run(z_pipe.transformer, call))).abs().max() > 1e-4
