@@ -198,6 +198,7 @@ def test_grid_and_text_edits(z_pipe):
     call = recorded(z_pipe, steps=1).calls[0]
     assert family.grid(z_pipe.transformer, call) == ((8, 8), "")
     assert family.image_length(call) == 64
+    assert family.max_token_side(z_pipe.transformer) == 32  # axes_lens (256, 32, 32)
     omni = dict(call, x=[[x] for x in call["x"]])
     assert family.grid(z_pipe.transformer, omni)[0] is None and family.image_length(omni) is None
     with pytest.raises(NotImplementedError, match="TextPatch does not run on z_image models"):

@@ -153,6 +153,11 @@ class ZImage(Family):
         return padded, mask
 
     # --- training --------------------------------------------------------------------------------
+    def max_token_side(self, transformer) -> int | None:
+        # rotary tables hold axes_lens positions per axis: (frame, row, col)
+        lens = transformer.config.axes_lens
+        return int(min(lens[1], lens[2]))
+
     def latent_patch(self, transformer) -> int:
         return int(transformer.config.all_patch_size[0])
 
