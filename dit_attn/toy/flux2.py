@@ -1,8 +1,8 @@
 """Tiny random-weight FLUX.2 pipelines built from configs in memory (nothing is downloaded).
 
 The shapes follow diffusers' own dummy components for its Flux2 tests: a transformer with 4 input
-channels (1 latent channel patchified 2×2), 16-wide heads with 4 rotary axes of 4, and a FLUX.2 VAE
-of one latent channel, here with three levels (spatial factor 4) so that a reference image of the
+channels (1 latent channel patchified 2×2), 16-wide heads (`head_dim`) split into 4 rotary axes, and a
+FLUX.2 VAE of one latent channel, here with three levels (spatial factor 4) so that a reference image of the
 pipelines' minimum 64×64 pixels stays small. At 32×32 pixels a call has 4×4 = 16 image tokens; a
 64×64 reference image adds 8×8 = 64.
 
@@ -31,12 +31,15 @@ _CHAT_TEMPLATE = (
 )
 
 
-def _transformer(num_layers: int, num_single_layers: int, num_heads: int, guidance_embeds: bool, seed: int):
+def _transformer(num_layers: int, num_single_layers: int, num_heads: int, head_dim: int, guidance_embeds: bool,
+                 seed: int):
+    if head_dim % 8:
+        raise ValueError(f"head_dim must be a multiple of 8 (four even rotary axes of head_dim/4), got {head_dim}")
     torch.manual_seed(seed)
     return Flux2Transformer2DModel(
         patch_size=1, in_channels=4, num_layers=num_layers, num_single_layers=num_single_layers,
-        attention_head_dim=16, num_attention_heads=num_heads, joint_attention_dim=FLUX2_TEXT_DIM,
-        timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance_embeds,
+        attention_head_dim=head_dim, num_attention_heads=num_heads, joint_attention_dim=FLUX2_TEXT_DIM,
+        timestep_guidance_channels=256, axes_dims_rope=(head_dim // 4,) * 4, guidance_embeds=guidance_embeds,
     ).eval()
 
 
@@ -85,16 +88,16 @@ def _text_encoder(tokenizer, seed: int):
     return Qwen3ForCausalLM(config).eval()
 
 
-def build_flux2_pipeline(*, num_layers: int = 2, num_single_layers: int = 2, num_heads: int = 4,
+def build_flux2_pipeline(*, num_layers: int = 2, num_single_layers: int = 2, num_heads: int = 4, head_dim: int = 16,
                          seed: int = 0) -> Flux2Pipeline:
     """A random-weight Flux2Pipeline (guidance embedding, no text encoder: pass `prompt_embeds`)."""
     return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(seed), text_encoder=None,
                          tokenizer=None,
-                         transformer=_transformer(num_layers, num_single_layers, num_heads, True, seed))
+                         transformer=_transformer(num_layers, num_single_layers, num_heads, head_dim, True, seed))
 
 
 def build_flux2_klein_pipeline(*, num_layers: int = 2, num_single_layers: int = 2, num_heads: int = 4,
-                               text_encoder: bool = True, seed: int = 0) -> Flux2KleinPipeline:
+                               head_dim: int = 16, text_encoder: bool = True, seed: int = 0) -> Flux2KleinPipeline:
     """A random-weight Flux2KleinPipeline (no guidance embedding, CFG for guidance_scale > 1);
     `text_encoder=False` leaves the encoder and tokenizer out (then pass `prompt_embeds`)."""
     tokenizer = encoder = None
@@ -103,7 +106,7 @@ def build_flux2_klein_pipeline(*, num_layers: int = 2, num_single_layers: int = 
         encoder = _text_encoder(tokenizer, seed)
     return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(seed), text_encoder=encoder,
                               tokenizer=tokenizer,
-                              transformer=_transformer(num_layers, num_single_layers, num_heads, False, seed))
+                              transformer=_transformer(num_layers, num_single_layers, num_heads, head_dim, False, seed))
 
 
 def flux2_prompt_embeds(batch: int = 1, tokens: int = 8, seed: int = 0) -> torch.Tensor:
