@@ -44,7 +44,8 @@ def _layer_edits(heads, u: float, target: str, scope: str, layer_map: list[Layer
     for layer, head_ids in resolve_heads(heads, layer_map, family).items():
         strength = torch.zeros(layer_map[layer].heads)
         strength[list(head_ids)] = float(u)
-        edits[layer] = LayerEdit(strength, target, scope)
+        touched = float(u) != 0
+        edits[layer] = LayerEdit(strength, target, scope, (touched, float(u) == 1 and len(head_ids) == layer_map[layer].heads))
     return edits
 
 

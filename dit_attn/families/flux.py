@@ -16,6 +16,7 @@ def image_ids(h: int, w: int) -> torch.Tensor:
     return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).float()
 
 
+@torch.compiler.disable  # reads the ids' values: one graph break at the start of a call, none in the blocks
 def grid_from_ids(img_ids: torch.Tensor | None, image_tokens: int) -> tuple[tuple[int, int] | None, str]:
     """(rows, cols) from image position ids, or (None, why) when they are not a full row-major grid
     (e.g. Kontext's reference tokens appended to the image)."""

@@ -138,7 +138,8 @@ def choose_backend(q: torch.Tensor, plan: AttentionPlan, backend: str = "auto", 
         reason = candidate.why_not(q, plan, mask)
         if reason is None:
             return candidate
-        logger.debug("attention backend %r skipped: %s", candidate.name, reason)
+        if not torch.compiler.is_compiling():  # a logging call breaks the compiled graph
+            logger.debug("attention backend %r skipped: %s", candidate.name, reason)
     raise RuntimeError("no attention backend can run these inputs")
 
 
@@ -162,10 +163,11 @@ def attention(
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    plan = plan or AttentionPlan()
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; valid: 'auto', {', '.join(map(repr, BACKENDS))}")
     if layout == "BSHD":
         q, k, v = (x.permute(0, 2, 1, 3) for x in (q, k, v))
-    if attn_mask is not None and plan.is_plain:
+    if plan is None or (attn_mask is not None and plan.is_plain):  # stock attention: nothing to choose
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
         return out.permute(0, 2, 1, 3) if layout == "BSHD" else out
     check_plan(q, plan)

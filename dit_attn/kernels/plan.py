@@ -30,6 +30,9 @@ class Perturbation:
     u: torch.Tensor
     target: str = "identity"
     scope: str = "joint"
+    # (touched, full) when every row has the same strengths and this is known without reading u (a model
+    # edit): the kernels then choose rows without data-dependent branches (no torch.compile graph break)
+    same_rows: tuple[bool, bool] | None = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -46,6 +49,29 @@ class Perturbation:
     def touched_rows(self) -> torch.Tensor:
         """(B,) bool: rows where any head is perturbed."""
         return (self.u != 0).any(dim=1)
+
+    def touched_runs(self) -> list[slice]:
+        """Contiguous runs of the touched rows, as slices."""
+        if self.same_rows is not None:
+            return [slice(0, self.u.shape[0])] if self.same_rows[0] else []
+        return row_runs(self.touched_rows().cpu())
+
+    def full_row_list(self) -> list[bool]:
+        if self.same_rows is not None:
+            return [self.same_rows[1]] * self.u.shape[0]
+        return self.full_rows().cpu().tolist()
+
+
+def row_runs(mask: torch.Tensor) -> list[slice]:
+    """Contiguous runs of True in a (B,) bool mask, as slices (views, not copies, of a batch)."""
+    runs, start = [], None
+    for i, flag in enumerate(mask.tolist() + [False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            runs.append(slice(start, i))
+            start = None
+    return runs
 
 
 @dataclass(frozen=True)
@@ -64,7 +90,7 @@ class AttentionPlan:
 
     @property
     def is_plain(self) -> bool:
-        return not self.perturbations and self.window is None
+        return len(self.perturbations) == 0 and self.window is None  # (a tuple truth test breaks torch.compile graphs)
 
     def image_slice(self, seq_len: int) -> slice:
         if self.image_tokens is None:

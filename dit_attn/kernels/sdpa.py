@@ -22,18 +22,6 @@ from .plan import AttentionPlan, Perturbation
 _CHUNK_ELEMENTS = 1 << 16
 
 
-def row_runs(mask: torch.Tensor) -> list[slice]:
-    """Contiguous runs of True in a (B,) bool mask, as slices (views, not copies, of a batch)."""
-    runs, start = [], None
-    for i, flag in enumerate(mask.tolist() + [False]):
-        if flag and start is None:
-            start = i
-        elif not flag and start is not None:
-            runs.append(slice(start, i))
-            start = None
-    return runs
-
-
 def text_segments(seq_len: int, image: slice) -> list[slice]:
     return [s for s in (slice(0, image.start), slice(image.stop, seq_len)) if s.stop > s.start]
 
@@ -124,7 +112,7 @@ def blend(out: torch.Tensor, q, k, v, p: Perturbation, image: slice, scale: floa
     bias = None
     if attn_mask is not None and p.scope == "image":
         bias = masks.additive(attn_mask, torch.float64 if q.dtype == torch.float64 else torch.float32)
-    for run in row_runs(p.touched_rows().cpu()):
+    for run in p.touched_runs():
         if p.scope == "joint":
             if p.target == "identity":
                 target = v[run]
@@ -138,18 +126,17 @@ def blend(out: torch.Tensor, q, k, v, p: Perturbation, image: slice, scale: floa
             blend_image_scope(out[run], q[run], k[run], v[run], u[run], p.target, image, scale, masks.rows(bias, run))
 
 
-def base_queries(plan: AttentionPlan, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def base_queries(plan: AttentionPlan, batch: int) -> tuple[list[int], list[int]]:
     """Which rows need plain attention for all queries, and which only for text queries."""
-    none = torch.zeros(batch, dtype=torch.bool)
-    text_only = torch.zeros(batch, dtype=torch.bool)
+    none = [False] * batch
+    text_only = [False] * batch
     for p in plan.perturbations:
-        full = p.full_rows().cpu()
-        if p.scope == "joint":
-            none |= full
-        else:
-            text_only |= full
-    text_only &= ~none
-    return ~(none | text_only), text_only
+        target = none if p.scope == "joint" else text_only
+        for row, full in enumerate(p.full_row_list()):
+            target[row] = target[row] or full
+    all_rows = [r for r in range(batch) if not (none[r] or text_only[r])]
+    text_rows = [r for r in range(batch) if text_only[r] and not none[r]]
+    return all_rows, text_rows
 
 
 def sdpa_attention(q, k, v, plan: AttentionPlan, scale: float | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -159,15 +146,15 @@ def sdpa_attention(q, k, v, plan: AttentionPlan, scale: float | None = None, att
     scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     image = plan.image_slice(q.shape[-2])
     all_queries, text_queries = base_queries(plan, q.shape[0])
-    if bool(all_queries.all()):
+    if len(all_queries) == q.shape[0]:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     else:
         # one row at a time: SDPA cannot write into `out`, so this bounds its temporary to a row
         out = torch.zeros_like(q)  # rows fully replaced below; zeros keep lerp_ finite
-        for row in all_queries.nonzero().flatten().tolist():
+        for row in all_queries:
             one = slice(row, row + 1)
             out[one] = F.scaled_dot_product_attention(q[one], k[one], v[one], attn_mask=masks.rows(attn_mask, one), scale=scale)
-        for row in text_queries.nonzero().flatten().tolist():
+        for row in text_queries:
             one = slice(row, row + 1)
             for segment in text_segments(q.shape[-2], image):
                 out[one, :, segment] = F.scaled_dot_product_attention(

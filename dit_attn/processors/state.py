@@ -41,6 +41,7 @@ class LayerEdit:
     u: torch.Tensor
     target: str
     scope: str
+    same_rows: tuple[bool, bool] | None = None  # (touched, full) of every row, for a model edit (see Perturbation)
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,8 @@ class EditState:
         if not perturbed:
             return AttentionPlan((), image_tokens, window) if window is not None else None
         perturbations = [
-            Perturbation(edit.u.expand(batch, -1), edit.target, edit.scope) for edit in self.model_edits.get(layer, ())
+            Perturbation(edit.u.expand(batch, -1), edit.target, edit.scope, edit.same_rows)
+            for edit in self.model_edits.get(layer, ())
         ]
         guided = self.guided_edits.get(layer)
         rows = self.call.rows
