@@ -80,3 +80,29 @@ def test_deepcopy_of_an_applied_model_is_refused_and_works_after_remove(pipe):
         assert torch.equal(copied(**call).sample, transformer(**call).sample)
         copied.proj_out.weight.mul_(2)  # the copy runs its own weights
         assert not torch.allclose(copied(**call).sample, transformer(**call).sample)
+
+
+@pytest.mark.parametrize("backend", ["_native_math", "flash"])
+def test_unedited_layers_run_the_attention_backend_chosen_with_diffusers(flux_pipe, backend):
+    """`with attention_backend(...)` reaches every layer dit-attn leaves unedited (SoftPAG at u = 0 included):
+    outputs are bit-exact with stock under the same backend, and a backend that cannot run here fails as stock does."""
+    from diffusers.models.attention_dispatch import attention_backend
+
+    from .conftest import CallRecorder, flux_call, replay
+
+    with CallRecorder(flux_pipe) as rec:
+        flux_call(flux_pipe, steps=1)
+    call = rec.calls[0]
+    edits = (da.SoftPAG(["L0", "L1", "L2", "L3"], u=0.0),)
+    if backend == "flash":
+        with pytest.raises(RuntimeError, match="not usable"), attention_backend(backend):
+            replay(flux_pipe.transformer, call)
+        with da.apply(flux_pipe.transformer, *edits), pytest.raises(RuntimeError, match="not usable"), attention_backend(backend):
+            replay(flux_pipe.transformer, call)
+        return
+    with attention_backend(backend):
+        stock = replay(flux_pipe.transformer, call)
+        with da.apply(flux_pipe.transformer, *edits):
+            assert torch.equal(replay(flux_pipe.transformer, call), stock)
+        with da.apply(flux_pipe.transformer, da.SoftPAG(["L1H0"], u=1.0)):
+            assert (replay(flux_pipe.transformer, call) - stock).abs().max() > 1e-4  # edited layers run dit-attn's kernels

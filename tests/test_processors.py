@@ -87,9 +87,10 @@ def test_only_selected_heads_change(family, monkeypatch, request):
         call(pipe, steps=1)
     layers = da.layers(pipe)
     selected = {1: {2}, 2: {0, 3}}
-    n_layers = len(layers)
-    assert len(seen) == n_layers
-    for index, (q, k, v, plan, out, layout) in enumerate(seen):
+    # SD3 layers always call dit-attn's kernels; FLUX's unedited layers make diffusers' own dispatch call
+    called = list(range(len(layers))) if family == "sd3" else sorted(selected)
+    assert len(seen) == len(called)
+    for index, (q, k, v, plan, out, layout) in zip(called, seen):
         if layout == "BSHD":
             q, k, v, out = (x.transpose(1, 2) for x in (q, k, v, out))
         stock = F.scaled_dot_product_attention(q, k, v)

@@ -50,15 +50,14 @@ class _Flux2Processor(LayerProcessor):
     def _attend(self, attn, query, key, value, text_len: int, attention_mask):
         seq_len = query.shape[1]
         plan = self.state.plan(self.layer, query.shape[0], (text_len, seq_len), getattr(attn, POOL_MODULE, None))
-        if attention_mask is not None and attention_mask.ndim == 2:
-            attention_mask = attention_mask[:, None, None, :]
-        if plan is None and (self._attention_backend is not None or self._parallel_config is not None):
-            # nothing to edit here: honour the backend the user chose with diffusers
+        if plan is None:  # nothing to edit here: the stock call, honouring diffusers' attention backends
             out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
                                         parallel_config=self._parallel_config)
         elif self._parallel_config is not None:
             raise NotImplementedError("dit-attn perturbations do not support context parallelism yet")
         else:
+            if attention_mask is not None and attention_mask.ndim == 2:
+                attention_mask = attention_mask[:, None, None, :]
             out = kernels.attention(
                 query, key, value, plan, layout="BSHD", attn_mask=attention_mask, backend=self.state.backend_for(plan),
                 scale=self.state.scale_for(self.layer, seq_len - text_len, attn.head_dim),

@@ -73,8 +73,7 @@ class QwenImageAttnProcessor(LayerProcessor):
 
         seq_len = query.shape[1]
         plan = self.state.plan(self.layer, query.shape[0], (text_len, seq_len), getattr(attn, POOL_MODULE, None))
-        if plan is None and (self._attention_backend is not None or self._parallel_config is not None):
-            # nothing to edit here: honour the backend the user chose with diffusers
+        if plan is None:  # nothing to edit here: the stock call, honouring diffusers' attention backends
             joint = dispatch_attention_fn(
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
                 backend=self._attention_backend, parallel_config=self._parallel_config,

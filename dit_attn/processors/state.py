@@ -222,9 +222,9 @@ class EditState:
         window = self.window(layer, pool)
         if not perturbed:
             return AttentionPlan((), image_tokens, window) if window is not None else None
-        perturbations = [
+        perturbations = [  # a model edit of strength 0 changes nothing: leave the layer stock
             Perturbation(edit.u.expand(batch, -1), edit.target, edit.scope, edit.same_rows)
-            for edit in self.model_edits.get(layer, ())
+            for edit in self.model_edits.get(layer, ()) if edit.same_rows is None or edit.same_rows[0]
         ]
         guided = self.guided_edits.get(layer)
         rows = self.call.rows

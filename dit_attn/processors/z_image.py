@@ -57,8 +57,7 @@ class ZImageAttnProcessor(LayerProcessor):
         if plan is not None and image_len is None:
             raise ValueError("dit-attn edits on Z-Image need the call's image tokens: only calls with one image "
                              "size per call (not omni calls) are supported")
-        if plan is None and (self._attention_backend is not None or self._parallel_config is not None):
-            # nothing to edit here: honour the backend the user chose with diffusers
+        if plan is None:  # nothing to edit here: the stock call, honouring diffusers' attention backends
             hidden_states = dispatch_attention_fn(
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
                 backend=self._attention_backend, parallel_config=self._parallel_config,
