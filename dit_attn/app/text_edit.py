@@ -69,7 +69,7 @@ def run_text_edit(model: LoadedModel, prompt: str, new_text: str, layers: tuple[
         guarded = None
         if guard is not None:
             with apply(model.pipe, guard):
-                out = model.pipe(prompt, generator=torch.Generator(device="cpu").manual_seed(seed),
+                out = model.pipe(prompt=prompt, generator=torch.Generator(device="cpu").manual_seed(seed),
                                  num_inference_steps=num_inference_steps, output_type="pt",
                                  **{**call_defaults(model.pipe), **pipe_kwargs}, **callback)
             guarded = to_pil(out.images.float().cpu())[0]  # converted as edit_text converts its images

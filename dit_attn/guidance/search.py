@@ -133,7 +133,7 @@ def generate(pipe, settings: SearchSettings, pairs: list[tuple[str, int]]):
     """The pipeline call of `pairs` with the search's settings (each item seeded by its pair)."""
     kwargs = call_kwargs(settings)
     generators = [torch.Generator().manual_seed(seed) for _, seed in pairs]
-    return pipe([prompt for prompt, _ in pairs], generator=generators, **kwargs).images
+    return pipe(prompt=[prompt for prompt, _ in pairs], generator=generators, **kwargs).images
 
 
 def images_for(pipe, settings: SearchSettings, head_sets: list[set[Head]], pairs: list[tuple[str, int]]):

@@ -187,7 +187,7 @@ def generate_set(pipe, caption_or_panels: str | Sequence[str], layout: Layout | 
         call["callback_on_step_end"] = overwrite
         call["callback_on_step_end_tensor_inputs"] = ["latents"] + [k for k in inputs if k != "latents"]
     output_type = "pil" if decode == "canvas" else "latent"
-    images = pipe(text, height=height, width=width, latents=noise, generator=generator, output_type=output_type, **call).images
+    images = pipe(prompt=text, height=height, width=width, latents=noise, generator=generator, output_type=output_type, **call).images
     if decode == "panels":
         images = decode_panels(pipe, grid, images)
     settings = {"caption": text, "layout": str(layout), "height": height, "width": width, "mode": mode, "seed": seed,

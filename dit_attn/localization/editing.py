@@ -71,7 +71,7 @@ def edit_text(pipe, prompt: str, new_text: str, layers, start: float = 0.0, gene
 
     def run(g: torch.Generator) -> tuple[Image.Image, float]:
         began = time.perf_counter()
-        out = pipe(prompt, generator=g, num_inference_steps=num_inference_steps, output_type="pt", **pipe_kwargs)
+        out = pipe(prompt=prompt, generator=g, num_inference_steps=num_inference_steps, output_type="pt", **pipe_kwargs)
         return to_pil(out.images.float().cpu())[0], time.perf_counter() - began
 
     original, t_original = run(generator)

@@ -46,7 +46,7 @@ def check_steps(num_inference_steps) -> None:
 def generate(pipe, prompt: str, seeds: list[int], num_inference_steps: int, **pipe_kwargs) -> torch.Tensor:
     """One pipeline call for `prompt` at each seed: (len(seeds), 3, H, W) in [0, 1]."""
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-    out = pipe([prompt] * len(seeds), generator=generators, num_inference_steps=num_inference_steps, output_type="pt",
+    out = pipe(prompt=[prompt] * len(seeds), generator=generators, num_inference_steps=num_inference_steps, output_type="pt",
                **pipe_kwargs)
     return out.images.float().cpu()
 

@@ -32,7 +32,7 @@ def generate(pipe, prompts: list[str], *, seed: int = 0, batch: int = 8, **kwarg
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-        images += pipe(chunk, generator=generators, height=64, width=64, **kwargs).images
+        images += pipe(prompt=chunk, generator=generators, height=64, width=64, **kwargs).images
     return images
 
 
@@ -53,10 +53,10 @@ def seconds_per_image(pipe, prompt: str, repeats: int = 3, **kwargs) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        pipe(prompt, height=64, width=64, num_inference_steps=2, **kwargs)  # warm-up
+        pipe(prompt=prompt, height=64, width=64, num_inference_steps=2, **kwargs)  # warm-up
         start = time.perf_counter()
         for i in range(repeats):
-            pipe(prompt, height=64, width=64, generator=torch.Generator().manual_seed(i), **kwargs)
+            pipe(prompt=prompt, height=64, width=64, generator=torch.Generator().manual_seed(i), **kwargs)
         return (time.perf_counter() - start) / repeats
     finally:
         torch.set_num_threads(threads)

@@ -70,7 +70,7 @@ def teacher_samples(pipe, cfg: DistillConfig, prompts: list[str], work: str, run
         chunk = wanted[start : start + cfg.batch]
         generators = [torch.Generator().manual_seed(step_seed(cfg.seed + 7, start + i)) for i in range(len(chunk))]
         with torch.no_grad():
-            latents = pipe(chunk, generator=generators, num_inference_steps=cfg.sample_steps, output_type="latent",
+            latents = pipe(prompt=chunk, generator=generators, num_inference_steps=cfg.sample_steps, output_type="latent",
                            max_sequence_length=cfg.max_sequence_length, **size, **extra).images
             embeds, pooled = text_features(pipe, chunk, cfg.max_sequence_length)
         cache["latents"].append(latents.cpu())

@@ -393,7 +393,7 @@ def render(pipe, settings: dict, **call):
     edits = edits_for(settings)
     generator = torch.Generator(device="cpu").manual_seed(settings["seed"])
     with apply(pipe, *edits) if edits else contextlib.nullcontext():
-        return pipe(settings["prompt"], generator=generator,
+        return pipe(prompt=settings["prompt"], generator=generator,
                     **{**call_defaults(pipe), **pipeline_kwargs(settings), **call}).images[0]
 
 
@@ -537,7 +537,7 @@ def _generate(todo: list, base: dict, run_settings: dict, out: str, manifest: Ma
                         handle = apply(pipe, *edits)
                     handle_edits = edits
                 generators = [torch.Generator(device="cpu").manual_seed(s["seed"]) for _, s, _ in group]
-                images = pipe([item.prompt for item, _, _ in group], generator=generators,
+                images = pipe(prompt=[item.prompt for item, _, _ in group], generator=generators,
                               **{**call_defaults(pipe), **pipeline_kwargs(settings)}).images
             except (ValueError, TypeError, RuntimeError) as err:
                 report.failed.extend((item, f"{type(err).__name__}: {err}") for item, _, _ in group)

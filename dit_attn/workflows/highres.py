@@ -62,7 +62,7 @@ def generate_highres(pipe, prompt: str, height: int, width: int, *, radius: floa
     if height < base_height or width < base_width:
         raise ValueError(f"the target {width}x{height} must be at least the base size {base_width}x{base_height}")
     generator = torch.Generator().manual_seed(seed)
-    base = pipe(prompt, height=base_height, width=base_width, num_inference_steps=num_inference_steps,
+    base = pipe(prompt=prompt, height=base_height, width=base_width, num_inference_steps=num_inference_steps,
                 generator=generator, **pipe_kwargs).images[0]
     upscaled = base.resize((width, height), Image.LANCZOS)
     img2img = AutoPipelineForImage2Image.from_pipe(pipe)
