@@ -106,3 +106,27 @@ def test_unedited_layers_run_the_attention_backend_chosen_with_diffusers(flux_pi
             assert torch.equal(replay(flux_pipe.transformer, call), stock)
         with da.apply(flux_pipe.transformer, da.SoftPAG(["L1H0"], u=1.0)):
             assert (replay(flux_pipe.transformer, call) - stock).abs().max() > 1e-4  # edited layers run dit-attn's kernels
+
+
+def test_fused_qkv_after_apply_raises_and_a_fused_model_is_refused_clearly():
+    from .conftest import sd3_call
+
+    sd3_pipe = build_sd3_pipeline(num_layers=2, num_heads=2, head_dim=8)  # its own: unfuse leaves dit-attn's processors
+    sd3_pipe.set_progress_bar_config(disable=True)
+    transformer = sd3_pipe.transformer
+    stock = sd3_call(sd3_pipe, steps=1)
+    handle = da.apply(sd3_pipe, da.SoftPAG(["L1"], u=1.0))
+    transformer.fuse_qkv_projections()  # swaps every processor for diffusers' fused one
+    try:
+        with pytest.raises(RuntimeError, match="processors were replaced after dit-attn's apply"):
+            sd3_call(sd3_pipe, steps=1)
+        handle.remove()
+        with pytest.raises(TypeError, match="call unfuse_qkv_projections"):
+            da.apply(sd3_pipe, da.SoftPAG(["L1"], u=1.0))
+    finally:
+        transformer.unfuse_qkv_projections()
+    # unfuse put back the processors it saved (dit-attn's, released): they compute the stock attention
+    assert torch.equal(sd3_call(sd3_pipe, steps=1), stock)
+    with da.apply(sd3_pipe, da.SoftPAG(["L1"], u=1.0)):  # and the model can be edited again
+        assert (sd3_call(sd3_pipe, steps=1) - stock).abs().max() > 1e-4
+    assert torch.equal(sd3_call(sd3_pipe, steps=1), stock)

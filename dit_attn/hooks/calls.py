@@ -94,13 +94,23 @@ class CallHook(_Hook):
 
     _is_stateful = True  # so diffusers hands it the cache context ("cond"/"uncond")
 
-    def __init__(self, family: Family, state: EditState, guidance=None, text=None):
+    def __init__(self, family: Family, state: EditState, guidance=None, text=None, attention_modules=()):
         super().__init__()
         self.family = family
         self.state = state
         self.guidance = guidance
         self.text = text
+        self.attention_modules = tuple(attention_modules)  # modules whose processor must stay dit-attn's
         self.cache = StateManager(_NoState)
+
+    def check_processors(self) -> None:
+        """Raise if something replaced dit-attn's processors after apply (fuse_qkv_projections,
+        load_ip_adapter, set_attn_processor): the edits would be silently gone."""
+        for module in self.attention_modules:
+            if getattr(module.processor, "state", None) is not self.state:
+                raise RuntimeError(f"the attention processors were replaced after dit-attn's apply (this module now has "
+                                   f"a {type(module.processor).__name__}, e.g. from fuse_qkv_projections or "
+                                   f"load_ip_adapter): remove() the edits, change the model, then apply again")
 
     def reset_state(self, module):
         return module
@@ -109,6 +119,7 @@ class CallHook(_Hook):
         forward = self.fn_ref.original_forward
         if not self.active:
             return forward(*args, **kwargs)
+        self.check_processors()
         call = named_arguments(forward, args, kwargs) if args else kwargs
         current = self.state.call
         current.text_len = self.family.text_length(call)
@@ -215,7 +226,8 @@ def _unregister(module: torch.nn.Module, name: str) -> None:
 
 
 def install_hooks(transformer, family: Family, state: EditState, guidance=None, text=None) -> None:
-    _register(transformer, CallHook(family, state, guidance, text), CALL_HOOK)
+    modules = [transformer.get_submodule(info.name) for info in family.layers(transformer)]
+    _register(transformer, CallHook(family, state, guidance, text, modules), CALL_HOOK)
     if (guidance is not None or text is not None) and not family.widen_at_call:
         for module, layer in family.fork_points(transformer):
             _register(module, RowFork(family, state, layer, module), FORK_HOOK)

@@ -6,7 +6,7 @@ import torch
 from ..families import family_of
 from .flux import FluxAttnProcessor
 from .sd3 import SD3AttnProcessor
-from .state import EditState, LayerEdit, RowPlan
+from .state import EditState, LayerEdit, LayerProcessor, RowPlan
 
 
 def install(transformer: torch.nn.Module, state: EditState) -> dict:
@@ -18,7 +18,11 @@ def install(transformer: torch.nn.Module, state: EditState) -> dict:
     family = family_of(transformer)
     originals = family.attention_processors(transformer)
     for key, processor in originals.items():
-        if type(processor).__name__ not in family.stock_processors:
+        released = isinstance(processor, LayerProcessor) and processor.state.released  # stock attention, see restore
+        if type(processor).__name__ not in family.stock_processors and not released:
+            if "Fused" in type(processor).__name__:
+                raise TypeError(f"{key.removesuffix('.processor')} has fused QKV projections ({type(processor).__name__}): "
+                                "call unfuse_qkv_projections() before applying dit-attn edits")
             raise TypeError(
                 f"{key.removesuffix('.processor')} has a {type(processor).__name__}; dit-attn edits models whose "
                 f"attention uses the stock processors ({', '.join(family.stock_processors)}): unload adapters first"
@@ -32,9 +36,19 @@ def install(transformer: torch.nn.Module, state: EditState) -> dict:
     return originals
 
 
-def restore(transformer: torch.nn.Module, originals: dict) -> None:
-    """Put back the original processor objects (shared objects stay shared)."""
-    family_of(transformer).set_processors(transformer, originals)
+def restore(transformer: torch.nn.Module, originals: dict, state: EditState | None = None) -> None:
+    """Put back the original processor objects (shared objects stay shared) where dit-attn's are still
+    installed; a processor something else put in after apply (fused QKV) stays. The state's edits are
+    cleared, so a dit-attn processor that diffusers kept a reference to (and may put back, as
+    `unfuse_qkv_projections` does) computes the stock attention."""
+    family = family_of(transformer)
+    if state is None:  # put every original back
+        family.set_processors(transformer, originals)
+        return
+    current = family.attention_processors(transformer)
+    family.set_processors(transformer, {key: originals[key] if getattr(processor, "state", None) is state else processor
+                                        for key, processor in current.items()})
+    state.clear()
 
 
 __all__ = ["EditState", "FluxAttnProcessor", "LayerEdit", "RowPlan", "SD3AttnProcessor", "install", "restore"]

@@ -177,6 +177,7 @@ class EditState:
     patch_layers: frozenset[int] = frozenset()  # layers whose text keys/values a TextPatch replaces
     local: LocalSetting | None = None
     local_backend: str = "auto"  # LocalAttention's backend choice, for calls with a window
+    released: bool = False  # its handle was removed (see `clear`)
     _calls: threading.local = field(default_factory=threading.local, repr=False, compare=False)
 
     def __deepcopy__(self, memo):
@@ -187,6 +188,11 @@ class EditState:
                           self.patch_layers, self.local, self.local_backend)
         memo[id(self)] = fresh
         return fresh
+
+    def clear(self) -> None:
+        """Forget every edit: processors left with this state compute stock attention."""
+        self.model_edits, self.guided_edits, self.patch_layers, self.local = {}, {}, frozenset(), None
+        self.released = True
 
     @property
     def call(self) -> CallState:
