@@ -67,7 +67,7 @@ class Handle:
         """Restore the original processors, hooks and scheduler. Safe to call twice."""
         if not self.active:
             return
-        processors.restore(self.transformer, self._originals)
+        processors.restore(self.transformer, self._originals, self.state)
         remove_hooks(self.transformer)
         if self._controller is not None:
             self._controller.unwrap()
