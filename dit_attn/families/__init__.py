@@ -17,6 +17,7 @@ _SPECS = {
     "Flux2Transformer2DModel": (".flux2", "Flux2"),
     "QwenImageTransformer2DModel": (".qwen_image", "QwenImage"),
     "ZImageTransformer2DModel": (".z_image", "ZImage"),
+    "HunyuanImageTransformer2DModel": (".hunyuan_image", "HunyuanImage"),
 }
 _LOADED: dict[str, Family] = {}
 
