@@ -116,11 +116,9 @@ def test_local_attention_under_the_mask(chroma_pipe):
         assert torch.equal(chroma_call(chroma_pipe, **kwargs), stock)  # a circle covering the grid is stock attention
 
 
-def test_flux_presets_and_text_edits_are_refused_clearly(chroma_pipe):
+def test_flux_presets_are_refused_clearly(chroma_pipe):
     with pytest.raises(ValueError, match="is for flux models, this is a chroma model"):
         da.apply(chroma_pipe, da.SoftPAG(["flux:glossy"]))
-    with pytest.raises(NotImplementedError, match="TextPatch does not run on chroma models"):
-        da.apply(chroma_pipe, da.TextPatch(layers=[1], source_prompt="a blue circle"))
 
 
 def test_img2img_pipeline_is_guided(chroma_pipe):
@@ -138,3 +136,18 @@ def test_img2img_pipeline_is_guided(chroma_pipe):
         with CallRecorder(pipe) as guided:
             out = run()
     assert len(guided.calls) == len(rec.calls) and (out - stock).abs().max() > 1e-4
+
+
+def test_text_patch_with_its_own_mask(chroma_pipe):
+    """The prompt itself as source changes nothing; a shorter source prompt, patched into every layer,
+    equals a run of that prompt (its own padding mask rides with its rows)."""
+    kwargs = dict(guidance_scale=1.0)
+    prompt, source = "a red circle on a white background", "a blue square"
+    stock = chroma_call(chroma_pipe, prompt=prompt, **kwargs)
+    with da.apply(chroma_pipe, da.TextPatch(layers=[1, 2], source_prompt=prompt)):
+        assert (chroma_call(chroma_pipe, prompt=prompt, **kwargs) - stock).abs().max() < 1e-5
+    everywhere = list(range(len(da.layers(chroma_pipe))))
+    with da.apply(chroma_pipe, da.TextPatch(layers=everywhere, source_prompt=source)):
+        patched = chroma_call(chroma_pipe, prompt=prompt, **kwargs)
+    assert (patched - chroma_call(chroma_pipe, prompt=source, **kwargs)).abs().max() < 1e-5
+    assert (patched - stock).abs().max() > 1e-4

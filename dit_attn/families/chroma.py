@@ -2,7 +2,8 @@
 layout (double blocks, then single blocks; [text ; image]; 2×2-packed latents with position ids),
 without pooled text or guidance inputs. Its pipelines always pass an attention mask over the text
 padding, which the blocks turn into a float 0/1 mask *added* to the logits (stock behaviour the
-processors keep); CFG is a second call with the negative prompt, without cache contexts.
+processors keep); CFG is a second call with the negative prompt, without cache contexts. A text
+edit's source rows carry their own prompt's mask.
 
 Chroma's weights differ from FLUX.1's: `flux:*` presets are refused here (a different family).
 """
@@ -25,12 +26,25 @@ class Chroma(Flux):
         block_call_args=("temb", "attention_mask", "emb"),  # per-row inputs of blocks and of norm_out
         controlnet_args=("controlnet_block_samples", "controlnet_single_block_samples"),
     )
-    # a text edit's source rows would need their own prompt's attention mask in the call
-    text_edits_unsupported = ("Chroma's calls mask each prompt's own padding, and a source prompt's mask "
-                              "cannot ride in the target's call yet")
-
     def encode_prompts(self, pipe, prompts, max_sequence_length):
-        raise NotImplementedError(f"text edits on Chroma: {self.text_edits_unsupported}")
+        """(text states (N, S, D), text mask (N, S)): Chroma's own mask keeps each prompt's tokens and
+        its first padding token."""
+        embeds, _, mask, *_ = pipe.encode_prompt(prompt=list(prompts), do_classifier_free_guidance=False,
+                                                 num_images_per_prompt=1, max_sequence_length=max_sequence_length or 512)
+        return embeds, mask
+
+    def append_text_rows(self, call: dict, embeds, extra) -> dict:
+        """Source rows with their own prompt's mask over the text and the call's over the image tokens."""
+        text = call["encoder_hidden_states"]
+        if embeds.shape[1:] != text.shape[1:]:
+            raise RuntimeError(f"TextPatch: the source prompt encodes to {tuple(embeds.shape[1:])} text states, "
+                               f"the call has {tuple(text.shape[1:])}")
+        out = {"encoder_hidden_states": torch.cat([text, embeds.to(text)])}
+        mask = call.get("attention_mask")
+        if mask is not None:
+            image = mask[:1, text.shape[1]:].expand(embeds.shape[0], -1)
+            out["attention_mask"] = torch.cat([mask, torch.cat([extra.to(mask), image], dim=1)])
+        return out
 
     def predict(self, transformer, x_t, embeds, pooled, t, latent_hw, guidance=1.0):
         device, dtype = transformer.device, transformer.dtype

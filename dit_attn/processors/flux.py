@@ -54,6 +54,9 @@ class FluxAttnProcessor(LayerProcessor):
             key = torch.cat([text_key, key[:, text_len:]], dim=1)
             value = torch.cat([text_value, value[:, text_len:]], dim=1)
 
+        if attention_mask is not None:  # rows whose text a TextPatch replaces take their source rows' mask (Chroma)
+            attention_mask, _ = self.state.patch_text(self.layer, attention_mask, attention_mask)
+
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
