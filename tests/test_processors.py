@@ -98,3 +98,24 @@ def test_only_selected_heads_change(family, monkeypatch, request):
         assert changed == selected.get(index, set()), f"layer {index}"
         for h in changed:  # and the change is the SoftPAG blend toward V
             assert (out[:, h] - (0.5 * stock[:, h] + 0.5 * v[:, h])).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_processors_bit_exact_in_bfloat16(family):
+    from dit_attn.toy.configs import build_flux_pipeline, build_sd3_pipeline
+
+    pipe = (build_sd3_pipeline(num_layers=2, num_heads=2, head_dim=8, qk_norm="rms_norm") if family == "sd3"
+            else build_flux_pipeline(num_layers=1, num_single_layers=1, num_heads=2, head_dim=8))
+    pipe.set_progress_bar_config(disable=True)
+    calls = recorded_calls(pipe, family)
+    pipe.transformer.to(torch.bfloat16)
+    calls = [{k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in c.items()}
+             for c in calls]
+    stock = [replay(pipe.transformer, c) for c in calls]
+    for edits in ((da.SoftPAG(["L0"], u=0.0),), (da.SoftPAG(["L1H0"], u=1.0),)):
+        with da.apply(pipe.transformer, *edits):
+            mine = [replay(pipe.transformer, c) for c in calls]
+        if edits[0].u == 0:
+            assert all(torch.equal(a, b) for a, b in zip(stock, mine))
+        else:  # the edit changes only what it selects: layer 0 stays exact, so the output differs
+            assert all(not torch.equal(a, b) for a, b in zip(stock, mine))
