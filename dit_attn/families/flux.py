@@ -39,6 +39,21 @@ def grid_from_ids(img_ids: torch.Tensor | None, image_tokens: int) -> tuple[tupl
     return (rows, cols), ""
 
 
+def double_then_single_layers(transformer) -> list[LayerInfo]:
+    """Double blocks `transformer_blocks.i` → layer i, then single blocks → (double blocks) + j."""
+    layers = [LayerInfo(i, f"transformer_blocks.{i}.attn", "double", block.attn.heads, head_dim(block.attn))
+              for i, block in enumerate(transformer.transformer_blocks)]
+    n = len(layers)
+    layers += [LayerInfo(n + j, f"single_transformer_blocks.{j}.attn", "single", block.attn.heads, head_dim(block.attn))
+               for j, block in enumerate(transformer.single_transformer_blocks)]
+    return layers
+
+
+def double_then_single_layer_of_key(key: str, transformer) -> int:
+    block_list, index = key.split(".")[:2]
+    return int(index) + (len(transformer.transformer_blocks) if block_list == "single_transformer_blocks" else 0)
+
+
 class Flux(Family):
     name = "flux"
     transformer_classes = ("FluxTransformer2DModel",)
@@ -56,16 +71,10 @@ class Flux(Family):
     reference_tokens_trail = True  # Kontext appends the reference image's tokens and keeps the leading ones
 
     def layers(self, transformer) -> list[LayerInfo]:
-        layers = [LayerInfo(i, f"transformer_blocks.{i}.attn", "double", block.attn.heads, head_dim(block.attn))
-                  for i, block in enumerate(transformer.transformer_blocks)]
-        n = len(layers)
-        layers += [LayerInfo(n + j, f"single_transformer_blocks.{j}.attn", "single", block.attn.heads, head_dim(block.attn))
-                   for j, block in enumerate(transformer.single_transformer_blocks)]
-        return layers
+        return double_then_single_layers(transformer)
 
     def layer_of_key(self, key: str, transformer) -> int:
-        block_list, index = key.split(".")[:2]
-        return int(index) + (len(transformer.transformer_blocks) if block_list == "single_transformer_blocks" else 0)
+        return double_then_single_layer_of_key(key, transformer)
 
     def processor_for(self, key: str, layer: int, state):
         from ..processors.flux import FluxAttnProcessor

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from ..heads import LayerInfo, head_dim
+from ..heads import LayerInfo
 from .base import CallRows, Family
-from .flux import grid_from_ids
+from .flux import double_then_single_layer_of_key, double_then_single_layers, grid_from_ids
 
 
 def image_ids(h: int, w: int) -> torch.Tensor:
@@ -56,16 +56,10 @@ class Flux2(Family):
     reference_tokens_trail = True
 
     def layers(self, transformer) -> list[LayerInfo]:
-        layers = [LayerInfo(i, f"transformer_blocks.{i}.attn", "double", block.attn.heads, head_dim(block.attn))
-                  for i, block in enumerate(transformer.transformer_blocks)]
-        n = len(layers)
-        layers += [LayerInfo(n + j, f"single_transformer_blocks.{j}.attn", "single", block.attn.heads, head_dim(block.attn))
-                   for j, block in enumerate(transformer.single_transformer_blocks)]
-        return layers
+        return double_then_single_layers(transformer)
 
     def layer_of_key(self, key: str, transformer) -> int:
-        block_list, index = key.split(".")[:2]
-        return int(index) + (len(transformer.transformer_blocks) if block_list == "single_transformer_blocks" else 0)
+        return double_then_single_layer_of_key(key, transformer)
 
     def processor_for(self, key: str, layer: int, state):
         from ..processors.flux2 import Flux2AttnProcessor, Flux2SingleAttnProcessor

@@ -6,19 +6,15 @@ the attention call to `dit_attn.kernels.attention` with this layer's plan.
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
-from .. import kernels
 from ..hooks.private import flux_qkv_projections
-from .state import POOL_MODULE, LayerProcessor
+from .dispatch import DispatchingProcessor
+from .state import POOL_MODULE
 
 
-class FluxAttnProcessor(LayerProcessor):
+class FluxAttnProcessor(DispatchingProcessor):
     """One instance per attention module; `layer` numbers single blocks after double blocks."""
-
-    _attention_backend = None
-    _parallel_config = None
 
     def __call__(
         self,
@@ -64,20 +60,7 @@ class FluxAttnProcessor(LayerProcessor):
         seq_len = query.shape[1]
         text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else self.state.call.text_len
         plan = self.state.plan(self.layer, query.shape[0], (text_len, seq_len), getattr(attn, POOL_MODULE, None))
-        if plan is None:  # nothing to edit here: the stock call, honouring diffusers' attention backends
-            hidden_states = dispatch_attention_fn(
-                query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
-                parallel_config=self._parallel_config,
-            )
-        elif self._parallel_config is not None:
-            raise NotImplementedError("dit-attn perturbations do not support context parallelism yet")
-        else:
-            if attention_mask is not None and attention_mask.ndim == 2:
-                attention_mask = attention_mask[:, None, None, :]
-            hidden_states = kernels.attention(
-                query, key, value, plan, layout="BSHD", attn_mask=attention_mask, backend=self.state.backend_for(plan),
-                scale=self.state.scale_for(self.layer, seq_len - text_len, attn.head_dim),
-            )
+        hidden_states = self.attend(query, key, value, plan, attention_mask, seq_len - text_len)
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)
 

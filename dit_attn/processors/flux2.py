@@ -12,11 +12,10 @@ reference alike.
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
-from .. import kernels
-from .state import POOL_MODULE, LayerProcessor
+from .dispatch import DispatchingProcessor
+from .state import POOL_MODULE
 
 
 def _refuse_kv_cache(kv_cache_mode) -> None:
@@ -43,25 +42,11 @@ def _projections(attn, hidden_states, encoder_hidden_states):
     return query, key, value, encoder_query, encoder_key, encoder_value
 
 
-class _Flux2Processor(LayerProcessor):
-    _attention_backend = None
-    _parallel_config = None
-
+class _Flux2Processor(DispatchingProcessor):
     def _attend(self, attn, query, key, value, text_len: int, attention_mask):
         seq_len = query.shape[1]
         plan = self.state.plan(self.layer, query.shape[0], (text_len, seq_len), getattr(attn, POOL_MODULE, None))
-        if plan is None:  # nothing to edit here: the stock call, honouring diffusers' attention backends
-            out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
-                                        parallel_config=self._parallel_config)
-        elif self._parallel_config is not None:
-            raise NotImplementedError("dit-attn perturbations do not support context parallelism yet")
-        else:
-            if attention_mask is not None and attention_mask.ndim == 2:
-                attention_mask = attention_mask[:, None, None, :]
-            out = kernels.attention(
-                query, key, value, plan, layout="BSHD", attn_mask=attention_mask, backend=self.state.backend_for(plan),
-                scale=self.state.scale_for(self.layer, seq_len - text_len, attn.head_dim),
-            )
+        out = self.attend(query, key, value, plan, attention_mask, seq_len - text_len)
         return out.flatten(2, 3).to(query.dtype)
 
     def _patch_leading_text(self, key, value):

@@ -8,18 +8,14 @@ text as `encoder_hidden_states` and projects the joint sequence) and hands the a
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
-from .. import kernels
-from .state import POOL_MODULE, LayerProcessor
+from .dispatch import DispatchingProcessor
+from .state import POOL_MODULE
 
 
-class HunyuanImageAttnProcessor(LayerProcessor):
+class HunyuanImageAttnProcessor(DispatchingProcessor):
     """One instance per attention module; `layer` numbers single blocks after double blocks."""
-
-    _attention_backend = None
-    _parallel_config = None
 
     def __call__(
         self,
@@ -67,21 +63,7 @@ class HunyuanImageAttnProcessor(LayerProcessor):
         seq_len = query.shape[1]
         image_tokens = seq_len - text_len
         plan = self.state.plan(self.layer, query.shape[0], (0, image_tokens), getattr(attn, POOL_MODULE, None))
-        if plan is None:  # nothing to edit here: the stock call, honouring diffusers' attention backends
-            hidden_states = dispatch_attention_fn(
-                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                backend=self._attention_backend, parallel_config=self._parallel_config,
-            )
-        elif self._parallel_config is not None:
-            raise NotImplementedError("dit-attn perturbations do not support context parallelism yet")
-        else:
-            if attention_mask is not None and attention_mask.ndim == 2:
-                attention_mask = attention_mask[:, None, None, :]
-            hidden_states = kernels.attention(
-                query, key, value, plan, layout="BSHD", attn_mask=attention_mask,
-                backend=self.state.backend_for(plan),
-                scale=self.state.scale_for(self.layer, image_tokens, query.shape[-1]),
-            )
+        hidden_states = self.attend(query, key, value, plan, attention_mask, image_tokens)
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is not None:

@@ -8,18 +8,14 @@ with this layer's plan.
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
-from .. import kernels
-from .state import POOL_MODULE, LayerProcessor
+from .dispatch import DispatchingProcessor
+from .state import POOL_MODULE
 
 
-class QwenImageAttnProcessor(LayerProcessor):
+class QwenImageAttnProcessor(DispatchingProcessor):
     """One instance per attention module (every block is dual-stream)."""
-
-    _attention_backend = None
-    _parallel_config = None
 
     def __call__(
         self,
@@ -73,19 +69,7 @@ class QwenImageAttnProcessor(LayerProcessor):
 
         seq_len = query.shape[1]
         plan = self.state.plan(self.layer, query.shape[0], (text_len, seq_len), getattr(attn, POOL_MODULE, None))
-        if plan is None:  # nothing to edit here: the stock call, honouring diffusers' attention backends
-            joint = dispatch_attention_fn(
-                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                backend=self._attention_backend, parallel_config=self._parallel_config,
-            )
-        elif self._parallel_config is not None:
-            raise NotImplementedError("dit-attn perturbations do not support context parallelism yet")
-        else:
-            joint = kernels.attention(
-                query, key, value, plan, layout="BSHD", attn_mask=attention_mask,
-                backend=self.state.backend_for(plan),
-                scale=self.state.scale_for(self.layer, seq_len - text_len, head_dim),
-            )
+        joint = self.attend(query, key, value, plan, attention_mask, seq_len - text_len)
         joint = joint.flatten(2, 3).to(query.dtype)
 
         txt_out, img_out = joint[:, :text_len], joint[:, text_len:]

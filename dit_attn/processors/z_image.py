@@ -9,10 +9,9 @@ adds (its pad tokens after the image, zero rows after the caption) comes after t
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from .. import kernels
-from .state import POOL_MODULE, LayerProcessor
+from .dispatch import DispatchingProcessor
+from .state import POOL_MODULE
 
 
 def _rotate(x_in: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
@@ -22,11 +21,8 @@ def _rotate(x_in: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
         return x_out.type_as(x_in)
 
 
-class ZImageAttnProcessor(LayerProcessor):
+class ZImageAttnProcessor(DispatchingProcessor):
     """One instance per attention module of the main blocks."""
-
-    _attention_backend = None
-    _parallel_config = None
 
     def __call__(
         self,
@@ -57,19 +53,7 @@ class ZImageAttnProcessor(LayerProcessor):
         if plan is not None and image_len is None:
             raise ValueError("dit-attn edits on Z-Image need the call's image tokens: only calls with one image "
                              "size per call (not omni calls) are supported")
-        if plan is None:  # nothing to edit here: the stock call, honouring diffusers' attention backends
-            hidden_states = dispatch_attention_fn(
-                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                backend=self._attention_backend, parallel_config=self._parallel_config,
-            )
-        elif self._parallel_config is not None:
-            raise NotImplementedError("dit-attn perturbations do not support context parallelism yet")
-        else:
-            hidden_states = kernels.attention(
-                query, key, value, plan, layout="BSHD", attn_mask=attention_mask,
-                backend=self.state.backend_for(plan),
-                scale=self.state.scale_for(self.layer, image_len or seq_len, query.shape[-1]),
-            )
+        hidden_states = self.attend(query, key, value, plan, attention_mask, image_len or seq_len)
         hidden_states = hidden_states.flatten(2, 3).to(dtype)
 
         output = attn.to_out[0](hidden_states)

@@ -1,0 +1,31 @@
+"""The attention call every diffusers-dispatch processor makes: the stock one when a layer has
+nothing to edit, dit-attn's kernels otherwise."""
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+from .. import kernels
+from .state import LayerProcessor
+
+
+class DispatchingProcessor(LayerProcessor):
+    """Base of the processors whose stock version calls diffusers' `dispatch_attention_fn`."""
+
+    _attention_backend = None  # set by diffusers' set_attention_backend, copied over by `install`
+    _parallel_config = None
+
+    def attend(self, query, key, value, plan, attention_mask, image_tokens: int) -> torch.Tensor:
+        """(B, S, H, D) → (B, S, H, D). With no plan: diffusers' own call, so `attention_backend(...)` and
+        `set_attention_backend` reach the layer; else the plan on dit-attn's kernels (image_tokens: the
+        count the length-adjusted local scale uses)."""
+        if plan is None:
+            return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
+                                         parallel_config=self._parallel_config)
+        if self._parallel_config is not None:
+            raise NotImplementedError("dit-attn perturbations do not support context parallelism yet")
+        if attention_mask is not None and attention_mask.ndim == 2:
+            attention_mask = attention_mask[:, None, None, :]
+        return kernels.attention(query, key, value, plan, layout="BSHD", attn_mask=attention_mask,
+                                 backend=self.state.backend_for(plan),
+                                 scale=self.state.scale_for(self.layer, image_tokens, query.shape[-1]))
