@@ -130,3 +130,26 @@ def test_fused_qkv_after_apply_raises_and_a_fused_model_is_refused_clearly():
     with da.apply(sd3_pipe, da.SoftPAG(["L1"], u=1.0)):  # and the model can be edited again
         assert (sd3_call(sd3_pipe, steps=1) - stock).abs().max() > 1e-4
     assert torch.equal(sd3_call(sd3_pipe, steps=1), stock)
+
+
+def test_processors_rebuilt_by_diffusers_compute_stock_attention_and_the_next_call_says_so(flux_pipe):
+    """load_ip_adapter rebuilds the processors it does not replace as `type(p)()`: with dit-attn applied
+    that must not crash inside diffusers, and the next call must not run silently without the edits."""
+    from .conftest import CallRecorder, flux_call, replay
+
+    with CallRecorder(flux_pipe) as rec:
+        flux_call(flux_pipe, steps=1)
+    call = rec.calls[0]
+    stock = replay(flux_pipe.transformer, call)
+    diffusers_processors = dict(flux_pipe.transformer.attn_processors)
+    handle = da.apply(flux_pipe, da.HeadGuidance(["L1"], scale=2.0))
+    rebuilt = {key: type(p)() for key, p in flux_pipe.transformer.attn_processors.items()}
+    flux_pipe.transformer.set_attn_processor(rebuilt)
+    with pytest.raises(RuntimeError, match="processors were replaced after dit-attn's apply"):
+        flux_call(flux_pipe, steps=1)
+    handle.remove()
+    assert torch.equal(replay(flux_pipe.transformer, call), stock)  # the rebuilt ones edit nothing
+    with da.apply(flux_pipe, da.SoftPAG(["L1H0"], u=1.0)):  # and count as stock for a new apply
+        assert (replay(flux_pipe.transformer, call) - stock).abs().max() > 1e-4
+    assert torch.equal(replay(flux_pipe.transformer, call), stock)
+    flux_pipe.transformer.set_attn_processor(diffusers_processors)  # the session's pipeline, as it was

@@ -261,6 +261,7 @@ class EditState:
 class LayerProcessor:
     """Base of the dit-attn processors: the layer index it serves and the shared state."""
 
-    def __init__(self, layer: int, state: EditState):
+    def __init__(self, layer: int = -1, state: EditState | None = None):
+        # diffusers rebuilds processors as `type(p)()` (load_ip_adapter): such a one edits nothing
         self.layer = layer
-        self.state = state
+        self.state = state if state is not None else EditState(released=True)
