@@ -44,8 +44,12 @@ class LocalInstall:
     transformer: torch.nn.Module
     pooled_modules: list[str] = field(default_factory=list)
     overwritten: dict[str, torch.Tensor] = field(default_factory=dict)
+    save_hook: object = None  # keeps the pooling weights out of the model's state dict (a stock save_pretrained)
 
     def undo(self) -> None:
+        if self.save_hook is not None:
+            self.save_hook.remove()
+            self.save_hook = None
         with torch.no_grad():
             for name, original in self.overwritten.items():
                 self.transformer.get_parameter(name).copy_(original)
@@ -53,6 +57,11 @@ class LocalInstall:
             delattr(self.transformer.get_submodule(name), POOL_MODULE)
         self.overwritten.clear()
         self.pooled_modules.clear()
+
+
+def _without_pools(module, state_dict, prefix, local_metadata) -> None:
+    for key in [k for k in state_dict if f".{POOL_MODULE}." in k]:
+        del state_dict[key]
 
 
 def install_local(transformer: torch.nn.Module, edit: LocalAttention, setting: LocalSetting,
@@ -65,6 +74,7 @@ def install_local(transformer: torch.nn.Module, edit: LocalAttention, setting: L
                 pool = LocalPool(setting.downsample).to(device=reference.device, dtype=reference.dtype)
                 transformer.get_submodule(name).add_module(POOL_MODULE, pool)
                 record.pooled_modules.append(name)
+            record.save_hook = transformer.register_state_dict_post_hook(_without_pools)
         if edit.weights is not None:
             load_local_weights(transformer, os.fspath(edit.weights), record)
     except BaseException:

@@ -153,3 +153,19 @@ def test_processors_rebuilt_by_diffusers_compute_stock_attention_and_the_next_ca
         assert (replay(flux_pipe.transformer, call) - stock).abs().max() > 1e-4
     assert torch.equal(replay(flux_pipe.transformer, call), stock)
     flux_pipe.transformer.set_attn_processor(diffusers_processors)  # the session's pipeline, as it was
+
+
+def test_save_pretrained_with_edits_applied_writes_the_stock_checkpoint(tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    pipe = build_sd3_pipeline(num_layers=2, num_heads=2, head_dim=8)
+    stock_keys = set(pipe.transformer.state_dict())
+    with da.apply(pipe, da.SoftPAG(["L1"], u=1.0), da.LocalAttention(radius=2.0, downsample=2)):
+        assert any("local_pool" in name for name, _ in pipe.transformer.named_parameters())  # CLEAR's pools are in
+        pipe.transformer.save_pretrained(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert set(f.keys()) == stock_keys
+    loaded = SD3Transformer2DModel.from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), pipe.transformer.state_dict().values()))
