@@ -44,7 +44,15 @@ class LocalInstall:
     transformer: torch.nn.Module
     pooled_modules: list[str] = field(default_factory=list)
     overwritten: dict[str, torch.Tensor] = field(default_factory=dict)
-    save_hook: object = None  # keeps the pooling weights out of the model's state dict (a stock save_pretrained)
+    save_hook: object = None  # the model's state dict stays the stock one (save_pretrained writes a stock checkpoint)
+
+    def stock_state_dict(self, module, state_dict, prefix, local_metadata) -> None:
+        """State-dict post hook: without the pooling weights, with the original values of overwritten ones."""
+        for key in [k for k in state_dict if f".{POOL_MODULE}." in k]:
+            del state_dict[key]
+        for name, original in self.overwritten.items():
+            if prefix + name in state_dict:
+                state_dict[prefix + name] = original
 
     def undo(self) -> None:
         if self.save_hook is not None:
@@ -59,14 +67,10 @@ class LocalInstall:
         self.pooled_modules.clear()
 
 
-def _without_pools(module, state_dict, prefix, local_metadata) -> None:
-    for key in [k for k in state_dict if f".{POOL_MODULE}." in k]:
-        del state_dict[key]
-
-
 def install_local(transformer: torch.nn.Module, edit: LocalAttention, setting: LocalSetting,
                   layer_map: list[LayerInfo]) -> LocalInstall:
     record = LocalInstall(transformer)
+    record.save_hook = transformer.register_state_dict_post_hook(record.stock_state_dict)
     try:
         if setting.downsample:
             reference = next(transformer.parameters())
@@ -74,7 +78,6 @@ def install_local(transformer: torch.nn.Module, edit: LocalAttention, setting: L
                 pool = LocalPool(setting.downsample).to(device=reference.device, dtype=reference.dtype)
                 transformer.get_submodule(name).add_module(POOL_MODULE, pool)
                 record.pooled_modules.append(name)
-            record.save_hook = transformer.register_state_dict_post_hook(_without_pools)
         if edit.weights is not None:
             load_local_weights(transformer, os.fspath(edit.weights), record)
     except BaseException:

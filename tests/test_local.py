@@ -295,6 +295,8 @@ def test_weights_file_loads_and_is_undone(sd3_pipe, tmp_path):
     with da.apply(sd3_pipe, da.LocalAttention(2, downsample=4, weights=path)):
         assert torch.equal(transformer.get_parameter(name), original + 1.0)
         assert torch.equal(transformer.get_parameter("transformer_blocks.1.attn.local_pool.spatial_weight"), torch.full((4, 4), 0.5))
+        saved = transformer.state_dict()  # what save_pretrained writes: the stock checkpoint
+        assert torch.equal(saved[name], original) and not any("local_pool" in key for key in saved)
     assert torch.equal(transformer.get_parameter(name), original)
     with pytest.raises(ValueError, match="same downsample"):  # pooled weights without downsample
         da.apply(sd3_pipe, da.LocalAttention(2, weights=path))
