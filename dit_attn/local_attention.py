@@ -46,7 +46,7 @@ class LocalInstall:
     overwritten: dict[str, torch.Tensor] = field(default_factory=dict)
     save_hook: object = None  # the model's state dict stays the stock one (save_pretrained writes a stock checkpoint)
 
-    def stock_state_dict(self, module, state_dict, prefix, local_metadata) -> None:
+    def stock_state_dict(self, state_dict: dict, prefix: str) -> None:
         """State-dict post hook: without the pooling weights, with the original values of overwritten ones."""
         for key in [k for k in state_dict if f".{POOL_MODULE}." in k]:
             del state_dict[key]
@@ -70,7 +70,8 @@ class LocalInstall:
 def install_local(transformer: torch.nn.Module, edit: LocalAttention, setting: LocalSetting,
                   layer_map: list[LayerInfo]) -> LocalInstall:
     record = LocalInstall(transformer)
-    record.save_hook = transformer.register_state_dict_post_hook(record.stock_state_dict)
+    record.save_hook = transformer.register_state_dict_post_hook(  # torch marks the hook: a plain function
+        lambda module, state_dict, prefix, local_metadata: record.stock_state_dict(state_dict, prefix))
     try:
         if setting.downsample:
             reference = next(transformer.parameters())
