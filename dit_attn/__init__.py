@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "apply": ".handle", "Handle": ".handle", "layers": ".handle",
-    "HeadGuidance": ".edits", "LocalAttention": ".edits", "SoftPAG": ".edits", "TextGuard": ".edits",
+    "HeadGuidance": ".edits", "LocalAttention": ".edits", "NAG": ".edits", "SoftPAG": ".edits", "TextGuard": ".edits",
     "TextPatch": ".edits", "edit_from_dict": ".edits",
     "PRESETS": ".heads", "LayerInfo": ".heads",
     "Atlas": ".guidance.atlas", "atlas": ".guidance.atlas",

@@ -246,4 +246,56 @@ class TextGuard(Edit):
         object.__setattr__(self, "layers", _check_layers("layers", self.layers))
 
 
-EDITS = {cls.__name__: cls for cls in (SoftPAG, HeadGuidance, LocalAttention, TextPatch, TextGuard)}
+NAG_NORMS = ("l1", "l2")
+
+
+@dataclass(frozen=True)
+class NAG(Edit):
+    """Normalized Attention Guidance (Chen et al., arXiv 2505.21179): at the image queries of
+    `layers` (None: every layer), Z⁺ is the attention output with the prompt's text and Z⁻ the
+    one with `negative_prompt`'s text (same image queries, keys and values);
+    Z̃ = scale·Z⁺ − (scale − 1)·Z⁻, r = ‖Z̃‖ / ‖Z⁺‖ per image token over the merged heads,
+    Z̃ ← Z̃·tau/r where r > tau, and the output is alpha·Z̃ + (1 − alpha)·Z⁺.
+
+    norm: "l1" (the paper) or "l2" (the official FLUX code). start/end: fractions of the
+    denoising steps. The negative prompt runs as extra rows of the pipeline's own transformer
+    call (one per conditional row), up to the last NAG layer. scale = 1 or alpha = 0 is stock.
+    """
+
+    negative_prompt: str = ""
+    scale: float = 5.0
+    tau: float = 2.5
+    alpha: float = 0.25
+    layers: tuple | None = None
+    start: float = 0.0
+    end: float = 1.0
+    norm: str = "l1"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.negative_prompt, str) or not self.negative_prompt.strip():
+            raise ValueError(f"negative_prompt must be a non-empty string, got {self.negative_prompt!r}")
+        for name, low in (("scale", 1.0), ("tau", 0.0), ("alpha", 0.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.scale < 1:
+            raise ValueError(f"scale must be >= 1 (1: no guidance), got {self.scale!r}")
+        if self.tau <= 0:
+            raise ValueError(f"tau must be > 0, got {self.tau!r}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", _check_layers("layers", self.layers))
+        check_fraction("start", self.start)
+        check_fraction("end", self.end)
+        if self.start >= self.end:
+            raise ValueError(f"start must be < end (fractions of the denoising steps), got start={self.start}, end={self.end}")
+        _check_choice("norm", self.norm, NAG_NORMS)
+
+    @property
+    def inert(self) -> bool:
+        """scale 1 or alpha 0: the output is Z⁺, the stock one."""
+        return self.scale == 1 or self.alpha == 0
+
+
+EDITS = {cls.__name__: cls for cls in (SoftPAG, HeadGuidance, LocalAttention, TextPatch, TextGuard, NAG)}

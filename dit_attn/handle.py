@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import processors
-from .edits import HeadGuidance, LocalAttention, SoftPAG, TextGuard, TextPatch
+from .edits import NAG, HeadGuidance, LocalAttention, SoftPAG, TextGuard, TextPatch
 from .families import SUPPORTED_MODELS, Family, family_of
 from .guidance.controller import GuidanceController
 from .heads import LayerInfo, resolve_heads
@@ -12,9 +12,9 @@ from .hooks.calls import install_hooks, remove_hooks
 from .hooks.private import check_diffusers_version
 from .hooks.selection import check_pipeline
 from .local_attention import LocalInstall, install_local, local_setting
-from .processors.state import EditState, LayerEdit
+from .processors.state import EditState, LayerEdit, NAGSetting
 
-EDIT_TYPES = (SoftPAG, HeadGuidance, LocalAttention, TextPatch, TextGuard)
+EDIT_TYPES = (SoftPAG, HeadGuidance, LocalAttention, TextPatch, TextGuard, NAG)
 _MARK = "_dit_attn_handle"
 
 
@@ -90,25 +90,37 @@ class Handle:
 
 
 def _text_controller(pipe, family: Family, edits: tuple, state: EditState, layer_map: list[LayerInfo]):
-    """The controller of a TextPatch or TextGuard (at most one per apply), or None."""
+    """The controller of a TextPatch, TextGuard or NAG (at most one per apply: each adds source-prompt
+    rows), or None."""
     from .localization.guard import GuardController
     from .localization.patching import TextPatchController
 
-    text_edits = [e for e in edits if isinstance(e, (TextPatch, TextGuard))]
+    text_edits = [e for e in edits if isinstance(e, (TextPatch, TextGuard, NAG))]
     if not text_edits:
         return None
     if len(text_edits) > 1:
+        if any(isinstance(e, NAG) for e in text_edits):
+            raise ValueError("give at most one NAG per apply, and not with a TextPatch or TextGuard (each adds its own prompt's rows)")
         raise ValueError("give at most one TextPatch or TextGuard per apply")
     edit = text_edits[0]
     name = type(edit).__name__
     if family.text_edits_unsupported:
         raise NotImplementedError(f"{name} does not run on {family.name} models: {family.text_edits_unsupported}")
+    if isinstance(edit, NAG) and not family.nag:
+        raise NotImplementedError(f"NAG does not run on {family.name} models yet (SD3/SD3.5, FLUX.1 and Chroma)")
     if pipe is None:
         raise TypeError(f"{name} needs a pipeline (it encodes prompts with the pipeline's text encoders); pass the pipeline, not the transformer")
     check_pipeline(pipe, family, name)
-    bad = [i for i in edit.layers if i >= len(layer_map)]
+    layers = tuple(range(len(layer_map))) if isinstance(edit, NAG) and edit.layers is None else edit.layers
+    bad = [i for i in layers if i >= len(layer_map)]
     if bad:
         raise ValueError(f"{name} layers {bad} do not exist: this model has layers 0-{len(layer_map) - 1}")
+    if isinstance(edit, NAG):
+        if edit.inert:
+            return None
+        state.nag = NAGSetting(frozenset(layers), float(edit.scale), float(edit.tau), float(edit.alpha), edit.norm)
+        return TextPatchController(pipe, family, layers, edit.start, lambda rows: [edit.negative_prompt] * rows,
+                                   "NAG", edit.end)
     state.patch_layers = frozenset(edit.layers)
     if isinstance(edit, TextGuard):
         return GuardController(pipe, family, edit)

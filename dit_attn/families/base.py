@@ -53,6 +53,7 @@ class Family:
     # its edit pipelines append reference-image tokens after the generated ones and hand the scheduler
     # the leading tokens of the prediction: HeadGuidance's term is taken on those
     reference_tokens_trail: bool = False
+    nag: bool = False  # its processors apply NAG (EditState.nag_image_inputs / nag_guide)
     text_edits_unsupported: str = ""  # why TextPatch/TextGuard/localize cannot run on this family ("" : they can)
 
     # --- layers and processors -------------------------------------------------------------

@@ -67,6 +67,7 @@ class Flux(Family):
     )
     text_first = True
     rotary = True
+    nag = True
     packs_latents = True
     reference_tokens_trail = True  # Kontext appends the reference image's tokens and keeps the leading ones
 

@@ -21,6 +21,7 @@ class SD3(Family):
         controlnet_args=("block_controlnet_hidden_states",),
     )
     text_first = False
+    nag = True
 
     def layers(self, transformer) -> list[LayerInfo]:
         return [

@@ -65,11 +65,12 @@ class TextPatchController:
     """
 
     def __init__(self, pipe, family: Family, layers: tuple[int, ...], start: float,
-                 prompts_for: Callable[[int], list[str | None]], edit_name: str = "TextPatch"):
+                 prompts_for: Callable[[int], list[str | None]], edit_name: str = "TextPatch", end: float = 1.0):
         self.pipe = pipe
         self.family = family
         self.layers = layers
         self.start = start
+        self.end = end
         self.prompts_for = prompts_for
         self.selector = CallSelector(pipe, family, edit_name)
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -84,7 +85,7 @@ class TextPatchController:
 
     def sources_for_call(self, batch: int, kwargs: dict, context: str | None) -> PatchRows | None:
         step, total = denoising_step(self.pipe)
-        if step / total < self.start:
+        if not self.start <= step / total < self.end:
             return None
         cond = self.selector.select(batch, kwargs, context)
         if cond is None:

@@ -40,6 +40,7 @@ class FluxAttnProcessor(DispatchingProcessor):
             encoder_query = attn.norm_added_q(encoder_query)
             encoder_key = attn.norm_added_k(encoder_key)
             encoder_key, encoder_value = self.state.patch_text(self.layer, encoder_key, encoder_value)
+            query, key, value = self.state.nag_image_inputs(self.layer, (query, key, value))
             query = torch.cat([encoder_query, query], dim=1)
             key = torch.cat([encoder_key, key], dim=1)
             value = torch.cat([encoder_value, value], dim=1)
@@ -49,6 +50,8 @@ class FluxAttnProcessor(DispatchingProcessor):
             text_key, text_value = self.state.patch_text(self.layer, key[:, :text_len], value[:, :text_len])
             key = torch.cat([text_key, key[:, text_len:]], dim=1)
             value = torch.cat([text_value, value[:, text_len:]], dim=1)
+        if attn.added_kv_proj_dim is None:
+            query, key, value = self.state.nag_image_inputs(self.layer, (query, key, value), self.state.call.text_len)
 
         if attention_mask is not None:  # rows whose text a TextPatch replaces take their source rows' mask (Chroma)
             attention_mask, _ = self.state.patch_text(self.layer, attention_mask, attention_mask)
@@ -63,6 +66,7 @@ class FluxAttnProcessor(DispatchingProcessor):
         hidden_states = self.attend(query, key, value, plan, attention_mask, seq_len - text_len)
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)
+        hidden_states = self.state.nag_guide(self.layer, hidden_states, slice(text_len, None))
 
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(

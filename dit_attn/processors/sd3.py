@@ -65,6 +65,7 @@ class SD3AttnProcessor(LayerProcessor):
             if attn.norm_added_k is not None:
                 context_key = attn.norm_added_k(context_key)
             context_key, context_value = self.state.patch_text(self.layer, context_key, context_value)
+            query, key, value = self.state.nag_image_inputs(self.layer, (query, key, value))
             query = torch.cat([query, context_query], dim=2)
             key = torch.cat([key, context_key], dim=2)
             value = torch.cat([value, context_value], dim=2)
@@ -74,6 +75,7 @@ class SD3AttnProcessor(LayerProcessor):
         hidden_states = hidden_states.to(query.dtype)
 
         if encoder_hidden_states is not None:
+            hidden_states = self.state.nag_guide(self.layer, hidden_states, slice(0, residual.shape[1]))
             hidden_states, encoder_hidden_states = (
                 hidden_states[:, : residual.shape[1]],
                 hidden_states[:, residual.shape[1] :],

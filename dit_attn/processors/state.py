@@ -35,6 +35,15 @@ class LocalSetting:
 
 
 @dataclass(frozen=True)
+class NAGSetting:
+    layers: frozenset[int]
+    scale: float
+    tau: float
+    alpha: float
+    norm: str = "l1"
+
+
+@dataclass(frozen=True)
 class LayerEdit:
     # (H,) strength per head, 0 for heads left alone; for guided edits also (R, H): one
     # row of strengths per conditional row of the call (head search scores many head sets at once)
@@ -176,6 +185,7 @@ class EditState:
     guided_edits: dict[int, LayerEdit] = field(default_factory=dict)  # perturbed rows of a guided call
     patch_layers: frozenset[int] = frozenset()  # layers whose text keys/values a TextPatch replaces
     local: LocalSetting | None = None
+    nag: NAGSetting | None = None  # NAG's layers and settings (its negative rows are the stage's patch sources)
     local_backend: str = "auto"  # LocalAttention's backend choice, for calls with a window
     released: bool = False  # its handle was removed (see `clear`)
     _calls: threading.local = field(default_factory=threading.local, repr=False, compare=False)
@@ -185,13 +195,13 @@ class EditState:
         import copy
 
         fresh = EditState(copy.deepcopy(self.model_edits, memo), copy.deepcopy(self.guided_edits, memo),
-                          self.patch_layers, self.local, self.local_backend)
+                          self.patch_layers, self.local, self.nag, self.local_backend)
         memo[id(self)] = fresh
         return fresh
 
     def clear(self) -> None:
         """Forget every edit: processors left with this state compute stock attention."""
-        self.model_edits, self.guided_edits, self.patch_layers, self.local = {}, {}, frozenset(), None
+        self.model_edits, self.guided_edits, self.patch_layers, self.local, self.nag = {}, {}, frozenset(), None, None
         self.released = True
 
     @property
@@ -256,6 +266,50 @@ class EditState:
         targets, sources = stage.patch_targets.to(key.device), stage.patch_sources.to(key.device)
         return (key.index_copy(0, targets, key.index_select(0, sources)),
                 value.index_copy(0, targets, value.index_select(0, sources)))
+
+    def _nag_rows(self, layer: int, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(positive rows, their negative rows) of this stage at a NAG layer, or None."""
+        rows = self.call.rows
+        if self.nag is None or layer not in self.nag.layers or rows is None:
+            return None
+        stage = rows.stage_at(layer)
+        if stage.size != batch or stage.patch_targets.numel() == 0:
+            return None
+        return stage.patch_targets, stage.patch_sources
+
+    def nag_image_inputs(self, layer: int, tensors: tuple[torch.Tensor, ...], text_len: int = 0) -> tuple[torch.Tensor, ...]:
+        """NAG, before attention: the negative rows take their positive rows' image-token queries, keys
+        and values. tensors: batch first; image tokens only, or (text_len > 0) (B, S, ...) with the
+        text tokens leading."""
+        pairs = self._nag_rows(layer, tensors[0].shape[0])
+        if pairs is None:
+            return tensors
+        targets, sources = (p.to(tensors[0].device) for p in pairs)
+        out = []
+        for x in tensors:
+            image = x[:, text_len:] if text_len else x
+            image = image.index_copy(0, sources, image.index_select(0, targets))
+            out.append(torch.cat([x[:, :text_len], image], dim=1) if text_len else image)
+        return tuple(out)
+
+    def nag_guide(self, layer: int, hidden: torch.Tensor, image: slice) -> torch.Tensor:
+        """NAG, after attention: the positive rows' image-token outputs (Z⁺) combined with their
+        negative rows' (Z⁻). hidden: (B, S, H·D) attention outputs, heads merged; image: their tokens."""
+        pairs = self._nag_rows(layer, hidden.shape[0])
+        if pairs is None:
+            return hidden
+        nag = self.nag
+        targets, sources = (p.to(hidden.device) for p in pairs)
+        positive = hidden[targets, image]
+        negative = hidden[sources, image]
+        guided = positive * nag.scale - negative * (nag.scale - 1)
+        p = 1 if nag.norm == "l1" else 2
+        ratio = guided.norm(p=p, dim=-1, keepdim=True) / positive.norm(p=p, dim=-1, keepdim=True)
+        guided = guided * torch.where(ratio > nag.tau, nag.tau / ratio, torch.ones_like(ratio))
+        mixed = guided * nag.alpha + positive * (1 - nag.alpha)
+        out = hidden.clone()
+        out[targets, image] = mixed.to(hidden.dtype)
+        return out
 
 
 class LayerProcessor:

@@ -1,0 +1,287 @@
+"""NAG checked against independent references: the stock attention modules run on the positive
+and on the negative text, and a stock transformer whose SDPA calls a TorchFunctionMode turns
+into the NAG combination."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+import dit_attn as da
+
+from .conftest import CallRecorder, PerturbSDPA, flux_attention_module, flux_call, replay, sd3_call
+
+# rows computed in a wider batch round differently (see test_localization); NAG moves outputs by ≥ 1e-3
+ROUNDING = 2e-5
+PROMPT, NEGATIVE = "a red circle", "a blue square"
+SETTINGS = dict(scale=4.0, tau=1.2, alpha=0.5)  # tau low enough that the ratio clips on some tokens
+
+
+def nag_formula(zp, zn, scale, tau, alpha, p=1):
+    """(N, S, C) image outputs with the positive and the negative text → NAG's output, and the token ratios."""
+    guided = scale * zp - (scale - 1) * zn
+    ratio = guided.abs().pow(p).sum(-1, keepdim=True).pow(1 / p) / zp.abs().pow(p).sum(-1, keepdim=True).pow(1 / p)
+    guided = torch.where(ratio > tau, guided * tau / ratio, guided)
+    return alpha * guided + (1 - alpha) * zp, ratio
+
+
+def encode(pipe, prompt):
+    with torch.no_grad():
+        if "Flux" not in type(pipe).__name__:
+            embeds, _, pooled, _ = pipe.encode_prompt(prompt, None, None, do_classifier_free_guidance=False, max_sequence_length=8)
+        else:
+            embeds, pooled, _ = pipe.encode_prompt(prompt, None, max_sequence_length=8)
+    return embeds, pooled
+
+
+def _clone(value):
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, tuple):
+        return tuple(_clone(v) for v in value)
+    return value
+
+
+def record_module(module):
+    records = []
+
+    def hook(m, args, kwargs, out):
+        named = dict(zip(("hidden_states", "encoder_hidden_states"), args)) | kwargs
+        records.append(({k: _clone(v) for k, v in named.items()}, _clone(out)))
+
+    return module.register_forward_hook(hook, with_kwargs=True), records
+
+
+def stock_attention(attn, kwargs):
+    """(output, pre-projection image output or None) of the stock module on these inputs."""
+    captured = {}
+    to_out = getattr(attn, "to_out", None)
+    handle = to_out[0].register_forward_pre_hook(lambda m, a: captured.__setitem__("z", a[0].clone())) if to_out is not None else None
+    try:
+        with torch.no_grad():
+            out = attn(**kwargs)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return out, captured.get("z")
+
+
+def rows_of(kwargs, rows, text_rows=None, text_len=None):
+    """The module inputs of `rows`; text tokens from `text_rows` instead (joint input when text_len is set)."""
+    out = dict(kwargs)
+    h = kwargs["hidden_states"]
+    if text_len is None:
+        out["hidden_states"] = h[rows]
+        if kwargs.get("encoder_hidden_states") is not None:
+            out["encoder_hidden_states"] = kwargs["encoder_hidden_states"][rows if text_rows is None else text_rows]
+    else:
+        text = h[rows if text_rows is None else text_rows, :text_len]
+        out["hidden_states"] = torch.cat([text, h[rows, text_len:]], dim=1)
+    return out
+
+
+def check_layer(attn, kwargs, out, stock_rows, cond, text_len, image, single):
+    """One recorded NAG layer call against the stock module on the positive and on the negative text."""
+    negative = list(range(stock_rows, stock_rows + len(cond)))
+    split = (lambda o: (o[:, image], o[:, :text_len])) if single else (lambda o: o)
+    pos_out, zp = stock_attention(attn, rows_of(kwargs, cond, text_len=text_len if single else None))
+    neg_out, zn = stock_attention(attn, rows_of(kwargs, cond, negative, text_len if single else None))
+    if single:
+        zp, zn = pos_out[:, image], neg_out[:, image]
+    mixed, ratio = nag_formula(zp, zn, **SETTINGS)
+    got_image, got_text = split(out)
+    want_image = mixed if single else attn.to_out[1](attn.to_out[0](mixed))
+    pos_image, pos_text = split(pos_out)
+    assert (got_image[cond] - want_image).abs().max() <= ROUNDING
+    assert (want_image - pos_image).abs().max() > 1e-3  # the guidance does something
+    # the positive rows' text stream is their stock one; the negative rows' text saw the positive image
+    assert (got_text[cond] - pos_text).abs().max() <= ROUNDING
+    assert (got_text[negative] - split(neg_out)[1]).abs().max() <= ROUNDING
+    others = [i for i in range(stock_rows) if i not in cond]
+    if others:
+        stock_out, _ = stock_attention(attn, rows_of(kwargs, others, text_len=text_len if single else None))
+        for got, want in zip(split(out), split(stock_out)):
+            assert (got[others] - want).abs().max() <= ROUNDING
+    return ratio.flatten()
+
+
+@pytest.mark.parametrize("family,layer,cfg", [
+    ("sd3", 1, 4.0), ("sd3", 1, 1.0), ("sd3", 2, 1.0),  # layer 2: the last block (context_pre_only)
+    ("flux", 1, None),  # double block
+    ("flux", 2, None),  # single block
+])
+def test_layer_equals_stock_attention_on_both_texts(family, layer, cfg, request):
+    pipe = request.getfixturevalue(f"{family}_pipe")
+    call = flux_call if family == "flux" else sd3_call
+    kwargs = {"guidance_scale": cfg} if cfg is not None else {}
+    attn = flux_attention_module(pipe, layer) if family == "flux" else pipe.transformer.transformer_blocks[layer].attn
+    single = family == "flux" and layer >= len(pipe.transformer.transformer_blocks)
+    hook, records = record_module(attn)
+    try:
+        with da.apply(pipe, da.NAG(NEGATIVE, layers=[layer], **SETTINGS)):
+            call(pipe, PROMPT, num_images_per_prompt=2, **kwargs)
+    finally:
+        hook.remove()
+    n = 2
+    stock_rows = 2 * n if family == "sd3" and cfg > 1 else n
+    cond = list(range(stock_rows - n, stock_rows))
+    assert len(records) == 3 and all(r[0]["hidden_states"].shape[0] == stock_rows + n for r in records)
+    ratios = []
+    for module_kwargs, out in records:
+        h = module_kwargs["hidden_states"]
+        image = slice(0, h.shape[1]) if family == "sd3" else slice(8, None)
+        ratios.append(check_layer(attn, module_kwargs, out, stock_rows, cond, 8, image, single))
+    ratios = torch.cat(ratios)
+    print(f"{family} layer {layer}: ratio {ratios.min():.3f}..{ratios.max():.3f}")
+    assert bool((ratios > SETTINGS["tau"]).any())  # the clipping is exercised
+
+
+class NAGSDPA(TorchFunctionMode):
+    """Explicit NAG on a stock transformer called with [positive rows ; negative rows]: every joint SDPA
+    call gives the negative rows the positive rows' image q/k/v and combines the positive rows' image outputs."""
+
+    def __init__(self, n, text_len, text_first, layers=None, scale=4.0, tau=1.2, alpha=0.5):
+        super().__init__()
+        self.n, self.text_len, self.text_first, self.layers = n, text_len, text_first, layers
+        self.settings = dict(scale=scale, tau=tau, alpha=alpha)
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        named = dict(zip(("query", "key", "value"), args)) | kwargs
+        q, k, v = named.pop("query"), named.pop("key"), named.pop("value")
+        layer, self.count = self.count, self.count + 1
+        seq = q.shape[2]
+        if self.layers is not None and layer not in self.layers:
+            return func(q, k, v, **named)
+        image = slice(self.text_len, seq) if self.text_first else slice(0, seq - self.text_len)
+        n = self.n
+        q, k, v = q.clone(), k.clone(), v.clone()
+        for x in (q, k, v):
+            x[n:, :, image] = x[:n, :, image]
+        out = func(q, k, v, **named)
+        merged = out[:, :, image].transpose(1, 2).flatten(2)  # (B, S_img, H·D)
+        mixed, _ = nag_formula(merged[:n], merged[n:], **self.settings)
+        out = out.clone()
+        out[:n, :, image] = mixed.unflatten(-1, (q.shape[1], -1)).transpose(1, 2)
+        return out
+
+
+def doubled(call, embeds, pooled):
+    """The recorded call with one negative row per row appended."""
+    out = dict(call)
+    n = call["hidden_states"].shape[0]
+    for key in ("hidden_states", "timestep", "guidance"):
+        value = call.get(key)
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            out[key] = torch.cat([value, value])
+    out["encoder_hidden_states"] = torch.cat([call["encoder_hidden_states"], embeds.expand(n, -1, -1)])
+    out["pooled_projections"] = torch.cat([call["pooled_projections"], pooled.expand(n, -1)])
+    return out
+
+
+def layer_count(pipe):
+    t = pipe.transformer
+    return len(t.transformer_blocks) + len(getattr(t, "single_transformer_blocks", ()))
+
+
+@pytest.mark.parametrize("family,layers", [("sd3", None), ("sd3", (0, 1)), ("flux", None)])
+def test_guided_run_equals_explicit_nag_sdpa(family, layers, request):
+    pipe = request.getfixturevalue(f"{family}_pipe")
+    call = flux_call if family == "flux" else sd3_call
+    kwargs = {} if family == "flux" else {"guidance_scale": 1.0}
+    with CallRecorder(pipe) as rec, da.apply(pipe, da.NAG(NEGATIVE, layers=layers, **SETTINGS)):
+        call(pipe, ["a red circle", "a green square"], **kwargs)
+    embeds, pooled = encode(pipe, NEGATIVE)
+    assert len(rec.calls) == len(rec.steps) == 3
+    for recorded, got in zip(rec.calls, rec.steps):
+        n = recorded["hidden_states"].shape[0]
+        mode = NAGSDPA(n, recorded["encoder_hidden_states"].shape[1], family == "flux", layers, **SETTINGS)
+        with mode:
+            want = replay(pipe.transformer, doubled(recorded, embeds, pooled))[:n]
+        assert mode.count == layer_count(pipe)
+        stock = replay(pipe.transformer, recorded)
+        assert (got - want).abs().max() <= ROUNDING
+        assert (got - stock).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_scale_one_and_alpha_zero_are_stock(family, request):
+    pipe = request.getfixturevalue(f"{family}_pipe")
+    call = flux_call if family == "flux" else sd3_call
+    stock = call(pipe, PROMPT)
+    for edit in (da.NAG(NEGATIVE, scale=1), da.NAG(NEGATIVE, alpha=0)):
+        with da.apply(pipe, edit):
+            assert torch.equal(call(pipe, PROMPT), stock)
+    with da.apply(pipe, da.NAG(NEGATIVE)):
+        assert (call(pipe, PROMPT) - stock).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family,kwargs", [
+    ("sd3", {"guidance_scale": 4.0}), ("sd3", {"guidance_scale": 1.0}),
+    ("flux", {}), ("flux", {"negative_prompt": "blurry", "true_cfg_scale": 2.0}),
+])
+def test_call_count_equals_stock(family, kwargs, request):
+    pipe = request.getfixturevalue(f"{family}_pipe")
+    call = flux_call if family == "flux" else sd3_call
+    with CallRecorder(pipe) as stock:
+        call(pipe, PROMPT, **kwargs)
+    counted = []
+    hook = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(lambda m, a: counted.append(1))
+    try:
+        with CallRecorder(pipe) as rec, da.apply(pipe, da.NAG(NEGATIVE)):
+            call(pipe, PROMPT, **kwargs)
+    finally:
+        hook.remove()
+    assert len(rec.calls) == len(counted) == len(stock.calls)
+    assert [c["hidden_states"].shape for c in rec.calls] == [c["hidden_states"].shape for c in stock.calls]
+
+
+def test_start_end_window(sd3_pipe):
+    """3 steps, end=0.5: steps 0 and 1 guided, step 2 stock (its ε equals a stock replay)."""
+    with CallRecorder(sd3_pipe) as rec, da.apply(sd3_pipe, da.NAG(NEGATIVE, end=0.5, **SETTINGS)):
+        sd3_call(sd3_pipe, PROMPT, guidance_scale=1.0)
+    for i, (recorded, got) in enumerate(zip(rec.calls, rec.steps)):
+        stock = replay(sd3_pipe.transformer, recorded)
+        moved = (got - stock).abs().max()
+        assert (moved > 1e-3) if i < 2 else (moved == 0)
+
+
+def test_with_head_guidance_equals_explicit(sd3_pipe):
+    """HeadGuidance + NAG, CFG off: ε = ε_c + s·(ε_c − ε_p), both from the explicit NAG (ε_p with the
+    perturbed head, which perturbs the negative rows too)."""
+    s = 2.0
+    with CallRecorder(sd3_pipe) as rec, da.apply(sd3_pipe, da.NAG(NEGATIVE, **SETTINGS),
+                                                 da.HeadGuidance(heads=["L1H2"], scale=s)):
+        sd3_call(sd3_pipe, PROMPT, guidance_scale=1.0, num_images_per_prompt=2)
+    embeds, pooled = encode(sd3_pipe, NEGATIVE)
+    attn = sd3_pipe.transformer.transformer_blocks[1].attn
+    for recorded, got in zip(rec.calls, rec.steps):
+        n, text_len = recorded["hidden_states"].shape[0], recorded["encoder_hidden_states"].shape[1]
+        call = doubled(recorded, embeds, pooled)
+        with NAGSDPA(n, text_len, False, **SETTINGS):
+            cond = replay(sd3_pipe.transformer, call)[:n]
+        with PerturbSDPA(attn, [2]), NAGSDPA(n, text_len, False, **SETTINGS):
+            perturbed = replay(sd3_pipe.transformer, call)[:n]
+        assert (got - (cond + s * (cond - perturbed))).abs().max() <= 3 * ROUNDING
+        assert (cond - perturbed).abs().max() > 1e-3
+
+
+def test_settings_round_trip_and_errors(sd3_pipe):
+    edit = da.NAG(NEGATIVE, scale=3, tau=2.0, alpha=0.3, layers=[2, 0], start=0.1, end=0.9, norm="l2")
+    assert edit.layers == (0, 2)
+    assert da.edit_from_dict(edit.to_dict()) == edit
+    bad = [dict(negative_prompt=" "), dict(negative_prompt=None), dict(scale=0.5), dict(scale=float("nan")),
+           dict(tau=0), dict(tau=-1), dict(alpha=1.5), dict(alpha=-0.1), dict(layers=[]), dict(layers=[-1]),
+           dict(start=0.5, end=0.5), dict(end=1.5), dict(norm="l3"), dict(scale=True)]
+    for kwargs in bad:
+        with pytest.raises(ValueError) as info:
+            da.NAG(**({"negative_prompt": NEGATIVE} | kwargs))
+        assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="this model has layers 0-2"):
+        da.apply(sd3_pipe, da.NAG(NEGATIVE, layers=[3]))
+    with pytest.raises(ValueError, match="not with a TextPatch or TextGuard"):
+        da.apply(sd3_pipe, da.NAG(NEGATIVE), da.TextPatch(layers=[1], source_prompt=NEGATIVE))
+    with pytest.raises(TypeError, match="needs a pipeline"):
+        da.apply(sd3_pipe.transformer, da.NAG(NEGATIVE))
