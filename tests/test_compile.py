@@ -20,7 +20,17 @@ def first_call(pipe, family):
     return {**rec.calls[0], "return_dict": False}
 
 
-@pytest.mark.parametrize("family,edit", [("sd3", "softpag u=0"), ("sd3", "softpag"), ("sd3", "local"), ("flux", "softpag")])
+@pytest.fixture(scope="module")
+def chroma_pipe():
+    from dit_attn.toy.chroma import build_chroma_pipeline
+
+    pipe = build_chroma_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=8)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("family,edit", [("sd3", "softpag u=0"), ("sd3", "softpag"), ("sd3", "local"), ("flux", "softpag"),
+                                         ("chroma", "softpag")])  # Chroma: under the pipeline's mask
 def test_fullgraph_compile_equals_eager(family, edit, request):
     pipe = request.getfixturevalue(f"{family}_pipe")
     call = first_call(pipe, family)

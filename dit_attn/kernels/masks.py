@@ -52,6 +52,8 @@ def image_query_bias(bias: torch.Tensor, image: slice) -> tuple[torch.Tensor, to
     per_query = queries(bias, image)
     image_part = per_query[..., image]
     constant = image_part[..., :1]
+    if torch.compiler.is_compiling():  # the checks read values (graph breaks); eager runs of the same call check
+        return per_query, constant
     if not torch.equal(image_part, constant.expand_as(image_part)):
         raise ValueError("LocalAttention supports attention masks that treat all image keys of an image query alike "
                          "(masks of text padding); this mask varies over the image keys")
@@ -65,7 +67,7 @@ def text_key_bias(bias: torch.Tensor, image: slice, text: list[slice]) -> torch.
     (B|1, H|1, 1, S_txt). Raises when image queries differ in what they see (tiled needs one row)."""
     per_query, constant = image_query_bias(bias, image)
     first = per_query[..., :1, :]
-    if not torch.equal(per_query, first.expand_as(per_query)):
+    if not torch.compiler.is_compiling() and not torch.equal(per_query, first.expand_as(per_query)):
         raise ValueError("the tiled kernel supports attention masks shared by all image queries (key masks)")
     text_part = torch.cat([first[..., s] for s in text], dim=-1) if text else first[..., :0]
     return text_part - constant[..., :1, :]
