@@ -285,3 +285,28 @@ def test_settings_round_trip_and_errors(sd3_pipe):
         da.apply(sd3_pipe, da.NAG(NEGATIVE), da.TextPatch(layers=[1], source_prompt=NEGATIVE))
     with pytest.raises(TypeError, match="needs a pipeline"):
         da.apply(sd3_pipe.transformer, da.NAG(NEGATIVE))
+
+
+def test_cli_generate_with_nag(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from dit_attn.cli import main
+
+    def run(name, *extra):
+        assert main(["generate", "a circle", "--steps", "2", "--size", "32", "--guidance-scale", "1",
+                     "--out", str(tmp_path / name), *extra]) == 0
+        return Image.open(next((tmp_path / name).glob("*.png")))
+
+    plain = run("plain")
+    guided = run("nag", "--nag-negative", "red", "--nag-scale", "3", "--nag-alpha", "0.5")
+    assert json.loads(guided.text["dit-attn"])["edits"] == [da.NAG("red", scale=3.0, alpha=0.5).to_dict()]
+    line = json.loads((tmp_path / "nag" / "manifest.jsonl").read_text().splitlines()[0])
+    assert da.edit_from_dict(line["edits"][0]) == da.NAG("red", scale=3.0, alpha=0.5)
+    assert guided.tobytes() != plain.tobytes()
+    capsys.readouterr()
+    assert main(["generate", "x", "--nag-scale", "3", "--out", str(tmp_path / "bad")]) == 2
+    assert "--nag-negative" in capsys.readouterr().err
+    assert main(["generate", "x", "--nag-negative", "red", "--nag-alpha", "2", "--out", str(tmp_path / "bad")]) == 2
+    assert "alpha must be in [0, 1]" in capsys.readouterr().err

@@ -38,6 +38,7 @@ def run_settings(args) -> dict:
         "max_sequence_length": args.max_sequence_length, "heads": args.heads, "pag_scale": args.pag_scale, "u": args.u,
         "target": args.target, "scope": args.scope, "start": args.start, "end": args.end, "local_radius": args.local_radius,
         "local_downsample": args.local_downsample, "local_weights": args.local_weights,
+        "nag_negative": args.nag_negative, "nag_scale": args.nag_scale, "nag_tau": args.nag_tau, "nag_alpha": args.nag_alpha,
     }
 
 
@@ -135,6 +136,11 @@ def add_commands(sub) -> None:
                      help="CLEAR local attention: image tokens attend within this radius (in tokens) + all text")
     gen.add_argument("--local-downsample", type=int, default=None, help="also attend to pooled keys (factor, e.g. 4)")
     gen.add_argument("--local-weights", default=None, help="safetensors from `dit-attn distill-clear` for this radius")
+    gen.add_argument("--nag-negative", default=None,
+                     help="Normalized Attention Guidance away from this negative prompt (da.NAG; works with CFG off)")
+    gen.add_argument("--nag-scale", type=finite_float, default=None, help="NAG scale (default 5.0; 1: no guidance)")
+    gen.add_argument("--nag-tau", type=finite_float, default=None, help="NAG normalization threshold (default 2.5)")
+    gen.add_argument("--nag-alpha", type=finite_float, default=None, help="NAG blending in [0, 1] (default 0.25)")
     add_model_options(gen, TINY)
     gen.add_argument("--out", default="out",
                      help="output directory (PNGs + manifest.jsonl); each PNG's settings rebuild it: "

@@ -33,7 +33,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from ..edits import HeadGuidance, LocalAttention, edit_from_dict
+from ..edits import NAG, HeadGuidance, LocalAttention, edit_from_dict
 from ..io import (as_stored, parse_heads, parse_size, read_png_settings, read_records, slug, verified_png_settings,
                   write_atomic, write_png_atomic)
 from ..limits import check_call, check_image_size, check_pixels, check_seed, check_steps, number, whole_number
@@ -49,7 +49,8 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks, one proces
 CALL_SETTINGS = {"seed": int, "num_inference_steps": int, "guidance_scale": float, "height": int, "width": int,
                  "max_sequence_length": int}
 EDIT_OPTIONS = {"heads": str, "pag_scale": float, "u": float, "target": str, "scope": str, "start": float, "end": float,
-                "local_radius": float, "local_downsample": int, "local_weights": str}
+                "local_radius": float, "local_downsample": int, "local_weights": str,
+                "nag_negative": str, "nag_scale": float, "nag_tau": float, "nag_alpha": float}
 SETTING_TYPES = {**CALL_SETTINGS, **EDIT_OPTIONS}
 ALIASES = {"steps": "num_inference_steps", "cfg": "guidance_scale"}  # older names, still read
 SIZE_ALIAS = "size"  # N, "WIDTHxHEIGHT" or [width, height]: sets height and width
@@ -342,7 +343,7 @@ def item_settings(base: dict, item: Item) -> dict:
 
 
 def edits_from_options(options: dict) -> tuple:
-    """The edits the options ask for: head guidance and/or CLEAR local attention (none: the stock model)."""
+    """The edits the options ask for: head guidance, CLEAR local attention and/or NAG (none: the stock model)."""
     edits = []
     heads = options.get("heads")
     if isinstance(heads, str):
@@ -358,6 +359,12 @@ def edits_from_options(options: dict) -> tuple:
         edits.append(LocalAttention(radius, downsample=downsample, weights=weights))
     elif downsample is not None or weights is not None:
         raise ValueError("local downsample and weights need a local attention radius (--local-radius): set the radius too")
+    negative = options.get("nag_negative")
+    if negative is not None:
+        settings = {name: options[f"nag_{name}"] for name in ("scale", "tau", "alpha") if options.get(f"nag_{name}") is not None}
+        edits.append(NAG(negative, **settings))
+    elif any(options.get(f"nag_{name}") is not None for name in ("scale", "tau", "alpha")):
+        raise ValueError("NAG's scale, tau and alpha need its negative prompt (--nag-negative): set it too")
     return tuple(edits)
 
 
