@@ -1,6 +1,8 @@
 """NAG checked against independent references: the stock attention modules run on the positive
 and on the negative text, and a stock transformer whose SDPA calls a TorchFunctionMode turns
 into the NAG combination."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -76,6 +78,8 @@ def rows_of(kwargs, rows, text_rows=None, text_len=None):
     else:
         text = h[rows if text_rows is None else text_rows, :text_len]
         out["hidden_states"] = torch.cat([text, h[rows, text_len:]], dim=1)
+    if isinstance(kwargs.get("attention_mask"), torch.Tensor):  # Chroma: each row's text padding (same image part)
+        out["attention_mask"] = kwargs["attention_mask"][rows if text_rows is None else text_rows]
     return out
 
 
@@ -105,16 +109,25 @@ def check_layer(attn, kwargs, out, stock_rows, cond, text_len, image, single):
 
 
 @pytest.mark.parametrize("family,layer,cfg", [
+    ("chroma", 0, None), ("chroma", 3, None),  # FLUX.1's processor under Chroma's text mask
     ("sd3", 1, 4.0), ("sd3", 1, 1.0), ("sd3", 2, 1.0),  # layer 2: the last block (context_pre_only)
     ("flux", 1, None),  # double block
     ("flux", 2, None),  # single block
 ])
 def test_layer_equals_stock_attention_on_both_texts(family, layer, cfg, request):
-    pipe = request.getfixturevalue(f"{family}_pipe")
-    call = flux_call if family == "flux" else sd3_call
+    if family == "chroma":
+        from dit_attn.toy.chroma import build_chroma_pipeline
+
+        pipe = build_chroma_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=8)
+        pipe.set_progress_bar_config(disable=True)
+        call = functools.partial(flux_call, guidance_scale=1.0)
+    else:
+        pipe = request.getfixturevalue(f"{family}_pipe")
+        call = flux_call if family == "flux" else sd3_call
     kwargs = {"guidance_scale": cfg} if cfg is not None else {}
-    attn = flux_attention_module(pipe, layer) if family == "flux" else pipe.transformer.transformer_blocks[layer].attn
-    single = family == "flux" and layer >= len(pipe.transformer.transformer_blocks)
+    flux_like = family != "sd3"
+    attn = flux_attention_module(pipe, layer) if flux_like else pipe.transformer.transformer_blocks[layer].attn
+    single = flux_like and layer >= len(pipe.transformer.transformer_blocks)
     hook, records = record_module(attn)
     try:
         with da.apply(pipe, da.NAG(NEGATIVE, layers=[layer], **SETTINGS)):
