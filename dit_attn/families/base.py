@@ -36,6 +36,17 @@ class CallRows:
     controlnet_args: tuple[str, ...] = ()
 
 
+def appended_text(call: dict, embeds: "torch.Tensor") -> "torch.Tensor":
+    """The call's text states with the rows of `embeds` (source prompts, encoded at the call's length) appended."""
+    import torch
+
+    text = call["encoder_hidden_states"]
+    if embeds.shape[1:] != text.shape[1:]:
+        raise RuntimeError(f"TextPatch: the source prompt encodes to {tuple(embeds.shape[1:])} text states, "
+                           f"the call has {tuple(text.shape[1:])}")
+    return torch.cat([text, embeds.to(text)])
+
+
 class Family:
     """Base of the family specs; each subclass is one DiT family."""
 
@@ -121,11 +132,7 @@ class Family:
         source prompts), as {call input: widened value}."""
         import torch
 
-        text = call["encoder_hidden_states"]
-        if embeds.shape[1:] != text.shape[1:]:
-            raise RuntimeError(f"TextPatch: the source prompt encodes to {tuple(embeds.shape[1:])} text states, "
-                               f"the call has {tuple(text.shape[1:])}")
-        out = {"encoder_hidden_states": torch.cat([text, embeds.to(text)])}
+        out = {"encoder_hidden_states": appended_text(call, embeds)}
         pooled = call.get("pooled_projections")
         if pooled is not None:
             out["pooled_projections"] = torch.cat([pooled, extra.to(pooled)])

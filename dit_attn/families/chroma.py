@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import CallRows
+from .base import CallRows, appended_text
 from .flux import Flux, image_ids
 
 
@@ -36,10 +36,7 @@ class Chroma(Flux):
     def append_text_rows(self, call: dict, embeds, extra) -> dict:
         """Source rows with their own prompt's mask over the text and the call's over the image tokens."""
         text = call["encoder_hidden_states"]
-        if embeds.shape[1:] != text.shape[1:]:
-            raise RuntimeError(f"TextPatch: the source prompt encodes to {tuple(embeds.shape[1:])} text states, "
-                               f"the call has {tuple(text.shape[1:])}")
-        out = {"encoder_hidden_states": torch.cat([text, embeds.to(text)])}
+        out = {"encoder_hidden_states": appended_text(call, embeds)}
         mask = call.get("attention_mask")
         if mask is not None:
             image = mask[:1, text.shape[1]:].expand(embeds.shape[0], -1)

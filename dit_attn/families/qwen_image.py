@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..heads import LayerInfo, head_dim
-from .base import CallRows, Family
+from .base import CallRows, Family, appended_text
 
 
 EDIT_PIPELINES = ("QwenImageEditPipeline",)
@@ -111,9 +111,7 @@ class QwenImage(Family):
     def append_text_rows(self, call: dict, embeds, extra) -> dict:
         """`extra` is the source prompts' text mask; the call's mask is None when no prompt of it is padded."""
         text = call["encoder_hidden_states"]
-        if embeds.shape[1:] != text.shape[1:]:
-            raise RuntimeError(f"TextPatch: the source prompt encodes to {tuple(embeds.shape[1:])} text states, "
-                               f"the call has {tuple(text.shape[1:])}")
+        widened = appended_text(call, embeds)
         mask = call.get("encoder_hidden_states_mask")
         source = extra.to(text.device) != 0
         if mask is None and bool(source.all()):
@@ -123,7 +121,7 @@ class QwenImage(Family):
             joint = torch.cat([stock, source])
             if mask is not None:
                 joint = joint.to(mask.dtype)
-        return {"encoder_hidden_states": torch.cat([text, embeds.to(text)]), "encoder_hidden_states_mask": joint}
+        return {"encoder_hidden_states": widened, "encoder_hidden_states_mask": joint}
 
     def latent_patch(self, transformer) -> int:
         return 2
