@@ -18,6 +18,7 @@ _SPECS = {
     "QwenImageTransformer2DModel": (".qwen_image", "QwenImage"),
     "ZImageTransformer2DModel": (".z_image", "ZImage"),
     "HunyuanImageTransformer2DModel": (".hunyuan_image", "HunyuanImage"),
+    "LongCatImageTransformer2DModel": (".longcat_image", "LongCatImage"),
 }
 _LOADED: dict[str, Family] = {}
 

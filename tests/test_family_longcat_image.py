@@ -1,0 +1,145 @@
+"""LongCat-Image: FLUX.1's attention (dit-attn's FluxAttnProcessor) in its stock pipeline, which is called
+with `prompt_embeds` (no tiny Qwen2.5-VL) and makes CFG a second call under cache context "uncond"."""
+import pytest
+import torch
+
+import dit_attn as da
+from dit_attn import processors
+from dit_attn.processors.state import EditState
+from dit_attn.toy.longcat_image import build_longcat_image_pipeline, text_embeds
+
+from .conftest import SIZE, CallRecorder, PerturbSDPA, flux_attention_module, replay
+
+HEADS = [1, 3]
+
+
+@pytest.fixture(scope="module")
+def longcat_pipe():
+    pipe = build_longcat_image_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=8)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def longcat_call(pipe, prompt="a red circle", steps=2, seed=0, negative=None, **kwargs):
+    args = dict(num_inference_steps=steps, guidance_scale=1.0, output_type="latent", enable_prompt_rewrite=False,
+                prompt_embeds=text_embeds(prompt), **SIZE)
+    if negative is not None:
+        args["negative_prompt_embeds"] = text_embeds(negative)
+    args.update(kwargs)
+    return pipe(generator=torch.Generator().manual_seed(seed), **args).images
+
+
+def recorded(pipe, **kwargs):
+    with CallRecorder(pipe) as rec:
+        longcat_call(pipe, **kwargs)
+    return rec
+
+
+def test_processors_bit_exact(longcat_pipe):
+    calls = recorded(longcat_pipe, guidance_scale=3.0, negative="blue").calls
+    assert len(calls) == 4
+    stock = [replay(longcat_pipe.transformer, c) for c in calls]
+    originals = processors.install(longcat_pipe.transformer, EditState())
+    try:
+        assert all(type(p).__module__ == "dit_attn.processors.flux"
+                   for p in longcat_pipe.transformer.attn_processors.values())
+        mine = [replay(longcat_pipe.transformer, c) for c in calls]
+    finally:
+        processors.restore(longcat_pipe.transformer, originals)
+    assert all(type(p).__name__ == "LongCatImageAttnProcessor" for p in longcat_pipe.transformer.attn_processors.values())
+    assert max((a - b).abs().max().item() for a, b in zip(stock, mine)) == 0.0
+
+
+def test_softpag_u0_is_stock_and_layers_are_numbered(longcat_pipe):
+    kwargs = dict(guidance_scale=3.0, negative="blue")
+    stock = longcat_call(longcat_pipe, **kwargs)
+    with da.apply(longcat_pipe, da.SoftPAG(["L0", "L3"], u=0.0)):
+        assert torch.equal(longcat_call(longcat_pipe, **kwargs), stock)
+    layer_map = da.layers(longcat_pipe)
+    assert [(info.index, info.kind) for info in layer_map] == [(0, "double"), (1, "double"), (2, "single"), (3, "single")]
+    assert layer_map[1].name == "transformer_blocks.1.attn"
+    assert layer_map[2].name == "single_transformer_blocks.0.attn"
+    assert all(info.heads == 4 for info in layer_map)
+
+
+@pytest.mark.parametrize("layer,target", [(1, "identity"), (2, "uniform"), (0, "uniform"), (3, "identity")])
+def test_softpag_equals_an_sdpa_perturbation_inside_the_module(longcat_pipe, layer, target):
+    call = recorded(longcat_pipe).calls[0]
+    with PerturbSDPA(flux_attention_module(longcat_pipe, layer), HEADS, target):
+        want = replay(longcat_pipe.transformer, call)
+    with da.apply(longcat_pipe.transformer, da.SoftPAG([(layer, h) for h in HEADS], u=1.0, target=target)):
+        got = replay(longcat_pipe.transformer, call)
+    assert (got - want).abs().max() < 1e-5
+    assert (got - replay(longcat_pipe.transformer, call)).abs().max() > 1e-4
+
+
+def _renorm(eps_c, noise):
+    scale = (torch.norm(eps_c, dim=-1, keepdim=True) / (torch.norm(noise, dim=-1, keepdim=True) + 1e-8)).clamp(0.0, 1.0)
+    return noise * scale
+
+
+@pytest.mark.parametrize("cfg,images,renorm", [(1.0, 1, True), (3.0, 1, True), (3.0, 2, False)])
+def test_guided_step_equals_the_explicit_computation(longcat_pipe, cfg, images, renorm):
+    """The pipeline's (renormed) CFG of the two calls, plus the guidance term on the "cond" call."""
+    layer, scale = 1, 2.0
+    edit = da.HeadGuidance(heads=[(layer, h) for h in HEADS], scale=scale, u=1.0)
+    kwargs = dict(guidance_scale=cfg, negative="blue" if cfg > 1 else None, num_images_per_prompt=images,
+                  enable_cfg_renorm=renorm)
+    with CallRecorder(longcat_pipe) as rec, da.apply(longcat_pipe, edit):
+        longcat_call(longcat_pipe, **kwargs)
+    per_step = 2 if cfg > 1 else 1
+    assert len(rec.calls) == per_step * len(rec.steps)
+    for step, eps in enumerate(rec.steps):
+        cond_call = rec.calls[per_step * step]
+        eps_c = replay(longcat_pipe.transformer, cond_call)
+        with PerturbSDPA(flux_attention_module(longcat_pipe, layer), HEADS):
+            eps_p = replay(longcat_pipe.transformer, cond_call)
+        assert (eps_c - eps_p).abs().max() > 1e-4
+        want = eps_c
+        if cfg > 1:
+            eps_u = replay(longcat_pipe.transformer, rec.calls[per_step * step + 1])
+            want = eps_u + cfg * (eps_c - eps_u)
+            if renorm:
+                want = _renorm(eps_c, want)
+        want = want + scale * (eps_c - eps_p)
+        assert eps.shape[0] == images
+        assert (eps - want).abs().max() < 1e-5
+
+
+def test_calls_shared_prefix_and_remove(longcat_pipe):
+    kwargs = dict(guidance_scale=3.0, negative="blue")
+    stock_calls = len(recorded(longcat_pipe, **kwargs).calls)
+    stock = longcat_call(longcat_pipe, **kwargs)
+    results = {}
+    for share in (True, False):
+        handle = da.apply(longcat_pipe, da.HeadGuidance(heads=["L2H0", "L3"], scale=1.5, share_prefix=share))
+        with CallRecorder(longcat_pipe) as rec:
+            results[share] = longcat_call(longcat_pipe, **kwargs)
+        handle.remove()
+        assert len(rec.calls) == stock_calls
+    assert (results[True] - results[False]).abs().max() < 1e-5
+    assert (results[True] - stock).abs().max() > 1e-4
+    assert torch.equal(longcat_call(longcat_pipe, **kwargs), stock)
+
+
+def test_local_attention_tiled_equals_reference(longcat_pipe):
+    kwargs = dict(guidance_scale=3.0, negative="blue")
+    out = {}
+    for backend in ("tiled", "reference"):
+        with da.apply(longcat_pipe, da.LocalAttention(radius=2.0, layers=[1, 2], backend=backend)):
+            out[backend] = longcat_call(longcat_pipe, **kwargs)
+    stock = longcat_call(longcat_pipe, **kwargs)
+    assert (out["tiled"] - out["reference"]).abs().max() < 1e-4
+    assert (out["tiled"] - stock).abs().max() > 1e-4
+    with da.apply(longcat_pipe, da.LocalAttention(radius=100.0, layers=[1, 2], backend="tiled")):
+        assert torch.equal(longcat_call(longcat_pipe, **kwargs), stock)  # a circle covering the grid is stock attention
+
+
+def test_flux_presets_are_refused_clearly(longcat_pipe):
+    with pytest.raises(ValueError, match="is for flux models, this is a longcat_image model"):
+        da.apply(longcat_pipe, da.SoftPAG(["flux:glossy"]))
+
+
+def test_text_edits_are_refused(longcat_pipe):
+    with pytest.raises(NotImplementedError, match="longcat_image"):
+        da.apply(longcat_pipe, da.TextPatch(layers=[1], source_prompt="a blue square"))
