@@ -19,6 +19,7 @@ _SPECS = {
     "ZImageTransformer2DModel": (".z_image", "ZImage"),
     "HunyuanImageTransformer2DModel": (".hunyuan_image", "HunyuanImage"),
     "LongCatImageTransformer2DModel": (".longcat_image", "LongCatImage"),
+    "OvisImageTransformer2DModel": (".ovis_image", "OvisImage"),
 }
 _LOADED: dict[str, Family] = {}
 
