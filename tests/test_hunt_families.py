@@ -2,11 +2,11 @@
 pipeline run per candidate (the per-row strengths of a guided call, widened rows, each family's CFG)."""
 import importlib
 
+import numpy as np
 import pytest
 import torch
 
 import dit_attn as da
-from dit_attn.guidance.objectives import get_objective
 from dit_attn.guidance.search import SearchSettings, call_kwargs, score_batch
 
 FAMILIES = {  # builder, guidance_scale of the search (None: the pipeline's default)
@@ -18,13 +18,17 @@ FAMILIES = {  # builder, guidance_scale of the search (None: the pipeline's defa
 PROMPTS = ["a red circle", "a blue square"]
 
 
+def objective(images, prompts):
+    """Mean brightness: continuous, so every change of an image shows (random-weight models draw no shapes)."""
+    return [float(np.asarray(image, dtype=np.float64).mean()) for image in images]
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_batched_scores_equal_one_pipeline_run_per_candidate(family):
     module, builder, cfg = FAMILIES[family]
     pipe = getattr(importlib.import_module(module), builder)()
     pipe.set_progress_bar_config(disable=True)
-    objective = get_objective("color:red")
-    settings = SearchSettings("color:red", tuple(PROMPTS), (0, 1), k=1, rounds=1, u=0.8, scale=4.0, num_inference_steps=2,
+    settings = SearchSettings("brightness", tuple(PROMPTS), (0, 1), k=1, rounds=1, u=0.8, scale=4.0, num_inference_steps=2,
                               guidance_scale=cfg, height=32, width=32, candidates=(), target="identity", scope="joint",
                               batch_size=3, max_sequence_length=None)
     selected, batch = [(1, 1)], [(0, 1), (0, 3) if da.layers(pipe)[0].heads > 3 else (0, 0), (1, 0)]
