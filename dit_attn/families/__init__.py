@@ -20,6 +20,7 @@ _SPECS = {
     "HunyuanImageTransformer2DModel": (".hunyuan_image", "HunyuanImage"),
     "LongCatImageTransformer2DModel": (".longcat_image", "LongCatImage"),
     "OvisImageTransformer2DModel": (".ovis_image", "OvisImage"),
+    "BriaTransformer2DModel": (".bria", "Bria"),
 }
 _LOADED: dict[str, Family] = {}
 

@@ -1,0 +1,155 @@
+"""Bria 3.2: FLUX.1's attention (dit-attn's FluxAttnProcessor) installed through each attention module's
+`processor` (the model has no `attn_processors`), in its stock pipeline called with `prompt_embeds` that makes
+CFG one batched call [uncond ; cond]."""
+import pytest
+import torch
+
+import dit_attn as da
+from dit_attn import processors
+from dit_attn.families import family_of
+from dit_attn.processors.state import EditState
+from dit_attn.toy.bria import build_bria_pipeline, text_embeds
+
+from .conftest import SIZE, CallRecorder, PerturbSDPA, flux_attention_module, replay
+
+HEADS = [1, 3]
+
+
+@pytest.fixture(scope="module")
+def bria_pipe():
+    pipe = build_bria_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=8)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def bria_call(pipe, prompt="a red circle", steps=2, seed=0, negative=None, **kwargs):
+    args = dict(num_inference_steps=steps, guidance_scale=1.0, output_type="latent",
+                prompt_embeds=text_embeds(prompt), **SIZE)
+    if negative is not None:
+        args["negative_prompt_embeds"] = text_embeds(negative)
+    args.update(kwargs)
+    return pipe(generator=torch.Generator().manual_seed(seed), **args).images
+
+
+def recorded(pipe, **kwargs):
+    with CallRecorder(pipe) as rec:
+        bria_call(pipe, **kwargs)
+    return rec
+
+
+def _processors(pipe):
+    return family_of(pipe.transformer).attention_processors(pipe.transformer)
+
+
+def test_processors_bit_exact(bria_pipe):
+    calls = recorded(bria_pipe, guidance_scale=3.0, negative="blue").calls
+    assert len(calls) == 2 and calls[0]["hidden_states"].shape[0] == 2  # one [uncond ; cond] call a step
+    assert not hasattr(bria_pipe.transformer, "attn_processors")
+    assert len(_processors(bria_pipe)) == 4
+    stock = [replay(bria_pipe.transformer, c) for c in calls]
+    originals = processors.install(bria_pipe.transformer, EditState())
+    try:
+        assert all(type(p).__module__ == "dit_attn.processors.flux" for p in _processors(bria_pipe).values())
+        mine = [replay(bria_pipe.transformer, c) for c in calls]
+    finally:
+        processors.restore(bria_pipe.transformer, originals)
+    assert all(type(p).__name__ == "BriaAttnProcessor" for p in _processors(bria_pipe).values())
+    assert max((a - b).abs().max().item() for a, b in zip(stock, mine)) == 0.0
+
+
+def test_softpag_u0_is_stock_and_layers_are_numbered(bria_pipe):
+    kwargs = dict(guidance_scale=3.0, negative="blue")
+    stock = bria_call(bria_pipe, **kwargs)
+    with da.apply(bria_pipe, da.SoftPAG(["L0", "L3"], u=0.0)):
+        assert torch.equal(bria_call(bria_pipe, **kwargs), stock)
+    assert all(type(p).__name__ == "BriaAttnProcessor" for p in _processors(bria_pipe).values())
+    layer_map = da.layers(bria_pipe)
+    assert [(info.index, info.kind) for info in layer_map] == [(0, "double"), (1, "double"), (2, "single"), (3, "single")]
+    assert layer_map[1].name == "transformer_blocks.1.attn"
+    assert layer_map[2].name == "single_transformer_blocks.0.attn"
+    assert all(info.heads == 4 for info in layer_map)
+
+
+@pytest.mark.parametrize("layer,target", [(1, "identity"), (2, "uniform"), (0, "uniform"), (3, "identity")])
+def test_softpag_equals_an_sdpa_perturbation_inside_the_module(bria_pipe, layer, target):
+    call = recorded(bria_pipe).calls[0]
+    with PerturbSDPA(flux_attention_module(bria_pipe, layer), HEADS, target):
+        want = replay(bria_pipe.transformer, call)
+    with da.apply(bria_pipe.transformer, da.SoftPAG([(layer, h) for h in HEADS], u=1.0, target=target)):
+        got = replay(bria_pipe.transformer, call)
+    assert (got - want).abs().max() < 1e-5
+    assert (got - replay(bria_pipe.transformer, call)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("cfg,images", [(1.0, 1), (3.0, 1), (3.0, 2)])
+def test_guided_step_equals_the_explicit_computation(bria_pipe, cfg, images):
+    """The pipeline's CFG of the [uncond ; cond] rows, plus the guidance term on the cond rows."""
+    layer, scale = 1, 2.0
+    edit = da.HeadGuidance(heads=[(layer, h) for h in HEADS], scale=scale, u=1.0)
+    # two prompts' states, not num_images_per_prompt (the stock pipeline does not repeat given prompt_embeds)
+    kwargs = dict(guidance_scale=cfg, prompt_embeds=torch.cat([text_embeds(p) for p in ["a red circle", "a dot"][:images]]))
+    if cfg > 1:
+        kwargs["negative_prompt_embeds"] = torch.cat([text_embeds(n) for n in ["blue", "green"][:images]])
+    with CallRecorder(bria_pipe) as rec, da.apply(bria_pipe, edit):
+        bria_call(bria_pipe, **kwargs)
+    assert len(rec.calls) == len(rec.steps)
+    for call, eps in zip(rec.calls, rec.steps):
+        out = replay(bria_pipe.transformer, call)
+        cond = torch.arange(images, 2 * images) if cfg > 1 else torch.arange(images)
+        assert out.shape[0] == len(cond) * (2 if cfg > 1 else 1)
+        eps_c = out[cond]
+        with PerturbSDPA(flux_attention_module(bria_pipe, layer), HEADS):
+            eps_p = replay(bria_pipe.transformer, call, rows=cond)
+        assert (eps_c - eps_p).abs().max() > 1e-4
+        want = eps_c
+        if cfg > 1:
+            eps_u = out[:images]
+            want = eps_u + cfg * (eps_c - eps_u)
+        want = want + scale * (eps_c - eps_p)
+        assert eps.shape[0] == images
+        assert (eps - want).abs().max() < 1e-5
+
+
+def test_calls_shared_prefix_and_remove(bria_pipe):
+    kwargs = dict(guidance_scale=3.0, negative="blue")
+    stock_calls = len(recorded(bria_pipe, **kwargs).calls)
+    stock = bria_call(bria_pipe, **kwargs)
+    results = {}
+    for share in (True, False):
+        handle = da.apply(bria_pipe, da.HeadGuidance(heads=["L2H0", "L3"], scale=1.5, share_prefix=share))
+        with CallRecorder(bria_pipe) as rec:
+            results[share] = bria_call(bria_pipe, **kwargs)
+        handle.remove()
+        assert len(rec.calls) == stock_calls
+    assert (results[True] - results[False]).abs().max() < 1e-5
+    assert (results[True] - stock).abs().max() > 1e-4
+    assert torch.equal(bria_call(bria_pipe, **kwargs), stock)
+    assert all(type(p).__name__ == "BriaAttnProcessor" for p in _processors(bria_pipe).values())
+
+
+def test_local_attention_tiled_equals_reference(bria_pipe):
+    kwargs = dict(guidance_scale=3.0, negative="blue")
+    out = {}
+    for backend in ("tiled", "reference"):
+        with da.apply(bria_pipe, da.LocalAttention(radius=2.0, layers=[1, 2], backend=backend)):
+            out[backend] = bria_call(bria_pipe, **kwargs)
+    stock = bria_call(bria_pipe, **kwargs)
+    assert (out["tiled"] - out["reference"]).abs().max() < 1e-4
+    assert (out["tiled"] - stock).abs().max() > 1e-4
+    with da.apply(bria_pipe, da.LocalAttention(radius=100.0, layers=[1, 2], backend="tiled")):
+        assert torch.equal(bria_call(bria_pipe, **kwargs), stock)  # a circle covering the grid is stock attention
+
+
+def test_flux_presets_are_refused_clearly(bria_pipe):
+    with pytest.raises(ValueError, match="is for flux models, this is a bria model"):
+        da.apply(bria_pipe, da.SoftPAG(["flux:glossy"]))
+
+
+def test_nag_is_refused_clearly(bria_pipe):
+    with pytest.raises(NotImplementedError, match="NAG does not run on bria models"):
+        da.apply(bria_pipe, da.NAG(negative_prompt="blurry"))
+
+
+def test_text_edits_are_refused(bria_pipe):
+    with pytest.raises(NotImplementedError, match="bria|Bria"):
+        da.apply(bria_pipe, da.TextPatch(layers=[1], source_prompt="a blue square"))
