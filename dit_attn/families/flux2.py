@@ -54,6 +54,7 @@ class Flux2(Family):
     rotary = True
     packs_latents = True
     reference_tokens_trail = True
+    nag = True  # its processor applies NAG (nag_image_inputs / nag_guide)
 
     def layers(self, transformer) -> list[LayerInfo]:
         return double_then_single_layers(transformer)

@@ -55,6 +55,7 @@ class QwenImage(Family):
     text_first = True
     packs_latents = True
     reference_tokens_trail = True  # Qwen-Image-Edit appends the reference latents and keeps the leading tokens
+    nag = True  # its processor applies NAG (nag_image_inputs / nag_guide)
 
     def layers(self, transformer) -> list[LayerInfo]:
         return [LayerInfo(i, f"transformer_blocks.{i}.attn", "double", block.attn.heads, head_dim(block.attn))

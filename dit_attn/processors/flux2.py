@@ -80,11 +80,13 @@ class Flux2AttnProcessor(_Flux2Processor):
             encoder_query = attn.norm_added_q(encoder_query)
             encoder_key = attn.norm_added_k(encoder_key)
             encoder_key, encoder_value = self.state.patch_text(self.layer, encoder_key, encoder_value)
+            query, key, value = self.state.nag_image_inputs(self.layer, (query, key, value))
             query = torch.cat([encoder_query, query], dim=1)
             key = torch.cat([encoder_key, key], dim=1)
             value = torch.cat([encoder_value, value], dim=1)
         else:
             key, value = self._patch_leading_text(key, value)
+            query, key, value = self.state.nag_image_inputs(self.layer, (query, key, value), self.state.call.text_len)
 
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
@@ -92,6 +94,7 @@ class Flux2AttnProcessor(_Flux2Processor):
 
         text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else self.state.call.text_len
         hidden_states = self._attend(attn, query, key, value, text_len, attention_mask)
+        hidden_states = self.state.nag_guide(self.layer, hidden_states, slice(text_len, None))
 
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
@@ -125,11 +128,15 @@ class Flux2SingleAttnProcessor(_Flux2Processor):
         query = attn.norm_q(query)
         key = attn.norm_k(key)
         key, value = self._patch_leading_text(key, value)
+        # NAG: text and image share this projection; the text tokens lead the sequence
+        query, key, value = self.state.nag_image_inputs(self.layer, (query, key, value), self.state.call.text_len)
 
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        hidden_states = self._attend(attn, query, key, value, self.state.call.text_len, attention_mask)
+        text_len = self.state.call.text_len
+        hidden_states = self._attend(attn, query, key, value, text_len, attention_mask)
+        hidden_states = self.state.nag_guide(self.layer, hidden_states, slice(text_len, None))
         mlp_hidden_states = attn.mlp_act_fn(mlp_hidden_states)
         return attn.to_out(torch.cat([hidden_states, mlp_hidden_states], dim=-1))

@@ -62,6 +62,8 @@ class QwenImageAttnProcessor(DispatchingProcessor):
             txt_query = apply_rotary_emb_qwen(txt_query, txt_freqs, use_real=False)
             txt_key = apply_rotary_emb_qwen(txt_key, txt_freqs, use_real=False)
         txt_key, txt_value = self.state.patch_text(self.layer, txt_key, txt_value)
+        # NAG: the negative rows take their positive rows' image queries/keys/values (their own text and text mask)
+        img_query, img_key, img_value = self.state.nag_image_inputs(self.layer, (img_query, img_key, img_value))
 
         query = torch.cat([txt_query, img_query], dim=1)
         key = torch.cat([txt_key, img_key], dim=1)
@@ -71,6 +73,7 @@ class QwenImageAttnProcessor(DispatchingProcessor):
         plan = self.state.plan(self.layer, query.shape[0], (text_len, seq_len), getattr(attn, POOL_MODULE, None))
         joint = self.attend(query, key, value, plan, attention_mask, seq_len - text_len)
         joint = joint.flatten(2, 3).to(query.dtype)
+        joint = self.state.nag_guide(self.layer, joint, slice(text_len, None))
 
         txt_out, img_out = joint[:, :text_len], joint[:, text_len:]
         img_out = attn.to_out[0](img_out.contiguous())

@@ -1,0 +1,209 @@
+"""NAG on Qwen-Image and FLUX.2 Klein, checked against the stock attention modules run on the positive
+and on the negative text (the formula of tests/test_nag.py), stock at scale 1 / alpha 0, the stock call
+count, and the unconditional call of CFG left stock."""
+import pytest
+import torch
+
+import dit_attn as da
+from dit_attn.families import family_of
+from dit_attn.toy.flux2 import build_flux2_klein_pipeline
+from dit_attn.toy.qwen_image import build_qwen_image_pipeline
+
+from .conftest import CallRecorder, flux_attention_module
+from .test_nag import ROUNDING, SETTINGS, _clone, nag_formula
+
+# Qwen-Image: "a cat" encodes one token shorter than "a red circle", "blue" two: every row's mask matters
+QWEN_PROMPTS, QWEN_NEGATIVE = ["a red circle", "a cat"], "blue"
+KLEIN_PROMPTS, KLEIN_NEGATIVE = ["a red circle", "a green cat"], "a blue square"
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    pipe = build_qwen_image_pipeline(num_layers=3, num_heads=4, head_dim=16)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def klein():
+    pipe = build_flux2_klein_pipeline(num_layers=2, num_single_layers=2, num_heads=4)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def qwen_call(pipe, prompt=QWEN_PROMPTS, steps=2, **kwargs):
+    args = dict(prompt=prompt, num_inference_steps=steps, true_cfg_scale=1.0, max_sequence_length=16,
+                output_type="latent", height=32, width=32, generator=torch.Generator().manual_seed(0))
+    return pipe(**{**args, **kwargs}).images
+
+
+def klein_call(pipe, prompt=KLEIN_PROMPTS, steps=2, **kwargs):
+    args = dict(prompt=prompt, height=32, width=32, num_inference_steps=steps, guidance_scale=1.0,
+                max_sequence_length=16, output_type="latent", generator=torch.Generator().manual_seed(0))
+    return pipe(**{**args, **kwargs}).images
+
+
+CASES = {"qwen": (qwen_call, QWEN_NEGATIVE), "klein": (klein_call, KLEIN_NEGATIVE)}
+CFG = {"qwen": {"true_cfg_scale": 3.0, "negative_prompt": "a green cat"}, "klein": {"guidance_scale": 3.0}}
+
+
+def attention_modules(pipe):
+    t = pipe.transformer
+    return [b.attn for b in list(t.transformer_blocks) + list(getattr(t, "single_transformer_blocks", ()))]
+
+
+class Recorder:
+    """Inputs (by name) and outputs of every call of these attention modules."""
+
+    def __init__(self, transformer, modules):
+        self.transformer, self.modules = transformer, modules
+        self.records = {i: [] for i in range(len(modules))}  # per module: (inputs, output, transformer call index)
+        self.calls = -1
+
+    def __enter__(self):
+        def hook(i):
+            def record(m, args, kwargs, out):
+                named = dict(zip(("hidden_states", "encoder_hidden_states"), args)) | kwargs
+                self.records[i].append(({k: _clone(v) for k, v in named.items()}, _clone(out), self.calls))
+            return record
+
+        def count(m, args):
+            self.calls += 1
+
+        self.hooks = [m.register_forward_hook(hook(i), with_kwargs=True) for i, m in enumerate(self.modules)]
+        self.hooks.append(self.transformer.register_forward_pre_hook(count))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+
+
+def projection(attn):
+    """The module whose input is the merged-heads attention output (FLUX.2 single: fused with the MLP)."""
+    return attn.to_out[0] if isinstance(attn.to_out, torch.nn.ModuleList) else attn.to_out
+
+
+def stock(attn, kwargs):
+    """(output, input of its output projection) of the stock module."""
+    captured = {}
+    handle = projection(attn).register_forward_pre_hook(lambda m, a: captured.__setitem__("z", a[0].clone()))
+    try:
+        with torch.no_grad():
+            out = attn(**kwargs)
+    finally:
+        handle.remove()
+    return out, captured["z"]
+
+
+def rows_of(kwargs, rows, text_rows, text_len, single):
+    """The module inputs of `rows`, text tokens (and Qwen-Image's text mask) from `text_rows`."""
+    out = dict(kwargs)
+    h = kwargs["hidden_states"]
+    if single:
+        out["hidden_states"] = torch.cat([h[text_rows, :text_len], h[rows, text_len:]], dim=1)
+    else:
+        out["hidden_states"] = h[rows]
+        out["encoder_hidden_states"] = kwargs["encoder_hidden_states"][text_rows]
+    if isinstance(kwargs.get("encoder_hidden_states_mask"), torch.Tensor):
+        out["encoder_hidden_states_mask"] = kwargs["encoder_hidden_states_mask"][text_rows]
+    return out
+
+
+def split(out, text_len, single):
+    """(image, text) outputs of a module call, batch first."""
+    if single:
+        return out[:, text_len:], out[:, :text_len]
+    return out  # Qwen-Image: (image, text); FLUX.2 double: (image, text)
+
+
+def check_layer(attn, kwargs, out, n, text_len, single):
+    cond, negative = list(range(n)), list(range(n, 2 * n))
+    pos_out, zp_all = stock(attn, rows_of(kwargs, cond, cond, text_len, single))
+    neg_out, zn_all = stock(attn, rows_of(kwargs, cond, negative, text_len, single))
+    inner = attn.inner_dim
+    if single:  # the fused projection's input: [attention (all tokens) ; MLP]
+        zp, zn = zp_all[:, text_len:, :inner], zn_all[:, text_len:, :inner]
+    else:  # Qwen-Image and FLUX.2 double blocks project the image tokens alone
+        zp, zn = zp_all, zn_all
+    mixed, ratio = nag_formula(zp, zn, **SETTINGS)
+    if single:
+        fused = zp_all.clone()
+        fused[:, text_len:, :inner] = mixed
+        want_image = attn.to_out(fused)[:, text_len:]
+    else:
+        want_image = attn.to_out[0](mixed)
+        if len(attn.to_out) > 1:
+            want_image = attn.to_out[1](want_image)
+    got_image, got_text = split(out, text_len, single)
+    pos_image, pos_text = split(pos_out, text_len, single)
+    assert (got_image[cond] - want_image).abs().max() <= ROUNDING
+    assert (want_image - pos_image).abs().max() > 1e-3  # the guidance does something
+    assert (got_text[cond] - pos_text).abs().max() <= ROUNDING
+    assert (got_text[negative] - split(neg_out, text_len, single)[1]).abs().max() <= ROUNDING
+    return ratio.flatten()
+
+
+@pytest.mark.parametrize("case,layer", [("qwen", 0), ("qwen", 2), ("klein", 1), ("klein", 2), ("klein", 3)])
+def test_layer_equals_stock_attention_on_both_texts(case, layer, request):
+    """Qwen-Image (padded prompts and a padded negative prompt) and FLUX.2 Klein double (1) and single (2, 3)
+    blocks; with CFG on, every layer of the unconditional call is the stock module on its inputs."""
+    pipe = request.getfixturevalue(case)
+    call, negative = CASES[case]
+    modules = attention_modules(pipe)
+    single = case == "klein" and layer >= len(pipe.transformer.transformer_blocks)
+    with Recorder(pipe.transformer, modules) as rec, da.apply(pipe, da.NAG(negative, layers=[layer], **SETTINGS)):
+        call(pipe, **CFG[case])
+    n = len(QWEN_PROMPTS if case == "qwen" else KLEIN_PROMPTS)
+    assert rec.calls == 3  # 2 steps of [conditional call ; unconditional call]
+    guided = [r[:2] for r in rec.records[layer] if r[2] % 2 == 0]
+    unguided = [(i, r[:2]) for i in rec.records for r in rec.records[i] if r[2] % 2 == 1]
+    assert len(guided) == 2 and all(r[0]["hidden_states"].shape[0] == 2 * n for r in guided)
+    assert len(unguided) == 2 * len(modules) and all(r[0]["hidden_states"].shape[0] == n for _, r in unguided)
+    text_len = rec.records[0][0][0]["encoder_hidden_states"].shape[1]
+    if case == "qwen":  # the negative rows carry their own prompt's text mask, at every layer
+        family = family_of(pipe.transformer)
+        _, own = family.encode_prompts(pipe, [negative], text_len)
+        for i in rec.records:
+            for kwargs, _, _ in rec.records[i]:
+                if kwargs["hidden_states"].shape[0] == 2 * n:
+                    mask = kwargs["encoder_hidden_states_mask"]
+                    assert mask[n:].bool().tolist() == own.bool().expand(n, -1).tolist()
+                    assert not bool(mask[n:].bool().all()) and not bool(mask[:n].bool().all())
+    ratios = torch.cat([check_layer(modules[layer], kwargs, out, n, text_len, single) for kwargs, out in guided])
+    assert bool((ratios > SETTINGS["tau"]).any())  # the clipping is exercised
+    for i, (kwargs, out) in unguided:  # CFG's unconditional call: stock
+        want, _ = stock(modules[i], kwargs)
+        got = out if isinstance(out, tuple) else (out,)
+        want = want if isinstance(want, tuple) else (want,)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("case", ["qwen", "klein"])
+def test_scale_one_and_alpha_zero_are_stock(case, request):
+    pipe = request.getfixturevalue(case)
+    call, negative = CASES[case]
+    want = call(pipe)
+    for edit in (da.NAG(negative, scale=1), da.NAG(negative, alpha=0)):
+        with da.apply(pipe, edit):
+            assert torch.equal(call(pipe), want)
+    with da.apply(pipe, da.NAG(negative)):
+        assert (call(pipe) - want).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("case,cfg", [("qwen", False), ("qwen", True), ("klein", False), ("klein", True)])
+def test_call_count_equals_stock(case, cfg, request):
+    pipe = request.getfixturevalue(case)
+    call, negative = CASES[case]
+    kwargs = CFG[case] if cfg else {}
+    with CallRecorder(pipe) as before:
+        call(pipe, **kwargs)
+    counted = []
+    hook = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(lambda m, a: counted.append(1))
+    try:
+        with CallRecorder(pipe) as rec, da.apply(pipe, da.NAG(negative)):
+            call(pipe, **kwargs)
+    finally:
+        hook.remove()
+    assert len(rec.calls) == len(counted) == len(before.calls) == (4 if cfg else 2)
+    assert [c["hidden_states"].shape for c in rec.calls] == [c["hidden_states"].shape for c in before.calls]
