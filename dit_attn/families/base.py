@@ -65,6 +65,9 @@ class Family:
     # the leading tokens of the prediction: HeadGuidance's term is taken on those
     reference_tokens_trail: bool = False
     nag: bool = False  # its processors apply NAG (EditState.nag_image_inputs / nag_guide)
+    # its pipelines' latents are an AutoencoderKL's scaled latents (2-D, `scaling_factor`/`shift_factor`),
+    # which in-context sets and the trainers encode and decode themselves
+    image_latents_of_kl_vae: bool = False
     text_edits_unsupported: str = ""  # why TextPatch/TextGuard/localize cannot run on this family ("" : they can)
 
     # --- layers and processors -------------------------------------------------------------

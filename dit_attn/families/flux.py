@@ -56,6 +56,7 @@ def double_then_single_layer_of_key(key: str, transformer) -> int:
 
 class Flux(Family):
     name = "flux"
+    image_latents_of_kl_vae = True
     transformer_classes = ("FluxTransformer2DModel",)
     stock_processors = ("FluxAttnProcessor",)
     guided_pipelines = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxKontextPipeline")

@@ -11,6 +11,7 @@ from .base import CallRows, Family
 
 class SD3(Family):
     name = "sd3"
+    image_latents_of_kl_vae = True
     transformer_classes = ("SD3Transformer2DModel",)
     stock_processors = ("JointAttnProcessor2_0",)
     guided_pipelines = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline")

@@ -72,11 +72,23 @@ def alignment(pipe) -> tuple[int, int]:
     return vae_scale, vae_scale * patch
 
 
+def check_kl_latents(pipe):
+    """The pipeline's family, when its latents are an AutoencoderKL's scaled latents (what dit-attn encodes and
+    decodes for in-context sets and the trainers); TypeError naming the supported families otherwise."""
+    family = family_of(pipe.transformer)
+    if not family.image_latents_of_kl_vae:
+        raise TypeError(f"in-context sets and the trainers encode images to AutoencoderKL latents; {family.name} "
+                        "pipelines use another latent format (not supported yet): use an SD3/SD3.5 or a "
+                        "FLUX.1-layout (FLUX.1, Chroma, LongCat-Image, ...) pipeline")
+    return family
+
+
 def latent_grid(pipe, layout: Layout | str | tuple[int, int], height: int, width: int) -> LatentGrid:
     """The latent geometry of a `height` × `width` canvas; ValueError naming the nearest valid sizes
     when the panels would not be whole transformer tokens."""
     layout = Layout.parse(layout)
-    packed = family_of(pipe.transformer).packs_latents
+    family = check_kl_latents(pipe)
+    packed = family.packs_latents
     vae_scale, align = alignment(pipe)
     layout.check_size(height, width, align, what=f"canvas for {type(pipe).__name__} ({align} px a token)")
     return LatentGrid(packed, height, width, vae_scale, align, int(pipe.vae.config.latent_channels), layout)
@@ -102,6 +114,7 @@ def image_tensor(image: Image.Image | torch.Tensor, height: int, width: int) -> 
 def encode(pipe, pixels: torch.Tensor) -> torch.Tensor:
     """VAE latents (B, C, h, w) of images (B, 3, H, W) in [-1, 1], shifted and scaled as the transformer sees them
     (the mode of the posterior: deterministic)."""
+    check_kl_latents(pipe)
     vae = pipe.vae
     z = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
     shift = getattr(vae.config, "shift_factor", None) or 0.0
