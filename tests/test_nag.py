@@ -323,3 +323,25 @@ def test_cli_generate_with_nag(tmp_path, capsys):
     assert "--nag-negative" in capsys.readouterr().err
     assert main(["generate", "x", "--nag-negative", "red", "--nag-alpha", "2", "--out", str(tmp_path / "bad")]) == 2
     assert "alpha must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_batch_file_with_a_negative_prompt_per_line(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from dit_attn.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(line) for line in [
+        {"prompt": "a circle", "seed": 4, "nag_negative": "red"},
+        {"prompt": "a circle", "seed": 4, "nag_negative": "small", "nag_scale": 3},
+        {"prompt": "a circle", "seed": 4},
+    ]) + "\n")
+    out = tmp_path / "out"
+    assert main(["generate", "--prompts", str(prompts), "--steps", "2", "--size", "32", "--guidance-scale", "1",
+                 "--out", str(out)]) == 0
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [line["edits"] for line in lines] == [[da.NAG("red").to_dict()], [da.NAG("small", scale=3.0).to_dict()], []]
+    images = [Image.open(out / line["file"]).tobytes() for line in lines]
+    assert len(set(images)) == 3  # same prompt and seed: each negative prompt changes the image
