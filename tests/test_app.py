@@ -32,7 +32,7 @@ CHROMIUM = "/usr/bin/chromium"
 PROMPT = "a red circle"
 FORM = dict(model="demo", prompt=PROMPT, steps=2, cfg=4.5, seed=3, size="32", heads="L1H0, L2", picked=[], presets=[],
             u=0.5, scope="image", target="identity", pag_scale=2.0, local_radius=None, start=0.0, end=1.0,
-            local_downsample=None)
+            local_downsample=None, nag_negative="", nag_scale=5.0)
 
 
 def form(**changes) -> list:
@@ -81,8 +81,9 @@ def stock_demo():
 
 
 def stock_image(pipe, **call):
+    call = {"guidance_scale": FORM["cfg"], **call}
     return pipe(PROMPT, generator=torch.Generator().manual_seed(FORM["seed"]), num_inference_steps=FORM["steps"],
-                guidance_scale=FORM["cfg"], height=32, width=32, **call).images[0]
+                height=32, width=32, **call).images[0]
 
 
 # form values and models
@@ -265,6 +266,15 @@ def test_api_local_attention_is_the_clear_edit(client, stock_demo):
         local = pixels(stock_image(stock_demo))
     np.testing.assert_array_equal(pixels(with_edit), local)
     assert not np.array_equal(pixels(without), local)
+
+
+def test_api_nag_negative_prompt_is_the_nag_edit(client, stock_demo):
+    without, with_edit, _, _ = client.predict(*form(heads="", nag_negative="red", nag_scale=3.0, cfg=1.0), api_name="/compare")
+    assert png_settings(with_edit)["edits"] == [da.NAG("red", scale=3.0).to_dict()] and png_settings(without)["edits"] == []
+    with da.apply(stock_demo, da.NAG("red", scale=3.0)):
+        guided = pixels(stock_image(stock_demo, guidance_scale=1.0))
+    np.testing.assert_array_equal(pixels(with_edit), guided)
+    assert not np.array_equal(pixels(without), guided)
 
 
 def test_api_guidance_interval_and_local_downsample_are_the_edits(client, stock_demo):

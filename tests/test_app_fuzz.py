@@ -172,6 +172,8 @@ def valid(kind: str, rng: random.Random, files: dict):
         "start": lambda: rng.choice([0.0, 0.25]),
         "end": lambda: rng.choice([0.75, 1.0]),
         "local_downsample": lambda: None,
+        "nag_negative": lambda: rng.choice(["", "", "red"]),
+        "nag_scale": lambda: rng.choice([1.0, 5.0]),
         "layout": lambda: rng.choice(["1x2", "2x1", "1x3"]),
         "panels": None,  # made to match the layout
         "task": lambda: rng.choice(["SET", ""]),
@@ -197,6 +199,7 @@ def hostile(kind: str, rng: random.Random, files: dict):
         "steps": HOSTILE_NUMBER, "cfg": HOSTILE_NUMBER, "seed": HOSTILE_NUMBER + [-(2**63), 2**63],
         "u": HOSTILE_NUMBER, "pag_scale": HOSTILE_NUMBER, "local_radius": HOSTILE_NUMBER, "start": HOSTILE_NUMBER,
         "end": HOSTILE_NUMBER, "local_downsample": HOSTILE_NUMBER, "reference_panel": HOSTILE_NUMBER,
+        "nag_scale": HOSTILE_NUMBER, "nag_negative": ["x" * 5000, " ", "\x00"],
         "atlas_steps": HOSTILE_NUMBER, "text_start": HOSTILE_NUMBER,
         "size": HOSTILE_SIZE,
         "heads": ["L99H0", "L0H99", "head7", "L-1H0", ",,,", "L" + "9" * 5000, "sd3:nothing", "L0H0," * 3000],
@@ -223,9 +226,9 @@ def hostile(kind: str, rng: random.Random, files: dict):
 
 ENDPOINTS = {
     "/generate": ["model", "prompt", "steps", "cfg", "seed", "size", "heads", "picked", "presets", "u", "scope", "target",
-                  "pag_scale", "local_radius", "start", "end", "local_downsample"],
+                  "pag_scale", "local_radius", "start", "end", "local_downsample", "nag_negative", "nag_scale"],
     "/compare": ["model", "prompt", "steps", "cfg", "seed", "size", "heads", "picked", "presets", "u", "scope", "target",
-                 "pag_scale", "local_radius", "start", "end", "local_downsample"],
+                 "pag_scale", "local_radius", "start", "end", "local_downsample", "nag_negative", "nag_scale"],
     "/sets": ["model", "steps", "cfg", "seed", "size", "layout", "panels", "task", "summary", "reference",
               "reference_panel"],
     "/atlas": ["model", "objective", "prompts", "seeds", "atlas_steps", "u", "pag_scale", "cfg", "size", "scope",
@@ -311,7 +314,7 @@ def client(server):
     return Client(server.local_url, verbose=False, analytics_enabled=False, download_files=False)
 
 
-PLAIN = ["demo", "a red circle", 2, 4.5, 3, "32", "", [], [], 0.5, "joint", "identity", 2.0, None, 0.0, 1.0, None]
+PLAIN = ["demo", "a red circle", 2, 4.5, 3, "32", "", [], [], 0.5, "joint", "identity", 2.0, None, 0.0, 1.0, None, "", 5.0]
 
 
 def test_fuzz_every_endpoint_answers_or_refuses_readably(server, client, files):

@@ -76,13 +76,14 @@ def _local_radius(value) -> float | None:
 
 def build_settings(model: LoadedModel, *, prompt: str, num_inference_steps, guidance_scale, seed, size: str | None,
                    heads: list[str], pag_scale, u, scope: str, target: str = "identity", local_radius=None, start=0.0,
-                   end=1.0, local_downsample=None, dtype: str = "float32") -> dict:
+                   end=1.0, local_downsample=None, nag_negative=None, nag_scale=5.0, dtype: str = "float32") -> dict:
     """Checked stored settings; heads are also checked against the model's layer/head map.
 
     pag_scale, u, scope, target: the HeadGuidance edit's scale and fields (no such edit without heads).
     local_radius: None (or 0) for full attention, else the CLEAR radius in tokens.
     start, end: the fractions of the steps between which head guidance is active.
     local_downsample: None (or 0) or the factor of CLEAR's pooled keys (needs a radius).
+    nag_negative, nag_scale: a NAG negative prompt (empty: no NAG) and its scale.
     """
     if not check_text("prompt", prompt).strip():
         raise ValueError("the prompt is empty: describe the image to generate")
@@ -96,6 +97,9 @@ def build_settings(model: LoadedModel, *, prompt: str, num_inference_steps, guid
         "end": number("guidance end", end, 0.0, 1.0), "local_radius": _local_radius(local_radius),
         "local_downsample": whole_number("local downsample", local_downsample, 2, 64) if local_downsample else None,
     }
+    negative = check_text("NAG negative prompt", nag_negative).strip()
+    if negative:
+        options["nag_negative"], options["nag_scale"] = negative, number("NAG scale", nag_scale, 1.0, 100.0)
     edits = edits_from_options(options)  # each edit checks its own fields
     for edit in edits:
         if isinstance(edit, HeadGuidance):

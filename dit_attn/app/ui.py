@@ -185,32 +185,38 @@ class AppActions:
         self.output_dir = output_dir
 
     def _settings(self, model_choice, prompt, num_inference_steps, guidance_scale, seed, size, heads_text, picked, presets,
-                  u, scope, target, pag_scale, local_radius, start=0.0, end=1.0, local_downsample=None):
+                  u, scope, target, pag_scale, local_radius, start=0.0, end=1.0, local_downsample=None, nag_negative=None,
+                  nag_scale=5.0):
         heads = collect_heads(heads_text, picked, presets)  # syntax errors before a model loads
         model = self.registry.get(model_choice)
         settings = build_settings(model, prompt=prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                   seed=seed, size=size, heads=heads, pag_scale=pag_scale, u=u, scope=scope, target=target,
                                   local_radius=local_radius, start=start, end=end, local_downsample=local_downsample,
-                                  dtype=self.registry.dtype_name)
+                                  nag_negative=nag_negative, nag_scale=nag_scale, dtype=self.registry.dtype_name)
         return model, settings
 
     def generate(self, model_choice, prompt, num_inference_steps, guidance_scale, seed, size, heads_text, picked, presets, u,
-                 scope, target, pag_scale, local_radius, start=0.0, end=1.0, local_downsample=None, progress=gr.Progress()):
+                 scope, target, pag_scale, local_radius, start=0.0, end=1.0, local_downsample=None, nag_negative=None,
+                 nag_scale=5.0, progress=gr.Progress()):
         progress(0, desc="loading model")
         model, settings = self._settings(model_choice, prompt, num_inference_steps, guidance_scale, seed, size, heads_text,
-                                         picked, presets, u, scope, target, pag_scale, local_radius, start, end, local_downsample)
+                                         picked, presets, u, scope, target, pag_scale, local_radius, start, end, local_downsample,
+                                         nag_negative, nag_scale)
         total = settings["num_inference_steps"]
         image = run_pipeline(model, settings, on_step=lambda done: progress((done, total), desc="denoising", unit="steps"))
         settings = with_image_size(settings, image)
         return save_png(image, settings, self.output_dir, "image"), settings
 
     def compare(self, model_choice, prompt, num_inference_steps, guidance_scale, seed, size, heads_text, picked, presets, u,
-                scope, target, pag_scale, local_radius, start=0.0, end=1.0, local_downsample=None, progress=gr.Progress()):
+                scope, target, pag_scale, local_radius, start=0.0, end=1.0, local_downsample=None, nag_negative=None,
+                nag_scale=5.0, progress=gr.Progress()):
         progress(0, desc="loading model")
         model, edited = self._settings(model_choice, prompt, num_inference_steps, guidance_scale, seed, size, heads_text,
-                                       picked, presets, u, scope, target, pag_scale, local_radius, start, end, local_downsample)
+                                       picked, presets, u, scope, target, pag_scale, local_radius, start, end, local_downsample,
+                                       nag_negative, nag_scale)
         if not edits_for(edited):
-            raise ValueError("Compare needs an edit: type or pick at least one head (e.g. L1H0), or set a local attention radius")
+            raise ValueError("Compare needs an edit: type or pick at least one head (e.g. L1H0), set a local attention "
+                             "radius, or give a NAG negative prompt")
         plain = {**edited, "edits": []}
         steps = edited["num_inference_steps"]
         total = 2 * steps
@@ -388,6 +394,11 @@ def build_blocks(registry: ModelRegistry, output_dir: str) -> gr.Blocks:
                                           info="CLEAR: image tokens attend within this radius and to all text; 0 or empty = full attention")
                     local_downsample = Number(value=None, precision=0, label="Local downsample", elem_id="local-downsample",
                                               info="also attend to f×f average-pooled keys (factor f >= 2; empty = off)")
+                with gr.Row():
+                    nag_negative = Textbox(label="NAG negative prompt", elem_id="nag-negative",
+                                           info="Normalized Attention Guidance away from this text (works with CFG off); "
+                                                "empty = off")
+                    nag_scale = Slider(1, 10, value=5.0, step=0.5, label="NAG scale", elem_id="nag-scale")
             with gr.Column(scale=2):
                 with gr.Tabs():
                     with gr.Tab("Generate", id="generate"):
@@ -478,7 +489,7 @@ def build_blocks(registry: ModelRegistry, output_dir: str) -> gr.Blocks:
                         text_note = gr.Markdown(elem_id="text-note")
 
         inputs = [model_choice, prompt, steps, cfg, seed, size, heads_text, picked, presets, u, scope, target, pag_scale,
-                  local_radius, guidance_start, guidance_end, local_downsample]
+                  local_radius, guidance_start, guidance_end, local_downsample, nag_negative, nag_scale]
         generate_button.click(readable_errors(actions.generate), inputs, [image, settings_view], api_name="generate")
         compare_button.click(readable_errors(actions.compare), inputs, [without, with_edit, difference, difference_note],
                              api_name="compare")
