@@ -7,6 +7,7 @@ from dit_attn import processors
 from dit_attn.processors.state import EditState
 from dit_attn.toy.chroma import build_chroma_pipeline
 
+from . import flux_layout_checks as checks
 from .conftest import SIZE, CallRecorder, PerturbSDPA, flux_attention_module, replay
 
 HEADS = [1, 3]
@@ -54,13 +55,7 @@ def test_softpag_u0_is_stock_and_layers_are_numbered(chroma_pipe):
 
 @pytest.mark.parametrize("layer,target", [(1, "identity"), (2, "uniform"), (0, "uniform")])
 def test_softpag_equals_an_sdpa_perturbation_inside_the_module(chroma_pipe, layer, target):
-    call = recorded(chroma_pipe).calls[0]
-    with PerturbSDPA(flux_attention_module(chroma_pipe, layer), HEADS, target):
-        want = replay(chroma_pipe.transformer, call)
-    with da.apply(chroma_pipe.transformer, da.SoftPAG([(layer, h) for h in HEADS], u=1.0, target=target)):
-        got = replay(chroma_pipe.transformer, call)
-    assert (got - want).abs().max() < 1e-5
-    assert (got - replay(chroma_pipe.transformer, call)).abs().max() > 1e-4
+    checks.softpag_equals_an_sdpa_perturbation(chroma_pipe, recorded(chroma_pipe).calls[0], layer, HEADS, target)
 
 
 @pytest.mark.parametrize("cfg,images", [(1.0, 1), (3.0, 1), (3.0, 2)])
@@ -88,19 +83,7 @@ def test_guided_step_equals_the_explicit_computation(chroma_pipe, cfg, images):
 
 
 def test_calls_shared_prefix_and_remove(chroma_pipe):
-    kwargs = dict(guidance_scale=3.0, negative_prompt="blue")
-    stock_calls = len(recorded(chroma_pipe, **kwargs).calls)
-    stock = chroma_call(chroma_pipe, **kwargs)
-    results = {}
-    for share in (True, False):
-        handle = da.apply(chroma_pipe, da.HeadGuidance(heads=["L2H0", "L3"], scale=1.5, share_prefix=share))
-        with CallRecorder(chroma_pipe) as rec:
-            results[share] = chroma_call(chroma_pipe, **kwargs)
-        handle.remove()
-        assert len(rec.calls) == stock_calls
-    assert (results[True] - results[False]).abs().max() < 1e-5
-    assert (results[True] - stock).abs().max() > 1e-4
-    assert torch.equal(chroma_call(chroma_pipe, **kwargs), stock)
+    checks.shared_prefix_equals_unshared_and_remove_restores(chroma_pipe, chroma_call, guidance_scale=3.0, negative_prompt="blue")
 
 
 def test_local_attention_under_the_mask(chroma_pipe):
@@ -117,8 +100,7 @@ def test_local_attention_under_the_mask(chroma_pipe):
 
 
 def test_flux_presets_are_refused_clearly(chroma_pipe):
-    with pytest.raises(ValueError, match="is for flux models, this is a chroma model"):
-        da.apply(chroma_pipe, da.SoftPAG(["flux:glossy"]))
+    checks.flux_presets_are_refused(chroma_pipe, "chroma")
 
 
 def test_img2img_pipeline_is_guided(chroma_pipe):

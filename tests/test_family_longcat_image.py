@@ -8,6 +8,7 @@ from dit_attn import processors
 from dit_attn.processors.state import EditState
 from dit_attn.toy.longcat_image import build_longcat_image_pipeline, text_embeds
 
+from . import flux_layout_checks as checks
 from .conftest import SIZE, CallRecorder, PerturbSDPA, flux_attention_module, replay
 
 HEADS = [1, 3]
@@ -64,13 +65,7 @@ def test_softpag_u0_is_stock_and_layers_are_numbered(longcat_pipe):
 
 @pytest.mark.parametrize("layer,target", [(1, "identity"), (2, "uniform"), (0, "uniform"), (3, "identity")])
 def test_softpag_equals_an_sdpa_perturbation_inside_the_module(longcat_pipe, layer, target):
-    call = recorded(longcat_pipe).calls[0]
-    with PerturbSDPA(flux_attention_module(longcat_pipe, layer), HEADS, target):
-        want = replay(longcat_pipe.transformer, call)
-    with da.apply(longcat_pipe.transformer, da.SoftPAG([(layer, h) for h in HEADS], u=1.0, target=target)):
-        got = replay(longcat_pipe.transformer, call)
-    assert (got - want).abs().max() < 1e-5
-    assert (got - replay(longcat_pipe.transformer, call)).abs().max() > 1e-4
+    checks.softpag_equals_an_sdpa_perturbation(longcat_pipe, recorded(longcat_pipe).calls[0], layer, HEADS, target)
 
 
 def _renorm(eps_c, noise):
@@ -107,37 +102,15 @@ def test_guided_step_equals_the_explicit_computation(longcat_pipe, cfg, images, 
 
 
 def test_calls_shared_prefix_and_remove(longcat_pipe):
-    kwargs = dict(guidance_scale=3.0, negative="blue")
-    stock_calls = len(recorded(longcat_pipe, **kwargs).calls)
-    stock = longcat_call(longcat_pipe, **kwargs)
-    results = {}
-    for share in (True, False):
-        handle = da.apply(longcat_pipe, da.HeadGuidance(heads=["L2H0", "L3"], scale=1.5, share_prefix=share))
-        with CallRecorder(longcat_pipe) as rec:
-            results[share] = longcat_call(longcat_pipe, **kwargs)
-        handle.remove()
-        assert len(rec.calls) == stock_calls
-    assert (results[True] - results[False]).abs().max() < 1e-5
-    assert (results[True] - stock).abs().max() > 1e-4
-    assert torch.equal(longcat_call(longcat_pipe, **kwargs), stock)
+    checks.shared_prefix_equals_unshared_and_remove_restores(longcat_pipe, longcat_call, guidance_scale=3.0, negative="blue")
 
 
 def test_local_attention_tiled_equals_reference(longcat_pipe):
-    kwargs = dict(guidance_scale=3.0, negative="blue")
-    out = {}
-    for backend in ("tiled", "reference"):
-        with da.apply(longcat_pipe, da.LocalAttention(radius=2.0, layers=[1, 2], backend=backend)):
-            out[backend] = longcat_call(longcat_pipe, **kwargs)
-    stock = longcat_call(longcat_pipe, **kwargs)
-    assert (out["tiled"] - out["reference"]).abs().max() < 1e-4
-    assert (out["tiled"] - stock).abs().max() > 1e-4
-    with da.apply(longcat_pipe, da.LocalAttention(radius=100.0, layers=[1, 2], backend="tiled")):
-        assert torch.equal(longcat_call(longcat_pipe, **kwargs), stock)  # a circle covering the grid is stock attention
+    checks.local_attention_tiled_equals_reference(longcat_pipe, longcat_call, guidance_scale=3.0, negative="blue")
 
 
 def test_flux_presets_are_refused_clearly(longcat_pipe):
-    with pytest.raises(ValueError, match="is for flux models, this is a longcat_image model"):
-        da.apply(longcat_pipe, da.SoftPAG(["flux:glossy"]))
+    checks.flux_presets_are_refused(longcat_pipe, "longcat_image")
 
 
 def test_text_edits_are_refused(longcat_pipe):

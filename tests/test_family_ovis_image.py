@@ -10,6 +10,7 @@ from dit_attn.families import family_of
 from dit_attn.processors.state import EditState
 from dit_attn.toy.ovis_image import build_ovis_image_pipeline, text_embeds
 
+from . import flux_layout_checks as checks
 from .conftest import SIZE, CallRecorder, PerturbSDPA, flux_attention_module, replay
 
 HEADS = [1, 3]
@@ -72,13 +73,7 @@ def test_softpag_u0_is_stock_and_layers_are_numbered(ovis_pipe):
 
 @pytest.mark.parametrize("layer,target", [(1, "identity"), (2, "uniform"), (0, "uniform"), (3, "identity")])
 def test_softpag_equals_an_sdpa_perturbation_inside_the_module(ovis_pipe, layer, target):
-    call = recorded(ovis_pipe).calls[0]
-    with PerturbSDPA(flux_attention_module(ovis_pipe, layer), HEADS, target):
-        want = replay(ovis_pipe.transformer, call)
-    with da.apply(ovis_pipe.transformer, da.SoftPAG([(layer, h) for h in HEADS], u=1.0, target=target)):
-        got = replay(ovis_pipe.transformer, call)
-    assert (got - want).abs().max() < 1e-5
-    assert (got - replay(ovis_pipe.transformer, call)).abs().max() > 1e-4
+    checks.softpag_equals_an_sdpa_perturbation(ovis_pipe, recorded(ovis_pipe).calls[0], layer, HEADS, target)
 
 
 @pytest.mark.parametrize("cfg,images", [(1.0, 1), (3.0, 1), (3.0, 2)])
@@ -107,38 +102,16 @@ def test_guided_step_equals_the_explicit_computation(ovis_pipe, cfg, images):
 
 
 def test_calls_shared_prefix_and_remove(ovis_pipe):
-    kwargs = dict(guidance_scale=3.0, negative="blue")
-    stock_calls = len(recorded(ovis_pipe, **kwargs).calls)
-    stock = ovis_call(ovis_pipe, **kwargs)
-    results = {}
-    for share in (True, False):
-        handle = da.apply(ovis_pipe, da.HeadGuidance(heads=["L2H0", "L3"], scale=1.5, share_prefix=share))
-        with CallRecorder(ovis_pipe) as rec:
-            results[share] = ovis_call(ovis_pipe, **kwargs)
-        handle.remove()
-        assert len(rec.calls) == stock_calls
-    assert (results[True] - results[False]).abs().max() < 1e-5
-    assert (results[True] - stock).abs().max() > 1e-4
-    assert torch.equal(ovis_call(ovis_pipe, **kwargs), stock)
+    checks.shared_prefix_equals_unshared_and_remove_restores(ovis_pipe, ovis_call, guidance_scale=3.0, negative="blue")
     assert all(type(p).__name__ == "OvisImageAttnProcessor" for p in _processors(ovis_pipe).values())
 
 
 def test_local_attention_tiled_equals_reference(ovis_pipe):
-    kwargs = dict(guidance_scale=3.0, negative="blue")
-    out = {}
-    for backend in ("tiled", "reference"):
-        with da.apply(ovis_pipe, da.LocalAttention(radius=2.0, layers=[1, 2], backend=backend)):
-            out[backend] = ovis_call(ovis_pipe, **kwargs)
-    stock = ovis_call(ovis_pipe, **kwargs)
-    assert (out["tiled"] - out["reference"]).abs().max() < 1e-4
-    assert (out["tiled"] - stock).abs().max() > 1e-4
-    with da.apply(ovis_pipe, da.LocalAttention(radius=100.0, layers=[1, 2], backend="tiled")):
-        assert torch.equal(ovis_call(ovis_pipe, **kwargs), stock)  # a circle covering the grid is stock attention
+    checks.local_attention_tiled_equals_reference(ovis_pipe, ovis_call, guidance_scale=3.0, negative="blue")
 
 
 def test_flux_presets_are_refused_clearly(ovis_pipe):
-    with pytest.raises(ValueError, match="is for flux models, this is a ovis_image model"):
-        da.apply(ovis_pipe, da.SoftPAG(["flux:glossy"]))
+    checks.flux_presets_are_refused(ovis_pipe, "ovis_image")
 
 
 def test_nag_is_refused_clearly(ovis_pipe):

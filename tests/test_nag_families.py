@@ -9,7 +9,7 @@ from dit_attn.families import family_of
 from dit_attn.toy.flux2 import build_flux2_klein_pipeline
 from dit_attn.toy.qwen_image import build_qwen_image_pipeline
 
-from .conftest import CallRecorder, flux_attention_module
+from .conftest import CallRecorder
 from .test_nag import ROUNDING, SETTINGS, _clone, nag_formula
 
 # Qwen-Image: "a cat" encodes one token shorter than "a red circle", "blue" two: every row's mask matters
