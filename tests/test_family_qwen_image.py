@@ -208,6 +208,11 @@ def test_img2img_pipeline(qwen_pipe):
     assert len(guided_rec.calls) == len(rec.calls) > 0
     assert not torch.allclose(stock, guided)
     assert torch.equal(run(), stock)
+    outs = {}
+    for backend in ("tiled", "reference"):  # local windows on the img2img calls too
+        with da.apply(pipe, da.LocalAttention(radius=1.5, layers=(0, 2), backend=backend)):
+            outs[backend] = run()
+    assert (outs["tiled"] - outs["reference"]).abs().max() < 1e-4 and (outs["tiled"] - stock).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("prompt", ["a red circle", PADDED])
