@@ -238,6 +238,27 @@ def build_sd3_pipeline(
     )
 
 
+def flux_rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """Rotary axes of a FLUX-layout model: `head_dim` split as (t, h, w) with t = head_dim // 4 and the
+    rest shared between h and w (both even), e.g. (4, 6, 6) for 16."""
+    t_dim = head_dim // 4 // 2 * 2
+    h_dim = (head_dim - t_dim) // 4 * 2
+    return head_dim - 2 * h_dim, h_dim, h_dim
+
+
+def flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1's flow-matching schedule: shift 3 with resolution-dependent (dynamic) shifting."""
+    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                           base_image_seq_len=256, max_image_seq_len=4096)
+
+
+def text_embeds(prompt: str, length: int = 8, seed: int | None = None) -> torch.Tensor:
+    """Deterministic stand-in text states (1, length, TEXT_HIDDEN) for a prompt, for pipelines built without
+    their text encoder."""
+    seed = seed if seed is not None else sum(ord(c) * (i + 1) for i, c in enumerate(prompt)) % (2**31)
+    return torch.randn(1, length, TEXT_HIDDEN, generator=torch.Generator().manual_seed(seed))
+
+
 def build_flux_pipeline(
     *,
     num_layers: int = 1,
@@ -250,12 +271,8 @@ def build_flux_pipeline(
     """A random-weight FLUX.1 pipeline (guidance-distilled "dev" style by default).
 
     CLIP (32 wide) gives the 32-d pooled vector, a 2-layer T5 (``d_model=32``) the text
-    tokens. Rotary axes split ``head_dim`` as (t, h, w) with t = head_dim // 4 and the
-    rest shared between h and w (both even), e.g. (4, 6, 6) for 16.
+    tokens. Rotary axes: `flux_rope_axes`.
     """
-    t_dim = head_dim // 4 // 2 * 2
-    h_dim = (head_dim - t_dim) // 4 * 2
-    axes = (head_dim - 2 * h_dim, h_dim, h_dim)
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
         patch_size=1,
@@ -267,24 +284,16 @@ def build_flux_pipeline(
         joint_attention_dim=TEXT_HIDDEN,
         pooled_projection_dim=TEXT_HIDDEN,
         guidance_embeds=guidance_embeds,
-        axes_dims_rope=axes,
+        axes_dims_rope=flux_rope_axes(head_dim),
     ).eval()
     vae = _vae(seed, 4, scaling_factor=0.3611, shift_factor=0.1159)
     tokenizer, tokenizer_2 = make_clip_tokenizer(), make_t5_tokenizer()
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(_clip_config(tokenizer)).eval()
     text_encoder_2 = _t5_encoder(tokenizer_2, seed)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
     return FluxPipeline(
         transformer=transformer,
-        scheduler=scheduler,
+        scheduler=flux_scheduler(),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,

@@ -11,9 +11,11 @@ from __future__ import annotations
 import types
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, LongCatImagePipeline, LongCatImageTransformer2DModel
+from diffusers import LongCatImagePipeline, LongCatImageTransformer2DModel
 
-from .configs import TEXT_HIDDEN, _vae
+from .configs import TEXT_HIDDEN, _vae, flux_rope_axes, flux_scheduler, text_embeds
+
+__all__ = ["build_longcat_image_pipeline", "text_embeds"]
 
 
 def _encode_prompt_with_embeds(self, prompt=None, num_images_per_prompt=1, prompt_embeds=None):
@@ -25,9 +27,7 @@ def _encode_prompt_with_embeds(self, prompt=None, num_images_per_prompt=1, promp
 
 def build_longcat_image_pipeline(*, num_layers: int = 1, num_single_layers: int = 2, num_heads: int = 2,
                                  head_dim: int = 16, seed: int = 0) -> LongCatImagePipeline:
-    """Rotary axes split `head_dim` like `build_flux_pipeline`; text states are TEXT_HIDDEN wide."""
-    t_dim = head_dim // 4 // 2 * 2
-    h_dim = (head_dim - t_dim) // 4 * 2
+    """Rotary axes from `flux_rope_axes`; text states are TEXT_HIDDEN wide."""
     torch.manual_seed(seed)
     transformer = LongCatImageTransformer2DModel(
         patch_size=1,
@@ -38,17 +38,11 @@ def build_longcat_image_pipeline(*, num_layers: int = 1, num_single_layers: int 
         num_attention_heads=num_heads,
         joint_attention_dim=TEXT_HIDDEN,
         pooled_projection_dim=TEXT_HIDDEN,
-        axes_dims_rope=[head_dim - 2 * h_dim, h_dim, h_dim],
+        axes_dims_rope=flux_rope_axes(head_dim),
     ).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)
+    scheduler = flux_scheduler()
     pipe = LongCatImagePipeline(scheduler=scheduler, vae=_vae(seed, 16, 0.3611, 0.1159), text_encoder=None,
                                 tokenizer=None, text_processor=None, transformer=transformer)
     pipe.encode_prompt = types.MethodType(_encode_prompt_with_embeds, pipe)
     return pipe
 
-
-def text_embeds(prompt: str, length: int = 8, seed: int | None = None) -> torch.Tensor:
-    """Deterministic stand-in text states (1, length, TEXT_HIDDEN) for a prompt."""
-    seed = seed if seed is not None else sum(ord(c) * (i + 1) for i, c in enumerate(prompt)) % (2**31)
-    return torch.randn(1, length, TEXT_HIDDEN, generator=torch.Generator().manual_seed(seed))

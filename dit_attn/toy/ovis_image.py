@@ -8,19 +8,16 @@ when CFG is on, since the stock pipeline would encode an empty negative prompt o
 from __future__ import annotations
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
+from diffusers import OvisImagePipeline, OvisImageTransformer2DModel
 
-from .configs import TEXT_HIDDEN, _vae
-from .longcat_image import text_embeds
+from .configs import TEXT_HIDDEN, _vae, flux_rope_axes, flux_scheduler, text_embeds
 
 __all__ = ["build_ovis_image_pipeline", "text_embeds"]
 
 
 def build_ovis_image_pipeline(*, num_layers: int = 1, num_single_layers: int = 2, num_heads: int = 2,
                               head_dim: int = 16, seed: int = 0) -> OvisImagePipeline:
-    """Rotary axes split `head_dim` like `build_flux_pipeline`; text states are TEXT_HIDDEN wide."""
-    t_dim = head_dim // 4 // 2 * 2
-    h_dim = (head_dim - t_dim) // 4 * 2
+    """Rotary axes from `flux_rope_axes`; text states are TEXT_HIDDEN wide."""
     torch.manual_seed(seed)
     transformer = OvisImageTransformer2DModel(
         patch_size=1,
@@ -31,9 +28,8 @@ def build_ovis_image_pipeline(*, num_layers: int = 1, num_single_layers: int = 2
         attention_head_dim=head_dim,
         num_attention_heads=num_heads,
         joint_attention_dim=TEXT_HIDDEN,
-        axes_dims_rope=[head_dim - 2 * h_dim, h_dim, h_dim],
+        axes_dims_rope=flux_rope_axes(head_dim),
     ).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)
+    scheduler = flux_scheduler()
     return OvisImagePipeline(scheduler=scheduler, vae=_vae(seed, 16, 0.3611, 0.1159), text_encoder=None,
                              tokenizer=None, transformer=transformer)
