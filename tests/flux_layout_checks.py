@@ -4,8 +4,42 @@ import pytest
 import torch
 
 import dit_attn as da
+from dit_attn import processors
+from dit_attn.families import family_of
+from dit_attn.processors.state import EditState
 
 from .conftest import CallRecorder, PerturbSDPA, flux_attention_module, replay
+
+
+def attention_processors(pipe) -> dict:
+    """The processors dit-attn replaces, by key (also for models without `attn_processors`)."""
+    return family_of(pipe.transformer).attention_processors(pipe.transformer)
+
+
+def processors_bit_exact(pipe, calls: list[dict], stock_processor: str) -> None:
+    """With nothing to edit, dit-attn's FLUX.1 processor on every attention module reproduces the recorded
+    calls exactly; restore puts the family's own processors back."""
+    stock = [replay(pipe.transformer, c) for c in calls]
+    originals = processors.install(pipe.transformer, EditState())
+    try:
+        assert all(type(p).__module__ == "dit_attn.processors.flux" for p in attention_processors(pipe).values())
+        mine = [replay(pipe.transformer, c) for c in calls]
+    finally:
+        processors.restore(pipe.transformer, originals)
+    assert all(type(p).__name__ == stock_processor for p in attention_processors(pipe).values())
+    assert all(torch.equal(a, b) for a, b in zip(stock, mine))
+
+
+def softpag_u0_is_stock_and_layers_are_double_then_single(pipe, run, heads: int, **kwargs) -> None:
+    """SoftPAG at u = 0 is the stock run bit for bit; layers 0-1 are the double blocks, 2-3 the single ones."""
+    stock = run(pipe, **kwargs)
+    with da.apply(pipe, da.SoftPAG(["L0", "L3"], u=0.0)):
+        assert torch.equal(run(pipe, **kwargs), stock)
+    layer_map = da.layers(pipe)
+    assert [(info.index, info.kind) for info in layer_map] == [(0, "double"), (1, "double"), (2, "single"), (3, "single")]
+    assert layer_map[1].name == "transformer_blocks.1.attn"
+    assert layer_map[2].name == "single_transformer_blocks.0.attn"
+    assert all(info.heads == heads for info in layer_map)
 
 
 def softpag_equals_an_sdpa_perturbation(pipe, call: dict, layer: int, heads, target: str) -> None:

@@ -5,9 +5,6 @@ import pytest
 import torch
 
 import dit_attn as da
-from dit_attn import processors
-from dit_attn.families import family_of
-from dit_attn.processors.state import EditState
 from dit_attn.toy.bria import build_bria_pipeline, text_embeds
 
 from . import flux_layout_checks as checks
@@ -38,37 +35,17 @@ def recorded(pipe, **kwargs):
     return rec
 
 
-def _processors(pipe):
-    return family_of(pipe.transformer).attention_processors(pipe.transformer)
-
-
 def test_processors_bit_exact(bria_pipe):
     calls = recorded(bria_pipe, guidance_scale=3.0, negative="blue").calls
     assert len(calls) == 2 and calls[0]["hidden_states"].shape[0] == 2  # one [uncond ; cond] call a step
     assert not hasattr(bria_pipe.transformer, "attn_processors")
-    assert len(_processors(bria_pipe)) == 4
-    stock = [replay(bria_pipe.transformer, c) for c in calls]
-    originals = processors.install(bria_pipe.transformer, EditState())
-    try:
-        assert all(type(p).__module__ == "dit_attn.processors.flux" for p in _processors(bria_pipe).values())
-        mine = [replay(bria_pipe.transformer, c) for c in calls]
-    finally:
-        processors.restore(bria_pipe.transformer, originals)
-    assert all(type(p).__name__ == "BriaAttnProcessor" for p in _processors(bria_pipe).values())
-    assert max((a - b).abs().max().item() for a, b in zip(stock, mine)) == 0.0
+    assert len(checks.attention_processors(bria_pipe)) == 4
+    checks.processors_bit_exact(bria_pipe, calls, "BriaAttnProcessor")
 
 
 def test_softpag_u0_is_stock_and_layers_are_numbered(bria_pipe):
-    kwargs = dict(guidance_scale=3.0, negative="blue")
-    stock = bria_call(bria_pipe, **kwargs)
-    with da.apply(bria_pipe, da.SoftPAG(["L0", "L3"], u=0.0)):
-        assert torch.equal(bria_call(bria_pipe, **kwargs), stock)
-    assert all(type(p).__name__ == "BriaAttnProcessor" for p in _processors(bria_pipe).values())
-    layer_map = da.layers(bria_pipe)
-    assert [(info.index, info.kind) for info in layer_map] == [(0, "double"), (1, "double"), (2, "single"), (3, "single")]
-    assert layer_map[1].name == "transformer_blocks.1.attn"
-    assert layer_map[2].name == "single_transformer_blocks.0.attn"
-    assert all(info.heads == 4 for info in layer_map)
+    checks.softpag_u0_is_stock_and_layers_are_double_then_single(bria_pipe, bria_call, 4, guidance_scale=3.0, negative="blue")
+    assert all(type(p).__name__ == "BriaAttnProcessor" for p in checks.attention_processors(bria_pipe).values())
 
 
 @pytest.mark.parametrize("layer,target", [(1, "identity"), (2, "uniform"), (0, "uniform"), (3, "identity")])
@@ -107,7 +84,7 @@ def test_guided_step_equals_the_explicit_computation(bria_pipe, cfg, images):
 
 def test_calls_shared_prefix_and_remove(bria_pipe):
     checks.shared_prefix_equals_unshared_and_remove_restores(bria_pipe, bria_call, guidance_scale=3.0, negative="blue")
-    assert all(type(p).__name__ == "BriaAttnProcessor" for p in _processors(bria_pipe).values())
+    assert all(type(p).__name__ == "BriaAttnProcessor" for p in checks.attention_processors(bria_pipe).values())
 
 
 def test_local_attention_tiled_equals_reference(bria_pipe):

@@ -3,8 +3,6 @@ import pytest
 import torch
 
 import dit_attn as da
-from dit_attn import processors
-from dit_attn.processors.state import EditState
 from dit_attn.toy.chroma import build_chroma_pipeline
 
 from . import flux_layout_checks as checks
@@ -35,22 +33,11 @@ def recorded(pipe, **kwargs):
 def test_processors_bit_exact_under_the_mask(chroma_pipe):
     calls = recorded(chroma_pipe, guidance_scale=3.0, negative_prompt="blue").calls
     assert all(c["attention_mask"] is not None for c in calls)
-    stock = [replay(chroma_pipe.transformer, c) for c in calls]
-    originals = processors.install(chroma_pipe.transformer, EditState())
-    try:
-        mine = [replay(chroma_pipe.transformer, c) for c in calls]
-    finally:
-        processors.restore(chroma_pipe.transformer, originals)
-    assert all(torch.equal(a, b) for a, b in zip(stock, mine))
+    checks.processors_bit_exact(chroma_pipe, calls, "FluxAttnProcessor")
 
 
 def test_softpag_u0_is_stock_and_layers_are_numbered(chroma_pipe):
-    stock = chroma_call(chroma_pipe, guidance_scale=3.0)
-    with da.apply(chroma_pipe, da.SoftPAG(["L0", "L3"], u=0.0)):
-        assert torch.equal(chroma_call(chroma_pipe, guidance_scale=3.0), stock)
-    layer_map = da.layers(chroma_pipe)
-    assert [(info.index, info.kind) for info in layer_map] == [(0, "double"), (1, "double"), (2, "single"), (3, "single")]
-    assert layer_map[2].name == "single_transformer_blocks.0.attn"
+    checks.softpag_u0_is_stock_and_layers_are_double_then_single(chroma_pipe, chroma_call, 4, guidance_scale=3.0)
 
 
 @pytest.mark.parametrize("layer,target", [(1, "identity"), (2, "uniform"), (0, "uniform")])

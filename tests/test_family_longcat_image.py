@@ -4,8 +4,6 @@ import pytest
 import torch
 
 import dit_attn as da
-from dit_attn import processors
-from dit_attn.processors.state import EditState
 from dit_attn.toy.longcat_image import build_longcat_image_pipeline, text_embeds
 
 from . import flux_layout_checks as checks
@@ -39,28 +37,12 @@ def recorded(pipe, **kwargs):
 def test_processors_bit_exact(longcat_pipe):
     calls = recorded(longcat_pipe, guidance_scale=3.0, negative="blue").calls
     assert len(calls) == 4
-    stock = [replay(longcat_pipe.transformer, c) for c in calls]
-    originals = processors.install(longcat_pipe.transformer, EditState())
-    try:
-        assert all(type(p).__module__ == "dit_attn.processors.flux"
-                   for p in longcat_pipe.transformer.attn_processors.values())
-        mine = [replay(longcat_pipe.transformer, c) for c in calls]
-    finally:
-        processors.restore(longcat_pipe.transformer, originals)
-    assert all(type(p).__name__ == "LongCatImageAttnProcessor" for p in longcat_pipe.transformer.attn_processors.values())
-    assert max((a - b).abs().max().item() for a, b in zip(stock, mine)) == 0.0
+    checks.processors_bit_exact(longcat_pipe, calls, "LongCatImageAttnProcessor")
 
 
 def test_softpag_u0_is_stock_and_layers_are_numbered(longcat_pipe):
-    kwargs = dict(guidance_scale=3.0, negative="blue")
-    stock = longcat_call(longcat_pipe, **kwargs)
-    with da.apply(longcat_pipe, da.SoftPAG(["L0", "L3"], u=0.0)):
-        assert torch.equal(longcat_call(longcat_pipe, **kwargs), stock)
-    layer_map = da.layers(longcat_pipe)
-    assert [(info.index, info.kind) for info in layer_map] == [(0, "double"), (1, "double"), (2, "single"), (3, "single")]
-    assert layer_map[1].name == "transformer_blocks.1.attn"
-    assert layer_map[2].name == "single_transformer_blocks.0.attn"
-    assert all(info.heads == 4 for info in layer_map)
+    checks.softpag_u0_is_stock_and_layers_are_double_then_single(longcat_pipe, longcat_call, 4, guidance_scale=3.0,
+                                                                 negative="blue")
 
 
 @pytest.mark.parametrize("layer,target", [(1, "identity"), (2, "uniform"), (0, "uniform"), (3, "identity")])

@@ -5,9 +5,6 @@ import pytest
 import torch
 
 import dit_attn as da
-from dit_attn import processors
-from dit_attn.families import family_of
-from dit_attn.processors.state import EditState
 from dit_attn.toy.ovis_image import build_ovis_image_pipeline, text_embeds
 
 from . import flux_layout_checks as checks
@@ -38,37 +35,17 @@ def recorded(pipe, **kwargs):
     return rec
 
 
-def _processors(pipe):
-    return family_of(pipe.transformer).attention_processors(pipe.transformer)
-
-
 def test_processors_bit_exact(ovis_pipe):
     calls = recorded(ovis_pipe, guidance_scale=3.0, negative="blue").calls
     assert len(calls) == 4
     assert not hasattr(ovis_pipe.transformer, "attn_processors")
-    assert len(_processors(ovis_pipe)) == 4
-    stock = [replay(ovis_pipe.transformer, c) for c in calls]
-    originals = processors.install(ovis_pipe.transformer, EditState())
-    try:
-        assert all(type(p).__module__ == "dit_attn.processors.flux" for p in _processors(ovis_pipe).values())
-        mine = [replay(ovis_pipe.transformer, c) for c in calls]
-    finally:
-        processors.restore(ovis_pipe.transformer, originals)
-    assert all(type(p).__name__ == "OvisImageAttnProcessor" for p in _processors(ovis_pipe).values())
-    assert max((a - b).abs().max().item() for a, b in zip(stock, mine)) == 0.0
+    assert len(checks.attention_processors(ovis_pipe)) == 4
+    checks.processors_bit_exact(ovis_pipe, calls, "OvisImageAttnProcessor")
 
 
 def test_softpag_u0_is_stock_and_layers_are_numbered(ovis_pipe):
-    kwargs = dict(guidance_scale=3.0, negative="blue")
-    stock = ovis_call(ovis_pipe, **kwargs)
-    with da.apply(ovis_pipe, da.SoftPAG(["L0", "L3"], u=0.0)):
-        assert torch.equal(ovis_call(ovis_pipe, **kwargs), stock)
-    assert all(type(p).__name__ == "OvisImageAttnProcessor" for p in _processors(ovis_pipe).values())
-    layer_map = da.layers(ovis_pipe)
-    assert [(info.index, info.kind) for info in layer_map] == [(0, "double"), (1, "double"), (2, "single"), (3, "single")]
-    assert layer_map[1].name == "transformer_blocks.1.attn"
-    assert layer_map[2].name == "single_transformer_blocks.0.attn"
-    assert all(info.heads == 4 for info in layer_map)
+    checks.softpag_u0_is_stock_and_layers_are_double_then_single(ovis_pipe, ovis_call, 4, guidance_scale=3.0, negative="blue")
+    assert all(type(p).__name__ == "OvisImageAttnProcessor" for p in checks.attention_processors(ovis_pipe).values())
 
 
 @pytest.mark.parametrize("layer,target", [(1, "identity"), (2, "uniform"), (0, "uniform"), (3, "identity")])
@@ -103,7 +80,7 @@ def test_guided_step_equals_the_explicit_computation(ovis_pipe, cfg, images):
 
 def test_calls_shared_prefix_and_remove(ovis_pipe):
     checks.shared_prefix_equals_unshared_and_remove_restores(ovis_pipe, ovis_call, guidance_scale=3.0, negative="blue")
-    assert all(type(p).__name__ == "OvisImageAttnProcessor" for p in _processors(ovis_pipe).values())
+    assert all(type(p).__name__ == "OvisImageAttnProcessor" for p in checks.attention_processors(ovis_pipe).values())
 
 
 def test_local_attention_tiled_equals_reference(ovis_pipe):
