@@ -13,7 +13,45 @@ from .dispatch import DispatchingProcessor
 from .state import POOL_MODULE
 
 
-class FluxAttnProcessor(DispatchingProcessor):
+class FluxLayoutProcessor(DispatchingProcessor):
+    """What the processors of FLUX-layout attention share ([text ; image]; FLUX.1's and FLUX.2's
+    double and single blocks): the joint inputs and the attention call with its edits."""
+
+    def joint_inputs(self, attn, query, key, value, encoder_query=None, encoder_key=None, encoder_value=None):
+        """(B, S, H, D) joint q, k, v before rotary: heads split, q/k normed, TextPatch's text keys/values and
+        NAG's image q/k/v put in. Without encoder projections (single blocks) the text tokens already lead."""
+        query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in (query, key, value))
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+        if encoder_query is None:
+            key, value = self.patch_leading_text(key, value)
+            return self.state.nag_image_inputs(self.layer, (query, key, value), self.state.call.text_len)
+        encoder_query, encoder_key, encoder_value = (
+            x.unflatten(-1, (-1, attn.head_dim)) for x in (encoder_query, encoder_key, encoder_value))
+        encoder_query = attn.norm_added_q(encoder_query)
+        encoder_key = attn.norm_added_k(encoder_key)
+        encoder_key, encoder_value = self.state.patch_text(self.layer, encoder_key, encoder_value)
+        query, key, value = self.state.nag_image_inputs(self.layer, (query, key, value))
+        return (torch.cat([encoder_query, query], dim=1), torch.cat([encoder_key, key], dim=1),
+                torch.cat([encoder_value, value], dim=1))
+
+    def patch_leading_text(self, key, value):
+        """TextPatch where text and image share one projection: the text tokens lead the sequence."""
+        if self.layer not in self.state.patch_layers or self.state.call.rows is None:
+            return key, value
+        text_len = self.state.call.text_len
+        text_key, text_value = self.state.patch_text(self.layer, key[:, :text_len], value[:, :text_len])
+        return torch.cat([text_key, key[:, text_len:]], dim=1), torch.cat([text_value, value[:, text_len:]], dim=1)
+
+    def attend_joint(self, attn, query, key, value, text_len: int, attention_mask) -> torch.Tensor:
+        """(B, S, H·D) joint attention output with this layer's plan, NAG's combination on the image tokens."""
+        seq_len = query.shape[1]
+        plan = self.state.plan(self.layer, query.shape[0], (text_len, seq_len), getattr(attn, POOL_MODULE, None))
+        out = self.attend(query, key, value, plan, attention_mask, seq_len - text_len).flatten(2, 3).to(query.dtype)
+        return self.state.nag_guide(self.layer, out, slice(text_len, None))
+
+
+class FluxAttnProcessor(FluxLayoutProcessor):
     """One instance per attention module; `layer` numbers single blocks after double blocks."""
 
     def __call__(
@@ -24,35 +62,7 @@ class FluxAttnProcessor(DispatchingProcessor):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        query, key, value, encoder_query, encoder_key, encoder_value = flux_qkv_projections(
-            attn, hidden_states, encoder_hidden_states
-        )
-        query = query.unflatten(-1, (-1, attn.head_dim))
-        key = key.unflatten(-1, (-1, attn.head_dim))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-
-        if attn.added_kv_proj_dim is not None:
-            encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
-            encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
-            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-            encoder_query = attn.norm_added_q(encoder_query)
-            encoder_key = attn.norm_added_k(encoder_key)
-            encoder_key, encoder_value = self.state.patch_text(self.layer, encoder_key, encoder_value)
-            query, key, value = self.state.nag_image_inputs(self.layer, (query, key, value))
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
-        elif self.layer in self.state.patch_layers and self.state.call.rows is not None:
-            # single block: the text tokens lead the joint sequence
-            text_len = self.state.call.text_len
-            text_key, text_value = self.state.patch_text(self.layer, key[:, :text_len], value[:, :text_len])
-            key = torch.cat([text_key, key[:, text_len:]], dim=1)
-            value = torch.cat([text_value, value[:, text_len:]], dim=1)
-        if attn.added_kv_proj_dim is None:
-            query, key, value = self.state.nag_image_inputs(self.layer, (query, key, value), self.state.call.text_len)
-
+        query, key, value = self.joint_inputs(attn, *flux_qkv_projections(attn, hidden_states, encoder_hidden_states))
         if attention_mask is not None:  # rows whose text a TextPatch replaces take their source rows' mask (Chroma)
             attention_mask, _ = self.state.patch_text(self.layer, attention_mask, attention_mask)
 
@@ -60,13 +70,8 @@ class FluxAttnProcessor(DispatchingProcessor):
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        seq_len = query.shape[1]
         text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else self.state.call.text_len
-        plan = self.state.plan(self.layer, query.shape[0], (text_len, seq_len), getattr(attn, POOL_MODULE, None))
-        hidden_states = self.attend(query, key, value, plan, attention_mask, seq_len - text_len)
-        hidden_states = hidden_states.flatten(2, 3)
-        hidden_states = hidden_states.to(query.dtype)
-        hidden_states = self.state.nag_guide(self.layer, hidden_states, slice(text_len, None))
+        hidden_states = self.attend_joint(attn, query, key, value, text_len, attention_mask)
 
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(

@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
-from .dispatch import DispatchingProcessor
-from .state import POOL_MODULE
+from .flux import FluxLayoutProcessor
 
 
 def _refuse_kv_cache(kv_cache_mode) -> None:
@@ -42,59 +41,20 @@ def _projections(attn, hidden_states, encoder_hidden_states):
     return query, key, value, encoder_query, encoder_key, encoder_value
 
 
-class _Flux2Processor(DispatchingProcessor):
-    def _attend(self, attn, query, key, value, text_len: int, attention_mask):
-        seq_len = query.shape[1]
-        plan = self.state.plan(self.layer, query.shape[0], (text_len, seq_len), getattr(attn, POOL_MODULE, None))
-        out = self.attend(query, key, value, plan, attention_mask, seq_len - text_len)
-        return out.flatten(2, 3).to(query.dtype)
-
-    def _patch_leading_text(self, key, value):
-        """TextPatch where text and image share one projection: the text tokens lead the sequence."""
-        if self.layer not in self.state.patch_layers or self.state.call.rows is None:
-            return key, value
-        text_len = self.state.call.text_len
-        text_key, text_value = self.state.patch_text(self.layer, key[:, :text_len], value[:, :text_len])
-        return torch.cat([text_key, key[:, text_len:]], dim=1), torch.cat([text_value, value[:, text_len:]], dim=1)
-
-
-class Flux2AttnProcessor(_Flux2Processor):
+class Flux2AttnProcessor(FluxLayoutProcessor):
     """Double-stream blocks; one instance per attention module."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  kv_cache=None, kv_cache_mode=None, num_ref_tokens: int = 0):
         _refuse_kv_cache(kv_cache_mode)
-        query, key, value, encoder_query, encoder_key, encoder_value = _projections(
-            attn, hidden_states, encoder_hidden_states
-        )
-        query = query.unflatten(-1, (-1, attn.head_dim))
-        key = key.unflatten(-1, (-1, attn.head_dim))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-
-        if attn.added_kv_proj_dim is not None:
-            encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
-            encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
-            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-            encoder_query = attn.norm_added_q(encoder_query)
-            encoder_key = attn.norm_added_k(encoder_key)
-            encoder_key, encoder_value = self.state.patch_text(self.layer, encoder_key, encoder_value)
-            query, key, value = self.state.nag_image_inputs(self.layer, (query, key, value))
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
-        else:
-            key, value = self._patch_leading_text(key, value)
-            query, key, value = self.state.nag_image_inputs(self.layer, (query, key, value), self.state.call.text_len)
+        query, key, value = self.joint_inputs(attn, *_projections(attn, hidden_states, encoder_hidden_states))
 
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
         text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else self.state.call.text_len
-        hidden_states = self._attend(attn, query, key, value, text_len, attention_mask)
-        hidden_states = self.state.nag_guide(self.layer, hidden_states, slice(text_len, None))
+        hidden_states = self.attend_joint(attn, query, key, value, text_len, attention_mask)
 
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
@@ -108,7 +68,7 @@ class Flux2AttnProcessor(_Flux2Processor):
         return hidden_states
 
 
-class Flux2SingleAttnProcessor(_Flux2Processor):
+class Flux2SingleAttnProcessor(FluxLayoutProcessor):
     """Single-stream (parallel) blocks: attention and MLP share the input and output projections."""
 
     def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None, kv_cache=None,
@@ -121,22 +81,12 @@ class Flux2SingleAttnProcessor(_Flux2Processor):
         local_qkv = hidden_states.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
         qkv, mlp_hidden_states = torch.split(hidden_states, [local_qkv, hidden_states.shape[-1] - local_qkv], dim=-1)
 
-        query, key, value = qkv.chunk(3, dim=-1)
-        query = query.unflatten(-1, (-1, attn.head_dim))
-        key = key.unflatten(-1, (-1, attn.head_dim))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-        key, value = self._patch_leading_text(key, value)
-        # NAG: text and image share this projection; the text tokens lead the sequence
-        query, key, value = self.state.nag_image_inputs(self.layer, (query, key, value), self.state.call.text_len)
+        query, key, value = self.joint_inputs(attn, *qkv.chunk(3, dim=-1))  # the text tokens lead the sequence
 
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        text_len = self.state.call.text_len
-        hidden_states = self._attend(attn, query, key, value, text_len, attention_mask)
-        hidden_states = self.state.nag_guide(self.layer, hidden_states, slice(text_len, None))
+        hidden_states = self.attend_joint(attn, query, key, value, self.state.call.text_len, attention_mask)
         mlp_hidden_states = attn.mlp_act_fn(mlp_hidden_states)
         return attn.to_out(torch.cat([hidden_states, mlp_hidden_states], dim=-1))
