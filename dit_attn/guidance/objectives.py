@@ -6,6 +6,11 @@ score), "color:<palette name>" (share of pixels near that colour — a toy style
 "clip-score[:model]", "pickscore[:model]", "aesthetic:<dir>" loaded through transformers
 from a local path or a hub id available offline (a clear error names what is missing).
 Any callable with the same signature works too.
+
+Head screening differentiates an objective through the sampler: "color:<name>" (a pixel's
+share is a sigmoid of its colour distance, COLOR_SOFTNESS wide) and "judge:soft" carry a
+`differentiable(images, prompts) -> (B,) tensor` attribute taking a (B, 3, H, W) float batch in
+[0, 1]; so may a user's callable.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from PIL import Image
 Objective = Callable[[Sequence[Image.Image], Sequence[str]], Sequence[float]]
 
 COLOR_DISTANCE = 60.0  # RGB distance within which a pixel counts as the palette colour
+COLOR_SOFTNESS = 8.0  # RGB distance over which the differentiable share goes from ~0.27 to ~0.73
 
 
 def judge_objective(images, prompts) -> list[float]:
@@ -30,6 +36,15 @@ def soft_judge_objective(images, prompts) -> list[float]:
     from ..toy.judge import adherence
 
     return adherence(list(images), list(prompts), soft=True).tolist()
+
+
+def _soft_judge_differentiable(images: torch.Tensor, prompts) -> torch.Tensor:
+    from ..toy.judge import soft_adherence_differentiable
+
+    return soft_adherence_differentiable(images, list(prompts))
+
+
+soft_judge_objective.differentiable = _soft_judge_differentiable
 
 
 def color_objective(name: str) -> Objective:
@@ -46,7 +61,12 @@ def color_objective(name: str) -> Objective:
             scores.append(float((np.linalg.norm(pixels - rgb, axis=-1) < COLOR_DISTANCE).mean()))
         return scores
 
+    def soft_share_of_color(images: torch.Tensor, prompts) -> torch.Tensor:
+        distance = torch.linalg.vector_norm(images.permute(0, 2, 3, 1) * 255 - torch.from_numpy(rgb).to(images), dim=-1)
+        return torch.sigmoid((COLOR_DISTANCE - distance) / COLOR_SOFTNESS).flatten(1).mean(dim=1)
+
     share_of_color.__name__ = f"color:{name}"
+    share_of_color.differentiable = soft_share_of_color
     return share_of_color
 
 
@@ -111,6 +131,19 @@ def aesthetic_objective(source: str) -> Objective:
 
 DEFAULT_SOURCES = {"clip-score": "openai/clip-vit-large-patch14", "pickscore": "yuvalkirstain/PickScore_v1"}
 BUILT_IN = ("judge", "judge:soft", "color:<palette name>", "clip-score[:model]", "pickscore[:model]", "aesthetic:<dir>")
+
+
+DIFFERENTIABLE = ("color:<palette name>", "judge:soft")
+
+
+def differentiable_objective(objective: Objective, name: str):
+    """The objective's `differentiable(images, prompts) -> (B,) tensor`, or a ValueError naming those that have one."""
+    function = getattr(objective, "differentiable", None)
+    if not callable(function):
+        raise ValueError(f"the objective {name!r} is not differentiable, so heads cannot be screened by gradients; "
+                         f"differentiable: {', '.join(DIFFERENTIABLE)}, or a callable with a "
+                         "`differentiable(images, prompts)` attribute (use strategy 'race' or 'exhaustive' otherwise)")
+    return function
 
 
 def get_objective(spec: Union[str, Objective]) -> Objective:

@@ -63,6 +63,11 @@ class HuntResult:
     # with confirm_seeds, per round: the shortlisted candidates' [mean, standard error] of the
     # paired gain on the confirmation pairs, which alone decide who joins
     confirmations: list[dict[str, list[float]]] = field(default_factory=list)
+    # per round: the generations (images) each candidate was scored with, and (screen+race) each
+    # candidate's screening score and the backward passes (one per batch of pairs) spent on them
+    spent: list[dict[str, int]] = field(default_factory=list)
+    screening: list[dict[str, float]] = field(default_factory=list)
+    backward_passes: list[int] = field(default_factory=list)
 
     def save(self, path: str) -> None:
         write_json_atomic(path, asdict(self))
@@ -118,6 +123,15 @@ class SearchSettings:
     confirm_seeds: tuple[int, ...] = ()
     confirm_top: int = 0
     confirm_together: bool = False
+    strategy: str = "exhaustive"
+    race_start: int = 0  # race: pairs per candidate in the first stage
+    race_z: float = 0.0  # race: drop a candidate this many standard errors below the leader
+    race_eta: float = 1.0  # race: at most 1/race_eta of the survivors go on from a stage
+    screen_top: int = 0  # screen+race: candidates (by screening score) that race
+    u0: float = 0.0  # screen+race: the strength the gradients are taken at
+
+
+STRATEGIES = ("exhaustive", "race", "screen+race")
 
 
 def call_kwargs(settings: SearchSettings) -> dict:
@@ -148,6 +162,11 @@ def images_for(pipe, settings: SearchSettings, head_sets: list[set[Head]], pairs
 def pairs_of(settings: SearchSettings, seeds=None) -> list[tuple[str, int]]:
     """Every (prompt, seed) pair of the search, or of its prompts with other `seeds`."""
     return [(p, s) for p in settings.prompts for s in (settings.seeds if seeds is None else seeds)]
+
+
+def race_pairs(settings: SearchSettings) -> list[tuple[str, int]]:
+    """The pairs seed by seed (every prompt of the first seed, then of the next): a race's stages cover the prompts evenly."""
+    return [(p, s) for s in settings.seeds for p in settings.prompts]
 
 
 def checked_scores(objective, images, prompts) -> list[float]:
@@ -278,9 +297,13 @@ def check_call_settings(num_inference_steps, guidance_scale, height, width) -> N
 
 def search_settings(objective, prompts, seeds, k, rounds, u, scale, num_inference_steps, guidance_scale, height, width,
                     heads: list[Head], target, scope, batch_size, max_sequence_length, min_z: float | None = None,
-                    confirm_seeds=None, confirm_top: int | None = None, confirm_together: bool = False) -> SearchSettings:
+                    confirm_seeds=None, confirm_top: int | None = None, confirm_together: bool = False,
+                    strategy: str = "exhaustive", race_start: int | None = None, race_z: float = 2.0,
+                    race_eta: float = 2.0, screen_top: int | None = None, u0: float = 0.0) -> SearchSettings:
     """Validated settings (clear errors before any generation)."""
     check_call_settings(num_inference_steps, guidance_scale, height, width)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if not isinstance(confirm_together, bool):
         raise TypeError(f"confirm_together must be True or False, got {confirm_together!r}")
     if confirm_together and not confirm_seeds:
@@ -313,6 +336,8 @@ def search_settings(objective, prompts, seeds, k, rounds, u, scale, num_inferenc
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     HeadGuidance(heads=[heads[0]], scale=scale, u=u, target=target, scope=scope)  # validates the guidance settings
+    race = strategy_settings(strategy, race_start, race_z, race_eta, screen_top, u0, len(prompts) * len(seeds),
+                             len(heads), max(k, confirm_top or 0))
     return SearchSettings(
         objective=objective if isinstance(objective, str) else getattr(objective, "__name__", "callable"),
         prompts=tuple(prompts), seeds=tuple(seeds), k=k, rounds=rounds, u=float(u), scale=float(scale),
@@ -320,8 +345,36 @@ def search_settings(objective, prompts, seeds, k, rounds, u, scale, num_inferenc
         height=height, width=width, candidates=tuple(head_name(h) for h in heads), target=target,
         scope=scope, batch_size=batch_size, max_sequence_length=max_sequence_length, min_z=min_z,
         confirm_seeds=tuple(confirm_seeds), confirm_top=confirm_top or 0,
-        confirm_together=confirm_together,
+        confirm_together=confirm_together, strategy=strategy, **race,
     )
+
+
+def strategy_settings(strategy: str, race_start, race_z, race_eta, screen_top, u0, n_pairs: int, n_heads: int,
+                      keep: int) -> dict:
+    """The race and screening settings of a strategy (zeros for those it does not use), validated."""
+    from .race import check_race  # builds on this module
+
+    if strategy == "exhaustive":
+        if race_start is not None or screen_top is not None:
+            raise ValueError("race_start and screen_top are only used with strategy 'race' or 'screen+race'")
+        return {}
+    if n_pairs < 2:
+        raise ValueError(f"strategy {strategy!r} needs at least 2 (prompt, seed) pairs to compare candidates, got {n_pairs}")
+    race_start = 2 if race_start is None else race_start
+    check_race(race_start, race_z, race_eta, n_pairs)
+    settings = {"race_start": race_start, "race_z": float(race_z), "race_eta": float(race_eta)}
+    if strategy == "race":
+        if screen_top is not None:
+            raise ValueError("screen_top is only used with strategy 'screen+race'")
+        return settings
+    if screen_top is None:
+        screen_top = min(n_heads, max(4 * keep, math.ceil(n_heads / 4)))
+    if isinstance(screen_top, bool) or not isinstance(screen_top, int) or not keep <= screen_top <= n_heads:
+        raise ValueError(f"screen_top must be a whole number of candidates in [{keep}, {n_heads}] "
+                         f"(at least k and confirm_top), got {screen_top!r}")
+    if isinstance(u0, bool) or not isinstance(u0, (int, float)) or not 0 <= u0 <= 1:
+        raise ValueError(f"u0 must be a number in [0, 1], got {u0!r}")
+    return {**settings, "screen_top": screen_top, "u0": float(u0)}
 
 
 def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float = 1.0, scale: float = 3.0,
@@ -329,7 +382,8 @@ def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float 
          width: int | None = None, candidates=None, checkpoint: str | None = None, batch_size: int = 4,
          target: str = "identity", scope: str = "joint", max_sequence_length: int | None = None,
          min_z: float | None = None, confirm_seeds=None, confirm_top: int | None = None, confirm_together: bool = False,
-         progress: bool = True) -> HuntResult:
+         strategy: str = "exhaustive", race_start: int | None = None, race_z: float = 2.0, race_eta: float = 2.0,
+         screen_top: int | None = None, u0: float = 0.0, progress: bool = True) -> HuntResult:
     """Select k heads per round for `rounds` rounds (HeadHunter, Algorithm 1).
 
     objective: a registry name (see `dit_attn.guidance.objectives`) or callable(images, prompts) -> scores.
@@ -344,50 +398,58 @@ def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float 
     confirm_together: confirm the round's top k candidates by z as one set (scored once, with
         the selection, on the confirmation pairs): all k join if the set passes the z test, else
         none and the hunt stops. For heads whose effects are too small to confirm one by one.
+    strategy: "exhaustive" scores every candidate on every pair; "race" races them over the pairs
+        (`dit_attn.guidance.race`: race_start pairs first, drop at race_z standard errors below the
+        leader, keep at most 1/race_eta per stage); "screen+race" first ranks every candidate by the
+        gradient of the objective (`dit_attn.guidance.screening`, taken at strength u0) and races the
+        screen_top best (default: a quarter of the candidates, at least 4·max(k, confirm_top)).
     """
     score_fn = get_objective(objective)
+    if strategy == "screen+race":
+        from .objectives import differentiable_objective
+
+        gradient_of = differentiable_objective(score_fn, objective if isinstance(objective, str) else
+                                               getattr(objective, "__name__", "callable"))
     heads = candidate_heads(pipe, candidates)
     check_image_size(pipe, height, width)  # the model's sides; search_settings checks the rest before any call
     settings = search_settings(objective, prompts, seeds, k, rounds, u, scale, num_inference_steps, guidance_scale, height,
                                width, heads, target, scope, batch_size, sequence_length(pipe, max_sequence_length), min_z,
-                               confirm_seeds, confirm_top, confirm_together)
+                               confirm_seeds, confirm_top, confirm_together, strategy, race_start, race_z, race_eta,
+                               screen_top, u0)
     rank, world = distributed()
     path = checkpoint if checkpoint is None or world == 1 else f"{checkpoint}.rank{rank}-of-{world}"
     state = resume(path, settings)
     by_name = {head_name(h): h for h in heads}
     order = [head_name(h) for h in heads]
-    total = sum(len(heads) - r * k for r in range(rounds))
-    bar = tqdm(total=total, desc="hunt", unit="head", disable=not progress or rank != 0)
+    exhaustive = settings.strategy == "exhaustive"
+    total = sum(len(heads) - r * k for r in range(rounds)) if exhaustive else None
+    bar = tqdm(total=total, desc="hunt", unit="head" if exhaustive else "image", disable=not progress or rank != 0)
     for round_index in range(rounds):
         if state["stopped"]:
             break
         if round_index == len(state["rounds"]):
-            state["rounds"].append({})
-            state["pairs"].append({})
-            state["confirm"].append({})
+            for key in ROUND_STATE:
+                state[key].append({})
         scores, pair_scores = state["rounds"][round_index], state["pairs"][round_index]
         selected = [by_name[name] for name in state["selected"]]
         remaining = [h for h in heads if h not in selected]
         bar.set_description(f"hunt round {round_index + 1}/{rounds}")
         if min_z is not None and rank == 0 and BASELINE not in pair_scores:
-            pair_scores[BASELINE] = score_pairs(pipe, score_fn, settings, [set(selected)])[0][0]
+            pairs = pairs_of(settings) if exhaustive else race_pairs(settings)
+            pair_scores[BASELINE] = score_pairs(pipe, score_fn, settings, [set(selected)], pairs)[0][0]
             save_state(path, settings, state)
-        batches = [remaining[i : i + batch_size] for i in range(0, len(remaining), batch_size)]
-        for index, batch in enumerate(batches):
-            if index % world != rank or all(head_name(h) in scores for h in batch):
-                bar.update(len(batch))  # another process's, or scored before a restart
-                continue
-            per_pair, _ = score_pairs(pipe, score_fn, settings, [set(selected) | {cand} for cand in batch])
-            scores.update({head_name(cand): mean(values) for cand, values in zip(batch, per_pair)})
-            if min_z is not None:
-                pair_scores.update({head_name(cand): values for cand, values in zip(batch, per_pair)})
-            save_state(path, settings, state)
-            bar.update(len(batch))
+        if exhaustive:
+            finished = exhaustive_round(pipe, score_fn, settings, state, round_index, selected, remaining,
+                                        (rank, world), path, bar)
+        else:
+            finished = raced_round(pipe, score_fn, gradient_of if settings.strategy == "screen+race" else None,
+                                   settings, state, round_index, selected, remaining, (rank, world), path, bar)
         if state["done"] == round_index:
             scores.update(gather_scores(scores, world))
             pair_scores.update(gather_scores(pair_scores, world))
+            candidates_scores = {n: v for n, v in pair_scores.items() if n == BASELINE or n in finished}
             if settings.confirm_seeds:
-                shortlist = shortlisted(pair_scores, order, settings.confirm_top)
+                shortlist = shortlisted(candidates_scores, order, settings.confirm_top)
                 if settings.confirm_together and shortlist:  # the top k, confirmed as one set
                     shortlist = [GROUP.join(shortlist)]
                 picks = []
@@ -397,23 +459,104 @@ def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float 
                     chosen = choose({n: mean(confirmed[n]) for n in shortlist}, confirmed, shortlist, k, min_z)
                     picks = [head for name in chosen for head in name.split(GROUP)]
             else:
-                picks = choose(scores, pair_scores, [n for n in order if n in scores], k, min_z)
+                picks = choose({n: scores[n] for n in finished}, candidates_scores, [n for n in order if n in finished],
+                               k, min_z)
             state["selected"].extend(picks)
             state["done"] += 1
             state["stopped"] = min_z is not None and not picks
             save_state(path, settings, state)
     bar.close()
-    result = HuntResult(state["selected"], state["rounds"][: state["done"]], asdict(settings))
-    if min_z is not None:
-        for pair_scores in state["pairs"][: state["done"]]:
-            base = pair_scores[BASELINE]
-            result.baselines.append(mean(base))
-            result.gains.append({n: paired_gain(v, base) for n, v in pair_scores.items() if n != BASELINE})
-        for confirmed in state["confirm"][: state["done"]] if settings.confirm_seeds else ():
-            base = confirmed.get(BASELINE)  # none when no candidate had a positive gain
-            result.confirmations.append({n: paired_gain(v, base) for n, v in confirmed.items() if n != BASELINE})
+    result = hunt_result(settings, state)
     if checkpoint is not None and world > 1 and rank == 0:
         result.save(checkpoint)
+    return result
+
+
+ROUND_STATE = ("rounds", "pairs", "confirm", "race", "screen")  # the checkpoint's per-round entries
+
+
+def exhaustive_round(pipe, score_fn, settings: SearchSettings, state: dict, round_index: int, selected: list[Head],
+                     remaining: list[Head], process: tuple[int, int], path: str | None, bar) -> list[str]:
+    """Score every remaining candidate on every pair (checkpointed per batch); returns their names."""
+    rank, world = process
+    scores, pair_scores = state["rounds"][round_index], state["pairs"][round_index]
+    batches = [remaining[i : i + settings.batch_size] for i in range(0, len(remaining), settings.batch_size)]
+    for index, batch in enumerate(batches):
+        if index % world != rank or all(head_name(h) in scores for h in batch):
+            bar.update(len(batch))  # another process's, or scored before a restart
+            continue
+        per_pair, _ = score_pairs(pipe, score_fn, settings, [set(selected) | {cand} for cand in batch])
+        scores.update({head_name(cand): mean(values) for cand, values in zip(batch, per_pair)})
+        if settings.min_z is not None:
+            pair_scores.update({head_name(cand): values for cand, values in zip(batch, per_pair)})
+        save_state(path, settings, state)
+        bar.update(len(batch))
+    return [head_name(h) for h in remaining]
+
+
+def raced_round(pipe, score_fn, gradient_of, settings: SearchSettings, state: dict, round_index: int,
+                selected: list[Head], remaining: list[Head], process: tuple[int, int], path: str | None,
+                bar) -> list[str]:
+    """Race the remaining candidates (with gradient_of: the screen_top best by screening); fills the round's
+    scores (each candidate's mean over the pairs it got) and per-pair scores; returns the finalists."""
+    from .race import race_round  # builds on this module
+
+    racing = remaining
+    if gradient_of is not None:
+        screened = screening_scores(pipe, gradient_of, settings, state, round_index, selected, remaining, process, path)
+        names = [head_name(h) for h in remaining]
+        best = set(sorted(names, key=lambda n: (-screened[n], names.index(n)))[: settings.screen_top])
+        racing = [h for h in remaining if head_name(h) in best]
+
+    def progress(generations: int, alive: int) -> None:
+        bar.update(generations)
+        bar.set_postfix(survivors=alive)
+
+    finalists, raced = race_round(pipe, score_fn, settings, state["race"][round_index], selected, racing, process,
+                                  lambda: save_state(path, settings, state), progress)
+    state["rounds"][round_index].update({n: mean(v) for n, v in raced.items()})
+    state["pairs"][round_index].update(raced)
+    return finalists
+
+
+def screening_scores(pipe, gradient_of, settings: SearchSettings, state: dict, round_index: int, selected: list[Head],
+                     remaining: list[Head], process: tuple[int, int], path: str | None) -> dict[str, float]:
+    """The round's screening scores (u − u₀)·∂J/∂u_h, computed once (by the first process) and checkpointed."""
+    from .screening import screen  # builds on this module
+
+    screened = state["screen"][round_index]
+    if not screened:
+        rank, world = process
+        if rank == 0:
+            gradients, _ = screen(pipe, gradient_of, settings, remaining, selected, pairs_of(settings), settings.u0)
+            screened.update({head_name(h): float(g) * (settings.u - settings.u0) for h, g in zip(remaining, gradients)})
+        screened.update(gather_scores(screened, world))
+        save_state(path, settings, state)
+    return screened
+
+
+def hunt_result(settings: SearchSettings, state: dict) -> HuntResult:
+    done = state["done"]
+    result = HuntResult(state["selected"], state["rounds"][:done], asdict(settings))
+    n_pairs = len(settings.prompts) * len(settings.seeds)
+    for round_index in range(done):
+        if settings.strategy == "exhaustive":
+            spent = {name: n_pairs for name in state["rounds"][round_index]}
+        else:
+            spent = {name: len(values) for name, values in state["pairs"][round_index].items() if name != BASELINE}
+        result.spent.append(spent)
+        if settings.strategy == "screen+race":
+            result.screening.append(state["screen"][round_index])
+            result.backward_passes.append(math.ceil(n_pairs / settings.batch_size))
+    if settings.min_z is not None:
+        for pair_scores in state["pairs"][:done]:
+            base = pair_scores[BASELINE]
+            result.baselines.append(mean(base))
+            result.gains.append({n: paired_gain(v, base) for n, v in pair_scores.items()
+                                 if n != BASELINE and len(v) == len(base)})
+        for confirmed in state["confirm"][:done] if settings.confirm_seeds else ():
+            base = confirmed.get(BASELINE)  # none when no candidate had a positive gain
+            result.confirmations.append({n: paired_gain(v, base) for n, v in confirmed.items() if n != BASELINE})
     return result
 
 
@@ -493,14 +636,15 @@ def check_checkpoint_settings(path: str, saved: dict, settings: SearchSettings, 
 
 
 def resume(path: str | None, settings: SearchSettings) -> dict:
-    fresh = {"selected": [], "rounds": [], "pairs": [], "confirm": [], "done": 0, "stopped": False}
+    fresh = {"selected": [], "rounds": [], "pairs": [], "confirm": [], "race": [], "screen": [], "done": 0,
+             "stopped": False}
     if path is None or not os.path.exists(path):
         return fresh
     with open(path) as f:
         saved = json.load(f)
     check_checkpoint_settings(path, saved.get("settings", {}), settings, "use another checkpoint path")
     state = {key: saved.get(key, value) for key, value in fresh.items()}
-    for key in ("pairs", "confirm"):  # kept per round since min_z and confirm_seeds exist; older checkpoints lack them
+    for key in ROUND_STATE[1:]:  # per-round entries added in later versions: older checkpoints lack them
         state[key] += [{} for _ in range(len(state["rounds"]) - len(state[key]))]
     return state
 

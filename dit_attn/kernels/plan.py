@@ -33,6 +33,9 @@ class Perturbation:
     # (touched, full) when every row has the same strengths and this is known without reading u (a model
     # edit): the kernels then choose rows without data-dependent branches (no torch.compile graph break)
     same_rows: tuple[bool, bool] | None = None
+    # (B,) bool: rows blended even where u is 0, so that gradients with respect to u reach every head of
+    # them (head screening differentiates at u = 0)
+    blended_rows: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -47,8 +50,9 @@ class Perturbation:
         return (self.u == 1).all(dim=1)
 
     def touched_rows(self) -> torch.Tensor:
-        """(B,) bool: rows where any head is perturbed."""
-        return (self.u != 0).any(dim=1)
+        """(B,) bool: rows where any head is perturbed (or that are blended for gradients)."""
+        touched = (self.u != 0).any(dim=1)
+        return touched if self.blended_rows is None else touched | self.blended_rows.to(touched.device)
 
     def touched_runs(self) -> list[slice]:
         """Contiguous runs of the touched rows, as slices."""

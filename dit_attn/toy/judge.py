@@ -223,6 +223,54 @@ def judge(images: ImagesLike, model: Optional[JudgeNet] = None,
     return [{h: (CLASSES[h][int(best[h].indices[i])], float(best[h].values[i])) for h in HEADS} for i in range(n)]
 
 
+def _judged_crops(images: Sequence[torch.Tensor], prompts: Union[str, Sequence[str]]):
+    """(crops, wanted attributes per crop, owning image per crop): one crop per image, two per set caption."""
+    prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+    if len(prompts) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+    crops, wanted, owner = [], [], []
+    for i, (x, prompt) in enumerate(zip(images, prompts)):
+        if data.is_set_caption(prompt):
+            s = data.parse_set_caption(prompt)
+            h, w = x.shape[-2:]
+            if w != 2 * h:
+                raise ValueError(f"a set caption needs a 2-panel image (W = 2H, e.g. 128×64), got {w}×{h}")
+            for panel, attrs in zip((x[..., :h], x[..., h:]), s.panels()):
+                crops.append(panel)
+                wanted.append(attrs.specified())
+                owner.append(i)
+        else:
+            crops.append(x)
+            wanted.append(data.parse_caption(prompt).specified())
+            owner.append(i)
+    return crops, wanted, owner
+
+
+def soft_adherence_differentiable(images: torch.Tensor, prompts: Union[str, Sequence[str]],
+                                  model: Optional[JudgeNet] = None) -> torch.Tensor:
+    """`adherence(..., soft=True)` of a (B, 3, H, W) float batch in [0, 1], differentiable with respect to it
+    (the judge's weights are not trained)."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError("images must be a (B, 3, H, W) float tensor in [0, 1]")
+    model = model if model is not None else load_judge()
+    crops, wanted, owner = _judged_crops(list(images.float().clamp(0, 1)), prompts)
+    was_training, trainable = model.training, [p for p in model.parameters() if p.requires_grad]
+    model.eval().requires_grad_(False)
+    try:
+        logits = model(_to_batch(crops))
+    finally:
+        model.train(was_training)
+        for p in trainable:
+            p.requires_grad_(True)
+    probs = {h: logits[h].softmax(-1) for h in HEADS}
+    per_crop = [torch.stack([probs[head][j, CLASSES[head].index(value)] for head, value in want.items()])
+                for j, want in enumerate(wanted)]
+    owners = torch.tensor(owner)
+    hits = torch.zeros(len(images), dtype=probs[HEADS[0]].dtype).index_add(0, owners, torch.stack([p.sum() for p in per_crop]))
+    total = torch.zeros(len(images)).index_add(0, owners, torch.tensor([float(len(w)) for w in wanted]))
+    return hits / total
+
+
 def adherence(images: ImagesLike, prompts: Union[str, Sequence[str]], model: Optional[JudgeNet] = None,
               value_range: tuple[float, float] = (0.0, 1.0), soft: bool = False) -> torch.Tensor:
     """Per-image score in [0, 1]: the fraction of the prompt's specified attributes
@@ -241,24 +289,7 @@ def adherence(images: ImagesLike, prompts: Union[str, Sequence[str]], model: Opt
     outside the grammar.
     """
     crops_in = _as_list(images, value_range)
-    prompts = [prompts] * len(crops_in) if isinstance(prompts, str) else list(prompts)
-    if len(prompts) != len(crops_in):
-        raise ValueError(f"got {len(crops_in)} images but {len(prompts)} prompts")
-    crops, wanted, owner = [], [], []
-    for i, (x, prompt) in enumerate(zip(crops_in, prompts)):
-        if data.is_set_caption(prompt):
-            s = data.parse_set_caption(prompt)
-            h, w = x.shape[-2:]
-            if w != 2 * h:
-                raise ValueError(f"a set caption needs a 2-panel image (W = 2H, e.g. 128×64), got {w}×{h}")
-            for panel, attrs in zip((x[..., :h], x[..., h:]), s.panels()):
-                crops.append(panel)
-                wanted.append(attrs.specified())
-                owner.append(i)
-        else:
-            crops.append(x)
-            wanted.append(data.parse_caption(prompt).specified())
-            owner.append(i)
+    crops, wanted, owner = _judged_crops(crops_in, prompts)
     probs = _probabilities(_to_batch(crops), model)
     hits, total = torch.zeros(len(crops_in)), torch.zeros(len(crops_in))
     for j, (want, i) in enumerate(zip(wanted, owner)):
