@@ -83,6 +83,8 @@ def _triton_why_not(q: torch.Tensor, plan: AttentionPlan, mask: torch.Tensor | N
         return "plain attention: torch SDPA is as fast"
     if mask is not None:
         return "the triton kernels do not take a pipeline's attention mask (sdpa and tiled do)"
+    if torch.is_grad_enabled() and any(p.u.requires_grad for p in plan.perturbations):
+        return "gradients with respect to the SoftPAG strengths (head screening) are computed by sdpa"
     dim = q.shape[-1]
     if dim < 16 or dim & (dim - 1):
         return f"head dim {dim} is not a power of two >= 16"

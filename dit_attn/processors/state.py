@@ -249,7 +249,8 @@ class EditState:
             u = torch.zeros(batch, guided.u.shape[-1], dtype=guided.u.dtype)
             copies = stage.perturbed.nonzero().flatten()
             u[copies] = guided.u if guided.u.ndim == 1 else guided.u[stage.perturbed_of[copies]]
-            perturbations.append(Perturbation(u, guided.target, guided.scope))
+            blended = stage.perturbed if guided.u.requires_grad else None
+            perturbations.append(Perturbation(u, guided.target, guided.scope, blended_rows=blended))
         if not perturbations and window is None:
             return None
         return AttentionPlan(tuple(perturbations), image_tokens, window)
