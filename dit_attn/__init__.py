@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "apply": ".handle", "Handle": ".handle", "layers": ".handle",
-    "HeadGuidance": ".edits", "LocalAttention": ".edits", "NAG": ".edits", "SoftPAG": ".edits", "TextGuard": ".edits",
+    "Capture": ".edits", "HeadGuidance": ".edits", "LocalAttention": ".edits", "NAG": ".edits", "SoftPAG": ".edits", "TextGuard": ".edits",
     "TextPatch": ".edits", "edit_from_dict": ".edits",
     "PRESETS": ".heads", "LayerInfo": ".heads",
     "Atlas": ".guidance.atlas", "atlas": ".guidance.atlas",
@@ -19,7 +19,7 @@ _EXPORTS = {
     "LocalizationResult": ".localization", "TextEdit": ".localization", "edit_text": ".localization",
     "localize": ".localization", "localized_lora_config": ".localization",
 }
-_MODULES = {"ic": ".ic", "judge": ".toy.judge", "families": ".families", "localization": ".localization"}  # da.ic.generate_set, da.judge.adherence
+_MODULES = {"capture": ".capture", "ic": ".ic", "judge": ".toy.judge", "families": ".families", "localization": ".localization"}  # da.ic.generate_set, da.judge.adherence
 
 __all__ = sorted([*_EXPORTS, *_MODULES, "__version__"])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 
 from .checks import SCOPES, TARGETS, check_fraction, check_radius
@@ -298,4 +299,83 @@ class NAG(Edit):
         return self.scale == 1 or self.alpha == 0
 
 
-EDITS = {cls.__name__: cls for cls in (SoftPAG, HeadGuidance, LocalAttention, TextPatch, TextGuard, NAG)}
+CAPTURE_KINDS = ("cross", "self")
+CAPTURE_REDUCTIONS = ("mean", None)
+
+
+def _check_index_list(name: str, values) -> tuple[int, ...] | None:
+    if values is None:
+        return None
+    if isinstance(values, int) and not isinstance(values, bool):
+        values = (values,)
+    try:
+        values = tuple(values)
+    except TypeError:
+        raise TypeError(f"{name} must be None or a list of indices >= 0, got {values!r}") from None
+    if not values or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in values):
+        raise ValueError(f"{name} must be None or a non-empty list of indices >= 0, got {values!r}")
+    return tuple(sorted(set(values)))
+
+
+def _capture_tokens(kind: str, tokens):
+    """cross: None, words (str) or text-token indices (int); self: image locations, (row, col) or flat indices."""
+    if kind == "cross" and tokens is None:
+        return None
+    if kind == "self" and tokens is None:
+        raise ValueError("Capture(kind='self') needs tokens: the image locations whose attention to capture, "
+                         "as (row, col) cells of the token grid or flat indices, e.g. tokens=[(4, 4), (0, 7)]")
+    if isinstance(tokens, str):
+        tokens = tuple(w for w in re.split(r"[,\s]+", tokens) if w)
+    elif isinstance(tokens, int) and not isinstance(tokens, bool):
+        tokens = (tokens,)
+    try:
+        tokens = tuple(tuple(t) if isinstance(t, list) else t for t in tokens)
+    except TypeError:
+        raise TypeError(f"tokens must be a list, got {tokens!r}") from None
+    index = lambda t: isinstance(t, int) and not isinstance(t, bool) and t >= 0  # noqa: E731
+    cell = lambda t: isinstance(t, tuple) and len(t) == 2 and all(index(i) for i in t)  # noqa: E731
+    if kind == "cross":
+        valid = tokens and (all(isinstance(t, str) and t.strip() for t in tokens) or all(index(t) for t in tokens))
+        if not valid:
+            raise ValueError("Capture(kind='cross') tokens must be None (every text token), words of the prompt "
+                             f"or text-token indices >= 0 (not mixed), got {tokens!r}")
+        return tuple(t.strip() for t in tokens) if isinstance(tokens[0], str) else tokens
+    if not tokens or not all(index(t) or cell(t) for t in tokens):
+        raise ValueError(f"Capture(kind='self') tokens must be image locations, (row, col) cells or flat indices >= 0, got {tokens!r}")
+    return tokens
+
+
+@dataclass(frozen=True)
+class Capture(Edit):
+    """Record attention maps of the conditional rows during the pipeline call; read them from
+    `handle.maps` afterwards (see `dit_attn.capture`). The image is the one without the capture.
+
+    kind: "cross": the image queries' probabilities on text keys (the joint softmax over all keys,
+        with the edits of the same apply in it), one map per token; "self": the attention of a few
+        image locations over the image grid.
+    layers: layer indices (None: every layer); heads: head indices within each layer (None: all).
+    tokens: cross: None (every text token), words of the prompt (each word's map is the mass on
+        its tokens) or text-token indices; self: (row, col) cells of the token grid or flat indices.
+    steps: denoising-step indices to capture (None: every step).
+    reduce: "mean" (the mean over the captured steps) or None (one map per step).
+    """
+
+    layers: tuple | None = None
+    heads: tuple | None = None
+    tokens: tuple | None = None
+    kind: str = "cross"
+    steps: tuple | None = None
+    reduce: str | None = "mean"
+
+    def __post_init__(self) -> None:
+        if self.kind not in CAPTURE_KINDS:
+            raise ValueError(f"kind must be one of {CAPTURE_KINDS}, got {self.kind!r}")
+        object.__setattr__(self, "layers", _check_index_list("layers", self.layers))
+        object.__setattr__(self, "heads", _check_index_list("heads", self.heads))
+        object.__setattr__(self, "steps", _check_index_list("steps", self.steps))
+        object.__setattr__(self, "tokens", _capture_tokens(self.kind, self.tokens))
+        if self.reduce not in CAPTURE_REDUCTIONS:
+            raise ValueError(f"reduce must be one of {CAPTURE_REDUCTIONS}, got {self.reduce!r}")
+
+
+EDITS = {cls.__name__: cls for cls in (SoftPAG, HeadGuidance, LocalAttention, TextPatch, TextGuard, NAG, Capture)}

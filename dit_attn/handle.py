@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import processors
-from .edits import NAG, HeadGuidance, LocalAttention, SoftPAG, TextGuard, TextPatch
+from .edits import NAG, Capture, HeadGuidance, LocalAttention, SoftPAG, TextGuard, TextPatch
 from .families import SUPPORTED_MODELS, Family, family_of
 from .guidance.controller import GuidanceController
 from .heads import LayerInfo, resolve_heads
@@ -14,7 +14,7 @@ from .hooks.selection import check_pipeline
 from .local_attention import LocalInstall, install_local, local_setting
 from .processors.state import EditState, LayerEdit, NAGSetting
 
-EDIT_TYPES = (SoftPAG, HeadGuidance, LocalAttention, TextPatch, TextGuard, NAG)
+EDIT_TYPES = (SoftPAG, HeadGuidance, LocalAttention, TextPatch, TextGuard, NAG, Capture)
 _MARK = "_dit_attn_handle"
 
 
@@ -53,7 +53,7 @@ class Handle:
     """Undo for `apply`; also a context manager."""
 
     def __init__(self, transformer, originals: dict, controller: GuidanceController | None, edits: tuple,
-                 state: EditState, local: LocalInstall | None = None, text=None):
+                 state: EditState, local: LocalInstall | None = None, text=None, capture=None):
         self.transformer = transformer
         self.edits = edits
         self.state = state
@@ -61,7 +61,15 @@ class Handle:
         self._controller = controller
         self._local = local
         self._text = text
+        self._capture = capture
         self.active = True
+
+    @property
+    def maps(self):
+        """The attention maps a Capture recorded in the last pipeline call (`dit_attn.capture.CaptureResult`)."""
+        if self._capture is None:
+            raise ValueError("this apply has no Capture edit: apply da.Capture(...) with the other edits to record maps")
+        return self._capture.result()
 
     def remove(self) -> None:
         """Restore the original processors, hooks and scheduler. Safe to call twice."""
@@ -69,6 +77,8 @@ class Handle:
             return
         processors.restore(self.transformer, self._originals, self.state)
         remove_hooks(self.transformer)
+        if self._capture is not None:
+            self._capture.undo()
         if self._controller is not None:
             self._controller.unwrap()
         if self._text is not None:
@@ -127,6 +137,20 @@ def _text_controller(pipe, family: Family, edits: tuple, state: EditState, layer
     return TextPatchController(pipe, family, edit.layers, edit.start, lambda rows: [edit.source_prompt] * rows)
 
 
+def _capture_recorder(pipe, family: Family, edits: tuple, layer_map: list[LayerInfo]):
+    """The recorder of the Capture edit (at most one per apply), or None."""
+    captures = [e for e in edits if isinstance(e, Capture)]
+    if not captures:
+        return None
+    if len(captures) > 1:
+        raise ValueError("give at most one Capture per apply")
+    from .capture.recorder import CaptureRecorder
+
+    if pipe is not None:
+        check_pipeline(pipe, family, "Capture")
+    return CaptureRecorder(pipe, family, captures[0], layer_map)
+
+
 def apply(pipe_or_transformer, *edits) -> Handle:
     """Install edits on a pipeline (or a transformer, for model edits such as SoftPAG).
 
@@ -169,6 +193,7 @@ def apply(pipe_or_transformer, *edits) -> Handle:
         controller = GuidanceController(pipe, family, edit, first_layer=min(state.guided_edits))
 
     text = _text_controller(pipe, family, edits, state, layer_map)
+    capture = _capture_recorder(pipe, family, edits, layer_map)
 
     local = install_local(transformer, local_edits[0], state.local, layer_map) if local_edits else None
     try:
@@ -179,7 +204,10 @@ def apply(pipe_or_transformer, *edits) -> Handle:
         raise
     if text is not None:
         text.install()
+    if capture is not None:
+        capture.install()
+        state.capture = capture
     install_hooks(transformer, family, state, controller, text)
-    handle = Handle(transformer, originals, controller, tuple(edits), state, local, text)
+    handle = Handle(transformer, originals, controller, tuple(edits), state, local, text, capture)
     setattr(transformer, _MARK, handle)
     return handle

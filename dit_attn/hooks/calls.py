@@ -124,8 +124,22 @@ class CallHook(_Hook):
         current = self.state.call
         current.text_len = self.family.text_length(call)
         current.image_len = self.family.image_length(call)
-        if self.state.local is not None:
+        if self.state.local is not None or self.state.capture is not None:
             current.grid, current.grid_problem = self.family.grid(module, call)
+        capture = self.state.capture
+        if capture is None:
+            return self._edited_forward(module, forward, call, current)
+        capture.begin_call(self.family.batch_size(call), call, cache_context_name(self.cache))
+        try:
+            output = self._edited_forward(module, forward, call, current)
+        except BaseException:
+            capture.discard_call()
+            raise
+        capture.end_call()
+        return output
+
+    def _edited_forward(self, module, forward, call: dict, current):
+        """The call with HeadGuidance's and TextPatch's extra rows (if they act on it)."""
         if self.guidance is None and self.text is None:
             return forward(**call)
         context = cache_context_name(self.cache)

@@ -19,6 +19,10 @@ class DispatchingProcessor(LayerProcessor):
         """(B, S, H, D) → (B, S, H, D). With no plan: diffusers' own call, so `attention_backend(...)` and
         `set_attention_backend` reach the layer; else the plan on dit-attn's kernels (image_tokens: the
         count the length-adjusted local scale uses)."""
+        if self.state.capture is not None:
+            self.state.capture.record(self.layer, query, key, plan, attention_mask, self.state.call.image_range,
+                                      self.state.scale_for(self.layer, image_tokens, query.shape[-1]), "BSHD",
+                                      self.state.call)
         if plan is None:
             return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
                                          parallel_config=self._parallel_config)

@@ -28,6 +28,8 @@ class SD3AttnProcessor(LayerProcessor):
         """The attention call, (B, H, S, D) with [image ; text] tokens."""
         plan = self.state.plan(self.layer, query.shape[0], (0, image_tokens), pool, perturbed=self.joint)
         scale = self.state.scale_for(self.layer, image_tokens, query.shape[-1])
+        if self.state.capture is not None and self.joint:
+            self.state.capture.record(self.layer, query, key, plan, None, (0, image_tokens), scale, "BHSD", self.state.call)
         return kernels.attention(query, key, value, plan, scale=scale, backend=self.state.backend_for(plan))
 
     def __call__(

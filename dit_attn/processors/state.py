@@ -174,6 +174,7 @@ class CallState:
     image_len: int | None = None  # image tokens of the call, where the family reads them from the call (Z-Image)
     grid: tuple[int, int] | None = None  # image-token grid of the call
     grid_problem: str = ""  # why the call has no grid
+    image_range: tuple[int, int] | None = None  # image tokens of the layer's last plan request (read by a Capture)
 
 
 @dataclass
@@ -187,6 +188,7 @@ class EditState:
     local: LocalSetting | None = None
     nag: NAGSetting | None = None  # NAG's layers and settings (its negative rows are the stage's patch sources)
     local_backend: str = "auto"  # LocalAttention's backend choice, for calls with a window
+    capture: object | None = None  # a Capture's recorder (`dit_attn.capture.recorder`): gets each attention call's q, k
     released: bool = False  # its handle was removed (see `clear`)
     _calls: threading.local = field(default_factory=threading.local, repr=False, compare=False)
 
@@ -202,6 +204,7 @@ class EditState:
     def clear(self) -> None:
         """Forget every edit: processors left with this state compute stock attention."""
         self.model_edits, self.guided_edits, self.patch_layers, self.local, self.nag = {}, {}, frozenset(), None, None
+        self.capture = None
         self.released = True
 
     @property
@@ -235,6 +238,8 @@ class EditState:
 
         perturbed=False: the local window only (SD3.5's image-only attn2 is never perturbed).
         """
+        if self.capture is not None:
+            self.call.image_range = image_tokens
         window = self.window(layer, pool)
         if not perturbed:
             return AttentionPlan((), image_tokens, window) if window is not None else None

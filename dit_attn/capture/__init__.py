@@ -1,0 +1,14 @@
+"""Attention maps captured during a pipeline call (`da.Capture`) and heatmaps of them over images."""
+from __future__ import annotations
+
+from .recorder import CaptureResult
+
+__all__ = ["CaptureResult", "overlay"]
+
+
+def __getattr__(name: str):
+    if name == "overlay":  # PIL loads with it
+        from .overlay import overlay
+
+        return overlay
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,263 @@
+"""`Capture` inside a pipeline call: which calls and rows it records, the maps of each attention call,
+and their accumulation over the denoising steps.
+
+The processors hand every attention call's q and k (with the layer's plan and the pipeline's mask) to
+`CaptureRecorder.record`; the call hook brackets each transformer call with `begin_call` / `end_call`.
+A call is recorded when it is the one HeadGuidance and TextPatch act on (`hooks.selection`: the first
+call of the step, its conditional rows) and its step is one of `Capture.steps`; only the pipeline's own
+conditional rows are read (not HeadGuidance's perturbed copies or TextPatch's source rows).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..edits import Capture
+from ..hooks.pipeline import capture_prompts
+from ..hooks.selection import CallSelector
+from ..hooks.steps import denoising_step
+from ..kernels import masks
+from ..kernels.plan import Perturbation
+from .maps import chunks, edited_rows
+from .words import word_positions
+
+
+@dataclass
+class CaptureResult:
+    """The maps of the last pipeline call.
+
+    maps: reduce="mean": (rows, layers, heads, tokens, H, W), the mean over the captured steps;
+        reduce=None: (steps, rows, layers, heads, tokens, H, W). rows are the call's conditional rows
+        (one per image), H×W the generated-token grid. cross: the probability of each image query on
+        the token (a word: the sum over its tokens); self: each chosen location's probabilities over
+        the image keys.
+    """
+
+    kind: str
+    maps: torch.Tensor
+    layers: tuple[int, ...]
+    heads: tuple[int, ...]
+    tokens: tuple[str, ...]  # a label per map: the word, "t<index>" or "y,x"
+    steps: tuple[int, ...]
+    grid: tuple[int, int]
+    reduce: str | None
+
+    def settings(self) -> dict:
+        """JSON-ready description (everything but the maps)."""
+        return {"kind": self.kind, "layers": list(self.layers), "heads": list(self.heads), "tokens": list(self.tokens),
+                "steps": list(self.steps), "grid": list(self.grid), "reduce": self.reduce,
+                "shape": list(self.maps.shape)}
+
+
+@dataclass
+class _Pending:
+    rows: torch.Tensor
+    step: int
+    layers: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class CaptureRecorder:
+    def __init__(self, pipe, family, edit: Capture, layer_map):
+        if pipe is None:
+            raise TypeError("Capture needs a pipeline (it reads the denoising steps and the prompt); pass the pipeline, "
+                            "not the transformer")
+        self.pipe, self.family, self.edit = pipe, family, edit
+        last = len(layer_map) - 1
+        layers = edit.layers if edit.layers is not None else tuple(range(len(layer_map)))
+        bad = [i for i in layers if i > last]
+        if bad:
+            raise ValueError(f"Capture layers {bad} do not exist: this model has layers 0-{last}")
+        self.layers = tuple(layers)
+        fewest = min(layer_map[i].heads for i in self.layers)
+        heads = edit.heads if edit.heads is not None else tuple(range(fewest))
+        bad = [h for h in heads if h >= fewest]
+        if bad:
+            raise ValueError(f"Capture heads {bad} do not exist: the captured layers have heads 0-{fewest - 1}")
+        self.heads = tuple(heads)
+        self.words = edit.kind == "cross" and edit.tokens is not None and isinstance(edit.tokens[0], str)
+        self.selector = CallSelector(pipe, family, "Capture")
+        self._wrap = None
+        self._prompt_columns: list[list[list[int]]] | None = None  # per prompt, per word: text positions
+        self._pending: _Pending | None = None
+        self._reset()
+
+    # --- the pipeline call -------------------------------------------------------------------
+    def install(self) -> None:
+        self._wrap = capture_prompts(self.pipe, self._new_pipeline_call)
+
+    def undo(self) -> None:
+        if self._wrap is not None:
+            self._wrap.undo()
+            self._wrap = None
+
+    def _reset(self) -> None:
+        self._sum: torch.Tensor | None = None
+        self._per_step: list[torch.Tensor] = []
+        self._steps: list[int] = []
+        self._grid: tuple[int, int] | None = None
+        self.selector.reset()
+
+    def _new_pipeline_call(self, prompt) -> None:
+        self._reset()
+        self._prompt_columns = None
+        if not self.words:
+            return
+        if prompt is None:
+            raise ValueError("Capture with words needs the prompt text: call the pipeline with prompt=..., not prompt_embeds "
+                             "(or give text-token indices)")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        self._prompt_columns = [word_positions(self.pipe, self.family.name, p, self.edit.tokens) for p in prompts]
+
+    # --- one transformer call ----------------------------------------------------------------
+    def begin_call(self, batch: int, call: dict, context: str | None) -> None:
+        self._pending = None
+        rows = self.selector.select(batch, call, context)
+        if rows is None:
+            return
+        step, total = denoising_step(self.pipe)
+        if self.edit.steps is not None:
+            if max(self.edit.steps) >= total:
+                raise ValueError(f"Capture steps {[s for s in self.edit.steps if s >= total]} do not exist: "
+                                 f"this call runs steps 0-{total - 1}")
+            if step not in self.edit.steps:
+                return
+        self._pending = _Pending(rows, step)
+
+    def discard_call(self) -> None:
+        """The transformer call failed: nothing of it is kept."""
+        self._pending = None
+
+    def end_call(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        missing = [i for i in self.layers if i not in pending.layers]
+        if missing:
+            raise RuntimeError(f"Capture: layers {missing} made no attention call in this transformer call")
+        maps = torch.stack([pending.layers[i] for i in self.layers], dim=1)  # (R, L, heads, T, H, W)
+        if self.edit.reduce is None:
+            self._per_step.append(maps)
+        else:
+            self._sum = maps if self._sum is None else self._sum + maps
+        self._steps.append(pending.step)
+
+    def record(self, layer: int, query: torch.Tensor, key: torch.Tensor, plan, attention_mask, image_range,
+               scale: float | None, layout: str, call) -> None:
+        """One attention call of `layer`: q, k (B, H, S, D) for layout "BHSD", (B, S, H, D) for "BSHD"."""
+        pending = self._pending
+        if pending is None or layer not in self.layers:
+            return
+        if image_range is None:
+            raise ValueError("Capture needs the image tokens of each call (this call's layers do not know them)")
+        if call.grid is None:
+            raise ValueError(f"Capture needs the image tokens of each call on a full row-major grid: {call.grid_problem}")
+        with torch.no_grad():
+            pending.layers[layer] = self._maps(query, key, plan, attention_mask, image_range, scale, layout, call,
+                                               pending.rows)
+        self._grid = call.grid
+
+    def _maps(self, query, key, plan, attention_mask, image_range, scale, layout, call, rows) -> torch.Tensor:
+        if layout == "BSHD":
+            query, key = query.transpose(1, 2), key.transpose(1, 2)
+        rows = rows.to(query.device)
+        heads = torch.tensor(self.heads, device=query.device)
+        q = query.index_select(0, rows).index_select(1, heads)
+        k = key.index_select(0, rows).index_select(1, heads)
+        seq_len = q.shape[-2]
+        start, stop = image_range
+        image = slice(start, stop)
+        grid_h, grid_w = call.grid
+        generated = grid_h * grid_w
+        if generated > stop - start:
+            raise ValueError(f"Capture: a {grid_h}×{grid_w} grid for {stop - start} image tokens")
+        bias = None
+        if attention_mask is not None:
+            bias = masks.additive(masks.as_four_d(attention_mask, seq_len), torch.float32)
+            bias = bias.index_select(0, rows) if bias.shape[0] > 1 else bias
+            bias = bias.index_select(1, heads.to(bias.device)) if bias.shape[1] > 1 else bias
+        perturbations, window = (), None
+        if plan is not None:
+            window = plan.window
+            perturbations = tuple(Perturbation(p.u.to(q.device).index_select(0, rows).index_select(1, heads),
+                                               p.target, p.scope) for p in plan.perturbations)
+
+        def probabilities(positions):
+            return edited_rows(q, k, positions, image, scale, bias, window, perturbations)
+
+        batch, n_heads = q.shape[0], q.shape[1]
+        if self.edit.kind == "self":
+            positions = start + self._locations(call.grid)
+            out = torch.cat([probabilities(p)[..., start:start + generated] for p in chunks(positions, batch, n_heads, seq_len)],
+                            dim=2)  # (R, heads, T, N)
+            return out.reshape(batch, n_heads, -1, grid_h, grid_w).float().cpu()
+        text = torch.cat([torch.arange(0, start), torch.arange(stop, seq_len)]).to(q.device)
+        groups = self._text_groups(text.numel(), rows)  # per row: T lists of text indices, or (T,) shared by all rows
+        pieces = []
+        for positions in chunks(torch.arange(start, start + generated, device=q.device), batch, n_heads, seq_len):
+            p = probabilities(positions)
+            if isinstance(groups, torch.Tensor):
+                pieces.append(p[..., text[groups.to(q.device)]])
+                continue
+            p = p[..., text]  # (R, heads, n, text tokens)
+            pieces.append(torch.stack([torch.stack([p[r][..., cols].sum(-1) for cols in groups[r]], dim=-1)
+                                       for r in range(batch)]))
+        out = torch.cat(pieces, dim=2)  # (R, heads, N, T)
+        return out.permute(0, 1, 3, 2).reshape(batch, n_heads, -1, grid_h, grid_w).float().cpu()
+
+    def _locations(self, grid: tuple[int, int]) -> torch.Tensor:
+        rows, cols = grid
+        flat = []
+        for t in self.edit.tokens:
+            if isinstance(t, tuple):
+                if t[0] >= rows or t[1] >= cols:
+                    raise ValueError(f"Capture location {t} is outside the {rows}×{cols} token grid (rows 0-{rows - 1}, "
+                                     f"columns 0-{cols - 1})")
+                flat.append(t[0] * cols + t[1])
+            else:
+                if t >= rows * cols:
+                    raise ValueError(f"Capture location {t} is outside the {rows}×{cols} token grid (flat indices 0-{rows * cols - 1})")
+                flat.append(t)
+        return torch.tensor(flat, dtype=torch.long)
+
+    def _text_groups(self, text_len: int, rows: torch.Tensor) -> torch.Tensor | list[list[list[int]]]:
+        tokens = self.edit.tokens
+        if tokens is None:
+            return torch.arange(text_len)
+        if not self.words:
+            bad = [t for t in tokens if t >= text_len]
+            if bad:
+                raise ValueError(f"Capture text-token indices {bad} do not exist: this call has text tokens 0-{text_len - 1}")
+            return torch.tensor(tokens, dtype=torch.long)
+        prompts = self._prompt_columns
+        if prompts is None:
+            raise ValueError("Capture with words needs the prompt text of the pipeline call")
+        if rows.numel() % len(prompts):
+            raise RuntimeError(f"Capture: {rows.numel()} conditional rows for {len(prompts)} prompts")
+        per_prompt = rows.numel() // len(prompts)
+        groups = []
+        for r in range(rows.numel()):
+            columns = prompts[r // per_prompt]
+            groups.append([[c for c in cols if c < text_len] for cols in columns])
+        return groups
+
+    # --- after the call ------------------------------------------------------------------------
+    def labels(self) -> tuple[str, ...]:
+        tokens = self.edit.tokens
+        if self.edit.kind == "self":
+            return tuple(f"{t[0]},{t[1]}" if isinstance(t, tuple) else f"i{t}" for t in tokens)
+        if tokens is None:
+            count = 0 if self._grid is None else (self._sum if self._sum is not None else self._per_step[0]).shape[3]
+            return tuple(f"t{i}" for i in range(count))
+        return tuple(tokens) if self.words else tuple(f"t{t}" for t in tokens)
+
+    def result(self) -> CaptureResult:
+        if not self._steps:
+            raise RuntimeError("no maps captured yet: call the pipeline with the edits applied first "
+                               "(or the Capture steps were not among the call's steps)")
+        if self.edit.reduce is None:
+            maps = torch.stack(self._per_step)
+        else:
+            maps = self._sum / len(self._steps)
+        return CaptureResult(self.edit.kind, maps, self.layers, self.heads, self.labels(), tuple(self._steps),
+                             self._grid, self.edit.reduce)

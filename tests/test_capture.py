@@ -1,0 +1,262 @@
+"""Capture: attention maps recorded in the pipeline's own call, checked against dense attention maps
+built here from the q and k every processor hands to its attention call."""
+import json
+import math
+
+import pytest
+import torch
+
+import dit_attn as da
+import dit_attn.processors.dispatch as dispatch_module
+import dit_attn.processors.sd3 as sd3_module
+from dit_attn.toy.chroma import build_chroma_pipeline
+from dit_attn.toy.configs import build_flux_pipeline, build_sd3_pipeline
+
+from .conftest import SIZE, flux_call, sd3_call
+
+torch.set_num_threads(1)
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def chroma_pipe():
+    pipe = build_chroma_pipeline(num_layers=1, num_single_layers=1, num_heads=2, head_dim=8)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class AttentionInputs:
+    """Every attention call's (q, k, mask) as (B, H, S, D), from the two places processors call attention:
+    dit-attn's kernels and diffusers' dispatch (FLUX-layout layers with nothing to edit)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        assert sd3_module.kernels is dispatch_module.kernels
+        original = sd3_module.kernels.attention
+
+        def spy(q, k, v, plan=None, **kwargs):
+            self._add(q, k, kwargs.get("attn_mask"), kwargs.get("layout", "BHSD"))
+            return original(q, k, v, plan, **kwargs)
+
+        monkeypatch.setattr(sd3_module.kernels, "attention", spy)
+        dispatch = dispatch_module.dispatch_attention_fn
+
+        def dispatch_spy(q, k, v, attn_mask=None, **kwargs):
+            self._add(q, k, attn_mask, "BSHD")
+            return dispatch(q, k, v, attn_mask=attn_mask, **kwargs)
+
+        monkeypatch.setattr(dispatch_module, "dispatch_attention_fn", dispatch_spy)
+
+    def _add(self, q, k, mask, layout):
+        if layout == "BSHD":
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+        self.calls.append((q.detach().clone(), k.detach().clone(), None if mask is None else mask.clone()))
+
+
+def dense_map(q, k, mask=None, keep=None):
+    """(B, H, S, S) softmax(q·kᵀ/√D + mask) over the keys `keep` allows ((S, S) bool, None: all)."""
+    logits = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        mask = mask if mask.ndim == 4 else mask[:, None, None, :]
+        logits = logits + (mask.double() if mask.dtype != torch.bool else torch.where(mask, 0.0, -math.inf))
+    if keep is not None:
+        logits = logits.masked_fill(~keep, -math.inf)
+    return torch.softmax(logits, dim=-1)
+
+
+def disc_keep(seq_len, image, grid, radius):
+    """Local attention: an image query sees image keys with dy² + dx² < r² and every text key."""
+    keep = torch.ones(seq_len, seq_len, dtype=torch.bool)
+    cells = torch.tensor([(y, x) for y in range(grid[0]) for x in range(grid[1])])
+    d2 = ((cells[:, None] - cells[None]) ** 2).sum(-1)
+    keep[image, image] = d2 < radius**2
+    return keep
+
+
+def cross_of(full, image, text_cols, grid):
+    """(B, H, S, S) map → (B, H, T, h, w): image queries' probabilities on each text column (a list: summed)."""
+    rows = full[:, :, image]
+    cols = [rows[..., c].sum(-1) if isinstance(c, list) else rows[..., c] for c in text_cols]
+    return torch.stack(cols, dim=2).unflatten(-1, grid).float()
+
+
+def layer_calls(calls, layers, steps, per_step=1, first=0):
+    """The attention inputs of the recorded call `first` of each step, by layer: {step: [per layer]}."""
+    out = {}
+    for step in range(steps):
+        start = (step * per_step + first) * layers
+        out[step] = calls[start:start + layers]
+    return out
+
+
+def sd3_pipe_for_capture():
+    pipe = build_sd3_pipeline(num_layers=3, num_heads=4, head_dim=8)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return sd3_pipe_for_capture()
+
+
+@pytest.fixture(scope="module")
+def flux():
+    pipe = build_flux_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=8)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sd3_cross_all_tokens_per_step_and_mean(sd3, monkeypatch):
+    """[image ; text]: every text token, the conditional row (second half of CFG's batch), each step."""
+    spy = AttentionInputs(monkeypatch)
+    with da.apply(sd3, da.Capture(reduce=None)) as handle:
+        sd3_call(sd3, steps=STEPS)
+        per_step = handle.maps
+    assert per_step.maps.shape[:3] == (STEPS, 1, 3) and per_step.grid == (8, 8) and per_step.steps == (0, 1, 2)
+    image = slice(0, 64)
+    for step, calls in layer_calls(spy.calls, 3, STEPS).items():
+        for layer, (q, k, _) in enumerate(calls):
+            assert q.shape[0] == 2
+            full = dense_map(q[1:], k[1:])
+            expected = cross_of(full, image, list(range(64, q.shape[2])), (8, 8))[0]
+            assert (per_step.maps[step, 0, layer] - expected).abs().max() < 1e-6, (step, layer)
+    with da.apply(sd3, da.Capture()) as handle:
+        sd3_call(sd3, steps=STEPS)
+        mean = handle.maps
+    assert mean.maps.shape == per_step.maps.shape[1:]
+    assert (mean.maps - per_step.maps.mean(dim=0)).abs().max() < 1e-7
+
+
+def test_sd35_words_heads_steps_and_the_image_unchanged(monkeypatch):
+    """SD3.5 with image-only attn2 in blocks 0 and 1 (not captured); words, heads, layers and a step chosen."""
+    sd35 = build_sd3_pipeline(num_layers=3, num_heads=4, head_dim=8, qk_norm="rms_norm", dual_attention_layers=(0, 1))
+    sd35.set_progress_bar_config(disable=True)
+    plain = sd3_call(sd35, steps=STEPS)
+    spy = AttentionInputs(monkeypatch)
+    capture = da.Capture(layers=[0, 2], heads=[1, 3], tokens="red, circle", steps=[1])
+    with da.apply(sd35, capture) as handle:
+        captured = sd3_call(sd35, steps=STEPS)
+        result = handle.maps
+    assert torch.equal(captured, plain)
+    assert result.tokens == ("red", "circle") and result.layers == (0, 2) and result.heads == (1, 3)
+    assert result.steps == (1,) and result.maps.shape == (1, 2, 2, 2, 8, 8)
+    # the words' text positions from the pipeline's CLIP tokenizer (no T5 here: its 8 tokens are zeros)
+    clip = sd35.tokenizer("a red circle", padding="max_length", max_length=sd35.tokenizer_max_length)["input_ids"]
+    columns = [[64 + i for i, t in enumerate(clip) if t == sd35.tokenizer(word, add_special_tokens=False)["input_ids"][0]]
+               for word in ("red", "circle")]
+    assert [len(c) for c in columns] == [1, 1]
+    joint = [c for c in spy.calls if c[0].shape[2] > 64]  # attn2 calls see the 64 image tokens only
+    assert len(joint) == 3 * STEPS and len(spy.calls) == 5 * STEPS
+    calls = layer_calls(joint, 3, STEPS)[1]
+    for i, layer in enumerate((0, 2)):
+        q, k, _ = calls[layer]
+        full = dense_map(q[1:, [1, 3]], k[1:, [1, 3]])
+        assert (result.maps[0, i] - cross_of(full, slice(0, 64), columns, (8, 8))[0]).abs().max() < 1e-6
+
+
+def test_flux_double_and_single_blocks_with_softpag(flux, monkeypatch):
+    """[text ; image] in double and single blocks; SoftPAG's blend is in the captured probabilities."""
+    edit = da.SoftPAG(heads=["L1H2", "L2H0"], u=0.5)
+    with da.apply(flux, edit):
+        plain = flux_call(flux, steps=2)
+    spy = AttentionInputs(monkeypatch)
+    with da.apply(flux, edit, da.Capture(reduce=None)) as handle:
+        captured = flux_call(flux, steps=2)
+        result = handle.maps
+    assert torch.equal(captured, plain)
+    assert result.maps.shape[:4] == (2, 1, 4, 4)
+    for step, calls in layer_calls(spy.calls, 4, 2).items():
+        for layer, (q, k, _) in enumerate(calls):
+            text_len = q.shape[2] - 64
+            full = dense_map(q, k)
+            for head in {1: [2], 2: [0]}.get(layer, []):
+                full[:, head] = 0.5 * full[:, head] + 0.5 * torch.eye(q.shape[2], dtype=full.dtype)
+            expected = cross_of(full, slice(text_len, None), list(range(text_len)), (8, 8))[0]
+            assert (result.maps[step, 0, layer] - expected).abs().max() < 1e-6, (step, layer)
+
+
+def test_local_attention_and_image_scope_softpag_in_cross_and_self_maps(sd3, monkeypatch):
+    """With a local window the out-of-window image keys get nothing and the LSE runs over the window's keys;
+    SoftPAG scope='image', identity: an image query keeps its own key and the text keys."""
+    edits = (da.LocalAttention(radius=3), da.SoftPAG(heads=["L1H0"], u=1.0, scope="image"))
+    locations = [(0, 0), (4, 5)]
+    spy = AttentionInputs(monkeypatch)
+    with da.apply(sd3, *edits, da.Capture(tokens=[0, 3, 17], steps=[0])) as handle:
+        sd3_call(sd3, steps=1)
+        cross = handle.maps
+    with da.apply(sd3, *edits, da.Capture(kind="self", tokens=locations, steps=[0])) as handle:
+        sd3_call(sd3, steps=1)
+        self_maps = handle.maps
+    assert self_maps.tokens == ("0,0", "4,5")
+    for layer, (q, k, _) in enumerate(spy.calls[:3]):
+        seq_len = q.shape[2]
+        keep = disc_keep(seq_len, slice(0, 64), (8, 8), 3)
+        full = dense_map(q[1:], k[1:], keep=keep)
+        if layer == 1:  # head 0 replaced by the image-scope identity target (no window there)
+            own = torch.eye(seq_len, dtype=torch.bool)
+            own[:, 64:] = True
+            own[64:] = True
+            full[:, 0] = dense_map(q[1:, :1], k[1:, :1], keep=own)[:, 0]
+        expected = cross_of(full, slice(0, 64), [64 + t for t in (0, 3, 17)], (8, 8))[0]
+        assert (cross.maps[0, layer] - expected).abs().max() < 1e-6, layer
+        for t, (y, x) in enumerate(locations):
+            row = full[0, :, y * 8 + x, :64].unflatten(-1, (8, 8)).float()
+            assert (self_maps.maps[0, layer, :, t] - row).abs().max() < 1e-6, (layer, t)
+    far = self_maps.maps[0, 0, :, 0]  # (0, 0) sees nothing beyond radius 3
+    assert far[:, 3:, 3:].abs().max() == 0 and far[:, :2, :2].min() > 0
+
+
+def test_chroma_mask_in_the_probabilities(chroma_pipe, monkeypatch):
+    spy = AttentionInputs(monkeypatch)
+    args = dict(num_inference_steps=1, guidance_scale=1.0, max_sequence_length=8, output_type="latent", **SIZE)
+    with da.apply(chroma_pipe, da.Capture(tokens=list(range(8)))) as handle:
+        chroma_pipe("a red circle", generator=torch.Generator().manual_seed(0), **args)
+        result = handle.maps
+    for layer, (q, k, mask) in enumerate(spy.calls[:2]):
+        assert mask is not None
+        full = dense_map(q, k, mask)
+        expected = cross_of(full, slice(8, None), list(range(8)), result.grid)[0]
+        assert (result.maps[0, layer] - expected).abs().max() < 1e-6
+    # the padding keys the mask demotes get less than the prompt's keys
+    assert result.maps[0, :, :, -1].mean() < result.maps[0, :, :, 1].mean()
+
+
+def test_head_guidance_rows_are_not_captured(sd3):
+    """The first step's maps with HeadGuidance (its perturbed copies ride in the same call) are the stock rows'."""
+    capture = da.Capture(steps=[0])
+    with da.apply(sd3, capture) as handle:
+        sd3_call(sd3, steps=2)
+        alone = handle.maps.maps
+    with da.apply(sd3, da.HeadGuidance(heads=["L0"], scale=2.0, share_prefix=False), capture) as handle:
+        sd3_call(sd3, steps=2)
+        guided = handle.maps.maps
+    assert guided.shape == alone.shape and (guided - alone).abs().max() < 1e-6
+
+
+def test_settings_round_trip_and_bad_input(sd3):
+    edit = da.Capture(layers=[1], tokens=["red"], kind="cross", steps=[0], reduce=None)
+    assert da.edit_from_dict(json.loads(json.dumps(edit.to_dict()))) == edit
+    with pytest.raises(ValueError, match=r"kind must be one of \('cross', 'self'\)"):
+        da.Capture(kind="concept")
+    with pytest.raises(ValueError, match="layers 0-2"):
+        da.apply(sd3, da.Capture(layers=[3]))
+    with pytest.raises(ValueError, match="heads 0-3"):
+        da.apply(sd3, da.Capture(heads=[4]))
+    with da.apply(sd3, da.Capture(tokens="red,dog")) as handle:
+        with pytest.raises(ValueError, match=r"'dog' not in the prompt 'a red circle'; its words: a, red, circle"):
+            sd3_call(sd3, steps=1)
+        with pytest.raises(RuntimeError, match="no maps captured"):
+            handle.maps
+    with da.apply(sd3, da.Capture(kind="self", tokens=[(8, 0)])):
+        with pytest.raises(ValueError, match=r"outside the 8×8 token grid \(rows 0-7"):
+            sd3_call(sd3, steps=1)
+    with da.apply(sd3, da.Capture(tokens=[24])):
+        with pytest.raises(ValueError, match="text tokens 0-23"):
+            sd3_call(sd3, steps=1)
+    with da.apply(sd3, da.Capture(steps=[5])):
+        with pytest.raises(ValueError, match="steps 0-0"):
+            sd3_call(sd3, steps=1)
+    with da.apply(sd3, da.SoftPAG(heads=["L0H0"])) as handle:
+        with pytest.raises(ValueError, match="no Capture"):
+            handle.maps
