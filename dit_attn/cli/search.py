@@ -11,11 +11,13 @@ from .generate import add_guidance_options
 
 def search_inputs(args):
     """(objective, prompts, pipeline) of `hunt`/`atlas`; a missing objective model fails before the pipeline loads."""
-    from ..guidance.objectives import get_objective
+    from ..guidance.objectives import differentiable_objective, get_objective
     from ..workflows.batch import read_prompts
 
     check_search_flags(args)
     objective = get_objective(args.objective)
+    if args.command == "hunt" and args.strategy == "screen+race":
+        differentiable_objective(objective, args.objective)
     items, bad = read_prompts(check_input_file("--prompts", args.prompts_file))
     warn_skipped(args.prompts_file, bad)
     if not items:
@@ -86,6 +88,8 @@ def cmd_hunt(args) -> int:
         checkpoint=args.checkpoint or args.out + ".checkpoint", batch_size=args.batch_size,
         target=args.target, scope=args.scope, max_sequence_length=args.max_sequence_length, min_z=args.min_z,
         confirm_seeds=args.confirm_seeds, confirm_top=args.confirm_top, confirm_together=args.confirm_together,
+        strategy=args.strategy, race_start=args.race_start, race_z=args.race_z, race_eta=args.race_eta,
+        screen_top=args.screen_top, u0=args.u0,
     )
     result.settings["objective"] = args.objective
     if int(os.environ.get("RANK", "0")) == 0:
@@ -122,6 +126,18 @@ def add_commands(sub) -> None:
     hunt.add_argument("--confirm-together", action="store_true",
                       help="with --confirm-seeds: confirm each round's top k as one set (all join or none), for "
                            "heads too weak to confirm one by one")
+    hunt.add_argument("--strategy", choices=("exhaustive", "race", "screen+race"), default="exhaustive",
+                      help="exhaustive: every candidate on every pair; race: drop candidates clearly behind the "
+                           "leader as pairs come in; screen+race: rank every head by one gradient pass first and race "
+                           "the best (needs a differentiable objective: color:<name>, judge:soft)")
+    hunt.add_argument("--race-start", type=int, default=None, help="race: pairs per candidate in the first stage (default 2)")
+    hunt.add_argument("--race-z", type=finite_float, default=2.0,
+                      help="race: drop a candidate this many standard errors below the leader (default 2)")
+    hunt.add_argument("--race-eta", type=finite_float, default=2.0,
+                      help="race: at most 1/ETA of the candidates go on from each stage (1: no halving; default 2)")
+    hunt.add_argument("--screen-top", type=int, default=None,
+                      help="screen+race: candidates that race (default: a quarter, at least 4·max(k, confirm-top))")
+    hunt.add_argument("--u0", type=finite_float, default=0.0, help="screen+race: strength the gradients are taken at")
     hunt.add_argument("--candidates", default=None, help="heads to search over, e.g. 'L0,L1H2' (default: all)")
     hunt.add_argument("--checkpoint", default=None, help="resume file (default: OUT.checkpoint)")
     hunt.add_argument("--out", default="hunt.json", help="result: selected heads, every round's scores, settings")

@@ -435,7 +435,7 @@ def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float 
         remaining = [h for h in heads if h not in selected]
         bar.set_description(f"hunt round {round_index + 1}/{rounds}")
         if min_z is not None and rank == 0 and BASELINE not in pair_scores:
-            pairs = pairs_of(settings) if exhaustive else race_pairs(settings)
+            pairs = None if exhaustive else race_pairs(settings)  # None: the search's own pairs
             pair_scores[BASELINE] = score_pairs(pipe, score_fn, settings, [set(selected)], pairs)[0][0]
             save_state(path, settings, state)
         if exhaustive:
