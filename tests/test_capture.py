@@ -11,6 +11,9 @@ import dit_attn.processors.dispatch as dispatch_module
 import dit_attn.processors.sd3 as sd3_module
 from dit_attn.toy.chroma import build_chroma_pipeline
 from dit_attn.toy.configs import build_flux_pipeline, build_sd3_pipeline
+from dit_attn.toy.hunyuan_image import build_hunyuan_image_pipeline
+from dit_attn.toy.qwen_image import build_qwen_image_pipeline
+from dit_attn.toy.z_image import build_z_image_pipeline
 
 from .conftest import SIZE, flux_call, sd3_call
 
@@ -220,6 +223,34 @@ def test_chroma_mask_in_the_probabilities(chroma_pipe, monkeypatch):
         assert (result.maps[0, layer] - expected).abs().max() < 1e-6
     # the padding keys the mask demotes get less than the prompt's keys
     assert result.maps[0, :, :, -1].mean() < result.maps[0, :, :, 1].mean()
+
+
+FAMILIES = {  # builder, call arguments, where the image tokens sit (text first or last), grid
+    "qwen_image": (build_qwen_image_pipeline, dict(true_cfg_scale=1.0, max_sequence_length=16), "last", (4, 4)),
+    "z_image": (build_z_image_pipeline, dict(guidance_scale=0.0, max_sequence_length=64), "first", (8, 8)),
+    "hunyuan_image": (build_hunyuan_image_pipeline, dict(), "first", (4, 4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_other_families_through_their_dispatch(name, monkeypatch):
+    build, args, image_at, grid = FAMILIES[name]
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    spy = AttentionInputs(monkeypatch)
+    call = dict(num_inference_steps=1, output_type="latent", height=32, width=32, **args)
+    with da.apply(pipe, da.Capture(tokens=[0, 2])) as handle:
+        pipe("a red circle", generator=torch.Generator().manual_seed(0), **call)
+        result = handle.maps
+    assert result.grid == grid
+    n = grid[0] * grid[1]
+    layers = len(da.layers(pipe))
+    for layer, (q, k, mask) in enumerate(spy.calls[:layers]):
+        seq_len = q.shape[2]
+        image = slice(0, n) if image_at == "first" else slice(seq_len - n, seq_len)
+        text = [i for i in range(seq_len) if not image.start <= i < image.stop]
+        expected = cross_of(dense_map(q[:1], k[:1], None if mask is None else mask[:1]), image, [text[0], text[2]], grid)
+        assert (result.maps[0, layer] - expected[0]).abs().max() < 1e-6, layer
 
 
 def test_head_guidance_rows_are_not_captured(sd3):

@@ -84,6 +84,11 @@ class CaptureRecorder:
 
     # --- the pipeline call -------------------------------------------------------------------
     def install(self) -> None:
+        if not self.words:
+            return
+        if not callable(getattr(self.pipe, "check_inputs", None)):
+            raise ValueError(f"Capture cannot read the prompt of {type(self.pipe).__name__} calls (no check_inputs): "
+                             "give text-token indices instead of words")
         self._wrap = capture_prompts(self.pipe, self._new_pipeline_call)
 
     def undo(self) -> None:
@@ -96,7 +101,7 @@ class CaptureRecorder:
         self._per_step: list[torch.Tensor] = []
         self._steps: list[int] = []
         self._grid: tuple[int, int] | None = None
-        self.selector.reset()
+        self._timesteps = None  # the scheduler's timesteps of the pipeline call the maps are from
 
     def _new_pipeline_call(self, prompt) -> None:
         self._reset()
@@ -115,6 +120,9 @@ class CaptureRecorder:
         rows = self.selector.select(batch, call, context)
         if rows is None:
             return
+        if self.pipe.scheduler.timesteps is not self._timesteps:  # a new pipeline call: its maps start afresh
+            self._reset()
+            self._timesteps = self.pipe.scheduler.timesteps
         step, total = denoising_step(self.pipe)
         if self.edit.steps is not None:
             if max(self.edit.steps) >= total:
