@@ -291,3 +291,39 @@ def test_settings_round_trip_and_bad_input(sd3):
     with da.apply(sd3, da.SoftPAG(heads=["L0H0"])) as handle:
         with pytest.raises(ValueError, match="no Capture"):
             handle.maps
+
+
+def test_overlay_shapes_and_colours():
+    from PIL import Image
+
+    image = Image.new("RGB", (32, 32), (0, 128, 0))
+    heat = torch.zeros(4, 4)
+    heat[0, 0] = 1.0
+    one = da.capture.overlay(image, heat, alpha=1.0)
+    assert one.size == (32, 32)
+    assert one.getpixel((0, 0)) == (252, 255, 164) and one.getpixel((31, 31)) == (0, 0, 4)  # the map's maximum, minimum
+    many = da.capture.overlay(image, torch.rand(3, 4, 4), alpha=0.0)
+    assert len(many) == 3 and all(m.getpixel((5, 5)) == (0, 128, 0) for m in many)
+    with pytest.raises(ValueError, match=r"\(H, W\) or \(N, H, W\)"):
+        da.capture.overlay(image, torch.rand(1, 2, 4, 4))
+
+
+def test_cli_writes_overlays_and_index(tmp_path, capsys):
+    from dit_attn.cli.main import main
+
+    out = tmp_path / "maps"
+    code = main(["maps", "a large red circle on a blue background", "--words", "red,circle", "--layers", "1,4",
+                 "--num-inference-steps", "2", "--out", str(out)])
+    assert code == 0
+    assert capsys.readouterr().out.strip() == f"dit-attn maps: 4 maps of 2 layers -> {out / 'maps.json'}"
+    index = json.loads((out / "maps.json").read_text())
+    assert index["tokens"] == ["red", "circle"] and index["layers"] == [1, 4] and index["steps"] == [0, 1]
+    assert sorted(m["file"] for m in index["maps"]) == ["L1_circle.png", "L1_red.png", "L4_circle.png", "L4_red.png"]
+    assert all((out / m["file"]).is_file() for m in index["maps"]) and (out / "image.png").is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(".partial")]
+    assert main(["maps", "a red circle", "--words", "dog", "--num-inference-steps", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["dit-attn maps: error: Capture: 'dog' not in the prompt 'a red circle'; its words: a, red, circle"]
+    assert main(["maps", "a red circle", "--layers", "x", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "dit-attn maps: error: --layers must be comma-separated indices, e.g. 0,3,5; got 'x'"]

@@ -8,7 +8,7 @@ __all__ = ["CaptureResult", "overlay"]
 
 def __getattr__(name: str):
     if name == "overlay":  # PIL loads with it
-        from .overlay import overlay
+        from .heatmap import overlay
 
         return overlay
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

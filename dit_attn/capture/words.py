@@ -31,16 +31,20 @@ def prompt_words(prompt: str) -> list[str]:
     return [w.strip(".,;:!?\"'()") for w in prompt.split() if w.strip(".,;:!?\"'()")]
 
 
+def check_words_in_prompt(prompt: str, words) -> None:
+    missing = [w for w in words if w.lower() not in {p.lower() for p in prompt_words(prompt)}]
+    if missing:
+        raise ValueError(f"Capture: {', '.join(map(repr, missing))} not in the prompt {prompt!r}; "
+                         f"its words: {', '.join(prompt_words(prompt))}")
+
+
 def word_positions(pipe, family_name: str, prompt: str, words: tuple[str, ...]) -> list[list[int]]:
     """For each word, its positions in the call's text stream (sorted); ValueError for a word not in the prompt."""
     segments = TEXT_SEGMENTS.get(family_name)
     if segments is None:
         raise ValueError(f"Capture cannot find words in {family_name} prompts yet (families: "
                          f"{', '.join(TEXT_SEGMENTS)}); give text-token indices as tokens instead")
-    missing = [w for w in words if w.lower() not in {p.lower() for p in prompt_words(prompt)}]
-    if missing:
-        raise ValueError(f"Capture: {', '.join(map(repr, missing))} not in the prompt {prompt!r}; "
-                         f"its words: {', '.join(prompt_words(prompt))}")
+    check_words_in_prompt(prompt, words)
     positions: list[list[int]] = [[] for _ in words]
     offset = 0
     for tokenizer_name, length_name, encoder_name in segments:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from . import generate, ic, localization, search, serve, training
+from . import generate, ic, localization, maps, search, serve, training
 from .common import Parser
 
 INPUT_ERRORS = (ValueError, TypeError, NotImplementedError)
@@ -20,7 +20,7 @@ def build_parser() -> Parser:
     parser.add_argument("--debug", action="store_true",
                         help="on an error, show the Python traceback instead of the one-line message")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (generate, search, serve, localization, ic, training):
+    for module in (generate, search, serve, localization, ic, training, maps):
         module.add_commands(sub)
     return parser
 
