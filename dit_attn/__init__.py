@@ -15,6 +15,7 @@ _EXPORTS = {
     "PRESETS": ".heads", "LayerInfo": ".heads",
     "Atlas": ".guidance.atlas", "atlas": ".guidance.atlas",
     "HuntResult": ".guidance.search", "hunt": ".guidance.search",
+    "ScreenResult": ".guidance.screening", "screen_heads": ".guidance.screening",
     "call_defaults": ".loading", "load_pipeline": ".loading",
     "LocalizationResult": ".localization", "TextEdit": ".localization", "edit_text": ".localization",
     "localize": ".localization", "localized_lora_config": ".localization",
