@@ -1,4 +1,5 @@
 import logging
+import os
 
 import pytest
 import torch
@@ -8,10 +9,20 @@ from dit_attn.kernels import AttentionPlan, Perturbation, attention, choose_back
 
 torch.set_num_threads(1)
 
+DEVICE = os.environ.get("DIT_ATTN_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture(autouse=True)
+def on_test_device():
+    """DIT_ATTN_TEST_DEVICE=cuda runs these tests on the GPU (new tensors are made there)."""
+    torch.set_default_device(DEVICE)
+    yield
+    torch.set_default_device(None)
+
 
 def qkv(batch=3, heads=4, seq=24, dim=8, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(batch, heads, seq, dim, generator=g, dtype=dtype) for _ in range(3))
+    return tuple(torch.randn(batch, heads, seq, dim, generator=g, dtype=dtype, device="cpu").to(DEVICE) for _ in range(3))
 
 
 def dense_masked(q, k, v, mask):
@@ -69,7 +80,7 @@ def test_definitions_against_dense_maps():
 
 def test_float32_and_bshd_layout():
     q, k, v = qkv(dtype=torch.float32)
-    strength = torch.rand(3, 4, generator=torch.Generator().manual_seed(1))
+    strength = torch.rand(3, 4, generator=torch.Generator().manual_seed(1), device="cpu").to(DEVICE)
     plan = AttentionPlan((Perturbation(strength, "uniform", "image"),), (8, 24))
     ref = attention(q, k, v, plan, backend="reference")
     fast = attention(*(x.transpose(1, 2) for x in (q, k, v)), plan, layout="BSHD").transpose(1, 2)

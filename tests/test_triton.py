@@ -1,5 +1,6 @@
 """The Triton SoftPAG kernel, run by the Triton interpreter on the CPU (a subprocess, because
-TRITON_INTERPRET must be set before triton is first imported)."""
+TRITON_INTERPRET must be set before triton is first imported). DIT_ATTN_TEST_DEVICE=cuda runs
+the same checks compiled on the GPU, in bfloat16 too."""
 import os
 import subprocess
 import sys
@@ -12,13 +13,21 @@ from dit_attn.kernels import AttentionPlan, LocalWindow, Perturbation, choose_ba
 
 pytest.importorskip("triton")
 
+DEVICE = os.environ.get("DIT_ATTN_TEST_DEVICE", "cpu")
+# each script starts with its device (new tensors and modules are made there) and its dtypes with tolerances
+PREAMBLE = textwrap.dedent(f'''
+    import torch
+    torch.set_default_device({DEVICE!r})
+    DTYPES = ((torch.float32, 1e-4), (torch.float16, 2e-2)) + (((torch.bfloat16, 6e-2),) if {DEVICE!r} == "cuda" else ())
+''')
+
 CHECK = textwrap.dedent('''
     import torch
     from dit_attn.kernels import AttentionPlan, Perturbation, attention, choose_backend
     torch.manual_seed(0)
     worst = {}
     for seq, dim in ((77, 16), (130, 64)):  # lengths that are not multiples of the block size
-        for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
+        for dtype, tol in DTYPES:
             q, k, v = (torch.randn(2, 3, seq, dim).to(dtype) for _ in range(3))
             u = torch.tensor([[0.0, 0.3, 1.0], [1.0, 0.5, 0.0]])
             for target, scope, image in (("identity", "joint", None), ("uniform", "joint", None),
@@ -60,7 +69,7 @@ CHECK = textwrap.dedent('''
                                                         (16, 16, 5, 7, True, 4, 64)):
         n = rows * cols
         image = (0, n) if image_first else (text, n + text)
-        for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
+        for dtype, tol in DTYPES:
             q, k, v = (torch.randn(2, 3, n + text, dim).to(dtype) for _ in range(3))
             weight = torch.rand(pool, pool) if pool else None
             u = torch.tensor([[0.0, 0.3, 1.0], [1.0, 0.5, 0.0]])
@@ -76,7 +85,7 @@ CHECK = textwrap.dedent('''
     u2 = torch.tensor([[0.5, 0.0, 0.2], [0.0, 1.0, 0.7]])
     two = (Perturbation(u, "identity", "joint"), Perturbation(u2, "uniform", "joint"))
     for plan, seq in ((AttentionPlan(two, (7, 77)), 77), (AttentionPlan(two[::-1], (0, 120), LocalWindow(3, (12, 10))), 141)):
-        for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
+        for dtype, tol in DTYPES:
             q, k, v = (torch.randn(2, 3, seq, 32).to(dtype) for _ in range(3))
             assert choose_backend(q, plan).name == "triton"
             err = (attention(q, k, v, plan).float() - attention(q.float(), k.float(), v.float(), plan, backend="reference")).abs().max().item()
@@ -90,7 +99,7 @@ CHECK = textwrap.dedent('''
         for window in (None, LocalWindow(2.5, (7, 9))):
             for perturbations in ((Perturbation(u, "identity", "image"),), (Perturbation(u, "uniform", "image"),), mixed):
                 plan = AttentionPlan(perturbations, image, window)
-                for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
+                for dtype, tol in DTYPES:
                     q, k, v = (torch.randn(2, 3, n + text, 16).to(dtype) for _ in range(3))
                     assert choose_backend(q, plan).name == "triton"
                     err = (attention(q, k, v, plan).float() - attention(q.float(), k.float(), v.float(), plan, backend="reference")).abs().max().item()
@@ -140,7 +149,7 @@ BACKWARD = textwrap.dedent('''
     ]
     worst = {}
     for seq, dim, plan in plans:
-        for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
+        for dtype, tol in DTYPES:
             q, k, v = (torch.randn(2, 3, seq, dim).to(dtype) for _ in range(3))
             grad_out = torch.randn(2, 3, seq, dim)
             assert choose_backend(q.clone().requires_grad_(True), plan).name == "triton"
@@ -213,8 +222,10 @@ BACKWARD_CONFIGS = textwrap.dedent('''
 
 
 def _interpret(script: str) -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if DEVICE == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    result = subprocess.run([sys.executable, "-c", PREAMBLE + script], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

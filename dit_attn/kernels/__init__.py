@@ -3,7 +3,8 @@
 `attention(q, k, v, plan)` is the only call processors make. Backends are tried in a
 fixed preference order; each has a `can_run` check that returns the reason it cannot
 run, logged at debug level when `backend="auto"` skips it. `DIT_ATTN_BACKEND`
-overrides the choice of `auto`.
+overrides the choice of `auto`. Before `auto` first takes `triton` for a configuration,
+`selfcheck` compares it with the reference on a small input.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from . import masks
+from . import masks, selfcheck
 from .plan import SCOPES, TARGETS, AttentionPlan, Perturbation, check_plan
 from .reference import reference_attention
 from .flex import flex_local_attention
@@ -138,6 +139,8 @@ def choose_backend(q: torch.Tensor, plan: AttentionPlan, backend: str = "auto", 
         return BACKENDS[backend]
     for candidate in BACKENDS.values():
         reason = candidate.why_not(q, plan, mask)
+        if reason is None and candidate.name == "triton":
+            reason = selfcheck.failure(selfcheck.configuration(q, plan))
         if reason is None:
             return candidate
         if not torch.compiler.is_compiling():  # a logging call breaks the compiled graph

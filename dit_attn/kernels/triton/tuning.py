@@ -6,16 +6,20 @@ training forward keeps the local kernel's fallback block; the backward builds bl
 for the block size it picks (`Sparsity.with_block`).
 
 The cache file is `$DIT_ATTN_CACHE/triton-blocks.json` (default `~/.cache/dit_attn`),
-written atomically; a damaged file is ignored and rewritten.
+written atomically; a damaged file is ignored and rewritten. It also holds the self-check's
+failures (`kernels.selfcheck`, keys starting with "selfcheck|"), read and written with
+`stored` and `store`.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import math
 import os
 import tempfile
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -34,6 +38,7 @@ CANDIDATES: dict[str, tuple[dict, ...]] = {
 }
 
 _memory: dict[str, dict] = {}
+_untimed = contextvars.ContextVar("dit_attn_triton_untimed", default=False)
 
 
 def fallback(kernel: str, q: torch.Tensor) -> dict:
@@ -79,6 +84,15 @@ def _write(path: str, key: str, config: dict) -> None:
     os.replace(tmp, path)
 
 
+def stored(key: str) -> object:
+    """The cache file's entry for `key`, or None."""
+    return _read(cache_path()).get(key)
+
+
+def store(key: str, value: object) -> None:
+    _write(cache_path(), key, value)
+
+
 def tune(key: str, candidates: tuple[dict, ...], run: Callable[[dict], object], bench: Callable[[Callable], float],
          path: str) -> dict:
     """The cached config for `key`, else the candidate with the lowest `bench(lambda: run(config))`
@@ -111,8 +125,19 @@ def _do_bench(fn: Callable) -> float:
 
 
 def timed(q: torch.Tensor) -> bool:
-    """Whether launch settings for inputs like `q` are timed: on CUDA, unless DIT_ATTN_AUTOTUNE=0."""
-    return q.is_cuda and os.environ.get("DIT_ATTN_AUTOTUNE", "1") != "0"
+    """Whether launch settings for inputs like `q` are timed: on CUDA, unless DIT_ATTN_AUTOTUNE=0
+    or inside `untimed()`."""
+    return q.is_cuda and os.environ.get("DIT_ATTN_AUTOTUNE", "1") != "0" and not _untimed.get()
+
+
+@contextlib.contextmanager
+def untimed() -> Iterator[None]:
+    """Fallback configs for every launch inside (small inputs, e.g. the self-check, are not worth timing)."""
+    token = _untimed.set(True)
+    try:
+        yield
+    finally:
+        _untimed.reset(token)
 
 
 def choose(kernel: str, q: torch.Tensor, run: Callable[[dict], object]) -> dict:
