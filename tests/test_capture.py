@@ -210,6 +210,24 @@ def test_local_attention_and_image_scope_softpag_in_cross_and_self_maps(sd3, mon
     assert far[:, 3:, 3:].abs().max() == 0 and far[:, :2, :2].min() > 0
 
 
+def test_pooled_keys_of_local_attention_share_the_softmax(sd3, monkeypatch):
+    """CLEAR's down-sampled keys: 2×2-averaged image keys every image query also sees take part in the
+    normalisation (their own probabilities are not image-key probabilities and are left out of the maps)."""
+    spy = AttentionInputs(monkeypatch)
+    with da.apply(sd3, da.LocalAttention(radius=2, downsample=2), da.Capture(kind="self", tokens=[(3, 3)])) as handle:
+        sd3_call(sd3, steps=1)
+        result = handle.maps
+    for layer, (q, k, _) in enumerate(spy.calls[:3]):
+        q, k = q[1:].double(), k[1:].double()
+        pooled = k[:, :, :64].unflatten(2, (4, 2, 4, 2)).mean(dim=(3, 5)).flatten(2, 3)  # (B, H, 16, D)
+        keys = torch.cat([k, pooled], dim=2)
+        logits = (q[:, :, 27:28] @ keys.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        keep = torch.cat([disc_keep(q.shape[2], slice(0, 64), (8, 8), 2)[27], torch.ones(16, dtype=torch.bool)])
+        row = torch.softmax(logits.masked_fill(~keep, -math.inf), dim=-1)[0, :, 0, :64].unflatten(-1, (8, 8))
+        assert (result.maps[0, layer, :, 0] - row.float()).abs().max() < 1e-6, layer
+        assert result.maps[0, layer, :, 0].sum(dim=(-1, -2)).max() < 0.999  # the pooled keys took their share
+
+
 def test_chroma_mask_in_the_probabilities(chroma_pipe, monkeypatch):
     spy = AttentionInputs(monkeypatch)
     args = dict(num_inference_steps=1, guidance_scale=1.0, max_sequence_length=8, output_type="latent", **SIZE)

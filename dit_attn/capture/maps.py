@@ -1,9 +1,10 @@
-"""Rows of the edited attention map for a few image queries, as `kernels.reference` defines it.
+"""Entries of the edited attention map for image queries and chosen key columns, as `kernels.reference`
+defines the map.
 
 The base map is the softmax over every key the query may see (the pipeline's mask added, a local
-window's keys only, its pooled keys included); each SoftPAG perturbation then blends its target map
-in: A ← (1 − u)·A + u·T. Only the rows of the queries asked for are built, chunk by chunk, so a
-captured call never holds the S×S map.
+window's keys only, its pooled keys included): a column is exp(logit − the row's log-sum-exp). Each
+SoftPAG perturbation then blends its target map in, column by column: A ← (1 − u)·A + u·T. Queries
+are taken chunk by chunk, so a captured call never holds the S×S map.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from ..kernels.plan import Perturbation
 from ..kernels.window import LocalWindow, pool_grid
 
-CHUNK_BYTES = 16 << 20  # float32 logits of one chunk of query rows
+CHUNK_BYTES = 4 << 20  # float32 logits of one chunk of query rows
 
 
 def _window_keys(positions: torch.Tensor, seq_len: int, image: slice, window: LocalWindow) -> torch.Tensor:
@@ -36,32 +37,38 @@ def _query_rows(bias: torch.Tensor | None, positions: torch.Tensor) -> torch.Ten
     return bias[..., positions, :]
 
 
-def _base_rows(logits, bias, q, k, positions, image: slice, window: LocalWindow | None, scale: float) -> torch.Tensor:
-    if window is None:
-        return torch.softmax(logits if bias is None else logits + bias, dim=-1)
-    seq_len = logits.shape[-1]
-    masked = logits.masked_fill(~_window_keys(positions, seq_len, image, window), float("-inf"))
+def _columns(logits: torch.Tensor, lse: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    return (logits[..., columns] - lse).exp_()
+
+
+def _base_columns(logits, bias, q, k, positions, columns, image: slice, window: LocalWindow | None,
+                  scale: float) -> torch.Tensor:
+    """Columns of the base map: softmax over the keys the query sees, from the row's log-sum-exp.
+    `logits` is overwritten."""
     if bias is not None:
-        masked = masked + bias
-    if not window.pool:
-        return torch.softmax(masked, dim=-1)
-    weight = window.pool_weight.to(k.dtype)
-    pooled_k = pool_grid(k[:, :, image], window.grid, window.pool, weight)
-    pooled = (q @ pooled_k.transpose(-1, -2)) * scale
-    if bias is not None:  # a pooled key stands for image keys: it gets the query's (constant) image-key bias
-        pooled = pooled + bias[..., image][..., :1]
-    return torch.softmax(torch.cat([masked, pooled], dim=-1), dim=-1)[..., :seq_len]
+        logits.add_(bias)
+    if window is not None:
+        logits.masked_fill_(~_window_keys(positions, logits.shape[-1], image, window), float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    if window is not None and window.pool:
+        weight = window.pool_weight.to(k.dtype)
+        pooled = (q @ pool_grid(k[:, :, image], window.grid, window.pool, weight).transpose(-1, -2)) * scale
+        if bias is not None:  # a pooled key stands for image keys: it gets the query's (constant) image-key bias
+            pooled = pooled + bias[..., image][..., :1]
+        lse = torch.logaddexp(lse, torch.logsumexp(pooled, dim=-1, keepdim=True))
+    return _columns(logits, lse, columns)
 
 
-def _target_rows(logits, bias, positions, image: slice, p: Perturbation) -> torch.Tensor:
-    """Rows of T for image queries (rows `positions`), over the S keys."""
+def _target_columns(logits, bias, positions, columns, image: slice, p: Perturbation) -> torch.Tensor:
+    """Columns of T for image queries (rows `positions`); `logits` are the raw q·k logits of those rows."""
     batch, heads, n, seq_len = logits.shape
     if p.scope == "joint":
         if p.target == "identity":
-            return torch.nn.functional.one_hot(positions, seq_len).to(logits.dtype).expand(batch, heads, n, seq_len)
+            return (positions[:, None] == columns[None]).to(logits.dtype).expand(batch, heads, n, columns.numel())
         if bias is None:
-            return torch.full_like(logits, 1.0 / seq_len)
-        return torch.softmax(bias.expand(batch, heads, n, seq_len), dim=-1)
+            return torch.full((batch, heads, n, columns.numel()), 1.0 / seq_len, dtype=logits.dtype, device=logits.device)
+        full = bias.expand(batch, heads, n, seq_len)
+        return _columns(full, torch.logsumexp(full, dim=-1, keepdim=True), columns)
     edited = logits.clone()
     block = edited[..., image]
     if p.target == "identity":
@@ -73,13 +80,16 @@ def _target_rows(logits, bias, positions, image: slice, p: Perturbation) -> torc
         seen = torch.isfinite(bias.expand_as(logits)[..., image])
         block = ((block * seen).sum(dim=-1, keepdim=True) / seen.sum(dim=-1, keepdim=True)).expand_as(block)
     edited[..., image] = block
-    return torch.softmax(edited if bias is None else edited + bias, dim=-1)
+    if bias is not None:
+        edited.add_(bias)
+    return _columns(edited, torch.logsumexp(edited, dim=-1, keepdim=True), columns)
 
 
-def edited_rows(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, image: slice, scale: float | None = None,
-                bias: torch.Tensor | None = None, window: LocalWindow | None = None,
-                perturbations: tuple[Perturbation, ...] = ()) -> torch.Tensor:
-    """(B, H, n, S) float32 rows of the edited attention map for image queries at `positions` (n,).
+def edited_columns(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, columns: torch.Tensor, image: slice,
+                   scale: float | None = None, bias: torch.Tensor | None = None, window: LocalWindow | None = None,
+                   perturbations: tuple[Perturbation, ...] = ()) -> torch.Tensor:
+    """(B, H, n, C) float32 entries of the edited attention map: rows of the image queries at `positions` (n,),
+    key columns `columns` (C,), normalised over every key the query sees.
 
     q, k: (B, H, S, D); bias: the pipeline's mask as a float bias broadcastable to (B, H, S, S);
     perturbations: their u already (B, H) for these rows and heads.
@@ -88,16 +98,17 @@ def edited_rows(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, image
     q, k = q.to(compute), k.to(compute)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     queries = q[:, :, positions]
-    logits = (queries @ k.transpose(-1, -2)) * scale
+    logits = (queries @ k.transpose(-1, -2)).mul_(scale)
+    raw = logits.clone() if perturbations else None
     row_bias = _query_rows(bias, positions)
-    rows = _base_rows(logits, row_bias, queries, k, positions, image, window, scale)
+    out = _base_columns(logits, row_bias, queries, k, positions, columns, image, window, scale)
     for p in perturbations:
-        u = p.u.to(device=rows.device, dtype=compute)[:, :, None, None]
-        rows = (1 - u) * rows + u * _target_rows(logits, row_bias, positions, image, p)
-    return rows
+        u = p.u.to(device=out.device, dtype=compute)[:, :, None, None]
+        out = (1 - u) * out + u * _target_columns(raw, row_bias, positions, columns, image, p)
+    return out
 
 
 def chunks(positions: torch.Tensor, batch: int, heads: int, seq_len: int) -> list[torch.Tensor]:
-    """`positions` split so one chunk's (B, H, n, S) float32 rows stay under CHUNK_BYTES."""
+    """`positions` split so one chunk's (B, H, n, S) float32 logits stay under CHUNK_BYTES."""
     size = max(1, CHUNK_BYTES // (4 * max(batch * heads * seq_len, 1)))
     return list(positions.split(size))

@@ -19,7 +19,7 @@ from ..hooks.selection import CallSelector
 from ..hooks.steps import denoising_step
 from ..kernels import masks
 from ..kernels.plan import Perturbation
-from .maps import chunks, edited_rows
+from .maps import chunks, edited_columns
 from .words import word_positions
 
 
@@ -190,24 +190,24 @@ class CaptureRecorder:
             perturbations = tuple(Perturbation(p.u.to(q.device).index_select(0, rows).index_select(1, heads),
                                                p.target, p.scope) for p in plan.perturbations)
 
-        def probabilities(positions):
-            return edited_rows(q, k, positions, image, scale, bias, window, perturbations)
+        def probabilities(positions, columns):
+            return edited_columns(q, k, positions, columns.to(q.device), image, scale, bias, window, perturbations)
 
         batch, n_heads = q.shape[0], q.shape[1]
         if self.edit.kind == "self":
             positions = start + self._locations(call.grid)
-            out = torch.cat([probabilities(p)[..., start:start + generated] for p in chunks(positions, batch, n_heads, seq_len)],
+            keys = torch.arange(start, start + generated)
+            out = torch.cat([probabilities(p.to(q.device), keys) for p in chunks(positions, batch, n_heads, seq_len)],
                             dim=2)  # (R, heads, T, N)
             return out.reshape(batch, n_heads, -1, grid_h, grid_w).float().cpu()
-        text = torch.cat([torch.arange(0, start), torch.arange(stop, seq_len)]).to(q.device)
-        groups = self._text_groups(text.numel(), rows)  # per row: T lists of text indices, or (T,) shared by all rows
+        text = torch.cat([torch.arange(0, start), torch.arange(stop, seq_len)])
+        groups = self._text_groups(text.numel(), rows)  # (T,) text indices shared by all rows, or per row: T lists
         pieces = []
         for positions in chunks(torch.arange(start, start + generated, device=q.device), batch, n_heads, seq_len):
-            p = probabilities(positions)
             if isinstance(groups, torch.Tensor):
-                pieces.append(p[..., text[groups.to(q.device)]])
+                pieces.append(probabilities(positions, text[groups]))
                 continue
-            p = p[..., text]  # (R, heads, n, text tokens)
+            p = probabilities(positions, text)  # (R, heads, n, text tokens)
             pieces.append(torch.stack([torch.stack([p[r][..., cols].sum(-1) for cols in groups[r]], dim=-1)
                                        for r in range(batch)]))
         out = torch.cat(pieces, dim=2)  # (R, heads, N, T)
