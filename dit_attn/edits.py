@@ -299,7 +299,7 @@ class NAG(Edit):
         return self.scale == 1 or self.alpha == 0
 
 
-CAPTURE_KINDS = ("cross", "self")
+CAPTURE_KINDS = ("cross", "self", "concept")
 CAPTURE_REDUCTIONS = ("mean", None)
 
 
@@ -321,6 +321,9 @@ def _capture_tokens(kind: str, tokens):
     """cross: None, words (str) or text-token indices (int); self: image locations, (row, col) or flat indices."""
     if kind == "cross" and tokens is None:
         return None
+    if kind == "concept" and tokens is None:
+        raise ValueError("Capture(kind='concept') needs tokens: the concept words (they need not be in the prompt), "
+                         "e.g. tokens=['cat', 'sky', 'grass']")
     if kind == "self" and tokens is None:
         raise ValueError("Capture(kind='self') needs tokens: the image locations whose attention to capture, "
                          "as (row, col) cells of the token grid or flat indices, e.g. tokens=[(4, 4), (0, 7)]")
@@ -340,6 +343,10 @@ def _capture_tokens(kind: str, tokens):
             raise ValueError("Capture(kind='cross') tokens must be None (every text token), words of the prompt "
                              f"or text-token indices >= 0 (not mixed), got {tokens!r}")
         return tuple(t.strip() for t in tokens) if isinstance(tokens[0], str) else tokens
+    if kind == "concept":
+        if not tokens or not all(isinstance(t, str) and t.strip() and not re.search(r"[,\s]", t.strip()) for t in tokens):
+            raise ValueError(f"Capture(kind='concept') tokens must be single concept words, got {tokens!r}")
+        return tuple(t.strip() for t in tokens)
     if not tokens or not all(index(t) or cell(t) for t in tokens):
         raise ValueError(f"Capture(kind='self') tokens must be image locations, (row, col) cells or flat indices >= 0, got {tokens!r}")
     return tokens
@@ -352,10 +359,14 @@ class Capture(Edit):
 
     kind: "cross": the image queries' probabilities on text keys (the joint softmax over all keys,
         with the edits of the same apply in it), one map per token; "self": the attention of a few
-        image locations over the image grid.
+        image locations over the image grid; "concept": ConceptAttention (Helbling et al., ICML 2025):
+        the concept words run as extra rows whose text attends to the image but not the other way
+        round, and each map is the softmax over the concepts of image-token attention outputs ·
+        concept-token attention outputs of the same layer and head.
     layers: layer indices (None: every layer); heads: head indices within each layer (None: all).
     tokens: cross: None (every text token), words of the prompt (each word's map is the mass on
-        its tokens) or text-token indices; self: (row, col) cells of the token grid or flat indices.
+        its tokens) or text-token indices; self: (row, col) cells of the token grid or flat indices;
+        concept: concept words (in the prompt or not).
     steps: denoising-step indices to capture (None: every step).
     reduce: "mean" (the mean over the captured steps) or None (one map per step).
     """

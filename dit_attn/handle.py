@@ -194,6 +194,11 @@ def apply(pipe_or_transformer, *edits) -> Handle:
 
     text = _text_controller(pipe, family, edits, state, layer_map)
     capture = _capture_recorder(pipe, family, edits, layer_map)
+    if capture is not None and capture.concept_rows is not None:
+        if text is not None:
+            raise ValueError("Capture(kind='concept') shares image tokens across rows as NAG does: give it without "
+                             "TextPatch, TextGuard or NAG in the same apply")
+        state.shared_image_layers = frozenset(capture.layers)
 
     local = install_local(transformer, local_edits[0], state.local, layer_map) if local_edits else None
     try:

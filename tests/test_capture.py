@@ -33,27 +33,29 @@ class AttentionInputs:
     dit-attn's kernels and diffusers' dispatch (FLUX-layout layers with nothing to edit)."""
 
     def __init__(self, monkeypatch):
-        self.calls = []
+        self.calls, self.values = [], []
         assert sd3_module.kernels is dispatch_module.kernels
         original = sd3_module.kernels.attention
 
         def spy(q, k, v, plan=None, **kwargs):
-            self._add(q, k, kwargs.get("attn_mask"), kwargs.get("layout", "BHSD"))
+            self._add(q, k, kwargs.get("attn_mask"), kwargs.get("layout", "BHSD"), v)
             return original(q, k, v, plan, **kwargs)
 
         monkeypatch.setattr(sd3_module.kernels, "attention", spy)
         dispatch = dispatch_module.dispatch_attention_fn
 
         def dispatch_spy(q, k, v, attn_mask=None, **kwargs):
-            self._add(q, k, attn_mask, "BSHD")
+            self._add(q, k, attn_mask, "BSHD", v)
             return dispatch(q, k, v, attn_mask=attn_mask, **kwargs)
 
         monkeypatch.setattr(dispatch_module, "dispatch_attention_fn", dispatch_spy)
 
-    def _add(self, q, k, mask, layout):
+    def _add(self, q, k, mask, layout, v=None):
         if layout == "BSHD":
             q, k = q.transpose(1, 2), k.transpose(1, 2)
+            v = None if v is None else v.transpose(1, 2)
         self.calls.append((q.detach().clone(), k.detach().clone(), None if mask is None else mask.clone()))
+        self.values.append(None if v is None else v.detach().clone())
 
 
 def dense_map(q, k, mask=None, keep=None):
@@ -243,6 +245,46 @@ def test_chroma_mask_in_the_probabilities(chroma_pipe, monkeypatch):
     assert result.maps[0, :, :, -1].mean() < result.maps[0, :, :, 1].mean()
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_concept_maps_from_the_concept_rows(family, sd3, flux, monkeypatch):
+    """ConceptAttention: the image is the uncaptured one; a second call per captured step runs the
+    conditional row with a concept row whose image q/k/v are the conditional row's; each map is the
+    softmax over the concepts of image outputs · concept outputs, computed here from that call's q, k, v."""
+    pipe, call = (sd3, sd3_call) if family == "sd3" else (flux, flux_call)
+    layers = len(da.layers(pipe))
+    plain = call(pipe, steps=2)
+    concepts = ("circle", "square", "blue")
+    spy = AttentionInputs(monkeypatch)
+    with da.apply(pipe, da.Capture(kind="concept", tokens=concepts, reduce=None)) as handle:
+        captured = call(pipe, steps=2)
+        result = handle.maps
+    assert torch.equal(captured, plain)
+    assert result.tokens == concepts and result.maps.shape == (2, 1, layers, 4, 3, 8, 8)
+    assert len(spy.calls) == 2 * 2 * layers  # per step: the pipeline's call, then the concept call
+    if family == "sd3":  # the concept prompt's CLIP positions (each concept one token), after the 64 image tokens
+        ids = pipe.tokenizer(" ".join(concepts))["input_ids"]
+        columns = [64 + ids.index(pipe.tokenizer(w, add_special_tokens=False)["input_ids"][0]) for w in concepts]
+    else:  # T5 positions, before the image tokens
+        ids = pipe.tokenizer_2(" ".join(concepts))["input_ids"]
+        columns = [ids.index(pipe.tokenizer_2(w, add_special_tokens=False)["input_ids"][0]) for w in concepts]
+    for step in range(2):
+        main = spy.calls[2 * step * layers:(2 * step + 1) * layers]
+        extra = range((2 * step + 1) * layers, (2 * step + 2) * layers)
+        for layer, index in enumerate(extra):
+            q, k, _ = spy.calls[index]
+            v = spy.values[index]
+            assert q.shape[0] == 2
+            image = slice(0, 64) if family == "sd3" else slice(q.shape[2] - 64, None)
+            for x in (q, k, v):  # the concept row sees the conditional row's image
+                assert torch.equal(x[1, :, image], x[0, :, image])
+            # the conditional row runs again in a wider batch: the same queries up to rounding
+            assert (main[layer][0][-1, :, image] - q[0, :, image]).abs().max() < 1e-4
+            out = dense_map(q, k) @ v.double()
+            scores = out[0, :, image] @ out[1, :, columns].transpose(-1, -2)  # (heads, 64, concepts)
+            expected = torch.softmax(scores, dim=-1).transpose(1, 2).unflatten(-1, (8, 8)).float()
+            assert (result.maps[step, 0, layer] - expected).abs().max() < 1e-5, (step, layer)
+
+
 FAMILIES = {  # builder, call arguments, where the image tokens sit (text first or last), grid
     "qwen_image": (build_qwen_image_pipeline, dict(true_cfg_scale=1.0, max_sequence_length=16), "last", (4, 4)),
     "z_image": (build_z_image_pipeline, dict(guidance_scale=0.0, max_sequence_length=64), "first", (8, 8)),
@@ -286,8 +328,12 @@ def test_head_guidance_rows_are_not_captured(sd3):
 def test_settings_round_trip_and_bad_input(sd3):
     edit = da.Capture(layers=[1], tokens=["red"], kind="cross", steps=[0], reduce=None)
     assert da.edit_from_dict(json.loads(json.dumps(edit.to_dict()))) == edit
-    with pytest.raises(ValueError, match=r"kind must be one of \('cross', 'self'\)"):
+    with pytest.raises(ValueError, match=r"kind must be one of \('cross', 'self', 'concept'\)"):
+        da.Capture(kind="maps")
+    with pytest.raises(ValueError, match="concept words"):
         da.Capture(kind="concept")
+    with pytest.raises(ValueError, match="not with TextPatch, TextGuard or NAG|without TextPatch, TextGuard or NAG"):
+        da.apply(sd3, da.Capture(kind="concept", tokens=["cat"]), da.NAG(negative_prompt="blue"))
     with pytest.raises(ValueError, match="layers 0-2"):
         da.apply(sd3, da.Capture(layers=[3]))
     with pytest.raises(ValueError, match="heads 0-3"):

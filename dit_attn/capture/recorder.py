@@ -31,7 +31,7 @@ class CaptureResult:
         reduce=None: (steps, rows, layers, heads, tokens, H, W). rows are the call's conditional rows
         (one per image), H×W the generated-token grid. cross: the probability of each image query on
         the token (a word: the sum over its tokens); self: each chosen location's probabilities over
-        the image keys.
+        the image keys; concept: each image token's softmax over the concepts.
     """
 
     kind: str
@@ -55,6 +55,7 @@ class _Pending:
     rows: torch.Tensor
     step: int
     layers: dict[int, torch.Tensor] = field(default_factory=dict)
+    concept_call: bool = False  # the concept rows' own call is running (its rows: the conditional ones, then theirs)
 
 
 class CaptureRecorder:
@@ -76,11 +77,23 @@ class CaptureRecorder:
             raise ValueError(f"Capture heads {bad} do not exist: the captured layers have heads 0-{fewest - 1}")
         self.heads = tuple(heads)
         self.words = edit.kind == "cross" and edit.tokens is not None and isinstance(edit.tokens[0], str)
+        self.concept_rows = None
+        if edit.kind == "concept":
+            self.concept_rows, self._concept_columns = self._concepts(pipe, family, edit.tokens)
         self.selector = CallSelector(pipe, family, "Capture")
         self._wrap = None
         self._prompt_columns: list[list[list[int]]] | None = None  # per prompt, per word: text positions
         self._pending: _Pending | None = None
         self._reset()
+
+    def _concepts(self, pipe, family, words: tuple[str, ...]):
+        """The concept rows' controller and each concept's text positions in those rows."""
+        from .concept import ConceptRows, concept_prompt
+
+        if not family.nag or family.text_edits_unsupported:
+            raise NotImplementedError(f"Capture(kind='concept') does not run on {family.name} models yet: its processors "
+                                      "do not share image tokens across rows")
+        return ConceptRows(pipe, family, self.layers, words), word_positions(pipe, family.name, concept_prompt(words), words)
 
     # --- the pipeline call -------------------------------------------------------------------
     def install(self) -> None:
@@ -131,6 +144,17 @@ class CaptureRecorder:
             if step not in self.edit.steps:
                 return
         self._pending = _Pending(rows, step)
+        self.selected_rows = rows
+
+    def concept_call(self, call: dict):
+        """After a captured call of a concept capture: (inputs, concept rows) of the call that computes the
+        concept tokens' outputs; None otherwise."""
+        pending = self._pending
+        if self.concept_rows is None or pending is None:
+            return None
+        pending.concept_call = True
+        pending.rows = torch.arange(pending.rows.numel())
+        return self.concept_rows.call_for(call, self.selected_rows)
 
     def discard_call(self) -> None:
         """The transformer call failed: nothing of it is kept."""
@@ -160,10 +184,38 @@ class CaptureRecorder:
             raise ValueError("Capture needs the image tokens of each call (this call's layers do not know them)")
         if call.grid is None:
             raise ValueError(f"Capture needs the image tokens of each call on a full row-major grid: {call.grid_problem}")
+        if self.edit.kind == "concept":
+            return  # its maps come from the attention outputs (record_output)
         with torch.no_grad():
             pending.layers[layer] = self._maps(query, key, plan, attention_mask, image_range, scale, layout, call,
                                                pending.rows)
         self._grid = call.grid
+
+    def record_output(self, layer: int, out: torch.Tensor, layout: str, call) -> None:
+        """A concept capture: the attention output of `layer`, (B, H, S, D) for "BHSD", (B, S, H, D) for "BSHD"."""
+        pending = self._pending
+        if self.edit.kind != "concept" or pending is None or not pending.concept_call or layer not in self.layers:
+            return
+        plan = call.rows
+        stage = plan.stage_at(layer) if plan is not None else None
+        if stage is None or stage.size != out.shape[0]:
+            raise RuntimeError(f"Capture: layer {layer} ran without the concept rows")
+        if layout == "BSHD":
+            out = out.transpose(1, 2)
+        source_of = dict(zip(stage.patch_targets.tolist(), stage.patch_sources.tolist()))
+        start, stop = call.image_range
+        grid_h, grid_w = call.grid
+        heads = torch.tensor(self.heads, device=out.device)
+        text = torch.cat([torch.arange(0, start), torch.arange(stop, out.shape[2])]).to(out.device)
+        maps = []
+        with torch.no_grad():
+            for row in pending.rows.tolist():
+                image = out[row].index_select(0, heads)[:, start:start + grid_h * grid_w].float()  # (heads, N, D)
+                concept = out[source_of[row]].index_select(0, heads).float()
+                concepts = torch.stack([concept[:, text[cols]].mean(dim=1) for cols in self._concept_columns], dim=1)
+                scores = torch.softmax(image @ concepts.transpose(-1, -2), dim=-1)  # (heads, N, C): over the concepts
+                maps.append(scores.transpose(1, 2).reshape(len(self.heads), -1, grid_h, grid_w))
+        pending.layers[layer] = torch.stack(maps).cpu()
 
     def _maps(self, query, key, plan, attention_mask, image_range, scale, layout, call, rows) -> torch.Tensor:
         if layout == "BSHD":
@@ -254,6 +306,8 @@ class CaptureRecorder:
         tokens = self.edit.tokens
         if self.edit.kind == "self":
             return tuple(f"{t[0]},{t[1]}" if isinstance(t, tuple) else f"i{t}" for t in tokens)
+        if self.edit.kind == "concept":
+            return tuple(tokens)
         if tokens is None:
             count = 0 if self._grid is None else (self._sum if self._sum is not None else self._per_step[0]).shape[3]
             return tuple(f"t{i}" for i in range(count))

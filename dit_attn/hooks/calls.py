@@ -132,11 +132,24 @@ class CallHook(_Hook):
         capture.begin_call(self.family.batch_size(call), call, cache_context_name(self.cache))
         try:
             output = self._edited_forward(module, forward, call, current)
+            concept = capture.concept_call(call)
+            if concept is not None:
+                self._concept_forward(forward, *concept, current)
         except BaseException:
             capture.discard_call()
             raise
         capture.end_call()
         return output
+
+    def _concept_forward(self, forward, call: dict, patch, current) -> None:
+        """A concept Capture's second call: the conditional rows with their concept rows appended."""
+        plan = plan_rows(self.family.batch_size(call), sources=patch.sources,
+                         patch_end=None if self.family.widen_at_call else patch.patch_end)
+        current.rows = plan
+        try:
+            forward(**patch.extend(call))
+        finally:
+            current.rows = None
 
     def _edited_forward(self, module, forward, call: dict, current):
         """The call with HeadGuidance's and TextPatch's extra rows (if they act on it)."""
@@ -242,7 +255,7 @@ def _unregister(module: torch.nn.Module, name: str) -> None:
 def install_hooks(transformer, family: Family, state: EditState, guidance=None, text=None) -> None:
     modules = [transformer.get_submodule(info.name) for info in family.layers(transformer)]
     _register(transformer, CallHook(family, state, guidance, text, modules), CALL_HOOK)
-    if (guidance is not None or text is not None) and not family.widen_at_call:
+    if (guidance is not None or text is not None or state.shared_image_layers) and not family.widen_at_call:
         for module, layer in family.fork_points(transformer):
             _register(module, RowFork(family, state, layer, module), FORK_HOOK)
     HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()

@@ -23,6 +23,12 @@ class DispatchingProcessor(LayerProcessor):
             self.state.capture.record(self.layer, query, key, plan, attention_mask, self.state.call.image_range,
                                       self.state.scale_for(self.layer, image_tokens, query.shape[-1]), "BSHD",
                                       self.state.call)
+            out = self._attention(query, key, value, plan, attention_mask, image_tokens)
+            self.state.capture.record_output(self.layer, out, "BSHD", self.state.call)
+            return out
+        return self._attention(query, key, value, plan, attention_mask, image_tokens)
+
+    def _attention(self, query, key, value, plan, attention_mask, image_tokens: int) -> torch.Tensor:
         if plan is None:
             return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
                                          parallel_config=self._parallel_config)

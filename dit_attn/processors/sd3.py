@@ -30,6 +30,9 @@ class SD3AttnProcessor(LayerProcessor):
         scale = self.state.scale_for(self.layer, image_tokens, query.shape[-1])
         if self.state.capture is not None and self.joint:
             self.state.capture.record(self.layer, query, key, plan, None, (0, image_tokens), scale, "BHSD", self.state.call)
+            out = kernels.attention(query, key, value, plan, scale=scale, backend=self.state.backend_for(plan))
+            self.state.capture.record_output(self.layer, out, "BHSD", self.state.call)
+            return out
         return kernels.attention(query, key, value, plan, scale=scale, backend=self.state.backend_for(plan))
 
     def __call__(

@@ -189,6 +189,8 @@ class EditState:
     nag: NAGSetting | None = None  # NAG's layers and settings (its negative rows are the stage's patch sources)
     local_backend: str = "auto"  # LocalAttention's backend choice, for calls with a window
     capture: object | None = None  # a Capture's recorder (`dit_attn.capture.recorder`): gets each attention call's q, k
+    # layers where the source rows take their target rows' image q/k/v as NAG's do (a concept Capture's concept rows)
+    shared_image_layers: frozenset[int] = frozenset()
     released: bool = False  # its handle was removed (see `clear`)
     _calls: threading.local = field(default_factory=threading.local, repr=False, compare=False)
 
@@ -204,7 +206,7 @@ class EditState:
     def clear(self) -> None:
         """Forget every edit: processors left with this state compute stock attention."""
         self.model_edits, self.guided_edits, self.patch_layers, self.local, self.nag = {}, {}, frozenset(), None, None
-        self.capture = None
+        self.capture, self.shared_image_layers = None, frozenset()
         self.released = True
 
     @property
@@ -273,10 +275,12 @@ class EditState:
         return (key.index_copy(0, targets, key.index_select(0, sources)),
                 value.index_copy(0, targets, value.index_select(0, sources)))
 
-    def _nag_rows(self, layer: int, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(positive rows, their negative rows) of this stage at a NAG layer, or None."""
+    def _nag_rows(self, layer: int, batch: int, shared: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(positive rows, their negative rows) of this stage at a NAG layer, or None. shared: also at the
+        layers whose source rows share their targets' image tokens for another reason (a concept Capture)."""
         rows = self.call.rows
-        if self.nag is None or layer not in self.nag.layers or rows is None:
+        nag = self.nag is not None and layer in self.nag.layers
+        if not (nag or (shared and layer in self.shared_image_layers)) or rows is None:
             return None
         stage = rows.stage_at(layer)
         if stage.size != batch or stage.patch_targets.numel() == 0:
@@ -287,7 +291,7 @@ class EditState:
         """NAG, before attention: the negative rows take their positive rows' image-token queries, keys
         and values. tensors: batch first; image tokens only, or (text_len > 0) (B, S, ...) with the
         text tokens leading."""
-        pairs = self._nag_rows(layer, tensors[0].shape[0])
+        pairs = self._nag_rows(layer, tensors[0].shape[0], shared=True)
         if pairs is None:
             return tensors
         targets, sources = (p.to(tensors[0].device) for p in pairs)
