@@ -2,7 +2,7 @@
 
 1. Overhead: a config-built FLUX.1 pipeline (2 double + 2 single blocks, 4 heads × 32) at 1,024 and
    4,096 image tokens, per denoising step, plain call vs the same call with Capture(kind="cross") of
-   every layer and head on 4 text tokens (and kind="self" on 4 locations). Each measurement runs in
+   every layer and head on 4 text tokens (and kind="self" on 4 locations, kind="concept" on 4 concepts). Each measurement runs in
    its own process; memory is that process's peak resident size during the pipeline call above
    the size before it (ru_maxrss), next to the size of the maps themselves.
 2. Binding (tiny model): for held-out shape prompts, the share of the colour word's, the shape word's
@@ -44,7 +44,8 @@ def one_run(tokens: int, mode: str, steps: int, threads: int) -> dict:
     prompt = "a red circle on a blue background"
     pipe(prompt, num_inference_steps=1, generator=torch.Generator().manual_seed(1), **args)  # warm
     edits = {"plain": (), "cross": (da.Capture(tokens=[0, 1, 2, 3]),),
-             "self": (da.Capture(kind="self", tokens=[0, 5, 100, tokens - 1]),)}[mode]
+             "self": (da.Capture(kind="self", tokens=[0, 5, 100, tokens - 1]),),
+             "concept": (da.Capture(kind="concept", tokens=["circle", "square", "blue", "green"]),)}[mode]
     handle = da.apply(pipe, *edits) if edits else None
     before = _peak_kb()
     start = time.perf_counter()
@@ -62,7 +63,7 @@ def overhead(steps: int, threads: int) -> None:
     print(f"{'image tokens':>12} {'mode':>6} {'s/step':>8} {'ratio':>6} {'peak MB':>8} {'peak+ MB':>9} {'maps MB':>8}")
     for tokens in SIDES:
         results = {}
-        for mode in ("plain", "cross", "self"):
+        for mode in ("plain", "cross", "self", "concept"):
             out = subprocess.run([sys.executable, __file__, "--one", str(tokens), mode, "--steps", str(steps),
                                   "--threads", str(threads)], capture_output=True, text=True, check=True)
             results[mode] = json.loads(out.stdout.strip().splitlines()[-1])

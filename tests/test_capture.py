@@ -259,7 +259,7 @@ def test_concept_maps_from_the_concept_rows(family, sd3, flux, monkeypatch):
         captured = call(pipe, steps=2)
         result = handle.maps
     assert torch.equal(captured, plain)
-    assert result.tokens == concepts and result.maps.shape == (2, 1, layers, 4, 3, 8, 8)
+    assert result.tokens == concepts and result.maps.shape == (2, 1, layers, 4, 3, 8, 8) and result.grid == (8, 8)
     assert len(spy.calls) == 2 * 2 * layers  # per step: the pipeline's call, then the concept call
     if family == "sd3":  # the concept prompt's CLIP positions (each concept one token), after the 64 image tokens
         ids = pipe.tokenizer(" ".join(concepts))["input_ids"]
@@ -385,6 +385,12 @@ def test_cli_writes_overlays_and_index(tmp_path, capsys):
     assert sorted(m["file"] for m in index["maps"]) == ["L1_circle.png", "L1_red.png", "L4_circle.png", "L4_red.png"]
     assert all((out / m["file"]).is_file() for m in index["maps"]) and (out / "image.png").is_file()
     assert not [p for p in out.iterdir() if p.name.startswith(".partial")]
+    concept = tmp_path / "concept"
+    assert main(["maps", "a red circle", "--kind", "concept", "--words", "circle,sky", "--layers", "5",
+                 "--num-inference-steps", "1", "--out", str(concept)]) == 0
+    capsys.readouterr()
+    index = json.loads((concept / "maps.json").read_text())
+    assert index["kind"] == "concept" and sorted(m["file"] for m in index["maps"]) == ["L5_circle.png", "L5_sky.png"]
     assert main(["maps", "a red circle", "--words", "dog", "--num-inference-steps", "1", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["dit-attn maps: error: Capture: 'dog' not in the prompt 'a red circle'; its words: a, red, circle"]

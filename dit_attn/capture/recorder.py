@@ -184,12 +184,12 @@ class CaptureRecorder:
             raise ValueError("Capture needs the image tokens of each call (this call's layers do not know them)")
         if call.grid is None:
             raise ValueError(f"Capture needs the image tokens of each call on a full row-major grid: {call.grid_problem}")
+        self._grid = call.grid
         if self.edit.kind == "concept":
             return  # its maps come from the attention outputs (record_output)
         with torch.no_grad():
             pending.layers[layer] = self._maps(query, key, plan, attention_mask, image_range, scale, layout, call,
                                                pending.rows)
-        self._grid = call.grid
 
     def record_output(self, layer: int, out: torch.Tensor, layout: str, call) -> None:
         """A concept capture: the attention output of `layer`, (B, H, S, D) for "BHSD", (B, S, H, D) for "BSHD"."""

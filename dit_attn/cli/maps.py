@@ -45,6 +45,10 @@ def capture_edit(args):
         if args.locations is None:
             raise ValueError("--kind self needs --locations, e.g. '4,4;0,7' (row,col cells of the token grid)")
         tokens = _locations(args.locations)
+    elif args.kind == "concept":
+        if args.words is None:
+            raise ValueError("--kind concept needs --words: the concept words (they need not be in the prompt), e.g. cat,sky")
+        tokens = [w.strip() for w in args.words.split(",") if w.strip()]
     elif args.tokens is not None:
         tokens = _indices("--tokens", args.tokens)
     else:
@@ -105,9 +109,11 @@ def cmd_maps(args) -> int:
 def add_commands(sub) -> None:
     maps = sub.add_parser("maps", help="generate an image and write its attention maps (heatmap PNGs + maps.json)")
     maps.add_argument("prompt", help="the prompt")
-    maps.add_argument("--kind", default="cross", choices=("cross", "self"),
-                      help="cross: image attention on words/text tokens; self: chosen image locations over the image")
-    maps.add_argument("--words", default=None, help="comma-separated words of the prompt (default: every word)")
+    maps.add_argument("--kind", default="cross", choices=("cross", "self", "concept"),
+                      help="cross: image attention on words/text tokens; self: chosen image locations over the image; "
+                           "concept: ConceptAttention maps of --words (softmax over the concepts)")
+    maps.add_argument("--words", default=None,
+                      help="comma-separated words of the prompt (default: every word); --kind concept: the concepts")
     maps.add_argument("--tokens", default=None, help="comma-separated text-token indices instead of words")
     maps.add_argument("--locations", default=None, help="--kind self: row,col cells of the token grid, e.g. '4,4;0,7'")
     maps.add_argument("--layers", default=None, help="comma-separated layer indices (default: every layer)")
