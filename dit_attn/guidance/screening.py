@@ -32,8 +32,8 @@ from .search import Head, SearchSettings, call_kwargs, candidate_heads, head_nam
 @dataclass
 class ScreenResult:
     scores: dict[str, float]  # (u − u₀)·∂J/∂u_h per candidate: the first-order change of the objective
-    gradients: dict[str, float]  # ∂J/∂u_h at u₀, mean over the pairs
-    objective: float  # mean differentiable objective at u₀ (the selection alone when u₀ = 0)
+    gradients: dict[str, float]  # ∂J/∂u_h at u₀ (or averaged along the path), mean over the pairs
+    objective: float  # mean differentiable objective at u₀ (path_points > 1: at the first point of the path)
     pairs: int
     seconds: float
     settings: dict = field(default_factory=dict)
@@ -163,17 +163,21 @@ def screen_heads(pipe, objective, prompts, seeds, candidates=None, selected=(), 
                  scale: float = 3.0, num_inference_steps: int = 20, guidance_scale: float | None = None,
                  height: int | None = None, width: int | None = None, target: str = "identity", scope: str = "joint",
                  batch_size: int = 4, max_sequence_length: int | None = None, checkpointing: bool = True,
-                 progress: bool = True) -> ScreenResult:
+                 path_points: int = 1, progress: bool = True) -> ScreenResult:
     """Score every candidate head by the first-order change of a differentiable objective at strength u,
     from backward passes over the (prompt, seed) pairs (the heads of `selected` guided at u throughout).
 
     objective: "color:<name>", "judge:soft", or a callable with a `differentiable(images, prompts)` attribute.
     u0: the candidates' strength the gradient is taken at (0: the selection alone).
+    path_points: with n > 1, the gradient is averaged over n strengths at the midpoints of n equal steps
+        from u0 to u (all candidates together: a path integral of the gradient), n times the backward passes.
     """
     gradient_of = differentiable_objective(get_objective(objective), objective if isinstance(objective, str) else
                                            getattr(objective, "__name__", "callable"))
     if isinstance(u0, bool) or not isinstance(u0, (int, float)) or not 0 <= u0 <= 1:
         raise ValueError(f"u0 must be a number in [0, 1], got {u0!r}")
+    if isinstance(path_points, bool) or not isinstance(path_points, int) or path_points < 1:
+        raise ValueError(f"path_points must be a whole number >= 1, got {path_points!r}")
     heads = candidate_heads(pipe, candidates)
     chosen = candidate_heads(pipe, list(selected)) if selected else []
     heads = [h for h in heads if h not in chosen]
@@ -184,11 +188,18 @@ def screen_heads(pipe, objective, prompts, seeds, candidates=None, selected=(), 
                                width, heads, target, scope, batch_size, sequence_length(pipe, max_sequence_length))
     start = time.perf_counter()
     pairs = pairs_of(settings)
-    gradients, value = screen(pipe, gradient_of, settings, heads, chosen, pairs, u0, checkpointing, progress)
+    if path_points == 1:
+        gradients, value = screen(pipe, gradient_of, settings, heads, chosen, pairs, u0, checkpointing, progress)
+    else:
+        points = [u0 + (settings.u - u0) * (i + 0.5) / path_points for i in range(path_points)]
+        along = [screen(pipe, gradient_of, settings, heads, chosen, pairs, point, checkpointing, progress)
+                 for point in points]
+        gradients, value = sum(g for g, _ in along) / path_points, along[0][1]
     names = [head_name(h) for h in heads]
     return ScreenResult(
         scores={n: float(g) * (settings.u - u0) for n, g in zip(names, gradients)},
         gradients={n: float(g) for n, g in zip(names, gradients)},
         objective=value, pairs=len(pairs), seconds=time.perf_counter() - start,
-        settings={**asdict(settings), "u0": float(u0), "selected": [head_name(h) for h in chosen]},
+        settings={**asdict(settings), "u0": float(u0), "path_points": path_points,
+                  "selected": [head_name(h) for h in chosen]},
     )
