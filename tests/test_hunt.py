@@ -225,20 +225,22 @@ def test_batched_scores_equal_one_pipeline_call_per_candidate(pipe):
         assert abs(batched[f"L{cand[0]}H{cand[1]}"] - sum(scores) / len(scores)) < 2e-3
 
 
+def killed_at(call_number: int, real, calls: dict):
+    """`real`, counting its calls in calls["n"], raising KeyboardInterrupt (a kill) at the call_number-th."""
+    def counted(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == call_number:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    return counted
+
+
 def test_resume_after_interruption(pipe, tmp_path, monkeypatch):
     objective = change_objective(stock_images(pipe, PROMPTS))
     args = dict(k=2, rounds=2, batch_size=2, **RUN)
     reference = hunt(pipe, objective, PROMPTS, [0], **args)
     calls = {"n": 0}
-    real = search.score_pairs
-
-    def interrupted(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(search, "score_pairs", interrupted)
+    monkeypatch.setattr(search, "score_pairs", killed_at(3, search.score_pairs, calls))
     with pytest.raises(KeyboardInterrupt):
         hunt(pipe, objective, PROMPTS, [0], checkpoint=str(tmp_path / "c.json"), **args)
     calls["n"] = 100

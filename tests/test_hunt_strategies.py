@@ -14,7 +14,8 @@ import dit_attn as da
 from dit_attn.guidance import race, screening
 from dit_attn.guidance.objectives import get_objective
 from dit_attn.guidance.search import hunt
-from tests.test_hunt import PLANTED_NAMES, PROMPTS, RUN, change_objective, free_port, planted_pipeline, stock_images
+from tests.test_hunt import (PLANTED_NAMES, PROMPTS, RUN, change_objective, free_port, killed_at, planted_pipeline,
+                             stock_images)
 
 torch.set_num_threads(1)
 
@@ -125,16 +126,7 @@ def test_resume_after_a_kill_equals_one_run(pipe, tmp_path, monkeypatch, strateg
     if strategy == "screen+race":
         args["screen_top"] = 4
     reference = hunt(pipe, "color:green", PROMPTS, [0, 1, 2], **args)
-    real = race.score_pairs
-    calls = {"n": 0}
-
-    def killed(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(race, "score_pairs", killed)
+    monkeypatch.setattr(race, "score_pairs", killed_at(4, race.score_pairs, {"n": 0}))
     with pytest.raises(KeyboardInterrupt):
         hunt(pipe, "color:green", PROMPTS, [0, 1, 2], checkpoint=str(tmp_path / "c.json"), **args)
     saved = json.loads((tmp_path / "c.json").read_text())
