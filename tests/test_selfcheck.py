@@ -190,3 +190,13 @@ def test_compiled_call_checks_while_tracing_without_graph_breaks(stand_in_triton
     torch._dynamo.reset()
     stored = json.load(open(os.path.join(os.environ["DIT_ATTN_CACHE"], "triton-blocks.json")))
     assert [value["passed"] for value in stored.values()] == [False]
+
+
+def test_a_check_that_cannot_run_leaves_triton_unchecked(stand_in_triton, monkeypatch, caplog):
+    def broken_reference(*args, **kwargs):
+        raise MemoryError("no room for the reference")
+
+    monkeypatch.setitem(kernels.BACKENDS, "reference", kernels.Backend("reference", broken_reference, lambda *a: None))
+    plan, q = _plan_and_q()
+    assert choose_backend(q, plan).name == "triton"
+    assert "could not run (MemoryError: no room for the reference); Triton is used unchecked" in caplog.text
