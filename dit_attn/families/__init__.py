@@ -21,6 +21,7 @@ _SPECS = {
     "LongCatImageTransformer2DModel": (".longcat_image", "LongCatImage"),
     "OvisImageTransformer2DModel": (".ovis_image", "OvisImage"),
     "BriaTransformer2DModel": (".bria", "Bria"),
+    "WanTransformer3DModel": (".wan", "Wan"),
 }
 _LOADED: dict[str, Family] = {}
 
