@@ -29,14 +29,17 @@ import torch
 import dit_attn as da
 from dit_attn.guidance.objectives import get_objective
 from dit_attn.guidance.screening import screen_heads
-from dit_attn.guidance.search import SearchSettings, candidate_heads, head_name, mean, paired_gain, score_pairs
+from dit_attn.guidance.search import SearchSettings, candidate_heads, head_name, paired_gain, race_pairs, score_pairs
+from dit_attn.io import write_json_atomic
 from dit_attn.loading import call_defaults, load_pipeline
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hunt_quality import HELD_OUT_STREAM, HUNT_STREAM, prompts_for  # noqa: E402
 
 HUNT_SEEDS, TRUTH_SEEDS = [0, 1], [100, 101]
-STRATEGIES = ("exhaustive", "race", "screen+race")
+# (label, strategy, extra hunt settings)
+STRATEGIES = (("exhaustive", "exhaustive", {}), ("race", "race", {}), ("screen+race", "screen+race", {}),
+              ("screen+race, 4 pairs screened", "screen+race", {"screen_pairs": 4}))
 
 
 def settings_for(pipe, objective: str, prompts, seeds, args) -> SearchSettings:
@@ -91,9 +94,16 @@ def measure(pipe, name: str, args) -> dict:
     hunt_prompts = prompts_for(name, HUNT_STREAM, args.hunt_prompts)
     truth_prompts = prompts_for(name, HELD_OUT_STREAM, args.truth_prompts)
     truth_settings = settings_for(pipe, name, truth_prompts, TRUTH_SEEDS, args)
-    began = time.perf_counter()
-    baseline, per_head = truth(pipe, score_fn, truth_settings)
-    truth_seconds = time.perf_counter() - began
+    cache = f"{os.path.splitext(args.out)[0]}.truth.{name.replace(':', '-')}.json"
+    key = {"prompts": truth_prompts, "seeds": TRUTH_SEEDS, "steps": args.steps, "scale": args.scale}
+    stored = json.load(open(cache)) if os.path.exists(cache) else {}
+    if stored.get("key") == key:  # the same truth pairs and settings: reuse the measured ground truth
+        baseline, per_head, truth_seconds = stored["baseline"], stored["per_head"], stored["seconds"]
+    else:
+        began = time.perf_counter()
+        baseline, per_head = truth(pipe, score_fn, truth_settings)
+        truth_seconds = time.perf_counter() - began
+        write_json_atomic(cache, {"key": key, "baseline": baseline, "per_head": per_head, "seconds": truth_seconds})
     gains = {n: paired_gain(v, baseline) for n, v in per_head.items()}
     hunt_settings = settings_for(pipe, name, hunt_prompts, HUNT_SEEDS, args)
     per_image = seconds_per_generation(pipe, hunt_settings)
@@ -101,25 +111,31 @@ def measure(pipe, name: str, args) -> dict:
     screened = screen_heads(pipe, name, hunt_prompts, HUNT_SEEDS, u=1.0, scale=args.scale, num_inference_steps=args.steps,
                             batch_size=args.batch_size, progress=False)
     names = list(gains)
-    exact = [gains[n][0] for n in names]
-    quality = {
-        "spearman": spearman([screened.scores[n] for n in names], exact),
-        "top3_overlap": len(top(screened.scores, 3) & top({n: gains[n][0] for n in names}, 3)),
-        "top5_overlap": len(top(screened.scores, 5) & top({n: gains[n][0] for n in names}, 5)),
-        "screen_seconds": screened.seconds, "screen_pairs": screened.pairs,
-        "screen_in_generations": screened.seconds / per_image,
-    }
+    exact = {n: gains[n][0] for n in names}
+
+    def agreement(result) -> dict:
+        return {"spearman": spearman([result.scores[n] for n in names], [exact[n] for n in names]),
+                "top3_overlap": len(top(result.scores, 3) & top(exact, 3)),
+                "top5_overlap": len(top(result.scores, 5) & top(exact, 5))}
+
+    few = screen_heads(pipe, name, [p for p, _ in race_pairs(hunt_settings)[:4]], [0], u=1.0, scale=args.scale,
+                       num_inference_steps=args.steps, batch_size=args.batch_size, progress=False)
+    quality = {**agreement(screened), "four_pairs": agreement(few), "screen_seconds": screened.seconds,
+               "screen_pairs": screened.pairs, "screen_in_generations": screened.seconds / per_image}
     hunts = {}
-    for strategy in STRATEGIES:
+    for label, strategy, extra in STRATEGIES:
         began = time.perf_counter()
         result = da.hunt(pipe, name, hunt_prompts, HUNT_SEEDS, k=args.k, rounds=1, u=1.0, scale=args.scale,
-                         num_inference_steps=args.steps, batch_size=args.batch_size, strategy=strategy, progress=False)
+                         num_inference_steps=args.steps, batch_size=args.batch_size, strategy=strategy, progress=False,
+                         **extra)
         seconds = time.perf_counter() - began
         generations = sum(sum(spent.values()) for spent in result.spent)
         # a backward pass over a batch of pairs costs what its measured time buys in generations
-        backward_cost = quality["screen_in_generations"] if result.backward_passes else 0.0
+        screened_pairs = extra.get("screen_pairs", screened.pairs)
+        backward_cost = quality["screen_in_generations"] * screened_pairs / screened.pairs \
+            if result.backward_passes else 0.0
         held = score_pairs(pipe, score_fn, truth_settings, [set(candidate_heads(pipe, result.selected))])[0][0]
-        hunts[strategy] = {"selected": result.selected, "generations": generations,
+        hunts[label] = {"selected": result.selected, "generations": generations,
                            "cost": generations + backward_cost, "seconds": seconds,
                            "held_out_gain": paired_gain(held, baseline)}
     best, best_se = hunts["exhaustive"]["held_out_gain"]
@@ -185,7 +201,8 @@ def print_report(report: dict) -> None:
           f"{report['seconds_per_generation'] * 1000:.0f} ms per generation; best true heads {report['best_true_heads']}")
     print(f"screening: Spearman {q['spearman']:+.2f}, top-3 overlap {q['top3_overlap']}/3, top-5 overlap "
           f"{q['top5_overlap']}/5, {q['screen_seconds']:.1f} s for {q['screen_pairs']} pairs "
-          f"(= {q['screen_in_generations']:.1f} generations)")
+          f"(= {q['screen_in_generations']:.1f} generations); on 4 pairs: Spearman {q['four_pairs']['spearman']:+.2f}, "
+          f"top-3 {q['four_pairs']['top3_overlap']}/3, top-5 {q['four_pairs']['top5_overlap']}/5")
     print("| strategy | selected | generations | cost (generations) | vs exhaustive | wall s | held-out gain | as good |")
     print("|---|---|---|---|---|---|---|---|")
     for strategy, e in report["hunts"].items():

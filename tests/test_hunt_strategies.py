@@ -118,6 +118,11 @@ def test_screen_and_race_selects_the_planted_heads(pipe):
     exhaustive = hunt(pipe, "color:green", PROMPTS, seeds, k=1, rounds=1, candidates=sorted(raced), batch_size=3,
                       progress=False, **RUN)
     assert result.selected == exhaustive.selected  # among the screened heads, the race picks what scoring all pairs picks
+    few = hunt(pipe, "color:green", PROMPTS, seeds, k=1, rounds=1, batch_size=3, strategy="screen+race", screen_top=2,
+               screen_pairs=2, progress=False, **RUN)
+    assert few.backward_passes == [1] and few.settings["screen_pairs"] == 2
+    expected = screening.screen_heads(pipe, "color:green", PROMPTS, [0], batch_size=3, progress=False, **RUN)  # 2 pairs
+    assert few.screening[0] == pytest.approx(expected.scores, rel=1e-5, abs=1e-9)
 
 
 @pytest.mark.parametrize("strategy", ["race", "screen+race"])
@@ -192,6 +197,8 @@ def test_bad_input(pipe):
         hunt(pipe, "color:red", PROMPTS, [0], k=3, rounds=1, strategy="screen+race", screen_top=2, **RUN)
     with pytest.raises(ValueError, match="race_eta must be a number >= 1"):
         hunt(pipe, "color:red", PROMPTS, [0], k=1, rounds=1, strategy="race", race_eta=0.5, **RUN)
+    with pytest.raises(ValueError, match=r"screen_pairs must be a whole number of pairs in \[1, 2\]"):
+        hunt(pipe, "color:red", PROMPTS, [0], k=1, rounds=1, strategy="screen+race", screen_pairs=3, **RUN)
     with pytest.raises(ValueError, match="only used with strategy"):
         hunt(pipe, "color:red", PROMPTS, [0], k=1, rounds=1, race_start=2, **RUN)
 

@@ -89,7 +89,7 @@ def cmd_hunt(args) -> int:
         target=args.target, scope=args.scope, max_sequence_length=args.max_sequence_length, min_z=args.min_z,
         confirm_seeds=args.confirm_seeds, confirm_top=args.confirm_top, confirm_together=args.confirm_together,
         strategy=args.strategy, race_start=args.race_start, race_z=args.race_z, race_eta=args.race_eta,
-        screen_top=args.screen_top, u0=args.u0,
+        screen_top=args.screen_top, u0=args.u0, screen_pairs=args.screen_pairs,
     )
     result.settings["objective"] = args.objective
     if int(os.environ.get("RANK", "0")) == 0:
@@ -138,6 +138,8 @@ def add_commands(sub) -> None:
     hunt.add_argument("--screen-top", type=int, default=None,
                       help="screen+race: candidates that race (default: a quarter, at least 4·max(k, confirm-top))")
     hunt.add_argument("--u0", type=finite_float, default=0.0, help="screen+race: strength the gradients are taken at")
+    hunt.add_argument("--screen-pairs", type=int, default=None,
+                      help="screen+race: (prompt, seed) pairs the screening runs on (default: all)")
     hunt.add_argument("--candidates", default=None, help="heads to search over, e.g. 'L0,L1H2' (default: all)")
     hunt.add_argument("--checkpoint", default=None, help="resume file (default: OUT.checkpoint)")
     hunt.add_argument("--out", default="hunt.json", help="result: selected heads, every round's scores, settings")

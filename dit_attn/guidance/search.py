@@ -128,6 +128,7 @@ class SearchSettings:
     race_z: float = 0.0  # race: drop a candidate this many standard errors below the leader
     race_eta: float = 1.0  # race: at most 1/race_eta of the survivors go on from a stage
     screen_top: int = 0  # screen+race: candidates (by screening score) that race
+    screen_pairs: int = 0  # screen+race: pairs the screening runs on (the first of the race's order; 0: all)
     u0: float = 0.0  # screen+race: the strength the gradients are taken at
 
 
@@ -299,7 +300,8 @@ def search_settings(objective, prompts, seeds, k, rounds, u, scale, num_inferenc
                     heads: list[Head], target, scope, batch_size, max_sequence_length, min_z: float | None = None,
                     confirm_seeds=None, confirm_top: int | None = None, confirm_together: bool = False,
                     strategy: str = "exhaustive", race_start: int | None = None, race_z: float = 2.0,
-                    race_eta: float = 2.0, screen_top: int | None = None, u0: float = 0.0) -> SearchSettings:
+                    race_eta: float = 2.0, screen_top: int | None = None, u0: float = 0.0,
+                    screen_pairs: int | None = None) -> SearchSettings:
     """Validated settings (clear errors before any generation)."""
     check_call_settings(num_inference_steps, guidance_scale, height, width)
     if strategy not in STRATEGIES:
@@ -336,8 +338,8 @@ def search_settings(objective, prompts, seeds, k, rounds, u, scale, num_inferenc
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     HeadGuidance(heads=[heads[0]], scale=scale, u=u, target=target, scope=scope)  # validates the guidance settings
-    race = strategy_settings(strategy, race_start, race_z, race_eta, screen_top, u0, len(prompts) * len(seeds),
-                             len(heads), max(k, confirm_top or 0))
+    race = strategy_settings(strategy, race_start, race_z, race_eta, screen_top, u0, screen_pairs,
+                             len(prompts) * len(seeds), len(heads), max(k, confirm_top or 0))
     return SearchSettings(
         objective=objective if isinstance(objective, str) else getattr(objective, "__name__", "callable"),
         prompts=tuple(prompts), seeds=tuple(seeds), k=k, rounds=rounds, u=float(u), scale=float(scale),
@@ -349,14 +351,14 @@ def search_settings(objective, prompts, seeds, k, rounds, u, scale, num_inferenc
     )
 
 
-def strategy_settings(strategy: str, race_start, race_z, race_eta, screen_top, u0, n_pairs: int, n_heads: int,
-                      keep: int) -> dict:
+def strategy_settings(strategy: str, race_start, race_z, race_eta, screen_top, u0, screen_pairs, n_pairs: int,
+                      n_heads: int, keep: int) -> dict:
     """The race and screening settings of a strategy (zeros for those it does not use), validated."""
     from .race import check_race  # builds on this module
 
     if strategy == "exhaustive":
-        if race_start is not None or screen_top is not None:
-            raise ValueError("race_start and screen_top are only used with strategy 'race' or 'screen+race'")
+        if race_start is not None or screen_top is not None or screen_pairs is not None:
+            raise ValueError("race_start, screen_top and screen_pairs are only used with strategy 'race' or 'screen+race'")
         return {}
     if n_pairs < 2:
         raise ValueError(f"strategy {strategy!r} needs at least 2 (prompt, seed) pairs to compare candidates, got {n_pairs}")
@@ -364,8 +366,8 @@ def strategy_settings(strategy: str, race_start, race_z, race_eta, screen_top, u
     check_race(race_start, race_z, race_eta, n_pairs)
     settings = {"race_start": race_start, "race_z": float(race_z), "race_eta": float(race_eta)}
     if strategy == "race":
-        if screen_top is not None:
-            raise ValueError("screen_top is only used with strategy 'screen+race'")
+        if screen_top is not None or screen_pairs is not None:
+            raise ValueError("screen_top and screen_pairs are only used with strategy 'screen+race'")
         return settings
     if screen_top is None:
         screen_top = min(n_heads, max(4 * keep, math.ceil(n_heads / 4)))
@@ -374,7 +376,10 @@ def strategy_settings(strategy: str, race_start, race_z, race_eta, screen_top, u
                          f"(at least k and confirm_top), got {screen_top!r}")
     if isinstance(u0, bool) or not isinstance(u0, (int, float)) or not 0 <= u0 <= 1:
         raise ValueError(f"u0 must be a number in [0, 1], got {u0!r}")
-    return {**settings, "screen_top": screen_top, "u0": float(u0)}
+    if screen_pairs is not None and (isinstance(screen_pairs, bool) or not isinstance(screen_pairs, int)
+                                     or not 1 <= screen_pairs <= n_pairs):
+        raise ValueError(f"screen_pairs must be a whole number of pairs in [1, {n_pairs}] or None (all), got {screen_pairs!r}")
+    return {**settings, "screen_top": screen_top, "u0": float(u0), "screen_pairs": screen_pairs or 0}
 
 
 def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float = 1.0, scale: float = 3.0,
@@ -383,7 +388,8 @@ def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float 
          target: str = "identity", scope: str = "joint", max_sequence_length: int | None = None,
          min_z: float | None = None, confirm_seeds=None, confirm_top: int | None = None, confirm_together: bool = False,
          strategy: str = "exhaustive", race_start: int | None = None, race_z: float = 2.0, race_eta: float = 2.0,
-         screen_top: int | None = None, u0: float = 0.0, progress: bool = True) -> HuntResult:
+         screen_top: int | None = None, u0: float = 0.0, screen_pairs: int | None = None,
+         progress: bool = True) -> HuntResult:
     """Select k heads per round for `rounds` rounds (HeadHunter, Algorithm 1).
 
     objective: a registry name (see `dit_attn.guidance.objectives`) or callable(images, prompts) -> scores.
@@ -402,7 +408,8 @@ def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float 
         (`dit_attn.guidance.race`: race_start pairs first, drop at race_z standard errors below the
         leader, keep at most 1/race_eta per stage); "screen+race" first ranks every candidate by the
         gradient of the objective (`dit_attn.guidance.screening`, taken at strength u0) and races the
-        screen_top best (default: a quarter of the candidates, at least 4·max(k, confirm_top)).
+        screen_top best (default: a quarter of the candidates, at least 4·max(k, confirm_top)); the screening
+        runs on the first screen_pairs pairs of the race's order (default: all).
     """
     score_fn = get_objective(objective)
     if strategy == "screen+race":
@@ -415,7 +422,7 @@ def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float 
     settings = search_settings(objective, prompts, seeds, k, rounds, u, scale, num_inference_steps, guidance_scale, height,
                                width, heads, target, scope, batch_size, sequence_length(pipe, max_sequence_length), min_z,
                                confirm_seeds, confirm_top, confirm_together, strategy, race_start, race_z, race_eta,
-                               screen_top, u0)
+                               screen_top, u0, screen_pairs)
     rank, world = distributed()
     path = checkpoint if checkpoint is None or world == 1 else f"{checkpoint}.rank{rank}-of-{world}"
     state = resume(path, settings)
@@ -528,7 +535,8 @@ def screening_scores(pipe, gradient_of, settings: SearchSettings, state: dict, r
     if not screened:
         rank, world = process
         if rank == 0:
-            gradients, _ = screen(pipe, gradient_of, settings, remaining, selected, pairs_of(settings), settings.u0)
+            pairs = race_pairs(settings)[: settings.screen_pairs or None]
+            gradients, _ = screen(pipe, gradient_of, settings, remaining, selected, pairs, settings.u0)
             screened.update({head_name(h): float(g) * (settings.u - settings.u0) for h, g in zip(remaining, gradients)})
         screened.update(gather_scores(screened, world))
         save_state(path, settings, state)
@@ -547,7 +555,7 @@ def hunt_result(settings: SearchSettings, state: dict) -> HuntResult:
         result.spent.append(spent)
         if settings.strategy == "screen+race":
             result.screening.append(state["screen"][round_index])
-            result.backward_passes.append(math.ceil(n_pairs / settings.batch_size))
+            result.backward_passes.append(math.ceil((settings.screen_pairs or n_pairs) / settings.batch_size))
     if settings.min_z is not None:
         for pair_scores in state["pairs"][:done]:
             base = pair_scores[BASELINE]
