@@ -2,9 +2,11 @@
 
 1. Overhead: a config-built FLUX.1 pipeline (2 double + 2 single blocks, 4 heads × 32) at 1,024 and
    4,096 image tokens, per denoising step, plain call vs the same call with Capture(kind="cross") of
-   every layer and head on 4 text tokens (and kind="self" on 4 locations, kind="concept" on 4 concepts). Each measurement runs in
-   its own process; memory is that process's peak resident size during the pipeline call above
-   the size before it (ru_maxrss), next to the size of the maps themselves.
+   every layer and head on 4 text tokens, of one layer ("cross L2"), kind="self" on 4 locations and
+   kind="concept" on 4 concepts. Each measurement runs in its own process, timed with the default
+   allocator; memory is the peak resident size during the pipeline call (ru_maxrss, measured in a
+   second process whose allocator returns freed blocks at once) above the plain call's size before it,
+   next to the size of the maps themselves.
 2. Binding (tiny model): for held-out shape prompts, the share of the colour word's, the shape word's
    and the background word's cross-attention mass (mean over heads and steps) that falls on the
    shape's pixels (the generated image's pixels of the prompt's colour), per layer, next to the
@@ -44,6 +46,7 @@ def one_run(tokens: int, mode: str, steps: int, threads: int) -> dict:
     prompt = "a red circle on a blue background"
     pipe(prompt, num_inference_steps=1, generator=torch.Generator().manual_seed(1), **args)  # warm
     edits = {"plain": (), "cross": (da.Capture(tokens=[0, 1, 2, 3]),),
+             "cross L2": (da.Capture(layers=[2], tokens=[0, 1, 2, 3]),),
              "self": (da.Capture(kind="self", tokens=[0, 5, 100, tokens - 1]),),
              "concept": (da.Capture(kind="concept", tokens=["circle", "square", "blue", "green"]),)}[mode]
     handle = da.apply(pipe, *edits) if edits else None
@@ -60,19 +63,28 @@ def one_run(tokens: int, mode: str, steps: int, threads: int) -> dict:
 def overhead(steps: int, threads: int) -> None:
     print(f"FLUX.1 config-built (2+2 blocks, 4 heads x 32), {steps} steps, threads {threads}, "
           f"load {os.getloadavg()[0]:.2f}; memory: peak RSS of the call above the RSS before it")
-    print(f"{'image tokens':>12} {'mode':>6} {'s/step':>8} {'ratio':>6} {'peak MB':>8} {'peak+ MB':>9} {'maps MB':>8}")
+    print(f"{'image tokens':>12} {'mode':>8} {'s/step':>8} {'ratio':>6} {'peak MB':>8} {'peak+ MB':>9} {'maps MB':>8}")
     for tokens in SIDES:
         results = {}
-        for mode in ("plain", "cross", "self", "concept"):
-            out = subprocess.run([sys.executable, __file__, "--one", str(tokens), mode, "--steps", str(steps),
-                                  "--threads", str(threads)], capture_output=True, text=True, check=True)
-            results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        for mode in ("plain", "cross", "cross L2", "self", "concept"):
+            results[mode] = run_one(tokens, mode, steps, threads, {})  # time, with the default allocator
+            # memory: with a fixed mmap threshold, freed blocks go back to the system, so the peak RSS is the
+            # peak of live memory, not of the allocator's cache
+            memory = run_one(tokens, mode, steps, threads, {"MALLOC_MMAP_THRESHOLD_": "131072"})
+            results[mode].update(rss_before_mb=memory["rss_before_mb"], rss_peak_mb=memory["rss_peak_mb"])
         plain = results["plain"]
         for mode, r in results.items():
             # ru_maxrss is the process's peak so far: the warm-up call sets the floor, so compare peaks
             grown = r["rss_peak_mb"] - plain["rss_before_mb"]
-            print(f"{tokens:>12} {mode:>6} {r['seconds_per_step']:>8.3f} {r['seconds_per_step'] / plain['seconds_per_step']:>6.2f} "
+            print(f"{tokens:>12} {mode:>8} {r['seconds_per_step']:>8.3f} {r['seconds_per_step'] / plain['seconds_per_step']:>6.2f} "
                   f"{r['rss_peak_mb']:>8.1f} {grown:>9.1f} {r['maps_mb']:>8.2f}")
+
+
+def run_one(tokens: int, mode: str, steps: int, threads: int, env: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--one", str(tokens), mode, "--steps", str(steps),
+                          "--threads", str(threads)], capture_output=True, text=True, check=True,
+                         env={**os.environ, **env})
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def shape_mask(image, colour: str, background: str, cells: int) -> np.ndarray:
