@@ -27,7 +27,8 @@ def arguments(description: str) -> argparse.Namespace:
     if args.dry_run:  # read when triton is first imported (kernels import it lazily)
         os.environ.setdefault("TRITON_INTERPRET", "1")
     os.makedirs(args.out, exist_ok=True)
-    torch.set_num_threads(1 if args.dry_run else torch.get_num_threads())
+    if args.dry_run:
+        torch.set_num_threads(1)
     return args
 
 
