@@ -186,12 +186,14 @@ def test_local_attention_and_image_scope_softpag_in_cross_and_self_maps(sd3, mon
     SoftPAG scope='image', identity: an image query keeps its own key and the text keys."""
     edits = (da.LocalAttention(radius=3), da.SoftPAG(heads=["L1H0"], u=1.0, scope="image"))
     locations = [(0, 0), (4, 5)]
+    with da.apply(sd3, *edits):
+        plain = sd3_call(sd3, steps=1)
     spy = AttentionInputs(monkeypatch)
     with da.apply(sd3, *edits, da.Capture(tokens=[0, 3, 17], steps=[0])) as handle:
-        sd3_call(sd3, steps=1)
+        assert torch.equal(sd3_call(sd3, steps=1), plain)
         cross = handle.maps
     with da.apply(sd3, *edits, da.Capture(kind="self", tokens=locations, steps=[0])) as handle:
-        sd3_call(sd3, steps=1)
+        assert torch.equal(sd3_call(sd3, steps=1), plain)
         self_maps = handle.maps
     assert self_maps.tokens == ("0,0", "4,5")
     for layer, (q, k, _) in enumerate(spy.calls[:3]):
