@@ -4,12 +4,13 @@ guided step equals the explicit computation from recorded stock calls (CFG on an
 calls are widened at the call, so a step makes the stock number of calls."""
 import pytest
 import torch
+from PIL import Image
 
 import dit_attn as da
 from dit_attn import processors
 from dit_attn.families import family_of
 from dit_attn.processors.state import EditState
-from dit_attn.toy.wan import WAN_RUN, build_wan_pipeline
+from dit_attn.toy.wan import WAN_I2V_RUN, WAN_RUN, build_wan_i2v_pipeline, build_wan_pipeline
 
 from .conftest import CallRecorder, PerturbSDPA, replay
 
@@ -144,3 +145,22 @@ def test_remove_restores_original_objects(wan_pipe):
     handle.remove()
     assert all(transformer.attn_processors[k] is v for k, v in before.items())
     assert not transformer._diffusers_hook.hooks
+
+
+def test_image_to_video_guided_step_equals_explicit():
+    """WanImageToVideoPipeline: the image context rides in the cross-attention (stock), the call's per-row
+    image states are widened with the rest."""
+    pipe = build_wan_i2v_pipeline(num_layers=2, num_heads=2, head_dim=12)
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    edit = da.HeadGuidance(heads=["L0H1", "L1H0"], scale=2.0, u=1.0)
+    run = dict(image=image, prompt=PROMPTS, num_inference_steps=2, guidance_scale=3.0, output_type="latent", **WAN_I2V_RUN)
+    with CallRecorder(pipe) as stock:
+        pipe(generator=torch.Generator().manual_seed(0), **run)
+    with CallRecorder(pipe) as rec, da.apply(pipe, edit):
+        pipe(generator=torch.Generator().manual_seed(0), **run)
+    assert rec.calls[0]["encoder_hidden_states_image"] is not None and len(rec.calls) == len(stock.calls) == 4
+    assert type(pipe.transformer.blocks[0].attn2.processor).__name__ == "WanAttnProcessor"
+    want = explicit_steps(pipe, rec, edit, {0: [1], 1: [0]}, True, 3.0)
+    for eps, expected in zip(rec.steps, want):
+        assert (eps - expected).abs().max() < 1e-5

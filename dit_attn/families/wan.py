@@ -7,7 +7,7 @@ frame-major by `patch_size` (t, h, w); a call's tokens are F'·H'·W' video toke
 The model unpatchifies with its *input* batch after the blocks, so extra rows are appended to the call's
 inputs (`widen_at_call`).
 
-HeadGuidance and CFG: `WanPipeline` makes one call per condition under `cache_context("cond")` and
+HeadGuidance and CFG: `WanPipeline` and `WanImageToVideoPipeline` make one call per condition under `cache_context("cond")` and
 `("uncond")`; the conditional call is guided. Wan 2.2's second expert (`transformer_2`, below its
 boundary timestep) is not edited yet.
 """
@@ -23,7 +23,7 @@ class Wan(Family):
     name = "wan"
     transformer_classes = ("WanTransformer3DModel",)
     stock_processors = ("WanAttnProcessor",)
-    guided_pipelines = ("WanPipeline",)
+    guided_pipelines = ("WanPipeline", "WanImageToVideoPipeline")
     rows = CallRows(
         call_args=("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image"),
         # not forked at blocks (widen_at_call); what would flow / be mapped there:
