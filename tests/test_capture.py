@@ -399,3 +399,14 @@ def test_cli_writes_overlays_and_index(tmp_path, capsys):
     assert main(["maps", "a red circle", "--layers", "x", "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "dit-attn maps: error: --layers must be comma-separated indices, e.g. 0,3,5; got 'x'"]
+
+
+def test_chroma_true_cfg_words_and_concepts_leave_the_image(chroma_pipe):
+    """Two calls per step (conditional first): words and concepts on the conditional call, image unchanged."""
+    args = dict(num_inference_steps=2, guidance_scale=3.0, negative_prompt="blue", max_sequence_length=8,
+                output_type="latent", **SIZE)
+    plain = chroma_pipe("a red circle", generator=torch.Generator().manual_seed(0), **args).images
+    for edit in (da.Capture(tokens="red"), da.Capture(kind="concept", tokens=["circle", "square"])):
+        with da.apply(chroma_pipe, edit) as handle:
+            assert torch.equal(chroma_pipe("a red circle", generator=torch.Generator().manual_seed(0), **args).images, plain)
+            assert handle.maps.steps == (0, 1) and handle.maps.maps.shape[:2] == (1, 2)
