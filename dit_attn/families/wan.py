@@ -8,8 +8,8 @@ The model unpatchifies with its *input* batch after the blocks, so extra rows ar
 inputs (`widen_at_call`).
 
 HeadGuidance and CFG: `WanPipeline` and `WanImageToVideoPipeline` make one call per condition under `cache_context("cond")` and
-`("uncond")`; the conditional call is guided. Wan 2.2's second expert (`transformer_2`, below its
-boundary timestep) is not edited yet.
+`("uncond")`; the conditional call is guided. Wan 2.2's two-expert pipelines (`transformer_2` below the
+boundary timestep) are refused by pipeline edits; each expert takes model edits on its own.
 """
 from __future__ import annotations
 
@@ -70,6 +70,14 @@ class Wan(Family):
         return None, "Wan calls are video (frames × height × width tokens); 3-D local windows are not implemented yet"
 
     # --- its pipelines -------------------------------------------------------------------------
+    def supports_pipeline(self, pipe) -> bool:
+        if getattr(pipe, "transformer_2", None) is not None:
+            raise NotImplementedError(
+                "Wan 2.2 two-expert pipelines (transformer_2) are not supported by pipeline edits yet: dit-attn "
+                "would edit `transformer` only and the steps below the boundary would run unedited; model edits "
+                "(SoftPAG, LocalAttention) can be applied to each expert: da.apply(pipe.transformer_2, ...)")
+        return super().supports_pipeline(pipe)
+
     def conditional_rows(self, pipe, batch: int, call: dict, context: str | None):
         """The conditional call ("cond", every row); the "uncond" call is left stock."""
         if context not in (None, "cond"):
