@@ -42,7 +42,7 @@ from ..edits import HeadGuidance
 from ..heads import model_family, model_layers, resolve_heads
 from ..limits import check_image_size, check_pixels, check_steps
 from ..loading import sequence_length
-from .objectives import get_objective
+from .objectives import differentiable_objective, get_objective
 
 Head = tuple[int, int]
 
@@ -166,7 +166,8 @@ def pairs_of(settings: SearchSettings, seeds=None) -> list[tuple[str, int]]:
 
 
 def race_pairs(settings: SearchSettings) -> list[tuple[str, int]]:
-    """The pairs seed by seed (every prompt of the first seed, then of the next): a race's stages cover the prompts evenly."""
+    """The pairs seed by seed (every prompt of the first seed, then of the next): a race's stages cover the
+    prompts evenly."""
     return [(p, s) for s in settings.seeds for p in settings.prompts]
 
 
@@ -358,10 +359,12 @@ def strategy_settings(strategy: str, race_start, race_z, race_eta, screen_top, u
 
     if strategy == "exhaustive":
         if race_start is not None or screen_top is not None or screen_pairs is not None:
-            raise ValueError("race_start, screen_top and screen_pairs are only used with strategy 'race' or 'screen+race'")
+            raise ValueError("race_start, screen_top and screen_pairs are only used with strategy 'race' or "
+                             "'screen+race'")
         return {}
     if n_pairs < 2:
-        raise ValueError(f"strategy {strategy!r} needs at least 2 (prompt, seed) pairs to compare candidates, got {n_pairs}")
+        raise ValueError(f"strategy {strategy!r} needs at least 2 (prompt, seed) pairs to compare candidates, "
+                         f"got {n_pairs}")
     race_start = 2 if race_start is None else race_start
     check_race(race_start, race_z, race_eta, n_pairs)
     settings = {"race_start": race_start, "race_z": float(race_z), "race_eta": float(race_eta)}
@@ -378,7 +381,8 @@ def strategy_settings(strategy: str, race_start, race_z, race_eta, screen_top, u
         raise ValueError(f"u0 must be a number in [0, 1], got {u0!r}")
     if screen_pairs is not None and (isinstance(screen_pairs, bool) or not isinstance(screen_pairs, int)
                                      or not 1 <= screen_pairs <= n_pairs):
-        raise ValueError(f"screen_pairs must be a whole number of pairs in [1, {n_pairs}] or None (all), got {screen_pairs!r}")
+        raise ValueError(f"screen_pairs must be a whole number of pairs in [1, {n_pairs}] or None (all), "
+                         f"got {screen_pairs!r}")
     return {**settings, "screen_top": screen_top, "u0": float(u0), "screen_pairs": screen_pairs or 0}
 
 
@@ -408,13 +412,11 @@ def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float 
         (`dit_attn.guidance.race`: race_start pairs first, drop at race_z standard errors below the
         leader, keep at most 1/race_eta per stage); "screen+race" first ranks every candidate by the
         gradient of the objective (`dit_attn.guidance.screening`, taken at strength u0) and races the
-        screen_top best (default: a quarter of the candidates, at least 4·max(k, confirm_top)); the screening
-        runs on the first screen_pairs pairs of the race's order (default: all).
+        screen_top best (default: a quarter of the candidates, at least 4·max(k, confirm_top)); the
+        screening runs on the first screen_pairs pairs of the race's order (default: all).
     """
     score_fn = get_objective(objective)
     if strategy == "screen+race":
-        from .objectives import differentiable_objective
-
         gradient_of = differentiable_objective(score_fn, objective if isinstance(objective, str) else
                                                getattr(objective, "__name__", "callable"))
     heads = candidate_heads(pipe, candidates)
