@@ -125,8 +125,8 @@ def test_guided_step_equals_explicit(wan_pipe, guidance_scale, prompt):
 
 def test_row_count_guard_and_refusals(wan_pipe, monkeypatch):
     spec = family_of(wan_pipe.transformer)
-    with pytest.raises(NotImplementedError, match="TextPatch does not run on wan models"):
-        da.apply(wan_pipe, da.TextPatch(layers=[1], source_prompt="a blue circle"))
+    with pytest.raises(ValueError, match="TextPatch layers \\[3\\] do not exist"):
+        da.apply(wan_pipe, da.TextPatch(layers=[3], source_prompt="a blue circle"))  # text edits run (tests/test_wan_text.py)
     with pytest.raises(ValueError, match="3-D local windows are not implemented"):
         with da.apply(wan_pipe, da.LocalAttention(radius=2.0, layers=[1])):
             wan_call(wan_pipe)

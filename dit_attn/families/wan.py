@@ -1,14 +1,18 @@
 """Wan 2.1 / 2.2 (`WanTransformer3DModel`): blocks `blocks.i` → layer i, each with a self-attention
-`attn1` over the video tokens (the layer dit-attn edits) and a cross-attention `attn2` to the text
-(and, for image-to-video, the image context), which keeps its stock processor: SoftPAG's identity map is
-defined only where queries and keys are the same tokens. Latents (B, C, F, H, W) are patchified
+`attn1` over the video tokens (the layer SoftPAG, HeadGuidance and LocalAttention edit) and a
+cross-attention `attn2` to the text (and, for image-to-video, the image context). SoftPAG's identity map is
+defined only where queries and keys are the same tokens, so `attn2` is never perturbed; TextPatch and
+TextGuard replace its text keys/values, and their layer i is block i's `attn2` (the same numbering as
+`attn1`). Without a text edit `attn2` keeps its stock processor. Latents (B, C, F, H, W) are patchified
 frame-major by `patch_size` (t, h, w); a call's tokens are F'·H'·W' video tokens, no text in `attn1`.
 
 The model unpatchifies with its *input* batch after the blocks, so extra rows are appended to the call's
-inputs (`widen_at_call`).
+inputs (`widen_at_call`): a TextPatch's source rows carry the source prompt's text states and their target
+row's latents, timestep and image context, and run to the end. Text enters the model only through `attn2`
+(the condition embedder's text projection is per row), so patching every layer gives the source prompt's run.
 
 HeadGuidance and CFG: `WanPipeline` and `WanImageToVideoPipeline` make one call per condition under `cache_context("cond")` and
-`("uncond")`; the conditional call is guided. Wan 2.2's two-expert pipelines (`transformer_2` below the
+`("uncond")`; the conditional call is guided (and patched). Wan 2.2's two-expert pipelines (`transformer_2` below the
 boundary timestep) are refused by pipeline edits; each expert takes model edits on its own.
 """
 from __future__ import annotations
@@ -32,8 +36,6 @@ class Wan(Family):
     )
     text_first = False
     widen_at_call = True
-    text_edits_unsupported = ("Wan's text rides in its cross-attention (attn2), not in a joint sequence; "
-                              "TextPatch/TextGuard/localize there are not implemented yet")
 
     # --- layers and processors -------------------------------------------------------------
     def layers(self, transformer) -> list[LayerInfo]:
@@ -41,23 +43,30 @@ class Wan(Family):
                 for i, block in enumerate(transformer.blocks)]
 
     def attention_processors(self, transformer) -> dict:
-        """The self-attention processors only (attn2, the cross-attention, stays stock)."""
-        return {f"blocks.{i}.attn1.processor": block.attn1.processor for i, block in enumerate(transformer.blocks)}
+        """Every block's self-attention and cross-attention processor."""
+        return {f"blocks.{i}.{name}.processor": getattr(block, name).processor
+                for i, block in enumerate(transformer.blocks) for name in ("attn1", "attn2")}
 
     def set_processors(self, transformer, processors: dict) -> None:
+        """None (from `processor_for`) leaves that module's processor in place."""
         for key, processor in processors.items():
-            transformer.get_submodule(key.removesuffix(".processor")).set_processor(processor)
+            if processor is not None:
+                transformer.get_submodule(key.removesuffix(".processor")).set_processor(processor)
 
     def layer_of_key(self, key: str, transformer) -> int:
         parts = key.split(".")
-        if parts[0] != "blocks" or parts[2] != "attn1":
-            raise ValueError(f"{key} is not a self-attention of Wan's blocks")
+        if parts[0] != "blocks" or parts[2] not in ("attn1", "attn2"):
+            raise ValueError(f"{key} is not an attention of Wan's blocks")
         return int(parts[1])
 
     def processor_for(self, key: str, layer: int, state):
-        from ..processors.wan import WanSelfAttnProcessor
+        """attn1: dit-attn's self-attention processor; attn2: the cross-attention one when a text edit
+        patches it, else None (the stock processor stays)."""
+        from ..processors.wan import WanCrossAttnProcessor, WanSelfAttnProcessor
 
-        return WanSelfAttnProcessor(layer, state)
+        if key.split(".")[2] == "attn1":
+            return WanSelfAttnProcessor(layer, state)
+        return WanCrossAttnProcessor(layer, state) if state.patch_layers else None
 
     def fork_points(self, transformer):
         return []  # widened at the call
@@ -85,7 +94,11 @@ class Wan(Family):
         return torch.arange(batch)
 
     def encode_prompts(self, pipe, prompts, max_sequence_length):
-        raise NotImplementedError(f"text edits on Wan: {self.text_edits_unsupported}")
+        """(text states (N, S, D), an empty (N, 0) tensor: Wan has no pooled embedding). The pipelines pad
+        every prompt to `max_sequence_length` with zero states, so a call's text length is that length."""
+        embeds, _ = pipe.encode_prompt(prompt=list(prompts), do_classifier_free_guidance=False, num_videos_per_prompt=1,
+                                       max_sequence_length=max_sequence_length or 512)
+        return embeds, embeds.new_zeros(embeds.shape[0], 0)
 
     def latent_patch(self, transformer) -> int:
         return int(transformer.config.patch_size[-1])

@@ -1,16 +1,20 @@
-"""Processor for Wan's self-attention (`attn1` of every block).
+"""Processors for Wan's attention: the self-attention `attn1` of every block (dit-attn's layer) and the
+cross-attention `attn2` (its text keys/values are what TextPatch replaces).
 
-Reproduces diffusers' WanAttnProcessor for a self-attention call (q/k/v projections, fused or not; RMS
-norms across heads before the head split; real interleaved rotary on (frames, height, width)) and hands
-the attention call to `dit_attn.kernels.attention` with this layer's plan; with no plan it makes the stock
-dispatch call. Every token is a video token.
+Both reproduce diffusers' WanAttnProcessor (q/k/v projections, fused or not; RMS norms across heads before
+the head split; real interleaved rotary on (frames, height, width)). `attn1` hands its attention call to
+`dit_attn.kernels.attention` with this layer's plan, or makes the stock dispatch call with no plan; every
+token is a video token. `attn2` always makes the stock dispatch calls: it is never perturbed.
 """
 from __future__ import annotations
 
 import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from .dispatch import DispatchingProcessor
-from .state import POOL_MODULE
+from .state import POOL_MODULE, LayerProcessor
+
+TEXT_CONTEXT = 512  # Wan's cross-attention takes the last 512 context tokens as the text when it has image context
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -27,7 +31,7 @@ class WanSelfAttnProcessor(DispatchingProcessor):
                  attention_mask: torch.Tensor | None = None,
                  rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if encoder_hidden_states is not None:
-            raise ValueError("dit-attn's Wan processor serves the self-attention (attn1) only")
+            raise ValueError("dit-attn's Wan self-attention processor serves attn1 only")
         if attn.fused_projections:
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
@@ -44,3 +48,58 @@ class WanSelfAttnProcessor(DispatchingProcessor):
         hidden_states = hidden_states.flatten(2, 3).type_as(query)
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
+
+
+class WanCrossAttnProcessor(LayerProcessor):
+    """One instance per `attn2` module; `layer` is its block's index (the layer of the block's attn1).
+
+    Queries are the video tokens, keys/values the text states (for image-to-video the leading
+    len − 512 context tokens are the image context, attended through `add_k_proj`/`add_v_proj` and
+    summed). The text keys/values, after their norm, go through `EditState.patch_text`.
+    """
+
+    _attention_backend = None  # set by diffusers' set_attention_backend, copied over by `install`
+    _parallel_config = None  # the stock cross-attention never uses it
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None,
+                 rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        if encoder_hidden_states is None:
+            raise ValueError("dit-attn's Wan cross-attention processor serves attn2 only")
+        image_context = None
+        if attn.add_k_proj is not None:
+            image_length = encoder_hidden_states.shape[1] - TEXT_CONTEXT
+            image_context = encoder_hidden_states[:, :image_length]
+            encoder_hidden_states = encoder_hidden_states[:, image_length:]
+        query = attn.to_q(hidden_states)
+        if attn.fused_projections:
+            key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+        else:
+            key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = _rotate(query, *rotary_emb)
+            key = _rotate(key, *rotary_emb)
+        key, value = self.state.patch_text(self.layer, key, value)
+
+        image_out = None
+        if image_context is not None:
+            if attn.fused_projections:
+                key_img, value_img = attn.to_added_kv(image_context).chunk(2, dim=-1)
+            else:
+                key_img, value_img = attn.add_k_proj(image_context), attn.add_v_proj(image_context)
+            key_img = attn.norm_added_k(key_img).unflatten(2, (attn.heads, -1))
+            value_img = value_img.unflatten(2, (attn.heads, -1))
+            image_out = self._dispatch(query, key_img, value_img, None).flatten(2, 3).type_as(query)
+
+        hidden_states = self._dispatch(query, key, value, attention_mask).flatten(2, 3).type_as(query)
+        if image_out is not None:
+            hidden_states = hidden_states + image_out
+        hidden_states = attn.to_out[0](hidden_states)
+        return attn.to_out[1](hidden_states)
+
+    def _dispatch(self, query, key, value, attention_mask) -> torch.Tensor:
+        return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                                     backend=self._attention_backend, parallel_config=None)
