@@ -69,6 +69,7 @@ class Family:
     # which in-context sets and the trainers encode and decode themselves
     image_latents_of_kl_vae: bool = False
     text_edits_unsupported: str = ""  # why TextPatch/TextGuard/localize cannot run on this family ("" : they can)
+    makes_videos: bool = False  # its pipelines return `.frames` (videos), not `.images`
 
     # --- layers and processors -------------------------------------------------------------
     def layers(self, transformer) -> list["LayerInfo"]:

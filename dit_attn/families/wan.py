@@ -36,6 +36,7 @@ class Wan(Family):
     )
     text_first = False
     widen_at_call = True
+    makes_videos = True
 
     # --- layers and processors -------------------------------------------------------------
     def layers(self, transformer) -> list[LayerInfo]:

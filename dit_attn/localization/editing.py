@@ -11,6 +11,7 @@ from PIL import Image
 from .. import limits
 from ..handle import apply, layers as layer_map
 from ..edits import TextPatch
+from .patching import check_image_pipeline
 from .localize import call_options, check_argument_names, check_steps
 from .prompts import with_quoted_text
 from .score import to_pil
@@ -50,6 +51,7 @@ def edit_text(pipe, prompt: str, new_text: str, layers, start: float = 0.0, gene
     from ..loading import call_defaults
 
     check_argument_names("edit_text", pipe_kwargs)
+    check_image_pipeline(pipe, "edit_text")
     if generator is None:
         generator = torch.Generator(device="cpu").manual_seed(0)
     if not isinstance(generator, torch.Generator):

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from .. import limits
 from ..handle import apply, layers as layer_map
 from ..edits import TextPatch
+from .patching import check_image_pipeline
 from ..io import write_json_atomic, write_png_atomic
 from .output import bar_chart
 from .score import TextPair, as_pairs, components, judge_score
@@ -152,6 +153,7 @@ def localize(pipe, pairs, score=None, layers=None, seeds=(0,), num_inference_ste
     from ..loading import call_defaults
 
     check_argument_names("localize", pipe_kwargs)
+    check_image_pipeline(pipe, "localize")
     limits.check_call(pipe, height=height, width=width, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale)
     pairs = as_pairs(pairs)
