@@ -134,7 +134,9 @@ BACKEND_CHOICES = ("auto", "triton", "tiled", "flex", "reference")
 class LocalAttention(Edit):
     """CLEAR: each image query attends to the image keys within `radius` tokens
     (dy² + dx² < radius², clipped at the borders) and to every text key; text queries
-    attend to everything.
+    attend to everything. On video grids (Wan) `radius=(rt, rh, rw)`: each video query
+    attends to the keys with (dt/rt)² + (dh/rh)² + (dw/rw)² < 1 (a scalar radius there is
+    a ValueError, as a 3-tuple on an image grid).
 
     text: "global" (image queries see all text tokens, as CLEAR).
     downsample: None, or a factor f: image queries also see f×f-pooled keys/values of
@@ -150,7 +152,7 @@ class LocalAttention(Edit):
     backend: "auto" or a backend of `dit_attn.kernels` that computes local windows.
     """
 
-    radius: float
+    radius: float | tuple[float, float, float]
     text: str = "global"
     downsample: int | None = None
     weights: str | os.PathLike | None = None
@@ -159,12 +161,17 @@ class LocalAttention(Edit):
     backend: str = "auto"
 
     def __post_init__(self) -> None:
-        check_radius(self.radius)
+        if isinstance(self.radius, (tuple, list)):
+            object.__setattr__(self, "radius", _video_radius(self.radius))
+        else:
+            check_radius(self.radius)
         _check_choice("text", self.text, TEXT_MODES)
         if self.downsample is not None and (
             isinstance(self.downsample, bool) or not isinstance(self.downsample, int) or self.downsample < 2
         ):
             raise ValueError(f"downsample must be None or an integer factor >= 2, got {self.downsample!r}")
+        if self.downsample is not None and isinstance(self.radius, tuple):
+            raise ValueError("LocalAttention(downsample=...) (pooled keys) is not implemented for 3-D (video) radii")
         if self.weights is not None:
             if not isinstance(self.weights, (str, os.PathLike)):
                 raise TypeError(f"weights must be a path to a .safetensors file, got {type(self.weights).__name__}")
@@ -180,6 +187,15 @@ class LocalAttention(Edit):
         ):
             raise ValueError(f"train_tokens must be None or an integer >= 2, got {self.train_tokens!r}")
         _check_choice("backend", self.backend, BACKEND_CHOICES)
+
+
+def _video_radius(radius) -> tuple:
+    if len(radius) != 3:
+        raise ValueError(f"radius must be a number (image grids) or a 3-tuple (frames, height, width) of token radii "
+                         f"(video grids), got {radius!r}")
+    for r in radius:
+        check_radius(r)
+    return tuple(radius)
 
 
 def _check_layers(name: str, layers) -> tuple[int, ...]:

@@ -34,7 +34,8 @@ def local_setting(edit: LocalAttention, layer_map: list[LayerInfo]) -> LocalSett
         if bad:
             raise ValueError(f"LocalAttention layers {bad} do not exist: this model has layers 0-{len(layer_map) - 1}")
         layers = frozenset(edit.layers)
-    return LocalSetting(float(edit.radius), layers, edit.downsample, edit.train_tokens)
+    radius = tuple(float(r) for r in edit.radius) if isinstance(edit.radius, tuple) else float(edit.radius)
+    return LocalSetting(radius, layers, edit.downsample, edit.train_tokens)
 
 
 @dataclass

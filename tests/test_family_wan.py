@@ -127,7 +127,7 @@ def test_row_count_guard_and_refusals(wan_pipe, monkeypatch):
     spec = family_of(wan_pipe.transformer)
     with pytest.raises(ValueError, match="TextPatch layers \\[3\\] do not exist"):
         da.apply(wan_pipe, da.TextPatch(layers=[3], source_prompt="a blue circle"))  # text edits run (tests/test_wan_text.py)
-    with pytest.raises(ValueError, match="3-D local windows are not implemented"):
+    with pytest.raises(ValueError, match=r"video grid .* needs radius=\(frames, height, width\)"):
         with da.apply(wan_pipe, da.LocalAttention(radius=2.0, layers=[1])):
             wan_call(wan_pipe)
     monkeypatch.setattr(type(spec), "widen_at_call", False)  # declared wrongly: rows forked at blocks get folded

@@ -77,7 +77,10 @@ class Wan(Family):
         return 0  # attn1 sees video tokens only
 
     def grid(self, transformer, call: dict):
-        return None, "Wan calls are video (frames × height × width tokens); 3-D local windows are not implemented yet"
+        """(frames, rows, cols) of the call's video tokens: latents (B, C, F, H, W) over `patch_size` (t, h, w)."""
+        frames, height, width = call["hidden_states"].shape[-3:]
+        patch_t, patch_h, patch_w = transformer.config.patch_size
+        return (frames // patch_t, height // patch_h, width // patch_w), ""
 
     # --- its pipelines -------------------------------------------------------------------------
     def supports_pipeline(self, pipe) -> bool:

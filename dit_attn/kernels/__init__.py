@@ -21,7 +21,7 @@ from .reference import reference_attention
 from .flex import flex_local_attention
 from .sdpa import sdpa_attention
 from .tiled import tiled_attention
-from .window import LocalWindow
+from .window import LocalWindow, LocalWindow3D
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,9 @@ class Backend:
     why_not: Callable[..., str | None]
 
 
+VIDEO_WINDOWS_ELSEWHERE = "3-D (video) local windows are computed by the tiled backend (or reference) only"
+
+
 def _sdpa_why_not(q: torch.Tensor, plan: AttentionPlan, mask: torch.Tensor | None = None) -> str | None:
     if plan.window is not None:
         return "local windows are computed by the tiled/flex backends (or reference)"
@@ -45,7 +48,7 @@ def _sdpa_why_not(q: torch.Tensor, plan: AttentionPlan, mask: torch.Tensor | Non
 def _tiled_why_not(q: torch.Tensor, plan: AttentionPlan, mask: torch.Tensor | None = None) -> str | None:
     if plan.window is None:
         return "no local window in the plan"
-    if q.is_cuda and mask is None:
+    if q.is_cuda and mask is None and not isinstance(plan.window, LocalWindow3D):
         return "on CUDA the block-sparse flex kernel is faster"
     return None
 
@@ -55,6 +58,8 @@ def _flex_why_not(q: torch.Tensor, plan: AttentionPlan, mask: torch.Tensor | Non
         return "no local window in the plan"
     if mask is not None:
         return "the flex kernel does not take a pipeline's attention mask (the tiled kernel does)"
+    if isinstance(plan.window, LocalWindow3D):
+        return VIDEO_WINDOWS_ELSEWHERE
     try:
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401 (availability check)
     except ImportError as err:
@@ -84,6 +89,8 @@ def _triton_why_not(q: torch.Tensor, plan: AttentionPlan, mask: torch.Tensor | N
         return "plain attention: torch SDPA is as fast"
     if mask is not None:
         return "the triton kernels do not take a pipeline's attention mask (sdpa and tiled do)"
+    if isinstance(plan.window, LocalWindow3D):
+        return VIDEO_WINDOWS_ELSEWHERE
     if torch.is_grad_enabled() and any(p.u.requires_grad for p in plan.perturbations):
         return "gradients with respect to the SoftPAG strengths (head screening) are computed by sdpa"
     dim = q.shape[-1]
@@ -189,6 +196,7 @@ __all__ = [
     "TARGETS",
     "AttentionPlan",
     "LocalWindow",
+    "LocalWindow3D",
     "Perturbation",
     "attention",
     "available_backends",

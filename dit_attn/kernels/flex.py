@@ -81,6 +81,8 @@ def flex_local_attention(q, k, v, plan: AttentionPlan, scale: float | None = Non
     scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     seq = q.shape[-2]
     image = plan.image_slice(seq)
+    if not isinstance(window, LocalWindow):
+        raise ValueError("the flex backend computes 2-D (image) local windows only; 3-D (video) windows run on 'tiled'")
     window.check_tokens(image)
     if window.covers_grid():  # every key is in every circle: stock attention
         return sdpa_attention(q, k, v, replace(plan, window=None), scale)

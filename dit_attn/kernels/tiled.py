@@ -6,6 +6,10 @@ masked) and to the global keys (text, and pooled image keys with down-sampling).
 two key sets share one softmax: a common row maximum, one normaliser. Text queries
 attend densely to the text and image keys with torch SDPA. One tile row is computed at
 a time, so temporaries are O(tile row · (halo + global keys)).
+
+Video windows (`LocalWindow3D`) group the queries in 3-D tiles; the tiles of one band (same
+frames and rows) share one gather of their key rows, and each tile attends to a contiguous
+window of them.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ import torch.nn.functional as F
 from . import masks
 from .plan import AttentionPlan
 from .sdpa import blend, sdpa_attention, text_segments
-from .window import LocalWindow, TileGeometry, default_tile, pool_grid, tile_geometry
+from .window import (LocalWindow, LocalWindow3D, TileGeometry, VideoTileGeometry, default_tile, default_tile_3d, pool_grid,
+                     tile_geometry, video_tile_geometry)
 
 
 def _tile_row_queries(q_grid: torch.Tensor, geo: TileGeometry, tile_row: int) -> torch.Tensor:
@@ -161,6 +166,100 @@ def _fused_bands(fused, q_grid, k_padded, v_padded, k_global, v_global, geo: Til
     return out.mul_(weight).add_(out_g.mul_(weight_g)).div_(weight.add_(weight_g))
 
 
+def _video_untile(x: torch.Tensor, geo: VideoTileGeometry) -> torch.Tensor:
+    """(B, tiles, tile cells, H, D), tiles in (frame, row, col) order → (B, N, H, D), the padding cut off."""
+    (nt, ny, nx), (tt, ty, tx) = geo.tiles, geo.tile
+    x = x.reshape(x.shape[0], nt, ny, nx, tt, ty, tx, *x.shape[-2:]).permute(0, 1, 4, 2, 5, 3, 6, 7, 8)
+    x = x.reshape(x.shape[0], *geo.padded, *x.shape[-2:])
+    frames, rows, cols = geo.grid
+    return x[:, :frames, :rows, :cols].flatten(1, 3)
+
+
+def video_image_attention(q_img, k_img, v_img, k_global, v_global, window: LocalWindow3D, scale: float,
+                          tile: tuple[int, int, int] | None = None, global_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, H, N, D) video queries → (B, H, N, D): each 3-D tile against its halo keys plus the global keys.
+
+    One band of tiles at a time: its key rows are gathered once, column-major, and each tile's halo is a
+    window of them (a strided view for torch's fused CPU kernel, whose log-normalisers merge the global
+    keys; with gradients, a copy and plain tensor ops, as `local_image_attention`).
+    """
+    geo = video_tile_geometry(window.grid, window.radius, tile or default_tile_3d(window.radius))
+    batch, heads, _, dim = q_img.shape
+    (n_frame_tiles, n_row_tiles, n_col_tiles), (tile_frames, tile_rows, tile_cols) = geo.tiles, geo.tile
+    query_pad = [p - n for p, n in zip(geo.padded, geo.grid)]
+
+    def padded_grid(x, low):  # (B, H, N, D) → (B, F', Y', X', H, D), zero-padded by `low` plus the query padding
+        pad = [0, 0, 0, 0]
+        for before, extra in reversed(list(zip(low, query_pad))):
+            pad += [before, before + extra]
+        return F.pad(x.transpose(1, 2).unflatten(1, geo.grid), pad)
+
+    def column_major(x):  # → (B, X_k, F_k·Y_k, H, D)
+        return padded_grid(x, geo.reach).flatten(1, 2).transpose(1, 2).contiguous()
+
+    q_grid = padded_grid(q_img, (0, 0, 0))
+    k_cols, v_cols = column_major(k_img), column_major(v_img)
+    n_rows, width = geo.rows.shape[0], geo.window
+    device, blocked = q_img.device, torch.finfo(q_img.dtype).min
+    keep_cols = (geo.allowed.view(1, -1, width, n_rows).to(device)
+                 & geo.cols_inside().to(device)[:, None, :, None]).flatten(2)  # (col tiles, cells, width · rows)
+    fused = _flash_with_lse()
+    use_fused = fused is not None and not q_img.is_cuda and not _needs_grad(q_img, k_img, v_img, k_global, v_global)
+    in_place = not _needs_grad(q_img, k_img, v_img, k_global, v_global)
+    bias_cols = torch.zeros(keep_cols.shape, dtype=q_img.dtype, device=device).masked_fill_(~keep_cols, blocked).unsqueeze(1)
+    bias_of_rows: dict[bytes, torch.Tensor] = {}  # bands at the same distance from the borders share one bias
+    outs, lses = [], []
+    for frame_tile in range(n_frame_tiles):
+        for row_tile in range(n_row_tiles):
+            rows, rows_inside = geo.band_rows(frame_tile, row_tile)
+            rows_outside = ~rows_inside.to(device).repeat(width)  # keys in (column, row) order
+            q_band = q_grid[:, frame_tile * tile_frames:(frame_tile + 1) * tile_frames,
+                            row_tile * tile_rows:(row_tile + 1) * tile_rows]
+            q_band = q_band.unflatten(3, (n_col_tiles, tile_cols)).permute(0, 3, 1, 2, 4, 5, 6).flatten(2, 4)
+            k_band, v_band = (x.index_select(2, rows.to(device)) for x in (k_cols, v_cols))  # (B, X_k, rows, H, D)
+            if use_fused:
+                pattern = rows_inside.numpy().tobytes()
+                if pattern not in bias_of_rows:
+                    bias_of_rows[pattern] = bias_cols.masked_fill(rows_outside, blocked)
+                bias = bias_of_rows[pattern]
+                halo_shape = (n_col_tiles, width * n_rows, heads, dim)
+                halo_stride = (tile_cols * n_rows * heads * dim, heads * dim, dim, 1)
+                band_out, band_lse = [], []
+                for row in range(batch):
+                    k_halo, v_halo = (x[row].as_strided(halo_shape, halo_stride).transpose(1, 2) for x in (k_band, v_band))
+                    out, lse = fused(q_band[row].transpose(1, 2), k_halo, v_halo, attn_mask=bias, scale=scale)
+                    band_out.append(out.transpose(1, 2))
+                    band_lse.append(lse.transpose(1, 2).unsqueeze(-1))
+                outs.append(torch.stack(band_out))
+                lses.append(torch.stack(band_lse))
+            else:
+                def halos(x):  # (B, X_k, rows, H, D) → (B, H, col tiles, width · rows, D), a copy
+                    return x.unfold(1, width, tile_cols).permute(0, 3, 1, 5, 2, 4).flatten(3, 4)
+                q_heads = q_band.permute(0, 3, 1, 2, 4) * scale  # (B, H, col tiles, cells, D)
+                keep = keep_cols & ~rows_outside
+                local_logits = (q_heads @ halos(k_band).transpose(-1, -2)).masked_fill(~keep, blocked)
+                global_logits, v_glob = None, None
+                if k_global is not None:
+                    global_logits = q_heads @ k_global.unsqueeze(2).transpose(-1, -2)
+                    if global_bias is not None:
+                        global_logits = global_logits + global_bias.unsqueeze(2)
+                    v_glob = v_global.unsqueeze(2)
+                out = _softmax_two_sets(local_logits, global_logits, halos(v_band), v_glob, in_place)
+                outs.append(out.permute(0, 2, 3, 1, 4))
+    out = _video_untile(torch.cat(outs, dim=1), geo).transpose(1, 2)
+    if not use_fused or k_global is None:
+        return out
+    lse = _video_untile(torch.cat(lses, dim=1), geo).transpose(1, 2)
+    mask = None
+    if global_bias is not None:
+        mask = global_bias.to(q_img.dtype).expand(batch, global_bias.shape[1], q_img.shape[2], -1)
+    out_g, lse_g = fused(q_img, k_global, v_global, attn_mask=mask, scale=scale)
+    lse_g = lse_g.unsqueeze(-1)
+    top = torch.maximum(lse, lse_g)
+    weight, weight_g = (lse - top).exp_(), (lse_g - top).exp_()
+    return out.mul(weight).add_(out_g.mul_(weight_g)).div_(weight.add_(weight_g))
+
+
 def global_keys(k, v, image: slice, window: LocalWindow) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Text keys/values plus, with down-sampling, the pooled image keys/values."""
     parts_k = [k[:, :, s] for s in text_segments(k.shape[-2], image)]
@@ -178,9 +277,7 @@ def global_keys(k, v, image: slice, window: LocalWindow) -> tuple[torch.Tensor |
 def global_key_bias(attn_mask: torch.Tensor, image: slice, seq_len: int, window: LocalWindow, dtype) -> torch.Tensor:
     """The pipeline mask's bias of the global keys (text, then pooled), relative to the image keys."""
     text = masks.text_key_bias(masks.additive(attn_mask, torch.float32), image, text_segments(seq_len, image))
-    rows, cols = window.grid
-    pooled = (rows // window.pool) * (cols // window.pool) if window.pool else 0
-    bias = F.pad(text, (0, pooled))
+    bias = F.pad(text, (0, window.pooled_tokens))
     return bias.clamp(min=torch.finfo(dtype).min).to(dtype)  # fully masked sets stay finite in the merge
 
 
@@ -199,7 +296,8 @@ def tiled_attention(q, k, v, plan: AttentionPlan, scale: float | None = None, at
         bias = global_key_bias(attn_mask, image, q.shape[-2], window, torch.float64 if q.dtype == torch.float64 else torch.float32)
     elif attn_mask is not None:
         masks.image_query_bias(masks.additive(attn_mask, torch.float32), image)  # raises on masks among image keys
-    image_out = local_image_attention(q[:, :, image], k[:, :, image], v[:, :, image], k_global, v_global, window,
+    attend = video_image_attention if isinstance(window, LocalWindow3D) else local_image_attention
+    image_out = attend(q[:, :, image], k[:, :, image], v[:, :, image], k_global, v_global, window,
                                       scale_value, global_bias=bias)
     parts = []
     for segment in (slice(0, image.start), image, slice(image.stop, q.shape[-2])):

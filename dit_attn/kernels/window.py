@@ -8,6 +8,11 @@ Geometry is built analytically per tile of queries: one circle pattern relative 
 tile's halo (the rectangle of keys its circles can reach) and the in-grid rows/columns
 of each halo. That is O(tiles · halo), never O(S²) — only `dense_mask`, the executable
 definition the tests compare against, is quadratic.
+
+Video (`LocalWindow3D`): a query at (t, y, x) of a frame-major (frames, rows, cols) grid
+sees the video keys with (dt/rt)² + (dy/ry)² + (dx/rx)² < 1 for radius (rt, ry, rx), border
+windows clipped, plus every text key. Its tiles are 3-D boxes of queries; a tile's halo is
+the set of key offsets some query of the tile can see (`VideoTileGeometry`).
 """
 from __future__ import annotations
 
@@ -53,6 +58,10 @@ class LocalWindow:
         return self.grid[0] * self.grid[1]
 
     @property
+    def pooled_tokens(self) -> int:
+        return (self.grid[0] // self.pool) * (self.grid[1] // self.pool) if self.pool else 0
+
+    @property
     def reach(self) -> int:
         """The largest integer offset d with d² < r²."""
         return reach(self.radius)
@@ -84,11 +93,15 @@ def pool_grid(x: torch.Tensor, grid: tuple[int, int], pool: int, weight: torch.T
 
 def dense_mask(seq_len: int, image: slice, window: LocalWindow) -> torch.Tensor:
     """(S, S + pooled) bool: query i may attend key j. The definition; O(S²)."""
-    rows, cols = window.grid
-    ys = torch.arange(rows).repeat_interleave(cols)
-    xs = torch.arange(cols).repeat(rows)
-    in_circle = (ys[:, None] - ys[None, :]) ** 2 + (xs[:, None] - xs[None, :]) ** 2 < window.radius**2
-    pooled = (rows // window.pool) * (cols // window.pool) if window.pool else 0
+    if isinstance(window, LocalWindow3D):
+        in_circle = window.dense_pattern()
+        pooled = 0
+    else:
+        rows, cols = window.grid
+        ys = torch.arange(rows).repeat_interleave(cols)
+        xs = torch.arange(cols).repeat(rows)
+        in_circle = (ys[:, None] - ys[None, :]) ** 2 + (xs[:, None] - xs[None, :]) ** 2 < window.radius**2
+        pooled = (rows // window.pool) * (cols // window.pool) if window.pool else 0
     mask = torch.zeros(seq_len, seq_len + pooled, dtype=torch.bool)
     mask[:, :seq_len] = True
     mask[image, image] = in_circle
@@ -157,3 +170,154 @@ def tile_geometry(grid: tuple[int, int], radius: float, tile: tuple[int, int]) -
         grid=grid, radius=radius, tile=tile, reach=r, circle=circle,
         halo_rows_inside=(halo_y >= 0) & (halo_y < rows), halo_cols_inside=(halo_x >= 0) & (halo_x < cols),
     )
+
+
+def check_video_radius(radius) -> tuple[float, float, float]:
+    """A 3-D window's radius (frames, rows, cols) in tokens; ValueError naming what is valid."""
+    if not isinstance(radius, (tuple, list)) or len(radius) != 3:
+        raise ValueError(f"a video grid (frames × height × width tokens) needs radius=(frames, height, width), "
+                         f"a 3-tuple of token radii, e.g. radius=(2, 8, 8); got {radius!r}")
+    for r in radius:
+        check_radius(r)
+    return tuple(float(r) for r in radius)
+
+
+def in_ellipsoid(dt: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, radius: tuple[float, float, float]) -> torch.Tensor:
+    """(dt/rt)² + (dy/ry)² + (dx/rx)² < 1 for integer offsets; every backend uses this one evaluation."""
+    rt, ry, rx = radius
+    return (dt.double() / rt) ** 2 + (dy.double() / ry) ** 2 + (dx.double() / rx) ** 2 < 1
+
+
+@dataclass(frozen=True)
+class LocalWindow3D:
+    """Local attention for the video tokens of one call.
+
+    grid: (frames, rows, cols) of the video-token grid, frame-major then row-major in the sequence.
+    radius: (rt, ry, rx) in tokens along frames, rows and cols: the ellipsoid a query sees.
+    """
+
+    radius: tuple[float, float, float]
+    grid: tuple[int, int, int]
+
+    pool = None  # pooled keys are not defined on video grids
+    pooled_tokens = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "radius", check_video_radius(self.radius))
+        if len(self.grid) != 3 or min(self.grid) < 1:
+            raise ValueError(f"grid must be positive (frames, rows, cols), got {self.grid}")
+
+    @classmethod
+    def for_call(cls, radius, grid: tuple[int, ...], downsample: int | None) -> "LocalWindow3D":
+        """The window of a call whose grid or radius is 3-D; ValueErrors name what is valid."""
+        if len(grid) != 3:
+            raise ValueError(f"radius={radius!r} is a 3-D (frames, height, width) radius for video grids; this call's "
+                             f"image grid is {'×'.join(map(str, grid))} tokens: give a scalar radius")
+        if downsample is not None:
+            raise ValueError("LocalAttention(downsample=...) (pooled keys) is not implemented on video grids; "
+                             "use downsample=None with a 3-tuple radius")
+        return cls(radius, tuple(grid))
+
+    @property
+    def tokens(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    @property
+    def reach(self) -> tuple[int, int, int]:
+        return tuple(reach(r) for r in self.radius)
+
+    def check_tokens(self, image: slice) -> None:
+        if image.stop - image.start != self.tokens:
+            raise ValueError(
+                f"the local window's grid {'×'.join(map(str, self.grid))} = {self.tokens} tokens does not match "
+                f"the {image.stop - image.start} video tokens of the call"
+            )
+
+    def covers_grid(self) -> bool:
+        """True when every video key is inside every video query's ellipsoid (the far corner is)."""
+        corner = [torch.tensor(n - 1) for n in self.grid]
+        return bool(in_ellipsoid(*corner, self.radius))
+
+    def positions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        frames, rows, cols = self.grid
+        t = torch.arange(frames).repeat_interleave(rows * cols)
+        y = torch.arange(rows).repeat_interleave(cols).repeat(frames)
+        x = torch.arange(cols).repeat(frames * rows)
+        return t, y, x
+
+    def dense_pattern(self) -> torch.Tensor:
+        """(N, N) bool: video query i may see video key j. O(N²): the definition, for `dense_mask`."""
+        t, y, x = self.positions()
+        return in_ellipsoid(t[:, None] - t[None, :], y[:, None] - y[None, :], x[:, None] - x[None, :], self.radius)
+
+
+@dataclass(frozen=True)
+class VideoTileGeometry:
+    """Video queries grouped in tiles of (tile_frames × tile_rows × tile_cols) cells; the tiles with the
+    same frames and rows form a band.
+
+    A band gathers its key rows once: the (dt, dy) offsets from the band's first cell that some query
+    can see (`rows`), every column of each, stored column-major so that a tile's halo — columns
+    x0 − reach … x0 + tile_cols + reach − 1 of every row — is one contiguous window of `window` · rows keys.
+    allowed: (tile cells, window · rows) bool, keys in (column, row) order — query q of a tile may see
+        the key if it were inside the grid.
+    """
+
+    grid: tuple[int, int, int]
+    radius: tuple[float, float, float]
+    tile: tuple[int, int, int]
+    reach: tuple[int, int, int]  # halo margins: each radius's reach, at most the grid's extent
+    rows: torch.Tensor  # (R, 2) (dt, dy)
+    allowed: torch.Tensor
+
+    @property
+    def tiles(self) -> tuple[int, int, int]:
+        return tuple(-(-n // t) for n, t in zip(self.grid, self.tile))
+
+    @property
+    def padded(self) -> tuple[int, int, int]:
+        """The query grid padded to whole tiles."""
+        return tuple(n * t for n, t in zip(self.tiles, self.tile))
+
+    @property
+    def key_grid(self) -> tuple[int, int, int]:
+        """The zero-padded key grid: the query grid's padding plus the reach on both sides."""
+        return tuple(p + 2 * r for p, r in zip(self.padded, self.reach))
+
+    @property
+    def window(self) -> int:
+        return self.tile[2] + 2 * self.reach[2]
+
+    def band_rows(self, frame_tile: int, row_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The band's key rows: (R,) indices into the padded key grid's (frame, row) rows and (R,) bool,
+        the row lies inside the grid."""
+        t = frame_tile * self.tile[0] + self.rows[:, 0]
+        y = row_tile * self.tile[1] + self.rows[:, 1]
+        inside = (t >= 0) & (t < self.grid[0]) & (y >= 0) & (y < self.grid[1])
+        return (t + self.reach[0]) * self.key_grid[1] + y + self.reach[1], inside
+
+    def cols_inside(self) -> torch.Tensor:
+        """(col tiles, window) bool: the halo column of each tile lies inside the grid."""
+        x = torch.arange(self.tiles[2])[:, None] * self.tile[2] - self.reach[2] + torch.arange(self.window)[None, :]
+        return (x >= 0) & (x < self.grid[2])
+
+
+def default_tile_3d(radius: tuple[float, float, float]) -> tuple[int, int, int]:
+    """Small tiles: a tile's halo (its queries' union of ellipsoids) stays close to one ellipsoid."""
+    return 1, 4, 8
+
+
+@lru_cache(maxsize=64)
+def video_tile_geometry(grid: tuple[int, int, int], radius: tuple[float, float, float],
+                        tile: tuple[int, int, int]) -> VideoTileGeometry:
+    """Cached by (grid, radius, tile): O(tile cells · halo box), independent of the grid's size."""
+    reaches = tuple(min(reach(r), n - 1) for r, n in zip(radius, grid))
+    tile = tuple(min(t, n) for t, n in zip(tile, grid))
+    query = torch.cartesian_prod(*[torch.arange(t) for t in tile]).view(-1, 3)
+    rows = torch.cartesian_prod(*[torch.arange(-r, t + r) for t, r in zip(tile[:2], reaches[:2])]).view(-1, 2)
+    cols = torch.arange(-reaches[2], tile[2] + reaches[2])
+    allowed = in_ellipsoid(query[:, 0, None, None] - rows[None, None, :, 0], query[:, 1, None, None] - rows[None, None, :, 1],
+                           query[:, 2, None, None] - cols[None, :, None], radius)  # (cells, cols, rows)
+    seen = allowed.any(dim=(0, 1))
+    return VideoTileGeometry(grid=grid, radius=radius, tile=tile, reach=reaches, rows=rows[seen],
+                             allowed=allowed[:, :, seen].flatten(1))

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels import AttentionPlan, LocalWindow, Perturbation
+from ..kernels import AttentionPlan, LocalWindow, LocalWindow3D, Perturbation
 
 POOL_MODULE = "local_pool"  # attribute of an attention module holding its LocalPool
 
@@ -28,7 +28,7 @@ class LocalPool(torch.nn.Module):
 
 @dataclass(frozen=True)
 class LocalSetting:
-    radius: float
+    radius: float | tuple[float, float, float]  # a 3-tuple: (frames, height, width) for video grids
     layers: frozenset[int]
     downsample: int | None = None
     train_tokens: int | None = None
@@ -225,12 +225,14 @@ class EditState:
     def backend_for(self, plan: AttentionPlan | None) -> str:
         return self.local_backend if plan is not None and plan.window is not None else "auto"
 
-    def window(self, layer: int, pool: LocalPool | None) -> LocalWindow | None:
+    def window(self, layer: int, pool: LocalPool | None) -> LocalWindow | LocalWindow3D | None:
         if self.local is None or layer not in self.local.layers:
             return None
         call = self.call
         if call.grid is None:
             raise ValueError(f"LocalAttention needs the image tokens of each call on a full row-major grid: {call.grid_problem}")
+        if len(call.grid) == 3 or isinstance(self.local.radius, tuple):
+            return LocalWindow3D.for_call(self.local.radius, call.grid, self.local.downsample)
         weight = pool.spatial_weight if pool is not None else None
         return LocalWindow(self.local.radius, call.grid, self.local.downsample, weight)
 
