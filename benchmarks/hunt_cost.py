@@ -37,9 +37,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hunt_quality import HELD_OUT_STREAM, HUNT_STREAM, prompts_for  # noqa: E402
 
 HUNT_SEEDS, TRUTH_SEEDS = [0, 1], [100, 101]
-# (label, strategy, extra hunt settings)
-STRATEGIES = (("exhaustive", "exhaustive", {}), ("race", "race", {}), ("screen+race", "screen+race", {}),
-              ("screen+race, 4 pairs screened", "screen+race", {"screen_pairs": 4}))
+
+
+def strategies(screen_pairs: list[int]) -> list[tuple[str, str, dict]]:
+    """(label, strategy, extra hunt settings) of each hunt the benchmark runs."""
+    return [("exhaustive", "exhaustive", {}), ("race", "race", {}), ("screen+race", "screen+race", {}),
+            *((f"screen+race, {n} pairs screened", "screen+race", {"screen_pairs": n}) for n in screen_pairs)]
 
 
 def settings_for(pipe, objective: str, prompts, seeds, args) -> SearchSettings:
@@ -123,7 +126,7 @@ def measure(pipe, name: str, args) -> dict:
     quality = {**agreement(screened), "four_pairs": agreement(few), "screen_seconds": screened.seconds,
                "screen_pairs": screened.pairs, "screen_in_generations": screened.seconds / per_image}
     hunts = {}
-    for label, strategy, extra in STRATEGIES:
+    for label, strategy, extra in strategies(args.screen_pairs):
         began = time.perf_counter()
         result = da.hunt(pipe, name, hunt_prompts, HUNT_SEEDS, k=args.k, rounds=1, u=1.0, scale=args.scale,
                          num_inference_steps=args.steps, batch_size=args.batch_size, strategy=strategy, progress=False,
@@ -220,6 +223,8 @@ def main() -> None:
     parser.add_argument("--hunt-prompts", type=int, default=8)
     parser.add_argument("--truth-prompts", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--screen-pairs", type=int, nargs="*", default=[4, 8],
+                        help="also hunt with screen+race screening only this many pairs")
     parser.add_argument("--scale-steps", type=int, default=4)
     parser.add_argument("--scale-size", type=int, default=64)
     parser.add_argument("--scale-phase", choices=SCALE_PHASES, default=None, help=argparse.SUPPRESS)
