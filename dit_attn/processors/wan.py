@@ -24,6 +24,16 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
 
 
+def _heads(attn, query, key, value, rotary_emb):
+    """(B, S, H·D) projections → (B, S, H, D): Wan's RMS norms across heads on q and k, then its rotary."""
+    query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+    key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+    value = value.unflatten(2, (attn.heads, -1))
+    if rotary_emb is not None:
+        query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
+    return query, key, value
+
+
 class WanSelfAttnProcessor(DispatchingProcessor):
     """One instance per `attn1` module."""
 
@@ -36,12 +46,7 @@ class WanSelfAttnProcessor(DispatchingProcessor):
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
             query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            query = _rotate(query, *rotary_emb)
-            key = _rotate(key, *rotary_emb)
+        query, key, value = _heads(attn, query, key, value, rotary_emb)
 
         plan = self.state.plan(self.layer, query.shape[0], None, getattr(attn, POOL_MODULE, None))
         hidden_states = self.attend(query, key, value, plan, attention_mask, query.shape[1])
@@ -76,12 +81,7 @@ class WanCrossAttnProcessor(LayerProcessor):
             key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
         else:
             key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
-        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            query = _rotate(query, *rotary_emb)
-            key = _rotate(key, *rotary_emb)
+        query, key, value = _heads(attn, query, key, value, rotary_emb)
         key, value = self.state.patch_text(self.layer, key, value)
 
         image_out = None
