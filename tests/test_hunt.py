@@ -332,21 +332,28 @@ print("RESULT", json.dumps([result.selected, result.rounds, together.selected, t
 CONFIRMED_TOGETHER = dict(k=2, rounds=1, batch_size=2, min_z=0.0, confirm_seeds=[5], confirm_together=True)
 
 
-def test_two_processes_equal_one(pipe, tmp_path):
-    single = hunt(pipe, "color:green", PROMPTS, [0, 1], k=1, rounds=2, batch_size=2, **RUN)
-    together = hunt(pipe, "color:green", PROMPTS, [0, 1], **CONFIRMED_TOGETHER, **RUN)
-    assert len(together.confirmations[0]) == 1  # a set was confirmed (so the stage ran)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = TWO_PROCESS_SCRIPT.format(root=root, ckpt=str(tmp_path / "h.json"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def two_processes(script: str, timeout: float = 400) -> list[str]:
+    """Run `script` as ranks 0 and 1 of a gloo process group on this machine; their standard outputs."""
     procs, port = [], free_port()
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
+        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-2000:]
-    for out, _ in outputs:
+    return [out for out, _ in outputs]
+
+
+def test_two_processes_equal_one(pipe, tmp_path):
+    single = hunt(pipe, "color:green", PROMPTS, [0, 1], k=1, rounds=2, batch_size=2, **RUN)
+    together = hunt(pipe, "color:green", PROMPTS, [0, 1], **CONFIRMED_TOGETHER, **RUN)
+    assert len(together.confirmations[0]) == 1  # a set was confirmed (so the stage ran)
+    for out in two_processes(TWO_PROCESS_SCRIPT.format(root=ROOT, ckpt=str(tmp_path / "h.json"))):
         selected, rounds, together_selected, confirmations = json.loads(out.split("RESULT", 1)[1])
         assert selected == single.selected and rounds == single.rounds
         assert together_selected == together.selected and confirmations == together.confirmations

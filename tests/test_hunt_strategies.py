@@ -2,11 +2,7 @@
 stock pipeline runs, screening ranks the planted heads first, racing selects them with fewer
 generations, and each strategy resumes and splits across processes as one process does."""
 import json
-import os
-import subprocess
-import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -14,8 +10,8 @@ import dit_attn as da
 from dit_attn.guidance import race, screening
 from dit_attn.guidance.objectives import get_objective
 from dit_attn.guidance.search import hunt
-from tests.test_hunt import (PLANTED_NAMES, PROMPTS, RUN, change_objective, free_port, killed_at, planted_pipeline,
-                             stock_images)
+from tests.test_hunt import (PLANTED_NAMES, PROMPTS, ROOT, RUN, change_objective, killed_at, planted_pipeline,
+                             stock_images, two_processes)
 
 torch.set_num_threads(1)
 
@@ -168,17 +164,7 @@ def test_two_processes_equal_one(pipe, tmp_path):
         r = hunt(pipe, "color:green", PROMPTS, [0, 1, 2], k=1, rounds=2, batch_size=2, strategy=strategy, progress=False,
                  **RUN)
         single.append(json.loads(json.dumps([r.selected, r.rounds, r.spent, r.screening])))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = TWO_PROCESS_SCRIPT.format(root=root, ckpt=str(tmp_path / "h.json"))
-    procs, port = [], free_port()
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    outputs = [p.communicate(timeout=400) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-2000:]
+    for out in two_processes(TWO_PROCESS_SCRIPT.format(root=ROOT, ckpt=str(tmp_path / "h.json"))):
         assert json.loads(out.split("RESULT", 1)[1]) == single
 
 
