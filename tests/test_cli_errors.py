@@ -117,10 +117,14 @@ CASES = [
     (["train-lora", "--layers", "1", "--data", "{dir}", "--work", "{work}", "--out", "{file}"], "is a file; give a folder"),
     (["train-lora", "--layers", "1", "--data", "{dir}", "--work", "{work}", "--out", "{out}", "--lr", "nan"], "must be a finite number"),
     (["train-lora", "--layers", "1", "--data", "{dir}", "--work", "{work}", "--out", "{out}", "--rank", "0"], "rank must be"),
+    (["maps", "a red circle", "--steps", "0", "--out", "{out}"], "must be in [1, 1000]"),
+    (["maps", "a red circle", "--size", HUGE, "--out", "{out}"], "more than this machine's budget"),
+    (["maps", "a red circle", "--out", "{file}"], "is a file; give a folder"),
+    (["hunt", "--objective", "judge", "--prompts", "{prompts}", "--strategy", "screen+race"], "is not differentiable"),
 ]
 
 EVERY_COMMAND = {"generate", "heads", "hunt", "atlas", "app", "localize", "edit-text", "ic", "train-tiny", "distill-clear",
-                 "train-lora"}
+                 "train-lora", "maps"}
 
 
 def test_the_table_covers_every_subcommand():
