@@ -5,7 +5,7 @@ For each family (config-built, the test shapes scaled to 4 layers) and each edit
 number of graph breaks with their most common reasons. Stock diffusers has none; an edit
 that adds one costs a recompile boundary on every call.
 
-Run:  python benchmarks/compile_breaks.py [--families sd3 flux chroma qwen_image]
+Run:  python benchmarks/compile_breaks.py [--families sd3 flux chroma qwen_image wan]
 """
 from __future__ import annotations
 
@@ -36,7 +36,10 @@ def pipeline(family: str):
     if family == "qwen_image":
         from dit_attn.toy.qwen_image import build_qwen_image_pipeline
         return build_qwen_image_pipeline(num_layers=4)
-    raise SystemExit(f"unknown family {family!r}; valid: sd3, flux, chroma, qwen_image")
+    if family == "wan":
+        from dit_attn.toy.wan import build_wan_pipeline
+        return build_wan_pipeline(num_layers=4, num_heads=4, head_dim=12)
+    raise SystemExit(f"unknown family {family!r}; valid: sd3, flux, chroma, qwen_image, wan")
 
 
 EDITS = {
@@ -44,20 +47,28 @@ EDITS = {
     "SoftPAG u=0": lambda: (da.SoftPAG(["L1"], u=0.0),),
     "SoftPAG u=1 (1 head)": lambda: (da.SoftPAG(["L1H0"], u=1.0),),
     "SoftPAG image/uniform": lambda: (da.SoftPAG(["L2"], u=0.5, scope="image", target="uniform"),),
-    "LocalAttention r=2": lambda: (da.LocalAttention(radius=2.0, layers=[1]),),
+    "LocalAttention r=2": lambda: (da.LocalAttention(radius=2.0, layers=[1]),),  # wan: VIDEO_RADIUS
 }
+VIDEO_RADIUS = (1.5, 2.0, 2.0)  # Wan's windows are 3-D: (frames, rows, cols)
+
+
+def edits_for(family: str, name: str, make) -> tuple:
+    if family == "wan" and name.startswith("LocalAttention"):
+        return (da.LocalAttention(radius=VIDEO_RADIUS, layers=[1]),)
+    return make()
 
 
 def first_call(pipe) -> dict:
+    video = {"num_frames": 5} if hasattr(pipe, "vae_scale_factor_temporal") else {}
     with CallRecorder(pipe) as rec:
         pipe("a red circle", num_inference_steps=1, height=32, width=32, max_sequence_length=8, output_type="latent",
-             generator=torch.Generator().manual_seed(0))
+             generator=torch.Generator().manual_seed(0), **video)
     return {**rec.calls[0], "return_dict": False}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--families", nargs="+", default=["sd3", "flux", "chroma", "qwen_image"])
+    parser.add_argument("--families", nargs="+", default=["sd3", "flux", "chroma", "qwen_image", "wan"])
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, 4-layer config-built models, 32×32 px")
@@ -67,7 +78,7 @@ def main() -> None:
         pipe.set_progress_bar_config(disable=True)
         call = first_call(pipe)
         for name, make in EDITS.items():
-            edits = make()
+            edits = edits_for(family, name, make)
             handle = da.apply(pipe.transformer, *edits) if edits else None
             try:
                 dynamo.reset()

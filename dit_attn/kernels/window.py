@@ -235,8 +235,8 @@ class LocalWindow3D:
 
     def covers_grid(self) -> bool:
         """True when every video key is inside every video query's ellipsoid (the far corner is)."""
-        corner = [torch.tensor(n - 1) for n in self.grid]
-        return bool(in_ellipsoid(*corner, self.radius))
+        # plain floats (the same double arithmetic as `in_ellipsoid`): no tensor, so no graph break under compile
+        return sum(((n - 1) / r) ** 2 for n, r in zip(self.grid, self.radius)) < 1
 
     def positions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         frames, rows, cols = self.grid
