@@ -117,7 +117,7 @@ def _text_controller(pipe, family: Family, edits: tuple, state: EditState, layer
     if family.text_edits_unsupported:
         raise NotImplementedError(f"{name} does not run on {family.name} models: {family.text_edits_unsupported}")
     if isinstance(edit, NAG) and not family.nag:
-        raise NotImplementedError(f"NAG does not run on {family.name} models yet (SD3/SD3.5, FLUX.1, Chroma, Qwen-Image and FLUX.2)")
+        raise NotImplementedError(f"NAG does not run on {family.name} models yet (SD3/SD3.5, FLUX.1, Chroma, Qwen-Image, FLUX.2 and Wan)")
     if pipe is None:
         raise TypeError(f"{name} needs a pipeline (it encodes prompts with the pipeline's text encoders); pass the pipeline, not the transformer")
     check_pipeline(pipe, family, name)

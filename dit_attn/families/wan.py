@@ -37,6 +37,7 @@ class Wan(Family):
     text_first = False
     widen_at_call = True
     makes_videos = True
+    nag = True  # in the cross-attention attn2: the negative rows' text with the positive rows' video queries
 
     # --- layers and processors -------------------------------------------------------------
     def layers(self, transformer) -> list[LayerInfo]:
@@ -62,12 +63,12 @@ class Wan(Family):
 
     def processor_for(self, key: str, layer: int, state):
         """attn1: dit-attn's self-attention processor; attn2: the cross-attention one when a text edit
-        patches it, else None (the stock processor stays)."""
+        patches it or NAG combines its outputs, else None (the stock processor stays)."""
         from ..processors.wan import WanCrossAttnProcessor, WanSelfAttnProcessor
 
         if key.split(".")[2] == "attn1":
             return WanSelfAttnProcessor(layer, state)
-        return WanCrossAttnProcessor(layer, state) if state.patch_layers else None
+        return WanCrossAttnProcessor(layer, state) if state.patch_layers or state.nag is not None else None
 
     def fork_points(self, transformer):
         return []  # widened at the call

@@ -83,6 +83,9 @@ class WanCrossAttnProcessor(LayerProcessor):
             key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
         query, key, value = _heads(attn, query, key, value, rotary_emb)
         key, value = self.state.patch_text(self.layer, key, value)
+        # NAG: the negative rows (negative text) attend with their positive rows' video queries, so their text
+        # attention output is Z⁻ for the same queries; the positive rows' output is then combined with it
+        (query,) = self.state.nag_image_inputs(self.layer, (query,))
 
         image_out = None
         if image_context is not None:
@@ -95,6 +98,7 @@ class WanCrossAttnProcessor(LayerProcessor):
             image_out = self._dispatch(query, key_img, value_img, None).flatten(2, 3).type_as(query)
 
         hidden_states = self._dispatch(query, key, value, attention_mask).flatten(2, 3).type_as(query)
+        hidden_states = self.state.nag_guide(self.layer, hidden_states, slice(None))
         if image_out is not None:
             hidden_states = hidden_states + image_out
         hidden_states = attn.to_out[0](hidden_states)
