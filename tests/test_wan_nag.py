@@ -1,6 +1,7 @@
-"""NAG on Wan: in each cross-attention attn2 the positive rows' text attention output Z⁺ is combined with Z⁻,
-the same video queries on the negative text — checked against the stock attn2 module run on the positive and
-on the negative text (the formula of tests/test_nag.py); stock at scale 1; the stock call count."""
+"""NAG on Wan: in each cross-attention attn2 the guided rows' text attention output Z⁺ is combined with Z⁻, the
+same video queries on the negative text states — checked against the stock attn2 module run on the positive text
+and on the negative text states a stock run of the negative prompt gives attn2 (the formula of tests/test_nag.py);
+no negative rows; with HeadGuidance the perturbed copies are guided too; stock at scale 1; the stock call count."""
 import pytest
 import torch
 
@@ -38,8 +39,9 @@ def stock_text_attention(attn, hidden_states, text):
     return out, captured["z"]
 
 
-def test_cross_attention_outputs_equal_the_formula(wan):
-    modules = [block.attn2 for block in wan.transformer.blocks]
+def record_cross_attention(pipe, run):
+    """Every attn2 call of run(): per block, [(inputs by name, output)]."""
+    modules = [block.attn2 for block in pipe.transformer.blocks]
     records = {i: [] for i in range(len(modules))}
 
     def hook(i):
@@ -50,29 +52,38 @@ def test_cross_attention_outputs_equal_the_formula(wan):
 
     handles = [m.register_forward_hook(hook(i), with_kwargs=True) for i, m in enumerate(modules)]
     try:
-        with da.apply(wan, da.NAG(NEGATIVE, **SETTINGS)):
-            wan_call(wan)
+        run()
     finally:
         for h in handles:
             h.remove()
-    n = len(PROMPTS)
+    return modules, records
+
+
+@pytest.mark.parametrize("with_guidance", [False, True])
+def test_cross_attention_outputs_equal_the_formula(wan, with_guidance):
+    _, negative_run = record_cross_attention(wan, lambda: wan_call(wan, prompt=NEGATIVE))
+    negative_text = negative_run[0][0][0]["encoder_hidden_states"]  # what attn2 sees of the negative prompt
+    edits = [da.NAG(NEGATIVE, **SETTINGS)] + ([da.HeadGuidance(heads=["L1H1"], scale=2.0)] if with_guidance else [])
+
+    def guided():
+        with da.apply(wan, *edits):
+            wan_call(wan)
+
+    modules, records = record_cross_attention(wan, guided)
+    rows = len(PROMPTS) * (2 if with_guidance else 1)  # HeadGuidance's copies are NAG-guided too
     clipped = 0
     for i, attn in enumerate(modules):
-        assert len(records[i]) == 2  # one (widened) call per step
+        assert len(records[i]) == 2  # one call per step
         for inputs, out in records[i]:
             hidden, text = inputs["hidden_states"], inputs["encoder_hidden_states"]
-            assert hidden.shape[0] == 2 * n  # the positive rows, then one negative row each
-            assert not torch.equal(text[:n], text[n:])
-            _, z_pos = stock_text_attention(attn, hidden[:n], text[:n])
-            _, z_neg = stock_text_attention(attn, hidden[:n], text[n:])  # the positive queries on the negative text
+            assert hidden.shape[0] == rows  # no negative rows
+            _, z_pos = stock_text_attention(attn, hidden, text)
+            _, z_neg = stock_text_attention(attn, hidden, negative_text.expand(rows, -1, -1))
             combined, ratio = nag_formula(z_pos, z_neg, SETTINGS["scale"], SETTINGS["tau"], SETTINGS["alpha"])
             clipped += int((ratio > SETTINGS["tau"]).sum())
             with torch.no_grad():
                 want = attn.to_out[1](attn.to_out[0](combined))
-            assert (out[:n] - want).abs().max() < ROUNDING
-            with torch.no_grad():  # the negative rows carry Z⁻ itself (the positive rows' queries on the negative text)
-                negative = attn.to_out[1](attn.to_out[0](z_neg))
-            assert (out[n:] - negative).abs().max() < ROUNDING
+            assert (out - want).abs().max() < ROUNDING
     assert clipped > 0  # tau clips some tokens, so the norm rule is exercised
 
 

@@ -142,6 +142,12 @@ class Family:
             out["pooled_projections"] = torch.cat([pooled, extra.to(pooled)])
         return out
 
+    def nag_text_states(self, transformer, embeds: "torch.Tensor") -> "torch.Tensor | None":
+        """For a family whose text enters only through cross-attention: the negative prompt's text states
+        (from `encode_prompts`) as its blocks see them, so NAG needs no negative rows; None: NAG's negative
+        text rides as extra rows of the call."""
+        return None
+
     def sequence_length_of_call(self, pipe, text_length: int) -> int:
         """The `max_sequence_length` that encodes a prompt to `text_length` text tokens of a call."""
         return text_length

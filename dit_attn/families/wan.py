@@ -70,6 +70,11 @@ class Wan(Family):
             return WanSelfAttnProcessor(layer, state)
         return WanCrossAttnProcessor(layer, state) if state.patch_layers or state.nag is not None else None
 
+    def nag_text_states(self, transformer, embeds):
+        """The condition embedder's text projection (what every block's attn2 gets for the text)."""
+        embedder = transformer.condition_embedder.text_embedder
+        return embedder(embeds.to(device=transformer.device, dtype=transformer.dtype))
+
     def fork_points(self, transformer):
         return []  # widened at the call
 

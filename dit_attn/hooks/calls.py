@@ -159,6 +159,11 @@ class CallHook(_Hook):
         batch = self.family.batch_size(call)
         cond = self.guidance.fork_for_call(batch, call, context) if self.guidance is not None else None
         patch = self.text.sources_for_call(batch, call, context) if self.text is not None else None
+        nag_text = None
+        if patch is not None and self.state.nag is not None:
+            nag_text = self.family.nag_text_states(module, patch.embeds[:1])
+        if nag_text is not None:  # NAG in a cross-attention: the negative text rides in the call state, not in rows
+            return self._cross_attention_nag_forward(module, forward, call, current, cond, patch.targets, nag_text)
         if cond is None and patch is None:
             return forward(**call)
         at_call = self.family.widen_at_call
@@ -185,6 +190,29 @@ class CallHook(_Hook):
         if cond is not None:
             return self.guidance.finish_call(output, plan, cond)
         return stock_output(output, batch)
+
+    def _cross_attention_nag_forward(self, module, forward, call: dict, current, cond, targets, nag_text):
+        """The call with NAG's negative text states in the call state; NAG guides the conditional rows and,
+        with HeadGuidance, their perturbed copies (appended at the call)."""
+        plan = None
+        if cond is not None:
+            plan = plan_rows(self.family.batch_size(call), cond=cond, fork_layer=0)
+            call = {name: take_rows(value, plan.stages[0].select) if name in self.family.rows.call_args else value
+                    for name, value in call.items()}
+            rows = torch.isin(plan.stages[0].from_call, targets).nonzero().flatten()
+        else:
+            rows = targets
+        current.rows, current.nag_text, current.nag_rows = plan, nag_text, rows
+        try:
+            output = forward(**call)
+        finally:
+            current.rows, current.nag_text, current.nag_rows = None, None, None
+        if plan is None:
+            return output
+        if row_count(output[0]) != plan.final.size:
+            raise RuntimeError(f"{type(module).__name__} returned {row_count(output[0])} rows for a call widened to "
+                               f"{plan.final.size}: this model does not carry extra rows through its blocks")
+        return self.guidance.finish_call(output, plan, cond)
 
 
 class RowFork(_Hook):

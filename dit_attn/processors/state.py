@@ -174,6 +174,10 @@ class CallState:
     image_len: int | None = None  # image tokens of the call, where the family reads them from the call (Z-Image)
     grid: tuple[int, int] | None = None  # image-token grid of the call
     grid_problem: str = ""  # why the call has no grid
+    # NAG in a cross-attention (Wan): the negative text states as the blocks see them (1, S, D), and the rows of
+    # the call that NAG guides (its conditional rows and their perturbed copies)
+    nag_text: torch.Tensor | None = None
+    nag_rows: torch.Tensor | None = None
     image_range: tuple[int, int] | None = None  # image tokens of the layer's last plan request (read by a Capture)
 
 
@@ -310,18 +314,20 @@ class EditState:
         pairs = self._nag_rows(layer, hidden.shape[0])
         if pairs is None:
             return hidden
-        nag = self.nag
         targets, sources = (p.to(hidden.device) for p in pairs)
-        positive = hidden[targets, image]
-        negative = hidden[sources, image]
-        guided = positive * nag.scale - negative * (nag.scale - 1)
-        p = 1 if nag.norm == "l1" else 2
-        ratio = guided.norm(p=p, dim=-1, keepdim=True) / positive.norm(p=p, dim=-1, keepdim=True)
-        guided = guided * torch.where(ratio > nag.tau, nag.tau / ratio, torch.ones_like(ratio))
-        mixed = guided * nag.alpha + positive * (1 - nag.alpha)
         out = hidden.clone()
-        out[targets, image] = mixed.to(hidden.dtype)
+        out[targets, image] = nag_combination(self.nag, hidden[targets, image], hidden[sources, image]).to(hidden.dtype)
         return out
+
+
+def nag_combination(nag: NAGSetting, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """NAG's output from Z⁺ and Z⁻ (…, tokens, channels): extrapolate by the scale, clip each token's norm
+    ratio at tau, blend by alpha."""
+    guided = positive * nag.scale - negative * (nag.scale - 1)
+    p = 1 if nag.norm == "l1" else 2
+    ratio = guided.norm(p=p, dim=-1, keepdim=True) / positive.norm(p=p, dim=-1, keepdim=True)
+    guided = guided * torch.where(ratio > nag.tau, nag.tau / ratio, torch.ones_like(ratio))
+    return guided * nag.alpha + positive * (1 - nag.alpha)
 
 
 class LayerProcessor:

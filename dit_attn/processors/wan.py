@@ -12,7 +12,7 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from .dispatch import DispatchingProcessor
-from .state import POOL_MODULE, LayerProcessor
+from .state import POOL_MODULE, nag_combination, LayerProcessor
 
 TEXT_CONTEXT = 512  # Wan's cross-attention takes the last 512 context tokens as the text when it has image context
 
@@ -83,9 +83,6 @@ class WanCrossAttnProcessor(LayerProcessor):
             key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
         query, key, value = _heads(attn, query, key, value, rotary_emb)
         key, value = self.state.patch_text(self.layer, key, value)
-        # NAG: the negative rows (negative text) attend with their positive rows' video queries, so their text
-        # attention output is Z⁻ for the same queries; the positive rows' output is then combined with it
-        (query,) = self.state.nag_image_inputs(self.layer, (query,))
 
         image_out = None
         if image_context is not None:
@@ -98,11 +95,32 @@ class WanCrossAttnProcessor(LayerProcessor):
             image_out = self._dispatch(query, key_img, value_img, None).flatten(2, 3).type_as(query)
 
         hidden_states = self._dispatch(query, key, value, attention_mask).flatten(2, 3).type_as(query)
-        hidden_states = self.state.nag_guide(self.layer, hidden_states, slice(None))
+        hidden_states = self._negative_guided(attn, query, hidden_states)
         if image_out is not None:
             hidden_states = hidden_states + image_out
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
+
+    def _negative_guided(self, attn, query: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """NAG: the guided rows' text-attention output Z⁺ combined with Z⁻, the same queries on the negative
+        text states of the call (no negative rows: text enters Wan only here)."""
+        call, nag = self.state.call, self.state.nag
+        if call.nag_text is None or nag is None or self.layer not in nag.layers:
+            return hidden_states
+        text = call.nag_text
+        if attn.fused_projections:
+            key, value = attn.to_kv(text).chunk(2, dim=-1)
+        else:
+            key, value = attn.to_k(text), attn.to_v(text)
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        rows = call.nag_rows.to(query.device)
+        n = rows.numel()
+        negative = self._dispatch(query.index_select(0, rows), key.expand(n, -1, -1, -1), value.expand(n, -1, -1, -1),
+                                  None).flatten(2, 3).type_as(query)
+        out = hidden_states.clone()
+        out[rows] = nag_combination(nag, hidden_states[rows], negative).to(hidden_states.dtype)
+        return out
 
     def _dispatch(self, query, key, value, attention_mask) -> torch.Tensor:
         return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
