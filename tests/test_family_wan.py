@@ -174,3 +174,8 @@ def test_two_expert_pipelines_are_refused_clearly():
         da.apply(two, da.HeadGuidance(heads=["L1H1"]))
     with da.apply(two.transformer_2, da.SoftPAG(heads=["L1H1"], u=1.0)):
         assert type(two.transformer_2.blocks[1].attn1.processor).__name__ == "WanSelfAttnProcessor"
+
+
+def test_capture_is_refused_clearly_on_video(wan_pipe):
+    with pytest.raises(NotImplementedError, match="Capture does not run on wan models yet"):
+        da.apply(wan_pipe, da.Capture(kind="cross"))
