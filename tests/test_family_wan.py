@@ -179,3 +179,10 @@ def test_two_expert_pipelines_are_refused_clearly():
 def test_capture_is_refused_clearly_on_video(wan_pipe):
     with pytest.raises(NotImplementedError, match="Capture does not run on wan models yet"):
         da.apply(wan_pipe, da.Capture(kind="cross"))
+
+
+def test_head_search_is_refused_clearly_on_video(wan_pipe):
+    with pytest.raises(NotImplementedError, match="hunt scores images; WanPipeline makes videos"):
+        da.hunt(wan_pipe, "color:red", ["a red circle"], [0], k=1, rounds=1)
+    with pytest.raises(NotImplementedError, match="atlas scores images; WanPipeline makes videos"):
+        da.atlas(wan_pipe, "color:red", ["a red circle"])

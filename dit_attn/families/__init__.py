@@ -43,4 +43,10 @@ def family_of_pipeline(pipe) -> Family:
     return family_of(pipe.transformer)
 
 
-__all__ = ["CallRows", "Family", "SUPPORTED_MODELS", "family_of", "family_of_pipeline"]
+def check_image_pipeline(pipe, what: str) -> None:
+    """`what` scores images: refuse a video pipeline with one clear line."""
+    if family_of(pipe.transformer).makes_videos:
+        raise NotImplementedError(f"{what} scores images; {type(pipe).__name__} makes videos: not supported yet")
+
+
+__all__ = ["CallRows", "Family", "SUPPORTED_MODELS", "check_image_pipeline", "family_of", "family_of_pipeline"]

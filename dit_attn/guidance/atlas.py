@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..heads import model_layers
 from ..loading import sequence_length
 from .objectives import get_objective
+from ..families import check_image_pipeline
 from .search import (candidate_heads, check_checkpoint_settings, checked_scores, generate, head_name, pairs_of, score_batch,
                      search_settings)
 from ..io import write_atomic, write_json_atomic, write_text_atomic
@@ -57,6 +58,7 @@ def atlas(pipe, objective, prompts, seeds=(0,), u: float = 1.0, scale: float = 3
     prompts × seeds, against no guidance. num_inference_steps, guidance_scale, height, width: the
     pipeline call's (None: the pipeline's default). checkpoint: JSON path written per batch; an existing
     one with the same settings is resumed (one written with the older names steps/cfg/size too)."""
+    check_image_pipeline(pipe, "atlas")
     score_fn = get_objective(objective)
     heads = candidate_heads(pipe)
     settings = search_settings(objective, prompts, seeds, 1, 1, u, scale, num_inference_steps, guidance_scale, height,

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from ..handle import apply
 from ..io import as_stored, write_json_atomic
 from ..edits import HeadGuidance
+from ..families import check_image_pipeline
 from ..heads import model_family, model_layers, resolve_heads
 from ..limits import check_image_size, check_pixels, check_steps
 from ..loading import sequence_length
@@ -415,6 +416,7 @@ def hunt(pipe, objective, prompts, seeds, k: int = 3, rounds: int = 5, u: float 
         screen_top best (default: a quarter of the candidates, at least 4·max(k, confirm_top)); the
         screening runs on the first screen_pairs pairs of the race's order (default: all).
     """
+    check_image_pipeline(pipe, "hunt")
     score_fn = get_objective(objective)
     if strategy == "screen+race":
         gradient_of = differentiable_objective(score_fn, objective if isinstance(objective, str) else

@@ -11,7 +11,7 @@ from PIL import Image
 from .. import limits
 from ..handle import apply, layers as layer_map
 from ..edits import TextPatch
-from .patching import check_image_pipeline
+from ..families import check_image_pipeline
 from .localize import call_options, check_argument_names, check_steps
 from .prompts import with_quoted_text
 from .score import to_pil

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from .. import limits
 from ..handle import apply, layers as layer_map
 from ..edits import TextPatch
-from .patching import check_image_pipeline
+from ..families import check_image_pipeline
 from ..io import write_json_atomic, write_png_atomic
 from .output import bar_chart
 from .score import TextPair, as_pairs, components, judge_score

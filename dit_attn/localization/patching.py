@@ -13,16 +13,9 @@ from typing import Callable
 
 import torch
 
-from ..families import Family, family_of
+from ..families import Family
 from ..hooks.selection import CallSelector
 from ..hooks.steps import denoising_step
-
-
-def check_image_pipeline(pipe, what: str) -> None:
-    """`what` scores images: refuse a video pipeline with one clear line."""
-    if family_of(pipe.transformer).makes_videos:
-        raise NotImplementedError(f"{what} scores images; {type(pipe).__name__} makes videos (TextPatch and TextGuard "
-                                  "run on it, the image scoring does not yet)")
 
 
 def encode_prompts(pipe, family: Family, prompts: list[str], text_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
