@@ -186,3 +186,5 @@ def test_head_search_is_refused_clearly_on_video(wan_pipe):
         da.hunt(wan_pipe, "color:red", ["a red circle"], [0], k=1, rounds=1)
     with pytest.raises(NotImplementedError, match="atlas scores images; WanPipeline makes videos"):
         da.atlas(wan_pipe, "color:red", ["a red circle"])
+    with pytest.raises(NotImplementedError, match="screen_heads scores images; WanPipeline makes videos"):
+        da.screen_heads(wan_pipe, "color:red", ["a red circle"], [0])

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..edits import HeadGuidance
+from ..families import check_image_pipeline
 from ..handle import apply
 from ..heads import model_layers
 from ..limits import check_image_size
@@ -172,6 +173,7 @@ def screen_heads(pipe, objective, prompts, seeds, candidates=None, selected=(), 
     path_points: with n > 1, the gradient is averaged over n strengths at the midpoints of n equal steps
         from u0 to u (all candidates together: a path integral of the gradient), n times the backward passes.
     """
+    check_image_pipeline(pipe, "screen_heads")
     gradient_of = differentiable_objective(get_objective(objective), objective if isinstance(objective, str) else
                                            getattr(objective, "__name__", "callable"))
     if isinstance(u0, bool) or not isinstance(u0, (int, float)) or not 0 <= u0 <= 1:
