@@ -34,6 +34,15 @@ def _heads(attn, query, key, value, rotary_emb):
     return query, key, value
 
 
+def _text_keys_values(attn, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """attn2's keys and values of text states (B, S, D) → (B, S, H, D): projections (fused or not), key norm."""
+    if attn.fused_projections:
+        key, value = attn.to_kv(text).chunk(2, dim=-1)
+    else:
+        key, value = attn.to_k(text), attn.to_v(text)
+    return attn.norm_k(key).unflatten(2, (attn.heads, -1)), value.unflatten(2, (attn.heads, -1))
+
+
 class WanSelfAttnProcessor(DispatchingProcessor):
     """One instance per `attn1` module."""
 
@@ -76,12 +85,10 @@ class WanCrossAttnProcessor(LayerProcessor):
             image_length = encoder_hidden_states.shape[1] - TEXT_CONTEXT
             image_context = encoder_hidden_states[:, :image_length]
             encoder_hidden_states = encoder_hidden_states[:, image_length:]
-        query = attn.to_q(hidden_states)
-        if attn.fused_projections:
-            key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
-        else:
-            key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
-        query, key, value = _heads(attn, query, key, value, rotary_emb)
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        key, value = _text_keys_values(attn, encoder_hidden_states)
+        if rotary_emb is not None:
+            query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
         key, value = self.state.patch_text(self.layer, key, value)
 
         image_out = None
@@ -107,13 +114,7 @@ class WanCrossAttnProcessor(LayerProcessor):
         call, nag = self.state.call, self.state.nag
         if call.nag_text is None or nag is None or self.layer not in nag.layers:
             return hidden_states
-        text = call.nag_text
-        if attn.fused_projections:
-            key, value = attn.to_kv(text).chunk(2, dim=-1)
-        else:
-            key, value = attn.to_k(text), attn.to_v(text)
-        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
+        key, value = _text_keys_values(attn, call.nag_text)
         rows = call.nag_rows.to(query.device)
         n = rows.numel()
         negative = self._dispatch(query.index_select(0, rows), key.expand(n, -1, -1, -1), value.expand(n, -1, -1, -1),
