@@ -193,7 +193,7 @@ def test_local_attention_under_the_mask(z_pipe):
         assert torch.equal(z_call(z_pipe, **kwargs), stock)  # a circle covering the grid is stock attention
 
 
-def test_grid_and_text_edits(z_pipe):
+def test_grid(z_pipe):
     family = family_of(z_pipe.transformer)
     call = recorded(z_pipe, steps=1).calls[0]
     assert family.grid(z_pipe.transformer, call) == ((8, 8), "")
@@ -201,8 +201,6 @@ def test_grid_and_text_edits(z_pipe):
     assert family.max_token_side(z_pipe.transformer) == 32  # axes_lens (256, 32, 32)
     omni = dict(call, x=[[x] for x in call["x"]])
     assert family.grid(z_pipe.transformer, omni)[0] is None and family.image_length(omni) is None
-    with pytest.raises(NotImplementedError, match="TextPatch does not run on z_image models"):
-        da.apply(z_pipe, da.TextPatch(layers=[1], source_prompt="a blue circle"))
 
 
 def test_training_prediction_equals_the_pipeline_step(z_pipe):

@@ -207,3 +207,86 @@ def test_call_count_equals_stock(case, cfg, request):
         hook.remove()
     assert len(rec.calls) == len(counted) == len(before.calls) == (4 if cfg else 2)
     assert [c["hidden_states"].shape for c in rec.calls] == [c["hidden_states"].shape for c in before.calls]
+
+
+# ---------------------------------------------------------------- Z-Image: single stream [image ; caption] per row
+Z_PROMPTS, Z_LONG = ["a red circle", "a cat"], " ".join(["a blurry dark blue square"] * 8)  # Z_LONG: > 32 tokens
+
+
+@pytest.fixture(scope="module")
+def z_pipe():
+    from dit_attn.toy.z_image import build_z_image_pipeline
+
+    pipe = build_z_image_pipeline(num_layers=3, num_refiner_layers=1, num_heads=4, head_dim=8)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def z_call(pipe, prompt=Z_PROMPTS, steps=2, **kwargs):
+    args = dict(prompt=prompt, num_inference_steps=steps, guidance_scale=0.0, height=32, width=32,
+                output_type="latent", generator=torch.Generator().manual_seed(0))
+    # the pipeline rewrites prompt lists in place (its chat template): hand it copies
+    return pipe(**{k: list(v) if isinstance(v, list) else v for k, v in {**args, **kwargs}.items()}).images
+
+
+def z_stock(attn, hidden, mask, freqs):
+    """(output, input of to_out) of the stock module on these rows."""
+    return stock(attn, dict(hidden_states=hidden, attention_mask=mask, freqs_cis=freqs))
+
+
+@pytest.mark.parametrize("negative,layer,cfg", [(Z_LONG, 1, False), ("blue", 0, True), (Z_LONG, 2, True)])
+def test_z_image_layer_equals_stock_attention_on_both_texts(z_pipe, negative, layer, cfg):
+    """Z⁺: the stock module on the positive rows; Z⁻: on the positive rows' image segment with the negative
+    rows' caption segment, rotary positions and key mask; NAG combines the image segment (64 tokens) only."""
+    modules = [block.attention for block in z_pipe.transformer.layers]
+    kwargs = dict(guidance_scale=3.0, negative_prompt=["a green cat"] * len(Z_PROMPTS)) if cfg else {}
+    with Recorder(z_pipe.transformer, modules) as rec, da.apply(z_pipe, da.NAG(negative, layers=[layer], **SETTINGS)):
+        z_call(z_pipe, **kwargs)
+    n, segment = len(Z_PROMPTS), 64
+    rows = 3 * n if cfg else 2 * n
+    cond, neg = list(range(n)), list(range(rows - n, rows))
+    assert rec.calls == 1 and len(rec.records[layer]) == 2
+    attn, ratios = modules[layer], []
+    for inputs, out, _ in rec.records[layer]:
+        hidden, mask, freqs = inputs["hidden_states"], inputs["attention_mask"], inputs["freqs_cis"]
+        assert hidden.shape[0] == rows and (mask is not None) == (negative == Z_LONG)
+        take = lambda x, r: x[r] if x is not None else None  # noqa: E731
+        pos_out, zp = z_stock(attn, hidden[cond], take(mask, cond), freqs[cond])
+        mixed_in = torch.cat([hidden[cond, :segment], hidden[neg, segment:]], dim=1)
+        neg_out, zn = z_stock(attn, mixed_in, take(mask, neg), freqs[neg])
+        mixed, ratio = nag_formula(zp[:, :segment], zn[:, :segment], **SETTINGS)
+        want = attn.to_out[1](attn.to_out[0](torch.cat([mixed, zp[:, segment:]], dim=1)))
+        assert (out[cond] - want).abs().max() <= ROUNDING
+        assert (want - pos_out).abs().max() > 1e-3
+        assert (out[neg, segment:] - neg_out[:, segment:]).abs().max() <= ROUNDING  # the negative text's own stream
+        if cfg:  # CFG's negative rows: stock
+            middle = list(range(n, 2 * n))
+            assert (out[middle] - z_stock(attn, hidden[middle], take(mask, middle), freqs[middle])[0]).abs().max() <= ROUNDING
+        ratios.append(ratio.flatten())
+    assert bool((torch.cat(ratios) > SETTINGS["tau"]).any())
+
+
+def test_z_image_scale_one_alpha_zero_and_call_count(z_pipe):
+    kwargs = dict(guidance_scale=3.0, negative_prompt=["a green cat"] * len(Z_PROMPTS))
+    with CallRecorder(z_pipe) as before:
+        want = z_call(z_pipe, **kwargs)
+    for edit in (da.NAG(Z_LONG, scale=1), da.NAG(Z_LONG, alpha=0)):
+        with da.apply(z_pipe, edit):
+            assert torch.equal(z_call(z_pipe, **kwargs), want)
+    with CallRecorder(z_pipe) as rec, da.apply(z_pipe, da.NAG(Z_LONG)):
+        guided = z_call(z_pipe, **kwargs)
+    assert len(rec.calls) == len(before.calls) == 2 and (guided - want).abs().max() > 1e-3
+
+
+def test_z_image_with_head_guidance_equals_explicit(z_pipe):
+    """One step, CFG off: ε = ε_c + s·(ε_c − ε_p), ε_c from NAG alone, ε_p from NAG with the heads perturbed in
+    every row (HeadGuidance's copies carry their negative rows, perturbed too)."""
+    s, heads = 2.0, ["L1H2", "L2H0"]
+    eps = {}
+    for name, edits in (("guided", (da.HeadGuidance(heads=heads, scale=s),)), ("c", ()),
+                        ("p", (da.SoftPAG(heads=heads, u=1.0),))):
+        with CallRecorder(z_pipe) as rec, da.apply(z_pipe, da.NAG("blue", **SETTINGS), *edits):
+            z_call(z_pipe, steps=1)
+        eps[name] = rec.steps[0]
+    assert (eps["c"] - eps["p"]).abs().max() > 1e-3
+    assert (eps["guided"] - (eps["c"] + s * (eps["c"] - eps["p"]))).abs().max() <= 3 * ROUNDING

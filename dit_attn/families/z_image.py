@@ -15,6 +15,11 @@ The model unpatchifies each sample after its blocks, so extra rows are added to 
 call's lists (`widen_at_call`). CFG is one call with the conditional rows first
 ([cond ; negative]); the pipelines negate the stacked prediction before the scheduler
 step (`prediction`). Turbo runs with guidance_scale 0: one call of conditional rows.
+
+Text edits (TextPatch, TextGuard, NAG): a source (or negative) prompt is encoded by the pipeline's
+own `encode_prompt` at its default `max_sequence_length` and rides as one more entry of the call's
+lists with its own caption length (the model pads every row itself); the processor swaps the whole
+caption segment of a row, so no alignment of token lengths is needed (see `processors.z_image`).
 """
 from __future__ import annotations
 
@@ -48,8 +53,7 @@ class ZImage(Family):
     text_first = False
     widen_at_call = True
     rotary = False  # complex rotary tables from `rope_embedder`, not a `pos_embed` with `theta`
-    text_edits_unsupported = ("Z-Image's captions keep their own lengths in the joint sequence (no shared text "
-                              "positions between a target and a source prompt) and its processor has no text patch")
+    nag = True
 
     # --- layers and processors -------------------------------------------------------------
     def layers(self, transformer) -> list[LayerInfo]:
@@ -132,6 +136,17 @@ class ZImage(Family):
         if batch % 2:
             raise RuntimeError(f"a Z-Image CFG call with an odd number of rows ({batch})")
         return torch.arange(batch // 2)
+
+    def sequence_length_of_call(self, pipe, text_length: int) -> None:
+        """None: the pipeline's default; a source prompt keeps its own caption length in the call."""
+        return None
+
+    def append_text_rows(self, call: dict, embeds, extra) -> dict:
+        """The source prompts' captions (their `extra` mask's tokens) appended to the call's `cap_feats`."""
+        captions = call["cap_feats"]
+        lengths = (extra != 0).sum(dim=1).tolist()
+        added = [embeds[i, : int(n)].to(captions[0]) for i, n in enumerate(lengths)]
+        return {"cap_feats": list(captions) + added}
 
     def prediction(self, sample):
         """The pipelines stack the output list in float32, drop the frame axis and negate it."""

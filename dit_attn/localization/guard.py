@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..edits import TextGuard
 from ..families import Family
-from ..hooks.pipeline import capture_prompts
+from ..hooks.pipeline import MethodWrap, capture_prompts
 from .patching import TextPatchController
 from .prompts import guarded_prompt
 
@@ -17,12 +17,30 @@ class GuardController(TextPatchController):
         self.edit = edit
         self.prompts: list | None = None
         self._capture = None
+        self._encoding = False  # the controller's own encode_prompt calls are not the pipeline's prompt
 
     def _record(self, prompt) -> None:
         self.prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
 
     def install(self) -> None:
-        self._capture = capture_prompts(self.pipe, self._record)
+        if hasattr(type(self.pipe), "check_inputs"):
+            self._capture = capture_prompts(self.pipe, self._record)
+        else:  # Z-Image's pipelines check nothing: read the prompt their __call__ hands encode_prompt
+            self._capture = MethodWrap(self.pipe, "encode_prompt", self._recording_encoder)
+
+    def _recording_encoder(self, original):
+        def encode_prompt(*args, **kwargs):
+            if not self._encoding:
+                self._record(kwargs["prompt"] if "prompt" in kwargs else (args[0] if args else None))
+            return original(*args, **kwargs)
+        return encode_prompt
+
+    def _encoded(self, prompts, kwargs):
+        self._encoding = True
+        try:
+            return super()._encoded(prompts, kwargs)
+        finally:
+            self._encoding = False
 
     def unwrap(self) -> None:
         super().unwrap()

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from ..families import Family
+from ..hooks.calls import take_rows
 from ..hooks.selection import CallSelector
 from ..hooks.steps import denoising_step
 
@@ -47,11 +48,15 @@ class PatchRows:
     def extend(self, kwargs: dict) -> dict:
         """The call's inputs with the source rows appended."""
         out = dict(kwargs)
-        batch = kwargs["hidden_states"].shape[0]
+        batch = self.family.batch_size(kwargs)
         text = self.family.append_text_rows(kwargs, self.embeds, self.pooled)
         for name in self.family.rows.call_args:
             value = kwargs.get(name)
-            if name not in text and isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
+            if name in text or value is None:
+                continue
+            if isinstance(value, (list, tuple)) and len(value) == batch:  # per-row lists (Z-Image's x)
+                out[name] = type(value)(list(value) + list(take_rows(value, self.targets)))
+            elif isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
                 out[name] = torch.cat([value, value.index_select(0, self.targets.to(value.device))])
         out.update(text)
         return out
@@ -106,13 +111,16 @@ class TextPatchController:
 
     def _encoded(self, prompts: list[str], kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode each distinct prompt once per generation (a new run has a new schedule tensor)."""
-        text = kwargs["encoder_hidden_states"]
-        key = (self.pipe.scheduler.timesteps, text.shape[1], text.device, text.dtype)
+        text = kwargs.get("encoder_hidden_states")
+        # a family whose text is a per-row list (Z-Image's cap_feats) gets it in the transformer's device and dtype
+        where = text if isinstance(text, torch.Tensor) else self.pipe.transformer
+        text_len = self.family.text_length(kwargs)
+        key = (self.pipe.scheduler.timesteps, text_len, where.device, where.dtype)
         if self._cache_key is None or key[0] is not self._cache_key[0] or key[1:] != self._cache_key[1:]:
             self._cache, self._cache_key = {}, key
         missing = sorted({p for p in prompts if p not in self._cache})
         if missing:
-            embeds, pooled = encode_prompts(self.pipe, self.family, missing, text.shape[1], text.device, text.dtype)
+            embeds, pooled = encode_prompts(self.pipe, self.family, missing, text_len, where.device, where.dtype)
             for i, prompt in enumerate(missing):
                 self._cache[prompt] = (embeds[i : i + 1], pooled[i : i + 1])
         return (torch.cat([self._cache[p][0] for p in prompts]), torch.cat([self._cache[p][1] for p in prompts]))

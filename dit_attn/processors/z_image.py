@@ -5,10 +5,20 @@ rotary from `freqs_cis`, the rows' bool key mask) and hands the attention call t
 `dit_attn.kernels.attention` with this layer's plan. The image tokens lead every row
 (0, n): every sample of a call has an image of the same size, and the padding the model
 adds (its pad tokens after the image, zero rows after the caption) comes after them.
+
+Text edits act on the two segments of every row: the image segment (the image tokens and the
+model's image pad tokens, up to the next multiple of 32) and the caption segment after it (the
+caption, its pad tokens and the row's zero padding, with the row's key mask). TextPatch gives a
+target row its source row's caption-segment keys, values and key mask, and its image tokens the
+source row's rotary positions (Z-Image numbers the image after the padded caption, so the
+image-caption offsets are the source run's; image-image attention sees relative positions only).
+NAG's negative rows take their positive rows' image-segment q/k/v before rotary (rotated at the
+negative row's positions), and the positive rows' image-segment outputs are combined.
 """
 from __future__ import annotations
 
 import torch
+from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
 
 from .dispatch import DispatchingProcessor
 from .state import POOL_MODULE
@@ -39,15 +49,24 @@ class ZImageAttnProcessor(DispatchingProcessor):
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
+        image_len = self.state.call.image_len
+        segment = self._image_segment(image_len)
+        if segment is not None:
+            query, key, value = self._nag_image_inputs(segment, query, key, value)
+            if freqs_cis is not None:
+                freqs_cis = self._patch_segment(freqs_cis, 0, segment)
         if freqs_cis is not None:
             query = _rotate(query, freqs_cis)
             key = _rotate(key, freqs_cis)
+        if segment is not None:
+            key, value = self._patch_caption(segment, key, value)
+            if attention_mask is not None:
+                attention_mask = self._patch_segment(attention_mask, segment, None)
         dtype = query.dtype
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
 
         seq_len = query.shape[1]
-        image_len = self.state.call.image_len
         image_tokens = (0, image_len) if image_len is not None else None
         plan = self.state.plan(self.layer, query.shape[0], image_tokens, getattr(attn, POOL_MODULE, None))
         if plan is not None and image_len is None:
@@ -55,8 +74,33 @@ class ZImageAttnProcessor(DispatchingProcessor):
                              "size per call (not omni calls) are supported")
         hidden_states = self.attend(query, key, value, plan, attention_mask, image_len or seq_len)
         hidden_states = hidden_states.flatten(2, 3).to(dtype)
+        if segment is not None:
+            hidden_states = self.state.nag_guide(self.layer, hidden_states, slice(0, segment))
 
         output = attn.to_out[0](hidden_states)
         if len(attn.to_out) > 1:
             output = attn.to_out[1](output)
         return output
+
+    def _image_segment(self, image_len: int | None) -> int | None:
+        """Length of the image segment when a TextPatch or NAG acts on this layer of the call, else None."""
+        nag = self.state.nag is not None and self.layer in self.state.nag.layers
+        if self.state.call.rows is None or not (nag or self.layer in self.state.patch_layers):
+            return None
+        if image_len is None:
+            raise ValueError("text edits and NAG on Z-Image need the call's image tokens: only calls with one image "
+                             "size per call (not omni calls) are supported")
+        return image_len + (-image_len) % SEQ_MULTI_OF
+
+    def _nag_image_inputs(self, segment: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        images = self.state.nag_image_inputs(self.layer, tuple(x[:, :segment] for x in tensors))
+        return tuple(torch.cat([image, x[:, segment:]], dim=1) for image, x in zip(images, tensors))
+
+    def _patch_segment(self, x: torch.Tensor, start: int, end: int | None) -> torch.Tensor:
+        """TextPatch: tokens [start, end) of the target rows taken from their source rows."""
+        part, _ = self.state.patch_text(self.layer, x[:, start:end], x[:, start:end])
+        return torch.cat([x[:, :start], part] + ([x[:, end:]] if end is not None else []), dim=1)
+
+    def _patch_caption(self, segment: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        text_key, text_value = self.state.patch_text(self.layer, key[:, segment:], value[:, segment:])
+        return torch.cat([key[:, :segment], text_key], dim=1), torch.cat([value[:, :segment], text_value], dim=1)

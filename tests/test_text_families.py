@@ -1,0 +1,119 @@
+"""TextPatch / TextGuard on the families whose text keeps its own length per row (Z-Image), checked
+against stock runs of the source prompt and an independent swap of SDPA's caption keys/values."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+import dit_attn as da
+from dit_attn.families import family_of
+from dit_attn.toy.z_image import build_z_image_pipeline
+
+from .conftest import SIZE, CallRecorder
+
+ROUNDING = 2e-5  # rows computed in a wider batch round differently (see test_localization)
+PROMPT, SOURCE = "a red circle on a white background", "a blue square"
+LONG = " ".join(["a blurry dark blue square"] * 8)  # past 32 caption tokens: another caption bucket of Z-Image
+
+
+@pytest.fixture(scope="module")
+def z_pipe():
+    pipe = build_z_image_pipeline(num_layers=3, num_refiner_layers=1, num_heads=4, head_dim=8)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def z_call(pipe, prompt=PROMPT, steps=2, **kwargs):
+    args = dict(num_inference_steps=steps, guidance_scale=0.0, output_type="latent",
+                generator=torch.Generator().manual_seed(0), **SIZE)
+    return pipe(prompt, **{**args, **kwargs}).images
+
+
+@pytest.mark.parametrize("cfg", [0.0, 3.0])
+def test_z_image_patch_with_own_prompt_changes_nothing(z_pipe, cfg):
+    kwargs = dict(guidance_scale=cfg, negative_prompt=LONG if cfg else None, num_images_per_prompt=2)
+    stock = z_call(z_pipe, **kwargs)
+    with da.apply(z_pipe, da.TextPatch(layers=[0, 2], source_prompt=PROMPT)):
+        assert (z_call(z_pipe, **kwargs) - stock).abs().max() <= ROUNDING
+
+
+@pytest.mark.parametrize("prompt,source,cfg", [(PROMPT, SOURCE, 0.0), (PROMPT, LONG, 0.0), (LONG, SOURCE, 3.0)])
+def test_z_image_patch_everywhere_equals_a_run_of_the_source(z_pipe, prompt, source, cfg):
+    """A source of another caption length, in the same 32-token bucket or not (the image keeps the
+    source run's rotary offsets at patched layers), with CFG's negative rows left alone."""
+    kwargs = dict(guidance_scale=cfg, negative_prompt="a green cat" if cfg else None)
+    everywhere = list(range(len(da.layers(z_pipe))))
+    with da.apply(z_pipe, da.TextPatch(layers=everywhere, source_prompt=source)):
+        patched = z_call(z_pipe, prompt, **kwargs)
+    if cfg:  # the stock step of [source ; negative] is the patched step of [prompt ; negative]
+        want = z_call(z_pipe, source, **kwargs)
+    else:
+        want = z_call(z_pipe, source)
+    assert (patched - want).abs().max() <= ROUNDING
+    assert (patched - z_call(z_pipe, prompt, **kwargs)).abs().max() > 1e-3
+
+
+class SwapCaption(TorchFunctionMode):
+    """Inside one attention module, SDPA's caption keys/values (after the image segment) replaced by given ones."""
+
+    def __init__(self, module, image_segment, keys=None, values=None):
+        super().__init__()
+        self.segment, self.keys, self.values, self.inside, self.seen = image_segment, keys, values, False, []
+        self.handles = [module.register_forward_pre_hook(lambda *a: self._set(True)),
+                        module.register_forward_hook(lambda *a: self._set(False))]
+
+    def _set(self, value):
+        self.inside = value
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and self.inside:
+            named = dict(zip(("query", "key", "value"), args)) | kwargs
+            k, v = named["key"], named["value"]
+            self.seen.append((k.clone(), v.clone()))  # (B, H, S, D)
+            if self.keys is not None:
+                k, v = k.clone(), v.clone()
+                k[:, :, self.segment:], v[:, :, self.segment:] = self.keys[:, :, self.segment:], self.values[:, :, self.segment:]
+                named["key"], named["value"] = k, v
+            return func(**named)
+        return func(*args, **kwargs)
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        return super().__exit__(*exc)
+
+
+def test_z_image_one_layer_patch_equals_an_sdpa_swap(z_pipe):
+    """Each patched step equals the stock transformer on the step's inputs whose layer-1 SDPA gets the
+    caption keys/values of a stock run of the source prompt on the same latents (same caption bucket)."""
+    layer, family = 1, family_of(z_pipe.transformer)
+    with CallRecorder(z_pipe) as rec, da.apply(z_pipe, da.TextPatch(layers=[layer], source_prompt=SOURCE)):
+        z_call(z_pipe, num_images_per_prompt=2)
+    source_caption = z_pipe.encode_prompt(SOURCE, do_classifier_free_guidance=False)[0][0]
+    attn = z_pipe.transformer.layers[layer].attention
+    moved = 0.0
+    for call, eps in zip(rec.calls, rec.steps, strict=True):
+        rows = len(call["x"])
+        source_call = dict(call, cap_feats=[source_caption] * rows, return_dict=False)
+        with torch.no_grad(), SwapCaption(attn, 64) as source_run:
+            z_pipe.transformer(**source_call)
+        keys, values = source_run.seen[0]
+        with torch.no_grad(), SwapCaption(attn, 64, keys, values):
+            want = family.prediction(z_pipe.transformer(**dict(call, return_dict=False))[0])
+        with torch.no_grad():
+            stock = family.prediction(z_pipe.transformer(**dict(call, return_dict=False))[0])
+        assert (eps - want).abs().max() <= ROUNDING
+        moved = max(moved, float((eps - stock).abs().max()))
+    assert moved > 1e-4
+
+
+def test_z_image_text_guard(z_pipe):
+    """A blocked word in quoted text is patched with its guarded twin: the same as TextPatch with that prompt."""
+    prompt = 'a sign that says "red"'
+    guard = da.TextGuard(layers=[0, 1], blocklist=["red"], replacement="blue")
+    with da.apply(z_pipe, guard):
+        guarded = z_call(z_pipe, prompt)
+    with da.apply(z_pipe, da.TextPatch(layers=[0, 1], source_prompt='a sign that says "blue"')):
+        patched = z_call(z_pipe, prompt)
+    assert torch.equal(guarded, patched) and (guarded - z_call(z_pipe, prompt)).abs().max() > 1e-4
