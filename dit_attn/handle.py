@@ -7,7 +7,7 @@ from . import processors
 from .edits import NAG, Capture, HeadGuidance, LocalAttention, SoftPAG, TextGuard, TextPatch
 from .families import SUPPORTED_MODELS, Family, family_of
 from .guidance.controller import GuidanceController
-from .heads import LayerInfo, resolve_heads
+from .heads import EXPERTS, LayerInfo, heads_by_expert, resolve_heads
 from .hooks.calls import install_hooks, remove_hooks
 from .hooks.private import check_diffusers_version
 from .hooks.selection import check_pipeline
@@ -31,12 +31,6 @@ def split_target(obj) -> tuple[object | None, torch.nn.Module]:
         f"expected a diffusers pipeline or transformer, got {type(obj).__name__}; "
         f"supported transformers: {', '.join(SUPPORTED_MODELS)}"
     )
-
-
-def layers(pipe_or_transformer) -> list[LayerInfo]:
-    """The layer/head map: index, module name, kind, heads."""
-    transformer = split_target(pipe_or_transformer)[1]
-    return family_of(transformer).layers(transformer)
 
 
 def _layer_edits(heads, u: float, target: str, scope: str, layer_map: list[LayerInfo], family: str) -> dict[int, LayerEdit]:
@@ -63,6 +57,9 @@ class Handle:
         self._text = text
         self._capture = capture
         self.active = True
+        # on a two-expert pipeline: {"E1": handle, "E2": handle} of the edited experts (this handle is one);
+        # removing this one removes them all
+        self.experts: dict[str, "Handle"] = {}
 
     @property
     def maps(self):
@@ -75,6 +72,9 @@ class Handle:
         """Restore the original processors, hooks and scheduler. Safe to call twice."""
         if not self.active:
             return
+        for part in self.experts.values():
+            if part is not self:
+                part.remove()
         processors.restore(self.transformer, self._originals, self.state)
         remove_hooks(self.transformer)
         if self._capture is not None:
@@ -154,10 +154,47 @@ def _capture_recorder(pipe, family: Family, edits: tuple, layer_map: list[LayerI
     return CaptureRecorder(pipe, family, captures[0], layer_map)
 
 
-def apply(pipe_or_transformer, *edits) -> Handle:
+def experts(pipe_or_transformer) -> dict[str, torch.nn.Module]:
+    """The transformers a pipeline's steps run: {"E1": transformer, "E2": transformer_2} for a two-expert
+    pipeline (Wan 2.2: E1 takes the steps at or above the boundary timestep, the high-noise ones that come
+    first; E2 the rest), else {"": its one transformer}."""
+    pipe, transformer = split_target(pipe_or_transformer)
+    second = getattr(pipe, "transformer_2", None) if pipe is not None else None
+    if not isinstance(second, torch.nn.Module):
+        return {"": transformer}
+    if family_of(second).name != family_of(transformer).name:
+        raise TypeError(f"transformer_2 is a {type(second).__name__}, transformer a {type(transformer).__name__}: "
+                        "dit-attn edits two experts of the same family")
+    return {name: getattr(pipe, attribute) for name, attribute in EXPERTS.items()}
+
+
+def _selected_experts(pipe_or_transformer, expert: str | None) -> dict[str, torch.nn.Module]:
+    models = experts(pipe_or_transformer)
+    if expert is None:
+        return models
+    if "" in models:
+        raise ValueError(f"expert={expert!r} is for two-expert pipelines (Wan 2.2's transformer and transformer_2); "
+                         "this one has one transformer")
+    if expert not in models:
+        raise ValueError(f"expert must be one of {', '.join(models)} (or None: both), got {expert!r}")
+    return {expert: models[expert]}
+
+
+def layers(pipe_or_transformer, expert: str | None = None) -> list[LayerInfo]:
+    """The layer/head map: index, module name, kind, heads (of `expert`, "E1" or "E2", on a two-expert
+    pipeline; E1's by default)."""
+    models = _selected_experts(pipe_or_transformer, expert)
+    transformer = next(iter(models.values()))
+    return family_of(transformer).layers(transformer)
+
+
+def apply(pipe_or_transformer, *edits, expert: str | None = None) -> Handle:
     """Install edits on a pipeline (or a transformer, for model edits such as SoftPAG).
 
-    Returns a Handle: `remove()` restores the stock model; `with apply(...):` does it on exit.
+    On a two-expert pipeline (Wan 2.2) the edits go to both experts, or to `expert` ("E1": `transformer`,
+    "E2": `transformer_2`) alone; heads are addressed per expert as "E1:L3H2" / "E2:L3H2" (plain "L3H2":
+    both), and an expert no edit addresses stays stock.
+    Returns a Handle: `remove()` restores the stock model(s); `with apply(...):` does it on exit.
     """
     check_diffusers_version()
     pipe, transformer = split_target(pipe_or_transformer)
@@ -166,56 +203,108 @@ def apply(pipe_or_transformer, *edits) -> Handle:
             raise TypeError(f"not an edit: {edit!r}; edits are {', '.join(t.__name__ for t in EDIT_TYPES)}")
     if not edits:
         raise ValueError("apply needs at least one edit")
-    existing = getattr(transformer, _MARK, None)
-    if existing is not None and existing.active:
-        raise RuntimeError("this model is already edited by dit-attn: call remove() on the first handle (or leave its with-block) before applying again")
+    every_expert = experts(pipe_or_transformer)
+    models = _selected_experts(pipe_or_transformer, expert)
+    for model in every_expert.values():
+        existing = getattr(model, _MARK, None)
+        if existing is not None and existing.active:
+            raise RuntimeError("this model is already edited by dit-attn: call remove() on the first handle (or leave "
+                               "its with-block) before applying again")
 
     family = family_of(transformer)
-    layer_map = family.layers(transformer)
-    state = EditState()
+    maps = {name: family.layers(model) for name, model in models.items()}
+    states = {name: EditState() for name in models}
     guidance = [e for e in edits if isinstance(e, HeadGuidance)]
     if len(guidance) > 1:
         raise ValueError("give at most one HeadGuidance per apply (merge their heads into one)")
     local_edits = [e for e in edits if isinstance(e, LocalAttention)]
     if len(local_edits) > 1:
         raise ValueError("give at most one LocalAttention per apply")
-    if local_edits:
-        state.local = local_setting(local_edits[0], layer_map)
-        state.local_backend = local_edits[0].backend
+    if local_edits and local_edits[0].weights is not None and len(models) > 1:
+        raise ValueError("LocalAttention weights are trained for one transformer: give expert='E1' or expert='E2'")
+    for name, state in states.items():
+        if local_edits:
+            state.local = local_setting(local_edits[0], maps[name])
+            state.local_backend = local_edits[0].backend
     for edit in edits:
         if isinstance(edit, SoftPAG):
-            for layer, layer_edit in _layer_edits(edit.heads, edit.u, edit.target, edit.scope, layer_map, family.name).items():
-                state.model_edits.setdefault(layer, []).append(layer_edit)
+            for name, heads in _expert_heads(edit.heads, maps).items():
+                for layer, layer_edit in _layer_edits(heads, edit.u, edit.target, edit.scope, maps[name], family.name).items():
+                    states[name].model_edits.setdefault(layer, []).append(layer_edit)
     controller = None
     if guidance:
         if pipe is None:
             raise TypeError("HeadGuidance needs a pipeline (it guides the sampling loop); pass the pipeline, not the transformer")
         check_pipeline(pipe, family, "HeadGuidance")
         edit = guidance[0]
-        state.guided_edits = _layer_edits(edit.heads, edit.u, edit.target, edit.scope, layer_map, family.name)
-        controller = GuidanceController(pipe, family, edit, first_layer=min(state.guided_edits))
+        for name, heads in _expert_heads(edit.heads, maps).items():
+            states[name].guided_edits = _layer_edits(heads, edit.u, edit.target, edit.scope, maps[name], family.name)
+        first_layer = min(min(state.guided_edits) for state in states.values() if state.guided_edits)
+        controller = GuidanceController(pipe, family, edit, first_layer=first_layer)
 
-    text = _text_controller(pipe, family, edits, state, layer_map)
-    capture = _capture_recorder(pipe, family, edits, layer_map)
+    first = next(iter(models))
+    text = _text_controller(pipe, family, edits, states[first], maps[first])
+    if text is not None:
+        _check_same_maps(maps, "TextPatch, TextGuard and NAG address layers by index")
+        for state in states.values():
+            state.patch_layers, state.nag = states[first].patch_layers, states[first].nag
+    capture = _capture_recorder(pipe, family, edits, maps[first])
+    if capture is not None and len(models) > 1:
+        raise NotImplementedError("Capture on a two-expert pipeline records one expert: give expert='E1' or expert='E2'")
     if capture is not None and capture.concept_rows is not None:
         if text is not None:
             raise ValueError("Capture(kind='concept') shares image tokens across rows as NAG does: give it without "
                              "TextPatch, TextGuard or NAG in the same apply")
-        state.shared_image_layers = frozenset(capture.layers)
+        states[first].shared_image_layers = frozenset(capture.layers)
 
-    local = install_local(transformer, local_edits[0], state.local, layer_map) if local_edits else None
+    # an expert no edit addresses (E1-only heads, say) keeps its stock processors and no hooks
+    edited = [name for name, state in states.items()
+              if len(models) == 1 or state.model_edits or state.guided_edits or local_edits or text is not None] or [first]
+    installed = []  # (expert, its LocalInstall, its original processors)
     try:
-        originals = processors.install(transformer, state)
+        for name in edited:
+            model, state = models[name], states[name]
+            local = install_local(model, local_edits[0], state.local, maps[name]) if local_edits else None
+            try:
+                originals = processors.install(model, state)
+            except BaseException:
+                if local is not None:
+                    local.undo()
+                raise
+            installed.append((name, local, originals))
     except BaseException:
-        if local is not None:
-            local.undo()
+        for name, local, originals in reversed(installed):
+            processors.restore(models[name], originals, states[name])
+            if local is not None:
+                local.undo()
         raise
     if text is not None:
         text.install()
     if capture is not None:
         capture.install()
-        state.capture = capture
-    install_hooks(transformer, family, state, controller, text)
-    handle = Handle(transformer, originals, controller, tuple(edits), state, local, text, capture)
-    setattr(transformer, _MARK, handle)
+        states[first].capture = capture
+    handles = {}
+    for name, local, originals in installed:
+        model, state = models[name], states[name]
+        install_hooks(model, family, state, controller if state.guided_edits else None, text, originals)
+        shared = not handles  # the first handle owns the pipeline-wide controllers
+        handles[name] = Handle(model, originals, controller if shared else None, tuple(edits), state, local,
+                               text if shared else None, capture if shared else None)
+        setattr(model, _MARK, handles[name])
+    handle = next(iter(handles.values()))
+    if "" not in models:
+        handle.experts = handles
     return handle
+
+
+def _expert_heads(heads, maps: dict[str, list[LayerInfo]]) -> dict[str, list]:
+    """{expert: its head addresses}; a one-transformer model ({"": map}) takes the addresses as given."""
+    if "" in maps:
+        return {"": list(heads)}
+    return heads_by_expert(heads, maps)
+
+
+def _check_same_maps(maps: dict[str, list[LayerInfo]], why: str) -> None:
+    """Refuse edits given for both experts when the experts' layer maps differ."""
+    if len({tuple((info.heads, info.head_dim) for info in layers) for layers in maps.values()}) > 1:
+        raise ValueError(f"the experts' layer maps differ and {why}: give expert='E1' or expert='E2'")

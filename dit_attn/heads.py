@@ -4,6 +4,10 @@ Layers are numbered in forward order: SD3 `transformer_blocks.i` → i; FLUX
 `transformer_blocks.i` → i, then `single_transformer_blocks.j` → (number of double blocks) + j.
 Heads are given as `(layer, head)`, `"L{layer}H{head}"`, `"L{layer}"` (every head of a
 layer) or a preset name such as `"sd3:dark"`.
+
+A two-expert pipeline (Wan 2.2: `transformer` for the high-noise steps, then `transformer_2`) has one map
+per expert: `"E1:L3H2"` addresses expert E1 (`transformer`, the steps at or above the boundary timestep,
+which come first), `"E2:L3H2"` expert E2 (`transformer_2`); a plain address means the same head of both.
 """
 from __future__ import annotations
 
@@ -88,6 +92,49 @@ def head_dim(attn) -> int:
 
 
 _HEAD_RE = re.compile(r"^L(\d+)(?:H(\d+))?$")
+_EXPERT_RE = re.compile(r"^(E\d+):(.*)$")
+# the pipeline attribute of each expert of a two-expert pipeline, in the order its steps run them
+EXPERTS = {"E1": "transformer", "E2": "transformer_2"}
+
+
+def split_expert(spec: HeadSpec) -> tuple[str | None, HeadSpec]:
+    """("E1", "L3H2") from "E1:L3H2"; (None, spec) for a plain address."""
+    if not isinstance(spec, str):
+        return None, spec
+    match = _EXPERT_RE.match(spec.strip())
+    if match is None:
+        return None, spec
+    if match.group(1) not in EXPERTS:
+        raise ValueError(f"unknown expert in {spec!r}: the experts are E1 (transformer, the high-noise steps) "
+                         "and E2 (transformer_2, the low-noise steps)")
+    return match.group(1), match.group(2)
+
+
+def _map_shape(layers: list[LayerInfo]) -> tuple:
+    return tuple((info.heads, info.head_dim) for info in layers)
+
+
+def heads_by_expert(heads: Iterable[HeadSpec], maps: dict[str, list[LayerInfo]]) -> dict[str, list[HeadSpec]]:
+    """The head addresses of each expert in `maps` (E1/E2 → its layer map; the experts an apply edits):
+    the plain ones (every expert) and those prefixed with its name (prefix removed). Experts that get
+    no address are left out."""
+    heads = list(heads)
+    by_expert: dict[str, list[HeadSpec]] = {}
+    plain = False
+    for spec in heads:
+        expert, rest = split_expert(spec)
+        if expert is not None and expert not in maps:
+            raise ValueError(f"{spec!r} addresses expert {expert}, which this apply does not edit "
+                             f"(it edits {', '.join(maps)})")
+        plain = plain or expert is None
+        for name in maps if expert is None else (expert,):
+            by_expert.setdefault(name, []).append(rest)
+    if plain and len({_map_shape(layers) for layers in maps.values()}) > 1:
+        shapes = "; ".join(f"{name}: {len(layers)} layers of {'/'.join(sorted({str(i.heads) for i in layers}))} heads"
+                           for name, layers in maps.items())
+        raise ValueError(f"the experts' layer maps differ ({shapes}): address each expert's heads "
+                         "as 'E1:L3H2' or 'E2:L3H2' instead of plain 'L3H2'")
+    return {name: by_expert[name] for name in maps if name in by_expert}
 
 
 def _expand(spec: HeadSpec, family: str | None = None) -> Iterable[tuple[int, int | None]]:
@@ -124,7 +171,7 @@ def normalize_heads(heads: HeadSpec | Iterable[HeadSpec]) -> tuple:
     out = []
     for item in items:
         out.append(tuple(item) if isinstance(item, list) else item)
-        list(_expand(out[-1]))  # syntax check now; ranges are checked against the model on apply
+        list(_expand(split_expert(out[-1])[1]))  # syntax check now; ranges are checked against the model on apply
     return tuple(out)
 
 
@@ -143,6 +190,9 @@ def resolve_heads(heads: Iterable[HeadSpec], layers: list[LayerInfo], family: st
     """Map layer index → sorted head indices, checking every address (and preset family) against the model."""
     selected: dict[int, set[int]] = {}
     for spec in heads:
+        if split_expert(spec)[0] is not None:
+            raise ValueError(f"{spec!r} addresses an expert: 'E1:'/'E2:' addresses are for two-expert pipelines "
+                             "(Wan 2.2's transformer and transformer_2); this model has one transformer")
         _check_layout(spec, layers)
         for layer, head in _expand(spec, family):
             if not 0 <= layer < len(layers):

@@ -166,16 +166,6 @@ def test_image_to_video_guided_step_equals_explicit():
         assert (eps - expected).abs().max() < 1e-5
 
 
-def test_two_expert_pipelines_are_refused_clearly():
-    """Wan 2.2 (transformer_2 below a boundary): pipeline edits would leave the second expert unedited."""
-    one = build_wan_pipeline()
-    two = type(one)(**one.components | {"transformer_2": build_wan_pipeline(seed=1).transformer}, boundary_ratio=0.5)
-    with pytest.raises(NotImplementedError, match="two-expert pipelines .* da.apply\\(pipe.transformer_2"):
-        da.apply(two, da.HeadGuidance(heads=["L1H1"]))
-    with da.apply(two.transformer_2, da.SoftPAG(heads=["L1H1"], u=1.0)):
-        assert type(two.transformer_2.blocks[1].attn1.processor).__name__ == "WanSelfAttnProcessor"
-
-
 def test_capture_is_refused_clearly_on_video(wan_pipe):
     with pytest.raises(NotImplementedError, match="Capture does not run on wan models yet"):
         da.apply(wan_pipe, da.Capture(kind="cross"))

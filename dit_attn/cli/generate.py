@@ -90,11 +90,19 @@ def cmd_generate(args) -> int:
 
 
 def cmd_heads(args) -> int:
-    from ..handle import layers
-    from ..heads import PRESETS, format_layers
+    from ..handle import experts, layers
+    from ..heads import EXPERTS, PRESETS, format_layers
     from .common import load
 
-    print(format_layers(layers(load(args))))
+    pipe = load(args)
+    models = experts(pipe)
+    if "" in models:
+        print(format_layers(layers(pipe)))
+    for n, name in enumerate(name for name in models if name):
+        if n:
+            print()
+        print(f"{name} ({EXPERTS[name]}; address its heads as {name}:L<layer>H<head>):")
+        print(format_layers(layers(pipe, expert=name)))
     if args.presets:
         print("\npresets:")
         for name, preset in PRESETS.items():

@@ -12,8 +12,10 @@ row's latents, timestep and image context, and run to the end. Text enters the m
 (the condition embedder's text projection is per row), so patching every layer gives the source prompt's run.
 
 HeadGuidance and CFG: `WanPipeline` and `WanImageToVideoPipeline` make one call per condition under `cache_context("cond")` and
-`("uncond")`; the conditional call is guided (and patched). Wan 2.2's two-expert pipelines (`transformer_2` below the
-boundary timestep) are refused by pipeline edits; each expert takes model edits on its own.
+`("uncond")`; the conditional call is guided (and patched). Wan 2.2's two-expert pipelines run `transformer` (expert E1)
+at timesteps at or above `boundary_ratio · num_train_timesteps` (the high-noise steps, first) and `transformer_2` (E2)
+below it: `apply` installs on each expert (`dit_attn.handle.experts`), both take their own calls under the same
+cache contexts, and HeadGuidance adds its term on the step of whichever expert ran.
 """
 from __future__ import annotations
 
@@ -89,14 +91,6 @@ class Wan(Family):
         return (frames // patch_t, height // patch_h, width // patch_w), ""
 
     # --- its pipelines -------------------------------------------------------------------------
-    def supports_pipeline(self, pipe) -> bool:
-        if getattr(pipe, "transformer_2", None) is not None:
-            raise NotImplementedError(
-                "Wan 2.2 two-expert pipelines (transformer_2) are not supported by pipeline edits yet: dit-attn "
-                "would edit `transformer` only and the steps below the boundary would run unedited; model edits "
-                "(SoftPAG, LocalAttention) can be applied to each expert: da.apply(pipe.transformer_2, ...)")
-        return super().supports_pipeline(pipe)
-
     def conditional_rows(self, pipe, batch: int, call: dict, context: str | None):
         """The conditional call ("cond", every row); the "uncond" call is left stock."""
         if context not in (None, "cond"):

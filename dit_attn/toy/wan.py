@@ -14,9 +14,13 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWi
 
 from .configs import TEXT_HIDDEN, _t5_encoder, make_t5_tokenizer
 
-__all__ = ["WAN_I2V_RUN", "WAN_RUN", "build_wan_i2v_pipeline", "build_wan_pipeline"]
+__all__ = ["WAN22_BOUNDARY_RATIO", "WAN_I2V_RUN", "WAN_RUN", "build_wan22_pipeline", "build_wan_i2v_pipeline",
+           "build_wan_pipeline"]
 
 WAN_RUN = dict(num_frames=5, height=32, width=32, max_sequence_length=16)  # a call's size in the tests
+# Wan 2.2 A14B's: with the toy scheduler (shift 7) a 4-step run gives timesteps 1000, 934 to `transformer` and
+# 781, 47 to `transformer_2`, a 3-step run 1000, 877 and 47
+WAN22_BOUNDARY_RATIO = 0.875
 # Wan's cross-attention takes the last 512 context tokens as the text when the model has image context
 WAN_I2V_RUN = dict(num_frames=5, height=32, width=32, max_sequence_length=512)
 
@@ -39,6 +43,17 @@ def _components(num_layers: int, num_heads: int, head_dim: int, seed: int, in_ch
 
 def build_wan_pipeline(*, num_layers: int = 2, num_heads: int = 2, head_dim: int = 12, seed: int = 0) -> WanPipeline:
     return WanPipeline(**_components(num_layers, num_heads, head_dim, seed))
+
+
+def build_wan22_pipeline(*, num_layers: int = 2, num_heads: int = 2, head_dim: int = 12, seed: int = 0,
+                         num_layers_2: int | None = None, num_heads_2: int | None = None) -> WanPipeline:
+    """Wan 2.2 text-to-video with two experts: `transformer` (the high-noise steps, at or above the boundary
+    timestep) and `transformer_2` (the rest), different random weights; `num_layers_2` / `num_heads_2` give
+    the second expert another shape."""
+    components = _components(num_layers, num_heads, head_dim, seed)
+    second = _components(num_layers if num_layers_2 is None else num_layers_2,
+                         num_heads if num_heads_2 is None else num_heads_2, head_dim, seed + 10)["transformer"]
+    return WanPipeline(**components, transformer_2=second, boundary_ratio=WAN22_BOUNDARY_RATIO)
 
 
 def build_wan_i2v_pipeline(*, num_layers: int = 2, num_heads: int = 2, head_dim: int = 12,
