@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..edits import Capture
-from ..hooks.pipeline import capture_prompts
+from ..hooks.pipeline import MethodWrap, capture_prompts
 from ..hooks.selection import CallSelector
 from ..hooks.steps import denoising_step
 from ..kernels import masks
@@ -99,10 +99,19 @@ class CaptureRecorder:
     def install(self) -> None:
         if not self.words:
             return
-        if not callable(getattr(self.pipe, "check_inputs", None)):
+        if callable(getattr(self.pipe, "check_inputs", None)):
+            self._wrap = capture_prompts(self.pipe, self._new_pipeline_call)
+        elif callable(getattr(self.pipe, "encode_prompt", None)):  # Z-Image: no check_inputs, one encode_prompt a call
+            self._wrap = MethodWrap(self.pipe, "encode_prompt", self._reading_prompt)
+        else:
             raise ValueError(f"Capture cannot read the prompt of {type(self.pipe).__name__} calls (no check_inputs): "
                              "give text-token indices instead of words")
-        self._wrap = capture_prompts(self.pipe, self._new_pipeline_call)
+
+    def _reading_prompt(self, original):
+        def encode_prompt(prompt=None, *args, **kwargs):
+            self._new_pipeline_call(prompt, kwargs.get("max_sequence_length"))
+            return original(prompt, *args, **kwargs)
+        return encode_prompt
 
     def undo(self) -> None:
         if self._wrap is not None:
@@ -116,7 +125,7 @@ class CaptureRecorder:
         self._grid: tuple[int, int] | None = None
         self._timesteps = None  # the scheduler's timesteps of the pipeline call the maps are from
 
-    def _new_pipeline_call(self, prompt) -> None:
+    def _new_pipeline_call(self, prompt, max_tokens: int | None = None) -> None:
         self._reset()
         self._prompt_columns = None
         if not self.words:
@@ -125,7 +134,8 @@ class CaptureRecorder:
             raise ValueError("Capture with words needs the prompt text: call the pipeline with prompt=..., not prompt_embeds "
                              "(or give text-token indices)")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        self._prompt_columns = [word_positions(self.pipe, self.family.name, p, self.edit.tokens) for p in prompts]
+        self._prompt_columns = [word_positions(self.pipe, self.family.name, p, self.edit.tokens, max_tokens)
+                                for p in prompts]
 
     # --- one transformer call ----------------------------------------------------------------
     def begin_call(self, batch: int, call: dict, context: str | None) -> None:
@@ -297,8 +307,12 @@ class CaptureRecorder:
         per_prompt = rows.numel() // len(prompts)
         groups = []
         for r in range(rows.numel()):
-            columns = prompts[r // per_prompt]
-            groups.append([[c for c in cols if c < text_len] for cols in columns])
+            kept = [[c for c in cols if c < text_len] for cols in prompts[r // per_prompt]]
+            cut = [w for w, cols in zip(self.edit.tokens, kept) if not cols]
+            if cut:
+                raise ValueError(f"Capture: the words {cut} lie past this call's {text_len} text tokens "
+                                 "(a longer max_sequence_length keeps them)")
+            groups.append(kept)
         return groups
 
     # --- after the call ------------------------------------------------------------------------
