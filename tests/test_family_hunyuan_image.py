@@ -188,13 +188,11 @@ def test_local_attention_under_the_mask(hy_pipe):
         assert torch.equal(hy_call(hy_pipe, **kwargs), stock)  # a circle covering the grid is stock attention
 
 
-def test_presets_and_text_edits_are_refused_clearly(hy_pipe):
+def test_presets_are_refused_clearly(hy_pipe):
     with pytest.raises(ValueError, match="is for flux models, this is a hunyuan_image model"):
         da.apply(hy_pipe, da.SoftPAG(["flux:glossy"]))
     with pytest.raises(ValueError, match="is for sd3 models, this is a hunyuan_image model"):
         da.apply(hy_pipe, da.SoftPAG(["sd3:dark"]))
-    with pytest.raises(NotImplementedError, match="TextPatch does not run on hunyuan_image models"):
-        da.apply(hy_pipe, da.TextPatch(layers=[1], source_prompt="a blue circle"))
 
 
 def test_predict_is_the_pipeline_call(distilled_pipe):

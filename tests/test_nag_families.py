@@ -290,3 +290,90 @@ def test_z_image_with_head_guidance_equals_explicit(z_pipe):
         eps[name] = rec.steps[0]
     assert (eps["c"] - eps["p"]).abs().max() > 1e-3
     assert (eps["guided"] - (eps["c"] + s * (eps["c"] - eps["p"]))).abs().max() <= 3 * ROUNDING
+
+
+# ---------------------------------------------------------------- HunyuanImage 2.1: [image ; text], masks per row
+@pytest.fixture(scope="module")
+def hy_distilled():
+    from dit_attn.toy.hunyuan_image import build_hunyuan_image_pipeline
+
+    pipe = build_hunyuan_image_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=8, guidance_embeds=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def hy_guider():
+    from dit_attn.toy.hunyuan_image import build_hunyuan_image_pipeline
+
+    pipe = build_hunyuan_image_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=8, seed=1)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+HY_PROMPTS = ['a red circle "OK"', "a cat"]  # quoted text: glyph states ride with the rows
+
+
+def hy_call(pipe, prompt=HY_PROMPTS, steps=2, **kwargs):
+    args = dict(prompt=prompt, num_inference_steps=steps, height=32, width=32, output_type="latent",
+                generator=torch.Generator().manual_seed(0))
+    if pipe.transformer.config.guidance_embeds:
+        args["distilled_guidance_scale"] = 3.25
+    return pipe(**{**args, **kwargs}).images
+
+
+def hy_stock(attn, hidden, text, mask, rotary):
+    """(image output, text output, Z: the image attention output before to_out) of the stock module."""
+    kwargs = dict(hidden_states=hidden, encoder_hidden_states=text, attention_mask=mask, image_rotary_emb=rotary)
+    if attn.to_out is None:  # single blocks: the raw attention outputs
+        with torch.no_grad():
+            image, text_out = attn(**kwargs)
+        return image, text_out, image
+    (image, text_out), z = stock(attn, kwargs)
+    return image, text_out, z
+
+
+@pytest.mark.parametrize("fixture,layer", [("hy_distilled", 1), ("hy_distilled", 3), ("hy_guider", 2)])
+def test_hunyuan_image_layer_equals_stock_attention_on_both_texts(fixture, layer, request):
+    """Double (1) and single (2, 3) blocks: Z⁻ is the stock module on the positive rows' image with the negative
+    rows' text and text mask; with the guider's CFG the "pred_uncond" call runs stock and unwidened."""
+    pipe = request.getfixturevalue(fixture)
+    t = pipe.transformer
+    modules = [b.attn for b in list(t.transformer_blocks) + list(t.single_transformer_blocks)]
+    with Recorder(t, modules) as rec, da.apply(pipe, da.NAG("a blue square", layers=[layer], **SETTINGS)):
+        hy_call(pipe)
+    n, attn = len(HY_PROMPTS), modules[layer]
+    cond, neg = list(range(n)), list(range(n, 2 * n))
+    guided = [r for r in rec.records[layer] if r[0]["hidden_states"].shape[0] == 2 * n]
+    assert len(guided) == 2 and rec.calls == (3 if fixture == "hy_guider" else 1)
+    ratios = []
+    for inputs, out, _ in guided:
+        h, e, m, rot = (inputs[k] for k in ("hidden_states", "encoder_hidden_states", "attention_mask", "image_rotary_emb"))
+        assert not bool(m[cond].all()) and not torch.equal(m[cond], m[neg])  # every row has its own text mask
+        pos_image, pos_text, zp = hy_stock(attn, h[cond], e[cond], m[cond], rot)
+        _, neg_text, zn = hy_stock(attn, h[cond], e[neg], m[neg], rot)
+        mixed, ratio = nag_formula(zp, zn, **SETTINGS)
+        want = mixed if attn.to_out is None else attn.to_out[1](attn.to_out[0](mixed))
+        assert (out[0][cond] - want).abs().max() <= ROUNDING and (want - pos_image).abs().max() > 1e-3
+        assert (out[1][cond] - pos_text).abs().max() <= ROUNDING
+        assert (out[1][neg] - neg_text).abs().max() <= ROUNDING
+        ratios.append(ratio.flatten())
+    assert bool((torch.cat(ratios) > SETTINGS["tau"]).any())
+    for inputs, out, _ in rec.records[layer]:
+        if inputs["hidden_states"].shape[0] == n:  # the guider's unconditional call
+            h, e, m, rot = (inputs[k] for k in ("hidden_states", "encoder_hidden_states", "attention_mask", "image_rotary_emb"))
+            image, text_out, _ = hy_stock(attn, h, e, m, rot)
+            assert torch.equal(out[0], image) and torch.equal(out[1], text_out)
+
+
+@pytest.mark.parametrize("fixture", ["hy_distilled", "hy_guider"])
+def test_hunyuan_image_scale_one_alpha_zero_and_call_count(fixture, request):
+    pipe = request.getfixturevalue(fixture)
+    with CallRecorder(pipe) as before:
+        want = hy_call(pipe)
+    for edit in (da.NAG("a blue square", scale=1), da.NAG("a blue square", alpha=0)):
+        with da.apply(pipe, edit):
+            assert torch.equal(hy_call(pipe), want)
+    with CallRecorder(pipe) as rec, da.apply(pipe, da.NAG("a blue square")):
+        guided = hy_call(pipe)
+    assert len(rec.calls) == len(before.calls) and (guided - want).abs().max() > 1e-3

@@ -117,3 +117,50 @@ def test_z_image_text_guard(z_pipe):
     with da.apply(z_pipe, da.TextPatch(layers=[0, 1], source_prompt='a sign that says "blue"')):
         patched = z_call(z_pipe, prompt)
     assert torch.equal(guarded, patched) and (guarded - z_call(z_pipe, prompt)).abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------- HunyuanImage 2.1: per-row Qwen and ByT5 masks
+def _hy(**kwargs):
+    from dit_attn.toy.hunyuan_image import build_hunyuan_image_pipeline
+
+    pipe = build_hunyuan_image_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=8, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def hy_guider():
+    return _hy(apg_start=1)  # CFG at steps 0-1, APG at step 2
+
+
+@pytest.fixture(scope="module")
+def hy_distilled():
+    return _hy(guidance_embeds=True, seed=1)
+
+
+def hy_call(pipe, prompt, steps=3, **kwargs):
+    args = dict(num_inference_steps=steps, height=32, width=32, output_type="latent",
+                generator=torch.Generator().manual_seed(0))
+    if pipe.transformer.config.guidance_embeds:
+        args["distilled_guidance_scale"] = 3.25
+    return pipe(prompt, **{**args, **kwargs}).images
+
+
+QUOTED = 'a sign that says "OK"'  # glyph text: ByT5 states and their mask ride with the rows
+
+
+# the guider pipeline picks its OCR guider when the prompt has glyph text: there both prompts have it or neither
+@pytest.mark.parametrize("fixture,prompt,source", [("hy_guider", PROMPT, SOURCE), ("hy_guider", QUOTED, 'a sign that says "NO"'),
+                                                   ("hy_distilled", PROMPT, QUOTED), ("hy_distilled", QUOTED, SOURCE)])
+def test_hunyuan_image_patch_everywhere_equals_a_run_of_the_source(fixture, prompt, source, request):
+    """Patching every layer gives the source prompt's run (the guider's negative call left stock), and the
+    prompt itself as source changes nothing."""
+    pipe = request.getfixturevalue(fixture)
+    everywhere = list(range(len(da.layers(pipe))))
+    with da.apply(pipe, da.TextPatch(layers=everywhere, source_prompt=source)):
+        patched = hy_call(pipe, prompt)
+    assert (patched - hy_call(pipe, source)).abs().max() <= ROUNDING
+    stock = hy_call(pipe, prompt, num_images_per_prompt=2)
+    assert (patched - stock[:1]).abs().max() > 1e-3
+    with da.apply(pipe, da.TextPatch(layers=[1, 3], source_prompt=prompt)):
+        assert (hy_call(pipe, prompt, num_images_per_prompt=2) - stock).abs().max() <= ROUNDING

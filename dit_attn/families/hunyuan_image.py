@@ -11,6 +11,12 @@ blocks always get a bool key mask (B, 1, 1, image + text) over that padding.
 The model unpatchifies with its *input* batch after the blocks, so extra rows are appended to the
 call's inputs (`widen_at_call`).
 
+Text edits (TextPatch, TextGuard, NAG): the pipeline pads every prompt to the same Qwen and ByT5 token
+counts, so a source (or negative) prompt's states, masks and glyph states ride as extra rows of the call
+at the call's own lengths; the model refines and reorders each row by its own masks, and the processors
+give a target row its source row's whole text segment (keys, values and key mask). Text has no rotary
+positions here, so nothing else needs aligning.
+
 HeadGuidance and CFG: the pipeline runs one call per condition of its guider
 (`AdaptiveProjectedMixGuidance`) under `cache_context("pred_cond")` and `("pred_uncond")` (left stock),
 conditional first, then takes the guider's combination (CFG, later APG with its momentum buffer);
@@ -42,9 +48,7 @@ class HunyuanImage(Family):
     text_first = False
     widen_at_call = True
     rotary = False  # a `rope` module with (cos, sin) tables, not a `pos_embed` with `theta`
-    text_edits_unsupported = ("HunyuanImage reorders each row's text tokens by its own Qwen and ByT5 masks inside "
-                              "the call, so a source prompt's text would need its own masks and order riding in the "
-                              "target's call; not implemented")
+    nag = True
 
     # --- layers and processors -------------------------------------------------------------
     def _blocks(self, transformer) -> list:
@@ -113,18 +117,41 @@ class HunyuanImage(Family):
         return torch.arange(batch)
 
     def encode_prompts(self, pipe, prompts, max_sequence_length):
-        raise NotImplementedError(f"text edits on HunyuanImage: {self.text_edits_unsupported}")
+        """(Qwen text states (N, S, D), the rest as one (N, S + S2 + S2·D2) tensor: the Qwen mask, the ByT5
+        glyph mask and the glyph states (S2 × D2) flattened), from the pipeline's own `encode_prompt` at its
+        padded lengths; `predict` reads the leading Qwen mask, `append_text_rows` all of it."""
+        embeds, mask, glyphs, glyph_mask = pipe.encode_prompt(prompt=list(prompts), num_images_per_prompt=1)
+        packed = torch.cat([mask.to(embeds), glyph_mask.to(embeds), glyphs.to(embeds).flatten(1)], dim=1)
+        return embeds, packed
+
+    def append_text_rows(self, call: dict, embeds, extra) -> dict:
+        """The source prompts' states, masks and (when the call has them) glyph states appended as rows."""
+        text, mask = call["encoder_hidden_states"], call["encoder_attention_mask"]
+        length = text.shape[1]
+        if embeds.shape[1:] != text.shape[1:]:
+            raise RuntimeError(f"{self.name}: the source prompt encodes to {tuple(embeds.shape[1:])} text states, "
+                               f"the call has {tuple(text.shape[1:])}")
+        out = {"encoder_hidden_states": torch.cat([text, embeds.to(text)]),
+               "encoder_attention_mask": torch.cat([mask, extra[:, :length].to(mask)])}
+        glyphs, glyph_mask = call.get("encoder_hidden_states_2"), call.get("encoder_attention_mask_2")
+        if glyphs is not None:
+            glyph_len = glyphs.shape[1]
+            added = extra[:, length + glyph_len:].unflatten(1, glyphs.shape[1:])
+            out["encoder_hidden_states_2"] = torch.cat([glyphs, added.to(glyphs)])
+            out["encoder_attention_mask_2"] = torch.cat([glyph_mask, extra[:, length:length + glyph_len].to(glyph_mask)])
+        return out
 
     # --- training --------------------------------------------------------------------------------
     def latent_patch(self, transformer) -> int:
         return int(transformer.config.patch_size[-1])
 
     def predict(self, transformer, x_t, embeds, pooled, t, latent_hw, guidance=1.0):
-        """`pooled` is the Qwen text mask (N, S) (None: no padding); no glyph states (the pipeline's
-        all-padding ByT5 states for a prompt without quoted text are masked out); timestep 1000·t; a
-        guidance-distilled model gets guidance 1000·`guidance` as in the pipeline."""
+        """`pooled`: from `encode_prompts` (its leading S columns are the Qwen text mask) or the mask alone
+        (None: no padding); no glyph states (the pipeline's all-padding ByT5 states for a prompt without
+        quoted text are masked out); timestep 1000·t; a guidance-distilled model gets guidance
+        1000·`guidance` as in the pipeline."""
         device, dtype = transformer.device, transformer.dtype
-        mask = torch.ones(embeds.shape[:2], dtype=torch.long) if pooled is None else pooled
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long) if pooled is None else pooled[:, : embeds.shape[1]]
         guide = torch.full((x_t.shape[0],), float(guidance) * 1000.0, device=device, dtype=dtype) \
             if transformer.config.guidance_embeds else None
         return transformer(hidden_states=x_t.to(device, dtype), timestep=(t * 1000).to(device, dtype),

@@ -24,7 +24,7 @@ def encode_prompts(pipe, family: Family, prompts: list[str], text_len: int, devi
     the pipeline's own `encode_prompt` at the sequence length of the current call."""
     with torch.no_grad():
         embeds, pooled = family.encode_prompts(pipe, prompts, family.sequence_length_of_call(pipe, text_len))
-    return embeds.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype)
+    return embeds.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype if pooled.is_floating_point() else None)
 
 
 @dataclass(frozen=True)

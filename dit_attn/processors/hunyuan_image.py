@@ -4,6 +4,8 @@ Reproduces diffusers' HunyuanImageAttnProcessor (q/k/v projections, RMS q/k norm
 image tokens; a double block projects the text with its own `add_*_proj`, a single block gets the
 text as `encoder_hidden_states` and projects the joint sequence) and hands the attention call to
 `dit_attn.kernels.attention` with this layer's plan; with no plan it makes the stock dispatch call.
+TextPatch gives a target row its source row's text keys, values and text key mask; NAG's negative rows
+take their positive rows' image q/k/v (after rotary: every row has the same image positions).
 """
 from __future__ import annotations
 
@@ -48,6 +50,15 @@ class HunyuanImageAttnProcessor(DispatchingProcessor):
                 query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
                 key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
+        image_tokens = query.shape[1] - (text_len if single else 0)
+        if single:
+            query, key, value = self._nag_image_inputs(image_tokens, query, key, value)
+            key, value = self._patch_text_tokens(image_tokens, key, value)
+        else:
+            query, key, value = self.state.nag_image_inputs(self.layer, (query, key, value))
+        if attention_mask is not None and text_len:
+            attention_mask = self._patch_text_mask(attention_mask, text_len)
+
         if attn.add_q_proj is not None and encoder_hidden_states is not None:
             encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
             encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
@@ -56,15 +67,15 @@ class HunyuanImageAttnProcessor(DispatchingProcessor):
                 encoder_query = attn.norm_added_q(encoder_query)
             if attn.norm_added_k is not None:
                 encoder_key = attn.norm_added_k(encoder_key)
+            encoder_key, encoder_value = self.state.patch_text(self.layer, encoder_key, encoder_value)
             query = torch.cat([query, encoder_query], dim=1)
             key = torch.cat([key, encoder_key], dim=1)
             value = torch.cat([value, encoder_value], dim=1)
 
-        seq_len = query.shape[1]
-        image_tokens = seq_len - text_len
         plan = self.state.plan(self.layer, query.shape[0], (0, image_tokens), getattr(attn, POOL_MODULE, None))
         hidden_states = self.attend(query, key, value, plan, attention_mask, image_tokens)
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        hidden_states = self.state.nag_guide(self.layer, hidden_states, slice(0, image_tokens))
 
         if encoder_hidden_states is not None:
             hidden_states, encoder_hidden_states = hidden_states[:, :-text_len], hidden_states[:, -text_len:]
@@ -74,3 +85,21 @@ class HunyuanImageAttnProcessor(DispatchingProcessor):
             if getattr(attn, "to_add_out", None) is not None:
                 encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
         return hidden_states, encoder_hidden_states
+
+    def _nag_image_inputs(self, image_tokens: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        images = self.state.nag_image_inputs(self.layer, tuple(x[:, :image_tokens] for x in tensors))
+        return tuple(torch.cat([image, x[:, image_tokens:]], dim=1) for image, x in zip(images, tensors))
+
+    def _patch_text_tokens(self, start: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """TextPatch in a single block: (B, S, H, D) keys/values whose tokens from `start` on are text."""
+        if self.layer not in self.state.patch_layers:
+            return key, value
+        text_key, text_value = self.state.patch_text(self.layer, key[:, start:], value[:, start:])
+        return torch.cat([key[:, :start], text_key], dim=1), torch.cat([value[:, :start], text_value], dim=1)
+
+    def _patch_text_mask(self, mask: torch.Tensor, text_len: int) -> torch.Tensor:
+        """TextPatch: the target rows take their source rows' text key mask, (B, 1, 1, S) with the text last."""
+        if self.layer not in self.state.patch_layers:
+            return mask
+        text_mask, _ = self.state.patch_text(self.layer, mask[..., -text_len:], mask[..., -text_len:])
+        return torch.cat([mask[..., :-text_len], text_mask], dim=-1)
