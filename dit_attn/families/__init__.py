@@ -22,6 +22,7 @@ _SPECS = {
     "OvisImageTransformer2DModel": (".ovis_image", "OvisImage"),
     "BriaTransformer2DModel": (".bria", "Bria"),
     "WanTransformer3DModel": (".wan", "Wan"),
+    "HunyuanVideo15Transformer3DModel": (".hunyuan_video15", "HunyuanVideo15"),
 }
 _LOADED: dict[str, Family] = {}
 

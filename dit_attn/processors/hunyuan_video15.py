@@ -1,0 +1,72 @@
+"""Processor for HunyuanVideo 1.5's joint attention ([video ; context] order, double-stream blocks only).
+
+Reproduces diffusers' HunyuanVideo15AttnProcessor2_0 (q/k/v projections, RMS q/k norms, rotary on the video
+tokens, the context projected with `add_*_proj` and its own norms) and hands the attention call to
+`dit_attn.kernels.attention` with this layer's plan; with no plan it makes the stock dispatch call under
+the stock mask (keys and queries of the context padding both masked).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import apply_rotary_emb
+
+from .dispatch import DispatchingProcessor
+from .state import POOL_MODULE
+
+
+def _project(attn, states: torch.Tensor, q_proj, k_proj, v_proj, norm_q, norm_k):
+    """(B, S, H·D) states → q, k, v (B, S, H, D), q and k normed."""
+    query = q_proj(states).unflatten(2, (attn.heads, -1))
+    key = k_proj(states).unflatten(2, (attn.heads, -1))
+    value = v_proj(states).unflatten(2, (attn.heads, -1))
+    if norm_q is not None:
+        query = norm_q(query)
+    if norm_k is not None:
+        key = norm_k(key)
+    return query, key, value
+
+
+class HunyuanVideo15AttnProcessor(DispatchingProcessor):
+    """One instance per block's `attn`."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        query, key, value = _project(attn, hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        video_tokens = query.shape[1]
+        if encoder_hidden_states is not None:
+            context = _project(attn, encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
+                               attn.norm_added_q, attn.norm_added_k)
+            query, key, value = (torch.cat([x, c], dim=1) for x, c in zip((query, key, value), context))
+
+        batch, seq_len = query.shape[:2]
+        keep = F.pad(attention_mask, (seq_len - attention_mask.shape[1], 0), value=True).bool()
+        plan = self.state.plan(self.layer, batch, (0, video_tokens), getattr(attn, POOL_MODULE, None))
+        if plan is None:
+            rows = keep.view(batch, 1, 1, seq_len).repeat(1, 1, seq_len, 1)
+            mask = (rows & rows.transpose(2, 3)).bool()
+        else:
+            # a key mask: a padding query of the stock mask sees no key (a NaN softmax in the kernels); its
+            # row is never read, since padding keys are masked in every block and the context is not output
+            mask = keep[:, None, None, :]
+        hidden_states = self.attend(query, key, value, plan, mask, video_tokens)
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+
+        if encoder_hidden_states is not None:
+            context_len = encoder_hidden_states.shape[1]
+            hidden_states, encoder_hidden_states = hidden_states[:, :-context_len], hidden_states[:, -context_len:]
+            if getattr(attn, "to_out", None) is not None:
+                hidden_states = attn.to_out[0](hidden_states)
+                hidden_states = attn.to_out[1](hidden_states)
+            if getattr(attn, "to_add_out", None) is not None:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states
