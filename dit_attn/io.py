@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import tempfile
@@ -54,17 +55,31 @@ def write_atomic(path: str | os.PathLike, write: Callable, tmp_prefix: str = ".p
     flush the directory: a reader sees the old file or the whole new one, never a part, and once this returns
     the new file survives a crash (so a record written after it never names a file that is not there).
     The file gets the umask's mode. A folder at `path` is refused before anything is written."""
+
+    def write_file(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    write_path_atomic(path, write_file, tmp_prefix)
+
+
+def write_path_atomic(path: str | os.PathLike, write_file: Callable[[str], None], tmp_prefix: str = ".partial-") -> None:
+    """As `write_atomic`, for writers that take a file name (e.g. an ffmpeg process): write_file(temporary
+    path) writes the whole file there; it is flushed, renamed into place and the directory flushed."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise IsADirectoryError(errno.EISDIR, "a folder is there, give a file name", path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=tmp_prefix, suffix=".tmp", dir=directory)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        write_file(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
         fsync_directory(directory)
@@ -174,6 +189,29 @@ def format_size(size: tuple[int, int]) -> str:
     """(height, width) → 'WIDTHxHEIGHT', the inverse of `parse_size`."""
     height, width = size
     return f"{width}x{height}"
+
+
+def parse_radius(value, name: str = "local radius") -> float | tuple[float, float, float]:
+    """A local-attention radius: a number (image grids) or frames, height and width radii (video grids)
+    as 'T,H,W' or [t, h, w] → (t, h, w). Their ranges are the edit's to check."""
+    parts = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    numbers = []
+    for part in parts:
+        try:
+            if isinstance(part, bool):
+                raise ValueError
+            number = float(part)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number):
+            raise ValueError(f"{name} must be a number, or FRAMES,HEIGHT,WIDTH token radii on video models "
+                             f"(e.g. 2 or 1,4,4), got {value!r}")
+        numbers.append(number)
+    if len(numbers) == 1 and not isinstance(value, (list, tuple)):
+        return numbers[0]
+    if len(numbers) != 3:
+        raise ValueError(f"{name} must be one number or 3 (FRAMES,HEIGHT,WIDTH), got {value!r}")
+    return tuple(numbers)
 
 
 def parse_heads(text: str) -> list[str]:

@@ -4,7 +4,9 @@ machine can give, and every refusal names the limit.
 
 The image-size limits come from the model (its family's largest latent grid, e.g. SD3's position-
 embedding table, and the pixels a token covers) and from the machine: `DIT_ATTN_MAX_PIXELS`
-(pixels an image may have, default 4096×4096) is the memory budget's knob.
+(pixels an image may have, default 4096×4096) is the memory budget's knob; for videos also
+`DIT_ATTN_MAX_VIDEO_PIXELS` (frames × height × width, default 81 frames of 1280×720) and the
+model's frame rule (Wan: 4k + 1 frames, its VAE's temporal factor).
 """
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1
 MAX_UPLOAD_BYTES = 64 * 2**20
 DEFAULT_MAX_PIXELS = 4096 * 4096
+MAX_FRAMES = 1001
+MAX_FPS = 240.0
+DEFAULT_MAX_VIDEO_PIXELS = 81 * 1280 * 720
 
 
 def whole_number(name: str, value, low: int, high: int | None = None) -> int:
@@ -48,18 +53,67 @@ def check_seed(seed, name: str = "seed") -> int:
     return whole_number(name, seed, 0, MAX_SEED)
 
 
-def max_pixels() -> int:
-    """The machine's pixel budget for one image (DIT_ATTN_MAX_PIXELS, default 4096×4096)."""
-    text = os.environ.get("DIT_ATTN_MAX_PIXELS")
+def _budget(variable: str, default: int) -> int:
+    text = os.environ.get(variable)
     if text is None:
-        return DEFAULT_MAX_PIXELS
+        return default
     try:
         value = int(text)
     except ValueError:
-        raise ValueError(f"DIT_ATTN_MAX_PIXELS must be a whole number of pixels, got {text!r}") from None
+        raise ValueError(f"{variable} must be a whole number of pixels, got {text!r}") from None
     if value < 1:
-        raise ValueError(f"DIT_ATTN_MAX_PIXELS must be >= 1, got {value}")
+        raise ValueError(f"{variable} must be >= 1, got {value}")
     return value
+
+
+def max_pixels() -> int:
+    """The machine's pixel budget for one image (DIT_ATTN_MAX_PIXELS, default 4096×4096)."""
+    return _budget("DIT_ATTN_MAX_PIXELS", DEFAULT_MAX_PIXELS)
+
+
+def max_video_pixels() -> int:
+    """The machine's budget for one video, frames × height × width (DIT_ATTN_MAX_VIDEO_PIXELS)."""
+    return _budget("DIT_ATTN_MAX_VIDEO_PIXELS", DEFAULT_MAX_VIDEO_PIXELS)
+
+
+def check_frames(num_frames, name: str = "num_frames") -> int:
+    return whole_number(name, num_frames, 1, MAX_FRAMES)
+
+
+def check_fps(fps, name: str = "fps") -> float:
+    """Frames per second of a written video: a finite number in (0, MAX_FPS]."""
+    value = number(name, fps, high=MAX_FPS)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0 and <= {MAX_FPS}, got {fps}")
+    return value
+
+
+def video_call_defaults(pipe) -> dict:
+    """The num_frames, height and width a video pipeline's call uses when none is given (its signature's)."""
+    import inspect
+
+    parameters = inspect.signature(pipe.__call__).parameters
+    return {k: parameters[k].default for k in ("num_frames", "height", "width")
+            if k in parameters and isinstance(parameters[k].default, int)}
+
+
+def check_video_size(pipe, num_frames: int | None, height: int | None, width: int | None) -> None:
+    """Refuse, before any allocation, a video the model cannot make or the machine cannot hold: the frame
+    count (the model's rule: a multiple of its VAE's temporal factor, plus 1), each frame's size
+    (`check_image_size`) and frames × height × width within max_video_pixels(). None: the pipeline's default."""
+    check_image_size(pipe, height, width)
+    defaults = video_call_defaults(pipe)
+    frames = defaults.get("num_frames") if num_frames is None else check_frames(num_frames)
+    temporal = int(getattr(pipe, "vae_scale_factor_temporal", 1))
+    if num_frames is not None and temporal > 1 and (num_frames - 1) % temporal:
+        below = (num_frames - 1) // temporal * temporal + 1
+        raise ValueError(f"num_frames must be {temporal}k + 1 on this model (its VAE's temporal factor is {temporal}), "
+                         f"e.g. {below} or {below + temporal}; got {num_frames}")
+    height = defaults.get("height") if height is None else height
+    width = defaults.get("width") if width is None else width
+    if None not in (frames, height, width) and frames * height * width > max_video_pixels():
+        raise ValueError(f"{frames} frames of {width}x{height} are {frames * height * width:,} pixels, more than this "
+                         f"machine's video budget of {max_video_pixels():,} (DIT_ATTN_MAX_VIDEO_PIXELS)")
 
 
 def check_pixels(height: int | None, width: int | None) -> None:

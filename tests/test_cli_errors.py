@@ -65,6 +65,15 @@ CASES = [
     (["generate", "a", "--local-radius", "2", "--local-weights", "{junk}", "--out", "{out}"], "not a readable safetensors"),
     (["generate", "a", "--local-radius", "2", "--local-weights", "{missing}", "--out", "{out}"], "no such file"),
     (["generate", "a", "--steps", "x"], "invalid int value: 'x'"),
+    (["generate", "a", "--frames", "0", "--out", "{out}"], "--num-frames must be in [1, 1001], got 0"),
+    (["generate", "a", "--fps", "0", "--out", "{out}"], "--fps must be > 0 and <= 240.0, got 0.0"),
+    (["generate", "a", "--fps", "nan", "--out", "{out}"], "must be a finite number, got 'nan'"),
+    (["generate", "a", "--frames", "5", "--out", "{out}"], "num_frames is for video models; 'tiny' makes images"),
+    (["generate", "a", "--video-format", "webp", "--out", "{out}"], "video_format is for video models; 'tiny' makes images"),
+    (["generate", "a", "--video-format", "avi", "--out", "{out}"], "invalid choice: 'avi'"),
+    (["generate", "a", "--local-radius", "1,2", "--out", "{out}"], "must be one number or 3 (FRAMES,HEIGHT,WIDTH)"),
+    (["generate", "a", "--local-radius", "1,2,2", "--out", "{out}"], "'tiny' makes images: its local radius is one number"),
+    (["generate", "a", "--model", "{dir}", "--out", "{out}"], "cannot read the pipeline '{dir}'"),
     # heads
     (["heads", "--device", "cuda:99"], "--device: device 'cuda:99'"),
     # hunt / atlas

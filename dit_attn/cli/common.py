@@ -8,7 +8,7 @@ import os
 import sys
 import tempfile
 
-from ..io import SizeError, parse_size
+from ..io import SizeError, parse_radius, parse_size
 
 TINY, DEMO = "tiny", "demo"
 DTYPES = ("float32", "float16", "bfloat16")
@@ -27,6 +27,14 @@ def size_argument(text: str) -> tuple[int, int]:
     try:
         return parse_size(text)
     except SizeError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def radius_argument(text: str) -> float | tuple[float, float, float]:
+    """argparse type: a local-attention radius, 'R' (image models) or 'T,H,W' (video models)."""
+    try:
+        return parse_radius(text, "the radius")
+    except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 

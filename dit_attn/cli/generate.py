@@ -5,7 +5,7 @@ import os
 import sys
 
 from .common import (TINY, add_model_options, check_call_flags, check_input_file, check_out_dir, check_prompt,
-                     finite_float, size_argument, warn_skipped)
+                     finite_float, radius_argument, size_argument, warn_skipped)
 
 GUIDANCE_TARGETS = ("identity", "uniform")
 GUIDANCE_SCOPES = ("joint", "image")
@@ -39,15 +39,20 @@ def run_settings(args) -> dict:
         "target": args.target, "scope": args.scope, "start": args.start, "end": args.end, "local_radius": args.local_radius,
         "local_downsample": args.local_downsample, "local_weights": args.local_weights,
         "nag_negative": args.nag_negative, "nag_scale": args.nag_scale, "nag_tau": args.nag_tau, "nag_alpha": args.nag_alpha,
+        "num_frames": args.num_frames, "fps": args.fps,
     }
 
 
 def check_generate(args) -> None:
     """The flags of `generate` against the limits, before the prompts are read or a model loads."""
-    from ..limits import check_seed, whole_number
+    from ..limits import check_fps, check_frames, check_seed, whole_number
 
     check_call_flags(args)  # the guidance and local options are finite (finite_float); their edits check the rest
     check_seed(args.seed, "--seed")
+    if args.num_frames is not None:
+        check_frames(args.num_frames, "--num-frames")
+    if args.fps is not None:
+        check_fps(args.fps, "--fps")
     whole_number("--batch-size", args.batch_size, 1)
     if args.local_weights is not None:
         from ..local_attention import check_weights_file
@@ -79,7 +84,7 @@ def cmd_generate(args) -> int:
     try:
         report = generate_batch(load_items(args), run_settings(args), args.out, batch_size=args.batch_size,
                                 num_shards=num_shards, shard_index=shard_index, device=device,
-                                overwrite=not args.no_overwrite)
+                                overwrite=not args.no_overwrite, video_format=args.video_format)
     finally:
         if report is not None:
             redone = f" ({len(report.redone)} of them redone)" if report.redone else ""
@@ -121,7 +126,8 @@ def add_guidance_options(parser) -> None:
 
 
 def add_commands(sub) -> None:
-    gen = sub.add_parser("generate", help="generate images, optionally with head-level perturbation guidance")
+    gen = sub.add_parser("generate", help="generate images (videos on a video model), optionally with head-level "
+                                          "perturbation guidance")
     gen.add_argument("prompts", nargs="*", help="one or more prompts (or --prompts FILE)")
     gen.add_argument("--prompts", dest="prompts_file", default=None,
                      help=".txt (a prompt a line), .jsonl (objects with 'prompt' and per-line settings) or .csv (a 'prompt' column)")
@@ -140,8 +146,9 @@ def add_commands(sub) -> None:
     add_guidance_options(gen)
     gen.add_argument("--start", type=finite_float, default=0.0, help="first guided fraction of the steps")
     gen.add_argument("--end", type=finite_float, default=1.0, help="guidance stops at this fraction of the steps")
-    gen.add_argument("--local-radius", type=finite_float, default=None,
-                     help="CLEAR local attention: image tokens attend within this radius (in tokens) + all text")
+    gen.add_argument("--local-radius", type=radius_argument, default=None,
+                     help="CLEAR local attention: image tokens attend within this radius (in tokens) + all text; "
+                          "on video models FRAMES,HEIGHT,WIDTH radii (e.g. 1,4,4)")
     gen.add_argument("--local-downsample", type=int, default=None, help="also attend to pooled keys (factor, e.g. 4)")
     gen.add_argument("--local-weights", default=None, help="safetensors from `dit-attn distill-clear` for this radius")
     gen.add_argument("--nag-negative", default=None,
@@ -149,10 +156,16 @@ def add_commands(sub) -> None:
     gen.add_argument("--nag-scale", type=finite_float, default=None, help="NAG scale (default 5.0; 1: no guidance)")
     gen.add_argument("--nag-tau", type=finite_float, default=None, help="NAG normalization threshold (default 2.5)")
     gen.add_argument("--nag-alpha", type=finite_float, default=None, help="NAG blending in [0, 1] (default 0.25)")
+    gen.add_argument("--num-frames", "--frames", dest="num_frames", type=int, default=None,
+                     help="video models: frames per video (Wan: 4k + 1; default: the model's)")
+    gen.add_argument("--fps", type=finite_float, default=None, help="video models: frames per second of the file (default 16)")
+    gen.add_argument("--video-format", default=None, choices=("mp4", "gif", "webp"),
+                     help="video models: mp4 (needs the 'video' extra, imageio-ffmpeg), gif or lossless webp "
+                          "(default: mp4 where it can be written, else gif)")
     add_model_options(gen, TINY)
     gen.add_argument("--out", default="out",
-                     help="output directory (PNGs + manifest.jsonl); each PNG's settings rebuild it: "
-                          "dit_attn.workflows.batch.regenerate(png)")
+                     help="output directory (PNGs, or videos each with a <video>.json sidecar, + manifest.jsonl); "
+                          "each file's settings rebuild it: dit_attn.workflows.batch.regenerate(path)")
     gen.add_argument("--no-overwrite", action="store_true",
                      help="stop (before loading the model) if an item's PNG or manifest line in --out was made with "
                           "other settings, instead of generating it again; missing or damaged PNGs are still redone")

@@ -31,7 +31,11 @@ SUPPORTED_MODELS = tuple(_SPECS)
 
 def family_of(transformer) -> Family:
     """The spec of a transformer model; TypeError naming the supported classes for any other."""
-    name = type(transformer).__name__
+    return family_named(type(transformer).__name__)
+
+
+def family_named(name: str) -> Family:
+    """The spec of the transformer class called `name` (e.g. as a pipeline's model_index.json lists it)."""
     if name not in _SPECS:
         raise TypeError(f"unsupported transformer class {name}; supported: {', '.join(SUPPORTED_MODELS)}")
     if name not in _LOADED:
@@ -50,4 +54,5 @@ def check_image_pipeline(pipe, what: str) -> None:
         raise NotImplementedError(f"{what} scores images; {type(pipe).__name__} makes videos: not supported yet")
 
 
-__all__ = ["CallRows", "Family", "SUPPORTED_MODELS", "check_image_pipeline", "family_of", "family_of_pipeline"]
+__all__ = ["CallRows", "Family", "SUPPORTED_MODELS", "check_image_pipeline", "family_named", "family_of",
+           "family_of_pipeline"]

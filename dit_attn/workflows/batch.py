@@ -2,28 +2,30 @@
 
 Resume rule: an item is finished only when (1) a manifest line for its file records the settings this
 run asks of it, and (2) its file is a whole PNG (every chunk's checksum through IEND) whose `dit-attn`
-chunk holds that line's settings. Anything else is generated again: a missing, empty or damaged file, a
+chunk holds that line's settings, or, for a video model, a video whose sidecar JSON holds them and whose
+bytes are the ones the sidecar's SHA-256 names (`dit_attn.video`). Anything else is generated again: a missing, empty or damaged file, a
 file or line made with other settings (another --seed, --heads, size, model ...). With overwrite=False
 (`--no-overwrite`) an item whose PNG is a whole image made with other settings stops the run before a
 model loads, naming the item and the settings that differ; missing or damaged files are still redone.
 When an item is redone its new line is appended: the PNG on disk tells which of a file's lines is current.
 
-Sizes: a line records the height and width the model drew. An item that asks for no size (None: the
-model's default) matches a line only if that line's size was the model's default too: such lines list
-the settings the model filled in under "model_defaults" (a key of manifest lines only, not of the PNG
-chunk), e.g. "model_defaults": ["height", "width"]. An item that asks for a size matches the size drawn.
+Sizes: a line records the height and width the model drew (and a video's num_frames and fps). An item
+that asks for no size (None: the model's default) matches a line only if that line's size was the model's
+default too: such lines list the settings the model filled in under "model_defaults" (a key of manifest
+lines only, not of the PNG chunk), e.g. "model_defaults": ["height", "width"]. An item that asks for a size matches the size drawn.
 Lines written before this rule have no "model_defaults": their default-size items are redone once.
 
 One process per output shard: a run holds an exclusive lock (fcntl.flock) on `.MANIFEST.lock` beside its
 manifest, released when the process ends or is killed; a second run on the same shard stops at once.
-Each image is written to a temporary file, flushed, renamed into place and its folder flushed before its
-manifest line is appended and flushed, so a line never names a file that a crash could lose.
+Each image (video, then its sidecar) is written to a temporary file, flushed, renamed into place and its
+folder flushed before its manifest line is appended and flushed, so a line never names a file that a crash
+could lose. A video model writes videos (`video_format`: mp4, gif or webp; file names end with it).
 
 Stored settings (a PNG's `dit-attn` chunk, a manifest line, from `dit-attn generate` and the
 app alike) use diffusers' names and hold the edits themselves:
 {"prompt", "model", "seed", "num_inference_steps", "guidance_scale", "height", "width", "dtype",
-"max_sequence_length" (only when set), "edits": [edit.to_dict(), ...]}; `regenerate` rebuilds
-an image from them.
+"max_sequence_length" (only when set), videos also "num_frames" and "fps", "edits": [edit.to_dict(), ...]};
+`regenerate` rebuilds an image (or a video's frames) from them.
 """
 from __future__ import annotations
 
@@ -34,9 +36,10 @@ import os
 from dataclasses import dataclass, field
 
 from ..edits import NAG, HeadGuidance, LocalAttention, edit_from_dict
-from ..io import (as_stored, parse_heads, parse_size, read_png_settings, read_records, slug, verified_png_settings,
-                  write_atomic, write_png_atomic)
-from ..limits import check_call, check_image_size, check_pixels, check_seed, check_steps, number, whole_number
+from ..io import (as_stored, parse_heads, parse_radius, parse_size, read_png_settings, read_records, slug,
+                  verified_png_settings, write_atomic, write_png_atomic)
+from ..limits import (check_call, check_fps, check_frames, check_image_size, check_pixels, check_seed, check_steps,
+                      check_video_size, number, whole_number)
 
 try:
     import fcntl
@@ -47,11 +50,12 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks, one proces
 # The HeadGuidance options are stored as that edit's fields (pag_scale as its "scale"), the local ones
 # as LocalAttention's (radius, downsample, weights).
 CALL_SETTINGS = {"seed": int, "num_inference_steps": int, "guidance_scale": float, "height": int, "width": int,
-                 "max_sequence_length": int}
+                 "max_sequence_length": int, "num_frames": int}
+VIDEO_SETTINGS = {"num_frames": int, "fps": float}  # video models only; stored only when set
 EDIT_OPTIONS = {"heads": str, "pag_scale": float, "u": float, "target": str, "scope": str, "start": float, "end": float,
                 "local_radius": float, "local_downsample": int, "local_weights": str,
                 "nag_negative": str, "nag_scale": float, "nag_tau": float, "nag_alpha": float}
-SETTING_TYPES = {**CALL_SETTINGS, **EDIT_OPTIONS}
+SETTING_TYPES = {**CALL_SETTINGS, **VIDEO_SETTINGS, **EDIT_OPTIONS}
 ALIASES = {"steps": "num_inference_steps", "cfg": "guidance_scale"}  # older names, still read
 SIZE_ALIAS = "size"  # N, "WIDTHxHEIGHT" or [width, height]: sets height and width
 
@@ -101,6 +105,8 @@ def _convert(key: str, value, label: str | None = None):
     """`value` as the type of setting `key`, in its range; errors name it as written (`label`, e.g. an older name)."""
     kind = SETTING_TYPES[key]
     label = label or key
+    if key == "local_radius":  # a number (images) or frames, height, width radii (videos)
+        return parse_radius(value, label)
     bad = isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer())
     try:
         if bad:
@@ -108,12 +114,16 @@ def _convert(key: str, value, label: str | None = None):
         value = kind(value)
     except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{label} must be {kind.__name__}, got {value!r}") from None
+    if key == "fps":
+        return check_fps(value, label)
     if kind is float:
         return number(label, value)  # NaN and infinities (JSON allows them) are refused
     if key == "seed":
         return check_seed(value, label)
     if key == "num_inference_steps":
         return check_steps(value, label)
+    if key == "num_frames":
+        return check_frames(value, label)
     if kind is int:  # height, width, max_sequence_length, local_downsample
         return whole_number(label, value, 1)
     return value
@@ -130,6 +140,10 @@ def check_settings(settings: dict) -> dict:
                num_inference_steps=settings["num_inference_steps"], guidance_scale=settings.get("guidance_scale"))
     if settings.get("max_sequence_length") is not None:
         whole_number("max_sequence_length", settings["max_sequence_length"], 1)
+    if settings.get("num_frames") is not None:
+        check_frames(settings["num_frames"])
+    if settings.get("fps") is not None:
+        check_fps(settings["fps"])
     return settings
 
 
@@ -173,6 +187,7 @@ class ResumeConflict(ValueError):
 
 MODEL_DEFAULTS = "model_defaults"  # manifest lines only: the settings the model filled in (the item asked None)
 LINE_ONLY = ("file", MODEL_DEFAULTS)  # keys of a manifest line that are not stored settings
+DRAWN = ("height", "width", "num_frames", "fps")  # recorded as made; asked None: the model's (the writer's) default
 
 
 class Manifest:
@@ -273,7 +288,7 @@ def settings_difference(asked: dict, record: dict) -> list[str]:
     differences = []
     for key in [*asked, *sorted(set(made) - set(asked))]:
         want, got = asked.get(key), made.get(key)
-        if key in ("height", "width") and want is None:
+        if key in DRAWN and want is None:
             if key not in defaults:
                 differences.append(f"{key}: {_short(got)} recorded (given then), the model's default asked")
         elif want != got:
@@ -291,41 +306,47 @@ class ItemState:
 def item_state(out: str, name: str, asked: dict, records: list[dict]) -> ItemState:
     """Whether the item of file `name` in `out` is finished by the resume rule (see the module docstring).
 
-    The PNG on disk decides which of the file's manifest lines is current (the last line whose settings it
-    holds; older lines of a redone item are stale); that line must be the item's settings."""
+    The PNG (or video) on disk decides which of the file's manifest lines is current (the last line whose
+    settings it holds; older lines of a redone item are stale); that line must be the item's settings."""
+    from ..video import verified_video_settings
+
     path = os.path.join(out, name)
+    video = not name.endswith(".png")
     try:
-        png = verified_png_settings(path)
+        png = verified_video_settings(path) if video else verified_png_settings(path)
     except ValueError as err:
         if not os.path.lexists(path):
-            return ItemState(False, "its PNG is missing" if records else "")
-        return ItemState(False, f"its file is not a whole dit-attn PNG ({err})")
+            return ItemState(False, f"its {'video' if video else 'PNG'} is missing" if records else "")
+        what = "video with its sidecar" if video else "PNG"
+        return ItemState(False, f"its file is not a whole dit-attn {what} ({err})")
     current = [r for r in records if {k: v for k, v in r.items() if k not in LINE_ONLY} == png]
     if current:
         difference = settings_difference(asked, current[-1])
         if not difference:
             return ItemState(True)
         return ItemState(False, f"made with other settings ({'; '.join(difference)})", True)
-    difference = settings_difference(asked, {**png, MODEL_DEFAULTS: ["height", "width"]})  # sizes: as drawn
+    difference = settings_difference(asked, {**png, MODEL_DEFAULTS: list(DRAWN)})  # sizes: as drawn
     if not difference:
         return ItemState(False, "its manifest line is missing")
     return ItemState(False, f"its PNG, which no manifest line records, was made with other settings "
                             f"({'; '.join(difference)})", True)
 
 
-def item_file(item: Item) -> str:
-    """The PNG name of an item: its index fixes the order, the slug makes it readable."""
-    return f"{item.index:05d}-{slug(item.prompt)}.png"
+def item_file(item: Item, suffix: str = "png") -> str:
+    """The file name of an item (suffix: png, or a video format): its index fixes the order, the slug makes it readable."""
+    return f"{item.index:05d}-{slug(item.prompt)}.{suffix}"
 
 
 def stored_settings(prompt: str, *, model: str, seed: int, num_inference_steps: int, guidance_scale: float | None = None,
                     height: int | None = None, width: int | None = None, dtype: str = "float32",
-                    max_sequence_length: int | None = None, edits=()) -> dict:
-    """The settings a PNG and a manifest line store (None: the pipeline's default); `edits` as objects."""
+                    max_sequence_length: int | None = None, num_frames: int | None = None, fps: float | None = None,
+                    edits=()) -> dict:
+    """The settings a PNG (a video's sidecar) and a manifest line store (None: the pipeline's default); `edits` as objects."""
     settings = {"prompt": prompt, "model": model, "seed": seed, "num_inference_steps": num_inference_steps,
                 "guidance_scale": guidance_scale, "height": height, "width": width, "dtype": dtype}
-    if max_sequence_length is not None:
-        settings["max_sequence_length"] = max_sequence_length
+    for key, value in (("max_sequence_length", max_sequence_length), ("num_frames", num_frames), ("fps", fps)):
+        if value is not None:
+            settings[key] = value
     settings["edits"] = [edit.to_dict() for edit in edits]
     return settings
 
@@ -339,7 +360,8 @@ def item_settings(base: dict, item: Item) -> dict:
     """
     options = {**base, "seed": base["seed"] + item.index, **item.overrides}
     return check_settings(stored_settings(item.prompt, model=options["model"], dtype=options["dtype"],
-                                          edits=edits_from_options(options), **{k: options.get(k) for k in CALL_SETTINGS}))
+                                          edits=edits_from_options(options), fps=options.get("fps"),
+                                          **{k: options.get(k) for k in CALL_SETTINGS}))
 
 
 def edits_from_options(options: dict) -> tuple:
@@ -376,7 +398,7 @@ def edits_for(settings: dict) -> tuple:
 def pipeline_kwargs(settings: dict) -> dict:
     """The pipeline-call keyword arguments of stored settings (None values: the pipeline's default)."""
     kwargs = {"num_inference_steps": settings["num_inference_steps"]}
-    for key in ("guidance_scale", "height", "width", "max_sequence_length"):
+    for key in ("guidance_scale", "height", "width", "max_sequence_length", "num_frames"):
         if settings.get(key) is not None:
             kwargs[key] = settings[key]
     return kwargs
@@ -387,8 +409,29 @@ def with_image_size(settings: dict, image) -> dict:
     return {**settings, "height": image.height, "width": image.width}
 
 
+def with_video_size(settings: dict, frames: list) -> dict:
+    """Settings that record the video the model made: its frames' size and count, and the fps it is written at."""
+    from ..video import DEFAULT_FPS
+
+    fps = settings.get("fps")
+    return {**with_image_size(settings, frames[0]), "num_frames": len(frames),
+            "fps": DEFAULT_FPS if fps is None else fps}
+
+
+def makes_videos(pipe) -> bool:
+    from ..families import family_of_pipeline
+
+    return family_of_pipeline(pipe).makes_videos
+
+
+def pipeline_output(pipe, result) -> list:
+    """The images of a pipeline call's result, or its videos (each a list of PIL frames) for a video pipeline."""
+    return result.frames if makes_videos(pipe) else result.images
+
+
 def render(pipe, settings: dict, **call):
-    """The image of stored settings on `pipe`: one seeded call with their edits applied for it.
+    """The image of stored settings on `pipe` (a video pipeline: the video's PIL frames): one seeded call
+    with their edits applied for it.
 
     `call`: further pipeline-call arguments that do not change the image (e.g. callback_on_step_end).
     """
@@ -399,17 +442,23 @@ def render(pipe, settings: dict, **call):
 
     edits = edits_for(settings)
     generator = torch.Generator(device="cpu").manual_seed(settings["seed"])
+    video = {"output_type": "pil"} if makes_videos(pipe) else {}
     with apply(pipe, *edits) if edits else contextlib.nullcontext():
-        return pipe(prompt=settings["prompt"], generator=generator,
-                    **{**call_defaults(pipe), **pipeline_kwargs(settings), **call}).images[0]
+        return pipeline_output(pipe, pipe(prompt=settings["prompt"], generator=generator,
+                                          **{**call_defaults(pipe), **pipeline_kwargs(settings), **video, **call}))[0]
 
 
 def regenerate(png_path: str | os.PathLike, pipe=None, *, device: str | None = None):
     """The image a dit-attn PNG (from `dit-attn generate` or the app) was made from, generated again from its
-    `dit-attn` settings chunk: the edits rebuilt, the model loaded (model, dtype; on `device`) unless `pipe` is
-    given. Same model, software and device give the same pixels, for images made one per pipeline call
-    (`--batch-size` above 1 changes float rounding)."""
-    settings = read_png_settings(png_path)
+    `dit-attn` settings chunk (a video: its sidecar's settings; the result is its PIL frames): the edits rebuilt,
+    the model loaded (model, dtype; on `device`) unless `pipe` is given. Same model, software and device give
+    the same pixels, for images made one per pipeline call (`--batch-size` above 1 changes float rounding)."""
+    from ..video import read_video_settings
+
+    if os.fspath(png_path).lower().endswith(".png"):
+        settings = read_png_settings(png_path)
+    else:
+        settings = read_video_settings(png_path)["settings"]
     missing = [k for k in ("prompt", "model", "seed", "num_inference_steps", "edits") if k not in settings]
     if missing:
         raise ValueError(f"{os.fspath(png_path)!r}: its settings lack {missing} (written by an older dit-attn?)")
@@ -448,20 +497,40 @@ class BatchReport:
 RUN_CHECK_PROMPT = "(the run's settings)"  # stands for the prompt when the run's own options are checked
 
 
-def plan_resume(items: list[Item], base: dict, out: str, manifest: Manifest, overwrite: bool = True):
+def check_output_kind(settings: dict, videos: bool) -> None:
+    """Stored settings against what their model makes: num_frames and fps only on video models; a local
+    attention radius is one number on image models and frames, height and width radii on video models."""
+    model = settings["model"]
+    if not videos:
+        given = [key for key in VIDEO_SETTINGS if settings.get(key) is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} {'are' if len(given) > 1 else 'is'} for video models; "
+                             f"{model!r} makes images")
+    for edit in edits_for(settings):
+        if isinstance(edit, LocalAttention) and videos != isinstance(edit.radius, tuple):
+            if videos:
+                raise ValueError(f"{model!r} makes videos: its local radius is FRAMES,HEIGHT,WIDTH token radii "
+                                 f"(e.g. 1,4,4), got {edit.radius}")
+            raise ValueError(f"{model!r} makes images: its local radius is one number of tokens, got {list(edit.radius)}")
+
+
+def plan_resume(items: list[Item], base: dict, out: str, manifest: Manifest, overwrite: bool = True,
+                suffix: str = "png"):
     """(report, todo) for this shard's items: finished ones counted as skipped, bad ones as failed; todo holds
     (item, settings, why it is redone or "") for the rest. ResumeConflict with overwrite=False if any would
-    replace a file or line made with other settings."""
+    replace a file or line made with other settings. suffix: png, or the video format of a video model."""
     records = manifest.records()
     report = BatchReport()
     todo, conflicts = [], []
     for item in items:
         try:
             asked = item_settings(base, item)
+            check_output_kind(asked, suffix != "png")
         except (ValueError, TypeError) as err:
             report.failed.append((item, str(err)))
             continue
-        state = item_state(out, item_file(item), asked, records.get(item_file(item), []))
+        name = item_file(item, suffix)
+        state = item_state(out, name, asked, records.get(name, []))
         if state.finished:
             report.skipped += 1
             continue
@@ -471,16 +540,31 @@ def plan_resume(items: list[Item], base: dict, out: str, manifest: Manifest, ove
     if conflicts and not overwrite:
         item, reason = conflicts[0]
         more = f"; {len(conflicts) - 1} more items differ too" if len(conflicts) > 1 else ""
-        raise ResumeConflict(f"not overwriting item #{item.index} {item.prompt!r} ({os.path.join(out, item_file(item))}): "
+        raise ResumeConflict(f"not overwriting item #{item.index} {item.prompt!r} ({os.path.join(out, item_file(item, suffix))}): "
                              f"{reason}{more}. Rerun without --no-overwrite (overwrite=False) to generate them again with "
                              "these settings, or give another --out")
     return report, todo
 
 
+def output_suffix(settings: dict, video_format: str | None = None) -> str:
+    """The suffix of the files the run's settings make: png for an image model, the video format for a video
+    model (None: mp4 where it can be written, else gif). Read from the model's model_index.json, before it loads."""
+    from ..video import check_video_format, model_makes_videos
+
+    videos = model_makes_videos(settings["model"])
+    check_output_kind(settings, videos)
+    if videos:
+        return check_video_format(video_format)
+    if video_format is not None:
+        raise ValueError(f"video_format is for video models; {settings['model']!r} makes images")
+    return "png"
+
+
 def generate_batch(items: list[Item], base: dict, out: str, *, batch_size: int = 1, num_shards: int = 1,
                    shard_index: int = 0, device: str | None = None, progress: bool = True,
-                   overwrite: bool = True) -> BatchReport:
-    """Generate this shard's items into `out` (PNG + manifest line each), skipping finished ones.
+                   overwrite: bool = True, video_format: str | None = None) -> BatchReport:
+    """Generate this shard's items into `out` (PNG + manifest line each, or for a video model a video in
+    `video_format` (see `output_suffix`) + its sidecar + a manifest line), skipping finished ones.
 
     `base`: the run's options (see `item_settings`). Items whose own settings are bad, or
     whose call fails (e.g. out of memory at one size), are reported and the rest go on.
@@ -490,6 +574,7 @@ def generate_batch(items: list[Item], base: dict, out: str, *, batch_size: int =
     """
     items = shard(items, num_shards, shard_index)
     run_settings = item_settings(base, Item(0, RUN_CHECK_PROMPT))  # bad run settings fail before loading a model
+    suffix = output_suffix(run_settings, video_format)
     if os.path.exists(out) and not os.path.isdir(out):
         raise NotADirectoryError(errno.ENOTDIR, "a file is there, the output must be a folder", out)
     os.makedirs(out, exist_ok=True)
@@ -500,30 +585,45 @@ def generate_batch(items: list[Item], base: dict, out: str, *, batch_size: int =
             if name.startswith(tmp_prefix) and name.endswith(".tmp"):
                 os.unlink(os.path.join(out, name))
         manifest.drop_torn_tail()
-        report, todo = plan_resume(items, base, out, manifest, overwrite)
+        report, todo = plan_resume(items, base, out, manifest, overwrite, suffix)
         if todo:
-            _generate(todo, base, run_settings, out, manifest, report, tmp_prefix, batch_size, device, progress)
+            _generate(todo, base, run_settings, out, manifest, report, tmp_prefix, batch_size, device, progress, suffix)
     return report
 
 
+def _check_size(pipe, videos: bool, settings: dict) -> None:
+    if videos:
+        check_video_size(pipe, settings.get("num_frames"), settings["height"], settings["width"])
+    else:
+        check_call(pipe, height=settings["height"], width=settings["width"])
+
+
 def _generate(todo: list, base: dict, run_settings: dict, out: str, manifest: Manifest, report: BatchReport,
-              tmp_prefix: str, batch_size: int, device: str | None, progress: bool) -> None:
+              tmp_prefix: str, batch_size: int, device: str | None, progress: bool, suffix: str = "png") -> None:
     import torch
     from tqdm.auto import tqdm
 
     from ..handle import apply
     from ..loading import call_defaults, load_pipeline
+    from ..video import write_video_atomic
 
+    videos = suffix != "png"
     pipe = load_pipeline(base["model"], dtype=base["dtype"], device=device)
     pipe.set_progress_bar_config(disable=True)
-    check_image_size(pipe, run_settings["height"], run_settings["width"])  # the run's size, once, before generating
+    if makes_videos(pipe) != videos:
+        raise ValueError(f"{base['model']!r} loads as {type(pipe).__name__}, which does not make what its "
+                         f"model_index.json says ({'videos' if videos else 'images'})")
+    if videos:  # the run's size, once, before generating
+        check_video_size(pipe, run_settings.get("num_frames"), run_settings["height"], run_settings["width"])
+    else:
+        check_image_size(pipe, run_settings["height"], run_settings["width"])
     run_edits = edits_for(run_settings)
     if run_edits:
         apply(pipe, *run_edits).remove()  # heads or layers outside the model fail here, once
     ready = []
     for item, settings, reason in todo:
         try:
-            check_call(pipe, height=settings["height"], width=settings["width"])
+            _check_size(pipe, videos, settings)
             ready.append((item, settings, edits_for(settings)))
         except (ValueError, TypeError) as err:
             report.failed.append((item, str(err)))
@@ -531,10 +631,21 @@ def _generate(todo: list, base: dict, run_settings: dict, out: str, manifest: Ma
         if reason:
             report.redone.append((item, reason))
     handle, handle_edits = None, ()
-    bar = tqdm(total=len(ready), desc="generate", unit="image", disable=not progress)
+    # videos: a bar over denoising steps (one video can take long); images: over images
+    units = {id(entry): entry[1]["num_inference_steps"] if videos else 1 for entry in ready}
+    bar = tqdm(total=sum(units.values()), desc="generate", unit="step" if videos else "image", disable=not progress)
+    advanced = [0]
+
+    def step_ended(_pipe, _step, _timestep, tensors):
+        bar.update(len(group))
+        advanced[0] += len(group)
+        return tensors
+
     try:
         for group in batches(ready, batch_size):
             edits, settings = group[0][2], group[0][1]
+            group_units, advanced[0] = sum(units[id(entry)] for entry in group), 0
+            video_call = {"output_type": "pil", "callback_on_step_end": step_ended} if videos else {}
             try:
                 if edits != handle_edits:
                     if handle is not None:
@@ -544,21 +655,27 @@ def _generate(todo: list, base: dict, run_settings: dict, out: str, manifest: Ma
                         handle = apply(pipe, *edits)
                     handle_edits = edits
                 generators = [torch.Generator(device="cpu").manual_seed(s["seed"]) for _, s, _ in group]
-                images = pipe(prompt=[item.prompt for item, _, _ in group], generator=generators,
-                              **{**call_defaults(pipe), **pipeline_kwargs(settings)}).images
+                outputs = pipeline_output(pipe, pipe(prompt=[item.prompt for item, _, _ in group], generator=generators,
+                                                     **{**call_defaults(pipe), **pipeline_kwargs(settings), **video_call}))
             except (ValueError, TypeError, RuntimeError) as err:
                 report.failed.extend((item, f"{type(err).__name__}: {err}") for item, _, _ in group)
-                bar.update(len(group))
+                bar.update(group_units - advanced[0])
                 continue
-            for (item, asked, _), image in zip(group, images):
-                name = item_file(item)
-                drawn = with_image_size(asked, image)
-                defaults = [key for key in ("height", "width") if asked[key] is None]
-                # the image is on disk (file and folder flushed) before its line: a line never names a lost file
-                write_png_atomic(image, os.path.join(out, name), drawn, tmp_prefix)
+            for (item, asked, _), output in zip(group, outputs):
+                name = item_file(item, suffix)
+                path = os.path.join(out, name)
+                # the file is on disk (file and folder flushed) before its line: a line never names a lost file
+                if videos:
+                    drawn = with_video_size(asked, output)
+                    defaults = [key for key in DRAWN if asked.get(key) is None]
+                    write_video_atomic(output, path, drawn, drawn["fps"], suffix, tmp_prefix)
+                else:
+                    drawn = with_image_size(asked, output)
+                    defaults = [key for key in ("height", "width") if asked[key] is None]
+                    write_png_atomic(output, path, drawn, tmp_prefix)
                 manifest.append({"file": name, **drawn, **({MODEL_DEFAULTS: defaults} if defaults else {})})
                 report.done += 1
-            bar.update(len(group))
+            bar.update(group_units - advanced[0])
     finally:
         bar.close()
         if handle is not None:
