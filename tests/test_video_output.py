@@ -214,3 +214,13 @@ def test_video_settings_on_an_image_model_are_bad_lines_of_a_prompt_file(tmp_pat
     captured = capsys.readouterr()
     assert "p.jsonl:3: skipped: fps must be > 0" in captured.err and "1 done" in captured.out and "1 failed" in captured.out
     assert "failed #1 'b': num_frames is for video models; 'tiny' makes images" in captured.err
+
+
+def test_an_image_to_video_pipeline_is_refused_in_one_line(tmp_path, capsys):
+    from dit_attn.toy.wan import build_wan_i2v_pipeline
+
+    build_wan_i2v_pipeline().save_pretrained(tmp_path / "i2v")
+    assert main(["generate", "a", "--model", str(tmp_path / "i2v"), *RUN, "--video-format", "gif",
+                 "--out", str(tmp_path / "o")]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(lines) == 1 and "WanImageToVideoPipeline makes a video from an input image" in lines[0], lines

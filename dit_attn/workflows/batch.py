@@ -591,6 +591,13 @@ def generate_batch(items: list[Item], base: dict, out: str, *, batch_size: int =
     return report
 
 
+def _needs_input_image(pipe) -> bool:
+    import inspect
+
+    image = inspect.signature(pipe.__call__).parameters.get("image")
+    return image is not None and image.default is inspect.Parameter.empty
+
+
 def _check_size(pipe, videos: bool, settings: dict) -> None:
     if videos:
         check_video_size(pipe, settings.get("num_frames"), settings["height"], settings["width"])
@@ -613,6 +620,9 @@ def _generate(todo: list, base: dict, run_settings: dict, out: str, manifest: Ma
     if makes_videos(pipe) != videos:
         raise ValueError(f"{base['model']!r} loads as {type(pipe).__name__}, which does not make what its "
                          f"model_index.json says ({'videos' if videos else 'images'})")
+    if videos and _needs_input_image(pipe):
+        raise ValueError(f"{type(pipe).__name__} makes a video from an input image; generate makes videos from "
+                         "text only (use the Python API with image=...)")
     if videos:  # the run's size, once, before generating
         check_video_size(pipe, run_settings.get("num_frames"), run_settings["height"], run_settings["width"])
     else:
