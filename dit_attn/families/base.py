@@ -28,12 +28,16 @@ class CallRows:
     block_call_args: block inputs the model computes once per call from per-row inputs (e.g. temb):
         mapped to each stage's rows at every block.
     controlnet_args: call inputs of ControlNet residuals (refused by row-widening edits).
+    block_kwargs_args: per-row entries the model computes once per call into a block's keyword dict,
+        as "dict.entry" (IP-Adapter's image states in `joint_attention_kwargs`; a list holds one
+        tensor per adapter): mapped to each stage's rows like block_call_args.
     """
 
     call_args: tuple[str, ...]
     block_stream_args: tuple[str, ...]
     block_call_args: tuple[str, ...]
     controlnet_args: tuple[str, ...] = ()
+    block_kwargs_args: tuple[str, ...] = ()
 
 
 def appended_text(call: dict, embeds: "torch.Tensor") -> "torch.Tensor":
@@ -53,6 +57,8 @@ class Family:
     name: str = ""  # preset namespace and the name in messages, e.g. "sd3"
     transformer_classes: tuple[str, ...] = ()
     stock_processors: tuple[str, ...] = ()  # processor classes dit-attn replaces (others are refused)
+    # diffusers' IP-Adapter processors of the family: dit-attn's processor there carries their image-prompt branch
+    ip_adapter_processors: tuple[str, ...] = ()
     guided_pipelines: tuple[str, ...] = ()  # pipelines whose calls the family knows (HeadGuidance, TextPatch)
     rows: CallRows = CallRows((), (), ())
     text_first: bool = False  # joint sequence order: [text ; image] (True) or [image ; text]

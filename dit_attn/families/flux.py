@@ -59,12 +59,14 @@ class Flux(Family):
     image_latents_of_kl_vae = True
     transformer_classes = ("FluxTransformer2DModel",)
     stock_processors = ("FluxAttnProcessor",)
+    ip_adapter_processors = ("FluxIPAdapterAttnProcessor",)
     guided_pipelines = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxKontextPipeline")
     rows = CallRows(
         call_args=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance"),
         block_stream_args=("hidden_states", "encoder_hidden_states", "x"),  # "x": norm_out's input
         block_call_args=("temb", "conditioning_embedding"),  # per-row inputs of blocks and of norm_out
         controlnet_args=("controlnet_block_samples", "controlnet_single_block_samples"),
+        block_kwargs_args=("joint_attention_kwargs.ip_hidden_states",),
     )
     text_first = True
     rotary = True

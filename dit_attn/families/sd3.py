@@ -14,12 +14,15 @@ class SD3(Family):
     image_latents_of_kl_vae = True
     transformer_classes = ("SD3Transformer2DModel",)
     stock_processors = ("JointAttnProcessor2_0",)
+    ip_adapter_processors = ("SD3IPAdapterJointAttnProcessor2_0",)
     guided_pipelines = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline")
     rows = CallRows(
         call_args=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
         block_stream_args=("hidden_states", "encoder_hidden_states", "x"),  # "x": norm_out's input
         block_call_args=("temb", "conditioning_embedding"),  # per-row inputs of blocks and of norm_out
         controlnet_args=("block_controlnet_hidden_states",),
+        # IP-Adapter's image states and their timestep embedding
+        block_kwargs_args=("joint_attention_kwargs.ip_hidden_states", "joint_attention_kwargs.temb"),
     )
     text_first = False
     nag = True
@@ -33,6 +36,13 @@ class SD3(Family):
 
     def layer_of_key(self, key: str, transformer) -> int:
         return int(key.split(".")[1])
+
+    def attention_processors(self, transformer) -> dict:
+        # an IP-Adapter's image projection (`image_proj`) has attention modules of its own
+        return {key: p for key, p in transformer.attn_processors.items() if key.startswith("transformer_blocks.")}
+
+    def set_processors(self, transformer, processors: dict) -> None:
+        transformer.set_attn_processor({**transformer.attn_processors, **processors})
 
     def processor_for(self, key: str, layer: int, state):
         from ..processors.sd3 import SD3AttnProcessor

@@ -17,6 +17,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from ..families import Family
+from ..processors.ip_adapter import adopt
 from ..processors.state import EditState, plan_rows
 from .private import cache_context_name
 
@@ -61,6 +62,19 @@ def take_call_rows(value, index: torch.Tensor, call_rows: int):
     return take_rows(value, index)
 
 
+def _each_call_rows(value, index: torch.Tensor, call_rows: int):
+    """`take_call_rows` of a tensor, or of each tensor of a list (one per IP-Adapter)."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(take_call_rows(v, index, call_rows) for v in value)
+    return take_call_rows(value, index, call_rows)
+
+
+def _carries_image_prompt(call: dict, family: Family) -> bool:
+    """The call passes per-row IP-Adapter inputs in its keyword dicts (image embeddings or states)."""
+    entries = {"ip_adapter_image_embeds"} | {dotted.split(".")[1] for dotted in family.rows.block_kwargs_args}
+    return any(entries & set(call.get(dotted.split(".")[0]) or {}) for dotted in family.rows.block_kwargs_args)
+
+
 def row_count(value) -> int:
     """Rows of a per-row value: a tensor (dim 0) or a list with one entry per row."""
     return len(value) if isinstance(value, (list, tuple)) else value.shape[0]
@@ -94,8 +108,9 @@ class CallHook(_Hook):
 
     _is_stateful = True  # so diffusers hands it the cache context ("cond"/"uncond")
 
-    def __init__(self, family: Family, state: EditState, guidance=None, text=None, attention_modules=()):
+    def __init__(self, family: Family, state: EditState, guidance=None, text=None, attention_modules=(), originals=None):
         super().__init__()
+        self.originals = originals  # the processors remove() puts back, kept current by IP-Adapter loads
         self.family = family
         self.state = state
         self.guidance = guidance
@@ -103,14 +118,19 @@ class CallHook(_Hook):
         self.attention_modules = tuple(attention_modules)  # modules whose processor must stay dit-attn's
         self.cache = StateManager(_NoState)
 
-    def check_processors(self) -> None:
-        """Raise if something replaced dit-attn's processors after apply (fuse_qkv_projections,
-        load_ip_adapter, set_attn_processor): the edits would be silently gone."""
+    def check_processors(self, transformer) -> None:
+        """Put dit-attn's processors back after an IP-Adapter load or unload (`processors.ip_adapter.adopt`);
+        raise if anything else replaced them after apply (fuse_qkv_projections, set_attn_processor): the edits
+        would be silently gone."""
+        if all(getattr(module.processor, "state", None) is self.state for module in self.attention_modules):
+            return
+        if self.originals is not None and adopt(transformer, self.family, self.state, self.originals):
+            return
         for module in self.attention_modules:
             if getattr(module.processor, "state", None) is not self.state:
                 raise RuntimeError(f"the attention processors were replaced after dit-attn's apply (this module now has "
                                    f"a {type(module.processor).__name__}, e.g. from fuse_qkv_projections or "
-                                   f"load_ip_adapter): remove() the edits, change the model, then apply again")
+                                   f"set_attn_processor): remove() the edits, change the model, then apply again")
 
     def reset_state(self, module):
         return module
@@ -119,7 +139,7 @@ class CallHook(_Hook):
         forward = self.fn_ref.original_forward
         if not self.active:
             return forward(*args, **kwargs)
-        self.check_processors()
+        self.check_processors(module)
         call = named_arguments(forward, args, kwargs) if args else kwargs
         current = self.state.call
         current.text_len = self.family.text_length(call)
@@ -166,6 +186,9 @@ class CallHook(_Hook):
             return self._cross_attention_nag_forward(module, forward, call, current, cond, patch.targets, nag_text)
         if cond is None and patch is None:
             return forward(**call)
+        if patch is not None and _carries_image_prompt(call, self.family):
+            raise NotImplementedError("TextPatch, TextGuard and NAG do not run with an IP-Adapter image prompt yet (their "
+                                      "extra prompt rows have no image prompt rows): call without the image prompt")
         at_call = self.family.widen_at_call
         plan = plan_rows(
             batch,
@@ -227,6 +250,10 @@ class RowFork(_Hook):
         super().__init__()
         self.stream_args = family.rows.block_stream_args
         self.call_args = family.rows.block_call_args
+        self.kwargs_args: dict[str, tuple[str, ...]] = {}  # keyword dict → its per-row entries
+        for dotted in family.rows.block_kwargs_args:
+            container, entry = dotted.split(".")
+            self.kwargs_args[container] = self.kwargs_args.get(container, ()) + (entry,)
         self.state = state
         self.layer = layer
         self.names = list(inspect.signature(type(module).forward).parameters)[1:]  # without self
@@ -248,6 +275,11 @@ class RowFork(_Hook):
         for name in self.call_args:
             if name in values and not stage.is_call_rows:
                 values[name] = take_call_rows(values[name], stage.from_call, plan.call_rows)
+        for container, entries in self.kwargs_args.items():
+            given = values.get(container)
+            if given and not stage.is_call_rows and any(entry in given for entry in entries):
+                values[container] = {key: _each_call_rows(value, stage.from_call, plan.call_rows) if key in entries
+                                     else value for key, value in given.items()}
         positional = tuple(values.pop(name) for name in self.names[: len(args)])
         return positional, values
 
@@ -280,9 +312,9 @@ def _unregister(module: torch.nn.Module, name: str) -> None:
         registry.remove_hook(name, recurse=False)
 
 
-def install_hooks(transformer, family: Family, state: EditState, guidance=None, text=None) -> None:
+def install_hooks(transformer, family: Family, state: EditState, guidance=None, text=None, originals=None) -> None:
     modules = [transformer.get_submodule(info.name) for info in family.layers(transformer)]
-    _register(transformer, CallHook(family, state, guidance, text, modules), CALL_HOOK)
+    _register(transformer, CallHook(family, state, guidance, text, modules, originals), CALL_HOOK)
     if (guidance is not None or text is not None or state.shared_image_layers) and not family.widen_at_call:
         for module, layer in family.fork_points(transformer):
             _register(module, RowFork(family, state, layer, module), FORK_HOOK)

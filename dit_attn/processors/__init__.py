@@ -5,6 +5,7 @@ import torch
 
 from ..families import family_of
 from .flux import FluxAttnProcessor
+from .ip_adapter import is_image_prompt, replacing
 from .sd3 import SD3AttnProcessor
 from .state import EditState, LayerEdit, LayerProcessor, RowPlan
 
@@ -12,14 +13,15 @@ from .state import EditState, LayerEdit, LayerProcessor, RowPlan
 def install(transformer: torch.nn.Module, state: EditState) -> dict:
     """Give every attention module its own processor; returns the original processors by key.
 
-    Only the family's stock processors are replaced: an adapter's processor (e.g. IP-Adapter)
-    would be silently dropped otherwise.
+    Only the family's stock processors are replaced, and its IP-Adapter processors (by one carrying
+    their image-prompt branch): another adapter's processor would be silently dropped otherwise.
     """
     family = family_of(transformer)
     originals = family.attention_processors(transformer)
     for key, processor in originals.items():
         released = isinstance(processor, LayerProcessor) and processor.state.released  # stock attention, see restore
-        if type(processor).__name__ not in family.stock_processors and not released:
+        stock = type(processor).__name__ in family.stock_processors or is_image_prompt(processor, family)
+        if not stock and not released:
             if "Fused" in type(processor).__name__:
                 raise TypeError(f"{key.removesuffix('.processor')} has fused QKV projections ({type(processor).__name__}): "
                                 "call unfuse_qkv_projections() before applying dit-attn edits")
@@ -27,12 +29,8 @@ def install(transformer: torch.nn.Module, state: EditState) -> dict:
                 f"{key.removesuffix('.processor')} has a {type(processor).__name__}; dit-attn edits models whose "
                 f"attention uses the stock processors ({', '.join(family.stock_processors)}): unload adapters first"
             )
-    new = {key: family.processor_for(key, family.layer_of_key(key, transformer), state) for key in originals}
-    for key, processor in new.items():  # keep diffusers' attention backend / context-parallel settings
-        for name in ("_attention_backend", "_parallel_config"):
-            if hasattr(processor, name):
-                setattr(processor, name, getattr(originals[key], name, None))
-    family.set_processors(transformer, new)
+    family.set_processors(transformer, {key: replacing(family, transformer, key, processor, state)
+                                        for key, processor in originals.items()})
     return originals
 
 

@@ -6,10 +6,13 @@ the attention call to `dit_attn.kernels.attention` with this layer's plan.
 from __future__ import annotations
 
 import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
 
 from ..hooks.private import flux_qkv_projections
 from .dispatch import DispatchingProcessor
+from .ip_adapter import take_over_image_prompt
 from .state import POOL_MODULE
 
 
@@ -62,9 +65,14 @@ class FluxAttnProcessor(FluxLayoutProcessor):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return self.attention(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)[0]
+
+    def attention(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb):
+        """(the stock processor's output, the image queries before rotary (B, S_img, H, D) or None in a single block)."""
         query, key, value = self.joint_inputs(attn, *flux_qkv_projections(attn, hidden_states, encoder_hidden_states))
         if attention_mask is not None:  # rows whose text a TextPatch replaces take their source rows' mask (Chroma)
             attention_mask, _ = self.state.patch_text(self.layer, attention_mask, attention_mask)
+        image_query = query[:, encoder_hidden_states.shape[1]:] if encoder_hidden_states is not None else None
 
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
@@ -80,5 +88,42 @@ class FluxAttnProcessor(FluxLayoutProcessor):
             hidden_states = attn.to_out[0](hidden_states.contiguous())
             hidden_states = attn.to_out[1](hidden_states)
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-            return hidden_states, encoder_hidden_states
-        return hidden_states
+            return (hidden_states, encoder_hidden_states), image_query
+        return hidden_states, None
+
+
+class FluxIPAdapterProcessor(FluxAttnProcessor, FluxIPAdapterAttnProcessor):
+    """FluxAttnProcessor with the image-prompt branch of diffusers' FluxIPAdapterAttnProcessor, whose
+    projections (`to_k_ip`, `to_v_ip`) and `scale` it takes over: the image tokens' queries also attend
+    to each IP-Adapter's image states, unedited, and the double block adds that output to its image
+    stream. It is a FluxIPAdapterAttnProcessor to diffusers (`set_ip_adapter_scale`, `unload_ip_adapter`,
+    the checkpoint keys)."""
+
+    def __init__(self, layer: int = -1, state=None, image_prompt: FluxIPAdapterAttnProcessor | None = None):
+        torch.nn.Module.__init__(self)
+        FluxAttnProcessor.__init__(self, layer, state)
+        take_over_image_prompt(self, image_prompt)
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+        ip_hidden_states: list[torch.Tensor] | None = None,
+        ip_adapter_masks: torch.Tensor | None = None,
+    ):
+        out, image_query = self.attention(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if image_query is None:
+            return out
+        hidden_states, encoder_hidden_states = out
+        batch_size = image_query.shape[0]
+        ip_out = torch.zeros_like(hidden_states)
+        for states, scale, to_k_ip, to_v_ip in zip(ip_hidden_states, self.scale, self.to_k_ip, self.to_v_ip):
+            ip_key = to_k_ip(states).view(batch_size, -1, attn.heads, attn.head_dim)
+            ip_value = to_v_ip(states).view(batch_size, -1, attn.heads, attn.head_dim)
+            states = dispatch_attention_fn(image_query, ip_key, ip_value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                           backend=self._attention_backend, parallel_config=self._parallel_config)
+            ip_out += scale * states.reshape(batch_size, -1, attn.heads * attn.head_dim).to(image_query.dtype)
+        return hidden_states, encoder_hidden_states, ip_out

@@ -6,8 +6,11 @@ call to `dit_attn.kernels.attention` with this layer's plan.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
 
 from .. import kernels
+from .ip_adapter import take_over_image_prompt
 from .state import POOL_MODULE, EditState, LayerProcessor
 
 
@@ -19,7 +22,7 @@ def _split_heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
 class SD3AttnProcessor(LayerProcessor):
     """One instance per attention module. `joint` is False for SD3.5's image-only attn2."""
 
-    def __init__(self, layer: int, state: EditState, joint: bool = True):
+    def __init__(self, layer: int = -1, state: EditState | None = None, joint: bool = True):
         super().__init__(layer, state)
         self.joint = joint
 
@@ -44,6 +47,12 @@ class SD3AttnProcessor(LayerProcessor):
         *args,
         **kwargs,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        hidden_states, encoder_hidden_states, _ = self.attention(attn, hidden_states, encoder_hidden_states)
+        return self.output(attn, hidden_states, encoder_hidden_states)
+
+    def attention(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
+        """(image output before `to_out`, text output after `to_add_out` or None, the image tokens' q/k/v
+        projections (B, H, S, D) before the q/k norms)."""
         residual = hidden_states
         batch_size = hidden_states.shape[0]
 
@@ -53,6 +62,7 @@ class SD3AttnProcessor(LayerProcessor):
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
         query, key, value = (_split_heads(x, attn.heads, head_dim) for x in (query, key, value))
+        image_projections = query, key, value
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -87,9 +97,48 @@ class SD3AttnProcessor(LayerProcessor):
             )
             if not attn.context_pre_only:
                 encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states, image_projections
 
+    @staticmethod
+    def output(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if encoder_hidden_states is not None:
             return hidden_states, encoder_hidden_states
         return hidden_states
+
+
+class SD3IPAdapterProcessor(SD3AttnProcessor, SD3IPAdapterJointAttnProcessor2_0):
+    """SD3AttnProcessor with the image-prompt branch of diffusers' SD3IPAdapterJointAttnProcessor2_0, whose
+    modules (`norm_ip`, `to_k_ip`, `to_v_ip`, its own q/k norms) and `scale` it takes over: the image
+    tokens' queries attend, unedited, to [image keys ; IP-Adapter image keys], added to the image output
+    before `to_out`. It is an SD3IPAdapterJointAttnProcessor2_0 to diffusers (`set_ip_adapter_scale`,
+    `unload_ip_adapter`, the checkpoint keys)."""
+
+    def __init__(self, layer: int = -1, state: EditState | None = None, joint: bool = True,
+                 image_prompt: SD3IPAdapterJointAttnProcessor2_0 | None = None):
+        torch.nn.Module.__init__(self)
+        SD3AttnProcessor.__init__(self, layer, state, joint)
+        take_over_image_prompt(self, image_prompt)
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        ip_hidden_states: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ):
+        hidden_states, encoder_hidden_states, (query, key, value) = self.attention(attn, hidden_states, encoder_hidden_states)
+        if self.scale != 0 and ip_hidden_states is not None:
+            batch_size, head_dim = query.shape[0], query.shape[-1]
+            states = self.norm_ip(ip_hidden_states, temb=temb)
+            ip_key = _split_heads(self.to_k_ip(states), attn.heads, head_dim)
+            ip_value = _split_heads(self.to_v_ip(states), attn.heads, head_dim)
+            key = torch.cat([self.norm_k(key), self.norm_ip_k(ip_key)], dim=2)
+            value = torch.cat([value, ip_value], dim=2)
+            states = F.scaled_dot_product_attention(self.norm_q(query), key, value, dropout_p=0.0, is_causal=False)
+            states = states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+            hidden_states = hidden_states + states * self.scale
+        return self.output(attn, hidden_states, encoder_hidden_states)
