@@ -352,7 +352,7 @@ def _capture_tokens(kind: str, tokens):
     except TypeError:
         raise TypeError(f"tokens must be a list, got {tokens!r}") from None
     index = lambda t: isinstance(t, int) and not isinstance(t, bool) and t >= 0  # noqa: E731
-    cell = lambda t: isinstance(t, tuple) and len(t) == 2 and all(index(i) for i in t)  # noqa: E731
+    cell = lambda t: isinstance(t, tuple) and len(t) in (2, 3) and all(index(i) for i in t)  # noqa: E731
     if kind == "cross":
         valid = tokens and (all(isinstance(t, str) and t.strip() for t in tokens) or all(index(t) for t in tokens))
         if not valid:
@@ -364,7 +364,8 @@ def _capture_tokens(kind: str, tokens):
             raise ValueError(f"Capture(kind='concept') tokens must be single concept words, got {tokens!r}")
         return tuple(t.strip() for t in tokens)
     if not tokens or not all(index(t) or cell(t) for t in tokens):
-        raise ValueError(f"Capture(kind='self') tokens must be image locations, (row, col) cells or flat indices >= 0, got {tokens!r}")
+        raise ValueError(f"Capture(kind='self') tokens must be image locations, (row, col) cells (video: (frame, row, col)) "
+                         f"or flat indices >= 0, got {tokens!r}")
     return tokens
 
 
@@ -381,7 +382,7 @@ class Capture(Edit):
         concept-token attention outputs of the same layer and head.
     layers: layer indices (None: every layer); heads: head indices within each layer (None: all).
     tokens: cross: None (every text token), words of the prompt (each word's map is the mass on
-        its tokens) or text-token indices; self: (row, col) cells of the token grid or flat indices;
+        its tokens) or text-token indices; self: (row, col) cells of the token grid ((frame, row, col) on video) or flat indices;
         concept: concept words (in the prompt or not).
     steps: denoising-step indices to capture (None: every step).
     reduce: "mean" (the mean over the captured steps) or None (one map per step).

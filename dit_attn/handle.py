@@ -144,14 +144,16 @@ def _capture_recorder(pipe, family: Family, edits: tuple, layer_map: list[LayerI
         return None
     if len(captures) > 1:
         raise ValueError("give at most one Capture per apply")
-    if family.makes_videos:
+    if family.makes_videos and not family.video_capture:
         raise NotImplementedError(f"Capture does not run on {family.name} models yet: its maps are on an image grid, "
                                   "these calls are video (frames × height × width)")
     from .capture.recorder import CaptureRecorder
+    from .capture.video import VideoCaptureRecorder
 
     if pipe is not None:
         check_pipeline(pipe, family, "Capture")
-    return CaptureRecorder(pipe, family, captures[0], layer_map)
+    recorder = VideoCaptureRecorder if family.video_capture else CaptureRecorder
+    return recorder(pipe, family, captures[0], layer_map)
 
 
 def experts(pipe_or_transformer) -> dict[str, torch.nn.Module]:
@@ -260,6 +262,8 @@ def apply(pipe_or_transformer, *edits, expert: str | None = None) -> Handle:
     # an expert no edit addresses (E1-only heads, say) keeps its stock processors and no hooks
     edited = [name for name, state in states.items()
               if len(models) == 1 or state.model_edits or state.guided_edits or local_edits or text is not None] or [first]
+    if capture is not None:  # before the processors: Wan's cross-attention gets dit-attn's processor for it
+        states[first].capture = capture
     installed = []  # (expert, its LocalInstall, its original processors)
     try:
         for name in edited:
@@ -282,7 +286,6 @@ def apply(pipe_or_transformer, *edits, expert: str | None = None) -> Handle:
         text.install()
     if capture is not None:
         capture.install()
-        states[first].capture = capture
     handles = {}
     for name, local, originals in installed:
         model, state = models[name], states[name]

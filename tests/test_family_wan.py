@@ -166,11 +166,6 @@ def test_image_to_video_guided_step_equals_explicit():
         assert (eps - expected).abs().max() < 1e-5
 
 
-def test_capture_is_refused_clearly_on_video(wan_pipe):
-    with pytest.raises(NotImplementedError, match="Capture does not run on wan models yet"):
-        da.apply(wan_pipe, da.Capture(kind="cross"))
-
-
 def test_head_search_is_refused_clearly_on_video(wan_pipe):
     with pytest.raises(NotImplementedError, match="hunt scores images; WanPipeline makes videos"):
         da.hunt(wan_pipe, "color:red", ["a red circle"], [0], k=1, rounds=1)

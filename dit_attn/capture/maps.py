@@ -13,19 +13,24 @@ import math
 import torch
 
 from ..kernels.plan import Perturbation
-from ..kernels.window import LocalWindow, pool_grid
+from ..kernels.window import LocalWindow, LocalWindow3D, in_ellipsoid, pool_grid
 
 CHUNK_BYTES = 4 << 20  # float32 logits of one chunk of query rows
 
 
-def _window_keys(positions: torch.Tensor, seq_len: int, image: slice, window: LocalWindow) -> torch.Tensor:
+def _window_keys(positions: torch.Tensor, seq_len: int, image: slice, window) -> torch.Tensor:
     """(n, S) bool: the keys the image queries at `positions` see in the window (every text key)."""
-    cols = window.grid[1]
     cell = positions - image.start
-    qy, qx = cell // cols, cell % cols
-    keys = torch.arange(image.stop - image.start, device=positions.device)
-    ky, kx = keys // cols, keys % cols
-    inside = (qy[:, None] - ky[None]) ** 2 + (qx[:, None] - kx[None]) ** 2 < window.radius**2
+    if isinstance(window, LocalWindow3D):  # video: the ellipsoid around each query's (frame, row, col)
+        t, y, x = (axis.to(positions.device) for axis in window.positions())
+        inside = in_ellipsoid(t[cell][:, None] - t[None], y[cell][:, None] - y[None], x[cell][:, None] - x[None],
+                              window.radius)
+    else:
+        cols = window.grid[1]
+        qy, qx = cell // cols, cell % cols
+        keys = torch.arange(image.stop - image.start, device=positions.device)
+        ky, kx = keys // cols, keys % cols
+        inside = (qy[:, None] - ky[None]) ** 2 + (qx[:, None] - kx[None]) ** 2 < window.radius**2
     allowed = torch.ones(positions.numel(), seq_len, dtype=torch.bool, device=positions.device)
     allowed[:, image] = inside
     return allowed

@@ -9,6 +9,7 @@ conditional rows are read (not HeadGuidance's perturbed copies or TextPatch's so
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -237,10 +238,9 @@ class CaptureRecorder:
         seq_len = q.shape[-2]
         start, stop = image_range
         image = slice(start, stop)
-        grid_h, grid_w = call.grid
-        generated = grid_h * grid_w
+        generated = math.prod(call.grid)  # (rows, cols), or (frames, rows, cols) of a video call
         if generated > stop - start:
-            raise ValueError(f"Capture: a {grid_h}×{grid_w} grid for {stop - start} image tokens")
+            raise ValueError(f"Capture: a {'×'.join(map(str, call.grid))} grid for {stop - start} image tokens")
         bias = None
         if attention_mask is not None:
             bias = masks.additive(masks.as_four_d(attention_mask, seq_len), torch.float32)
@@ -261,7 +261,7 @@ class CaptureRecorder:
             keys = torch.arange(start, start + generated)
             out = torch.cat([probabilities(p.to(q.device), keys) for p in chunks(positions, batch, n_heads, seq_len)],
                             dim=2)  # (R, heads, T, N)
-            return out.reshape(batch, n_heads, -1, grid_h, grid_w).float().cpu()
+            return out.reshape(batch, n_heads, -1, *call.grid).float().cpu()
         text = torch.cat([torch.arange(0, start), torch.arange(stop, seq_len)])
         groups = self._text_groups(text.numel(), rows)  # (T,) text indices shared by all rows, or per row: T lists
         pieces = []
@@ -273,13 +273,15 @@ class CaptureRecorder:
             pieces.append(torch.stack([torch.stack([p[r][..., cols].sum(-1) for cols in groups[r]], dim=-1)
                                        for r in range(batch)]))
         out = torch.cat(pieces, dim=2)  # (R, heads, N, T)
-        return out.permute(0, 1, 3, 2).reshape(batch, n_heads, -1, grid_h, grid_w).float().cpu()
+        return out.permute(0, 1, 3, 2).reshape(batch, n_heads, -1, *call.grid).float().cpu()
 
     def _locations(self, grid: tuple[int, int]) -> torch.Tensor:
         rows, cols = grid
         flat = []
         for t in self.edit.tokens:
             if isinstance(t, tuple):
+                if len(t) != 2:
+                    raise ValueError(f"Capture location {t} is not a (row, col) cell of this call's {rows}×{cols} token grid")
                 if t[0] >= rows or t[1] >= cols:
                     raise ValueError(f"Capture location {t} is outside the {rows}×{cols} token grid (rows 0-{rows - 1}, "
                                      f"columns 0-{cols - 1})")

@@ -76,6 +76,8 @@ class Family:
     image_latents_of_kl_vae: bool = False
     text_edits_unsupported: str = ""  # why TextPatch/TextGuard/localize cannot run on this family ("" : they can)
     makes_videos: bool = False  # its pipelines return `.frames` (videos), not `.images`
+    # its processors feed `capture.video.VideoCaptureRecorder` (cross maps from the cross-attention, self from attn1)
+    video_capture: bool = False
 
     # --- layers and processors -------------------------------------------------------------
     def layers(self, transformer) -> list["LayerInfo"]:
@@ -136,6 +138,11 @@ class Family:
         """(text states (N, S, D), pooled embeddings (N, P) or what else the call takes per prompt) from the
         pipeline's own `encode_prompt`."""
         raise NotImplementedError
+
+    def encoder_inputs(self, pipe) -> tuple[str, ...]:
+        """Keyword inputs of the pipeline's own `encode_prompt` call that `encode_prompts` takes too, e.g. the
+        reference image an edit pipeline encodes each prompt with (recorded from that call)."""
+        return ()
 
     def append_text_rows(self, call: dict, embeds: "torch.Tensor", extra: "torch.Tensor") -> dict:
         """The text inputs of `call` with rows appended: (embeds, extra) from `encode_prompts` (TextPatch's

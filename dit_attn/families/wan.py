@@ -39,6 +39,7 @@ class Wan(Family):
     text_first = False
     widen_at_call = True
     makes_videos = True
+    video_capture = True  # Capture: cross maps from attn2's softmax over the text keys, self maps from attn1
     nag = True  # in the cross-attention attn2: the negative rows' text with the positive rows' video queries
 
     # --- layers and processors -------------------------------------------------------------
@@ -65,12 +66,13 @@ class Wan(Family):
 
     def processor_for(self, key: str, layer: int, state):
         """attn1: dit-attn's self-attention processor; attn2: the cross-attention one when a text edit
-        patches it or NAG combines its outputs, else None (the stock processor stays)."""
+        patches it, NAG combines its outputs or a Capture reads it, else None (the stock processor stays)."""
         from ..processors.wan import WanCrossAttnProcessor, WanSelfAttnProcessor
 
         if key.split(".")[2] == "attn1":
             return WanSelfAttnProcessor(layer, state)
-        return WanCrossAttnProcessor(layer, state) if state.patch_layers or state.nag is not None else None
+        crossed = state.patch_layers or state.nag is not None or state.capture is not None
+        return WanCrossAttnProcessor(layer, state) if crossed else None
 
     def nag_text_states(self, transformer, embeds):
         """The condition embedder's text projection (what every block's attn2 gets for the text)."""

@@ -90,6 +90,8 @@ class WanCrossAttnProcessor(LayerProcessor):
         if rotary_emb is not None:
             query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
         key, value = self.state.patch_text(self.layer, key, value)
+        if self.state.capture is not None:
+            self.state.capture.record_cross(self.layer, query, key, self.state.call)
 
         image_out = None
         if image_context is not None:
