@@ -224,3 +224,21 @@ def test_an_image_to_video_pipeline_is_refused_in_one_line(tmp_path, capsys):
                  "--out", str(tmp_path / "o")]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(lines) == 1 and "WanImageToVideoPipeline makes a video from an input image" in lines[0], lines
+
+
+def test_the_app_generate_tab_shows_a_video_model_s_frames(wan_dir, tmp_path):
+    pytest.importorskip("gradio")
+    from dit_attn.app.models import ModelRegistry
+    from dit_attn.app.ui import AppActions
+
+    actions = AppActions(ModelRegistry([wan_dir], embedded=()), str(tmp_path))
+    path, settings = actions.generate(wan_dir, "a red circle", 2, 5.0, 3, "16", "", [], [], 1.0, "joint", "identity",
+                                      3.0, None, progress=lambda *a, **k: None)
+    assert path.endswith(".webp") and settings["num_frames"] == 81 and settings["fps"] == video.DEFAULT_FPS
+    pipe = DiffusionPipeline.from_pretrained(wan_dir)
+    pipe.set_progress_bar_config(disable=True)
+    stock = pipe("a red circle", generator=torch.Generator().manual_seed(3), num_inference_steps=2, height=16, width=16,
+                 guidance_scale=5.0, output_type="pil").frames[0]
+    frames = video.read_video_frames(path)
+    assert len(frames) == 81 and all(np.array_equal(a, np.asarray(b)) for a, b in zip(frames, stock))
+    assert video.verified_video_settings(path) == settings

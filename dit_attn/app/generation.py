@@ -1,4 +1,4 @@
-"""One seeded pipeline call with or without edits, the difference of two images, PNGs with settings."""
+"""One seeded pipeline call with or without edits, the difference of two images, PNGs (videos) with settings."""
 from __future__ import annotations
 
 import os
@@ -38,6 +38,17 @@ def difference_image(first: Image.Image, second: Image.Image) -> tuple[Image.Ima
     gain = 255.0 / peak if peak else 1.0
     amplified = np.clip(np.rint(diff * gain), 0, 255).astype(np.uint8)
     return Image.fromarray(amplified), peak, gain
+
+
+def save_video(frames: list, settings: dict, directory: str, kind: str) -> str:
+    """An animated lossless WebP in `directory` (an image element plays it) with its `<name>.json` sidecar
+    holding `settings` (as `dit-attn generate` writes videos); its path."""
+    from ..video import write_video_atomic
+
+    name = f"{kind}-{settings.get('seed', 0)}-{slug(settings.get('prompt', ''), 32)}-{uuid.uuid4().hex[:8]}.webp"
+    path = os.path.join(directory, name)
+    write_video_atomic(frames, path, settings, settings["fps"], "webp")
+    return path
 
 
 def save_png(image: Image.Image, settings: dict, directory: str, kind: str) -> str:

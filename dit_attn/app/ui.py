@@ -14,16 +14,16 @@ import torch
 from PIL import Image
 
 from ..io import slug
-from ..limits import (MAX_LIST_ITEMS, MAX_STEPS, MAX_TEXT_CHARS, check_image_header, check_image_size, check_text, number,
-                      whole_number)
+from ..limits import (MAX_LIST_ITEMS, MAX_STEPS, MAX_TEXT_CHARS, check_image_header, check_image_size, check_text,
+                      check_video_size, number, whole_number)
 from ..guidance.atlas import atlas as compute_atlas
 from ..loading import call_options
 from .atlas import (MAX_ATLAS_STEPS, MAX_ATLAS_WORK, MAX_PROMPTS, MAX_SEEDS, atlas_request, check_work, objective_choices,
                     read_atlas, summarize, write_atlas)
-from .generation import difference_image, run_pipeline, save_png
+from .generation import difference_image, run_pipeline, save_png, save_video
 from .models import LoadedModel, ModelRegistry
 from ..edits import TextGuard, TextPatch
-from ..workflows.batch import edits_for, stored_settings, with_image_size
+from ..workflows.batch import edits_for, makes_videos, stored_settings, with_image_size, with_video_size
 from .settings import (build_settings, check_form_cfg, check_form_seed, check_form_steps, collect_heads, parse_image_size)
 from .text_edit import DEFAULT_SIGN_PROMPT, REPLACEMENT, parse_blocklist, run_text_edit, text_layers
 
@@ -202,8 +202,14 @@ class AppActions:
         model, settings = self._settings(model_choice, prompt, num_inference_steps, guidance_scale, seed, size, heads_text,
                                          picked, presets, u, scope, target, pag_scale, local_radius, start, end, local_downsample,
                                          nag_negative, nag_scale)
+        videos = makes_videos(model.pipe)
+        if videos:
+            check_video_size(model.pipe, None, settings["height"], settings["width"])  # at the model's frame count
         total = settings["num_inference_steps"]
         image = run_pipeline(model, settings, on_step=lambda done: progress((done, total), desc="denoising", unit="steps"))
+        if videos:  # its frames, as an animated WebP the image element plays
+            settings = with_video_size(settings, image)
+            return save_video(image, settings, self.output_dir, "video"), settings
         settings = with_image_size(settings, image)
         return save_png(image, settings, self.output_dir, "image"), settings
 
