@@ -9,7 +9,7 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "apply": ".handle", "Handle": ".handle", "layers": ".handle",
+    "apply": ".handle", "Handle": ".handle", "experts": ".handle", "layers": ".handle",
     "Capture": ".edits", "HeadGuidance": ".edits", "LocalAttention": ".edits", "NAG": ".edits", "SoftPAG": ".edits", "TextGuard": ".edits",
     "TextPatch": ".edits", "edit_from_dict": ".edits",
     "PRESETS": ".heads", "LayerInfo": ".heads",

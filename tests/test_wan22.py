@@ -86,6 +86,8 @@ def test_layer_maps_and_addressing_errors(pipe):
     assert [(l.index, l.name, l.heads) for l in da.layers(pipe, expert="E2")] == [(0, "blocks.0.attn1", 2),
                                                                                    (1, "blocks.1.attn1", 2)]
     assert da.layers(pipe) == da.layers(pipe.transformer)
+    assert da.experts(pipe) == {"E1": pipe.transformer, "E2": pipe.transformer_2}
+    assert da.experts(build_wan_pipeline()).keys() == {""}
     with pytest.raises(ValueError, match="unknown expert in 'E3:L0H0': the experts are E1 .* and E2"):
         da.SoftPAG(heads=["E3:L0H0"])
     with pytest.raises(ValueError, match=r"head 2 of layer 1 \(from 'L1H2'\) out of range: valid heads are 0-1"):

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import dit_attn as da
-from dit_attn.capture.video import latent_frame, overlay_frames
+from dit_attn.capture.video import latent_frame
 from dit_attn.processors import dispatch as dispatch_module
 from dit_attn.processors import wan as wan_module
 from dit_attn.toy.wan import WAN_RUN, build_wan22_pipeline, build_wan_pipeline
@@ -150,11 +150,11 @@ def test_overlay_frames_puts_each_latent_frames_map_on_its_frames():
     assert [latent_frame(i, 3) for i in range(9)] == [0, 1, 1, 1, 1, 2, 2, 2, 2]
     frames = [Image.new("RGB", (48, 32), (10 * i, 0, 0)) for i in range(9)]
     maps = torch.rand(3, 2, 3)
-    out = overlay_frames(frames, maps)
+    out = da.capture.overlay_frames(frames, maps)
     assert len(out) == 9 and all(o.size == (48, 32) for o in out)
     for i in (0, 3, 8):
         assert out[i].tobytes() == da.capture.overlay(frames[i], maps[(i + 3) // 4]).tobytes()
     with pytest.raises(ValueError, match="3 latent frames decode to 9 video frames, got 5"):
-        overlay_frames(frames[:5], maps)
+        da.capture.overlay_frames(frames[:5], maps)
     with pytest.raises(ValueError, match="maps must be \\(frames, H, W\\)"):
-        overlay_frames(frames, maps[0])
+        da.capture.overlay_frames(frames, maps[0])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .recorder import CaptureResult
 
-__all__ = ["CaptureResult", "overlay"]
+__all__ = ["CaptureResult", "overlay", "overlay_frames"]
 
 
 def __getattr__(name: str):
@@ -11,4 +11,8 @@ def __getattr__(name: str):
         from .heatmap import overlay
 
         return overlay
+    if name == "overlay_frames":
+        from .video import overlay_frames
+
+        return overlay_frames
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
