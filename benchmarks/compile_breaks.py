@@ -2,15 +2,18 @@
 
 For each family (config-built, the test shapes scaled to 4 layers) and each edit, runs
 `torch._dynamo.explain` on the first transformer call of a pipeline run and prints the
-number of graph breaks with their most common reasons. Stock diffusers has none; an edit
-that adds one costs a recompile boundary on every call.
+number of graph breaks with their most common reasons. Stock diffusers has none except on
+HunyuanVideo 1.5 (a branch on `torch.all(image_embeds == 0)` and per-row masked indexing: the blocks
+then run as frames of their own, where dit-attn's processors compile once per layer); an edit that
+adds one costs a recompile boundary on every call.
 
-Run:  python benchmarks/compile_breaks.py [--families sd3 flux chroma qwen_image wan]
+Run:  python benchmarks/compile_breaks.py [--families sd3 flux chroma qwen_image wan hunyuan_video15]
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import inspect
 import sys
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import torch._dynamo as dynamo
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dit_attn as da  # noqa: E402
+from dit_attn.families import family_of  # noqa: E402
 from tests.conftest import CallRecorder  # noqa: E402
 
 
@@ -39,7 +43,10 @@ def pipeline(family: str):
     if family == "wan":
         from dit_attn.toy.wan import build_wan_pipeline
         return build_wan_pipeline(num_layers=4, num_heads=4, head_dim=12)
-    raise SystemExit(f"unknown family {family!r}; valid: sd3, flux, chroma, qwen_image, wan")
+    if family == "hunyuan_video15":
+        from dit_attn.toy.hunyuan_video15 import build_hunyuan_video15_pipeline
+        return build_hunyuan_video15_pipeline(num_layers=4, num_heads=4, head_dim=8)
+    raise SystemExit(f"unknown family {family!r}; valid: sd3, flux, chroma, qwen_image, wan, hunyuan_video15")
 
 
 EDITS = {
@@ -49,36 +56,39 @@ EDITS = {
     "SoftPAG image/uniform": lambda: (da.SoftPAG(["L2"], u=0.5, scope="image", target="uniform"),),
     "LocalAttention r=2": lambda: (da.LocalAttention(radius=2.0, layers=[1]),),  # wan: VIDEO_RADIUS
 }
-VIDEO_RADIUS = (1.5, 2.0, 2.0)  # Wan's windows are 3-D: (frames, rows, cols)
+VIDEO_RADIUS = (1.5, 2.0, 2.0)  # video windows are 3-D: (frames, rows, cols)
 
 
-def edits_for(family: str, name: str, make) -> tuple:
-    if family == "wan" and name.startswith("LocalAttention"):
+def edits_for(pipe, name: str, make) -> tuple:
+    if family_of(pipe.transformer).makes_videos and name.startswith("LocalAttention"):
         return (da.LocalAttention(radius=VIDEO_RADIUS, layers=[1]),)
     return make()
 
 
 def first_call(pipe) -> dict:
     video = {"num_frames": 5} if hasattr(pipe, "vae_scale_factor_temporal") else {}
+    if "max_sequence_length" in inspect.signature(pipe.__call__).parameters:
+        video["max_sequence_length"] = 8
     with CallRecorder(pipe) as rec:
-        pipe("a red circle", num_inference_steps=1, height=32, width=32, max_sequence_length=8, output_type="latent",
+        pipe("a red circle", num_inference_steps=1, height=32, width=32, output_type="latent",
              generator=torch.Generator().manual_seed(0), **video)
     return {**rec.calls[0], "return_dict": False}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--families", nargs="+", default=["sd3", "flux", "chroma", "qwen_image", "wan"])
+    parser.add_argument("--families", nargs="+",
+                        default=["sd3", "flux", "chroma", "qwen_image", "wan", "hunyuan_video15"])
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, 4-layer config-built models, 32×32 px")
-    print(f"{'family':<11} {'edit':<24} {'graph breaks':>12}  most common reasons")
+    print(f"{'family':<15} {'edit':<24} {'graph breaks':>12}  most common reasons")
     for family in args.families:
         pipe = pipeline(family)
         pipe.set_progress_bar_config(disable=True)
         call = first_call(pipe)
         for name, make in EDITS.items():
-            edits = edits_for(family, name, make)
+            edits = edits_for(pipe, name, make)
             handle = da.apply(pipe.transformer, *edits) if edits else None
             try:
                 dynamo.reset()
@@ -88,7 +98,7 @@ def main() -> None:
             finally:
                 if handle is not None:
                     handle.remove()
-            print(f"{family:<11} {name:<24} {breaks:>12}  {'; '.join(f'{n}× {r}' for r, n in reasons.most_common(3))}")
+            print(f"{family:<15} {name:<24} {breaks:>12}  {'; '.join(f'{n}× {r}' for r, n in reasons.most_common(3))}")
 
 
 if __name__ == "__main__":
