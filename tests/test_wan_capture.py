@@ -97,6 +97,25 @@ def test_cross_maps_are_attn2_softmax_over_the_text_keys(pipe, monkeypatch):
         assert (handle.maps.maps.sum(dim=3) - 1).abs().max() < 1e-5
 
 
+def test_words_are_their_t5_tokens(pipe):
+    prompts = ["a red square cat", "a blue square cat"]
+    ids = [pipe.tokenizer(p)["input_ids"] for p in prompts]
+    square, cat = (pipe.tokenizer(w, add_special_tokens=False)["input_ids"] for w in ("square", "cat"))
+    assert len(square) == len(cat) == 1
+    columns = [[row.index(square[0]), row.index(cat[0])] for row in ids]
+    assert columns[0] == columns[1]
+    with da.apply(pipe, da.Capture(kind="cross", tokens=["square", "cat"], layers=[1])) as handle:
+        run(pipe, prompts, steps=1)
+        words = handle.maps
+    with da.apply(pipe, da.Capture(kind="cross", tokens=columns[0], layers=[1])) as handle:
+        run(pipe, prompts, steps=1)
+        indices = handle.maps
+    assert words.tokens == ("square", "cat") and torch.equal(words.maps, indices.maps)
+    with pytest.raises(ValueError, match="'dog' not in the prompt"):
+        with da.apply(pipe, da.Capture(kind="cross", tokens=["dog"])):
+            run(pipe, prompts, steps=1)
+
+
 def ellipsoid_keep(grid, radius):
     cells = torch.tensor([(t, y, x) for t in range(grid[0]) for y in range(grid[1]) for x in range(grid[2])],
                          dtype=torch.float64)

@@ -1,8 +1,8 @@
 """Where the words of a prompt sit in a family's text stream.
 
-SD3, FLUX.1 and Chroma: the stream is their tokenizers' outputs one after another (SD3 [CLIP, padded
-to the pipeline's `tokenizer_max_length` ; T5], FLUX.1 and Chroma [T5]); a word is found by its own
-token ids inside the prompt's ids. Qwen-Image, HunyuanImage 2.1, Z-Image and FLUX.2 [klein] wrap the
+SD3, FLUX.1, Chroma and Wan: the stream is their tokenizers' outputs one after another (SD3 [CLIP,
+padded to the pipeline's `tokenizer_max_length` ; T5], FLUX.1, Chroma and Wan's cross-attention [T5]);
+a word is found by its own token ids inside the prompt's ids. Qwen-Image, HunyuanImage 2.1, Z-Image and FLUX.2 [klein] wrap the
 prompt in a template (a system prompt whose first tokens are dropped, or a chat template) and tokenize
 the whole text: a word owns the tokens whose characters overlap the word's characters in the prompt.
 A word split into several tokens owns all of them.
@@ -17,6 +17,7 @@ TEXT_SEGMENTS = {
     "sd3": (("tokenizer", "tokenizer_max_length", "text_encoder"), ("tokenizer_3", None, "text_encoder_3")),
     "flux": (("tokenizer_2", None, "text_encoder_2"),),
     "chroma": (("tokenizer", None, "text_encoder"),),
+    "wan": (("tokenizer", None, "text_encoder"),),  # T5, each prompt padded with zero states after its tokens
 }
 
 
