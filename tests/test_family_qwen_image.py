@@ -340,8 +340,8 @@ def test_edit_guided_step_on_generated_tokens_equals_explicit(edit_pipe, true_cf
         assert (eps - base).abs().max() > 1e-4
 
 
-def test_edit_pipeline_refuses_text_edits(edit_pipe):
-    with pytest.raises(NotImplementedError, match="reference image"):
+def test_edit_pipeline_encodes_prompts_with_the_image(edit_pipe):
+    with pytest.raises(ValueError, match="reference image"):
         family_of(edit_pipe.transformer).encode_prompts(edit_pipe, ["a cat"], 8)
 
 

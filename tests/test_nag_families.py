@@ -377,3 +377,55 @@ def test_hunyuan_image_scale_one_alpha_zero_and_call_count(fixture, request):
     with CallRecorder(pipe) as rec, da.apply(pipe, da.NAG("a blue square")):
         guided = hy_call(pipe)
     assert len(rec.calls) == len(before.calls) and (guided - want).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- Qwen-Image-Edit: reference tokens in the image stream
+@pytest.fixture(scope="module")
+def qwen_edit():
+    """The pipeline's 1024² reference area shrunk to 32²: 16 generated + 16 reference image tokens."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit_module
+
+    from dit_attn.toy.qwen_image import build_qwen_image_edit_pipeline
+
+    original = edit_module.calculate_dimensions
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(edit_module, "calculate_dimensions", lambda area, ratio: original(32 * 32, ratio))
+        pipe = build_qwen_image_edit_pipeline(num_layers=3, num_heads=4, head_dim=16)
+        pipe.set_progress_bar_config(disable=True)
+        yield pipe
+
+
+def edit_image():
+    from PIL import Image
+
+    return Image.fromarray((torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(2)) * 255).byte().numpy())
+
+
+def edit_call(pipe, steps=2, **kwargs):
+    args = dict(image=edit_image(), prompt="a red circle", num_inference_steps=steps, true_cfg_scale=1.0, height=32, width=32,
+                output_type="latent", generator=torch.Generator().manual_seed(0), num_images_per_prompt=2)
+    return pipe(**{**args, **kwargs}).images
+
+
+@pytest.mark.parametrize("layer,cfg", [(0, False), (2, True)])
+def test_qwen_image_edit_layer_equals_stock_attention_on_both_texts(qwen_edit, layer, cfg):
+    """The negative prompt is encoded with the reference image; its rows take the positive rows' whole image
+    stream (generated and reference tokens), and every image query's output is combined."""
+    modules = attention_modules(qwen_edit)
+    kwargs = dict(true_cfg_scale=3.0, negative_prompt="a green cat") if cfg else {}
+    texts = []  # the call's text states as the transformer gets them
+    hook = qwen_edit.transformer.txt_norm.register_forward_pre_hook(lambda m, a: texts.append(a[0].clone()))
+    try:
+        with Recorder(qwen_edit.transformer, modules) as rec, da.apply(qwen_edit, da.NAG("blue", layers=[layer], **SETTINGS)):
+            edit_call(qwen_edit, **kwargs)
+    finally:
+        hook.remove()
+    n = 2
+    guided = [r[:2] for r in rec.records[layer] if r[0]["hidden_states"].shape[0] == 2 * n]
+    assert len(guided) == 2 and guided[0][0]["hidden_states"].shape[1] == 32
+    assert rec.calls == (3 if cfg else 1)
+    text_len = guided[0][0]["encoder_hidden_states"].shape[1]
+    own, _ = family_of(qwen_edit.transformer).encode_prompts(qwen_edit, ["blue"], text_len, image=edit_image())
+    assert torch.equal(texts[0][n:], own.expand(n, -1, -1))  # the negative prompt encoded with the reference image
+    ratios = torch.cat([check_layer(modules[layer], kw, out, n, text_len, False) for kw, out in guided])
+    assert bool((ratios > SETTINGS["tau"]).any())

@@ -164,3 +164,50 @@ def test_hunyuan_image_patch_everywhere_equals_a_run_of_the_source(fixture, prom
     assert (patched - stock[:1]).abs().max() > 1e-3
     with da.apply(pipe, da.TextPatch(layers=[1, 3], source_prompt=prompt)):
         assert (hy_call(pipe, prompt, num_images_per_prompt=2) - stock).abs().max() <= ROUNDING
+
+
+# ---------------------------------------------------------------- Qwen-Image-Edit: prompts encoded with the image
+@pytest.fixture(scope="module")
+def edit_pipe():
+    """The pipeline's 1024² reference area shrunk to 32² (4×4 reference tokens, 4 vision tokens in the text)."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit_module
+
+    from dit_attn.toy.qwen_image import build_qwen_image_edit_pipeline
+
+    original = edit_module.calculate_dimensions
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(edit_module, "calculate_dimensions", lambda area, ratio: original(32 * 32, ratio))
+        pipe = build_qwen_image_edit_pipeline(num_layers=3, num_heads=4, head_dim=16)
+        pipe.set_progress_bar_config(disable=True)
+        yield pipe
+
+
+def reference_image(seed=2):
+    from PIL import Image
+
+    return Image.fromarray((torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(seed)) * 255).byte().numpy())
+
+
+def edit_call(pipe, prompt, **kwargs):
+    args = dict(image=reference_image(), num_inference_steps=2, output_type="latent", true_cfg_scale=1.0,
+                height=32, width=32, generator=torch.Generator().manual_seed(0))
+    return pipe(prompt=prompt, **{**args, **kwargs}).images
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_qwen_image_edit_patch_with_the_reference_image(edit_pipe, cfg):
+    """The source prompt is encoded with the call's reference image: patching every layer equals the edit run of
+    the source prompt (shorter: padded and masked); the prompt itself changes nothing; CFG's call stays stock."""
+    kwargs = dict(true_cfg_scale=cfg, negative_prompt="a cat" if cfg > 1 else None)
+    stock = edit_call(edit_pipe, PROMPT, **kwargs)
+    with da.apply(edit_pipe, da.TextPatch(layers=[1], source_prompt=PROMPT)):
+        assert (edit_call(edit_pipe, PROMPT, **kwargs) - stock).abs().max() <= ROUNDING
+    with da.apply(edit_pipe, da.TextPatch(layers=[0, 1, 2], source_prompt=SOURCE)):
+        patched = edit_call(edit_pipe, PROMPT, **kwargs)
+    assert (patched - edit_call(edit_pipe, SOURCE, **kwargs)).abs().max() <= ROUNDING
+    assert (patched - stock).abs().max() > 1e-3
+    family = family_of(edit_pipe.transformer)  # the image is part of the text states
+    with torch.no_grad():
+        one, _ = family.encode_prompts(edit_pipe, [SOURCE], None, image=reference_image(2))
+        other, _ = family.encode_prompts(edit_pipe, [SOURCE], None, image=reference_image(3))
+    assert (one - other).abs().max() > 1e-3

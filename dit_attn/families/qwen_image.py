@@ -17,6 +17,11 @@ the CFG combination *and* its rescale: the rescale is the pipeline's own arithme
 predictions (as SD3's CFG or FLUX's true CFG are), and adding the perturbation term after it
 keeps it the same term, s·(ε_c − ε_p), with CFG on or off; folded in before the rescale it would
 be multiplied by the per-token norm ratio, and its strength would depend on the CFG scale.
+
+Text edits on Qwen-Image-Edit: its encoder reads the prompt together with the reference image (the
+image's vision tokens are part of the text states), so a source or negative prompt is encoded with
+the image the pipeline handed its own `encode_prompt`; NAG's negative rows take the positive rows'
+whole image stream, generated and reference tokens alike.
 """
 from __future__ import annotations
 
@@ -93,20 +98,39 @@ class QwenImage(Family):
             return None
         return torch.arange(batch)
 
-    def encode_prompts(self, pipe, prompts, max_sequence_length):
+    def encoder_inputs(self, pipe) -> tuple[str, ...]:
+        """Inputs of the pipeline's own `encode_prompt` call that other prompts are encoded with too."""
+        return ("image",) if type(pipe).__name__ in EDIT_PIPELINES else ()
+
+    def encode_prompts(self, pipe, prompts, max_sequence_length, image=None):
         """(text states (N, S, D), text mask (N, S)); with `max_sequence_length` exactly that many tokens
-        (shorter prompts padded with masked zero states, as in a call with a longer prompt)."""
+        (shorter prompts padded with masked zero states, as in a call with a longer prompt; longer ones cut
+        there, as Qwen-Image's own `max_sequence_length` does). Qwen-Image-Edit: each prompt with `image`."""
         if type(pipe).__name__ in EDIT_PIPELINES:
-            raise NotImplementedError(f"{type(pipe).__name__} encodes each prompt together with its reference image: "
-                                      "text edits need the prompt's text states alone")
-        embeds, mask = pipe.encode_prompt(prompt=list(prompts), num_images_per_prompt=1,
-                                          max_sequence_length=max_sequence_length or 512)
-        if mask is None:
-            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+            if image is None:
+                raise ValueError(f"{type(pipe).__name__} encodes each prompt with its reference image: pass the image")
+            encoded = [self._with_mask(*pipe.encode_prompt(prompt=[p], image=image, num_images_per_prompt=1))
+                       for p in prompts]
+            longest = max(e.shape[1] for e, _ in encoded)
+            pad = lambda x, n: torch.nn.functional.pad(x, (0, 0) * (x.ndim - 2) + (0, n - x.shape[1]))  # noqa: E731
+            embeds = torch.cat([pad(e, longest) for e, _ in encoded])
+            mask = torch.cat([pad(m, longest) for _, m in encoded])
+        else:
+            embeds, mask = self._with_mask(*pipe.encode_prompt(prompt=list(prompts), num_images_per_prompt=1,
+                                                               max_sequence_length=max_sequence_length or 512))
+        if max_sequence_length is not None:
+            embeds, mask = embeds[:, :max_sequence_length], mask[:, :max_sequence_length]
         if max_sequence_length is not None and embeds.shape[1] < max_sequence_length:
             pad = max_sequence_length - embeds.shape[1]
             embeds = torch.nn.functional.pad(embeds, (0, 0, 0, pad))
             mask = torch.nn.functional.pad(mask, (0, pad))
+        return embeds, mask
+
+    @staticmethod
+    def _with_mask(embeds, mask):
+        """The pipelines give no mask when no prompt is padded."""
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         return embeds, mask
 
     def append_text_rows(self, call: dict, embeds, extra) -> dict:

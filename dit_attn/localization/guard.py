@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..edits import TextGuard
 from ..families import Family
-from ..hooks.pipeline import MethodWrap, capture_prompts
+from ..hooks.pipeline import capture_prompts
 from .patching import TextPatchController
 from .prompts import guarded_prompt
 
@@ -17,30 +17,23 @@ class GuardController(TextPatchController):
         self.edit = edit
         self.prompts: list | None = None
         self._capture = None
-        self._encoding = False  # the controller's own encode_prompt calls are not the pipeline's prompt
 
     def _record(self, prompt) -> None:
         self.prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
 
     def install(self) -> None:
+        super().install()
         if hasattr(type(self.pipe), "check_inputs"):
             self._capture = capture_prompts(self.pipe, self._record)
-        else:  # Z-Image's pipelines check nothing: read the prompt their __call__ hands encode_prompt
-            self._capture = MethodWrap(self.pipe, "encode_prompt", self._recording_encoder)
 
-    def _recording_encoder(self, original):
-        def encode_prompt(*args, **kwargs):
-            if not self._encoding:
-                self._record(kwargs["prompt"] if "prompt" in kwargs else (args[0] if args else None))
-            return original(*args, **kwargs)
-        return encode_prompt
+    def _watches_encoder(self) -> bool:
+        # Z-Image's pipelines check nothing: the prompt is read from their own encode_prompt call
+        return super()._watches_encoder() or not hasattr(type(self.pipe), "check_inputs")
 
-    def _encoded(self, prompts, kwargs):
-        self._encoding = True
-        try:
-            return super()._encoded(prompts, kwargs)
-        finally:
-            self._encoding = False
+    def _pipeline_encodes(self, args: tuple, kwargs: dict) -> None:
+        super()._pipeline_encodes(args, kwargs)
+        if not hasattr(type(self.pipe), "check_inputs"):
+            self._record(kwargs["prompt"] if "prompt" in kwargs else (args[0] if args else None))
 
     def unwrap(self) -> None:
         super().unwrap()

@@ -15,15 +15,19 @@ import torch
 
 from ..families import Family
 from ..hooks.calls import take_rows
+from ..hooks.pipeline import MethodWrap
 from ..hooks.selection import CallSelector
 from ..hooks.steps import denoising_step
 
 
-def encode_prompts(pipe, family: Family, prompts: list[str], text_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(pipe, family: Family, prompts: list[str], text_len: int, device, dtype,
+                   encoder_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Text states (N, text_len, D) and pooled embeddings (N, P) of `prompts`, encoded by
-    the pipeline's own `encode_prompt` at the sequence length of the current call."""
+    the pipeline's own `encode_prompt` at the sequence length of the current call (with the
+    family's `encoder_inputs` of the pipeline's own encoding, `encoder_kwargs`)."""
     with torch.no_grad():
-        embeds, pooled = family.encode_prompts(pipe, prompts, family.sequence_length_of_call(pipe, text_len))
+        embeds, pooled = family.encode_prompts(pipe, prompts, family.sequence_length_of_call(pipe, text_len),
+                                               **(encoder_kwargs or {}))
     return embeds.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype if pooled.is_floating_point() else None)
 
 
@@ -80,13 +84,35 @@ class TextPatchController:
         self.selector = CallSelector(pipe, family, edit_name)
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._cache_key = None
+        self.encoder_kwargs: dict = {}  # the family's encoder_inputs from the pipeline's own encode_prompt call
+        self._encoding = False  # inside the controller's own encoding (not the pipeline's)
+        self._encoder_wrap: MethodWrap | None = None
 
     def install(self) -> None:
-        """Hook into the pipeline (nothing to do for a plain TextPatch)."""
+        """Watch the pipeline's own `encode_prompt` calls where they carry inputs the encoding needs."""
+        if self._watches_encoder():
+            self._encoder_wrap = MethodWrap(self.pipe, "encode_prompt", self._watching_encoder)
 
     def unwrap(self) -> None:
-        self._cache, self._cache_key = {}, None
+        self._cache, self._cache_key, self.encoder_kwargs = {}, None, {}
         self.selector.reset()
+        if self._encoder_wrap is not None:
+            self._encoder_wrap.undo()
+            self._encoder_wrap = None
+
+    def _watches_encoder(self) -> bool:
+        return bool(self.family.encoder_inputs(self.pipe))
+
+    def _watching_encoder(self, original):
+        def encode_prompt(*args, **kwargs):
+            if not self._encoding:
+                self._pipeline_encodes(args, kwargs)
+            return original(*args, **kwargs)
+        return encode_prompt
+
+    def _pipeline_encodes(self, args: tuple, kwargs: dict) -> None:
+        """The pipeline calls its `encode_prompt` (keyword arguments, as every supported pipeline does)."""
+        self.encoder_kwargs = {name: kwargs[name] for name in self.family.encoder_inputs(self.pipe) if name in kwargs}
 
     def sources_for_call(self, batch: int, kwargs: dict, context: str | None) -> PatchRows | None:
         step, total = denoising_step(self.pipe)
@@ -120,7 +146,12 @@ class TextPatchController:
             self._cache, self._cache_key = {}, key
         missing = sorted({p for p in prompts if p not in self._cache})
         if missing:
-            embeds, pooled = encode_prompts(self.pipe, self.family, missing, text_len, where.device, where.dtype)
+            self._encoding = True
+            try:
+                embeds, pooled = encode_prompts(self.pipe, self.family, missing, text_len, where.device, where.dtype,
+                                                self.encoder_kwargs)
+            finally:
+                self._encoding = False
             for i, prompt in enumerate(missing):
                 self._cache[prompt] = (embeds[i : i + 1], pooled[i : i + 1])
         return (torch.cat([self._cache[p][0] for p in prompts]), torch.cat([self._cache[p][1] for p in prompts]))

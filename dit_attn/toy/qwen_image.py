@@ -9,19 +9,26 @@ are exactly the system prompt and the user turn's header, as with the real token
 
 At 32×32 pixels a call has 4×4 = 16 image tokens and as many text tokens as the longest
 prompt of the call has tokens plus 5 (the template's tail), e.g. 8 for "a red circle".
+
+`build_qwen_image_edit_pipeline` adds what Qwen-Image-Edit's encoder needs to see the reference
+image: Qwen's vision tokens in the tokenizer (with the encoder's vision token ids pointing at them),
+the 2-layer vision tower of the same Qwen2.5-VL config, and a Qwen2-VL processor for images only
+(transformers' own `Qwen2VLProcessor` also builds a video processor, which needs torchvision).
 """
 from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLProcessor
+from transformers.processing_utils import ProcessorMixin
 
 from .configs import _WORDS, _apply_merges, _byte_chars
 
-__all__ = ["QWEN_TEXT_HIDDEN", "build_qwen_image_pipeline", "make_qwen_tokenizer"]
+__all__ = ["QWEN_TEXT_HIDDEN", "build_qwen_image_edit_pipeline", "build_qwen_image_pipeline", "make_qwen_tokenizer"]
 
 QWEN_TEXT_HIDDEN = 16
 _SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+_VISION = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 _TEMPLATE_WORDS = (
     "system", "user", "assistant", "Describe", "the", "image", "by", "detailing", "color", "shape", "size",
     "texture", "quantity", "text", "spatial", "relationships", "of", "objects", "and", "background",
@@ -49,9 +56,12 @@ def make_qwen_tokenizer() -> Qwen2Tokenizer:
     return tokenizer
 
 
-def _text_encoder(tokenizer: Qwen2Tokenizer, seed: int) -> Qwen2_5_VLForConditionalGeneration:
+def _text_encoder(tokenizer: Qwen2Tokenizer, seed: int, vision: bool = False) -> Qwen2_5_VLForConditionalGeneration:
+    """vision=True: the tokenizer has `_VISION`'s tokens and the encoder's vision ids are theirs."""
     vocab_size = len(tokenizer)
     special = tokenizer.convert_tokens_to_ids(list(_SPECIAL))
+    # without vision tokens: ids past the vocabulary (the tokenizer never produces them)
+    start, end, image, video = tokenizer.convert_tokens_to_ids(list(_VISION)) if vision else range(vocab_size + 1, vocab_size + 5)
     config = Qwen2_5_VLConfig(
         text_config={
             "hidden_size": QWEN_TEXT_HIDDEN,
@@ -72,12 +82,11 @@ def _text_encoder(tokenizer: Qwen2Tokenizer, seed: int) -> Qwen2_5_VLForConditio
         bos_token_id=special[1],
         eos_token_id=special[2],
         pad_token_id=special[0],
-        # ids past the vocabulary: the tokenizer never produces them
-        vision_start_token_id=vocab_size + 1,
-        vision_end_token_id=vocab_size + 2,
-        vision_token_id=vocab_size + 3,
-        image_token_id=vocab_size + 4,
-        video_token_id=vocab_size + 5,
+        vision_start_token_id=start,
+        vision_end_token_id=end,
+        vision_token_id=image,
+        image_token_id=image,
+        video_token_id=video,
     )
     torch.manual_seed(seed)
     return Qwen2_5_VLForConditionalGeneration(config).eval()
@@ -122,3 +131,32 @@ def build_qwen_image_pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=encoder, tokenizer=tokenizer,
         transformer=transformer,
     )
+
+
+class ImageQwen2VLProcessor(Qwen2VLProcessor):
+    """transformers' Qwen2-VL processor for text and images, without its video processor."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+def build_qwen_image_edit_pipeline(*, num_layers: int = 3, num_heads: int = 4, head_dim: int = 16, seed: int = 0):
+    """A random-weight QwenImageEditPipeline whose encoder sees the reference image. The pipeline drops the
+    tokens of its template's system turn and user header (64 with the real tokenizer; counted here)."""
+    from diffusers import QwenImageEditPipeline
+    from transformers import Qwen2VLImageProcessor
+
+    parts = build_qwen_image_pipeline(num_layers=num_layers, num_heads=num_heads, head_dim=head_dim,
+                                      text_encoder=False, seed=seed).components
+    tokenizer = make_qwen_tokenizer()
+    tokenizer.add_tokens(list(_VISION), special_tokens=True)
+    processor = ImageQwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer)
+    pipe = QwenImageEditPipeline(scheduler=parts["scheduler"], vae=parts["vae"], transformer=parts["transformer"],
+                                 text_encoder=_text_encoder(tokenizer, seed, vision=True), tokenizer=tokenizer,
+                                 processor=processor)
+    header = pipe.prompt_template_encode[: pipe.prompt_template_encode.index("<|vision_start|>")]
+    pipe.prompt_template_encode_start_idx = len(tokenizer(header)["input_ids"])
+    return pipe
