@@ -1,12 +1,12 @@
 """HunyuanVideo 1.5 (text- and image-to-video): the processors reproduce diffusers exactly under the pipeline's
 context mask (fp32 and bf16); SoftPAG equals independent SDPA perturbations inside the module (joint scope and
 the video→video scope); a guided step equals the explicit computation from recorded stock calls with the
-pipeline guider's own combination (CFG on and off, batch 1 and 2, image-to-video); calls are widened at the
+pipeline guider's own combination (CFG on and off, APG, batch 1 and 2, image-to-video); calls are widened at the
 call, so a step makes the stock number of calls; 3-D local windows against the dense-mask reference."""
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import ClassifierFreeGuidance
+from diffusers import AdaptiveProjectedGuidance, ClassifierFreeGuidance
 from PIL import Image
 from torch.overrides import TorchFunctionMode
 
@@ -155,14 +155,14 @@ def test_video_scope_softpag_equals_a_video_block_perturbation(hv_pipe, layer):
         assert (got - replay(hv_pipe.transformer, call)).abs().max() > 1e-4  # the scope matters
 
 
-def explicit_steps(pipe, rec, edit, layer_heads: dict, guidance_scale: float):
-    """ε the scheduler should get at each step: a guider of the pipeline's config combining the recorded
-    conditional and unconditional calls (none with CFG off), then s·(ε_c − ε_p)."""
-    cfg = guidance_scale > 1.0
-    per_step = 2 if cfg else 1
-    guider = ClassifierFreeGuidance(guidance_scale=guidance_scale)
+def explicit_steps(pipe, rec, edit, layer_heads: dict, steps: int):
+    """ε the scheduler should get at each step: a fresh guider of the pipeline's config (APG's momentum runs
+    over these steps) combining the recorded conditional and unconditional calls (none when it makes one call
+    a step), then s·(ε_c − ε_p)."""
+    guider = type(pipe.guider)(**dict(pipe.guider.config))
+    per_step = len(rec.calls) // steps
     out = []
-    for step in range(len(rec.steps)):
+    for step in range(steps):
         cond = rec.calls[per_step * step]
         eps_c = replay(pipe.transformer, cond)
         modes = [PerturbSDPA(attention_module(pipe, layer), heads) for layer, heads in layer_heads.items()]
@@ -174,34 +174,43 @@ def explicit_steps(pipe, rec, edit, layer_heads: dict, guidance_scale: float):
             for mode in reversed(modes):
                 mode.__exit__(None, None, None)
         base = eps_c
-        if cfg:
+        if per_step == 2:
+            guider.set_state(step=step, num_inference_steps=steps, timestep=cond["timestep"][0])
+            if step == 0:
+                guider.prepare_inputs({"encoder_hidden_states": (cond["encoder_hidden_states"], None)})
             base = guider.forward(eps_c, replay(pipe.transformer, rec.calls[per_step * step + 1])).pred
         out.append(base + edit.scale * (eps_c - eps_p))
     return out
 
 
-def check_guided_steps(pipe, guidance_scale, layer_heads, **kwargs):
+def check_guided_steps(pipe, calls_per_step, layer_heads, steps=2, **kwargs):
     edit = da.HeadGuidance(heads=[(layer, h) for layer, heads in layer_heads.items() for h in heads], scale=2.0, u=1.0)
     with CallRecorder(pipe) as stock:
-        hv_call(pipe, **kwargs)
+        hv_call(pipe, steps=steps, **kwargs)
     with CallRecorder(pipe) as rec, da.apply(pipe, edit):
-        hv_call(pipe, **kwargs)
-    per_step = 2 if guidance_scale > 1.0 else 1
-    assert len(rec.calls) == len(stock.calls) == per_step * len(rec.steps) == per_step * 2
+        hv_call(pipe, steps=steps, **kwargs)
+    assert len(rec.calls) == len(stock.calls) == calls_per_step * len(rec.steps) == calls_per_step * steps
     assert (rec.steps[0] - stock.steps[0]).abs().max() > 1e-3  # same input: the difference is the guidance term
-    if per_step == 2:  # the conditional call comes first in each step
+    if calls_per_step == 2:  # the conditional call comes first in each step
         assert not torch.equal(rec.calls[0]["encoder_hidden_states"], rec.calls[1]["encoder_hidden_states"])
-    for eps, expected in zip(rec.steps, explicit_steps(pipe, rec, edit, layer_heads, guidance_scale)):
+    for eps, expected in zip(rec.steps, explicit_steps(pipe, rec, edit, layer_heads, steps)):
         assert (eps - expected).abs().max() < 1e-5
     return rec
 
 
-@pytest.mark.parametrize("guidance_scale,prompt", [(4.0, "a red circle"), (4.0, PROMPTS), (1.0, "a red circle"),
-                                                   (1.0, PROMPTS)])
-def test_guided_step_equals_explicit(hv_pipe, monkeypatch, guidance_scale, prompt):
-    monkeypatch.setattr(hv_pipe, "guider", ClassifierFreeGuidance(guidance_scale=guidance_scale))
-    negative = None if guidance_scale == 1.0 else (NEGATIVE if isinstance(prompt, list) else "blurry")
-    check_guided_steps(hv_pipe, guidance_scale, {1: [1], 2: [0]}, prompt=prompt, negative_prompt=negative)
+@pytest.mark.parametrize("guider,prompt", [
+    (ClassifierFreeGuidance(guidance_scale=4.0), "a red circle"),
+    (ClassifierFreeGuidance(guidance_scale=4.0), PROMPTS),
+    (ClassifierFreeGuidance(guidance_scale=1.0), "a red circle"),  # CFG off: one "pred_cond" call a step
+    (ClassifierFreeGuidance(guidance_scale=1.0), PROMPTS),
+    (AdaptiveProjectedGuidance(guidance_scale=4.0, adaptive_projected_guidance_momentum=-0.5), PROMPTS),
+])
+def test_guided_step_equals_explicit(hv_pipe, monkeypatch, guider, prompt):
+    monkeypatch.setattr(hv_pipe, "guider", guider)
+    cfg = guider.guidance_scale > 1.0
+    negative = (NEGATIVE if isinstance(prompt, list) else "blurry") if cfg else None
+    steps = 3 if isinstance(guider, AdaptiveProjectedGuidance) else 2
+    check_guided_steps(hv_pipe, 2 if cfg else 1, {1: [1], 2: [0]}, steps=steps, prompt=prompt, negative_prompt=negative)
 
 
 def test_image_to_video_guided_step_equals_explicit():
@@ -211,7 +220,7 @@ def test_image_to_video_guided_step_equals_explicit():
     pipe.set_progress_bar_config(disable=True)
     image = Image.new("RGB", (16, 16), (200, 30, 30))
     size = dict(num_frames=HUNYUAN_VIDEO15_RUN["num_frames"])  # height and width: the image's
-    rec = check_guided_steps(pipe, 3.0, {0: [1], 1: [0, 2]}, prompt=PROMPTS, negative_prompt=NEGATIVE, image=image,
+    rec = check_guided_steps(pipe, 2, {0: [1], 1: [0, 2]}, prompt=PROMPTS, negative_prompt=NEGATIVE, image=image,
                              size=size)
     assert rec.calls[0]["image_embeds"].abs().sum() > 0
 
@@ -229,6 +238,23 @@ def test_row_count_guard_and_refusals(hv_pipe, monkeypatch):
     with pytest.raises(RuntimeError, match="returned 1 rows for a call widened to 2: this model does not carry extra rows"):
         with da.apply(hv_pipe, da.HeadGuidance(heads=["L1H1"], scale=2.0)):
             hv_call(hv_pipe, negative_prompt="blurry")
+
+
+def test_shared_prefix_equals_unshared(hv_pipe):
+    """Widened at the call, so there is no prefix to share: share_prefix changes nothing, calls stay stock."""
+    stock_calls = len(recorded(hv_pipe, negative_prompt="blurry").calls)
+    results = {}
+    for share in (True, False):
+        with CallRecorder(hv_pipe) as rec, \
+                da.apply(hv_pipe, da.HeadGuidance(heads=["L2H0", "L1H3"], scale=3.0, u=0.7, share_prefix=share)):
+            results[share] = hv_call(hv_pipe, negative_prompt="blurry")
+        assert len(rec.calls) == stock_calls
+    assert (results[True] - results[False]).abs().max() < 1e-5
+
+
+def test_presets_of_other_families_are_refused_clearly(hv_pipe):
+    with pytest.raises(ValueError, match="is for flux models, this is a hunyuan_video15 model"):
+        da.apply(hv_pipe, da.SoftPAG(["flux:glossy"]))
 
 
 def test_remove_restores_original_objects(hv_pipe):
