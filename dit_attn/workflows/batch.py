@@ -607,6 +607,8 @@ def _check_size(pipe, videos: bool, settings: dict) -> None:
 
 def _generate(todo: list, base: dict, run_settings: dict, out: str, manifest: Manifest, report: BatchReport,
               tmp_prefix: str, batch_size: int, device: str | None, progress: bool, suffix: str = "png") -> None:
+    import inspect
+
     import torch
     from tqdm.auto import tqdm
 
@@ -645,6 +647,7 @@ def _generate(todo: list, base: dict, run_settings: dict, out: str, manifest: Ma
     units = {id(entry): entry[1]["num_inference_steps"] if videos else 1 for entry in ready}
     bar = tqdm(total=sum(units.values()), desc="generate", unit="step" if videos else "image", disable=not progress)
     advanced = [0]
+    step_callbacks = "callback_on_step_end" in inspect.signature(pipe.__call__).parameters  # not every pipeline has them
 
     def step_ended(_pipe, _step, _timestep, tensors):
         bar.update(len(group))
@@ -655,7 +658,7 @@ def _generate(todo: list, base: dict, run_settings: dict, out: str, manifest: Ma
         for group in batches(ready, batch_size):
             edits, settings = group[0][2], group[0][1]
             group_units, advanced[0] = sum(units[id(entry)] for entry in group), 0
-            video_call = {"output_type": "pil", "callback_on_step_end": step_ended} if videos else {}
+            video_call = {"output_type": "pil", **({"callback_on_step_end": step_ended} if step_callbacks else {})} if videos else {}
             try:
                 if edits != handle_edits:
                     if handle is not None:
