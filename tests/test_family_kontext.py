@@ -49,12 +49,6 @@ def test_guided_step_on_the_generated_tokens(kontext_pipe, true_cfg):
         assert (eps - (want + scale * (eps_c - eps_p))).abs().max() < 1e-5
 
 
-def test_local_attention_refuses_reference_tokens_clearly(kontext_pipe):
-    with da.apply(kontext_pipe, da.LocalAttention(radius=2.0, layers=[1])):
-        with pytest.raises(ValueError, match="reference-image tokens"):
-            kontext_call(kontext_pipe)
-
-
 def test_text_patch_with_the_prompt_itself_changes_nothing(kontext_pipe):
     stock = kontext_call(kontext_pipe)
     with da.apply(kontext_pipe, da.TextPatch(layers=[0, 2], source_prompt="make it red")):

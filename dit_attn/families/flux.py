@@ -18,20 +18,23 @@ def image_ids(h: int, w: int) -> torch.Tensor:
 
 @torch.compiler.disable  # reads the ids' values: one graph break at the start of a call, none in the blocks
 def grid_from_ids(img_ids: torch.Tensor | None, image_tokens: int) -> tuple[tuple[int, int] | None, str]:
-    """(rows, cols) from image position ids, or (None, why) when they are not a full row-major grid
-    (e.g. Kontext's reference tokens appended to the image)."""
+    """(rows, cols) of the generated image's tokens from their position ids, or (None, why) when they are
+    not a full row-major grid. Reference-image tokens (first coordinate ≥ 1, as FLUX.1 Kontext appends them)
+    may follow the generated ones (first coordinate 0): the grid is the generated tokens'."""
     if img_ids is None:
         return None, "the call has no img_ids"
     ids = img_ids[0] if img_ids.ndim == 3 else img_ids
-    if ids.shape[0] and not bool((ids[:, 0] == ids[0, 0]).all()):
-        return None, "the call carries reference-image tokens (their ids have another first coordinate, as in FLUX.1 Kontext)"
     if ids.shape[0] != image_tokens:
         return None, f"{ids.shape[0]} image ids for {image_tokens} image tokens"
-    y, x = ids[:, 1].round().long(), ids[:, 2].round().long()
+    generated = ids[:, 0] == 0  # FLUX numbers the generated image 0 along the first axis, references from 1
+    count = int(generated.sum())
+    if count == 0 or not bool(generated[:count].all()):
+        return None, "reference-image tokens (ids with a first coordinate other than 0) are not all after the generated ones"
+    y, x = ids[:count, 1].round().long(), ids[:count, 2].round().long()
     y, x = y - y.min(), x - x.min()
     rows, cols = int(y.max()) + 1, int(x.max()) + 1
-    if rows * cols != image_tokens:
-        return None, f"image ids span {rows}×{cols} cells for {image_tokens} tokens"
+    if rows * cols != count:
+        return None, f"image ids span {rows}×{cols} cells for {count} tokens"
     expected_y = torch.arange(rows, device=y.device).repeat_interleave(cols)
     expected_x = torch.arange(cols, device=x.device).repeat(rows)
     if not (torch.equal(y, expected_y) and torch.equal(x, expected_x)):

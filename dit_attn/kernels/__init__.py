@@ -91,6 +91,8 @@ def _triton_why_not(q: torch.Tensor, plan: AttentionPlan, mask: torch.Tensor | N
         return "the triton kernels do not take a pipeline's attention mask (sdpa and tiled do)"
     if isinstance(plan.window, LocalWindow3D):
         return VIDEO_WINDOWS_ELSEWHERE
+    if plan.window is not None and plan.image_tokens is not None and 0 < plan.image_tokens[0] and plan.image_tokens[1] < q.shape[-2]:
+        return "the triton local kernel takes global tokens on one side of the image grid only (reference-image tokens follow it)"
     if torch.is_grad_enabled() and any(p.u.requires_grad for p in plan.perturbations):
         return "gradients with respect to the SoftPAG strengths (head screening) are computed by sdpa"
     dim = q.shape[-1]

@@ -49,9 +49,19 @@ class FluxLayoutProcessor(DispatchingProcessor):
     def attend_joint(self, attn, query, key, value, text_len: int, attention_mask) -> torch.Tensor:
         """(B, S, H·D) joint attention output with this layer's plan, NAG's combination on the image tokens."""
         seq_len = query.shape[1]
-        plan = self.state.plan(self.layer, query.shape[0], (text_len, seq_len), getattr(attn, POOL_MODULE, None))
-        out = self.attend(query, key, value, plan, attention_mask, seq_len - text_len).flatten(2, 3).to(query.dtype)
+        image_stop = self.local_image_stop(text_len, seq_len)
+        plan = self.state.plan(self.layer, query.shape[0], (text_len, image_stop), getattr(attn, POOL_MODULE, None))
+        out = self.attend(query, key, value, plan, attention_mask, image_stop - text_len).flatten(2, 3).to(query.dtype)
         return self.state.nag_guide(self.layer, out, slice(text_len, None))
+
+    def local_image_stop(self, text_len: int, seq_len: int) -> int:
+        """Where the image tokens of this layer's plan end. At a local layer of a call with reference-image
+        tokens after the generated grid (Kontext), the grid: the reference tokens join the text as global
+        tokens (every query sees them, their queries see everything)."""
+        local, grid = self.state.local, self.state.call.grid
+        if local is None or self.layer not in local.layers or grid is None or len(grid) != 2:
+            return seq_len
+        return min(seq_len, text_len + grid[0] * grid[1])
 
 
 class FluxAttnProcessor(FluxLayoutProcessor):
