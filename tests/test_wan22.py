@@ -188,6 +188,27 @@ def test_one_expert_edits_leave_the_other_bit_exact_stock(pipe):
     assert name == "E1" and (replay(pipe.transformer, call) - pairs[0][1]).abs().max() > 1e-4
 
 
+def test_text_patch_on_one_expert_runs_the_source_prompt_there(pipe):
+    """TextPatch on every layer of E2 (expert="E2"): E2's conditional calls equal E2 on the source prompt's
+    text states; E1's steps stay the stock run's."""
+    source = recorded(pipe, prompt="a blue square cat")
+    stock = recorded(pipe)
+    with ExpertRecorder(pipe) as rec, da.apply(pipe, da.TextPatch(layers=[0, 1], source_prompt="a blue square cat"),
+                                              expert="E2"):
+        run(pipe)
+    assert all((a - b).abs().max() == 0.0 for a, b in zip(stock.steps[:2], rec.steps[:2]))
+    source_text = source.calls[0][1]["encoder_hidden_states"]
+    assert len(rec.calls) == len(stock.calls) == 8
+    for n, ((name, call), output) in enumerate(zip(rec.calls, rec.outputs)):
+        if name == "E2":
+            conditional = n % 2 == 0
+            text = source_text if conditional else call["encoder_hidden_states"]
+            want = replay(pipe.transformer_2, call | {"encoder_hidden_states": text})
+            assert (output - want).abs().max() < 1e-5, n
+            if conditional:
+                assert (output - replay(pipe.transformer_2, call)).abs().max() > 1e-4
+
+
 def test_edits_install_on_both_experts_and_remove_restores_both(pipe):
     before = {name: dict(model.attn_processors) for name, model in experts_of(pipe).items()}
     handle = da.apply(pipe, da.SoftPAG(heads=["L1H0"], u=0.5), da.NAG(negative_prompt="blurry"),

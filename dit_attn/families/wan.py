@@ -84,7 +84,10 @@ class Wan(Family):
 
     # --- one transformer call ----------------------------------------------------------------
     def text_length(self, call: dict) -> int:
-        return 0  # attn1 sees video tokens only
+        """The text tokens of the call's cross-attention (what TextPatch's source prompts are encoded to);
+        the self-attention attn1 sees video tokens only."""
+        text = call.get("encoder_hidden_states")
+        return 0 if text is None else text.shape[1]
 
     def grid(self, transformer, call: dict):
         """(frames, rows, cols) of the call's video tokens: latents (B, C, F, H, W) over `patch_size` (t, h, w)."""
