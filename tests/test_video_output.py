@@ -242,3 +242,18 @@ def test_the_app_generate_tab_shows_a_video_model_s_frames(wan_dir, tmp_path):
     frames = video.read_video_frames(path)
     assert len(frames) == 81 and all(np.array_equal(a, np.asarray(b)) for a, b in zip(frames, stock))
     assert video.verified_video_settings(path) == settings
+
+
+def test_a_hunyuan_video_1_5_pipeline_writes_the_stock_frames(tmp_path):
+    from dit_attn.toy.hunyuan_video15 import build_hunyuan_video15_pipeline
+
+    build_hunyuan_video15_pipeline().save_pretrained(tmp_path / "model")
+    model, out = str(tmp_path / "model"), tmp_path / "out"
+    assert main(["generate", "a red circle", "--model", model, "--steps", "2", "--size", "16", "--frames", "5",
+                 "--seed", "3", "--video-format", "webp", "--out", str(out)]) == 0
+    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    stock = pipe("a red circle", generator=torch.Generator().manual_seed(3), num_inference_steps=2, height=16, width=16,
+                 num_frames=5, output_type="pil").frames[0]
+    frames = video.read_video_frames(only_file(out, ".webp"))
+    assert len(frames) == 5 and all(np.array_equal(a, np.asarray(b)) for a, b in zip(frames, stock))
