@@ -130,8 +130,8 @@ def size_multiple(pipe) -> int:
     """Image sides must be whole transformer tokens: VAE scale × the pixels a latent token covers."""
     from .families import family_of
 
-    vae_scale = int(getattr(pipe, "vae_scale_factor", 8))
-    return vae_scale * family_of(pipe.transformer).latent_patch(pipe.transformer)
+    vae_scale = getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", 8)  # video: spatial
+    return int(vae_scale) * family_of(pipe.transformer).latent_patch(pipe.transformer)
 
 
 def max_side(pipe) -> int | None:

@@ -11,7 +11,7 @@ from PIL import Image
 from torch.overrides import TorchFunctionMode
 
 import dit_attn as da
-from dit_attn import processors
+from dit_attn import limits, processors
 from dit_attn.families import family_of
 from dit_attn.processors.state import EditState
 from dit_attn.toy.hunyuan_video15 import (HUNYUAN_VIDEO15_RUN, build_hunyuan_video15_i2v_pipeline,
@@ -286,3 +286,13 @@ def test_local_attention_3d_equals_the_dense_mask_reference(hv_pipe, with_softpa
     if not with_softpag:
         with da.apply(hv_pipe, da.LocalAttention(radius=(100.0, 100.0, 100.0), layers=[1, 2], backend="tiled")):
             assert torch.equal(hv_call(hv_pipe, **kwargs), stock)  # an ellipsoid covering the grid is stock attention
+
+
+def test_size_limits_are_the_video_vae_s(hv_pipe):
+    """Sides are whole tokens of the video VAE's spatial factor (4 here: the pipeline names it
+    `vae_scale_factor_spatial`), frames its temporal rule (2k + 1)."""
+    limits.check_video_size(hv_pipe, 5, 20, 12)
+    with pytest.raises(ValueError, match="height must be a multiple of 4 px on this model"):
+        limits.check_video_size(hv_pipe, 5, 18, 16)
+    with pytest.raises(ValueError, match="num_frames must be 2k \\+ 1 on this model"):
+        limits.check_video_size(hv_pipe, 4, 16, 16)
