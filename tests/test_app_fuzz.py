@@ -190,6 +190,13 @@ def valid(kind: str, rng: random.Random, files: dict):
         "text_layers": lambda: rng.choice(["1", "0,3", ""]),
         "text_start": lambda: rng.choice([0.0, 0.5]),
         "blocklist": lambda: rng.choice(["", "A", "a, X"]),
+        "maps_kind": lambda: rng.choice(["cross", "cross", "self", "concept"]),
+        "maps_words": lambda: rng.choice(["red", "red, circle", ""]),
+        "maps_layers": lambda: rng.choice(["", "0", "1,3"]),
+        "maps_heads": lambda: rng.choice(["", "0", "1,2"]),
+        "maps_first": lambda: rng.choice([None, 0]),
+        "maps_last": lambda: rng.choice([None, 1]),
+        "maps_per_layer": lambda: rng.choice([True, False]),
     }[kind]()
 
 
@@ -219,6 +226,12 @@ def hostile(kind: str, rng: random.Random, files: dict):
         "new_text": ["", " ", '"', "B" * 5000],
         "text_layers": ["9", "two", "-1", "0+1+2+3+4", "1," * 3000],
         "blocklist": ['"A"', ",,,", "w," * 3000],
+        "maps_kind": ["everything", "CROSS", ["cross"]],
+        "maps_words": ["dog", "4,4;0,7", "9,9", ",,,", "red," * 3000, "w" * 5000],
+        "maps_layers": ["99", "-1", "two", "1," * 3000, "9" * 5000],
+        "maps_heads": ["99", "-1", "x", "0," * 3000],
+        "maps_first": HOSTILE_NUMBER, "maps_last": HOSTILE_NUMBER,
+        "maps_per_layer": ["yes", 2, [True]],
     }
     pool = pools.get(kind, []) + HOSTILE_ANY
     return rng.choice(pool)
@@ -234,6 +247,9 @@ ENDPOINTS = {
     "/atlas": ["model", "objective", "prompts", "seeds", "atlas_steps", "u", "pag_scale", "cfg", "size", "scope",
                "target"],
     "/load_atlas": ["upload"],
+    "/maps": ["model", "prompt", "steps", "cfg", "seed", "size", "heads", "picked", "presets", "u", "scope", "target",
+              "pag_scale", "local_radius", "start", "end", "local_downsample", "nag_negative", "nag_scale", "maps_kind",
+              "maps_words", "maps_layers", "maps_heads", "maps_first", "maps_last", "maps_per_layer"],
     "/text_edit": ["model", "steps", "cfg", "seed", "size", "sign_prompt", "new_text", "text_layers", "text_start",
                    "blocklist"],
 }
@@ -249,6 +265,8 @@ def make_call(rng: random.Random, files: dict) -> tuple[str, list]:
     if "panels" in values:
         rows, cols = map(int, values["layout"].split("x"))
         values["panels"] = "\n".join(f"a red circle {k}" for k in range(rows * cols))
+    if values.get("maps_kind") == "self":
+        values["maps_words"] = "0,0; 3,4"  # cells of the smallest grid
     if values.get("size") and endpoint == "/sets":
         values["size"] = ""  # the default canvas always splits into whole-token panels
     if mode < 0.65:

@@ -21,6 +21,7 @@ from ..loading import call_options
 from .atlas import (MAX_ATLAS_STEPS, MAX_ATLAS_WORK, MAX_PROMPTS, MAX_SEEDS, atlas_request, check_work, objective_choices,
                     read_atlas, summarize, write_atlas)
 from .generation import difference_image, run_pipeline, save_png, save_video
+from .maps import check_overlays, maps_capture, run_captured, write_maps
 from .models import LoadedModel, ModelRegistry
 from ..edits import TextGuard, TextPatch
 from ..workflows.batch import edits_for, makes_videos, stored_settings, with_image_size, with_video_size
@@ -167,7 +168,7 @@ def _readable(component: type, what: str = "is not a value this field takes") ->
 
 
 Dropdown, Textbox, Slider, Number = (_readable(c) for c in (gr.Dropdown, gr.Textbox, gr.Slider, gr.Number))
-Radio, CheckboxGroup, File = (_readable(c) for c in (gr.Radio, gr.CheckboxGroup, gr.File))
+Radio, CheckboxGroup, File, Checkbox = (_readable(c) for c in (gr.Radio, gr.CheckboxGroup, gr.File, gr.Checkbox))
 ReferenceImage = _readable(gr.Image, "is not an image file this server can read (PNG, JPEG, WebP, ...)")
 
 
@@ -349,6 +350,29 @@ class AppActions:
                      f"`{REPLACEMENT}`." if result.blocked else " No blocked word in the quotes: the guarded image is the original.")
         return original, edited, guarded, note
 
+    def maps(self, model_choice, prompt, num_inference_steps, guidance_scale, seed, size, heads_text, picked, presets, u,
+             scope, target, pag_scale, local_radius, start, end, local_downsample, nag_negative, nag_scale, kind,
+             words_text, layers_text, capture_heads_text, first_step, last_step, per_layer, progress=gr.Progress()):
+        """One generation with the edits on the left and a Capture of the tab's fields: image, overlays, maps.json."""
+        heads = collect_heads(heads_text, picked, presets)
+        steps = check_form_steps(num_inference_steps)
+        capture = maps_capture(check_text("prompt", prompt).strip(), steps, kind, words_text, layers_text,
+                               capture_heads_text, first_step, last_step)
+        if not isinstance(per_layer, bool):
+            raise ValueError(f"one overlay per layer must be true or false, got {_shown(per_layer)}")
+        progress(0, desc="loading model")
+        model = self.registry.get(model_choice)
+        check_overlays(capture, model, per_layer)
+        settings = build_settings(model, prompt=prompt, num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed,
+                                  size=size, heads=heads, pag_scale=pag_scale, u=u, scope=scope, target=target,
+                                  local_radius=local_radius, start=start, end=end, local_downsample=local_downsample,
+                                  nag_negative=nag_negative, nag_scale=nag_scale, dtype=self.registry.dtype_name)
+        image, result = run_captured(model, settings, capture,
+                                     on_step=lambda done: progress((done, steps), desc="denoising", unit="steps"))
+        image_path, gallery, index = write_maps(image, result, with_image_size(settings, image), capture,
+                                                self.output_dir, per_layer)
+        return image_path, gallery, index
+
     def model_changed(self, model_choice):
         model = self.registry.get(model_choice)
         return (gr.update(choices=model.head_choices(), value=[]),
@@ -493,6 +517,34 @@ def build_blocks(registry: ModelRegistry, output_dir: str) -> gr.Blocks:
                             text_edited = _image("Edited", "text-edited")
                             text_guarded = _image("Guarded (blocklist)", "text-guarded")
                         text_note = gr.Markdown(elem_id="text-note")
+                    with gr.Tab("Maps", id="maps"):
+                        gr.Markdown("Where the image attends: one generation with the model, prompt, steps, CFG, seed, "
+                                    "size and edits on the left, its attention maps captured in the same call "
+                                    "(`da.Capture`) and drawn over the image (heads averaged).")
+                        with gr.Row():
+                            maps_kind = Radio(["cross", "self", "concept"], value="cross", label="Kind", elem_id="maps-kind",
+                                              info="cross: the image's attention on words; self: chosen cells' "
+                                                   "attention over the image; concept: ConceptAttention of any words")
+                            maps_words = Textbox(label="Words", placeholder="e.g. red, circle (empty: every word)",
+                                                 elem_id="maps-words",
+                                                 info="comma list; kind self: row,col cells separated by ';'")
+                        with gr.Row():
+                            maps_layers = Textbox(label="Layers", placeholder="e.g. 0,2 (empty: every layer)",
+                                                  elem_id="maps-layers")
+                            maps_heads = Textbox(label="Heads", placeholder="e.g. 0,1 (empty: every head)",
+                                                 elem_id="maps-heads")
+                            maps_first = Number(value=None, precision=0, minimum=0, label="First step",
+                                                elem_id="maps-first", info="empty: the first")
+                            maps_last = Number(value=None, precision=0, minimum=0, label="Last step",
+                                               elem_id="maps-last", info="empty: the last")
+                        maps_per_layer = Checkbox(value=True, label="One overlay per layer (else the mean of the layers)",
+                                                     elem_id="maps-per-layer")
+                        maps_button = gr.Button("Generate with maps", variant="primary", elem_id="maps-button")
+                        with gr.Row():
+                            maps_image = _image("Image", "maps-image")
+                            maps_gallery = gr.Gallery(label="Maps", columns=4, height=320, elem_id="maps-gallery")
+                        maps_file = gr.File(label="maps.json (settings and every overlay's values)", interactive=False,
+                                            elem_id="maps-file")
 
         inputs = [model_choice, prompt, steps, cfg, seed, size, heads_text, picked, presets, u, scope, target, pag_scale,
                   local_radius, guidance_start, guidance_end, local_downsample, nag_negative, nag_scale]
@@ -510,6 +562,9 @@ def build_blocks(registry: ModelRegistry, output_dir: str) -> gr.Blocks:
         text_button.click(readable_errors(actions.text_edit), [model_choice, steps, cfg, seed, size, text_prompt, text_new,
                                                                text_layers_box, text_start, text_blocklist],
                           [text_original, text_edited, text_guarded, text_note], api_name="text_edit")
+        maps_button.click(readable_errors(actions.maps), inputs + [maps_kind, maps_words, maps_layers, maps_heads, maps_first,
+                                                               maps_last, maps_per_layer],
+                          [maps_image, maps_gallery, maps_file], api_name="maps")
         model_choice.change(readable_errors(actions.model_changed), [model_choice],
                             [picked, presets, model_summary, text_layers_box], api_visibility="private")
     return blocks

@@ -9,52 +9,12 @@ from .search import add_call_options, call_settings
 INDEX = "maps.json"
 
 
-def _indices(option: str, text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        values = [int(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError:
-        raise ValueError(f"{option} must be comma-separated indices, e.g. 0,3,5; got {text!r}") from None
-    if not values:
-        raise ValueError(f"{option} is empty; give comma-separated indices, e.g. 0,3,5")
-    return values
-
-
-def _locations(text: str) -> list[tuple[int, int]]:
-    """'4,4;0,7' → [(4, 4), (0, 7)]: (row, col) cells of the token grid."""
-    cells = []
-    for part in (p for p in text.replace(" ", "").split(";") if p):
-        try:
-            row, col = (int(v) for v in part.split(","))
-        except ValueError:
-            raise ValueError(f"--locations takes row,col cells separated by ';', e.g. '4,4;0,7'; got {text!r}") from None
-        cells.append((row, col))
-    if not cells:
-        raise ValueError("--locations is empty; give row,col cells separated by ';', e.g. '4,4;0,7'")
-    return cells
-
-
 def capture_edit(args):
     """The Capture of the flags (checked before the model loads)."""
-    from ..capture.words import check_words_in_prompt, prompt_words
-    from ..edits import Capture
+    from ..capture.options import capture_from_fields
 
-    layers, heads, steps = _indices("--layers", args.layers), _indices("--heads", args.heads), _indices("--capture-steps", args.capture_steps)
-    if args.kind == "self":
-        if args.locations is None:
-            raise ValueError("--kind self needs --locations, e.g. '4,4;0,7' (row,col cells of the token grid)")
-        tokens = _locations(args.locations)
-    elif args.kind == "concept":
-        if args.words is None:
-            raise ValueError("--kind concept needs --words: the concept words (they need not be in the prompt), e.g. cat,sky")
-        tokens = [w.strip() for w in args.words.split(",") if w.strip()]
-    elif args.tokens is not None:
-        tokens = _indices("--tokens", args.tokens)
-    else:
-        tokens = [w.strip() for w in (args.words or ",".join(prompt_words(args.prompt))).split(",") if w.strip()]
-        check_words_in_prompt(args.prompt, tokens)
-    return Capture(layers=layers, heads=heads, tokens=tokens, kind=args.kind, steps=steps)
+    return capture_from_fields(args.prompt, args.kind, words=args.words, tokens=args.tokens, locations=args.locations,
+                               layers=args.layers, heads=args.heads, steps=args.capture_steps)
 
 
 def cmd_maps(args) -> int:

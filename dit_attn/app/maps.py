@@ -1,0 +1,86 @@
+"""The Maps tab: one generation with `da.Capture` and its attention maps as overlays plus maps.json."""
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Callable
+
+from ..capture.options import capture_from_fields
+from ..edits import Capture
+from ..io import write_json_atomic
+from ..limits import check_text, whole_number
+from ..workflows.batch import edits_for, pipeline_kwargs
+from .generation import save_png
+from .models import LoadedModel
+
+MAX_OVERLAYS = 64  # gallery images of one request (words × layers)
+FIELD_NAMES = {"words": "words", "tokens": "token indices", "locations": "words", "layers": "layers",
+               "heads": "heads", "steps": "capture steps", "kind": "kind"}
+
+
+def maps_capture(prompt: str, num_inference_steps: int, kind, words_text, layers_text, heads_text, first_step,
+                 last_step) -> Capture:
+    """The Capture of the tab's fields; the step range within the generation's steps. self: the words field holds
+    row,col cells of the token grid separated by ';'."""
+    words = check_text("words", words_text, 2000)
+    layers, heads = check_text("layers", layers_text, 2000), check_text("heads", heads_text, 2000)
+    last = num_inference_steps - 1
+    first = 0 if first_step is None else whole_number("first capture step", first_step, 0, last)
+    final = last if last_step is None else whole_number("last capture step", last_step, 0, last)
+    if first > final:
+        raise ValueError(f"the first capture step ({first}) is after the last ({final})")
+    steps = None if (first, final) == (0, last) else list(range(first, final + 1))
+    return capture_from_fields(prompt, kind, words=words, locations=words, layers=layers, heads=heads, steps=steps,
+                               names=FIELD_NAMES)
+
+
+def check_overlays(capture: Capture, model: LoadedModel, per_layer: bool) -> None:
+    """The gallery stays within MAX_OVERLAYS images (the layers and heads are checked when the Capture is applied)."""
+    layers = len(capture.layers) if capture.layers is not None else len(model.layer_map)
+    count = len(capture.tokens) * (layers if per_layer else 1)
+    if count > MAX_OVERLAYS:
+        raise ValueError(f"{count} overlays ({len(capture.tokens)} words × {layers} layers) is more than the page "
+                         f"shows ({MAX_OVERLAYS}): choose fewer words or layers, or the mean over the layers")
+
+
+def run_captured(model: LoadedModel, settings: dict, capture: Capture, on_step: Callable[[int], None] | None = None):
+    """The image of stored `settings` generated with their edits and `capture` in one apply: (image, CaptureResult)."""
+    import torch
+
+    from ..handle import apply
+    from ..loading import call_defaults
+
+    def step_ended(pipe, step: int, timestep, tensors: dict) -> dict:
+        on_step(step + 1)
+        return {}
+
+    pipe = model.pipe
+    generator = torch.Generator(device="cpu").manual_seed(settings["seed"])
+    with model.lock, apply(pipe, *edits_for(settings), capture) as handle:
+        image = pipe(prompt=settings["prompt"], generator=generator, callback_on_step_end=step_ended if on_step else None,
+                     **{**call_defaults(pipe), **pipeline_kwargs(settings)}).images[0]
+        return image, handle.maps
+
+
+def write_maps(image, result, settings: dict, capture: Capture, directory: str, per_layer: bool):
+    """The image, one overlay per word (× layer when `per_layer`, else the mean over the layers; always the mean
+    over the captured heads) and maps.json with every overlay's values: (image path, [(overlay path, caption)],
+    maps.json path)."""
+    from ..capture import overlay
+
+    maps = result.maps[0].mean(dim=1)  # the one conditional row, heads averaged: (layers, tokens, H, W)
+    groups = [(str(layer), maps[i]) for i, layer in enumerate(result.layers)] if per_layer else [("mean", maps.mean(0))]
+    record = {**settings, "capture": capture.to_dict(), **result.settings()}
+    image_path = save_png(image, {**record, "image": "generated"}, directory, "maps-image")
+    gallery, entries = [], []
+    for layer, per_token in groups:
+        for ti, token in enumerate(result.tokens):
+            caption = f"{token} · layer {layer}" if layer != "mean" else f"{token} · mean of layers"
+            path = save_png(overlay(image, per_token[ti]), {**record, "image": caption}, directory, "map")
+            gallery.append((path, caption))
+            entries.append({"file": os.path.basename(path), "layer": layer, "token": token,
+                            "mean_probability": float(per_token[ti].mean()),
+                            "values": [[round(float(v), 6) for v in row] for row in per_token[ti]]})
+    index = os.path.join(directory, f"maps-{uuid.uuid4().hex[:8]}.json")
+    write_json_atomic(index, {**record, "image": os.path.basename(image_path), "maps": entries})
+    return image_path, gallery, index
