@@ -117,10 +117,13 @@ def _text_controller(pipe, family: Family, edits: tuple, state: EditState, layer
     if family.text_edits_unsupported:
         raise NotImplementedError(f"{name} does not run on {family.name} models: {family.text_edits_unsupported}")
     if isinstance(edit, NAG) and not family.nag:
-        raise NotImplementedError(f"NAG does not run on {family.name} models yet (SD3/SD3.5, FLUX.1, Chroma, Qwen-Image, FLUX.2 and Wan)")
+        raise NotImplementedError(f"NAG does not run on {family.name} models yet")
     if pipe is None:
         raise TypeError(f"{name} needs a pipeline (it encodes prompts with the pipeline's text encoders); pass the pipeline, not the transformer")
     check_pipeline(pipe, family, name)
+    if "text_encoder" in pipe.components and pipe.text_encoder is None:
+        raise ValueError(f"{name} encodes its prompt with the pipeline's own text encoder, and this {type(pipe).__name__} "
+                         "has text_encoder=None: load the pipeline with its text encoder")
     layers = tuple(range(len(layer_map))) if isinstance(edit, NAG) and edit.layers is None else edit.layers
     bad = [i for i in layers if i >= len(layer_map)]
     if bad:

@@ -95,11 +95,8 @@ def test_flux_presets_are_refused_clearly(bria_pipe):
     checks.flux_presets_are_refused(bria_pipe, "bria")
 
 
-def test_nag_is_refused_clearly(bria_pipe):
-    with pytest.raises(NotImplementedError, match="NAG does not run on bria models"):
-        da.apply(bria_pipe, da.NAG(negative_prompt="blurry"))
-
-
-def test_text_edits_are_refused(bria_pipe):
-    with pytest.raises(NotImplementedError, match="bria|Bria"):
-        da.apply(bria_pipe, da.TextPatch(layers=[1], source_prompt="a blue square"))
+def test_text_edits_need_the_text_encoder(bria_pipe):
+    """This pipeline is built without its encoder (text edits with one: tests/test_text_families.py)."""
+    for edit in (da.TextPatch(layers=[1], source_prompt="a blue square"), da.NAG(negative_prompt="blurry")):
+        with pytest.raises(ValueError, match="has text_encoder=None: load the pipeline with its text encoder"):
+            da.apply(bria_pipe, edit)

@@ -95,6 +95,8 @@ def test_flux_presets_are_refused_clearly(longcat_pipe):
     checks.flux_presets_are_refused(longcat_pipe, "longcat_image")
 
 
-def test_text_edits_are_refused(longcat_pipe):
-    with pytest.raises(NotImplementedError, match="longcat_image"):
-        da.apply(longcat_pipe, da.TextPatch(layers=[1], source_prompt="a blue square"))
+def test_text_edits_need_the_text_encoder(longcat_pipe):
+    """This pipeline is built without its encoder (text edits with one: tests/test_text_families.py)."""
+    for edit in (da.TextPatch(layers=[1], source_prompt="a blue square"), da.NAG(negative_prompt="blurry")):
+        with pytest.raises(ValueError, match="has text_encoder=None: load the pipeline with its text encoder"):
+            da.apply(longcat_pipe, edit)

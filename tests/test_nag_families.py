@@ -9,7 +9,7 @@ from dit_attn.families import family_of
 from dit_attn.toy.flux2 import build_flux2_klein_pipeline
 from dit_attn.toy.qwen_image import build_qwen_image_pipeline
 
-from .conftest import CallRecorder
+from .conftest import CallRecorder, flux_attention_module
 from .test_nag import ROUNDING, SETTINGS, _clone, nag_formula
 
 # Qwen-Image: "a cat" encodes one token shorter than "a red circle", "blue" two: every row's mask matters
@@ -429,3 +429,61 @@ def test_qwen_image_edit_layer_equals_stock_attention_on_both_texts(qwen_edit, l
     assert torch.equal(texts[0][n:], own.expand(n, -1, -1))  # the negative prompt encoded with the reference image
     ratios = torch.cat([check_layer(modules[layer], kw, out, n, text_len, False) for kw, out in guided])
     assert bool((ratios > SETTINGS["tau"]).any())
+
+
+# ---------------------------------------------------------------- LongCat-Image, Ovis-Image, Bria: FLUX.1's processor
+def flux_clone(name):
+    """A FLUX.1-math family's tiny pipeline with its own (tiny) text encoder, and its call."""
+    from dit_attn.toy.bria import build_bria_pipeline
+    from dit_attn.toy.longcat_image import build_longcat_image_pipeline
+    from dit_attn.toy.ovis_image import build_ovis_image_pipeline
+
+    build = {"longcat": build_longcat_image_pipeline, "ovis": build_ovis_image_pipeline, "bria": build_bria_pipeline}[name]
+    pipe = build(num_layers=1, num_single_layers=2, num_heads=4, head_dim=16, text_encoder=True)
+    pipe.set_progress_bar_config(disable=True)
+    extra = dict(enable_prompt_rewrite=False) if name == "longcat" else dict(max_sequence_length=12)
+
+    def call(prompt="a red circle", steps=2, **kwargs):
+        args = dict(prompt=prompt, num_inference_steps=steps, guidance_scale=1.0, height=32, width=32, output_type="latent",
+                    generator=torch.Generator().manual_seed(0), **extra)
+        return pipe(**{**args, **kwargs}).images
+
+    return pipe, call
+
+
+@pytest.fixture(scope="module", params=["longcat", "ovis", "bria"])
+def clone(request):
+    return request.param, *flux_clone(request.param)
+
+
+@pytest.mark.parametrize("layer,cfg", [(0, False), (2, True)])  # a double block without CFG, a single block with it
+def test_flux_clones_layer_equals_stock_attention_on_both_texts(clone, layer, cfg):
+    from .test_nag import check_layer as flux_check_layer
+
+    name, pipe, call = clone
+    attn = flux_attention_module(pipe, layer)
+    kwargs = dict(guidance_scale=3.0, negative_prompt="a green cat") if cfg else {}
+    with Recorder(pipe.transformer, [attn]) as rec, da.apply(pipe, da.NAG("a blue square", layers=[layer], **SETTINGS)):
+        call(num_images_per_prompt=2, **kwargs)
+    n, cfg_in_call = 2, cfg and name == "bria"  # Bria's CFG is one call [uncond ; cond]; the others' a second call
+    stock_rows = 2 * n if cfg_in_call else n
+    cond = list(range(stock_rows - n, stock_rows))
+    guided = [r[:2] for r in rec.records[0] if r[0]["hidden_states"].shape[0] == stock_rows + n]
+    assert len(guided) == 2 and rec.calls == (3 if cfg and not cfg_in_call else 1)
+    text_len = pipe.tokenizer_max_length if name == "longcat" else 12
+    single = layer >= len(pipe.transformer.transformer_blocks)
+    ratios = [flux_check_layer(attn, kw, out, stock_rows, cond, text_len, slice(text_len, None), single) for kw, out in guided]
+    assert bool((torch.cat(ratios) > SETTINGS["tau"]).any())
+
+
+def test_flux_clones_scale_one_alpha_zero_and_call_count(clone):
+    name, pipe, call = clone
+    kwargs = dict(guidance_scale=3.0, negative_prompt="a green cat")
+    with CallRecorder(pipe) as before:
+        want = call(**kwargs)
+    for edit in (da.NAG("a blue square", scale=1), da.NAG("a blue square", alpha=0)):
+        with da.apply(pipe, edit):
+            assert torch.equal(call(**kwargs), want)
+    with CallRecorder(pipe) as rec, da.apply(pipe, da.NAG("a blue square")):
+        guided = call(**kwargs)
+    assert len(rec.calls) == len(before.calls) == (2 if name == "bria" else 4) and (guided - want).abs().max() > 1e-3

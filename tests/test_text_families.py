@@ -211,3 +211,26 @@ def test_qwen_image_edit_patch_with_the_reference_image(edit_pipe, cfg):
         one, _ = family.encode_prompts(edit_pipe, [SOURCE], None, image=reference_image(2))
         other, _ = family.encode_prompts(edit_pipe, [SOURCE], None, image=reference_image(3))
     assert (one - other).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- LongCat-Image, Ovis-Image, Bria: FLUX.1's processor
+@pytest.fixture(scope="module", params=["longcat", "ovis", "bria"])
+def clone(request):
+    from .test_nag_families import flux_clone
+
+    return request.param, *flux_clone(request.param)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_flux_clones_patch_everywhere_equals_a_run_of_the_source(clone, cfg):
+    """Each pipeline pads its prompts to one length without a mask: the source rides at the call's length.
+    With CFG the unconditional rows (Bria: the first half of one call; the others: a second call) stay stock."""
+    name, pipe, call = clone
+    kwargs = dict(guidance_scale=cfg, negative_prompt="a green cat" if cfg > 1 else None)
+    stock = call(PROMPT, num_images_per_prompt=2, **kwargs)
+    with da.apply(pipe, da.TextPatch(layers=[1, 2], source_prompt=PROMPT)):
+        assert (call(PROMPT, num_images_per_prompt=2, **kwargs) - stock).abs().max() <= ROUNDING
+    with da.apply(pipe, da.TextPatch(layers=list(range(len(da.layers(pipe)))), source_prompt=SOURCE)):
+        patched = call(PROMPT, **kwargs)
+    assert (patched - call(SOURCE, **kwargs)).abs().max() <= ROUNDING
+    assert (patched - stock[:1]).abs().max() > 1e-3

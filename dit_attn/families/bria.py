@@ -6,7 +6,8 @@ text ids are zeros, image ids (0, row, col); the model takes the scheduler's tim
 CFG is one batched call, rows [uncond ; cond] (then an optional std renormalisation and clipping).
 
 The model has no `AttentionMixin`: its processors are reached through each attention module's `processor`.
-Text edits are not wired here (no test on a tiny T5 for this family). Bria's weights differ from FLUX.1's:
+Text edits: the pipeline zero-pads every prompt's T5 states to `max_sequence_length` (no mask), so a source
+or negative prompt rides at the call's length as FLUX.1's does. Bria's weights differ from FLUX.1's:
 `flux:*` presets are refused (a different family).
 """
 from __future__ import annotations
@@ -29,9 +30,7 @@ class Bria(Flux):
         block_call_args=("temb", "conditioning_embedding"),  # per-row inputs of blocks and of norm_out
         controlnet_args=("controlnet_block_samples", "controlnet_single_block_samples"),
     )
-    nag = False  # not tested on this family
     reference_tokens_trail = False
-    text_edits_unsupported = "text edits are not wired for Bria (not tested on its T5 pipeline)"
 
     attention_processors = OvisImage.attention_processors  # each module's `processor`, both block lists
     set_processors = OvisImage.set_processors
@@ -45,7 +44,10 @@ class Bria(Flux):
         return torch.arange(batch)
 
     def encode_prompts(self, pipe, prompts, max_sequence_length):
-        raise NotImplementedError(f"text edits on Bria: {self.text_edits_unsupported}")
+        """(T5 states (N, S, D) zero-padded to `max_sequence_length`, a mask of ones (N, S): Bria passes none)."""
+        embeds, _, _ = pipe.encode_prompt(prompt=list(prompts), do_classifier_free_guidance=False, num_images_per_prompt=1,
+                                          max_sequence_length=max_sequence_length or 128)
+        return embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
 
     def predict(self, transformer, x_t, embeds, pooled, t, latent_hw, guidance=1.0):
         """The model takes the timestep on the scheduler's 0-1000 scale (no ×1000 inside, unlike FLUX.1)."""

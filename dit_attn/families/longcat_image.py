@@ -5,15 +5,16 @@ without a mask), so dit-attn's FLUX.1 processor serves it. No pooled text or gui
 (0, i, i), image ids (1, 512 + row, 512 + col). CFG is a second call under cache context "uncond" after the
 "cond" one (then an optional CFG renorm before the scheduler step).
 
-Its text encoder is Qwen2.5-VL behind a prompt rewrite: text edits are not wired here (no tiny encoder to
-test them on). LongCat's weights differ from FLUX.1's: `flux:*` presets are refused (a different family).
+Its text encoder is Qwen2.5-VL (optionally behind a prompt rewrite); the pipeline pads every prompt to
+`tokenizer_max_length` tokens (no mask), so a source or negative prompt rides at the call's length as
+FLUX.1's does. LongCat's weights differ from FLUX.1's: `flux:*` presets are refused (a different family).
 """
 from __future__ import annotations
 
 import torch
 
 from .base import CallRows
-from .flux import Flux
+from .flux import Flux, grid_from_ids
 
 TOKENIZER_MAX_LENGTH = 512  # the pipelines' offset of the image ids
 
@@ -43,8 +44,14 @@ class LongCatImage(Flux):
         controlnet_args=(),
     )
     reference_tokens_trail = False  # the edit pipeline is not wired (not in guided_pipelines)
-    text_edits_unsupported = ("LongCat-Image's prompts go through Qwen2.5-VL (and its prompt rewrite); "
-                              "text edits are not wired for this family")
+
+    def grid(self, transformer, call: dict):
+        """FLUX.1's grid from the image ids, whose first coordinate is 1 for LongCat's generated image."""
+        ids = call.get("img_ids")
+        if ids is not None:
+            ids = ids.clone()
+            ids[..., 0] -= 1
+        return grid_from_ids(ids, call["hidden_states"].shape[1])
 
     def conditional_rows(self, pipe, batch: int, call: dict, context: str | None):
         """The "cond" call is conditional; the CFG call under cache context "uncond" is left stock."""
@@ -53,7 +60,11 @@ class LongCatImage(Flux):
         return torch.arange(batch)
 
     def encode_prompts(self, pipe, prompts, max_sequence_length):
-        raise NotImplementedError(f"text edits on LongCat-Image: {self.text_edits_unsupported}")
+        """(Qwen2.5-VL states (N, S, D) at the pipeline's own padded length `tokenizer_max_length`, a mask of
+        ones (N, S): LongCat passes none). The prompts are encoded as given: the pipeline's optional prompt
+        rewrite (a generation by its VL model) is not applied to source or negative prompts."""
+        embeds, _ = pipe.encode_prompt(prompt=list(prompts), num_images_per_prompt=1)
+        return embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
 
     def predict(self, transformer, x_t, embeds, pooled, t, latent_hw, guidance=1.0):
         device, dtype = transformer.device, transformer.dtype

@@ -5,8 +5,9 @@ module's mask), so dit-attn's FLUX.1 processor serves it. No pooled text or guid
 (0, i, i), image ids (0, row, col). CFG is a second call under cache context "uncond" after the "cond" one.
 
 The model has no `AttentionMixin`: its processors are reached through each attention module's `processor`.
-Its text encoder is Qwen3 behind a chat template: text edits are not wired here (no tiny encoder to test
-them on). Ovis-Image's weights differ from FLUX.1's: `flux:*` presets are refused (a different family).
+Its text encoder is Qwen3 behind a chat template; the pipeline pads every prompt to `max_sequence_length`
+tokens and zeroes the padding (no mask), so a source or negative prompt rides at the call's length as
+FLUX.1's does. Ovis-Image's weights differ from FLUX.1's: `flux:*` presets are refused (a different family).
 """
 from __future__ import annotations
 
@@ -39,10 +40,7 @@ class OvisImage(Flux):
         block_call_args=("temb", "conditioning_embedding"),  # per-row inputs of blocks and of norm_out
         controlnet_args=(),
     )
-    nag = False  # not tested on this family
     reference_tokens_trail = False
-    text_edits_unsupported = ("Ovis-Image's prompts go through Qwen3 behind a chat template; "
-                              "text edits are not wired for this family")
 
     def attention_processors(self, transformer) -> dict:
         return {f"{name}.processor": module.processor for name, module in _attention_modules(transformer)}
@@ -58,7 +56,11 @@ class OvisImage(Flux):
         return torch.arange(batch)
 
     def encode_prompts(self, pipe, prompts, max_sequence_length):
-        raise NotImplementedError(f"text edits on Ovis-Image: {self.text_edits_unsupported}")
+        """(Qwen3 states (N, S, D) padded to `max_sequence_length` (padding zeroed by the pipeline), a mask of
+        ones (N, S): Ovis passes none)."""
+        embeds = pipe.encode_prompt(prompt=list(prompts), do_classifier_free_guidance=False, num_images_per_prompt=1,
+                                    max_sequence_length=max_sequence_length or 256)[0]
+        return embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
 
     def predict(self, transformer, x_t, embeds, pooled, t, latent_hw, guidance=1.0):
         device, dtype = transformer.device, transformer.dtype
