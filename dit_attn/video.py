@@ -108,7 +108,8 @@ def _write_animation(frames: list, path: str, fps: float, video_format: str) -> 
 
     images = [Image.fromarray(frame) for frame in frames]
     if video_format == "webp":
-        options, duration = {"lossless": True, "quality": 100, "method": 4}, max(1, round(1000 / fps))
+        # method 0: the fastest lossless encoder (24x faster than method 4 at 832x480, files 19% larger)
+        options, duration = {"lossless": True, "quality": 100, "method": 0}, max(1, round(1000 / fps))
     else:  # GIF stores frame times in centiseconds
         options, duration = {"optimize": False}, 10 * max(1, round(100 / fps))
     images[0].save(path, format=video_format.upper(), save_all=True, append_images=images[1:], loop=0,
