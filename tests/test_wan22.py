@@ -9,7 +9,9 @@ import torch
 
 import dit_attn as da
 from dit_attn.cli import main
-from dit_attn.toy.wan import WAN_RUN, build_wan22_pipeline, build_wan_pipeline
+from PIL import Image
+
+from dit_attn.toy.wan import WAN_RUN, build_wan22_i2v_pipeline, build_wan22_pipeline, build_wan_pipeline
 
 from .conftest import PerturbSDPA, replay
 
@@ -69,7 +71,7 @@ class ExpertRecorder:
 
 def run(pipe, prompt="a red circle", guidance_scale=3.0, **kwargs):
     args = dict(num_inference_steps=STEPS, output_type="latent", guidance_scale=guidance_scale, **WAN_RUN) | kwargs
-    return pipe(prompt, generator=torch.Generator().manual_seed(0), **args).frames
+    return pipe(prompt=prompt, generator=torch.Generator().manual_seed(0), **args).frames
 
 
 def recorded(pipe, *edits, **kwargs):
@@ -163,6 +165,20 @@ def test_guided_steps_equal_explicit_across_the_boundary(pipe, guidance_scale):
     assert (rec.steps[0] - stock.steps[0]).abs().max() > 1e-3
     heads = {"E1": {0: [0], 1: [1]}, "E2": {0: [0], 1: [0, 1]}}
     want = explicit_steps(pipe, rec, heads, cfg, {"E1": guidance_scale, "E2": 2.0}, edit.scale)
+    for eps, expected in zip(rec.steps, want):
+        assert (eps - expected).abs().max() < 1e-5
+
+
+def test_image_to_video_guided_steps_equal_explicit_across_the_boundary():
+    """Wan 2.2 I2V (the image as condition channels, no image encoder)."""
+    pipe = build_wan22_i2v_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    edit = da.HeadGuidance(heads=["E1:L0H1", "E2:L1H0"], scale=2.0)
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    rec = recorded(pipe, edit, image=image)
+    assert [name for name, _ in rec.calls] == ["E1"] * 4 + ["E2"] * 4
+    assert rec.calls[0][1]["hidden_states"].shape[1] == 36
+    want = explicit_steps(pipe, rec, {"E1": {0: [1]}, "E2": {1: [0]}}, True, {"E1": 3.0, "E2": 3.0}, edit.scale)
     for eps, expected in zip(rec.steps, want):
         assert (eps - expected).abs().max() < 1e-5
 

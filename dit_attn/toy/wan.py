@@ -14,8 +14,8 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWi
 
 from .configs import TEXT_HIDDEN, _t5_encoder, make_t5_tokenizer
 
-__all__ = ["WAN22_BOUNDARY_RATIO", "WAN_I2V_RUN", "WAN_RUN", "build_wan22_pipeline", "build_wan_i2v_pipeline",
-           "build_wan_pipeline"]
+__all__ = ["WAN22_BOUNDARY_RATIO", "WAN_I2V_RUN", "WAN_RUN", "build_wan22_i2v_pipeline", "build_wan22_pipeline",
+           "build_wan_i2v_pipeline", "build_wan_pipeline"]
 
 WAN_RUN = dict(num_frames=5, height=32, width=32, max_sequence_length=16)  # a call's size in the tests
 # Wan 2.2 A14B's: with the toy scheduler (shift 7) a 4-step run gives timesteps 1000, 934 to `transformer` and
@@ -54,6 +54,16 @@ def build_wan22_pipeline(*, num_layers: int = 2, num_heads: int = 2, head_dim: i
     second = _components(num_layers if num_layers_2 is None else num_layers_2,
                          num_heads if num_heads_2 is None else num_heads_2, head_dim, seed + 10)["transformer"]
     return WanPipeline(**components, transformer_2=second, boundary_ratio=WAN22_BOUNDARY_RATIO)
+
+
+def build_wan22_i2v_pipeline(*, num_layers: int = 2, num_heads: int = 2, head_dim: int = 12,
+                             seed: int = 0) -> WanImageToVideoPipeline:
+    """Wan 2.2 image-to-video with two experts, as Wan 2.2 I2V A14B: the image enters as 16 condition channels
+    (+ 4 mask) beside the 16 latent ones, no image encoder (no image context in the cross-attention)."""
+    components = _components(num_layers, num_heads, head_dim, seed, in_channels=36)
+    second = _components(num_layers, num_heads, head_dim, seed + 10, in_channels=36)["transformer"]
+    return WanImageToVideoPipeline(**components, transformer_2=second, boundary_ratio=WAN22_BOUNDARY_RATIO,
+                                   image_encoder=None, image_processor=None)
 
 
 def build_wan_i2v_pipeline(*, num_layers: int = 2, num_heads: int = 2, head_dim: int = 12,
