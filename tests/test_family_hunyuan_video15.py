@@ -1,8 +1,9 @@
 """HunyuanVideo 1.5 (text- and image-to-video): the processors reproduce diffusers exactly under the pipeline's
 context mask (fp32 and bf16); SoftPAG equals independent SDPA perturbations inside the module (joint scope and
 the video→video scope); a guided step equals the explicit computation from recorded stock calls with the
-pipeline guider's own combination (CFG on and off, APG, batch 1 and 2, image-to-video); calls are widened at the
-call, so a step makes the stock number of calls; 3-D local windows against the dense-mask reference."""
+pipeline guider's own combination (CFG on and off, APG, batch 1 and 2, image-to-video) and, end to end,
+diffusers' own PAG guider; calls are widened at the call, so a step makes the stock number of calls; 3-D local
+windows against the dense-mask reference."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -211,6 +212,34 @@ def test_guided_step_equals_explicit(hv_pipe, monkeypatch, guider, prompt):
     negative = (NEGATIVE if isinstance(prompt, list) else "blurry") if cfg else None
     steps = 3 if isinstance(guider, AdaptiveProjectedGuidance) else 2
     check_guided_steps(hv_pipe, 2 if cfg else 1, {1: [1], 2: [0]}, steps=steps, prompt=prompt, negative_prompt=negative)
+
+
+def test_whole_layer_guidance_equals_diffusers_pag_guider(hv_pipe, monkeypatch):
+    """Every head of block 1 at u = 1 under the CFG guider is diffusers' own PAG guider on that block (its
+    attention scores skipped). 0.42.1's guider hook refuses the stock processor (not in its registry): it is
+    registered for this test. PAG skips its first step (start < step strictly): HeadGuidance starts at 1/3."""
+    from diffusers import PerturbedAttentionGuidance
+    from diffusers.hooks._helpers import AttentionProcessorMetadata, AttentionProcessorRegistry
+    from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
+
+    def skipped(attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        return hidden_states, encoder_hidden_states
+
+    AttentionProcessorRegistry._register()
+    monkeypatch.setitem(AttentionProcessorRegistry._registry, HunyuanVideo15AttnProcessor2_0,
+                        AttentionProcessorMetadata(skip_processor_output_fn=skipped))
+    kwargs = dict(prompt=PROMPTS, negative_prompt=NEGATIVE, steps=3)
+    monkeypatch.setattr(hv_pipe, "guider", PerturbedAttentionGuidance(
+        guidance_scale=4.0, perturbed_guidance_scale=2.0, perturbed_guidance_start=0.0, perturbed_guidance_stop=1.0,
+        perturbed_guidance_layers=[1]))
+    with CallRecorder(hv_pipe) as theirs_calls:
+        theirs = hv_call(hv_pipe, **kwargs)
+    monkeypatch.setattr(hv_pipe, "guider", ClassifierFreeGuidance(guidance_scale=4.0))
+    with CallRecorder(hv_pipe) as ours_calls, da.apply(hv_pipe, da.HeadGuidance(heads=["L1"], scale=2.0, start=0.3)):
+        ours = hv_call(hv_pipe, **kwargs)
+    assert (len(theirs_calls.calls), len(ours_calls.calls)) == (8, 6)  # PAG: a third call at steps 1 and 2
+    assert (ours - theirs).abs().max() < 1e-5
+    assert (hv_call(hv_pipe, **kwargs) - theirs).abs().max() > 1e-3
 
 
 def test_image_to_video_guided_step_equals_explicit():
