@@ -278,20 +278,6 @@ def test_z_image_scale_one_alpha_zero_and_call_count(z_pipe):
     assert len(rec.calls) == len(before.calls) == 2 and (guided - want).abs().max() > 1e-3
 
 
-def test_z_image_with_head_guidance_equals_explicit(z_pipe):
-    """One step, CFG off: ε = ε_c + s·(ε_c − ε_p), ε_c from NAG alone, ε_p from NAG with the heads perturbed in
-    every row (HeadGuidance's copies carry their negative rows, perturbed too)."""
-    s, heads = 2.0, ["L1H2", "L2H0"]
-    eps = {}
-    for name, edits in (("guided", (da.HeadGuidance(heads=heads, scale=s),)), ("c", ()),
-                        ("p", (da.SoftPAG(heads=heads, u=1.0),))):
-        with CallRecorder(z_pipe) as rec, da.apply(z_pipe, da.NAG("blue", **SETTINGS), *edits):
-            z_call(z_pipe, steps=1)
-        eps[name] = rec.steps[0]
-    assert (eps["c"] - eps["p"]).abs().max() > 1e-3
-    assert (eps["guided"] - (eps["c"] + s * (eps["c"] - eps["p"]))).abs().max() <= 3 * ROUNDING
-
-
 # ---------------------------------------------------------------- HunyuanImage 2.1: [image ; text], masks per row
 @pytest.fixture(scope="module")
 def hy_distilled():
@@ -487,3 +473,30 @@ def test_flux_clones_scale_one_alpha_zero_and_call_count(clone):
     with CallRecorder(pipe) as rec, da.apply(pipe, da.NAG("a blue square")):
         guided = call(**kwargs)
     assert len(rec.calls) == len(before.calls) == (2 if name == "bria" else 4) and (guided - want).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- NAG with HeadGuidance
+def _composition_case(name, request):
+    """(pipeline, its call of one step, two heads) of a family whose NAG rides as rows."""
+    if name == "z_image":
+        return request.getfixturevalue("z_pipe"), z_call, ["L1H2", "L2H0"]
+    if name == "hunyuan_image":
+        return request.getfixturevalue("hy_distilled"), hy_call, ["L1H2", "L2H0"]
+    if name == "qwen_image_edit":
+        return request.getfixturevalue("qwen_edit"), edit_call, ["L1H2", "L2H0"]
+    pipe, call = flux_clone(name)
+    return pipe, call, ["L0H2", "L2H0"]
+
+
+@pytest.mark.parametrize("name", ["z_image", "hunyuan_image", "qwen_image_edit", "bria"])
+def test_with_head_guidance_equals_explicit(name, request):
+    """One step, CFG off: ε = ε_c + s·(ε_c − ε_p), ε_c from NAG alone, ε_p from NAG with the heads perturbed in
+    every row (HeadGuidance's copies carry their negative rows, perturbed too)."""
+    pipe, call, heads = _composition_case(name, request)
+    s, eps = 2.0, {}
+    for key, edits in (("guided", (da.HeadGuidance(heads=heads, scale=s),)), ("c", ()), ("p", (da.SoftPAG(heads=heads, u=1.0),))):
+        with CallRecorder(pipe) as rec, da.apply(pipe, da.NAG("a blue square", **SETTINGS), *edits):
+            call(pipe, steps=1) if name != "bria" else call(steps=1)
+        eps[key] = rec.steps[0]
+    assert (eps["c"] - eps["p"]).abs().max() > 1e-3
+    assert (eps["guided"] - (eps["c"] + s * (eps["c"] - eps["p"]))).abs().max() <= 3 * ROUNDING

@@ -26,10 +26,13 @@ class ConceptRows:
         self.prompt = concept_prompt(words)
         self._cache: tuple | None = None  # (key, embeds, pooled) of the concept prompt
 
-    def _encoded(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (self.pipe.scheduler.timesteps, text.shape[1], text.device, text.dtype)
+    def _encoded(self, call: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        text = call.get("encoder_hidden_states")
+        where = text if isinstance(text, torch.Tensor) else self.pipe.transformer  # Z-Image: per-row caption lists
+        text_len = text.shape[1] if isinstance(text, torch.Tensor) else self.family.text_length(call)
+        key = (self.pipe.scheduler.timesteps, text_len, where.device, where.dtype)
         if self._cache is None or key[0] is not self._cache[0][0] or key[1:] != self._cache[0][1:]:
-            embeds, pooled = encode_prompts(self.pipe, self.family, [self.prompt], text.shape[1], text.device, text.dtype)
+            embeds, pooled = encode_prompts(self.pipe, self.family, [self.prompt], key[1], where.device, where.dtype)
             self._cache = (key, embeds, pooled)
         return self._cache[1], self._cache[2]
 
@@ -39,7 +42,7 @@ class ConceptRows:
         batch = self.family.batch_size(call)
         cond = {name: take_rows(value, rows) if name in self.family.rows.call_args and _per_row(value, batch) else value
                 for name, value in call.items()}
-        embeds, pooled = self._encoded(call["encoder_hidden_states"])
+        embeds, pooled = self._encoded(call)
         own_pooled = cond.get("pooled_projections")
         if own_pooled is not None and own_pooled.shape[1:] == pooled.shape[1:]:
             pooled = own_pooled

@@ -140,7 +140,7 @@ class TextPatchController:
         text = kwargs.get("encoder_hidden_states")
         # a family whose text is a per-row list (Z-Image's cap_feats) gets it in the transformer's device and dtype
         where = text if isinstance(text, torch.Tensor) else self.pipe.transformer
-        text_len = self.family.text_length(kwargs)
+        text_len = text.shape[1] if isinstance(text, torch.Tensor) else self.family.text_length(kwargs)
         key = (self.pipe.scheduler.timesteps, text_len, where.device, where.dtype)
         if self._cache_key is None or key[0] is not self._cache_key[0] or key[1:] != self._cache_key[1:]:
             self._cache, self._cache_key = {}, key

@@ -83,9 +83,10 @@ class ZImageAttnProcessor(DispatchingProcessor):
         return output
 
     def _image_segment(self, image_len: int | None) -> int | None:
-        """Length of the image segment when a TextPatch or NAG acts on this layer of the call, else None."""
+        """Length of the image segment when a TextPatch, NAG or a concept Capture acts on this layer of the call."""
         nag = self.state.nag is not None and self.layer in self.state.nag.layers
-        if self.state.call.rows is None or not (nag or self.layer in self.state.patch_layers):
+        shared = nag or self.layer in self.state.shared_image_layers  # rows sharing image tokens (NAG, a concept Capture)
+        if self.state.call.rows is None or not (shared or self.layer in self.state.patch_layers):
             return None
         if image_len is None:
             raise ValueError("text edits and NAG on Z-Image need the call's image tokens: only calls with one image "
