@@ -26,6 +26,7 @@ def cmd_maps(args) -> int:
     import torch
 
     from ..capture import overlay
+    from ..families import family_of
     from ..handle import apply
     from ..io import write_json_atomic, write_png_atomic
     from ..limits import check_seed
@@ -34,6 +35,9 @@ def cmd_maps(args) -> int:
 
     check_seed(args.seed, "--seed")
     pipe = load(args)
+    if family_of(pipe.transformer).makes_videos:
+        raise NotImplementedError(f"dit-attn maps draws its maps over one image; {type(pipe).__name__} makes videos: "
+                                  "capture them with da.Capture and draw them with da.capture.overlay_frames")
     settings = {k: v for k, v in call_settings(args).items() if v is not None}
     call = {**call_defaults(pipe), **settings}
     if args.max_sequence_length is not None:
