@@ -97,6 +97,20 @@ def test_cross_maps_are_attn2_softmax_over_the_text_keys(pipe, monkeypatch):
         assert (handle.maps.maps.sum(dim=3) - 1).abs().max() < 1e-5
 
 
+def test_cross_maps_under_text_patch_use_the_patched_keys(pipe, monkeypatch):
+    spy = AttentionSpy(monkeypatch)
+    edits = (da.TextPatch(layers=[1], source_prompt="a blue square cat"), da.Capture(kind="cross", layers=[0, 1]))
+    with da.apply(pipe, *edits) as handle:
+        run(pipe, steps=1)
+        result = handle.maps
+    for n, layer in enumerate((0, 1)):
+        q, k = spy.cross_calls[layer]
+        assert q.shape[0] == 2  # the conditional row and its source row
+        expected = softmax_map(q[:1], k[:1]).permute(0, 1, 3, 2).unflatten(-1, GRID).float()
+        assert (result.maps[:, n] - expected).abs().max() < 1e-6
+        assert torch.equal(k[0], k[1]) == (layer == 1)  # layer 1's target row attends to the source's keys
+
+
 def test_words_are_their_t5_tokens(pipe):
     prompts = ["a red square cat", "a blue square cat"]
     ids = [pipe.tokenizer(p)["input_ids"] for p in prompts]
