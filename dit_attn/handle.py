@@ -254,8 +254,8 @@ def apply(pipe_or_transformer, *edits, expert: str | None = None) -> Handle:
         for state in states.values():
             state.patch_layers, state.nag = states[first].patch_layers, states[first].nag
     capture = _capture_recorder(pipe, family, edits, maps[first])
-    if capture is not None and len(models) > 1:
-        raise NotImplementedError("Capture on a two-expert pipeline records one expert: give expert='E1' or expert='E2'")
+    if capture is not None:
+        _check_same_maps(maps, "Capture addresses layers by index")
     if capture is not None and capture.concept_rows is not None:
         if text is not None:
             raise ValueError("Capture(kind='concept') shares image tokens across rows as NAG does: give it without "
@@ -263,10 +263,10 @@ def apply(pipe_or_transformer, *edits, expert: str | None = None) -> Handle:
         states[first].shared_image_layers = frozenset(capture.layers)
 
     # an expert no edit addresses (E1-only heads, say) keeps its stock processors and no hooks
-    edited = [name for name, state in states.items()
-              if len(models) == 1 or state.model_edits or state.guided_edits or local_edits or text is not None] or [first]
-    if capture is not None:  # before the processors: Wan's cross-attention gets dit-attn's processor for it
-        states[first].capture = capture
+    edited = [name for name, state in states.items() if len(models) == 1 or state.model_edits or state.guided_edits
+              or local_edits or text is not None or capture is not None] or [first]
+    for state in states.values():  # before the processors: Wan's cross-attention gets dit-attn's processor for it
+        state.capture = capture  # one recorder: each step's maps come from the expert that ran it
     installed = []  # (expert, its LocalInstall, its original processors)
     try:
         for name in edited:

@@ -172,11 +172,27 @@ def test_bad_input_and_two_experts():
             run(pipe, steps=1, size=WAN_RUN)
     two = build_wan22_pipeline()
     two.set_progress_bar_config(disable=True)
-    with pytest.raises(NotImplementedError, match="Capture on a two-expert pipeline records one expert"):
-        da.apply(two, da.Capture(kind="cross"))
     with da.apply(two, da.Capture(kind="cross", reduce=None), expert="E2") as handle:
         run(two, steps=4, size=WAN_RUN)
         assert handle.maps.steps == (2, 3)  # E2 runs the steps below the boundary
+    with pytest.raises(ValueError, match="layer maps differ and Capture addresses layers by index"):
+        da.apply(build_wan22_pipeline(num_layers_2=3), da.Capture(kind="cross"))
+
+
+def test_two_experts_each_steps_maps_from_the_expert_that_ran_it(monkeypatch):
+    pipe = build_wan22_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    spy = AttentionSpy(monkeypatch)
+    with da.apply(pipe, da.Capture(kind="cross", tokens=[1, 3], reduce=None)) as handle:
+        run(pipe, steps=4, size=WAN_RUN)
+        result = handle.maps
+    assert result.steps == (0, 1, 2, 3) and result.maps.shape == (4, 1, 2, 2, 2, 2, 2, 2)
+    layers, grid = 2, (2, 2, 2)
+    for step in range(4):
+        for layer in range(layers):
+            q, k = spy.cross_calls[2 * step * layers + layer]
+            expected = softmax_map(q, k)[..., [1, 3]].permute(0, 1, 3, 2).unflatten(-1, grid).float()
+            assert (result.maps[step, :, layer] - expected).abs().max() < 1e-6, (step, layer)
 
 
 def test_overlay_frames_puts_each_latent_frames_map_on_its_frames():
