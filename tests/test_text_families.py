@@ -1,5 +1,6 @@
 """TextPatch / TextGuard on the families whose text keeps its own length per row (Z-Image), checked
 against stock runs of the source prompt and an independent swap of SDPA's caption keys/values."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -234,3 +235,24 @@ def test_flux_clones_patch_everywhere_equals_a_run_of_the_source(clone, cfg):
         patched = call(PROMPT, **kwargs)
     assert (patched - call(SOURCE, **kwargs)).abs().max() <= ROUNDING
     assert (patched - stock[:1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("fixture", ["z_pipe", "hy_distilled"])
+def test_localize_and_edit_text(fixture, request):
+    """localize on a family whose text keeps per-row lengths (Z-Image) or per-row masks (HunyuanImage): patching
+    with the prompt itself scores SSIM 1 at every layer, another prompt less; edit_text's edited image is the
+    TextPatch run of the prompt with its new text."""
+    from dit_attn.localization import ssim_score
+
+    pipe = request.getfixturevalue(fixture)
+    kwargs = dict(guidance_scale=0.0) if fixture == "z_pipe" else dict(distilled_guidance_scale=3.25)
+    result = da.localize(pipe, [(PROMPT, PROMPT), (PROMPT, SOURCE)], score=ssim_score, layers=[0, 1], seeds=[0],
+                         num_inference_steps=2, progress=False, **SIZE, **kwargs)
+    for s in result.scores:
+        assert s.samples[0] == pytest.approx(1.0, abs=1e-6) and s.samples[1] < 1 - 2e-6
+    edit = da.edit_text(pipe, 'a sign that says "A"', "B", layers=[0, 1], num_inference_steps=2, **SIZE, **kwargs)
+    with da.apply(pipe, da.TextPatch(layers=[0, 1], source_prompt='a sign that says "B"')):
+        want = pipe('a sign that says "A"', num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                    output_type="pt", **SIZE, **kwargs).images
+    got = torch.tensor(np.asarray(edit.edited), dtype=torch.float32).permute(2, 0, 1)[None] / 255  # a PIL image
+    assert (got - want.float()).abs().max() <= 1 / 255 + 1e-6
