@@ -234,7 +234,8 @@ def apply(pipe_or_transformer, *edits, expert: str | None = None) -> Handle:
     for edit in edits:
         if isinstance(edit, SoftPAG):
             for name, heads in _expert_heads(edit.heads, maps).items():
-                for layer, layer_edit in _layer_edits(heads, edit.u, edit.target, edit.scope, maps[name], family.name).items():
+                layer_edits = _layer_edits(heads, edit.u, edit.target, edit.scope, maps[name], family.name)
+                for layer, layer_edit in layer_edits.items():
                     states[name].model_edits.setdefault(layer, []).append(layer_edit)
     controller = None
     if guidance:
