@@ -96,6 +96,47 @@ def test_bad_fields_are_one_readable_error(client, changes, message):
     assert "Traceback" not in str(err.value)
 
 
+ATLAS = ["demo", "color:purple", "a red circle\na blue square", "0", 2, 1.0, 3.0, 4.5, "32", "joint", "identity"]
+
+
+def test_atlas_tab_maps_word_gives_each_heads_capture_map(client):
+    png, files, summary = client.predict(*ATLAS, "circle", api_name="/atlas")
+    data = json.load(open(next(p for p in files if p.endswith(".json"))))
+    assert data["maps_word"] == "circle" and sorted(data["maps"]) == sorted(data["scores"]) and len(data["maps"]) == 16
+    assert open(next(p for p in files if p.endswith(".html"))).read().count('class="map"') == 16
+    pipe = build_demo_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    with da.apply(pipe, da.Capture(layers=[2], heads=[1], tokens=["circle"])) as handle:
+        pipe("a red circle", generator=torch.Generator().manual_seed(0), num_inference_steps=2, guidance_scale=4.5,
+             height=32, width=32)
+        expected = handle.maps.maps[0, 0, 0, 0]
+    assert (torch.tensor(data["maps"]["L2H1"]) - expected).abs().max() < 1e-6
+    plain_png, _, _ = client.predict(*ATLAS, api_name="/atlas")  # the maps word is optional (old clients)
+    assert Image.open(png).width > Image.open(plain_png).width  # each head's map beside its thumbnail
+
+
+def test_atlas_maps_word_and_uploaded_maps_are_checked(client, tmp_path):
+    with pytest.raises(AppError, match=r"'dog' not in the prompt 'a red circle'"):
+        client.predict(*ATLAS, "dog", api_name="/atlas")
+    from dit_attn.app.atlas import read_atlas
+    from dit_attn.guidance.atlas import Atlas, png_base64
+
+    thumb = png_base64(Image.new("RGB", (8, 8)))
+    good = Atlas(0.1, {"L0H0": 0.2}, {"L0H0": thumb, "baseline": thumb}, [1], {"objective": "x"}, {"L0H0": [[0.5, 1.0]]},
+                 "red")
+    good.save(str(tmp_path / "good.json"))
+    assert read_atlas(str(tmp_path / "good.json")).maps == {"L0H0": [[0.5, 1.0]]}
+    for maps, word, message in [({"L0H1": [[0.5]]}, "red", "a map for 'L0H1', a head it does not score"),
+                                ({"L0H0": [[0.5], [1, 2]]}, "red", "rows of equal length, at most 32 × 32"),
+                                ({"L0H0": [[0.0] * 33]}, "red", "rows of equal length"),
+                                ({"L0H0": [["x"]]}, "red", "not a finite number"),
+                                ({"L0H0": [[0.5]]}, None, "need 'maps_word'")]:
+        bad = Atlas(0.1, {"L0H0": 0.2}, {"L0H0": thumb, "baseline": thumb}, [1], {}, maps, word)
+        bad.save(str(tmp_path / "bad.json"))
+        with pytest.raises(ValueError, match=re.escape(message)):
+            read_atlas(str(tmp_path / "bad.json"))
+
+
 @pytest.fixture(scope="module")
 def page(server):
     if not os.path.exists(CHROMIUM):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from ..guidance.atlas import Atlas, render_html, render_png
+from ..guidance.atlas import MAP_SIDE, Atlas, render_html, render_png
 from ..limits import (MAX_THUMBNAIL_SIDE, MAX_UPLOAD_BYTES, check_guidance_scale, check_image_header, check_layer_heads,
                       check_seed, check_text, number, whole_number)
 from .models import LoadedModel
@@ -180,6 +180,28 @@ def _check_setting(settings: dict, key: str, kinds, max_chars: int) -> None:
         raise ValueError(f"{NOT_ATLAS}: its setting {key!r} must be text or a number, got {type(value).__name__}")
 
 
+def _check_maps(data: dict, scores: dict) -> tuple[dict, str | None]:
+    """An atlas's optional head maps: for scored heads, rectangular grids of at most MAP_SIDE a side of finite
+    numbers, and the word they map (text)."""
+    maps, word = data.get("maps") or {}, data.get("maps_word")
+    if not isinstance(maps, dict):
+        raise ValueError(f"{NOT_ATLAS}: 'maps' must be an object of head -> rows of numbers")
+    if not maps:
+        return {}, None
+    if not isinstance(word, str):
+        raise ValueError(f"{NOT_ATLAS}: its maps need 'maps_word', the word they map")
+    check_text(f"{NOT_ATLAS}: its 'maps_word'", word, 100)
+    for head, rows in maps.items():
+        if head not in scores:
+            raise ValueError(f"{NOT_ATLAS}: a map for {head[:40]!r}, a head it does not score")
+        if (not isinstance(rows, list) or not 0 < len(rows) <= MAP_SIDE
+                or not all(isinstance(r, list) and 0 < len(r) <= MAP_SIDE and len(r) == len(rows[0]) for r in rows)):
+            raise ValueError(f"{NOT_ATLAS}: the map of {head} must be rows of equal length, at most {MAP_SIDE} × {MAP_SIDE}")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for r in rows for v in r):
+            raise ValueError(f"{NOT_ATLAS}: the map of {head} holds a value that is not a finite number")
+    return maps, word
+
+
 def read_atlas(path: str) -> Atlas:
     """An uploaded atlas JSON, checked field by field against a real layout before anything is drawn: at most
     MAX_ATLAS_LAYERS layers × MAX_ATLAS_HEADS heads, thumbnails PNGs of at most MAX_THUMBNAIL_SIDE px (their headers
@@ -234,4 +256,6 @@ def read_atlas(path: str) -> Atlas:
     settings.setdefault("u", "?")
     settings.setdefault("scale", "?")
     thumbnails = {head: thumbnails[head] for head in [*scores, "baseline"]}  # only those drawn are kept
-    return Atlas(float(baseline), {h: float(v) for h, v in scores.items()}, thumbnails, layer_heads, settings)
+    maps, maps_word = _check_maps(data, scores)
+    return Atlas(float(baseline), {h: float(v) for h, v in scores.items()}, thumbnails, layer_heads, settings,
+                 maps, maps_word)

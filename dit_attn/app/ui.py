@@ -16,6 +16,7 @@ from PIL import Image
 from ..io import slug
 from ..limits import (MAX_LIST_ITEMS, MAX_STEPS, MAX_TEXT_CHARS, check_image_header, check_image_size, check_text,
                       check_video_size, number, whole_number)
+from ..capture.words import check_words_in_prompt
 from ..guidance.atlas import atlas as compute_atlas
 from ..loading import call_options
 from .atlas import (MAX_ATLAS_STEPS, MAX_ATLAS_WORK, MAX_PROMPTS, MAX_SEEDS, atlas_request, check_work, objective_choices,
@@ -287,9 +288,13 @@ class AppActions:
         return canvas, panels, text
 
     def atlas(self, model_choice, objective, prompts_text, seeds_text, steps, u, scale, cfg, size, scope, target,
-              progress=gr.Progress(track_tqdm=True)):
-        """Every head's effect on the objective (`da.atlas`), bounded to MAX_ATLAS_WORK image-steps: PNG, [HTML, JSON], summary."""
+              maps_word=None, progress=gr.Progress(track_tqdm=True)):
+        """Every head's effect on the objective (`da.atlas`), bounded to MAX_ATLAS_WORK image-steps: PNG, [HTML, JSON],
+        summary. maps_word: a word of the first prompt whose map each head draws beside its change."""
         request = atlas_request(objective, prompts_text, seeds_text, steps, u, scale)
+        maps_word = check_text("maps word", maps_word, 100).strip() or None
+        if maps_word is not None:
+            check_words_in_prompt(request.prompts[0], [maps_word])
         cfg = check_form_cfg(cfg)
         progress(0, desc="loading model")
         model = self.registry.get(model_choice)
@@ -299,7 +304,7 @@ class AppActions:
             result = compute_atlas(model.pipe, request.objective, list(request.prompts), list(request.seeds), u=request.u,
                                    scale=request.scale, num_inference_steps=request.num_inference_steps,
                                    guidance_scale=cfg, height=height, width=width, batch_size=ATLAS_BATCH, target=target,
-                                   scope=scope)  # the pipeline's call defaults apply
+                                   scope=scope, maps_word=maps_word)  # the pipeline's call defaults apply
         result.settings["model"] = model.choice
         png, page, data = write_atlas(result, self.output_dir, slug(request.objective, 24))
         return png, [page, data], summarize(result)
@@ -484,6 +489,10 @@ def build_blocks(registry: ModelRegistry, output_dir: str) -> gr.Blocks:
                             atlas_steps = Slider(1, MAX_ATLAS_STEPS, value=8, step=1, label="Steps", elem_id="atlas-steps")
                             atlas_u = Slider(0, 1, value=1.0, step=0.05, label="u")
                             atlas_scale = Slider(0, 20, value=3.0, step=0.1, label="Guidance scale s")
+                        atlas_maps_word = Textbox(label="Maps word (optional)", placeholder="e.g. circle",
+                                                  elem_id="atlas-maps-word",
+                                                  info="a word of the first prompt: each head's cross-attention map "
+                                                       "of it on the unguided image, beside its change")
                         atlas_button = gr.Button("Compute atlas", variant="primary", elem_id="atlas-button")
                         atlas_image = gr.Image(label="Atlas (layers × heads)", type="filepath", format="png", interactive=False,
                                                buttons=["download", "fullscreen"], elem_id="atlas-image")
@@ -556,7 +565,8 @@ def build_blocks(registry: ModelRegistry, output_dir: str) -> gr.Blocks:
                           [set_canvas, set_gallery, set_caption_view], api_name="sets")
         atlas_outputs = [atlas_image, atlas_files, atlas_summary]
         atlas_button.click(readable_errors(actions.atlas), [model_choice, atlas_objective, atlas_prompts, atlas_seeds,
-                                                            atlas_steps, atlas_u, atlas_scale, cfg, size, scope, target],
+                                                            atlas_steps, atlas_u, atlas_scale, cfg, size, scope, target,
+                                                            atlas_maps_word],
                            atlas_outputs, api_name="atlas")
         atlas_load_button.click(readable_errors(actions.load_atlas), [atlas_upload], atlas_outputs, api_name="load_atlas")
         text_button.click(readable_errors(actions.text_edit), [model_choice, steps, cfg, seed, size, text_prompt, text_new,

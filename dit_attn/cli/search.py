@@ -68,7 +68,8 @@ def cmd_atlas(args) -> int:
     objective, prompts, pipe = search_inputs(args)
     result = atlas(pipe, objective, prompts, args.seeds, u=args.u, scale=args.pag_scale, **call_settings(args),
                    batch_size=args.batch_size, target=args.target, scope=args.scope,
-                   max_sequence_length=args.max_sequence_length, checkpoint=args.out + ".checkpoint.json")
+                   max_sequence_length=args.max_sequence_length, checkpoint=args.out + ".checkpoint.json",
+                   maps_word=args.maps_word)
     result.settings["objective"] = args.objective
     result.save(args.out + ".json")
     render_png(result, args.out + ".png")
@@ -147,5 +148,8 @@ def add_commands(sub) -> None:
 
     atlas = sub.add_parser("atlas", help="picture every head's effect on an objective (PNG heatmap + HTML page)")
     add_search_options(atlas)
+    atlas.add_argument("--maps-word", default=None,
+                       help="a word of the first prompt: each head's cross-attention map of it on the unguided image, "
+                            "drawn beside the head's change (one extra generation)")
     atlas.add_argument("--out", default="atlas", help="writes OUT.png, OUT.html, OUT.json (resume: OUT.checkpoint.json)")
     atlas.set_defaults(func=cmd_atlas)
