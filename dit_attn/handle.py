@@ -7,7 +7,7 @@ from . import processors
 from .edits import NAG, Capture, HeadGuidance, LocalAttention, SoftPAG, TextGuard, TextPatch
 from .families import SUPPORTED_MODELS, Family, family_of
 from .guidance.controller import GuidanceController
-from .heads import EXPERTS, LayerInfo, heads_by_expert, resolve_heads
+from .heads import EXPERTS, LayerInfo, heads_by_expert, maps_differ, resolve_heads
 from .hooks.calls import install_hooks, remove_hooks
 from .hooks.private import check_diffusers_version
 from .hooks.selection import check_pipeline
@@ -313,5 +313,5 @@ def _expert_heads(heads, maps: dict[str, list[LayerInfo]]) -> dict[str, list]:
 
 def _check_same_maps(maps: dict[str, list[LayerInfo]], why: str) -> None:
     """Refuse edits given for both experts when the experts' layer maps differ."""
-    if len({tuple((info.heads, info.head_dim) for info in layers) for layers in maps.values()}) > 1:
+    if maps_differ(maps):
         raise ValueError(f"the experts' layer maps differ and {why}: give expert='E1' or expert='E2'")

@@ -110,8 +110,9 @@ def split_expert(spec: HeadSpec) -> tuple[str | None, HeadSpec]:
     return match.group(1), match.group(2)
 
 
-def _map_shape(layers: list[LayerInfo]) -> tuple:
-    return tuple((info.heads, info.head_dim) for info in layers)
+def maps_differ(maps: dict[str, list[LayerInfo]]) -> bool:
+    """Whether the experts' layer maps differ (layer count, heads or head dim of a layer)."""
+    return len({tuple((info.heads, info.head_dim) for info in layers) for layers in maps.values()}) > 1
 
 
 def heads_by_expert(heads: Iterable[HeadSpec], maps: dict[str, list[LayerInfo]]) -> dict[str, list[HeadSpec]]:
@@ -129,7 +130,7 @@ def heads_by_expert(heads: Iterable[HeadSpec], maps: dict[str, list[LayerInfo]])
         plain = plain or expert is None
         for name in maps if expert is None else (expert,):
             by_expert.setdefault(name, []).append(rest)
-    if plain and len({_map_shape(layers) for layers in maps.values()}) > 1:
+    if plain and maps_differ(maps):
         shapes = "; ".join(f"{name}: {len(layers)} layers of {'/'.join(sorted({str(i.heads) for i in layers}))} heads"
                            for name, layers in maps.items())
         raise ValueError(f"the experts' layer maps differ ({shapes}): address each expert's heads "
