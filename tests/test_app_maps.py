@@ -176,3 +176,14 @@ def test_browser_maps_tab_shows_the_gallery(page):
     page.locator("#maps-button").click()
     page.get_by_text(re.compile(r"'dog' not in the prompt")).first.wait_for(state="visible")
     assert "Traceback" not in page.content()
+
+
+def test_video_models_are_refused_in_one_line():
+    from dit_attn.app.maps import check_overlays
+    from dit_attn.app.models import LoadedModel
+    from dit_attn.toy.wan import build_wan_pipeline
+
+    pipe = build_wan_pipeline()
+    model = LoadedModel("wan", pipe, "wan", da.layers(pipe))
+    with pytest.raises(ValueError, match="the Maps tab draws maps over images; WanPipeline makes videos"):
+        check_overlays(da.Capture(tokens=["red"]), model, per_layer=True)

@@ -9,7 +9,7 @@ from ..capture.options import capture_from_fields
 from ..edits import Capture
 from ..io import write_json_atomic
 from ..limits import check_text, whole_number
-from ..workflows.batch import edits_for, pipeline_kwargs
+from ..workflows.batch import edits_for, makes_videos, pipeline_kwargs
 from .generation import save_png
 from .models import LoadedModel
 
@@ -35,7 +35,11 @@ def maps_capture(prompt: str, num_inference_steps: int, kind, words_text, layers
 
 
 def check_overlays(capture: Capture, model: LoadedModel, per_layer: bool) -> None:
-    """The gallery stays within MAX_OVERLAYS images (the layers and heads are checked when the Capture is applied)."""
+    """The model draws images and the gallery stays within MAX_OVERLAYS of them (the layers and heads are checked
+    when the Capture is applied)."""
+    if makes_videos(model.pipe):
+        raise ValueError(f"the Maps tab draws maps over images; {type(model.pipe).__name__} makes videos (use the API: "
+                         "da.Capture and da.capture.overlay_frames)")
     layers = len(capture.layers) if capture.layers is not None else len(model.layer_map)
     count = len(capture.tokens) * (layers if per_layer else 1)
     if count > MAX_OVERLAYS:
