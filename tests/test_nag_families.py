@@ -500,3 +500,23 @@ def test_with_head_guidance_equals_explicit(name, request):
         eps[key] = rec.steps[0]
     assert (eps["c"] - eps["p"]).abs().max() > 1e-3
     assert (eps["guided"] - (eps["c"] + s * (eps["c"] - eps["p"]))).abs().max() <= 3 * ROUNDING
+
+
+def test_cli_generate_with_nag_on_a_saved_z_image_pipeline(tmp_path):
+    """The distilled setting (Z-Image-Turbo runs without CFG): `--nag-negative` on a local Z-Image directory."""
+    import json
+
+    from PIL import Image
+
+    from dit_attn.cli import main
+    from dit_attn.toy.z_image import build_z_image_pipeline
+
+    model = tmp_path / "model"
+    build_z_image_pipeline().save_pretrained(model)
+    args = ["generate", "a red circle", "--model", str(model), "--steps", "2", "--size", "32", "--seed", "3",
+            "--guidance-scale", "0", "--out"]
+    assert main([*args, str(tmp_path / "plain")]) == 0
+    assert main([*args, str(tmp_path / "nag"), "--nag-negative", "blue", "--nag-scale", "3"]) == 0
+    plain, guided = (Image.open(next((tmp_path / name).glob("*.png"))) for name in ("plain", "nag"))
+    assert json.loads(guided.text["dit-attn"])["edits"] == [da.NAG("blue", scale=3.0).to_dict()]
+    assert plain.tobytes() != guided.tobytes()

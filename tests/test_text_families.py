@@ -256,3 +256,17 @@ def test_localize_and_edit_text(fixture, request):
                     output_type="pt", **SIZE, **kwargs).images
     got = torch.tensor(np.asarray(edit.edited), dtype=torch.float32).permute(2, 0, 1)[None] / 255  # a PIL image
     assert (got - want.float()).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_z_image_img2img_patch_everywhere_equals_a_run_of_the_source(z_pipe):
+    from diffusers import ZImageImg2ImgPipeline
+    from PIL import Image
+
+    pipe = ZImageImg2ImgPipeline(**z_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    run = lambda prompt: pipe(prompt, image=image, strength=0.8, num_inference_steps=3, guidance_scale=0.0,  # noqa: E731
+                              output_type="latent", generator=torch.Generator().manual_seed(0), **SIZE).images
+    with da.apply(pipe, da.TextPatch(layers=list(range(len(da.layers(pipe)))), source_prompt=LONG)):
+        patched = run(PROMPT)
+    assert (patched - run(LONG)).abs().max() <= ROUNDING and (patched - run(PROMPT)).abs().max() > 1e-3
