@@ -270,3 +270,19 @@ def test_z_image_img2img_patch_everywhere_equals_a_run_of_the_source(z_pipe):
     with da.apply(pipe, da.TextPatch(layers=list(range(len(da.layers(pipe)))), source_prompt=LONG)):
         patched = run(PROMPT)
     assert (patched - run(LONG)).abs().max() <= ROUNDING and (patched - run(PROMPT)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("fixture", ["z_pipe", "hy_distilled", "edit_pipe"])
+def test_with_head_guidance_the_prompt_itself_changes_nothing(fixture, request):
+    """The perturbed copies are patched from a perturbed run of their source rows: with the prompt itself as
+    source the guided run is HeadGuidance's alone; another source moves it."""
+    pipe = request.getfixturevalue(fixture)
+    call = {"z_pipe": lambda p: z_call(pipe, p), "hy_distilled": lambda p: hy_call(pipe, p, steps=2),
+            "edit_pipe": lambda p: edit_call(pipe, p)}[fixture]
+    guidance = da.HeadGuidance(heads=["L1H1", "L2H0"], scale=2.0)
+    with da.apply(pipe, guidance):
+        want = call(PROMPT)
+    with da.apply(pipe, guidance, da.TextPatch(layers=[0, 1], source_prompt=PROMPT)):
+        assert (call(PROMPT) - want).abs().max() <= ROUNDING
+    with da.apply(pipe, guidance, da.TextPatch(layers=[0, 1], source_prompt=SOURCE)):
+        assert (call(PROMPT) - want).abs().max() > 1e-4
