@@ -3,7 +3,6 @@ image against a stock run) and in headless chromium (type words, click, the gall
 import json
 import os
 import re
-import socket
 
 import numpy as np
 import pytest
@@ -16,15 +15,10 @@ import dit_attn as da
 from dit_attn.app import ModelRegistry, serve
 from dit_attn.toy.configs import build_demo_pipeline
 
-CHROMIUM = "/usr/bin/chromium"
+from .test_app import free_port, page  # noqa: F401  (page: headless chromium on this module's server)
+
 PROMPT = "a red circle"
 FORM = ["demo", PROMPT, 2, 4.5, 3, "32", "", [], [], 0.5, "joint", "identity", 2.0, None, 0.0, 1.0, None, "", 5.0]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +74,7 @@ def test_mean_of_layers_and_self_kind(client):
 
 @pytest.mark.parametrize("changes, message", [
     (dict(words="dog"), r"'dog' not in the prompt 'a red circle'"),
+    (dict(form=[FORM[0], "  ", *FORM[2:]]), "the prompt is empty"),
     (dict(layers="9"), r"layers \[9\] do not exist: this model has layers 0-3"),
     (dict(heads="7"), r"heads \[7\] do not exist"),
     (dict(layers="two"), "layers must be comma-separated indices"),
@@ -135,24 +130,6 @@ def test_atlas_maps_word_and_uploaded_maps_are_checked(client, tmp_path):
         bad.save(str(tmp_path / "bad.json"))
         with pytest.raises(ValueError, match=re.escape(message)):
             read_atlas(str(tmp_path / "bad.json"))
-
-
-@pytest.fixture(scope="module")
-def page(server):
-    if not os.path.exists(CHROMIUM):
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{CHROMIUM} is missing in CI: .ci/run installs Debian's chromium")
-        pytest.skip(f"browser test needs Debian's chromium at {CHROMIUM} (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                             args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-        page = browser.new_page()
-        page.set_default_timeout(30_000)
-        page.goto(server.local_url)
-        yield page
-        browser.close()
 
 
 def test_browser_maps_tab_shows_the_gallery(page):

@@ -22,6 +22,8 @@ def maps_capture(prompt: str, num_inference_steps: int, kind, words_text, layers
                  last_step) -> Capture:
     """The Capture of the tab's fields; the step range within the generation's steps. self: the words field holds
     row,col cells of the token grid separated by ';'."""
+    if not prompt:
+        raise ValueError("the prompt is empty: describe the image to generate")
     words = check_text("words", words_text, 2000)
     layers, heads = check_text("layers", layers_text, 2000), check_text("heads", heads_text, 2000)
     last = num_inference_steps - 1
