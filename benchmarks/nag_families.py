@@ -1,0 +1,69 @@
+"""NAG's cost where its negative prompt rides as rows of the pipeline's own call: plain (no guidance), NAG and
+CFG with the same negative prompt, side by side in one run, on config-built Z-Image, HunyuanImage 2.1 and Bria
+pipelines (latents out, best of 3).
+
+Run:  python benchmarks/nag_families.py [--threads 1] [--size 128] [--steps 8]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import dit_attn as da
+
+
+def best_of(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def cases(size: int):
+    """(name, pipeline, call settings, plain settings, CFG settings) per family."""
+    from dit_attn.toy.bria import build_bria_pipeline
+    from dit_attn.toy.hunyuan_image import build_hunyuan_image_pipeline
+    from dit_attn.toy.z_image import build_z_image_pipeline
+
+    z = build_z_image_pipeline(num_layers=4, num_heads=4, head_dim=32)
+    yield "Z-Image 4 × 4 heads × 32", z, {}, dict(guidance_scale=0.0), dict(guidance_scale=3.0)
+    hy = build_hunyuan_image_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=32, guidance_embeds=True)
+    distilled = dict(distilled_guidance_scale=3.25)
+    yield "HunyuanImage 2+2 × 4 heads × 32 (distilled)", hy, {}, distilled, None
+    bria = build_bria_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=32, text_encoder=True)
+    yield "Bria 2+2 × 4 heads × 32", bria, dict(max_sequence_length=16), dict(guidance_scale=1.0), dict(guidance_scale=3.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, threads {args.threads}; {args.size}×{args.size}, {args.steps} steps, "
+          "negative prompt 'a blue square'")
+    print("| model | plain s | NAG s (× plain) | CFG s (× plain) |\n|---|---|---|---|")
+    for name, pipe, common, plain_kwargs, cfg_kwargs in cases(args.size):
+        pipe.set_progress_bar_config(disable=True)
+
+        def generate(**kwargs):
+            pipe("a red circle", num_inference_steps=args.steps, height=args.size, width=args.size,
+                 output_type="latent", generator=torch.Generator().manual_seed(0), **common, **kwargs)
+
+        plain = best_of(lambda: generate(**plain_kwargs))
+        with da.apply(pipe, da.NAG("a blue square")):
+            nag = best_of(lambda: generate(**plain_kwargs))
+        cfg = "—"
+        if cfg_kwargs is not None:
+            seconds = best_of(lambda: generate(negative_prompt="a blue square", **cfg_kwargs))
+            cfg = f"{seconds:.3f} ({seconds / plain:.2f}×)"
+        print(f"| {name} | {plain:.3f} | {nag:.3f} ({nag / plain:.2f}×) | {cfg} |")
+
+
+if __name__ == "__main__":
+    main()
