@@ -36,6 +36,9 @@ class Perturbation:
     # (B,) bool: rows blended even where u is 0, so that gradients with respect to u reach every head of
     # them (head screening differentiates at u = 0)
     blended_rows: torch.Tensor | None = None
+    # (touched, full) per row when the rows differ but are known without reading u (HeadGuidance's
+    # perturbed copies): again no data-dependent branch
+    known_rows: tuple[tuple[bool, ...], tuple[bool, ...]] | None = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -58,18 +61,22 @@ class Perturbation:
         """Contiguous runs of the touched rows, as slices."""
         if self.same_rows is not None:
             return [slice(0, self.u.shape[0])] if self.same_rows[0] else []
+        if self.known_rows is not None:
+            return row_runs(self.known_rows[0])
         return row_runs(self.touched_rows().cpu())
 
     def full_row_list(self) -> list[bool]:
         if self.same_rows is not None:
             return [self.same_rows[1]] * self.u.shape[0]
+        if self.known_rows is not None:
+            return list(self.known_rows[1])
         return self.full_rows().cpu().tolist()
 
 
-def row_runs(mask: torch.Tensor) -> list[slice]:
+def row_runs(mask: torch.Tensor | tuple[bool, ...]) -> list[slice]:
     """Contiguous runs of True in a (B,) bool mask, as slices (views, not copies, of a batch)."""
     runs, start = [], None
-    for i, flag in enumerate(mask.tolist() + [False]):
+    for i, flag in enumerate((mask.tolist() if isinstance(mask, torch.Tensor) else list(mask)) + [False]):
         if flag and start is None:
             start = i
         elif not flag and start is not None:

@@ -76,6 +76,7 @@ class RowStage:
     patch_sources: torch.Tensor
     keeps_rows: bool  # select is the identity: the rows entering this stage run on unchanged
     is_call_rows: bool  # from_call is the identity: the stage runs the call's rows
+    perturbed_rows: tuple[int, ...] = ()  # the rows of `perturbed`, as Python ints (no data-dependent branch)
 
     @property
     def size(self) -> int:
@@ -114,7 +115,7 @@ class RowPlan:
     @property
     def call_rows(self) -> int:
         """Rows of the call's inputs: the first stage runs all of them, besides any perturbed copies."""
-        return int((self.stages[0].perturbed_of < 0).sum())
+        return self.stages[0].size - len(self.stages[0].perturbed_rows)
 
 
 def plan_rows(stock_rows: int, sources: dict[int, int] | None = None, patch_end: int | None = None,
@@ -160,6 +161,7 @@ def plan_rows(stock_rows: int, sources: dict[int, int] | None = None, patch_end:
             patch_sources=torch.tensor([position[(sources[rows[i][0]], rows[i][1])] for i in targets], dtype=torch.long),
             keeps_rows=select == list(range(len(previous))),
             is_call_rows=[r[0] for r in rows] == list(range(call_rows)) and not any(r[1] for r in rows),
+            perturbed_rows=tuple(i for i, r in enumerate(rows) if r[1]),
         ))
         previous = rows
     return RowPlan(stock_rows, tuple(stages))
@@ -258,12 +260,16 @@ class EditState:
         guided = self.guided_edits.get(layer)
         rows = self.call.rows
         stage = rows.stage_at(layer) if rows is not None else None
-        if guided is not None and stage is not None and batch == stage.size and bool(stage.perturbed.any()):
+        if guided is not None and stage is not None and batch == stage.size and stage.perturbed_rows:
             u = torch.zeros(batch, guided.u.shape[-1], dtype=guided.u.dtype)
-            copies = stage.perturbed.nonzero().flatten()
+            copies = list(stage.perturbed_rows)
             u[copies] = guided.u if guided.u.ndim == 1 else guided.u[stage.perturbed_of[copies]]
             blended = stage.perturbed if guided.u.requires_grad else None
-            perturbations.append(Perturbation(u, guided.target, guided.scope, blended_rows=blended))
+            known = None
+            if guided.u.ndim == 1 and blended is None and guided.same_rows is not None:
+                touched, full = guided.same_rows
+                known = (tuple(touched and i in copies for i in range(batch)), tuple(full and i in copies for i in range(batch)))
+            perturbations.append(Perturbation(u, guided.target, guided.scope, blended_rows=blended, known_rows=known))
         if not perturbations and window is None:
             return None
         return AttentionPlan(tuple(perturbations), image_tokens, window)
