@@ -15,6 +15,15 @@ class DispatchingProcessor(LayerProcessor):
     _attention_backend = None  # set by diffusers' set_attention_backend, copied over by `install`
     _parallel_config = None
 
+    def local_image_stop(self, text_len: int, seq_len: int) -> int:
+        """Where the image tokens of this layer's plan end in a [text ; image] sequence. At a local layer of
+        a call with reference-image tokens after the generated grid (FLUX.1 Kontext), the grid's end: the
+        reference tokens join the text as global tokens (every query sees them, their queries see everything)."""
+        local, grid = self.state.local, self.state.call.grid
+        if local is None or self.layer not in local.layers or grid is None or len(grid) != 2:
+            return seq_len
+        return min(seq_len, text_len + grid[0] * grid[1])
+
     def attend(self, query, key, value, plan, attention_mask, image_tokens: int) -> torch.Tensor:
         """(B, S, H, D) → (B, S, H, D). With no plan: diffusers' own call, so `attention_backend(...)` and
         `set_attention_backend` reach the layer; else the plan on dit-attn's kernels (image_tokens: the

@@ -54,15 +54,6 @@ class FluxLayoutProcessor(DispatchingProcessor):
         out = self.attend(query, key, value, plan, attention_mask, image_stop - text_len).flatten(2, 3).to(query.dtype)
         return self.state.nag_guide(self.layer, out, slice(text_len, None))
 
-    def local_image_stop(self, text_len: int, seq_len: int) -> int:
-        """Where the image tokens of this layer's plan end. At a local layer of a call with reference-image
-        tokens after the generated grid (Kontext), the grid: the reference tokens join the text as global
-        tokens (every query sees them, their queries see everything)."""
-        local, grid = self.state.local, self.state.call.grid
-        if local is None or self.layer not in local.layers or grid is None or len(grid) != 2:
-            return seq_len
-        return min(seq_len, text_len + grid[0] * grid[1])
-
 
 class FluxAttnProcessor(FluxLayoutProcessor):
     """One instance per attention module; `layer` numbers single blocks after double blocks."""
