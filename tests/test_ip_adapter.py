@@ -239,3 +239,33 @@ def test_text_edits_with_an_image_prompt_are_refused_in_one_line():
         with pytest.raises(NotImplementedError, match="do not run with an IP-Adapter image prompt"):
             pipe("a red circle", num_inference_steps=1, guidance_scale=4.0, max_sequence_length=8, height=32, width=32,
                  output_type="latent", ip_adapter_image_embeds=torch.zeros(2, 3, IMAGE_EMBED_DIM))
+
+
+class MaskedJointSDPA(PerturbJointSDPA):
+    """The module's first SDPA call (its joint attention) with a keep-mask; the IP-Adapter's call stock."""
+
+    def __init__(self, module, mask):
+        super().__init__(module, [])
+        self.mask = mask
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention and self.inside and not self.done:
+            self.done = True
+            return func(*args, **{**(kwargs or {}), "attn_mask": self.mask})
+        return func(*args, **(kwargs or {}))
+
+
+def test_local_attention_on_an_ip_adapter_layer():
+    pipe = FAMILIES["flux"][0]()
+    transformer = pipe.transformer
+    call, image_embeds = flux_call(transformer)
+    transformer._load_ip_adapter_weights(flux_ip_state_dict(transformer), low_cpu_mem_usage=False)
+    text, ids = call["encoder_hidden_states"].shape[1], call["img_ids"]
+    ys, xs = ids[:, 1], ids[:, 2]
+    keep = torch.ones(text + len(ids), text + len(ids), dtype=torch.bool)
+    keep[text:, text:] = (ys[:, None] - ys[None, :]) ** 2 + (xs[:, None] - xs[None, :]) ** 2 < 1.5**2
+    with torch.no_grad(), MaskedJointSDPA(transformer.transformer_blocks[1].attn, keep):
+        want = transformer(**call, joint_attention_kwargs={"ip_adapter_image_embeds": image_embeds}, return_dict=False)[0]
+    assert (want - run(transformer, call, image_embeds)).abs().max() > 1e-3
+    with da.apply(transformer, da.LocalAttention(radius=1.5, layers=[1], backend="tiled")):
+        assert (run(transformer, call, image_embeds) - want).abs().max() < 1e-5
