@@ -231,14 +231,30 @@ def test_head_guidance_with_an_image_prompt_equals_stock_passes(family):
         assert (eps - (base + edit.scale * (eps_c - eps_p))).abs().max() < 1e-5
 
 
-def test_text_edits_with_an_image_prompt_are_refused_in_one_line():
-    pipe = FAMILIES["sd3"][0]()
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_text_patch_rows_carry_the_image_prompt(family):
+    """TextPatch's source rows get their target rows' image prompt: patching with the prompt itself is the
+    stock IP-Adapter generation, and another source prompt changes it."""
+    build, state_dict_of, _, _ = FAMILIES[family]
+    pipe = build()
     pipe.set_progress_bar_config(disable=True)
-    pipe.transformer._load_ip_adapter_weights(sd3_ip_state_dict(pipe.transformer), low_cpu_mem_usage=False)
-    with da.apply(pipe, da.TextPatch(layers=(0,), source_prompt="a blue square")):
-        with pytest.raises(NotImplementedError, match="do not run with an IP-Adapter image prompt"):
-            pipe("a red circle", num_inference_steps=1, guidance_scale=4.0, max_sequence_length=8, height=32, width=32,
-                 output_type="latent", ip_adapter_image_embeds=torch.zeros(2, 3, IMAGE_EMBED_DIM))
+    pipe.transformer._load_ip_adapter_weights(state_dict_of(pipe.transformer), low_cpu_mem_usage=False)
+    g = torch.Generator().manual_seed(5)
+    if family == "sd3":
+        image_prompt = dict(ip_adapter_image_embeds=torch.randn(2, 3, IMAGE_EMBED_DIM, generator=g), guidance_scale=4.0)
+    else:
+        image_prompt = dict(ip_adapter_image_embeds=[torch.randn(1, 1, IMAGE_EMBED_DIM, generator=g)],
+                            negative_ip_adapter_image_embeds=[torch.zeros(1, 1, IMAGE_EMBED_DIM)], guidance_scale=3.5)
+
+    def generate(**kwargs):
+        return pipe("a red circle", num_inference_steps=3, max_sequence_length=8, height=32, width=32,
+                    output_type="latent", generator=torch.Generator().manual_seed(0), **image_prompt, **kwargs).images
+
+    stock = generate()
+    with da.apply(pipe, da.TextPatch(layers=(0, 1), source_prompt="a red circle")):
+        assert (generate() - stock).abs().max() < 1e-5
+    with da.apply(pipe, da.TextPatch(layers=(0, 1), source_prompt="a blue square")):
+        assert (generate() - stock).abs().max() > 1e-4
 
 
 class MaskedJointSDPA(PerturbJointSDPA):

@@ -69,10 +69,34 @@ def _each_call_rows(value, index: torch.Tensor, call_rows: int):
     return take_call_rows(value, index, call_rows)
 
 
-def _carries_image_prompt(call: dict, family: Family) -> bool:
-    """The call passes per-row IP-Adapter inputs in its keyword dicts (image embeddings or states)."""
-    entries = {"ip_adapter_image_embeds"} | {dotted.split(".")[1] for dotted in family.rows.block_kwargs_args}
-    return any(entries & set(call.get(dotted.split(".")[0]) or {}) for dotted in family.rows.block_kwargs_args)
+def image_prompt_entries(family: Family) -> dict[str, set[str]]:
+    """{keyword dict of the call: its per-row IP-Adapter entries} (the image embeddings the pipeline passes,
+    the image states the transformer puts there for its blocks)."""
+    entries: dict[str, set[str]] = {}
+    for dotted in family.rows.block_kwargs_args:
+        container, entry = dotted.split(".")
+        entries.setdefault(container, {"ip_adapter_image_embeds"}).add(entry)
+    return entries
+
+
+def _append_rows(value, targets: torch.Tensor, batch: int):
+    if isinstance(value, (list, tuple)):
+        return type(value)(_append_rows(v, targets, batch) for v in value)
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
+        return torch.cat([value, value.index_select(0, targets.to(value.device))])
+    return value
+
+
+def with_image_prompt_rows(call: dict, targets: torch.Tensor, batch: int, family: Family) -> dict:
+    """The call with its keyword dicts' per-row IP-Adapter entries widened like the rows appended to the
+    call (each takes its target row's image prompt), in new dicts."""
+    out = dict(call)
+    for container, names in image_prompt_entries(family).items():
+        given = call.get(container)
+        if given and names & set(given):
+            out[container] = {key: _append_rows(value, targets, batch) if key in names else value
+                              for key, value in given.items()}
+    return out
 
 
 def row_count(value) -> int:
@@ -163,6 +187,8 @@ class CallHook(_Hook):
 
     def _concept_forward(self, forward, call: dict, patch, current) -> None:
         """A concept Capture's second call: the conditional rows with their concept rows appended."""
+        if any(names & set(call.get(container) or {}) for container, names in image_prompt_entries(self.family).items()):
+            raise NotImplementedError("Capture(kind='concept') does not run with an IP-Adapter image prompt yet")
         plan = plan_rows(self.family.batch_size(call), sources=patch.sources,
                          patch_end=None if self.family.widen_at_call else patch.patch_end)
         current.rows = plan
@@ -186,9 +212,6 @@ class CallHook(_Hook):
             return self._cross_attention_nag_forward(module, forward, call, current, cond, patch.targets, nag_text)
         if cond is None and patch is None:
             return forward(**call)
-        if patch is not None and _carries_image_prompt(call, self.family):
-            raise NotImplementedError("TextPatch, TextGuard and NAG do not run with an IP-Adapter image prompt yet (their "
-                                      "extra prompt rows have no image prompt rows): call without the image prompt")
         at_call = self.family.widen_at_call
         plan = plan_rows(
             batch,
@@ -198,7 +221,7 @@ class CallHook(_Hook):
             fork_layer=(0 if at_call else self.guidance.fork_layer) if cond is not None else None,
         )
         if patch is not None:
-            call = patch.extend(call)
+            call = with_image_prompt_rows(patch.extend(call), patch.targets, batch, self.family)
         if at_call and not plan.stages[0].keeps_rows:
             call = {name: take_rows(value, plan.stages[0].select) if name in self.family.rows.call_args else value
                     for name, value in call.items()}
