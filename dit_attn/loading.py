@@ -22,6 +22,30 @@ def call_options(cfg: float | None = None, size: tuple[int, int] | None = None,
     return options
 
 
+def call_pipeline(pipe, **kwargs):
+    """`pipe(**kwargs)`, where a `guidance_scale` reaches a pipeline that takes no such argument through the
+    place that holds its scale: a copy of its guider at that scale for this call (HunyuanImage 2.1,
+    HunyuanVideo 1.5), or `distilled_guidance_scale` (guidance-distilled HunyuanImage, which has no guider)."""
+    import inspect
+
+    scale = kwargs.get("guidance_scale")
+    parameters = inspect.signature(pipe.__call__).parameters
+    if scale is None or "guidance_scale" in parameters:
+        return pipe(**kwargs)
+    kwargs = {name: value for name, value in kwargs.items() if name != "guidance_scale"}
+    guider = getattr(pipe, "guider", None)
+    if guider is not None and "guidance_scale" in guider.config:
+        pipe.guider = guider.new(guidance_scale=scale)
+        try:
+            return pipe(**kwargs)
+        finally:
+            pipe.guider = guider
+    if "distilled_guidance_scale" in parameters:
+        return pipe(**kwargs, distilled_guidance_scale=scale)
+    raise ValueError(f"{type(pipe).__name__} takes no guidance scale (no guidance_scale argument, no guider "
+                     "holding one): leave the guidance scale out")
+
+
 def call_defaults(pipe) -> dict:
     """Pipeline-call settings an embedded model prefers (the tiny model: one zero T5 token, not 256)."""
     return dict(getattr(pipe, "dit_attn_call_defaults", {}))

@@ -257,3 +257,27 @@ def test_a_hunyuan_video_1_5_pipeline_writes_the_stock_frames(tmp_path):
                  num_frames=5, output_type="pil").frames[0]
     frames = video.read_video_frames(only_file(out, ".webp"))
     assert len(frames) == 5 and all(np.array_equal(a, np.asarray(b)) for a, b in zip(frames, stock))
+
+
+def test_a_guidance_scale_reaches_a_pipeline_whose_guider_holds_it(tmp_path):
+    """HunyuanVideo 1.5's call takes no guidance_scale: --guidance-scale runs the call with a guider at that scale."""
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from dit_attn.toy.hunyuan_video15 import build_hunyuan_video15_pipeline
+
+    build_hunyuan_video15_pipeline().save_pretrained(tmp_path / "model")
+    model, out = str(tmp_path / "model"), tmp_path / "out"
+    assert main(["generate", "a red circle", "--model", model, "--steps", "2", "--size", "16", "--frames", "5",
+                 "--seed", "3", "--guidance-scale", "2.5", "--video-format", "webp", "--out", str(out)]) == 0
+    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    run = dict(generator=torch.Generator().manual_seed(3), num_inference_steps=2, height=16, width=16, num_frames=5,
+               output_type="pil")
+    default = pipe("a red circle", **run).frames[0]
+    pipe.guider = ClassifierFreeGuidance(guidance_scale=2.5)
+    run["generator"] = torch.Generator().manual_seed(3)
+    scaled = pipe("a red circle", **run).frames[0]
+    frames = video.read_video_frames(only_file(out, ".webp"))
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(frames, scaled))
+    assert not all(np.array_equal(a, np.asarray(b)) for a, b in zip(frames, default))
+    assert video.verified_video_settings(only_file(out, ".webp"))["guidance_scale"] == 2.5

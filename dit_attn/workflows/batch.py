@@ -438,14 +438,14 @@ def render(pipe, settings: dict, **call):
     import torch
 
     from ..handle import apply
-    from ..loading import call_defaults
+    from ..loading import call_defaults, call_pipeline
 
     edits = edits_for(settings)
     generator = torch.Generator(device="cpu").manual_seed(settings["seed"])
     video = {"output_type": "pil"} if makes_videos(pipe) else {}
     with apply(pipe, *edits) if edits else contextlib.nullcontext():
-        return pipeline_output(pipe, pipe(prompt=settings["prompt"], generator=generator,
-                                          **{**call_defaults(pipe), **pipeline_kwargs(settings), **video, **call}))[0]
+        return pipeline_output(pipe, call_pipeline(pipe, prompt=settings["prompt"], generator=generator,
+                                                   **{**call_defaults(pipe), **pipeline_kwargs(settings), **video, **call}))[0]
 
 
 def regenerate(png_path: str | os.PathLike, pipe=None, *, device: str | None = None):
@@ -613,7 +613,7 @@ def _generate(todo: list, base: dict, run_settings: dict, out: str, manifest: Ma
     from tqdm.auto import tqdm
 
     from ..handle import apply
-    from ..loading import call_defaults, load_pipeline
+    from ..loading import call_defaults, call_pipeline, load_pipeline
     from ..video import write_video_atomic
 
     videos = suffix != "png"
@@ -668,8 +668,9 @@ def _generate(todo: list, base: dict, run_settings: dict, out: str, manifest: Ma
                         handle = apply(pipe, *edits)
                     handle_edits = edits
                 generators = [torch.Generator(device="cpu").manual_seed(s["seed"]) for _, s, _ in group]
-                outputs = pipeline_output(pipe, pipe(prompt=[item.prompt for item, _, _ in group], generator=generators,
-                                                     **{**call_defaults(pipe), **pipeline_kwargs(settings), **video_call}))
+                outputs = pipeline_output(pipe, call_pipeline(pipe, prompt=[item.prompt for item, _, _ in group],
+                                                              generator=generators,
+                                                              **{**call_defaults(pipe), **pipeline_kwargs(settings), **video_call}))
             except (ValueError, TypeError, RuntimeError) as err:
                 report.failed.extend((item, f"{type(err).__name__}: {err}") for item, _, _ in group)
                 bar.update(group_units - advanced[0])
