@@ -285,3 +285,20 @@ def test_local_attention_on_an_ip_adapter_layer():
     assert (want - run(transformer, call, image_embeds)).abs().max() > 1e-3
     with da.apply(transformer, da.LocalAttention(radius=1.5, layers=[1], backend="tiled")):
         assert (run(transformer, call, image_embeds) - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_fullgraph_compile_with_an_ip_adapter_equals_eager(family):
+    build, state_dict_of, call_of, _ = FAMILIES[family]
+    transformer = build().transformer
+    call, image_embeds = call_of(transformer)
+    transformer._load_ip_adapter_weights(state_dict_of(transformer), low_cpu_mem_usage=False)
+    with da.apply(transformer, da.SoftPAG(["L1H1"], u=1.0)):
+        eager = run(transformer, call, image_embeds)
+        torch._dynamo.reset()
+        transformer.compile(fullgraph=True, backend="aot_eager")
+        try:
+            got = run(transformer, call, image_embeds)
+        finally:
+            torch._dynamo.reset()
+    assert (got - eager).abs().max() < 1e-5
