@@ -229,16 +229,6 @@ def test_local_attention_equals_reference_backend(qwen_pipe, prompt):
     assert (outs["auto"] - replay(qwen_pipe.transformer, call)).abs().max() > 1e-4
 
 
-def test_local_attention_refuses_edit_reference_tokens(qwen_pipe):
-    call = dict(recorded(qwen_pipe).calls[0])
-    tokens = call["hidden_states"]
-    call["hidden_states"] = torch.cat([tokens, tokens], dim=1)
-    call["img_shapes"] = [[(1, 4, 4), (1, 4, 4)]]
-    with da.apply(qwen_pipe.transformer, da.LocalAttention(radius=2)):
-        with pytest.raises(ValueError, match="edit-reference"):
-            replay(qwen_pipe.transformer, call)
-
-
 def test_text_patch_with_own_prompt_changes_nothing(qwen_pipe):
     stock = qwen_call(qwen_pipe, negative_prompt="blurry", true_cfg_scale=2.0)
     with da.apply(qwen_pipe, da.TextPatch(layers=[0, 1], source_prompt="a red circle")):

@@ -77,11 +77,6 @@ class Flux2(Family):
         if ids is None:
             return None, "the call has no img_ids"
         ids = ids[0] if ids.ndim == 3 else ids
-        if ids.shape[0] and not bool((ids[:, 0] == ids[0, 0]).all()):
-            # the kernels take the image tokens as one range with one grid: the generated tokens cannot
-            # be told apart from the reference tokens that follow them
-            return None, ("the call carries FLUX.2 reference-image tokens after the generated ones (their ids have "
-                          "another t coordinate); local windows need the image tokens alone on one grid")
         return grid_from_ids(ids[:, :3].float(), call["hidden_states"].shape[1])
 
     def conditional_rows(self, pipe, batch: int, call: dict, context: str | None):

@@ -82,13 +82,11 @@ class QwenImage(Family):
         shapes, why = first_image_shape(call.get("img_shapes"))
         if shapes is None:
             return None, why
-        if len(shapes) > 1:
-            return None, (f"the call carries {len(shapes) - 1} edit-reference image(s) after the generated tokens "
-                          "(Qwen-Image-Edit); local windows cover one image grid")
+        # Qwen-Image-Edit's edit-reference images follow the generated one: the grid is the generated image's
         frames, rows, cols = shapes[0]
         tokens = call["hidden_states"].shape[1]
-        if frames != 1 or rows * cols != tokens:
-            return None, f"img_shapes {shapes[0]} does not describe the call's {tokens} image tokens"
+        if frames != 1 or sum(f * h * w for f, h, w in shapes) != tokens:
+            return None, f"img_shapes {shapes} does not describe the call's {tokens} image tokens"
         return (rows, cols), ""
 
     def conditional_rows(self, pipe, batch: int, call: dict, context: str | None):

@@ -7,7 +7,8 @@ hand the attention call to `dit_attn.kernels.attention` with this layer's plan.
 
 The plan's image tokens are [text_len, S): with reference images that range holds the generated tokens and
 the reference tokens after them, so scope="image" perturbs attention among all image tokens, generated and
-reference alike.
+reference alike. At a LocalAttention layer the plan's image range ends at the generated grid and the
+reference tokens join the text as global tokens (`local_image_stop`).
 """
 from __future__ import annotations
 

@@ -69,9 +69,9 @@ class QwenImageAttnProcessor(DispatchingProcessor):
         key = torch.cat([txt_key, img_key], dim=1)
         value = torch.cat([txt_value, img_value], dim=1)
 
-        seq_len = query.shape[1]
-        plan = self.state.plan(self.layer, query.shape[0], (text_len, seq_len), getattr(attn, POOL_MODULE, None))
-        joint = self.attend(query, key, value, plan, attention_mask, seq_len - text_len)
+        image_stop = self.local_image_stop(text_len, query.shape[1])
+        plan = self.state.plan(self.layer, query.shape[0], (text_len, image_stop), getattr(attn, POOL_MODULE, None))
+        joint = self.attend(query, key, value, plan, attention_mask, image_stop - text_len)
         joint = joint.flatten(2, 3).to(query.dtype)
         joint = self.state.nag_guide(self.layer, joint, slice(text_len, None))
 
