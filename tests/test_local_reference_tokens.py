@@ -29,11 +29,12 @@ def kontext():
     pipe = FluxKontextPipeline(**{k: v for k, v in flux.components.items() if k in (
         "transformer", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")})
     pipe.set_progress_bar_config(disable=True)
-    with CallRecorder(pipe) as rec:  # a 48×32 image from a 32×32 reference: 12×8 and 8×8 token grids
-        pipe(prompt="make it red", image=Image.new("RGB", (32, 32), (30, 160, 40)), num_inference_steps=1,
-             guidance_scale=3.5, height=48, width=32, max_sequence_length=8, output_type="latent",
-             max_area=48 * 32, _auto_resize=False, generator=torch.Generator().manual_seed(0))
-    return pipe, rec.calls[0]
+    # a 48×32 image from a 32×32 reference: 12×8 and 8×8 token grids
+    kwargs = dict(prompt="make it red", image=Image.new("RGB", (32, 32), (30, 160, 40)), guidance_scale=3.5,
+                  height=48, width=32, max_sequence_length=8, output_type="latent", max_area=48 * 32, _auto_resize=False)
+    with CallRecorder(pipe) as rec:
+        pipe(num_inference_steps=1, generator=torch.Generator().manual_seed(0), **kwargs)
+    return pipe, rec.calls[0], kwargs
 
 
 def window_mask(text: int, generated: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, radius: float) -> torch.Tensor:
@@ -90,7 +91,7 @@ class MaskedSDPA(TorchFunctionMode):
 @pytest.mark.parametrize("layer", [1, 3])  # a double block and a single block
 def test_reference_tiled_and_flex_equal_the_dense_mask(kontext, layer, monkeypatch):
     monkeypatch.setenv("DIT_ATTN_FLEX_COMPILE", "0")  # eager flex: compiling it on the CPU takes longer than the test
-    pipe, call = kontext
+    pipe, call, _ = kontext
     transformer = pipe.transformer
     stock = replay(transformer, call)
     with MaskedSDPA(flux_attention_module(pipe, layer), kontext_mask(call, RADIUS)):
@@ -103,14 +104,14 @@ def test_reference_tiled_and_flex_equal_the_dense_mask(kontext, layer, monkeypat
 
 
 def test_a_radius_covering_the_generated_grid_is_stock(kontext):
-    pipe, call = kontext
+    pipe, call, _ = kontext
     stock = replay(pipe.transformer, call)
     with da.apply(pipe.transformer, da.LocalAttention(radius=14.0, backend="tiled")):  # 11² + 7² < 14²: the 12×8 grid fits
         assert (replay(pipe.transformer, call) - stock).abs().max() < 1e-5
 
 
 def test_downsampled_keys_pool_the_generated_grid_only(kontext):
-    pipe, call = kontext
+    pipe, call, _ = kontext
     edit = dict(radius=1.5, layers=[0, 2], downsample=2)
     with da.apply(pipe.transformer, da.LocalAttention(backend="reference", **edit)):
         reference = replay(pipe.transformer, call)
@@ -127,7 +128,7 @@ def test_triton_declines_a_grid_with_tokens_after_it():
 
 
 def test_reference_tokens_before_the_generated_ones_are_refused_clearly(kontext):
-    pipe, call = kontext
+    pipe, call, _ = kontext
     ids = call["img_ids"]
     swapped = dict(call, img_ids=torch.cat([ids[ids[:, 0] != 0], ids[ids[:, 0] == 0]]))
     with da.apply(pipe.transformer, da.LocalAttention(radius=RADIUS, layers=[1])):
@@ -169,11 +170,11 @@ def qwen_edit():
     texts = torch.randn(1, 6, 16, generator=torch.Generator().manual_seed(3))
     kwargs = dict(image=image, prompt_embeds=texts, height=48, width=32, true_cfg_scale=1.0, output_type="latent")
     original = edit_module.calculate_dimensions
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch:  # for the module's tests
         patch.setattr(edit_module, "calculate_dimensions", lambda area, ratio: original(32 * 32, ratio))
         with CallRecorder(pipe) as rec:
             pipe(num_inference_steps=1, generator=torch.Generator().manual_seed(0), **kwargs)
-    return pipe, rec.calls[0]
+        yield pipe, rec.calls[0], kwargs
 
 
 def qwen_attention_module(pipe, layer):
@@ -198,7 +199,7 @@ def test_flux2_reference_tiled_and_flex_equal_the_dense_mask(flux2, layer, monke
 @pytest.mark.parametrize("layer", [0, 2])
 def test_qwen_edit_reference_tiled_and_flex_equal_the_dense_mask(qwen_edit, layer, monkeypatch):
     monkeypatch.setenv("DIT_ATTN_FLEX_COMPILE", "0")
-    pipe, call = qwen_edit
+    pipe, call, _ = qwen_edit
     assert call["img_shapes"][0] == [(1, 6, 4), (1, 4, 4)]
     transformer = pipe.transformer
     stock = replay(transformer, call)

@@ -217,7 +217,7 @@ class CaptureRecorder:
         start, stop = call.image_range
         grid_h, grid_w = call.grid
         heads = torch.tensor(self.heads, device=out.device)
-        text = torch.cat([torch.arange(0, start), torch.arange(stop, out.shape[2])]).to(out.device)
+        text = self._text_columns(start, stop, out.shape[2]).to(out.device)
         maps = []
         with torch.no_grad():
             for row in pending.rows.tolist():
@@ -262,7 +262,7 @@ class CaptureRecorder:
             out = torch.cat([probabilities(p.to(q.device), keys) for p in chunks(positions, batch, n_heads, seq_len)],
                             dim=2)  # (R, heads, T, N)
             return out.reshape(batch, n_heads, -1, *call.grid).float().cpu()
-        text = torch.cat([torch.arange(0, start), torch.arange(stop, seq_len)])
+        text = self._text_columns(start, stop, seq_len)
         groups = self._text_groups(text.numel(), rows)  # (T,) text indices shared by all rows, or per row: T lists
         pieces = []
         for positions in chunks(torch.arange(start, start + generated, device=q.device), batch, n_heads, seq_len):
@@ -274,6 +274,14 @@ class CaptureRecorder:
                                        for r in range(batch)]))
         out = torch.cat(pieces, dim=2)  # (R, heads, N, T)
         return out.permute(0, 1, 3, 2).reshape(batch, n_heads, -1, *call.grid).float().cpu()
+
+    def _text_columns(self, start: int, stop: int, seq_len: int) -> torch.Tensor:
+        """The text tokens' positions. In [text ; image] calls everything from the image start on is image
+        tokens, reference-image tokens after the generated ones included (they end the image range early at
+        a local layer); in [image ; text] calls the text follows the image range."""
+        if self.family.text_first:
+            return torch.arange(0, start)
+        return torch.cat([torch.arange(0, start), torch.arange(stop, seq_len)])
 
     def _locations(self, grid: tuple[int, int]) -> torch.Tensor:
         rows, cols = grid
