@@ -7,21 +7,12 @@ Run:  python benchmarks/capture_wan.py [--threads 1] [--frames 17] [--size 128] 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from timing import best_of
 
 import dit_attn as da
 from dit_attn.toy.wan import build_wan_pipeline
-
-
-def best_of(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

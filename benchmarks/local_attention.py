@@ -21,26 +21,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 import torch
+from timing import median_time
 import torch.nn.functional as F
 
 from dit_attn.kernels import AttentionPlan, LocalWindow, attention
 from dit_attn.kernels.blocks import window_blocks
 from dit_attn.kernels.flex import local_block_mask
 from dit_attn.kernels.window import default_tile, tile_geometry
-
-
-def timed(fn, reps: int) -> float:
-    fn()  # warm-up (compiles flex on its first shape)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def reps_for(seconds_hint: float, reps: int) -> int:
@@ -59,13 +49,13 @@ def attention_table(args) -> None:
                 q, k, v = (torch.randn(1, args.heads, seq, dim, generator=g) for _ in range(3))
                 start = time.perf_counter()
                 F.scaled_dot_product_attention(q, k, v)
-                dense = timed(lambda: F.scaled_dot_product_attention(q, k, v), reps_for(time.perf_counter() - start, args.reps))
+                dense = median_time(lambda: F.scaled_dot_product_attention(q, k, v), reps_for(time.perf_counter() - start, args.reps))
                 for radius in args.radii:
                     plan = AttentionPlan((), (args.text, seq), LocalWindow(radius, (grid, grid)))
                     row = [str(threads), f"{grid}x{grid}", str(dim), str(radius), f"{dense:.3f}"]
                     results = {}
                     for backend in args.backends:
-                        results[backend] = timed(lambda: attention(q, k, v, plan, backend=backend), args.reps)
+                        results[backend] = median_time(lambda: attention(q, k, v, plan, backend=backend), args.reps)
                     row += [f"{results[b]:.3f}" if b in results else "-" for b in ("tiled", "flex")]
                     row += [f"{dense / results[b]:.2f}x" if b in results else "-" for b in ("tiled", "flex")]
                     print(" | ".join(row), flush=True)
@@ -111,14 +101,14 @@ def block_table(args) -> None:
                 def run_block():
                     return block(hidden_states=image, encoder_hidden_states=text, temb=temb, image_rotary_emb=emb)
 
-                dense_block = timed(run_block, 1)
-                dense_attention = timed(lambda: F.scaled_dot_product_attention(q, k, v), 1)
+                dense_block = median_time(run_block, 1)
+                dense_attention = median_time(lambda: F.scaled_dot_product_attention(q, k, v), 1)
                 bound = dense_block / max(dense_block - dense_attention, 1e-9)
                 for radius in args.radii:
                     state = EditState(local=LocalSetting(float(radius), frozenset({0})), grid=(grid, grid), text_len=args.text)
                     state.local_backend = "tiled"
                     block.attn.set_processor(FluxAttnProcessor(0, state))
-                    local_block = timed(run_block, 1)
+                    local_block = median_time(run_block, 1)
                     block.attn.set_processor(stock)
                     speedup = dense_block / local_block
                     print(f"{threads} | {grid}x{grid} | {radius} | {dense_block:.2f} | {dense_attention:.2f} | {local_block:.2f} | "

@@ -13,24 +13,13 @@ Run:  python benchmarks/local_attention_3d.py [--threads 1 2] [--grid 13 30 52] 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import median_time
 import torch.nn.functional as F
 
 from dit_attn.kernels import AttentionPlan, LocalWindow3D, attention
 from dit_attn.kernels.window import default_tile_3d, in_ellipsoid, reach, video_tile_geometry
-
-
-def timed(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def window_share(grid: tuple[int, int, int], radius: tuple[float, float, float]) -> tuple[float, int]:
@@ -68,16 +57,16 @@ def main() -> None:
             g = torch.Generator().manual_seed(0)
             q, k, v = (torch.randn(1, heads, tokens, args.dim, generator=g) for _ in range(3))
             with torch.no_grad():
-                dense = timed(lambda: F.scaled_dot_product_attention(q, k, v), args.reps)
+                dense = median_time(lambda: F.scaled_dot_product_attention(q, k, v), args.reps)
                 for radius in radii:
                     window = LocalWindow3D(radius, grid)
                     plan = AttentionPlan((), None, window)
                     share, keys = window_share(grid, window.radius)
                     tile = default_tile_3d(window.radius)
                     geo = video_tile_geometry(grid, window.radius, tile)
-                    local = timed(lambda: attention(q, k, v, plan, backend="tiled"), args.reps)
+                    local = median_time(lambda: attention(q, k, v, plan, backend="tiled"), args.reps)
                     print(f"{threads} | {heads} | {', '.join(f'{r:g}' for r in radius)} | {share:.1%} | {keys} | "
-                          f"{'×'.join(map(str, geo.tile))} | {geo.window * geo.rows.shape[0]} | {dense:.3f} | "
+                          f"{'×'.join(map(str, geo.tile))} | {geo.window * len(geo.rows)} | {dense:.3f} | "
                           f"{local:.3f} | {dense / local:.1f}×", flush=True)
 
 

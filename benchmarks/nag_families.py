@@ -7,20 +7,11 @@ Run:  python benchmarks/nag_families.py [--threads 1] [--size 128] [--steps 8]
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from timing import best_of
 
 import dit_attn as da
-
-
-def best_of(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def cases(size: int):
