@@ -24,13 +24,13 @@ import os
 import time
 
 import torch
-from timing import median_time
 import torch.nn.functional as F
 
 from dit_attn.kernels import AttentionPlan, LocalWindow, attention
 from dit_attn.kernels.blocks import window_blocks
 from dit_attn.kernels.flex import local_block_mask
 from dit_attn.kernels.window import default_tile, tile_geometry
+from timing import median_time
 
 
 def reps_for(seconds_hint: float, reps: int) -> int:

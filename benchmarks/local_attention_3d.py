@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-from timing import median_time
 import torch.nn.functional as F
 
 from dit_attn.kernels import AttentionPlan, LocalWindow3D, attention
 from dit_attn.kernels.window import default_tile_3d, in_ellipsoid, reach, video_tile_geometry
+from timing import median_time
 
 
 def window_share(grid: tuple[int, int, int], radius: tuple[float, float, float]) -> tuple[float, int]:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from timing import best_of
 
 import dit_attn as da
+from timing import best_of
 
 
 def cases(size: int):

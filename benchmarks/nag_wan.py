@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from timing import best_of
 
 import dit_attn as da
 from dit_attn.toy.wan import build_wan_pipeline
+from timing import best_of
 
 
 def main() -> None:
