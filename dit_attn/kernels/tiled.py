@@ -199,7 +199,7 @@ def video_image_attention(q_img, k_img, v_img, k_global, v_global, window: Local
 
     q_grid = padded_grid(q_img, (0, 0, 0))
     k_cols, v_cols = column_major(k_img), column_major(v_img)
-    n_rows, width = geo.rows.shape[0], geo.window
+    n_rows, width = len(geo.rows), geo.window
     device, blocked = q_img.device, torch.finfo(q_img.dtype).min
     keep_cols = (geo.allowed.view(1, -1, width, n_rows).to(device)
                  & geo.cols_inside().to(device)[:, None, :, None]).flatten(2)  # (col tiles, cells, width · rows)
@@ -207,21 +207,21 @@ def video_image_attention(q_img, k_img, v_img, k_global, v_global, window: Local
     use_fused = fused is not None and not q_img.is_cuda and not _needs_grad(q_img, k_img, v_img, k_global, v_global)
     in_place = not _needs_grad(q_img, k_img, v_img, k_global, v_global)
     bias_cols = torch.zeros(keep_cols.shape, dtype=q_img.dtype, device=device).masked_fill_(~keep_cols, blocked).unsqueeze(1)
-    bias_of_rows: dict[bytes, torch.Tensor] = {}  # bands at the same distance from the borders share one bias
+    bias_of_rows: dict[tuple[bool, ...], torch.Tensor] = {}  # bands at the same distance from the borders share one bias
     outs, lses = [], []
     for frame_tile in range(n_frame_tiles):
         for row_tile in range(n_row_tiles):
             rows, rows_inside = geo.band_rows(frame_tile, row_tile)
-            rows_outside = ~rows_inside.to(device).repeat(width)  # keys in (column, row) order
+            rows_outside = ~torch.tensor(rows_inside, device=device).repeat(width)  # keys in (column, row) order
             q_band = q_grid[:, frame_tile * tile_frames:(frame_tile + 1) * tile_frames,
                             row_tile * tile_rows:(row_tile + 1) * tile_rows]
             q_band = q_band.unflatten(3, (n_col_tiles, tile_cols)).permute(0, 3, 1, 2, 4, 5, 6).flatten(2, 4)
-            k_band, v_band = (x.index_select(2, rows.to(device)) for x in (k_cols, v_cols))  # (B, X_k, rows, H, D)
+            rows = torch.tensor(rows, device=device)
+            k_band, v_band = (x.index_select(2, rows) for x in (k_cols, v_cols))  # (B, X_k, rows, H, D)
             if use_fused:
-                pattern = rows_inside.numpy().tobytes()
-                if pattern not in bias_of_rows:
-                    bias_of_rows[pattern] = bias_cols.masked_fill(rows_outside, blocked)
-                bias = bias_of_rows[pattern]
+                if rows_inside not in bias_of_rows:
+                    bias_of_rows[rows_inside] = bias_cols.masked_fill(rows_outside, blocked)
+                bias = bias_of_rows[rows_inside]
                 halo_shape = (n_col_tiles, width * n_rows, heads, dim)
                 halo_stride = (tile_cols * n_rows * heads * dim, heads * dim, dim, 1)
                 band_out, band_lse = [], []

@@ -261,13 +261,15 @@ class VideoTileGeometry:
     x0 − reach … x0 + tile_cols + reach − 1 of every row — is one contiguous window of `window` · rows keys.
     allowed: (tile cells, window · rows) bool, keys in (column, row) order — query q of a tile may see
         the key if it were inside the grid.
+    The row offsets and each band's rows are plain Python values (from the grid and radius, never from
+    tensor values), so the kernel traces under torch.compile with static shapes and no graph break.
     """
 
     grid: tuple[int, int, int]
     radius: tuple[float, float, float]
     tile: tuple[int, int, int]
     reach: tuple[int, int, int]  # halo margins: each radius's reach, at most the grid's extent
-    rows: torch.Tensor  # (R, 2) (dt, dy)
+    rows: tuple[tuple[int, int], ...]  # (dt, dy)
     allowed: torch.Tensor
 
     @property
@@ -288,13 +290,15 @@ class VideoTileGeometry:
     def window(self) -> int:
         return self.tile[2] + 2 * self.reach[2]
 
-    def band_rows(self, frame_tile: int, row_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The band's key rows: (R,) indices into the padded key grid's (frame, row) rows and (R,) bool,
-        the row lies inside the grid."""
-        t = frame_tile * self.tile[0] + self.rows[:, 0]
-        y = row_tile * self.tile[1] + self.rows[:, 1]
-        inside = (t >= 0) & (t < self.grid[0]) & (y >= 0) & (y < self.grid[1])
-        return (t + self.reach[0]) * self.key_grid[1] + y + self.reach[1], inside
+    def band_rows(self, frame_tile: int, row_tile: int) -> tuple[list[int], tuple[bool, ...]]:
+        """The band's key rows: their indices into the padded key grid's (frame, row) rows, and whether
+        each lies inside the grid."""
+        index, inside = [], []
+        for dt, dy in self.rows:
+            t, y = frame_tile * self.tile[0] + dt, row_tile * self.tile[1] + dy
+            index.append((t + self.reach[0]) * self.key_grid[1] + y + self.reach[1])
+            inside.append(0 <= t < self.grid[0] and 0 <= y < self.grid[1])
+        return index, tuple(inside)
 
     def cols_inside(self) -> torch.Tensor:
         """(col tiles, window) bool: the halo column of each tile lies inside the grid."""
@@ -307,17 +311,27 @@ def default_tile_3d(radius: tuple[float, float, float]) -> tuple[int, int, int]:
     return 1, 4, 8
 
 
+def _nearest(offset: int, size: int) -> int:
+    """The smallest |offset − q| over the tile's queries q = 0 … size − 1."""
+    return 0 if 0 <= offset < size else min(abs(offset), abs(offset - size + 1))
+
+
 @lru_cache(maxsize=64)
 def video_tile_geometry(grid: tuple[int, int, int], radius: tuple[float, float, float],
                         tile: tuple[int, int, int]) -> VideoTileGeometry:
     """Cached by (grid, radius, tile): O(tile cells · halo box), independent of the grid's size."""
     reaches = tuple(min(reach(r), n - 1) for r, n in zip(radius, grid))
     tile = tuple(min(t, n) for t, n in zip(tile, grid))
+    # a key row is seen if the tile's nearest query sees its nearest column (offset 0): the ellipsoid test
+    # on those offsets, with a margin, so rounding can only keep a row that `allowed` then masks
+    rt, ry = radius[0], radius[1]
+    rows = [(dt, dy) for dt in range(-reaches[0], tile[0] + reaches[0]) for dy in range(-reaches[1], tile[1] + reaches[1])
+            if (_nearest(dt, tile[0]) / rt) ** 2 + (_nearest(dy, tile[1]) / ry) ** 2 < 1 + 1e-9]
+    offsets = torch.tensor(rows).view(-1, 2)
     query = torch.cartesian_prod(*[torch.arange(t) for t in tile]).view(-1, 3)
-    rows = torch.cartesian_prod(*[torch.arange(-r, t + r) for t, r in zip(tile[:2], reaches[:2])]).view(-1, 2)
     cols = torch.arange(-reaches[2], tile[2] + reaches[2])
-    allowed = in_ellipsoid(query[:, 0, None, None] - rows[None, None, :, 0], query[:, 1, None, None] - rows[None, None, :, 1],
+    allowed = in_ellipsoid(query[:, 0, None, None] - offsets[None, None, :, 0],
+                           query[:, 1, None, None] - offsets[None, None, :, 1],
                            query[:, 2, None, None] - cols[None, :, None], radius)  # (cells, cols, rows)
-    seen = allowed.any(dim=(0, 1))
-    return VideoTileGeometry(grid=grid, radius=radius, tile=tile, reach=reaches, rows=rows[seen],
-                             allowed=allowed[:, :, seen].flatten(1))
+    return VideoTileGeometry(grid=grid, radius=radius, tile=tile, reach=reaches, rows=tuple(rows),
+                             allowed=allowed.flatten(1))
