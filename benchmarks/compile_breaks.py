@@ -2,7 +2,8 @@
 
 For each family (config-built, the test shapes scaled to 4 layers) and each edit, runs
 `torch._dynamo.explain` on the first transformer call of a pipeline run and prints the
-number of graph breaks with their most common reasons. Stock diffusers has none except on
+number of graph breaks and graphs with their most common reasons, then whether
+`torch.compile(fullgraph=True)` traces the call. Stock diffusers has none except on
 HunyuanVideo 1.5 (a branch on `torch.all(image_embeds == 0)` and per-row masked indexing: the blocks
 then run as frames of their own, where dit-attn's processors compile once per layer); an edit that
 adds one costs a recompile boundary on every call.
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dit_attn as da  # noqa: E402
 from dit_attn.families import family_of  # noqa: E402
+from dit_attn.kernels.window import LocalWindow, LocalWindow3D  # noqa: E402
 from tests.conftest import CallRecorder  # noqa: E402
 
 
@@ -54,9 +56,12 @@ EDITS = {
     "SoftPAG u=0": lambda: (da.SoftPAG(["L1"], u=0.0),),
     "SoftPAG u=1 (1 head)": lambda: (da.SoftPAG(["L1H0"], u=1.0),),
     "SoftPAG image/uniform": lambda: (da.SoftPAG(["L2"], u=0.5, scope="image", target="uniform"),),
-    "LocalAttention r=2": lambda: (da.LocalAttention(radius=2.0, layers=[1]),),  # wan: VIDEO_RADIUS
+    "LocalAttention r=2": lambda: (da.LocalAttention(radius=2.0, layers=[1]),),  # videos: VIDEO_RADIUS
 }
 VIDEO_RADIUS = (1.5, 2.0, 2.0)  # video windows are 3-D: (frames, rows, cols)
+# pixels per side: every family's token grid is then larger than the window (4×4 … 16×16 images, 2×4×4 and
+# 3×8×8 videos), so LocalAttention runs its window path, not the stock attention of a covered grid
+SIZE = {"wan": 64}
 
 
 def edits_for(pipe, name: str, make) -> tuple:
@@ -65,41 +70,84 @@ def edits_for(pipe, name: str, make) -> tuple:
     return make()
 
 
-def first_call(pipe) -> dict:
+def first_call(pipe, size: int) -> dict:
     video = {"num_frames": 5} if hasattr(pipe, "vae_scale_factor_temporal") else {}
     if "max_sequence_length" in inspect.signature(pipe.__call__).parameters:
         video["max_sequence_length"] = 8
     with CallRecorder(pipe) as rec:
-        pipe("a red circle", num_inference_steps=1, height=32, width=32, output_type="latent",
+        pipe("a red circle", num_inference_steps=1, height=size, width=size, output_type="latent",
              generator=torch.Generator().manual_seed(0), **video)
     return {**rec.calls[0], "return_dict": False}
+
+
+def windows_seen(transformer, call: dict) -> list[bool]:
+    """covers_grid() of every local window of an eager call: False means the window path ran."""
+    seen = []
+    originals = {cls: cls.covers_grid for cls in (LocalWindow, LocalWindow3D)}
+
+    def recording(original):
+        def covers_grid(window):
+            seen.append(original(window))
+            return seen[-1]
+        return covers_grid
+
+    try:
+        for cls, original in originals.items():
+            cls.covers_grid = recording(original)
+        with torch.no_grad():
+            transformer(**call)
+    finally:
+        for cls, original in originals.items():
+            cls.covers_grid = original
+    return seen
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+",
                         default=["sd3", "flux", "chroma", "qwen_image", "wan", "hunyuan_video15"])
+    parser.add_argument("--edits", nargs="+", choices=list(EDITS), default=list(EDITS))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, 4-layer config-built models, 32×32 px")
-    print(f"{'family':<15} {'edit':<24} {'graph breaks':>12}  most common reasons")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, 4-layer config-built models, 32×32 px (Wan 64×64)")
+    print(f"{'family':<15} {'edit':<24} {'breaks':>6} {'graphs':>6}  {'fullgraph=True':<16} most common reasons")
     for family in args.families:
         pipe = pipeline(family)
         pipe.set_progress_bar_config(disable=True)
-        call = first_call(pipe)
-        for name, make in EDITS.items():
-            edits = edits_for(pipe, name, make)
+        call = first_call(pipe, SIZE.get(family, 32))
+        for name in args.edits:
+            edits = edits_for(pipe, name, EDITS[name])
             handle = da.apply(pipe.transformer, *edits) if edits else None
             try:
+                if any(isinstance(e, da.LocalAttention) for e in edits):
+                    seen = windows_seen(pipe.transformer, call)
+                    if not seen or any(seen):
+                        raise SystemExit(f"{family}: LocalAttention did not run its window path "
+                                         f"(covers_grid per call: {seen}); make the grid larger than the window")
                 dynamo.reset()
                 explained = dynamo.explain(pipe.transformer)(**call)
-                breaks = explained.graph_break_count
                 reasons = collections.Counter(str(b.reason).splitlines()[0][:70] for b in explained.break_reasons)
+                fullgraph = fullgraph_result(pipe.transformer, call, reasons)
             finally:
                 if handle is not None:
                     handle.remove()
-            print(f"{family:<15} {name:<24} {breaks:>12}  {'; '.join(f'{n}× {r}' for r, n in reasons.most_common(3))}")
+            print(f"{family:<15} {name:<24} {explained.graph_break_count:>6} {explained.graph_count:>6}  {fullgraph:<16} "
+                  f"{'; '.join(f'{n}× {r}' for r, n in reasons.most_common(3))}")
 
+
+def fullgraph_result(transformer, call: dict, reasons: collections.Counter) -> str:
+    """'ok', or 'fails' with the first line of dynamo's refusal added to `reasons`: explain does not
+    count a call into a torch.compiler.disable'd function as a break, fullgraph=True refuses it."""
+    dynamo.reset()
+    try:
+        with torch.no_grad():
+            torch.compile(transformer, fullgraph=True, backend="eager")(**call)
+    except Exception as err:  # dynamo's Unsupported and its wrappers
+        reasons[f"fullgraph: {str(err).splitlines()[0][:60]}"] += 1
+        return "fails"
+    finally:
+        dynamo.reset()
+    return "ok"
 
 if __name__ == "__main__":
     main()

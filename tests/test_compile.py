@@ -142,3 +142,104 @@ def test_compiled_lora_hotswap_does_not_recompile(family, edit, fullgraph):
     assert (eager_first - eager_second).abs().max() > 1e-3  # the two LoRAs differ
     for got, want in ((got_first, eager_first), (got_second, eager_second), (got_again, eager_first)):
         assert (got - want).abs().max() < 1e-5
+
+
+def _local_family(family: str):
+    """(pipe, first transformer call, LocalAttention) with a token grid larger than the window (4×4 … 8×8
+    images, 2×4×4 and 3×8×8 videos), so the window path runs, not the stock attention of a covered grid."""
+    import inspect
+
+    from dit_attn.toy.chroma import build_chroma_pipeline
+    from dit_attn.toy.configs import build_flux_pipeline, build_sd3_pipeline
+    from dit_attn.toy.hunyuan_video15 import build_hunyuan_video15_pipeline
+    from dit_attn.toy.qwen_image import build_qwen_image_pipeline
+    from dit_attn.toy.wan import build_wan_pipeline
+
+    build = {"sd3": lambda: build_sd3_pipeline(num_layers=2, num_heads=2, head_dim=8),
+             "flux": lambda: build_flux_pipeline(num_layers=1, num_single_layers=1, num_heads=2, head_dim=8),
+             "chroma": lambda: build_chroma_pipeline(num_layers=1, num_single_layers=1, num_heads=2, head_dim=8),
+             "qwen_image": lambda: build_qwen_image_pipeline(num_layers=2),
+             "wan": lambda: build_wan_pipeline(num_layers=2),
+             "hunyuan_video15": lambda: build_hunyuan_video15_pipeline(num_layers=2)}[family]
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    video = hasattr(pipe, "vae_scale_factor_temporal")
+    extra = {"num_frames": 5} if video else {}
+    if "max_sequence_length" in inspect.signature(pipe.__call__).parameters:
+        extra["max_sequence_length"] = 8
+    size = 64 if family == "wan" else 32
+    with CallRecorder(pipe) as rec:
+        pipe("a red circle", num_inference_steps=1, height=size, width=size, output_type="latent",
+             generator=torch.Generator().manual_seed(0), **extra)
+    edit = da.LocalAttention(radius=(1.5, 2.0, 2.0) if video else 2.0, layers=[1], backend="tiled")
+    return pipe, {**rec.calls[0], "return_dict": False}, edit
+
+
+def _covers_grid_calls(monkeypatch) -> list[bool]:
+    from dit_attn.kernels.window import LocalWindow, LocalWindow3D
+
+    seen = []
+    for cls in (LocalWindow, LocalWindow3D):
+        def covers_grid(window, original=cls.covers_grid):
+            seen.append(original(window))
+            return seen[-1]
+        monkeypatch.setattr(cls, "covers_grid", covers_grid)
+    return seen
+
+
+def _blocks(transformer):
+    return [m for name in ("transformer_blocks", "single_transformer_blocks", "blocks")
+            for m in getattr(transformer, name, [])]
+
+
+@pytest.mark.parametrize("family", ["sd3", "qwen_image", "wan", "flux", "chroma", "hunyuan_video15"])
+def test_local_attention_compiles_fullgraph_on_a_grid_it_does_not_cover(family, monkeypatch):
+    """LocalAttention's window path (2-D and 3-D) inside torch.compile(fullgraph=True): the eager output and
+    no recompile on the next call of the same configuration. Whole model where stock diffusers traces in one
+    graph; FLUX.1-layout models read their grid from the position ids' values, and HunyuanVideo 1.5 breaks
+    in stock code, so there every block is compiled with fullgraph=True (diffusers' regional compile)."""
+    from torch._dynamo.utils import counters
+
+    pipe, call, edit = _local_family(family)
+    transformer = pipe.transformer
+    seen = _covers_grid_calls(monkeypatch)
+    with torch.no_grad():
+        stock = transformer(**call)[0]
+        with da.apply(transformer, edit):
+            eager = transformer(**call)[0]
+            assert seen and not any(seen)  # the window path ran
+            assert (eager - stock).abs().max() > 1e-4
+            torch._dynamo.reset()
+            counters.clear()
+            whole = family in ("sd3", "qwen_image", "wan")
+            if whole:
+                compiled = torch.compile(transformer, fullgraph=True, backend="aot_eager")
+            else:
+                assert _blocks(transformer)
+                for block in _blocks(transformer):
+                    block.compile(fullgraph=True, backend="aot_eager")
+                compiled = transformer
+            try:
+                got = compiled(**call)[0]
+                with torch._dynamo.config.patch(error_on_recompile=True):
+                    again = compiled(**call)[0]
+                assert sum(counters["graph_break"].values()) == 0
+            finally:
+                torch._dynamo.reset()
+                for block in _blocks(transformer):
+                    block._compiled_call_impl = None
+    for out in (got, again):
+        assert (out - eager).abs().max() < 1e-5
+
+
+def test_hunyuan_video15_local_attention_adds_no_break_to_stock():
+    """Whole-model explain on HunyuanVideo 1.5 with 3-D local attention: the only break is stock's own."""
+    pipe, call, edit = _local_family("hunyuan_video15")
+    torch._dynamo.reset()
+    stock = torch._dynamo.explain(pipe.transformer)(**call)
+    with da.apply(pipe.transformer, edit):
+        torch._dynamo.reset()
+        edited = torch._dynamo.explain(pipe.transformer)(**call)
+    torch._dynamo.reset()
+    assert len(stock.break_reasons) >= 1  # stock's data-dependent branch (its own, not ours)
+    assert [str(b.reason) for b in edited.break_reasons] == [str(b.reason) for b in stock.break_reasons]
