@@ -484,11 +484,13 @@ def _composition_case(name, request):
         return request.getfixturevalue("hy_distilled"), hy_call, ["L1H2", "L2H0"]
     if name == "qwen_image_edit":
         return request.getfixturevalue("qwen_edit"), edit_call, ["L1H2", "L2H0"]
+    if name == "hunyuan_video15":
+        return request.getfixturevalue("hv_t2v"), hv_call, ["L0H2", "L1H0"]
     pipe, call = flux_clone(name)
     return pipe, call, ["L0H2", "L2H0"]
 
 
-@pytest.mark.parametrize("name", ["z_image", "hunyuan_image", "qwen_image_edit", "bria"])
+@pytest.mark.parametrize("name", ["z_image", "hunyuan_image", "qwen_image_edit", "bria", "hunyuan_video15"])
 def test_with_head_guidance_equals_explicit(name, request):
     """One step, CFG off: ε = ε_c + s·(ε_c − ε_p), ε_c from NAG alone, ε_p from NAG with the heads perturbed in
     every row (HeadGuidance's copies carry their negative rows, perturbed too)."""
@@ -520,3 +522,85 @@ def test_cli_generate_with_nag_on_a_saved_z_image_pipeline(tmp_path):
     plain, guided = (Image.open(next((tmp_path / name).glob("*.png"))) for name in ("plain", "nag"))
     assert json.loads(guided.text["dit-attn"])["edits"] == [da.NAG("blue", scale=3.0).to_dict()]
     assert plain.tobytes() != guided.tobytes()
+
+
+# ---------------------------------------------------------------- HunyuanVideo 1.5: [video ; context], masks per row
+@pytest.fixture(scope="module")
+def hv_t2v():
+    from dit_attn.toy.hunyuan_video15 import build_hunyuan_video15_pipeline
+
+    pipe = build_hunyuan_video15_pipeline(num_layers=2, num_heads=4, head_dim=8)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def hv_i2v():
+    from dit_attn.toy.hunyuan_video15 import build_hunyuan_video15_i2v_pipeline
+
+    pipe = build_hunyuan_video15_i2v_pipeline(num_layers=2, num_heads=4, head_dim=8, seed=1)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+HV_PROMPTS = ['a red circle "OK"', "a cat"]  # quoted text: glyph states ride with the rows
+
+
+def hv_call(pipe, prompt=HV_PROMPTS, steps=2, cfg=1.0, **kwargs):
+    from PIL import Image
+
+    from dit_attn.toy.hunyuan_video15 import HUNYUAN_VIDEO15_RUN
+
+    pipe.guider = pipe.guider.new(guidance_scale=cfg)  # 1.0: one call a step (the distilled setting)
+    args = dict(prompt=prompt, num_inference_steps=steps, output_type="latent", generator=torch.Generator().manual_seed(0),
+                **HUNYUAN_VIDEO15_RUN)
+    if hasattr(pipe, "image_encoder"):  # image-to-video: height and width are the image's
+        args = {k: v for k, v in args.items() if k not in ("height", "width")}
+        args["image"] = Image.new("RGB", (16, 16), (200, 30, 30))
+    return pipe(**{**args, **kwargs}).frames
+
+
+@pytest.mark.parametrize("fixture,layer,cfg", [("hv_t2v", 0, 1.0), ("hv_t2v", 1, 4.0), ("hv_i2v", 1, 3.0)])
+def test_hunyuan_video15_layer_equals_stock_attention_on_both_texts(fixture, layer, cfg, request):
+    """Z⁻ is the stock module on the positive rows' video with the negative rows' context (image context, glyphs
+    and text, reordered by their own masks) and context mask; with CFG the "pred_uncond" call runs stock."""
+    pipe = request.getfixturevalue(fixture)
+    t = pipe.transformer
+    modules = [b.attn for b in t.transformer_blocks]
+    with Recorder(t, modules) as rec, da.apply(pipe, da.NAG("a blue square", layers=[layer], **SETTINGS)):
+        hv_call(pipe, cfg=cfg)
+    n, attn = len(HV_PROMPTS), modules[layer]
+    cond, neg = list(range(n)), list(range(n, 2 * n))
+    guided = [r for r in rec.records[layer] if r[0]["hidden_states"].shape[0] == 2 * n]
+    assert len(guided) == 2 and rec.calls == (1 if cfg == 1.0 else 3)
+    ratios = []
+    for inputs, out, _ in guided:
+        h, e, m, rot = (inputs[k] for k in ("hidden_states", "encoder_hidden_states", "attention_mask", "image_rotary_emb"))
+        assert not torch.equal(m[cond], m[neg])  # every row has its own context mask
+        kwargs = dict(hidden_states=h[cond], image_rotary_emb=rot)
+        (pos_video, pos_context), zp = stock(attn, dict(kwargs, encoder_hidden_states=e[cond], attention_mask=m[cond]))
+        (_, neg_context), zn = stock(attn, dict(kwargs, encoder_hidden_states=e[neg], attention_mask=m[neg]))
+        mixed, ratio = nag_formula(zp, zn, **SETTINGS)
+        want = attn.to_out[1](attn.to_out[0](mixed))
+        assert (out[0][cond] - want).abs().max() <= ROUNDING and (want - pos_video).abs().max() > 1e-3
+        assert (out[1][cond] - pos_context).abs().max() <= ROUNDING
+        assert (out[1][neg] - neg_context).abs().max() <= ROUNDING
+        ratios.append(ratio.flatten())
+    assert bool((torch.cat(ratios) > SETTINGS["tau"]).any())
+    for inputs, out, _ in rec.records[layer]:
+        if inputs["hidden_states"].shape[0] == n:  # the guider's unconditional call
+            (video, context), _ = stock(attn, {k: inputs[k] for k in ("hidden_states", "encoder_hidden_states",
+                                                                       "attention_mask", "image_rotary_emb")})
+            assert torch.equal(out[0], video) and torch.equal(out[1], context)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+def test_hunyuan_video15_scale_one_alpha_zero_and_call_count(hv_t2v, cfg):
+    with CallRecorder(hv_t2v) as before:
+        want = hv_call(hv_t2v, cfg=cfg)
+    for edit in (da.NAG("a blue square", scale=1), da.NAG("a blue square", alpha=0)):
+        with da.apply(hv_t2v, edit):
+            assert torch.equal(hv_call(hv_t2v, cfg=cfg), want)
+    with CallRecorder(hv_t2v) as rec, da.apply(hv_t2v, da.NAG("a blue square")):
+        guided = hv_call(hv_t2v, cfg=cfg)
+    assert len(rec.calls) == len(before.calls) == (2 if cfg == 1.0 else 4) and (guided - want).abs().max() > 1e-3

@@ -286,3 +286,79 @@ def test_with_head_guidance_the_prompt_itself_changes_nothing(fixture, request):
         assert (call(PROMPT) - want).abs().max() <= ROUNDING
     with da.apply(pipe, guidance, da.TextPatch(layers=[0, 1], source_prompt=SOURCE)):
         assert (call(PROMPT) - want).abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------- HunyuanVideo 1.5: per-row context reordering
+@pytest.fixture(scope="module")
+def hv_pipe():
+    from dit_attn.toy.hunyuan_video15 import build_hunyuan_video15_pipeline
+
+    pipe = build_hunyuan_video15_pipeline(num_layers=3, num_heads=4, head_dim=8, guidance_scale=4.0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def hv_call(pipe, prompt, steps=2, cfg=4.0, **kwargs):
+    from dit_attn.toy.hunyuan_video15 import HUNYUAN_VIDEO15_RUN
+
+    pipe.guider = pipe.guider.new(guidance_scale=cfg)  # 1.0: one call a step
+    args = dict(num_inference_steps=steps, output_type="latent", generator=torch.Generator().manual_seed(0),
+                **HUNYUAN_VIDEO15_RUN)
+    return pipe(prompt=prompt, **{**args, **kwargs}).frames
+
+
+HV_QUOTED = 'a sign that says "OK"'  # glyph text: its ByT5 states and mask ride with the rows
+
+
+@pytest.mark.parametrize("prompt,source,cfg", [(PROMPT, SOURCE, 4.0), (PROMPT, HV_QUOTED, 1.0), (HV_QUOTED, SOURCE, 4.0)])
+def test_hunyuan_video15_patch_everywhere_equals_a_run_of_the_source(hv_pipe, prompt, source, cfg):
+    """Sources of other Qwen and ByT5 lengths (each row's context reordered by its own masks); the guider's
+    unconditional call left stock; batch 2 (two prompts: the text-to-video pipeline's image states have a
+    row per prompt, not per video)."""
+    everywhere = list(range(len(da.layers(hv_pipe))))
+    _, mask, _, glyph_mask = hv_pipe.encode_prompt(prompt=[prompt, source], batch_size=2)
+    assert not torch.equal(mask[0], mask[1]) or not torch.equal(glyph_mask[0], glyph_mask[1])  # own masks matter
+    with da.apply(hv_pipe, da.TextPatch(layers=everywhere, source_prompt=source)):
+        patched = hv_call(hv_pipe, [prompt, "a cat"], cfg=cfg)
+    want = hv_call(hv_pipe, [source, source], cfg=cfg)
+    assert (patched - want).abs().max() <= ROUNDING
+    assert (patched[:1] - hv_call(hv_pipe, prompt, cfg=cfg)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+def test_hunyuan_video15_patch_with_own_prompt_changes_nothing(hv_pipe, cfg):
+    prompts = [PROMPT, HV_QUOTED]
+    stock = hv_call(hv_pipe, prompts, cfg=cfg)
+    with da.apply(hv_pipe, da.TextPatch(layers=[0, 2], source_prompt=PROMPT)):
+        patched = hv_call(hv_pipe, prompts, cfg=cfg)
+    assert (patched[:1] - stock[:1]).abs().max() <= ROUNDING
+    assert (patched[1:] - stock[1:]).abs().max() > 1e-3  # the second row took the first prompt's text
+
+
+def test_hunyuan_video15_text_guard(hv_pipe):
+    prompt = 'a sign that says "red"'
+    guard = da.TextGuard(layers=[0, 1], blocklist=["red"], replacement="blue")
+    with da.apply(hv_pipe, guard):
+        guarded = hv_call(hv_pipe, prompt)
+    with da.apply(hv_pipe, da.TextPatch(layers=[0, 1], source_prompt='a sign that says "blue"')):
+        patched = hv_call(hv_pipe, prompt)
+    assert torch.equal(guarded, patched) and (guarded - hv_call(hv_pipe, prompt)).abs().max() > 1e-4
+
+
+def test_hunyuan_video15_image_to_video_patch_keeps_the_image():
+    """Image-to-video: the source rows carry their targets' image embeddings, so patching every layer is a run
+    of the source prompt on the same image."""
+    from PIL import Image
+
+    from dit_attn.toy.hunyuan_video15 import HUNYUAN_VIDEO15_RUN, build_hunyuan_video15_i2v_pipeline
+
+    pipe = build_hunyuan_video15_i2v_pipeline(num_layers=2, num_heads=4, head_dim=8, guidance_scale=3.0)
+    pipe.set_progress_bar_config(disable=True)
+    args = dict(image=Image.new("RGB", (16, 16), (200, 30, 30)), num_frames=HUNYUAN_VIDEO15_RUN["num_frames"],
+                num_inference_steps=2, output_type="latent")
+    run = lambda prompt: pipe(prompt=prompt, generator=torch.Generator().manual_seed(0), **args).frames  # noqa: E731
+    with CallRecorder(pipe) as rec, da.apply(pipe, da.TextPatch(layers=[0, 1], source_prompt=SOURCE)):
+        patched = run(PROMPT)
+    embeds = rec.calls[0]["image_embeds"]
+    assert embeds.abs().sum() > 0  # image-to-video: the image context is unmasked
+    assert (patched - run(SOURCE)).abs().max() <= ROUNDING and (patched - run(PROMPT)).abs().max() > 1e-3

@@ -11,6 +11,15 @@ the context, which the processor turns into a query-and-key mask as stock does.
 The model unpatchifies with its *input* batch after the blocks, so extra rows are appended to the call's
 inputs (`widen_at_call`).
 
+Text edits (TextPatch, TextGuard, NAG) as on HunyuanImage 2.1: a source (or negative) prompt's Qwen states,
+ByT5 glyph states and both masks ride as extra rows of the call at the call's padded lengths, with the latents,
+timesteps and image embeddings of their target rows; the model refines and reorders each row by its own masks,
+and the processors give a target row its source row's whole context segment (keys, values and key mask). The
+image-context tokens of image-to-video are part of that segment: the source row carries its target's image
+embeddings, so the swapped segment holds the same image (refined alongside the source text instead of the
+target's). A prompt changes the text of the context; the conditioning image stays. The context has no rotary
+positions, so nothing else needs aligning.
+
 HeadGuidance and CFG: both pipelines run one call per condition of their guider (`ClassifierFreeGuidance`)
 under `cache_context("pred_cond")` and `("pred_uncond")` (left stock), conditional first, then take the
 guider's combination; HeadGuidance's s·(ε_c − ε_p) is added to that. With guidance scale 1 the guider makes
@@ -22,6 +31,7 @@ import torch
 
 from ..heads import LayerInfo, head_dim
 from .base import CallRows, Family
+from .hunyuan_image import HunyuanImage
 
 _CONTEXT_INPUTS = ("encoder_hidden_states", "encoder_hidden_states_2", "image_embeds")
 
@@ -42,9 +52,7 @@ class HunyuanVideo15(Family):
     widen_at_call = True
     makes_videos = True
     rotary = False  # a `rope` module of (cos, sin) tables, not a `pos_embed` with `theta`
-    text_edits_unsupported = ("HunyuanVideo 1.5 reorders each row's context tokens by its own image, ByT5 and Qwen "
-                              "masks inside the call, so a source prompt's text would need its own masks and order "
-                              "riding in the target's call; not implemented")
+    nag = True
 
     # --- layers and processors -------------------------------------------------------------
     def layers(self, transformer) -> list[LayerInfo]:
@@ -97,7 +105,16 @@ class HunyuanVideo15(Family):
         return torch.arange(batch)
 
     def encode_prompts(self, pipe, prompts, max_sequence_length):
-        raise NotImplementedError(f"text edits on HunyuanVideo 1.5: {self.text_edits_unsupported}")
+        """(Qwen text states (N, S, D), the Qwen mask, the ByT5 glyph mask and the glyph states (S2 × D2)
+        flattened as one (N, S + S2 + S2·D2) tensor), from the pipeline's own `encode_prompt` at its padded
+        lengths: the packing `append_text_rows` reads."""
+        embeds, mask, glyphs, glyph_mask = pipe.encode_prompt(prompt=list(prompts), batch_size=len(prompts),
+                                                              num_videos_per_prompt=1)
+        packed = torch.cat([mask.to(embeds), glyph_mask.to(embeds), glyphs.to(embeds).flatten(1)], dim=1)
+        return embeds, packed
+
+    # the same Qwen and ByT5 call inputs as HunyuanImage 2.1's, packed the same way by `encode_prompts`
+    append_text_rows = HunyuanImage.append_text_rows
 
     def latent_patch(self, transformer) -> int:
         return int(transformer.config.patch_size)

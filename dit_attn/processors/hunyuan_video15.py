@@ -4,6 +4,10 @@ Reproduces diffusers' HunyuanVideo15AttnProcessor2_0 (q/k/v projections, RMS q/k
 tokens, the context projected with `add_*_proj` and its own norms) and hands the attention call to
 `dit_attn.kernels.attention` with this layer's plan; with no plan it makes the stock dispatch call under
 the stock mask (keys and queries of the context padding both masked).
+
+TextPatch gives a target row its source row's context keys, values and context key mask (its own context
+queries keep their own mask); NAG's negative rows take their positive rows' video q/k/v (after rotary: every
+row has the same video positions) and NAG combines the video tokens' outputs.
 """
 from __future__ import annotations
 
@@ -43,23 +47,32 @@ class HunyuanVideo15AttnProcessor(DispatchingProcessor):
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         video_tokens = query.shape[1]
+        query, key, value = self.state.nag_image_inputs(self.layer, (query, key, value))
         if encoder_hidden_states is not None:
-            context = _project(attn, encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
-                               attn.norm_added_q, attn.norm_added_k)
-            query, key, value = (torch.cat([x, c], dim=1) for x, c in zip((query, key, value), context))
+            context_query, context_key, context_value = _project(
+                attn, encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.norm_added_q,
+                attn.norm_added_k)
+            context_key, context_value = self.state.patch_text(self.layer, context_key, context_value)
+            query, key, value = (torch.cat([x, c], dim=1) for x, c in
+                                 zip((query, key, value), (context_query, context_key, context_value)))
 
         batch, seq_len = query.shape[:2]
         keep = F.pad(attention_mask, (seq_len - attention_mask.shape[1], 0), value=True).bool()
+        key_mask, _ = self.state.patch_text(self.layer, attention_mask, attention_mask)
+        keys_kept = keep if key_mask is attention_mask else F.pad(key_mask, (seq_len - key_mask.shape[1], 0), value=True).bool()
         plan = self.state.plan(self.layer, batch, (0, video_tokens), getattr(attn, POOL_MODULE, None))
-        if plan is None:
+        if plan is None and keys_kept is keep:
             rows = keep.view(batch, 1, 1, seq_len).repeat(1, 1, seq_len, 1)
             mask = (rows & rows.transpose(2, 3)).bool()
+        elif plan is None:  # a patched layer: the row's own queries over its source row's keys
+            mask = keep[:, None, :, None] & keys_kept[:, None, None, :]
         else:
             # a key mask: a padding query of the stock mask sees no key (a NaN softmax in the kernels); its
             # row is never read, since padding keys are masked in every block and the context is not output
-            mask = keep[:, None, None, :]
+            mask = keys_kept[:, None, None, :]
         hidden_states = self.attend(query, key, value, plan, mask, video_tokens)
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        hidden_states = self.state.nag_guide(self.layer, hidden_states, slice(0, video_tokens))
 
         if encoder_hidden_states is not None:
             context_len = encoder_hidden_states.shape[1]
