@@ -234,3 +234,17 @@ def test_flux2_pipeline_with_local_attention_and_guidance_is_the_masked_stock_ru
         guided = run()
     assert len(rec.calls) == 2 and guided.shape == want.shape
     assert (guided - want).abs().max() > 1e-4
+
+
+def test_qwen_edit_pipeline_with_local_attention_is_the_masked_stock_run(qwen_edit):
+    """Two steps of QwenImageEditPipeline under true CFG: LocalAttention on layer 1 (both calls of a step)
+    equals the stock pipeline with the dense mask on that layer."""
+    pipe, call, kwargs = qwen_edit
+    kwargs = dict(kwargs, true_cfg_scale=2.0, negative_prompt_embeds=torch.zeros_like(kwargs["prompt_embeds"]))
+    run = lambda: pipe(num_inference_steps=2, generator=torch.Generator().manual_seed(0), **kwargs).images  # noqa: E731
+    stock = run()
+    with MaskedSDPA(qwen_attention_module(pipe, 1), qwen_edit_mask(call, RADIUS)):
+        want = run()
+    assert (want - stock).abs().max() > 1e-4
+    with da.apply(pipe, da.LocalAttention(radius=RADIUS, layers=[1])):
+        assert (run() - want).abs().max() < 1e-5

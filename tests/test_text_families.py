@@ -362,3 +362,50 @@ def test_hunyuan_video15_image_to_video_patch_keeps_the_image():
     embeds = rec.calls[0]["image_embeds"]
     assert embeds.abs().sum() > 0  # image-to-video: the image context is unmasked
     assert (patched - run(SOURCE)).abs().max() <= ROUNDING and (patched - run(PROMPT)).abs().max() > 1e-3
+
+
+class SwapContext(SwapCaption):
+    """SwapCaption that also gives the context keys the source's key mask: a query kept by its own mask sees
+    the keys the source's mask keeps."""
+
+    def __init__(self, module, video_tokens, source=None):
+        keys, values, self.source_mask = source if source is not None else (None, None, None)
+        super().__init__(module, video_tokens, keys, values)
+        self.masks = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is F.scaled_dot_product_attention and self.inside:
+            mask = kwargs["attn_mask"]  # (B, 1, S, S) bool: own query rows × own key columns
+            self.masks.append(mask.clone())
+            if self.source_mask is not None:
+                kwargs["attn_mask"] = mask.any(-1, keepdim=True) & self.source_mask.any(-2, keepdim=True)
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_hunyuan_video15_one_patched_layer_equals_a_context_swap(hv_pipe):
+    """TextPatch on layer 1 only, CFG off: each step's prediction equals the stock call whose layer-1 attention
+    gets the context keys, values and key mask of a stock call with the source prompt's encoder outputs."""
+    from dit_attn.toy.hunyuan_video15 import HUNYUAN_VIDEO15_RUN
+
+    prompts, source = [PROMPT, HV_QUOTED], 'a sign that says "NO"'
+    with CallRecorder(hv_pipe) as rec, da.apply(hv_pipe, da.TextPatch(layers=[1], source_prompt=source)):
+        hv_call(hv_pipe, prompts, cfg=1.0)
+    embeds, mask, glyphs, glyph_mask = hv_pipe.encode_prompt(prompt=[source] * 2, batch_size=2)
+    attn = hv_pipe.transformer.transformer_blocks[1].attn
+    video = 3 * 4 * 4  # 3 latent frames of 4×4 tokens at HUNYUAN_VIDEO15_RUN
+    assert HUNYUAN_VIDEO15_RUN == dict(num_frames=5, height=16, width=16)
+    moved = 0.0
+    for call, eps in zip(rec.calls, rec.steps, strict=True):
+        source_call = dict(call, encoder_hidden_states=embeds, encoder_attention_mask=mask, encoder_hidden_states_2=glyphs,
+                           encoder_attention_mask_2=glyph_mask, return_dict=False)
+        with torch.no_grad(), SwapContext(attn, video) as source_run:
+            hv_pipe.transformer(**source_call)
+        (keys, values), source_mask = source_run.seen[0], source_run.masks[0]
+        with torch.no_grad(), SwapContext(attn, video, (keys, values, source_mask)):
+            want = hv_pipe.transformer(**dict(call, return_dict=False))[0]
+        with torch.no_grad():
+            stock = hv_pipe.transformer(**dict(call, return_dict=False))[0]
+        assert (eps - want).abs().max() <= ROUNDING
+        moved = max(moved, float((eps - stock).abs().max()))
+    assert moved > 1e-4
