@@ -22,3 +22,11 @@ def check_radius(radius) -> None:
         raise ValueError(f"radius must be a finite number > 0 (in tokens), got {radius!r}")
     if radius > MAX_LOCAL_RADIUS:
         raise ValueError(f"radius must be at most {MAX_LOCAL_RADIUS:g} tokens (beyond any image grid), got {radius!r}")
+
+
+WINDOW_SHAPES = ("ellipsoid", "box")  # a 3-D local window: (dt/rt)² + (dh/rh)² + (dw/rw)² < 1, or |dt| < rt, |dh| < rh, |dw| < rw
+
+
+def check_window_shape(shape) -> None:
+    if shape not in WINDOW_SHAPES:
+        raise ValueError(f"shape must be one of {', '.join(map(repr, WINDOW_SHAPES))} (the 3-D window), got {shape!r}")

@@ -8,7 +8,7 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 
-from .checks import SCOPES, TARGETS, check_fraction, check_radius
+from .checks import SCOPES, TARGETS, check_fraction, check_radius, check_window_shape
 from .heads import normalize_heads
 
 
@@ -136,7 +136,9 @@ class LocalAttention(Edit):
     (dy² + dx² < radius², clipped at the borders) and to every text key; text queries
     attend to everything. On video grids (Wan) `radius=(rt, rh, rw)`: each video query
     attends to the keys with (dt/rt)² + (dh/rh)² + (dw/rw)² < 1 (a scalar radius there is
-    a ValueError, as a 3-tuple on an image grid).
+    a ValueError, as a 3-tuple on an image grid); with shape="box", to the keys with
+    |dt| < rt, |dh| < rh and |dw| < rw (Sliding Tile Attention's windows: the ellipsoid's
+    bounding box, so whole tiles are dense).
 
     text: "global" (image queries see all text tokens, as CLEAR).
     downsample: None, or a factor f: image queries also see f×f-pooled keys/values of
@@ -159,8 +161,13 @@ class LocalAttention(Edit):
     layers: tuple | None = None
     train_tokens: int | None = None
     backend: str = "auto"
+    shape: str = "ellipsoid"
 
     def __post_init__(self) -> None:
+        check_window_shape(self.shape)
+        if self.shape != "ellipsoid" and not isinstance(self.radius, (tuple, list)):
+            raise ValueError(f"shape={self.shape!r} is a 3-D window: give radius=(frames, height, width), "
+                             f"got radius={self.radius!r} (image grids use the circle)")
         if isinstance(self.radius, (tuple, list)):
             object.__setattr__(self, "radius", _video_radius(self.radius))
         else:

@@ -35,7 +35,7 @@ def local_setting(edit: LocalAttention, layer_map: list[LayerInfo]) -> LocalSett
             raise ValueError(f"LocalAttention layers {bad} do not exist: this model has layers 0-{len(layer_map) - 1}")
         layers = frozenset(edit.layers)
     radius = tuple(float(r) for r in edit.radius) if isinstance(edit.radius, tuple) else float(edit.radius)
-    return LocalSetting(radius, layers, edit.downsample, edit.train_tokens)
+    return LocalSetting(radius, layers, edit.downsample, edit.train_tokens, edit.shape)
 
 
 @dataclass

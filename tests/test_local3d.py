@@ -17,7 +17,7 @@ from dit_attn.toy.wan import WAN_RUN, build_wan_pipeline
 torch.set_num_threads(1)
 
 
-def brute_force_allowed(grid, radius, text_before, text_after):
+def brute_force_allowed(grid, radius, text_before, text_after, shape="ellipsoid"):
     frames, rows, cols = grid
     cells = list(itertools.product(range(frames), range(rows), range(cols)))
     n = len(cells)
@@ -25,7 +25,10 @@ def brute_force_allowed(grid, radius, text_before, text_after):
     allowed = torch.ones(seq, seq, dtype=torch.bool)
     for i, (ti, yi, xi) in enumerate(cells):
         for j, (tj, yj, xj) in enumerate(cells):
-            inside = ((ti - tj) / radius[0]) ** 2 + ((yi - yj) / radius[1]) ** 2 + ((xi - xj) / radius[2]) ** 2 < 1
+            if shape == "box":
+                inside = abs(ti - tj) < radius[0] and abs(yi - yj) < radius[1] and abs(xi - xj) < radius[2]
+            else:
+                inside = ((ti - tj) / radius[0]) ** 2 + ((yi - yj) / radius[1]) ** 2 + ((xi - xj) / radius[2]) ** 2 < 1
             allowed[text_before + i, text_before + j] = inside
     return allowed
 
@@ -40,6 +43,14 @@ def test_dense_mask_is_the_ellipsoid(grid, radius, before, after):
     window = LocalWindow3D(radius, grid)
     got = dense_mask(before + n + after, slice(before, before + n), window)
     assert torch.equal(got, brute_force_allowed(grid, radius, before, after))
+
+
+@pytest.mark.parametrize("grid,radius,before", [((3, 5, 7), (1.5, 2.2, 3.1), 0), ((2, 4, 6), (1, 3.5, 2.5), 3)])
+def test_dense_mask_is_the_box(grid, radius, before):
+    n = grid[0] * grid[1] * grid[2]
+    got = dense_mask(before + n, slice(before, before + n), LocalWindow3D(radius, grid, "box"))
+    assert torch.equal(got, brute_force_allowed(grid, radius, before, 0, "box"))
+    assert not torch.equal(got, dense_mask(before + n, slice(before, before + n), LocalWindow3D(radius, grid)))
 
 
 def qkv(seq, dtype=torch.float64, batch=2, heads=3, dim=16, seed=0):
@@ -77,6 +88,29 @@ def test_tiled_equals_the_dense_mask_reference(grid, radius, text, text_after, t
     assert (got32.double() - want).abs().max() < 1e-5
     stock = F.scaled_dot_product_attention(q, k, v)
     assert (want - stock).abs().max() > 1e-3  # the window matters on these grids
+
+
+@pytest.mark.parametrize("grid,radius,text,text_after,tile", [CASES[1], CASES[2]])
+def test_tiled_box_equals_the_dense_mask_reference(grid, radius, text, text_after, tile, monkeypatch):
+    monkeypatch.setattr("dit_attn.kernels.tiled.default_tile_3d", lambda radius: tile)
+    n = grid[0] * grid[1] * grid[2]
+    tokens = (0, n) if text_after else (text, n + text)
+    q, k, v = qkv(n + text)
+    plan = AttentionPlan(softpag(), tokens, LocalWindow3D(radius, grid, "box"))
+    want = attention(q, k, v, plan, backend="reference")
+    assert (attention(q, k, v, plan, backend="tiled") - want).abs().max() < 1e-12
+    got32 = attention(*(x.float() for x in (q, k, v)), plan, backend="tiled")
+    assert (got32.double() - want).abs().max() < 1e-5
+    ellipsoid = attention(q, k, v, AttentionPlan(softpag(), tokens, LocalWindow3D(radius, grid)), backend="reference")
+    assert (want - ellipsoid).abs().max() > 1e-3
+
+
+def test_box_tiles_see_the_whole_box_and_cover_the_grid_by_its_far_corner():
+    geo = video_tile_geometry((9, 20, 30), (3.0, 8.0, 12.0), (1, 4, 8), "box")
+    assert torch.all(geo.allowed.sum(dim=1) == 5 * 15 * 23)  # |dt| <= 2, |dy| <= 7, |dx| <= 11
+    assert LocalWindow3D((2.01, 4.01, 6.01), (3, 5, 7), "box").covers_grid()  # the far corner is (2, 4, 6)
+    assert not LocalWindow3D((2.01, 4.01, 6.0), (3, 5, 7), "box").covers_grid()
+    assert not LocalWindow3D((2.01, 4.01, 6.01), (3, 5, 7)).covers_grid()  # the ellipsoid misses that corner
 
 
 @pytest.mark.parametrize("grid,radius,text", [((3, 5, 7), (1.5, 2.2, 3.1), 0), ((2, 4, 6), (2, 2.5, 3), 3)])
@@ -157,6 +191,13 @@ def test_bad_radii_and_refusals():
         attention(q, k, v, plan, backend="flex")
     with pytest.raises(ValueError, match="does not match the 104 video tokens"):
         attention(q[:, :, 1:], k[:, :, 1:], v[:, :, 1:], plan, backend="tiled")
+    with pytest.raises(ValueError, match="shape must be one of 'ellipsoid', 'box'"):
+        da.LocalAttention(radius=(2, 3, 3), shape="cube")
+    with pytest.raises(ValueError, match=r"shape='box' is a 3-D window: give radius=\(frames, height, width\)"):
+        da.LocalAttention(radius=3, shape="box")
+    with pytest.raises(ValueError, match="shape must be one of"):
+        LocalWindow3D((1, 2, 2), (3, 5, 7), "sphere")
+    assert da.LocalAttention.from_dict(da.LocalAttention(radius=(2, 3, 3), shape="box").to_dict()).shape == "box"
     assert da.LocalAttention(radius=(2, 3, 3)).to_dict()["radius"] == [2, 3, 3]
     assert da.LocalAttention.from_dict(da.LocalAttention(radius=(2, 3, 3)).to_dict()).radius == (2, 3, 3)
 
@@ -202,6 +243,13 @@ def test_wan_local_attention_equals_the_reference(wan_pipe):
     assert (with_pag - with_pag_reference).abs().max() < 1e-5
     covering = wan_latents(wan_pipe, da.LocalAttention((4, 4, 8)))  # the far corner (2, 2, 4) is inside
     assert (covering - stock).abs().max() < 1e-6
+
+
+def test_wan_box_window_equals_the_reference(wan_pipe):
+    radius = (1.5, 1.5, 2.5)
+    box = wan_latents(wan_pipe, da.LocalAttention(radius, shape="box"))
+    assert (box - wan_latents(wan_pipe, da.LocalAttention(radius))).abs().max() > 1e-3
+    assert (box - wan_latents(wan_pipe, da.LocalAttention(radius, shape="box", backend="reference"))).abs().max() < 1e-5
 
 
 def test_wan_refuses_a_scalar_radius_clearly(wan_pipe):

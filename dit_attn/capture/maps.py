@@ -13,7 +13,7 @@ import math
 import torch
 
 from ..kernels.plan import Perturbation
-from ..kernels.window import LocalWindow, LocalWindow3D, in_ellipsoid, pool_grid
+from ..kernels.window import LocalWindow, LocalWindow3D, in_window_3d, pool_grid
 
 CHUNK_BYTES = 4 << 20  # float32 logits of one chunk of query rows
 
@@ -21,10 +21,10 @@ CHUNK_BYTES = 4 << 20  # float32 logits of one chunk of query rows
 def _window_keys(positions: torch.Tensor, seq_len: int, image: slice, window) -> torch.Tensor:
     """(n, S) bool: the keys the image queries at `positions` see in the window (every text key)."""
     cell = positions - image.start
-    if isinstance(window, LocalWindow3D):  # video: the ellipsoid around each query's (frame, row, col)
+    if isinstance(window, LocalWindow3D):  # video: the ellipsoid (or box) around each query's (frame, row, col)
         t, y, x = (axis.to(positions.device) for axis in window.positions())
-        inside = in_ellipsoid(t[cell][:, None] - t[None], y[cell][:, None] - y[None], x[cell][:, None] - x[None],
-                              window.radius)
+        inside = in_window_3d(t[cell][:, None] - t[None], y[cell][:, None] - y[None], x[cell][:, None] - x[None],
+                              window.radius, window.shape)
     else:
         cols = window.grid[1]
         qy, qx = cell // cols, cell % cols

@@ -183,7 +183,7 @@ def video_image_attention(q_img, k_img, v_img, k_global, v_global, window: Local
     window of them (a strided view for torch's fused CPU kernel, whose log-normalisers merge the global
     keys; with gradients, a copy and plain tensor ops, as `local_image_attention`).
     """
-    geo = video_tile_geometry(window.grid, window.radius, tile or default_tile_3d(window.radius))
+    geo = video_tile_geometry(window.grid, window.radius, tile or default_tile_3d(window.radius), window.shape)
     batch, heads, _, dim = q_img.shape
     (n_frame_tiles, n_row_tiles, n_col_tiles), (tile_frames, tile_rows, tile_cols) = geo.tiles, geo.tile
     query_pad = [p - n for p, n in zip(geo.padded, geo.grid)]

@@ -11,7 +11,8 @@ definition the tests compare against, is quadratic.
 
 Video (`LocalWindow3D`): a query at (t, y, x) of a frame-major (frames, rows, cols) grid
 sees the video keys with (dt/rt)² + (dy/ry)² + (dx/rx)² < 1 for radius (rt, ry, rx), border
-windows clipped, plus every text key. Its tiles are 3-D boxes of queries; a tile's halo is
+windows clipped, plus every text key; with shape="box", the keys with |dt| < rt, |dy| < ry and
+|dx| < rx (the bounding box of the ellipsoid's integer offsets: the same reach, whole tiles dense). Its tiles are 3-D boxes of queries; a tile's halo is
 the set of key offsets some query of the tile can see (`VideoTileGeometry`).
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from functools import lru_cache
 
 import torch
 
-from ..checks import check_radius
+from ..checks import check_radius, check_window_shape
 
 
 @dataclass(frozen=True)
@@ -188,27 +189,39 @@ def in_ellipsoid(dt: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, radius: t
     return (dt.double() / rt) ** 2 + (dy.double() / ry) ** 2 + (dx.double() / rx) ** 2 < 1
 
 
+def in_window_3d(dt: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, radius: tuple[float, float, float],
+                 shape: str = "ellipsoid") -> torch.Tensor:
+    """The 3-D window's test for integer offsets: the ellipsoid, or the box |dt| < rt, |dy| < ry, |dx| < rx."""
+    if shape == "box":
+        rt, ry, rx = radius
+        return (dt.double().abs() < rt) & (dy.double().abs() < ry) & (dx.double().abs() < rx)
+    return in_ellipsoid(dt, dy, dx, radius)
+
+
 @dataclass(frozen=True)
 class LocalWindow3D:
     """Local attention for the video tokens of one call.
 
     grid: (frames, rows, cols) of the video-token grid, frame-major then row-major in the sequence.
     radius: (rt, ry, rx) in tokens along frames, rows and cols: the ellipsoid a query sees.
+    shape: "ellipsoid", or "box" (|dt| < rt, |dy| < ry, |dx| < rx).
     """
 
     radius: tuple[float, float, float]
     grid: tuple[int, int, int]
+    shape: str = "ellipsoid"
 
     pool = None  # pooled keys are not defined on video grids
     pooled_tokens = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "radius", check_video_radius(self.radius))
+        check_window_shape(self.shape)
         if len(self.grid) != 3 or min(self.grid) < 1:
             raise ValueError(f"grid must be positive (frames, rows, cols), got {self.grid}")
 
     @classmethod
-    def for_call(cls, radius, grid: tuple[int, ...], downsample: int | None) -> "LocalWindow3D":
+    def for_call(cls, radius, grid: tuple[int, ...], downsample: int | None, shape: str = "ellipsoid") -> "LocalWindow3D":
         """The window of a call whose grid or radius is 3-D; ValueErrors name what is valid."""
         if len(grid) != 3:
             raise ValueError(f"radius={radius!r} is a 3-D (frames, height, width) radius for video grids; this call's "
@@ -216,7 +229,7 @@ class LocalWindow3D:
         if downsample is not None:
             raise ValueError("LocalAttention(downsample=...) (pooled keys) is not implemented on video grids; "
                              "use downsample=None with a 3-tuple radius")
-        return cls(radius, tuple(grid))
+        return cls(radius, tuple(grid), shape)
 
     @property
     def tokens(self) -> int:
@@ -235,7 +248,9 @@ class LocalWindow3D:
 
     def covers_grid(self) -> bool:
         """True when every video key is inside every video query's ellipsoid (the far corner is)."""
-        # plain floats (the same double arithmetic as `in_ellipsoid`): no tensor, so no graph break under compile
+        # plain floats (the same double arithmetic as `in_window_3d`): no tensor, so no graph break under compile
+        if self.shape == "box":
+            return all(n - 1 < r for n, r in zip(self.grid, self.radius))
         return sum(((n - 1) / r) ** 2 for n, r in zip(self.grid, self.radius)) < 1
 
     def positions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -248,7 +263,8 @@ class LocalWindow3D:
     def dense_pattern(self) -> torch.Tensor:
         """(N, N) bool: video query i may see video key j. O(N²): the definition, for `dense_mask`."""
         t, y, x = self.positions()
-        return in_ellipsoid(t[:, None] - t[None, :], y[:, None] - y[None, :], x[:, None] - x[None, :], self.radius)
+        return in_window_3d(t[:, None] - t[None, :], y[:, None] - y[None, :], x[:, None] - x[None, :], self.radius,
+                            self.shape)
 
 
 @dataclass(frozen=True)
@@ -318,20 +334,20 @@ def _nearest(offset: int, size: int) -> int:
 
 @lru_cache(maxsize=64)
 def video_tile_geometry(grid: tuple[int, int, int], radius: tuple[float, float, float],
-                        tile: tuple[int, int, int]) -> VideoTileGeometry:
-    """Cached by (grid, radius, tile): O(tile cells · halo box), independent of the grid's size."""
+                        tile: tuple[int, int, int], shape: str = "ellipsoid") -> VideoTileGeometry:
+    """Cached by (grid, radius, tile, shape): O(tile cells · halo box), independent of the grid's size."""
     reaches = tuple(min(reach(r), n - 1) for r, n in zip(radius, grid))
     tile = tuple(min(t, n) for t, n in zip(tile, grid))
     # a key row is seen if the tile's nearest query sees its nearest column (offset 0): the ellipsoid test
     # on those offsets, with a margin, so rounding can only keep a row that `allowed` then masks
     rt, ry = radius[0], radius[1]
     rows = [(dt, dy) for dt in range(-reaches[0], tile[0] + reaches[0]) for dy in range(-reaches[1], tile[1] + reaches[1])
-            if (_nearest(dt, tile[0]) / rt) ** 2 + (_nearest(dy, tile[1]) / ry) ** 2 < 1 + 1e-9]
+            if shape == "box" or (_nearest(dt, tile[0]) / rt) ** 2 + (_nearest(dy, tile[1]) / ry) ** 2 < 1 + 1e-9]
     offsets = torch.tensor(rows).view(-1, 2)
     query = torch.cartesian_prod(*[torch.arange(t) for t in tile]).view(-1, 3)
     cols = torch.arange(-reaches[2], tile[2] + reaches[2])
-    allowed = in_ellipsoid(query[:, 0, None, None] - offsets[None, None, :, 0],
+    allowed = in_window_3d(query[:, 0, None, None] - offsets[None, None, :, 0],
                            query[:, 1, None, None] - offsets[None, None, :, 1],
-                           query[:, 2, None, None] - cols[None, :, None], radius)  # (cells, cols, rows)
+                           query[:, 2, None, None] - cols[None, :, None], radius, shape)  # (cells, cols, rows)
     return VideoTileGeometry(grid=grid, radius=radius, tile=tile, reach=reaches, rows=tuple(rows),
                              allowed=allowed.flatten(1))

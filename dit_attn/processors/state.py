@@ -32,6 +32,7 @@ class LocalSetting:
     layers: frozenset[int]
     downsample: int | None = None
     train_tokens: int | None = None
+    shape: str = "ellipsoid"  # of a 3-D window: "ellipsoid" or "box"
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,7 @@ class EditState:
         if call.grid is None:
             raise ValueError(f"LocalAttention needs the image tokens of each call on a full row-major grid: {call.grid_problem}")
         if len(call.grid) == 3 or isinstance(self.local.radius, tuple):
-            return LocalWindow3D.for_call(self.local.radius, call.grid, self.local.downsample)
+            return LocalWindow3D.for_call(self.local.radius, call.grid, self.local.downsample, self.local.shape)
         weight = pool.spatial_weight if pool is not None else None
         return LocalWindow(self.local.radius, call.grid, self.local.downsample, weight)
 
