@@ -71,9 +71,6 @@ class Family:
     # the leading tokens of the prediction: HeadGuidance's term is taken on those
     reference_tokens_trail: bool = False
     nag: bool = False  # its processors apply NAG (EditState.nag_image_inputs / nag_guide)
-    # its pipelines' latents are an AutoencoderKL's scaled latents (2-D, `scaling_factor`/`shift_factor`),
-    # which in-context sets and the trainers encode and decode themselves
-    image_latents_of_kl_vae: bool = False
     text_edits_unsupported: str = ""  # why TextPatch/TextGuard/localize cannot run on this family ("" : they can)
     makes_videos: bool = False  # its pipelines return `.frames` (videos), not `.images`
     # its processors feed `capture.video.VideoCaptureRecorder` (cross maps from the cross-attention, self from attn1)
@@ -164,6 +161,45 @@ class Family:
     def sequence_length_of_call(self, pipe, text_length: int) -> int:
         """The `max_sequence_length` that encodes a prompt to `text_length` text tokens of a call."""
         return text_length
+
+    # --- image latents (in-context sets and the trainers) ----------------------------------------
+    # Latents are exchanged on the VAE's (B, C, h, w) latent grid, scaled or normalised as the transformer
+    # sees them; `call_latents` / `step_latents` / `grid_of_output` convert to and from the pipelines' layouts.
+    def supports_image_latents(self) -> bool:
+        return type(self).encode_image_latents is not Family.encode_image_latents
+
+    def image_latents_refusal(self) -> str:
+        return (f"in-context sets and the trainers encode images to the transformer's latents; {self.name} "
+                "pipelines use another latent format (not supported yet): use an SD3/SD3.5, FLUX.1-layout "
+                "(FLUX.1, Chroma, LongCat-Image, ...), FLUX.2 or Qwen-Image pipeline")
+
+    def encode_image_latents(self, pipe, pixels: "torch.Tensor") -> "torch.Tensor":
+        """Latents (B, C, h, w) of images (B, 3, H, W) in [-1, 1] as the transformer sees them (deterministic:
+        the posterior's mode)."""
+        raise TypeError(self.image_latents_refusal())
+
+    def decode_image_latents(self, pipe, latents: "torch.Tensor") -> "torch.Tensor":
+        """Images (B, 3, H, W) in [-1, 1] from latents of :meth:`encode_image_latents`."""
+        raise TypeError(self.image_latents_refusal())
+
+    def latent_channels(self, pipe) -> int:
+        return int(pipe.vae.config.latent_channels)
+
+    def call_latents(self, latents: "torch.Tensor") -> "torch.Tensor":
+        """Grid latents (B, C, h, w) as the pipeline call's `latents=` takes them."""
+        from .image_latents import pack
+
+        return pack(latents) if self.packs_latents else latents
+
+    def step_latents(self, call_latents: "torch.Tensor") -> "torch.Tensor":
+        """A call's `latents=` as its denoising loop holds them (the transformer's input, `callback_on_step_end`)."""
+        return call_latents
+
+    def grid_of_output(self, pipe, latents: "torch.Tensor", latent_hw: tuple[int, int]) -> "torch.Tensor":
+        """Grid latents (B, C, h, w) from what a call with output_type="latent" returns."""
+        from .image_latents import unpack
+
+        return unpack(latents, *latent_hw) if self.packs_latents else latents
 
     # --- training --------------------------------------------------------------------------------
     def max_token_side(self, transformer) -> int | None:

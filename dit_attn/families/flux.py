@@ -7,6 +7,7 @@ import torch
 
 from ..heads import LayerInfo, head_dim
 from .base import CallRows, Family
+from .image_latents import decode_kl, encode_kl
 
 
 def image_ids(h: int, w: int) -> torch.Tensor:
@@ -59,7 +60,6 @@ def double_then_single_layer_of_key(key: str, transformer) -> int:
 
 class Flux(Family):
     name = "flux"
-    image_latents_of_kl_vae = True
     transformer_classes = ("FluxTransformer2DModel",)
     stock_processors = ("FluxAttnProcessor",)
     ip_adapter_processors = ("FluxIPAdapterAttnProcessor",)
@@ -106,6 +106,12 @@ class Flux(Family):
         embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, num_images_per_prompt=1,
                                                max_sequence_length=max_sequence_length or 512)
         return embeds, pooled
+
+    def encode_image_latents(self, pipe, pixels):
+        return encode_kl(pipe.vae, pixels)
+
+    def decode_image_latents(self, pipe, latents):
+        return decode_kl(pipe.vae, latents)
 
     def latent_patch(self, transformer) -> int:
         return 2

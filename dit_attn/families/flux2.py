@@ -19,6 +19,7 @@ import torch
 from ..heads import LayerInfo
 from .base import CallRows, Family
 from .flux import double_then_single_layer_of_key, double_then_single_layers, grid_from_ids
+from .image_latents import pack, patchify, unpatchify
 
 
 def image_ids(h: int, w: int) -> torch.Tensor:
@@ -27,6 +28,27 @@ def image_ids(h: int, w: int) -> torch.Tensor:
     cols = torch.arange(w // 2).repeat(h // 2)
     zeros = torch.zeros_like(rows)
     return torch.stack([zeros, rows, cols, zeros], dim=-1)
+
+
+def normalised(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The VAE's own latents (B, C, h, w) batch-normalised per patchified channel, as the pipelines feed the
+    transformer; on the latent grid that is a normalisation per (channel, row parity, column parity)."""
+    z = patchify(latents)
+    mean, std = _statistics(vae, z)
+    return unpatchify((z - mean) / std)
+
+
+def denormalised(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`normalised`, as the pipelines undo it before decoding."""
+    z = patchify(latents)
+    mean, std = _statistics(vae, z)
+    return unpatchify(z * std + mean)
+
+
+def _statistics(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = vae.bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
 
 
 def text_ids(length: int) -> torch.Tensor:
@@ -92,6 +114,25 @@ class Flux2(Family):
         embeds, _ = pipe.encode_prompt(prompt=prompts, num_images_per_prompt=1,
                                        max_sequence_length=max_sequence_length or 512)
         return embeds, embeds.new_zeros(embeds.shape[0], 0)
+
+    @torch.no_grad()
+    def encode_image_latents(self, pipe, pixels):
+        vae = pipe.vae
+        return normalised(vae, vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode())
+
+    @torch.no_grad()
+    def decode_image_latents(self, pipe, latents):
+        vae = pipe.vae
+        return vae.decode(denormalised(vae, latents.to(device=vae.device, dtype=vae.dtype))).sample
+
+    def call_latents(self, latents):
+        return patchify(latents)  # the pipelines take (B, 4C, h/2, w/2) and pack them into tokens themselves
+
+    def step_latents(self, call_latents):
+        return pack(unpatchify(call_latents))
+
+    def grid_of_output(self, pipe, latents, latent_hw):
+        return normalised(pipe.vae, latents)  # output_type="latent" returns the VAE's own latents
 
     def latent_patch(self, transformer) -> int:
         return 2

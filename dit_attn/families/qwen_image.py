@@ -45,6 +45,13 @@ def first_image_shape(img_shapes) -> tuple[list[tuple[int, int, int]] | None, st
     return [tuple(int(x) for x in s) for s in shapes], ""
 
 
+def latent_statistics(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, 1/std) (1, C, 1, 1) of the VAE's latents, by which the pipelines normalise them: (z − mean)·(1/std)."""
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1)
+    inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
+    return mean.to(like.device, like.dtype), inverse_std.to(like.device, like.dtype)
+
+
 class QwenImage(Family):
     name = "qwen_image"
     transformer_classes = ("QwenImageTransformer2DModel",)
@@ -145,6 +152,24 @@ class QwenImage(Family):
             if mask is not None:
                 joint = joint.to(mask.dtype)
         return {"encoder_hidden_states": widened, "encoder_hidden_states_mask": joint}
+
+    # image latents: the video VAE's latents of one frame, normalised per channel by its latents_mean/latents_std
+    @torch.no_grad()
+    def encode_image_latents(self, pipe, pixels):
+        vae = pipe.vae
+        z = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)[:, :, None]).latent_dist.mode()[:, :, 0]
+        mean, inverse_std = latent_statistics(vae, z)
+        return (z - mean) * inverse_std
+
+    @torch.no_grad()
+    def decode_image_latents(self, pipe, latents):
+        vae = pipe.vae
+        z = latents.to(device=vae.device, dtype=vae.dtype)
+        mean, inverse_std = latent_statistics(vae, z)
+        return vae.decode((z / inverse_std + mean)[:, :, None]).sample[:, :, 0]
+
+    def latent_channels(self, pipe) -> int:
+        return int(pipe.vae.config.z_dim)
 
     def latent_patch(self, transformer) -> int:
         return 2

@@ -7,11 +7,11 @@ import torch
 
 from ..heads import LayerInfo, head_dim
 from .base import CallRows, Family
+from .image_latents import decode_kl, encode_kl
 
 
 class SD3(Family):
     name = "sd3"
-    image_latents_of_kl_vae = True
     transformer_classes = ("SD3Transformer2DModel",)
     stock_processors = ("JointAttnProcessor2_0",)
     ip_adapter_processors = ("SD3IPAdapterJointAttnProcessor2_0",)
@@ -79,6 +79,12 @@ class SD3(Family):
         if t5_tokens < 1:
             raise ValueError(f"cannot read max_sequence_length from a call with {text_length} text tokens")
         return t5_tokens
+
+    def encode_image_latents(self, pipe, pixels):
+        return encode_kl(pipe.vae, pixels)
+
+    def decode_image_latents(self, pipe, latents):
+        return decode_kl(pipe.vae, latents)
 
     def max_token_side(self, transformer) -> int | None:
         # the position embedding is cropped from a table of pos_embed_max_size² patches

@@ -11,7 +11,7 @@ from ..limits import check_call
 from ..loading import call_defaults
 from .canvas import compose, split
 from .captions import caption as make_caption
-from .latents import LatentGrid, encode, image_tensor, latent_grid, unpack
+from .latents import LatentGrid, encode, image_tensor, latent_grid
 from .latents import decode as decode_latents
 from .layout import Layout
 
@@ -64,8 +64,8 @@ def _references(reference, layout: Layout) -> dict[int, object]:
 
 
 def reference_latents(pipe, grid: LatentGrid, reference: Mapping[int, object]) -> torch.Tensor:
-    """The reference panels encoded by the VAE and placed on the canvas's latent grid, in the
-    pipeline's layout (1, ...); zero elsewhere."""
+    """The reference panels encoded by the VAE and placed on the canvas's latent grid, in the layout of the
+    pipeline's denoising loop (1, ...); zero elsewhere."""
     h, w = grid.latent_hw
     ph, pw = grid.height // grid.layout.rows, grid.width // grid.layout.cols
     x0 = torch.zeros(1, grid.channels, h, w)
@@ -73,7 +73,7 @@ def reference_latents(pipe, grid: LatentGrid, reference: Mapping[int, object]) -
     for k, image in reference.items():
         r, c = grid.layout.position(k)
         x0[..., r * lh:(r + 1) * lh, c * lw:(c + 1) * lw] = encode(pipe, image_tensor(image, ph, pw)).float().cpu()
-    return grid.to_pipeline(x0)
+    return grid.to_steps(grid.to_pipeline(x0))
 
 
 class Overwrite:
@@ -101,8 +101,7 @@ class Overwrite:
 
 def decode_panels(pipe, grid: LatentGrid, latents: torch.Tensor) -> list[Image.Image]:
     """Canvases from the pipeline's final latents, each panel decoded by the VAE on its own."""
-    if grid.packed:
-        latents = unpack(latents, *grid.latent_hw)
+    latents = grid.from_output(pipe, latents)
     h, w = grid.latent_hw
     lh, lw = h // grid.layout.rows, w // grid.layout.cols
     canvases = []
@@ -129,7 +128,7 @@ def generate_set(pipe, caption_or_panels: str | Sequence[str], layout: Layout | 
     split into whole transformer tokens per panel (default: each panel at the pipeline's default
     size). `reference`: {panel index: panel-sized PIL image} panels to keep.
 
-    mode="overwrite" (SD3 / SD3.5 / FLUX text-to-image pipelines): after every step the reference
+    mode="overwrite" (SD3 / SD3.5 / FLUX.1 / FLUX.2 / Qwen-Image text-to-image pipelines): after every step the reference
     panels' latents become the reference's VAE latents noised to the step's next noise level,
     (1 − σ)·x0 + σ·n with one noise n per run (the initial latents; σ₀ = 1), so the last step
     leaves them at x0 exactly. mode="fill" (a `FluxFillPipeline`): the references are painted
@@ -182,7 +181,7 @@ def generate_set(pipe, caption_or_panels: str | Sequence[str], layout: Layout | 
         call["mask_image"] = compose([black if k in references else white for k in range(layout.panels)], layout)
     elif references:
         x0 = reference_latents(pipe, grid, references).to(device)
-        overwrite = Overwrite(x0, noise, grid.panel_mask(references), call.pop("callback_on_step_end", None))
+        overwrite = Overwrite(x0, grid.to_steps(noise), grid.panel_mask(references), call.pop("callback_on_step_end", None))
         inputs = list(call.pop("callback_on_step_end_tensor_inputs", None) or [])
         call["callback_on_step_end"] = overwrite
         call["callback_on_step_end_tensor_inputs"] = ["latents"] + [k for k in inputs if k != "latents"]

@@ -1,4 +1,5 @@
-"""Where a panel lives in a pipeline's latents: SD3 (B, C, h, w) grids and FLUX packed (B, S, 4C) token rows."""
+"""Where a panel lives in a pipeline's latents: the VAE's (B, C, h, w) latent grid, which each family spec
+converts to its pipelines' layouts (SD3 the grid itself; FLUX.1, FLUX.2, Qwen-Image 2×2-packed token rows)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,28 +9,16 @@ import torch
 from PIL import Image
 
 from ..families import family_of
+from ..families.base import Family
+from ..families.image_latents import pack, unpack  # noqa: F401  (the token packing, used by the trainers)
 from .layout import Layout
-
-
-def pack(latents: torch.Tensor) -> torch.Tensor:
-    """FLUX packing: (B, C, h, w) → (B, (h/2)·(w/2), 4C), 2×2 latent patches in row-major token order."""
-    b, c, h, w = latents.shape
-    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Inverse of :func:`pack` for an h × w latent grid."""
-    b, _, d = tokens.shape
-    x = tokens.reshape(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, d // 4, h, w)
 
 
 @dataclass(frozen=True)
 class LatentGrid:
     """The latent geometry of one canvas size in one pipeline."""
 
-    packed: bool  # the transformer takes 2×2-packed latent tokens (FLUX)
+    family: Family
     height: int  # canvas pixels
     width: int
     vae_scale: int  # pixels per latent cell
@@ -38,22 +27,33 @@ class LatentGrid:
     layout: Layout
 
     @property
+    def packed(self) -> bool:
+        """The denoising loop holds 2×2-packed latent tokens (B, S, 4C)."""
+        return self.family.packs_latents
+
+    @property
     def latent_hw(self) -> tuple[int, int]:
         return self.height // self.vae_scale, self.width // self.vae_scale
 
     def shape(self, batch: int = 1) -> tuple[int, ...]:
-        """Shape of the pipeline's `latents` for this canvas."""
+        """Shape of the pipeline call's `latents`."""
         h, w = self.latent_hw
-        if self.packed:
-            return batch, (h // 2) * (w // 2), self.channels * 4
-        return batch, self.channels, h, w
+        return tuple(self.to_pipeline(torch.empty(batch, self.channels, h, w, device="meta")).shape)
 
     def to_pipeline(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) latents in the pipeline's layout (FLUX: packed)."""
-        return pack(latents) if self.packed else latents
+        """(B, C, h, w) latents in the layout of the pipeline call's `latents`."""
+        return self.family.call_latents(latents)
+
+    def to_steps(self, call_latents: torch.Tensor) -> torch.Tensor:
+        """The call's `latents` in the layout of its denoising loop (what `callback_on_step_end` sees)."""
+        return self.family.step_latents(call_latents)
+
+    def from_output(self, pipe, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) latents from what a call with output_type="latent" returns."""
+        return self.family.grid_of_output(pipe, latents, self.latent_hw)
 
     def panel_mask(self, panels) -> torch.Tensor:
-        """Boolean mask over the pipeline's latents, True on the given panels (broadcasts over batch and channels)."""
+        """Boolean mask over the denoising loop's latents, True on the given panels (broadcasts over batch and channels)."""
         h, w = self.latent_hw
         ph, pw = h // self.layout.rows, w // self.layout.cols
         cells = torch.zeros(h, w, dtype=torch.bool)
@@ -67,19 +67,20 @@ class LatentGrid:
 
 def alignment(pipe) -> tuple[int, int]:
     """(VAE scale, pixels per token) of a pipeline."""
-    vae_scale = int(getattr(pipe, "vae_scale_factor", 2 ** (len(pipe.vae.config.block_out_channels) - 1)))
+    vae_scale = getattr(pipe, "vae_scale_factor", None)
+    if vae_scale is None:
+        vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    vae_scale = int(vae_scale)
     patch = family_of(pipe.transformer).latent_patch(pipe.transformer)
     return vae_scale, vae_scale * patch
 
 
-def check_kl_latents(pipe):
-    """The pipeline's family, when its latents are an AutoencoderKL's scaled latents (what dit-attn encodes and
-    decodes for in-context sets and the trainers); TypeError naming the supported families otherwise."""
+def check_image_latents(pipe):
+    """The pipeline's family, when dit-attn encodes and decodes its image latents (in-context sets and the
+    trainers); TypeError naming the supported families otherwise."""
     family = family_of(pipe.transformer)
-    if not family.image_latents_of_kl_vae:
-        raise TypeError(f"in-context sets and the trainers encode images to AutoencoderKL latents; {family.name} "
-                        "pipelines use another latent format (not supported yet): use an SD3/SD3.5 or a "
-                        "FLUX.1-layout (FLUX.1, Chroma, LongCat-Image, ...) pipeline")
+    if not family.supports_image_latents():
+        raise TypeError(family.image_latents_refusal())
     return family
 
 
@@ -87,11 +88,10 @@ def latent_grid(pipe, layout: Layout | str | tuple[int, int], height: int, width
     """The latent geometry of a `height` × `width` canvas; ValueError naming the nearest valid sizes
     when the panels would not be whole transformer tokens."""
     layout = Layout.parse(layout)
-    family = check_kl_latents(pipe)
-    packed = family.packs_latents
+    family = check_image_latents(pipe)
     vae_scale, align = alignment(pipe)
     layout.check_size(height, width, align, what=f"canvas for {type(pipe).__name__} ({align} px a token)")
-    return LatentGrid(packed, height, width, vae_scale, align, int(pipe.vae.config.latent_channels), layout)
+    return LatentGrid(family, height, width, vae_scale, align, family.latent_channels(pipe), layout)
 
 
 def image_tensor(image: Image.Image | torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -110,21 +110,13 @@ def image_tensor(image: Image.Image | torch.Tensor, height: int, width: int) -> 
     return x
 
 
-@torch.no_grad()
 def encode(pipe, pixels: torch.Tensor) -> torch.Tensor:
-    """VAE latents (B, C, h, w) of images (B, 3, H, W) in [-1, 1], shifted and scaled as the transformer sees them
-    (the mode of the posterior: deterministic)."""
-    check_kl_latents(pipe)
-    vae = pipe.vae
-    z = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (z - shift) * vae.config.scaling_factor
+    """VAE latents (B, C, h, w) of images (B, 3, H, W) in [-1, 1], scaled or normalised as the transformer sees
+    them (the mode of the posterior: deterministic)."""
+    return check_image_latents(pipe).encode_image_latents(pipe, pixels)
 
 
-@torch.no_grad()
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """Images (B, 3, H, W) in [0, 1] from shifted and scaled latents (B, C, h, w) — the inverse of :func:`encode`."""
-    vae = pipe.vae
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    z = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + shift
-    return (vae.decode(z).sample.float().clamp(-1, 1) + 1) / 2
+    """Images (B, 3, H, W) in [0, 1] from latents (B, C, h, w) of :func:`encode`."""
+    x = check_image_latents(pipe).decode_image_latents(pipe, latents)
+    return (x.float().clamp(-1, 1) + 1) / 2
