@@ -17,8 +17,9 @@ class DispatchingProcessor(LayerProcessor):
 
     def local_image_stop(self, text_len: int, seq_len: int) -> int:
         """Where the image tokens of this layer's plan end in a [text ; image] sequence. At a local layer of
-        a call with reference-image tokens after the generated grid (FLUX.1 Kontext), the grid's end: the
-        reference tokens join the text as global tokens (every query sees them, their queries see everything)."""
+        a call with reference-image tokens after the generated grid (FLUX.1 Kontext, FLUX.2 with reference
+        images, Qwen-Image-Edit), the grid's end: the reference tokens join the text as global tokens (every
+        query sees them, their queries see everything)."""
         local, grid = self.state.local, self.state.call.grid
         if local is None or self.layer not in local.layers or grid is None or len(grid) != 2:
             return seq_len
