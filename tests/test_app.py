@@ -32,7 +32,7 @@ CHROMIUM = "/usr/bin/chromium"
 PROMPT = "a red circle"
 FORM = dict(model="demo", prompt=PROMPT, steps=2, cfg=4.5, seed=3, size="32", heads="L1H0, L2", picked=[], presets=[],
             u=0.5, scope="image", target="identity", pag_scale=2.0, local_radius=None, start=0.0, end=1.0,
-            local_downsample=None, nag_negative="", nag_scale=5.0)
+            local_downsample=None, nag_negative="", nag_scale=5.0, frames=None, fps=None)
 
 
 def form(**changes) -> list:

@@ -178,6 +178,8 @@ def valid(kind: str, rng: random.Random, files: dict):
         "local_downsample": lambda: None,
         "nag_negative": lambda: rng.choice(["", "", "red"]),
         "nag_scale": lambda: rng.choice([1.0, 5.0]),
+        "frames": lambda: rng.choice([None, 5, 9]),  # a video model's; image models ignore them
+        "fps": lambda: rng.choice([None, 8, 24.5]),
         "layout": lambda: rng.choice(["1x2", "2x1", "1x3"]),
         "panels": None,  # made to match the layout
         "task": lambda: rng.choice(["SET", ""]),
@@ -211,7 +213,8 @@ def hostile(kind: str, rng: random.Random, files: dict):
         "steps": HOSTILE_NUMBER, "cfg": HOSTILE_NUMBER, "seed": HOSTILE_NUMBER + [-(2**63), 2**63],
         "u": HOSTILE_NUMBER, "pag_scale": HOSTILE_NUMBER, "local_radius": HOSTILE_NUMBER, "start": HOSTILE_NUMBER,
         "end": HOSTILE_NUMBER, "local_downsample": HOSTILE_NUMBER, "reference_panel": HOSTILE_NUMBER,
-        "nag_scale": HOSTILE_NUMBER, "nag_negative": ["x" * 5000, " ", "\x00"],
+        "nag_scale": HOSTILE_NUMBER, "frames": HOSTILE_NUMBER + [6, 10**6], "fps": HOSTILE_NUMBER + [0, 1000],
+        "nag_negative": ["x" * 5000, " ", "\x00"],
         "atlas_steps": HOSTILE_NUMBER, "text_start": HOSTILE_NUMBER,
         "size": HOSTILE_SIZE,
         "heads": ["L99H0", "L0H99", "head7", "L-1H0", ",,,", "L" + "9" * 5000, "sd3:nothing", "L0H0," * 3000],
@@ -247,16 +250,17 @@ def hostile(kind: str, rng: random.Random, files: dict):
 
 ENDPOINTS = {
     "/generate": ["model", "prompt", "steps", "cfg", "seed", "size", "heads", "picked", "presets", "u", "scope", "target",
-                  "pag_scale", "local_radius", "start", "end", "local_downsample", "nag_negative", "nag_scale"],
+                  "pag_scale", "local_radius", "start", "end", "local_downsample", "nag_negative", "nag_scale", "frames", "fps"],
     "/compare": ["model", "prompt", "steps", "cfg", "seed", "size", "heads", "picked", "presets", "u", "scope", "target",
-                 "pag_scale", "local_radius", "start", "end", "local_downsample", "nag_negative", "nag_scale"],
+                 "pag_scale", "local_radius", "start", "end", "local_downsample", "nag_negative", "nag_scale", "frames", "fps"],
     "/sets": ["model", "steps", "cfg", "seed", "size", "layout", "panels", "task", "summary", "reference",
               "reference_panel"],
     "/atlas": ["model", "objective", "prompts", "seeds", "atlas_steps", "u", "pag_scale", "cfg", "size", "scope",
                "target", "maps_word"],
     "/load_atlas": ["upload"],
     "/maps": ["model", "prompt", "steps", "cfg", "seed", "size", "heads", "picked", "presets", "u", "scope", "target",
-              "pag_scale", "local_radius", "start", "end", "local_downsample", "nag_negative", "nag_scale", "maps_kind",
+              "pag_scale", "local_radius", "start", "end", "local_downsample", "nag_negative", "nag_scale", "frames", "fps",
+              "maps_kind",
               "maps_words", "maps_layers", "maps_heads", "maps_first", "maps_last", "maps_per_layer"],
     "/text_edit": ["model", "steps", "cfg", "seed", "size", "sign_prompt", "new_text", "text_layers", "text_start",
                    "blocklist"],
@@ -340,7 +344,8 @@ def client(server):
     return Client(server.local_url, verbose=False, analytics_enabled=False, download_files=False)
 
 
-PLAIN = ["demo", "a red circle", 2, 4.5, 3, "32", "", [], [], 0.5, "joint", "identity", 2.0, None, 0.0, 1.0, None, "", 5.0]
+PLAIN = ["demo", "a red circle", 2, 4.5, 3, "32", "", [], [], 0.5, "joint", "identity", 2.0, None, 0.0, 1.0, None, "", 5.0,
+         None, None]
 
 
 def test_fuzz_every_endpoint_answers_or_refuses_readably(server, client, files):

@@ -18,7 +18,7 @@ from dit_attn.toy.configs import build_demo_pipeline
 from .test_app import free_port, page  # noqa: F401  (page: headless chromium on this module's server)
 
 PROMPT = "a red circle"
-FORM = ["demo", PROMPT, 2, 4.5, 3, "32", "", [], [], 0.5, "joint", "identity", 2.0, None, 0.0, 1.0, None, "", 5.0]
+FORM = ["demo", PROMPT, 2, 4.5, 3, "32", "", [], [], 0.5, "joint", "identity", 2.0, None, 0.0, 1.0, None, "", 5.0, None, None]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_mean_of_layers_and_self_kind(client):
     (dict(layers="two"), "layers must be comma-separated indices"),
     (dict(first=1, last=0), r"first capture step \(1\) is after the last \(0\)"),
     (dict(last=5), r"last capture step must be in \[0, 1\]"),
-    (dict(kind="self", words="red"), "takes row,col cells separated by ';'"),
+    (dict(kind="self", words="red"), "takes row,col cells \\(a video: frame,row,col\\) separated by ';'"),
     (dict(kind="self", words="9,9"), "outside the 8×8 token grid"),
     (dict(kind="concept", words=""), "concept needs words"),
     (dict(words=",".join(["red"] * 40), layers=""), r"160 overlays \(40 words × 4 layers\) is more than the page shows"),
@@ -155,12 +155,12 @@ def test_browser_maps_tab_shows_the_gallery(page):
     assert "Traceback" not in page.content()
 
 
-def test_video_models_are_refused_in_one_line():
+def test_concept_maps_on_a_video_model_are_refused_in_one_line():
     from dit_attn.app.maps import check_overlays
-    from dit_attn.app.models import LoadedModel
+    from dit_attn.app.models import load_model
     from dit_attn.toy.wan import build_wan_pipeline
 
-    pipe = build_wan_pipeline()
-    model = LoadedModel("wan", pipe, "wan", da.layers(pipe))
-    with pytest.raises(ValueError, match="the Maps tab draws maps over images; WanPipeline makes videos"):
-        check_overlays(da.Capture(tokens=["red"]), model, per_layer=True)
+    model = load_model("wan", build_wan_pipeline())
+    check_overlays(da.Capture(tokens=["red"]), model, per_layer=True)  # cross maps draw over the video
+    with pytest.raises(ValueError, match="kind concept does not run on video models \\(WanPipeline\\): choose cross"):
+        check_overlays(da.Capture(kind="concept", tokens=["red"]), model, per_layer=True)

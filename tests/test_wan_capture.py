@@ -208,12 +208,3 @@ def test_overlay_frames_puts_each_latent_frames_map_on_its_frames():
     with pytest.raises(ValueError, match="maps must be \\(frames, H, W\\)"):
         da.capture.overlay_frames(frames, maps[0])
 
-
-def test_maps_command_refuses_video_in_one_line(tmp_path, capsys):
-    from dit_attn.cli import main
-
-    build_wan_pipeline().save_pretrained(tmp_path / "wan")
-    assert main(["maps", "a red circle", "--model", str(tmp_path / "wan"), "--out", str(tmp_path / "out")]) != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == ("dit-attn maps: error: dit-attn maps draws its maps over one image; WanPipeline makes videos: "
-                       "capture them with da.Capture and draw them with da.capture.overlay_frames")

@@ -33,11 +33,28 @@ def difference_image(first: Image.Image, second: Image.Image) -> tuple[Image.Ima
     a, b = np.asarray(first.convert("RGB"), dtype=np.int16), np.asarray(second.convert("RGB"), dtype=np.int16)
     if a.shape != b.shape:
         raise ValueError(f"images differ in size: {first.size} and {second.size}")
-    diff = np.abs(a - b)
+    amplified, peak, gain = _amplified(np.abs(a - b))
+    return Image.fromarray(amplified), peak, gain
+
+
+def difference_frames(first: list, second: list) -> tuple[list, int, float]:
+    """|first − second| of two videos frame by frame, with one gain for the whole video (its largest difference
+    white): (frames, largest difference in 0-255, gain applied)."""
+    if len(first) != len(second):
+        raise ValueError(f"videos differ in length: {len(first)} and {len(second)} frames")
+    a = np.stack([np.asarray(f.convert("RGB"), dtype=np.int16) for f in first])
+    b = np.stack([np.asarray(f.convert("RGB"), dtype=np.int16) for f in second])
+    if a.shape != b.shape:
+        raise ValueError(f"videos differ in frame size: {first[0].size} and {second[0].size}")
+    amplified, peak, gain = _amplified(np.abs(a - b))
+    return [Image.fromarray(frame) for frame in amplified], peak, gain
+
+
+def _amplified(diff: np.ndarray) -> tuple[np.ndarray, int, float]:
+    """Differences scaled so the largest is 255: (uint8 array, largest difference, gain)."""
     peak = int(diff.max())
     gain = 255.0 / peak if peak else 1.0
-    amplified = np.clip(np.rint(diff * gain), 0, 255).astype(np.uint8)
-    return Image.fromarray(amplified), peak, gain
+    return np.clip(np.rint(diff * gain), 0, 255).astype(np.uint8), peak, gain
 
 
 def save_video(frames: list, settings: dict, directory: str, kind: str) -> str:

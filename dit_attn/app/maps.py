@@ -1,4 +1,5 @@
-"""The Maps tab: one generation with `da.Capture` and its attention maps as overlays plus maps.json."""
+"""The Maps tab: one generation with `da.Capture` and its attention maps as overlays plus maps.json (a video model:
+one animated WebP overlay per word × layer, maps on the (frame, row, col) token grid)."""
 from __future__ import annotations
 
 import os
@@ -9,8 +10,8 @@ from ..capture.options import capture_from_fields
 from ..edits import Capture
 from ..io import write_json_atomic
 from ..limits import check_text, whole_number
-from ..workflows.batch import edits_for, makes_videos, pipeline_kwargs
-from .generation import save_png
+from ..workflows.batch import edits_for, makes_videos, pipeline_kwargs, pipeline_output
+from .generation import save_png, save_video
 from .models import LoadedModel
 
 MAX_OVERLAYS = 64  # gallery images of one request (words × layers)
@@ -21,7 +22,7 @@ FIELD_NAMES = {"words": "words", "tokens": "token indices", "locations": "words"
 def maps_capture(prompt: str, num_inference_steps: int, kind, words_text, layers_text, heads_text, first_step,
                  last_step) -> Capture:
     """The Capture of the tab's fields; the step range within the generation's steps. self: the words field holds
-    row,col cells of the token grid separated by ';'."""
+    row,col cells of the token grid (a video: frame,row,col) separated by ';'."""
     if not prompt:
         raise ValueError("the prompt is empty: describe the image to generate")
     words = check_text("words", words_text, 2000)
@@ -37,11 +38,11 @@ def maps_capture(prompt: str, num_inference_steps: int, kind, words_text, layers
 
 
 def check_overlays(capture: Capture, model: LoadedModel, per_layer: bool) -> None:
-    """The model draws images and the gallery stays within MAX_OVERLAYS of them (the layers and heads are checked
-    when the Capture is applied)."""
-    if makes_videos(model.pipe):
-        raise ValueError(f"the Maps tab draws maps over images; {type(model.pipe).__name__} makes videos (use the API: "
-                         "da.Capture and da.capture.overlay_frames)")
+    """The gallery stays within MAX_OVERLAYS overlays and a video model gets a kind it captures (the layers and
+    heads are checked when the Capture is applied)."""
+    if makes_videos(model.pipe) and capture.kind == "concept":
+        raise ValueError(f"kind concept does not run on video models ({type(model.pipe).__name__}): choose cross "
+                         "(words of the prompt) or self (frame,row,col cells)")
     layers = len(capture.layers) if capture.layers is not None else len(model.layer_map)
     count = len(capture.tokens) * (layers if per_layer else 1)
     if count > MAX_OVERLAYS:
@@ -62,31 +63,42 @@ def run_captured(model: LoadedModel, settings: dict, capture: Capture, on_step: 
 
     pipe = model.pipe
     generator = torch.Generator(device="cpu").manual_seed(settings["seed"])
+    video = {"output_type": "pil"} if makes_videos(pipe) else {}
     with model.lock, apply(pipe, *edits_for(settings), capture) as handle:
-        image = pipe(prompt=settings["prompt"], generator=generator, callback_on_step_end=step_ended if on_step else None,
-                     **{**call_defaults(pipe), **pipeline_kwargs(settings)}).images[0]
-        return image, handle.maps
+        output = pipe(prompt=settings["prompt"], generator=generator, callback_on_step_end=step_ended if on_step else None,
+                      **{**call_defaults(pipe), **pipeline_kwargs(settings), **video})
+        return pipeline_output(pipe, output)[0], handle.maps
 
 
 def write_maps(image, result, settings: dict, capture: Capture, directory: str, per_layer: bool):
     """The image, one overlay per word (× layer when `per_layer`, else the mean over the layers; always the mean
     over the captured heads) and maps.json with every overlay's values: (image path, [(overlay path, caption)],
-    maps.json path)."""
-    from ..capture import overlay
+    maps.json path). A video (`image` its frames): the video and each overlay as animated WebPs, every value
+    per (frame, row, col) of the video-token grid."""
+    from ..capture import overlay, overlay_frames
 
-    maps = result.maps[0].mean(dim=1)  # the one conditional row, heads averaged: (layers, tokens, H, W)
+    videos = isinstance(image, list)
+    maps = result.maps[0].mean(dim=1)  # the one conditional row, heads averaged: (layers, tokens, [F,] H, W)
     groups = [(str(layer), maps[i]) for i, layer in enumerate(result.layers)] if per_layer else [("mean", maps.mean(0))]
     record = {**settings, "capture": capture.to_dict(), **result.settings()}
-    image_path = save_png(image, {**record, "image": "generated"}, directory, "maps-image")
+    save = save_video if videos else save_png
+    image_path = save(image, {**record, "image": "generated"}, directory, "maps-image")
     gallery, entries = [], []
     for layer, per_token in groups:
         for ti, token in enumerate(result.tokens):
             caption = f"{token} · layer {layer}" if layer != "mean" else f"{token} · mean of layers"
-            path = save_png(overlay(image, per_token[ti]), {**record, "image": caption}, directory, "map")
+            drawn = (overlay_frames if videos else overlay)(image, per_token[ti])
+            path = save(drawn, {**record, "image": caption}, directory, "map")
             gallery.append((path, caption))
             entries.append({"file": os.path.basename(path), "layer": layer, "token": token,
-                            "mean_probability": float(per_token[ti].mean()),
-                            "values": [[round(float(v), 6) for v in row] for row in per_token[ti]]})
+                            "mean_probability": float(per_token[ti].mean()), "shape": list(per_token[ti].shape),
+                            "values": rounded(per_token[ti])})
     index = os.path.join(directory, f"maps-{uuid.uuid4().hex[:8]}.json")
-    write_json_atomic(index, {**record, "image": os.path.basename(image_path), "maps": entries})
+    axes = ["frame", "row", "col"] if videos else ["row", "col"]
+    write_json_atomic(index, {**record, "image": os.path.basename(image_path), "axes": axes, "maps": entries})
     return image_path, gallery, index
+
+
+def rounded(values) -> list:
+    """A map's values as nested lists, 6 decimals."""
+    return [round(float(v), 6) for v in values] if values.ndim == 1 else [rounded(part) for part in values]

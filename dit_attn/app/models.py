@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import loading
-from ..handle import layers
+from ..handle import experts, layers
 from ..heads import PRESETS, LayerInfo, model_family, resolve_heads
 
 
@@ -47,11 +47,15 @@ class LoadedModel:
     choice: str  # as offered in the page; also the `model` of the settings (a name or a directory)
     pipe: object
     family: str  # "sd3" or "flux"
-    layer_map: list[LayerInfo]
+    layer_map: list[LayerInfo]  # a two-expert model: E1's
     lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time per pipeline
+    expert_maps: dict[str, list[LayerInfo]] = field(default_factory=dict)  # two experts: E1/E2 → map; else empty
 
     def head_choices(self) -> list[str]:
-        return [f"L{info.index}H{head}" for info in self.layer_map for head in range(info.heads)]
+        """The picker's heads: L<layer>H<head>, each expert's prefixed with E1:/E2: on a two-expert model."""
+        maps = self.expert_maps or {"": self.layer_map}
+        return [f"{expert}:L{info.index}H{head}" if expert else f"L{info.index}H{head}"
+                for expert, layer_map in maps.items() for info in layer_map for head in range(info.heads)]
 
     def presets(self) -> list[str]:
         """Presets of this model's family whose heads all exist in this model."""
@@ -71,10 +75,22 @@ class LoadedModel:
         return TEXT_LAYERS.get(self.choice, ())
 
     def summary(self) -> str:
-        heads = sorted({info.heads for info in self.layer_map})
-        per_layer = "/".join(map(str, heads))
-        total = sum(info.heads for info in self.layer_map)
-        return f"{type(self.pipe).__name__} ({self.family}): {len(self.layer_map)} layers × {per_layer} heads, {total} heads"
+        def shape(layer_map: list[LayerInfo]) -> str:
+            per_layer = "/".join(map(str, sorted({info.heads for info in layer_map})))
+            total = sum(info.heads for info in layer_map)
+            return f"{len(layer_map)} layers × {per_layer} heads, {total} heads"
+
+        name = f"{type(self.pipe).__name__} ({self.family})"
+        if self.expert_maps:
+            return f"{name}, two experts: " + "; ".join(f"{expert} {shape(m)}" for expert, m in self.expert_maps.items())
+        return f"{name}: {shape(self.layer_map)}"
+
+
+def load_model(choice: str, pipe) -> LoadedModel:
+    """The LoadedModel of a pipeline: its family and layer map (and each expert's on a two-expert pipeline)."""
+    names = [name for name in experts(pipe) if name]
+    maps = {name: layers(pipe, expert=name) for name in names}
+    return LoadedModel(choice, pipe, model_family(pipe.transformer), layers(pipe), expert_maps=maps)
 
 
 class ModelRegistry:
@@ -111,7 +127,7 @@ class ModelRegistry:
             if model is None:
                 pipe = loading.load_pipeline(choice, dtype=self.dtype, device=self.device)
                 pipe.set_progress_bar_config(disable=True)
-                model = LoadedModel(choice, pipe, model_family(pipe.transformer), layers(pipe))
+                model = load_model(choice, pipe)
                 self._loaded[choice] = model
                 while len(self._loaded) > self.max_loaded:
                     self._loaded.popitem(last=False)  # a generation still running keeps its own reference

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from ..io import parse_heads, parse_size
 from ..edits import HeadGuidance
-from ..heads import normalize_heads, resolve_heads
-from ..limits import (MAX_LIST_ITEMS, MAX_LOCAL_RADIUS, check_guidance_scale, check_image_size, check_seed, check_steps, check_text, number,
-                      whole_number)
-from ..workflows.batch import edits_from_options, stored_settings
+from ..heads import heads_by_expert, normalize_heads, resolve_heads
+from ..limits import (MAX_LIST_ITEMS, MAX_LOCAL_RADIUS, check_fps, check_frames, check_guidance_scale, check_image_size, check_seed, check_steps,
+                      check_text, check_video_size, number, whole_number)
+from ..workflows.batch import edits_from_options, makes_videos, stored_settings
 from .models import LoadedModel
 
 MAX_SIZE_CHARS = 32  # 'WIDTHxHEIGHT' of any size the machine can hold
@@ -64,6 +64,30 @@ def parse_image_size(text: str | None, model: LoadedModel) -> tuple[int | None, 
     return height, width
 
 
+def video_options(model: LoadedModel, num_frames, fps, height, width) -> tuple[int | None, float | None]:
+    """(num_frames, fps) of a video model's form, checked by the shared limits (its frame rule, the video pixel
+    budget) before anything is allocated; None: the pipeline's default frames, the written video's default fps.
+    0 is the page's empty number field, also the default. An image model ignores both fields."""
+    if not makes_videos(model.pipe):
+        return None, None
+    frames = None if _empty(num_frames) else check_frames(num_frames, "frames")
+    check_video_size(model.pipe, frames, height, width)
+    return frames, (None if _empty(fps) else check_fps(fps))
+
+
+def _empty(value) -> bool:
+    return value is None or value == "" or (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0)
+
+
+def check_model_heads(heads: list[str], model: LoadedModel) -> None:
+    """Every head address against the model's layer/head map (a two-expert model: each expert's, E1:/E2: prefixes)."""
+    if model.expert_maps:
+        for expert, specs in heads_by_expert(heads, model.expert_maps).items():
+            resolve_heads(specs, model.expert_maps[expert], model.family)
+    else:
+        resolve_heads(heads, model.layer_map, model.family)
+
+
 def _local_radius(value) -> float | None:
     """None (or 0) for full attention; else the radius, whose own checks (finite, > 0) are LocalAttention's."""
     if not value:
@@ -76,7 +100,8 @@ def _local_radius(value) -> float | None:
 
 def build_settings(model: LoadedModel, *, prompt: str, num_inference_steps, guidance_scale, seed, size: str | None,
                    heads: list[str], pag_scale, u, scope: str, target: str = "identity", local_radius=None, start=0.0,
-                   end=1.0, local_downsample=None, nag_negative=None, nag_scale=5.0, dtype: str = "float32") -> dict:
+                   end=1.0, local_downsample=None, nag_negative=None, nag_scale=5.0, dtype: str = "float32",
+                   num_frames=None, fps=None) -> dict:
     """Checked stored settings; heads are also checked against the model's layer/head map.
 
     pag_scale, u, scope, target: the HeadGuidance edit's scale and fields (no such edit without heads).
@@ -84,10 +109,12 @@ def build_settings(model: LoadedModel, *, prompt: str, num_inference_steps, guid
     start, end: the fractions of the steps between which head guidance is active.
     local_downsample: None (or 0) or the factor of CLEAR's pooled keys (needs a radius).
     nag_negative, nag_scale: a NAG negative prompt (empty: no NAG) and its scale.
+    num_frames, fps: a video model's frame count (None: the pipeline's default) and the fps its video is written at.
     """
     if not check_text("prompt", prompt).strip():
         raise ValueError("the prompt is empty: describe the image to generate")
     height, width = parse_image_size(size, model)
+    num_frames, fps = video_options(model, num_frames, fps, height, width)
     seed = check_form_seed(seed)
     num_inference_steps = check_form_steps(num_inference_steps)
     guidance_scale = check_guidance_scale(guidance_scale, "CFG scale")
@@ -103,6 +130,7 @@ def build_settings(model: LoadedModel, *, prompt: str, num_inference_steps, guid
     edits = edits_from_options(options)  # each edit checks its own fields
     for edit in edits:
         if isinstance(edit, HeadGuidance):
-            resolve_heads(edit.heads, model.layer_map, model.family)
+            check_model_heads(list(edit.heads), model)
     return stored_settings(prompt.strip(), model=model.choice, seed=seed, num_inference_steps=num_inference_steps,
-                           guidance_scale=guidance_scale, height=height, width=width, dtype=dtype, edits=edits)
+                           guidance_scale=guidance_scale, height=height, width=width, dtype=dtype, num_frames=num_frames,
+                           fps=fps, edits=edits)

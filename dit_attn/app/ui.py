@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from ..io import slug
+from ..video import DEFAULT_FPS
 from ..limits import (MAX_LIST_ITEMS, MAX_STEPS, MAX_TEXT_CHARS, check_image_header, check_image_size, check_text,
                       check_video_size, number, whole_number)
 from ..capture.words import check_words_in_prompt
@@ -21,7 +22,7 @@ from ..guidance.atlas import atlas as compute_atlas
 from ..loading import call_options
 from .atlas import (MAX_ATLAS_STEPS, MAX_ATLAS_WORK, MAX_PROMPTS, MAX_SEEDS, atlas_request, check_work, objective_choices,
                     read_atlas, summarize, write_atlas)
-from .generation import difference_image, run_pipeline, save_png, save_video
+from .generation import difference_frames, difference_image, run_pipeline, save_png, save_video
 from .maps import check_overlays, maps_capture, run_captured, write_maps
 from .models import LoadedModel, ModelRegistry
 from ..edits import TextGuard, TextPatch
@@ -188,40 +189,52 @@ class AppActions:
 
     def _settings(self, model_choice, prompt, num_inference_steps, guidance_scale, seed, size, heads_text, picked, presets,
                   u, scope, target, pag_scale, local_radius, start=0.0, end=1.0, local_downsample=None, nag_negative=None,
-                  nag_scale=5.0):
+                  nag_scale=5.0, num_frames=None, fps=None):
         heads = collect_heads(heads_text, picked, presets)  # syntax errors before a model loads
         model = self.registry.get(model_choice)
         settings = build_settings(model, prompt=prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                   seed=seed, size=size, heads=heads, pag_scale=pag_scale, u=u, scope=scope, target=target,
                                   local_radius=local_radius, start=start, end=end, local_downsample=local_downsample,
-                                  nag_negative=nag_negative, nag_scale=nag_scale, dtype=self.registry.dtype_name)
+                                  nag_negative=nag_negative, nag_scale=nag_scale, dtype=self.registry.dtype_name,
+                                  num_frames=num_frames, fps=fps)
         return model, settings
+
+    def _image_model(self, model_choice, tab: str) -> LoadedModel:
+        """The model of a tab that makes images only; a video model is refused in one line."""
+        model = self.registry.get(model_choice)
+        if makes_videos(model.pipe):
+            raise ValueError(f"the {tab} tab makes images; {type(model.pipe).__name__} makes videos: use the Generate, "
+                             "Compare or Maps tab (or pick an image model)")
+        return model
 
     def generate(self, model_choice, prompt, num_inference_steps, guidance_scale, seed, size, heads_text, picked, presets, u,
                  scope, target, pag_scale, local_radius, start=0.0, end=1.0, local_downsample=None, nag_negative=None,
-                 nag_scale=5.0, progress=gr.Progress()):
+                 nag_scale=5.0, num_frames=None, fps=None, progress=gr.Progress()):
         progress(0, desc="loading model")
         model, settings = self._settings(model_choice, prompt, num_inference_steps, guidance_scale, seed, size, heads_text,
                                          picked, presets, u, scope, target, pag_scale, local_radius, start, end, local_downsample,
-                                         nag_negative, nag_scale)
-        videos = makes_videos(model.pipe)
-        if videos:
-            check_video_size(model.pipe, None, settings["height"], settings["width"])  # at the model's frame count
+                                         nag_negative, nag_scale, num_frames, fps)
         total = settings["num_inference_steps"]
         image = run_pipeline(model, settings, on_step=lambda done: progress((done, total), desc="denoising", unit="steps"))
-        if videos:  # its frames, as an animated WebP the image element plays
-            settings = with_video_size(settings, image)
-            return save_video(image, settings, self.output_dir, "video"), settings
-        settings = with_image_size(settings, image)
-        return save_png(image, settings, self.output_dir, "image"), settings
+        return self._save(model, image, settings, "image"), self._drawn(model, settings, image)
+
+    def _drawn(self, model: LoadedModel, settings: dict, output) -> dict:
+        """Settings that record what the model made (a video: its frames' size, count and fps)."""
+        return with_video_size(settings, output) if makes_videos(model.pipe) else with_image_size(settings, output)
+
+    def _save(self, model: LoadedModel, output, settings: dict, kind: str) -> str:
+        """An image as a PNG; a video's frames as an animated WebP the image element plays."""
+        if makes_videos(model.pipe):
+            return save_video(output, self._drawn(model, settings, output), self.output_dir, kind)
+        return save_png(output, self._drawn(model, settings, output), self.output_dir, kind)
 
     def compare(self, model_choice, prompt, num_inference_steps, guidance_scale, seed, size, heads_text, picked, presets, u,
                 scope, target, pag_scale, local_radius, start=0.0, end=1.0, local_downsample=None, nag_negative=None,
-                nag_scale=5.0, progress=gr.Progress()):
+                nag_scale=5.0, num_frames=None, fps=None, progress=gr.Progress()):
         progress(0, desc="loading model")
         model, edited = self._settings(model_choice, prompt, num_inference_steps, guidance_scale, seed, size, heads_text,
                                        picked, presets, u, scope, target, pag_scale, local_radius, start, end, local_downsample,
-                                       nag_negative, nag_scale)
+                                       nag_negative, nag_scale, num_frames, fps)
         if not edits_for(edited):
             raise ValueError("Compare needs an edit: type or pick at least one head (e.g. L1H0), set a local attention "
                              "radius, or give a NAG negative prompt")
@@ -231,13 +244,14 @@ class AppActions:
         without = run_pipeline(model, plain, on_step=lambda done: progress((done, total), desc="without the edit", unit="steps"))
         edited_image = run_pipeline(model, edited, on_step=lambda done: progress((steps + done, total),
                                                                                  desc="with the edit", unit="steps"))
-        plain, edited = with_image_size(plain, without), with_image_size(edited, edited_image)
-        difference, peak, gain = difference_image(without, edited_image)
+        videos = makes_videos(model.pipe)
+        difference, peak, gain = (difference_frames if videos else difference_image)(without, edited_image)
         difference_settings = {**edited, "image": "difference", "largest_difference": peak, "gain": round(gain, 4)}
+        what = "video" if videos else "image"
         summary = (f"Largest pixel difference: {peak}/255, shown ×{gain:.1f} (white = largest)." if peak
-                   else "The edit changed no pixel at this setting.")
-        return (save_png(without, plain, self.output_dir, "without"), save_png(edited_image, edited, self.output_dir, "with"),
-                save_png(difference, difference_settings, self.output_dir, "difference"), summary)
+                   else f"The edit changed no pixel of the {what} at this setting.")
+        return (self._save(model, without, plain, "without"), self._save(model, edited_image, edited, "with"),
+                self._save(model, difference, difference_settings, "difference"), summary)
 
     def sets(self, model_choice, num_inference_steps, guidance_scale, seed, size, layout, panel_text, task_tag, summary,
              reference, reference_panel, progress=gr.Progress()):
@@ -260,7 +274,7 @@ class AppActions:
             panel = whole_number("reference panel index", 0 if reference_panel is None else reference_panel, 0,
                                  layout.panels - 1)
         progress(0, desc="loading model")
-        model = self.registry.get(model_choice)
+        model = self._image_model(model_choice, "Sets")
         pipe = model.pipe
         if size is not None and str(size).strip():
             height, width = parse_size(check_text("size", size, 32))
@@ -297,7 +311,7 @@ class AppActions:
             check_words_in_prompt(request.prompts[0], [maps_word])
         cfg = check_form_cfg(cfg)
         progress(0, desc="loading model")
-        model = self.registry.get(model_choice)
+        model = self._image_model(model_choice, "Head atlas")
         height, width = parse_image_size(size, model)
         check_work(model, request)
         with model.lock:
@@ -329,7 +343,7 @@ class AppActions:
         new_text = check_text("new text", new_text)
         blocklist = parse_blocklist(check_text("blocklist", blocklist_text))
         progress(0, desc="loading model")
-        model = self.registry.get(model_choice)
+        model = self._image_model(model_choice, "Text edit")
         layers = text_layers(check_text("text layers", layers_text, 1000), model)
         height, width = parse_image_size(size, model)
         total = steps * (3 if blocklist else 2)
@@ -356,9 +370,10 @@ class AppActions:
         return original, edited, guarded, note
 
     def maps(self, model_choice, prompt, num_inference_steps, guidance_scale, seed, size, heads_text, picked, presets, u,
-             scope, target, pag_scale, local_radius, start, end, local_downsample, nag_negative, nag_scale, kind,
-             words_text, layers_text, capture_heads_text, first_step, last_step, per_layer, progress=gr.Progress()):
-        """One generation with the edits on the left and a Capture of the tab's fields: image, overlays, maps.json."""
+             scope, target, pag_scale, local_radius, start, end, local_downsample, nag_negative, nag_scale, num_frames, fps,
+             kind, words_text, layers_text, capture_heads_text, first_step, last_step, per_layer, progress=gr.Progress()):
+        """One generation with the edits on the left and a Capture of the tab's fields: image, overlays, maps.json
+        (a video model: the video and animated overlays)."""
         heads = collect_heads(heads_text, picked, presets)
         steps = check_form_steps(num_inference_steps)
         capture = maps_capture(check_text("prompt", prompt).strip(), steps, kind, words_text, layers_text,
@@ -371,10 +386,11 @@ class AppActions:
         settings = build_settings(model, prompt=prompt, num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed,
                                   size=size, heads=heads, pag_scale=pag_scale, u=u, scope=scope, target=target,
                                   local_radius=local_radius, start=start, end=end, local_downsample=local_downsample,
-                                  nag_negative=nag_negative, nag_scale=nag_scale, dtype=self.registry.dtype_name)
+                                  nag_negative=nag_negative, nag_scale=nag_scale, dtype=self.registry.dtype_name,
+                                  num_frames=num_frames, fps=fps)
         image, result = run_captured(model, settings, capture,
                                      on_step=lambda done: progress((done, steps), desc="denoising", unit="steps"))
-        image_path, gallery, index = write_maps(image, result, with_image_size(settings, image), capture,
+        image_path, gallery, index = write_maps(image, result, self._drawn(model, settings, image), capture,
                                                 self.output_dir, per_layer)
         return image_path, gallery, index
 
@@ -408,9 +424,15 @@ def build_blocks(registry: ModelRegistry, output_dir: str) -> gr.Blocks:
                 with gr.Row():
                     seed = Number(value=0, precision=0, minimum=0, label="Seed")
                     size = Textbox(label="Size", placeholder="model default", info="N or WIDTHxHEIGHT", elem_id="size")
+                with gr.Row():
+                    num_frames = Number(value=None, precision=0, minimum=0, label="Frames", elem_id="frames",
+                                        info="video models only: 4k + 1 on Wan (e.g. 9, 17); 0 or empty = the model's default")
+                    fps = Number(value=None, minimum=0, label="FPS", elem_id="fps",
+                                 info=f"video models only: the video's frame rate; 0 or empty = {DEFAULT_FPS:g}")
                 with gr.Accordion("Head guidance", open=True):
                     heads_text = Textbox(label="Heads", placeholder="e.g. L1H0, L2", elem_id="heads",
-                                         info="L<layer>H<head>, or L<layer> for all heads of a layer; empty = no guidance")
+                                         info="L<layer>H<head>, or L<layer> for all heads of a layer (two experts: "
+                                              "E1:L3H2 / E2:L3 for one expert's); empty = no guidance")
                     with gr.Accordion("Layers × heads picker", open=False):
                         picked = CheckboxGroup(first.head_choices(), label="Heads (layer, head)", elem_id="head-picker")
                     presets = Dropdown(first.presets(), value=[], multiselect=True, label="Presets", info=_presets_info(first))
@@ -536,7 +558,8 @@ def build_blocks(registry: ModelRegistry, output_dir: str) -> gr.Blocks:
                                                    "attention over the image; concept: ConceptAttention of any words")
                             maps_words = Textbox(label="Words", placeholder="e.g. red, circle (empty: every word)",
                                                  elem_id="maps-words",
-                                                 info="comma list; kind self: row,col cells separated by ';'")
+                                                 info="comma list; kind self: row,col cells (a video: "
+                                                      "frame,row,col) separated by ';'")
                         with gr.Row():
                             maps_layers = Textbox(label="Layers", placeholder="e.g. 0,2 (empty: every layer)",
                                                   elem_id="maps-layers")
@@ -556,7 +579,7 @@ def build_blocks(registry: ModelRegistry, output_dir: str) -> gr.Blocks:
                                             elem_id="maps-file")
 
         inputs = [model_choice, prompt, steps, cfg, seed, size, heads_text, picked, presets, u, scope, target, pag_scale,
-                  local_radius, guidance_start, guidance_end, local_downsample, nag_negative, nag_scale]
+                  local_radius, guidance_start, guidance_end, local_downsample, nag_negative, nag_scale, num_frames, fps]
         generate_button.click(readable_errors(actions.generate), inputs, [image, settings_view], api_name="generate")
         compare_button.click(readable_errors(actions.compare), inputs, [without, with_edit, difference, difference_note],
                              api_name="compare")

@@ -18,15 +18,18 @@ def parse_indices(name: str, text: str | None) -> list[int] | None:
     return values
 
 
-def parse_locations(name: str, text: str) -> list[tuple[int, int]]:
-    """'4,4;0,7' → [(4, 4), (0, 7)]: (row, col) cells of the token grid."""
+def parse_locations(name: str, text: str) -> list[tuple[int, ...]]:
+    """'4,4;0,7' → [(4, 4), (0, 7)]: (row, col) cells of the token grid; a video's cells are frame,row,col."""
     cells = []
     for part in (p for p in text.replace(" ", "").split(";") if p):
         try:
-            row, col = (int(v) for v in part.split(","))
+            cell = tuple(int(v) for v in part.split(","))
         except ValueError:
-            raise ValueError(f"{name} takes row,col cells separated by ';', e.g. '4,4;0,7'; got {text!r}") from None
-        cells.append((row, col))
+            cell = ()
+        if len(cell) not in (2, 3):
+            raise ValueError(f"{name} takes row,col cells (a video: frame,row,col) separated by ';', e.g. '4,4;0,7'; "
+                             f"got {text!r}")
+        cells.append(cell)
     if not cells:
         raise ValueError(f"{name} is empty; give row,col cells separated by ';', e.g. '4,4;0,7'")
     return cells

@@ -1,9 +1,10 @@
-"""`dit-attn maps`: generate an image and write its attention maps as heatmap PNGs plus a JSON index."""
+"""`dit-attn maps`: generate an image and write its attention maps as heatmap PNGs plus a JSON index (a video
+model: the video and one animated WebP overlay per map, on the (frame, row, col) token grid)."""
 from __future__ import annotations
 
 import os
 
-from .common import TINY, add_model_options, check_call_flags, check_out_dir, check_prompt
+from .common import TINY, add_model_options, check_call_flags, check_out_dir, check_prompt, finite_float
 from .search import add_call_options, call_settings
 
 INDEX = "maps.json"
@@ -25,53 +26,73 @@ def cmd_maps(args) -> int:
 
     import torch
 
-    from ..capture import overlay
-    from ..families import family_of
+    from ..capture import overlay, overlay_frames
     from ..handle import apply
     from ..io import write_json_atomic, write_png_atomic
-    from ..limits import check_seed
+    from ..limits import check_fps, check_frames, check_seed, check_video_size
     from ..loading import call_defaults
+    from ..video import DEFAULT_FPS, write_video_atomic
+    from ..workflows.batch import makes_videos, pipeline_output
     from .common import load
 
     check_seed(args.seed, "--seed")
+    frames = None if args.num_frames is None else check_frames(args.num_frames, "--num-frames")
+    fps = DEFAULT_FPS if args.fps is None else check_fps(args.fps, "--fps")
     pipe = load(args)
-    if family_of(pipe.transformer).makes_videos:
-        raise NotImplementedError(f"dit-attn maps draws its maps over one image; {type(pipe).__name__} makes videos: "
-                                  "capture them with da.Capture and draw them with da.capture.overlay_frames")
     settings = {k: v for k, v in call_settings(args).items() if v is not None}
+    videos = makes_videos(pipe)
+    if videos:
+        if edit.kind == "concept":
+            raise ValueError(f"--kind concept does not run on video models ({type(pipe).__name__}): give --kind cross "
+                             "or --kind self (--locations frame,row,col cells)")
+        check_video_size(pipe, frames, settings.get("height"), settings.get("width"))
+        if frames is not None:
+            settings["num_frames"] = frames
+    elif args.num_frames is not None or args.fps is not None:
+        raise ValueError(f"--num-frames and --fps are for video models; {type(pipe).__name__} makes images")
     call = {**call_defaults(pipe), **settings}
     if args.max_sequence_length is not None:
         call["max_sequence_length"] = args.max_sequence_length
     with apply(pipe, edit) as handle:
-        image = pipe(args.prompt, generator=torch.Generator().manual_seed(args.seed), **call).images[0]
+        output = pipe(args.prompt, generator=torch.Generator().manual_seed(args.seed), **call,
+                      **({"output_type": "pil"} if videos else {}))
+        image = pipeline_output(pipe, output)[0]
         result = handle.maps
     record = {"prompt": args.prompt, "seed": args.seed, "model": args.model, "call": call,
               "capture": edit.to_dict(), **result.settings()}
-    write_png_atomic(image, os.path.join(args.out, "image.png"), record)
-    maps = result.maps[0]  # the one conditional row: (layers, heads, tokens, H, W)
+    if videos:
+        record["fps"] = fps
+        suffix, image_name = "webp", "video.webp"
+        write_video_atomic(image, os.path.join(args.out, image_name), record, fps, "webp")
+
+        def write(drawn_map, name):
+            write_video_atomic(overlay_frames(image, drawn_map), os.path.join(args.out, name), record, fps, "webp")
+    else:
+        suffix, image_name = "png", "image.png"
+        write_png_atomic(image, os.path.join(args.out, image_name), record)
+
+        def write(drawn_map, name):
+            write_png_atomic(overlay(image, drawn_map), os.path.join(args.out, name))
+    maps = result.maps[0]  # the one conditional row: (layers, heads, tokens, [frames,] H, W)
     files = []
     for li, layer in enumerate(result.layers):
-        per_token = maps[li].mean(dim=0) if not args.per_head else None
         for ti, token in enumerate(result.tokens):
             label = token.replace(",", "-")
-            if per_token is not None:
-                name = f"L{layer}_{label}.png"
-                write_png_atomic(overlay(image, per_token[ti]), os.path.join(args.out, name))
-                files.append({"file": name, "layer": layer, "head": "mean", "token": token,
-                              "mean_probability": float(per_token[ti].mean())})
-                continue
-            for hi, head in enumerate(result.heads):
-                name = f"L{layer}H{head}_{label}.png"
-                write_png_atomic(overlay(image, maps[li, hi, ti]), os.path.join(args.out, name))
+            chosen = [("mean", f"L{layer}", maps[li, :, ti].mean(dim=0))] if not args.per_head else [
+                (head, f"L{layer}H{head}", maps[li, hi, ti]) for hi, head in enumerate(result.heads)]
+            for head, prefix, values in chosen:
+                name = f"{prefix}_{label}.{suffix}"
+                write(values, name)
                 files.append({"file": name, "layer": layer, "head": head, "token": token,
-                              "mean_probability": float(maps[li, hi, ti].mean())})
-    write_json_atomic(os.path.join(args.out, INDEX), {**record, "image": "image.png", "maps": files})
+                              "shape": list(values.shape), "mean_probability": float(values.mean())})
+    axes = ["frame", "row", "col"] if videos else ["row", "col"]
+    write_json_atomic(os.path.join(args.out, INDEX), {**record, "image": image_name, "axes": axes, "maps": files})
     print(f"dit-attn maps: {len(files)} maps of {len(result.layers)} layers -> {os.path.join(args.out, INDEX)}")
     return 0
 
 
 def add_commands(sub) -> None:
-    maps = sub.add_parser("maps", help="generate an image and write its attention maps (heatmap PNGs + maps.json)")
+    maps = sub.add_parser("maps", help="generate an image or video and write its attention maps (heatmap PNGs or animated WebPs + maps.json)")
     maps.add_argument("prompt", help="the prompt")
     maps.add_argument("--kind", default="cross", choices=("cross", "self", "concept"),
                       help="cross: image attention on words/text tokens; self: chosen image locations over the image; "
@@ -79,7 +100,7 @@ def add_commands(sub) -> None:
     maps.add_argument("--words", default=None,
                       help="comma-separated words of the prompt (default: every word); --kind concept: the concepts")
     maps.add_argument("--tokens", default=None, help="comma-separated text-token indices instead of words")
-    maps.add_argument("--locations", default=None, help="--kind self: row,col cells of the token grid, e.g. '4,4;0,7'")
+    maps.add_argument("--locations", default=None, help="--kind self: row,col cells of the token grid, e.g. '4,4;0,7' (a video: frame,row,col)")
     maps.add_argument("--layers", default=None, help="comma-separated layer indices (default: every layer)")
     maps.add_argument("--heads", default=None, help="comma-separated head indices (default: every head)")
     maps.add_argument("--capture-steps", default=None, help="comma-separated denoising steps to average (default: every step)")
@@ -87,6 +108,10 @@ def add_commands(sub) -> None:
     add_call_options(maps)
     maps.add_argument("--seed", type=int, default=0)
     maps.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: the model's call defaults)")
+    maps.add_argument("--num-frames", "--frames", dest="num_frames", type=int, default=None,
+                      help="video models: frames of the video (Wan: 4k + 1; default: the model's)")
+    maps.add_argument("--fps", type=finite_float, default=None, help="video models: frames per second of the WebPs (default 16)")
     add_model_options(maps, TINY)
-    maps.add_argument("--out", default="maps", help="output folder: image.png, one PNG per map, maps.json")
+    maps.add_argument("--out", default="maps", help="output folder: image.png and one PNG per map (a video: video.webp and one animated WebP per map), "
+                           "maps.json")
     maps.set_defaults(func=cmd_maps)
