@@ -604,3 +604,35 @@ def test_hunyuan_video15_scale_one_alpha_zero_and_call_count(hv_t2v, cfg):
     with CallRecorder(hv_t2v) as rec, da.apply(hv_t2v, da.NAG("a blue square")):
         guided = hv_call(hv_t2v, cfg=cfg)
     assert len(rec.calls) == len(before.calls) == (2 if cfg == 1.0 else 4) and (guided - want).abs().max() > 1e-3
+
+
+def test_cli_generate_with_nag_on_a_saved_hunyuan_video15_pipeline(tmp_path):
+    """`--nag-negative` on a local HunyuanVideo 1.5 directory, CFG off: the frames of the API run with NAG."""
+    import os
+
+    import numpy as np
+    from diffusers import DiffusionPipeline
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    import dit_attn.video as video
+    from dit_attn.cli import main
+    from dit_attn.toy.hunyuan_video15 import build_hunyuan_video15_pipeline
+
+    build_hunyuan_video15_pipeline().save_pretrained(tmp_path / "model")
+    model, out = str(tmp_path / "model"), tmp_path / "out"
+    assert main(["generate", "a red circle", "--model", model, "--steps", "2", "--size", "16", "--frames", "5",
+                 "--seed", "3", "--guidance-scale", "1", "--nag-negative", "blue", "--nag-scale", "3",
+                 "--video-format", "webp", "--out", str(out)]) == 0
+    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.guider = ClassifierFreeGuidance(guidance_scale=1.0)
+    run = lambda: pipe("a red circle", generator=torch.Generator().manual_seed(3), num_inference_steps=2,  # noqa: E731
+                       height=16, width=16, num_frames=5, output_type="pil").frames[0]
+    plain = run()
+    with da.apply(pipe, da.NAG("blue", scale=3)):
+        guided = run()
+    written = [f for f in os.listdir(out) if f.endswith(".webp")]
+    frames = video.read_video_frames(str(out / written[0]))
+    assert len(written) == 1 and len(frames) == 5
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(frames, guided, strict=True))
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(plain, guided))
