@@ -5,6 +5,7 @@ import json
 import os
 import re
 
+import gradio as gr
 import numpy as np
 import pytest
 import torch
@@ -14,8 +15,9 @@ from PIL import Image
 
 import dit_attn as da
 from dit_attn.app import ModelRegistry, serve
-from dit_attn.app.ui import AppActions
+from dit_attn.app.ui import AppActions, readable_errors
 from dit_attn.cli import main
+from dit_attn.toy.hunyuan_video15 import build_hunyuan_video15_pipeline
 from dit_attn.toy.wan import build_wan22_pipeline, build_wan_pipeline
 from dit_attn.video import read_video_frames
 
@@ -38,12 +40,13 @@ def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("video-models")
     build_wan_pipeline().save_pretrained(root / "wan")
     build_wan22_pipeline(num_layers_2=3).save_pretrained(root / "wan22")  # the experts' layer maps differ
-    return {"wan": str(root / "wan"), "wan22": str(root / "wan22")}
+    build_hunyuan_video15_pipeline().save_pretrained(root / "hv15")
+    return {"wan": str(root / "wan"), "wan22": str(root / "wan22"), "hv15": str(root / "hv15")}
 
 
 @pytest.fixture(scope="module")
 def registry(dirs):
-    return ModelRegistry([dirs["wan"], dirs["wan22"]], embedded=("demo",))
+    return ModelRegistry([dirs["wan"], dirs["wan22"], dirs["hv15"]], embedded=("demo",))
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +175,13 @@ def test_app_maps_on_wan_are_animated_overlays_of_a_capture_run(client, dirs, st
         assert np.array_equal(frames_of(shown["image"]), np.stack([np.asarray(f) for f in drawn]))
     with pytest.raises(AppError, match="kind concept does not run on video models"):
         client.predict(*form(dirs["wan"]), "concept", "cat", "", "", None, None, True, api_name="/maps")
+
+
+def test_maps_tab_on_a_video_family_without_capture_is_one_readable_line(registry, dirs, tmp_path):
+    maps = readable_errors(AppActions(registry, str(tmp_path)).maps)
+    with pytest.raises(gr.Error, match="^'?Capture does not run on hunyuan_video15 models yet"):
+        maps(*form(dirs["hv15"]), "cross", "red", "", "", None, None, True)
+    assert not os.listdir(tmp_path)
 
 
 def test_maps_cli_on_wan_writes_animated_overlays_and_frame_row_col_shapes(dirs, stock, tmp_path):

@@ -73,7 +73,7 @@ def readable_errors(handler):
             return handler(*args, **kwargs)
         except gr.Error:
             raise
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, NotImplementedError) as err:  # NotImplementedError: an edit refuses this model
             raise gr.Error(html.escape(str(err), quote=False), print_exception=False) from None
         except (MemoryError, torch.OutOfMemoryError):
             logger.exception("out of memory in a request")
@@ -216,7 +216,8 @@ class AppActions:
                                          nag_negative, nag_scale, num_frames, fps)
         total = settings["num_inference_steps"]
         image = run_pipeline(model, settings, on_step=lambda done: progress((done, total), desc="denoising", unit="steps"))
-        return self._save(model, image, settings, "image"), self._drawn(model, settings, image)
+        kind = "video" if makes_videos(model.pipe) else "image"
+        return self._save(model, image, settings, kind), self._drawn(model, settings, image)
 
     def _drawn(self, model: LoadedModel, settings: dict, output) -> dict:
         """Settings that record what the model made (a video: its frames' size, count and fps)."""
