@@ -128,3 +128,46 @@ def test_other_latent_formats_are_refused_before_any_work():
         da.ic.generate_set(pipe, ["a red circle", "a blue square"], (1, 2), size=(32, 64), num_inference_steps=2)
     with pytest.raises(TypeError, match="z_image pipelines use another latent format"):
         latents_of(pipe, torch.zeros(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("family", ["flux2", "qwen"])
+def test_training_prediction_is_the_pipelines_own_transformer_call(family, request):
+    """The trainers' text features and velocity prediction at flow time σ equal what the pipeline's transformer
+    gets and returns at a step of noise level σ (recorded from a stock call)."""
+    from dit_attn.train.flow import predict, text_features
+
+    pipe = request.getfixturevalue(family)
+    calls = []
+    hook = pipe.transformer.register_forward_hook(lambda m, args, kwargs, out: calls.append((kwargs, out[0].clone())),
+                                                  with_kwargs=True)
+    try:
+        pipe(prompt="a red circle", height=32, width=64, num_inference_steps=2, max_sequence_length=8,
+             generator=torch.Generator().manual_seed(0), guidance_scale=1.0, output_type="latent")
+    finally:
+        hook.remove()
+    assert len(calls) == 2  # one call a step (no CFG)
+    call, out = calls[1]
+    sigma = pipe.scheduler.sigmas[1:2]
+    embeds, extra = text_features(pipe, ["a red circle"], 8)
+    assert torch.equal(embeds, call["encoder_hidden_states"])
+    ours = predict(pipe.transformer, call["hidden_states"], embeds, extra, sigma, (8, 16))
+    assert (ours - out).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["flux2", "qwen"])
+def test_ic_lora_trains_on_these_latents_and_reloads(family, request, tmp_path):
+    from dit_attn.train.lora import LoraTrainConfig, train_lora
+
+    from .test_ic import fixed_loss, small_sets
+
+    builders = {"flux2": build_flux2_klein_pipeline, "qwen": build_qwen_image_pipeline}
+    cfg = LoraTrainConfig(mode="ic", rank=4, alpha=8.0, steps=25, batch=2, lr=2e-2, warmup=2, max_sequence_length=8,
+                          checkpoint_every=10)
+    pipe = builders[family]()
+    pipe.set_progress_bar_config(disable=True)
+    train_lora(pipe, cfg, small_sets(tmp_path / "data"), str(tmp_path / "work"), str(tmp_path / "lora"))
+    bucket = torch.load(tmp_path / "work" / "data.pt")["buckets"][1]
+    before = fixed_loss(pipe, bucket)
+    fresh = builders[family]()
+    fresh.load_lora_weights(str(tmp_path / "lora"))
+    assert fixed_loss(fresh, bucket) < 0.9 * before
