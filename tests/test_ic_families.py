@@ -1,5 +1,7 @@
 """In-context sets on the families whose latents dit-attn encodes (checked against each pipeline's own latent
 path), and a clear refusal elsewhere."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -171,3 +173,24 @@ def test_ic_lora_trains_on_these_latents_and_reloads(family, request, tmp_path):
     fresh = builders[family]()
     fresh.load_lora_weights(str(tmp_path / "lora"))
     assert fixed_loss(fresh, bucket) < 0.9 * before
+
+
+def test_cli_ic_on_saved_flux2_and_qwen_image_pipelines(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from dit_attn.cli import main
+
+    klein, qwen = tmp_path / "klein", tmp_path / "qwen"
+    build_flux2_klein_pipeline().save_pretrained(klein)
+    build_qwen_image_pipeline().save_pretrained(qwen)
+    args = ["--steps", "2", "--size", "64x32", "--seed", "3"]  # WIDTHxHEIGHT
+    assert main(["ic", CAPTION, "--model", str(klein), *args, "--out", str(tmp_path / "a")]) == 0
+    stock = DiffusionPipeline.from_pretrained(klein)
+    stock.set_progress_bar_config(disable=True)
+    image = stock(prompt=CAPTION, height=32, width=64, num_inference_steps=2, generator=torch.Generator().manual_seed(3)).images[0]
+    assert Image.open(tmp_path / "a" / "canvas.png").convert("RGB").tobytes() == image.tobytes()
+    noise_image(32, 32, 4).save(tmp_path / "left.png")
+    assert main(["ic", CAPTION, "--model", str(qwen), *args, "--reference", f"0={tmp_path / 'left.png'}",
+                 "--out", str(tmp_path / "b")]) == 0
+    settings = json.loads(Image.open(tmp_path / "b" / "canvas.png").text["dit-attn"])
+    assert settings["pipeline"] == "QwenImagePipeline" and settings["reference_panels"] == [0]
