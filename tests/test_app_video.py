@@ -228,13 +228,18 @@ def test_maps_cli_frames_on_an_image_model_is_refused(tmp_path, capsys):
     assert "--num-frames and --fps are for video models; StableDiffusion3Pipeline makes images" in capsys.readouterr().err
 
 
-def test_browser_video_generate_shows_an_animated_image(page):
+def fill_video_form(page) -> None:
+    """A 5-frame 32 px video in 2 steps."""
     page.locator("#prompt").get_by_role("textbox").fill(PROMPT)
     page.locator("#size").get_by_role("textbox").fill("32")
     steps = page.locator("#steps input[type=number]")
     steps.fill("2")
     steps.press("Enter")
     page.locator("#frames input").fill("5")
+
+
+def test_browser_video_generate_shows_an_animated_image(page):
+    fill_video_form(page)
     page.locator("#generate-button").click()
     image = page.locator("#generate-image img")
     image.wait_for(state="visible")
@@ -243,3 +248,18 @@ def test_browser_video_generate_shows_an_animated_image(page):
     assert src.endswith(".webp")
     served = page.request.get(src).body()
     assert Image.open(io.BytesIO(served)).n_frames == 5
+
+
+def test_browser_video_maps_tab_shows_animated_overlays(page):
+    fill_video_form(page)
+    page.get_by_role("tab", name="Maps").click()
+    page.locator("#maps-words").get_by_role("textbox").fill("red, circle")
+    page.locator("#maps-layers").get_by_role("textbox").fill("1")
+    page.locator("#maps-button").click()
+    images = page.locator("#maps-gallery img")
+    images.nth(1).wait_for(state="visible")
+    assert images.count() == 2
+    for k in range(2):
+        page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=images.nth(k).element_handle())
+        assert Image.open(io.BytesIO(page.request.get(images.nth(k).get_attribute("src")).body())).n_frames == 5
+    assert "Traceback" not in page.content()
