@@ -174,6 +174,63 @@ def test_fused_and_exact_paths_agree():
     assert (fused - exact).abs().max() < 1e-5
 
 
+FLEX_CASES = [  # grid, radius, text tokens, text after the video; several 128-token blocks: full, partial, empty pairs
+    ((3, 16, 24), (1.5, 3.2, 4.1), 7, True),
+    ((2, 12, 20), (1, 5, 5), 20, False),
+]
+
+
+def block_pairs(allowed: torch.Tensor, block: int) -> torch.Tensor:
+    """(S, S) bool → per (query block, key block) the number of allowed pairs."""
+    seq = allowed.shape[0]
+    n = -(-seq // block)
+    padded = F.pad(allowed.int(), (0, n * block - seq, 0, n * block - seq))
+    return padded.view(n, block, n, block).sum(dim=(1, 3))
+
+
+@pytest.mark.parametrize("shape", ["ellipsoid", "box"])
+@pytest.mark.parametrize("grid,radius,text,text_after", FLEX_CASES)
+def test_video_blocks_are_sound_against_the_dense_mask(grid, radius, text, text_after, shape):
+    from dit_attn.kernels.blocks3d import video_window_blocks
+
+    n = grid[0] * grid[1] * grid[2]
+    blocks = video_window_blocks(grid, radius, shape, text, 64)
+    # the dense mask with text first, then the video tokens in the blocks' (tile) order
+    mask = dense_mask(n + text, slice(text, n + text), LocalWindow3D(radius, grid, shape))
+    order = torch.cat([torch.arange(text), blocks.order + text])
+    counts = block_pairs(mask[order][:, order], 64)
+    sizes = block_pairs(torch.ones_like(mask), 64)
+    assert torch.equal(blocks.full, counts == sizes)  # full: every pair allowed (and every such pair is full)
+    assert torch.all((counts > 0) <= (blocks.full | blocks.partial))  # no allowed pair in a skipped block
+    assert blocks.partial.any() and (counts == 0).any()
+
+
+@pytest.mark.parametrize("shape", ["ellipsoid", "box"])
+@pytest.mark.parametrize("grid,radius,text,text_after", FLEX_CASES)
+def test_flex_equals_the_dense_mask_reference(grid, radius, text, text_after, shape, monkeypatch):
+    monkeypatch.setenv("DIT_ATTN_FLEX_COMPILE", "0")  # eager flex: the compiled kernel is tested once below
+    n = grid[0] * grid[1] * grid[2]
+    tokens = (0, n) if text_after else (text, n + text)
+    q, k, v = qkv(n + text, dtype=torch.float32, batch=1, heads=3)
+    plan = AttentionPlan(softpag(batch=1, dtype=torch.float32), tokens, LocalWindow3D(radius, grid, shape))
+    want = attention(q, k, v, plan, backend="reference")
+    assert (attention(q, k, v, plan, backend="flex") - want).abs().max() < 1e-5
+    assert (want - F.scaled_dot_product_attention(q, k, v)).abs().max() > 1e-3
+
+
+def test_compiled_flex_equals_the_dense_mask_reference(monkeypatch):
+    import dit_attn.kernels.flex as flex
+
+    monkeypatch.setenv("DIT_ATTN_FLEX_COMPILE", "1")
+    grid, text = (3, 10, 13), 7
+    n = grid[0] * grid[1] * grid[2]
+    q, k, v = qkv(n + text, dtype=torch.float32, batch=1, heads=2)
+    plan = AttentionPlan((), (0, n), LocalWindow3D((1.5, 3.2, 4.1), grid, "box"))
+    out = attention(q, k, v, plan, backend="flex")
+    assert not flex._compile_failed, flex._compile_failed
+    assert (out - attention(q, k, v, plan, backend="reference")).abs().max() < 1e-5
+
+
 def test_bad_radii_and_refusals():
     with pytest.raises(ValueError, match=r"3-tuple \(frames, height, width\)"):
         da.LocalAttention(radius=(2, 3))
@@ -187,8 +244,8 @@ def test_bad_radii_and_refusals():
         LocalWindow3D.for_call((1.0, 2.0, 2.0), (4, 4), None)
     q, k, v = qkv(105)
     plan = AttentionPlan((), None, LocalWindow3D((1, 2, 2), (3, 5, 7)))
-    with pytest.raises(ValueError, match="'flex' cannot run here: 3-D"):
-        attention(q, k, v, plan, backend="flex")
+    with pytest.raises(ValueError, match="'triton' cannot run here: .*3-D"):
+        attention(q, k, v, plan, backend="triton")
     with pytest.raises(ValueError, match="does not match the 104 video tokens"):
         attention(q[:, :, 1:], k[:, :, 1:], v[:, :, 1:], plan, backend="tiled")
     with pytest.raises(ValueError, match="shape must be one of 'ellipsoid', 'box'"):

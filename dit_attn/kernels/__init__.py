@@ -36,7 +36,7 @@ class Backend:
     why_not: Callable[..., str | None]
 
 
-VIDEO_WINDOWS_ELSEWHERE = "3-D (video) local windows are computed by the tiled backend (or reference) only"
+VIDEO_WINDOWS_ELSEWHERE = "3-D (video) local windows are computed by the tiled and flex backends (or reference)"
 
 
 def _sdpa_why_not(q: torch.Tensor, plan: AttentionPlan, mask: torch.Tensor | None = None) -> str | None:
@@ -58,8 +58,6 @@ def _flex_why_not(q: torch.Tensor, plan: AttentionPlan, mask: torch.Tensor | Non
         return "no local window in the plan"
     if mask is not None:
         return "the flex kernel does not take a pipeline's attention mask (the tiled kernel does)"
-    if isinstance(plan.window, LocalWindow3D):
-        return VIDEO_WINDOWS_ELSEWHERE
     try:
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401 (availability check)
     except ImportError as err:
