@@ -142,7 +142,15 @@ def files(tmp_path_factory):
         "atlas_map_ragged": write("map_ragged.json", atlas_json(maps={"L0H0": [[0.0], [0.0, 1.0]]}, maps_word="red")),
         "atlas_map_script": write("map_script.json", atlas_json(maps={"L0H0": [[0.5]]}, maps_word="<script>x</script>")),
         "atlas_bigint": write("bigint.json", atlas_json().replace('"baseline": 0.3', '"baseline": ' + "9" * 5000)),
+        "wan": wan_model(folder / "wan"),  # a video model the server offers (--model-dir)
     }
+
+
+def wan_model(path) -> str:
+    from dit_attn.toy.wan import build_wan_pipeline
+
+    build_wan_pipeline().save_pretrained(path)
+    return str(path)
 
 
 # the values: small valid ones (cheap to run) and hostile ones, per kind of parameter
@@ -159,7 +167,7 @@ HOSTILE_SIZE = ["0", "3", "30", "16000x8000", "100000x100000", "4096", "256x260"
 def valid(kind: str, rng: random.Random, files: dict):
     """A small valid value of a parameter (a generation with it takes well under a second on the demo model)."""
     return {
-        "model": lambda: "demo",
+        "model": lambda: rng.choice(["demo", "demo", "demo", files["wan"]]),
         "prompt": lambda: rng.choice(["a red circle", "a blue square on a white background", "x"]),
         "steps": lambda: rng.choice([1, 2]),
         "cfg": lambda: rng.choice([0.0, 1.0, 4.5, 7]),
@@ -332,11 +340,17 @@ def short(args) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    registry = ModelRegistry(embedded=("demo",))
+def server(tmp_path_factory, files):
+    registry = ModelRegistry([files["wan"]], embedded=("demo",))
     app = serve(registry, port=free_port(), output_dir=str(tmp_path_factory.mktemp("fuzz-out")), block=False)
+    budget = os.environ.get("DIT_ATTN_MAX_VIDEO_PIXELS")
+    os.environ["DIT_ATTN_MAX_VIDEO_PIXELS"] = str(9 * 32 * 32)  # every video the fuzzer may ask for stays tiny
     yield app
     app.close()
+    if budget is None:
+        del os.environ["DIT_ATTN_MAX_VIDEO_PIXELS"]
+    else:
+        os.environ["DIT_ATTN_MAX_VIDEO_PIXELS"] = budget
 
 
 @pytest.fixture(scope="module")
