@@ -194,3 +194,24 @@ def test_cli_ic_on_saved_flux2_and_qwen_image_pipelines(tmp_path):
                  "--out", str(tmp_path / "b")]) == 0
     settings = json.loads(Image.open(tmp_path / "b" / "canvas.png").text["dit-attn"])
     assert settings["pipeline"] == "QwenImagePipeline" and settings["reference_panels"] == [0]
+
+
+def test_flux2_dev_latents_encode_and_decode_as_the_pipeline_does():
+    """Flux2Pipeline returns packed tokens for output_type="latent" (Klein returns the VAE's own latents)."""
+    from dit_attn.toy.flux2 import build_flux2_pipeline, flux2_prompt_embeds
+
+    pipe = build_flux2_pipeline()
+    bn = pipe.vae.bn
+    bn.running_mean.copy_(0.3 * torch.randn(bn.running_mean.shape, generator=torch.Generator().manual_seed(1)))
+    pipe.set_progress_bar_config(disable=True)
+    image = noise_image(32, 64, 2)
+    grid = latent_grid(pipe, (1, 2), 32, 64)
+    with torch.no_grad():
+        expected = pipe._pack_latents(pipe._encode_vae_image(pixels(image), None))
+    assert (grid.to_steps(grid.to_pipeline(encode(pipe, pixels(image)))) - expected).abs().max() <= 1e-6
+    run = dict(prompt_embeds=flux2_prompt_embeds(), height=32, width=64, num_inference_steps=2)
+    latents = pipe(generator=torch.Generator().manual_seed(0), output_type="latent", **run).images
+    images = pipe(generator=torch.Generator().manual_seed(0), output_type="np", **run).images
+    assert latents.ndim == 3
+    ours = decode(pipe, grid.from_output(pipe, latents))[0].permute(1, 2, 0).numpy()
+    assert np.abs(ours - images[0]).max() <= 1e-5

@@ -19,7 +19,7 @@ import torch
 from ..heads import LayerInfo
 from .base import CallRows, Family
 from .flux import double_then_single_layer_of_key, double_then_single_layers, grid_from_ids
-from .image_latents import pack, patchify, unpatchify
+from .image_latents import pack, patchify, unpack, unpatchify
 
 
 def image_ids(h: int, w: int) -> torch.Tensor:
@@ -132,7 +132,10 @@ class Flux2(Family):
         return pack(unpatchify(call_latents))
 
     def grid_of_output(self, pipe, latents, latent_hw):
-        return normalised(pipe.vae, latents)  # output_type="latent" returns the VAE's own latents
+        # output_type="latent": Flux2Pipeline returns its packed tokens, Flux2KleinPipeline the VAE's own latents
+        if latents.ndim == 3:
+            return unpack(latents, *latent_hw)
+        return normalised(pipe.vae, latents)
 
     def latent_patch(self, transformer) -> int:
         return 2
