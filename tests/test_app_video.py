@@ -124,7 +124,8 @@ def test_compare_on_video_gives_both_videos_and_their_difference(client, dirs, s
 def test_image_only_tabs_refuse_a_video_model_in_one_line(registry, dirs, tab, tmp_path):
     actions = AppActions(registry, str(tmp_path))
     calls = {"sets": lambda m: actions.sets(m, 2, 4.5, 0, "", "1x2", "a\nb", "SET", "", None, 0),
-             "atlas": lambda m: actions.atlas(m, "judge", "a red circle on a white background", "0", 1, 1.0, 3.0, 4.5, "32", "joint", "identity"),
+             "atlas": lambda m: actions.atlas(m, "judge", "a red circle on a white background", "0", 1, 1.0, 3.0, 4.5,
+                                              "32", "joint", "identity"),
              "text_edit": lambda m: actions.text_edit(m, 2, 4.5, 0, "32", 'a sign that says "A"', "B", "", 0.0, "")}
     name = {"sets": "Sets", "atlas": "Head atlas", "text_edit": "Text edit"}[tab]
     with pytest.raises(ValueError, match=f"^the {name} tab makes images; WanPipeline makes videos: use the Generate"):

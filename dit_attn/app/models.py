@@ -46,7 +46,7 @@ def check_model_dir(path: str) -> str:
 class LoadedModel:
     choice: str  # as offered in the page; also the `model` of the settings (a name or a directory)
     pipe: object
-    family: str  # "sd3" or "flux"
+    family: str  # the family's name: "sd3", "flux", "wan", ...
     layer_map: list[LayerInfo]  # a two-expert model: E1's
     lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time per pipeline
     expert_maps: dict[str, list[LayerInfo]] = field(default_factory=dict)  # two experts: E1/E2 → map; else empty

@@ -11,8 +11,8 @@ from __future__ import annotations
 from ..io import parse_heads, parse_size
 from ..edits import HeadGuidance
 from ..heads import heads_by_expert, normalize_heads, resolve_heads
-from ..limits import (MAX_LIST_ITEMS, MAX_LOCAL_RADIUS, check_fps, check_frames, check_guidance_scale, check_image_size, check_seed, check_steps,
-                      check_text, check_video_size, number, whole_number)
+from ..limits import (MAX_LIST_ITEMS, MAX_LOCAL_RADIUS, check_fps, check_frames, check_guidance_scale, check_image_size,
+                      check_seed, check_steps, check_text, check_video_size, number, whole_number)
 from ..workflows.batch import edits_from_options, makes_videos, stored_settings
 from .models import LoadedModel
 

@@ -92,7 +92,8 @@ def cmd_maps(args) -> int:
 
 
 def add_commands(sub) -> None:
-    maps = sub.add_parser("maps", help="generate an image or video and write its attention maps (heatmap PNGs or animated WebPs + maps.json)")
+    maps = sub.add_parser("maps", help="generate an image or video and write its attention maps (heatmap PNGs or "
+                                       "animated WebPs + maps.json)")
     maps.add_argument("prompt", help="the prompt")
     maps.add_argument("--kind", default="cross", choices=("cross", "self", "concept"),
                       help="cross: image attention on words/text tokens; self: chosen image locations over the image; "
@@ -100,7 +101,8 @@ def add_commands(sub) -> None:
     maps.add_argument("--words", default=None,
                       help="comma-separated words of the prompt (default: every word); --kind concept: the concepts")
     maps.add_argument("--tokens", default=None, help="comma-separated text-token indices instead of words")
-    maps.add_argument("--locations", default=None, help="--kind self: row,col cells of the token grid, e.g. '4,4;0,7' (a video: frame,row,col)")
+    maps.add_argument("--locations", default=None,
+                      help="--kind self: row,col cells of the token grid, e.g. '4,4;0,7' (a video: frame,row,col)")
     maps.add_argument("--layers", default=None, help="comma-separated layer indices (default: every layer)")
     maps.add_argument("--heads", default=None, help="comma-separated head indices (default: every head)")
     maps.add_argument("--capture-steps", default=None, help="comma-separated denoising steps to average (default: every step)")
@@ -110,8 +112,9 @@ def add_commands(sub) -> None:
     maps.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: the model's call defaults)")
     maps.add_argument("--num-frames", "--frames", dest="num_frames", type=int, default=None,
                       help="video models: frames of the video (Wan: 4k + 1; default: the model's)")
-    maps.add_argument("--fps", type=finite_float, default=None, help="video models: frames per second of the WebPs (default 16)")
+    maps.add_argument("--fps", type=finite_float, default=None,
+                      help="video models: frames per second of the WebPs (default 16)")
     add_model_options(maps, TINY)
-    maps.add_argument("--out", default="maps", help="output folder: image.png and one PNG per map (a video: video.webp and one animated WebP per map), "
-                           "maps.json")
+    maps.add_argument("--out", default="maps", help="output folder: image.png and one PNG per map (a video: video.webp "
+                                                     "and one animated WebP per map), maps.json")
     maps.set_defaults(func=cmd_maps)
