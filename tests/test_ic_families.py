@@ -124,8 +124,13 @@ def test_latents_encode_and_decode_as_the_pipeline_does(family, request):
     assert np.abs(ours - images[0]).max() <= 1e-5
 
 
-def test_other_latent_formats_are_refused_before_any_work():
+def test_other_latent_formats_are_refused_before_any_work(tmp_path):
+    from dit_attn.train.lora import LoraTrainConfig, train_lora
+
     pipe = build_z_image_pipeline()
+    with pytest.raises(TypeError, match="z_image pipelines use another latent format"):
+        train_lora(pipe, LoraTrainConfig(mode="ic", steps=1), str(tmp_path), str(tmp_path / "work"), str(tmp_path / "lora"))
+    assert not (tmp_path / "work").exists()
     with pytest.raises(TypeError, match="z_image pipelines use another latent format"):
         da.ic.generate_set(pipe, ["a red circle", "a blue square"], (1, 2), size=(32, 64), num_inference_steps=2)
     with pytest.raises(TypeError, match="z_image pipelines use another latent format"):

@@ -200,6 +200,9 @@ def save_lora_atomic(pipe, out: str) -> None:
 def train_lora(pipe, cfg: LoraTrainConfig, data_dir: str, work: str, out: str, restart: bool = False) -> dict:
     """Train (resuming from `work`; restart=True: from scratch) and save the LoRA to `out`; the pipeline is
     left without it. Returns a summary with the losses and parameter counts."""
+    from ..ic.latents import check_image_latents
+
+    check_image_latents(pipe)  # a family whose latents dit-attn cannot encode, before `work` is touched
     start_over(work, restart)
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
