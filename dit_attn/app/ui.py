@@ -462,10 +462,10 @@ def build_blocks(registry: ModelRegistry, output_dir: str) -> gr.Blocks:
                     with gr.Tab("Generate", id="generate"):
                         generate_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
                         image = _image("Image", "generate-image")
-                        settings_view = gr.JSON(label="Settings (also inside the PNG)")
+                        settings_view = gr.JSON(label="Settings (also inside the PNG; a video: in its .json sidecar)")
                     with gr.Tab("Compare", id="compare"):
                         gr.Markdown("Same seed and settings, without and with the edits (head guidance, local attention), "
-                                    "and their difference.")
+                                    "and their difference (a video model: both videos and their difference, animated).")
                         compare_button = gr.Button("Compare", variant="primary", elem_id="compare-button")
                         with gr.Row():
                             without = _image("Without the edit", "compare-without")
@@ -552,7 +552,8 @@ def build_blocks(registry: ModelRegistry, output_dir: str) -> gr.Blocks:
                     with gr.Tab("Maps", id="maps"):
                         gr.Markdown("Where the image attends: one generation with the model, prompt, steps, CFG, seed, "
                                     "size and edits on the left, its attention maps captured in the same call "
-                                    "(`da.Capture`) and drawn over the image (heads averaged).")
+                                    "(`da.Capture`) and drawn over the image (heads averaged; a video model: over "
+                                    "every frame, animated).")
                         with gr.Row():
                             maps_kind = Radio(["cross", "self", "concept"], value="cross", label="Kind", elem_id="maps-kind",
                                               info="cross: the image's attention on words; self: chosen cells' "
