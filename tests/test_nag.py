@@ -345,3 +345,43 @@ def test_batch_file_with_a_negative_prompt_per_line(tmp_path):
     assert [line["edits"] for line in lines] == [[da.NAG("red").to_dict()], [da.NAG("small", scale=3.0).to_dict()], []]
     images = [Image.open(out / line["file"]).tobytes() for line in lines]
     assert len(set(images)) == 3  # same prompt and seed: each negative prompt changes the image
+
+
+def _block_inputs(pipe, run):
+    """(rows, text tokens) of every call's first block, and the final latents, of `run()`."""
+    seen = []
+    block = pipe.transformer.transformer_blocks[0]
+    hook = block.register_forward_pre_hook(
+        lambda m, a, k: seen.append((k["hidden_states"].shape[0], k["encoder_hidden_states"].shape[1])), with_kwargs=True)
+    try:
+        return run(), seen
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("model,layers,cfg,heads", [
+    ("sd3", None, 1.0, None), ("sd3", (0, 1), 4.0, None), ("sd35", None, 4.0, None),  # SD3.5: dual attention, qk norm
+    ("sd3", None, 1.0, ["L1H2"]),  # with HeadGuidance: its perturbed copies carry the negative tokens too
+])
+def test_token_path_equals_row_path(model, layers, cfg, heads, request, monkeypatch):
+    """NAG with the negative text as extra tokens of each row (SD3's default for layers 0…k) gives the
+    row path's steps; its calls keep the stock rows and carry twice the text."""
+    from dit_attn.hooks import nag_tokens
+
+    pipe = request.getfixturevalue(f"{model}_pipe")
+    edits = [da.NAG(NEGATIVE, layers=layers, **SETTINGS)] + ([da.HeadGuidance(heads=heads, scale=2.0)] if heads else [])
+
+    def run():
+        with CallRecorder(pipe) as rec, da.apply(pipe, *edits):
+            sd3_call(pipe, ["a red circle", "a green square"], guidance_scale=cfg)
+        return rec.steps
+
+    tokens, token_calls = _block_inputs(pipe, run)
+    monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())
+    rows, row_calls = _block_inputs(pipe, run)
+    stock_rows = 4 if cfg > 1 else 2
+    text_len = row_calls[0][1]
+    assert all(c == (stock_rows, 2 * text_len) for c in token_calls)
+    assert all(c == (stock_rows + 2, text_len) for c in row_calls)
+    for got, want in zip(tokens, rows, strict=True):
+        assert (got - want).abs().max() <= 1e-5

@@ -19,6 +19,7 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from ..families import Family
 from ..processors.ip_adapter import adopt
 from ..processors.state import EditState, plan_rows
+from .nag_tokens import NAG_TOKEN_HOOK, NAGTokenBlock, carries_tokens, nag_tokens_forward
 from .private import cache_context_name
 
 CALL_HOOK = "dit_attn.call"
@@ -210,6 +211,8 @@ class CallHook(_Hook):
             nag_text = self.family.nag_text_states(module, patch.embeds[:1])
         if nag_text is not None:  # NAG in a cross-attention: the negative text rides in the call state, not in rows
             return self._cross_attention_nag_forward(module, forward, call, current, cond, patch.targets, nag_text)
+        if patch is not None and carries_tokens(self.family, self.state):
+            return nag_tokens_forward(self, module, forward, call, current, cond, patch)
         if cond is None and patch is None:
             return forward(**call)
         at_call = self.family.widen_at_call
@@ -338,6 +341,9 @@ def _unregister(module: torch.nn.Module, name: str) -> None:
 def install_hooks(transformer, family: Family, state: EditState, guidance=None, text=None, originals=None) -> None:
     modules = [transformer.get_submodule(info.name) for info in family.layers(transformer)]
     _register(transformer, CallHook(family, state, guidance, text, modules, originals), CALL_HOOK)
+    if carries_tokens(family, state):  # inside RowFork's hooks: a block sees its stage's rows
+        for layer, block in enumerate(transformer.transformer_blocks):
+            _register(block, NAGTokenBlock(state, layer, block), NAG_TOKEN_HOOK)
     if (guidance is not None or text is not None or state.shared_image_layers) and not family.widen_at_call:
         for module, layer in family.fork_points(transformer):
             _register(module, RowFork(family, state, layer, module), FORK_HOOK)
@@ -348,4 +354,5 @@ def remove_hooks(transformer) -> None:
     _unregister(transformer, CALL_HOOK)
     for module in transformer.modules():
         _unregister(module, FORK_HOOK)
+        _unregister(module, NAG_TOKEN_HOOK)
     HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()

@@ -11,7 +11,7 @@ from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2
 
 from .. import kernels
 from .ip_adapter import take_over_image_prompt
-from .state import POOL_MODULE, EditState, LayerProcessor
+from .state import POOL_MODULE, EditState, LayerProcessor, nag_combination
 
 
 def _split_heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
@@ -27,16 +27,21 @@ class SD3AttnProcessor(LayerProcessor):
         self.joint = joint
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, image_tokens: int,
-               pool=None) -> torch.Tensor:
-        """The attention call, (B, H, S, D) with [image ; text] tokens."""
+               pool=None, negative: tuple[torch.Tensor, ...] | None = None):
+        """The attention call, (B, H, S, D) with [image ; text] tokens. negative: NAG's second (q, k, v) of the
+        same rows, [image ; negative text], attended with the same plan: then (output, negative output)."""
         plan = self.state.plan(self.layer, query.shape[0], (0, image_tokens), pool, perturbed=self.joint)
         scale = self.state.scale_for(self.layer, image_tokens, query.shape[-1])
+        backend = self.state.backend_for(plan)
         if self.state.capture is not None and self.joint:
             self.state.capture.record(self.layer, query, key, plan, None, (0, image_tokens), scale, "BHSD", self.state.call)
-            out = kernels.attention(query, key, value, plan, scale=scale, backend=self.state.backend_for(plan))
+            out = kernels.attention(query, key, value, plan, scale=scale, backend=backend)
             self.state.capture.record_output(self.layer, out, "BHSD", self.state.call)
+        else:
+            out = kernels.attention(query, key, value, plan, scale=scale, backend=backend)
+        if negative is None:
             return out
-        return kernels.attention(query, key, value, plan, scale=scale, backend=self.state.backend_for(plan))
+        return out, kernels.attention(*negative, plan, scale=scale, backend=backend)
 
     def __call__(
         self,
@@ -80,6 +85,10 @@ class SD3AttnProcessor(LayerProcessor):
             if attn.norm_added_k is not None:
                 context_key = attn.norm_added_k(context_key)
             context_key, context_value = self.state.patch_text(self.layer, context_key, context_value)
+            tokens = self.state.nag_tokens_at(self.layer, batch_size)
+            if tokens is not None:
+                return self._nag_tokens_attention(attn, (query, key, value), (context_query, context_key, context_value),
+                                                  tokens, image_projections)
             query, key, value = self.state.nag_image_inputs(self.layer, (query, key, value))
             query = torch.cat([query, context_query], dim=2)
             key = torch.cat([key, context_key], dim=2)
@@ -97,6 +106,27 @@ class SD3AttnProcessor(LayerProcessor):
             )
             if not attn.context_pre_only:
                 encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states, image_projections
+
+    def _nag_tokens_attention(self, attn, image: tuple, text: tuple, tokens: tuple[int, torch.Tensor],
+                              image_projections: tuple):
+        """NAG on the token path (`hooks.nag_tokens`): the text is [positive ; negative]; the image queries and
+        the positive text attend [image ; positive text], the negative text [image ; negative text]; the guided
+        rows' image outputs combine Z⁺ with Z⁻."""
+        text_len, rows = tokens
+        image_tokens = image[0].shape[2]
+        positive = [torch.cat([x, t[:, :, :text_len]], dim=2) for x, t in zip(image, text)]
+        negative = [torch.cat([x, t[:, :, text_len:]], dim=2) for x, t in zip(image, text)]
+        outputs = self.attend(*positive, image_tokens, getattr(attn, POOL_MODULE, None), negative=negative)
+        dtype = positive[0].dtype
+        out, out_neg = (x.transpose(1, 2).flatten(2).to(dtype) for x in outputs)
+        rows = rows.to(out.device)
+        hidden_states = out[:, :image_tokens].clone()
+        hidden_states[rows] = nag_combination(self.state.nag, out[rows, :image_tokens],
+                                              out_neg[rows, :image_tokens]).to(dtype)
+        encoder_hidden_states = torch.cat([out[:, image_tokens:], out_neg[:, image_tokens:]], dim=1)
+        if not attn.context_pre_only:
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
         return hidden_states, encoder_hidden_states, image_projections
 
     @staticmethod

@@ -181,6 +181,7 @@ class CallState:
     # the call that NAG guides (its conditional rows and their perturbed copies)
     nag_text: torch.Tensor | None = None
     nag_rows: torch.Tensor | None = None
+    nag_tokens: object | None = None  # NAG's negative text as extra tokens of each row (`hooks.nag_tokens.NAGTokens`)
     image_range: tuple[int, int] | None = None  # image tokens of the layer's last plan request (read by a Capture)
 
 
@@ -314,6 +315,17 @@ class EditState:
             image = image.index_copy(0, sources, image.index_select(0, targets))
             out.append(torch.cat([x[:, :text_len], image], dim=1) if text_len else image)
         return tuple(out)
+
+    def nag_tokens_at(self, layer: int, batch: int) -> tuple[int, torch.Tensor] | None:
+        """NAG on the token path at this layer of the call: (positive text tokens, the stage's rows it guides)."""
+        tokens = self.call.nag_tokens
+        if tokens is None or self.nag is None or layer not in self.nag.layers:
+            return None
+        rows = self.call.rows
+        stage = rows.stage_at(layer) if rows is not None else None
+        if stage is not None and stage.size != batch:
+            return None
+        return tokens.text_len, tokens.rows_of(stage)
 
     def nag_guide(self, layer: int, hidden: torch.Tensor, image: slice) -> torch.Tensor:
         """NAG, after attention: the positive rows' image-token outputs (Z⁺) combined with their

@@ -1,0 +1,137 @@
+"""NAG with the negative text as extra text tokens of each row, not as extra rows (SD3 / SD3.5).
+
+The call's text states become [positive text ; negative text] along the token dimension, so the
+image stream is computed once per row. At a NAG layer the processor gives the image queries two
+attention calls, over [image ; positive text] (Z⁺) and over [image ; negative text] (Z⁻), and the
+negative text queries attend [image ; negative text]: what the negative rows of the row path
+compute, since there each negative row takes its positive row's image q/k/v at every NAG layer.
+That holds when the NAG layers are 0…k (the default: every layer); otherwise the row path runs,
+where the negative rows' own image stream feeds the non-NAG layers before the last NAG layer.
+
+The negative text keeps its own modulation: the blocks (`NAGTokenBlock`) modulate the negative
+tokens with the time-text embedding of the negative pooled projection, as a negative row would
+be. Rows that NAG does not guide (CFG's unconditional rows) carry the negative tokens too; their
+image queries never see them. From block k+1 on the negative tokens are dropped.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from diffusers.hooks import ModelHook
+
+from ..processors.state import EditState, plan_rows
+
+NAG_TOKEN_HOOK = "dit_attn.nag_tokens"
+TOKEN_FAMILIES = ("sd3",)  # families whose joint blocks `NAGTokenBlock` runs
+
+
+@dataclass(frozen=True)
+class NAGTokens:
+    """The negative text tokens of the call running now."""
+
+    text_len: int  # positive text tokens of each row; the negative ones follow them
+    temb: torch.Tensor  # (call rows, D) the time-text embedding with the negative pooled projection
+    rows: torch.Tensor  # the call rows NAG guides (the conditional rows)
+    end: int  # the first block without the negative tokens
+
+    def rows_of(self, stage) -> torch.Tensor:
+        """The rows of a RowPlan stage (None: the call's rows) that NAG guides, their perturbed copies included."""
+        if stage is None:
+            return self.rows
+        return torch.isin(stage.from_call, self.rows).nonzero().flatten()
+
+
+def carries_tokens(family, state: EditState) -> bool:
+    """NAG runs on the token path: a family whose blocks carry it, NAG layers 0…k."""
+    nag = state.nag
+    return (nag is not None and family.name in TOKEN_FAMILIES
+            and nag.layers == frozenset(range(max(nag.layers) + 1)))
+
+
+def nag_tokens_forward(hook, module, forward, call: dict, current, cond, patch):
+    """The transformer call with the negative prompt's text appended to every row's text (see the module
+    docstring); with HeadGuidance its perturbed copies are forked as usual and NAG-guided as their rows."""
+    batch = hook.family.batch_size(call)
+    text, pooled = call["encoder_hidden_states"], call["pooled_projections"]
+    negative = patch.embeds[:1].to(text).expand(batch, -1, -1)
+    temb = module.time_text_embed(call["timestep"], patch.pooled[:1].to(pooled).expand(batch, -1))
+    call = {**call, "encoder_hidden_states": torch.cat([text, negative], dim=1)}
+    plan = plan_rows(batch, cond=cond, fork_layer=hook.guidance.fork_layer) if cond is not None else None
+    current.rows = plan
+    current.nag_tokens = NAGTokens(text.shape[1], temb, patch.targets, patch.patch_end)
+    try:
+        output = forward(**call)
+    finally:
+        current.rows, current.nag_tokens = None, None
+    if cond is not None:
+        return hook.guidance.finish_call(output, plan, cond)
+    return output
+
+
+class NAGTokenBlock(ModelHook):
+    """Runs an SD3 `JointTransformerBlock` on [positive text ; negative text] during a token-path call:
+    diffusers' block step by step, with each text segment modulated by its own time-text embedding."""
+
+    active = True
+
+    def __init__(self, state: EditState, layer: int, module: torch.nn.Module):
+        super().__init__()
+        self.state, self.layer = state, layer
+        self.names = list(inspect.signature(type(module).forward).parameters)[1:]
+
+    def new_forward(self, module, *args, **kwargs):
+        forward = self.fn_ref.original_forward
+        tokens = self.state.call.nag_tokens
+        if not self.active or tokens is None:
+            return forward(*args, **kwargs)
+        values = {**dict(zip(self.names, args)), **kwargs}
+        text = values["encoder_hidden_states"]
+        if self.layer >= tokens.end:
+            if text.shape[1] > tokens.text_len:
+                values["encoder_hidden_states"] = text[:, : tokens.text_len]
+            return forward(**values)
+        return self._segmented(module, values, tokens)
+
+    def _negative_temb(self, tokens: NAGTokens) -> torch.Tensor:
+        from .calls import take_call_rows
+
+        plan = self.state.call.rows
+        if plan is None:
+            return tokens.temb
+        stage = plan.stage_at(self.layer)
+        return tokens.temb if stage.is_call_rows else take_call_rows(tokens.temb, stage.from_call, plan.call_rows)
+
+    def _segmented(self, block, values: dict, tokens: NAGTokens):
+        hidden, text, temb = values["hidden_states"], values["encoder_hidden_states"], values["temb"]
+        kwargs = values.get("joint_attention_kwargs") or {}
+        temb_neg = self._negative_temb(tokens)
+        n = tokens.text_len
+        if block.use_dual_attention:
+            norm_hidden, gate_msa, shift_mlp, scale_mlp, gate_mlp, norm_hidden2, gate_msa2 = block.norm1(hidden, emb=temb)
+        else:
+            norm_hidden, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(hidden, emb=temb)
+        if block.context_pre_only:
+            norm_text = torch.cat([block.norm1_context(text[:, :n], temb), block.norm1_context(text[:, n:], temb_neg)], 1)
+        else:
+            pos = block.norm1_context(text[:, :n], emb=temb)
+            neg = block.norm1_context(text[:, n:], emb=temb_neg)
+            norm_text = torch.cat([pos[0], neg[0]], dim=1)
+            # per-token modulation: the positive segment's from temb, the negative segment's from temb_neg
+            c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = (
+                torch.cat([p[:, None].expand(-1, n, -1), q[:, None].expand(-1, text.shape[1] - n, -1)], dim=1)
+                for p, q in zip(pos[1:], neg[1:]))
+
+        attn_output, text_attn_output = block.attn(hidden_states=norm_hidden, encoder_hidden_states=norm_text, **kwargs)
+        hidden = hidden + gate_msa.unsqueeze(1) * attn_output
+        if block.use_dual_attention:
+            hidden = hidden + gate_msa2.unsqueeze(1) * block.attn2(hidden_states=norm_hidden2, **kwargs)
+        norm_hidden = block.norm2(hidden) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        hidden = hidden + gate_mlp.unsqueeze(1) * block.ff(norm_hidden)
+
+        if block.context_pre_only:
+            return None, hidden
+        text = text + c_gate_msa * text_attn_output
+        norm_text = block.norm2_context(text) * (1 + c_scale_mlp) + c_shift_mlp
+        return text + c_gate_mlp * block.ff_context(norm_text), hidden
