@@ -10,7 +10,6 @@ from PIL import Image
 
 from ..families import family_of
 from ..families.base import Family
-from ..families.image_latents import pack, unpack  # noqa: F401  (the token packing, used by the trainers)
 from .layout import Layout
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import torch
 
 from ..families import family_of
-from ..ic.latents import encode, pack
+from ..ic.latents import encode
 
 
 def latents_of(pipe, pixels: torch.Tensor) -> torch.Tensor:
     """Training latents of images (B, 3, H, W) in [-1, 1], in the layout the pipeline's transformer takes."""
-    z = encode(pipe, pixels).float()
-    return pack(z) if family_of(pipe.transformer).packs_latents else z
+    family = family_of(pipe.transformer)
+    return family.step_latents(family.call_latents(encode(pipe, pixels).float()))
 
 
 def text_features(pipe, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
