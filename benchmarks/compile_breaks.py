@@ -1,7 +1,8 @@
 """torch.compile graph breaks of an edited transformer, stock vs dit-attn, side by side.
 
 For each family (config-built, the test shapes scaled to 4 layers) and each edit, runs
-`torch._dynamo.explain` on the first transformer call of a pipeline run and prints the
+`torch._dynamo.explain` on the first transformer call of a pipeline run (edits applied to the
+pipeline, which is run once first) and prints the
 number of graph breaks and graphs with their most common reasons, then whether
 `torch.compile(fullgraph=True)` traces the call. Stock diffusers has none except on
 HunyuanVideo 1.5 (a branch on `torch.all(image_embeds == 0)` and per-row masked indexing: the blocks
@@ -70,18 +71,23 @@ def edits_for(pipe, name: str, make) -> tuple:
     return make()
 
 
-def first_call(pipe, size: int) -> dict:
+def generate(pipe, size: int) -> None:
     video = {"num_frames": 5} if hasattr(pipe, "vae_scale_factor_temporal") else {}
     if "max_sequence_length" in inspect.signature(pipe.__call__).parameters:
         video["max_sequence_length"] = 8
-    with CallRecorder(pipe) as rec:
+    with torch.no_grad():
         pipe("a red circle", num_inference_steps=1, height=size, width=size, output_type="latent",
              generator=torch.Generator().manual_seed(0), **video)
+
+
+def first_call(pipe, size: int) -> dict:
+    with CallRecorder(pipe) as rec:
+        generate(pipe, size)
     return {**rec.calls[0], "return_dict": False}
 
 
-def windows_seen(transformer, call: dict) -> list[bool]:
-    """covers_grid() of every local window of an eager call: False means the window path ran."""
+def windows_seen(pipe, size: int) -> list[bool]:
+    """covers_grid() of every local window of an eager generation: False means the window path ran."""
     seen = []
     originals = {cls: cls.covers_grid for cls in (LocalWindow, LocalWindow3D)}
 
@@ -94,8 +100,7 @@ def windows_seen(transformer, call: dict) -> list[bool]:
     try:
         for cls, original in originals.items():
             cls.covers_grid = recording(original)
-        with torch.no_grad():
-            transformer(**call)
+        generate(pipe, size)
     finally:
         for cls, original in originals.items():
             cls.covers_grid = original
@@ -114,13 +119,15 @@ def main() -> None:
     for family in args.families:
         pipe = pipeline(family)
         pipe.set_progress_bar_config(disable=True)
-        call = first_call(pipe, SIZE.get(family, 32))
+        size = SIZE.get(family, 32)
+        call = first_call(pipe, size)
         for name in args.edits:
             edits = edits_for(pipe, name, EDITS[name])
-            handle = da.apply(pipe.transformer, *edits) if edits else None
+            handle = da.apply(pipe, *edits) if edits else None
             try:
                 if any(isinstance(e, da.LocalAttention) for e in edits):
-                    seen = windows_seen(pipe.transformer, call)
+                    # through the pipeline: FLUX.1-layout pipelines give the call's grid before the call
+                    seen = windows_seen(pipe, size)
                     if not seen or any(seen):
                         raise SystemExit(f"{family}: LocalAttention did not run its window path "
                                          f"(covers_grid per call: {seen}); make the grid larger than the window")

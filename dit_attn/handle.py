@@ -293,7 +293,7 @@ def apply(pipe_or_transformer, *edits, expert: str | None = None) -> Handle:
     handles = {}
     for name, local, originals in installed:
         model, state = models[name], states[name]
-        install_hooks(model, family, state, controller if state.guided_edits else None, text, originals)
+        install_hooks(model, family, state, controller if state.guided_edits else None, text, originals, pipe)
         shared = not handles  # the first handle owns the pipeline-wide controllers
         handles[name] = Handle(model, originals, controller if shared else None, tuple(edits), state, local,
                                text if shared else None, capture if shared else None)

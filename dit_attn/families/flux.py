@@ -43,6 +43,52 @@ def grid_from_ids(img_ids: torch.Tensor | None, image_tokens: int) -> tuple[tupl
     return (rows, cols), ""
 
 
+def watch_generated_grid(pipe, record):
+    """Call record((rows, cols)) with the token grid of each pipeline call's generated image, before its
+    transformer calls: the FLUX.1-layout pipelines build the position ids with
+    `_prepare_latent_image_ids(batch, rows, cols, device, dtype)`, the generated image's last (Kontext
+    builds the reference image's first). None (nothing wrapped) where the pipeline has no such method."""
+    from ..hooks.pipeline import MethodWrap
+
+    if not callable(getattr(pipe, "_prepare_latent_image_ids", None)):
+        return None
+
+    def make(original):
+        def prepare_latent_image_ids(batch_size, height, width, *args, **kwargs):
+            record((int(height), int(width)))
+            return original(batch_size, height, width, *args, **kwargs)
+        return prepare_latent_image_ids
+
+    return MethodWrap(pipe, "_prepare_latent_image_ids", make)
+
+
+def checked_grid(img_ids: torch.Tensor | None, image_tokens: int, grid: tuple[int, int],
+                 references_trail: bool) -> tuple[int, int] | None:
+    """`grid` (known before the call) if the call's image tokens are that generated grid, row-major, then
+    reference tokens (first id coordinate not 0) when `references_trail`; None when the shapes rule it
+    out or, eagerly, the ids disagree. Under torch.compile the ids are checked in the graph
+    (`torch._assert_async`): no value leaves the graph, so there is no graph break."""
+    rows, cols = grid
+    count = rows * cols
+    if img_ids is None or count > image_tokens or (count < image_tokens and not references_trail):
+        return None
+    ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+    if ids.shape[0] != image_tokens:
+        return None
+    generated = ids[:count]
+    y, x = generated[:, 1] - generated[0, 1], generated[:, 2] - generated[0, 2]
+    ok = ((generated[:, 0] == 0).all()
+          & (y == torch.arange(rows, device=ids.device).repeat_interleave(cols).to(y.dtype)).all()
+          & (x == torch.arange(cols, device=ids.device).repeat(rows).to(x.dtype)).all())
+    if count < image_tokens:
+        ok = ok & (ids[count:, 0] != 0).all()
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, "the call's image ids are not the grid its pipeline built (a direct transformer "
+                                "call after a pipeline call? call the compiled transformer through the pipeline)")
+        return grid
+    return grid if bool(ok) else None
+
+
 def double_then_single_layers(transformer) -> list[LayerInfo]:
     """Double blocks `transformer_blocks.i` → layer i, then single blocks → (double blocks) + j."""
     layers = [LayerInfo(i, f"transformer_blocks.{i}.attn", "double", block.attn.heads, head_dim(block.attn))
@@ -94,6 +140,13 @@ class Flux(Family):
 
     def grid(self, transformer, call: dict):
         return grid_from_ids(call.get("img_ids"), call["hidden_states"].shape[1])
+
+    def watch_grid(self, pipe, record):
+        return watch_generated_grid(pipe, record)
+
+    def known_grid(self, transformer, call: dict, grid: tuple[int, int]):
+        """The grid the pipeline built for this call, if the call's ids are that grid (`checked_grid`)."""
+        return checked_grid(call.get("img_ids"), call["hidden_states"].shape[1], grid, self.reference_tokens_trail)
 
     def conditional_rows(self, pipe, batch: int, call: dict, context: str | None):
         """Guidance-distilled FLUX makes one call a step; true CFG makes two, the negative one under

@@ -142,6 +142,8 @@ class CallHook(_Hook):
         self.text = text
         self.attention_modules = tuple(attention_modules)  # modules whose processor must stay dit-attn's
         self.cache = StateManager(_NoState)
+        self.grid_watch = None  # the pipeline method watched for each call's grid
+        self.grid_hint: tuple[int, int] | None = None  # the grid the pipeline built for its current call
 
     def check_processors(self, transformer) -> None:
         """Put dit-attn's processors back after an IP-Adapter load or unload (`processors.ip_adapter.adopt`);
@@ -160,6 +162,31 @@ class CallHook(_Hook):
     def reset_state(self, module):
         return module
 
+    def watch_pipeline(self, pipe) -> None:
+        """Take each pipeline call's image grid from the pipeline (as Python ints, before the transformer
+        runs) on families whose grid is not in the call's shapes, so a compiled transformer need not read it
+        from tensor values (`Family.watch_grid`)."""
+        watch = getattr(self.family, "watch_grid", None)
+        if pipe is not None and watch is not None:
+            self.grid_watch = watch(pipe, self._set_grid_hint)
+
+    def _set_grid_hint(self, grid) -> None:
+        self.grid_hint = grid
+
+    def unwatch_pipeline(self) -> None:
+        if self.grid_watch is not None:
+            self.grid_watch.undo()
+        self.grid_watch, self.grid_hint = None, None
+
+    def call_grid(self, module, call: dict):
+        """(grid, why not): the pipeline's grid where the family checks it against the call, else the family's
+        grid from the call."""
+        if self.grid_hint is not None:
+            grid = self.family.known_grid(module, call, self.grid_hint)
+            if grid is not None:
+                return grid, ""
+        return self.family.grid(module, call)
+
     def new_forward(self, module, *args, **kwargs):
         forward = self.fn_ref.original_forward
         if not self.active:
@@ -170,7 +197,7 @@ class CallHook(_Hook):
         current.text_len = self.family.text_length(call)
         current.image_len = self.family.image_length(call)
         if self.state.local is not None or self.state.capture is not None:
-            current.grid, current.grid_problem = self.family.grid(module, call)
+            current.grid, current.grid_problem = self.call_grid(module, call)
         capture = self.state.capture
         if capture is None:
             return self._edited_forward(module, forward, call, current)
@@ -338,9 +365,12 @@ def _unregister(module: torch.nn.Module, name: str) -> None:
         registry.remove_hook(name, recurse=False)
 
 
-def install_hooks(transformer, family: Family, state: EditState, guidance=None, text=None, originals=None) -> None:
+def install_hooks(transformer, family: Family, state: EditState, guidance=None, text=None, originals=None,
+                  pipe=None) -> None:
     modules = [transformer.get_submodule(info.name) for info in family.layers(transformer)]
     _register(transformer, CallHook(family, state, guidance, text, modules, originals), CALL_HOOK)
+    if state.local is not None:
+        HookRegistry.check_if_exists_or_initialize(transformer).get_hook(CALL_HOOK).watch_pipeline(pipe)
     if carries_tokens(family, state):  # inside RowFork's hooks: a block sees its stage's rows
         for layer, block in enumerate(transformer.transformer_blocks):
             _register(block, NAGTokenBlock(state, layer, block), NAG_TOKEN_HOOK)
@@ -351,6 +381,10 @@ def install_hooks(transformer, family: Family, state: EditState, guidance=None, 
 
 
 def remove_hooks(transformer) -> None:
+    registry = getattr(transformer, "_diffusers_hook", None)
+    call_hook = registry.get_hook(CALL_HOOK) if registry is not None else None
+    if call_hook is not None:
+        call_hook.unwatch_pipeline()
     _unregister(transformer, CALL_HOOK)
     for module in transformer.modules():
         _unregister(module, FORK_HOOK)
