@@ -9,6 +9,7 @@ overrides the choice of `auto`. Before `auto` first takes `triton` for a configu
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -19,7 +20,7 @@ from . import masks, selfcheck
 from .plan import SCOPES, TARGETS, AttentionPlan, Perturbation, check_plan
 from .reference import reference_attention
 from .flex import flex_local_attention
-from .sdpa import sdpa_attention
+from .sdpa import blend, sdpa_attention
 from .tiled import tiled_attention
 from .window import LocalWindow, LocalWindow3D
 
@@ -34,9 +35,6 @@ class Backend:
     run: Callable[..., torch.Tensor]
     # returns None when the backend can run, else the reason it cannot; (q, plan, attn_mask or None)
     why_not: Callable[..., str | None]
-
-
-VIDEO_WINDOWS_ELSEWHERE = "3-D (video) local windows are computed by the tiled and flex backends (or reference)"
 
 
 def _sdpa_why_not(q: torch.Tensor, plan: AttentionPlan, mask: torch.Tensor | None = None) -> str | None:
@@ -87,9 +85,9 @@ def _triton_why_not(q: torch.Tensor, plan: AttentionPlan, mask: torch.Tensor | N
         return "plain attention: torch SDPA is as fast"
     if mask is not None:
         return "the triton kernels do not take a pipeline's attention mask (sdpa and tiled do)"
-    if isinstance(plan.window, LocalWindow3D):
-        return VIDEO_WINDOWS_ELSEWHERE
-    if plan.window is not None and plan.image_tokens is not None and 0 < plan.image_tokens[0] and plan.image_tokens[1] < q.shape[-2]:
+    if isinstance(plan.window, LocalWindow3D) and _needs_grad(q):
+        return "the triton 3-D local kernel has no backward (tiled computes gradients)"
+    if isinstance(plan.window, LocalWindow) and plan.image_tokens is not None and 0 < plan.image_tokens[0] and plan.image_tokens[1] < q.shape[-2]:
         return "the triton local kernel takes global tokens on one side of the image grid only (reference-image tokens follow it)"
     if torch.is_grad_enabled() and any(p.u.requires_grad for p in plan.perturbations):
         return "gradients with respect to the SoftPAG strengths (head screening) are computed by sdpa"
@@ -106,6 +104,17 @@ def _triton_why_not(q: torch.Tensor, plan: AttentionPlan, mask: torch.Tensor | N
 
 
 def _triton_run(q, k, v, plan: AttentionPlan, scale: float | None = None) -> torch.Tensor:
+    if isinstance(plan.window, LocalWindow3D):
+        from .triton.local3d import video_window_attention
+
+        if _needs_grad(q, k, v):
+            raise ValueError("the triton 3-D local kernel has no backward: use backend='tiled' for gradients")
+        image = plan.image_slice(q.shape[-2])
+        out = video_window_attention(q, k, v, plan.window, image, scale)
+        scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        for p in plan.perturbations:
+            blend(out, q, k, v, p, image, scale_value)
+        return out
     if _needs_grad(q, k, v):
         from .triton.backward import trainable_attention
 
@@ -146,7 +155,9 @@ def choose_backend(q: torch.Tensor, plan: AttentionPlan, backend: str = "auto", 
         return BACKENDS[backend]
     for candidate in BACKENDS.values():
         reason = candidate.why_not(q, plan, mask)
-        if reason is None and candidate.name == "triton":
+        if reason is None and candidate.name == "triton" and isinstance(plan.window, LocalWindow3D):
+            reason = "the triton 3-D local kernel runs when named (backend='triton'): not yet measured against tiled on a GPU"
+        elif reason is None and candidate.name == "triton":
             reason = selfcheck.failure(selfcheck.configuration(q, plan))
         if reason is None:
             return candidate

@@ -72,3 +72,32 @@ def window_sparsity(grid: tuple[int, int], radius: float, text: int, pooled: int
     b = window_blocks(grid, radius, text, pooled, block)
     return block_sparsity(b.full, b.partial, b.ys, b.xs, b.seq_q, b.seq_kv, text, radius * radius, block, device,
                           lambda other: window_sparsity(grid, radius, text, pooled, other, device))
+
+
+@dataclass(frozen=True)
+class VideoSparsity:
+    """A 3-D window's block lists over [text ; tile-ordered video] (`kernels.blocks3d`) and its exact rule."""
+
+    full_count: torch.Tensor  # (blocks,) int32
+    full_index: torch.Tensor  # (blocks, blocks) int32, visited blocks first
+    part_count: torch.Tensor
+    part_index: torch.Tensor
+    positions: torch.Tensor  # (3, seq) int32 frame, row, col of each token (text: 0)
+    table: torch.Tensor  # int8 allowed offsets, `blocks3d.allowed_offsets`
+    reaches: tuple[int, int, int]
+    order: torch.Tensor  # (N,) frame-major index of each tile-ordered video token
+    text: int
+    seq: int
+    block: int
+
+
+@functools.lru_cache(maxsize=32)
+def video_sparsity(grid: tuple[int, int, int], radius: tuple[float, float, float], shape: str, text: int, block: int,
+                   device) -> VideoSparsity:
+    from ..blocks3d import allowed_offsets, offset_reaches, video_window_blocks
+
+    b = video_window_blocks(grid, radius, shape, text, block)
+    table = allowed_offsets(grid, radius, shape).to(device=device, dtype=torch.int8)
+    return VideoSparsity(*block_lists(b.full, device), *block_lists(b.partial, device),
+                         b.positions.to(device=device, dtype=torch.int32).contiguous(), table,
+                         offset_reaches(grid, radius), b.order, text, b.seq, block)
