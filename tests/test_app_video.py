@@ -73,8 +73,9 @@ def stock():
 
 
 def stock_frames(pipe, num_frames=5, size=32, **call) -> np.ndarray:
-    out = pipe(PROMPT, generator=torch.Generator().manual_seed(SEED), num_inference_steps=2, guidance_scale=4.5,
-               height=size, width=size, num_frames=num_frames, output_type="pil", **call).frames[0]
+    call = {"guidance_scale": 4.5, **call}
+    out = pipe(PROMPT, generator=torch.Generator().manual_seed(SEED), num_inference_steps=2, height=size, width=size,
+               num_frames=num_frames, output_type="pil", **{k: v for k, v in call.items() if v is not None}).frames[0]
     return np.stack([np.asarray(frame.convert("RGB")) for frame in out])
 
 
@@ -131,6 +132,16 @@ def test_image_only_tabs_refuse_a_video_model_in_one_line(registry, dirs, tab, t
     with pytest.raises(ValueError, match=f"^the {name} tab makes images; WanPipeline makes videos: use the Generate"):
         calls[tab](dirs["wan"])
     assert not os.listdir(tmp_path)
+
+
+def test_hunyuan_video15_generates_without_step_callbacks(registry, dirs, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    path, settings = AppActions(registry, str(tmp_path)).generate(*form(dirs["hv15"]), progress=lambda *a, **k: None)
+    stock = DiffusionPipeline.from_pretrained(dirs["hv15"])  # takes no callback_on_step_end; CFG lives in its guider
+    stock.set_progress_bar_config(disable=True)
+    stock.guider = stock.guider.new(guidance_scale=4.5)
+    assert np.array_equal(frames_of(path), stock_frames(stock, guidance_scale=None)) and settings["num_frames"] == 5
 
 
 def test_two_expert_pickers_list_both_experts_and_address_one(client, registry, dirs):

@@ -16,13 +16,23 @@ from ..workflows.batch import render
 def run_pipeline(model: LoadedModel, settings: dict, on_step: Callable[[int], None] | None = None) -> Image.Image:
     """The image of stored `settings` (seeded, so the same settings give the same pixels, as
     `workflows.batch.regenerate` of its PNG does); `on_step(done)` after each step."""
+    with model.lock:
+        return render(model.pipe, settings, **step_callback(model.pipe, on_step))
+
+
+def step_callback(pipe, on_step: Callable[[int], None] | None) -> dict:
+    """The pipeline-call argument that calls `on_step(done)` after each step; none where the pipeline takes no
+    step callback (HunyuanVideo 1.5) or no `on_step` is given."""
+    import inspect
+
+    if on_step is None or "callback_on_step_end" not in inspect.signature(pipe.__call__).parameters:
+        return {}
 
     def step_ended(pipe, step: int, timestep, tensors: dict) -> dict:
         on_step(step + 1)
         return {}
 
-    with model.lock:
-        return render(model.pipe, settings, callback_on_step_end=step_ended if on_step else None)
+    return {"callback_on_step_end": step_ended}
 
 
 def difference_image(first: Image.Image, second: Image.Image) -> tuple[Image.Image, int, float]:

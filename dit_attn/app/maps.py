@@ -11,7 +11,7 @@ from ..edits import Capture
 from ..io import write_json_atomic
 from ..limits import check_text, whole_number
 from ..workflows.batch import edits_for, makes_videos, pipeline_kwargs, pipeline_output
-from .generation import save_png, save_video
+from .generation import save_png, save_video, step_callback
 from .models import LoadedModel
 
 MAX_OVERLAYS = 64  # gallery images of one request (words × layers)
@@ -55,18 +55,14 @@ def run_captured(model: LoadedModel, settings: dict, capture: Capture, on_step: 
     import torch
 
     from ..handle import apply
-    from ..loading import call_defaults
-
-    def step_ended(pipe, step: int, timestep, tensors: dict) -> dict:
-        on_step(step + 1)
-        return {}
+    from ..loading import call_defaults, call_pipeline
 
     pipe = model.pipe
     generator = torch.Generator(device="cpu").manual_seed(settings["seed"])
     video = {"output_type": "pil"} if makes_videos(pipe) else {}
     with model.lock, apply(pipe, *edits_for(settings), capture) as handle:
-        output = pipe(prompt=settings["prompt"], generator=generator, callback_on_step_end=step_ended if on_step else None,
-                      **{**call_defaults(pipe), **pipeline_kwargs(settings), **video})
+        output = call_pipeline(pipe, prompt=settings["prompt"], generator=generator, **step_callback(pipe, on_step),
+                               **{**call_defaults(pipe), **pipeline_kwargs(settings), **video})
         return pipeline_output(pipe, output)[0], handle.maps
 
 
