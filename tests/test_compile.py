@@ -314,3 +314,41 @@ def test_a_direct_call_after_a_pipeline_call_reads_its_own_grid(flux_pipe):
             got = transformer(**call)[0]
     assert call["img_ids"].shape[0] == 64 and int(call["img_ids"][:, 1].max()) == 3  # 4×16 tokens
     assert (got - want).abs().max() == 0
+
+
+def test_text_patch_with_blocks_compiled_fullgraph_equals_eager():
+    """TextPatch's source rows (appended at the call, dropped after the last patched layer) through blocks
+    compiled with fullgraph=True: no graph break, the eager steps, no new graph on the next generation. The
+    source prompt is encoded at the call, outside the blocks."""
+    from torch._dynamo.utils import counters
+
+    from dit_attn.toy.configs import build_sd3_pipeline
+
+    pipe = build_sd3_pipeline(num_layers=3, num_heads=4, head_dim=8)
+    pipe.set_progress_bar_config(disable=True)
+
+    def steps():
+        with CallRecorder(pipe) as rec:
+            sd3_call(pipe, steps=2)
+        return rec.steps
+
+    stock = steps()
+    with da.apply(pipe, da.TextPatch(layers=[1], source_prompt="a blue square")):
+        eager = steps()
+        torch._dynamo.reset()
+        counters.clear()
+        for block in pipe.transformer.transformer_blocks:
+            block.compile(fullgraph=True, backend="aot_eager")
+        try:
+            compiled = steps()
+            graphs = counters["stats"]["unique_graphs"]
+            again = steps()
+            assert counters["stats"]["unique_graphs"] == graphs
+            assert sum(counters["graph_break"].values()) == 0
+        finally:
+            torch._dynamo.reset()
+            for block in pipe.transformer.transformer_blocks:
+                block._compiled_call_impl = None
+    assert max((a - b).abs().max() for a, b in zip(eager, stock)) > 1e-4  # the patch changes the steps
+    for got in (compiled, again):
+        assert max((a - b).abs().max() for a, b in zip(got, eager)) < 1e-5
