@@ -359,17 +359,19 @@ def _block_inputs(pipe, run):
         hook.remove()
 
 
-@pytest.mark.parametrize("model,layers,cfg,heads", [
-    ("sd3", None, 1.0, None), ("sd3", (0, 1), 4.0, None), ("sd35", None, 4.0, None),  # SD3.5: dual attention, qk norm
-    ("sd3", None, 1.0, ["L1H2"]),  # with HeadGuidance: its perturbed copies carry the negative tokens too
+@pytest.mark.parametrize("model,layers,cfg,others", [
+    ("sd3", None, 1.0, ()), ("sd3", (0, 1), 4.0, ()), ("sd35", None, 4.0, ()),  # SD3.5: dual attention, qk norm
+    # with HeadGuidance its perturbed copies carry the negative tokens too; LocalAttention windows both calls
+    # (radius 1 on the 2×2 grid: each image query keeps only its own image key)
+    ("sd3", None, 1.0, (da.HeadGuidance(heads=["L1H2"], scale=2.0), da.LocalAttention(radius=1, layers=[0, 2]))),
 ])
-def test_token_path_equals_row_path(model, layers, cfg, heads, request, monkeypatch):
+def test_token_path_equals_row_path(model, layers, cfg, others, request, monkeypatch):
     """NAG with the negative text as extra tokens of each row (SD3's default for layers 0…k) gives the
     row path's steps; its calls keep the stock rows and carry twice the text."""
     from dit_attn.hooks import nag_tokens
 
     pipe = request.getfixturevalue(f"{model}_pipe")
-    edits = [da.NAG(NEGATIVE, layers=layers, **SETTINGS)] + ([da.HeadGuidance(heads=heads, scale=2.0)] if heads else [])
+    edits = [da.NAG(NEGATIVE, layers=layers, **SETTINGS), *others]
 
     def run():
         with CallRecorder(pipe) as rec, da.apply(pipe, *edits):
