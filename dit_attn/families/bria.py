@@ -35,6 +35,11 @@ class Bria(Flux):
     attention_processors = OvisImage.attention_processors  # each module's `processor`, both block lists
     set_processors = OvisImage.set_processors
 
+    def processor_for(self, key: str, layer: int, state):
+        from ..processors.flux import BriaProcessor
+
+        return BriaProcessor(layer, state)
+
     def conditional_rows(self, pipe, batch: int, call: dict, context: str | None):
         """With CFG the call is [uncond ; cond]: the second half is conditional."""
         if pipe.do_classifier_free_guidance:

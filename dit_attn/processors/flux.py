@@ -58,6 +58,10 @@ class FluxLayoutProcessor(DispatchingProcessor):
 class FluxAttnProcessor(FluxLayoutProcessor):
     """One instance per attention module; `layer` numbers single blocks after double blocks."""
 
+    # FLUX.1's stock processor makes the split outputs contiguous before `to_out`; in bfloat16 the GEMM of a
+    # strided input rounds differently, so a model whose stock processor does not (Bria) sets this False
+    contiguous_outputs = True
+
     def __call__(
         self,
         attn,
@@ -86,11 +90,19 @@ class FluxAttnProcessor(FluxLayoutProcessor):
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
                 [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
             )
-            hidden_states = attn.to_out[0](hidden_states.contiguous())
+            if self.contiguous_outputs:
+                hidden_states, encoder_hidden_states = hidden_states.contiguous(), encoder_hidden_states.contiguous()
+            hidden_states = attn.to_out[0](hidden_states)
             hidden_states = attn.to_out[1](hidden_states)
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
             return (hidden_states, encoder_hidden_states), image_query
         return hidden_states, None
+
+
+class BriaProcessor(FluxAttnProcessor):
+    """FLUX.1's processor for Bria 3.2, whose stock processor hands `to_out` the split outputs as they are."""
+
+    contiguous_outputs = False
 
 
 class FluxIPAdapterProcessor(FluxAttnProcessor, FluxIPAdapterAttnProcessor):
