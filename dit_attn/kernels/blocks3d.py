@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import torch
 
-from .window import in_window_3d
+from .window import in_window_3d, reach
 
 TILE_3D = (2, 8, 8)  # 128 cells: one 128-token block per tile away from the borders
 
@@ -32,8 +32,6 @@ def video_tile_order(grid: tuple[int, int, int], tile: tuple[int, int, int] = TI
 
 def offset_reaches(grid: tuple[int, int, int], radius: tuple[float, float, float]) -> tuple[int, int, int]:
     """Per axis the largest |offset| a pair of the grid can have that the radius can allow."""
-    from .window import reach
-
     return tuple(min(reach(r), n - 1) for r, n in zip(radius, grid))
 
 

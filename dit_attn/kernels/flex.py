@@ -110,7 +110,7 @@ def _flex(q, k, v, block_mask, scale):
 
 def flex_local_attention(q, k, v, plan: AttentionPlan, scale: float | None = None) -> torch.Tensor:
     """(B, H, S, D) → (B, H, S, D): the plan's local window with flex_attention, then its perturbations."""
-    window: LocalWindow = plan.window
+    window: LocalWindow | LocalWindow3D = plan.window
     scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     seq = q.shape[-2]
     image = plan.image_slice(seq)
