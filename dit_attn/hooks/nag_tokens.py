@@ -33,14 +33,14 @@ class NAGTokens:
 
     text_len: int  # positive text tokens of each row; the negative ones follow them
     temb: torch.Tensor  # (call rows, D) the time-text embedding with the negative pooled projection
-    rows: torch.Tensor  # the call rows NAG guides (the conditional rows)
     end: int  # the first block without the negative tokens
+    # {first layer of a RowPlan stage (0 without a plan): its rows NAG guides}: the conditional rows and their
+    # perturbed copies, found before the blocks run (no data-dependent indexing inside them)
+    stage_rows: dict[int, torch.Tensor]
 
     def rows_of(self, stage) -> torch.Tensor:
-        """The rows of a RowPlan stage (None: the call's rows) that NAG guides, their perturbed copies included."""
-        if stage is None:
-            return self.rows
-        return torch.isin(stage.from_call, self.rows).nonzero().flatten()
+        """The rows NAG guides in a RowPlan stage (None: the call's rows)."""
+        return self.stage_rows[0 if stage is None else stage.layer]
 
 
 def carries_tokens(family, state: EditState) -> bool:
@@ -59,8 +59,10 @@ def nag_tokens_forward(hook, module, forward, call: dict, current, cond, patch):
     temb = module.time_text_embed(call["timestep"], patch.pooled[:1].to(pooled).expand(batch, -1))
     call = {**call, "encoder_hidden_states": torch.cat([text, negative], dim=1)}
     plan = plan_rows(batch, cond=cond, fork_layer=hook.guidance.fork_layer) if cond is not None else None
+    stages = plan.stages if plan is not None else ()
+    stage_rows = {stage.layer: torch.isin(stage.from_call, patch.targets).nonzero().flatten() for stage in stages}
     current.rows = plan
-    current.nag_tokens = NAGTokens(text.shape[1], temb, patch.targets, patch.patch_end)
+    current.nag_tokens = NAGTokens(text.shape[1], temb, patch.patch_end, stage_rows or {0: patch.targets})
     try:
         output = forward(**call)
     finally:

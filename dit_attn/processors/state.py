@@ -194,7 +194,9 @@ class EditState:
     guided_edits: dict[int, LayerEdit] = field(default_factory=dict)  # perturbed rows of a guided call
     patch_layers: frozenset[int] = frozenset()  # layers whose text keys/values a TextPatch replaces
     local: LocalSetting | None = None
-    nag: NAGSetting | None = None  # NAG's layers and settings (its negative rows are the stage's patch sources)
+    # NAG's layers and settings (its negative rows are the stage's patch sources, or its negative text rides as
+    # extra tokens: `hooks.nag_tokens`)
+    nag: NAGSetting | None = None
     local_backend: str = "auto"  # LocalAttention's backend choice, for calls with a window
     capture: object | None = None  # a Capture's recorder (`dit_attn.capture.recorder`): gets each attention call's q, k
     # layers where the source rows take their target rows' image q/k/v as NAG's do (a concept Capture's concept rows)
