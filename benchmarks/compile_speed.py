@@ -2,7 +2,7 @@
 
 Every block is compiled with `fullgraph=True` (diffusers' regional compilation, as
 `compile_repeated_blocks` does; the inductor backend, this machine's C++ compiler), after the edit is
-applied. Each configuration is warmed up (compiled) by one generation, then timed as the best of
+applied, with `torch._dynamo.config.recompile_limit` raised to twice the number of blocks. Each configuration is warmed up (compiled) by one generation, then timed as the best of
 `--repeats` generations of `--steps` steps (latents out, so the VAE is not timed).
 
 Models: the embedded tiny model (7 layers, 64 px) and a 12-layer config-built SD3 (4 heads × 32, 64 px).
@@ -43,6 +43,9 @@ def model(name: str):
 
 
 def compile_blocks(transformer) -> None:
+    # dit-attn's processors know their layer, so each edited block compiles its own graph (stock: one per block
+    # kind); the limit must cover the number of blocks or fullgraph=True raises at the ninth
+    dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 2 * len(transformer.transformer_blocks))
     for block in transformer.transformer_blocks:
         block.compile(fullgraph=True)
 
