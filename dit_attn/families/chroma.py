@@ -3,7 +3,8 @@ layout (double blocks, then single blocks; [text ; image]; 2×2-packed latents w
 without pooled text or guidance inputs. Its pipelines always pass an attention mask over the text
 padding, which the blocks turn into a float 0/1 mask *added* to the logits (stock behaviour the
 processors keep); CFG is a second call with the negative prompt, without cache contexts. A text
-edit's source rows carry their own prompt's mask.
+edit's source rows carry their own prompt's mask. `ChromaInpaintPipeline` (diffusers 0.42.1) reads
+`transformer.config.guidance_embeds`, which Chroma's config lacks: it runs once that is set (to False).
 
 Chroma's weights differ from FLUX.1's: `flux:*` presets are refused here (a different family).
 """
@@ -19,7 +20,7 @@ class Chroma(Flux):
     name = "chroma"
     transformer_classes = ("ChromaTransformer2DModel",)
     stock_processors = ("FluxAttnProcessor",)
-    guided_pipelines = ("ChromaPipeline", "ChromaImg2ImgPipeline")
+    guided_pipelines = ("ChromaPipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline")
     rows = CallRows(
         call_args=("hidden_states", "encoder_hidden_states", "timestep", "attention_mask"),
         block_stream_args=("hidden_states", "encoder_hidden_states", "x"),  # "x": norm_out's input

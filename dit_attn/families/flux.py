@@ -109,7 +109,7 @@ class Flux(Family):
     transformer_classes = ("FluxTransformer2DModel",)
     stock_processors = ("FluxAttnProcessor",)
     ip_adapter_processors = ("FluxIPAdapterAttnProcessor",)
-    guided_pipelines = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxKontextPipeline")
+    guided_pipelines = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxKontextPipeline")
     rows = CallRows(
         call_args=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance"),
         block_stream_args=("hidden_states", "encoder_hidden_states", "x"),  # "x": norm_out's input

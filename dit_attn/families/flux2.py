@@ -65,7 +65,7 @@ class Flux2(Family):
     # (without kv_cache_mode they compute exactly what the plain ones do)
     stock_processors = ("Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor",
                         "Flux2KVAttnProcessor", "Flux2KVParallelSelfAttnProcessor")
-    guided_pipelines = ("Flux2Pipeline", "Flux2KleinPipeline")
+    guided_pipelines = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinInpaintPipeline")
     rows = CallRows(
         call_args=("hidden_states", "encoder_hidden_states", "timestep", "guidance"),
         block_stream_args=("hidden_states", "encoder_hidden_states", "x"),  # "x": norm_out's input

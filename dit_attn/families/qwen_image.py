@@ -56,7 +56,8 @@ class QwenImage(Family):
     name = "qwen_image"
     transformer_classes = ("QwenImageTransformer2DModel",)
     stock_processors = ("QwenDoubleStreamAttnProcessor2_0",)
-    guided_pipelines = ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageEditPipeline")
+    guided_pipelines = ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline",
+                        "QwenImageEditPipeline")
     rows = CallRows(
         call_args=("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "guidance",
                    "additional_t_cond"),

@@ -43,7 +43,7 @@ class ZImage(Family):
     name = "z_image"
     transformer_classes = ("ZImageTransformer2DModel",)
     stock_processors = ("ZSingleStreamAttnProcessor",)
-    guided_pipelines = ("ZImagePipeline", "ZImageImg2ImgPipeline")
+    guided_pipelines = ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline")
     rows = CallRows(
         call_args=("x", "t", "cap_feats"),
         block_stream_args=(),
