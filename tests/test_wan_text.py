@@ -186,11 +186,3 @@ def test_text_guard_patches_quoted_words_only(wan_pipe):
     assert len(rec.calls) == 8
     assert (guarded - stock[quoted]).abs().max() > 1e-3
     assert (guarded - patched).abs().max() < 1e-6
-
-
-def test_localize_and_edit_text_refuse_video_pipelines_clearly():
-    pipe = build_wan_pipeline()
-    with pytest.raises(NotImplementedError, match="localize scores images; WanPipeline makes videos"):
-        da.localize(pipe, [('a sign reading "A"', 'a sign reading "B"')])
-    with pytest.raises(NotImplementedError, match="edit_text scores images; WanPipeline makes videos"):
-        da.edit_text(pipe, 'a sign reading "A"', "B", layers=[0])

@@ -39,17 +39,30 @@ def make_score(name: str):
 
 
 def pipeline_options(args) -> dict:
-    """num_inference_steps, guidance_scale, height, width (None: the model's) and max_sequence_length if given."""
-    extra = {} if args.max_sequence_length is None else {"max_sequence_length": args.max_sequence_length}
+    """num_inference_steps, guidance_scale, height, width (None: the model's), and max_sequence_length and a
+    video's num_frames if given."""
+    extra = {name: getattr(args, name) for name in ("max_sequence_length", "num_frames") if getattr(args, name) is not None}
     return {**call_settings(args), **extra}
+
+
+def check_video_flags(args, pipe) -> None:
+    """--num-frames, --fps and --video-format only for a video model."""
+    from ..localization.localize import makes_videos
+
+    given = [flag for flag, value in (("--num-frames", args.num_frames), ("--fps", getattr(args, "fps", None)),
+                                      ("--video-format", getattr(args, "video_format", None))) if value is not None]
+    if given and not makes_videos(pipe):
+        raise ValueError(f"{', '.join(given)}: for video models; {type(pipe).__name__} makes images")
 
 
 def check_localization_flags(args) -> None:
     """The numbers and the output folder of `localize`/`edit-text`, before a model loads."""
-    from ..limits import number, whole_number
+    from ..limits import check_fps, check_frames, number, whole_number
 
     check_call_flags(args)
     number("--start", args.start, 0, 1)
+    if args.num_frames is not None:
+        check_frames(args.num_frames, "--num-frames")
     if args.command == "localize":
         check_seeds("--seeds", args.seeds)
         whole_number("--signs", args.signs, 0)
@@ -58,6 +71,12 @@ def check_localization_flags(args) -> None:
         check_seeds("--seed", [args.seed])
         check_prompt("the prompt", args.prompt)
         check_prompt("--text", args.text)
+        if args.fps is not None:
+            check_fps(args.fps, "--fps")
+        if args.video_format is not None:
+            from ..video import check_video_format
+
+            check_video_format(args.video_format, "--video-format")
     check_out_dir("--out", args.out)
 
 
@@ -78,6 +97,7 @@ def cmd_localize(args) -> int:
     layers = parse_layer_groups(args.layers) if args.layers else None
     score = make_score(args.score)
     pipe = load(args)
+    check_video_flags(args, pipe)
     result = localize(pipe, pairs, score=score, layers=layers, seeds=args.seeds, start=args.start, out=args.out,
                       **pipeline_options(args))
     top = result.top
@@ -94,19 +114,31 @@ def cmd_edit_text(args) -> int:
 
     from ..io import write_png_atomic
     from ..localization.editing import edit_text
+    from ..video import DEFAULT_FPS, check_video_format, write_video_atomic
 
     check_localization_flags(args)
     layers = [g[0] for g in parse_layer_groups(args.layers.replace("+", ","))]
     pipe = load(args)
+    check_video_flags(args, pipe)
     result = edit_text(pipe, args.prompt, args.text, layers=layers, start=args.start,
                        generator=torch.Generator(device="cpu").manual_seed(args.seed), **pipeline_options(args))
+    first = result.original[0] if result.is_video else result.original
     settings = {"prompt": result.prompt, "source_prompt": result.source_prompt, "layers": list(result.layers),
                 "start": result.start, "seed": result.seed, "num_inference_steps": args.num_inference_steps,
-                "guidance_scale": args.guidance_scale, "height": result.original.height, "width": result.original.width,
+                "guidance_scale": args.guidance_scale, "height": first.height, "width": first.width,
                 "model": args.model, "dtype": args.dtype}
+    outputs = (("original", result.original), ("edited", result.edited), ("side_by_side", result.side_by_side))
     os.makedirs(args.out, exist_ok=True)
-    for name, image in (("original", result.original), ("edited", result.edited), ("side_by_side", result.side_by_side)):
-        write_png_atomic(image, os.path.join(args.out, f"{name}.png"), {**settings, "image": name})
+    if result.is_video:
+        video_format = check_video_format(args.video_format, "--video-format")
+        fps = DEFAULT_FPS if args.fps is None else args.fps
+        settings.update(num_frames=len(result.original), fps=fps)
+        for name, frames in outputs:
+            write_video_atomic(frames, os.path.join(args.out, f"{name}.{video_format}"), {**settings, "video": name}, fps,
+                               video_format)
+    else:
+        for name, image in outputs:
+            write_png_atomic(image, os.path.join(args.out, f"{name}.png"), {**settings, "image": name})
     print(f"dit-attn edit-text: {result.source_prompt!r} patched into layers {list(result.layers)} "
           f"({result.seconds_edited:.2f}s edited vs {result.seconds_original:.2f}s original) -> {args.out}")
     return 0
@@ -117,6 +149,8 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     add_call_options(parser)
     parser.add_argument("--start", type=finite_float, default=0.0, help="patch from this fraction of the steps on")
     parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: the model's)")
+    parser.add_argument("--num-frames", "--frames", dest="num_frames", type=int, default=None,
+                        help="video models: frames per video (Wan: 4k + 1; default: the model's)")
 
 
 def add_commands(sub) -> None:
@@ -139,6 +173,10 @@ def add_commands(sub) -> None:
     edit.add_argument("--text", required=True, help="the new text for the quotes")
     edit.add_argument("--layers", required=True, help="the text layers, e.g. '3' or '3,4' (from dit-attn localize)")
     edit.add_argument("--seed", type=int, default=0)
-    edit.add_argument("--out", default="edit", help="directory for original.png, edited.png, side_by_side.png")
+    edit.add_argument("--fps", type=finite_float, default=None, help="video models: frames per second of the files (default 16)")
+    edit.add_argument("--video-format", default=None, choices=("mp4", "gif", "webp"),
+                      help="video models: the files' format (default: mp4 with imageio-ffmpeg installed, else gif)")
+    edit.add_argument("--out", default="edit", help="directory for original.png, edited.png, side_by_side.png (a video "
+                                                     "model: original, edited and side_by_side videos, each with its sidecar)")
     add_common(edit)
     edit.set_defaults(func=cmd_edit_text)

@@ -1,5 +1,5 @@
 """`localize`: patch each layer (or group) alone and rank the layers by how much the
-image shows the source prompt's text while staying close to the original."""
+image (or video) shows the source prompt's text while staying close to the original."""
 from __future__ import annotations
 
 import os
@@ -11,10 +11,10 @@ from tqdm.auto import tqdm
 from .. import limits
 from ..handle import apply, layers as layer_map
 from ..edits import TextPatch
-from ..families import check_image_pipeline
+from ..families import family_of
 from ..io import write_json_atomic, write_png_atomic
 from .output import bar_chart
-from .score import TextPair, as_pairs, components, judge_score
+from .score import TextPair, as_pairs, judge_score, score_outputs, ssim_score
 
 RESULT_JSON = "localization.json"
 RESULT_PNG = "localization.png"
@@ -44,8 +44,26 @@ def check_steps(num_inference_steps) -> None:
     limits.check_steps(num_inference_steps)
 
 
+def makes_videos(pipe) -> bool:
+    return family_of(pipe.transformer).makes_videos
+
+
+def check_output_size(pipe, height: int | None, width: int | None, num_frames: int | None) -> None:
+    """The image size, or for a video pipeline the video (frames and budget), before any allocation."""
+    if makes_videos(pipe):
+        limits.check_video_size(pipe, num_frames, height, width)
+    elif num_frames is not None:
+        raise ValueError(f"num_frames is for video pipelines; {type(pipe).__name__} makes images")
+
+
 def generate(pipe, prompt: str, seeds: list[int], num_inference_steps: int, **pipe_kwargs) -> torch.Tensor:
-    """One pipeline call for `prompt` at each seed: (len(seeds), 3, H, W) in [0, 1]."""
+    """One pipeline call for `prompt` at each seed: images (len(seeds), 3, H, W) or, from a video
+    pipeline, videos (len(seeds), F, 3, H, W), in [0, 1]. Videos are made one call per seed: HunyuanVideo
+    1.5's VAE decodes one video at a time (its attention mask does not broadcast over a batch)."""
+    if makes_videos(pipe):
+        return torch.cat([pipe(prompt=prompt, generator=torch.Generator(device="cpu").manual_seed(s),
+                               num_inference_steps=num_inference_steps, output_type="pt", **pipe_kwargs).frames.float().cpu()
+                          for s in seeds])
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
     out = pipe(prompt=[prompt] * len(seeds), generator=generators, num_inference_steps=num_inference_steps, output_type="pt",
                **pipe_kwargs)
@@ -70,10 +88,14 @@ def layer_groups(layers, n_layers: int) -> list[tuple[int, ...]]:
 
 def text_kv_parameters(transformer, layer: int) -> int:
     """Parameters of the projections a TextPatch replaces: add_k/add_v (joint and double
-    blocks) or to_k/to_v (FLUX single blocks, shared by text and image tokens)."""
+    blocks), to_k/to_v (FLUX single blocks, shared by text and image tokens) or, where the
+    layer is a self-attention (Wan's attn1), to_k/to_v of its block's cross-attention attn2."""
     info = layer_map(transformer)[layer]
-    attn = transformer.get_submodule(info.name)
-    modules = (attn.to_k, attn.to_v) if info.kind == "single" else (attn.add_k_proj, attn.add_v_proj)
+    if info.kind == "self":
+        attn = transformer.get_submodule(info.name.rsplit(".", 1)[0] + ".attn2")
+    else:
+        attn = transformer.get_submodule(info.name)
+    modules = (attn.to_k, attn.to_v) if info.kind in ("single", "self") else (attn.add_k_proj, attn.add_v_proj)
     return sum(p.numel() for m in modules for p in m.parameters())
 
 
@@ -139,23 +161,25 @@ class LocalizationResult:
 def localize(pipe, pairs, score=None, layers=None, seeds=(0,), num_inference_steps: int = 20,
              guidance_scale: float | None = None, height: int | None = None, width: int | None = None, start: float = 0.0,
              out: str | None = None, progress: bool = True, **pipe_kwargs) -> LocalizationResult:
-    """Patch each layer group alone with the source prompt of each pair and score the images.
+    """Patch each layer group alone with the source prompt of each pair and score the images
+    (a video pipeline: the videos, each frame against the unpatched video's frame, averaged).
 
     pairs: (prompt, source_prompt) tuples or TextPairs. score: `score(images, originals,
     pairs)` (see `dit_attn.localization.score`); default: judge glyph probability of the
-    source text × SSIM to the unpatched image. layers: None (every layer alone) or a list
+    source text × SSIM to the unpatched image, on a video pipeline SSIM alone (the judge
+    reads the embedded image model's signs). layers: None (every layer alone) or a list
     of layer indices / lists of indices. Each pair makes one unpatched and one patched
-    pipeline call per group, each with one row per seed. num_inference_steps, guidance_scale,
+    pipeline call per group, each with one row per seed (videos: one call per seed). num_inference_steps, guidance_scale,
     height, width: the pipeline call's (None: the pipeline's default); other pipe_kwargs go to
-    the pipeline too (e.g. max_sequence_length). The settings record the images' height and
-    width. With `out`, the result is saved there.
+    the pipeline too (e.g. max_sequence_length, a video's num_frames). The settings record the
+    images' height and width (and a video's num_frames). With `out`, the result is saved there.
     """
     from ..loading import call_defaults
 
     check_argument_names("localize", pipe_kwargs)
-    check_image_pipeline(pipe, "localize")
     limits.check_call(pipe, height=height, width=width, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale)
+    check_output_size(pipe, height, width, pipe_kwargs.get("num_frames"))
     pairs = as_pairs(pairs)
     pipe_kwargs = {**call_defaults(pipe), **pipe_kwargs, **call_options(guidance_scale, height, width)}
     transformer = pipe.transformer
@@ -165,22 +189,22 @@ def localize(pipe, pairs, score=None, layers=None, seeds=(0,), num_inference_ste
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ValueError(f"seeds must be a non-empty list of integers, got {seeds!r}")
     check_steps(num_inference_steps)
-    score = score or judge_score
+    score = score or (ssim_score if makes_videos(pipe) else judge_score)
     collected: list[list[dict[str, torch.Tensor]]] = [[] for _ in groups]
     baseline: list[dict[str, torch.Tensor]] = []
-    image_size: tuple[int, int] | None = None  # (height, width) of the images generated
+    drawn: torch.Size | None = None  # the shape of the images (or videos) generated
     bar = tqdm(total=len(pairs) * (1 + len(groups)), desc="localize", unit="gen", disable=not progress)
     try:
         for pair in pairs:
             row_pairs = [pair] * len(seeds)
             originals = generate(pipe, pair.prompt, seeds, num_inference_steps, **pipe_kwargs)
-            image_size = tuple(originals.shape[-2:])
-            baseline.append(components(score(originals, originals, row_pairs)))
+            drawn = originals.shape
+            baseline.append(score_outputs(score, originals, originals, row_pairs))
             bar.update(1)
             for g, group in enumerate(groups):
                 with apply(pipe, TextPatch(layers=group, source_prompt=pair.source_prompt, start=start)):
                     images = generate(pipe, pair.prompt, seeds, num_inference_steps, **pipe_kwargs)
-                collected[g].append(components(score(images, originals, row_pairs)))
+                collected[g].append(score_outputs(score, images, originals, row_pairs))
                 bar.update(1)
     finally:
         bar.close()
@@ -199,11 +223,13 @@ def localize(pipe, pairs, score=None, layers=None, seeds=(0,), num_inference_ste
         baseline={k: float(torch.cat([b[k] for b in baseline]).mean()) for k in baseline[0]},
         settings={
             "pairs": [asdict(p) for p in pairs], "seeds": seeds, "num_inference_steps": num_inference_steps,
-            "guidance_scale": pipe_kwargs.get("guidance_scale"), "height": image_size[0], "width": image_size[1],
+            "guidance_scale": pipe_kwargs.get("guidance_scale"), "height": drawn[-2], "width": drawn[-1],
+            **({"num_frames": drawn[1]} if len(drawn) == 5 else {}),
             "start": start, "score": getattr(score, "__name__", type(score).__name__), "model": type(transformer).__name__,
             "layers": n_layers,
             "pipeline_kwargs": {k: v for k, v in pipe_kwargs.items()
-                                if isinstance(v, (int, float, str)) and k not in ("guidance_scale", "height", "width")},
+                                if isinstance(v, (int, float, str))
+                                and k not in ("guidance_scale", "height", "width", "num_frames")},
         },
     )
     if out is not None:

@@ -2,7 +2,9 @@
 original? A score is a callable `score(images, originals, pairs)` with images and
 originals as (B, 3, H, W) float tensors in [0, 1] and one TextPair per image; it returns
 a (B,) tensor, or a dict of named (B,) components: the "score" entry is the score (without
-one, the components add up to it), the others are reported beside it.
+one, the components add up to it), the others are reported beside it. Videos (B, F, 3, H, W)
+are scored frame by frame against the same frame of the original, each component averaged
+over the frames (`score_outputs`).
 
 The built-in text scores multiply text evidence by SSIM: a layer must bring in the source
 text *and* keep the image. (On the tiny model a sum ranked the layers that change nothing
@@ -192,3 +194,16 @@ def components(result) -> dict[str, torch.Tensor]:
     if "score" not in parts:
         parts["score"] = sum(parts.values())
     return parts
+
+
+def score_outputs(score, outputs: torch.Tensor, originals: torch.Tensor, pairs: Sequence[TextPair]) -> dict[str, torch.Tensor]:
+    """`score` on images (B, 3, H, W), or on videos (B, F, 3, H, W) frame by frame (frame f against the
+    original's frame f, with the video's pair) and each component averaged over the frames: (B,) components."""
+    if outputs.ndim != 5:
+        return components(score(outputs, originals, pairs))
+    if outputs.shape != originals.shape:
+        raise ValueError(f"videos of shapes {tuple(outputs.shape)} and {tuple(originals.shape)} cannot be compared")
+    batch, frames = outputs.shape[:2]
+    frame_pairs = [pair for pair in pairs for _ in range(frames)]
+    per_frame = components(score(outputs.flatten(0, 1), originals.flatten(0, 1), frame_pairs))
+    return {name: value.view(batch, frames).mean(dim=1) for name, value in per_frame.items()}
