@@ -1,4 +1,4 @@
-"""`localize` and `edit_text` on video pipelines (Wan 2.1, HunyuanVideo 1.5): each video scored frame by
+"""`localize` and `edit_text` on video pipelines (Wan 2.1 / 2.2, HunyuanVideo 1.5): each video scored frame by
 frame against the unpatched video's frame, SSIM averaged over the frames; checked against stock runs with
 one TextPatch and an SSIM computed here frame by frame."""
 import json
@@ -10,7 +10,7 @@ import torch
 import dit_attn as da
 from dit_attn.localization import ssim
 from dit_attn.toy.hunyuan_video15 import HUNYUAN_VIDEO15_RUN, build_hunyuan_video15_pipeline
-from dit_attn.toy.wan import WAN_RUN, build_wan_pipeline
+from dit_attn.toy.wan import WAN_RUN, build_wan22_pipeline, build_wan_pipeline
 from dit_attn.video import read_video_frames, read_video_settings
 
 torch.set_num_threads(1)
@@ -21,6 +21,14 @@ STEPS = 2
 @pytest.fixture(scope="module")
 def wan():
     pipe = build_wan_pipeline(num_layers=2, num_heads=2, head_dim=12)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, dict(guidance_scale=3.0, **WAN_RUN)
+
+
+@pytest.fixture(scope="module")
+def wan22():
+    """Wan 2.2's two experts: a TextPatch patches the layer in both."""
+    pipe = build_wan22_pipeline()
     pipe.set_progress_bar_config(disable=True)
     return pipe, dict(guidance_scale=3.0, **WAN_RUN)
 
@@ -43,7 +51,7 @@ def frame_mean_ssim(video, reference) -> float:
     return sum(ssim(video[f:f + 1], reference[f:f + 1]).item() for f in range(len(video))) / len(video)
 
 
-@pytest.mark.parametrize("family", ["wan", "hunyuan"])
+@pytest.mark.parametrize("family", ["wan", "wan22", "hunyuan"])
 def test_localize_scores_each_layer_by_the_frame_mean_ssim_of_its_patched_video(family, request):
     pipe, run = request.getfixturevalue(family)
     result = da.localize(pipe, [(PROMPT, PROMPT), (PROMPT, OTHER)], layers=[0, 1], seeds=[0, 1],
@@ -108,10 +116,12 @@ def test_cli_writes_the_edited_videos_with_sidecars_and_the_ranking(wan_dir, wan
         assert {k: sidecar["settings"][k] for k in ("source_prompt", "seed", "num_frames", "video")} == \
             {"source_prompt": 'a sign that says "B"', "seed": 3, "num_frames": 5, "video": name}
     loc = tmp_path / "loc"
-    assert main(["localize", "--pair", PROMPT, OTHER, "--model", wan_dir, *CLI_RUN, "--score", "ssim",
-                 "--out", str(loc)]) == 0
+    assert main(["localize", "--pair", PROMPT, OTHER, "--model", wan_dir, *CLI_RUN, "--out", str(loc)]) == 0
     data = json.loads((loc / "localization.json").read_text())
-    assert sorted(data["ranking"]) == ["L0", "L1"] and data["settings"]["num_frames"] == 5
+    expected = da.localize(pipe, [(PROMPT, OTHER)], num_inference_steps=STEPS, progress=False, **run)
+    assert data["settings"]["score"] == "ssim_score" and data["settings"]["num_frames"] == 5
+    assert data["ranking"] == [s.label for s in expected.ranking]
+    assert [s["score"] for s in data["scores"]] == pytest.approx([s.score for s in expected.scores], abs=1e-6)
     assert (loc / "localization.png").exists()
 
 

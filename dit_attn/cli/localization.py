@@ -9,7 +9,8 @@ from .common import (DEMO, add_model_options, check_call_flags, check_input_file
                      finite_float, load)
 from .search import add_call_options, call_settings
 
-SCORES = "judge (glyph probability x SSIM), ssim, easyocr:DIR or trocr:DIR (OCR F1 x SSIM, local weights)"
+SCORES = ("judge (glyph probability x SSIM; the default on image models), ssim (the default on video models), "
+          "easyocr:DIR or trocr:DIR (OCR F1 x SSIM, local weights)")
 
 
 def read_pairs(path: str) -> list[tuple[str, str]]:
@@ -25,9 +26,12 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def make_score(name: str):
+def make_score(name: str | None):
+    """The score --score names (None: localize's default for the model)."""
     from ..localization.score import OCRScore, judge_score, ssim_score
 
+    if name is None:
+        return None
     if name == "judge":
         return judge_score
     if name == "ssim":
@@ -163,7 +167,7 @@ def add_commands(sub) -> None:
     loc.add_argument("--signs-seed", type=int, default=0)
     loc.add_argument("--layers", default=None, help="layers to patch, e.g. '0,3,5+6' (default: every layer alone)")
     loc.add_argument("--seeds", type=int, nargs="+", default=[0])
-    loc.add_argument("--score", default="judge", help=SCORES)
+    loc.add_argument("--score", default=None, help=SCORES)
     loc.add_argument("--out", default="localization", help="directory for localization.json and localization.png")
     add_common(loc)
     loc.set_defaults(func=cmd_localize)
