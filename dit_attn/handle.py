@@ -147,9 +147,6 @@ def _capture_recorder(pipe, family: Family, edits: tuple, layer_map: list[LayerI
         return None
     if len(captures) > 1:
         raise ValueError("give at most one Capture per apply")
-    if family.makes_videos and not family.video_capture:
-        raise NotImplementedError(f"Capture does not run on {family.name} models yet: its maps are on an image grid, "
-                                  "these calls are video (frames × height × width)")
     from .capture.recorder import CaptureRecorder
     from .capture.video import VideoCaptureRecorder
 

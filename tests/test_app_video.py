@@ -189,10 +189,10 @@ def test_app_maps_on_wan_are_animated_overlays_of_a_capture_run(client, dirs, st
         client.predict(*form(dirs["wan"]), "concept", "cat", "", "", None, None, True, api_name="/maps")
 
 
-def test_maps_tab_on_a_video_family_without_capture_is_one_readable_line(registry, dirs, tmp_path):
+def test_maps_tab_refuses_concept_maps_on_hunyuan_video15_in_one_readable_line(registry, dirs, tmp_path):
     maps = readable_errors(AppActions(registry, str(tmp_path)).maps)
-    with pytest.raises(gr.Error, match="^'?Capture does not run on hunyuan_video15 models yet"):
-        maps(*form(dirs["hv15"]), "cross", "red", "", "", None, None, True)
+    with pytest.raises(gr.Error, match="^'?kind concept does not run on video models"):
+        maps(*form(dirs["hv15"]), "concept", "cat", "", "", None, None, True)
     assert not os.listdir(tmp_path)
 
 

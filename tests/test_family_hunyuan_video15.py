@@ -256,8 +256,6 @@ def test_image_to_video_guided_step_equals_explicit():
 
 def test_row_count_guard_and_refusals(hv_pipe, monkeypatch):
     spec = family_of(hv_pipe.transformer)
-    with pytest.raises(NotImplementedError, match="Capture does not run on hunyuan_video15 models yet"):
-        da.apply(hv_pipe, da.Capture(tokens=("red",)))
     with pytest.raises(ValueError, match=r"video grid .* needs radius=\(frames, height, width\)"):
         with da.apply(hv_pipe, da.LocalAttention(radius=2.0, layers=[1])):
             hv_call(hv_pipe)

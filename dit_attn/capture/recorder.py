@@ -91,6 +91,9 @@ class CaptureRecorder:
         """The concept rows' controller and each concept's text positions in those rows."""
         from .concept import ConceptRows, concept_prompt
 
+        if family.makes_videos:
+            raise NotImplementedError("Capture(kind='concept') does not run on video models yet: give kind='cross' "
+                                      "(text words or token indices) or kind='self' (video locations)")
         if not family.nag or family.text_edits_unsupported:
             raise NotImplementedError(f"Capture(kind='concept') does not run on {family.name} models yet: its processors "
                                       "do not share image tokens across rows")
@@ -283,20 +286,24 @@ class CaptureRecorder:
             return torch.arange(0, start)
         return torch.cat([torch.arange(0, start), torch.arange(stop, seq_len)])
 
-    def _locations(self, grid: tuple[int, int]) -> torch.Tensor:
-        rows, cols = grid
+    def _locations(self, grid: tuple[int, ...]) -> torch.Tensor:
+        """The chosen cells of the call's (rows, cols) or (frames, rows, cols) grid, as flat indices."""
+        axes = ("frame", "row", "col") if len(grid) == 3 else ("row", "col")
+        cell, sizes = f"({', '.join(axes)})", "×".join(map(str, grid))
+        what = "video-token" if len(grid) == 3 else "token"
         flat = []
         for t in self.edit.tokens:
             if isinstance(t, tuple):
-                if len(t) != 2:
-                    raise ValueError(f"Capture location {t} is not a (row, col) cell of this call's {rows}×{cols} token grid")
-                if t[0] >= rows or t[1] >= cols:
-                    raise ValueError(f"Capture location {t} is outside the {rows}×{cols} token grid (rows 0-{rows - 1}, "
-                                     f"columns 0-{cols - 1})")
-                flat.append(t[0] * cols + t[1])
+                if len(t) != len(grid):
+                    raise ValueError(f"Capture location {t} is not a {cell} cell of this call's {sizes} {what} grid")
+                if any(v >= n for v, n in zip(t, grid)):
+                    ranges = ", ".join(f"{a} 0-{n - 1}" for a, n in zip(("frames", "rows", "columns")[-len(grid):], grid))
+                    raise ValueError(f"Capture location {t} is outside the {sizes} {what} grid ({ranges})")
+                flat.append(sum(v * math.prod(grid[i + 1:]) for i, v in enumerate(t)))
             else:
-                if t >= rows * cols:
-                    raise ValueError(f"Capture location {t} is outside the {rows}×{cols} token grid (flat indices 0-{rows * cols - 1})")
+                if t >= math.prod(grid):
+                    raise ValueError(f"Capture location {t} is outside the {sizes} {what} grid "
+                                     f"(flat indices 0-{math.prod(grid) - 1})")
                 flat.append(t)
         return torch.tensor(flat, dtype=torch.long)
 
@@ -329,7 +336,7 @@ class CaptureRecorder:
     def labels(self) -> tuple[str, ...]:
         tokens = self.edit.tokens
         if self.edit.kind == "self":
-            return tuple(f"{t[0]},{t[1]}" if isinstance(t, tuple) else f"i{t}" for t in tokens)
+            return tuple(",".join(map(str, t)) if isinstance(t, tuple) else f"i{t}" for t in tokens)
         if self.edit.kind == "concept":
             return tuple(tokens)
         if tokens is None:

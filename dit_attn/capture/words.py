@@ -2,10 +2,14 @@
 
 SD3, FLUX.1, Chroma and Wan: the stream is their tokenizers' outputs one after another (SD3 [CLIP,
 padded to the pipeline's `tokenizer_max_length` ; T5], FLUX.1, Chroma and Wan's cross-attention [T5]);
-a word is found by its own token ids inside the prompt's ids. Qwen-Image, HunyuanImage 2.1, Z-Image and FLUX.2 [klein] wrap the
-prompt in a template (a system prompt whose first tokens are dropped, or a chat template) and tokenize
+a word is found by its own token ids inside the prompt's ids. Qwen-Image, HunyuanImage 2.1, Z-Image,
+FLUX.2 [klein] and HunyuanVideo 1.5 wrap the prompt in a template (a system prompt whose first tokens are
+dropped, or a chat template) and tokenize
 the whole text: a word owns the tokens whose characters overlap the word's characters in the prompt.
 A word split into several tokens owns all of them.
+HunyuanImage 2.1 and HunyuanVideo 1.5 reorder each row's context by its masks: the valid image-context tokens
+(image-to-video), then the valid ByT5 glyph tokens, then the valid Qwen tokens; a word's positions are its
+Qwen tokens' positions there (the glyph copy of a quoted word is not looked up).
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ def _occurrences(ids: list[int], piece: list[int]) -> list[int]:
 
 
 _PUNCTUATION = ".,;:!?\"'()"
-TEMPLATED = ("qwen_image", "hunyuan_image", "z_image", "flux2")
+TEMPLATED = ("qwen_image", "hunyuan_image", "z_image", "flux2", "hunyuan_video15")
 
 
 def prompt_words(prompt: str) -> list[str]:
@@ -112,8 +116,14 @@ def _template_text(pipe, family_name: str, prompt: str) -> tuple[str, int, int, 
         if template is None or template.count("{}") != 1 or "<|vision_start|>" in template:
             raise ValueError(f"Capture cannot find words in {type(pipe).__name__} prompts (its template holds images); "
                              "give text-token indices instead")
-        ahead = _glyph_tokens(pipe, prompt) if family_name == "hunyuan_image" else 0
+        ahead = _glyph_tokens(pipe, family_name, prompt) if family_name == "hunyuan_image" else 0
         return (template.format(prompt), template.index("{}"), pipe.prompt_template_encode_start_idx, ahead,
+                pipe.tokenizer_max_length)
+    if family_name == "hunyuan_video15":
+        messages = [{"role": "system", "content": pipe.system_message}, {"role": "user", "content": prompt}]
+        text = pipe.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        images = pipe.vision_num_semantic_tokens if getattr(pipe, "image_encoder", None) is not None else 0
+        return (text, text.rindex(prompt), pipe.prompt_template_encode_start_idx, images + _glyph_tokens(pipe, family_name, prompt),
                 pipe.tokenizer_max_length)
     if family_name == "flux2" and not hasattr(pipe, "_get_qwen3_prompt_embeds"):
         raise ValueError(f"Capture finds words on FLUX.2 [klein] (Qwen3 chat template), not in {type(pipe).__name__} "
@@ -124,11 +134,15 @@ def _template_text(pipe, family_name: str, prompt: str) -> tuple[str, int, int, 
     return text, text.rindex(prompt), 0, 0, None
 
 
-def _glyph_tokens(pipe, prompt: str) -> int:
-    """HunyuanImage puts the glyph encoder's valid tokens (quoted text of the prompt) ahead of the prompt's."""
-    from diffusers.pipelines.hunyuan_image.pipeline_hunyuanimage import extract_glyph_text
+def _glyph_tokens(pipe, family_name: str, prompt: str) -> int:
+    """HunyuanImage and HunyuanVideo 1.5 put the glyph encoder's valid tokens (quoted text of the prompt) ahead
+    of the prompt's."""
+    if family_name == "hunyuan_video15":
+        from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import extract_glyph_texts as extract
+    else:
+        from diffusers.pipelines.hunyuan_image.pipeline_hunyuanimage import extract_glyph_text as extract
 
-    glyph = extract_glyph_text(prompt)
+    glyph = extract(prompt)
     if glyph is None or getattr(pipe, "tokenizer_2", None) is None:
         return 0
     ids = pipe.tokenizer_2(glyph, padding="max_length", max_length=pipe.tokenizer_2_max_length, truncation=True,

@@ -51,6 +51,7 @@ class HunyuanVideo15(Family):
     text_first = False
     widen_at_call = True
     makes_videos = True
+    video_capture = False  # Capture: the joint recorder (cross and self maps from the [video ; context] attention)
     rotary = False  # a `rope` module of (cos, sin) tables, not a `pos_embed` with `theta`
     nag = True
 
