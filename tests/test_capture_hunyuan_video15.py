@@ -5,10 +5,12 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 
 import dit_attn as da
 from dit_attn.processors import dispatch as dispatch_module
-from dit_attn.toy.hunyuan_video15 import HUNYUAN_VIDEO15_RUN, build_hunyuan_video15_pipeline
+from dit_attn.toy.hunyuan_video15 import (HUNYUAN_VIDEO15_RUN, build_hunyuan_video15_i2v_pipeline,
+                                          build_hunyuan_video15_pipeline)
 
 torch.set_num_threads(1)
 PROMPTS = ["a red circle", "a blue square cat"]
@@ -26,6 +28,7 @@ def pipe():
 
 def run(pipe, prompt="a red circle", steps=2, **kwargs):
     args = dict(num_inference_steps=steps, output_type="latent", **HUNYUAN_VIDEO15_RUN) | kwargs
+    args = {name: value for name, value in args.items() if value is not None}  # None: the argument is not passed
     return pipe(prompt=prompt, generator=torch.Generator().manual_seed(0), **args).frames
 
 
@@ -83,32 +86,52 @@ def test_cross_maps_with_cfg_batch_2_per_step_and_their_mean(pipe, monkeypatch):
         assert (handle.maps.maps - result.maps.mean(dim=0)).abs().max() < 1e-6
 
 
-def test_words_are_their_qwen_tokens_after_the_glyph_tokens(pipe):
-    """The model puts each row's valid ByT5 glyph tokens ahead of its valid Qwen tokens; the quoted word makes
-    glyph tokens in the second prompt only, so the same word sits at different context positions."""
-    prompts = ["a red square cat", 'a sign "hi" square cat']
-    _, qwen_mask, _, glyph_mask = pipe.encode_prompt(prompt=prompts, batch_size=2, num_videos_per_prompt=1)
+def word_columns(pipe, prompts, words, images=0):
+    """Each row's context positions of `words` (one token each), from the pipeline's own masks and token ids: the
+    model's context is [valid image-context ; valid ByT5 ; valid Qwen ; padding] per row."""
+    _, qwen_mask, _, glyph_mask = pipe.encode_prompt(prompt=prompts, batch_size=len(prompts), num_videos_per_prompt=1)
     crop = pipe.prompt_template_encode_start_idx
     columns = []
     for r, prompt in enumerate(prompts):
         messages = [{"role": "system", "content": pipe.system_message}, {"role": "user", "content": prompt}]
-        ids = pipe.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"][crop:]
-        ids = ids[:int(qwen_mask[r].sum())]
-        glyphs = int(glyph_mask[r].sum())
-        columns.append([glyphs + ids.index(pipe.tokenizer(w, add_special_tokens=False)["input_ids"][0])
-                        for w in (" square", " cat")])
-    assert int(glyph_mask[0].sum()) == 0 < int(glyph_mask[1].sum()) and columns[0] != columns[1]
+        ids = pipe.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+        ids = ids[crop:][:int(qwen_mask[r].sum())]
+        ahead = images + int(glyph_mask[r].sum())
+        columns.append([ahead + ids.index(pipe.tokenizer(" " + w, add_special_tokens=False)["input_ids"][0])
+                        for w in words])
+    return columns, glyph_mask.sum(dim=1)
+
+
+def check_words(pipe, prompts, columns, **kwargs):
     with da.apply(pipe, da.Capture(kind="cross", tokens=["square", "cat"], layers=[1], steps=[0])) as handle:
-        run(pipe, prompts, steps=1)
+        run(pipe, prompts, steps=1, **kwargs)
         words = handle.maps
     assert words.tokens == ("square", "cat")
-    for r in range(2):
+    for r in range(len(prompts)):
         with da.apply(pipe, da.Capture(kind="cross", tokens=columns[r], layers=[1], steps=[0])) as handle:
-            run(pipe, prompts, steps=1)
+            run(pipe, prompts, steps=1, **kwargs)
             assert torch.equal(words.maps[r], handle.maps.maps[r]), r
+
+
+def test_words_are_their_qwen_tokens_after_the_glyph_tokens(pipe):
+    """The quoted word makes glyph tokens in the second prompt only, so the same word sits at different
+    context positions."""
+    prompts = ["a red square cat", 'a sign "hi" square cat']
+    columns, glyphs = word_columns(pipe, prompts, ["square", "cat"])
+    assert glyphs[0] == 0 < glyphs[1] and columns[0] != columns[1]
+    check_words(pipe, prompts, columns)
     with pytest.raises(ValueError, match="'dog' not in the prompt"):
         with da.apply(pipe, da.Capture(kind="cross", tokens=["dog"])):
             run(pipe, prompts, steps=1)
+
+
+def test_words_on_image_to_video_come_after_the_image_context():
+    pipe = build_hunyuan_video15_i2v_pipeline(num_layers=2, num_heads=2, head_dim=8, guidance_scale=1.0)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red square cat"]
+    columns, _ = word_columns(pipe, prompts, ["square", "cat"], images=pipe.vision_num_semantic_tokens)
+    image = Image.new("RGB", (16, 16), (200, 30, 30))
+    check_words(pipe, prompts, columns, image=image, height=None, width=None)
 
 
 def box_keep(radius):
