@@ -44,7 +44,7 @@ def stock_video(pipe, run, prompt=PROMPT, seed=0, edits=()):
     """(F, 3, H, W) in [0, 1] from the pipeline's own call, with `edits` applied."""
     generator = torch.Generator().manual_seed(seed)
     with da.apply(pipe, *edits) if edits else torch.no_grad():
-        return pipe(prompt, generator=generator, num_inference_steps=STEPS, output_type="pt", **run).frames[0].float()
+        return pipe(prompt=prompt, generator=generator, num_inference_steps=STEPS, output_type="pt", **run).frames[0].float()
 
 
 def frame_mean_ssim(video, reference) -> float:
@@ -156,3 +156,21 @@ def test_video_flags_on_an_image_model_and_bad_api_input(wan, tmp_path, capsys):
         da.edit_text(pipe, PROMPT, "B", layers=[0], num_inference_steps=1, **{**run, "num_frames": 6})
     with pytest.raises(ValueError, match=r"layers \[2\] do not exist: this model has layers 0-1"):
         da.localize(pipe, [(PROMPT, OTHER)], layers=[2], num_inference_steps=1, **run)
+
+
+def test_image_to_video_needs_its_image_and_then_scores_like_text_to_video():
+    from PIL import Image
+
+    from dit_attn.toy.wan import WAN_I2V_RUN, build_wan_i2v_pipeline
+
+    pipe = build_wan_i2v_pipeline(num_layers=2, num_heads=2, head_dim=12)
+    pipe.set_progress_bar_config(disable=True)
+    run = dict(guidance_scale=3.0, **WAN_I2V_RUN)
+    with pytest.raises(ValueError, match="WanImageToVideoPipeline makes a video from an input image: pass image="):
+        da.localize(pipe, [(PROMPT, OTHER)], num_inference_steps=1, **run)
+    with pytest.raises(ValueError, match="makes a video from an input image"):
+        da.edit_text(pipe, PROMPT, "B", layers=[0], num_inference_steps=1, **run)
+    run["image"] = Image.new("RGB", (32, 32), (200, 30, 30))
+    result = da.localize(pipe, [(PROMPT, OTHER)], layers=[1], num_inference_steps=STEPS, progress=False, **run)
+    patched = stock_video(pipe, run, edits=[da.TextPatch(layers=[1], source_prompt=OTHER)])
+    assert result.scores[0].samples == pytest.approx([frame_mean_ssim(patched, stock_video(pipe, run))], abs=1e-5)

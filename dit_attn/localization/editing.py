@@ -68,7 +68,7 @@ def edit_text(pipe, prompt: str, new_text: str, layers, start: float = 0.0, gene
         raise TypeError(f"generator must be one torch.Generator (or None: seed 0), got {type(generator).__name__}")
     check_steps(num_inference_steps)
     limits.check_call(pipe, height=height, width=width, guidance_scale=guidance_scale)
-    check_output_size(pipe, height, width, pipe_kwargs.get("num_frames"))
+    check_output_size(pipe, height, width, pipe_kwargs)
     pipe_kwargs = {**call_defaults(pipe), **pipe_kwargs, **call_options(guidance_scale, height, width)}
     if not isinstance(new_text, str) or not new_text.strip():
         raise ValueError(f"new_text must be a non-empty string, got {new_text!r}")

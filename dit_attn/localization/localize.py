@@ -48,10 +48,18 @@ def makes_videos(pipe) -> bool:
     return family_of(pipe.transformer).makes_videos
 
 
-def check_output_size(pipe, height: int | None, width: int | None, num_frames: int | None) -> None:
-    """The image size, or for a video pipeline the video (frames and budget), before any allocation."""
+def check_output_size(pipe, height: int | None, width: int | None, pipe_kwargs: dict) -> None:
+    """The image size, or for a video pipeline the video (frames and budget) and the input image an
+    image-to-video pipeline needs, before any allocation."""
+    import inspect
+
+    num_frames = pipe_kwargs.get("num_frames")
     if makes_videos(pipe):
         limits.check_video_size(pipe, num_frames, height, width)
+        image = inspect.signature(pipe.__call__).parameters.get("image")
+        if image is not None and image.default is inspect.Parameter.empty and pipe_kwargs.get("image") is None:
+            raise ValueError(f"{type(pipe).__name__} makes a video from an input image: pass image= (the Python API; "
+                             "the command line makes videos from text only)")
     elif num_frames is not None:
         raise ValueError(f"num_frames is for video pipelines; {type(pipe).__name__} makes images")
 
@@ -179,7 +187,7 @@ def localize(pipe, pairs, score=None, layers=None, seeds=(0,), num_inference_ste
     check_argument_names("localize", pipe_kwargs)
     limits.check_call(pipe, height=height, width=width, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale)
-    check_output_size(pipe, height, width, pipe_kwargs.get("num_frames"))
+    check_output_size(pipe, height, width, pipe_kwargs)
     pairs = as_pairs(pairs)
     pipe_kwargs = {**call_defaults(pipe), **pipe_kwargs, **call_options(guidance_scale, height, width)}
     transformer = pipe.transformer
