@@ -86,6 +86,23 @@ def test_cross_maps_with_cfg_batch_2_per_step_and_their_mean(pipe, monkeypatch):
         assert (handle.maps.maps - result.maps.mean(dim=0)).abs().max() < 1e-6
 
 
+def test_cross_maps_under_text_patch_use_the_source_rows_context(pipe, monkeypatch):
+    """At a patched layer the target row's video queries attend to its source row's context keys under that
+    row's key mask: the map is over those keys."""
+    spy = AttentionSpy(monkeypatch)
+    edits = (da.TextPatch(layers=[1], source_prompt='a sign "hi" square cat'), da.Capture(kind="cross", steps=[0]))
+    with da.apply(pipe, *edits) as handle:
+        run(pipe, steps=1)
+        result = handle.maps
+    for layer in range(LAYERS):
+        q, k, mask = spy.calls[layer]
+        assert q.shape[0] == 2  # the conditional row and its source row
+        assert torch.equal(k[0, :, VIDEO:], k[1, :, VIDEO:]) == (layer == 1)
+        assert torch.equal(mask[0, 0, 0, VIDEO:], mask[1, 0, 0, VIDEO:]) == (layer == 1)  # the source's glyph mask
+        expected = video_rows(q[:1], k[:1], mask[:1])[..., VIDEO:].permute(0, 1, 3, 2).unflatten(-1, GRID).float()
+        assert (result.maps[:, layer] - expected).abs().max() < 1e-6, layer
+
+
 def word_columns(pipe, prompts, words, images=0):
     """Each row's context positions of `words` (one token each), from the pipeline's own masks and token ids: the
     model's context is [valid image-context ; valid ByT5 ; valid Qwen ; padding] per row."""
