@@ -226,7 +226,7 @@ def test_maps_cli_self_kind_takes_frame_row_col_cells(dirs, stock, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--frames", "6"], r"num_frames must be 4k \+ 1 on this model"),
     (["--kind", "concept", "--words", "cat"], "--kind concept does not run on video models"),
-    (["--kind", "self", "--locations", "9,0,0"], r"not a \(frame, row, col\) cell of the 2×2×2 video-token grid"),
+    (["--kind", "self", "--locations", "9,0,0"], r"outside the 2×2×2 video-token grid \(frames 0-1"),
 ])
 def test_maps_cli_bad_video_input_is_one_line(dirs, tmp_path, capsys, flags, message):
     args = ["maps", PROMPT, "--model", dirs["wan"], "--steps", "1", "--size", "32", "--frames", "5", *flags]

@@ -166,7 +166,7 @@ def test_bad_input_and_two_experts():
     pipe.set_progress_bar_config(disable=True)
     with pytest.raises(NotImplementedError, match="kind='concept'\\) does not run on video models yet"):
         da.apply(pipe, da.Capture(kind="concept", tokens=["cat"]))
-    for tokens, message in [([(0, 0)], "not a \\(frame, row, col\\) cell of the 2×2×2 video-token grid"),
+    for tokens, message in [([(0, 0)], "not a \\(frame, row, col\\) cell of this call.s 2×2×2 video-token grid"),
                             ([(2, 0, 0)], "frames 0-1, rows 0-1, columns 0-1"), ([8], "flat indices 0-7")]:
         with pytest.raises(ValueError, match=message), da.apply(pipe, da.Capture(kind="self", tokens=tokens)):
             run(pipe, steps=1, size=WAN_RUN)
@@ -207,4 +207,10 @@ def test_overlay_frames_puts_each_latent_frames_map_on_its_frames():
         da.capture.overlay_frames(frames[:5], maps)
     with pytest.raises(ValueError, match="maps must be \\(frames, H, W\\)"):
         da.capture.overlay_frames(frames, maps[0])
+    # a VAE compressing 2 frames into one latent frame (HunyuanVideo 1.5's toy): latent j holds frames 2j-1, 2j
+    halved = da.capture.overlay_frames(frames[:5], maps, temporal_factor=2)
+    for i, latent in enumerate([0, 1, 1, 2, 2]):
+        assert halved[i].tobytes() == da.capture.overlay(frames[i], maps[latent]).tobytes()
+    with pytest.raises(ValueError, match="temporal_factor must be a whole number >= 1"):
+        da.capture.overlay_frames(frames, maps, temporal_factor=0)
 

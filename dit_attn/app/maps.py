@@ -66,11 +66,12 @@ def run_captured(model: LoadedModel, settings: dict, capture: Capture, on_step: 
         return pipeline_output(pipe, output)[0], handle.maps
 
 
-def write_maps(image, result, settings: dict, capture: Capture, directory: str, per_layer: bool):
+def write_maps(image, result, settings: dict, capture: Capture, directory: str, per_layer: bool,
+               temporal_factor: int = 1):
     """The image, one overlay per word (× layer when `per_layer`, else the mean over the layers; always the mean
     over the captured heads) and maps.json with every overlay's values: (image path, [(overlay path, caption)],
     maps.json path). A video (`image` its frames): the video and each overlay as animated WebPs, every value
-    per (frame, row, col) of the video-token grid."""
+    per (frame, row, col) of the video-token grid (`temporal_factor`: the pipeline's `vae_scale_factor_temporal`)."""
     from ..capture import overlay, overlay_frames
 
     videos = isinstance(image, list)
@@ -83,7 +84,8 @@ def write_maps(image, result, settings: dict, capture: Capture, directory: str, 
     for layer, per_token in groups:
         for ti, token in enumerate(result.tokens):
             caption = f"{token} · layer {layer}" if layer != "mean" else f"{token} · mean of layers"
-            drawn = (overlay_frames if videos else overlay)(image, per_token[ti])
+            drawn = (overlay_frames(image, per_token[ti], temporal_factor=temporal_factor) if videos
+                     else overlay(image, per_token[ti]))
             path = save(drawn, {**record, "image": caption}, directory, "map")
             gallery.append((path, caption))
             entries.append({"file": os.path.basename(path), "layer": layer, "token": token,

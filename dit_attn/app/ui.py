@@ -392,7 +392,8 @@ class AppActions:
         image, result = run_captured(model, settings, capture,
                                      on_step=lambda done: progress((done, steps), desc="denoising", unit="steps"))
         image_path, gallery, index = write_maps(image, result, self._drawn(model, settings, image), capture,
-                                                self.output_dir, per_layer)
+                                                self.output_dir, per_layer,
+                                                getattr(model.pipe, "vae_scale_factor_temporal", 1))
         return image_path, gallery, index
 
     def model_changed(self, model_choice):

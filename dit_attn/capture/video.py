@@ -61,42 +61,22 @@ class VideoCaptureRecorder(CaptureRecorder):
         out = torch.cat(pieces, dim=2)  # (R, heads, N, T)
         pending.layers[layer] = out.permute(0, 1, 3, 2).reshape(batch, n_heads, -1, *call.grid).float().cpu()
 
-    def _locations(self, grid: tuple[int, ...]) -> torch.Tensor:
-        if len(grid) != 3:
-            return super()._locations(grid)
-        frames, rows, cols = grid
-        flat = []
-        for t in self.edit.tokens:
-            if isinstance(t, tuple):
-                if len(t) != 3 or t[0] >= frames or t[1] >= rows or t[2] >= cols:
-                    raise ValueError(f"Capture location {t} is not a (frame, row, col) cell of the {frames}×{rows}×{cols} "
-                                     f"video-token grid (frames 0-{frames - 1}, rows 0-{rows - 1}, columns 0-{cols - 1})")
-                flat.append((t[0] * rows + t[1]) * cols + t[2])
-            else:
-                if t >= frames * rows * cols:
-                    raise ValueError(f"Capture location {t} is outside the {frames}×{rows}×{cols} video-token grid "
-                                     f"(flat indices 0-{frames * rows * cols - 1})")
-                flat.append(t)
-        return torch.tensor(flat, dtype=torch.long)
 
-    def labels(self) -> tuple[str, ...]:
-        if self.edit.kind == "self":
-            return tuple(",".join(map(str, t)) if isinstance(t, tuple) else f"i{t}" for t in self.edit.tokens)
-        return super().labels()
-
-
-def latent_frame(video_frame: int, latent_frames: int) -> int:
-    """The latent frame (of `latent_frames`) that holds decoded video frame `video_frame`."""
+def latent_frame(video_frame: int, latent_frames: int, temporal_factor: int = TEMPORAL_FACTOR) -> int:
+    """The latent frame (of `latent_frames`) that holds decoded video frame `video_frame`: latent 0 holds frame 0,
+    latent j the `temporal_factor` frames before frame j·temporal_factor + 1."""
     if video_frame < 0:
         raise ValueError(f"video_frame must be >= 0, got {video_frame}")
-    return min((video_frame + TEMPORAL_FACTOR - 1) // TEMPORAL_FACTOR, latent_frames - 1)
+    return min((video_frame + temporal_factor - 1) // temporal_factor, latent_frames - 1)
 
 
-def overlay_frames(frames, maps, alpha: float = 0.6, normalize: bool = True) -> list:
+def overlay_frames(frames, maps, alpha: float = 0.6, normalize: bool = True,
+                   temporal_factor: int = TEMPORAL_FACTOR) -> list:
     """Each decoded frame with its latent frame's map blended over it (`dit_attn.capture.overlay`).
 
     frames: the video as a list of PIL images (a pipeline's `.frames[0]` with output_type="pil");
-    maps: (F, H, W), one map per latent frame (e.g. `result.maps[row, layer, head, token]`).
+    maps: (F, H, W), one map per latent frame (e.g. `result.maps[row, layer, head, token]`);
+    temporal_factor: the VAE's temporal compression (`pipe.vae_scale_factor_temporal`; 4 for Wan and HunyuanVideo 1.5).
     """
     from PIL import Image
 
@@ -109,7 +89,10 @@ def overlay_frames(frames, maps, alpha: float = 0.6, normalize: bool = True) -> 
     if not frames or not all(isinstance(f, Image.Image) for f in frames):
         raise TypeError("frames must be a non-empty list of PIL images (the pipeline's output_type='pil' frames)")
     latent_frames = values.shape[0]
-    expected = (latent_frames - 1) * TEMPORAL_FACTOR + 1
+    if not isinstance(temporal_factor, int) or temporal_factor < 1:
+        raise ValueError(f"temporal_factor must be a whole number >= 1, got {temporal_factor!r}")
+    expected = (latent_frames - 1) * temporal_factor + 1
     if len(frames) != expected:
         raise ValueError(f"{latent_frames} latent frames decode to {expected} video frames, got {len(frames)}")
-    return [overlay(frame, values[latent_frame(i, latent_frames)], alpha, normalize) for i, frame in enumerate(frames)]
+    return [overlay(frame, values[latent_frame(i, latent_frames, temporal_factor)], alpha, normalize)
+            for i, frame in enumerate(frames)]

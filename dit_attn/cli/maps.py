@@ -66,7 +66,8 @@ def cmd_maps(args) -> int:
         write_video_atomic(image, os.path.join(args.out, image_name), record, fps, "webp")
 
         def write(drawn_map, name):
-            write_video_atomic(overlay_frames(image, drawn_map), os.path.join(args.out, name), record, fps, "webp")
+            drawn = overlay_frames(image, drawn_map, temporal_factor=pipe.vae_scale_factor_temporal)
+            write_video_atomic(drawn, os.path.join(args.out, name), record, fps, "webp")
     else:
         suffix, image_name = "png", "image.png"
         write_png_atomic(image, os.path.join(args.out, image_name), record)
