@@ -24,6 +24,7 @@ import triton.language as tl
 from ..blocks import reorder
 from ..window import LocalWindow
 from . import tuning
+from .online import online_softmax_step
 from .softpag import attend_range, blend_arguments, blend_epilogue, block_needs, launch_options
 from .sparsity import Sparsity, window_sparsity
 
@@ -60,14 +61,7 @@ def _visit(q, acc, m, l, k_ptr, v_ptr, stride_ks, stride_vs, kv_block, rows, row
     allowed = col_ok[None, :] & row_ok[:, None]
     if MASKED:
         allowed = allowed & window_rule(rows, cols, qy, qx, PosY, PosX, text, seq_q, r2)
-    scores = tl.where(allowed, scores, float("-inf"))
-    m_new = tl.maximum(m, tl.max(scores, axis=1))
-    safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp(scores - safe[:, None])
-    correction = tl.exp(m - safe)
-    l = l * correction + tl.sum(p, axis=1)
-    acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return acc, m_new, l
+    return online_softmax_step(scores, allowed, v, acc, m, l, PRECISION)
 
 
 @triton.jit

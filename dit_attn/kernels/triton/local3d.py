@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ..window import LocalWindow3D
+from .online import online_softmax_step
 from .softpag import launch_options
 from .sparsity import VideoSparsity, video_sparsity
 
@@ -51,14 +52,7 @@ def _video_visit(q, acc, m, l, k_ptr, v_ptr, stride_ks, stride_vs, kv_block, row
     allowed = col_ok[None, :] & row_ok[:, None]
     if MASKED:
         allowed = allowed & video_rule(rows, cols, qt, qy, qx, PosT, PosY, PosX, Table, text, seq, rt, ry, rx)
-    scores = tl.where(allowed, scores, float("-inf"))
-    m_new = tl.maximum(m, tl.max(scores, axis=1))
-    safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp(scores - safe[:, None])
-    correction = tl.exp(m - safe)
-    l = l * correction + tl.sum(p, axis=1)
-    acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return acc, m_new, l
+    return online_softmax_step(scores, allowed, v, acc, m, l, PRECISION)
 
 
 @triton.jit

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from . import tuning
+from .online import online_softmax_step
 
 # columns of `blend_weights` (kept attention, then the four targets) and rows of `target_means`;
 # constexpr so the kernels can read them (int() on the host)
@@ -58,14 +59,8 @@ def attend_range(q, k_ptr, v_ptr, stride_ks, stride_vs, lo, hi, scale,
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        scores = tl.where(col_ok[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        p = tl.exp(scores - m_new[:, None])
-        correction = tl.exp(m - m_new)
-        l = l * correction + tl.sum(p, axis=1)
         # half inputs: tensor cores with fp32 accumulation; fp32 inputs: exact ("ieee"), not tf32
-        acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        acc, m, l = online_softmax_step(scores, col_ok[None, :], v, acc, m, l, PRECISION)
     return m, l, acc
 
 
