@@ -16,6 +16,29 @@ from .dispatch import DispatchingProcessor
 from .state import POOL_MODULE
 
 
+def project_qkv(attn, states: torch.Tensor, q_proj, k_proj, v_proj, norm_q, norm_k):
+    """(B, S, H·D) states → q, k, v (B, S, H, D), q and k normed where the module has the norms."""
+    query = q_proj(states).unflatten(2, (attn.heads, -1))
+    key = k_proj(states).unflatten(2, (attn.heads, -1))
+    value = v_proj(states).unflatten(2, (attn.heads, -1))
+    if norm_q is not None:
+        query = norm_q(query)
+    if norm_k is not None:
+        key = norm_k(key)
+    return query, key, value
+
+
+def project_outputs(attn, hidden_states: torch.Tensor, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The joint output [image ; text] split and put through the module's output projections where it has them."""
+    hidden_states, encoder_hidden_states = hidden_states[:, :-text_len], hidden_states[:, -text_len:]
+    if getattr(attn, "to_out", None) is not None:
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+    if getattr(attn, "to_add_out", None) is not None:
+        encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+    return hidden_states, encoder_hidden_states
+
+
 class HunyuanImageAttnProcessor(DispatchingProcessor):
     """One instance per attention module; `layer` numbers single blocks after double blocks."""
 
@@ -32,13 +55,7 @@ class HunyuanImageAttnProcessor(DispatchingProcessor):
         if single:
             hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
 
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = project_qkv(attn, hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
 
         if image_rotary_emb is not None:
             if single:
@@ -60,13 +77,9 @@ class HunyuanImageAttnProcessor(DispatchingProcessor):
             attention_mask = self._patch_text_mask(attention_mask, text_len)
 
         if attn.add_q_proj is not None and encoder_hidden_states is not None:
-            encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            if attn.norm_added_q is not None:
-                encoder_query = attn.norm_added_q(encoder_query)
-            if attn.norm_added_k is not None:
-                encoder_key = attn.norm_added_k(encoder_key)
+            encoder_query, encoder_key, encoder_value = project_qkv(
+                attn, encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.norm_added_q,
+                attn.norm_added_k)
             encoder_key, encoder_value = self.state.patch_text(self.layer, encoder_key, encoder_value)
             query = torch.cat([query, encoder_query], dim=1)
             key = torch.cat([key, encoder_key], dim=1)
@@ -78,12 +91,7 @@ class HunyuanImageAttnProcessor(DispatchingProcessor):
         hidden_states = self.state.nag_guide(self.layer, hidden_states, slice(0, image_tokens))
 
         if encoder_hidden_states is not None:
-            hidden_states, encoder_hidden_states = hidden_states[:, :-text_len], hidden_states[:, -text_len:]
-            if getattr(attn, "to_out", None) is not None:
-                hidden_states = attn.to_out[0](hidden_states)
-                hidden_states = attn.to_out[1](hidden_states)
-            if getattr(attn, "to_add_out", None) is not None:
-                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+            hidden_states, encoder_hidden_states = project_outputs(attn, hidden_states, text_len)
         return hidden_states, encoder_hidden_states
 
     def _nag_image_inputs(self, image_tokens: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

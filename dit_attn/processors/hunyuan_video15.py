@@ -16,19 +16,8 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
 from .dispatch import DispatchingProcessor
+from .hunyuan_image import project_outputs, project_qkv
 from .state import POOL_MODULE
-
-
-def _project(attn, states: torch.Tensor, q_proj, k_proj, v_proj, norm_q, norm_k):
-    """(B, S, H·D) states → q, k, v (B, S, H, D), q and k normed."""
-    query = q_proj(states).unflatten(2, (attn.heads, -1))
-    key = k_proj(states).unflatten(2, (attn.heads, -1))
-    value = v_proj(states).unflatten(2, (attn.heads, -1))
-    if norm_q is not None:
-        query = norm_q(query)
-    if norm_k is not None:
-        key = norm_k(key)
-    return query, key, value
 
 
 class HunyuanVideo15AttnProcessor(DispatchingProcessor):
@@ -42,14 +31,14 @@ class HunyuanVideo15AttnProcessor(DispatchingProcessor):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        query, key, value = _project(attn, hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
+        query, key, value = project_qkv(attn, hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         video_tokens = query.shape[1]
         query, key, value = self.state.nag_image_inputs(self.layer, (query, key, value))
         if encoder_hidden_states is not None:
-            context_query, context_key, context_value = _project(
+            context_query, context_key, context_value = project_qkv(
                 attn, encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.norm_added_q,
                 attn.norm_added_k)
             context_key, context_value = self.state.patch_text(self.layer, context_key, context_value)
@@ -75,11 +64,5 @@ class HunyuanVideo15AttnProcessor(DispatchingProcessor):
         hidden_states = self.state.nag_guide(self.layer, hidden_states, slice(0, video_tokens))
 
         if encoder_hidden_states is not None:
-            context_len = encoder_hidden_states.shape[1]
-            hidden_states, encoder_hidden_states = hidden_states[:, :-context_len], hidden_states[:, -context_len:]
-            if getattr(attn, "to_out", None) is not None:
-                hidden_states = attn.to_out[0](hidden_states)
-                hidden_states = attn.to_out[1](hidden_states)
-            if getattr(attn, "to_add_out", None) is not None:
-                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+            hidden_states, encoder_hidden_states = project_outputs(attn, hidden_states, encoder_hidden_states.shape[1])
         return hidden_states, encoder_hidden_states
