@@ -24,7 +24,7 @@ import triton.language as tl
 from ..blocks import reorder
 from ..window import LocalWindow
 from . import tuning
-from .online import online_softmax_step
+from .online import key_block, online_softmax_step
 from .softpag import attend_range, blend_arguments, blend_epilogue, block_needs, launch_options
 from .sparsity import Sparsity, window_sparsity
 
@@ -49,15 +49,8 @@ def _visit(q, acc, m, l, k_ptr, v_ptr, stride_ks, stride_vs, kv_block, rows, row
            text, seq_q, seq_kv, r2, scale, MASKED: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
            UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """One key block of the online softmax (MASKED: apply the window rule pair by pair)."""
-    dims = tl.arange(0, HEAD_DIM)
-    cols = kv_block * BLOCK + tl.arange(0, BLOCK)
-    col_ok = cols < seq_kv
-    k = tl.load(k_ptr + cols[:, None] * stride_ks + dims[None, :], mask=col_ok[:, None], other=0.0)
-    v = tl.load(v_ptr + cols[:, None] * stride_vs + dims[None, :], mask=col_ok[:, None], other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    cols, col_ok, scores, v = key_block(q, k_ptr, v_ptr, stride_ks, stride_vs, kv_block * BLOCK, seq_kv, scale, BLOCK,
+                                        HEAD_DIM, UPCAST, PRECISION)
     allowed = col_ok[None, :] & row_ok[:, None]
     if MASKED:
         allowed = allowed & window_rule(rows, cols, qy, qx, PosY, PosX, text, seq_q, r2)

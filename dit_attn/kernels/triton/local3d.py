@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ..window import LocalWindow3D
-from .online import online_softmax_step
+from .online import key_block, online_softmax_step
 from .softpag import launch_options
 from .sparsity import VideoSparsity, video_sparsity
 
@@ -40,15 +40,8 @@ def video_rule(rows, cols, qt, qy, qx, PosT, PosY, PosX, Table, text, seq, rt, r
 def _video_visit(q, acc, m, l, k_ptr, v_ptr, stride_ks, stride_vs, kv_block, rows, row_ok, qt, qy, qx,
                  PosT, PosY, PosX, Table, text, seq, rt, ry, rx, scale, MASKED: tl.constexpr,
                  BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    dims = tl.arange(0, HEAD_DIM)
-    cols = kv_block * BLOCK + tl.arange(0, BLOCK)
-    col_ok = cols < seq
-    k = tl.load(k_ptr + cols[:, None] * stride_ks + dims[None, :], mask=col_ok[:, None], other=0.0)
-    v = tl.load(v_ptr + cols[:, None] * stride_vs + dims[None, :], mask=col_ok[:, None], other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    cols, col_ok, scores, v = key_block(q, k_ptr, v_ptr, stride_ks, stride_vs, kv_block * BLOCK, seq, scale, BLOCK,
+                                        HEAD_DIM, UPCAST, PRECISION)
     allowed = col_ok[None, :] & row_ok[:, None]
     if MASKED:
         allowed = allowed & video_rule(rows, cols, qt, qy, qx, PosT, PosY, PosX, Table, text, seq, rt, ry, rx)

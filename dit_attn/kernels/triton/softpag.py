@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .online import online_softmax_step
+from .online import key_block, online_softmax_step
 
 # columns of `blend_weights` (kept attention, then the four targets) and rows of `target_means`;
 # constexpr so the kernels can read them (int() on the host)
@@ -46,20 +46,12 @@ def attend_range(q, k_ptr, v_ptr, stride_ks, stride_vs, lo, hi, scale,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax of q against keys [lo, hi): running max, normaliser, unnormalised output."""
-    dims = tl.arange(0, HEAD_DIM)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for start in range(lo, hi, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < hi
-        k = tl.load(k_ptr + cols[:, None] * stride_ks + dims[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_ptr + cols[:, None] * stride_vs + dims[None, :], mask=col_ok[:, None], other=0.0)
-        if UPCAST:  # the interpreter's bf16 dot is wrong; fp32 inputs stay fp32 anyway
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        # half inputs: tensor cores with fp32 accumulation; fp32 inputs: exact ("ieee"), not tf32
+        cols, col_ok, scores, v = key_block(q, k_ptr, v_ptr, stride_ks, stride_vs, start, hi, scale, BLOCK_N, HEAD_DIM,
+                                            UPCAST, PRECISION)
         acc, m, l = online_softmax_step(scores, col_ok[None, :], v, acc, m, l, PRECISION)
     return m, l, acc
 
