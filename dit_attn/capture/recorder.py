@@ -21,7 +21,7 @@ from ..hooks.steps import denoising_step
 from ..kernels import masks
 from ..kernels.plan import Perturbation
 from .maps import chunks, edited_columns
-from .words import word_positions
+from .words import word_positions, words_from_encoder
 
 
 @dataclass
@@ -82,7 +82,8 @@ class CaptureRecorder:
         if edit.kind == "concept":
             self.concept_rows, self._concept_columns = self._concepts(pipe, family, edit.tokens)
         self.selector = CallSelector(pipe, family, "Capture")
-        self._wrap = None
+        self._wrap = self._encoder_wrap = None
+        self._encoder_awaited = False
         self._prompt_columns: list[list[list[int]]] | None = None  # per prompt, per word: text positions
         self._pending: _Pending | None = None
         self._reset()
@@ -103,7 +104,10 @@ class CaptureRecorder:
     def install(self) -> None:
         if not self.words:
             return
-        if callable(getattr(self.pipe, "check_inputs", None)):
+        if callable(getattr(self.pipe, "check_inputs", None)) and words_from_encoder(self.pipe) is not None:
+            self._wrap = capture_prompts(self.pipe, self._awaiting_encoder)
+            self._encoder_wrap = MethodWrap(self.pipe, "encode_prompt", self._reading_encoder)
+        elif callable(getattr(self.pipe, "check_inputs", None)):
             self._wrap = capture_prompts(self.pipe, self._new_pipeline_call)
         elif callable(getattr(self.pipe, "encode_prompt", None)):  # Z-Image: no check_inputs, one encode_prompt a call
             self._wrap = MethodWrap(self.pipe, "encode_prompt", self._reading_prompt)
@@ -117,7 +121,27 @@ class CaptureRecorder:
             return original(prompt, *args, **kwargs)
         return encode_prompt
 
+    def _awaiting_encoder(self, prompt) -> None:
+        self._reset()
+        self._prompt_columns = None
+        self._encoder_awaited = True
+
+    def _reading_encoder(self, original):
+        """The words are looked up in the prompt and inputs of the pipeline call's first `encode_prompt` call (the
+        next ones encode its negative prompt, or another edit's prompts)."""
+        def encode_prompt(*args, **kwargs):
+            if self._encoder_awaited:
+                self._encoder_awaited = False
+                inputs = {name: kwargs.get(name) for name in words_from_encoder(self.pipe)}
+                self._new_pipeline_call(kwargs.get("prompt", args[0] if args else None),
+                                        inputs.get("max_sequence_length"), inputs.get("image"))
+            return original(*args, **kwargs)
+        return encode_prompt
+
     def undo(self) -> None:
+        if self._encoder_wrap is not None:
+            self._encoder_wrap.undo()
+            self._encoder_wrap = None
         if self._wrap is not None:
             self._wrap.undo()
             self._wrap = None
@@ -129,7 +153,7 @@ class CaptureRecorder:
         self._grid: tuple[int, int] | None = None
         self._timesteps = None  # the scheduler's timesteps of the pipeline call the maps are from
 
-    def _new_pipeline_call(self, prompt, max_tokens: int | None = None) -> None:
+    def _new_pipeline_call(self, prompt, max_tokens: int | None = None, image=None) -> None:
         self._reset()
         self._prompt_columns = None
         if not self.words:
@@ -138,7 +162,7 @@ class CaptureRecorder:
             raise ValueError("Capture with words needs the prompt text: call the pipeline with prompt=..., not prompt_embeds "
                              "(or give text-token indices)")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        self._prompt_columns = [word_positions(self.pipe, self.family.name, p, self.edit.tokens, max_tokens)
+        self._prompt_columns = [word_positions(self.pipe, self.family.name, p, self.edit.tokens, max_tokens, image)
                                 for p in prompts]
 
     # --- one transformer call ----------------------------------------------------------------
