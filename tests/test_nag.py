@@ -114,7 +114,10 @@ def check_layer(attn, kwargs, out, stock_rows, cond, text_len, image, single):
     ("flux", 1, None),  # double block
     ("flux", 2, None),  # single block
 ])
-def test_layer_equals_stock_attention_on_both_texts(family, layer, cfg, request):
+def test_layer_equals_stock_attention_on_both_texts(family, layer, cfg, request, monkeypatch):
+    from dit_attn.hooks import nag_tokens
+
+    monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())  # the row path (the token path equals it: tests below)
     if family == "chroma":
         from dit_attn.toy.chroma import build_chroma_pipeline
 
@@ -387,3 +390,99 @@ def test_token_path_equals_row_path(model, layers, cfg, others, request, monkeyp
     assert all(c == (stock_rows + 2, text_len) for c in row_calls)
     for got, want in zip(tokens, rows, strict=True):
         assert (got - want).abs().max() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def chroma_pipe():
+    from dit_attn.toy.chroma import build_chroma_pipeline
+
+    pipe = build_chroma_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=8)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# FLUX.1 / Chroma toys: 2 double blocks (layers 0, 1), 2 single blocks (layers 2, 3). Layers (0,): the negative
+# tokens leave after the first double block; (0, 1, 2): after the first single block (Chroma's single blocks carry
+# them in their one stream, untouched, to the end).
+@pytest.mark.parametrize("model,layers,kwargs,others", [
+    ("flux", None, {}, ()),
+    ("flux", (0,), {}, ()),
+    ("flux", (0, 1, 2), {}, ()),
+    ("flux", None, {"negative_prompt": "blurry", "true_cfg_scale": 2.0}, ()),  # true CFG: a second, stock call
+    # HeadGuidance forks its perturbed copies at a single block; LocalAttention (radius 1 on the 4×4 grid) windows
+    # both attention calls of a NAG layer
+    ("flux", None, {}, (da.HeadGuidance(heads=["L2H1"], scale=2.0), da.LocalAttention(radius=1, layers=[0, 3]))),
+    ("chroma", None, {"guidance_scale": 1.0}, ()),
+    ("chroma", (0,), {"guidance_scale": 1.0}, ()),
+    ("chroma", (0, 1, 2), {"guidance_scale": 1.0}, ()),
+    ("chroma", None, {"guidance_scale": 3.0, "negative_prompt": "blurry"}, ()),  # CFG on: a second, stock call
+    ("chroma", (0, 1, 2), {"guidance_scale": 1.0}, (da.HeadGuidance(heads=["L1H1"], scale=2.0),)),
+])
+def test_flux_layout_token_path_equals_row_path(model, layers, kwargs, others, request, monkeypatch):
+    """FLUX.1 and Chroma: NAG with the negative text as extra tokens of each row gives the row path's steps
+    (whose layers match the stock modules on both texts, test_layer_equals_stock_attention_on_both_texts); the
+    guided calls keep the stock rows and carry twice the text, the others are stock."""
+    from dit_attn.hooks import nag_tokens
+
+    pipe = request.getfixturevalue(f"{model}_pipe")
+    # Chroma masks each prompt's padding: prompts of three lengths, so each text segment's own mask matters
+    prompts, negative = (["a red circle", "a cat"], "blue") if model == "chroma" else (["a red circle", "a green square"], NEGATIVE)
+    edits = [da.NAG(negative, layers=layers, **SETTINGS), *others]
+
+    def run():
+        with CallRecorder(pipe) as rec, da.apply(pipe, *edits):
+            flux_call(pipe, prompts, **kwargs)
+        return rec.steps
+
+    tokens, token_calls = _block_inputs(pipe, run)
+    stock, stock_calls = _block_inputs(pipe, lambda: flux_call(pipe, prompts, **kwargs))
+    monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())
+    rows, row_calls = _block_inputs(pipe, run)
+    text_len = stock_calls[0][1]
+    cfg = len(stock_calls) == 6  # a conditional and an unconditional call per step
+    guided = slice(0, None, 2) if cfg else slice(None)
+    assert len(token_calls) == len(row_calls) == len(stock_calls)
+    assert all(c == (2, 2 * text_len) for c in token_calls[guided])
+    assert all(c == (4, text_len) for c in row_calls[guided])
+    if cfg:
+        assert token_calls[1::2] == row_calls[1::2] == stock_calls[1::2]
+    for got, want in zip(tokens, rows, strict=True):
+        assert (got - want).abs().max() <= 1e-5
+    assert max((got - s).abs().max() for got, s in zip(tokens, stock)) > 1e-3
+
+
+def test_chroma_scale_one_and_alpha_zero_are_stock(chroma_pipe):
+    for cfg in (1.0, 3.0):
+        stock = flux_call(chroma_pipe, PROMPT, guidance_scale=cfg)
+        for edit in (da.NAG(NEGATIVE, scale=1), da.NAG(NEGATIVE, alpha=0)):
+            with da.apply(chroma_pipe, edit):
+                assert torch.equal(flux_call(chroma_pipe, PROMPT, guidance_scale=cfg), stock)
+
+
+def test_flux_token_path_with_an_image_prompt_equals_row_path(monkeypatch):
+    """FLUX.1 with an IP-Adapter: the token path's double blocks add the image-prompt output as the row path does."""
+    from dit_attn.hooks import nag_tokens
+
+    from .test_ip_adapter import FAMILIES, IMAGE_EMBED_DIM
+
+    build, state_dict_of, _, _ = FAMILIES["flux"]
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer._load_ip_adapter_weights(state_dict_of(pipe.transformer), low_cpu_mem_usage=False)
+    image_prompt = dict(ip_adapter_image_embeds=[torch.randn(1, 1, IMAGE_EMBED_DIM, generator=torch.Generator().manual_seed(5))],
+                        negative_ip_adapter_image_embeds=[torch.zeros(1, 1, IMAGE_EMBED_DIM)])
+
+    def run():
+        with CallRecorder(pipe) as rec, da.apply(pipe, da.NAG(NEGATIVE, **SETTINGS)):
+            flux_call(pipe, ["a red circle", "a green square"], **image_prompt)
+        return rec.steps
+
+    tokens, token_calls = _block_inputs(pipe, run)
+    monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())
+    rows, row_calls = _block_inputs(pipe, run)
+    assert token_calls[0][0] == 2 and row_calls[0][0] == 4
+    for got, want in zip(tokens, rows, strict=True):
+        assert (got - want).abs().max() <= 1e-5
+    image_prompt["ip_adapter_image_embeds"] = [torch.zeros(1, 1, IMAGE_EMBED_DIM)]  # the image prompt acts
+    monkeypatch.undo()
+    assert max((got - other).abs().max() for got, other in zip(tokens, run())) > 1e-3

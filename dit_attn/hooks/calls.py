@@ -19,7 +19,7 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from ..families import Family
 from ..processors.ip_adapter import adopt
 from ..processors.state import EditState, plan_rows
-from .nag_tokens import NAG_TOKEN_HOOK, NAGTokenBlock, carries_tokens, nag_tokens_forward
+from .nag_tokens import NAG_TOKEN_HOOK, carries_tokens, nag_tokens_forward, token_block_hooks
 from .private import cache_context_name
 
 CALL_HOOK = "dit_attn.call"
@@ -372,8 +372,8 @@ def install_hooks(transformer, family: Family, state: EditState, guidance=None, 
     if state.local is not None:
         HookRegistry.check_if_exists_or_initialize(transformer).get_hook(CALL_HOOK).watch_pipeline(pipe)
     if carries_tokens(family, state):  # inside RowFork's hooks: a block sees its stage's rows
-        for layer, block in enumerate(transformer.transformer_blocks):
-            _register(block, NAGTokenBlock(state, layer, block), NAG_TOKEN_HOOK)
+        for block, hook in token_block_hooks(family, state, transformer):
+            _register(block, hook, NAG_TOKEN_HOOK)
     if (guidance is not None or text is not None or state.shared_image_layers) and not family.widen_at_call:
         for module, layer in family.fork_points(transformer):
             _register(module, RowFork(family, state, layer, module), FORK_HOOK)

@@ -12,6 +12,7 @@ The negative text keeps its own modulation: the blocks (`NAGTokenBlock`) modulat
 tokens with the time-text embedding of the negative pooled projection, as a negative row would
 be. Rows that NAG does not guide (CFG's unconditional rows) carry the negative tokens too; their
 image queries never see them. From block k+1 on the negative tokens are dropped.
+The FLUX.1 layout (FLUX.1, Chroma) runs the same path in its double and single blocks: `hooks.nag_tokens_flux`.
 """
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ import torch
 from diffusers.hooks import ModelHook
 
 from ..processors.state import EditState, plan_rows
+from .nag_tokens_flux import NAGTokenFluxBlock, flux_token_call
 
 NAG_TOKEN_HOOK = "dit_attn.nag_tokens"
-TOKEN_FAMILIES = ("sd3",)  # families whose joint blocks `NAGTokenBlock` runs
+TOKEN_FAMILIES = ("sd3", "flux", "chroma")  # families whose blocks carry the negative text as tokens
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,9 @@ class NAGTokens:
     """The negative text tokens of the call running now."""
 
     text_len: int  # positive text tokens of each row; the negative ones follow them
-    temb: torch.Tensor  # (call rows, D) the time-text embedding with the negative pooled projection
+    # (call rows, D) the time-text embedding with the negative pooled projection; None: the blocks modulate
+    # the text independently of the prompt (Chroma)
+    temb: torch.Tensor | None
     end: int  # the first block without the negative tokens
     # {first layer of a RowPlan stage (0 without a plan): its rows NAG guides}: the conditional rows and their
     # perturbed copies, found before the blocks run (no data-dependent indexing inside them)
@@ -41,6 +45,15 @@ class NAGTokens:
     def rows_of(self, stage) -> torch.Tensor:
         """The rows NAG guides in a RowPlan stage (None: the call's rows)."""
         return self.stage_rows[0 if stage is None else stage.layer]
+
+    def negative_temb(self, plan, layer: int) -> torch.Tensor:
+        """`temb` for the rows of the RowPlan stage that runs block `layer` (plan None: the call's rows)."""
+        from .calls import take_call_rows
+
+        if plan is None:
+            return self.temb
+        stage = plan.stage_at(layer)
+        return self.temb if stage.is_call_rows else take_call_rows(self.temb, stage.from_call, plan.call_rows)
 
 
 def carries_tokens(family, state: EditState) -> bool:
@@ -54,15 +67,16 @@ def nag_tokens_forward(hook, module, forward, call: dict, current, cond, patch):
     """The transformer call with the negative prompt's text appended to every row's text (see the module
     docstring); with HeadGuidance its perturbed copies are forked as usual and NAG-guided as their rows."""
     batch = hook.family.batch_size(call)
-    text, pooled = call["encoder_hidden_states"], call["pooled_projections"]
-    negative = patch.embeds[:1].to(text).expand(batch, -1, -1)
-    temb = module.time_text_embed(call["timestep"], patch.pooled[:1].to(pooled).expand(batch, -1))
-    call = {**call, "encoder_hidden_states": torch.cat([text, negative], dim=1)}
+    text_len = call["encoder_hidden_states"].shape[1]
+    if hook.family.name == "sd3":
+        call, temb = _sd3_token_call(module, call, patch, batch)
+    else:
+        call, temb = flux_token_call(module, call, patch, batch)
     plan = plan_rows(batch, cond=cond, fork_layer=hook.guidance.fork_layer) if cond is not None else None
     stages = plan.stages if plan is not None else ()
     stage_rows = {stage.layer: torch.isin(stage.from_call, patch.targets).nonzero().flatten() for stage in stages}
     current.rows = plan
-    current.nag_tokens = NAGTokens(text.shape[1], temb, patch.patch_end, stage_rows or {0: patch.targets})
+    current.nag_tokens = NAGTokens(text_len, temb, patch.patch_end, stage_rows or {0: patch.targets})
     try:
         output = forward(**call)
     finally:
@@ -70,6 +84,22 @@ def nag_tokens_forward(hook, module, forward, call: dict, current, cond, patch):
     if cond is not None:
         return hook.guidance.finish_call(output, plan, cond)
     return output
+
+
+def _sd3_token_call(module, call: dict, patch, batch: int) -> tuple[dict, torch.Tensor]:
+    """(the call with [positive ; negative] text, the negative text's time-text embedding (call rows, D))."""
+    text, pooled = call["encoder_hidden_states"], call["pooled_projections"]
+    negative = patch.embeds[:1].to(text).expand(batch, -1, -1)
+    temb = module.time_text_embed(call["timestep"], patch.pooled[:1].to(pooled).expand(batch, -1))
+    return {**call, "encoder_hidden_states": torch.cat([text, negative], dim=1)}, temb
+
+
+def token_block_hooks(family, state: EditState, transformer) -> list[tuple[torch.nn.Module, ModelHook]]:
+    """(block, hook) of every block that runs a token-path call (see `carries_tokens`)."""
+    if family.name == "sd3":
+        return [(block, NAGTokenBlock(state, layer, block)) for layer, block in enumerate(transformer.transformer_blocks)]
+    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    return [(block, NAGTokenFluxBlock(state, layer, block)) for layer, block in enumerate(blocks)]
 
 
 class NAGTokenBlock(ModelHook):
@@ -96,19 +126,10 @@ class NAGTokenBlock(ModelHook):
             return forward(**values)
         return self._segmented(module, values, tokens)
 
-    def _negative_temb(self, tokens: NAGTokens) -> torch.Tensor:
-        from .calls import take_call_rows
-
-        plan = self.state.call.rows
-        if plan is None:
-            return tokens.temb
-        stage = plan.stage_at(self.layer)
-        return tokens.temb if stage.is_call_rows else take_call_rows(tokens.temb, stage.from_call, plan.call_rows)
-
     def _segmented(self, block, values: dict, tokens: NAGTokens):
         hidden, text, temb = values["hidden_states"], values["encoder_hidden_states"], values["temb"]
         kwargs = values.get("joint_attention_kwargs") or {}
-        temb_neg = self._negative_temb(tokens)
+        temb_neg = tokens.negative_temb(self.state.call.rows, self.layer)
         n = tokens.text_len
         if block.use_dual_attention:
             norm_hidden, gate_msa, shift_mlp, scale_mlp, gate_mlp, norm_hidden2, gate_msa2 = block.norm1(hidden, emb=temb)

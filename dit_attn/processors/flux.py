@@ -74,6 +74,12 @@ class FluxAttnProcessor(FluxLayoutProcessor):
 
     def attention(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb):
         """(the stock processor's output, the image queries before rotary (B, S_img, H, D) or None in a single block)."""
+        tokens = self.state.nag_tokens_at(self.layer, hidden_states.shape[0])
+        if tokens is not None:  # NAG's negative text as extra text tokens of each row
+            from ..hooks.nag_tokens_flux import nag_token_attention
+
+            return nag_token_attention(self, attn, hidden_states, encoder_hidden_states, attention_mask,
+                                       image_rotary_emb, tokens)
         query, key, value = self.joint_inputs(attn, *flux_qkv_projections(attn, hidden_states, encoder_hidden_states))
         if attention_mask is not None:  # rows whose text a TextPatch replaces take their source rows' mask (Chroma)
             attention_mask, _ = self.state.patch_text(self.layer, attention_mask, attention_mask)

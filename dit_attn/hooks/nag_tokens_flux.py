@@ -1,0 +1,203 @@
+"""NAG's negative text as extra text tokens of each row on the FLUX.1 layout (FLUX.1, Chroma).
+
+The token path of `hooks.nag_tokens`, for double blocks ([text ; image] with separate text and image
+projections) and single blocks (one stream): the call's text becomes [positive ; negative] (the negative
+text gets the text ids the pipeline gives every prompt of that length, so its own rotary positions; on
+Chroma its own text mask). At a NAG layer the image queries attend [positive text ; image] (Z⁺) and
+[negative text ; image] (Z⁻), the positive text queries [positive text ; image] (their stock update), the
+negative text queries [negative text ; image]: what the negative rows of the row path compute, where each
+negative row takes its positive row's image q/k/v at every NAG layer (SD3's choice, followed here).
+
+FLUX.1 modulates the negative text with the time-text embedding of the negative pooled projection
+(`NAGTokenFluxBlock` runs the block step by step); Chroma's modulation does not depend on the prompt, so
+its stock blocks run. From block `end` on the negative tokens leave the text stream (Chroma's single blocks
+carry one [text ; image] stream whose text length the model reads from the last double block: there the
+negative tokens stay in the stream, untouched, and each block runs without them).
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from diffusers.hooks import ModelHook
+from diffusers.models.embeddings import apply_rotary_emb
+
+from ..processors.state import POOL_MODULE, EditState, nag_combination
+from .private import flux_qkv_projections
+
+
+def flux_token_call(module, call: dict, patch, batch: int) -> tuple[dict, torch.Tensor | None]:
+    """(the call with [positive ; negative] text, the negative text's time-text embedding (call rows, D) or
+    None where the modulation does not depend on the prompt (Chroma))."""
+    text = call["encoder_hidden_states"]
+    n = text.shape[1]
+    negative = patch.embeds[:1].to(text).expand(batch, -1, -1)
+    out = {**call, "encoder_hidden_states": torch.cat([text, negative], dim=1)}
+    ids = call["txt_ids"]
+    ids = ids[0] if ids.ndim == 3 else ids
+    out["txt_ids"] = torch.cat([ids, ids])  # the pipelines' text ids depend on the text length only
+    mask = call.get("attention_mask")
+    if mask is not None:  # Chroma: the negative prompt's own text mask
+        out["attention_mask"] = torch.cat([mask[:, :n], patch.pooled[:1].to(mask).expand(batch, -1), mask[:, n:]], 1)
+    pooled = call.get("pooled_projections")
+    if pooled is None:
+        return out, None
+    dtype = module.x_embedder.weight.dtype  # as the model casts timestep and guidance
+    timestep = call["timestep"].to(dtype) * 1000
+    guidance = call.get("guidance")
+    negative_pooled = patch.pooled[:1].to(pooled).expand(batch, -1)
+    if guidance is None:
+        return out, module.time_text_embed(timestep, negative_pooled)
+    return out, module.time_text_embed(timestep, guidance.to(dtype) * 1000, negative_pooled)
+
+
+def without_negative(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """[positive text ; negative text ; image] along `dim` (n tokens each text) → [positive text ; image]."""
+    return torch.cat([x.narrow(dim, 0, n), x.narrow(dim, 2 * n, x.shape[dim] - 2 * n)], dim=dim)
+
+
+def _split_mask(mask: torch.Tensor | None, n: int):
+    """(mask over [positive text ; image], mask over [negative text ; image]) of a mask over the call's
+    sequence: (B, S) keys, or (B, 1, S or 1, S) queries × keys (Chroma's outer product)."""
+    if mask is None:
+        return None, None
+    positive, negative = without_negative(mask, n, -1), mask[..., n:]
+    if mask.ndim == 4 and mask.shape[-2] == mask.shape[-1]:
+        positive, negative = without_negative(positive, n, -2), negative[..., n:, :]
+    return positive, negative
+
+
+def nag_token_attention(processor, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
+                        tokens: tuple[int, torch.Tensor]):
+    """`FluxAttnProcessor.attention` at a NAG layer of a token-path call: (its output, the image queries before
+    rotary or None in a single block). The text is [positive ; negative], n tokens each; the guided rows'
+    image outputs combine Z⁺ with Z⁻."""
+    n, rows = tokens
+    query, key, value = processor.joint_inputs(attn, *flux_qkv_projections(attn, hidden_states, encoder_hidden_states))
+    image_query = query[:, 2 * n:] if encoder_hidden_states is not None else None
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    positive = [without_negative(x, n, 1) for x in (query, key, value)]
+    negative = [x[:, n:] for x in (query, key, value)]
+    mask, negative_mask = _split_mask(attention_mask, n)
+
+    seq_len = positive[0].shape[1]
+    image_stop = processor.local_image_stop(n, seq_len)
+    plan = processor.state.plan(processor.layer, query.shape[0], (n, image_stop), getattr(attn, POOL_MODULE, None))
+    dtype = query.dtype
+    out = processor.attend(*positive, plan, mask, image_stop - n).flatten(2, 3).to(dtype)
+    out_neg = processor._attention(*negative, plan, negative_mask, image_stop - n).flatten(2, 3).to(dtype)
+    rows = rows.to(out.device)
+    image = out[:, n:].clone()
+    image[rows] = nag_combination(processor.state.nag, out[rows, n:], out_neg[rows, n:]).to(dtype)
+    text = torch.cat([out[:, :n], out_neg[:, :n]], dim=1)
+    if encoder_hidden_states is None:
+        return torch.cat([text, image], dim=1), None
+    image = attn.to_out[1](attn.to_out[0](image))
+    return (image, attn.to_add_out(text)), image_query
+
+
+def _fp16_clip(x: torch.Tensor) -> torch.Tensor:
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
+
+
+def _per_token(positive: torch.Tensor, negative: torch.Tensor, n: int, image: int = 0) -> torch.Tensor:
+    """(B, C) modulations → (B, 2n + image, C): positive for the positive text and the image, negative for the
+    negative text."""
+    parts = [positive[:, None].expand(-1, n, -1), negative[:, None].expand(-1, n, -1)]
+    if image:
+        parts.append(positive[:, None].expand(-1, image, -1))
+    return torch.cat(parts, dim=1)
+
+
+class NAGTokenFluxBlock(ModelHook):
+    """Runs a FLUX.1-layout block (FLUX.1's or Chroma's, double or single) during a token-path call: at a NAG
+    layer FLUX.1's blocks step by step, each text segment modulated by its own time-text embedding (Chroma's
+    as they are); from `end` on the block without the negative tokens."""
+
+    active = True
+
+    def __init__(self, state: EditState, layer: int, module: torch.nn.Module):
+        super().__init__()
+        self.state, self.layer = state, layer
+        self.names = list(inspect.signature(type(module).forward).parameters)[1:]
+        self.double = hasattr(module, "norm1_context")
+
+    def new_forward(self, module, *args, **kwargs):
+        forward = self.fn_ref.original_forward
+        tokens = self.state.call.nag_tokens
+        if not self.active or tokens is None:
+            return forward(*args, **kwargs)
+        values = {**dict(zip(self.names, args)), **kwargs}
+        if self.layer >= tokens.end:
+            return self._without_negative(forward, values, tokens.text_len)
+        if tokens.temb is None:
+            return forward(**values)
+        temb_neg = tokens.negative_temb(self.state.call.rows, self.layer)
+        if self.double:
+            return self._double(module, values, tokens.text_len, temb_neg)
+        return self._single(module, values, tokens.text_len, temb_neg)
+
+    @staticmethod
+    def _without_negative(forward, values: dict, n: int):
+        rotary = values.get("image_rotary_emb")
+        if rotary is not None:
+            values["image_rotary_emb"] = tuple(without_negative(x, n, 0) for x in rotary)
+        mask = values.get("attention_mask")
+        if mask is not None:
+            values["attention_mask"] = without_negative(mask, n, 1)
+        text = values.get("encoder_hidden_states")
+        if text is not None:  # text and image streams apart: the text loses its negative tokens for good
+            if text.shape[1] > n:
+                values["encoder_hidden_states"] = text[:, :n]
+            return forward(**values)
+        hidden = values["hidden_states"]  # Chroma's single blocks: one [text ; image] stream
+        if rotary is None or hidden.shape[1] != rotary[0].shape[0]:
+            return forward(**values)
+        values["hidden_states"] = without_negative(hidden, n, 1)
+        out = forward(**values)
+        return torch.cat([out[:, :n], hidden[:, n : 2 * n], out[:, n:]], dim=1)
+
+    @staticmethod
+    def _double(block, values: dict, n: int, temb_neg: torch.Tensor):
+        """diffusers' `FluxTransformerBlock.forward`, the negative text modulated by temb_neg."""
+        hidden, text, temb = values["hidden_states"], values["encoder_hidden_states"], values["temb"]
+        kwargs = values.get("joint_attention_kwargs") or {}
+        norm_hidden, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(hidden, emb=temb)
+        pos = block.norm1_context(text[:, :n], emb=temb)
+        neg = block.norm1_context(text[:, n:], emb=temb_neg)
+        norm_text = torch.cat([pos[0], neg[0]], dim=1)
+        c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = (_per_token(p, q, n) for p, q in zip(pos[1:], neg[1:]))
+
+        outputs = block.attn(hidden_states=norm_hidden, encoder_hidden_states=norm_text,
+                             image_rotary_emb=values.get("image_rotary_emb"), **kwargs)
+        attn_output, text_attn_output = outputs[:2]
+        hidden = hidden + gate_msa.unsqueeze(1) * attn_output
+        norm_hidden = block.norm2(hidden) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        hidden = hidden + gate_mlp.unsqueeze(1) * block.ff(norm_hidden)
+        if len(outputs) == 3:  # an IP-Adapter's image-prompt output
+            hidden = hidden + outputs[2]
+
+        text = text + c_gate_msa * text_attn_output
+        norm_text = block.norm2_context(text) * (1 + c_scale_mlp) + c_shift_mlp
+        text = text + c_gate_mlp * block.ff_context(norm_text)
+        return _fp16_clip(text), hidden
+
+    @staticmethod
+    def _single(block, values: dict, n: int, temb_neg: torch.Tensor):
+        """diffusers' `FluxSingleTransformerBlock.forward`, the negative text modulated by temb_neg."""
+        hidden, text, temb = values["hidden_states"], values["encoder_hidden_states"], values["temb"]
+        kwargs = values.get("joint_attention_kwargs") or {}
+        text_len = text.shape[1]
+        joint = torch.cat([text, hidden], dim=1)
+        norm = block.norm
+        shift, scale, gate = norm.linear(norm.silu(temb)).chunk(3, dim=1)
+        shift_neg, scale_neg, gate_neg = norm.linear(norm.silu(temb_neg)).chunk(3, dim=1)
+        image = hidden.shape[1]
+        norm_joint = norm.norm(joint) * (1 + _per_token(scale, scale_neg, n, image)) + _per_token(shift, shift_neg, n, image)
+        mlp = block.act_mlp(block.proj_mlp(norm_joint))
+        attn_output = block.attn(hidden_states=norm_joint, image_rotary_emb=values.get("image_rotary_emb"), **kwargs)
+        out = _per_token(gate, gate_neg, n, image) * block.proj_out(torch.cat([attn_output, mlp], dim=2))
+        joint = _fp16_clip(joint + out)
+        return joint[:, :text_len], joint[:, text_len:]
