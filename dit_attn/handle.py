@@ -258,7 +258,8 @@ def apply(pipe_or_transformer, *edits, expert: str | None = None) -> Handle:
         if text is not None:
             raise ValueError("Capture(kind='concept') shares image tokens across rows as NAG does: give it without "
                              "TextPatch, TextGuard or NAG in the same apply")
-        states[first].shared_image_layers = frozenset(capture.layers)
+        # the concept rows see the conditional rows' image at every layer up to the last captured one
+        states[first].shared_image_layers = frozenset(range(max(capture.layers) + 1))
 
     # an expert no edit addresses (E1-only heads, say) keeps its stock processors and no hooks
     edited = [name for name, state in states.items() if len(models) == 1 or state.model_edits or state.guided_edits

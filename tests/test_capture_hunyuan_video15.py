@@ -187,8 +187,6 @@ def test_self_maps_with_a_3d_local_window_and_softpag(pipe, monkeypatch):
 
 
 def test_bad_input(pipe):
-    with pytest.raises(NotImplementedError, match="kind='concept'\\) does not run on video models yet"):
-        da.apply(pipe, da.Capture(kind="concept", tokens=["cat"]))
     for tokens, message in [([(0, 0)], "not a \\(frame, row, col\\) cell of this call's 3×4×4 video-token grid"),
                             ([(3, 0, 0)], "frames 0-2, rows 0-3, columns 0-3"), ([48], "flat indices 0-47")]:
         with pytest.raises(ValueError, match=message), da.apply(pipe, da.Capture(kind="self", tokens=tokens)):

@@ -7,13 +7,19 @@ patched). At every captured layer that row takes its conditional row's image que
 while the image never sees them. The pipeline's own call is left as it is, so the image is the one
 without the capture. The concept rows get their conditional row's pooled text embedding, so their
 blocks modulate as the prompt's text does.
+
+The concept prompt is encoded at the call's text length (FLUX.2 [dev] pads its text to it, Qwen-Image to
+the longest prompt) and, on edit pipelines (Qwen-Image-Edit), with the reference image the pipeline's own
+`encode_prompt` call got, as NAG's negative prompt is; the concepts' positions are looked up in that text.
 """
 from __future__ import annotations
 
 import torch
 
 from ..hooks.calls import take_rows
+from ..hooks.pipeline import MethodWrap
 from ..localization.patching import PatchRows, encode_prompts
+from .words import word_positions
 
 
 def concept_prompt(words: tuple[str, ...]) -> str:
@@ -22,9 +28,33 @@ def concept_prompt(words: tuple[str, ...]) -> str:
 
 class ConceptRows:
     def __init__(self, pipe, family, layers: tuple[int, ...], words: tuple[str, ...]):
-        self.pipe, self.family, self.layers = pipe, family, layers
+        self.pipe, self.family, self.layers, self.words = pipe, family, layers, words
         self.prompt = concept_prompt(words)
-        self._cache: tuple | None = None  # (key, embeds, pooled) of the concept prompt
+        self._cache: tuple | None = None  # (key, embeds, pooled, columns) of the concept prompt
+        self.columns: list[list[int]] = []  # the concepts' text positions in the current concept call
+        self._encoder_kwargs: dict = {}  # the family's encoder_inputs of the pipeline's own encode_prompt call
+        self._encoding = False
+        self._wrap: MethodWrap | None = None
+
+    def install(self) -> None:
+        if self.family.encoder_inputs(self.pipe):
+            self._wrap = MethodWrap(self.pipe, "encode_prompt", self._watching_encoder)
+
+    def undo(self) -> None:
+        if self._wrap is not None:
+            self._wrap.undo()
+            self._wrap = None
+        self._cache, self._encoder_kwargs = None, {}
+
+    def _watching_encoder(self, original):
+        def encode_prompt(*args, **kwargs):
+            if not self._encoding:
+                inputs = {name: kwargs[name] for name in self.family.encoder_inputs(self.pipe) if name in kwargs}
+                if any(inputs.get(name) is not self._encoder_kwargs.get(name) for name in inputs):
+                    self._cache = None
+                self._encoder_kwargs = inputs
+            return original(*args, **kwargs)
+        return encode_prompt
 
     def _encoded(self, call: dict) -> tuple[torch.Tensor, torch.Tensor]:
         text = call.get("encoder_hidden_states")
@@ -32,9 +62,29 @@ class ConceptRows:
         text_len = text.shape[1] if isinstance(text, torch.Tensor) else self.family.text_length(call)
         key = (self.pipe.scheduler.timesteps, text_len, where.device, where.dtype)
         if self._cache is None or key[0] is not self._cache[0][0] or key[1:] != self._cache[0][1:]:
-            embeds, pooled = encode_prompts(self.pipe, self.family, [self.prompt], key[1], where.device, where.dtype)
-            self._cache = (key, embeds, pooled)
+            self._encoding = True
+            try:
+                embeds, pooled = encode_prompts(self.pipe, self.family, [self.prompt], text_len, where.device,
+                                                where.dtype, self._encoder_kwargs)
+            finally:
+                self._encoding = False
+            self._cache = (key, embeds, pooled, self._positions(text_len))
+        self.columns = self._cache[3]
         return self._cache[1], self._cache[2]
+
+    def _positions(self, text_len: int) -> list[list[int]]:
+        """Each concept's positions in the concept row's text stream of `text_len` tokens."""
+        image = self._encoder_kwargs.get("image")
+        try:
+            found = word_positions(self.pipe, self.family.name, self.prompt, self.words, text_len, image)
+        except ValueError:  # a concept cut off at text_len (named below), or the lookup's own error
+            found = word_positions(self.pipe, self.family.name, self.prompt, self.words, None, image)
+        cut = [w for w, cols in zip(self.words, found) if not cols or max(cols) >= text_len]
+        if cut:
+            raise ValueError(f"Capture(kind='concept'): the concepts {cut} lie past this call's {text_len} text tokens "
+                             f"(the concept prompt {self.prompt!r} rides in rows of the call's text length): give "
+                             "fewer concepts, or a longer prompt or max_sequence_length")
+        return found
 
     def call_for(self, call: dict, rows: torch.Tensor) -> tuple[dict, PatchRows]:
         """The inputs of `rows` of the call, and the concept rows to append to them (row i + R follows row i)."""

@@ -80,7 +80,7 @@ class CaptureRecorder:
         self.words = edit.kind == "cross" and edit.tokens is not None and isinstance(edit.tokens[0], str)
         self.concept_rows = None
         if edit.kind == "concept":
-            self.concept_rows, self._concept_columns = self._concepts(pipe, family, edit.tokens)
+            self.concept_rows = self._concepts(pipe, family, edit.tokens)
         self.selector = CallSelector(pipe, family, "Capture")
         self._wrap = self._encoder_wrap = None
         self._encoder_awaited = False
@@ -89,19 +89,22 @@ class CaptureRecorder:
         self._reset()
 
     def _concepts(self, pipe, family, words: tuple[str, ...]):
-        """The concept rows' controller and each concept's text positions in those rows."""
-        from .concept import ConceptRows, concept_prompt
+        """The concept rows' controller (it finds each concept's text positions in those rows at each call)."""
+        from .concept import ConceptRows
 
-        if family.makes_videos:
-            raise NotImplementedError("Capture(kind='concept') does not run on video models yet: give kind='cross' "
-                                      "(text words or token indices) or kind='self' (video locations)")
+        if family.name == "wan":
+            raise NotImplementedError("Capture(kind='concept') does not run on video models yet with the text in a "
+                                      "cross-attention (Wan): give kind='cross' (text words or token indices) or "
+                                      "kind='self' (video locations)")
         if not family.nag or family.text_edits_unsupported:
             raise NotImplementedError(f"Capture(kind='concept') does not run on {family.name} models yet: its processors "
                                       "do not share image tokens across rows")
-        return ConceptRows(pipe, family, self.layers, words), word_positions(pipe, family.name, concept_prompt(words), words)
+        return ConceptRows(pipe, family, self.layers, words)
 
     # --- the pipeline call -------------------------------------------------------------------
     def install(self) -> None:
+        if self.concept_rows is not None:
+            self.concept_rows.install()
         if not self.words:
             return
         if callable(getattr(self.pipe, "check_inputs", None)) and words_from_encoder(self.pipe) is not None:
@@ -139,6 +142,8 @@ class CaptureRecorder:
         return encode_prompt
 
     def undo(self) -> None:
+        if self.concept_rows is not None:
+            self.concept_rows.undo()
         if self._encoder_wrap is not None:
             self._encoder_wrap.undo()
             self._encoder_wrap = None
@@ -242,17 +247,17 @@ class CaptureRecorder:
             out = out.transpose(1, 2)
         source_of = dict(zip(stage.patch_targets.tolist(), stage.patch_sources.tolist()))
         start, stop = call.image_range
-        grid_h, grid_w = call.grid
+        generated = math.prod(call.grid)  # (rows, cols), or (frames, rows, cols) of a video call
         heads = torch.tensor(self.heads, device=out.device)
         text = self._text_columns(start, stop, out.shape[2]).to(out.device)
         maps = []
         with torch.no_grad():
             for row in pending.rows.tolist():
-                image = out[row].index_select(0, heads)[:, start:start + grid_h * grid_w].float()  # (heads, N, D)
+                image = out[row].index_select(0, heads)[:, start:start + generated].float()  # (heads, N, D)
                 concept = out[source_of[row]].index_select(0, heads).float()
-                concepts = torch.stack([concept[:, text[cols]].mean(dim=1) for cols in self._concept_columns], dim=1)
+                concepts = torch.stack([concept[:, text[cols]].mean(dim=1) for cols in self.concept_rows.columns], dim=1)
                 scores = torch.softmax(image @ concepts.transpose(-1, -2), dim=-1)  # (heads, N, C): over the concepts
-                maps.append(scores.transpose(1, 2).reshape(len(self.heads), -1, grid_h, grid_w))
+                maps.append(scores.transpose(1, 2).reshape(len(self.heads), -1, *call.grid))
         pending.layers[layer] = torch.stack(maps).cpu()
 
     def _maps(self, query, key, plan, attention_mask, image_range, scale, layout, call, rows) -> torch.Tensor:

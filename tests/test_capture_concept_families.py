@@ -1,0 +1,311 @@
+"""Capture(kind="concept") on Qwen-Image, Qwen-Image-Edit, FLUX.2 [klein] and [dev], HunyuanImage 2.1 and
+HunyuanVideo 1.5: the image is the uncaptured one (bit for bit, CFG on and off), and every map equals
+ConceptAttention computed here from stock runs.
+
+The reference: a stock pipeline run records every attention call's q, k, v and output
+(F.scaled_dot_product_attention, under a TorchFunctionMode) and the transformer's inputs; a stock pipeline
+run on the concept prompt gives the concept text's transformer inputs. The concept row is then the stock
+transformer run on the conditional row's inputs with that text, its attention calls changed in one way:
+their image-token q, k, v are the conditional row's of the same layer and call. Each map is the softmax over
+the concepts of (conditional image-token outputs · the concept's mean token output) per head.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+import dit_attn as da
+
+torch.set_num_threads(1)
+PROMPTS = ["a large red circle on a blue background", "a cat"]
+CONCEPTS = ("circles", "square", "blue")  # the tiny tokenizers split "circles" into " circle", "s"
+STEPS = 2
+DEV_TOKENS = 160  # FLUX.2 [dev]'s system message is 129 tokens long with the tiny tokenizer
+
+
+class Attention(TorchFunctionMode):
+    """Every F.scaled_dot_product_attention call's (q, k, v, out), (B, H, S, D); `shared(index, q, k, v)`
+    gives the q, k, v a call runs with."""
+
+    def __init__(self, shared=None):
+        super().__init__()
+        self.calls, self.shared = [], shared
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        names = ("query", "key", "value")
+        q, k, v = (args[i] if i < len(args) else kwargs.pop(n) for i, n in enumerate(names))
+        if self.shared is not None:
+            q, k, v = self.shared(len(self.calls), q, k, v)
+        out = func(q, k, v, *args[3:], **kwargs)
+        self.calls.append(tuple(x.detach().clone() for x in (q, k, v, out)))
+        return out
+
+
+class TransformerCalls:
+    """Each transformer call's keyword inputs and the index of its first attention call."""
+
+    def __init__(self, transformer, attention: Attention):
+        self.transformer, self.attention, self.calls = transformer, attention, []
+
+    def __enter__(self):
+        def record(module, args, kwargs):
+            assert not args
+            self.calls.append(({k: _clone(v) for k, v in kwargs.items()}, len(self.attention.calls)))
+        self.handle = self.transformer.register_forward_pre_hook(record, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _clone(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone(v) for v in value)
+    return value
+
+
+def _row(value, r: int, batch: int):
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
+        return value[r:r + 1]
+    if isinstance(value, list) and len(value) == batch:
+        return value[r:r + 1]
+    return value
+
+
+def _positions(ids: list[int], tokenizer, word: str) -> list[int]:
+    """The shortest run of tokens that decodes to `word` (the first such run)."""
+    for length in range(1, 9):
+        for start in range(len(ids) - length + 1):
+            if tokenizer.decode(ids[start:start + length]).strip() == word:
+                return list(range(start, start + length))
+    raise AssertionError(f"{word!r} not in {tokenizer.decode(ids)!r}")
+
+
+# ------------------------------------------------------------------ the families
+def _qwen_ids(pipe, prompt, image=None):
+    text = pipe.prompt_template_encode.format(prompt)
+    if image is None:
+        ids = pipe.tokenizer(text)["input_ids"]
+    else:  # the processor expands the template's image placeholder to the image's vision tokens
+        ids = pipe.processor(text=[text], images=image, return_tensors="pt")["input_ids"][0].tolist()
+    return ids[pipe.prompt_template_encode_start_idx:]
+
+
+def _klein_ids(pipe, prompt, image=None):
+    text = pipe.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                              add_generation_prompt=True, enable_thinking=False)
+    return pipe.tokenizer(text)["input_ids"]
+
+
+def _mistral_ids(pipe, prompt, image=None):
+    from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+    messages = format_input(prompts=[prompt], system_message=pipe.system_message)
+    return list(pipe.tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=True, return_dict=True,
+                                                   padding="max_length", truncation=True,
+                                                   max_length=DEV_TOKENS)["input_ids"][0])
+
+
+def _hunyuan_video_ids(pipe, prompt, image=None):
+    messages = [{"role": "system", "content": pipe.system_message}, {"role": "user", "content": prompt}]
+    text = pipe.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return pipe.tokenizer(text)["input_ids"][pipe.prompt_template_encode_start_idx:]
+
+
+def _edit_image():
+    from PIL import Image
+
+    return Image.fromarray((torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(2)) * 255).byte().numpy())
+
+
+def _build(name):
+    if name == "qwen_image":
+        from dit_attn.toy.qwen_image import build_qwen_image_pipeline
+        return build_qwen_image_pipeline(num_layers=2, num_heads=2, head_dim=16)
+    if name == "qwen_image_edit":
+        from dit_attn.toy.qwen_image import build_qwen_image_edit_pipeline
+        return build_qwen_image_edit_pipeline(num_layers=2, num_heads=2, head_dim=16)
+    if name == "flux2_klein":
+        from dit_attn.toy.flux2 import build_flux2_klein_pipeline
+        return build_flux2_klein_pipeline(num_layers=1, num_single_layers=1, num_heads=2)
+    if name == "flux2_dev":
+        from .test_capture_words import build_flux2_dev_pipeline
+        return build_flux2_dev_pipeline()
+    if name in ("hunyuan_image", "hunyuan_image_cfg"):
+        from dit_attn.toy.hunyuan_image import build_hunyuan_image_pipeline
+        return build_hunyuan_image_pipeline(num_layers=1, num_single_layers=1, num_heads=2, head_dim=8,
+                                            guidance_embeds=name == "hunyuan_image", seed=1)
+    if name == "hunyuan_video15":
+        from dit_attn.toy.hunyuan_video15 import build_hunyuan_video15_pipeline
+        return build_hunyuan_video15_pipeline(num_layers=2, num_heads=2, head_dim=8)
+    raise KeyError(name)
+
+
+# name → (call arguments, CFG's arguments, the transformer's text inputs, image tokens first?, text ids)
+FAMILIES = {
+    "qwen_image": (dict(true_cfg_scale=1.0, max_sequence_length=32), dict(true_cfg_scale=3.0, negative_prompt="a green cat"),
+                   ("encoder_hidden_states", "encoder_hidden_states_mask"), False, _qwen_ids),
+    "qwen_image_edit": (dict(true_cfg_scale=1.0), dict(true_cfg_scale=3.0, negative_prompt="a green cat"),
+                        ("encoder_hidden_states", "encoder_hidden_states_mask"), False, _qwen_ids),
+    "flux2_klein": (dict(guidance_scale=1.0, max_sequence_length=32), dict(guidance_scale=3.0),
+                    ("encoder_hidden_states", "txt_ids"), False, _klein_ids),
+    # FLUX.2 [dev]: guidance-distilled (one call a step), its text padded to max_sequence_length
+    "flux2_dev": (dict(guidance_scale=4.0, max_sequence_length=DEV_TOKENS), None, ("encoder_hidden_states", "txt_ids"),
+                  False, _mistral_ids),
+    # HunyuanImage: the guidance-distilled model (one call a step) and the guider's CFG (its own calls)
+    "hunyuan_image": (dict(distilled_guidance_scale=3.25), {},
+                      ("encoder_hidden_states", "encoder_attention_mask", "encoder_hidden_states_2",
+                       "encoder_attention_mask_2"), True, _qwen_ids),
+    "hunyuan_image_cfg": (dict(), {}, ("encoder_hidden_states", "encoder_attention_mask", "encoder_hidden_states_2",
+                                         "encoder_attention_mask_2"), True, _qwen_ids),
+    # HunyuanVideo 1.5: [video ; context]; its guider's scale 1 makes one call a step
+    "hunyuan_video15": (dict(guidance_scale=1.0), dict(guidance_scale=4.0),
+                        ("encoder_hidden_states", "encoder_attention_mask", "encoder_hidden_states_2",
+                         "encoder_attention_mask_2"), True, _hunyuan_video_ids),
+}
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    built = {}
+
+    def get(name):
+        if name not in built:
+            built[name] = _build(name)
+            built[name].set_progress_bar_config(disable=True)
+        return built[name]
+
+    if "qwen_image_edit" in FAMILIES:  # the pipeline's 1024² reference area shrunk to 32²
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit_module
+
+        original = edit_module.calculate_dimensions
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(edit_module, "calculate_dimensions", lambda area, ratio: original(32 * 32, ratio))
+            yield get
+    else:
+        yield get
+
+
+def _call(pipe, name, args, prompt=PROMPTS, **kwargs):
+    extra = dict(args, **kwargs)
+    size = dict(height=32, width=32)
+    if name == "qwen_image_edit":  # one prompt with an image: two images per prompt make the batch of 2
+        extra = dict(extra, image=_edit_image(), num_images_per_prompt=2 if not isinstance(prompt, str) else 1)
+        prompt = prompt if isinstance(prompt, str) else prompt[0]
+    if name == "hunyuan_video15":
+        from dit_attn.toy.hunyuan_video15 import HUNYUAN_VIDEO15_RUN
+
+        pipe.guider = pipe.guider.new(guidance_scale=extra.pop("guidance_scale"))
+        size = HUNYUAN_VIDEO15_RUN
+    output = pipe(prompt=prompt, num_inference_steps=STEPS, output_type="latent",
+                  generator=torch.Generator().manual_seed(0), **size, **extra)
+    return output.frames if name == "hunyuan_video15" else output.images
+
+
+def reference_maps(pipe, name, args, layers: int, cfg: bool) -> torch.Tensor:
+    """(steps, rows, layers, heads, concepts, H, W) from stock runs (see the module docstring)."""
+    _, _, text_inputs, image_first, text_ids = FAMILIES[name]
+    with Attention() as stock, TransformerCalls(pipe.transformer, stock) as calls:
+        _call(pipe, name, args)
+    with Attention() as concept_run, TransformerCalls(pipe.transformer, concept_run) as concept_calls:
+        _call(pipe, name, args, prompt=" ".join(CONCEPTS))
+    concept_text = {k: concept_calls.calls[0][0][k] for k in text_inputs}
+    per_step = len(calls.calls) // STEPS
+    assert (per_step > 1) == cfg  # CFG: the negative prompt's calls follow each step's conditional one
+    image = _edit_image() if name == "qwen_image_edit" else None
+    ids = text_ids(pipe, " ".join(CONCEPTS), image)
+    columns = [_positions(ids, pipe.tokenizer, w) for w in CONCEPTS]
+    steps = []
+    for step in range(STEPS):
+        index = step * per_step  # the step's first call: the conditional one
+        kwargs, start = calls.calls[index]
+        following = calls.calls[index + 1][1] if index + 1 < len(calls.calls) else len(stock.calls)
+        first = following - layers  # the blocks' attention calls come last (HunyuanImage: its text refiner's first)
+        refiner = first - start
+        batch = kwargs["hidden_states"].shape[0]
+        assert batch == 2
+        # packed (B, tokens, C); HunyuanImage's (B, C, H, W) and HunyuanVideo 1.5's (B, C, F, H, W), 1×1 patches
+        latents = kwargs["hidden_states"]
+        image_tokens = latents.shape[1] if latents.ndim == 3 else latents.shape[2:].numel()
+        generated = image_tokens // 2 if name == "qwen_image_edit" else image_tokens  # edit: the reference follows
+        side = int(generated ** 0.5)
+        grid = (side, side) if latents.ndim == 3 else tuple(latents.shape[2:])
+        rows = []
+        for r in range(batch):
+            own = [stock.calls[first + layer] for layer in range(layers)]
+
+
+            def shared(index, q, k, v):
+                if index < refiner:
+                    return q, k, v
+                cq, ck, cv, _ = own[index - refiner]
+                at = slice(0, image_tokens) if image_first else slice(q.shape[2] - image_tokens, None)
+                out = []
+                for x, c in ((q, cq), (k, ck), (v, cv)):
+                    x = x.clone()
+                    x[:, :, at] = c[r:r + 1, :, at if image_first else slice(c.shape[2] - image_tokens, None)]
+                    out.append(x)
+                return out
+
+            call = {key: _row(value, r, batch) for key, value in kwargs.items()}
+            call.update(concept_text)
+            with torch.no_grad(), Attention(shared) as concept:
+                pipe.transformer(**call)
+            maps = []
+            for layer in range(layers):
+                cond_out = own[layer][3][r]  # (heads, S, D)
+                seq = cond_out.shape[1]
+                start = 0 if image_first else seq - image_tokens
+                image_out = cond_out[:, start:start + generated]
+                out = concept.calls[refiner + layer][3][0]
+                text_start = image_tokens if image_first else 0
+                vectors = torch.stack([out[:, [text_start + c for c in cols]].mean(1) for cols in columns], dim=1)
+                scores = torch.softmax(image_out.double() @ vectors.double().transpose(-1, -2), dim=-1)
+                maps.append(scores.transpose(1, 2).unflatten(-1, grid))
+            rows.append(torch.stack(maps))
+        steps.append(torch.stack(rows))
+    return torch.stack(steps).float()
+
+
+CASES = [  # (family, CFG on, captured layers: None = all)
+    ("qwen_image", False, None), ("qwen_image", True, None), ("qwen_image", False, [1]),
+    ("qwen_image_edit", False, None), ("qwen_image_edit", True, None),
+    ("flux2_klein", False, None), ("flux2_klein", True, [1]), ("flux2_dev", False, [2, 3]),
+    ("hunyuan_image", False, None), ("hunyuan_image_cfg", True, [1]),
+    ("hunyuan_video15", False, None), ("hunyuan_video15", True, [1]),
+]
+
+
+@pytest.mark.parametrize("name,cfg,layers", CASES)
+def test_concept_maps_match_the_stock_reference_and_leave_the_image(name, cfg, layers, pipes):
+    """Batch 2. With a subset of layers (the last ones) the concept rows still see the conditional rows' image at
+    every layer before them, as the reference's concept row does."""
+    args, cfg_args, *_ = FAMILIES[name]
+    pipe = pipes(name)
+    args = dict(args, **(cfg_args if cfg else {}))
+    plain = _call(pipe, name, args)
+    with da.apply(pipe, da.Capture(kind="concept", tokens=CONCEPTS, layers=layers, reduce=None)) as handle:
+        captured = _call(pipe, name, args)
+        result = handle.maps
+    assert torch.equal(captured, plain)
+    want = reference_maps(pipe, name, args, len(da.layers(pipe)), cfg)
+    if layers is not None:
+        want = want[:, :, layers]
+    assert result.maps.shape == want.shape and result.tokens == CONCEPTS
+    assert (result.maps - want).abs().max() < 1e-5
+
+
+def test_concepts_past_the_call_text_length_are_one_error(pipes):
+    """Qwen-Image pads its text to the longest prompt: concepts that do not fit in it are named."""
+    pipe = pipes("qwen_image")
+    many = ("circles", "square", "blue", "green", "yellow", "triangle", "large", "background")
+    with da.apply(pipe, da.Capture(kind="concept", tokens=many)):
+        # "a cat" makes 7 text tokens (2 and the template's 5 after it): the concepts' 8th and later are cut
+        with pytest.raises(ValueError, match=r"the concepts \['large', 'background'\] lie past this call's 7 text "
+                                             r"tokens"):
+            _call(pipe, "qwen_image", FAMILIES["qwen_image"][0], prompt="a cat")
