@@ -5,7 +5,6 @@ import json
 import os
 import re
 
-import gradio as gr
 import numpy as np
 import pytest
 import torch
@@ -15,7 +14,7 @@ from PIL import Image
 
 import dit_attn as da
 from dit_attn.app import ModelRegistry, serve
-from dit_attn.app.ui import AppActions, readable_errors
+from dit_attn.app.ui import AppActions
 from dit_attn.cli import main
 from dit_attn.toy.hunyuan_video15 import build_hunyuan_video15_pipeline
 from dit_attn.toy.wan import build_wan22_pipeline, build_wan_pipeline
@@ -189,11 +188,12 @@ def test_app_maps_on_wan_are_animated_overlays_of_a_capture_run(client, dirs, st
         client.predict(*form(dirs["wan"]), "concept", "cat", "", "", None, None, True, api_name="/maps")
 
 
-def test_maps_tab_refuses_concept_maps_on_hunyuan_video15_in_one_readable_line(registry, dirs, tmp_path):
-    maps = readable_errors(AppActions(registry, str(tmp_path)).maps)
-    with pytest.raises(gr.Error, match="^'?kind concept does not run on video models"):
-        maps(*form(dirs["hv15"]), "concept", "cat", "", "", None, None, True)
-    assert not os.listdir(tmp_path)
+def test_maps_tab_gives_concept_maps_on_hunyuan_video15(registry, dirs, tmp_path):
+    _, gallery, index = AppActions(registry, str(tmp_path)).maps(*form(dirs["hv15"]), "concept", "cat,sky", "1", "",
+                                                                 None, None, True)
+    data = json.load(open(index))
+    assert data["kind"] == "concept" and [m["token"] for m in data["maps"]] == ["cat", "sky"] and len(gallery) == 2
+    assert all(len(m["shape"]) == 3 for m in data["maps"])  # (frames, rows, cols)
 
 
 def test_maps_cli_on_wan_writes_animated_overlays_and_frame_row_col_shapes(dirs, stock, tmp_path):

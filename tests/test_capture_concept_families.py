@@ -309,3 +309,35 @@ def test_concepts_past_the_call_text_length_are_one_error(pipes):
         with pytest.raises(ValueError, match=r"the concepts \['large', 'background'\] lie past this call's 7 text "
                                              r"tokens"):
             _call(pipe, "qwen_image", FAMILIES["qwen_image"][0], prompt="a cat")
+
+
+@pytest.mark.parametrize("name", ["qwen_image", "hunyuan_video15"])
+def test_cli_writes_concept_maps_of_a_capture_run(name, pipes, tmp_path, capsys):
+    """`dit-attn maps --kind concept` on a saved model: one overlay per layer and concept, each entry's mean the
+    mean of a da.Capture run's map (heads averaged) with the same call."""
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    from dit_attn.cli.main import main
+    from dit_attn.loading import call_defaults
+
+    model = tmp_path / "model"
+    pipes(name).save_pretrained(model)
+    size = ["--size", "16", "--frames", "5"] if name == "hunyuan_video15" else ["--size", "32"]
+    out = tmp_path / "maps"
+    assert main(["maps", PROMPTS[0], "--model", str(model), "--kind", "concept", "--words", "circle,sky", "--layers", "1",
+                 "--steps", "2", "--seed", "3", *size, "--out", str(out)]) == 0
+    capsys.readouterr()
+    data = json.load(open(out / "maps.json"))
+    assert data["kind"] == "concept" and [m["file"] for m in data["maps"]] == [
+        f"L1_circle.{'webp' if name == 'hunyuan_video15' else 'png'}", f"L1_sky.{'webp' if name == 'hunyuan_video15' else 'png'}"]
+    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    call = {**call_defaults(pipe), **data["call"]}
+    with da.apply(pipe, da.Capture(kind="concept", tokens=["circle", "sky"], layers=[1])) as handle:
+        pipe(PROMPTS[0], generator=torch.Generator().manual_seed(3), output_type="latent", **call)
+        maps = handle.maps.maps[0, 0].mean(dim=0)  # (concepts, [frames,] H, W)
+    for entry, values in zip(data["maps"], maps):
+        assert entry["shape"] == list(values.shape) and entry["mean_probability"] == pytest.approx(float(values.mean()),
+                                                                                                  abs=1e-6)

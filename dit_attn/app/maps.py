@@ -40,7 +40,7 @@ def maps_capture(prompt: str, num_inference_steps: int, kind, words_text, layers
 def check_overlays(capture: Capture, model: LoadedModel, per_layer: bool) -> None:
     """The gallery stays within MAX_OVERLAYS overlays and a video model gets a kind it captures (the layers and
     heads are checked when the Capture is applied)."""
-    if makes_videos(model.pipe) and capture.kind == "concept":
+    if model.family == "wan" and capture.kind == "concept":
         raise ValueError(f"kind concept does not run on video models ({type(model.pipe).__name__}): choose cross "
                          "(words of the prompt) or self (frame,row,col cells)")
     layers = len(capture.layers) if capture.layers is not None else len(model.layer_map)
