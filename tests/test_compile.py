@@ -353,3 +353,183 @@ def test_text_patch_with_blocks_compiled_fullgraph_equals_eager():
     assert max((a - b).abs().max() for a, b in zip(eager, stock)) > 1e-4  # the patch changes the steps
     for got in (compiled, again):
         assert max((a - b).abs().max() for a, b in zip(got, eager)) < 1e-5
+
+
+def _many_blocks(family: str):
+    """(pipe, first transformer call) of a model with more blocks than dynamo's default recompile_limit (8)."""
+    from dit_attn.toy.configs import build_flux_pipeline, build_sd3_pipeline
+    from dit_attn.toy.qwen_image import build_qwen_image_pipeline
+    from dit_attn.toy.wan import build_wan_pipeline
+
+    build = {"sd3": lambda: build_sd3_pipeline(num_layers=12, num_heads=2, head_dim=8),
+             "flux": lambda: build_flux_pipeline(num_layers=3, num_single_layers=9, num_heads=2, head_dim=8),
+             "qwen_image": lambda: build_qwen_image_pipeline(num_layers=10),
+             "wan": lambda: build_wan_pipeline(num_layers=10)}[family]
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    extra = {"num_frames": 5, "height": 64, "width": 64} if family == "wan" else {}
+    with CallRecorder(pipe) as rec:
+        pipe("a red circle", num_inference_steps=1, output_type="latent", generator=torch.Generator().manual_seed(0),
+             **{"height": 32, "width": 32, "max_sequence_length": 8, **extra})
+    return pipe, {**rec.calls[0], "return_dict": False}
+
+
+def _block_graphs(transformer, call: dict) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Every block compiled with fullgraph=True at the default recompile_limit: (graphs dynamo made for the first
+    call, the first call's output, a second call's output under error_on_recompile)."""
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    for block in _blocks(transformer):
+        block.compile(fullgraph=True, backend=counting)
+    try:
+        first = transformer(**call)[0]
+        made = len(graphs)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            again = transformer(**call)[0]
+    finally:
+        torch._dynamo.reset()
+        for block in _blocks(transformer):
+            block._compiled_call_impl = None
+    return made, first, again
+
+
+@pytest.mark.parametrize("family,edit", [("sd3", "softpag"), ("sd3", "local"), ("flux", "softpag"), ("flux", "local"),
+                                         ("qwen_image", "softpag"), ("wan", "local")])
+def test_regional_compile_shares_the_graph_of_unedited_blocks(family, edit):
+    """Blocks compiled one by one (diffusers' regional compilation) with an edit on one layer: the unedited
+    blocks share the stock blocks' graphs, so the count is stock's plus one, within the default recompile_limit
+    (more blocks than it), the eager output, and no recompile on the next call."""
+    pipe, call = _many_blocks(family)
+    transformer = pipe.transformer
+    layer = 5  # FLUX.1: a single block; none is the last block (whose kind differs on SD3)
+    radius = (1.0, 1.0, 1.0) if family == "wan" else 1.0
+    edits = {"softpag": (da.SoftPAG([f"L{layer}H0"], u=1.0),),
+             "local": (da.LocalAttention(radius=radius, layers=[layer], backend="tiled"),)}[edit]
+    with torch.no_grad():
+        stock_graphs, stock, _ = _block_graphs(transformer, call)
+        with da.apply(transformer, *edits):
+            eager = transformer(**call)[0]
+            graphs, got, again = _block_graphs(transformer, call)
+    assert (eager - stock).abs().max() > 1e-4  # the edit runs
+    assert graphs == stock_graphs + 1, (graphs, stock_graphs)
+    for out in (got, again):
+        assert (out - eager).abs().max() < 1e-5
+
+
+class StepRecorder:
+    """The ε of every scheduler step, from an instance-level `scheduler.step` set before dit-attn is applied
+    (outside any compiled region: a forward pre-hook would be traced with the transformer)."""
+
+    def __init__(self, pipe):
+        self.steps: list[torch.Tensor] = []
+        original = pipe.scheduler.step
+
+        def step(model_output, *args, **kwargs):
+            self.steps.append(model_output.clone())
+            return original(model_output, *args, **kwargs)
+
+        self.pipe = pipe
+        pipe.scheduler.step = step
+
+    def run(self, generate) -> list[torch.Tensor]:
+        self.steps = []
+        generate()
+        return self.steps
+
+    def close(self) -> None:
+        del self.pipe.scheduler.step
+
+
+def _steps_apart(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    assert len(a) == len(b)
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("family,edit", [("sd3", "guidance"), ("sd3", "text"), ("flux", "guidance"), ("flux", "text"),
+                                         ("sd3", "both")])
+def test_whole_model_fullgraph_compiles_guided_and_text_patched_calls(family, edit):
+    """`torch.compile(transformer, fullgraph=True)` of HeadGuidance's guided calls and TextPatch's patched calls:
+    the row planning reads Python ints only and the source prompt is encoded when the pipeline encodes its own
+    (before the transformer runs), so the whole call is one graph; the eager steps, and no new graph on the
+    next generation."""
+    from torch._dynamo.utils import counters
+
+    from dit_attn.toy.configs import build_flux_pipeline, build_sd3_pipeline
+
+    if family == "sd3":
+        pipe, run = build_sd3_pipeline(num_layers=3, num_heads=4, head_dim=8), sd3_call
+    else:
+        pipe, run = build_flux_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=8), flux_call
+    pipe.set_progress_bar_config(disable=True)
+    edits = {"guidance": (da.HeadGuidance(["L1H1", "L2"], scale=2.0, u=0.7),),
+             "text": (da.TextPatch(layers=[1], source_prompt="a blue square"),)}
+    edits["both"] = edits["guidance"] + edits["text"]
+    recorder = StepRecorder(pipe)
+    generate = lambda: run(pipe, steps=2)  # noqa: E731
+    try:
+        stock = recorder.run(generate)
+        with da.apply(pipe, *edits[edit]):
+            eager = recorder.run(generate)
+            torch._dynamo.reset()
+            counters.clear()
+            pipe.transformer.compile(fullgraph=True, backend="aot_eager")
+            try:
+                compiled = recorder.run(generate)
+                graphs = counters["stats"]["unique_graphs"]
+                again = recorder.run(generate)
+                assert counters["stats"]["unique_graphs"] == graphs  # the second generation reuses the graphs
+            finally:
+                torch._dynamo.reset()
+                pipe.transformer._compiled_call_impl = None
+    finally:
+        recorder.close()
+    assert _steps_apart(eager, stock) > 1e-4  # the edit changes the steps
+    assert _steps_apart(compiled, eager) < 1e-5 and _steps_apart(again, eager) < 1e-5
+
+
+def test_compiled_guided_blocks_follow_new_strengths_without_apply():
+    """Head search sets new strengths on the guided layers between calls (no new apply): blocks compiled with
+    fullgraph=True give the eager steps of each strength set (the guided layers' processors read their layer;
+    only unedited layers share a graph)."""
+    from dit_attn.processors.state import LayerEdit
+    from dit_attn.toy.configs import build_sd3_pipeline
+
+    pipe = build_sd3_pipeline(num_layers=3, num_heads=4, head_dim=8)
+    pipe.set_progress_bar_config(disable=True)
+    recorder = StepRecorder(pipe)
+    generate = lambda: sd3_call(pipe, steps=2)  # noqa: E731
+
+    def strengths(state, head: int) -> None:
+        edit = state.guided_edits[1]
+        u = torch.zeros_like(edit.u)
+        u[head] = 1.0
+        state.guided_edits[1] = LayerEdit(u, edit.target, edit.scope, (True, False))  # one head of four, as apply marks it
+
+    try:
+        with da.apply(pipe, da.HeadGuidance(["L1H1"], scale=2.0, u=1.0)) as handle:
+            eager = []
+            for head in (1, 3):
+                strengths(handle.state, head)
+                eager.append(recorder.run(generate))
+            torch._dynamo.reset()
+            for block in pipe.transformer.transformer_blocks:
+                block.compile(fullgraph=True, backend="aot_eager")
+            try:
+                compiled = []
+                for head in (1, 3):
+                    strengths(handle.state, head)
+                    compiled.append(recorder.run(generate))
+            finally:
+                torch._dynamo.reset()
+                for block in pipe.transformer.transformer_blocks:
+                    block._compiled_call_impl = None
+    finally:
+        recorder.close()
+    assert _steps_apart(eager[0], eager[1]) > 1e-4  # the two head sets guide differently
+    for got, want in zip(compiled, eager):
+        assert _steps_apart(got, want) < 1e-5

@@ -122,8 +122,9 @@ class Family:
     def supports_pipeline(self, pipe) -> bool:
         return type(pipe).__name__ in self.guided_pipelines
 
-    def conditional_rows(self, pipe, batch: int, call: dict, context: str | None) -> "torch.Tensor | None":
-        """Indices of the conditional rows of this call, or None when the call is not one to edit."""
+    def conditional_rows(self, pipe, batch: int, call: dict, context: str | None) -> "range | None":
+        """Indices of the conditional rows of this call (Python ints: a compiled call reads no tensor value for
+        them), or None when the call is not one to edit."""
         raise NotImplementedError
 
     def prediction(self, sample: "torch.Tensor") -> "torch.Tensor":

@@ -45,8 +45,8 @@ class Bria(Flux):
         if pipe.do_classifier_free_guidance:
             if batch % 2:
                 raise RuntimeError(f"a Bria CFG call with an odd number of rows ({batch})")
-            return torch.arange(batch // 2, batch)
-        return torch.arange(batch)
+            return range(batch // 2, batch)
+        return range(batch)
 
     def encode_prompts(self, pipe, prompts, max_sequence_length):
         """(T5 states (N, S, D) zero-padded to `max_sequence_length`, a mask of ones (N, S): Bria passes none)."""

@@ -153,7 +153,7 @@ class Flux(Family):
         cache context "uncond" (left stock)."""
         if context == "uncond":
             return None
-        return torch.arange(batch)
+        return range(batch)
 
     def encode_prompts(self, pipe, prompts, max_sequence_length):
         embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, num_images_per_prompt=1,

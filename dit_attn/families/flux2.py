@@ -106,7 +106,7 @@ class Flux2(Family):
         "cond" and, with CFG, the negative one under "uncond" (left stock)."""
         if context == "uncond":
             return None
-        return torch.arange(batch)
+        return range(batch)
 
     def encode_prompts(self, pipe, prompts, max_sequence_length):
         if getattr(pipe, "text_encoder", None) is None:

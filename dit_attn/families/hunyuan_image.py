@@ -114,7 +114,7 @@ class HunyuanImage(Family):
         """The guider's conditional call ("pred_cond", every row); its other calls are left stock."""
         if context not in (None, "pred_cond"):
             return None
-        return torch.arange(batch)
+        return range(batch)
 
     def encode_prompts(self, pipe, prompts, max_sequence_length):
         """(Qwen text states (N, S, D), the rest as one (N, S + S2 + S2·D2) tensor: the Qwen mask, the ByT5

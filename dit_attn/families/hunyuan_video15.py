@@ -103,7 +103,7 @@ class HunyuanVideo15(Family):
         """The guider's conditional call ("pred_cond", every row); its other calls are left stock."""
         if context not in (None, "pred_cond"):
             return None
-        return torch.arange(batch)
+        return range(batch)
 
     def encode_prompts(self, pipe, prompts, max_sequence_length):
         """(Qwen text states (N, S, D), the Qwen mask, the ByT5 glyph mask and the glyph states (S2 × D2)

@@ -57,7 +57,7 @@ class LongCatImage(Flux):
         """The "cond" call is conditional; the CFG call under cache context "uncond" is left stock."""
         if context == "uncond":
             return None
-        return torch.arange(batch)
+        return range(batch)
 
     def encode_prompts(self, pipe, prompts, max_sequence_length):
         """(Qwen2.5-VL states (N, S, D) at the pipeline's own padded length `tokenizer_max_length`, a mask of

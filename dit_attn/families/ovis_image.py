@@ -53,7 +53,7 @@ class OvisImage(Flux):
         """The "cond" call is conditional; the CFG call under cache context "uncond" is left stock."""
         if context == "uncond":
             return None
-        return torch.arange(batch)
+        return range(batch)
 
     def encode_prompts(self, pipe, prompts, max_sequence_length):
         """(Qwen3 states (N, S, D) padded to `max_sequence_length` (padding zeroed by the pipeline), a mask of

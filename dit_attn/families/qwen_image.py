@@ -102,7 +102,7 @@ class QwenImage(Family):
         one under "uncond" (left stock); without a negative prompt only the "cond" call."""
         if context == "uncond":
             return None
-        return torch.arange(batch)
+        return range(batch)
 
     def encoder_inputs(self, pipe) -> tuple[str, ...]:
         """Inputs of the pipeline's own `encode_prompt` call that other prompts are encoded with too."""

@@ -3,8 +3,6 @@ tokens, latents (B, C, H, W) patchified row-major; SD3.5's dual-attention blocks
 image-only `attn2` that shares the block's layer number."""
 from __future__ import annotations
 
-import torch
-
 from ..heads import LayerInfo, head_dim
 from .base import CallRows, Family
 from .image_latents import decode_kl, encode_kl
@@ -63,8 +61,8 @@ class SD3(Family):
         if call.get("skip_layers") is not None:
             return None
         if pipe.do_classifier_free_guidance:
-            return torch.arange(batch // 2, batch)
-        return torch.arange(batch)
+            return range(batch // 2, batch)
+        return range(batch)
 
     def encode_prompts(self, pipe, prompts, max_sequence_length):
         embeds, _, pooled, _ = pipe.encode_prompt(

@@ -19,8 +19,6 @@ cache contexts, and HeadGuidance adds its term on the step of whichever expert r
 """
 from __future__ import annotations
 
-import torch
-
 from ..heads import LayerInfo, head_dim
 from .base import CallRows, Family
 
@@ -100,7 +98,7 @@ class Wan(Family):
         """The conditional call ("cond", every row); the "uncond" call is left stock."""
         if context not in (None, "cond"):
             return None
-        return torch.arange(batch)
+        return range(batch)
 
     def encode_prompts(self, pipe, prompts, max_sequence_length):
         """(text states (N, S, D), an empty (N, 0) tensor: Wan has no pooled embedding). The pipelines pad

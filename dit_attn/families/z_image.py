@@ -132,10 +132,10 @@ class ZImage(Family):
         if cfg and truncation is not None and float(truncation) <= 1:
             cfg = not float(call["t"][0]) > truncation  # the call's t is the pipeline's t_norm
         if not cfg:
-            return torch.arange(batch)
+            return range(batch)
         if batch % 2:
             raise RuntimeError(f"a Z-Image CFG call with an odd number of rows ({batch})")
-        return torch.arange(batch // 2)
+        return range(batch // 2)
 
     def sequence_length_of_call(self, pipe, text_length: int) -> None:
         """None: the pipeline's default; a source prompt keeps its own caption length in the call."""

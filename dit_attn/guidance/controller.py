@@ -43,26 +43,30 @@ class GuidanceController:
         self.selector = CallSelector(pipe, family, "HeadGuidance")
         self.pending: PendingGuidance | None = None
         self.wraps: list = []
+        self._wrap_step()  # now, not in the first guided call: a compiled call then finds the same scheduler.step
 
-    def fork_for_call(self, batch: int, call: dict, context: str | None) -> torch.Tensor | None:
-        """The conditional rows to copy (as perturbed rows) in this call, or None."""
-        step, total = denoising_step(self.pipe)
-        if not self.edit.active_at(step / total):
-            return None
-        cond = self.selector.select(batch, call, context)
-        if cond is None:
-            return None
+    def _wrap_step(self) -> None:
         wrap = wrap_scheduler_step(self.pipe.scheduler, self.guide, owner=self)
         if wrap is not None:
             self.wraps.append(wrap)
+
+    def fork_for_call(self, batch: int, call: dict, context: str | None) -> tuple[int, ...] | None:
+        """The conditional rows to copy (as perturbed rows) in this call, as Python ints, or None."""
+        step, total = denoising_step(self.pipe)
+        if not self.edit.active_at(step / total):
+            return None
+        cond = self.selector.select_rows(batch, call, context)
+        if cond is None:
+            return None
+        if not torch.compiler.is_compiling():  # a scheduler set after apply (the one at apply is wrapped)
+            self._wrap_step()
         return cond
 
-    def finish_call(self, output, plan: RowPlan, cond: torch.Tensor):
+    def finish_call(self, output, plan: RowPlan, cond):
         sample = output[0]
-        final = plan.final  # the perturbed copies of the conditional rows (not of TextPatch's source rows)
-        copies = final.perturbed & (final.from_call < plan.stock_rows)
-        eps_perturbed = self.family.prediction(take_rows(sample, copies.nonzero().flatten()))
-        eps_cond = self.family.prediction(take_rows(sample, cond))
+        copies = plan.final.copied_call_rows  # the perturbed copies of the conditional rows (not of TextPatch's source rows)
+        eps_perturbed = self.family.prediction(take_rows(sample, torch.tensor(copies, dtype=torch.long)))
+        eps_cond = self.family.prediction(take_rows(sample, torch.tensor(list(cond), dtype=torch.long)))
         self.pending = PendingGuidance(eps_cond, eps_perturbed, denoising_step(self.pipe)[0], self.pipe.scheduler.timesteps)
         return stock_output(output, plan.stock_rows)
 

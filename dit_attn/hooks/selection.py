@@ -26,6 +26,11 @@ class CallSelector:
         return self._last is not None and self._last[0] is self.pipe.scheduler.timesteps and self._last[1] == step
 
     def select(self, batch: int, call: dict, context: str | None) -> torch.Tensor | None:
+        rows = self.select_rows(batch, call, context)
+        return None if rows is None else torch.tensor(rows, dtype=torch.long)
+
+    def select_rows(self, batch: int, call: dict, context: str | None) -> tuple[int, ...] | None:
+        """The conditional rows as Python ints, read from no tensor (torch.compile may be tracing the call)."""
         if self.selected_this_step():
             # the conditional call comes first; a second call in the same step is a negative
             # (true CFG without cache contexts) or skip-layer call
@@ -36,7 +41,7 @@ class CallSelector:
         if any(call.get(name) is not None for name in self.family.rows.controlnet_args):
             raise NotImplementedError(f"{self.edit_name} does not support ControlNet residuals yet")
         self._last = (self.pipe.scheduler.timesteps, denoising_step(self.pipe)[0])
-        return cond
+        return tuple(int(row) for row in cond)
 
 
 def check_pipeline(pipe, family: Family, edit_name: str) -> None:

@@ -84,17 +84,21 @@ class TextPatchController:
         self.selector = CallSelector(pipe, family, edit_name)
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._cache_key = None
+        # the source prompts encoded when the pipeline encoded its own, {(prompt, text length, device, dtype): (embeds,
+        # pooled)}: a compiled transformer call takes them without running a tokenizer in its graph
+        self._prepared: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.encoder_kwargs: dict = {}  # the family's encoder_inputs from the pipeline's own encode_prompt call
         self._encoding = False  # inside the controller's own encoding (not the pipeline's)
         self._encoder_wrap: MethodWrap | None = None
 
     def install(self) -> None:
-        """Watch the pipeline's own `encode_prompt` calls where they carry inputs the encoding needs."""
-        if self._watches_encoder():
+        """Watch the pipeline's own `encode_prompt` calls: for the inputs the encoding needs, and to encode the
+        source prompts with them, before the transformer runs."""
+        if hasattr(self.pipe, "encode_prompt"):
             self._encoder_wrap = MethodWrap(self.pipe, "encode_prompt", self._watching_encoder)
 
     def unwrap(self) -> None:
-        self._cache, self._cache_key, self.encoder_kwargs = {}, None, {}
+        self._cache, self._cache_key, self.encoder_kwargs, self._prepared = {}, None, {}, {}
         self.selector.reset()
         if self._encoder_wrap is not None:
             self._encoder_wrap.undo()
@@ -105,10 +109,36 @@ class TextPatchController:
 
     def _watching_encoder(self, original):
         def encode_prompt(*args, **kwargs):
-            if not self._encoding:
+            if self._encoding:
+                return original(*args, **kwargs)
+            if self._watches_encoder():
                 self._pipeline_encodes(args, kwargs)
-            return original(*args, **kwargs)
+            result = original(*args, **kwargs)
+            self._prepare_sources(result)
+            return result
         return encode_prompt
+
+    def _prepare_sources(self, result) -> None:
+        """Encode the source prompts of the pipeline call that just encoded its prompts (`result`, whose first
+        output is the (N, S, D) text states of its N prompts) at its text length, device and dtype."""
+        self._prepared = {}
+        text = result[0] if isinstance(result, tuple) and result else None
+        if not isinstance(text, torch.Tensor) or text.ndim != 3:
+            return  # a family whose calls take other text inputs: encoded at the call, as without compile
+        try:
+            prompts = sorted({p for p in self.prompts_for(text.shape[0]) if p is not None})
+        except (ValueError, RuntimeError):  # the call raises it (e.g. TextGuard without prompt text)
+            return
+        if not prompts:
+            return
+        self._encoding = True
+        try:
+            embeds, pooled = encode_prompts(self.pipe, self.family, prompts, text.shape[1], text.device, text.dtype,
+                                            self.encoder_kwargs)
+        finally:
+            self._encoding = False
+        self._prepared = {(p, text.shape[1], text.device, text.dtype): (embeds[i : i + 1], pooled[i : i + 1])
+                          for i, p in enumerate(prompts)}
 
     def _pipeline_encodes(self, args: tuple, kwargs: dict) -> None:
         """The pipeline calls its `encode_prompt` (keyword arguments, as every supported pipeline does)."""
@@ -118,7 +148,7 @@ class TextPatchController:
         step, total = denoising_step(self.pipe)
         if not self.start <= step / total < self.end:
             return None
-        cond = self.selector.select(batch, kwargs, context)
+        cond = self.selector.select_rows(batch, kwargs, context)
         if cond is None:
             return None
         prompts = self.prompts_for(len(cond))
@@ -141,6 +171,9 @@ class TextPatchController:
         # a family whose text is a per-row list (Z-Image's cap_feats) gets it in the transformer's device and dtype
         where = text if isinstance(text, torch.Tensor) else self.pipe.transformer
         text_len = text.shape[1] if isinstance(text, torch.Tensor) else self.family.text_length(kwargs)
+        prepared = [self._prepared.get((p, text_len, where.device, where.dtype)) for p in prompts]
+        if prompts and all(entry is not None for entry in prepared):
+            return torch.cat([e[0] for e in prepared]), torch.cat([e[1] for e in prepared])
         key = (self.pipe.scheduler.timesteps, text_len, where.device, where.dtype)
         if self._cache_key is None or key[0] is not self._cache_key[0] or key[1:] != self._cache_key[1:]:
             self._cache, self._cache_key = {}, key

@@ -36,9 +36,9 @@ def carrying(processor: LayerProcessor, image_prompt) -> LayerProcessor:
     from .sd3 import SD3AttnProcessor, SD3IPAdapterProcessor
 
     if type(processor) is SD3AttnProcessor:
-        return SD3IPAdapterProcessor(processor.layer, processor.state, processor.joint, image_prompt)
+        return SD3IPAdapterProcessor(processor.layer_index, processor.state, processor.joint, image_prompt)
     if type(processor) is FluxAttnProcessor:
-        return FluxIPAdapterProcessor(processor.layer, processor.state, image_prompt)
+        return FluxIPAdapterProcessor(processor.layer_index, processor.state, image_prompt)
     raise TypeError(f"{type(processor).__name__} does not carry IP-Adapter branches")
 
 

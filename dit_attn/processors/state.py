@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -78,6 +79,7 @@ class RowStage:
     keeps_rows: bool  # select is the identity: the rows entering this stage run on unchanged
     is_call_rows: bool  # from_call is the identity: the stage runs the call's rows
     perturbed_rows: tuple[int, ...] = ()  # the rows of `perturbed`, as Python ints (no data-dependent branch)
+    copied_call_rows: tuple[int, ...] = ()  # of those, the copies of the pipeline's own rows (not of source rows)
 
     @property
     def size(self) -> int:
@@ -120,18 +122,20 @@ class RowPlan:
 
 
 def plan_rows(stock_rows: int, sources: dict[int, int] | None = None, patch_end: int | None = None,
-              cond: torch.Tensor | None = None, fork_layer: int | None = None) -> RowPlan:
+              cond: Sequence[int] | None = None, fork_layer: int | None = None) -> RowPlan:
     """The RowPlan of a call with `stock_rows` pipeline rows.
 
     sources: {target row: source row} with source rows numbered from stock_rows on (the
         inputs the call gets after they are appended); they are dropped from `patch_end` on.
     cond, fork_layer: rows copied (as perturbed rows) at block `fork_layer`, with their
-        source rows while those run.
+        source rows while those run. Every row index is a Python int: the plan is Python structure (and tensors
+        made from it), so a compiled call traces it without reading a tensor value.
     """
     sources = sources or {}
     call_rows = stock_rows + len(sources)
     copy_index = {}  # call row of a copied row → index of its conditional row
-    for k, c in enumerate([] if cond is None else cond.tolist()):
+    cond = None if cond is None else [int(c) for c in cond]
+    for k, c in enumerate(cond or []):
         copy_index[c] = k
         if c in sources:
             copy_index[sources[c]] = k
@@ -144,7 +148,7 @@ def plan_rows(stock_rows: int, sources: dict[int, int] | None = None, patch_end:
         if patch_end is not None and layer >= patch_end:
             rows = [r for r in rows if r[0] < stock_rows]
         if cond is not None and layer == fork_layer:
-            copies = [int(c) for c in cond]
+            copies = list(cond)
             # the perturbed model patches its copies with a perturbed run of their source prompts
             copies += [sources[c] for c in copies if (sources.get(c), False) in rows]
             rows += [(c, True) for c in copies]
@@ -163,6 +167,7 @@ def plan_rows(stock_rows: int, sources: dict[int, int] | None = None, patch_end:
             keeps_rows=select == list(range(len(previous))),
             is_call_rows=[r[0] for r in rows] == list(range(call_rows)) and not any(r[1] for r in rows),
             perturbed_rows=tuple(i for i, r in enumerate(rows) if r[1]),
+            copied_call_rows=tuple(i for i, r in enumerate(rows) if r[1] and r[0] < stock_rows),
         ))
         previous = rows
     return RowPlan(stock_rows, tuple(stages))
@@ -225,6 +230,16 @@ class EditState:
         if current is None:
             current = self._calls.state = CallState()
         return current
+
+    def reads_layer(self, layer: int) -> bool:
+        """Whether this configuration may edit `layer` in some call. Taken when a processor is made, so it covers
+        every later change that keeps the edited layers (HeadGuidance's and head search's new strengths)."""
+        if self.capture is not None:  # records every layer
+            return True
+        touched = {at for at, edits in self.model_edits.items() if any(e.same_rows is None or e.same_rows[0] for e in edits)}
+        local = self.local.layers if self.local is not None else frozenset()
+        nag = self.nag.layers if self.nag is not None else frozenset()
+        return layer in touched | set(self.guided_edits) | local | nag | self.patch_layers | self.shared_image_layers
 
     def scale_for(self, layer: int, image_tokens: int, head_dim: int) -> float | None:
         """The softmax scale of a local layer with length adjustment; None: the default 1/sqrt(D)."""
@@ -351,10 +366,24 @@ def nag_combination(nag: NAGSetting, positive: torch.Tensor, negative: torch.Ten
     return guided * nag.alpha + positive * (1 - nag.alpha)
 
 
+NO_LAYER = -1  # the layer a processor edits with where its configuration edits none: no edit is keyed by it
+
+
 class LayerProcessor:
-    """Base of the dit-attn processors: the layer index it serves and the shared state."""
+    """Base of the dit-attn processors: the layer index it serves and the shared state.
+
+    The edits are looked up by `layer`, which is the processor's own index only where the state's configuration
+    may edit that layer (`EditState.reads_layer`, when the processor is made): torch.compile specializes a
+    block's graph on every Python value the processor reads, so the processors of unedited layers read
+    `NO_LAYER` (through one shared flag) and their blocks trace to one graph, as stock blocks do.
+    """
 
     def __init__(self, layer: int = -1, state: EditState | None = None):
         # diffusers rebuilds processors as `type(p)()` (load_ip_adapter): such a one edits nothing
-        self.layer = layer
+        self.layer_index = layer
         self.state = state if state is not None else EditState(released=True)
+        self.reads_layer = self.state.reads_layer(layer)
+
+    @property
+    def layer(self) -> int:
+        return self.layer_index if self.reads_layer else NO_LAYER
