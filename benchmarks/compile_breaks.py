@@ -6,8 +6,12 @@ pipeline, which is run once first) and prints the
 number of graph breaks and graphs with their most common reasons, then whether
 `torch.compile(fullgraph=True)` traces the call. Stock diffusers has none except on
 HunyuanVideo 1.5 (a branch on `torch.all(image_embeds == 0)` and per-row masked indexing: the blocks
-then run as frames of their own, where dit-attn's processors compile once per layer); an edit that
+then run as frames of their own); an edit that
 adds one costs a recompile boundary on every call.
+
+Then, for the edits that act in a pipeline's own calls (HeadGuidance, TextPatch), it compiles the whole
+transformer with `fullgraph=True` and runs two 2-step generations: whether they trace, the graphs the first
+generation made and the second added, and the largest |compiled − eager| of the steps' predictions.
 
 Run:  python benchmarks/compile_breaks.py [--families sd3 flux chroma qwen_image wan hunyuan_video15]
 """
@@ -112,6 +116,8 @@ def main() -> None:
     parser.add_argument("--families", nargs="+",
                         default=["sd3", "flux", "chroma", "qwen_image", "wan", "hunyuan_video15"])
     parser.add_argument("--edits", nargs="+", choices=list(EDITS), default=list(EDITS))
+    parser.add_argument("--no-pipeline-edits", dest="pipeline_edits", action="store_false",
+                        help="skip the HeadGuidance and TextPatch generations")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, 4-layer config-built models, 32×32 px (Wan 64×64)")
@@ -140,6 +146,60 @@ def main() -> None:
                     handle.remove()
             print(f"{family:<15} {name:<24} {explained.graph_break_count:>6} {explained.graph_count:>6}  {fullgraph:<16} "
                   f"{'; '.join(f'{n}× {r}' for r, n in reasons.most_common(3))}")
+        if args.pipeline_edits:
+            for name, make in PIPELINE_EDITS.items():
+                print(f"{family:<15} {name:<24} whole-model fullgraph, 2 generations: "
+                      f"{pipeline_fullgraph(pipe, size, make())}", flush=True)
+
+
+PIPELINE_EDITS = {
+    "HeadGuidance L1H1,L2": lambda: (da.HeadGuidance(["L1H1", "L2"], scale=2.0, u=0.7),),
+    "TextPatch L1": lambda: (da.TextPatch(layers=[1], source_prompt="a blue square"),),
+}
+
+
+def pipeline_fullgraph(pipe, size: int, edits: tuple) -> str:
+    """Whole-model fullgraph compile of two 2-step generations with `edits` applied to the pipeline."""
+    from torch._dynamo.utils import counters
+
+    seen: list[torch.Tensor] = []
+    original = pipe.scheduler.step
+
+    def step(model_output, *args, **kwargs):  # outside the compiled region
+        seen.append(model_output.clone())
+        return original(model_output, *args, **kwargs)
+
+    def steps() -> list[torch.Tensor]:
+        seen.clear()
+        video = {"num_frames": 5} if hasattr(pipe, "vae_scale_factor_temporal") else {}
+        if "max_sequence_length" in inspect.signature(pipe.__call__).parameters:
+            video["max_sequence_length"] = 8
+        with torch.no_grad():
+            pipe("a red circle", num_inference_steps=2, height=size, width=size, output_type="latent",
+                 generator=torch.Generator().manual_seed(0), **video)
+        return list(seen)
+
+    pipe.scheduler.step = step
+    try:
+        with da.apply(pipe, *edits):
+            eager = steps()
+            dynamo.reset()
+            counters.clear()
+            pipe.transformer.compile(fullgraph=True, backend="eager")
+            try:
+                first = steps()
+                graphs = counters["stats"]["unique_graphs"]
+                second = steps()
+                added = counters["stats"]["unique_graphs"] - graphs
+            except Exception as err:  # dynamo's Unsupported and its wrappers
+                return f"fails: {str(err).splitlines()[0][:90]}"
+            finally:
+                dynamo.reset()
+                pipe.transformer._compiled_call_impl = None
+    finally:
+        del pipe.scheduler.step
+    apart = max(float((a - b).abs().max()) for got in (first, second) for a, b in zip(got, eager))
+    return f"ok: {graphs} graphs, {added} added by the 2nd generation, max |compiled - eager| {apart:.1e}"
 
 
 def fullgraph_result(transformer, call: dict, reasons: collections.Counter) -> str:

@@ -125,7 +125,9 @@ class CallHook(_Hook):
     """Sees every transformer call; adds the extra rows of HeadGuidance and TextPatch.
 
     guidance: None, or a controller with `fork_for_call(batch, call, context)` (the conditional
-    rows to copy, or None), `fork_layer` and `finish_call(output, plan, cond)`.
+    rows to copy as Python ints, or None), `fork_layer` and `finish_call(output, plan, cond)`.
+    This runs inside a whole-model `torch.compile`: the row planning reads Python values and tensor
+    shapes, no tensor's values, and the source prompts are encoded before the call.
     text: None, or a controller with `sources_for_call(batch, call, context)` returning None or
     an object with `sources` ({target row: source row}), `patch_end` (first layer without
     source rows) and `extend(call)` (the inputs with the source rows appended).
