@@ -184,8 +184,6 @@ def test_app_maps_on_wan_are_animated_overlays_of_a_capture_run(client, dirs, st
         assert np.allclose(entry["values"], expected[word].numpy(), atol=1e-6)
         drawn = da.capture.overlay_frames(frames, expected[word])
         assert np.array_equal(frames_of(shown["image"]), np.stack([np.asarray(f) for f in drawn]))
-    with pytest.raises(AppError, match="kind concept does not run on video models"):
-        client.predict(*form(dirs["wan"]), "concept", "cat", "", "", None, None, True, api_name="/maps")
 
 
 def test_maps_tab_gives_concept_maps_on_hunyuan_video15(registry, dirs, tmp_path):
@@ -225,7 +223,6 @@ def test_maps_cli_self_kind_takes_frame_row_col_cells(dirs, stock, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--frames", "6"], r"num_frames must be 4k \+ 1 on this model"),
-    (["--kind", "concept", "--words", "cat"], "--kind concept does not run on video models"),
     (["--kind", "self", "--locations", "9,0,0"], r"outside the 2×2×2 video-token grid \(frames 0-1"),
 ])
 def test_maps_cli_bad_video_input_is_one_line(dirs, tmp_path, capsys, flags, message):

@@ -140,6 +140,9 @@ def _build(name):
         from dit_attn.toy.hunyuan_image import build_hunyuan_image_pipeline
         return build_hunyuan_image_pipeline(num_layers=1, num_single_layers=1, num_heads=2, head_dim=8,
                                             guidance_embeds=name == "hunyuan_image", seed=1)
+    if name == "wan":
+        from dit_attn.toy.wan import build_wan_pipeline
+        return build_wan_pipeline()
     if name == "hunyuan_video15":
         from dit_attn.toy.hunyuan_video15 import build_hunyuan_video15_pipeline
         return build_hunyuan_video15_pipeline(num_layers=2, num_heads=2, head_dim=8)
@@ -311,7 +314,7 @@ def test_concepts_past_the_call_text_length_are_one_error(pipes):
             _call(pipe, "qwen_image", FAMILIES["qwen_image"][0], prompt="a cat")
 
 
-@pytest.mark.parametrize("name", ["qwen_image", "hunyuan_video15"])
+@pytest.mark.parametrize("name", ["qwen_image", "hunyuan_video15", "wan"])
 def test_cli_writes_concept_maps_of_a_capture_run(name, pipes, tmp_path, capsys):
     """`dit-attn maps --kind concept` on a saved model: one overlay per layer and concept, each entry's mean the
     mean of a da.Capture run's map (heads averaged) with the same call."""
@@ -324,14 +327,15 @@ def test_cli_writes_concept_maps_of_a_capture_run(name, pipes, tmp_path, capsys)
 
     model = tmp_path / "model"
     pipes(name).save_pretrained(model)
-    size = ["--size", "16", "--frames", "5"] if name == "hunyuan_video15" else ["--size", "32"]
+    size = {"hunyuan_video15": ["--size", "16", "--frames", "5"], "wan": ["--size", "32", "--frames", "5"]}.get(
+        name, ["--size", "32"])
+    suffix = "png" if name == "qwen_image" else "webp"
     out = tmp_path / "maps"
     assert main(["maps", PROMPTS[0], "--model", str(model), "--kind", "concept", "--words", "circle,sky", "--layers", "1",
                  "--steps", "2", "--seed", "3", *size, "--out", str(out)]) == 0
     capsys.readouterr()
     data = json.load(open(out / "maps.json"))
-    assert data["kind"] == "concept" and [m["file"] for m in data["maps"]] == [
-        f"L1_circle.{'webp' if name == 'hunyuan_video15' else 'png'}", f"L1_sky.{'webp' if name == 'hunyuan_video15' else 'png'}"]
+    assert data["kind"] == "concept" and [m["file"] for m in data["maps"]] == [f"L1_circle.{suffix}", f"L1_sky.{suffix}"]
     pipe = DiffusionPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
     call = {**call_defaults(pipe), **data["call"]}
@@ -341,3 +345,66 @@ def test_cli_writes_concept_maps_of_a_capture_run(name, pipes, tmp_path, capsys)
     for entry, values in zip(data["maps"], maps):
         assert entry["shape"] == list(values.shape) and entry["mean_probability"] == pytest.approx(float(values.mean()),
                                                                                                   abs=1e-6)
+
+
+# ------------------------------------------------------------------ Wan: the text enters only as attn2's keys/values
+@pytest.mark.parametrize("model,cfg", [("wan", False), ("wan", True), ("wan22", True)])
+def test_wan_concept_maps_are_cross_attention_outputs_against_concept_values(model, cfg):
+    """Each map: the softmax over the concepts of (the video queries' attn2 text output, before to_out) · (the mean
+    of the concept's tokens' attn2 values, the stock to_v on the concept prompt's text states), per head; on
+    Wan 2.2 each step's from the expert that ran it (E2: steps 2 and 3 of 4)."""
+    from dit_attn.toy.wan import build_wan22_pipeline, build_wan_pipeline
+
+    pipe = build_wan22_pipeline() if model == "wan22" else build_wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    steps = 4 if model == "wan22" else STEPS
+    experts = [t for t in (pipe.transformer, getattr(pipe, "transformer_2", None)) if t is not None]
+
+    def run(prompt=PROMPTS):
+        return pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=4.5 if cfg else 1.0, height=32, width=32,
+                    num_frames=5, output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+
+    plain = run()
+    layer = 1
+    with da.apply(pipe, da.Capture(kind="concept", tokens=CONCEPTS, layers=[layer], reduce=None)) as handle:
+        assert torch.equal(run(), plain)
+        result = handle.maps
+    calls = []  # (its transformer, its inputs, the index of its first attention call)
+    with Attention() as stock:
+        hooks = [t.register_forward_pre_hook(lambda m, a, kw: calls.append((m, _clone(kw), len(stock.calls))),
+                                             with_kwargs=True) for t in experts]
+        try:
+            run()
+        finally:
+            for hook in hooks:
+                hook.remove()
+    values = {}  # (transformer call, block) → the block's attn2 values of the concept prompt's text
+    counter = {"call": -1}
+    hooks = [t.register_forward_pre_hook(lambda m, a, kw: counter.update(call=counter["call"] + 1), with_kwargs=True)
+             for t in experts]
+    hooks += [block.attn2.to_v.register_forward_hook(
+        lambda m, a, out, i=i: values.__setitem__((counter["call"], i), out.detach().clone()))
+        for t in experts for i, block in enumerate(t.blocks)]
+    try:
+        run(" ".join(CONCEPTS))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    per_step = len(calls) // steps
+    assert (per_step > 1) == cfg
+    ids = pipe.tokenizer(" ".join(CONCEPTS))["input_ids"]
+    columns = [_positions(ids, pipe.tokenizer, w) for w in CONCEPTS]
+    ran = []
+    for step in range(steps):
+        transformer, kwargs, first = calls[step * per_step]
+        ran.append(transformer is experts[0])
+        heads = transformer.blocks[layer].attn2.heads
+        value = values[(step * per_step, layer)][0].unflatten(-1, (heads, -1)).transpose(0, 1)  # (heads, S, D)
+        concepts = torch.stack([value[:, cols].mean(1) for cols in columns], dim=1)  # (heads, C, D)
+        grid = tuple(n // p for n, p in zip(kwargs["hidden_states"].shape[2:], transformer.config.patch_size))
+        out = stock.calls[first + 2 * layer + 1][3]  # attn1, attn2 per block: this block's attn2, (B, heads, N, D)
+        assert out.shape[0] == 2 and out.shape[2] == grid[0] * grid[1] * grid[2]
+        scores = torch.softmax(out.double() @ concepts.double().transpose(-1, -2).unsqueeze(0), dim=-1)
+        want = scores.transpose(2, 3).unflatten(-1, grid).float()  # (rows, heads, C, F, H, W)
+        assert (result.maps[step, :, 0] - want).abs().max() < 1e-5, step
+    assert ran == ([True, True, False, False] if model == "wan22" else [True] * steps)

@@ -164,8 +164,6 @@ def test_self_maps_with_3d_local_attention_and_softpag(pipe, monkeypatch):
 def test_bad_input_and_two_experts():
     pipe = build_wan_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    with pytest.raises(NotImplementedError, match="kind='concept'\\) does not run on video models yet"):
-        da.apply(pipe, da.Capture(kind="concept", tokens=["cat"]))
     for tokens, message in [([(0, 0)], "not a \\(frame, row, col\\) cell of this call.s 2×2×2 video-token grid"),
                             ([(2, 0, 0)], "frames 0-1, rows 0-1, columns 0-1"), ([8], "flat indices 0-7")]:
         with pytest.raises(ValueError, match=message), da.apply(pipe, da.Capture(kind="self", tokens=tokens)):

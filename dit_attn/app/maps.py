@@ -38,11 +38,8 @@ def maps_capture(prompt: str, num_inference_steps: int, kind, words_text, layers
 
 
 def check_overlays(capture: Capture, model: LoadedModel, per_layer: bool) -> None:
-    """The gallery stays within MAX_OVERLAYS overlays and a video model gets a kind it captures (the layers and
-    heads are checked when the Capture is applied)."""
-    if model.family == "wan" and capture.kind == "concept":
-        raise ValueError(f"kind concept does not run on video models ({type(model.pipe).__name__}): choose cross "
-                         "(words of the prompt) or self (frame,row,col cells)")
+    """The gallery stays within MAX_OVERLAYS overlays (the layers and heads are checked when the Capture is
+    applied)."""
     layers = len(capture.layers) if capture.layers is not None else len(model.layer_map)
     count = len(capture.tokens) * (layers if per_layer else 1)
     if count > MAX_OVERLAYS:

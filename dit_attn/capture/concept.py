@@ -60,12 +60,16 @@ class ConceptRows:
         text = call.get("encoder_hidden_states")
         where = text if isinstance(text, torch.Tensor) else self.pipe.transformer  # Z-Image: per-row caption lists
         text_len = text.shape[1] if isinstance(text, torch.Tensor) else self.family.text_length(call)
-        key = (self.pipe.scheduler.timesteps, text_len, where.device, where.dtype)
+        return self.encoded(text_len, where.device, where.dtype)
+
+    def encoded(self, text_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The concept prompt's text inputs at `text_len` tokens (once per pipeline call); sets `columns`."""
+        key = (self.pipe.scheduler.timesteps, text_len, device, dtype)
         if self._cache is None or key[0] is not self._cache[0][0] or key[1:] != self._cache[0][1:]:
             self._encoding = True
             try:
-                embeds, pooled = encode_prompts(self.pipe, self.family, [self.prompt], text_len, where.device,
-                                                where.dtype, self._encoder_kwargs)
+                embeds, pooled = encode_prompts(self.pipe, self.family, [self.prompt], text_len, device, dtype,
+                                                self._encoder_kwargs)
             finally:
                 self._encoding = False
             self._cache = (key, embeds, pooled, self._positions(text_len))

@@ -92,10 +92,6 @@ class CaptureRecorder:
         """The concept rows' controller (it finds each concept's text positions in those rows at each call)."""
         from .concept import ConceptRows
 
-        if family.name == "wan":
-            raise NotImplementedError("Capture(kind='concept') does not run on video models yet with the text in a "
-                                      "cross-attention (Wan): give kind='cross' (text words or token indices) or "
-                                      "kind='self' (video locations)")
         if not family.nag or family.text_edits_unsupported:
             raise NotImplementedError(f"Capture(kind='concept') does not run on {family.name} models yet: its processors "
                                       "do not share image tokens across rows")

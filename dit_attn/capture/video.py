@@ -2,7 +2,8 @@
 
 cross: the cross-attention `attn2`'s own softmax over its text keys (the pipeline's padded T5 tokens, with
 TextPatch's source keys where it patches), for every video query and the chosen text columns; for
-image-to-video, the image context's separate softmax is not part of it. self: the self-attention `attn1`'s
+image-to-video, the image context's separate softmax is not part of it. concept: attn2's text output of each
+video query against each concept's mean attn2 value (the text has no queries in Wan). self: the self-attention `attn1`'s
 edited map (LocalAttention's 3-D window and SoftPAG in it) of chosen video locations over every video key.
 Maps are (rows, layers, heads, tokens, frames, height, width); `overlay_frames` draws them over the frames.
 """
@@ -23,11 +24,10 @@ class VideoCaptureRecorder(CaptureRecorder):
     """The recorder of a Capture on a video family whose processors hand it attn1's q/k (`record`) and attn2's
     video queries and text keys (`record_cross`)."""
 
-    def __init__(self, pipe, family, edit, layer_map):
-        if edit.kind == "concept":
-            raise NotImplementedError("Capture(kind='concept') does not run on video models yet: give kind='cross' "
-                                      "(text words or token indices) or kind='self' (video locations)")
-        super().__init__(pipe, family, edit, layer_map)
+    def concept_call(self, call: dict):
+        """concept: no second call; the maps come from attn2's outputs and the concept text's values
+        (`record_cross_output`)."""
+        return None
 
     def record(self, layer: int, query, key, plan, attention_mask, image_range, scale, layout, call) -> None:
         """attn1: every token of the call is a video token."""
@@ -60,6 +60,40 @@ class VideoCaptureRecorder(CaptureRecorder):
                                                for r in range(batch)]))
         out = torch.cat(pieces, dim=2)  # (R, heads, N, T)
         pending.layers[layer] = out.permute(0, 1, 3, 2).reshape(batch, n_heads, -1, *call.grid).float().cpu()
+
+
+    def record_cross_output(self, layer: int, attn, out: torch.Tensor, call) -> None:
+        """A concept capture, attn2 of `layer`: `out` (B, N, H·D), the video queries' output over the text keys
+        before the output projection. In Wan the text has no queries (it enters only as attn2's keys and
+        values), so a concept's vector is the mean of its tokens' attn2 values, in the space of those outputs;
+        each map is the softmax over the concepts of (video output · concept value) per head."""
+        pending = self._pending
+        if self.edit.kind != "concept" or pending is None or layer not in self.layers:
+            return
+        from ..processors.wan import _text_keys_values
+
+        self._grid = call.grid
+        embeds, _ = self.concept_rows.encoded(call.text_len, out.device, out.dtype)
+        with torch.no_grad():
+            _, values = _text_keys_values(attn, self.family.nag_text_states(self._transformer_of(attn), embeds))
+            heads = torch.tensor(self.heads, device=out.device)
+            values = values[0].index_select(1, heads).float()  # (S, heads, D)
+            concepts = torch.stack([values[cols].mean(0) for cols in self.concept_rows.columns], dim=1)  # (heads, C, D)
+            video = out.index_select(0, pending.rows.to(out.device)).unflatten(2, (attn.heads, -1))
+            video = video.index_select(2, heads).float().transpose(1, 2)  # (R, heads, N, D)
+            scores = torch.softmax(video @ concepts.transpose(-1, -2).unsqueeze(0), dim=-1)  # (R, heads, N, C)
+        pending.layers[layer] = scores.transpose(2, 3).reshape(*scores.shape[:2], -1, *call.grid).cpu()
+
+
+    def _transformer_of(self, attn):
+        """The transformer `attn` belongs to (Wan 2.2: either expert; each has its own text embedder)."""
+        experts = [t for t in (self.pipe.transformer, getattr(self.pipe, "transformer_2", None)) if t is not None]
+        if len(experts) == 1:
+            return experts[0]
+        owners = getattr(self, "_owners", None)
+        if owners is None:
+            owners = self._owners = {id(m): t for t in experts for m in t.modules()}
+        return owners[id(attn)]
 
 
 def latent_frame(video_frame: int, latent_frames: int, temporal_factor: int = TEMPORAL_FACTOR) -> int:

@@ -27,7 +27,6 @@ def cmd_maps(args) -> int:
     import torch
 
     from ..capture import overlay, overlay_frames
-    from ..families import family_of
     from ..handle import apply
     from ..io import write_json_atomic, write_png_atomic
     from ..limits import check_fps, check_frames, check_seed, check_video_size
@@ -43,9 +42,6 @@ def cmd_maps(args) -> int:
     settings = {k: v for k, v in call_settings(args).items() if v is not None}
     videos = makes_videos(pipe)
     if videos:
-        if edit.kind == "concept" and family_of(pipe.transformer).name == "wan":
-            raise ValueError(f"--kind concept does not run on video models ({type(pipe).__name__}): give --kind cross "
-                             "or --kind self (--locations frame,row,col cells)")
         check_video_size(pipe, frames, settings.get("height"), settings.get("width"))
         if frames is not None:
             settings["num_frames"] = frames

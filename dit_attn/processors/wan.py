@@ -104,6 +104,8 @@ class WanCrossAttnProcessor(LayerProcessor):
             image_out = self._dispatch(query, key_img, value_img, None).flatten(2, 3).type_as(query)
 
         hidden_states = self._dispatch(query, key, value, attention_mask).flatten(2, 3).type_as(query)
+        if self.state.capture is not None:
+            self.state.capture.record_cross_output(self.layer, attn, hidden_states, self.state.call)
         hidden_states = self._negative_guided(attn, query, hidden_states)
         if image_out is not None:
             hidden_states = hidden_states + image_out
