@@ -1,11 +1,16 @@
 """What NAG costs on the tiny model: seconds per image of the unguided run (CFG off), NAG with the
-negative text as extra tokens of each row (SD3's default), NAG with the negative text as extra rows
-(the row path every family has), and CFG-style negative prompting (two passes), side by side.
+negative text as extra tokens of each row (the default on SD3, FLUX.1 and Chroma), NAG with the negative
+text as extra rows (the row path every family has), and CFG-style negative prompting (two passes), side by side.
+On FLUX.1 also the token path with two attention calls per NAG layer, instead of the image keys' part computed once.
+
+--model flux-toy: a random-weight FLUX.1 (guidance-distilled, 2 double + 4 single blocks, 4 heads × 32) with
+--text-tokens T5 tokens; its CFG is true CFG (a second call with the negative prompt).
 
 The conditions run interleaved, one call of --images images each per round; the time of a
 condition is the median over --rounds rounds after one warm-up round, divided by the images.
 
-Run:  python benchmarks/nag_cost.py [--threads 1] [--rounds 5] [--steps 12] [--images 2] [--size 64]
+Run:  python benchmarks/nag_cost.py [--model tiny|flux-toy] [--threads 1] [--rounds 5] [--steps 12] [--images 2]
+                                    [--size 64] [--text-tokens 32]
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import time
 import torch
 
 import dit_attn as da
-from dit_attn.hooks import nag_tokens
+from dit_attn.hooks import nag_tokens, nag_tokens_flux
 from dit_attn.loading import call_defaults, load_pipeline
 
 PROMPT, NEGATIVE = "a circle on a white background", "red"
@@ -42,15 +47,32 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--cfg", type=float, default=4.0)
+    parser.add_argument("--text-tokens", type=int, default=32, help="T5 tokens of the flux-toy's prompts")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.model)
-    pipe.set_progress_bar_config(disable=True)
-    options = {**call_defaults(pipe), "num_inference_steps": args.steps, "height": args.size, "width": args.size}
+    flux = args.model == "flux-toy"
+    if flux:
+        from diffusers.utils import logging
 
-    def generate(guidance_scale=1.0, **extra):
+        from dit_attn.toy.configs import build_flux_pipeline
+
+        logging.set_verbosity_error()  # the toy CLIP's 16-token truncation notice on every call
+
+        pipe = build_flux_pipeline(num_layers=2, num_single_layers=4, num_heads=4, head_dim=32)
+        defaults = {"max_sequence_length": args.text_tokens, "output_type": "latent"}
+    else:
+        pipe = load_pipeline(args.model)
+        defaults = call_defaults(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    options = {**defaults, "num_inference_steps": args.steps, "height": args.size, "width": args.size}
+
+    def generate(cfg=None, **extra):
+        # FLUX.1 is guidance-distilled: its guidance_scale is an input of the one call, its CFG is true CFG
+        guidance = {} if flux else {"guidance_scale": 1.0}
+        if cfg is not None:
+            guidance = {"true_cfg_scale": cfg} if flux else {"guidance_scale": cfg}
         pipe([PROMPT] * args.images, generator=[torch.Generator().manual_seed(s) for s in range(args.images)],
-             **{**options, "guidance_scale": guidance_scale}, **extra)
+             **options, **guidance, **extra)
 
     def nag():
         with da.apply(pipe, da.NAG(NEGATIVE)):
@@ -60,9 +82,17 @@ def main() -> None:
         with row_path():
             nag()
 
+    def nag_two_calls():
+        shared, nag_tokens_flux.SHARED_IMAGE_KEYS = nag_tokens_flux.SHARED_IMAGE_KEYS, False
+        try:
+            nag()
+        finally:
+            nag_tokens_flux.SHARED_IMAGE_KEYS = shared
+
     conditions = {
         "unguided (CFG off)": generate,
         "NAG, negative text as tokens": nag,
+        **({"NAG, tokens, two attention calls": nag_two_calls} if flux else {}),
         "NAG, negative text as rows": nag_rows,
         f"CFG {args.cfg} with the negative prompt": lambda: generate(args.cfg, negative_prompt=NEGATIVE),
     }
@@ -74,8 +104,17 @@ def main() -> None:
                 run()
             if round_:  # the first round warms up
                 times[name].append((time.perf_counter() - start) / args.images)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, model {args.model}, {args.size}x{args.size}, "
-          f"{args.steps} steps, {args.images} images per call, median of {args.rounds} rounds")
+    shapes = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: shapes.append((k["encoder_hidden_states"].shape[1], k["hidden_states"].shape)), with_kwargs=True)
+    with torch.no_grad():
+        generate()
+    hook.remove()
+    text, latents = shapes[0]
+    image = latents[1] if flux else (latents[2] // 2) * (latents[3] // 2)  # SD3: 2×2 patches of the latent grid
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, model {args.model}, {args.size}x{args.size} "
+          f"({text} text + {image} image tokens), {args.steps} steps, {args.images} images per call, "
+          f"median of {args.rounds} rounds")
     base = statistics.median(times["unguided (CFG off)"])
     print(f"{'condition':<40} {'s/image':>8} {'vs unguided':>12}")
     for name, values in times.items():

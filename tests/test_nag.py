@@ -486,3 +486,57 @@ def test_flux_token_path_with_an_image_prompt_equals_row_path(monkeypatch):
     image_prompt["ip_adapter_image_embeds"] = [torch.zeros(1, 1, IMAGE_EMBED_DIM)]  # the image prompt acts
     monkeypatch.undo()
     assert max((got - other).abs().max() for got, other in zip(tokens, run())) > 1e-3
+
+
+def test_kontext_token_path_equals_row_path(flux_pipe, monkeypatch):
+    """FLUX.1 Kontext: the reference image's tokens after the generated ones, guided with them as on the row path."""
+    from dit_attn.hooks import nag_tokens
+
+    from .test_family_kontext import kontext_call
+
+    from diffusers import FluxKontextPipeline
+
+    pipe = FluxKontextPipeline(**{k: v for k, v in flux_pipe.components.items() if k in (
+        "transformer", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")})
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        with CallRecorder(pipe) as rec, da.apply(pipe, da.NAG(NEGATIVE, **SETTINGS)):
+            kontext_call(pipe)
+        return rec.steps
+
+    tokens, token_calls = _block_inputs(pipe, run)
+    monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())
+    rows, row_calls = _block_inputs(pipe, run)
+    assert token_calls[0] == (1, 16) and row_calls[0] == (2, 8)
+    for got, want in zip(tokens, rows, strict=True):
+        assert (got - want).abs().max() <= 1e-5
+
+
+def test_flux_shared_image_keys_equal_two_attention_calls(flux_pipe, monkeypatch):
+    """FLUX.1 on the CPU: the image keys' part of Z⁺ and Z⁻ computed once and merged by log-sum-exp, and two
+    attention calls per NAG layer, each give the row path's steps (and the merge runs: SDPA is called less)."""
+    from dit_attn.hooks import nag_tokens, nag_tokens_flux
+
+    calls = []
+
+    class CountSDPA(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            calls.append(func is F.scaled_dot_product_attention)
+            return func(*args, **(kwargs or {}))
+
+    def run():
+        calls.clear()
+        with CallRecorder(flux_pipe) as rec, da.apply(flux_pipe, da.NAG(NEGATIVE, **SETTINGS)), CountSDPA():
+            flux_call(flux_pipe, ["a red circle", "a green square"])
+        return rec.steps, sum(calls)
+
+    monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS", True)
+    shared, shared_sdpa = run()
+    monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS", False)
+    two_calls, two_calls_sdpa = run()
+    assert two_calls_sdpa - shared_sdpa == 2 * 4 * 3  # two SDPA calls at each of 4 NAG layers, 3 steps
+    monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())
+    rows, _ = run()
+    for a, b, want in zip(shared, two_calls, rows, strict=True):
+        assert (a - want).abs().max() <= 1e-5 and (b - want).abs().max() <= 1e-5

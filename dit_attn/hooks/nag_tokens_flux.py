@@ -7,6 +7,8 @@ Chroma its own text mask). At a NAG layer the image queries attend [positive tex
 [negative text ; image] (Z⁻), the positive text queries [positive text ; image] (their stock update), the
 negative text queries [negative text ; image]: what the negative rows of the row path compute, where each
 negative row takes its positive row's image q/k/v at every NAG layer (SD3's choice, followed here).
+Where the layer's attention is the default unmasked SDPA on the CPU, the image queries' attention over the
+image keys, shared by Z⁺ and Z⁻, runs once (`shared_image_keys_attention`); elsewhere two attention calls.
 
 FLUX.1 modulates the negative text with the time-text embedding of the negative pooled projection
 (`NAGTokenFluxBlock` runs the block step by step); Chroma's modulation does not depend on the prompt, so
@@ -67,6 +69,44 @@ def _split_mask(mask: torch.Tensor | None, n: int):
     return positive, negative
 
 
+SHARED_IMAGE_KEYS = True  # False: two attention calls at every NAG layer (benchmarks/nag_cost.py compares)
+
+
+def _shares_image_keys(processor, query: torch.Tensor) -> bool:
+    """The layer's attention is diffusers' default SDPA on the CPU, with nothing recorded: `shared_image_keys_attention`
+    may replace its two calls."""
+    return (SHARED_IMAGE_KEYS and query.device.type == "cpu" and processor._attention_backend is None and processor._parallel_config is None
+            and processor.state.capture is None and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
+
+
+def _attention_lse(q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, L, D) → (softmax attention (B, H, L, D), the log-sum-exp of each query's scaled logits (B, H, L) float32):
+    the CPU kernel F.scaled_dot_product_attention runs, through its aten op (the only one that returns the lse)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
+
+
+def _merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The attention over the union of two disjoint key sets from each set's (output, lse)."""
+    (out_a, lse_a), (out_b, lse_b) = a, b
+    weight = torch.sigmoid(lse_b - lse_a).unsqueeze(-1)  # the share of the softmax mass on b's keys
+    return (out_a.float() + (out_b.float() - out_a.float()) * weight).to(out_a.dtype)
+
+
+def shared_image_keys_attention(query, key, value, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unmasked attention over [positive text ; image] and over [negative text ; image] from the (B, S, H, D) q/k/v
+    of [positive text ; negative text ; image] (n text tokens each), with the image queries' attention over the
+    image keys, the bulk of both calls, computed once and merged with each text's by log-sum-exp."""
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    positive, negative, image = slice(0, n), slice(n, 2 * n), slice(2 * n, None)
+    image_query = q[:, :, image]
+    on_image = _attention_lse(image_query, k[:, :, image], v[:, :, image])
+    z_pos = _merge(on_image, _attention_lse(image_query, k[:, :, positive], v[:, :, positive]))
+    z_neg = _merge(on_image, _attention_lse(image_query, k[:, :, negative], v[:, :, negative]))
+    text_pos = _attention_lse(q[:, :, positive], without_negative(k, n, 2), without_negative(v, n, 2))[0]
+    text_neg = _attention_lse(q[:, :, negative], k[:, :, n:], v[:, :, n:])[0]
+    return torch.cat([text_pos, z_pos], dim=2).transpose(1, 2), torch.cat([text_neg, z_neg], dim=2).transpose(1, 2)
+
+
 def nag_token_attention(processor, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
                         tokens: tuple[int, torch.Tensor]):
     """`FluxAttnProcessor.attention` at a NAG layer of a token-path call: (its output, the image queries before
@@ -86,8 +126,11 @@ def nag_token_attention(processor, attn, hidden_states, encoder_hidden_states, a
     image_stop = processor.local_image_stop(n, seq_len)
     plan = processor.state.plan(processor.layer, query.shape[0], (n, image_stop), getattr(attn, POOL_MODULE, None))
     dtype = query.dtype
-    out = processor.attend(*positive, plan, mask, image_stop - n).flatten(2, 3).to(dtype)
-    out_neg = processor._attention(*negative, plan, negative_mask, image_stop - n).flatten(2, 3).to(dtype)
+    if plan is None and attention_mask is None and _shares_image_keys(processor, query):
+        out, out_neg = (x.flatten(2, 3).to(dtype) for x in shared_image_keys_attention(query, key, value, n))
+    else:
+        out = processor.attend(*positive, plan, mask, image_stop - n).flatten(2, 3).to(dtype)
+        out_neg = processor._attention(*negative, plan, negative_mask, image_stop - n).flatten(2, 3).to(dtype)
     rows = rows.to(out.device)
     image = out[:, n:].clone()
     image[rows] = nag_combination(processor.state.nag, out[rows, n:], out_neg[rows, n:]).to(dtype)
