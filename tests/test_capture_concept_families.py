@@ -9,6 +9,8 @@ transformer run on the conditional row's inputs with that text, its attention ca
 their image-token q, k, v are the conditional row's of the same layer and call. Each map is the softmax over
 the concepts of (conditional image-token outputs · the concept's mean token output) per head.
 """
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -51,9 +53,11 @@ class TransformerCalls:
         self.transformer, self.attention, self.calls = transformer, attention, []
 
     def __enter__(self):
-        def record(module, args, kwargs):
-            assert not args
-            self.calls.append(({k: _clone(v) for k, v in kwargs.items()}, len(self.attention.calls)))
+        names = list(inspect.signature(self.transformer.forward).parameters)
+
+        def record(module, args, kwargs):  # Z-Image's pipeline passes its inputs by position
+            given = {**dict(zip(names, args)), **kwargs}
+            self.calls.append(({k: _clone(v) for k, v in given.items()}, len(self.attention.calls)))
         self.handle = self.transformer.register_forward_pre_hook(record, with_kwargs=True)
         return self
 
@@ -111,6 +115,12 @@ def _mistral_ids(pipe, prompt, image=None):
                                                    max_length=DEV_TOKENS)["input_ids"][0])
 
 
+def _z_image_ids(pipe, prompt, image=None):
+    text = pipe.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                              add_generation_prompt=True, enable_thinking=True)
+    return pipe.tokenizer(text)["input_ids"]
+
+
 def _hunyuan_video_ids(pipe, prompt, image=None):
     messages = [{"role": "system", "content": pipe.system_message}, {"role": "user", "content": prompt}]
     text = pipe.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -140,6 +150,9 @@ def _build(name):
         from dit_attn.toy.hunyuan_image import build_hunyuan_image_pipeline
         return build_hunyuan_image_pipeline(num_layers=1, num_single_layers=1, num_heads=2, head_dim=8,
                                             guidance_embeds=name == "hunyuan_image", seed=1)
+    if name == "z_image":
+        from dit_attn.toy.z_image import build_z_image_pipeline
+        return build_z_image_pipeline(num_layers=2, num_refiner_layers=1, num_heads=2, head_dim=16)
     if name == "wan":
         from dit_attn.toy.wan import build_wan_pipeline
         return build_wan_pipeline()
@@ -166,6 +179,9 @@ FAMILIES = {
                        "encoder_attention_mask_2"), True, _qwen_ids),
     "hunyuan_image_cfg": (dict(), {}, ("encoder_hidden_states", "encoder_attention_mask", "encoder_hidden_states_2",
                                          "encoder_attention_mask_2"), True, _qwen_ids),
+    # Z-Image: [image ; caption], per-row lists; CFG is one call, the conditional rows first
+    "z_image": (dict(guidance_scale=0.0, max_sequence_length=64), dict(guidance_scale=3.0), ("cap_feats",), True,
+                _z_image_ids),
     # HunyuanVideo 1.5: [video ; context]; its guider's scale 1 makes one call a step
     "hunyuan_video15": (dict(guidance_scale=1.0), dict(guidance_scale=4.0),
                         ("encoder_hidden_states", "encoder_attention_mask", "encoder_hidden_states_2",
@@ -205,6 +221,7 @@ def _call(pipe, name, args, prompt=PROMPTS, **kwargs):
 
         pipe.guider = pipe.guider.new(guidance_scale=extra.pop("guidance_scale"))
         size = HUNYUAN_VIDEO15_RUN
+    prompt = prompt if isinstance(prompt, str) else list(prompt)  # Z-Image's pipeline extends the list it gets
     output = pipe(prompt=prompt, num_inference_steps=STEPS, output_type="latent",
                   generator=torch.Generator().manual_seed(0), **size, **extra)
     return output.frames if name == "hunyuan_video15" else output.images
@@ -219,7 +236,8 @@ def reference_maps(pipe, name, args, layers: int, cfg: bool) -> torch.Tensor:
         _call(pipe, name, args, prompt=" ".join(CONCEPTS))
     concept_text = {k: concept_calls.calls[0][0][k] for k in text_inputs}
     per_step = len(calls.calls) // STEPS
-    assert (per_step > 1) == cfg  # CFG: the negative prompt's calls follow each step's conditional one
+    cfg_batch = name == "z_image"  # its CFG: one call of conditional then unconditional rows
+    assert (calls.calls[0][0]["x"].__len__() == 4 if cfg_batch else per_step > 1) == cfg  # CFG's calls or rows
     image = _edit_image() if name == "qwen_image_edit" else None
     ids = text_ids(pipe, " ".join(CONCEPTS), image)
     columns = [_positions(ids, pipe.tokenizer, w) for w in CONCEPTS]
@@ -230,16 +248,20 @@ def reference_maps(pipe, name, args, layers: int, cfg: bool) -> torch.Tensor:
         following = calls.calls[index + 1][1] if index + 1 < len(calls.calls) else len(stock.calls)
         first = following - layers  # the blocks' attention calls come last (HunyuanImage: its text refiner's first)
         refiner = first - start
-        batch = kwargs["hidden_states"].shape[0]
-        assert batch == 2
-        # packed (B, tokens, C); HunyuanImage's (B, C, H, W) and HunyuanVideo 1.5's (B, C, F, H, W), 1×1 patches
-        latents = kwargs["hidden_states"]
-        image_tokens = latents.shape[1] if latents.ndim == 3 else latents.shape[2:].numel()
-        generated = image_tokens // 2 if name == "qwen_image_edit" else image_tokens  # edit: the reference follows
-        side = int(generated ** 0.5)
-        grid = (side, side) if latents.ndim == 3 else tuple(latents.shape[2:])
+        if name == "z_image":  # per-row latents (C, 1, H, W) in 2×2 patches
+            batch, latents = len(kwargs["x"]), kwargs["x"][0]
+            grid = (latents.shape[2] // 2, latents.shape[3] // 2)
+            image_tokens = generated = grid[0] * grid[1]
+        else:  # packed (B, tokens, C); HunyuanImage's (B, C, H, W) and HunyuanVideo 1.5's (B, C, F, H, W), 1×1 patches
+            latents = kwargs["hidden_states"]
+            batch = latents.shape[0]
+            image_tokens = latents.shape[1] if latents.ndim == 3 else latents.shape[2:].numel()
+            generated = image_tokens // 2 if name == "qwen_image_edit" else image_tokens  # edit: the reference follows
+            side = int(generated ** 0.5)
+            grid = (side, side) if latents.ndim == 3 else tuple(latents.shape[2:])
+        assert batch == (4 if cfg and cfg_batch else 2)
         rows = []
-        for r in range(batch):
+        for r in range(2):  # the conditional rows
             own = [stock.calls[first + layer] for layer in range(layers)]
 
 
@@ -281,6 +303,7 @@ CASES = [  # (family, CFG on, captured layers: None = all)
     ("flux2_klein", False, None), ("flux2_klein", True, [1]), ("flux2_dev", False, [2, 3]),
     ("hunyuan_image", False, None), ("hunyuan_image_cfg", True, [1]),
     ("hunyuan_video15", False, None), ("hunyuan_video15", True, [1]),
+    ("z_image", False, None), ("z_image", True, [1]),
 ]
 
 
