@@ -11,6 +11,8 @@ the concepts of (conditional image-token outputs · the concept's mean token out
 """
 import inspect
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -431,3 +433,36 @@ def test_wan_concept_maps_are_cross_attention_outputs_against_concept_values(mod
         want = scores.transpose(2, 3).unflatten(-1, grid).float()  # (rows, heads, C, F, H, W)
         assert (result.maps[step, :, 0] - want).abs().max() < 1e-5, step
     assert ran == ([True, True, False, False] if model == "wan22" else [True] * steps)
+
+
+@pytest.mark.parametrize("name", ["flux2_klein", "hunyuan_image"])
+def test_maps_tab_gives_the_concept_maps_of_a_capture_run(name, pipes, tmp_path):
+    """The app's Maps tab on a saved model: one overlay per layer and concept, maps.json's values those of a
+    da.Capture run (heads averaged) with the tab's call."""
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    from dit_attn.app import ModelRegistry
+    from dit_attn.app.ui import AppActions
+    from dit_attn.loading import call_defaults, call_pipeline
+    from dit_attn.workflows.batch import pipeline_kwargs
+
+    model = tmp_path / "model"
+    pipes(name).save_pretrained(model)
+    form = [str(model), PROMPTS[0], 2, 4.5, 3, "32", "", [], [], 0.5, "joint", "identity", 2.0, None, 0.0, 1.0, None, "",
+            5.0, None, None]
+    actions = AppActions(ModelRegistry([str(model)], embedded=("demo",)), str(tmp_path / "out"))
+    _, gallery, index = actions.maps(*form, "concept", "circles, sky", "1", "", None, None, True,
+                                     progress=lambda *a, **k: None)
+    data = json.load(open(index))
+    assert data["kind"] == "concept" and [(m["token"], m["layer"]) for m in data["maps"]] == [("circles", "1"), ("sky", "1")]
+    assert len(gallery) == 2
+    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    call = {**call_defaults(pipe), **pipeline_kwargs(data)}  # the tab's settings as the pipeline's arguments
+    with da.apply(pipe, da.Capture(kind="concept", tokens=["circles", "sky"], layers=[1])) as handle:
+        call_pipeline(pipe, prompt=PROMPTS[0], generator=torch.Generator().manual_seed(3), output_type="latent", **call)
+        maps = handle.maps.maps[0, 0].mean(dim=0)  # (concepts, H, W)
+    for entry, values in zip(data["maps"], maps):
+        assert np.allclose(entry["values"], values.numpy(), atol=1e-6)
