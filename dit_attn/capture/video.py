@@ -2,9 +2,10 @@
 
 cross: the cross-attention `attn2`'s own softmax over its text keys (the pipeline's padded T5 tokens, with
 TextPatch's source keys where it patches), for every video query and the chosen text columns; for
-image-to-video, the image context's separate softmax is not part of it. concept: attn2's text output of each
-video query against each concept's mean attn2 value (the text has no queries in Wan). self: the self-attention `attn1`'s
+image-to-video, the image context's separate softmax is not part of it. self: the self-attention `attn1`'s
 edited map (LocalAttention's 3-D window and SoftPAG in it) of chosen video locations over every video key.
+concept: attn2's text output of each video query against each concept's mean attn2 value (the text has no
+queries in Wan).
 Maps are (rows, layers, heads, tokens, frames, height, width); `overlay_frames` draws them over the frames.
 """
 from __future__ import annotations
@@ -61,7 +62,6 @@ class VideoCaptureRecorder(CaptureRecorder):
         out = torch.cat(pieces, dim=2)  # (R, heads, N, T)
         pending.layers[layer] = out.permute(0, 1, 3, 2).reshape(batch, n_heads, -1, *call.grid).float().cpu()
 
-
     def record_cross_output(self, layer: int, attn, out: torch.Tensor, call) -> None:
         """A concept capture, attn2 of `layer`: `out` (B, N, H·D), the video queries' output over the text keys
         before the output projection. In Wan the text has no queries (it enters only as attn2's keys and
@@ -83,7 +83,6 @@ class VideoCaptureRecorder(CaptureRecorder):
             video = video.index_select(2, heads).float().transpose(1, 2)  # (R, heads, N, D)
             scores = torch.softmax(video @ concepts.transpose(-1, -2).unsqueeze(0), dim=-1)  # (R, heads, N, C)
         pending.layers[layer] = scores.transpose(2, 3).reshape(*scores.shape[:2], -1, *call.grid).cpu()
-
 
     def _transformer_of(self, attn):
         """The transformer `attn` belongs to (Wan 2.2: either expert; each has its own text embedder)."""
