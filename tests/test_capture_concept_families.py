@@ -117,6 +117,14 @@ def _mistral_ids(pipe, prompt, image=None):
                                                    max_length=DEV_TOKENS)["input_ids"][0])
 
 
+def _t5_ids(pipe, prompt, image=None):
+    return pipe.tokenizer(prompt)["input_ids"]
+
+
+def _ovis_ids(pipe, prompt, image=None):  # the system prompt rides in the user turn; its first tokens are dropped
+    return pipe.tokenizer(pipe._get_messages(prompt)[0], add_special_tokens=False)["input_ids"][pipe.user_prompt_begin_id:]
+
+
 def _z_image_ids(pipe, prompt, image=None):
     text = pipe.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                               add_generation_prompt=True, enable_thinking=True)
@@ -152,6 +160,11 @@ def _build(name):
         from dit_attn.toy.hunyuan_image import build_hunyuan_image_pipeline
         return build_hunyuan_image_pipeline(num_layers=1, num_single_layers=1, num_heads=2, head_dim=8,
                                             guidance_embeds=name == "hunyuan_image", seed=1)
+    if name in ("bria", "ovis_image"):
+        from dit_attn.toy.bria import build_bria_pipeline
+        from dit_attn.toy.ovis_image import build_ovis_image_pipeline
+        build = build_bria_pipeline if name == "bria" else build_ovis_image_pipeline
+        return build(num_layers=1, num_single_layers=2, num_heads=2, head_dim=16, text_encoder=True)
     if name == "z_image":
         from dit_attn.toy.z_image import build_z_image_pipeline
         return build_z_image_pipeline(num_layers=2, num_refiner_layers=1, num_heads=2, head_dim=16)
@@ -181,6 +194,11 @@ FAMILIES = {
                        "encoder_attention_mask_2"), True, _qwen_ids),
     "hunyuan_image_cfg": (dict(), {}, ("encoder_hidden_states", "encoder_attention_mask", "encoder_hidden_states_2",
                                          "encoder_attention_mask_2"), True, _qwen_ids),
+    # Bria 3.2 and Ovis-Image: FLUX.1's blocks (single blocks attend over [text ; image] too)
+    "bria": (dict(guidance_scale=1.0, max_sequence_length=16), dict(guidance_scale=3.0, negative_prompt="a green cat"),
+             ("encoder_hidden_states", "txt_ids"), False, _t5_ids),
+    "ovis_image": (dict(guidance_scale=1.0, max_sequence_length=16), dict(guidance_scale=3.0),
+                   ("encoder_hidden_states", "txt_ids"), False, _ovis_ids),
     # Z-Image: [image ; caption], per-row lists; CFG is one call, the conditional rows first
     "z_image": (dict(guidance_scale=0.0, max_sequence_length=64), dict(guidance_scale=3.0), ("cap_feats",), True,
                 _z_image_ids),
@@ -235,11 +253,12 @@ def reference_maps(pipe, name, args, layers: int, cfg: bool) -> torch.Tensor:
     with Attention() as stock, TransformerCalls(pipe.transformer, stock) as calls:
         _call(pipe, name, args)
     with Attention() as concept_run, TransformerCalls(pipe.transformer, concept_run) as concept_calls:
-        _call(pipe, name, args, prompt=" ".join(CONCEPTS))
+        _call(pipe, name, FAMILIES[name][0], prompt=" ".join(CONCEPTS))  # no CFG: one row of the concept's text
     concept_text = {k: concept_calls.calls[0][0][k] for k in text_inputs}
     per_step = len(calls.calls) // STEPS
-    cfg_batch = name == "z_image"  # its CFG: one call of conditional then unconditional rows
-    assert (calls.calls[0][0]["x"].__len__() == 4 if cfg_batch else per_step > 1) == cfg  # CFG's calls or rows
+    cfg_batch = name in ("z_image", "bria")  # CFG in one call: Z-Image's conditional rows first, Bria's last
+    first_batch = len(calls.calls[0][0]["x"]) if name == "z_image" else calls.calls[0][0]["hidden_states"].shape[0]
+    assert (first_batch == 4 if cfg_batch else per_step > 1) == cfg  # CFG's calls or rows
     image = _edit_image() if name == "qwen_image_edit" else None
     ids = text_ids(pipe, " ".join(CONCEPTS), image)
     columns = [_positions(ids, pipe.tokenizer, w) for w in CONCEPTS]
@@ -263,7 +282,7 @@ def reference_maps(pipe, name, args, layers: int, cfg: bool) -> torch.Tensor:
             grid = (side, side) if latents.ndim == 3 else tuple(latents.shape[2:])
         assert batch == (4 if cfg and cfg_batch else 2)
         rows = []
-        for r in range(2):  # the conditional rows
+        for r in (range(2, 4) if name == "bria" and cfg else range(2)):  # the conditional rows
             own = [stock.calls[first + layer] for layer in range(layers)]
 
 
@@ -306,6 +325,7 @@ CASES = [  # (family, CFG on, captured layers: None = all)
     ("hunyuan_image", False, None), ("hunyuan_image_cfg", True, [1]),
     ("hunyuan_video15", False, None), ("hunyuan_video15", True, [1]),
     ("z_image", False, None), ("z_image", True, [1]),
+    ("bria", False, None), ("bria", True, [1]), ("ovis_image", False, None), ("ovis_image", True, [2]),
 ]
 
 
