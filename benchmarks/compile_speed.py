@@ -2,8 +2,8 @@
 
 Every block is compiled with `fullgraph=True` (diffusers' regional compilation, as
 `compile_repeated_blocks` does; the inductor backend, this machine's C++ compiler), after the edit is
-applied, at dynamo's default `recompile_limit` (the blocks of unedited layers share one graph, so an edit
-adds a graph per edited layer, not per block); the graphs the first generation made are reported. Each
+applied, at dynamo's default `recompile_limit` (the blocks of unedited layers share one graph, and so do the
+layers with only the same local window); the graphs the compiled generations made are reported. Each
 configuration is warmed up (compiled) by one generation, then timed as the best of
 `--repeats` generations of `--steps` steps (latents out, so the VAE is not timed).
 

@@ -398,25 +398,32 @@ def _block_graphs(transformer, call: dict) -> tuple[int, torch.Tensor, torch.Ten
     return made, first, again
 
 
-@pytest.mark.parametrize("family,edit", [("sd3", "softpag"), ("sd3", "local"), ("flux", "softpag"), ("flux", "local"),
-                                         ("qwen_image", "softpag"), ("wan", "local")])
-def test_regional_compile_shares_the_graph_of_unedited_blocks(family, edit):
-    """Blocks compiled one by one (diffusers' regional compilation) with an edit on one layer: the unedited
-    blocks share the stock blocks' graphs, so the count is stock's plus one, within the default recompile_limit
-    (more blocks than it), the eager output, and no recompile on the next call."""
+@pytest.mark.parametrize("family,edit,more", [
+    ("sd3", "softpag", 1), ("sd3", "local", 1), ("flux", "softpag", 1), ("flux", "local", 1), ("qwen_image", "softpag", 1),
+    ("wan", "local", 1),
+    ("sd3", "local everywhere", 0),  # the same window on every layer: one graph per block kind, as stock
+    ("sd3", "softpag + local", 2),  # L5's strengths, L3's window (shared with no other layer)
+])
+def test_regional_compile_shares_the_graph_of_blocks_that_compute_the_same(family, edit, more):
+    """Blocks compiled one by one (diffusers' regional compilation): the unedited blocks share the stock blocks'
+    graphs and the blocks with only the same window share theirs, so an edit on one layer adds one graph, within
+    the default recompile_limit (more blocks than it); the eager output, and no recompile on the next call."""
     pipe, call = _many_blocks(family)
     transformer = pipe.transformer
     layer = 5  # FLUX.1: a single block; none is the last block (whose kind differs on SD3)
     radius = (1.0, 1.0, 1.0) if family == "wan" else 1.0
     edits = {"softpag": (da.SoftPAG([f"L{layer}H0"], u=1.0),),
-             "local": (da.LocalAttention(radius=radius, layers=[layer], backend="tiled"),)}[edit]
+             "local": (da.LocalAttention(radius=radius, layers=[layer], backend="tiled"),),
+             "local everywhere": (da.LocalAttention(radius=radius, backend="tiled"),),
+             "softpag + local": (da.SoftPAG([f"L{layer}H0"], u=1.0), da.LocalAttention(radius=radius, layers=[3, layer],
+                                                                                         backend="tiled"))}[edit]
     with torch.no_grad():
         stock_graphs, stock, _ = _block_graphs(transformer, call)
         with da.apply(transformer, *edits):
             eager = transformer(**call)[0]
             graphs, got, again = _block_graphs(transformer, call)
     assert (eager - stock).abs().max() > 1e-4  # the edit runs
-    assert graphs == stock_graphs + 1, (graphs, stock_graphs)
+    assert graphs == stock_graphs + more, (graphs, stock_graphs)
     for out in (got, again):
         assert (out - eager).abs().max() < 1e-5
 

@@ -13,6 +13,7 @@ import torch
 from ..kernels import AttentionPlan, LocalWindow, LocalWindow3D, Perturbation
 
 POOL_MODULE = "local_pool"  # attribute of an attention module holding its LocalPool
+NO_LAYER = -1  # the edit key of a layer with no edit: no edit is keyed by it
 
 
 class LocalPool(torch.nn.Module):
@@ -231,15 +232,27 @@ class EditState:
             current = self._calls.state = CallState()
         return current
 
-    def reads_layer(self, layer: int) -> bool:
-        """Whether this configuration may edit `layer` in some call. Taken when a processor is made, so it covers
-        every later change that keeps the edited layers (HeadGuidance's and head search's new strengths)."""
-        if self.capture is not None:  # records every layer
+    def edit_key(self, layer: int) -> int:
+        """The index the processor of `layer` looks its edits up by, taken when the processor is made (so it covers
+        every later change that keeps the edited layers: HeadGuidance's and head search's new strengths).
+
+        torch.compile specializes a block's graph on it, so layers that compute the same thing share one key:
+        a layer with an edit of its own (strengths, a text patch, NAG, a Capture's recording) keeps its index;
+        the layers whose only edit is LocalAttention's window (the same on each) take the first of them; a layer
+        with no edit takes NO_LAYER, which no edit is keyed by.
+        """
+        if self._edits_own(layer):
+            return layer
+        if self.local is not None and layer in self.local.layers:
+            return min(at for at in self.local.layers if not self._edits_own(at))
+        return NO_LAYER
+
+    def _edits_own(self, layer: int) -> bool:
+        if self.capture is not None:  # records each layer by its index
             return True
-        touched = {at for at, edits in self.model_edits.items() if any(e.same_rows is None or e.same_rows[0] for e in edits)}
-        local = self.local.layers if self.local is not None else frozenset()
-        nag = self.nag.layers if self.nag is not None else frozenset()
-        return layer in touched | set(self.guided_edits) | local | nag | self.patch_layers | self.shared_image_layers
+        touched = any(e.same_rows is None or e.same_rows[0] for e in self.model_edits.get(layer, ()))
+        nag = self.nag is not None and layer in self.nag.layers
+        return touched or nag or layer in self.guided_edits or layer in self.patch_layers or layer in self.shared_image_layers
 
     def scale_for(self, layer: int, image_tokens: int, head_dim: int) -> float | None:
         """The softmax scale of a local layer with length adjustment; None: the default 1/sqrt(D)."""
@@ -366,24 +379,15 @@ def nag_combination(nag: NAGSetting, positive: torch.Tensor, negative: torch.Ten
     return guided * nag.alpha + positive * (1 - nag.alpha)
 
 
-NO_LAYER = -1  # the layer a processor edits with where its configuration edits none: no edit is keyed by it
-
-
 class LayerProcessor:
     """Base of the dit-attn processors: the layer index it serves and the shared state.
 
-    The edits are looked up by `layer`, which is the processor's own index only where the state's configuration
-    may edit that layer (`EditState.reads_layer`, when the processor is made): torch.compile specializes a
-    block's graph on every Python value the processor reads, so the processors of unedited layers read
-    `NO_LAYER` (through one shared flag) and their blocks trace to one graph, as stock blocks do.
+    `layer` is the index its edits are looked up by (`EditState.edit_key`): its own where an edit is its
+    own, else one it shares with the layers that compute the same (so their blocks trace to one graph).
     """
 
     def __init__(self, layer: int = -1, state: EditState | None = None):
         # diffusers rebuilds processors as `type(p)()` (load_ip_adapter): such a one edits nothing
         self.layer_index = layer
         self.state = state if state is not None else EditState(released=True)
-        self.reads_layer = self.state.reads_layer(layer)
-
-    @property
-    def layer(self) -> int:
-        return self.layer_index if self.reads_layer else NO_LAYER
+        self.layer = self.state.edit_key(layer)
