@@ -144,7 +144,7 @@ def _edit_image():
 
 
 def _build(name):
-    if name == "qwen_image":
+    if name in ("qwen_image", "qwen_image_short"):
         from dit_attn.toy.qwen_image import build_qwen_image_pipeline
         return build_qwen_image_pipeline(num_layers=2, num_heads=2, head_dim=16)
     if name == "qwen_image_edit":
@@ -181,6 +181,9 @@ def _build(name):
 FAMILIES = {
     "qwen_image": (dict(true_cfg_scale=1.0, max_sequence_length=32), dict(true_cfg_scale=3.0, negative_prompt="a green cat"),
                    ("encoder_hidden_states", "encoder_hidden_states_mask"), False, _qwen_ids),
+    # prompts shorter than the concept prompt: the concept call pads the conditional rows' text (masked)
+    "qwen_image_short": (dict(true_cfg_scale=1.0, max_sequence_length=32), dict(true_cfg_scale=3.0, negative_prompt="a cat"),
+                         ("encoder_hidden_states", "encoder_hidden_states_mask"), False, _qwen_ids),
     "qwen_image_edit": (dict(true_cfg_scale=1.0), dict(true_cfg_scale=3.0, negative_prompt="a green cat"),
                         ("encoder_hidden_states", "encoder_hidden_states_mask"), False, _qwen_ids),
     "flux2_klein": (dict(guidance_scale=1.0, max_sequence_length=32), dict(guidance_scale=3.0),
@@ -230,7 +233,9 @@ def pipes():
         yield get
 
 
-def _call(pipe, name, args, prompt=PROMPTS, **kwargs):
+def _call(pipe, name, args, prompt=None, **kwargs):
+    if prompt is None:
+        prompt = ["a cat", "a dog"] if name == "qwen_image_short" else PROMPTS
     extra = dict(args, **kwargs)
     size = dict(height=32, width=32)
     if name == "qwen_image_edit":  # one prompt with an image: two images per prompt make the batch of 2
@@ -320,6 +325,7 @@ def reference_maps(pipe, name, args, layers: int, cfg: bool) -> torch.Tensor:
 
 CASES = [  # (family, CFG on, captured layers: None = all)
     ("qwen_image", False, None), ("qwen_image", True, None), ("qwen_image", False, [1]),
+    ("qwen_image_short", False, None), ("qwen_image_short", True, [1]),
     ("qwen_image_edit", False, None), ("qwen_image_edit", True, None),
     ("flux2_klein", False, None), ("flux2_klein", True, [1]), ("flux2_dev", False, [2, 3]),
     ("hunyuan_image", False, None), ("hunyuan_image_cfg", True, [1]),
@@ -349,14 +355,14 @@ def test_concept_maps_match_the_stock_reference_and_leave_the_image(name, cfg, l
 
 
 def test_concepts_past_the_call_text_length_are_one_error(pipes):
-    """Qwen-Image pads its text to the longest prompt: concepts that do not fit in it are named."""
-    pipe = pipes("qwen_image")
+    """FLUX.2 [klein] pads and cuts its text at max_sequence_length: concepts past it are named."""
+    pipe = pipes("flux2_klein")
     many = ("circles", "square", "blue", "green", "yellow", "triangle", "large", "background")
     with da.apply(pipe, da.Capture(kind="concept", tokens=many)):
-        # "a cat" makes 7 text tokens (2 and the template's 5 after it): the concepts' 8th and later are cut
-        with pytest.raises(ValueError, match=r"the concepts \['large', 'background'\] lie past this call's 7 text "
-                                             r"tokens"):
-            _call(pipe, "qwen_image", FAMILIES["qwen_image"][0], prompt="a cat")
+        # 3 chat-template tokens, then the concepts (circles: 2 tokens): 8 tokens hold the first four
+        with pytest.raises(ValueError, match=r"the concepts \['yellow', 'triangle', 'large', 'background'\] lie past "
+                                             r"this call's 8 text tokens"):
+            _call(pipe, "flux2_klein", dict(FAMILIES["flux2_klein"][0], max_sequence_length=8))
 
 
 @pytest.mark.parametrize("name", ["qwen_image", "hunyuan_video15", "wan"])

@@ -8,9 +8,11 @@ while the image never sees them. The pipeline's own call is left as it is, so th
 without the capture. The concept rows get their conditional row's pooled text embedding, so their
 blocks modulate as the prompt's text does.
 
-The concept prompt is encoded at the call's text length (FLUX.2 [dev] pads its text to it, Qwen-Image to
-the longest prompt) and, on edit pipelines (Qwen-Image-Edit), with the reference image the pipeline's own
-`encode_prompt` call got, as NAG's negative prompt is; the concepts' positions are looked up in that text.
+The concept prompt is encoded at the call's text length (FLUX.2 [dev] pads its text to it) and, on edit
+pipelines (Qwen-Image-Edit), with the reference image the pipeline's own `encode_prompt` call got, as NAG's
+negative prompt is; the concepts' positions are looked up in that text. Qwen-Image pads its text to the
+call's longest prompt under a mask: a longer concept prompt keeps its own length, and the conditional rows'
+text in the concept call is padded to it with masked zero states (their image tokens see none of them).
 """
 from __future__ import annotations
 
@@ -20,6 +22,10 @@ from ..hooks.calls import take_rows
 from ..hooks.pipeline import MethodWrap
 from ..localization.patching import PatchRows, encode_prompts
 from .words import word_positions
+
+
+# families whose call text is padded to the longest prompt, with the text-mask input that masks the padding
+MASKED_TEXT = {"qwen_image": "encoder_hidden_states_mask"}
 
 
 def concept_prompt(words: tuple[str, ...]) -> str:
@@ -60,7 +66,22 @@ class ConceptRows:
         text = call.get("encoder_hidden_states")
         where = text if isinstance(text, torch.Tensor) else self.pipe.transformer  # Z-Image: per-row caption lists
         text_len = text.shape[1] if isinstance(text, torch.Tensor) else self.family.text_length(call)
+        if self.family.name in MASKED_TEXT and isinstance(text, torch.Tensor):
+            text_len = max(text_len, self._own_length())
         return self.encoded(text_len, where.device, where.dtype)
+
+    def _own_length(self) -> int:
+        """The concept prompt's text tokens as the pipeline encodes it alone (no padding, no cut)."""
+        key = (self.pipe.scheduler.timesteps, id(self._encoder_kwargs.get("image")))
+        if getattr(self, "_length", (None,))[0] != key:
+            self._encoding = True
+            try:
+                with torch.no_grad():
+                    embeds, _ = self.family.encode_prompts(self.pipe, [self.prompt], None, **self._encoder_kwargs)
+            finally:
+                self._encoding = False
+            self._length = (key, embeds.shape[1])
+        return self._length[1]
 
     def encoded(self, text_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The concept prompt's text inputs at `text_len` tokens (once per pipeline call); sets `columns`."""
@@ -97,6 +118,8 @@ class ConceptRows:
         cond = {name: take_rows(value, rows) if name in self.family.rows.call_args and _per_row(value, batch) else value
                 for name, value in call.items()}
         embeds, pooled = self._encoded(call)
+        if self.family.name in MASKED_TEXT and embeds.shape[1] > cond["encoder_hidden_states"].shape[1]:
+            cond = _padded_text(cond, embeds.shape[1], MASKED_TEXT[self.family.name])
         own_pooled = cond.get("pooled_projections")
         if own_pooled is not None and own_pooled.shape[1:] == pooled.shape[1:]:
             pooled = own_pooled
@@ -106,6 +129,17 @@ class ConceptRows:
                           embeds=embeds.expand(count, *embeds.shape[1:]), pooled=pooled,
                           patch_end=max(self.layers) + 1, family=self.family)
         return cond, patch
+
+
+def _padded_text(call: dict, length: int, mask_name: str) -> dict:
+    """The call's text states padded to `length` tokens with zero states its mask hides."""
+    text = call["encoder_hidden_states"]
+    pad = length - text.shape[1]
+    mask = call.get(mask_name)
+    if mask is None:
+        mask = torch.ones(text.shape[:2], dtype=torch.long, device=text.device)
+    return {**call, "encoder_hidden_states": torch.nn.functional.pad(text, (0, 0, 0, pad)),
+            mask_name: torch.nn.functional.pad(mask, (0, pad))}
 
 
 def _per_row(value, batch: int) -> bool:
