@@ -92,19 +92,19 @@ def _merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Te
     return (out_a.float() + (out_b.float() - out_a.float()) * weight).to(out_a.dtype)
 
 
-def shared_image_keys_attention(query, key, value, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def shared_image_keys_attention(query, key, value, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unmasked attention over [positive text ; image] and over [negative text ; image] from the (B, S, H, D) q/k/v
-    of [positive text ; negative text ; image] (n text tokens each), with the image queries' attention over the
-    image keys, the bulk of both calls, computed once and merged with each text's by log-sum-exp."""
+    of [positive text ; negative text ; image] (n text tokens each): every query's attention over the image keys,
+    the bulk of both, computed once and merged with its attention over each text by log-sum-exp.
+    (text outputs (B, 2n, H, D): the positive text's over [positive text ; image], the negative's over [negative
+    text ; image]; image outputs (B, S_img, H, D) over [positive text ; image] (Z⁺) and over [negative text ; image] (Z⁻))."""
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-    positive, negative, image = slice(0, n), slice(n, 2 * n), slice(2 * n, None)
-    image_query = q[:, :, image]
-    on_image = _attention_lse(image_query, k[:, :, image], v[:, :, image])
-    z_pos = _merge(on_image, _attention_lse(image_query, k[:, :, positive], v[:, :, positive]))
-    z_neg = _merge(on_image, _attention_lse(image_query, k[:, :, negative], v[:, :, negative]))
-    text_pos = _attention_lse(q[:, :, positive], without_negative(k, n, 2), without_negative(v, n, 2))[0]
-    text_neg = _attention_lse(q[:, :, negative], k[:, :, n:], v[:, :, n:])[0]
-    return torch.cat([text_pos, z_pos], dim=2).transpose(1, 2), torch.cat([text_neg, z_neg], dim=2).transpose(1, 2)
+    image = slice(2 * n, None)
+    on_image = _attention_lse(q, k[:, :, image], v[:, :, image])
+    on_positive = _merge(on_image, _attention_lse(q, k[:, :, :n], v[:, :, :n]))
+    on_negative = _merge(on_image, _attention_lse(q, k[:, :, n : 2 * n], v[:, :, n : 2 * n]))
+    text = torch.cat([on_positive[:, :, :n], on_negative[:, :, n : 2 * n]], dim=2)
+    return text.transpose(1, 2), on_positive[:, :, image].transpose(1, 2), on_negative[:, :, image].transpose(1, 2)
 
 
 def nag_token_attention(processor, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
@@ -118,23 +118,21 @@ def nag_token_attention(processor, attn, hidden_states, encoder_hidden_states, a
     if image_rotary_emb is not None:
         query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
         key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-    positive = [without_negative(x, n, 1) for x in (query, key, value)]
-    negative = [x[:, n:] for x in (query, key, value)]
-    mask, negative_mask = _split_mask(attention_mask, n)
-
-    seq_len = positive[0].shape[1]
-    image_stop = processor.local_image_stop(n, seq_len)
+    image_stop = processor.local_image_stop(n, query.shape[1] - n)
     plan = processor.state.plan(processor.layer, query.shape[0], (n, image_stop), getattr(attn, POOL_MODULE, None))
     dtype = query.dtype
     if plan is None and attention_mask is None and _shares_image_keys(processor, query):
-        out, out_neg = (x.flatten(2, 3).to(dtype) for x in shared_image_keys_attention(query, key, value, n))
+        text, z_pos, z_neg = (x.flatten(2, 3).to(dtype) for x in shared_image_keys_attention(query, key, value, n))
     else:
+        positive = [without_negative(x, n, 1) for x in (query, key, value)]
+        negative = [x[:, n:] for x in (query, key, value)]
+        mask, negative_mask = _split_mask(attention_mask, n)
         out = processor.attend(*positive, plan, mask, image_stop - n).flatten(2, 3).to(dtype)
         out_neg = processor._attention(*negative, plan, negative_mask, image_stop - n).flatten(2, 3).to(dtype)
-    rows = rows.to(out.device)
-    image = out[:, n:].clone()
-    image[rows] = nag_combination(processor.state.nag, out[rows, n:], out_neg[rows, n:]).to(dtype)
-    text = torch.cat([out[:, :n], out_neg[:, :n]], dim=1)
+        text, z_pos, z_neg = torch.cat([out[:, :n], out_neg[:, :n]], dim=1), out[:, n:], out_neg[:, n:]
+    rows = rows.to(z_pos.device)
+    image = z_pos.clone()
+    image[rows] = nag_combination(processor.state.nag, z_pos[rows], z_neg[rows]).to(dtype)
     if encoder_hidden_states is None:
         return torch.cat([text, image], dim=1), None
     image = attn.to_out[1](attn.to_out[0](image))
