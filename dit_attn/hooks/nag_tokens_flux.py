@@ -75,8 +75,9 @@ SHARED_IMAGE_KEYS = True  # False: two attention calls at every NAG layer (bench
 def _shares_image_keys(processor, query: torch.Tensor) -> bool:
     """The layer's attention is diffusers' default SDPA on the CPU, with nothing recorded: `shared_image_keys_attention`
     may replace its two calls."""
-    return (SHARED_IMAGE_KEYS and query.device.type == "cpu" and processor._attention_backend is None and processor._parallel_config is None
-            and processor.state.capture is None and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
+    return (SHARED_IMAGE_KEYS and query.device.type == "cpu" and processor._attention_backend is None
+            and processor._parallel_config is None and processor.state.capture is None
+            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
 
 
 def _attention_lse(q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
