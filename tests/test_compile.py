@@ -457,8 +457,15 @@ def _steps_apart(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
+def qwen_call(pipe, steps=2):
+    """Qwen-Image with true CFG: the call's text mask marks the shorter prompt's padding."""
+    return pipe("a red circle", negative_prompt="a blurry photo of a dog", true_cfg_scale=4.0,
+                num_inference_steps=steps, height=32, width=32, max_sequence_length=16, output_type="latent",
+                generator=torch.Generator().manual_seed(0)).images
+
+
 @pytest.mark.parametrize("family,edit", [("sd3", "guidance"), ("sd3", "text"), ("flux", "guidance"), ("flux", "text"),
-                                         ("sd3", "both")])
+                                         ("sd3", "both"), ("qwen_image", "text")])
 def test_whole_model_fullgraph_compiles_guided_and_text_patched_calls(family, edit):
     """`torch.compile(transformer, fullgraph=True)` of HeadGuidance's guided calls and TextPatch's patched calls:
     the row planning reads Python ints only and the source prompt is encoded when the pipeline encodes its own
@@ -470,8 +477,12 @@ def test_whole_model_fullgraph_compiles_guided_and_text_patched_calls(family, ed
 
     if family == "sd3":
         pipe, run = build_sd3_pipeline(num_layers=3, num_heads=4, head_dim=8), sd3_call
-    else:
+    elif family == "flux":
         pipe, run = build_flux_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=8), flux_call
+    else:
+        from dit_attn.toy.qwen_image import build_qwen_image_pipeline
+
+        pipe, run = build_qwen_image_pipeline(num_layers=3), qwen_call
     pipe.set_progress_bar_config(disable=True)
     edits = {"guidance": (da.HeadGuidance(["L1H1", "L2"], scale=2.0, u=0.7),),
              "text": (da.TextPatch(layers=[1], source_prompt="a blue square"),)}

@@ -142,9 +142,14 @@ class Family:
         reference image an edit pipeline encodes each prompt with (recorded from that call)."""
         return ()
 
-    def append_text_rows(self, call: dict, embeds: "torch.Tensor", extra: "torch.Tensor") -> dict:
+    def source_text_padded(self, extra: "torch.Tensor") -> bool:
+        """Whether source rows' `extra` (from `encode_prompts`) marks padded text tokens (read where the prompts
+        are encoded; `append_text_rows` gets the answer)."""
+        return True
+
+    def append_text_rows(self, call: dict, embeds: "torch.Tensor", extra: "torch.Tensor", padded: bool = True) -> dict:
         """The text inputs of `call` with rows appended: (embeds, extra) from `encode_prompts` (TextPatch's
-        source prompts), as {call input: widened value}."""
+        source prompts), as {call input: widened value}; `padded`: `source_text_padded(extra)`."""
         import torch
 
         out = {"encoder_hidden_states": appended_text(call, embeds)}

@@ -34,7 +34,7 @@ class Chroma(Flux):
                                                  num_images_per_prompt=1, max_sequence_length=max_sequence_length or 512)
         return embeds, mask
 
-    def append_text_rows(self, call: dict, embeds, extra) -> dict:
+    def append_text_rows(self, call: dict, embeds, extra, padded: bool = True) -> dict:
         """Source rows with their own prompt's mask over the text and the call's over the image tokens."""
         text = call["encoder_hidden_states"]
         out = {"encoder_hidden_states": appended_text(call, embeds)}

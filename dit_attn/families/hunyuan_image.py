@@ -124,7 +124,7 @@ class HunyuanImage(Family):
         packed = torch.cat([mask.to(embeds), glyph_mask.to(embeds), glyphs.to(embeds).flatten(1)], dim=1)
         return embeds, packed
 
-    def append_text_rows(self, call: dict, embeds, extra) -> dict:
+    def append_text_rows(self, call: dict, embeds, extra, padded: bool = True) -> dict:
         """The source prompts' states, masks and (when the call has them) glyph states appended as rows."""
         text, mask = call["encoder_hidden_states"], call["encoder_attention_mask"]
         length = text.shape[1]

@@ -139,13 +139,16 @@ class QwenImage(Family):
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         return embeds, mask
 
-    def append_text_rows(self, call: dict, embeds, extra) -> dict:
+    def source_text_padded(self, extra) -> bool:
+        return not bool((extra != 0).all())
+
+    def append_text_rows(self, call: dict, embeds, extra, padded: bool = True) -> dict:
         """`extra` is the source prompts' text mask; the call's mask is None when no prompt of it is padded."""
         text = call["encoder_hidden_states"]
         widened = appended_text(call, embeds)
         mask = call.get("encoder_hidden_states_mask")
         source = extra.to(text.device) != 0
-        if mask is None and bool(source.all()):
+        if mask is None and not padded:
             joint = None
         else:
             stock = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device) if mask is None else mask.bool()

@@ -141,7 +141,7 @@ class ZImage(Family):
         """None: the pipeline's default; a source prompt keeps its own caption length in the call."""
         return None
 
-    def append_text_rows(self, call: dict, embeds, extra) -> dict:
+    def append_text_rows(self, call: dict, embeds, extra, padded: bool = True) -> dict:
         """The source prompts' captions (their `extra` mask's tokens) appended to the call's `cap_feats`."""
         captions = call["cap_feats"]
         lengths = (extra != 0).sum(dim=1).tolist()

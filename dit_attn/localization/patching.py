@@ -48,12 +48,13 @@ class PatchRows:
     pooled: torch.Tensor
     patch_end: int
     family: Family
+    text_padded: bool = True  # whether `pooled` marks padded text tokens (decided where the prompts were encoded)
 
     def extend(self, kwargs: dict) -> dict:
         """The call's inputs with the source rows appended."""
         out = dict(kwargs)
         batch = self.family.batch_size(kwargs)
-        text = self.family.append_text_rows(kwargs, self.embeds, self.pooled)
+        text = self.family.append_text_rows(kwargs, self.embeds, self.pooled, self.text_padded)
         for name in self.family.rows.call_args:
             value = kwargs.get(name)
             if name in text or value is None:
@@ -86,7 +87,8 @@ class TextPatchController:
         self._cache_key = None
         # the source prompts encoded when the pipeline encoded its own, {(prompt, text length, device, dtype): (embeds,
         # pooled)}: a compiled transformer call takes them without running a tokenizer in its graph
-        self._prepared: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._prepared: dict[tuple, tuple[torch.Tensor, torch.Tensor, bool]] = {}
+        self._last_encoding_size = 0  # entries of `_prepared` the pipeline's last encoding made
         self.encoder_kwargs: dict = {}  # the family's encoder_inputs from the pipeline's own encode_prompt call
         self._encoding = False  # inside the controller's own encoding (not the pipeline's)
         self._encoder_wrap: MethodWrap | None = None
@@ -120,8 +122,11 @@ class TextPatchController:
 
     def _prepare_sources(self, result) -> None:
         """Encode the source prompts of the pipeline call that just encoded its prompts (`result`, whose first
-        output is the (N, S, D) text states of its N prompts) at its text length, device and dtype."""
-        self._prepared = {}
+        output is the (N, S, D) text states of its N prompts) at its text length, device and dtype. The entries of
+        the pipeline's previous encoding stay (Qwen-Image's true CFG encodes the negative prompt at another length)."""
+        kept = list(self._prepared.items())
+        self._prepared = dict(kept[len(kept) - self._last_encoding_size:])
+        self._last_encoding_size = 0
         text = result[0] if isinstance(result, tuple) and result else None
         if not isinstance(text, torch.Tensor) or text.ndim != 3:
             return  # a family whose calls take other text inputs: encoded at the call, as without compile
@@ -137,8 +142,15 @@ class TextPatchController:
                                             self.encoder_kwargs)
         finally:
             self._encoding = False
-        self._prepared = {(p, text.shape[1], text.device, text.dtype): (embeds[i : i + 1], pooled[i : i + 1])
-                          for i, p in enumerate(prompts)}
+        for i, p in enumerate(prompts):
+            self._prepared[(p, text.shape[1], text.device, text.dtype)] = self._entry(embeds, pooled, i)
+        self._last_encoding_size = len(prompts)
+
+    def _entry(self, embeds: torch.Tensor, pooled: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Prompt i's text inputs and whether its text is padded, read here, at the encoding, so that the
+        transformer call (compiled or not) branches on no tensor value."""
+        extra = pooled[i : i + 1]
+        return embeds[i : i + 1], extra, self.family.source_text_padded(extra)
 
     def _pipeline_encodes(self, args: tuple, kwargs: dict) -> None:
         """The pipeline calls its `encode_prompt` (keyword arguments, as every supported pipeline does)."""
@@ -155,7 +167,7 @@ class TextPatchController:
         rows = [(int(c), p) for c, p in zip(cond, prompts) if p is not None]
         if not rows:
             return None
-        embeds, pooled = self._encoded([p for _, p in rows], kwargs)
+        embeds, pooled, text_padded = self._encoded([p for _, p in rows], kwargs)
         return PatchRows(
             sources={c: batch + k for k, (c, _) in enumerate(rows)},
             targets=torch.tensor([c for c, _ in rows], dtype=torch.long),
@@ -163,9 +175,10 @@ class TextPatchController:
             pooled=pooled,
             patch_end=max(self.layers) + 1,
             family=self.family,
+            text_padded=text_padded,
         )
 
-    def _encoded(self, prompts: list[str], kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encoded(self, prompts: list[str], kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """Encode each distinct prompt once per generation (a new run has a new schedule tensor)."""
         text = kwargs.get("encoder_hidden_states")
         # a family whose text is a per-row list (Z-Image's cap_feats) gets it in the transformer's device and dtype
@@ -173,7 +186,7 @@ class TextPatchController:
         text_len = text.shape[1] if isinstance(text, torch.Tensor) else self.family.text_length(kwargs)
         prepared = [self._prepared.get((p, text_len, where.device, where.dtype)) for p in prompts]
         if prompts and all(entry is not None for entry in prepared):
-            return torch.cat([e[0] for e in prepared]), torch.cat([e[1] for e in prepared])
+            return self._joined(prepared)
         key = (self.pipe.scheduler.timesteps, text_len, where.device, where.dtype)
         if self._cache_key is None or key[0] is not self._cache_key[0] or key[1:] != self._cache_key[1:]:
             self._cache, self._cache_key = {}, key
@@ -186,5 +199,9 @@ class TextPatchController:
             finally:
                 self._encoding = False
             for i, prompt in enumerate(missing):
-                self._cache[prompt] = (embeds[i : i + 1], pooled[i : i + 1])
-        return (torch.cat([self._cache[p][0] for p in prompts]), torch.cat([self._cache[p][1] for p in prompts]))
+                self._cache[prompt] = self._entry(embeds, pooled, i)
+        return self._joined([self._cache[p] for p in prompts])
+
+    @staticmethod
+    def _joined(entries: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        return torch.cat([e[0] for e in entries]), torch.cat([e[1] for e in entries]), any(e[2] for e in entries)
