@@ -75,12 +75,12 @@ def edits_for(pipe, name: str, make) -> tuple:
     return make()
 
 
-def generate(pipe, size: int) -> None:
+def generate(pipe, size: int, steps: int = 1) -> None:
     video = {"num_frames": 5} if hasattr(pipe, "vae_scale_factor_temporal") else {}
     if "max_sequence_length" in inspect.signature(pipe.__call__).parameters:
         video["max_sequence_length"] = 8
     with torch.no_grad():
-        pipe("a red circle", num_inference_steps=1, height=size, width=size, output_type="latent",
+        pipe("a red circle", num_inference_steps=steps, height=size, width=size, output_type="latent",
              generator=torch.Generator().manual_seed(0), **video)
 
 
@@ -171,12 +171,7 @@ def pipeline_fullgraph(pipe, size: int, edits: tuple) -> str:
 
     def steps() -> list[torch.Tensor]:
         seen.clear()
-        video = {"num_frames": 5} if hasattr(pipe, "vae_scale_factor_temporal") else {}
-        if "max_sequence_length" in inspect.signature(pipe.__call__).parameters:
-            video["max_sequence_length"] = 8
-        with torch.no_grad():
-            pipe("a red circle", num_inference_steps=2, height=size, width=size, output_type="latent",
-                 generator=torch.Generator().manual_seed(0), **video)
+        generate(pipe, size, steps=2)
         return list(seen)
 
     pipe.scheduler.step = step

@@ -16,14 +16,13 @@ The FLUX.1 layout (FLUX.1, Chroma) runs the same path in its double and single b
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 from diffusers.hooks import ModelHook
 
 from ..processors.state import EditState, plan_rows
-from .nag_tokens_flux import NAGTokenFluxBlock, flux_token_call
+from .nag_tokens_flux import NAGTokenBlockHook, NAGTokenFluxBlock, flux_token_call
 
 NAG_TOKEN_HOOK = "dit_attn.nag_tokens"
 TOKEN_FAMILIES = ("sd3", "flux", "chroma")  # families whose blocks carry the negative text as tokens
@@ -102,23 +101,11 @@ def token_block_hooks(family, state: EditState, transformer) -> list[tuple[torch
     return [(block, NAGTokenFluxBlock(state, layer, block)) for layer, block in enumerate(blocks)]
 
 
-class NAGTokenBlock(ModelHook):
+class NAGTokenBlock(NAGTokenBlockHook):
     """Runs an SD3 `JointTransformerBlock` on [positive text ; negative text] during a token-path call:
     diffusers' block step by step, with each text segment modulated by its own time-text embedding."""
 
-    active = True
-
-    def __init__(self, state: EditState, layer: int, module: torch.nn.Module):
-        super().__init__()
-        self.state, self.layer = state, layer
-        self.names = list(inspect.signature(type(module).forward).parameters)[1:]
-
-    def new_forward(self, module, *args, **kwargs):
-        forward = self.fn_ref.original_forward
-        tokens = self.state.call.nag_tokens
-        if not self.active or tokens is None:
-            return forward(*args, **kwargs)
-        values = {**dict(zip(self.names, args)), **kwargs}
+    def token_forward(self, module, forward, values: dict, tokens):
         text = values["encoder_hidden_states"]
         if self.layer >= tokens.end:
             if text.shape[1] > tokens.text_len:

@@ -153,10 +153,9 @@ def _per_token(positive: torch.Tensor, negative: torch.Tensor, n: int, image: in
     return torch.cat(parts, dim=1)
 
 
-class NAGTokenFluxBlock(ModelHook):
-    """Runs a FLUX.1-layout block (FLUX.1's or Chroma's, double or single) during a token-path call: at a NAG
-    layer FLUX.1's blocks step by step, each text segment modulated by its own time-text embedding (Chroma's
-    as they are); from `end` on the block without the negative tokens."""
+class NAGTokenBlockHook(ModelHook):
+    """A block's hook for the token path: stock forward outside token-path calls; in them `token_forward` gets
+    the block's inputs by name."""
 
     active = True
 
@@ -164,14 +163,28 @@ class NAGTokenFluxBlock(ModelHook):
         super().__init__()
         self.state, self.layer = state, layer
         self.names = list(inspect.signature(type(module).forward).parameters)[1:]
-        self.double = hasattr(module, "norm1_context")
 
     def new_forward(self, module, *args, **kwargs):
         forward = self.fn_ref.original_forward
         tokens = self.state.call.nag_tokens
         if not self.active or tokens is None:
             return forward(*args, **kwargs)
-        values = {**dict(zip(self.names, args)), **kwargs}
+        return self.token_forward(module, forward, {**dict(zip(self.names, args)), **kwargs}, tokens)
+
+    def token_forward(self, module, forward, values: dict, tokens):
+        raise NotImplementedError
+
+
+class NAGTokenFluxBlock(NAGTokenBlockHook):
+    """Runs a FLUX.1-layout block (FLUX.1's or Chroma's, double or single) during a token-path call: at a NAG
+    layer FLUX.1's blocks step by step, each text segment modulated by its own time-text embedding (Chroma's
+    as they are); from `end` on the block without the negative tokens."""
+
+    def __init__(self, state: EditState, layer: int, module: torch.nn.Module):
+        super().__init__(state, layer, module)
+        self.double = hasattr(module, "norm1_context")
+
+    def token_forward(self, module, forward, values: dict, tokens):
         if self.layer >= tokens.end:
             return self._without_negative(forward, values, tokens.text_len)
         if tokens.temb is None:
