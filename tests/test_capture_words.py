@@ -298,6 +298,22 @@ def test_a_word_cut_by_the_calls_text_length_is_refused(name, length, message):
                  **{**args, "max_sequence_length": length})
 
 
+def test_a_word_where_a_cut_t5_text_puts_its_end_token_is_refused():
+    """T5 cut at max_sequence_length ends in </s>: a word whose token would sit at the last position is cut away."""
+    build, family, args = FAMILIES["bria"]
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    ids = pipe.tokenizer(PROMPT, max_length=64, truncation=True)["input_ids"]
+    square = pipe.tokenizer("square", add_special_tokens=False)["input_ids"]
+    last = max(i for i in range(len(ids)) if ids[i : i + len(square)] == square) + len(square) - 1
+    cut = pipe.tokenizer(PROMPT, max_length=last + 1, truncation=True)["input_ids"]
+    assert cut[last] == pipe.tokenizer.eos_token_id  # the independent fact the recorder must follow
+    with da.apply(pipe, da.Capture(layers=[0], tokens=["square"])):
+        with pytest.raises(ValueError, match=r"\['square'\] lie past this call's"):
+            pipe(prompt=PROMPT, num_inference_steps=1, output_type="latent", height=32, width=32,
+                 **{**args, "max_sequence_length": last + 1})
+
+
 def test_longcat_word_past_its_token_limit_is_refused():
     pipe = build_longcat_image_pipeline(text_encoder=True, text_tokens=6)
     with pytest.raises(ValueError, match="'square' has no tokens in the prompt's text tokens"):

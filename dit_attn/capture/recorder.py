@@ -21,7 +21,7 @@ from ..hooks.steps import denoising_step
 from ..kernels import masks
 from ..kernels.plan import Perturbation
 from .maps import chunks, edited_columns
-from .words import word_positions, words_from_encoder
+from .words import TEXT_SEGMENTS, word_positions, words_from_encoder
 
 
 @dataclass
@@ -347,9 +347,11 @@ class CaptureRecorder:
         if rows.numel() % len(prompts):
             raise RuntimeError(f"Capture: {rows.numel()} conditional rows for {len(prompts)} prompts")
         per_prompt = rows.numel() // len(prompts)
+        # a T5 stream cut at the call's text length ends in its </s>: the last position is never a word's token
+        limit = text_len - 1 if self.family.name in TEXT_SEGMENTS else text_len
         groups = []
         for r in range(rows.numel()):
-            kept = [[c for c in cols if c < text_len] for cols in prompts[r // per_prompt]]
+            kept = [[c for c in cols if c < limit] for cols in prompts[r // per_prompt]]
             cut = [w for w, cols in zip(self.edit.tokens, kept) if not cols]
             if cut:
                 raise ValueError(f"Capture: the words {cut} lie past this call's {text_len} text tokens "

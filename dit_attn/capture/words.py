@@ -104,8 +104,8 @@ def word_positions(pipe, family_name: str, prompt: str, words: tuple[str, ...],
         length = getattr(pipe, length_name) if length_name is not None else None
         if tokenizer is not None and getattr(pipe, encoder_name, None) is not None:
             ids = _ids(tokenizer, prompt, True)
-            if length is not None:
-                ids = ids[:length]
+            if length is not None and len(ids) > length:  # cut as the pipeline's tokenizer cuts: its end token last
+                ids = ids[: length - 1]
             for i, word in enumerate(words):
                 for variant in dict.fromkeys((word, word.lower())):
                     positions[i] += [offset + p for p in _occurrences(ids, _ids(tokenizer, variant, False))]
