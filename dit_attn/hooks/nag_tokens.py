@@ -22,7 +22,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from ..processors.state import EditState, plan_rows
-from .nag_tokens_flux import NAGTokenBlockHook, NAGTokenFluxBlock, flux_token_call
+from .nag_tokens_flux import NAGTokenBlockHook, NAGTokenFluxBlock, flux_token_call, per_token_modulation
 
 NAG_TOKEN_HOOK = "dit_attn.nag_tokens"
 TOKEN_FAMILIES = ("sd3", "flux", "chroma")  # families whose blocks carry the negative text as tokens
@@ -130,8 +130,7 @@ class NAGTokenBlock(NAGTokenBlockHook):
             norm_text = torch.cat([pos[0], neg[0]], dim=1)
             # per-token modulation: the positive segment's from temb, the negative segment's from temb_neg
             c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = (
-                torch.cat([p[:, None].expand(-1, n, -1), q[:, None].expand(-1, text.shape[1] - n, -1)], dim=1)
-                for p, q in zip(pos[1:], neg[1:]))
+                per_token_modulation(p, q, n, negative_tokens=text.shape[1] - n) for p, q in zip(pos[1:], neg[1:]))
 
         attn_output, text_attn_output = block.attn(hidden_states=norm_hidden, encoder_hidden_states=norm_text, **kwargs)
         hidden = hidden + gate_msa.unsqueeze(1) * attn_output

@@ -144,10 +144,12 @@ def _fp16_clip(x: torch.Tensor) -> torch.Tensor:
     return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
 
 
-def _per_token(positive: torch.Tensor, negative: torch.Tensor, n: int, image: int = 0) -> torch.Tensor:
-    """(B, C) modulations → (B, 2n + image, C): positive for the positive text and the image, negative for the
-    negative text."""
-    parts = [positive[:, None].expand(-1, n, -1), negative[:, None].expand(-1, n, -1)]
+def per_token_modulation(positive: torch.Tensor, negative: torch.Tensor, n: int, image: int = 0,
+                         negative_tokens: int | None = None) -> torch.Tensor:
+    """(B, C) modulations → (B, n + negative_tokens + image, C): positive for the positive text (n tokens) and the
+    image, negative for the negative text (negative_tokens, default n)."""
+    m = n if negative_tokens is None else negative_tokens
+    parts = [positive[:, None].expand(-1, n, -1), negative[:, None].expand(-1, m, -1)]
     if image:
         parts.append(positive[:, None].expand(-1, image, -1))
     return torch.cat(parts, dim=1)
@@ -223,7 +225,8 @@ class NAGTokenFluxBlock(NAGTokenBlockHook):
         pos = block.norm1_context(text[:, :n], emb=temb)
         neg = block.norm1_context(text[:, n:], emb=temb_neg)
         norm_text = torch.cat([pos[0], neg[0]], dim=1)
-        c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = (_per_token(p, q, n) for p, q in zip(pos[1:], neg[1:]))
+        c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = (
+            per_token_modulation(p, q, n) for p, q in zip(pos[1:], neg[1:]))
 
         outputs = block.attn(hidden_states=norm_hidden, encoder_hidden_states=norm_text,
                              image_rotary_emb=values.get("image_rotary_emb"), **kwargs)
@@ -250,9 +253,10 @@ class NAGTokenFluxBlock(NAGTokenBlockHook):
         shift, scale, gate = norm.linear(norm.silu(temb)).chunk(3, dim=1)
         shift_neg, scale_neg, gate_neg = norm.linear(norm.silu(temb_neg)).chunk(3, dim=1)
         image = hidden.shape[1]
-        norm_joint = norm.norm(joint) * (1 + _per_token(scale, scale_neg, n, image)) + _per_token(shift, shift_neg, n, image)
+        scale, shift = per_token_modulation(scale, scale_neg, n, image), per_token_modulation(shift, shift_neg, n, image)
+        norm_joint = norm.norm(joint) * (1 + scale) + shift
         mlp = block.act_mlp(block.proj_mlp(norm_joint))
         attn_output = block.attn(hidden_states=norm_joint, image_rotary_emb=values.get("image_rotary_emb"), **kwargs)
-        out = _per_token(gate, gate_neg, n, image) * block.proj_out(torch.cat([attn_output, mlp], dim=2))
+        out = per_token_modulation(gate, gate_neg, n, image) * block.proj_out(torch.cat([attn_output, mlp], dim=2))
         joint = _fp16_clip(joint + out)
         return joint[:, :text_len], joint[:, text_len:]

@@ -83,10 +83,10 @@ class TextPatchController:
         self.end = end
         self.prompts_for = prompts_for
         self.selector = CallSelector(pipe, family, edit_name)
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, bool]] = {}  # {prompt: `_entries` entry}
         self._cache_key = None
-        # the source prompts encoded when the pipeline encoded its own, {(prompt, text length, device, dtype): (embeds,
-        # pooled)}: a compiled transformer call takes them without running a tokenizer in its graph
+        # the source prompts encoded when the pipeline encoded its own, {(prompt, text length, device, dtype):
+        # `_entries` entry}: a compiled transformer call takes them without running a tokenizer in its graph
         self._prepared: dict[tuple, tuple[torch.Tensor, torch.Tensor, bool]] = {}
         self._last_encoding_size = 0  # entries of `_prepared` the pipeline's last encoding made
         self.encoder_kwargs: dict = {}  # the family's encoder_inputs from the pipeline's own encode_prompt call
@@ -136,21 +136,21 @@ class TextPatchController:
             return
         if not prompts:
             return
-        self._encoding = True
-        try:
-            embeds, pooled = encode_prompts(self.pipe, self.family, prompts, text.shape[1], text.device, text.dtype,
-                                            self.encoder_kwargs)
-        finally:
-            self._encoding = False
-        for i, p in enumerate(prompts):
-            self._prepared[(p, text.shape[1], text.device, text.dtype)] = self._entry(embeds, pooled, i)
+        for p, entry in self._entries(prompts, text.shape[1], text.device, text.dtype).items():
+            self._prepared[(p, text.shape[1], text.device, text.dtype)] = entry
         self._last_encoding_size = len(prompts)
 
-    def _entry(self, embeds: torch.Tensor, pooled: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Prompt i's text inputs and whether its text is padded, read here, at the encoding, so that the
-        transformer call (compiled or not) branches on no tensor value."""
-        extra = pooled[i : i + 1]
-        return embeds[i : i + 1], extra, self.family.source_text_padded(extra)
+    def _entries(self, prompts: list[str], text_len: int, device, dtype) -> dict[str, tuple]:
+        """{prompt: (its text states, its extra input, whether its text is padded)}, encoded with the pipeline's own
+        encoder; padding is read here, at the encoding, so that the transformer call (compiled or not) branches on no
+        tensor value."""
+        self._encoding = True
+        try:
+            embeds, pooled = encode_prompts(self.pipe, self.family, prompts, text_len, device, dtype, self.encoder_kwargs)
+        finally:
+            self._encoding = False
+        return {p: (embeds[i : i + 1], pooled[i : i + 1], self.family.source_text_padded(pooled[i : i + 1]))
+                for i, p in enumerate(prompts)}
 
     def _pipeline_encodes(self, args: tuple, kwargs: dict) -> None:
         """The pipeline calls its `encode_prompt` (keyword arguments, as every supported pipeline does)."""
@@ -192,14 +192,7 @@ class TextPatchController:
             self._cache, self._cache_key = {}, key
         missing = sorted({p for p in prompts if p not in self._cache})
         if missing:
-            self._encoding = True
-            try:
-                embeds, pooled = encode_prompts(self.pipe, self.family, missing, text_len, where.device, where.dtype,
-                                                self.encoder_kwargs)
-            finally:
-                self._encoding = False
-            for i, prompt in enumerate(missing):
-                self._cache[prompt] = self._entry(embeds, pooled, i)
+            self._cache.update(self._entries(missing, text_len, where.device, where.dtype))
         return self._joined([self._cache[p] for p in prompts])
 
     @staticmethod
