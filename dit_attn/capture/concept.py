@@ -20,7 +20,7 @@ import torch
 
 from ..hooks.calls import take_rows
 from ..hooks.pipeline import MethodWrap
-from ..localization.patching import PatchRows, encode_prompts
+from ..localization.patching import PatchRows, encode_prompts, encoder_call_inputs
 from .words import word_positions
 
 
@@ -40,6 +40,7 @@ class ConceptRows:
         self.columns: list[list[int]] = []  # the concepts' text positions in the current concept call
         self._encoder_kwargs: dict = {}  # the family's encoder_inputs of the pipeline's own encode_prompt call
         self._encoding = False
+        self._length: tuple = (None, 0)  # (key, tokens) of the concept prompt encoded alone
         self._wrap: MethodWrap | None = None
 
     def install(self) -> None:
@@ -55,7 +56,7 @@ class ConceptRows:
     def _watching_encoder(self, original):
         def encode_prompt(*args, **kwargs):
             if not self._encoding:
-                inputs = {name: kwargs[name] for name in self.family.encoder_inputs(self.pipe) if name in kwargs}
+                inputs = encoder_call_inputs(self.family, self.pipe, kwargs)
                 if any(inputs.get(name) is not self._encoder_kwargs.get(name) for name in inputs):
                     self._cache = None
                 self._encoder_kwargs = inputs
@@ -73,7 +74,7 @@ class ConceptRows:
     def _own_length(self) -> int:
         """The concept prompt's text tokens as the pipeline encodes it alone (no padding, no cut)."""
         key = (self.pipe.scheduler.timesteps, id(self._encoder_kwargs.get("image")))
-        if getattr(self, "_length", (None,))[0] != key:
+        if self._length[0] != key:
             self._encoding = True
             try:
                 with torch.no_grad():

@@ -31,6 +31,11 @@ def encode_prompts(pipe, family: Family, prompts: list[str], text_len: int, devi
     return embeds.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype if pooled.is_floating_point() else None)
 
 
+def encoder_call_inputs(family: Family, pipe, kwargs: dict) -> dict:
+    """The family's `encoder_inputs` among the keyword arguments of a pipeline's own `encode_prompt` call."""
+    return {name: kwargs[name] for name in family.encoder_inputs(pipe) if name in kwargs}
+
+
 @dataclass(frozen=True)
 class PatchRows:
     """The source rows of one call.
@@ -154,7 +159,7 @@ class TextPatchController:
 
     def _pipeline_encodes(self, args: tuple, kwargs: dict) -> None:
         """The pipeline calls its `encode_prompt` (keyword arguments, as every supported pipeline does)."""
-        self.encoder_kwargs = {name: kwargs[name] for name in self.family.encoder_inputs(self.pipe) if name in kwargs}
+        self.encoder_kwargs = encoder_call_inputs(self.family, self.pipe, kwargs)
 
     def sources_for_call(self, batch: int, kwargs: dict, context: str | None) -> PatchRows | None:
         step, total = denoising_step(self.pipe)
