@@ -1,6 +1,8 @@
 """NAG on Qwen-Image and FLUX.2 Klein, checked against the stock attention modules run on the positive
 and on the negative text (the formula of tests/test_nag.py), stock at scale 1 / alpha 0, the stock call
 count, and the unconditional call of CFG left stock."""
+import contextlib
+
 import pytest
 import torch
 
@@ -443,8 +445,12 @@ def clone(request):
 
 
 @pytest.mark.parametrize("layer,cfg", [(0, False), (2, True)])  # a double block without CFG, a single block with it
-def test_flux_clones_layer_equals_stock_attention_on_both_texts(clone, layer, cfg):
+def test_flux_clones_layer_equals_stock_attention_on_both_texts(clone, layer, cfg, monkeypatch):
+    from dit_attn.hooks import nag_tokens
+
     from .test_nag import check_layer as flux_check_layer
+
+    monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())  # the row path (the token path equals it: test below)
 
     name, pipe, call = clone
     attn = flux_attention_module(pipe, layer)
@@ -473,6 +479,46 @@ def test_flux_clones_scale_one_alpha_zero_and_call_count(clone):
     with CallRecorder(pipe) as rec, da.apply(pipe, da.NAG("a blue square")):
         guided = call(**kwargs)
     assert len(rec.calls) == len(before.calls) == (2 if name == "bria" else 4) and (guided - want).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("layers,cfg", [(None, False), ((0, 1), True)])  # all layers; a double and a single block, CFG on
+def test_flux_clones_token_path_equals_row_path(clone, layers, cfg, monkeypatch):
+    """NAG with the negative text as extra tokens of each row gives the row path's steps; the guided calls keep the
+    stock rows and carry twice the text (Bria's batched CFG call too: its unconditional rows carry the negative
+    tokens unguided), the unconditional calls of the others are stock."""
+    from dit_attn.hooks import nag_tokens
+
+    name, pipe, call = clone
+    kwargs = dict(guidance_scale=3.0, negative_prompt="a green cat") if cfg else {}
+    block = pipe.transformer.transformer_blocks[0]
+
+    def run(*edits):
+        seen = []
+        hook = block.register_forward_pre_hook(
+            lambda m, a, k: seen.append((k["hidden_states"].shape[0], k["encoder_hidden_states"].shape[1])), with_kwargs=True)
+        try:
+            with CallRecorder(pipe) as rec, (da.apply(pipe, *edits) if edits else contextlib.nullcontext()):
+                call(prompt=["a red circle", "a green square"], **kwargs)
+        finally:
+            hook.remove()
+        return rec.steps, seen
+
+    nag = da.NAG("a blue square", layers=layers, **SETTINGS)
+    stock, stock_calls = run()
+    tokens, token_calls = run(nag)
+    monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())
+    rows, row_calls = run(nag)
+    text_len = stock_calls[0][1]
+    separate_cfg = cfg and name != "bria"
+    guided = slice(0, None, 2) if separate_cfg else slice(None)
+    assert len(token_calls) == len(row_calls) == len(stock_calls)
+    assert all(c == (s[0], 2 * text_len) for c, s in zip(token_calls[guided], stock_calls[guided]))
+    assert all(c == (s[0] + 2, text_len) for c, s in zip(row_calls[guided], stock_calls[guided]))
+    if separate_cfg:
+        assert token_calls[1::2] == row_calls[1::2] == stock_calls[1::2]
+    for got, want in zip(tokens, rows, strict=True):
+        assert (got - want).abs().max() <= 1e-5
+    assert max((got - s).abs().max() for got, s in zip(tokens, stock)) > 1e-3
 
 
 # ---------------------------------------------------------------- NAG with HeadGuidance

@@ -25,7 +25,8 @@ from ..processors.state import EditState, plan_rows
 from .nag_tokens_flux import NAGTokenBlockHook, NAGTokenFluxBlock, flux_token_call, per_token_modulation
 
 NAG_TOKEN_HOOK = "dit_attn.nag_tokens"
-TOKEN_FAMILIES = ("sd3", "flux", "chroma")  # families whose blocks carry the negative text as tokens
+# families whose blocks carry the negative text as tokens
+TOKEN_FAMILIES = ("sd3", "flux", "chroma", "bria", "longcat_image", "ovis_image")
 
 
 @dataclass(frozen=True)
