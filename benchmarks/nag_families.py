@@ -1,6 +1,7 @@
-"""NAG's cost where its negative prompt rides as rows of the pipeline's own call: plain (no guidance), NAG and
-CFG with the same negative prompt, side by side in one run, on config-built Z-Image, HunyuanImage 2.1 and Bria
-pipelines (latents out, best of 3).
+"""NAG's cost beyond SD3/FLUX.1/Chroma: plain (no guidance), NAG and CFG with the same negative prompt, side by
+side in one run, on config-built Z-Image and HunyuanImage 2.1 (the negative prompt as rows of the pipeline's own
+call) and Bria, LongCat-Image and Ovis-Image (as tokens; there also NAG on the row path, for comparison),
+latents out, best of 3.
 
 Run:  python benchmarks/nag_families.py [--threads 1] [--size 128] [--steps 8]
 """
@@ -11,6 +12,9 @@ import argparse
 import torch
 
 import dit_attn as da
+from dit_attn.families import family_of
+from dit_attn.hooks import nag_tokens
+from nag_cost import row_path
 from timing import best_of
 
 
@@ -18,6 +22,8 @@ def cases(size: int):
     """(name, pipeline, call settings, plain settings, CFG settings) per family."""
     from dit_attn.toy.bria import build_bria_pipeline
     from dit_attn.toy.hunyuan_image import build_hunyuan_image_pipeline
+    from dit_attn.toy.longcat_image import build_longcat_image_pipeline
+    from dit_attn.toy.ovis_image import build_ovis_image_pipeline
     from dit_attn.toy.z_image import build_z_image_pipeline
 
     z = build_z_image_pipeline(num_layers=4, num_heads=4, head_dim=32)
@@ -27,6 +33,11 @@ def cases(size: int):
     yield "HunyuanImage 2+2 × 4 heads × 32 (distilled)", hy, {}, distilled, None
     bria = build_bria_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=32, text_encoder=True)
     yield "Bria 2+2 × 4 heads × 32", bria, dict(max_sequence_length=16), dict(guidance_scale=1.0), dict(guidance_scale=3.0)
+    longcat = build_longcat_image_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=32, text_encoder=True)
+    yield ("LongCat-Image 2+2 × 4 heads × 32", longcat, dict(enable_prompt_rewrite=False), dict(guidance_scale=1.0),
+           dict(guidance_scale=3.0))
+    ovis = build_ovis_image_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=32, text_encoder=True)
+    yield "Ovis-Image 2+2 × 4 heads × 32", ovis, dict(max_sequence_length=16), dict(guidance_scale=1.0), dict(guidance_scale=3.0)
 
 
 def main() -> None:
@@ -38,7 +49,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {args.threads}; {args.size}×{args.size}, {args.steps} steps, "
           "negative prompt 'a blue square'")
-    print("| model | plain s | NAG s (× plain) | CFG s (× plain) |\n|---|---|---|---|")
+    print("| model | plain s | NAG s (× plain) | NAG as rows s (× plain) | CFG s (× plain) |\n|---|---|---|---|---|")
     for name, pipe, common, plain_kwargs, cfg_kwargs in cases(args.size):
         pipe.set_progress_bar_config(disable=True)
 
@@ -49,11 +60,16 @@ def main() -> None:
         plain = best_of(lambda: generate(**plain_kwargs))
         with da.apply(pipe, da.NAG("a blue square")):
             nag = best_of(lambda: generate(**plain_kwargs))
+        rows = "(its path)"
+        if family_of(pipe.transformer).name in nag_tokens.TOKEN_FAMILIES:
+            with row_path(), da.apply(pipe, da.NAG("a blue square")):
+                seconds = best_of(lambda: generate(**plain_kwargs))
+            rows = f"{seconds:.3f} ({seconds / plain:.2f}×)"
         cfg = "—"
         if cfg_kwargs is not None:
             seconds = best_of(lambda: generate(negative_prompt="a blue square", **cfg_kwargs))
             cfg = f"{seconds:.3f} ({seconds / plain:.2f}×)"
-        print(f"| {name} | {plain:.3f} | {nag:.3f} ({nag / plain:.2f}×) | {cfg} |")
+        print(f"| {name} | {plain:.3f} | {nag:.3f} ({nag / plain:.2f}×) | {rows} | {cfg} |")
 
 
 if __name__ == "__main__":

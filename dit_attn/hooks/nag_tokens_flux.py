@@ -1,4 +1,5 @@
-"""NAG's negative text as extra text tokens of each row on the FLUX.1 layout (FLUX.1, Chroma).
+"""NAG's negative text as extra text tokens of each row on the FLUX.1 layout (FLUX.1, Chroma, Bria,
+LongCat-Image, Ovis-Image).
 
 The token path of `hooks.nag_tokens`, for double blocks ([text ; image] with separate text and image
 projections) and single blocks (one stream): the call's text becomes [positive ; negative] (the negative
@@ -11,9 +12,9 @@ Where the layer's attention is the default unmasked SDPA on the CPU, the image q
 image keys, shared by Z⁺ and Z⁻, runs once (`shared_image_keys_attention`); elsewhere two attention calls.
 
 FLUX.1 modulates the negative text with the time-text embedding of the negative pooled projection
-(`NAGTokenFluxBlock` runs the block step by step); Chroma's modulation does not depend on the prompt, so
-its stock blocks run. From block `end` on the negative tokens leave the text stream (Chroma's single blocks
-carry one [text ; image] stream whose text length the model reads from the last double block: there the
+(`NAGTokenFluxBlock` runs the block step by step); the modulation of Chroma, Bria, LongCat-Image and
+Ovis-Image does not depend on the prompt (no pooled projection), so their stock blocks run. From block
+`end` on the negative tokens leave the text stream (Chroma's single blocks carry one [text ; image] stream whose text length the model reads from the last double block: there the
 negative tokens stay in the stream, untouched, and each block runs without them).
 """
 from __future__ import annotations
