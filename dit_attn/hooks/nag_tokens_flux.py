@@ -15,7 +15,8 @@ FLUX.1 modulates the negative text with the time-text embedding of the negative 
 (`NAGTokenFluxBlock` runs the block step by step); the modulation of Chroma, Bria, LongCat-Image and
 Ovis-Image does not depend on the prompt (no pooled projection), so their stock blocks run. From block
 `end` on the negative tokens leave the text stream (Chroma's single blocks carry one [text ; image] stream
-whose text length the model reads from the last double block: there the negative tokens stay in the stream, untouched, and each block runs without them).
+whose text length the model reads from the last double block: there the negative tokens stay in the stream,
+untouched, and each block runs without them).
 """
 from __future__ import annotations
 
