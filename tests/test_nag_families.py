@@ -486,10 +486,30 @@ def test_flux_clones_token_path_equals_row_path(clone, layers, cfg, monkeypatch)
     """NAG with the negative text as extra tokens of each row gives the row path's steps; the guided calls keep the
     stock rows and carry twice the text (Bria's batched CFG call too: its unconditional rows carry the negative
     tokens unguided), the unconditional calls of the others are stock."""
-    from dit_attn.hooks import nag_tokens
-
     name, pipe, call = clone
     kwargs = dict(guidance_scale=3.0, negative_prompt="a green cat") if cfg else {}
+    check_token_path_equals_row_path(pipe, lambda **k: call(**k), layers, kwargs, cfg and name != "bria", monkeypatch)
+
+
+# all layers; the first double block (the second hands the negative tokens on) with two attention calls (as on a
+# GPU); both doubles and a single block, with a reference image (its tokens follow the generated ones)
+@pytest.mark.parametrize("layers,cfg,reference", [(None, False, False), ((0,), True, False), ((0, 1, 2), False, True)])
+def test_flux2_token_path_equals_row_path(klein, layers, cfg, reference, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from dit_attn.hooks import nag_tokens_flux
+
+    monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS", layers != (0,))
+    kwargs = dict(CFG["klein"]) if cfg else {}
+    if reference:
+        kwargs["image"] = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    check_token_path_equals_row_path(klein, lambda **k: klein_call(klein, **k), layers, kwargs, cfg, monkeypatch)
+
+
+def check_token_path_equals_row_path(pipe, call, layers, kwargs: dict, separate_cfg: bool, monkeypatch):
+    from dit_attn.hooks import nag_tokens
+
     block = pipe.transformer.transformer_blocks[0]
 
     def run(*edits):
@@ -509,7 +529,6 @@ def test_flux_clones_token_path_equals_row_path(clone, layers, cfg, monkeypatch)
     monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())
     rows, row_calls = run(nag)
     text_len = stock_calls[0][1]
-    separate_cfg = cfg and name != "bria"
     guided = slice(0, None, 2) if separate_cfg else slice(None)
     assert len(token_calls) == len(row_calls) == len(stock_calls)
     assert all(c == (s[0], 2 * text_len) for c, s in zip(token_calls[guided], stock_calls[guided]))

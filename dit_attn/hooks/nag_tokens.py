@@ -12,7 +12,8 @@ The negative text keeps its own modulation: the blocks (`NAGTokenBlock`) modulat
 tokens with the time-text embedding of the negative pooled projection, as a negative row would
 be. Rows that NAG does not guide (CFG's unconditional rows) carry the negative tokens too; their
 image queries never see them. From block k+1 on the negative tokens are dropped.
-The FLUX.1 layout (FLUX.1, Chroma) runs the same path in its double and single blocks: `hooks.nag_tokens_flux`.
+The FLUX layout (FLUX.1 and the models on its blocks, Chroma, FLUX.2) runs the same path in its double and
+single blocks: `hooks.nag_tokens_flux`.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from .nag_tokens_flux import NAGTokenBlockHook, NAGTokenFluxBlock, flux_token_ca
 
 NAG_TOKEN_HOOK = "dit_attn.nag_tokens"
 # families whose blocks carry the negative text as tokens
-TOKEN_FAMILIES = ("sd3", "flux", "chroma", "bria", "longcat_image", "ovis_image")
+TOKEN_FAMILIES = ("sd3", "flux", "chroma", "bria", "longcat_image", "ovis_image", "flux2")
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,8 @@ def token_block_hooks(family, state: EditState, transformer) -> list[tuple[torch
     if family.name == "sd3":
         return [(block, NAGTokenBlock(state, layer, block)) for layer, block in enumerate(transformer.transformer_blocks)]
     blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
-    return [(block, NAGTokenFluxBlock(state, layer, block)) for layer, block in enumerate(blocks)]
+    keeps = family.name == "flux2"
+    return [(block, NAGTokenFluxBlock(state, layer, block, keeps)) for layer, block in enumerate(blocks)]
 
 
 class NAGTokenBlock(NAGTokenBlockHook):

@@ -113,11 +113,22 @@ def shared_image_keys_attention(query, key, value, n: int) -> tuple[torch.Tensor
 def nag_token_attention(processor, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
                         tokens: tuple[int, torch.Tensor]):
     """`FluxAttnProcessor.attention` at a NAG layer of a token-path call: (its output, the image queries before
-    rotary or None in a single block). The text is [positive ; negative], n tokens each; the guided rows'
-    image outputs combine Z⁺ with Z⁻."""
-    n, rows = tokens
+    rotary or None in a single block)."""
     query, key, value = processor.joint_inputs(attn, *flux_qkv_projections(attn, hidden_states, encoder_hidden_states))
-    image_query = query[:, 2 * n:] if encoder_hidden_states is not None else None
+    image_query = query[:, 2 * tokens[0]:] if encoder_hidden_states is not None else None
+    text, image = nag_token_outputs(processor, attn, query, key, value, attention_mask, image_rotary_emb, tokens)
+    if encoder_hidden_states is None:
+        return torch.cat([text, image], dim=1), None
+    image = attn.to_out[1](attn.to_out[0](image))
+    return (image, attn.to_add_out(text)), image_query
+
+
+def nag_token_outputs(processor, attn, query, key, value, attention_mask, image_rotary_emb,
+                      tokens: tuple[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A FLUX-layout processor's attention at a NAG layer of a token-path call, from the (B, S, H, D) joint q/k/v
+    of [positive text ; negative text ; image] before rotary (n text tokens each): (text outputs (B, 2n, H·D),
+    image outputs (B, S_img, H·D)), heads merged, the guided rows' image outputs Z⁺ combined with Z⁻."""
+    n, rows = tokens
     if image_rotary_emb is not None:
         query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
         key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
@@ -136,10 +147,7 @@ def nag_token_attention(processor, attn, hidden_states, encoder_hidden_states, a
     rows = rows.to(z_pos.device)
     image = z_pos.clone()
     image[rows] = nag_combination(processor.state.nag, z_pos[rows], z_neg[rows]).to(dtype)
-    if encoder_hidden_states is None:
-        return torch.cat([text, image], dim=1), None
-    image = attn.to_out[1](attn.to_out[0](image))
-    return (image, attn.to_add_out(text)), image_query
+    return text, image
 
 
 def _fp16_clip(x: torch.Tensor) -> torch.Tensor:
@@ -180,16 +188,22 @@ class NAGTokenBlockHook(ModelHook):
 
 
 class NAGTokenFluxBlock(NAGTokenBlockHook):
-    """Runs a FLUX.1-layout block (FLUX.1's or Chroma's, double or single) during a token-path call: at a NAG
-    layer FLUX.1's blocks step by step, each text segment modulated by its own time-text embedding (Chroma's
-    as they are); from `end` on the block without the negative tokens."""
+    """Runs a FLUX-layout block (double or single) during a token-path call: at a NAG layer FLUX.1's blocks step by
+    step, each text segment modulated by its own time-text embedding (the others' as they are); from `end` on the
+    block without the negative tokens. keeps_negative_text: the model strips the call's whole text length after
+    its last block (FLUX.2), so a double block past `end` hands the negative tokens on, untouched."""
 
-    def __init__(self, state: EditState, layer: int, module: torch.nn.Module):
+    def __init__(self, state: EditState, layer: int, module: torch.nn.Module, keeps_negative_text: bool = False):
         super().__init__(state, layer, module)
         self.double = hasattr(module, "norm1_context")
+        self.keeps_negative_text = keeps_negative_text
 
     def token_forward(self, module, forward, values: dict, tokens):
         if self.layer >= tokens.end:
+            if self.keeps_negative_text and values.get("encoder_hidden_states") is not None:
+                n, text = tokens.text_len, values["encoder_hidden_states"]
+                text_out, hidden = self._without_negative(forward, values, n)
+                return torch.cat([text_out, text[:, n:]], dim=1), hidden
             return self._without_negative(forward, values, tokens.text_len)
         if tokens.temb is None:
             return forward(**values)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
+from ..hooks.nag_tokens_flux import nag_token_outputs
 from .flux import FluxLayoutProcessor
 
 
@@ -49,6 +50,10 @@ class Flux2AttnProcessor(FluxLayoutProcessor):
                  kv_cache=None, kv_cache_mode=None, num_ref_tokens: int = 0):
         _refuse_kv_cache(kv_cache_mode)
         query, key, value = self.joint_inputs(attn, *_projections(attn, hidden_states, encoder_hidden_states))
+        tokens = self.state.nag_tokens_at(self.layer, hidden_states.shape[0])
+        if tokens is not None:  # NAG's negative text as extra text tokens of each row
+            text, image = nag_token_outputs(self, attn, query, key, value, attention_mask, image_rotary_emb, tokens)
+            return attn.to_out[1](attn.to_out[0](image)), attn.to_add_out(text)
 
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
@@ -83,11 +88,14 @@ class Flux2SingleAttnProcessor(FluxLayoutProcessor):
         qkv, mlp_hidden_states = torch.split(hidden_states, [local_qkv, hidden_states.shape[-1] - local_qkv], dim=-1)
 
         query, key, value = self.joint_inputs(attn, *qkv.chunk(3, dim=-1))  # the text tokens lead the sequence
-
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
-        hidden_states = self.attend_joint(attn, query, key, value, self.state.call.text_len, attention_mask)
+        tokens = self.state.nag_tokens_at(self.layer, hidden_states.shape[0])
+        if tokens is not None:  # NAG's negative text as extra text tokens of each row
+            hidden_states = torch.cat(
+                nag_token_outputs(self, attn, query, key, value, attention_mask, image_rotary_emb, tokens), dim=1)
+        else:
+            if image_rotary_emb is not None:
+                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+            hidden_states = self.attend_joint(attn, query, key, value, self.state.call.text_len, attention_mask)
         mlp_hidden_states = attn.mlp_act_fn(mlp_hidden_states)
         return attn.to_out(torch.cat([hidden_states, mlp_hidden_states], dim=-1))
