@@ -491,8 +491,9 @@ def test_flux_clones_token_path_equals_row_path(clone, layers, cfg, monkeypatch)
     check_token_path_equals_row_path(pipe, lambda **k: call(**k), layers, kwargs, cfg and name != "bria", monkeypatch)
 
 
-# all layers; the first double block (the second hands the negative tokens on) with two attention calls (as on a
-# GPU); both doubles and a single block, with a reference image (its tokens follow the generated ones)
+# all layers, with LocalAttention (radius 1 on the 4×4 grid) windowing both calls; the first double block (the second
+# hands the negative tokens on) with two attention calls (as on a GPU); both doubles and a single block, with a
+# reference image (its tokens follow the generated ones)
 @pytest.mark.parametrize("layers,cfg,reference", [(None, False, False), ((0,), True, False), ((0, 1, 2), False, True)])
 def test_flux2_token_path_equals_row_path(klein, layers, cfg, reference, monkeypatch):
     import numpy as np
@@ -504,10 +505,14 @@ def test_flux2_token_path_equals_row_path(klein, layers, cfg, reference, monkeyp
     kwargs = dict(CFG["klein"]) if cfg else {}
     if reference:
         kwargs["image"] = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    check_token_path_equals_row_path(klein, lambda **k: klein_call(klein, **k), layers, kwargs, cfg, monkeypatch)
+    local = () if layers is not None else (da.LocalAttention(radius=1, layers=[0, 3]),)
+    if local:
+        kwargs.update(height=64, width=64)
+    check_token_path_equals_row_path(klein, lambda **k: klein_call(klein, **k), layers, kwargs, cfg, monkeypatch, local)
 
 
-def check_token_path_equals_row_path(pipe, call, layers, kwargs: dict, separate_cfg: bool, monkeypatch):
+def check_token_path_equals_row_path(pipe, call, layers, kwargs: dict, separate_cfg: bool, monkeypatch, edits=()):
+    """The token path's steps equal the row path's (with `edits` beside NAG); both differ from stock."""
     from dit_attn.hooks import nag_tokens
 
     block = pipe.transformer.transformer_blocks[0]
@@ -524,10 +529,10 @@ def check_token_path_equals_row_path(pipe, call, layers, kwargs: dict, separate_
         return rec.steps, seen
 
     nag = da.NAG("a blue square", layers=layers, **SETTINGS)
-    stock, stock_calls = run()
-    tokens, token_calls = run(nag)
+    stock, stock_calls = run(*edits)
+    tokens, token_calls = run(nag, *edits)
     monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())
-    rows, row_calls = run(nag)
+    rows, row_calls = run(nag, *edits)
     text_len = stock_calls[0][1]
     guided = slice(0, None, 2) if separate_cfg else slice(None)
     assert len(token_calls) == len(row_calls) == len(stock_calls)
@@ -542,7 +547,9 @@ def check_token_path_equals_row_path(pipe, call, layers, kwargs: dict, separate_
 
 # ---------------------------------------------------------------- NAG with HeadGuidance
 def _composition_case(name, request):
-    """(pipeline, its call of one step, two heads) of a family whose NAG rides as rows."""
+    """(pipeline, its call of one step, two heads) of a family."""
+    if name == "flux2_klein":
+        return request.getfixturevalue("klein"), klein_call, ["L1H2", "L2H0"]
     if name == "z_image":
         return request.getfixturevalue("z_pipe"), z_call, ["L1H2", "L2H0"]
     if name == "hunyuan_image":
@@ -555,7 +562,7 @@ def _composition_case(name, request):
     return pipe, call, ["L0H2", "L2H0"]
 
 
-@pytest.mark.parametrize("name", ["z_image", "hunyuan_image", "qwen_image_edit", "bria", "hunyuan_video15"])
+@pytest.mark.parametrize("name", ["z_image", "hunyuan_image", "qwen_image_edit", "bria", "hunyuan_video15", "flux2_klein"])
 def test_with_head_guidance_equals_explicit(name, request):
     """One step, CFG off: ε = ε_c + s·(ε_c − ε_p), ε_c from NAG alone, ε_p from NAG with the heads perturbed in
     every row (HeadGuidance's copies carry their negative rows, perturbed too)."""
