@@ -1,7 +1,9 @@
 """NAG's cost beyond SD3/FLUX.1/Chroma: plain (no guidance), NAG and CFG with the same negative prompt, side by
 side in one run, on config-built Z-Image and HunyuanImage 2.1 (the negative prompt as rows of the pipeline's own
-call) and Bria, LongCat-Image and Ovis-Image (as tokens; there also NAG on the row path, for comparison),
-latents out, best of 3.
+call) and Bria, LongCat-Image, Ovis-Image and FLUX.2 [klein] (as tokens; there also NAG on the row path,
+for comparison), latents out, best of 3.
+
+At --size 128 every toy has 1024 image tokens (FLUX.2's at twice the size) but HunyuanImage's, 256.
 
 Run:  python benchmarks/nag_families.py [--threads 1] [--size 128] [--steps 8]
 """
@@ -17,27 +19,36 @@ from dit_attn.hooks import nag_tokens
 from nag_cost import row_path
 from timing import best_of
 
+NEGATIVE = "a blue square"
+
 
 def cases(size: int):
     """(name, pipeline, call settings, plain settings, CFG settings) per family."""
     from dit_attn.toy.bria import build_bria_pipeline
+    from dit_attn.toy.flux2 import build_flux2_klein_pipeline
     from dit_attn.toy.hunyuan_image import build_hunyuan_image_pipeline
     from dit_attn.toy.longcat_image import build_longcat_image_pipeline
     from dit_attn.toy.ovis_image import build_ovis_image_pipeline
     from dit_attn.toy.z_image import build_z_image_pipeline
 
     z = build_z_image_pipeline(num_layers=4, num_heads=4, head_dim=32)
-    yield "Z-Image 4 × 4 heads × 32", z, {}, dict(guidance_scale=0.0), dict(guidance_scale=3.0)
+    yield "Z-Image 4 × 4 heads × 32", z, {}, dict(guidance_scale=0.0), dict(guidance_scale=3.0, negative_prompt=NEGATIVE)
     hy = build_hunyuan_image_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=32, guidance_embeds=True)
     distilled = dict(distilled_guidance_scale=3.25)
     yield "HunyuanImage 2+2 × 4 heads × 32 (distilled)", hy, {}, distilled, None
     bria = build_bria_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=32, text_encoder=True)
-    yield "Bria 2+2 × 4 heads × 32", bria, dict(max_sequence_length=16), dict(guidance_scale=1.0), dict(guidance_scale=3.0)
+    yield "Bria 2+2 × 4 heads × 32", bria, dict(max_sequence_length=16), dict(guidance_scale=1.0), dict(guidance_scale=3.0, negative_prompt=NEGATIVE)
     longcat = build_longcat_image_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=32, text_encoder=True)
     yield ("LongCat-Image 2+2 × 4 heads × 32", longcat, dict(enable_prompt_rewrite=False), dict(guidance_scale=1.0),
-           dict(guidance_scale=3.0))
+           dict(guidance_scale=3.0, negative_prompt=NEGATIVE))
     ovis = build_ovis_image_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=32, text_encoder=True)
-    yield "Ovis-Image 2+2 × 4 heads × 32", ovis, dict(max_sequence_length=16), dict(guidance_scale=1.0), dict(guidance_scale=3.0)
+    yield "Ovis-Image 2+2 × 4 heads × 32", ovis, dict(max_sequence_length=16), dict(guidance_scale=1.0), dict(guidance_scale=3.0, negative_prompt=NEGATIVE)
+    klein = build_flux2_klein_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=32)
+    negative, _ = klein.encode_prompt(NEGATIVE, max_sequence_length=32)  # its call takes the negative as embeddings
+    # its toy VAE halves the image tokens of the others' per side: twice the size gives their image tokens
+    yield (f"FLUX.2 [klein] 2+2 × 4 heads × 32 ({2 * size}×{2 * size})", klein,
+           dict(max_sequence_length=32, height=2 * size, width=2 * size), dict(guidance_scale=1.0),
+           dict(guidance_scale=3.0, negative_prompt_embeds=negative))
 
 
 def main() -> None:
@@ -54,20 +65,21 @@ def main() -> None:
         pipe.set_progress_bar_config(disable=True)
 
         def generate(**kwargs):
-            pipe("a red circle", num_inference_steps=args.steps, height=args.size, width=args.size,
-                 output_type="latent", generator=torch.Generator().manual_seed(0), **common, **kwargs)
+            size = dict(height=args.size, width=args.size)
+            pipe(prompt="a red circle", num_inference_steps=args.steps, output_type="latent",
+                 generator=torch.Generator().manual_seed(0), **{**size, **common}, **kwargs)
 
         plain = best_of(lambda: generate(**plain_kwargs))
-        with da.apply(pipe, da.NAG("a blue square")):
+        with da.apply(pipe, da.NAG(NEGATIVE)):
             nag = best_of(lambda: generate(**plain_kwargs))
         rows = "(its path)"
         if family_of(pipe.transformer).name in nag_tokens.TOKEN_FAMILIES:
-            with row_path(), da.apply(pipe, da.NAG("a blue square")):
+            with row_path(), da.apply(pipe, da.NAG(NEGATIVE)):
                 seconds = best_of(lambda: generate(**plain_kwargs))
             rows = f"{seconds:.3f} ({seconds / plain:.2f}×)"
         cfg = "—"
         if cfg_kwargs is not None:
-            seconds = best_of(lambda: generate(negative_prompt="a blue square", **cfg_kwargs))
+            seconds = best_of(lambda: generate(**cfg_kwargs))
             cfg = f"{seconds:.3f} ({seconds / plain:.2f}×)"
         print(f"| {name} | {plain:.3f} | {nag:.3f} ({nag / plain:.2f}×) | {rows} | {cfg} |")
 
