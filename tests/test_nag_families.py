@@ -147,9 +147,13 @@ def check_layer(attn, kwargs, out, n, text_len, single):
 
 
 @pytest.mark.parametrize("case,layer", [("qwen", 0), ("qwen", 2), ("klein", 1), ("klein", 2), ("klein", 3)])
-def test_layer_equals_stock_attention_on_both_texts(case, layer, request):
+def test_layer_equals_stock_attention_on_both_texts(case, layer, request, monkeypatch):
     """Qwen-Image (padded prompts and a padded negative prompt) and FLUX.2 Klein double (1) and single (2, 3)
-    blocks; with CFG on, every layer of the unconditional call is the stock module on its inputs."""
+    blocks, on the row path (the token path equals it: test_*_token_path_equals_row_path); with CFG on, every layer
+    of the unconditional call is the stock module on its inputs."""
+    from dit_attn.hooks import nag_tokens
+
+    monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())
     pipe = request.getfixturevalue(case)
     call, negative = CASES[case]
     modules = attention_modules(pipe)
@@ -396,9 +400,12 @@ def edit_call(pipe, steps=2, **kwargs):
 
 
 @pytest.mark.parametrize("layer,cfg", [(0, False), (2, True)])
-def test_qwen_image_edit_layer_equals_stock_attention_on_both_texts(qwen_edit, layer, cfg):
+def test_qwen_image_edit_layer_equals_stock_attention_on_both_texts(qwen_edit, layer, cfg, monkeypatch):
     """The negative prompt is encoded with the reference image; its rows take the positive rows' whole image
-    stream (generated and reference tokens), and every image query's output is combined."""
+    stream (generated and reference tokens), and every image query's output is combined (the row path)."""
+    from dit_attn.hooks import nag_tokens
+
+    monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())
     modules = attention_modules(qwen_edit)
     kwargs = dict(true_cfg_scale=3.0, negative_prompt="a green cat") if cfg else {}
     texts = []  # the call's text states as the transformer gets them
@@ -511,7 +518,27 @@ def test_flux2_token_path_equals_row_path(klein, layers, cfg, reference, monkeyp
     check_token_path_equals_row_path(klein, lambda **k: klein_call(klein, **k), layers, kwargs, cfg, monkeypatch, local)
 
 
-def check_token_path_equals_row_path(pipe, call, layers, kwargs: dict, separate_cfg: bool, monkeypatch, edits=()):
+# all layers; the first block, CFG on (its unconditional call stock); the first two, with LocalAttention
+@pytest.mark.parametrize("layers,cfg,local", [(None, False, False), ((0,), True, False), ((0, 1), False, True)])
+def test_qwen_token_path_equals_row_path(qwen, layers, cfg, local, monkeypatch):
+    """Prompts of different lengths (every row's text mask matters, the negative prompt's own too)."""
+    kwargs = dict(CFG["qwen"]) if cfg else {}
+    edits = (da.LocalAttention(radius=1, layers=[0, 2]),) if local else ()
+    if local:
+        kwargs.update(height=64, width=64)
+    check_token_path_equals_row_path(qwen, lambda **k: qwen_call(qwen, **k), layers, kwargs, cfg, monkeypatch, edits,
+                                     prompts=QWEN_PROMPTS)
+
+
+@pytest.mark.parametrize("layers", [None, (0, 1)])
+def test_qwen_image_edit_token_path_equals_row_path(qwen_edit, layers, monkeypatch):
+    """The negative text encoded with the reference image; every image query, generated and reference, combined."""
+    check_token_path_equals_row_path(qwen_edit, lambda **k: edit_call(qwen_edit, **k), layers, {}, False, monkeypatch,
+                                     prompts="a red circle")
+
+
+def check_token_path_equals_row_path(pipe, call, layers, kwargs: dict, separate_cfg: bool, monkeypatch, edits=(),
+                                     prompts=("a red circle", "a green square")):
     """The token path's steps equal the row path's (with `edits` beside NAG); both differ from stock."""
     from dit_attn.hooks import nag_tokens
 
@@ -523,7 +550,7 @@ def check_token_path_equals_row_path(pipe, call, layers, kwargs: dict, separate_
             lambda m, a, k: seen.append((k["hidden_states"].shape[0], k["encoder_hidden_states"].shape[1])), with_kwargs=True)
         try:
             with CallRecorder(pipe) as rec, (da.apply(pipe, *edits) if edits else contextlib.nullcontext()):
-                call(prompt=["a red circle", "a green square"], **kwargs)
+                call(prompt=list(prompts) if isinstance(prompts, tuple | list) else prompts, **kwargs)
         finally:
             hook.remove()
         return rec.steps, seen

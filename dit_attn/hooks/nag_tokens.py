@@ -1,4 +1,4 @@
-"""NAG with the negative text as extra text tokens of each row, not as extra rows (SD3 / SD3.5).
+"""NAG with the negative text as extra text tokens of each row, not as extra rows (SD3 / SD3.5 here).
 
 The call's text states become [positive text ; negative text] along the token dimension, so the
 image stream is computed once per row. At a NAG layer the processor gives the image queries two
@@ -13,7 +13,8 @@ tokens with the time-text embedding of the negative pooled projection, as a nega
 be. Rows that NAG does not guide (CFG's unconditional rows) carry the negative tokens too; their
 image queries never see them. From block k+1 on the negative tokens are dropped.
 The FLUX layout (FLUX.1 and the models on its blocks, Chroma, FLUX.2) runs the same path in its double and
-single blocks: `hooks.nag_tokens_flux`.
+single blocks: `hooks.nag_tokens_flux`; Qwen-Image in its dual-stream blocks, the negative text at the positive
+text's rotary positions and with its own text mask.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from .nag_tokens_flux import NAGTokenBlockHook, NAGTokenFluxBlock, flux_token_ca
 
 NAG_TOKEN_HOOK = "dit_attn.nag_tokens"
 # families whose blocks carry the negative text as tokens
-TOKEN_FAMILIES = ("sd3", "flux", "chroma", "bria", "longcat_image", "ovis_image", "flux2")
+TOKEN_FAMILIES = ("sd3", "flux", "chroma", "bria", "longcat_image", "ovis_image", "flux2", "qwen_image")
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ def nag_tokens_forward(hook, module, forward, call: dict, current, cond, patch):
     text_len = call["encoder_hidden_states"].shape[1]
     if hook.family.name == "sd3":
         call, temb = _sd3_token_call(module, call, patch, batch)
+    elif hook.family.name == "qwen_image":
+        call, temb = _qwen_token_call(call, patch, batch), None
     else:
         call, temb = flux_token_call(module, call, patch, batch)
     plan = plan_rows(batch, cond=cond, fork_layer=hook.guidance.fork_layer) if cond is not None else None
@@ -95,10 +98,24 @@ def _sd3_token_call(module, call: dict, patch, batch: int) -> tuple[dict, torch.
     return {**call, "encoder_hidden_states": torch.cat([text, negative], dim=1)}, temb
 
 
+def _qwen_token_call(call: dict, patch, batch: int) -> dict:
+    """The call with [positive ; negative] text and its text mask ([the call's ; the negative prompt's own])."""
+    text, mask = call["encoder_hidden_states"], call.get("encoder_hidden_states_mask")
+    negative = patch.embeds[:1].to(text).expand(batch, -1, -1)
+    negative_mask = patch.pooled[:1].to(text.device)  # Qwen-Image's spec keeps the text mask where others pool
+    out = {**call, "encoder_hidden_states": torch.cat([text, negative], dim=1)}
+    if mask is not None or not bool(negative_mask.bool().all()):
+        mask = torch.ones(text.shape[:2], dtype=negative_mask.dtype, device=text.device) if mask is None else mask
+        out["encoder_hidden_states_mask"] = torch.cat([mask, negative_mask.to(mask.dtype).expand(batch, -1)], dim=1)
+    return out
+
+
 def token_block_hooks(family, state: EditState, transformer) -> list[tuple[torch.nn.Module, ModelHook]]:
     """(block, hook) of every block that runs a token-path call (see `carries_tokens`)."""
     if family.name == "sd3":
         return [(block, NAGTokenBlock(state, layer, block)) for layer, block in enumerate(transformer.transformer_blocks)]
+    if family.name == "qwen_image":
+        return [(block, NAGTokenQwenBlock(state, layer, block)) for layer, block in enumerate(transformer.transformer_blocks)]
     blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
     keeps = family.name == "flux2"
     return [(block, NAGTokenFluxBlock(state, layer, block, keeps)) for layer, block in enumerate(blocks)]
@@ -147,3 +164,20 @@ class NAGTokenBlock(NAGTokenBlockHook):
         text = text + c_gate_msa * text_attn_output
         norm_text = block.norm2_context(text) * (1 + c_scale_mlp) + c_shift_mlp
         return text + c_gate_mlp * block.ff_context(norm_text), hidden
+
+
+class NAGTokenQwenBlock(NAGTokenBlockHook):
+    """Runs a Qwen-Image block during a token-path call: stock at a NAG layer (its modulation does not depend on the
+    prompt); from `end` on without the negative tokens, their mask and their rotary table (the model reads only the
+    image stream after its last block)."""
+
+    def token_forward(self, module, forward, values: dict, tokens):
+        if self.layer >= tokens.end:
+            n = tokens.text_len
+            values["encoder_hidden_states"] = values["encoder_hidden_states"][:, :n]
+            mask, rotary = values.get("encoder_hidden_states_mask"), values.get("image_rotary_emb")
+            if mask is not None:
+                values["encoder_hidden_states_mask"] = mask[:, :n]
+            if rotary is not None:
+                values["image_rotary_emb"] = (rotary[0], rotary[1][:n])
+        return forward(**values)

@@ -128,10 +128,17 @@ def nag_token_outputs(processor, attn, query, key, value, attention_mask, image_
     """A FLUX-layout processor's attention at a NAG layer of a token-path call, from the (B, S, H, D) joint q/k/v
     of [positive text ; negative text ; image] before rotary (n text tokens each): (text outputs (B, 2n, H·D),
     image outputs (B, S_img, H·D)), heads merged, the guided rows' image outputs Z⁺ combined with Z⁻."""
-    n, rows = tokens
     if image_rotary_emb is not None:
         query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
         key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    return nag_token_attend(processor, attn, query, key, value, attention_mask, tokens)
+
+
+def nag_token_attend(processor, attn, query, key, value, attention_mask,
+                     tokens: tuple[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`nag_token_outputs` from q/k/v after rotary (any family with [text ; image] order); attention_mask: over the
+    call's keys (B, S) or (B, 1, 1 or S, S)."""
+    n, rows = tokens
     image_stop = processor.local_image_stop(n, query.shape[1] - n)
     plan = processor.state.plan(processor.layer, query.shape[0], (n, image_stop), getattr(attn, POOL_MODULE, None))
     dtype = query.dtype

@@ -31,6 +31,7 @@ class QwenImageAttnProcessor(DispatchingProcessor):
         if attention_mask is not None:
             raise ValueError("Qwen-Image attention takes no external attention_mask: pass encoder_hidden_states_mask")
 
+        tokens = self.state.nag_tokens_at(self.layer, hidden_states.shape[0])
         if encoder_hidden_states_mask is not None:
             # rows whose text keys/values a TextPatch replaces take their source rows' text mask with them
             text_mask, _ = self.state.patch_text(self.layer, encoder_hidden_states_mask, encoder_hidden_states_mask)
@@ -57,6 +58,8 @@ class QwenImageAttnProcessor(DispatchingProcessor):
 
         if image_rotary_emb is not None:
             img_freqs, txt_freqs = image_rotary_emb
+            if tokens is not None:  # NAG's negative text tokens sit at the positive text's positions
+                txt_freqs = torch.cat([txt_freqs[: tokens[0]]] * 2)
             img_query = apply_rotary_emb_qwen(img_query, img_freqs, use_real=False)
             img_key = apply_rotary_emb_qwen(img_key, img_freqs, use_real=False)
             txt_query = apply_rotary_emb_qwen(txt_query, txt_freqs, use_real=False)
@@ -69,13 +72,17 @@ class QwenImageAttnProcessor(DispatchingProcessor):
         key = torch.cat([txt_key, img_key], dim=1)
         value = torch.cat([txt_value, img_value], dim=1)
 
-        image_stop = self.local_image_stop(text_len, query.shape[1])
-        plan = self.state.plan(self.layer, query.shape[0], (text_len, image_stop), getattr(attn, POOL_MODULE, None))
-        joint = self.attend(query, key, value, plan, attention_mask, image_stop - text_len)
-        joint = joint.flatten(2, 3).to(query.dtype)
-        joint = self.state.nag_guide(self.layer, joint, slice(text_len, None))
+        if tokens is not None:  # NAG's negative text as extra text tokens of each row
+            from ..hooks.nag_tokens_flux import nag_token_attend
 
-        txt_out, img_out = joint[:, :text_len], joint[:, text_len:]
+            txt_out, img_out = nag_token_attend(self, attn, query, key, value, attention_mask, tokens)
+        else:
+            image_stop = self.local_image_stop(text_len, query.shape[1])
+            plan = self.state.plan(self.layer, query.shape[0], (text_len, image_stop), getattr(attn, POOL_MODULE, None))
+            joint = self.attend(query, key, value, plan, attention_mask, image_stop - text_len)
+            joint = joint.flatten(2, 3).to(query.dtype)
+            joint = self.state.nag_guide(self.layer, joint, slice(text_len, None))
+            txt_out, img_out = joint[:, :text_len], joint[:, text_len:]
         img_out = attn.to_out[0](img_out.contiguous())
         if len(attn.to_out) > 1:
             img_out = attn.to_out[1](img_out)
