@@ -1,6 +1,6 @@
 """NAG's cost beyond SD3/FLUX.1/Chroma: plain (no guidance), NAG and CFG with the same negative prompt, side by
 side in one run, on config-built Z-Image and HunyuanImage 2.1 (the negative prompt as rows of the pipeline's own
-call) and Bria, LongCat-Image, Ovis-Image and FLUX.2 [klein] (as tokens; there also NAG on the row path,
+call) and Bria, LongCat-Image, Ovis-Image, Qwen-Image and FLUX.2 [klein] (as tokens; there also NAG on the row path,
 for comparison), latents out, best of 3.
 
 At --size 128 every toy has 1024 image tokens (FLUX.2's at twice the size) but HunyuanImage's, 256.
@@ -29,6 +29,7 @@ def cases(size: int):
     from dit_attn.toy.hunyuan_image import build_hunyuan_image_pipeline
     from dit_attn.toy.longcat_image import build_longcat_image_pipeline
     from dit_attn.toy.ovis_image import build_ovis_image_pipeline
+    from dit_attn.toy.qwen_image import build_qwen_image_pipeline
     from dit_attn.toy.z_image import build_z_image_pipeline
 
     z = build_z_image_pipeline(num_layers=4, num_heads=4, head_dim=32)
@@ -45,6 +46,9 @@ def cases(size: int):
     yield "Ovis-Image 2+2 × 4 heads × 32", ovis, dict(max_sequence_length=16), dict(guidance_scale=1.0), dict(guidance_scale=3.0, negative_prompt=NEGATIVE)
     klein = build_flux2_klein_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=32)
     negative, _ = klein.encode_prompt(NEGATIVE, max_sequence_length=32)  # its call takes the negative as embeddings
+    qwen = build_qwen_image_pipeline(num_layers=4, num_heads=4, head_dim=32)
+    yield ("Qwen-Image 4 × 4 heads × 32", qwen, dict(max_sequence_length=16), dict(true_cfg_scale=1.0),
+           dict(true_cfg_scale=3.0, negative_prompt=NEGATIVE))
     # its toy VAE halves the image tokens of the others' per side: twice the size gives their image tokens
     yield (f"FLUX.2 [klein] 2+2 × 4 heads × 32 ({2 * size}×{2 * size})", klein,
            dict(max_sequence_length=32, height=2 * size, width=2 * size), dict(guidance_scale=1.0),

@@ -530,6 +530,37 @@ def test_qwen_token_path_equals_row_path(qwen, layers, cfg, local, monkeypatch):
                                      prompts=QWEN_PROMPTS)
 
 
+def test_qwen_shared_image_keys_under_text_masks(qwen, monkeypatch):
+    """Padded prompts and a padded negative prompt: the image keys' part of Z⁺ and Z⁻ computed once, each text's
+    part under its own key mask, gives the two attention calls' steps and the row path's (and the merge runs)."""
+    from torch.nn import functional as F
+    from torch.overrides import TorchFunctionMode
+
+    from dit_attn.hooks import nag_tokens, nag_tokens_flux
+
+    calls = []
+
+    class CountSDPA(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            calls.append(func is F.scaled_dot_product_attention)
+            return func(*args, **(kwargs or {}))
+
+    def run():
+        calls.clear()
+        with CallRecorder(qwen) as rec, da.apply(qwen, da.NAG("blue", **SETTINGS)), CountSDPA():
+            qwen_call(qwen)
+        return rec.steps, sum(calls)
+
+    shared, shared_sdpa = run()
+    monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS", False)
+    two_calls, two_calls_sdpa = run()
+    assert two_calls_sdpa - shared_sdpa == 2 * 3 * 2  # two SDPA calls at each of 3 NAG layers, 2 steps
+    monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())
+    rows, _ = run()
+    for a, b, want in zip(shared, two_calls, rows, strict=True):
+        assert (a - want).abs().max() <= 1e-5 and (b - want).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("layers", [None, (0, 1)])
 def test_qwen_image_edit_token_path_equals_row_path(qwen_edit, layers, monkeypatch):
     """The negative text encoded with the reference image; every image query, generated and reference, combined."""

@@ -8,8 +8,9 @@ Chroma its own text mask). At a NAG layer the image queries attend [positive tex
 [negative text ; image] (Z⁻), the positive text queries [positive text ; image] (their stock update), the
 negative text queries [negative text ; image]: what the negative rows of the row path compute, where each
 negative row takes its positive row's image q/k/v at every NAG layer (SD3's choice, followed here).
-Where the layer's attention is the default unmasked SDPA on the CPU, the image queries' attention over the
-image keys, shared by Z⁺ and Z⁻, runs once (`shared_image_keys_attention`); elsewhere two attention calls.
+Where the layer's attention is the default SDPA on the CPU, unmasked or with a mask on text keys only, the image
+queries' attention over the image keys, shared by Z⁺ and Z⁻, runs once (`shared_image_keys_attention`); elsewhere
+two attention calls.
 
 FLUX.1 modulates the negative text with the time-text embedding of the negative pooled projection
 (`NAGTokenFluxBlock` runs the block step by step); the modulation of Chroma, Bria, LongCat-Image and
@@ -82,10 +83,26 @@ def _shares_image_keys(processor, query: torch.Tensor) -> bool:
             and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
 
 
-def _attention_lse(q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_lse(q, k, v, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, L, D) → (softmax attention (B, H, L, D), the log-sum-exp of each query's scaled logits (B, H, L) float32):
-    the CPU kernel F.scaled_dot_product_attention runs, through its aten op (the only one that returns the lse)."""
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
+    the CPU kernel F.scaled_dot_product_attention runs, through its aten op (the only one that returns the lse);
+    bias: an additive key mask (B, 1, 1, keys) in q's dtype."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias)
+
+
+def _text_key_bias(mask: torch.Tensor | None, n: int, dtype) -> tuple[bool, torch.Tensor | None]:
+    """(whether `shared_image_keys_attention` applies, its additive bias over the [positive ; negative] text keys
+    (B, 1, 1, 2n) or None): without a mask, or with a bool key mask (B, S) / (B, 1, 1, S) that keeps every image key
+    and at least one key of each text in every row (Qwen-Image's padded prompts)."""
+    if mask is None:
+        return True, None
+    if mask.dtype != torch.bool or not (mask.ndim == 2 or (mask.ndim == 4 and mask.shape[-2] == 1)):
+        return False, None
+    keys = mask.reshape(mask.shape[0], 1, 1, mask.shape[-1])
+    text = keys[..., : 2 * n]
+    if not (bool(keys[..., 2 * n:].all()) and bool(text[..., :n].any(-1).all()) and bool(text[..., n:].any(-1).all())):
+        return False, None
+    return True, torch.zeros(text.shape, dtype=dtype, device=mask.device).masked_fill(~text, float("-inf"))
 
 
 def _merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -95,17 +112,19 @@ def _merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Te
     return (out_a.float() + (out_b.float() - out_a.float()) * weight).to(out_a.dtype)
 
 
-def shared_image_keys_attention(query, key, value, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Unmasked attention over [positive text ; image] and over [negative text ; image] from the (B, S, H, D) q/k/v
-    of [positive text ; negative text ; image] (n text tokens each): every query's attention over the image keys,
-    the bulk of both, computed once and merged with its attention over each text by log-sum-exp.
+def shared_image_keys_attention(query, key, value, n: int, text_bias: torch.Tensor | None = None):
+    """Attention over [positive text ; image] and over [negative text ; image] from the (B, S, H, D) q/k/v of
+    [positive text ; negative text ; image] (n text tokens each; text_bias: `_text_key_bias`'s): every query's
+    attention over the image keys, the bulk of both, computed once and merged with its attention over each text by
+    log-sum-exp.
     (text outputs (B, 2n, H, D): the positive text's over [positive text ; image], the negative's over [negative
     text ; image]; image outputs (B, S_img, H, D) over [positive text ; image] (Z⁺) and over [negative text ; image] (Z⁻))."""
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     image = slice(2 * n, None)
     on_image = _attention_lse(q, k[:, :, image], v[:, :, image])
-    on_positive = _merge(on_image, _attention_lse(q, k[:, :, :n], v[:, :, :n]))
-    on_negative = _merge(on_image, _attention_lse(q, k[:, :, n : 2 * n], v[:, :, n : 2 * n]))
+    positive_bias, negative_bias = (None, None) if text_bias is None else (text_bias[..., :n], text_bias[..., n:])
+    on_positive = _merge(on_image, _attention_lse(q, k[:, :, :n], v[:, :, :n], positive_bias))
+    on_negative = _merge(on_image, _attention_lse(q, k[:, :, n : 2 * n], v[:, :, n : 2 * n], negative_bias))
     text = torch.cat([on_positive[:, :, :n], on_negative[:, :, n : 2 * n]], dim=2)
     return text.transpose(1, 2), on_positive[:, :, image].transpose(1, 2), on_negative[:, :, image].transpose(1, 2)
 
@@ -142,8 +161,10 @@ def nag_token_attend(processor, attn, query, key, value, attention_mask,
     image_stop = processor.local_image_stop(n, query.shape[1] - n)
     plan = processor.state.plan(processor.layer, query.shape[0], (n, image_stop), getattr(attn, POOL_MODULE, None))
     dtype = query.dtype
-    if plan is None and attention_mask is None and _shares_image_keys(processor, query):
-        text, z_pos, z_neg = (x.flatten(2, 3).to(dtype) for x in shared_image_keys_attention(query, key, value, n))
+    shared, text_bias = _text_key_bias(attention_mask, n, dtype) if plan is None else (False, None)
+    if shared and _shares_image_keys(processor, query):
+        text, z_pos, z_neg = (x.flatten(2, 3).to(dtype)
+                              for x in shared_image_keys_attention(query, key, value, n, text_bias))
     else:
         positive = [without_negative(x, n, 1) for x in (query, key, value)]
         negative = [x[:, n:] for x in (query, key, value)]
