@@ -1,11 +1,11 @@
 """NAG's cost beyond SD3/FLUX.1/Chroma: plain (no guidance), NAG and CFG with the same negative prompt, side by
 side in one run, on config-built Z-Image and HunyuanImage 2.1 (the negative prompt as rows of the pipeline's own
 call) and Bria, LongCat-Image, Ovis-Image, Qwen-Image and FLUX.2 [klein] (as tokens; there also NAG on the row path,
-for comparison), latents out, best of 3.
+for comparison), latents out, best of --repeats runs.
 
-At --size 128 every toy has 1024 image tokens (FLUX.2's at twice the size) but HunyuanImage's, 256.
+At --size 128 every toy has 1024 image tokens (Qwen-Image's and FLUX.2's at twice the size) but HunyuanImage's, 256.
 
-Run:  python benchmarks/nag_families.py [--threads 1] [--size 128] [--steps 8]
+Run:  python benchmarks/nag_families.py [--threads 1] [--size 128] [--steps 8] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -47,9 +47,10 @@ def cases(size: int):
     klein = build_flux2_klein_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=32)
     negative, _ = klein.encode_prompt(NEGATIVE, max_sequence_length=32)  # its call takes the negative as embeddings
     qwen = build_qwen_image_pipeline(num_layers=4, num_heads=4, head_dim=32)
-    yield ("Qwen-Image 4 × 4 heads × 32", qwen, dict(max_sequence_length=16), dict(true_cfg_scale=1.0),
+    # the toy VAEs of Qwen-Image and FLUX.2 halve the image tokens of the others' per side: twice the size
+    yield (f"Qwen-Image 4 × 4 heads × 32 ({2 * size}×{2 * size})", qwen,
+           dict(max_sequence_length=16, height=2 * size, width=2 * size), dict(true_cfg_scale=1.0),
            dict(true_cfg_scale=3.0, negative_prompt=NEGATIVE))
-    # its toy VAE halves the image tokens of the others' per side: twice the size gives their image tokens
     yield (f"FLUX.2 [klein] 2+2 × 4 heads × 32 ({2 * size}×{2 * size})", klein,
            dict(max_sequence_length=32, height=2 * size, width=2 * size), dict(guidance_scale=1.0),
            dict(guidance_scale=3.0, negative_prompt_embeds=negative))
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per condition")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {args.threads}; {args.size}×{args.size}, {args.steps} steps, "
@@ -73,17 +75,17 @@ def main() -> None:
             pipe(prompt="a red circle", num_inference_steps=args.steps, output_type="latent",
                  generator=torch.Generator().manual_seed(0), **{**size, **common}, **kwargs)
 
-        plain = best_of(lambda: generate(**plain_kwargs))
+        plain = best_of(lambda: generate(**plain_kwargs), args.repeats)
         with da.apply(pipe, da.NAG(NEGATIVE)):
-            nag = best_of(lambda: generate(**plain_kwargs))
+            nag = best_of(lambda: generate(**plain_kwargs), args.repeats)
         rows = "(its path)"
         if family_of(pipe.transformer).name in nag_tokens.TOKEN_FAMILIES:
             with row_path(), da.apply(pipe, da.NAG(NEGATIVE)):
-                seconds = best_of(lambda: generate(**plain_kwargs))
+                seconds = best_of(lambda: generate(**plain_kwargs), args.repeats)
             rows = f"{seconds:.3f} ({seconds / plain:.2f}×)"
         cfg = "—"
         if cfg_kwargs is not None:
-            seconds = best_of(lambda: generate(**cfg_kwargs))
+            seconds = best_of(lambda: generate(**cfg_kwargs), args.repeats)
             cfg = f"{seconds:.3f} ({seconds / plain:.2f}×)"
         print(f"| {name} | {plain:.3f} | {nag:.3f} ({nag / plain:.2f}×) | {rows} | {cfg} |")
 
