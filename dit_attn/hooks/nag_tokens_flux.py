@@ -161,8 +161,10 @@ def nag_token_attend(processor, attn, query, key, value, attention_mask,
     image_stop = processor.local_image_stop(n, query.shape[1] - n)
     plan = processor.state.plan(processor.layer, query.shape[0], (n, image_stop), getattr(attn, POOL_MODULE, None))
     dtype = query.dtype
-    shared, text_bias = _text_key_bias(attention_mask, n, dtype) if plan is None else (False, None)
-    if shared and _shares_image_keys(processor, query):
+    shared, text_bias = False, None
+    if plan is None and _shares_image_keys(processor, query):  # before the mask's checks: they sync a GPU
+        shared, text_bias = _text_key_bias(attention_mask, n, dtype)
+    if shared:
         text, z_pos, z_neg = (x.flatten(2, 3).to(dtype)
                               for x in shared_image_keys_attention(query, key, value, n, text_bias))
     else:
