@@ -355,6 +355,55 @@ def test_text_patch_with_blocks_compiled_fullgraph_equals_eager():
         assert max((a - b).abs().max() for a, b in zip(got, eager)) < 1e-5
 
 
+@pytest.mark.parametrize("family", ["flux", "qwen_image", "flux2"])
+def test_nag_token_path_with_blocks_compiled_fullgraph_equals_eager(family):
+    """NAG's negative text as tokens of each row (FLUX.1: its blocks step by step with the negative modulation;
+    Qwen-Image: under the padded prompts' text masks) through blocks compiled with fullgraph=True: no graph break,
+    the eager steps, no new graph on the next generation."""
+    from torch._dynamo.utils import counters
+
+    from dit_attn.toy.configs import build_flux_pipeline
+    from dit_attn.toy.flux2 import build_flux2_klein_pipeline
+    from dit_attn.toy.qwen_image import build_qwen_image_pipeline
+
+    prompts = ["a red circle", "a cat"]
+    if family == "flux":
+        pipe, settings = build_flux_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=8), {}
+    elif family == "qwen_image":
+        pipe, settings = build_qwen_image_pipeline(num_layers=3, num_heads=4, head_dim=16), dict(true_cfg_scale=1.0)
+    else:
+        pipe, settings = build_flux2_klein_pipeline(num_layers=2, num_single_layers=2), dict(guidance_scale=1.0)
+    pipe.set_progress_bar_config(disable=True)
+    blocks = list(pipe.transformer.transformer_blocks) + list(getattr(pipe.transformer, "single_transformer_blocks", ()))
+
+    def steps():
+        with CallRecorder(pipe) as rec:
+            pipe(prompt=prompts, num_inference_steps=2, height=32, width=32, max_sequence_length=16, output_type="latent",
+                 generator=torch.Generator().manual_seed(0), **settings)
+        return rec.steps
+
+    stock = steps()
+    with da.apply(pipe, da.NAG("blue")):
+        eager = steps()
+        torch._dynamo.reset()
+        counters.clear()
+        for block in blocks:
+            block.compile(fullgraph=True, backend="aot_eager")
+        try:
+            compiled = steps()
+            graphs = counters["stats"]["unique_graphs"]
+            again = steps()
+            assert counters["stats"]["unique_graphs"] == graphs
+            assert sum(counters["graph_break"].values()) == 0
+        finally:
+            torch._dynamo.reset()
+            for block in blocks:
+                block._compiled_call_impl = None
+    assert max((a - b).abs().max() for a, b in zip(eager, stock)) > 1e-4  # NAG changes the steps
+    for got in (compiled, again):
+        assert max((a - b).abs().max() for a, b in zip(got, eager)) < 1e-5
+
+
 def _many_blocks(family: str):
     """(pipe, first transformer call) of a model with more blocks than dynamo's default recompile_limit (8)."""
     from dit_attn.toy.configs import build_flux_pipeline, build_sd3_pipeline

@@ -93,10 +93,11 @@ def _attention_lse(q, k, v, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
 def _text_key_bias(mask: torch.Tensor | None, n: int, dtype) -> tuple[bool, torch.Tensor | None]:
     """(whether `shared_image_keys_attention` applies, its additive bias over the [positive ; negative] text keys
     (B, 1, 1, 2n) or None): without a mask, or with a bool key mask (B, S) / (B, 1, 1, S) that keeps every image key
-    and at least one key of each text in every row (Qwen-Image's padded prompts)."""
+    and at least one key of each text in every row (Qwen-Image's padded prompts). Not while torch.compile traces:
+    the checks read the mask's values."""
     if mask is None:
         return True, None
-    if mask.dtype != torch.bool or not (mask.ndim == 2 or (mask.ndim == 4 and mask.shape[-2] == 1)):
+    if torch.compiler.is_compiling() or mask.dtype != torch.bool or not (mask.ndim == 2 or (mask.ndim == 4 and mask.shape[-2] == 1)):
         return False, None
     keys = mask.reshape(mask.shape[0], 1, 1, mask.shape[-1])
     text = keys[..., : 2 * n]
