@@ -1,7 +1,7 @@
 """What NAG costs on the tiny model: seconds per image of the unguided run (CFG off), NAG with the
 negative text as extra tokens of each row (the default on SD3, FLUX.1 and Chroma), NAG with the negative
 text as extra rows (the row path every family has), and CFG-style negative prompting (two passes), side by side.
-On FLUX.1 also the token path with two attention calls per NAG layer, instead of the image keys' part computed once.
+Also the token path with two attention calls per NAG layer, instead of the image keys' part computed once.
 
 --model flux-toy: a random-weight FLUX.1 (guidance-distilled, 2 double + 4 single blocks, 4 heads × 32) with
 --text-tokens T5 tokens; its CFG is true CFG (a second call with the negative prompt).
@@ -92,7 +92,7 @@ def main() -> None:
     conditions = {
         "unguided (CFG off)": generate,
         "NAG, negative text as tokens": nag,
-        **({"NAG, tokens, two attention calls": nag_two_calls} if flux else {}),
+        "NAG, tokens, two attention calls": nag_two_calls,
         "NAG, negative text as rows": nag_rows,
         f"CFG {args.cfg} with the negative prompt": lambda: generate(args.cfg, negative_prompt=NEGATIVE),
     }

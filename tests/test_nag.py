@@ -513,10 +513,15 @@ def test_kontext_token_path_equals_row_path(flux_pipe, monkeypatch):
         assert (got - want).abs().max() <= 1e-5
 
 
-def test_flux_shared_image_keys_equal_two_attention_calls(flux_pipe, monkeypatch):
-    """FLUX.1 on the CPU: the image keys' part of Z⁺ and Z⁻ computed once and merged by log-sum-exp, and two
-    attention calls per NAG layer, each give the row path's steps (and the merge runs: SDPA is called less)."""
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_shared_image_keys_equal_two_attention_calls(family, request, monkeypatch):
+    """SD3 and FLUX.1 on the CPU: the image keys' part of Z⁺ and Z⁻ computed once and merged by log-sum-exp, and two
+    attention calls per NAG layer, each give the row path's steps (and the merge runs: SDPA is called less); CFG's
+    unconditional rows ride in SD3's call (its CFG is one batched call)."""
     from dit_attn.hooks import nag_tokens, nag_tokens_flux
+
+    pipe = request.getfixturevalue(f"{family}_pipe")
+    call, layers = (flux_call, 4) if family == "flux" else (sd3_call, 3)
 
     calls = []
 
@@ -527,15 +532,15 @@ def test_flux_shared_image_keys_equal_two_attention_calls(flux_pipe, monkeypatch
 
     def run():
         calls.clear()
-        with CallRecorder(flux_pipe) as rec, da.apply(flux_pipe, da.NAG(NEGATIVE, **SETTINGS)), CountSDPA():
-            flux_call(flux_pipe, ["a red circle", "a green square"])
+        with CallRecorder(pipe) as rec, da.apply(pipe, da.NAG(NEGATIVE, **SETTINGS)), CountSDPA():
+            call(pipe, ["a red circle", "a green square"])
         return rec.steps, sum(calls)
 
     monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS", True)
     shared, shared_sdpa = run()
     monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS", False)
     two_calls, two_calls_sdpa = run()
-    assert two_calls_sdpa - shared_sdpa == 2 * 4 * 3  # two SDPA calls at each of 4 NAG layers, 3 steps
+    assert two_calls_sdpa - shared_sdpa == 2 * layers * 3  # two SDPA calls at each NAG layer, 3 steps
     monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())
     rows, _ = run()
     for a, b, want in zip(shared, two_calls, rows, strict=True):

@@ -75,12 +75,17 @@ def _split_mask(mask: torch.Tensor | None, n: int):
 SHARED_IMAGE_KEYS = True  # False: two attention calls at every NAG layer (benchmarks/nag_cost.py compares)
 
 
+def shares_image_keys(query: torch.Tensor, capture) -> bool:
+    """The shared-image-keys merge may replace two default SDPA calls on these queries."""
+    return (SHARED_IMAGE_KEYS and query.device.type == "cpu" and capture is None
+            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
+
+
 def _shares_image_keys(processor, query: torch.Tensor) -> bool:
     """The layer's attention is diffusers' default SDPA on the CPU, with nothing recorded: `shared_image_keys_attention`
     may replace its two calls."""
-    return (SHARED_IMAGE_KEYS and query.device.type == "cpu" and processor._attention_backend is None
-            and processor._parallel_config is None and processor.state.capture is None
-            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
+    return (processor._attention_backend is None and processor._parallel_config is None
+            and shares_image_keys(query, processor.state.capture))
 
 
 def _attention_lse(q, k, v, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,12 +127,33 @@ def shared_image_keys_attention(query, key, value, n: int, text_bias: torch.Tens
     text ; image]; image outputs (B, S_img, H, D) over [positive text ; image] (Z⁺) and over [negative text ; image] (Z⁻))."""
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     image = slice(2 * n, None)
-    on_image = _attention_lse(q, k[:, :, image], v[:, :, image])
-    positive_bias, negative_bias = (None, None) if text_bias is None else (text_bias[..., :n], text_bias[..., n:])
-    on_positive = _merge(on_image, _attention_lse(q, k[:, :, :n], v[:, :, :n], positive_bias))
-    on_negative = _merge(on_image, _attention_lse(q, k[:, :, n : 2 * n], v[:, :, n : 2 * n], negative_bias))
+    biases = (None, None) if text_bias is None else (text_bias[..., :n], text_bias[..., n:])
+    on_positive, on_negative = attention_over_two_texts(
+        q, (k[:, :, image], v[:, :, image]), (k[:, :, :n], v[:, :, :n]), (k[:, :, n : 2 * n], v[:, :, n : 2 * n]), biases)
     text = torch.cat([on_positive[:, :, :n], on_negative[:, :, n : 2 * n]], dim=2)
     return text.transpose(1, 2), on_positive[:, :, image].transpose(1, 2), on_negative[:, :, image].transpose(1, 2)
+
+
+def attention_over_two_texts(q, image: tuple, positive: tuple, negative: tuple, biases=(None, None)):
+    """(B, H, L, D) queries; (key, value) of the image, the positive and the negative text → (attention over
+    [image ; positive text], attention over [image ; negative text]): the image keys' part computed once, each merged
+    with a text's part by log-sum-exp (biases: additive key masks of the two texts, or None)."""
+    on_image = _attention_lse(q, *image)
+    return (_merge(on_image, _attention_lse(q, *positive, biases[0])),
+            _merge(on_image, _attention_lse(q, *negative, biases[1])))
+
+
+def image_first_attention_sharing_image_keys(positive: tuple, negative: tuple, image_tokens: int):
+    """The two unmasked attention calls of SD3's token path from their (B, H, S, D) q/k/v, [image ; positive text]
+    and [image ; negative text] (the same image part): each query's attention over the image keys computed once,
+    merged with its attention over its call's text by log-sum-exp. (output of the first call, of the second)."""
+    (q, k, v), (q_neg, k_neg, v_neg) = positive, negative
+    i, s = image_tokens, q.shape[2]
+    on_image = _attention_lse(torch.cat([q, q_neg[:, :, i:]], dim=2), k[:, :, :i], v[:, :, :i])
+    for_positive = tuple(x[:, :, :s] for x in on_image)
+    for_negative = tuple(torch.cat([x[:, :, :i], x[:, :, s:]], dim=2) for x in on_image)
+    return (_merge(for_positive, _attention_lse(q, k[:, :, i:], v[:, :, i:])),
+            _merge(for_negative, _attention_lse(q_neg, k_neg[:, :, i:], v_neg[:, :, i:])))
 
 
 def nag_token_attention(processor, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,

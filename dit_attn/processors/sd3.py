@@ -43,6 +43,20 @@ class SD3AttnProcessor(LayerProcessor):
             return out
         return out, kernels.attention(*negative, plan, scale=scale, backend=backend)
 
+    def _attend_sharing_image_keys(self, positive, negative, image_tokens: int, pool):
+        """`attend(*positive, negative=negative)` with the image keys' part computed once where the layer's attention
+        is plain SDPA on the CPU (`hooks.nag_tokens_flux`); None elsewhere."""
+        from ..hooks.nag_tokens_flux import image_first_attention_sharing_image_keys, shares_image_keys
+
+        query = positive[0]
+        if not shares_image_keys(query, self.state.capture):
+            return None
+        if self.state.scale_for(self.layer, image_tokens, query.shape[-1]) is not None:
+            return None
+        if self.state.plan(self.layer, query.shape[0], (0, image_tokens), pool, perturbed=self.joint) is not None:
+            return None
+        return image_first_attention_sharing_image_keys(positive, negative, image_tokens)
+
     def __call__(
         self,
         attn,
@@ -117,7 +131,10 @@ class SD3AttnProcessor(LayerProcessor):
         image_tokens = image[0].shape[2]
         positive = [torch.cat([x, t[:, :, :text_len]], dim=2) for x, t in zip(image, text)]
         negative = [torch.cat([x, t[:, :, text_len:]], dim=2) for x, t in zip(image, text)]
-        outputs = self.attend(*positive, image_tokens, getattr(attn, POOL_MODULE, None), negative=negative)
+        pool = getattr(attn, POOL_MODULE, None)
+        outputs = self._attend_sharing_image_keys(positive, negative, image_tokens, pool)
+        if outputs is None:
+            outputs = self.attend(*positive, image_tokens, pool, negative=negative)
         dtype = positive[0].dtype
         out, out_neg = (x.transpose(1, 2).flatten(2).to(dtype) for x in outputs)
         rows = rows.to(out.device)
