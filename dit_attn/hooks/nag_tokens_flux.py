@@ -1,5 +1,6 @@
-"""NAG's negative text as extra text tokens of each row on the FLUX.1 layout (FLUX.1, Chroma, Bria,
-LongCat-Image, Ovis-Image).
+"""NAG's negative text as extra text tokens of each row on the FLUX layout (FLUX.1, Chroma, Bria,
+LongCat-Image, Ovis-Image, FLUX.2); its attention (`nag_token_attend`) also serves Qwen-Image's processor, and its
+shared-image-keys merge SD3's.
 
 The token path of `hooks.nag_tokens`, for double blocks ([text ; image] with separate text and image
 projections) and single blocks (one stream): the call's text becomes [positive ; negative] (the negative
@@ -102,7 +103,8 @@ def _text_key_bias(mask: torch.Tensor | None, n: int, dtype) -> tuple[bool, torc
     the checks read the mask's values."""
     if mask is None:
         return True, None
-    if torch.compiler.is_compiling() or mask.dtype != torch.bool or not (mask.ndim == 2 or (mask.ndim == 4 and mask.shape[-2] == 1)):
+    key_mask = mask.ndim == 2 or (mask.ndim == 4 and mask.shape[-2] == 1)
+    if torch.compiler.is_compiling() or mask.dtype != torch.bool or not key_mask:
         return False, None
     keys = mask.reshape(mask.shape[0], 1, 1, mask.shape[-1])
     text = keys[..., : 2 * n]
