@@ -99,6 +99,40 @@ def replay(transformer, call: dict, rows=None) -> torch.Tensor:
         return transformer(**kwargs)[0]
 
 
+class CountSDPA(TorchFunctionMode):
+    """Counts the F.scaled_dot_product_attention calls made inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += func is F.scaled_dot_product_attention
+        return func(*args, **(kwargs or {}))
+
+
+def check_shared_image_keys(pipe, call, nag, saved_sdpa_calls: int, monkeypatch) -> None:
+    """NAG's token path with the image keys' part of Z⁺ and Z⁻ computed once (merged by log-sum-exp) and with two
+    attention calls per NAG layer each give the row path's steps, and the merge saves `saved_sdpa_calls` SDPA calls."""
+    import dit_attn as da
+    from dit_attn.hooks import nag_tokens, nag_tokens_flux
+
+    def run():
+        with CallRecorder(pipe) as rec, da.apply(pipe, nag), CountSDPA() as sdpa:
+            call()
+        return rec.steps, sdpa.count
+
+    monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS", True)
+    shared, shared_sdpa = run()
+    monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS", False)
+    two_calls, two_calls_sdpa = run()
+    assert two_calls_sdpa - shared_sdpa == saved_sdpa_calls
+    monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())
+    rows, _ = run()
+    for a, b, want in zip(shared, two_calls, rows, strict=True):
+        assert (a - want).abs().max() <= 1e-5 and (b - want).abs().max() <= 1e-5
+
+
 class PerturbSDPA(TorchFunctionMode):
     """Independent SoftPAG at u = 1 in one attention module: the selected heads' SDPA output is
     replaced by V (identity) or by softmax(mask)·V (uniform: constant logits, the mask kept)."""

@@ -317,12 +317,32 @@ def test_a_direct_call_after_a_pipeline_call_reads_its_own_grid(flux_pipe):
     assert (got - want).abs().max() == 0
 
 
+def steps_with_blocks_compiled(blocks, steps) -> tuple:
+    """`steps()` twice with every block compiled with fullgraph=True (diffusers' regional compilation): no graph
+    break, and no new graph the second time."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    for block in blocks:
+        block.compile(fullgraph=True, backend="aot_eager")
+    try:
+        compiled = steps()
+        graphs = counters["stats"]["unique_graphs"]
+        again = steps()
+        assert counters["stats"]["unique_graphs"] == graphs
+        assert sum(counters["graph_break"].values()) == 0
+    finally:
+        torch._dynamo.reset()
+        for block in blocks:
+            block._compiled_call_impl = None
+    return compiled, again
+
+
 def test_text_patch_with_blocks_compiled_fullgraph_equals_eager():
     """TextPatch's source rows (appended at the call, dropped after the last patched layer) through blocks
     compiled with fullgraph=True: no graph break, the eager steps, no new graph on the next generation. The
     source prompt is encoded at the call, outside the blocks."""
-    from torch._dynamo.utils import counters
-
     from dit_attn.toy.configs import build_sd3_pipeline
 
     pipe = build_sd3_pipeline(num_layers=3, num_heads=4, head_dim=8)
@@ -336,20 +356,7 @@ def test_text_patch_with_blocks_compiled_fullgraph_equals_eager():
     stock = steps()
     with da.apply(pipe, da.TextPatch(layers=[1], source_prompt="a blue square")):
         eager = steps()
-        torch._dynamo.reset()
-        counters.clear()
-        for block in pipe.transformer.transformer_blocks:
-            block.compile(fullgraph=True, backend="aot_eager")
-        try:
-            compiled = steps()
-            graphs = counters["stats"]["unique_graphs"]
-            again = steps()
-            assert counters["stats"]["unique_graphs"] == graphs
-            assert sum(counters["graph_break"].values()) == 0
-        finally:
-            torch._dynamo.reset()
-            for block in pipe.transformer.transformer_blocks:
-                block._compiled_call_impl = None
+        compiled, again = steps_with_blocks_compiled(pipe.transformer.transformer_blocks, steps)
     assert max((a - b).abs().max() for a, b in zip(eager, stock)) > 1e-4  # the patch changes the steps
     for got in (compiled, again):
         assert max((a - b).abs().max() for a, b in zip(got, eager)) < 1e-5
@@ -360,8 +367,6 @@ def test_nag_token_path_with_blocks_compiled_fullgraph_equals_eager(family):
     """NAG's negative text as tokens of each row (FLUX.1: its blocks step by step with the negative modulation;
     Qwen-Image: under the padded prompts' text masks) through blocks compiled with fullgraph=True: no graph break,
     the eager steps, no new graph on the next generation."""
-    from torch._dynamo.utils import counters
-
     from dit_attn.toy.configs import build_flux_pipeline
     from dit_attn.toy.flux2 import build_flux2_klein_pipeline
     from dit_attn.toy.qwen_image import build_qwen_image_pipeline
@@ -385,20 +390,7 @@ def test_nag_token_path_with_blocks_compiled_fullgraph_equals_eager(family):
     stock = steps()
     with da.apply(pipe, da.NAG("blue")):
         eager = steps()
-        torch._dynamo.reset()
-        counters.clear()
-        for block in blocks:
-            block.compile(fullgraph=True, backend="aot_eager")
-        try:
-            compiled = steps()
-            graphs = counters["stats"]["unique_graphs"]
-            again = steps()
-            assert counters["stats"]["unique_graphs"] == graphs
-            assert sum(counters["graph_break"].values()) == 0
-        finally:
-            torch._dynamo.reset()
-            for block in blocks:
-                block._compiled_call_impl = None
+        compiled, again = steps_with_blocks_compiled(blocks, steps)
     assert max((a - b).abs().max() for a, b in zip(eager, stock)) > 1e-4  # NAG changes the steps
     for got in (compiled, again):
         assert max((a - b).abs().max() for a, b in zip(got, eager)) < 1e-5

@@ -10,7 +10,8 @@ from torch.overrides import TorchFunctionMode
 
 import dit_attn as da
 
-from .conftest import CallRecorder, PerturbSDPA, flux_attention_module, flux_call, replay, sd3_call
+from .conftest import (CallRecorder, PerturbSDPA, check_shared_image_keys, flux_attention_module, flux_call, replay,
+                       sd3_call)
 
 # rows computed in a wider batch round differently (see test_localization); NAG moves outputs by ≥ 1e-3
 ROUNDING = 2e-5
@@ -518,30 +519,8 @@ def test_shared_image_keys_equal_two_attention_calls(family, request, monkeypatc
     """SD3 and FLUX.1 on the CPU: the image keys' part of Z⁺ and Z⁻ computed once and merged by log-sum-exp, and two
     attention calls per NAG layer, each give the row path's steps (and the merge runs: SDPA is called less); CFG's
     unconditional rows ride in SD3's call (its CFG is one batched call)."""
-    from dit_attn.hooks import nag_tokens, nag_tokens_flux
-
     pipe = request.getfixturevalue(f"{family}_pipe")
     call, layers = (flux_call, 4) if family == "flux" else (sd3_call, 3)
-
-    calls = []
-
-    class CountSDPA(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            calls.append(func is F.scaled_dot_product_attention)
-            return func(*args, **(kwargs or {}))
-
-    def run():
-        calls.clear()
-        with CallRecorder(pipe) as rec, da.apply(pipe, da.NAG(NEGATIVE, **SETTINGS)), CountSDPA():
-            call(pipe, ["a red circle", "a green square"])
-        return rec.steps, sum(calls)
-
-    monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS", True)
-    shared, shared_sdpa = run()
-    monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS", False)
-    two_calls, two_calls_sdpa = run()
-    assert two_calls_sdpa - shared_sdpa == 2 * layers * 3  # two SDPA calls at each NAG layer, 3 steps
-    monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())
-    rows, _ = run()
-    for a, b, want in zip(shared, two_calls, rows, strict=True):
-        assert (a - want).abs().max() <= 1e-5 and (b - want).abs().max() <= 1e-5
+    # two SDPA calls at each NAG layer, 3 steps
+    check_shared_image_keys(pipe, lambda: call(pipe, ["a red circle", "a green square"]), da.NAG(NEGATIVE, **SETTINGS),
+                            2 * layers * 3, monkeypatch)

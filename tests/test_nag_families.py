@@ -11,7 +11,7 @@ from dit_attn.families import family_of
 from dit_attn.toy.flux2 import build_flux2_klein_pipeline
 from dit_attn.toy.qwen_image import build_qwen_image_pipeline
 
-from .conftest import CallRecorder, flux_attention_module
+from .conftest import CallRecorder, check_shared_image_keys, flux_attention_module
 from .test_nag import ROUNDING, SETTINGS, _clone, nag_formula
 
 # Qwen-Image: "a cat" encodes one token shorter than "a red circle", "blue" two: every row's mask matters
@@ -533,32 +533,8 @@ def test_qwen_token_path_equals_row_path(qwen, layers, cfg, local, monkeypatch):
 def test_qwen_shared_image_keys_under_text_masks(qwen, monkeypatch):
     """Padded prompts and a padded negative prompt: the image keys' part of Z⁺ and Z⁻ computed once, each text's
     part under its own key mask, gives the two attention calls' steps and the row path's (and the merge runs)."""
-    from torch.nn import functional as F
-    from torch.overrides import TorchFunctionMode
-
-    from dit_attn.hooks import nag_tokens, nag_tokens_flux
-
-    calls = []
-
-    class CountSDPA(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            calls.append(func is F.scaled_dot_product_attention)
-            return func(*args, **(kwargs or {}))
-
-    def run():
-        calls.clear()
-        with CallRecorder(qwen) as rec, da.apply(qwen, da.NAG("blue", **SETTINGS)), CountSDPA():
-            qwen_call(qwen)
-        return rec.steps, sum(calls)
-
-    shared, shared_sdpa = run()
-    monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS", False)
-    two_calls, two_calls_sdpa = run()
-    assert two_calls_sdpa - shared_sdpa == 2 * 3 * 2  # two SDPA calls at each of 3 NAG layers, 2 steps
-    monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())
-    rows, _ = run()
-    for a, b, want in zip(shared, two_calls, rows, strict=True):
-        assert (a - want).abs().max() <= 1e-5 and (b - want).abs().max() <= 1e-5
+    # two SDPA calls at each of 3 NAG layers, 2 steps
+    check_shared_image_keys(qwen, lambda: qwen_call(qwen), da.NAG("blue", **SETTINGS), 2 * 3 * 2, monkeypatch)
 
 
 @pytest.mark.parametrize("layers", [None, (0, 1)])
