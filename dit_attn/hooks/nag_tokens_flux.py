@@ -122,40 +122,45 @@ def _merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Te
 
 def shared_image_keys_attention(query, key, value, n: int, text_bias: torch.Tensor | None = None):
     """Attention over [positive text ; image] and over [negative text ; image] from the (B, S, H, D) q/k/v of
-    [positive text ; negative text ; image] (n text tokens each; text_bias: `_text_key_bias`'s): every query's
-    attention over the image keys, the bulk of both, computed once and merged with its attention over each text by
-    log-sum-exp.
-    (text outputs (B, 2n, H, D): the positive text's over [positive text ; image], the negative's over [negative
-    text ; image]; image outputs (B, S_img, H, D) over [positive text ; image] (Z⁺) and over [negative text ; image] (Z⁻))."""
+    [positive text ; negative text ; image] (n text tokens each; text_bias: `_text_key_bias`'s), by
+    `attention_sharing_image_keys`. (text outputs (B, 2n, H, D): the positive text's over [positive text ; image],
+    the negative's over [negative text ; image]; image outputs (B, S_img, H, D) over [positive text ; image] (Z⁺)
+    and over [negative text ; image] (Z⁻))."""
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-    image = slice(2 * n, None)
+    parts = [slice(2 * n, None), slice(0, n), slice(n, 2 * n)]  # image, positive text, negative text
     biases = (None, None) if text_bias is None else (text_bias[..., :n], text_bias[..., n:])
-    on_positive, on_negative = attention_over_two_texts(
-        q, (k[:, :, image], v[:, :, image]), (k[:, :, :n], v[:, :, :n]), (k[:, :, n : 2 * n], v[:, :, n : 2 * n]), biases)
-    text = torch.cat([on_positive[:, :, :n], on_negative[:, :, n : 2 * n]], dim=2)
-    return text.transpose(1, 2), on_positive[:, :, image].transpose(1, 2), on_negative[:, :, image].transpose(1, 2)
-
-
-def attention_over_two_texts(q, image: tuple, positive: tuple, negative: tuple, biases=(None, None)):
-    """(B, H, L, D) queries; (key, value) of the image, the positive and the negative text → (attention over
-    [image ; positive text], attention over [image ; negative text]): the image keys' part computed once, each merged
-    with a text's part by log-sum-exp (biases: additive key masks of the two texts, or None)."""
-    on_image = _attention_lse(q, *image)
-    return (_merge(on_image, _attention_lse(q, *positive, biases[0])),
-            _merge(on_image, _attention_lse(q, *negative, biases[1])))
+    z_pos, positive, z_neg, negative = attention_sharing_image_keys(
+        *(q[:, :, part] for part in parts), *((k[:, :, part], v[:, :, part]) for part in parts), biases)
+    text = torch.cat([positive, negative], dim=2)
+    return text.transpose(1, 2), z_pos.transpose(1, 2), z_neg.transpose(1, 2)
 
 
 def image_first_attention_sharing_image_keys(positive: tuple, negative: tuple, image_tokens: int):
     """The two unmasked attention calls of SD3's token path from their (B, H, S, D) q/k/v, [image ; positive text]
-    and [image ; negative text] (the same image part): each query's attention over the image keys computed once,
-    merged with its attention over its call's text by log-sum-exp. (output of the first call, of the second)."""
+    and [image ; negative text] (the same image part), by `attention_sharing_image_keys`: (output of the first
+    call, of the second)."""
+    i = image_tokens
     (q, k, v), (q_neg, k_neg, v_neg) = positive, negative
-    i, s = image_tokens, q.shape[2]
-    on_image = _attention_lse(torch.cat([q, q_neg[:, :, i:]], dim=2), k[:, :, :i], v[:, :, :i])
-    for_positive = tuple(x[:, :, :s] for x in on_image)
-    for_negative = tuple(torch.cat([x[:, :, :i], x[:, :, s:]], dim=2) for x in on_image)
-    return (_merge(for_positive, _attention_lse(q, k[:, :, i:], v[:, :, i:])),
-            _merge(for_negative, _attention_lse(q_neg, k_neg[:, :, i:], v_neg[:, :, i:])))
+    z_pos, on_positive, z_neg, on_negative = attention_sharing_image_keys(
+        q[:, :, :i], q[:, :, i:], q_neg[:, :, i:], (k[:, :, :i], v[:, :, :i]), (k[:, :, i:], v[:, :, i:]),
+        (k_neg[:, :, i:], v_neg[:, :, i:]))
+    return torch.cat([z_pos, on_positive], dim=2), torch.cat([z_neg, on_negative], dim=2)
+
+
+def attention_sharing_image_keys(image_query, positive_query, negative_query, image: tuple, positive: tuple,
+                                 negative: tuple, biases=(None, None)):
+    """The image queries and the positive text's attending [image ; positive text], the image queries and the
+    negative text's attending [image ; negative text], from (B, H, ·, D) queries and the (key, value) of the image
+    and of each text: every query's attention over the image keys, the bulk of both, computed once and merged with
+    its attention over its text by log-sum-exp (biases: additive key masks of the two texts, or None).
+    (Z⁺, the positive text's outputs, Z⁻, the negative text's outputs)."""
+    i, p = image_query.shape[2], positive_query.shape[2]
+    out, lse = _attention_lse(torch.cat([image_query, positive_query, negative_query], dim=2), *image)
+    for_positive = out[:, :, : i + p], lse[:, :, : i + p]
+    for_negative = tuple(torch.cat([x[:, :, :i], x[:, :, i + p:]], dim=2) for x in (out, lse))
+    on_positive = _merge(for_positive, _attention_lse(torch.cat([image_query, positive_query], dim=2), *positive, biases[0]))
+    on_negative = _merge(for_negative, _attention_lse(torch.cat([image_query, negative_query], dim=2), *negative, biases[1]))
+    return on_positive[:, :, :i], on_positive[:, :, i:], on_negative[:, :, :i], on_negative[:, :, i:]
 
 
 def nag_token_attention(processor, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,

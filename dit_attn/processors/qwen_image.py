@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
+from ..hooks.nag_tokens_flux import nag_token_attend
 from .dispatch import DispatchingProcessor
 from .state import POOL_MODULE
 
@@ -73,8 +74,6 @@ class QwenImageAttnProcessor(DispatchingProcessor):
         value = torch.cat([txt_value, img_value], dim=1)
 
         if tokens is not None:  # NAG's negative text as extra text tokens of each row
-            from ..hooks.nag_tokens_flux import nag_token_attend
-
             txt_out, img_out = nag_token_attend(self, attn, query, key, value, attention_mask, tokens)
         else:
             image_stop = self.local_image_stop(text_len, query.shape[1])

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
 
 from .. import kernels
+from ..hooks.nag_tokens_flux import image_first_attention_sharing_image_keys, shares_image_keys
 from .ip_adapter import take_over_image_prompt
 from .state import POOL_MODULE, EditState, LayerProcessor, nag_combination
 
@@ -29,9 +30,13 @@ class SD3AttnProcessor(LayerProcessor):
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, image_tokens: int,
                pool=None, negative: tuple[torch.Tensor, ...] | None = None):
         """The attention call, (B, H, S, D) with [image ; text] tokens. negative: NAG's second (q, k, v) of the
-        same rows, [image ; negative text], attended with the same plan: then (output, negative output)."""
+        same rows, [image ; negative text], attended with the same plan: then (output, negative output); where
+        the layer's attention is plain SDPA on the CPU the image keys' part of both runs once
+        (`hooks.nag_tokens_flux`)."""
         plan = self.state.plan(self.layer, query.shape[0], (0, image_tokens), pool, perturbed=self.joint)
         scale = self.state.scale_for(self.layer, image_tokens, query.shape[-1])
+        if negative is not None and plan is None and scale is None and shares_image_keys(query, self.state.capture):
+            return image_first_attention_sharing_image_keys((query, key, value), negative, image_tokens)
         backend = self.state.backend_for(plan)
         if self.state.capture is not None and self.joint:
             self.state.capture.record(self.layer, query, key, plan, None, (0, image_tokens), scale, "BHSD", self.state.call)
@@ -42,20 +47,6 @@ class SD3AttnProcessor(LayerProcessor):
         if negative is None:
             return out
         return out, kernels.attention(*negative, plan, scale=scale, backend=backend)
-
-    def _attend_sharing_image_keys(self, positive, negative, image_tokens: int, pool):
-        """`attend(*positive, negative=negative)` with the image keys' part computed once where the layer's attention
-        is plain SDPA on the CPU (`hooks.nag_tokens_flux`); None elsewhere."""
-        from ..hooks.nag_tokens_flux import image_first_attention_sharing_image_keys, shares_image_keys
-
-        query = positive[0]
-        if not shares_image_keys(query, self.state.capture):
-            return None
-        if self.state.scale_for(self.layer, image_tokens, query.shape[-1]) is not None:
-            return None
-        if self.state.plan(self.layer, query.shape[0], (0, image_tokens), pool, perturbed=self.joint) is not None:
-            return None
-        return image_first_attention_sharing_image_keys(positive, negative, image_tokens)
 
     def __call__(
         self,
@@ -131,10 +122,7 @@ class SD3AttnProcessor(LayerProcessor):
         image_tokens = image[0].shape[2]
         positive = [torch.cat([x, t[:, :, :text_len]], dim=2) for x, t in zip(image, text)]
         negative = [torch.cat([x, t[:, :, text_len:]], dim=2) for x, t in zip(image, text)]
-        pool = getattr(attn, POOL_MODULE, None)
-        outputs = self._attend_sharing_image_keys(positive, negative, image_tokens, pool)
-        if outputs is None:
-            outputs = self.attend(*positive, image_tokens, pool, negative=negative)
+        outputs = self.attend(*positive, image_tokens, getattr(attn, POOL_MODULE, None), negative=negative)
         dtype = positive[0].dtype
         out, out_neg = (x.transpose(1, 2).flatten(2).to(dtype) for x in outputs)
         rows = rows.to(out.device)
