@@ -495,7 +495,7 @@ def test_flux_clones_token_path_equals_row_path(clone, layers, cfg, monkeypatch)
     tokens unguided), the unconditional calls of the others are stock."""
     name, pipe, call = clone
     kwargs = dict(guidance_scale=3.0, negative_prompt="a green cat") if cfg else {}
-    check_token_path_equals_row_path(pipe, lambda **k: call(**k), layers, kwargs, cfg and name != "bria", monkeypatch)
+    check_token_path_equals_row_path(pipe, call, layers, kwargs, cfg and name != "bria", monkeypatch)
 
 
 # all layers, with LocalAttention (radius 1 on the 4×4 grid) windowing both calls; the first double block (the second
@@ -551,12 +551,12 @@ def check_token_path_equals_row_path(pipe, call, layers, kwargs: dict, separate_
 
     block = pipe.transformer.transformer_blocks[0]
 
-    def run(*edits):
+    def run(*applied):
         seen = []
         hook = block.register_forward_pre_hook(
             lambda m, a, k: seen.append((k["hidden_states"].shape[0], k["encoder_hidden_states"].shape[1])), with_kwargs=True)
         try:
-            with CallRecorder(pipe) as rec, (da.apply(pipe, *edits) if edits else contextlib.nullcontext()):
+            with CallRecorder(pipe) as rec, (da.apply(pipe, *applied) if applied else contextlib.nullcontext()):
                 call(prompt=list(prompts) if isinstance(prompts, tuple | list) else prompts, **kwargs)
         finally:
             hook.remove()
