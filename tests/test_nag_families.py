@@ -241,9 +241,12 @@ def z_stock(attn, hidden, mask, freqs):
 
 
 @pytest.mark.parametrize("negative,layer,cfg", [(Z_LONG, 1, False), ("blue", 0, True), (Z_LONG, 2, True)])
-def test_z_image_layer_equals_stock_attention_on_both_texts(z_pipe, negative, layer, cfg):
-    """Z⁺: the stock module on the positive rows; Z⁻: on the positive rows' image segment with the negative
-    rows' caption segment, rotary positions and key mask; NAG combines the image segment (64 tokens) only."""
+def test_z_image_layer_equals_stock_attention_on_both_texts(z_pipe, negative, layer, cfg, monkeypatch):
+    """The row path. Z⁺: the stock module on the positive rows; Z⁻: on the positive rows' image segment with the
+    negative rows' caption segment, rotary positions and key mask; NAG combines the image segment (64 tokens) only."""
+    from dit_attn.hooks import nag_tokens
+
+    monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())  # the token path equals it: tests below
     modules = [block.attention for block in z_pipe.transformer.layers]
     kwargs = dict(guidance_scale=3.0, negative_prompt=["a green cat"] * len(Z_PROMPTS)) if cfg else {}
     with Recorder(z_pipe.transformer, modules) as rec, da.apply(z_pipe, da.NAG(negative, layers=[layer], **SETTINGS)):
@@ -282,6 +285,76 @@ def test_z_image_scale_one_alpha_zero_and_call_count(z_pipe):
     with CallRecorder(z_pipe) as rec, da.apply(z_pipe, da.NAG(Z_LONG)):
         guided = z_call(z_pipe, **kwargs)
     assert len(rec.calls) == len(before.calls) == 2 and (guided - want).abs().max() > 1e-3
+
+
+# prompts whose captions pad to 32 and 64 tokens, under a negative caption of 32 ("blue") or 64 (Z_LONG)
+Z_MIXED = ["a red circle", "a cat " + Z_LONG]
+
+
+@pytest.mark.parametrize("negative,layer,cfg", [(Z_LONG, 0, False), ("blue", 1, True)])
+def test_z_image_token_path_layer_equals_stock_attention_on_both_texts(z_pipe, negative, layer, cfg):
+    """A row is [image ; caption ; negative caption]. Z⁺: the stock module on [image ; caption] with the call's
+    rotary table and key mask; Z⁻: on [image ; negative caption]; the image segment of the guided rows combined,
+    the captions' outputs their own attention's; CFG's unconditional rows stock."""
+    modules = [block.attention for block in z_pipe.transformer.layers]
+    kwargs = dict(guidance_scale=3.0, negative_prompt=["a green cat"] * 2) if cfg else {}
+    with Recorder(z_pipe.transformer, modules) as rec, da.apply(z_pipe, da.NAG(negative, layers=[0, 1], **SETTINGS)):
+        z_call(z_pipe, prompt=Z_MIXED, **kwargs)
+    segment, stock_len, negative_len = 64, 64 + 64, 64 if negative == Z_LONG else 32
+    rows = 4 if cfg else 2
+    attn, ratios = modules[layer], []
+    assert rec.calls == 1 and len(rec.records[layer]) == 2
+    for inputs, out, _ in rec.records[layer]:
+        hidden, mask, freqs = inputs["hidden_states"], inputs["attention_mask"], inputs["freqs_cis"]
+        assert hidden.shape[:2] == (rows, stock_len + negative_len) and mask.shape == hidden.shape[:2]
+        assert not bool(mask[0, segment + 32 : stock_len].any()) and bool(mask[:, stock_len:].all())
+        parts = lambda x: torch.cat([x[:, :segment], x[:, stock_len:]], dim=1)  # noqa: E731
+        pos_out, zp = z_stock(attn, hidden[:, :stock_len], mask[:, :stock_len], freqs[:, :stock_len])
+        neg_out, zn = z_stock(attn, parts(hidden), parts(mask), parts(freqs))
+        mixed, ratio = nag_formula(zp[:2, :segment], zn[:2, :segment], **SETTINGS)
+        want = attn.to_out[0](torch.cat([mixed, zp[:2, segment:]], dim=1))
+        assert (out[:2, :stock_len] - want).abs().max() <= ROUNDING
+        assert (want - pos_out[:2]).abs().max() > 1e-3
+        assert (out[:, stock_len:] - neg_out[:, segment:]).abs().max() <= ROUNDING  # the negative caption's stream
+        if cfg:
+            assert (out[2:, :stock_len] - pos_out[2:]).abs().max() <= ROUNDING
+        ratios.append(ratio.flatten())
+    assert bool((torch.cat(ratios) > SETTINGS["tau"]).any())
+
+
+# all layers; the first two, CFG on, the image keys' part in two attention calls (as on a GPU); with LocalAttention
+@pytest.mark.parametrize("negative,layers,cfg,local", [(Z_LONG, None, False, False), ("blue", (0, 1), True, False),
+                                                       ("blue", None, False, True)])
+def test_z_image_token_path_equals_row_path(z_pipe, negative, layers, cfg, local, monkeypatch):
+    """Captions shorter and longer than the negative one (its rotary positions shift both ways): the token path's
+    steps equal the row path's; its calls keep the stock rows and append the negative caption segment to each row."""
+    from dit_attn.hooks import nag_tokens, nag_tokens_flux
+
+    monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS", layers is None)
+    kwargs = dict(guidance_scale=3.0, negative_prompt=["a green cat"] * 2) if cfg else {}
+    edits = (da.LocalAttention(radius=1, layers=[0, 2]),) if local else ()
+
+    def run(*applied):
+        seen = []
+        hook = z_pipe.transformer.layers[1].register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[:2])))
+        try:
+            with CallRecorder(z_pipe) as rec, (da.apply(z_pipe, *applied) if applied else contextlib.nullcontext()):
+                z_call(z_pipe, prompt=Z_MIXED, **kwargs)
+        finally:
+            hook.remove()
+        return rec.steps, seen
+
+    nag = da.NAG(negative, layers=layers, **SETTINGS)
+    stock, stock_calls = run(*edits)
+    tokens, token_calls = run(nag, *edits)
+    monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())
+    rows, row_calls = run(nag, *edits)
+    negative_len = 64 if negative == Z_LONG else 32
+    assert token_calls == [(b, s + negative_len) for b, s in stock_calls]
+    assert [b for b, _ in row_calls] == [b + 2 for b, _ in stock_calls]
+    for got, want in zip(tokens, rows, strict=True):
+        assert (got - want).abs().max() <= 1e-5
+    assert max((got - s).abs().max() for got, s in zip(tokens, stock)) > 1e-3
 
 
 # ---------------------------------------------------------------- HunyuanImage 2.1: [image ; text], masks per row

@@ -164,6 +164,11 @@ class Family:
         text rides as extra rows of the call."""
         return None
 
+    def nag_tokens_fit(self, call: dict) -> bool:
+        """Where the family's blocks carry NAG's negative text as tokens (`hooks.nag_tokens`): whether this call
+        can (else its negative text rides as rows)."""
+        return True
+
     def sequence_length_of_call(self, pipe, text_length: int) -> int:
         """The `max_sequence_length` that encodes a prompt to `text_length` text tokens of a call."""
         return text_length

@@ -20,6 +20,8 @@ Text edits (TextPatch, TextGuard, NAG): a source (or negative) prompt is encoded
 own `encode_prompt` at its default `max_sequence_length` and rides as one more entry of the call's
 lists with its own caption length (the model pads every row itself); the processor swaps the whole
 caption segment of a row, so no alignment of token lengths is needed (see `processors.z_image`).
+NAG over layers 0…k instead appends the negative caption segment to every row's sequence in the main
+blocks (`hooks.nag_tokens`).
 """
 from __future__ import annotations
 
@@ -136,6 +138,10 @@ class ZImage(Family):
         if batch % 2:
             raise RuntimeError(f"a Z-Image CFG call with an odd number of rows ({batch})")
         return range(batch // 2)
+
+    def nag_tokens_fit(self, call: dict) -> bool:
+        """Not an omni call (its caption leads), nor one with ControlNet residuals (shaped to the stock sequence)."""
+        return not _is_omni(call) and call.get("controlnet_block_samples") is None
 
     def sequence_length_of_call(self, pipe, text_length: int) -> None:
         """None: the pipeline's default; a source prompt keeps its own caption length in the call."""

@@ -240,7 +240,7 @@ class CallHook(_Hook):
             nag_text = self.family.nag_text_states(module, patch.embeds[:1])
         if nag_text is not None:  # NAG in a cross-attention: the negative text rides in the call state, not in rows
             return self._cross_attention_nag_forward(module, forward, call, current, cond, patch.targets, nag_text)
-        if patch is not None and carries_tokens(self.family, self.state):
+        if patch is not None and carries_tokens(self.family, self.state, call):
             return nag_tokens_forward(self, module, forward, call, current, cond, patch)
         if cond is None and patch is None:
             return forward(**call)
@@ -254,9 +254,8 @@ class CallHook(_Hook):
         )
         if patch is not None:
             call = with_image_prompt_rows(patch.extend(call), patch.targets, batch, self.family)
-        if at_call and not plan.stages[0].keeps_rows:
-            call = {name: take_rows(value, plan.stages[0].select) if name in self.family.rows.call_args else value
-                    for name, value in call.items()}
+        if at_call:
+            call = self.rows_at_call(call, plan)
         current.rows = plan
         try:
             output = forward(**call)
@@ -269,14 +268,20 @@ class CallHook(_Hook):
             return self.guidance.finish_call(output, plan, cond)
         return stock_output(output, batch)
 
+    def rows_at_call(self, call: dict, plan) -> dict:
+        """A family widened at the call: the call's per-row inputs taken for the first stage of its RowPlan."""
+        if plan.stages[0].keeps_rows:
+            return call
+        return {name: take_rows(value, plan.stages[0].select) if name in self.family.rows.call_args else value
+                for name, value in call.items()}
+
     def _cross_attention_nag_forward(self, module, forward, call: dict, current, cond, targets, nag_text):
         """The call with NAG's negative text states in the call state; NAG guides the conditional rows and,
         with HeadGuidance, their perturbed copies (appended at the call)."""
         plan = None
         if cond is not None:
             plan = plan_rows(self.family.batch_size(call), cond=cond, fork_layer=0)
-            call = {name: take_rows(value, plan.stages[0].select) if name in self.family.rows.call_args else value
-                    for name, value in call.items()}
+            call = self.rows_at_call(call, plan)
             rows = torch.isin(plan.stages[0].from_call, targets).nonzero().flatten()
         else:
             rows = targets

@@ -14,7 +14,10 @@ be. Rows that NAG does not guide (CFG's unconditional rows) carry the negative t
 image queries never see them. From block k+1 on the negative tokens are dropped.
 The FLUX layout (FLUX.1 and the models on its blocks, Chroma, FLUX.2) runs the same path in its double and
 single blocks: `hooks.nag_tokens_flux`; Qwen-Image in its dual-stream blocks, the negative text at the positive
-text's rotary positions and with its own text mask.
+text's rotary positions and with its own text mask. Z-Image's main blocks take one [image ; caption] stream per row:
+the negative caption segment, embedded and refined once per call as the model does a caption, joins every row's
+stream at the first block ([image ; caption ; negative caption]), its rotary positions shifted per row so that the
+image sits where it would after the negative caption (as in a negative row, whose image follows its own caption).
 """
 from __future__ import annotations
 
@@ -25,10 +28,11 @@ from diffusers.hooks import ModelHook
 
 from ..processors.state import EditState, plan_rows
 from .nag_tokens_flux import NAGTokenBlockHook, NAGTokenFluxBlock, flux_token_call, per_token_modulation
+from .private import z_image_caption_segment, z_image_first_axis_rotation
 
 NAG_TOKEN_HOOK = "dit_attn.nag_tokens"
 # families whose blocks carry the negative text as tokens
-TOKEN_FAMILIES = ("sd3", "flux", "chroma", "bria", "longcat_image", "ovis_image", "flux2", "qwen_image")
+TOKEN_FAMILIES = ("sd3", "flux", "chroma", "bria", "longcat_image", "ovis_image", "flux2", "qwen_image", "z_image")
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,9 @@ class NAGTokens:
     # {first layer of a RowPlan stage (0 without a plan): its rows NAG guides}: the conditional rows and their
     # perturbed copies, found before the blocks run (no data-dependent indexing inside them)
     stage_rows: dict[int, torch.Tensor]
+    # Z-Image: the negative caption segment (1, L, D) and each row's rotary table for it (rows, L, ·); text_len is
+    # then the positive caption segment's length (the rows' longest padded caption)
+    negative: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def rows_of(self, stage) -> torch.Tensor:
         """The rows NAG guides in a RowPlan stage (None: the call's rows)."""
@@ -58,29 +65,39 @@ class NAGTokens:
         return self.temb if stage.is_call_rows else take_call_rows(self.temb, stage.from_call, plan.call_rows)
 
 
-def carries_tokens(family, state: EditState) -> bool:
-    """NAG runs on the token path: a family whose blocks carry it, NAG layers 0…k."""
+def carries_tokens(family, state: EditState, call: dict | None = None) -> bool:
+    """NAG runs on the token path: a family whose blocks carry it, NAG layers 0…k (and a call they fit)."""
     nag = state.nag
     return (nag is not None and family.name in TOKEN_FAMILIES
-            and nag.layers == frozenset(range(max(nag.layers) + 1)))
+            and nag.layers == frozenset(range(max(nag.layers) + 1))
+            and (call is None or family.nag_tokens_fit(call)))
 
 
 def nag_tokens_forward(hook, module, forward, call: dict, current, cond, patch):
     """The transformer call with the negative prompt's text appended to every row's text (see the module
     docstring); with HeadGuidance its perturbed copies are forked as usual and NAG-guided as their rows."""
     batch = hook.family.batch_size(call)
-    text_len = call["encoder_hidden_states"].shape[1]
-    if hook.family.name == "sd3":
-        call, temb = _sd3_token_call(module, call, patch, batch)
-    elif hook.family.name == "qwen_image":
-        call, temb = _qwen_token_call(call, patch, batch), None
+    at_call = hook.family.widen_at_call
+    plan = None
+    if cond is not None:
+        plan = plan_rows(batch, cond=cond, fork_layer=0 if at_call else hook.guidance.fork_layer)
+        call = hook.rows_at_call(call, plan) if at_call else call
+    negative, temb = None, None
+    if hook.family.name == "z_image":
+        text_len, negative = _z_image_negative_segment(module, call, patch)
     else:
-        call, temb = flux_token_call(module, call, patch, batch)
-    plan = plan_rows(batch, cond=cond, fork_layer=hook.guidance.fork_layer) if cond is not None else None
+        text_len = call["encoder_hidden_states"].shape[1]
+        rows = hook.family.batch_size(call)
+        if hook.family.name == "sd3":
+            call, temb = _sd3_token_call(module, call, patch, rows)
+        elif hook.family.name == "qwen_image":
+            call = _qwen_token_call(call, patch, rows)
+        else:
+            call, temb = flux_token_call(module, call, patch, rows)
     stages = plan.stages if plan is not None else ()
     stage_rows = {stage.layer: torch.isin(stage.from_call, patch.targets).nonzero().flatten() for stage in stages}
     current.rows = plan
-    current.nag_tokens = NAGTokens(text_len, temb, patch.patch_end, stage_rows or {0: patch.targets})
+    current.nag_tokens = NAGTokens(text_len, temb, patch.patch_end, stage_rows or {0: patch.targets}, negative)
     try:
         output = forward(**call)
     finally:
@@ -96,6 +113,18 @@ def _sd3_token_call(module, call: dict, patch, batch: int) -> tuple[dict, torch.
     negative = patch.embeds[:1].to(text).expand(batch, -1, -1)
     temb = module.time_text_embed(call["timestep"], patch.pooled[:1].to(pooled).expand(batch, -1))
     return {**call, "encoder_hidden_states": torch.cat([text, negative], dim=1)}, temb
+
+
+def _z_image_negative_segment(module, call: dict, patch) -> tuple[int, tuple[torch.Tensor, torch.Tensor]]:
+    """(the positive caption segment's length, `NAGTokens.negative`). A row's image follows its own padded caption on
+    the first rotary axis; the negative caption's positions move by (that caption's length − its own) in each row."""
+    from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
+
+    padded = [len(c) + (-len(c)) % SEQ_MULTI_OF for c in call["cap_feats"]]
+    caption = patch.embeds[0, : int((patch.pooled[0] != 0).sum())].to(call["cap_feats"][0])
+    states, rotary = z_image_caption_segment(module, caption)
+    shift = z_image_first_axis_rotation(module, [p - states.shape[1] for p in padded])
+    return max(padded), (states, rotary * shift[:, None])
 
 
 def _qwen_token_call(call: dict, patch, batch: int) -> dict:
@@ -116,6 +145,8 @@ def token_block_hooks(family, state: EditState, transformer) -> list[tuple[torch
         return [(block, NAGTokenBlock(state, layer, block)) for layer, block in enumerate(transformer.transformer_blocks)]
     if family.name == "qwen_image":
         return [(block, NAGTokenQwenBlock(state, layer, block)) for layer, block in enumerate(transformer.transformer_blocks)]
+    if family.name == "z_image":
+        return [(block, NAGTokenZImageBlock(state, layer, block)) for layer, block in enumerate(transformer.layers)]
     blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
     keeps = family.name == "flux2"
     return [(block, NAGTokenFluxBlock(state, layer, block, keeps)) for layer, block in enumerate(blocks)]
@@ -180,4 +211,24 @@ class NAGTokenQwenBlock(NAGTokenBlockHook):
                 values["encoder_hidden_states_mask"] = mask[:, :n]
             if rotary is not None:
                 values["image_rotary_emb"] = (rotary[0], rotary[1][:n])
+        return forward(**values)
+
+
+class NAGTokenZImageBlock(NAGTokenBlockHook):
+    """Runs a Z-Image main block during a token-path call: the first block appends the negative caption segment to
+    every row's stream; a NAG layer gets the stream's rotary table and key mask with the negative tokens' (all keys
+    valid); from `end` on the block runs without them (the model reads only the image tokens after its blocks)."""
+
+    def token_forward(self, module, forward, values: dict, tokens):
+        x, rotary, mask = values["x"], values["freqs_cis"], values["attn_mask"]
+        stock = rotary.shape[1]  # the call's own sequence, [image ; caption]: the model passes its tables to each block
+        if self.layer >= tokens.end:
+            values["x"] = x[:, :stock]
+            return forward(**values)
+        states, negative_rotary = tokens.negative
+        if self.layer == 0:
+            values["x"] = torch.cat([x, states.expand(x.shape[0], -1, -1)], dim=1)
+        values["freqs_cis"] = torch.cat([rotary, negative_rotary], dim=1)
+        if mask is not None:
+            values["attn_mask"] = torch.cat([mask, mask.new_ones(mask.shape[0], states.shape[1])], dim=1)
         return forward(**values)

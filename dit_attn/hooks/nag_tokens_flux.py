@@ -82,7 +82,7 @@ def shares_image_keys(query: torch.Tensor, capture) -> bool:
             and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
 
 
-def _shares_image_keys(processor, query: torch.Tensor) -> bool:
+def layer_shares_image_keys(processor, query: torch.Tensor) -> bool:
     """The layer's attention is diffusers' default SDPA on the CPU, with nothing recorded: `shared_image_keys_attention`
     may replace its two calls."""
     return (processor._attention_backend is None and processor._parallel_config is None
@@ -196,7 +196,7 @@ def nag_token_attend(processor, attn, query, key, value, attention_mask,
     plan = processor.state.plan(processor.layer, query.shape[0], (n, image_stop), getattr(attn, POOL_MODULE, None))
     dtype = query.dtype
     shared, text_bias = False, None
-    if plan is None and _shares_image_keys(processor, query):  # before the mask's checks: they sync a GPU
+    if plan is None and layer_shares_image_keys(processor, query):  # before the mask's checks: they sync a GPU
         shared, text_bias = _text_key_bias(attention_mask, n, dtype)
     if shared:
         text, z_pos, z_neg = (x.flatten(2, 3).to(dtype)

@@ -4,7 +4,9 @@
   stateful hooks through a `StateManager` (read from its `_context`);
 - FLUX's q/k/v projection helper, so the FLUX processor projects exactly like the stock one;
 - the Z-Image pipelines' `cfg_truncation` setting of the running call (`_cfg_truncation`), which
-  decides per step whether the call carries negative rows.
+  decides per step whether the call carries negative rows;
+- Z-Image's caption preparation (`_pad_with_ids`, `_prepare_sequence`, its context refiner and rotary embedder),
+  so NAG's negative caption segment is built exactly as the model builds a caption's.
 
 All were checked on the diffusers versions in `SUPPORTED_DIFFUSERS`.
 """
@@ -38,3 +40,30 @@ def flux_qkv_projections(attn, hidden_states, encoder_hidden_states):
 def z_image_cfg_truncation(pipe) -> float | None:
     """The `cfg_truncation` a Z-Image pipeline's running call was given (None outside a call)."""
     return getattr(pipe, "_cfg_truncation", None)
+
+
+def z_image_caption_segment(transformer, caption):
+    """Z-Image's caption segment of one caption (L, D) as its forward builds it before the main blocks: padded with
+    the model's pad token to a multiple of 32, embedded, refined by the context refiner. ((1, L', dim) states, their
+    (1, L', rotary) table: positions 1…L' on the first axis)."""
+    from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
+
+    device = caption.device
+    padded_len = len(caption) + (-len(caption)) % SEQ_MULTI_OF
+    feats, positions, pad_mask, _, _ = transformer._pad_with_ids(caption, (padded_len, 1, 1), (1, 0, 0), device)
+    feats, rotary, mask, _, _ = transformer._prepare_sequence(
+        [transformer.cap_embedder(feats)], [positions], [pad_mask], transformer.cap_pad_token, None, device)
+    for layer in transformer.context_refiner:
+        feats = layer(feats, mask, rotary)
+    return feats, rotary
+
+
+def z_image_first_axis_rotation(transformer, offsets: list[int]):
+    """(len(offsets), rotary) Z-Image rotary factors that move a token by each offset along the first position axis
+    (the caption's): multiplying a table by them shifts its positions."""
+    import torch
+
+    ids = torch.tensor([[abs(d), 0, 0] for d in offsets], dtype=torch.int32, device=transformer.device)
+    rotation = transformer.rope_embedder(ids)
+    backward = torch.tensor([d < 0 for d in offsets], device=rotation.device)[:, None]
+    return torch.where(backward, rotation.conj(), rotation)

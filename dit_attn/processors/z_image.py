@@ -13,15 +13,19 @@ target row its source row's caption-segment keys, values and key mask, and its i
 source row's rotary positions (Z-Image numbers the image after the padded caption, so the
 image-caption offsets are the source run's; image-image attention sees relative positions only).
 NAG's negative rows take their positive rows' image-segment q/k/v before rotary (rotated at the
-negative row's positions), and the positive rows' image-segment outputs are combined.
+negative row's positions), and the positive rows' image-segment outputs are combined. On NAG's token path
+(`hooks.nag_tokens`) every row is [image segment ; caption segment ; negative caption segment]: the image queries
+and the caption attend [image ; caption] (Z⁺), the image queries and the negative caption [image ; negative
+caption] (Z⁻).
 """
 from __future__ import annotations
 
 import torch
 from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
 
+from ..hooks.nag_tokens_flux import attention_sharing_image_keys, layer_shares_image_keys
 from .dispatch import DispatchingProcessor
-from .state import POOL_MODULE
+from .state import POOL_MODULE, nag_combination
 
 
 def _rotate(x_in: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
@@ -50,6 +54,11 @@ class ZImageAttnProcessor(DispatchingProcessor):
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         image_len = self.state.call.image_len
+        tokens = self.state.nag_tokens_at(self.layer, query.shape[0])
+        if tokens is not None:
+            hidden_states = self._nag_tokens_attention(attn, query, key, value, attention_mask, freqs_cis, tokens)
+            output = attn.to_out[0](hidden_states)
+            return attn.to_out[1](output) if len(attn.to_out) > 1 else output
         segment = self._image_segment(image_len)
         if segment is not None:
             query, key, value = self._nag_image_inputs(segment, query, key, value)
@@ -81,6 +90,42 @@ class ZImageAttnProcessor(DispatchingProcessor):
         if len(attn.to_out) > 1:
             output = attn.to_out[1](output)
         return output
+
+    def _nag_tokens_attention(self, attn, query, key, value, attention_mask, freqs_cis, tokens) -> torch.Tensor:
+        """NAG on the token path, from the (B, S, H, D) q/k/v after the q/k norms: the attention output (B, S, H·D)
+        before `to_out`, the guided rows' image segment Z⁺ combined with Z⁻."""
+        text_len, rows = tokens
+        image_len = self.state.call.image_len
+        segment = image_len + (-image_len) % SEQ_MULTI_OF
+        n = segment + text_len  # [image ; caption]: the stock sequence
+        if freqs_cis is not None:
+            query, key = _rotate(query, freqs_cis), _rotate(key, freqs_cis)
+        dtype = query.dtype
+        plan = self.state.plan(self.layer, query.shape[0], (0, image_len), getattr(attn, POOL_MODULE, None))
+        if plan is None and layer_shares_image_keys(self, query):
+            # the caption's key mask (the rows' padding to the longest caption); the image keys and the negative
+            # caption's are all valid, and every row keeps its own caption's
+            bias = None
+            if attention_mask is not None:
+                keep = attention_mask[:, None, None, segment:n]
+                bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))
+            q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+            parts = slice(0, segment), slice(segment, n), slice(n, None)
+            z_pos, text, z_neg, negative = attention_sharing_image_keys(
+                *(q[:, :, part] for part in parts), *((k[:, :, part], v[:, :, part]) for part in parts), (bias, None))
+            out = torch.cat([z_pos, text], dim=2).transpose(1, 2)
+            out_neg = torch.cat([z_neg, negative], dim=2).transpose(1, 2)
+        else:
+            mask = attention_mask[:, None, None, :] if attention_mask is not None else None
+            positive = [x[:, :n] for x in (query, key, value)]
+            negative = [torch.cat([x[:, :segment], x[:, n:]], dim=1) for x in (query, key, value)]
+            out = self.attend(*positive, plan, mask[..., :n] if mask is not None else None, image_len)
+            out_neg = self._attention(*negative, plan, None, image_len)
+        out, out_neg = out.flatten(2, 3).to(dtype), out_neg.flatten(2, 3).to(dtype)
+        rows = rows.to(out.device)
+        image = out[:, :segment].clone()
+        image[rows] = nag_combination(self.state.nag, out[rows, :segment], out_neg[rows, :segment]).to(dtype)
+        return torch.cat([image, out[:, segment:], out_neg[:, segment:]], dim=1)
 
     def _image_segment(self, image_len: int | None) -> int | None:
         """Length of the image segment when a TextPatch, NAG or a concept Capture acts on this layer of the call."""
