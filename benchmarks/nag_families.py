@@ -5,7 +5,7 @@ for comparison), latents out, best of --repeats runs.
 
 At --size 128 every toy has 1024 image tokens (Qwen-Image's and FLUX.2's at twice the size) but HunyuanImage's, 256.
 
-Run:  python benchmarks/nag_families.py [--threads 1] [--size 128] [--steps 8] [--repeats 3]
+Run:  python benchmarks/nag_families.py [--threads 1] [--size 128] [--steps 8] [--repeats 3] [--only Z-Image]
 """
 from __future__ import annotations
 
@@ -62,12 +62,15 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per condition")
+    parser.add_argument("--only", default="", help="the models whose name contains this text (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {args.threads}; {args.size}×{args.size}, {args.steps} steps, "
           "negative prompt 'a blue square'")
     print("| model | plain s | NAG s (× plain) | NAG as rows s (× plain) | CFG s (× plain) |\n|---|---|---|---|---|")
     for name, pipe, common, plain_kwargs, cfg_kwargs in cases(args.size):
+        if args.only not in name:
+            continue
         pipe.set_progress_bar_config(disable=True)
 
         def generate(**kwargs):

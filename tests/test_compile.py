@@ -362,28 +362,34 @@ def test_text_patch_with_blocks_compiled_fullgraph_equals_eager():
         assert max((a - b).abs().max() for a, b in zip(got, eager)) < 1e-5
 
 
-@pytest.mark.parametrize("family", ["flux", "qwen_image", "flux2"])
+@pytest.mark.parametrize("family", ["flux", "qwen_image", "flux2", "z_image"])
 def test_nag_token_path_with_blocks_compiled_fullgraph_equals_eager(family):
     """NAG's negative text as tokens of each row (FLUX.1: its blocks step by step with the negative modulation;
-    Qwen-Image: under the padded prompts' text masks) through blocks compiled with fullgraph=True: no graph break,
-    the eager steps, no new graph on the next generation."""
+    Qwen-Image and Z-Image: under the padded prompts' key masks; Z-Image: the negative caption joining the stream in
+    the first block) through blocks compiled with fullgraph=True: no graph break, the eager steps, no new graph on
+    the next generation."""
     from dit_attn.toy.configs import build_flux_pipeline
     from dit_attn.toy.flux2 import build_flux2_klein_pipeline
     from dit_attn.toy.qwen_image import build_qwen_image_pipeline
+    from dit_attn.toy.z_image import build_z_image_pipeline
 
-    prompts = ["a red circle", "a cat"]
+    prompts, settings = ["a red circle", "a cat"], dict(max_sequence_length=16)
     if family == "flux":
-        pipe, settings = build_flux_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=8), {}
+        pipe = build_flux_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=8)
     elif family == "qwen_image":
-        pipe, settings = build_qwen_image_pipeline(num_layers=3, num_heads=4, head_dim=16), dict(true_cfg_scale=1.0)
-    else:
-        pipe, settings = build_flux2_klein_pipeline(num_layers=2, num_single_layers=2), dict(guidance_scale=1.0)
+        pipe, settings["true_cfg_scale"] = build_qwen_image_pipeline(num_layers=3, num_heads=4, head_dim=16), 1.0
+    elif family == "flux2":
+        pipe, settings["guidance_scale"] = build_flux2_klein_pipeline(num_layers=2, num_single_layers=2), 1.0
+    else:  # captions padded to 32 and 64 tokens
+        pipe = build_z_image_pipeline(num_layers=3, num_heads=4, head_dim=8)
+        prompts, settings = ["a red circle", "a cat " + " ".join(["a dark blue square"] * 8)], dict(guidance_scale=0.0)
     pipe.set_progress_bar_config(disable=True)
-    blocks = list(pipe.transformer.transformer_blocks) + list(getattr(pipe.transformer, "single_transformer_blocks", ()))
+    blocks = (list(getattr(pipe.transformer, "transformer_blocks", ())) + list(getattr(pipe.transformer, "layers", ()))
+              + list(getattr(pipe.transformer, "single_transformer_blocks", ())))
 
     def steps():
-        with CallRecorder(pipe) as rec:
-            pipe(prompt=prompts, num_inference_steps=2, height=32, width=32, max_sequence_length=16, output_type="latent",
+        with CallRecorder(pipe) as rec:  # a copy of the prompts: Z-Image's pipeline rewrites the list
+            pipe(prompt=list(prompts), num_inference_steps=2, height=32, width=32, output_type="latent",
                  generator=torch.Generator().manual_seed(0), **settings)
         return rec.steps
 
