@@ -357,6 +357,14 @@ def test_z_image_token_path_equals_row_path(z_pipe, negative, layers, cfg, local
     assert max((got - s).abs().max() for got, s in zip(tokens, stock)) > 1e-3
 
 
+def test_z_image_shared_image_keys_under_caption_masks(z_pipe, monkeypatch):
+    """Captions padded to different lengths: the image keys' part of Z⁺ and Z⁻ computed once, each caption's part
+    under its key mask, gives the two attention calls' steps and the row path's (and the merge runs)."""
+    # two SDPA calls at each of 3 NAG layers, 2 steps
+    check_shared_image_keys(z_pipe, lambda: z_call(z_pipe, prompt=Z_MIXED), da.NAG("blue", **SETTINGS), 2 * 3 * 2,
+                            monkeypatch)
+
+
 # ---------------------------------------------------------------- HunyuanImage 2.1: [image ; text], masks per row
 @pytest.fixture(scope="module")
 def hy_distilled():

@@ -1,6 +1,7 @@
 """NAG's negative text as extra text tokens of each row on the FLUX layout (FLUX.1, Chroma, Bria,
-LongCat-Image, Ovis-Image, FLUX.2); its attention (`nag_token_attend`) also serves Qwen-Image's processor, and its
-shared-image-keys merge SD3's.
+LongCat-Image, Ovis-Image, FLUX.2); its attention (`nag_token_attend`) also serves Qwen-Image's processor, its
+image-first form (`image_first_nag_token_attend`) Z-Image's and HunyuanImage's, and its shared-image-keys merge
+SD3's.
 
 The token path of `hooks.nag_tokens`, for double blocks ([text ; image] with separate text and image
 projections) and single blocks (one stream): the call's text becomes [positive ; negative] (the negative
@@ -107,10 +108,19 @@ def _text_key_bias(mask: torch.Tensor | None, n: int, dtype) -> tuple[bool, torc
     if torch.compiler.is_compiling() or mask.dtype != torch.bool or not key_mask:
         return False, None
     keys = mask.reshape(mask.shape[0], 1, 1, mask.shape[-1])
-    text = keys[..., : 2 * n]
-    if not (bool(keys[..., 2 * n:].all()) and bool(text[..., :n].any(-1).all()) and bool(text[..., n:].any(-1).all())):
+    if not bool(keys[..., 2 * n:].all()):
         return False, None
-    return True, torch.zeros(text.shape, dtype=dtype, device=mask.device).masked_fill(~text, float("-inf"))
+    return _each_text_key_bias(keys[..., :n], keys[..., n : 2 * n], dtype)
+
+
+def _each_text_key_bias(positive: torch.Tensor, negative: torch.Tensor, dtype):
+    """(whether every row keeps a key of each text, (the additive bias of the positive text's (B, 1, 1, n) bool key
+    mask, of the negative's)); the check reads the masks' values: never while torch.compile traces."""
+    if torch.compiler.is_compiling() or not (bool(positive.any(-1).all()) and bool(negative.any(-1).all())):
+        return False, None
+    bias = [torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))
+            for keep in (positive, negative)]
+    return True, torch.cat(bias, dim=-1)
 
 
 def _merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -145,6 +155,43 @@ def image_first_attention_sharing_image_keys(positive: tuple, negative: tuple, i
         q[:, :, :i], q[:, :, i:], q_neg[:, :, i:], (k[:, :, :i], v[:, :, :i]), (k[:, :, i:], v[:, :, i:]),
         (k_neg[:, :, i:], v_neg[:, :, i:]))
     return torch.cat([z_pos, on_positive], dim=2), torch.cat([z_neg, on_negative], dim=2)
+
+
+def image_first_nag_token_attend(processor, attn, query, key, value, keys: torch.Tensor | None, image: int,
+                                 text_len: int, tokens_rows: torch.Tensor, image_len: int) -> torch.Tensor:
+    """NAG on the token path for a sequence [image ; positive text ; negative text] (Z-Image, HunyuanImage), from its
+    (B, S, H, D) q/k/v after rotary: the attention output (B, S, H·D), heads merged, the guided rows' image outputs
+    Z⁺ (over [image ; positive text]) combined with Z⁻ (over [image ; negative text]), each text's own output over
+    [image ; its text]. keys: the (B, S) bool key mask or None, every image key valid; image: the image tokens (with
+    any image padding NAG combines), image_len: those the layer's plan treats as image."""
+    n = image + text_len
+    plan = processor.state.plan(processor.layer, query.shape[0], (0, image_len), getattr(attn, POOL_MODULE, None))
+    dtype = query.dtype
+    shared, bias = False, None
+    if plan is None and layer_shares_image_keys(processor, query):
+        shared = keys is None
+        if keys is not None:
+            shared, bias = _each_text_key_bias(keys[:, None, None, image:n], keys[:, None, None, n:], dtype)
+    if shared:
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+        parts = slice(0, image), slice(image, n), slice(n, None)
+        biases = (None, None) if bias is None else (bias[..., :text_len], bias[..., text_len:])
+        z_pos, text, z_neg, negative = attention_sharing_image_keys(
+            *(q[:, :, part] for part in parts), *((k[:, :, part], v[:, :, part]) for part in parts), biases)
+        out = torch.cat([z_pos, text], dim=2).transpose(1, 2)
+        out_neg = torch.cat([z_neg, negative], dim=2).transpose(1, 2)
+    else:
+        mask = keys[:, None, None, :] if keys is not None else None
+        positive = [x[:, :n] for x in (query, key, value)]
+        negative = [torch.cat([x[:, :image], x[:, n:]], dim=1) for x in (query, key, value)]
+        out = processor.attend(*positive, plan, mask[..., :n] if mask is not None else None, image_len)
+        negative_mask = torch.cat([mask[..., :image], mask[..., n:]], dim=-1) if mask is not None else None
+        out_neg = processor._attention(*negative, plan, negative_mask, image_len)
+    out, out_neg = out.flatten(2, 3).to(dtype), out_neg.flatten(2, 3).to(dtype)
+    rows = tokens_rows.to(out.device)
+    combined = out[:, :image].clone()
+    combined[rows] = nag_combination(processor.state.nag, out[rows, :image], out_neg[rows, :image]).to(dtype)
+    return torch.cat([combined, out[:, image:], out_neg[:, image:]], dim=1)
 
 
 def attention_sharing_image_keys(image_query, positive_query, negative_query, image: tuple, positive: tuple,

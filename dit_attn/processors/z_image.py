@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
 
-from ..hooks.nag_tokens_flux import attention_sharing_image_keys, layer_shares_image_keys
+from ..hooks.nag_tokens_flux import image_first_nag_token_attend
 from .dispatch import DispatchingProcessor
-from .state import POOL_MODULE, nag_combination
+from .state import POOL_MODULE
 
 
 def _rotate(x_in: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
@@ -93,39 +93,15 @@ class ZImageAttnProcessor(DispatchingProcessor):
 
     def _nag_tokens_attention(self, attn, query, key, value, attention_mask, freqs_cis, tokens) -> torch.Tensor:
         """NAG on the token path, from the (B, S, H, D) q/k/v after the q/k norms: the attention output (B, S, H·D)
-        before `to_out`, the guided rows' image segment Z⁺ combined with Z⁻."""
+        before `to_out` (the caption's key mask covers the rows' padding to the longest caption; the image keys
+        and the negative caption's are all valid)."""
         text_len, rows = tokens
         image_len = self.state.call.image_len
-        segment = image_len + (-image_len) % SEQ_MULTI_OF
-        n = segment + text_len  # [image ; caption]: the stock sequence
         if freqs_cis is not None:
             query, key = _rotate(query, freqs_cis), _rotate(key, freqs_cis)
-        dtype = query.dtype
-        plan = self.state.plan(self.layer, query.shape[0], (0, image_len), getattr(attn, POOL_MODULE, None))
-        if plan is None and layer_shares_image_keys(self, query):
-            # the caption's key mask (the rows' padding to the longest caption); the image keys and the negative
-            # caption's are all valid, and every row keeps its own caption's
-            bias = None
-            if attention_mask is not None:
-                keep = attention_mask[:, None, None, segment:n]
-                bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))
-            q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-            parts = slice(0, segment), slice(segment, n), slice(n, None)
-            z_pos, text, z_neg, negative = attention_sharing_image_keys(
-                *(q[:, :, part] for part in parts), *((k[:, :, part], v[:, :, part]) for part in parts), (bias, None))
-            out = torch.cat([z_pos, text], dim=2).transpose(1, 2)
-            out_neg = torch.cat([z_neg, negative], dim=2).transpose(1, 2)
-        else:
-            mask = attention_mask[:, None, None, :] if attention_mask is not None else None
-            positive = [x[:, :n] for x in (query, key, value)]
-            negative = [torch.cat([x[:, :segment], x[:, n:]], dim=1) for x in (query, key, value)]
-            out = self.attend(*positive, plan, mask[..., :n] if mask is not None else None, image_len)
-            out_neg = self._attention(*negative, plan, None, image_len)
-        out, out_neg = out.flatten(2, 3).to(dtype), out_neg.flatten(2, 3).to(dtype)
-        rows = rows.to(out.device)
-        image = out[:, :segment].clone()
-        image[rows] = nag_combination(self.state.nag, out[rows, :segment], out_neg[rows, :segment]).to(dtype)
-        return torch.cat([image, out[:, segment:], out_neg[:, segment:]], dim=1)
+        segment = image_len + (-image_len) % SEQ_MULTI_OF
+        return image_first_nag_token_attend(self, attn, query, key, value, attention_mask, segment, text_len, rows,
+                                            image_len)
 
     def _image_segment(self, image_len: int | None) -> int | None:
         """Length of the image segment when a TextPatch, NAG or a concept Capture acts on this layer of the call."""
