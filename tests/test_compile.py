@@ -362,14 +362,15 @@ def test_text_patch_with_blocks_compiled_fullgraph_equals_eager():
         assert max((a - b).abs().max() for a, b in zip(got, eager)) < 1e-5
 
 
-@pytest.mark.parametrize("family", ["flux", "qwen_image", "flux2", "z_image"])
+@pytest.mark.parametrize("family", ["flux", "qwen_image", "flux2", "z_image", "hunyuan_image"])
 def test_nag_token_path_with_blocks_compiled_fullgraph_equals_eager(family):
     """NAG's negative text as tokens of each row (FLUX.1: its blocks step by step with the negative modulation;
-    Qwen-Image and Z-Image: under the padded prompts' key masks; Z-Image: the negative caption joining the stream in
-    the first block) through blocks compiled with fullgraph=True: no graph break, the eager steps, no new graph on
+    Qwen-Image, Z-Image and HunyuanImage: under the padded prompts' key masks; Z-Image and HunyuanImage: the negative
+    text joining the stream in the first block) through blocks compiled with fullgraph=True: no graph break, the eager steps, no new graph on
     the next generation."""
     from dit_attn.toy.configs import build_flux_pipeline
     from dit_attn.toy.flux2 import build_flux2_klein_pipeline
+    from dit_attn.toy.hunyuan_image import build_hunyuan_image_pipeline
     from dit_attn.toy.qwen_image import build_qwen_image_pipeline
     from dit_attn.toy.z_image import build_z_image_pipeline
 
@@ -380,9 +381,13 @@ def test_nag_token_path_with_blocks_compiled_fullgraph_equals_eager(family):
         pipe, settings["true_cfg_scale"] = build_qwen_image_pipeline(num_layers=3, num_heads=4, head_dim=16), 1.0
     elif family == "flux2":
         pipe, settings["guidance_scale"] = build_flux2_klein_pipeline(num_layers=2, num_single_layers=2), 1.0
-    else:  # captions padded to 32 and 64 tokens
+    elif family == "z_image":  # captions padded to 32 and 64 tokens
         pipe = build_z_image_pipeline(num_layers=3, num_heads=4, head_dim=8)
         prompts, settings = ["a red circle", "a cat " + " ".join(["a dark blue square"] * 8)], dict(guidance_scale=0.0)
+    else:  # guidance-distilled, glyph text in one prompt
+        pipe = build_hunyuan_image_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=8,
+                                            guidance_embeds=True)
+        prompts, settings = ['a red circle "OK"', "a cat"], dict(distilled_guidance_scale=3.25)
     pipe.set_progress_bar_config(disable=True)
     blocks = (list(getattr(pipe.transformer, "transformer_blocks", ())) + list(getattr(pipe.transformer, "layers", ()))
               + list(getattr(pipe.transformer, "single_transformer_blocks", ())))

@@ -452,6 +452,91 @@ def test_hunyuan_image_scale_one_alpha_zero_and_call_count(fixture, request):
     assert len(rec.calls) == len(before.calls) and (guided - want).abs().max() > 1e-3
 
 
+HY_NEGATIVE = 'a blue square "NO"'  # glyph states of its own: the negative text is reordered by its own masks
+
+
+@pytest.mark.parametrize("fixture,layer", [("hy_distilled", 1), ("hy_guider", 2)])
+def test_hunyuan_image_token_path_layer_equals_stock_attention_on_both_texts(fixture, layer, request):
+    """Each row's text is [text ; negative text] in a double (1) and a single (2) block. Z⁺: the stock module on the
+    image with the row's text and key mask; Z⁻: with the negative text and its key mask; the text outputs their
+    own; the guider's "pred_uncond" call stock, without the negative text."""
+    pipe = request.getfixturevalue(fixture)
+    t = pipe.transformer
+    modules = [b.attn for b in list(t.transformer_blocks) + list(t.single_transformer_blocks)]
+    with Recorder(t, modules) as rec, da.apply(pipe, da.NAG(HY_NEGATIVE, layers=[0, 1, 2], **SETTINGS)):
+        hy_call(pipe)
+    attn, ratios = modules[layer], []
+    assert rec.calls == (3 if fixture == "hy_guider" else 1)
+    guided = [r for r in rec.records[layer] if r[0]["encoder_hidden_states"].shape[1] > 32]
+    assert len(guided) == 2 and len(rec.records[layer]) == (4 if fixture == "hy_guider" else 2)
+    for inputs, out, _ in guided:
+        h, e, m, rot = (inputs[k] for k in ("hidden_states", "encoder_hidden_states", "attention_mask", "image_rotary_emb"))
+        image, text = h.shape[1], e.shape[1] // 2
+        assert h.shape[0] == len(HY_PROMPTS) and not torch.equal(m[..., image : image + text], m[..., image + text:])
+        pos_image, pos_text, zp = hy_stock(attn, h, e[:, :text], m[..., : image + text], rot)
+        neg_mask = torch.cat([m[..., :image], m[..., image + text:]], dim=-1)
+        _, neg_text, zn = hy_stock(attn, h, e[:, text:], neg_mask, rot)
+        mixed, ratio = nag_formula(zp, zn, **SETTINGS)
+        want = mixed if attn.to_out is None else attn.to_out[1](attn.to_out[0](mixed))
+        assert (out[0] - want).abs().max() <= ROUNDING and (want - pos_image).abs().max() > 1e-3
+        assert (out[1] - torch.cat([pos_text, neg_text], dim=1)).abs().max() <= ROUNDING
+        ratios.append(ratio.flatten())
+    assert bool((torch.cat(ratios) > SETTINGS["tau"]).any())
+    for inputs, out, _ in rec.records[layer]:
+        if inputs["encoder_hidden_states"].shape[1] <= 32:  # the guider's unconditional call
+            h, e, m, rot = (inputs[k] for k in ("hidden_states", "encoder_hidden_states", "attention_mask", "image_rotary_emb"))
+            image_out, text_out, _ = hy_stock(attn, h, e, m, rot)
+            assert torch.equal(out[0], image_out) and torch.equal(out[1], text_out)
+
+
+# all layers; a double and a single block, two attention calls (as on a GPU); all layers with LocalAttention
+@pytest.mark.parametrize("fixture,layers,local", [("hy_distilled", None, False), ("hy_guider", (0, 1, 2), False),
+                                                  ("hy_distilled", None, True)])
+def test_hunyuan_image_token_path_equals_row_path(fixture, layers, local, request, monkeypatch):
+    """Prompts and a negative prompt with and without glyph text: the token path's steps equal the row path's; its
+    guided calls keep the stock rows and carry twice the text."""
+    from dit_attn.hooks import nag_tokens, nag_tokens_flux
+
+    pipe = request.getfixturevalue(fixture)
+    monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS", layers is None)
+    edits = (da.LocalAttention(radius=1, layers=[0, 2]),) if local else ()
+    size = dict(height=64, width=64) if local else {}
+    block = pipe.transformer.single_transformer_blocks[0]
+
+    def run(*applied):
+        seen = []
+        hook = block.register_forward_pre_hook(lambda m, a: seen.append((a[0].shape[0], a[1].shape[1])))
+        try:
+            with CallRecorder(pipe) as rec, (da.apply(pipe, *applied) if applied else contextlib.nullcontext()):
+                hy_call(pipe, **size)
+        finally:
+            hook.remove()
+        return rec.steps, seen
+
+    nag = da.NAG(HY_NEGATIVE, layers=layers, **SETTINGS)
+    stock, stock_calls = run(*edits)
+    tokens, token_calls = run(nag, *edits)
+    monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())
+    rows, row_calls = run(nag, *edits)
+    guided = slice(0, None, 2) if fixture == "hy_guider" else slice(None)
+    assert len(token_calls) == len(row_calls) == len(stock_calls)
+    assert token_calls[guided] == [(b, 2 * n) for b, n in stock_calls[guided]]
+    assert row_calls[guided] == [(b + 2, n) for b, n in stock_calls[guided]]
+    if fixture == "hy_guider":
+        assert token_calls[1::2] == row_calls[1::2] == stock_calls[1::2]
+    for got, want in zip(tokens, rows, strict=True):
+        assert (got - want).abs().max() <= 1e-5
+    assert max((got - s).abs().max() for got, s in zip(tokens, stock)) > 1e-3
+
+
+def test_hunyuan_image_shared_image_keys_under_text_masks(hy_distilled, monkeypatch):
+    """Padded prompts: the image keys' part of Z⁺ and Z⁻ computed once, each text's part under its key mask,
+    gives the two attention calls' steps and the row path's (and the merge runs)."""
+    # two SDPA calls at each of 4 NAG layers, 2 steps
+    check_shared_image_keys(hy_distilled, lambda: hy_call(hy_distilled), da.NAG(HY_NEGATIVE, **SETTINGS), 2 * 4 * 2,
+                            monkeypatch)
+
+
 # ---------------------------------------------------------------- Qwen-Image-Edit: reference tokens in the image stream
 @pytest.fixture(scope="module")
 def qwen_edit():

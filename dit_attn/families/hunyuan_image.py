@@ -15,7 +15,9 @@ Text edits (TextPatch, TextGuard, NAG): the pipeline pads every prompt to the sa
 counts, so a source (or negative) prompt's states, masks and glyph states ride as extra rows of the call
 at the call's own lengths; the model refines and reorders each row by its own masks, and the processors
 give a target row its source row's whole text segment (keys, values and key mask). Text has no rotary
-positions here, so nothing else needs aligning.
+positions here, so nothing else needs aligning. NAG over layers 0…k instead appends the negative prompt's text,
+refined and reordered once per call as the model does a row's, to every row's text in the blocks
+(`hooks.nag_tokens`).
 
 HeadGuidance and CFG: the pipeline runs one call per condition of its guider
 (`AdaptiveProjectedMixGuidance`) under `cache_context("pred_cond")` and `("pred_uncond")` (left stock),
@@ -126,19 +128,23 @@ class HunyuanImage(Family):
 
     def append_text_rows(self, call: dict, embeds, extra, padded: bool = True) -> dict:
         """The source prompts' states, masks and (when the call has them) glyph states appended as rows."""
+        added = self.text_inputs(call, embeds, extra)
+        return {name: torch.cat([call[name], value]) for name, value in added.items()}
+
+    def text_inputs(self, call: dict, embeds, extra) -> dict:
+        """The call's text inputs (states, masks and, when the call has them, glyph states) of prompts encoded by
+        `encode_prompts`, as the call's dtypes and lengths."""
         text, mask = call["encoder_hidden_states"], call["encoder_attention_mask"]
         length = text.shape[1]
         if embeds.shape[1:] != text.shape[1:]:
             raise RuntimeError(f"{self.name}: the source prompt encodes to {tuple(embeds.shape[1:])} text states, "
                                f"the call has {tuple(text.shape[1:])}")
-        out = {"encoder_hidden_states": torch.cat([text, embeds.to(text)]),
-               "encoder_attention_mask": torch.cat([mask, extra[:, :length].to(mask)])}
+        out = {"encoder_hidden_states": embeds.to(text), "encoder_attention_mask": extra[:, :length].to(mask)}
         glyphs, glyph_mask = call.get("encoder_hidden_states_2"), call.get("encoder_attention_mask_2")
         if glyphs is not None:
             glyph_len = glyphs.shape[1]
-            added = extra[:, length + glyph_len:].unflatten(1, glyphs.shape[1:])
-            out["encoder_hidden_states_2"] = torch.cat([glyphs, added.to(glyphs)])
-            out["encoder_attention_mask_2"] = torch.cat([glyph_mask, extra[:, length:length + glyph_len].to(glyph_mask)])
+            out["encoder_hidden_states_2"] = extra[:, length + glyph_len:].unflatten(1, glyphs.shape[1:]).to(glyphs)
+            out["encoder_attention_mask_2"] = extra[:, length:length + glyph_len].to(glyph_mask)
         return out
 
     # --- training --------------------------------------------------------------------------------

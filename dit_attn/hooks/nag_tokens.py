@@ -32,7 +32,8 @@ from .private import z_image_caption_segment, z_image_first_axis_rotation
 
 NAG_TOKEN_HOOK = "dit_attn.nag_tokens"
 # families whose blocks carry the negative text as tokens
-TOKEN_FAMILIES = ("sd3", "flux", "chroma", "bria", "longcat_image", "ovis_image", "flux2", "qwen_image", "z_image")
+TOKEN_FAMILIES = ("sd3", "flux", "chroma", "bria", "longcat_image", "ovis_image", "flux2", "qwen_image", "z_image",
+                  "hunyuan_image")
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,9 @@ class NAGTokens:
     # {first layer of a RowPlan stage (0 without a plan): its rows NAG guides}: the conditional rows and their
     # perturbed copies, found before the blocks run (no data-dependent indexing inside them)
     stage_rows: dict[int, torch.Tensor]
-    # Z-Image: the negative caption segment (1, L, D) and each row's rotary table for it (rows, L, ·); text_len is
-    # then the positive caption segment's length (the rows' longest padded caption)
+    # the negative text (1, L, D) the first block appends to every row's stream, and Z-Image: each row's rotary
+    # table for it (rows, L, ·) (text_len: the positive caption segment's length, the rows' longest padded caption);
+    # HunyuanImage: its key mask (1, L)
     negative: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def rows_of(self, stage) -> torch.Tensor:
@@ -85,6 +87,9 @@ def nag_tokens_forward(hook, module, forward, call: dict, current, cond, patch):
     negative, temb = None, None
     if hook.family.name == "z_image":
         text_len, negative = _z_image_negative_segment(module, call, patch)
+    elif hook.family.name == "hunyuan_image":
+        negative = _hunyuan_image_negative_text(module, call, patch, hook.family)
+        text_len = negative[0].shape[1]
     else:
         text_len = call["encoder_hidden_states"].shape[1]
         rows = hook.family.batch_size(call)
@@ -127,6 +132,21 @@ def _z_image_negative_segment(module, call: dict, patch) -> tuple[int, tuple[tor
     return max(padded), (states, rotary * shift[:, None])
 
 
+def _hunyuan_image_negative_text(module, call: dict, patch, family) -> tuple[torch.Tensor, torch.Tensor]:
+    """`NAGTokens.negative`: the negative prompt's text as the model's forward prepares a row's before the blocks,
+    refined by its token refiner at the call's timestep and, with ByT5 glyph states, joined with them; with their
+    key masks. The model reorders each row's tokens valid first: the text has no positions, so the order changes
+    nothing but the summation order of attention. Every prompt of the call is padded to its lengths."""
+    inputs = family.text_inputs(call, patch.embeds[:1], patch.pooled[:1])
+    mask = inputs["encoder_attention_mask"].bool()
+    text = module.context_embedder(inputs["encoder_hidden_states"], call["timestep"][:1], mask)
+    glyphs = inputs.get("encoder_hidden_states_2")
+    if module.context_embedder_2 is None or glyphs is None:
+        return text, mask
+    glyph_mask = inputs["encoder_attention_mask_2"].bool()
+    return torch.cat([module.context_embedder_2(glyphs), text], dim=1), torch.cat([glyph_mask, mask], dim=1)
+
+
 def _qwen_token_call(call: dict, patch, batch: int) -> dict:
     """The call with [positive ; negative] text and its text mask ([the call's ; the negative prompt's own])."""
     text, mask = call["encoder_hidden_states"], call.get("encoder_hidden_states_mask")
@@ -147,6 +167,9 @@ def token_block_hooks(family, state: EditState, transformer) -> list[tuple[torch
         return [(block, NAGTokenQwenBlock(state, layer, block)) for layer, block in enumerate(transformer.transformer_blocks)]
     if family.name == "z_image":
         return [(block, NAGTokenZImageBlock(state, layer, block)) for layer, block in enumerate(transformer.layers)]
+    if family.name == "hunyuan_image":
+        blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+        return [(block, NAGTokenHunyuanImageBlock(state, layer, block)) for layer, block in enumerate(blocks)]
     blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
     keeps = family.name == "flux2"
     return [(block, NAGTokenFluxBlock(state, layer, block, keeps)) for layer, block in enumerate(blocks)]
@@ -214,21 +237,55 @@ class NAGTokenQwenBlock(NAGTokenBlockHook):
         return forward(**values)
 
 
-class NAGTokenZImageBlock(NAGTokenBlockHook):
-    """Runs a Z-Image main block during a token-path call: the first block appends the negative caption segment to
-    every row's stream; a NAG layer gets the stream's rotary table and key mask with the negative tokens' (all keys
-    valid); from `end` on the block runs without them (the model reads only the image tokens after its blocks)."""
+class NAGTokenAppendingBlock(NAGTokenBlockHook):
+    """Runs a block whose stream gains the negative text at the first block (`NAGTokens.negative`) during a
+    token-path call: a NAG layer gets the per-block tables (`extend`) with the negative tokens' too; from `end` on
+    the block runs without them (the models read only the image tokens after their blocks)."""
+
+    stream = ""  # the input that carries the negative tokens from block to block
+
+    def stock_length(self, values: dict, tokens) -> int:
+        raise NotImplementedError
+
+    def extend(self, values: dict, tokens) -> None:
+        raise NotImplementedError
 
     def token_forward(self, module, forward, values: dict, tokens):
-        x, rotary, mask = values["x"], values["freqs_cis"], values["attn_mask"]
-        stock = rotary.shape[1]  # the call's own sequence, [image ; caption]: the model passes its tables to each block
+        stream = values[self.stream]
         if self.layer >= tokens.end:
-            values["x"] = x[:, :stock]
+            values[self.stream] = stream[:, : self.stock_length(values, tokens)]
             return forward(**values)
-        states, negative_rotary = tokens.negative
         if self.layer == 0:
-            values["x"] = torch.cat([x, states.expand(x.shape[0], -1, -1)], dim=1)
-        values["freqs_cis"] = torch.cat([rotary, negative_rotary], dim=1)
-        if mask is not None:
-            values["attn_mask"] = torch.cat([mask, mask.new_ones(mask.shape[0], states.shape[1])], dim=1)
+            values[self.stream] = torch.cat([stream, tokens.negative[0].expand(stream.shape[0], -1, -1)], dim=1)
+        self.extend(values, tokens)
         return forward(**values)
+
+
+class NAGTokenZImageBlock(NAGTokenAppendingBlock):
+    """A Z-Image main block: one [image ; caption] stream per row, the negative caption segment after it with its
+    rows' rotary tables and all its keys valid."""
+
+    stream = "x"
+
+    def stock_length(self, values: dict, tokens) -> int:
+        return values["freqs_cis"].shape[1]  # the model passes its own tables to each block
+
+    def extend(self, values: dict, tokens) -> None:
+        mask, negative = values["attn_mask"], tokens.negative[0]
+        values["freqs_cis"] = torch.cat([values["freqs_cis"], tokens.negative[1]], dim=1)
+        if mask is not None:
+            values["attn_mask"] = torch.cat([mask, mask.new_ones(mask.shape[0], negative.shape[1])], dim=1)
+
+
+class NAGTokenHunyuanImageBlock(NAGTokenAppendingBlock):
+    """A HunyuanImage double or single block: the negative text after each row's text, with its own key mask."""
+
+    stream = "encoder_hidden_states"
+
+    def stock_length(self, values: dict, tokens) -> int:
+        return tokens.text_len
+
+    def extend(self, values: dict, tokens) -> None:
+        mask = values["attention_mask"]  # (B, 1, 1, image + text), bool
+        negative_mask = tokens.negative[1][:, None, None, :].expand(mask.shape[0], 1, 1, -1)
+        values["attention_mask"] = torch.cat([mask, negative_mask.to(mask.dtype)], dim=-1)

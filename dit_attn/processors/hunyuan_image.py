@@ -5,13 +5,16 @@ image tokens; a double block projects the text with its own `add_*_proj`, a sing
 text as `encoder_hidden_states` and projects the joint sequence) and hands the attention call to
 `dit_attn.kernels.attention` with this layer's plan; with no plan it makes the stock dispatch call.
 TextPatch gives a target row its source row's text keys, values and text key mask; NAG's negative rows
-take their positive rows' image q/k/v (after rotary: every row has the same image positions).
+take their positive rows' image q/k/v (after rotary: every row has the same image positions). On NAG's token path
+(`hooks.nag_tokens`) each row's text is [text ; negative text]: the image queries and the text attend [image ; text]
+(Z⁺), the image queries and the negative text [image ; negative text] (Z⁻).
 """
 from __future__ import annotations
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
+from ..hooks.nag_tokens_flux import image_first_nag_token_attend
 from .dispatch import DispatchingProcessor
 from .state import POOL_MODULE
 
@@ -85,10 +88,16 @@ class HunyuanImageAttnProcessor(DispatchingProcessor):
             key = torch.cat([key, encoder_key], dim=1)
             value = torch.cat([value, encoder_value], dim=1)
 
-        plan = self.state.plan(self.layer, query.shape[0], (0, image_tokens), getattr(attn, POOL_MODULE, None))
-        hidden_states = self.attend(query, key, value, plan, attention_mask, image_tokens)
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
-        hidden_states = self.state.nag_guide(self.layer, hidden_states, slice(0, image_tokens))
+        tokens = self.state.nag_tokens_at(self.layer, query.shape[0])
+        if tokens is not None:  # NAG's negative text after each row's text: [image ; text ; negative text]
+            keys = attention_mask.reshape(attention_mask.shape[0], -1) if attention_mask is not None else None
+            hidden_states = image_first_nag_token_attend(self, attn, query, key, value, keys, image_tokens, tokens[0],
+                                                         tokens[1], image_tokens)
+        else:
+            plan = self.state.plan(self.layer, query.shape[0], (0, image_tokens), getattr(attn, POOL_MODULE, None))
+            hidden_states = self.attend(query, key, value, plan, attention_mask, image_tokens)
+            hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+            hidden_states = self.state.nag_guide(self.layer, hidden_states, slice(0, image_tokens))
 
         if encoder_hidden_states is not None:
             hidden_states, encoder_hidden_states = project_outputs(attn, hidden_states, text_len)
