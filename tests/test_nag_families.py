@@ -833,9 +833,13 @@ def hv_call(pipe, prompt=HV_PROMPTS, steps=2, cfg=1.0, **kwargs):
 
 
 @pytest.mark.parametrize("fixture,layer,cfg", [("hv_t2v", 0, 1.0), ("hv_t2v", 1, 4.0), ("hv_i2v", 1, 3.0)])
-def test_hunyuan_video15_layer_equals_stock_attention_on_both_texts(fixture, layer, cfg, request):
-    """Z⁻ is the stock module on the positive rows' video with the negative rows' context (image context, glyphs
-    and text, reordered by their own masks) and context mask; with CFG the "pred_uncond" call runs stock."""
+def test_hunyuan_video15_layer_equals_stock_attention_on_both_texts(fixture, layer, cfg, request, monkeypatch):
+    """The row path. Z⁻ is the stock module on the positive rows' video with the negative rows' context (image
+    context, glyphs and text, reordered by their own masks) and context mask; with CFG the "pred_uncond" call runs
+    stock."""
+    from dit_attn.hooks import nag_tokens
+
+    monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())  # the token path equals it: tests below
     pipe = request.getfixturevalue(fixture)
     t = pipe.transformer
     modules = [b.attn for b in t.transformer_blocks]
@@ -864,6 +868,86 @@ def test_hunyuan_video15_layer_equals_stock_attention_on_both_texts(fixture, lay
             (video, context), _ = stock(attn, {k: inputs[k] for k in ("hidden_states", "encoder_hidden_states",
                                                                        "attention_mask", "image_rotary_emb")})
             assert torch.equal(out[0], video) and torch.equal(out[1], context)
+
+
+HV_NEGATIVE = 'a blue square "NO"'
+
+
+@pytest.mark.parametrize("fixture,layer,cfg", [("hv_t2v", 0, 1.0), ("hv_i2v", 1, 3.0)])
+def test_hunyuan_video15_token_path_layer_equals_stock_attention_on_both_texts(fixture, layer, cfg, request):
+    """Each row's context is [context ; negative context]. Z⁺: the stock module on the video with the row's context
+    and mask; Z⁻: with the negative context (the row's image context, the negative glyphs and text) and its mask;
+    the valid context tokens' outputs their own (the padding's are never read); "pred_uncond" stock."""
+    pipe = request.getfixturevalue(fixture)
+    modules = [b.attn for b in pipe.transformer.transformer_blocks]
+    with Recorder(pipe.transformer, modules) as rec, da.apply(pipe, da.NAG(HV_NEGATIVE, layers=[0, 1], **SETTINGS)):
+        hv_call(pipe, cfg=cfg)
+    attn, ratios = modules[layer], []
+    context = max(r[0]["attention_mask"].shape[1] for r in rec.records[layer]) // 2  # the guided calls' is twice
+    guided = [r for r in rec.records[layer] if r[0]["attention_mask"].shape[1] == 2 * context]
+    assert len(guided) == 2 and len(rec.records[layer]) == (2 if cfg == 1.0 else 4)
+    for inputs, out, _ in guided:
+        h, e, m, rot = (inputs[k] for k in ("hidden_states", "encoder_hidden_states", "attention_mask", "image_rotary_emb"))
+        assert h.shape[0] == len(HV_PROMPTS) and not torch.equal(m[:, :context], m[:, context:])
+        kwargs = dict(hidden_states=h, image_rotary_emb=rot)
+        (pos_video, pos_context), zp = stock(attn, dict(kwargs, encoder_hidden_states=e[:, :context],
+                                                        attention_mask=m[:, :context]))
+        (_, neg_context), zn = stock(attn, dict(kwargs, encoder_hidden_states=e[:, context:],
+                                                attention_mask=m[:, context:]))
+        mixed, ratio = nag_formula(zp, zn, **SETTINGS)
+        want = attn.to_out[1](attn.to_out[0](mixed))
+        assert (out[0] - want).abs().max() <= ROUNDING and (want - pos_video).abs().max() > 1e-3
+        valid = m.bool()
+        assert (out[1][valid] - torch.cat([pos_context, neg_context], dim=1)[valid]).abs().max() <= ROUNDING
+        ratios.append(ratio.flatten())
+    assert bool((torch.cat(ratios) > SETTINGS["tau"]).any())
+    for inputs, out, _ in rec.records[layer]:
+        if inputs["attention_mask"].shape[1] == context:  # the guider's unconditional call
+            (video, ctx), _ = stock(attn, {k: inputs[k] for k in ("hidden_states", "encoder_hidden_states",
+                                                                   "attention_mask", "image_rotary_emb")})
+            assert torch.equal(out[0], video) and torch.equal(out[1], ctx)
+
+
+# all layers, text-to-video; the first block, image-to-video with CFG, two attention calls (as on a GPU)
+@pytest.mark.parametrize("fixture,layers,cfg", [("hv_t2v", None, 1.0), ("hv_i2v", (0,), 3.0)])
+def test_hunyuan_video15_token_path_equals_row_path(fixture, layers, cfg, request, monkeypatch):
+    """The token path's steps equal the row path's; its guided calls keep the stock rows and carry twice the context."""
+    from dit_attn.hooks import nag_tokens, nag_tokens_flux
+
+    pipe = request.getfixturevalue(fixture)
+    monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS", layers is None)
+    block = pipe.transformer.transformer_blocks[-1]
+
+    def run(*applied):
+        seen = []
+        hook = block.register_forward_pre_hook(lambda m, a: seen.append((a[0].shape[0], a[1].shape[1])))
+        try:
+            with CallRecorder(pipe) as rec, (da.apply(pipe, *applied) if applied else contextlib.nullcontext()):
+                hv_call(pipe, cfg=cfg)
+        finally:
+            hook.remove()
+        return rec.steps, seen
+
+    nag = da.NAG(HV_NEGATIVE, layers=layers, **SETTINGS)
+    stock_steps, stock_calls = run()
+    tokens, token_calls = run(nag)
+    monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())
+    rows, row_calls = run(nag)
+    guided = slice(0, None, 2) if cfg != 1.0 else slice(None)
+    assert token_calls[guided] == [(b, 2 * n) for b, n in stock_calls[guided]]
+    assert row_calls[guided] == [(b + 2, n) for b, n in stock_calls[guided]]
+    if cfg != 1.0:
+        assert token_calls[1::2] == row_calls[1::2] == stock_calls[1::2]
+    for got, want in zip(tokens, rows, strict=True):
+        assert (got - want).abs().max() <= 1e-5
+    assert max((got - s).abs().max() for got, s in zip(tokens, stock_steps)) > 1e-3
+
+
+def test_hunyuan_video15_shared_image_keys_under_context_masks(hv_t2v, monkeypatch):
+    """The video keys' part of Z⁺ and Z⁻ computed once, each context's part under its key mask, gives the two
+    attention calls' steps and the row path's (and the merge runs)."""
+    # two SDPA calls at each of 2 NAG layers, 2 steps
+    check_shared_image_keys(hv_t2v, lambda: hv_call(hv_t2v), da.NAG(HV_NEGATIVE, **SETTINGS), 2 * 2 * 2, monkeypatch)
 
 
 @pytest.mark.parametrize("cfg", [1.0, 4.0])

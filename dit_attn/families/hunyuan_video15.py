@@ -18,7 +18,9 @@ and the processors give a target row its source row's whole context segment (key
 image-context tokens of image-to-video are part of that segment: the source row carries its target's image
 embeddings, so the swapped segment holds the same image (refined alongside the source text instead of the
 target's). A prompt changes the text of the context; the conditioning image stays. The context has no rotary
-positions, so nothing else needs aligning.
+positions, so nothing else needs aligning. NAG over layers 0…k instead appends a negative context to every row's
+context in the blocks (`hooks.nag_tokens`): the row's image context and the negative prompt's glyphs and Qwen text,
+prepared once per call as the model prepares a row's.
 
 HeadGuidance and CFG: both pipelines run one call per condition of their guider (`ClassifierFreeGuidance`)
 under `cache_context("pred_cond")` and `("pred_uncond")` (left stock), conditional first, then take the
@@ -116,6 +118,7 @@ class HunyuanVideo15(Family):
 
     # the same Qwen and ByT5 call inputs as HunyuanImage 2.1's, packed the same way by `encode_prompts`
     append_text_rows = HunyuanImage.append_text_rows
+    text_inputs = HunyuanImage.text_inputs
 
     def latent_patch(self, transformer) -> int:
         return int(transformer.config.patch_size)

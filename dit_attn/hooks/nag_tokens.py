@@ -33,7 +33,7 @@ from .private import z_image_caption_segment, z_image_first_axis_rotation
 NAG_TOKEN_HOOK = "dit_attn.nag_tokens"
 # families whose blocks carry the negative text as tokens
 TOKEN_FAMILIES = ("sd3", "flux", "chroma", "bria", "longcat_image", "ovis_image", "flux2", "qwen_image", "z_image",
-                  "hunyuan_image")
+                  "hunyuan_image", "hunyuan_video15")
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,9 @@ class NAGTokens:
     # {first layer of a RowPlan stage (0 without a plan): its rows NAG guides}: the conditional rows and their
     # perturbed copies, found before the blocks run (no data-dependent indexing inside them)
     stage_rows: dict[int, torch.Tensor]
-    # the negative text (1, L, D) the first block appends to every row's stream, and Z-Image: each row's rotary
-    # table for it (rows, L, ·) (text_len: the positive caption segment's length, the rows' longest padded caption);
-    # HunyuanImage: its key mask (1, L)
+    # the negative text (1 or rows, L, D) the first block appends to every row's stream, and Z-Image: each row's
+    # rotary table for it (rows, L, ·) (text_len: the positive caption segment's length, the rows' longest padded
+    # caption); HunyuanImage and HunyuanVideo 1.5: its key mask (1 or rows, L)
     negative: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def rows_of(self, stage) -> torch.Tensor:
@@ -89,6 +89,9 @@ def nag_tokens_forward(hook, module, forward, call: dict, current, cond, patch):
         text_len, negative = _z_image_negative_segment(module, call, patch)
     elif hook.family.name == "hunyuan_image":
         negative = _hunyuan_image_negative_text(module, call, patch, hook.family)
+        text_len = negative[0].shape[1]
+    elif hook.family.name == "hunyuan_video15":
+        negative = _hunyuan_video15_negative_context(module, call, patch, hook.family)
         text_len = negative[0].shape[1]
     else:
         text_len = call["encoder_hidden_states"].shape[1]
@@ -147,6 +150,29 @@ def _hunyuan_image_negative_text(module, call: dict, patch, family) -> tuple[tor
     return torch.cat([module.context_embedder_2(glyphs), text], dim=1), torch.cat([glyph_mask, mask], dim=1)
 
 
+def _hunyuan_video15_negative_context(module, call: dict, patch, family) -> tuple[torch.Tensor, torch.Tensor]:
+    """`NAGTokens.negative`: each row's negative context as the model's forward prepares a row's before the blocks:
+    the row's image context (SigLIP states of image-to-video; zeros, masked, when the call's are all zero), the
+    negative prompt's glyph states and its Qwen text refined at the call's timestep, each with its context-type
+    embedding, with their key masks. As on HunyuanImage the model's valid-first reordering changes nothing (the
+    context has no positions), and every prompt of the call is padded to its lengths."""
+    inputs = family.text_inputs(call, patch.embeds[:1], patch.pooled[:1])
+    mask = inputs["encoder_attention_mask"]
+    text = module.context_embedder(inputs["encoder_hidden_states"], call["timestep"][:1], mask)
+    glyphs = module.context_embedder_2(inputs["encoder_hidden_states_2"])
+    image_embeds = call["image_embeds"]
+    image = module.image_embedder(image_embeds)
+    text_to_video = bool(torch.all(image_embeds == 0))
+    image_mask = torch.full(image.shape[:2], not text_to_video, dtype=torch.bool, device=image.device)
+    image = image * 0.0 if text_to_video else image
+    parts = [(image, image_mask), (glyphs, inputs["encoder_attention_mask_2"].bool()), (text, mask.bool())]
+    rows = image.shape[0]
+    states = [x + module.cond_type_embed(torch.full_like(x[:, :, 0], kind, dtype=torch.long))
+              for kind, (x, _) in ((2, parts[0]), (1, parts[1]), (0, parts[2]))]
+    return (torch.cat([x.expand(rows, -1, -1) for x in states], dim=1),
+            torch.cat([m.expand(rows, -1) for _, m in parts], dim=1))
+
+
 def _qwen_token_call(call: dict, patch, batch: int) -> dict:
     """The call with [positive ; negative] text and its text mask ([the call's ; the negative prompt's own])."""
     text, mask = call["encoder_hidden_states"], call.get("encoder_hidden_states_mask")
@@ -170,6 +196,9 @@ def token_block_hooks(family, state: EditState, transformer) -> list[tuple[torch
     if family.name == "hunyuan_image":
         blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
         return [(block, NAGTokenHunyuanImageBlock(state, layer, block)) for layer, block in enumerate(blocks)]
+    if family.name == "hunyuan_video15":
+        return [(block, NAGTokenHunyuanVideo15Block(state, layer, block))
+                for layer, block in enumerate(transformer.transformer_blocks)]
     blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
     keeps = family.name == "flux2"
     return [(block, NAGTokenFluxBlock(state, layer, block, keeps)) for layer, block in enumerate(blocks)]
@@ -289,3 +318,12 @@ class NAGTokenHunyuanImageBlock(NAGTokenAppendingBlock):
         mask = values["attention_mask"]  # (B, 1, 1, image + text), bool
         negative_mask = tokens.negative[1][:, None, None, :].expand(mask.shape[0], 1, 1, -1)
         values["attention_mask"] = torch.cat([mask, negative_mask.to(mask.dtype)], dim=-1)
+
+
+class NAGTokenHunyuanVideo15Block(NAGTokenHunyuanImageBlock):
+    """A HunyuanVideo 1.5 block: the negative context after each row's context, its key mask after the call's
+    context mask (B, context), which the model hands every block."""
+
+    def extend(self, values: dict, tokens) -> None:
+        mask = values["attention_mask"]
+        values["attention_mask"] = torch.cat([mask, tokens.negative[1].to(mask.dtype).expand(mask.shape[0], -1)], dim=1)

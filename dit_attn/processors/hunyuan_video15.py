@@ -7,7 +7,9 @@ the stock mask (keys and queries of the context padding both masked).
 
 TextPatch gives a target row its source row's context keys, values and context key mask (its own context
 queries keep their own mask); NAG's negative rows take their positive rows' video q/k/v (after rotary: every
-row has the same video positions) and NAG combines the video tokens' outputs.
+row has the same video positions) and NAG combines the video tokens' outputs. On NAG's token path
+(`hooks.nag_tokens`) each row's context is [context ; negative context], attended under key masks only (the
+padding queries' outputs are never read).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
+from ..hooks.nag_tokens_flux import image_first_nag_token_attend
 from .dispatch import DispatchingProcessor
 from .hunyuan_image import project_outputs, project_qkv
 from .state import POOL_MODULE
@@ -47,6 +50,11 @@ class HunyuanVideo15AttnProcessor(DispatchingProcessor):
 
         batch, seq_len = query.shape[:2]
         keep = F.pad(attention_mask, (seq_len - attention_mask.shape[1], 0), value=True).bool()
+        tokens = self.state.nag_tokens_at(self.layer, batch)
+        if tokens is not None:  # NAG's negative context after each row's: [video ; context ; negative context]
+            hidden_states = image_first_nag_token_attend(self, attn, query, key, value, keep, video_tokens, tokens[0],
+                                                         tokens[1], video_tokens)
+            return project_outputs(attn, hidden_states, encoder_hidden_states.shape[1])
         key_mask, _ = self.state.patch_text(self.layer, attention_mask, attention_mask)
         keys_kept = keep if key_mask is attention_mask else F.pad(key_mask, (seq_len - key_mask.shape[1], 0), value=True).bool()
         plan = self.state.plan(self.layer, batch, (0, video_tokens), getattr(attn, POOL_MODULE, None))
