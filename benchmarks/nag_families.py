@@ -1,9 +1,11 @@
 """NAG's cost beyond SD3/FLUX.1/Chroma: plain (no guidance), NAG and CFG with the same negative prompt, side by
-side in one run, on config-built Z-Image and HunyuanImage 2.1 (the negative prompt as rows of the pipeline's own
-call) and Bria, LongCat-Image, Ovis-Image, Qwen-Image and FLUX.2 [klein] (as tokens; there also NAG on the row path,
+side in one run, on config-built Z-Image, HunyuanImage 2.1, Bria, LongCat-Image, Ovis-Image, Qwen-Image, FLUX.2
+[klein] and HunyuanVideo 1.5 (the negative prompt as extra text tokens of each row; there also NAG on the row path,
 for comparison), latents out, best of --repeats runs.
 
-At --size 128 every toy has 1024 image tokens (Qwen-Image's and FLUX.2's at twice the size) but HunyuanImage's, 256.
+At --size 128 every toy has 1024 image tokens (Qwen-Image's, FLUX.2's and HunyuanImage's at twice the size);
+HunyuanVideo 1.5 makes 9 frames at half the size (1280 video tokens at --size 128). A "guider" entry of a condition's
+settings is set as the pipeline's guider (HunyuanVideo 1.5 takes its CFG scale from it).
 
 Run:  python benchmarks/nag_families.py [--threads 1] [--size 128] [--steps 8] [--repeats 3] [--only Z-Image]
 """
@@ -27,6 +29,7 @@ def cases(size: int):
     from dit_attn.toy.bria import build_bria_pipeline
     from dit_attn.toy.flux2 import build_flux2_klein_pipeline
     from dit_attn.toy.hunyuan_image import build_hunyuan_image_pipeline
+    from dit_attn.toy.hunyuan_video15 import build_hunyuan_video15_pipeline
     from dit_attn.toy.longcat_image import build_longcat_image_pipeline
     from dit_attn.toy.ovis_image import build_ovis_image_pipeline
     from dit_attn.toy.qwen_image import build_qwen_image_pipeline
@@ -36,7 +39,9 @@ def cases(size: int):
     yield "Z-Image 4 × 4 heads × 32", z, {}, dict(guidance_scale=0.0), dict(guidance_scale=3.0, negative_prompt=NEGATIVE)
     hy = build_hunyuan_image_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=32, guidance_embeds=True)
     distilled = dict(distilled_guidance_scale=3.25)
-    yield "HunyuanImage 2+2 × 4 heads × 32 (distilled)", hy, {}, distilled, None
+    # its toy VAE halves the image tokens of the others' per side too: twice the size
+    yield (f"HunyuanImage 2+2 × 4 heads × 32 (distilled, {2 * size}×{2 * size})", hy,
+           dict(height=2 * size, width=2 * size), distilled, None)
     bria = build_bria_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=32, text_encoder=True)
     yield "Bria 2+2 × 4 heads × 32", bria, dict(max_sequence_length=16), dict(guidance_scale=1.0), dict(guidance_scale=3.0, negative_prompt=NEGATIVE)
     longcat = build_longcat_image_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=32, text_encoder=True)
@@ -54,6 +59,10 @@ def cases(size: int):
     yield (f"FLUX.2 [klein] 2+2 × 4 heads × 32 ({2 * size}×{2 * size})", klein,
            dict(max_sequence_length=32, height=2 * size, width=2 * size), dict(guidance_scale=1.0),
            dict(guidance_scale=3.0, negative_prompt_embeds=negative))
+    video = build_hunyuan_video15_pipeline(num_layers=4, num_heads=4, head_dim=32, guidance_scale=1.0)
+    yield (f"HunyuanVideo 1.5 4 × 4 heads × 32 (9 × {size // 2}×{size // 2})", video,
+           dict(num_frames=9, height=size // 2, width=size // 2), dict(guider=video.guider.new(guidance_scale=1.0)),
+           dict(guider=video.guider.new(guidance_scale=3.0), negative_prompt=NEGATIVE))
 
 
 def main() -> None:
@@ -73,7 +82,9 @@ def main() -> None:
             continue
         pipe.set_progress_bar_config(disable=True)
 
-        def generate(**kwargs):
+        def generate(guider=None, **kwargs):
+            if guider is not None:
+                pipe.guider = guider
             size = dict(height=args.size, width=args.size)
             pipe(prompt="a red circle", num_inference_steps=args.steps, output_type="latent",
                  generator=torch.Generator().manual_seed(0), **{**size, **common}, **kwargs)

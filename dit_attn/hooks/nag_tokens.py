@@ -1,4 +1,4 @@
-"""NAG with the negative text as extra text tokens of each row, not as extra rows (SD3 / SD3.5 here).
+"""NAG with the negative text as extra text tokens of each row, not as extra rows (SD3 / SD3.5 first).
 
 The call's text states become [positive text ; negative text] along the token dimension, so the
 image stream is computed once per row. At a NAG layer the processor gives the image queries two
@@ -18,6 +18,8 @@ text's rotary positions and with its own text mask. Z-Image's main blocks take o
 the negative caption segment, embedded and refined once per call as the model does a caption, joins every row's
 stream at the first block ([image ; caption ; negative caption]), its rotary positions shifted per row so that the
 image sits where it would after the negative caption (as in a negative row, whose image follows its own caption).
+HunyuanImage and HunyuanVideo 1.5 likewise append the negative text (context), prepared once per call as the model
+prepares a row's, to every row's text in the first block, with its own key mask (the text has no positions).
 """
 from __future__ import annotations
 
