@@ -328,33 +328,18 @@ def test_z_image_token_path_layer_equals_stock_attention_on_both_texts(z_pipe, n
 def test_z_image_token_path_equals_row_path(z_pipe, negative, layers, cfg, local, monkeypatch):
     """Captions shorter and longer than the negative one (its rotary positions shift both ways): the token path's
     steps equal the row path's; its calls keep the stock rows and append the negative caption segment to each row."""
-    from dit_attn.hooks import nag_tokens, nag_tokens_flux
+    from dit_attn.hooks import nag_tokens_flux
 
     monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS", layers is None)
     kwargs = dict(guidance_scale=3.0, negative_prompt=["a green cat"] * 2) if cfg else {}
     edits = (da.LocalAttention(radius=1, layers=[0, 2]),) if local else ()
-
-    def run(*applied):
-        seen = []
-        hook = z_pipe.transformer.layers[1].register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[:2])))
-        try:
-            with CallRecorder(z_pipe) as rec, (da.apply(z_pipe, *applied) if applied else contextlib.nullcontext()):
-                z_call(z_pipe, prompt=Z_MIXED, **kwargs)
-        finally:
-            hook.remove()
-        return rec.steps, seen
-
-    nag = da.NAG(negative, layers=layers, **SETTINGS)
-    stock, stock_calls = run(*edits)
-    tokens, token_calls = run(nag, *edits)
-    monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())
-    rows, row_calls = run(nag, *edits)
+    # the second block: its stream comes from the first, with the negative caption
+    stock_calls, token_calls, row_calls = three_runs(
+        z_pipe, lambda: z_call(z_pipe, prompt=Z_MIXED, **kwargs), z_pipe.transformer.layers[1],
+        lambda a, k: tuple(a[0].shape[:2]), da.NAG(negative, layers=layers, **SETTINGS), monkeypatch, edits)
     negative_len = 64 if negative == Z_LONG else 32
     assert token_calls == [(b, s + negative_len) for b, s in stock_calls]
     assert [b for b, _ in row_calls] == [b + 2 for b, _ in stock_calls]
-    for got, want in zip(tokens, rows, strict=True):
-        assert (got - want).abs().max() <= 1e-5
-    assert max((got - s).abs().max() for got, s in zip(tokens, stock)) > 1e-3
 
 
 def test_z_image_shared_image_keys_under_caption_masks(z_pipe, monkeypatch):
@@ -406,6 +391,16 @@ def hy_stock(attn, hidden, text, mask, rotary):
     return image, text_out, z
 
 
+def assert_unguided_calls_stock(attn, records, unguided) -> None:
+    """The recorded outputs of the guider's unconditional calls (`unguided(inputs)`) are the stock module's
+    (HunyuanImage 2.1, HunyuanVideo 1.5)."""
+    for inputs, out, _ in records:
+        if unguided(inputs):
+            h, e, m, rot = (inputs[k] for k in ("hidden_states", "encoder_hidden_states", "attention_mask", "image_rotary_emb"))
+            image, text, _ = hy_stock(attn, h, e, m, rot)
+            assert torch.equal(out[0], image) and torch.equal(out[1], text)
+
+
 @pytest.mark.parametrize("fixture,layer", [("hy_distilled", 1), ("hy_distilled", 3), ("hy_guider", 2)])
 def test_hunyuan_image_layer_equals_stock_attention_on_both_texts(fixture, layer, request):
     """Double (1) and single (2, 3) blocks: Z⁻ is the stock module on the positive rows' image with the negative
@@ -432,11 +427,7 @@ def test_hunyuan_image_layer_equals_stock_attention_on_both_texts(fixture, layer
         assert (out[1][neg] - neg_text).abs().max() <= ROUNDING
         ratios.append(ratio.flatten())
     assert bool((torch.cat(ratios) > SETTINGS["tau"]).any())
-    for inputs, out, _ in rec.records[layer]:
-        if inputs["hidden_states"].shape[0] == n:  # the guider's unconditional call
-            h, e, m, rot = (inputs[k] for k in ("hidden_states", "encoder_hidden_states", "attention_mask", "image_rotary_emb"))
-            image, text_out, _ = hy_stock(attn, h, e, m, rot)
-            assert torch.equal(out[0], image) and torch.equal(out[1], text_out)
+    assert_unguided_calls_stock(attn, rec.records[layer], lambda inputs: inputs["hidden_states"].shape[0] == n)
 
 
 @pytest.mark.parametrize("fixture", ["hy_distilled", "hy_guider"])
@@ -482,11 +473,7 @@ def test_hunyuan_image_token_path_layer_equals_stock_attention_on_both_texts(fix
         assert (out[1] - torch.cat([pos_text, neg_text], dim=1)).abs().max() <= ROUNDING
         ratios.append(ratio.flatten())
     assert bool((torch.cat(ratios) > SETTINGS["tau"]).any())
-    for inputs, out, _ in rec.records[layer]:
-        if inputs["encoder_hidden_states"].shape[1] <= 32:  # the guider's unconditional call
-            h, e, m, rot = (inputs[k] for k in ("hidden_states", "encoder_hidden_states", "attention_mask", "image_rotary_emb"))
-            image_out, text_out, _ = hy_stock(attn, h, e, m, rot)
-            assert torch.equal(out[0], image_out) and torch.equal(out[1], text_out)
+    assert_unguided_calls_stock(attn, rec.records[layer], lambda inputs: inputs["encoder_hidden_states"].shape[1] <= 32)
 
 
 # all layers; a double and a single block, two attention calls (as on a GPU); all layers with LocalAttention
@@ -495,38 +482,16 @@ def test_hunyuan_image_token_path_layer_equals_stock_attention_on_both_texts(fix
 def test_hunyuan_image_token_path_equals_row_path(fixture, layers, local, request, monkeypatch):
     """Prompts and a negative prompt with and without glyph text: the token path's steps equal the row path's; its
     guided calls keep the stock rows and carry twice the text."""
-    from dit_attn.hooks import nag_tokens, nag_tokens_flux
+    from dit_attn.hooks import nag_tokens_flux
 
     pipe = request.getfixturevalue(fixture)
     monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS", layers is None)
     edits = (da.LocalAttention(radius=1, layers=[0, 2]),) if local else ()
     size = dict(height=64, width=64) if local else {}
-    block = pipe.transformer.single_transformer_blocks[0]
-
-    def run(*applied):
-        seen = []
-        hook = block.register_forward_pre_hook(lambda m, a: seen.append((a[0].shape[0], a[1].shape[1])))
-        try:
-            with CallRecorder(pipe) as rec, (da.apply(pipe, *applied) if applied else contextlib.nullcontext()):
-                hy_call(pipe, **size)
-        finally:
-            hook.remove()
-        return rec.steps, seen
-
-    nag = da.NAG(HY_NEGATIVE, layers=layers, **SETTINGS)
-    stock, stock_calls = run(*edits)
-    tokens, token_calls = run(nag, *edits)
-    monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())
-    rows, row_calls = run(nag, *edits)
-    guided = slice(0, None, 2) if fixture == "hy_guider" else slice(None)
-    assert len(token_calls) == len(row_calls) == len(stock_calls)
-    assert token_calls[guided] == [(b, 2 * n) for b, n in stock_calls[guided]]
-    assert row_calls[guided] == [(b + 2, n) for b, n in stock_calls[guided]]
-    if fixture == "hy_guider":
-        assert token_calls[1::2] == row_calls[1::2] == stock_calls[1::2]
-    for got, want in zip(tokens, rows, strict=True):
-        assert (got - want).abs().max() <= 1e-5
-    assert max((got - s).abs().max() for got, s in zip(tokens, stock)) > 1e-3
+    calls = three_runs(pipe, lambda: hy_call(pipe, **size), pipe.transformer.single_transformer_blocks[0],
+                       lambda a, k: (a[0].shape[0], a[1].shape[1]), da.NAG(HY_NEGATIVE, layers=layers, **SETTINGS),
+                       monkeypatch, edits)
+    assert_text_doubled(*calls, fixture == "hy_guider")
 
 
 def test_hunyuan_image_shared_image_keys_under_text_masks(hy_distilled, monkeypatch):
@@ -713,36 +678,48 @@ def test_qwen_image_edit_token_path_equals_row_path(qwen_edit, layers, monkeypat
 def check_token_path_equals_row_path(pipe, call, layers, kwargs: dict, separate_cfg: bool, monkeypatch, edits=(),
                                      prompts=("a red circle", "a green square")):
     """The token path's steps equal the row path's (with `edits` beside NAG); both differ from stock."""
-    from dit_attn.hooks import nag_tokens
+    prompt = list(prompts) if isinstance(prompts, tuple | list) else prompts
+    calls = three_runs(pipe, lambda: call(prompt=prompt, **kwargs), pipe.transformer.transformer_blocks[0],
+                       lambda a, k: (k["hidden_states"].shape[0], k["encoder_hidden_states"].shape[1]),
+                       da.NAG("a blue square", layers=layers, **SETTINGS), monkeypatch, edits)
+    assert_text_doubled(*calls, separate_cfg)
 
-    block = pipe.transformer.transformer_blocks[0]
+
+def three_runs(pipe, call, block, shape_of, nag, monkeypatch, edits=()):
+    """The stock run (with `edits`), NAG's token path and its row path (`edits` beside NAG): the token path's steps
+    equal the row path's, and differ from stock. (What `shape_of(args, kwargs)` reads from `block`'s inputs at each
+    call, in the stock run, on the token path, on the row path.)"""
+    from dit_attn.hooks import nag_tokens
 
     def run(*applied):
         seen = []
-        hook = block.register_forward_pre_hook(
-            lambda m, a, k: seen.append((k["hidden_states"].shape[0], k["encoder_hidden_states"].shape[1])), with_kwargs=True)
+        hook = block.register_forward_pre_hook(lambda m, a, k: seen.append(shape_of(a, k)), with_kwargs=True)
         try:
             with CallRecorder(pipe) as rec, (da.apply(pipe, *applied) if applied else contextlib.nullcontext()):
-                call(prompt=list(prompts) if isinstance(prompts, tuple | list) else prompts, **kwargs)
+                call()
         finally:
             hook.remove()
         return rec.steps, seen
 
-    nag = da.NAG("a blue square", layers=layers, **SETTINGS)
     stock, stock_calls = run(*edits)
     tokens, token_calls = run(nag, *edits)
     monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())
     rows, row_calls = run(nag, *edits)
-    text_len = stock_calls[0][1]
-    guided = slice(0, None, 2) if separate_cfg else slice(None)
-    assert len(token_calls) == len(row_calls) == len(stock_calls)
-    assert all(c == (s[0], 2 * text_len) for c, s in zip(token_calls[guided], stock_calls[guided]))
-    assert all(c == (s[0] + 2, text_len) for c, s in zip(row_calls[guided], stock_calls[guided]))
-    if separate_cfg:
-        assert token_calls[1::2] == row_calls[1::2] == stock_calls[1::2]
     for got, want in zip(tokens, rows, strict=True):
         assert (got - want).abs().max() <= 1e-5
     assert max((got - s).abs().max() for got, s in zip(tokens, stock)) > 1e-3
+    assert len(token_calls) == len(row_calls) == len(stock_calls)
+    return stock_calls, token_calls, row_calls
+
+
+def assert_text_doubled(stock_calls, token_calls, row_calls, separate_cfg: bool) -> None:
+    """(rows, text tokens) at a block: the token path's guided calls keep the stock rows and carry twice the text,
+    the row path's carry two more rows; with CFG in separate calls, the unconditional calls are stock."""
+    guided = slice(0, None, 2) if separate_cfg else slice(None)
+    assert token_calls[guided] == [(b, 2 * n) for b, n in stock_calls[guided]]
+    assert row_calls[guided] == [(b + 2, n) for b, n in stock_calls[guided]]
+    if separate_cfg:
+        assert token_calls[1::2] == row_calls[1::2] == stock_calls[1::2]
 
 
 # ---------------------------------------------------------------- NAG with HeadGuidance
@@ -863,11 +840,7 @@ def test_hunyuan_video15_layer_equals_stock_attention_on_both_texts(fixture, lay
         assert (out[1][neg] - neg_context).abs().max() <= ROUNDING
         ratios.append(ratio.flatten())
     assert bool((torch.cat(ratios) > SETTINGS["tau"]).any())
-    for inputs, out, _ in rec.records[layer]:
-        if inputs["hidden_states"].shape[0] == n:  # the guider's unconditional call
-            (video, context), _ = stock(attn, {k: inputs[k] for k in ("hidden_states", "encoder_hidden_states",
-                                                                       "attention_mask", "image_rotary_emb")})
-            assert torch.equal(out[0], video) and torch.equal(out[1], context)
+    assert_unguided_calls_stock(attn, rec.records[layer], lambda inputs: inputs["hidden_states"].shape[0] == n)
 
 
 HV_NEGATIVE = 'a blue square "NO"'
@@ -901,46 +874,21 @@ def test_hunyuan_video15_token_path_layer_equals_stock_attention_on_both_texts(f
         assert (out[1][valid] - torch.cat([pos_context, neg_context], dim=1)[valid]).abs().max() <= ROUNDING
         ratios.append(ratio.flatten())
     assert bool((torch.cat(ratios) > SETTINGS["tau"]).any())
-    for inputs, out, _ in rec.records[layer]:
-        if inputs["attention_mask"].shape[1] == context:  # the guider's unconditional call
-            (video, ctx), _ = stock(attn, {k: inputs[k] for k in ("hidden_states", "encoder_hidden_states",
-                                                                   "attention_mask", "image_rotary_emb")})
-            assert torch.equal(out[0], video) and torch.equal(out[1], ctx)
+    assert_unguided_calls_stock(attn, rec.records[layer], lambda inputs: inputs["attention_mask"].shape[1] == context)
 
 
 # all layers, text-to-video; the first block, image-to-video with CFG, two attention calls (as on a GPU)
 @pytest.mark.parametrize("fixture,layers,cfg", [("hv_t2v", None, 1.0), ("hv_i2v", (0,), 3.0)])
 def test_hunyuan_video15_token_path_equals_row_path(fixture, layers, cfg, request, monkeypatch):
     """The token path's steps equal the row path's; its guided calls keep the stock rows and carry twice the context."""
-    from dit_attn.hooks import nag_tokens, nag_tokens_flux
+    from dit_attn.hooks import nag_tokens_flux
 
     pipe = request.getfixturevalue(fixture)
     monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS", layers is None)
-    block = pipe.transformer.transformer_blocks[-1]
-
-    def run(*applied):
-        seen = []
-        hook = block.register_forward_pre_hook(lambda m, a: seen.append((a[0].shape[0], a[1].shape[1])))
-        try:
-            with CallRecorder(pipe) as rec, (da.apply(pipe, *applied) if applied else contextlib.nullcontext()):
-                hv_call(pipe, cfg=cfg)
-        finally:
-            hook.remove()
-        return rec.steps, seen
-
-    nag = da.NAG(HV_NEGATIVE, layers=layers, **SETTINGS)
-    stock_steps, stock_calls = run()
-    tokens, token_calls = run(nag)
-    monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())
-    rows, row_calls = run(nag)
-    guided = slice(0, None, 2) if cfg != 1.0 else slice(None)
-    assert token_calls[guided] == [(b, 2 * n) for b, n in stock_calls[guided]]
-    assert row_calls[guided] == [(b + 2, n) for b, n in stock_calls[guided]]
-    if cfg != 1.0:
-        assert token_calls[1::2] == row_calls[1::2] == stock_calls[1::2]
-    for got, want in zip(tokens, rows, strict=True):
-        assert (got - want).abs().max() <= 1e-5
-    assert max((got - s).abs().max() for got, s in zip(tokens, stock_steps)) > 1e-3
+    calls = three_runs(pipe, lambda: hv_call(pipe, cfg=cfg), pipe.transformer.transformer_blocks[-1],
+                       lambda a, k: (a[0].shape[0], a[1].shape[1]), da.NAG(HV_NEGATIVE, layers=layers, **SETTINGS),
+                       monkeypatch)
+    assert_text_doubled(*calls, cfg != 1.0)
 
 
 def test_hunyuan_video15_shared_image_keys_under_context_masks(hv_t2v, monkeypatch):
