@@ -722,6 +722,27 @@ def assert_text_doubled(stock_calls, token_calls, row_calls, separate_cfg: bool)
         assert token_calls[1::2] == row_calls[1::2] == stock_calls[1::2]
 
 
+@pytest.mark.parametrize("name,kind", [("z_image", "cross"), ("hunyuan_image", "self"), ("hunyuan_video15", "cross")])
+def test_capture_with_nag_token_path_equals_row_path(name, kind, request, monkeypatch):
+    """Attention maps recorded beside NAG: on the token path, the conditional rows' attention over their own text
+    (cross) or image (self), as on the row path."""
+    from dit_attn.hooks import nag_tokens
+
+    pipe, call, _ = _composition_case(name, request)
+    capture = da.Capture(kind=kind, layers=[0, 1], tokens=None if kind == "cross" else [0])
+
+    def maps():
+        with da.apply(pipe, capture, da.NAG("a blue square", **SETTINGS)) as handle:
+            call(pipe, prompt=["a red circle"], steps=2)
+            return handle.maps
+
+    tokens = maps()
+    monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())
+    rows = maps()
+    assert tokens.maps.shape == rows.maps.shape and tokens.tokens == rows.tokens
+    assert (tokens.maps - rows.maps).abs().max() <= 1e-6
+
+
 # ---------------------------------------------------------------- NAG with HeadGuidance
 def _composition_case(name, request):
     """(pipeline, its call of one step, two heads) of a family."""
