@@ -2,8 +2,8 @@
 (24 layers × 24 heads × 64) and FLUX.1 (19 double + 38 single layers × 24 heads × 128), bf16, at
 1024² token counts (4096 image tokens; SD3 with 333 text tokens = 77 CLIP + 256 T5, FLUX with
 512 T5 tokens): stock CFG vs HeadGuidance at one layer (2/3 depth, all heads, u = 1, prefix
-shared) vs diffusers' StableDiffusion3PAGPipeline on the same layer; and FLUX local attention
-r = 16 at 2048² (16384 image tokens) vs full attention.
+shared) vs diffusers' StableDiffusion3PAGPipeline on the same layer; FLUX NAG (negative text as tokens, as rows)
+vs the unguided step and true CFG; and FLUX local attention r = 16 at 2048² (16384 image tokens) vs full attention.
 
 Per-step time from `callback_on_step_end` stamps (after a device synchronize): the gaps
 between consecutive steps, the first step left out; configurations interleaved in rounds;
@@ -43,8 +43,20 @@ def pixels_for(pipe, tokens_side: int) -> int:
     return tokens_side * 2 * pipe.vae_scale_factor
 
 
-def time_steps(pipe, device: str, steps: int, edit=None, **call) -> list[float]:
-    """ms of steps 2..N of one pipeline call."""
+@contextlib.contextmanager
+def nag_row_path():
+    """NAG on its row path (negative rows through the blocks) instead of its token path."""
+    from dit_attn.hooks import nag_tokens
+
+    families, nag_tokens.TOKEN_FAMILIES = nag_tokens.TOKEN_FAMILIES, ()
+    try:
+        yield
+    finally:
+        nag_tokens.TOKEN_FAMILIES = families
+
+
+def time_steps(pipe, device: str, steps: int, edit=None, within=contextlib.nullcontext, **call) -> list[float]:
+    """ms of steps 2..N of one pipeline call (`within`: a context the call runs in)."""
     import dit_attn as da
 
     stamps = []
@@ -55,7 +67,7 @@ def time_steps(pipe, device: str, steps: int, edit=None, **call) -> list[float]:
         return {}
 
     handle = da.apply(pipe, edit) if edit is not None else contextlib.nullcontext()
-    with handle, torch.inference_mode():
+    with within(), handle, torch.inference_mode():
         pipe(PROMPT, num_inference_steps=steps, output_type="latent", generator=torch.Generator().manual_seed(0),
              callback_on_step_end=on_step_end, **call)
     return [1e3 * (b - a) for a, b in zip(stamps, stamps[1:])]
@@ -63,19 +75,20 @@ def time_steps(pipe, device: str, steps: int, edit=None, **call) -> list[float]:
 
 def run_group(out: report.Report, section: str, configs: list[tuple], device: str, steps: int, rounds: int,
               baseline: str) -> None:
-    """Warm up each (name, pipe, edit, call) once, then time them interleaved; one row each."""
+    """Warm up each (name, pipe, edit, call[, context the call runs in]) once, then time them interleaved; one row
+    each."""
     out.section(section, ["config", "ms/step", f"vs {baseline}"])
     timings = {name: [] for name, *_ in configs}
-    for name, pipe, edit, call in configs:
+    for name, pipe, edit, call, *within in configs:
         try:
-            time_steps(pipe, device, 2, edit, **call)
+            time_steps(pipe, device, 2, edit, *within, **call)
         except Exception as err:
             out.error(f"{section} {name} (warm-up)", err)
             timings.pop(name)
     for r in range(rounds):
-        for name, pipe, edit, call in configs[r % len(configs):] + configs[: r % len(configs)]:
+        for name, pipe, edit, call, *within in configs[r % len(configs):] + configs[: r % len(configs)]:
             if name in timings:
-                timings[name] += time_steps(pipe, device, steps, edit, **call)
+                timings[name] += time_steps(pipe, device, steps, edit, *within, **call)
     medians = {name: statistics.median(t) for name, t in timings.items() if t}
     for name, ms in medians.items():
         row = {"config": name, "ms/step": round(ms, 2),
@@ -130,6 +143,18 @@ def flux_groups(out, device, dtype, dry_run, steps, rounds) -> None:
          da.HeadGuidance(heads=[f"L{layer}"], scale=3.0, u=1.0, share_prefix=True), call),
     ]
     run_group(out, section, configs, device, steps, rounds, "stock true CFG 4")
+
+    # NAG's negative prompt without CFG: its text as extra tokens of each row (on CUDA two attention calls a layer),
+    # its negative rows through the blocks, and true CFG's second pass
+    section = f"FLUX.1 shape, NAG, {side * side} image tokens"
+    nag = da.NAG(NEGATIVE)
+    configs = [
+        ("stock (guidance-distilled, 1 row)", pipe, None, call),
+        ("NAG, negative text as tokens", pipe, nag, call),
+        ("NAG, negative rows", pipe, nag, call, nag_row_path),
+        ("stock true CFG 4", pipe, None, dict(call, negative_prompt=NEGATIVE, true_cfg_scale=4.0)),
+    ]
+    run_group(out, section, configs, device, steps, rounds, "stock (guidance-distilled, 1 row)")
 
     side, radius = (8, 3) if dry_run else (128, 16)
     px = pixels_for(pipe, side)
