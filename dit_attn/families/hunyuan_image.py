@@ -16,8 +16,7 @@ counts, so a source (or negative) prompt's states, masks and glyph states ride a
 at the call's own lengths; the model refines and reorders each row by its own masks, and the processors
 give a target row its source row's whole text segment (keys, values and key mask). Text has no rotary
 positions here, so nothing else needs aligning. NAG over layers 0…k instead appends the negative prompt's text,
-refined and reordered once per call as the model does a row's, to every row's text in the blocks
-(`hooks.nag_tokens`).
+refined once per call as the model does a row's, to every row's text in the blocks (`hooks.nag_tokens`).
 
 HeadGuidance and CFG: the pipeline runs one call per condition of its guider
 (`AdaptiveProjectedMixGuidance`) under `cache_context("pred_cond")` and `("pred_uncond")` (left stock),

@@ -1,7 +1,7 @@
 """NAG's negative text as extra text tokens of each row on the FLUX layout (FLUX.1, Chroma, Bria,
 LongCat-Image, Ovis-Image, FLUX.2); its attention (`nag_token_attend`) also serves Qwen-Image's processor, its
-image-first form (`image_first_nag_token_attend`) Z-Image's and HunyuanImage's, and its shared-image-keys merge
-SD3's.
+image-first form (`image_first_nag_token_attend`) Z-Image's, HunyuanImage's and HunyuanVideo 1.5's, and its
+shared-image-keys merge SD3's.
 
 The token path of `hooks.nag_tokens`, for double blocks ([text ; image] with separate text and image
 projections) and single blocks (one stream): the call's text becomes [positive ; negative] (the negative
@@ -114,8 +114,8 @@ def _text_key_bias(mask: torch.Tensor | None, n: int, dtype) -> tuple[bool, torc
 
 
 def _each_text_key_bias(positive: torch.Tensor, negative: torch.Tensor, dtype):
-    """(whether every row keeps a key of each text, (the additive bias of the positive text's (B, 1, 1, n) bool key
-    mask, of the negative's)); the check reads the masks' values: never while torch.compile traces."""
+    """(whether every row keeps a key of each text, the additive biases of the two texts' (B, 1, 1, ·) bool key masks
+    concatenated along the keys); the check reads the masks' values: never while torch.compile traces."""
     if torch.compiler.is_compiling() or not (bool(positive.any(-1).all()) and bool(negative.any(-1).all())):
         return False, None
     bias = [torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))
@@ -159,11 +159,11 @@ def image_first_attention_sharing_image_keys(positive: tuple, negative: tuple, i
 
 def image_first_nag_token_attend(processor, attn, query, key, value, keys: torch.Tensor | None, image: int,
                                  text_len: int, tokens_rows: torch.Tensor, image_len: int) -> torch.Tensor:
-    """NAG on the token path for a sequence [image ; positive text ; negative text] (Z-Image, HunyuanImage), from its
-    (B, S, H, D) q/k/v after rotary: the attention output (B, S, H·D), heads merged, the guided rows' image outputs
-    Z⁺ (over [image ; positive text]) combined with Z⁻ (over [image ; negative text]), each text's own output over
-    [image ; its text]. keys: the (B, S) bool key mask or None, every image key valid; image: the image tokens (with
-    any image padding NAG combines), image_len: those the layer's plan treats as image."""
+    """NAG on the token path for a sequence [image ; positive text ; negative text] (Z-Image, HunyuanImage, HunyuanVideo
+    1.5), from its (B, S, H, D) q/k/v after rotary: the attention output (B, S, H·D), heads merged, the guided rows'
+    image outputs Z⁺ (over [image ; positive text]) combined with Z⁻ (over [image ; negative text]), each text's own
+    output over [image ; its text]. keys: the (B, S) bool key mask or None, every image key valid; image: the image
+    tokens (with any image padding NAG combines), image_len: those the layer's plan treats as image."""
     n = image + text_len
     plan = processor.state.plan(processor.layer, query.shape[0], (0, image_len), getattr(attn, POOL_MODULE, None))
     dtype = query.dtype
