@@ -140,8 +140,8 @@ class ZImage(Family):
         return range(batch // 2)
 
     def nag_tokens_fit(self, call: dict) -> bool:
-        """Not an omni call (its caption leads), nor one with ControlNet residuals (shaped to the stock sequence)."""
-        return not _is_omni(call) and call.get("controlnet_block_samples") is None
+        """Not an omni call (its caption leads; the row path refuses it in one line)."""
+        return not _is_omni(call)
 
     def sequence_length_of_call(self, pipe, text_length: int) -> None:
         """None: the pipeline's default; a source prompt keeps its own caption length in the call."""
