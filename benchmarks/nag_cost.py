@@ -15,7 +15,6 @@ Run:  python benchmarks/nag_cost.py [--model tiny|flux-toy] [--threads 1] [--rou
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 
@@ -26,16 +25,6 @@ from dit_attn.hooks import nag_tokens, nag_tokens_flux
 from dit_attn.loading import call_defaults, load_pipeline
 
 PROMPT, NEGATIVE = "a circle on a white background", "red"
-
-
-@contextlib.contextmanager
-def row_path():
-    """NAG on its row path: no family carries the negative text as tokens."""
-    families, nag_tokens.TOKEN_FAMILIES = nag_tokens.TOKEN_FAMILIES, ()
-    try:
-        yield
-    finally:
-        nag_tokens.TOKEN_FAMILIES = families
 
 
 def main() -> None:
@@ -79,7 +68,7 @@ def main() -> None:
             generate()
 
     def nag_rows():
-        with row_path():
+        with nag_tokens.row_path():
             nag()
 
     def nag_two_calls():

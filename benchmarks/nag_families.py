@@ -18,7 +18,6 @@ import torch
 import dit_attn as da
 from dit_attn.families import family_of
 from dit_attn.hooks import nag_tokens
-from nag_cost import row_path
 from timing import best_of
 
 NEGATIVE = "a blue square"
@@ -94,7 +93,7 @@ def main() -> None:
             nag = best_of(lambda: generate(**plain_kwargs), args.repeats)
         rows = "(its path)"
         if family_of(pipe.transformer).name in nag_tokens.TOKEN_FAMILIES:
-            with row_path(), da.apply(pipe, da.NAG(NEGATIVE)):
+            with nag_tokens.row_path(), da.apply(pipe, da.NAG(NEGATIVE)):
                 seconds = best_of(lambda: generate(**plain_kwargs), args.repeats)
             rows = f"{seconds:.3f} ({seconds / plain:.2f}×)"
         cfg = "—"

@@ -43,18 +43,6 @@ def pixels_for(pipe, tokens_side: int) -> int:
     return tokens_side * 2 * pipe.vae_scale_factor
 
 
-@contextlib.contextmanager
-def nag_row_path():
-    """NAG on its row path (negative rows through the blocks) instead of its token path."""
-    from dit_attn.hooks import nag_tokens
-
-    families, nag_tokens.TOKEN_FAMILIES = nag_tokens.TOKEN_FAMILIES, ()
-    try:
-        yield
-    finally:
-        nag_tokens.TOKEN_FAMILIES = families
-
-
 def time_steps(pipe, device: str, steps: int, edit=None, within=contextlib.nullcontext, **call) -> list[float]:
     """ms of steps 2..N of one pipeline call (`within`: a context the call runs in)."""
     import dit_attn as da
@@ -125,6 +113,7 @@ def sd3_group(out, device, dtype, dry_run, steps, rounds) -> None:
 
 def flux_groups(out, device, dtype, dry_run, steps, rounds) -> None:
     import dit_attn as da
+    from dit_attn.hooks import nag_tokens
 
     shape = DRY_FLUX_SHAPE if dry_run else FLUX_SHAPE
     pipe = build("flux", shape, device, dtype)
@@ -151,7 +140,7 @@ def flux_groups(out, device, dtype, dry_run, steps, rounds) -> None:
     configs = [
         ("stock (guidance-distilled, 1 row)", pipe, None, call),
         ("NAG, negative text as tokens", pipe, nag, call),
-        ("NAG, negative rows", pipe, nag, call, nag_row_path),
+        ("NAG, negative rows", pipe, nag, call, nag_tokens.row_path),
         ("stock true CFG 4", pipe, None, dict(call, negative_prompt=NEGATIVE, true_cfg_scale=4.0)),
     ]
     run_group(out, section, configs, device, steps, rounds, "stock (guidance-distilled, 1 row)")

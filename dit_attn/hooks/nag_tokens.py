@@ -23,6 +23,7 @@ prepares a row's, to every row's text in the first block, with its own key mask 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,17 @@ class NAGTokens:
             return self.temb
         stage = plan.stage_at(layer)
         return self.temb if stage.is_call_rows else take_call_rows(self.temb, stage.from_call, plan.call_rows)
+
+
+@contextlib.contextmanager
+def row_path():
+    """NAG on its row path (negative rows through the blocks) on every family, for comparisons (benchmarks/)."""
+    global TOKEN_FAMILIES
+    families, TOKEN_FAMILIES = TOKEN_FAMILIES, ()
+    try:
+        yield
+    finally:
+        TOKEN_FAMILIES = families
 
 
 def carries_tokens(family, state: EditState, call: dict | None = None) -> bool:
