@@ -443,7 +443,7 @@ def test_hunyuan_image_scale_one_alpha_zero_and_call_count(fixture, request):
     assert len(rec.calls) == len(before.calls) and (guided - want).abs().max() > 1e-3
 
 
-HY_NEGATIVE = 'a blue square "NO"'  # glyph states of its own: the negative text is reordered by its own masks
+HY_NEGATIVE = 'a blue square "NO"'  # glyph states and a glyph mask of its own
 
 
 @pytest.mark.parametrize("fixture,layer", [("hy_distilled", 1), ("hy_guider", 2)])

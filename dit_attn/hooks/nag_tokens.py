@@ -108,14 +108,13 @@ def nag_tokens_forward(hook, module, forward, call: dict, current, cond, patch):
         negative = _hunyuan_video15_negative_context(module, call, patch, hook.family)
         text_len = negative[0].shape[1]
     else:
-        text_len = call["encoder_hidden_states"].shape[1]
-        rows = hook.family.batch_size(call)
+        text_len = call["encoder_hidden_states"].shape[1]  # these families fork HeadGuidance's copies at a block
         if hook.family.name == "sd3":
-            call, temb = _sd3_token_call(module, call, patch, rows)
+            call, temb = _sd3_token_call(module, call, patch, batch)
         elif hook.family.name == "qwen_image":
-            call = _qwen_token_call(call, patch, rows)
+            call = _qwen_token_call(call, patch, batch)
         else:
-            call, temb = flux_token_call(module, call, patch, rows)
+            call, temb = flux_token_call(module, call, patch, batch)
     stages = plan.stages if plan is not None else ()
     stage_rows = {stage.layer: torch.isin(stage.from_call, patch.targets).nonzero().flatten() for stage in stages}
     current.rows = plan

@@ -53,12 +53,20 @@ class ZImageAttnProcessor(DispatchingProcessor):
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        image_len = self.state.call.image_len
         tokens = self.state.nag_tokens_at(self.layer, query.shape[0])
         if tokens is not None:
             hidden_states = self._nag_tokens_attention(attn, query, key, value, attention_mask, freqs_cis, tokens)
-            output = attn.to_out[0](hidden_states)
-            return attn.to_out[1](output) if len(attn.to_out) > 1 else output
+        else:
+            hidden_states = self._attention_of_rows(attn, query, key, value, attention_mask, freqs_cis)
+        output = attn.to_out[0](hidden_states)
+        if len(attn.to_out) > 1:
+            output = attn.to_out[1](output)
+        return output
+
+    def _attention_of_rows(self, attn, query, key, value, attention_mask, freqs_cis) -> torch.Tensor:
+        """The attention output (B, S, H·D) before `to_out` from the (B, S, H, D) q/k/v after the q/k norms, with
+        the text edits and NAG's row path acting on the rows' segments."""
+        image_len = self.state.call.image_len
         segment = self._image_segment(image_len)
         if segment is not None:
             query, key, value = self._nag_image_inputs(segment, query, key, value)
@@ -85,11 +93,7 @@ class ZImageAttnProcessor(DispatchingProcessor):
         hidden_states = hidden_states.flatten(2, 3).to(dtype)
         if segment is not None:
             hidden_states = self.state.nag_guide(self.layer, hidden_states, slice(0, segment))
-
-        output = attn.to_out[0](hidden_states)
-        if len(attn.to_out) > 1:
-            output = attn.to_out[1](output)
-        return output
+        return hidden_states
 
     def _nag_tokens_attention(self, attn, query, key, value, attention_mask, freqs_cis, tokens) -> torch.Tensor:
         """NAG on the token path, from the (B, S, H, D) q/k/v after the q/k norms: the attention output (B, S, H·D)
