@@ -1,7 +1,8 @@
 """What NAG costs on the tiny model: seconds per image of the unguided run (CFG off), NAG with the
 negative text as extra tokens of each row (the default on SD3, FLUX.1 and Chroma), NAG with the negative
 text as extra rows (the row path every family has), and CFG-style negative prompting (two passes), side by side.
-Also the token path with two attention calls per NAG layer, instead of the image keys' part computed once.
+Also the token path forced to compute the image keys' part once for both texts ("image keys shared", by default
+from nag_tokens_flux.SHARED_IMAGE_KEYS_FROM image tokens on) and forced to two attention calls per NAG layer.
 
 --model flux-toy: a random-weight FLUX.1 (guidance-distilled, 2 double + 4 single blocks, 4 heads × 32) with
 --text-tokens T5 tokens; its CFG is true CFG (a second call with the negative prompt).
@@ -71,17 +72,20 @@ def main() -> None:
         with nag_tokens.row_path():
             nag()
 
-    def nag_two_calls():
-        shared, nag_tokens_flux.SHARED_IMAGE_KEYS = nag_tokens_flux.SHARED_IMAGE_KEYS, False
-        try:
-            nag()
-        finally:
-            nag_tokens_flux.SHARED_IMAGE_KEYS = shared
+    def nag_forcing(shared_from):
+        def run():
+            default, nag_tokens_flux.SHARED_IMAGE_KEYS_FROM = nag_tokens_flux.SHARED_IMAGE_KEYS_FROM, shared_from
+            try:
+                nag()
+            finally:
+                nag_tokens_flux.SHARED_IMAGE_KEYS_FROM = default
+        return run
 
     conditions = {
         "unguided (CFG off)": generate,
         "NAG, negative text as tokens": nag,
-        "NAG, tokens, two attention calls": nag_two_calls,
+        "NAG, tokens, image keys shared": nag_forcing(0),
+        "NAG, tokens, two attention calls": nag_forcing(None),
         "NAG, negative text as rows": nag_rows,
         f"CFG {args.cfg} with the negative prompt": lambda: generate(args.cfg, negative_prompt=NEGATIVE),
     }

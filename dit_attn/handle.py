@@ -120,7 +120,7 @@ def _text_controller(pipe, family: Family, edits: tuple, state: EditState, layer
         raise NotImplementedError(f"NAG does not run on {family.name} models yet")
     if pipe is None:
         raise TypeError(f"{name} needs a pipeline (it encodes prompts with the pipeline's text encoders); pass the pipeline, not the transformer")
-    check_pipeline(pipe, family, name)
+    check_pipeline(pipe, family, name, controlnet=isinstance(edit, NAG))
     if "text_encoder" in pipe.components and pipe.text_encoder is None:
         raise ValueError(f"{name} encodes its prompt with the pipeline's own text encoder, and this {type(pipe).__name__} "
                          "has text_encoder=None: load the pipeline with its text encoder")

@@ -122,9 +122,9 @@ def check_shared_image_keys(pipe, call, nag, saved_sdpa_calls: int, monkeypatch)
             call()
         return rec.steps, sdpa.count
 
-    monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS", True)
+    monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS_FROM", 0)
     shared, shared_sdpa = run()
-    monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS", False)
+    monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS_FROM", None)
     two_calls, two_calls_sdpa = run()
     assert two_calls_sdpa - shared_sdpa == saved_sdpa_calls
     monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())

@@ -330,7 +330,7 @@ def test_z_image_token_path_equals_row_path(z_pipe, negative, layers, cfg, local
     steps equal the row path's; its calls keep the stock rows and append the negative caption segment to each row."""
     from dit_attn.hooks import nag_tokens_flux
 
-    monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS", layers is None)
+    monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS_FROM", 0 if layers is None else None)
     kwargs = dict(guidance_scale=3.0, negative_prompt=["a green cat"] * 2) if cfg else {}
     edits = (da.LocalAttention(radius=1, layers=[0, 2]),) if local else ()
     # the second block: its stream comes from the first, with the negative caption
@@ -485,7 +485,7 @@ def test_hunyuan_image_token_path_equals_row_path(fixture, layers, local, reques
     from dit_attn.hooks import nag_tokens_flux
 
     pipe = request.getfixturevalue(fixture)
-    monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS", layers is None)
+    monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS_FROM", 0 if layers is None else None)
     edits = (da.LocalAttention(radius=1, layers=[0, 2]),) if local else ()
     size = dict(height=64, width=64) if local else {}
     calls = three_runs(pipe, lambda: hy_call(pipe, **size), pipe.transformer.single_transformer_blocks[0],
@@ -639,7 +639,7 @@ def test_flux2_token_path_equals_row_path(klein, layers, cfg, reference, monkeyp
 
     from dit_attn.hooks import nag_tokens_flux
 
-    monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS", layers != (0,))
+    monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS_FROM", None if layers == (0,) else 0)
     kwargs = dict(CFG["klein"]) if cfg else {}
     if reference:
         kwargs["image"] = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
@@ -905,7 +905,7 @@ def test_hunyuan_video15_token_path_equals_row_path(fixture, layers, cfg, reques
     from dit_attn.hooks import nag_tokens_flux
 
     pipe = request.getfixturevalue(fixture)
-    monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS", layers is None)
+    monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS_FROM", 0 if layers is None else None)
     calls = three_runs(pipe, lambda: hv_call(pipe, cfg=cfg), pipe.transformer.transformer_blocks[-1],
                        lambda a, k: (a[0].shape[0], a[1].shape[1]), da.NAG(HV_NEGATIVE, layers=layers, **SETTINGS),
                        monkeypatch)

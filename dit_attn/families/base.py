@@ -27,7 +27,8 @@ class CallRows:
     block_stream_args: block inputs that flow from block to block (re-selected where the rows change).
     block_call_args: block inputs the model computes once per call from per-row inputs (e.g. temb):
         mapped to each stage's rows at every block.
-    controlnet_args: call inputs of ControlNet residuals (refused by row-widening edits).
+    controlnet_args: call inputs of ControlNet residuals (per row, added to the image stream by the model: refused
+        by edits that widen the call's rows).
     block_kwargs_args: per-row entries the model computes once per call into a block's keyword dict,
         as "dict.entry" (IP-Adapter's image states in `joint_attention_kwargs`; a list holds one
         tensor per adapter): mapped to each stage's rows like block_call_args.
@@ -60,6 +61,9 @@ class Family:
     # diffusers' IP-Adapter processors of the family: dit-attn's processor there carries their image-prompt branch
     ip_adapter_processors: tuple[str, ...] = ()
     guided_pipelines: tuple[str, ...] = ()  # pipelines whose calls the family knows (HeadGuidance, TextPatch)
+    # pipelines whose transformer calls also carry ControlNet residuals: NAG on its token path runs there (the rows
+    # stay the call's), edits that add rows do not
+    controlnet_pipelines: tuple[str, ...] = ()
     rows: CallRows = CallRows((), (), ())
     text_first: bool = False  # joint sequence order: [text ; image] (True) or [image ; text]
     # the model reshapes with its *input* batch after the blocks (Wan, HunyuanVideo): extra rows are
@@ -119,8 +123,10 @@ class Family:
         raise NotImplementedError
 
     # --- its pipelines -------------------------------------------------------------------------
-    def supports_pipeline(self, pipe) -> bool:
-        return type(pipe).__name__ in self.guided_pipelines
+    def supports_pipeline(self, pipe, controlnet: bool = False) -> bool:
+        """The family knows the pipeline's calls (controlnet: also a ControlNet pipeline's)."""
+        name = type(pipe).__name__
+        return name in self.guided_pipelines or (controlnet and name in self.controlnet_pipelines)
 
     def conditional_rows(self, pipe, batch: int, call: dict, context: str | None) -> "range | None":
         """Indices of the conditional rows of this call (Python ints: a compiled call reads no tensor value for

@@ -235,6 +235,7 @@ class CallHook(_Hook):
         batch = self.family.batch_size(call)
         cond = self.guidance.fork_for_call(batch, call, context) if self.guidance is not None else None
         patch = self.text.sources_for_call(batch, call, context) if self.text is not None else None
+        self._check_controlnet(call, cond, patch)
         nag_text = None
         if patch is not None and self.state.nag is not None:
             nag_text = self.family.nag_text_states(module, patch.embeds[:1])
@@ -267,6 +268,21 @@ class CallHook(_Hook):
         if cond is not None:
             return self.guidance.finish_call(output, plan, cond)
         return stock_output(output, batch)
+
+    def _check_controlnet(self, call: dict, cond, patch) -> None:
+        """Refuse a call with ControlNet residuals that the edits would widen: the model adds them to the image
+        stream of the call's rows. NAG on its token path keeps the call's rows."""
+        if not any(call.get(name) is not None for name in self.family.rows.controlnet_args):
+            return
+        if cond is not None:
+            raise NotImplementedError("HeadGuidance does not support ControlNet residuals yet")
+        if patch is None:
+            return
+        if self.state.nag is None:
+            raise NotImplementedError(f"{self.text.selector.edit_name} does not support ControlNet residuals yet")
+        if not carries_tokens(self.family, self.state, call):
+            raise NotImplementedError("NAG runs with ControlNet residuals on its token path only: give layers=None "
+                                      "(every layer) or 0…k, not another layer set")
 
     def rows_at_call(self, call: dict, plan) -> dict:
         """A family widened at the call: the call's per-row inputs taken for the first stage of its RowPlan."""

@@ -74,20 +74,24 @@ def _split_mask(mask: torch.Tensor | None, n: int):
     return positive, negative
 
 
-SHARED_IMAGE_KEYS = True  # False: two attention calls at every NAG layer (benchmarks/nag_cost.py compares)
+# the image tokens from which the shared-image-keys merge replaces two attention calls (0: always, None: never);
+# below, its extra calls and merges cost more than the pass over the image keys they save
+# (`python benchmarks/nag_attention.py`: the crossover lies at 100-200 image tokens on one CPU thread)
+SHARED_IMAGE_KEYS_FROM: int | None = 160
 
 
-def shares_image_keys(query: torch.Tensor, capture) -> bool:
+def shares_image_keys(query: torch.Tensor, capture, image_tokens: int) -> bool:
     """The shared-image-keys merge may replace two default SDPA calls on these queries."""
-    return (SHARED_IMAGE_KEYS and query.device.type == "cpu" and capture is None
+    return (SHARED_IMAGE_KEYS_FROM is not None and image_tokens >= SHARED_IMAGE_KEYS_FROM
+            and query.device.type == "cpu" and capture is None
             and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
 
 
-def layer_shares_image_keys(processor, query: torch.Tensor) -> bool:
+def layer_shares_image_keys(processor, query: torch.Tensor, image_tokens: int) -> bool:
     """The layer's attention is diffusers' default SDPA on the CPU, with nothing recorded: `shared_image_keys_attention`
     may replace its two calls."""
     return (processor._attention_backend is None and processor._parallel_config is None
-            and shares_image_keys(query, processor.state.capture))
+            and shares_image_keys(query, processor.state.capture, image_tokens))
 
 
 def _attention_lse(q, k, v, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +172,7 @@ def image_first_nag_token_attend(processor, attn, query, key, value, keys: torch
     plan = processor.state.plan(processor.layer, query.shape[0], (0, image_len), getattr(attn, POOL_MODULE, None))
     dtype = query.dtype
     shared, bias = False, None
-    if plan is None and layer_shares_image_keys(processor, query):
+    if plan is None and layer_shares_image_keys(processor, query, image):
         shared = keys is None
         if keys is not None:
             shared, bias = _each_text_key_bias(keys[:, None, None, image:n], keys[:, None, None, n:], dtype)
@@ -243,7 +247,8 @@ def nag_token_attend(processor, attn, query, key, value, attention_mask,
     plan = processor.state.plan(processor.layer, query.shape[0], (n, image_stop), getattr(attn, POOL_MODULE, None))
     dtype = query.dtype
     shared, text_bias = False, None
-    if plan is None and layer_shares_image_keys(processor, query):  # before the mask's checks: they sync a GPU
+    # before the mask's checks: they sync a GPU
+    if plan is None and layer_shares_image_keys(processor, query, query.shape[1] - 2 * n):
         shared, text_bias = _text_key_bias(attention_mask, n, dtype)
     if shared:
         text, z_pos, z_neg = (x.flatten(2, 3).to(dtype)

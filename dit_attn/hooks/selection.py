@@ -1,6 +1,6 @@
 """The one rule for which transformer call of a denoising step an edit acts on, shared by
 HeadGuidance and TextPatch: the first call of the step, its conditional rows as the family's
-spec reads them, and never a call with ControlNet residuals."""
+spec reads them (`hooks.calls.CallHook` refuses the ControlNet residuals of a call it would widen)."""
 from __future__ import annotations
 
 import torch
@@ -38,13 +38,15 @@ class CallSelector:
         cond = self.family.conditional_rows(self.pipe, batch, call, context)
         if cond is None:
             return None
-        if any(call.get(name) is not None for name in self.family.rows.controlnet_args):
-            raise NotImplementedError(f"{self.edit_name} does not support ControlNet residuals yet")
         self._last = (self.pipe.scheduler.timesteps, denoising_step(self.pipe)[0])
         return tuple(int(row) for row in cond)
 
 
-def check_pipeline(pipe, family: Family, edit_name: str) -> None:
-    if not family.supports_pipeline(pipe):
-        raise TypeError(f"{edit_name} does not support {type(pipe).__name__}; supported pipelines: "
-                        f"{', '.join(family.guided_pipelines)}")
+def check_pipeline(pipe, family: Family, edit_name: str, controlnet: bool = False) -> None:
+    """Refuse a pipeline the family's spec does not know (controlnet: its ControlNet pipelines are known too)."""
+    if not family.supports_pipeline(pipe, controlnet):
+        known = family.guided_pipelines + (family.controlnet_pipelines if controlnet else ())
+        hint = ""
+        if type(pipe).__name__ in family.controlnet_pipelines:
+            hint = " (of the edits that act on a pipeline's calls only NAG runs with ControlNet residuals)"
+        raise TypeError(f"{edit_name} does not support {type(pipe).__name__}{hint}; supported pipelines: {', '.join(known)}")

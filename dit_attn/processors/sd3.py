@@ -35,7 +35,8 @@ class SD3AttnProcessor(LayerProcessor):
         (`hooks.nag_tokens_flux`)."""
         plan = self.state.plan(self.layer, query.shape[0], (0, image_tokens), pool, perturbed=self.joint)
         scale = self.state.scale_for(self.layer, image_tokens, query.shape[-1])
-        if negative is not None and plan is None and scale is None and shares_image_keys(query, self.state.capture):
+        if (negative is not None and plan is None and scale is None
+                and shares_image_keys(query, self.state.capture, image_tokens)):
             return image_first_attention_sharing_image_keys((query, key, value), negative, image_tokens)
         backend = self.state.backend_for(plan)
         if self.state.capture is not None and self.joint:

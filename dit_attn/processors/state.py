@@ -372,11 +372,12 @@ class EditState:
 def nag_combination(nag: NAGSetting, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
     """NAG's output from Z⁺ and Z⁻ (…, tokens, channels): extrapolate by the scale, clip each token's norm
     ratio at tau, blend by alpha."""
-    guided = positive * nag.scale - negative * (nag.scale - 1)
+    guided = torch.lerp(negative, positive, nag.scale)  # scale·Z⁺ − (scale − 1)·Z⁻; Z⁺ itself at scale 1
     p = 1 if nag.norm == "l1" else 2
-    ratio = guided.norm(p=p, dim=-1, keepdim=True) / positive.norm(p=p, dim=-1, keepdim=True)
-    guided = guided * torch.where(ratio > nag.tau, nag.tau / ratio, torch.ones_like(ratio))
-    return guided * nag.alpha + positive * (1 - nag.alpha)
+    ratio = (torch.linalg.vector_norm(guided, p, dim=-1, keepdim=True)
+             / torch.linalg.vector_norm(positive, p, dim=-1, keepdim=True))
+    guided = guided * torch.where(ratio > nag.tau, nag.tau / ratio, 1.0)
+    return torch.lerp(positive, guided, nag.alpha)  # Z⁺ itself at alpha 0
 
 
 class LayerProcessor:

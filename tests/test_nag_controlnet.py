@@ -1,0 +1,132 @@
+"""NAG in diffusers' ControlNet pipelines (FLUX.1, SD3): on its token path the call keeps its rows, so the model adds
+the ControlNet's residuals to each row's image stream as in a stock call. Checked against the stock ControlNet
+pipeline (NAG against the prompt itself leaves it), against NAG on the base pipeline (a ControlNet with conditioning scale
+0 adds nothing) and by the refusals of what cannot run there."""
+import pytest
+import torch
+from diffusers import (FluxControlNetModel, FluxControlNetPipeline, SD3ControlNetModel,
+                       StableDiffusion3ControlNetPipeline)
+
+import dit_attn as da
+from dit_attn.toy.configs import build_flux_pipeline, build_sd3_pipeline, pipeline_components
+
+from .conftest import SIZE, CallRecorder, flux_call, sd3_call
+
+PROMPT, NEGATIVE = "a red circle", "a blue square"
+SETTINGS = dict(scale=4.0, tau=1.2, alpha=0.5)
+
+
+def _randomize(modules, seed: int) -> None:
+    """ControlNets start with zero output projections (their residuals vanish): give them random weights."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in modules:
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+
+
+@pytest.fixture(scope="module")
+def flux_controlnet():
+    base = build_flux_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=8)
+    controlnet = FluxControlNetModel.from_transformer(base.transformer, num_layers=1, num_single_layers=1,
+                                                      attention_head_dim=8, num_attention_heads=4).eval()
+    _randomize([controlnet.controlnet_blocks, controlnet.controlnet_single_blocks, controlnet.controlnet_x_embedder], 1)
+    pipe = FluxControlNetPipeline(**pipeline_components(base), controlnet=controlnet)
+    for p in (pipe, base):
+        p.set_progress_bar_config(disable=True)
+    return pipe, base
+
+
+@pytest.fixture(scope="module")
+def sd3_controlnet():
+    base = build_sd3_pipeline(num_layers=3, num_heads=4, head_dim=8)
+    controlnet = SD3ControlNetModel.from_transformer(base.transformer, num_layers=2,
+                                                     num_extra_conditioning_channels=0).eval()
+    _randomize([controlnet.controlnet_blocks, controlnet.pos_embed_input], 2)
+    pipe = StableDiffusion3ControlNetPipeline(**pipeline_components(base), controlnet=controlnet)
+    for p in (pipe, base):
+        p.set_progress_bar_config(disable=True)
+    return pipe, base
+
+
+def control_image(seed: int = 3) -> torch.Tensor:
+    return torch.rand(1, 3, SIZE["height"], SIZE["width"], generator=torch.Generator().manual_seed(seed))
+
+
+def latents(*shape) -> torch.Tensor:
+    """The starting latents, given: a ControlNet pipeline draws the control image's latents from the generator
+    first (FLUX.1) or from the global one (SD3), so its own would not be the base pipeline's."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+
+
+FLUX_LATENTS, SD3_LATENTS = (2, 64, 16), (2, 16, 16, 16)  # packed 4×4 patches of 16 channels; 16 channels at 1/2
+CASES = {
+    "flux": ("flux_controlnet", flux_call, {}, FLUX_LATENTS),
+    "flux_true_cfg": ("flux_controlnet", flux_call, {"true_cfg_scale": 2.0, "negative_prompt": "a green cat"},
+                      FLUX_LATENTS),
+    "sd3": ("sd3_controlnet", sd3_call, {"guidance_scale": 1.0}, SD3_LATENTS),
+    "sd3_cfg": ("sd3_controlnet", sd3_call, {"negative_prompt": "a green cat"}, SD3_LATENTS),
+}
+
+
+def run(pipe, call, edit=None, scale: float = 1.0, prompt=("a red circle", "a green square"), **kwargs):
+    torch.manual_seed(0)  # SD3's ControlNet pipeline samples the control image's latents from the global generator
+    with CallRecorder(pipe) as rec, (da.apply(pipe, edit) if edit is not None else _nothing()):
+        out = call(pipe, list(prompt), control_image=control_image(),
+                   controlnet_conditioning_scale=scale, **kwargs)
+    return out, rec
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_nag_against_its_own_prompt_in_a_controlnet_pipeline_is_the_stock_controlnet_run(case, request):
+    """With the prompt itself as the negative prompt Z⁻ = Z⁺ (the negative text runs as the positive one does), so
+    NAG's token path, which carries the negative text through every block, must leave the stock ControlNet run."""
+    fixture, call, kwargs, shape = CASES[case]
+    pipe, _ = request.getfixturevalue(fixture)
+    kwargs = {**kwargs, "latents": latents(*shape)}
+    stock, stock_calls = run(pipe, call, prompt=[PROMPT] * 2, **kwargs)
+    plain, _ = run(pipe, call, prompt=[PROMPT] * 2, scale=0.0, **kwargs)
+    assert (stock - plain).abs().max() > 1e-3  # the ControlNet's residuals move the output
+    same, calls = run(pipe, call, da.NAG(PROMPT, **SETTINGS), prompt=[PROMPT] * 2, **kwargs)
+    assert len(calls.steps) == len(stock_calls.steps)  # no extra transformer call
+    assert (same - stock).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_nag_with_a_zero_controlnet_equals_nag_on_the_base_pipeline(case, request):
+    """NAG acts in the ControlNet pipeline (its output moves), and with the ControlNet at conditioning scale 0 it is
+    NAG on the base pipeline, whose token path is checked against the row path and stock attention elsewhere."""
+    fixture, call, kwargs, shape = CASES[case]
+    pipe, base = request.getfixturevalue(fixture)
+    kwargs = {**kwargs, "latents": latents(*shape)}
+    nag = da.NAG(NEGATIVE, **SETTINGS)
+    stock, _ = run(pipe, call, **kwargs)
+    guided, _ = run(pipe, call, nag, **kwargs)
+    assert (guided - stock).abs().max() > 1e-3
+    without, _ = run(pipe, call, nag, scale=0.0, **kwargs)
+    with da.apply(base, nag):
+        reference = call(base, ["a red circle", "a green square"], **kwargs)
+    assert (without - reference).abs().max() <= 1e-5
+    assert (guided - without).abs().max() > 1e-3  # the residuals act under NAG
+
+
+def test_edits_that_add_rows_refuse_a_controlnet_pipeline(flux_controlnet):
+    pipe, _ = flux_controlnet
+    with pytest.raises(TypeError, match=r"HeadGuidance does not support FluxControlNetPipeline \(of the edits .* only NAG"):
+        da.apply(pipe, da.HeadGuidance(heads="L0H0"))
+    with pytest.raises(TypeError, match="TextPatch does not support FluxControlNetPipeline"):
+        da.apply(pipe, da.TextPatch(layers=[0], source_prompt="a blue square"))
+
+
+def test_nag_row_path_refuses_controlnet_residuals_in_one_line(sd3_controlnet):
+    pipe, _ = sd3_controlnet
+    with pytest.raises(NotImplementedError, match=r"NAG runs with ControlNet residuals on its token path only"):
+        run(pipe, sd3_call, da.NAG(NEGATIVE, layers=[1, 2]))
