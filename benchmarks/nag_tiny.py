@@ -38,6 +38,9 @@ from dit_attn.toy.judge import judge
 
 PROMPT_STREAM = 777_000  # make_example stream of this benchmark's prompts (not the hunts' streams)
 AXES = ("color", "size", "position")
+# the attributes the model's training captions leave optional: its colour is always named, and a prompt without one
+# falls outside what it learned (it draws one shape whatever the seed); the targets are also read on these alone
+OPEN_AXES = ("size", "position")
 VALUES = {"color": data.COLORS, "size": data.SIZES, "position": data.POSITIONS}
 NAG_SWEEP = {  # one parameter at a time around the defaults (scale 5, tau 2.5, alpha 0.25)
     "NAG (defaults: scale 5, tau 2.5, alpha 0.25)": {},
@@ -158,8 +161,12 @@ def main() -> None:
         adh, adh_se = mean_se(r["adherence"])
         t = statistics.median(r["seconds_per_image"])
         by_axis = {axis: statistics.fmean(v for v, c in zip(r["negated"], cases) if c["axis"] == axis) for axis in AXES}
+        open_rate, open_se = mean_se([v for v, c in zip(r["negated"], cases) if c["axis"] in OPEN_AXES])
+        open_adh, open_adh_se = mean_se([v for v, c in zip(r["adherence"], cases) if c["axis"] in OPEN_AXES])
         summary[name] = {"negated_rate": rate, "negated_se": rate_se, "adherence": adh, "adherence_se": adh_se,
-                         "seconds_per_image": t, "time_ratio": t / base_time, "negated_by_axis": by_axis}
+                         "seconds_per_image": t, "time_ratio": t / base_time, "negated_by_axis": by_axis,
+                         "open_negated_rate": open_rate, "open_negated_se": open_se, "open_adherence": open_adh,
+                         "open_adherence_se": open_adh_se}
 
     n_images = len(cases) * len(args.seeds)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, 64x64, {args.steps} steps, "
@@ -173,19 +180,24 @@ def main() -> None:
         print(f"| {name} | {s['negated_rate']:.1%} ± {s['negated_se']:.1%} | {s['adherence']:.1%} ± "
               f"{s['adherence_se']:.1%} | {s['seconds_per_image']:.3f} | {s['time_ratio']:.2f}× |")
     print()
-    print("| condition | " + " | ".join(f"negated {a}" for a in AXES) + " |")
-    print("|---|" + "---:|" * len(AXES))
+    print("| condition | " + " | ".join(f"negated {a}" for a in AXES) + f" | {' + '.join(OPEN_AXES)}: negated ± se "
+          "| adherence ± se |")
+    print("|---|" + "---:|" * (len(AXES) + 2))
     for name, s in summary.items():
-        print(f"| {name} | " + " | ".join(f"{s['negated_by_axis'][a]:.1%}" for a in AXES) + " |")
+        print(f"| {name} | " + " | ".join(f"{s['negated_by_axis'][a]:.1%}" for a in AXES)
+              + f" | {s['open_negated_rate']:.1%} ± {s['open_negated_se']:.1%} | {s['open_adherence']:.1%} ± "
+              f"{s['open_adherence_se']:.1%} |")
 
     base = summary[base_name]
     nag = summary[next(n for n in conditions if n.startswith("NAG (defaults"))]
-    print()
-    print("Targets (NAG defaults vs no guidance):")
-    print(f"- negated rate at most half: {nag['negated_rate']:.1%} vs {base['negated_rate']:.1%} / 2 = "
-          f"{base['negated_rate'] / 2:.1%} -> {'met' if nag['negated_rate'] <= base['negated_rate'] / 2 else 'MISSED'}")
-    drop = (base["adherence"] - nag["adherence"]) * 100
-    print(f"- adherence within 2 points: {drop:+.1f} points lost -> {'met' if drop <= 2 else 'MISSED'}")
+    for label, prefix in (("all prompts", ""), (f"the {' and '.join(OPEN_AXES)} prompts", "open_")):
+        print()
+        print(f"Targets (NAG defaults vs no guidance), {label}:")
+        rate, base_rate = nag[prefix + "negated_rate"], base[prefix + "negated_rate"]
+        print(f"- negated rate at most half: {rate:.1%} vs {base_rate:.1%} / 2 = {base_rate / 2:.1%} -> "
+              f"{'met' if rate <= base_rate / 2 else 'MISSED'}")
+        drop = (base[prefix + "adherence"] - nag[prefix + "adherence"]) * 100
+        print(f"- adherence within 2 points: {drop:+.1f} points lost -> {'met' if drop <= 2 else 'MISSED'}")
     print(f"- time at most 1.3x: {nag['time_ratio']:.2f}x -> {'met' if nag['time_ratio'] <= 1.3 else 'MISSED'}")
     keep = [n for n in NAG_SWEEP if (base["adherence"] - summary[n]["adherence"]) * 100 <= 2]
     best = min(keep or list(NAG_SWEEP), key=lambda n: summary[n]["negated_rate"])

@@ -4,11 +4,12 @@ pipeline (NAG against the prompt itself leaves it), against NAG on the base pipe
 0 adds nothing) and by the refusals of what cannot run there."""
 import pytest
 import torch
-from diffusers import (FluxControlNetModel, FluxControlNetPipeline, SD3ControlNetModel,
-                       StableDiffusion3ControlNetPipeline)
+from diffusers import (FluxControlNetModel, FluxControlNetPipeline, QwenImageControlNetModel,
+                       QwenImageControlNetPipeline, SD3ControlNetModel, StableDiffusion3ControlNetPipeline)
 
 import dit_attn as da
 from dit_attn.toy.configs import build_flux_pipeline, build_sd3_pipeline, pipeline_components
+from dit_attn.toy.qwen_image import build_qwen_image_pipeline
 
 from .conftest import SIZE, CallRecorder, flux_call, sd3_call
 
@@ -49,6 +50,24 @@ def sd3_controlnet():
     return pipe, base
 
 
+@pytest.fixture(scope="module")
+def qwen_controlnet():
+    base = build_qwen_image_pipeline(num_layers=3, num_heads=4, head_dim=16)
+    controlnet = QwenImageControlNetModel.from_transformer(base.transformer, num_layers=2, attention_head_dim=16,
+                                                           num_attention_heads=4).eval()
+    _randomize([controlnet.controlnet_blocks, controlnet.controlnet_x_embedder], 5)
+    pipe = QwenImageControlNetPipeline(**base.components, controlnet=controlnet)
+    for p in (pipe, base):
+        p.set_progress_bar_config(disable=True)
+    return pipe, base
+
+
+def qwen_call(pipe, prompt, steps=2, **kwargs):
+    args = dict(prompt=prompt, num_inference_steps=steps, true_cfg_scale=1.0, max_sequence_length=16,
+                output_type="latent", height=32, width=32, generator=torch.Generator().manual_seed(0))
+    return pipe(**{**args, **kwargs}).images
+
+
 def control_image(seed: int = 3) -> torch.Tensor:
     return torch.rand(1, 3, SIZE["height"], SIZE["width"], generator=torch.Generator().manual_seed(seed))
 
@@ -59,13 +78,17 @@ def latents(*shape) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(4))
 
 
-FLUX_LATENTS, SD3_LATENTS = (2, 64, 16), (2, 16, 16, 16)  # packed 4×4 patches of 16 channels; 16 channels at 1/2
+# FLUX.1: 8×8 packed latents of 16 channels; SD3: 16 channels at half the size; Qwen-Image: 4×4 packed 2×2 patches
+FLUX_LATENTS, SD3_LATENTS, QWEN_LATENTS = (2, 64, 16), (2, 16, 16, 16), (2, 16, 16)
 CASES = {
     "flux": ("flux_controlnet", flux_call, {}, FLUX_LATENTS),
     "flux_true_cfg": ("flux_controlnet", flux_call, {"true_cfg_scale": 2.0, "negative_prompt": "a green cat"},
                       FLUX_LATENTS),
     "sd3": ("sd3_controlnet", sd3_call, {"guidance_scale": 1.0}, SD3_LATENTS),
     "sd3_cfg": ("sd3_controlnet", sd3_call, {"negative_prompt": "a green cat"}, SD3_LATENTS),
+    "qwen_image": ("qwen_controlnet", qwen_call, {}, QWEN_LATENTS),
+    "qwen_image_true_cfg": ("qwen_controlnet", qwen_call, {"true_cfg_scale": 3.0, "negative_prompt": "a green cat"},
+                            QWEN_LATENTS),
 }
 
 

@@ -29,7 +29,7 @@ import torch
 from diffusers.hooks import ModelHook
 from diffusers.models.embeddings import apply_rotary_emb
 
-from ..processors.state import POOL_MODULE, EditState, nag_combination
+from ..processors.state import POOL_MODULE, EditState, nag_guided_rows
 from .private import flux_qkv_projections
 
 
@@ -192,9 +192,7 @@ def image_first_nag_token_attend(processor, attn, query, key, value, keys: torch
         negative_mask = torch.cat([mask[..., :image], mask[..., n:]], dim=-1) if mask is not None else None
         out_neg = processor._attention(*negative, plan, negative_mask, image_len)
     out, out_neg = out.flatten(2, 3).to(dtype), out_neg.flatten(2, 3).to(dtype)
-    rows = tokens_rows.to(out.device)
-    combined = out[:, :image].clone()
-    combined[rows] = nag_combination(processor.state.nag, out[rows, :image], out_neg[rows, :image]).to(dtype)
+    combined = nag_guided_rows(processor.state.nag, out[:, :image], out_neg[:, :image], tokens_rows)
     return torch.cat([combined, out[:, image:], out_neg[:, image:]], dim=1)
 
 
@@ -260,10 +258,7 @@ def nag_token_attend(processor, attn, query, key, value, attention_mask,
         out = processor.attend(*positive, plan, mask, image_stop - n).flatten(2, 3).to(dtype)
         out_neg = processor._attention(*negative, plan, negative_mask, image_stop - n).flatten(2, 3).to(dtype)
         text, z_pos, z_neg = torch.cat([out[:, :n], out_neg[:, :n]], dim=1), out[:, n:], out_neg[:, n:]
-    rows = rows.to(z_pos.device)
-    image = z_pos.clone()
-    image[rows] = nag_combination(processor.state.nag, z_pos[rows], z_neg[rows]).to(dtype)
-    return text, image
+    return text, nag_guided_rows(processor.state.nag, z_pos, z_neg, rows)
 
 
 def _fp16_clip(x: torch.Tensor) -> torch.Tensor:

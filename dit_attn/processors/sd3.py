@@ -12,7 +12,7 @@ from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2
 from .. import kernels
 from ..hooks.nag_tokens_flux import image_first_attention_sharing_image_keys, shares_image_keys
 from .ip_adapter import take_over_image_prompt
-from .state import POOL_MODULE, EditState, LayerProcessor, nag_combination
+from .state import POOL_MODULE, EditState, LayerProcessor, nag_guided_rows
 
 
 def _split_heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
@@ -126,10 +126,7 @@ class SD3AttnProcessor(LayerProcessor):
         outputs = self.attend(*positive, image_tokens, getattr(attn, POOL_MODULE, None), negative=negative)
         dtype = positive[0].dtype
         out, out_neg = (x.transpose(1, 2).flatten(2).to(dtype) for x in outputs)
-        rows = rows.to(out.device)
-        hidden_states = out[:, :image_tokens].clone()
-        hidden_states[rows] = nag_combination(self.state.nag, out[rows, :image_tokens],
-                                              out_neg[rows, :image_tokens]).to(dtype)
+        hidden_states = nag_guided_rows(self.state.nag, out[:, :image_tokens], out_neg[:, :image_tokens], rows)
         encoder_hidden_states = torch.cat([out[:, image_tokens:], out_neg[:, image_tokens:]], dim=1)
         if not attn.context_pre_only:
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states)

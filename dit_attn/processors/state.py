@@ -380,6 +380,17 @@ def nag_combination(nag: NAGSetting, positive: torch.Tensor, negative: torch.Ten
     return torch.lerp(positive, guided, nag.alpha)  # Z⁺ itself at alpha 0
 
 
+def nag_guided_rows(nag: NAGSetting, positive: torch.Tensor, negative: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Z⁺ (B, tokens, channels) with the guided rows' outputs combined with their Z⁻ (`negative`, the same rows);
+    rows: distinct row indices (all of them: no copy, no indexing)."""
+    if rows.numel() == positive.shape[0]:  # every row, in some order: the combination is per row
+        return nag_combination(nag, positive, negative).to(positive.dtype)
+    rows = rows.to(positive.device)
+    out = positive.clone()
+    out[rows] = nag_combination(nag, positive[rows], negative[rows]).to(positive.dtype)
+    return out
+
+
 class LayerProcessor:
     """Base of the dit-attn processors: the layer index it serves and the shared state.
 
