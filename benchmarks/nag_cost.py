@@ -1,7 +1,8 @@
 """What NAG costs on the tiny model: seconds per image of the unguided run (CFG off), NAG with the
 negative text as extra tokens of each row (the default on SD3, FLUX.1 and Chroma), NAG with the negative
 text as extra rows (the row path every family has), and CFG-style negative prompting (two passes), side by side.
-Also the token path forced to compute the image keys' part once for both texts ("image keys shared", by default
+"stock call, negative text appended" is one stock call on [prompt text ; negative text] (no NAG): the token path's
+floor, what its extra tokens alone cost. Also the token path forced to compute the image keys' part once for both texts ("image keys shared", by default
 from nag_tokens_flux.SHARED_IMAGE_KEYS_FROM image tokens on) and forced to two attention calls per NAG layer.
 
 --model flux-toy: a random-weight FLUX.1 (guidance-distilled, 2 double + 4 single blocks, 4 heads × 32) with
@@ -68,6 +69,23 @@ def main() -> None:
         with da.apply(pipe, da.NAG(NEGATIVE)):
             generate()
 
+    def encode(prompt):
+        length = options.get("max_sequence_length", 256)
+        if flux:
+            embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, max_sequence_length=length)
+        else:
+            embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, prompt_3=None,
+                                                      do_classifier_free_guidance=False, max_sequence_length=length)
+        return embeds, pooled
+
+    def appended_text():
+        # NAG's token path without NAG: one stock call on [prompt text ; negative text], both encoded in the call
+        (embeds, pooled), (negative, _) = encode([PROMPT] * args.images), encode([NEGATIVE] * args.images)
+        rest = {k: v for k, v in options.items() if k != "max_sequence_length"}
+        pipe(prompt_embeds=torch.cat([embeds, negative], dim=1), pooled_prompt_embeds=pooled,
+             generator=[torch.Generator().manual_seed(s) for s in range(args.images)], **rest,
+             **({} if flux else {"guidance_scale": 1.0}))
+
     def nag_rows():
         with nag_tokens.row_path():
             nag()
@@ -83,6 +101,7 @@ def main() -> None:
 
     conditions = {
         "unguided (CFG off)": generate,
+        "stock call, negative text appended": appended_text,
         "NAG, negative text as tokens": nag,
         "NAG, tokens, image keys shared": nag_forcing(0),
         "NAG, tokens, two attention calls": nag_forcing(None),

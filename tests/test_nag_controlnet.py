@@ -17,49 +17,42 @@ PROMPT, NEGATIVE = "a red circle", "a blue square"
 SETTINGS = dict(scale=4.0, tau=1.2, alpha=0.5)
 
 
-def _randomize(modules, seed: int) -> None:
-    """ControlNets start with zero output projections (their residuals vanish): give them random weights."""
+def with_controlnet(pipeline_class, base, controlnet, zeroed: str, seed: int):
+    """(the ControlNet pipeline on `base`'s components, base). ControlNets start with zero output projections (their
+    residuals vanish): the `zeroed` modules (names, space-separated) get random weights."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for module in modules:
-            for p in module.parameters():
+        for name in zeroed.split():
+            for p in getattr(controlnet, name).parameters():
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    pipe = pipeline_class(**pipeline_components(base), controlnet=controlnet.eval())
+    for p in (pipe, base):
+        p.set_progress_bar_config(disable=True)
+    return pipe, base
 
 
 @pytest.fixture(scope="module")
 def flux_controlnet():
     base = build_flux_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=8)
     controlnet = FluxControlNetModel.from_transformer(base.transformer, num_layers=1, num_single_layers=1,
-                                                      attention_head_dim=8, num_attention_heads=4).eval()
-    _randomize([controlnet.controlnet_blocks, controlnet.controlnet_single_blocks, controlnet.controlnet_x_embedder], 1)
-    pipe = FluxControlNetPipeline(**pipeline_components(base), controlnet=controlnet)
-    for p in (pipe, base):
-        p.set_progress_bar_config(disable=True)
-    return pipe, base
+                                                      attention_head_dim=8, num_attention_heads=4)
+    return with_controlnet(FluxControlNetPipeline, base, controlnet,
+                           "controlnet_blocks controlnet_single_blocks controlnet_x_embedder", 1)
 
 
 @pytest.fixture(scope="module")
 def sd3_controlnet():
     base = build_sd3_pipeline(num_layers=3, num_heads=4, head_dim=8)
-    controlnet = SD3ControlNetModel.from_transformer(base.transformer, num_layers=2,
-                                                     num_extra_conditioning_channels=0).eval()
-    _randomize([controlnet.controlnet_blocks, controlnet.pos_embed_input], 2)
-    pipe = StableDiffusion3ControlNetPipeline(**pipeline_components(base), controlnet=controlnet)
-    for p in (pipe, base):
-        p.set_progress_bar_config(disable=True)
-    return pipe, base
+    controlnet = SD3ControlNetModel.from_transformer(base.transformer, num_layers=2, num_extra_conditioning_channels=0)
+    return with_controlnet(StableDiffusion3ControlNetPipeline, base, controlnet, "controlnet_blocks pos_embed_input", 2)
 
 
 @pytest.fixture(scope="module")
 def qwen_controlnet():
     base = build_qwen_image_pipeline(num_layers=3, num_heads=4, head_dim=16)
     controlnet = QwenImageControlNetModel.from_transformer(base.transformer, num_layers=2, attention_head_dim=16,
-                                                           num_attention_heads=4).eval()
-    _randomize([controlnet.controlnet_blocks, controlnet.controlnet_x_embedder], 5)
-    pipe = QwenImageControlNetPipeline(**base.components, controlnet=controlnet)
-    for p in (pipe, base):
-        p.set_progress_bar_config(disable=True)
-    return pipe, base
+                                                           num_attention_heads=4)
+    return with_controlnet(QwenImageControlNetPipeline, base, controlnet, "controlnet_blocks controlnet_x_embedder", 5)
 
 
 def qwen_call(pipe, prompt, steps=2, **kwargs):
