@@ -4,8 +4,9 @@ pipeline (NAG against the prompt itself leaves it), against NAG on the base pipe
 0 adds nothing) and by the refusals of what cannot run there."""
 import pytest
 import torch
-from diffusers import (FluxControlNetModel, FluxControlNetPipeline, QwenImageControlNetModel,
-                       QwenImageControlNetPipeline, SD3ControlNetModel, StableDiffusion3ControlNetPipeline)
+from diffusers import (FluxControlNetImg2ImgPipeline, FluxControlNetInpaintPipeline, FluxControlNetModel,
+                       FluxControlNetPipeline, QwenImageControlNetModel, QwenImageControlNetPipeline,
+                       SD3ControlNetModel, StableDiffusion3ControlNetPipeline)
 
 import dit_attn as da
 from dit_attn.toy.configs import build_flux_pipeline, build_sd3_pipeline, pipeline_components
@@ -146,3 +147,20 @@ def test_nag_row_path_refuses_controlnet_residuals_in_one_line(sd3_controlnet):
     pipe, _ = sd3_controlnet
     with pytest.raises(NotImplementedError, match=r"NAG runs with ControlNet residuals on its token path only"):
         run(pipe, sd3_call, da.NAG(NEGATIVE, layers=[1, 2]))
+
+
+@pytest.mark.parametrize("pipeline_class", [FluxControlNetImg2ImgPipeline, FluxControlNetInpaintPipeline])
+def test_nag_in_flux_controlnet_image_to_image_and_inpainting(pipeline_class, flux_controlnet):
+    """As in the text-to-image ControlNet pipeline: against its own prompt NAG leaves the stock run, and it acts."""
+    pipe = pipeline_class(**pipeline_components(flux_controlnet[0]))
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, SIZE["height"], SIZE["width"], generator=torch.Generator().manual_seed(6))
+    mask = (torch.rand(1, 1, SIZE["height"], SIZE["width"], generator=torch.Generator().manual_seed(7)) > 0.5).float()
+    inputs = {"image": image, "strength": 0.8, **({"mask_image": mask} if "Inpaint" in pipeline_class.__name__ else {})}
+    stock, _ = run(pipe, flux_call, prompt=[PROMPT] * 2, **inputs)
+    plain, _ = run(pipe, flux_call, prompt=[PROMPT] * 2, scale=0.0, **inputs)
+    assert (stock - plain).abs().max() > 1e-3
+    same, _ = run(pipe, flux_call, da.NAG(PROMPT, **SETTINGS), prompt=[PROMPT] * 2, **inputs)
+    assert (same - stock).abs().max() <= 1e-5
+    guided, _ = run(pipe, flux_call, da.NAG(NEGATIVE, **SETTINGS), prompt=[PROMPT] * 2, **inputs)
+    assert (guided - stock).abs().max() > 1e-3

@@ -110,7 +110,7 @@ class Flux(Family):
     stock_processors = ("FluxAttnProcessor",)
     ip_adapter_processors = ("FluxIPAdapterAttnProcessor",)
     guided_pipelines = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxKontextPipeline")
-    controlnet_pipelines = ("FluxControlNetPipeline",)
+    controlnet_pipelines = ("FluxControlNetPipeline", "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline")
     rows = CallRows(
         call_args=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance"),
         block_stream_args=("hidden_states", "encoder_hidden_states", "x"),  # "x": norm_out's input
