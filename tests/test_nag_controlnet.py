@@ -5,8 +5,9 @@ pipeline (NAG against the prompt itself leaves it), against NAG on the base pipe
 import pytest
 import torch
 from diffusers import (FluxControlNetImg2ImgPipeline, FluxControlNetInpaintPipeline, FluxControlNetModel,
-                       FluxControlNetPipeline, QwenImageControlNetModel, QwenImageControlNetPipeline,
-                       SD3ControlNetModel, StableDiffusion3ControlNetPipeline)
+                       FluxControlNetPipeline, QwenImageControlNetInpaintPipeline, QwenImageControlNetModel,
+                       QwenImageControlNetPipeline, SD3ControlNetModel, StableDiffusion3ControlNetInpaintingPipeline,
+                       StableDiffusion3ControlNetPipeline)
 
 import dit_attn as da
 from dit_attn.toy.configs import build_flux_pipeline, build_sd3_pipeline, pipeline_components
@@ -149,6 +150,17 @@ def test_nag_row_path_refuses_controlnet_residuals_in_one_line(sd3_controlnet):
         run(pipe, sd3_call, da.NAG(NEGATIVE, layers=[1, 2]))
 
 
+def check_own_prompt_is_stock_and_nag_acts(pipe, call, inputs: dict) -> None:
+    """The ControlNet moves the output; NAG against the prompt itself leaves the stock run; NAG acts."""
+    stock, _ = run(pipe, call, prompt=[PROMPT] * 2, **inputs)
+    plain, _ = run(pipe, call, prompt=[PROMPT] * 2, scale=0.0, **inputs)
+    assert (stock - plain).abs().max() > 1e-3
+    same, _ = run(pipe, call, da.NAG(PROMPT, **SETTINGS), prompt=[PROMPT] * 2, **inputs)
+    assert (same - stock).abs().max() <= 1e-4
+    guided, _ = run(pipe, call, da.NAG(NEGATIVE, **SETTINGS), prompt=[PROMPT] * 2, **inputs)
+    assert (guided - stock).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("pipeline_class", [FluxControlNetImg2ImgPipeline, FluxControlNetInpaintPipeline])
 def test_nag_in_flux_controlnet_image_to_image_and_inpainting(pipeline_class, flux_controlnet):
     """As in the text-to-image ControlNet pipeline: against its own prompt NAG leaves the stock run, and it acts."""
@@ -157,10 +169,31 @@ def test_nag_in_flux_controlnet_image_to_image_and_inpainting(pipeline_class, fl
     image = torch.rand(1, 3, SIZE["height"], SIZE["width"], generator=torch.Generator().manual_seed(6))
     mask = (torch.rand(1, 1, SIZE["height"], SIZE["width"], generator=torch.Generator().manual_seed(7)) > 0.5).float()
     inputs = {"image": image, "strength": 0.8, **({"mask_image": mask} if "Inpaint" in pipeline_class.__name__ else {})}
-    stock, _ = run(pipe, flux_call, prompt=[PROMPT] * 2, **inputs)
-    plain, _ = run(pipe, flux_call, prompt=[PROMPT] * 2, scale=0.0, **inputs)
-    assert (stock - plain).abs().max() > 1e-3
-    same, _ = run(pipe, flux_call, da.NAG(PROMPT, **SETTINGS), prompt=[PROMPT] * 2, **inputs)
-    assert (same - stock).abs().max() <= 1e-5
-    guided, _ = run(pipe, flux_call, da.NAG(NEGATIVE, **SETTINGS), prompt=[PROMPT] * 2, **inputs)
-    assert (guided - stock).abs().max() > 1e-3
+    check_own_prompt_is_stock_and_nag_acts(pipe, flux_call, inputs)
+
+
+def sd3_inpainting():
+    base = build_sd3_pipeline(num_layers=3, num_heads=4, head_dim=8)
+    controlnet = SD3ControlNetModel.from_transformer(base.transformer, num_layers=2, num_extra_conditioning_channels=1)
+    pipe, _ = with_controlnet(StableDiffusion3ControlNetInpaintingPipeline, base, controlnet,
+                              "controlnet_blocks pos_embed_input", 2)
+    return pipe, sd3_call, SD3_LATENTS
+
+
+def qwen_inpainting():
+    base = build_qwen_image_pipeline(num_layers=3, num_heads=4, head_dim=16)
+    controlnet = QwenImageControlNetModel.from_transformer(base.transformer, num_layers=2, attention_head_dim=16,
+                                                           num_attention_heads=4, extra_condition_channels=4)
+    pipe, _ = with_controlnet(QwenImageControlNetInpaintPipeline, base, controlnet,
+                              "controlnet_blocks controlnet_x_embedder", 5)
+    return pipe, qwen_call, QWEN_LATENTS
+
+
+@pytest.mark.parametrize("build", [sd3_inpainting, qwen_inpainting])
+def test_nag_in_controlnet_inpainting_pipelines(build):
+    """The ControlNet inpainting pipelines of SD3 and Qwen-Image (their ControlNets read the mask as extra channels):
+    against its own prompt NAG leaves the stock run, and it acts."""
+    pipe, call, shape = build()
+    mask = (torch.rand(1, 1, SIZE["height"], SIZE["width"], generator=torch.Generator().manual_seed(7)) > 0.5).float()
+    inputs = {"control_mask": mask, "latents": latents(*shape), **({"guidance_scale": 1.0} if call is sd3_call else {})}
+    check_own_prompt_is_stock_and_nag_acts(pipe, call, inputs)

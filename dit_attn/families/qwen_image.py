@@ -58,7 +58,7 @@ class QwenImage(Family):
     stock_processors = ("QwenDoubleStreamAttnProcessor2_0",)
     guided_pipelines = ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline",
                         "QwenImageEditPipeline")
-    controlnet_pipelines = ("QwenImageControlNetPipeline",)
+    controlnet_pipelines = ("QwenImageControlNetPipeline", "QwenImageControlNetInpaintPipeline")
     rows = CallRows(
         call_args=("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "guidance",
                    "additional_t_cond"),

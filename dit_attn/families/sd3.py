@@ -14,7 +14,7 @@ class SD3(Family):
     stock_processors = ("JointAttnProcessor2_0",)
     ip_adapter_processors = ("SD3IPAdapterJointAttnProcessor2_0",)
     guided_pipelines = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline")
-    controlnet_pipelines = ("StableDiffusion3ControlNetPipeline",)
+    controlnet_pipelines = ("StableDiffusion3ControlNetPipeline", "StableDiffusion3ControlNetInpaintingPipeline")
     rows = CallRows(
         call_args=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
         block_stream_args=("hidden_states", "encoder_hidden_states", "x"),  # "x": norm_out's input
