@@ -23,6 +23,7 @@ import time
 import torch
 
 import dit_attn as da
+from dit_attn.families import family_of
 from dit_attn.hooks import nag_tokens, nag_tokens_flux
 from dit_attn.loading import call_defaults, load_pipeline
 
@@ -69,14 +70,8 @@ def main() -> None:
         with da.apply(pipe, da.NAG(NEGATIVE)):
             generate()
 
-    def encode(prompt):
-        length = options.get("max_sequence_length", 256)
-        if flux:
-            embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, max_sequence_length=length)
-        else:
-            embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, prompt_3=None,
-                                                      do_classifier_free_guidance=False, max_sequence_length=length)
-        return embeds, pooled
+    def encode(prompts):
+        return family_of(pipe.transformer).encode_prompts(pipe, prompts, options.get("max_sequence_length"))
 
     def appended_text():
         # NAG's token path without NAG: one stock call on [prompt text ; negative text], both encoded in the call

@@ -2,6 +2,8 @@
 the ControlNet's residuals to each row's image stream as in a stock call. Checked against the stock ControlNet
 pipeline (NAG against the prompt itself leaves it), against NAG on the base pipeline (a ControlNet with conditioning scale
 0 adds nothing) and by the refusals of what cannot run there."""
+import contextlib
+
 import pytest
 import torch
 from diffusers import (FluxControlNetImg2ImgPipeline, FluxControlNetInpaintPipeline, FluxControlNetModel,
@@ -89,18 +91,10 @@ CASES = {
 
 def run(pipe, call, edit=None, scale: float = 1.0, prompt=("a red circle", "a green square"), **kwargs):
     torch.manual_seed(0)  # SD3's ControlNet pipeline samples the control image's latents from the global generator
-    with CallRecorder(pipe) as rec, (da.apply(pipe, edit) if edit is not None else _nothing()):
+    with CallRecorder(pipe) as rec, (da.apply(pipe, edit) if edit is not None else contextlib.nullcontext()):
         out = call(pipe, list(prompt), control_image=control_image(),
                    controlnet_conditioning_scale=scale, **kwargs)
     return out, rec
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @pytest.mark.parametrize("case", CASES)
