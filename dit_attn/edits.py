@@ -1,8 +1,9 @@
-"""Edits say what to change. They hold no tensors and no model; `apply` checks them
-against the model's layer/head map.
+"""Edits say what to change. They hold no model and no tensors (but NAG's negative prompt given
+as embeddings); `apply` checks them against the model's layer/head map.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -284,6 +285,11 @@ class NAG(Edit):
     norm: "l1" (the paper) or "l2" (the official FLUX code). start/end: fractions of the
     denoising steps. The negative prompt runs as extra rows of the pipeline's own transformer
     call (one per conditional row), up to the last NAG layer. scale = 1 or alpha = 0 is stock.
+
+    Instead of `negative_prompt`, the negative prompt's embeddings as the pipeline takes them for one
+    prompt (a pipeline without its text encoder): `negative_prompt_embeds` (1, S, D), with
+    `negative_pooled_prompt_embeds` (1, P) on SD3 / FLUX.1 and `negative_prompt_embeds_mask` (1, S)
+    on Qwen-Image and Chroma (Qwen-Image: optional, all tokens valid without it).
     """
 
     negative_prompt: str = ""
@@ -294,9 +300,18 @@ class NAG(Edit):
     start: float = 0.0
     end: float = 1.0
     norm: str = "l1"
+    negative_prompt_embeds: object = field(default=None, compare=False, repr=False)
+    negative_pooled_prompt_embeds: object = field(default=None, compare=False, repr=False)
+    negative_prompt_embeds_mask: object = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.negative_prompt, str) or not self.negative_prompt.strip():
+        if self.negative_prompt_embeds is not None:
+            if self.negative_prompt != "":
+                raise ValueError("give negative_prompt or negative_prompt_embeds, not both")
+            self._check_embeds()
+        elif self.negative_pooled_prompt_embeds is not None or self.negative_prompt_embeds_mask is not None:
+            raise ValueError("negative_pooled_prompt_embeds and negative_prompt_embeds_mask go with negative_prompt_embeds")
+        elif not isinstance(self.negative_prompt, str) or not self.negative_prompt.strip():
             raise ValueError(f"negative_prompt must be a non-empty string, got {self.negative_prompt!r}")
         for name, low in (("scale", 1.0), ("tau", 0.0), ("alpha", 0.0)):
             value = getattr(self, name)
@@ -316,10 +331,59 @@ class NAG(Edit):
             raise ValueError(f"start must be < end (fractions of the denoising steps), got start={self.start}, end={self.end}")
         _check_choice("norm", self.norm, NAG_NORMS)
 
+    def _check_embeds(self) -> None:
+        import torch
+
+        for name, ndim in (("negative_prompt_embeds", 3), ("negative_pooled_prompt_embeds", 2),
+                           ("negative_prompt_embeds_mask", 2)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+            if value.ndim != ndim or value.shape[0] != 1 or 0 in value.shape:
+                shape = "(1, S, D)" if ndim == 3 else ("(1, P)" if "pooled" in name else "(1, S)")
+                raise ValueError(f"{name} must be one prompt's, {shape}, got shape {tuple(value.shape)}")
+        embeds, mask = self.negative_prompt_embeds, self.negative_prompt_embeds_mask
+        if not embeds.is_floating_point():
+            raise TypeError(f"negative_prompt_embeds must be floating point, got {embeds.dtype}")
+        if mask is not None and mask.shape[1] != embeds.shape[1]:
+            raise ValueError(f"negative_prompt_embeds_mask covers {mask.shape[1]} tokens, negative_prompt_embeds has "
+                             f"{embeds.shape[1]}")
+
     @property
     def inert(self) -> bool:
         """scale 1 or alpha 0: the output is Z⁺, the stock one."""
         return self.scale == 1 or self.alpha == 0
+
+    def to_dict(self) -> dict:
+        """The settings; embeddings (where given) as their shape, dtype and the SHA-256 of their values (what names
+        them exactly: `from_dict` cannot rebuild the tensors)."""
+        out = super().to_dict()
+        for name in EMBEDDING_SETTINGS:
+            value = out.pop(name)
+            if value is not None:
+                out[name] = tensor_digest(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "NAG":
+        if any(isinstance(data.get(name), dict) for name in EMBEDDING_SETTINGS):
+            raise ValueError("these NAG settings name its negative prompt's embeddings by digest: rebuild the NAG "
+                             "with the tensors (NAG(negative_prompt_embeds=...))")
+        return super().from_dict(data)
+
+
+EMBEDDING_SETTINGS = ("negative_prompt_embeds", "negative_pooled_prompt_embeds", "negative_prompt_embeds_mask")
+
+
+def tensor_digest(value) -> dict:
+    """{"shape", "dtype", "sha256" of the values' bytes}: a tensor named in JSON settings."""
+    import torch
+
+    data = value.detach().to("cpu").contiguous()
+    return {"shape": list(data.shape), "dtype": str(data.dtype).removeprefix("torch."),
+            "sha256": hashlib.sha256(data.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()}
 
 
 CAPTURE_KINDS = ("cross", "self", "concept")

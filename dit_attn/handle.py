@@ -103,7 +103,7 @@ def _text_controller(pipe, family: Family, edits: tuple, state: EditState, layer
     """The controller of a TextPatch, TextGuard or NAG (at most one per apply: each adds source-prompt
     rows), or None."""
     from .localization.guard import GuardController
-    from .localization.patching import TextPatchController
+    from .localization.patching import GivenNegativeController, TextPatchController
 
     text_edits = [e for e in edits if isinstance(e, (TextPatch, TextGuard, NAG))]
     if not text_edits:
@@ -121,9 +121,13 @@ def _text_controller(pipe, family: Family, edits: tuple, state: EditState, layer
     if pipe is None:
         raise TypeError(f"{name} needs a pipeline (it encodes prompts with the pipeline's text encoders); pass the pipeline, not the transformer")
     check_pipeline(pipe, family, name, controlnet=isinstance(edit, NAG))
-    if "text_encoder" in pipe.components and pipe.text_encoder is None:
+    given = isinstance(edit, NAG) and edit.negative_prompt_embeds is not None
+    if given:
+        family.check_given_negative(edit)
+    elif "text_encoder" in pipe.components and pipe.text_encoder is None:
+        hint = " (or give NAG negative_prompt_embeds)" if isinstance(edit, NAG) else ""
         raise ValueError(f"{name} encodes its prompt with the pipeline's own text encoder, and this {type(pipe).__name__} "
-                         "has text_encoder=None: load the pipeline with its text encoder")
+                         f"has text_encoder=None: load the pipeline with its text encoder{hint}")
     layers = tuple(range(len(layer_map))) if isinstance(edit, NAG) and edit.layers is None else edit.layers
     bad = [i for i in layers if i >= len(layer_map)]
     if bad:
@@ -132,6 +136,8 @@ def _text_controller(pipe, family: Family, edits: tuple, state: EditState, layer
         if edit.inert:
             return None
         state.nag = NAGSetting(frozenset(layers), float(edit.scale), float(edit.tau), float(edit.alpha), edit.norm)
+        if given:
+            return GivenNegativeController(pipe, family, layers, edit)
         return TextPatchController(pipe, family, layers, edit.start, lambda rows: [edit.negative_prompt] * rows,
                                    "NAG", edit.end)
     state.patch_layers = frozenset(edit.layers)

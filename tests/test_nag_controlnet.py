@@ -3,6 +3,7 @@ the ControlNet's residuals to each row's image stream as in a stock call. Checke
 pipeline (NAG against the prompt itself leaves it), against NAG on the base pipeline (a ControlNet with conditioning scale
 0 adds nothing) and by the refusals of what cannot run there."""
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -191,3 +192,46 @@ def test_nag_in_controlnet_inpainting_pipelines(build):
     mask = (torch.rand(1, 1, SIZE["height"], SIZE["width"], generator=torch.Generator().manual_seed(7)) > 0.5).float()
     inputs = {"control_mask": mask, "latents": latents(*shape), **({"guidance_scale": 1.0} if call is sd3_call else {})}
     check_own_prompt_is_stock_and_nag_acts(pipe, call, inputs)
+
+
+
+def multi_controlnet(fixture: str, request):
+    """The fixture's ControlNet pipeline with two ControlNets (its own and a copy with other random output weights) in
+    diffusers' Multi-ControlNet wrapper, which sums their residuals before the transformer reads them."""
+    from diffusers import FluxMultiControlNetModel, SD3MultiControlNetModel
+
+    pipe, _ = request.getfixturevalue(fixture)
+    second = copy.deepcopy(pipe.controlnet)
+    generator = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for p in second.controlnet_blocks.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    wrapper = {"flux_controlnet": FluxMultiControlNetModel, "sd3_controlnet": SD3MultiControlNetModel}[fixture]
+    multi = type(pipe)(**{**pipeline_components(pipe), "controlnet": wrapper([pipe.controlnet, second])})
+    multi.set_progress_bar_config(disable=True)
+    return multi
+
+
+@pytest.mark.parametrize("case", ["flux", "sd3"])  # QwenImageMultiControlNetModel runs one ControlNet only
+def test_nag_with_multi_controlnet(case, request):
+    """Two ControlNets: each moves the output, NAG against its own prompt leaves the stock Multi-ControlNet run with the
+    stock number of transformer calls, and NAG acts."""
+    fixture, call, kwargs, shape = CASES[case]
+    pipe = multi_controlnet(fixture, request)
+    images = [control_image(3), control_image(9)]
+    inputs = {**kwargs, "latents": latents(*shape), "control_image": images}
+
+    def multi_run(edit=None, scales=(1.0, 1.0)):
+        torch.manual_seed(0)
+        with CallRecorder(pipe) as rec, (da.apply(pipe, edit) if edit is not None else contextlib.nullcontext()):
+            out = call(pipe, [PROMPT] * 2, controlnet_conditioning_scale=list(scales), **inputs)
+        return out, rec
+
+    stock, stock_calls = multi_run()
+    for scales in ((1.0, 0.0), (0.0, 1.0)):
+        assert (stock - multi_run(scales=scales)[0]).abs().max() > 1e-3  # each ControlNet's residuals count
+    same, calls = multi_run(da.NAG(PROMPT, **SETTINGS))
+    assert len(calls.steps) == len(stock_calls.steps)
+    assert (same - stock).abs().max() <= 1e-4
+    guided, _ = multi_run(da.NAG(NEGATIVE, **SETTINGS))
+    assert (guided - stock).abs().max() > 1e-3

@@ -75,6 +75,11 @@ class Family:
     # the leading tokens of the prediction: HeadGuidance's term is taken on those
     reference_tokens_trail: bool = False
     nag: bool = False  # its processors apply NAG (EditState.nag_image_inputs / nag_guide)
+    # NAG's negative prompt given as embeddings (`NAG.negative_prompt_embeds`): the tensor its calls take with them,
+    # "pooled" (negative_pooled_prompt_embeds, required), "mask" (negative_prompt_embeds_mask) or "" (none);
+    # None: not taken on this family
+    negative_embeds_extra: str | None = None
+    negative_mask_required: bool = False
     text_edits_unsupported: str = ""  # why TextPatch/TextGuard/localize cannot run on this family ("" : they can)
     makes_videos: bool = False  # its pipelines return `.frames` (videos), not `.images`
     # its processors feed `capture.video.VideoCaptureRecorder` (cross maps from the cross-attention, self from attn1)
@@ -163,6 +168,48 @@ class Family:
         if pooled is not None:
             out["pooled_projections"] = torch.cat([pooled, extra.to(pooled)])
         return out
+
+    def check_given_negative(self, nag) -> None:
+        """At `apply`: this family takes NAG's given negative embeddings with the extra tensors given."""
+        kind = self.negative_embeds_extra
+        if kind is None:
+            from . import SUPPORTED_MODELS, family_named
+
+            takes = [family_named(m).name for m in SUPPORTED_MODELS if family_named(m).negative_embeds_extra is not None]
+            raise NotImplementedError(f"NAG takes negative_prompt_embeds on {', '.join(takes)} models, not on "
+                                      f"{self.name}: give negative_prompt")
+        pooled, mask = nag.negative_pooled_prompt_embeds, nag.negative_prompt_embeds_mask
+        if kind == "pooled" and pooled is None:
+            raise ValueError(f"NAG on {self.name} needs negative_pooled_prompt_embeds with negative_prompt_embeds")
+        if kind != "pooled" and pooled is not None:
+            raise ValueError(f"{self.name} models take no negative_pooled_prompt_embeds")
+        if kind == "mask" and self.negative_mask_required and mask is None:
+            raise ValueError(f"NAG on {self.name} needs negative_prompt_embeds_mask with negative_prompt_embeds")
+        if kind != "mask" and mask is not None:
+            raise ValueError(f"{self.name} models take no negative_prompt_embeds_mask")
+
+    def given_negative(self, embeds: "torch.Tensor", pooled, mask, text_len: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """(text states, extra) of NAG's negative prompt given as embeddings (checked by `check_given_negative`), as
+        `encode_prompts` gives a prompt encoded at the call's `text_len` text tokens: here of that length."""
+        if embeds.shape[1] != text_len:
+            raise ValueError(f"NAG's negative_prompt_embeds have {embeds.shape[1]} text tokens, this call's prompt "
+                             f"{text_len}: encode the negative prompt as the call's (the same max_sequence_length)")
+        if self.negative_embeds_extra == "pooled":
+            return embeds, pooled
+        if self.negative_embeds_extra == "mask":
+            return embeds, mask if mask is not None else self.all_tokens(embeds)
+        return embeds, self.no_extra(embeds)
+
+    @staticmethod
+    def all_tokens(embeds: "torch.Tensor") -> "torch.Tensor":
+        """A text mask keeping every token of (1, S, D) text states."""
+        import torch
+
+        return torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+
+    def no_extra(self, embeds: "torch.Tensor") -> "torch.Tensor":
+        """The extra output of `encode_prompts` where the calls take none with the text (here an empty (1, 0))."""
+        return embeds.new_zeros(embeds.shape[0], 0)
 
     def nag_text_states(self, transformer, embeds: "torch.Tensor") -> "torch.Tensor | None":
         """For a family whose text enters only through cross-attention: the negative prompt's text states

@@ -24,6 +24,7 @@ class Bria(Flux):
     transformer_classes = ("BriaTransformer2DModel",)
     stock_processors = ("BriaAttnProcessor",)
     guided_pipelines = ("BriaPipeline",)
+    negative_embeds_extra = ""  # the calls take no text mask
     rows = CallRows(
         call_args=("hidden_states", "encoder_hidden_states", "timestep"),
         block_stream_args=("hidden_states", "encoder_hidden_states", "x"),  # "x": norm_out's input

@@ -21,6 +21,7 @@ class Chroma(Flux):
     transformer_classes = ("ChromaTransformer2DModel",)
     stock_processors = ("FluxAttnProcessor",)
     guided_pipelines = ("ChromaPipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline")
+    negative_embeds_extra, negative_mask_required = "mask", True  # the text mask the pipeline makes
     rows = CallRows(
         call_args=("hidden_states", "encoder_hidden_states", "timestep", "attention_mask"),
         block_stream_args=("hidden_states", "encoder_hidden_states", "x"),  # "x": norm_out's input

@@ -121,6 +121,7 @@ class Flux(Family):
     text_first = True
     rotary = True
     nag = True
+    negative_embeds_extra = "pooled"
     packs_latents = True
     reference_tokens_trail = True  # Kontext appends the reference image's tokens and keeps the leading ones
 

@@ -77,6 +77,7 @@ class Flux2(Family):
     packs_latents = True
     reference_tokens_trail = True
     nag = True  # its processor applies NAG (nag_image_inputs / nag_guide)
+    negative_embeds_extra = ""
 
     def layers(self, transformer) -> list[LayerInfo]:
         return double_then_single_layers(transformer)

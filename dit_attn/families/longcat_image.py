@@ -37,6 +37,7 @@ class LongCatImage(Flux):
     transformer_classes = ("LongCatImageTransformer2DModel",)
     stock_processors = ("LongCatImageAttnProcessor",)
     guided_pipelines = ("LongCatImagePipeline",)
+    negative_embeds_extra = ""  # the calls take no text mask
     rows = CallRows(
         call_args=("hidden_states", "encoder_hidden_states", "timestep"),
         block_stream_args=("hidden_states", "encoder_hidden_states", "x"),  # "x": norm_out's input

@@ -34,6 +34,7 @@ class OvisImage(Flux):
     transformer_classes = ("OvisImageTransformer2DModel",)
     stock_processors = ("OvisImageAttnProcessor",)
     guided_pipelines = ("OvisImagePipeline",)
+    negative_embeds_extra = ""  # the calls take no text mask
     rows = CallRows(
         call_args=("hidden_states", "encoder_hidden_states", "timestep"),
         block_stream_args=("hidden_states", "encoder_hidden_states", "x"),  # "x": norm_out's input

@@ -70,6 +70,7 @@ class QwenImage(Family):
     packs_latents = True
     reference_tokens_trail = True  # Qwen-Image-Edit appends the reference latents and keeps the leading tokens
     nag = True  # its processor applies NAG (nag_image_inputs / nag_guide)
+    negative_embeds_extra = "mask"
 
     def layers(self, transformer) -> list[LayerInfo]:
         return [LayerInfo(i, f"transformer_blocks.{i}.attn", "double", block.attn.heads, head_dim(block.attn))
@@ -139,6 +140,13 @@ class QwenImage(Family):
         if mask is None:
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         return embeds, mask
+
+    def given_negative(self, embeds, pooled, mask, text_len: int):
+        """At the call's text length as `encode_prompts` gives it: cut there, or padded with masked zero states."""
+        mask = (mask if mask is not None else self.all_tokens(embeds))[:, :text_len]
+        embeds = embeds[:, :text_len]
+        pad = text_len - embeds.shape[1]
+        return torch.nn.functional.pad(embeds, (0, 0, 0, pad)), torch.nn.functional.pad(mask, (0, pad))
 
     def source_text_padded(self, extra) -> bool:
         return not bool((extra != 0).all())

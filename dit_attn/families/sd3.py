@@ -25,6 +25,7 @@ class SD3(Family):
     )
     text_first = False
     nag = True
+    negative_embeds_extra = "pooled"
 
     def layers(self, transformer) -> list[LayerInfo]:
         return [

@@ -39,6 +39,7 @@ class Wan(Family):
     makes_videos = True
     video_capture = True  # Capture: cross maps from attn2's softmax over the text keys, self maps from attn1
     nag = True  # in the cross-attention attn2: the negative rows' text with the positive rows' video queries
+    negative_embeds_extra = ""
 
     # --- layers and processors -------------------------------------------------------------
     def layers(self, transformer) -> list[LayerInfo]:

@@ -56,6 +56,7 @@ class ZImage(Family):
     widen_at_call = True
     rotary = False  # complex rotary tables from `rope_embedder`, not a `pos_embed` with `theta`
     nag = True
+    negative_embeds_extra = ""
 
     # --- layers and processors -------------------------------------------------------------
     def layers(self, transformer) -> list[LayerInfo]:
@@ -146,6 +147,10 @@ class ZImage(Family):
     def sequence_length_of_call(self, pipe, text_length: int) -> None:
         """None: the pipeline's default; a source prompt keeps its own caption length in the call."""
         return None
+
+    def given_negative(self, embeds, pooled, mask, text_len: int):
+        """Any length: a caption keeps its own length in the call (`encode_prompts`' mask keeps all of it)."""
+        return embeds, self.all_tokens(embeds)
 
     def append_text_rows(self, call: dict, embeds, extra, padded: bool = True) -> dict:
         """The source prompts' captions (their `extra` mask's tokens) appended to the call's `cap_feats`."""

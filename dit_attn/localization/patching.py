@@ -203,3 +203,24 @@ class TextPatchController:
     @staticmethod
     def _joined(entries: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, bool]:
         return torch.cat([e[0] for e in entries]), torch.cat([e[1] for e in entries]), any(e[2] for e in entries)
+
+
+class GivenNegativeController(TextPatchController):
+    """NAG's controller with the negative prompt given as embeddings (`NAG.negative_prompt_embeds`): the negative
+    rows take them, at each call's text length as the family takes them (`Family.given_negative`), and nothing is
+    encoded."""
+
+    PROMPT = "<NAG.negative_prompt_embeds>"  # the one source prompt of every row, a key only
+
+    def __init__(self, pipe, family: Family, layers: tuple[int, ...], nag):
+        super().__init__(pipe, family, layers, nag.start, lambda rows: [self.PROMPT] * rows, "NAG", nag.end)
+        self.given = (nag.negative_prompt_embeds, nag.negative_pooled_prompt_embeds, nag.negative_prompt_embeds_mask)
+
+    def install(self) -> None:
+        pass  # the pipeline's own encoding has nothing to tell
+
+    def _entries(self, prompts: list[str], text_len: int, device, dtype) -> dict[str, tuple]:
+        embeds, extra = self.family.given_negative(*self.given, text_len)
+        embeds = embeds.to(device=device, dtype=dtype)
+        extra = extra.to(device=device, dtype=dtype if extra.is_floating_point() else None)
+        return {p: (embeds, extra, self.family.source_text_padded(extra)) for p in prompts}

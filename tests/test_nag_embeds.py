@@ -1,0 +1,235 @@
+"""NAG with its negative prompt given as embeddings (`NAG(negative_prompt_embeds=...)`), as a pipeline without its text
+encoder needs: the embeddings the pipeline's own `encode_prompt` gives the negative prompt must guide exactly as the
+negative prompt itself does (which the other NAG tests check against stock attention), per family, on a pipeline with
+its text encoders and on one without them; and the refusals."""
+import contextlib
+
+import pytest
+import torch
+
+import dit_attn as da
+from dit_attn.families import family_named
+from dit_attn.toy.configs import pipeline_components
+
+from .conftest import CallRecorder, flux_call, sd3_call
+
+torch.set_num_threads(1)
+
+PROMPTS, NEGATIVE = ["a red circle", "a cat"], "a blue square"
+SETTINGS = dict(scale=4.0, tau=1.2, alpha=0.5)
+
+
+def sd3_embeds(pipe, prompt, length=8):
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, prompt_3=None,
+                                              do_classifier_free_guidance=False, max_sequence_length=length)
+    return {"negative_prompt_embeds": embeds, "negative_pooled_prompt_embeds": pooled}
+
+
+def flux_embeds(pipe, prompt, length=8):
+    embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, max_sequence_length=length)
+    return {"negative_prompt_embeds": embeds, "negative_pooled_prompt_embeds": pooled}
+
+
+def chroma_embeds(pipe, prompt):
+    embeds, _, mask, *_ = pipe.encode_prompt(prompt=prompt, do_classifier_free_guidance=False, max_sequence_length=8)
+    return {"negative_prompt_embeds": embeds, "negative_prompt_embeds_mask": mask}
+
+
+def qwen_embeds(pipe, prompt):
+    embeds, mask = pipe.encode_prompt(prompt=prompt, max_sequence_length=16)
+    return {"negative_prompt_embeds": embeds, **({} if mask is None else {"negative_prompt_embeds_mask": mask})}
+
+
+def klein_embeds(pipe, prompt):
+    return {"negative_prompt_embeds": pipe.encode_prompt(prompt=prompt, max_sequence_length=16)[0]}
+
+
+def z_embeds(pipe, prompt):
+    captions, _ = pipe.encode_prompt(prompt=[prompt], do_classifier_free_guidance=False)
+    return {"negative_prompt_embeds": captions[0][None]}
+
+
+def wan_embeds(pipe, prompt):
+    from dit_attn.toy.wan import WAN_RUN
+
+    length = WAN_RUN.get("max_sequence_length", 512)
+    embeds, _ = pipe.encode_prompt(prompt=prompt, do_classifier_free_guidance=False, max_sequence_length=length)
+    return {"negative_prompt_embeds": embeds}
+
+
+def ovis_embeds(pipe, prompt):
+    embeds = pipe.encode_prompt(prompt=prompt, do_classifier_free_guidance=False, max_sequence_length=12)[0]
+    return {"negative_prompt_embeds": embeds}
+
+
+def build(name):
+    """(pipeline, call(pipe, **kwargs) → output, embeds(pipe, prompt) → NAG's embedding settings)."""
+    from dit_attn.toy.configs import build_flux_pipeline, build_sd3_pipeline
+
+    if name == "sd3":
+        pipe = build_sd3_pipeline(num_layers=3, num_heads=4, head_dim=8)
+        call = lambda p, **k: sd3_call(p, PROMPTS, steps=2, **{"guidance_scale": 1.0, **k})  # noqa: E731
+        return pipe, call, sd3_embeds
+    if name == "flux":
+        pipe = build_flux_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=8)
+        return pipe, lambda p, **k: flux_call(p, PROMPTS, steps=2, **k), flux_embeds
+    if name == "chroma":
+        from dit_attn.toy.chroma import build_chroma_pipeline
+
+        pipe = build_chroma_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=8)
+        call = lambda p, **k: p(PROMPTS, num_inference_steps=2, guidance_scale=1.0, max_sequence_length=8,  # noqa: E731
+                                output_type="latent", height=32, width=32,
+                                generator=torch.Generator().manual_seed(0), **k).images
+        return pipe, call, chroma_embeds
+    if name == "qwen_image":
+        from dit_attn.toy.qwen_image import build_qwen_image_pipeline
+
+        from .test_nag_families import qwen_call
+
+        return build_qwen_image_pipeline(num_layers=3, num_heads=4, head_dim=16), qwen_call, qwen_embeds
+    if name == "flux2":
+        from dit_attn.toy.flux2 import build_flux2_klein_pipeline
+
+        from .test_nag_families import klein_call
+
+        return build_flux2_klein_pipeline(num_layers=2, num_single_layers=2, num_heads=4), klein_call, klein_embeds
+    if name == "z_image":
+        from dit_attn.toy.z_image import build_z_image_pipeline
+
+        from .test_nag_families import z_call
+
+        pipe = build_z_image_pipeline(num_layers=3, num_refiner_layers=1, num_heads=4, head_dim=8)
+        return pipe, z_call, z_embeds
+    if name == "wan":
+        from dit_attn.toy.wan import build_wan_pipeline
+
+        from .test_wan_nag import wan_call
+
+        return build_wan_pipeline(num_layers=3, num_heads=4, head_dim=12), wan_call, wan_embeds
+    from .test_nag_families import flux_clone
+
+    pipe, call = flux_clone("ovis")
+    return pipe, lambda p, **k: call(**k), ovis_embeds
+
+
+FAMILIES = ["sd3", "flux", "chroma", "qwen_image", "flux2", "z_image", "wan", "ovis_image"]
+
+
+def guided(pipe, call, nag, **kwargs):
+    with CallRecorder(pipe) as rec, (da.apply(pipe, nag) if nag is not None else contextlib.nullcontext()):
+        out = call(pipe, **kwargs)
+    return out, len(rec.steps)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_given_embeddings_guide_as_the_negative_prompt(name):
+    """The negative prompt's embeddings from the pipeline's own `encode_prompt` give the very output of NAG with the
+    negative prompt, at the stock number of transformer calls; NAG's layers 0…k (token path) and a layer subset (row
+    path) alike."""
+    pipe, call, embeds = build(name)
+    pipe.set_progress_bar_config(disable=True)
+    stock, stock_calls = guided(pipe, call, None)
+    given = embeds(pipe, NEGATIVE)
+    for layers in (None, (1,)):
+        from_prompt, _ = guided(pipe, call, da.NAG(NEGATIVE, layers=layers, **SETTINGS))
+        assert (from_prompt - stock).abs().max() > 1e-3
+        out, calls = guided(pipe, call, da.NAG(**given, layers=layers, **SETTINGS))
+        assert calls == stock_calls
+        assert (out - from_prompt).abs().max() <= 1e-6
+
+
+def test_qwen_image_takes_embeddings_of_any_length_as_its_encoder_path_does():
+    """Qwen-Image pads each call's text to its longest prompt: a shorter negative prompt's embeddings are padded with
+    masked zero states and a longer one's cut at the call's length, as the encoded negative prompt is."""
+    pipe, call, embeds = build("qwen_image")
+    pipe.set_progress_bar_config(disable=True)
+    for negative in ("blue", "a blue square on a green ground under a grey sky with birds"):
+        from_prompt, _ = guided(pipe, call, da.NAG(negative, **SETTINGS))
+        out, _ = guided(pipe, call, da.NAG(**embeds(pipe, negative), **SETTINGS))
+        assert (out - from_prompt).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_nag_on_a_pipeline_without_text_encoders(name):
+    """Prompts and the negative prompt encoded first, then the text encoders dropped: the call with prompt embeddings
+    equals the one of the full pipeline with prompts; NAG with a negative prompt is refused there in one line."""
+    pipe, call, embeds = build(name)
+    pipe.set_progress_bar_config(disable=True)
+    nag = da.NAG(NEGATIVE, **SETTINGS)
+    reference, _ = guided(pipe, call, nag)
+    own = (sd3_embeds if name == "sd3" else flux_embeds)(pipe, PROMPTS)
+    prompt_inputs = {"prompt_embeds": own["negative_prompt_embeds"],
+                     "pooled_prompt_embeds": own["negative_pooled_prompt_embeds"]}
+    given = embeds(pipe, NEGATIVE)
+    encoders = [k for k in pipe.components if k.startswith("text_encoder") or k.startswith("tokenizer")]
+    bare = type(pipe)(**{**pipeline_components(pipe), **{k: None for k in encoders}})
+    bare.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    settings = dict(num_inference_steps=2, output_type="latent", height=32, width=32, generator=generator,
+                    guidance_scale=1.0 if name == "sd3" else 3.5)
+    with da.apply(bare, da.NAG(**given, **SETTINGS)):
+        out = bare(**prompt_inputs, **settings).images
+    assert (out - reference).abs().max() <= 1e-6
+    with pytest.raises(ValueError, match=r"text_encoder=None: .* \(or give NAG negative_prompt_embeds\)"):
+        da.apply(bare, nag)
+
+
+def test_embeddings_at_another_text_length_are_refused_in_one_line():
+    pipe, call, _ = build("flux")
+    pipe.set_progress_bar_config(disable=True)
+    nag = da.NAG(**flux_embeds(pipe, NEGATIVE, length=12))
+    with pytest.raises(ValueError, match=r"negative_prompt_embeds have 12 text tokens, this call's prompt 8: encode"):
+        guided(pipe, call, nag)
+
+
+def test_settings_name_the_embeddings_by_digest():
+    embeds, pooled = torch.randn(1, 5, 8), torch.randn(1, 4)
+    nag = da.NAG(negative_prompt_embeds=embeds, negative_pooled_prompt_embeds=pooled, scale=3.0)
+    settings = nag.to_dict()
+    assert settings["negative_prompt_embeds"]["shape"] == [1, 5, 8]
+    assert settings["negative_prompt_embeds"]["dtype"] == "float32"
+    assert "negative_prompt_embeds_mask" not in settings
+    same = da.NAG(negative_prompt_embeds=embeds.clone(), negative_pooled_prompt_embeds=pooled, scale=3.0).to_dict()
+    assert same == settings
+    changed = embeds.clone()
+    changed[0, 0, 0] += 1e-3
+    other = da.NAG(negative_prompt_embeds=changed, negative_pooled_prompt_embeds=pooled, scale=3.0).to_dict()
+    assert other["negative_prompt_embeds"]["sha256"] != settings["negative_prompt_embeds"]["sha256"]
+    with pytest.raises(ValueError, match="rebuild the NAG with the tensors"):
+        da.NAG.from_dict(settings)
+    assert "negative_prompt_embeds" not in da.NAG("blurry").to_dict()  # a prompt's settings stay as they were
+    assert da.NAG.from_dict(da.NAG("blurry").to_dict()) == da.NAG("blurry")
+
+
+def test_bad_embeddings_are_refused_in_one_line():
+    embeds = torch.randn(1, 5, 8)
+    cases = [
+        (dict(negative_prompt="blurry", negative_prompt_embeds=embeds), ValueError, "not both"),
+        (dict(negative_pooled_prompt_embeds=torch.randn(1, 4)), ValueError, "go with negative_prompt_embeds"),
+        (dict(negative_prompt_embeds=[[1.0]]), TypeError, "must be a torch.Tensor"),
+        (dict(negative_prompt_embeds=torch.randn(2, 5, 8)), ValueError, r"one prompt's, \(1, S, D\), got shape \(2, 5, 8\)"),
+        (dict(negative_prompt_embeds=torch.ones(1, 5, 8, dtype=torch.long)), TypeError, "floating point"),
+        (dict(negative_prompt_embeds=embeds, negative_prompt_embeds_mask=torch.ones(1, 4)), ValueError,
+         "covers 4 tokens, negative_prompt_embeds has 5"),
+        (dict(negative_prompt_embeds=embeds, negative_pooled_prompt_embeds=torch.randn(4)), ValueError, r"\(1, P\)"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            da.NAG(**kwargs)
+
+
+def test_families_refuse_embeddings_they_do_not_take():
+    embeds, pooled, mask = torch.randn(1, 5, 8), torch.randn(1, 4), torch.ones(1, 5)
+    sd3 = family_named("SD3Transformer2DModel")
+    with pytest.raises(ValueError, match="needs negative_pooled_prompt_embeds"):
+        sd3.check_given_negative(da.NAG(negative_prompt_embeds=embeds))
+    with pytest.raises(ValueError, match="sd3 models take no negative_prompt_embeds_mask"):
+        sd3.check_given_negative(da.NAG(negative_prompt_embeds=embeds, negative_pooled_prompt_embeds=pooled,
+                                        negative_prompt_embeds_mask=mask))
+    with pytest.raises(ValueError, match="chroma needs negative_prompt_embeds_mask"):
+        family_named("ChromaTransformer2DModel").check_given_negative(da.NAG(negative_prompt_embeds=embeds))
+    with pytest.raises(ValueError, match="qwen_image models take no negative_pooled_prompt_embeds"):
+        family_named("QwenImageTransformer2DModel").check_given_negative(
+            da.NAG(negative_prompt_embeds=embeds, negative_pooled_prompt_embeds=pooled))
+    with pytest.raises(NotImplementedError, match=r"NAG takes negative_prompt_embeds on sd3, flux, .* not on hunyuan_image"):
+        family_named("HunyuanImageTransformer2DModel").check_given_negative(da.NAG(negative_prompt_embeds=embeds))
