@@ -351,6 +351,14 @@ class NAG(Edit):
             raise ValueError(f"negative_prompt_embeds_mask covers {mask.shape[1]} tokens, negative_prompt_embeds has "
                              f"{embeds.shape[1]}")
 
+    def __repr__(self) -> str:
+        shown = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr]
+        given = [f"{name}=<tensor {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}>"
+                 for name in EMBEDDING_SETTINGS if (value := getattr(self, name)) is not None]
+        if given:
+            shown = shown[1:] + given  # no negative_prompt
+        return f"NAG({', '.join(shown)})"
+
     @property
     def inert(self) -> bool:
         """scale 1 or alpha 0: the output is Z⁺, the stock one."""

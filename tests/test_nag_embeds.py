@@ -197,6 +197,7 @@ def test_settings_name_the_embeddings_by_digest():
     assert other["negative_prompt_embeds"]["sha256"] != settings["negative_prompt_embeds"]["sha256"]
     with pytest.raises(ValueError, match="rebuild the NAG with the tensors"):
         da.NAG.from_dict(settings)
+    assert repr(nag).startswith("NAG(scale=3.0, tau=2.5,") and "negative_prompt_embeds=<tensor (1, 5, 8) float32>" in repr(nag)
     assert "negative_prompt_embeds" not in da.NAG("blurry").to_dict()  # a prompt's settings stay as they were
     assert da.NAG.from_dict(da.NAG("blurry").to_dict()) == da.NAG("blurry")
 
