@@ -12,6 +12,7 @@ from dit_attn.families import family_named
 from dit_attn.toy.configs import pipeline_components
 
 from .conftest import CallRecorder, flux_call, sd3_call
+from .test_nag_families import qwen_edit  # noqa: F401 (a fixture)
 
 torch.set_num_threads(1)
 
@@ -234,3 +235,22 @@ def test_families_refuse_embeddings_they_do_not_take():
             da.NAG(negative_prompt_embeds=embeds, negative_pooled_prompt_embeds=pooled))
     with pytest.raises(NotImplementedError, match=r"NAG takes negative_prompt_embeds on sd3, flux, .* not on hunyuan_image"):
         family_named("HunyuanImageTransformer2DModel").check_given_negative(da.NAG(negative_prompt_embeds=embeds))
+
+
+def test_qwen_image_edit_takes_embeddings_encoded_with_the_reference_image(qwen_edit):
+    """Qwen-Image-Edit encodes each prompt with its reference image: the negative prompt's embeddings encoded with the
+    image the pipeline hands its `encode_prompt` guide as the negative prompt does."""
+    from .test_nag_families import edit_call
+
+    seen, encode = {}, qwen_edit.encode_prompt
+    qwen_edit.encode_prompt = lambda *args, **kwargs: seen.update(kwargs) or encode(*args, **kwargs)
+    try:
+        stock = edit_call(qwen_edit)
+    finally:
+        del qwen_edit.encode_prompt
+    embeds, mask = qwen_edit.encode_prompt(prompt=NEGATIVE, image=seen["image"])
+    given = {"negative_prompt_embeds": embeds, **({} if mask is None else {"negative_prompt_embeds_mask": mask})}
+    from_prompt, _ = guided(qwen_edit, lambda p: edit_call(p), da.NAG(NEGATIVE, **SETTINGS))
+    assert (from_prompt - stock).abs().max() > 1e-3
+    out, _ = guided(qwen_edit, lambda p: edit_call(p), da.NAG(**given, **SETTINGS))
+    assert (out - from_prompt).abs().max() <= 1e-6
