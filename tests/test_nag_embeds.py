@@ -139,6 +139,20 @@ def test_given_embeddings_guide_as_the_negative_prompt(name):
         assert (out - from_prompt).abs().max() <= 1e-6
 
 
+@pytest.mark.parametrize("name,cfg", [("sd3", {"guidance_scale": 4.0, "negative_prompt": "a green cat"}),
+                                      ("qwen_image", {"true_cfg_scale": 3.0, "negative_prompt": "a green cat"})])
+def test_given_embeddings_with_cfg(name, cfg):
+    """With CFG on (SD3's batched unconditional rows; Qwen-Image's second call, its negative prompt encoded at its own
+    length) the given embeddings still guide as the negative prompt does."""
+    pipe, call, embeds = build(name)
+    pipe.set_progress_bar_config(disable=True)
+    stock, _ = guided(pipe, call, None, **cfg)
+    from_prompt, _ = guided(pipe, call, da.NAG(NEGATIVE, **SETTINGS), **cfg)
+    assert (from_prompt - stock).abs().max() > 1e-3
+    out, _ = guided(pipe, call, da.NAG(**embeds(pipe, NEGATIVE), **SETTINGS), **cfg)
+    assert (out - from_prompt).abs().max() <= 1e-6
+
+
 def test_qwen_image_takes_embeddings_of_any_length_as_its_encoder_path_does():
     """Qwen-Image pads each call's text to its longest prompt: a shorter negative prompt's embeddings are padded with
     masked zero states and a longer one's cut at the call's length, as the encoded negative prompt is."""
