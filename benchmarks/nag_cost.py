@@ -3,7 +3,8 @@ negative text as extra tokens of each row (the default on SD3, FLUX.1 and Chroma
 text as extra rows (the row path every family has), and CFG-style negative prompting (two passes), side by side.
 "stock call, negative text appended" is one stock call on [prompt text ; negative text] (no NAG): the token path's
 floor, what its extra tokens alone cost. Also the token path forced to compute the image keys' part once for both texts ("image keys shared", by default
-from nag_tokens_flux.SHARED_IMAGE_KEYS_FROM image tokens on) and forced to two attention calls per NAG layer.
+from nag_tokens_flux.SHARED_IMAGE_KEYS_FROM image tokens on), forced to two attention calls per NAG layer, and, as an
+ablation, with each NAG layer's output left Z⁺ ("Z+ kept": what the combination formula itself costs).
 
 --model flux-toy: a random-weight FLUX.1 (guidance-distilled, 2 double + 4 single blocks, 4 heads × 32) with
 --text-tokens T5 tokens; its CFG is true CFG (a second call with the negative prompt).
@@ -25,6 +26,7 @@ import torch
 import dit_attn as da
 from dit_attn.families import family_of
 from dit_attn.hooks import nag_tokens, nag_tokens_flux
+from dit_attn.processors import state
 from dit_attn.loading import call_defaults, load_pipeline
 
 PROMPT, NEGATIVE = "a circle on a white background", "red"
@@ -81,6 +83,15 @@ def main() -> None:
              generator=[torch.Generator().manual_seed(s) for s in range(args.images)], **rest,
              **({} if flux else {"guidance_scale": 1.0}))
 
+    def nag_without_combination():
+        # an ablation: the token path with each NAG layer's output left Z⁺ (what the combination formula itself costs)
+        combination = state.nag_combination
+        state.nag_combination = lambda setting, positive, negative: positive
+        try:
+            nag()
+        finally:
+            state.nag_combination = combination
+
     def nag_rows():
         with nag_tokens.row_path():
             nag()
@@ -100,6 +111,7 @@ def main() -> None:
         "NAG, negative text as tokens": nag,
         "NAG, tokens, image keys shared": nag_forcing(0),
         "NAG, tokens, two attention calls": nag_forcing(None),
+        "NAG, tokens, Z+ kept (ablation)": nag_without_combination,
         "NAG, negative text as rows": nag_rows,
         f"CFG {args.cfg} with the negative prompt": lambda: generate(args.cfg, negative_prompt=NEGATIVE),
     }
