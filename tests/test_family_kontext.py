@@ -55,3 +55,25 @@ def test_text_patch_with_the_prompt_itself_changes_nothing(kontext_pipe):
         assert (kontext_call(kontext_pipe) - stock).abs().max() < 1e-5
     with da.apply(kontext_pipe, da.TextPatch(layers=[0, 2], source_prompt="a blue square")):
         assert (kontext_call(kontext_pipe) - stock).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("layers", [None, (1, 2)])  # the token path (every layer), the row path
+def test_nag_against_its_own_prompt_is_stock_and_its_paths_agree(kontext_pipe, layers, monkeypatch):
+    """NAG with the reference image's tokens in the image stream: against the prompt itself (Z⁻ = Z⁺) it leaves the
+    stock run at the stock call count, the token path equals the row path (whose negative rows take the positive rows'
+    whole image stream), and NAG acts."""
+    from .test_nag_families import three_runs
+
+    settings = dict(scale=4.0, tau=1.2, alpha=0.5)
+    with CallRecorder(kontext_pipe) as stock_rec:
+        stock = kontext_call(kontext_pipe)
+    with CallRecorder(kontext_pipe) as rec, da.apply(kontext_pipe, da.NAG("make it red", layers=layers, **settings)):
+        same = kontext_call(kontext_pipe)
+    assert len(rec.calls) == len(stock_rec.calls)
+    assert (same - stock).abs().max() <= 1e-5
+    if layers is None:
+        three_runs(kontext_pipe, lambda: kontext_call(kontext_pipe), kontext_pipe.transformer.transformer_blocks[0],
+                   lambda a, k: k["hidden_states"].shape, da.NAG("a blue square", **settings), monkeypatch)
+    else:
+        with da.apply(kontext_pipe, da.NAG("a blue square", layers=layers, **settings)):
+            assert (kontext_call(kontext_pipe) - stock).abs().max() > 1e-3
