@@ -197,6 +197,19 @@ def test_embeddings_at_another_text_length_are_refused_in_one_line():
         guided(pipe, call, nag)
 
 
+def test_embeddings_of_another_width_are_refused_in_one_line():
+    pipe, call, _ = build("sd3")
+    pipe.set_progress_bar_config(disable=True)
+    given = sd3_embeds(pipe, NEGATIVE)
+    wide = torch.randn(*given["negative_prompt_embeds"].shape[:2], 2 * given["negative_prompt_embeds"].shape[-1])
+    with pytest.raises(ValueError, match=r"negative_prompt_embeds are 128 wide, this call's encoder_hidden_states 64"):
+        guided(pipe, call, da.NAG(negative_prompt_embeds=wide,
+                                  negative_pooled_prompt_embeds=given["negative_pooled_prompt_embeds"]))
+    with pytest.raises(ValueError, match=r"negative_pooled_prompt_embeds are 3 wide"):
+        guided(pipe, call, da.NAG(negative_prompt_embeds=given["negative_prompt_embeds"],
+                                  negative_pooled_prompt_embeds=torch.randn(1, 3)))
+
+
 def test_settings_name_the_embeddings_by_digest():
     embeds, pooled = torch.randn(1, 5, 8), torch.randn(1, 4)
     nag = da.NAG(negative_prompt_embeds=embeds, negative_pooled_prompt_embeds=pooled, scale=3.0)
