@@ -7,8 +7,8 @@ the held-out ones; ties to the first in the palette / list order), so that there
 to remove. Then, on held-out seeds, same prompts and seeds in every condition:
 
 - no guidance, CFG off (guidance_scale 1);
-- NAG(negative) with CFG off, the defaults (scale 5, tau 2.5, alpha 0.25), and a sweep that
-  moves one parameter at a time: scale 2 / 8, tau 1.5 / 4, alpha 0.5;
+- NAG(negative) with CFG off, the defaults (scale 5, tau 2.5, alpha 0.125: the official SD3 code's, the tiny
+  model being an SD3), and a sweep that moves one parameter at a time: scale 2 / 8, tau 1.5 / 4, alpha 0.25 / 0.5;
 - CFG-style negative prompting: guidance_scale --cfg with negative_prompt (two passes).
 
 Measures per condition: how often the judge reads the negated value; adherence (the share of
@@ -32,6 +32,7 @@ from collections import Counter
 import torch
 
 import dit_attn as da
+from dit_attn.families import family_of
 from dit_attn.loading import call_defaults, load_pipeline
 from dit_attn.toy import data
 from dit_attn.toy.judge import judge
@@ -42,12 +43,13 @@ AXES = ("color", "size", "position")
 # falls outside what it learned (it draws one shape whatever the seed); the targets are also read on these alone
 OPEN_AXES = ("size", "position")
 VALUES = {"color": data.COLORS, "size": data.SIZES, "position": data.POSITIONS}
-NAG_SWEEP = {  # one parameter at a time around the defaults (scale 5, tau 2.5, alpha 0.25)
-    "NAG (defaults: scale 5, tau 2.5, alpha 0.25)": {},
+NAG_SWEEP = {  # one parameter at a time around the SD3 family's defaults (scale 5, tau 2.5, alpha 0.125)
+    "NAG (defaults: scale 5, tau 2.5, alpha 0.125)": {},
     "NAG scale 2": {"scale": 2.0},
     "NAG scale 8": {"scale": 8.0},
     "NAG tau 1.5": {"tau": 1.5},
     "NAG tau 4": {"tau": 4.0},
+    "NAG alpha 0.25": {"alpha": 0.25},
     "NAG alpha 0.5": {"alpha": 0.5},
 }
 
@@ -130,6 +132,9 @@ def main() -> None:
             cases.append({"axis": axis, "prompt": prompt, "named": wanted, "negative": negated,
                           "calibration_counts": dict(counts)})
 
+    defaults = da.NAG("red").resolved(family_of(pipe.transformer), type(pipe).__name__)
+    if next(iter(NAG_SWEEP)) != f"NAG (defaults: scale {defaults.scale:g}, tau {defaults.tau:g}, alpha {defaults.alpha:g})":
+        raise SystemExit(f"the sweep's first label names other defaults than {args.model}'s: {defaults}")
     conditions = {"no guidance (CFG off)": lambda c: (None, {"guidance_scale": 1.0})}
     for name, change in NAG_SWEEP.items():
         conditions[name] = lambda c, change=change: (da.NAG(c["negative"], **change), {"guidance_scale": 1.0})

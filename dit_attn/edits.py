@@ -3,6 +3,7 @@ as embeddings); `apply` checks them against the model's layer/head map.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -283,7 +284,9 @@ class NAG(Edit):
     Z̃ ← Z̃·tau/r where r > tau, and the output is alpha·Z̃ + (1 − alpha)·Z⁺.
 
     norm: "l1" (the paper) or "l2" (the official FLUX code). start/end: fractions of the
-    denoising steps. The negative prompt runs as extra rows of the pipeline's own transformer
+    denoising steps. alpha / end None: the official code's for the model, resolved at `apply`
+    (`resolved`): alpha 0.125 on SD3/SD3.5, 0.25 elsewhere; end 0.25 in FluxKontextPipeline, 1.0
+    elsewhere. The negative prompt runs as extra rows of the pipeline's own transformer
     call (one per conditional row), up to the last NAG layer. scale = 1 or alpha = 0 is stock.
 
     Instead of `negative_prompt`, the negative prompt's embeddings as the pipeline takes them for one
@@ -295,10 +298,10 @@ class NAG(Edit):
     negative_prompt: str = ""
     scale: float = 5.0
     tau: float = 2.5
-    alpha: float = 0.25
+    alpha: float | None = None
     layers: tuple | None = None
     start: float = 0.0
-    end: float = 1.0
+    end: float | None = None
     norm: str = "l1"
     negative_prompt_embeds: object = field(default=None, compare=False, repr=False)
     negative_pooled_prompt_embeds: object = field(default=None, compare=False, repr=False)
@@ -313,22 +316,26 @@ class NAG(Edit):
             raise ValueError("negative_pooled_prompt_embeds and negative_prompt_embeds_mask go with negative_prompt_embeds")
         elif not isinstance(self.negative_prompt, str) or not self.negative_prompt.strip():
             raise ValueError(f"negative_prompt must be a non-empty string, got {self.negative_prompt!r}")
-        for name, low in (("scale", 1.0), ("tau", 0.0), ("alpha", 0.0)):
+        for name in ("scale", "tau", "alpha"):
             value = getattr(self, name)
+            if name == "alpha" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.scale < 1:
             raise ValueError(f"scale must be >= 1 (1: no guidance), got {self.scale!r}")
         if self.tau <= 0:
             raise ValueError(f"tau must be > 0, got {self.tau!r}")
-        if not 0 <= self.alpha <= 1:
+        if self.alpha is not None and not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
         if self.layers is not None:
             object.__setattr__(self, "layers", _check_layers("layers", self.layers))
         check_fraction("start", self.start)
-        check_fraction("end", self.end)
-        if self.start >= self.end:
-            raise ValueError(f"start must be < end (fractions of the denoising steps), got start={self.start}, end={self.end}")
+        if self.end is not None:
+            check_fraction("end", self.end)
+            if self.start >= self.end:
+                raise ValueError(f"start must be < end (fractions of the denoising steps), got start={self.start}, "
+                                 f"end={self.end}")
         _check_choice("norm", self.norm, NAG_NORMS)
 
     def _check_embeds(self) -> None:
@@ -361,8 +368,18 @@ class NAG(Edit):
 
     @property
     def inert(self) -> bool:
-        """scale 1 or alpha 0: the output is Z⁺, the stock one."""
+        """scale 1 or alpha 0: the output is Z⁺, the stock one (no default alpha is 0)."""
         return self.scale == 1 or self.alpha == 0
+
+    def resolved(self, family, pipeline_name: str) -> "NAG":
+        """This NAG with alpha / end left None set to the official code's for the family and pipeline
+        (`Family.nag_alpha`, `Family.nag_end_of_pipeline`)."""
+        alpha = self.alpha if self.alpha is not None else family.nag_alpha
+        end = self.end if self.end is not None else family.nag_end_of_pipeline.get(pipeline_name, 1.0)
+        if self.start >= end:
+            raise ValueError(f"start must be < end (fractions of the denoising steps), got start={self.start}, end={end} "
+                             f"({pipeline_name}'s default end)")
+        return dataclasses.replace(self, alpha=alpha, end=end)
 
     def to_dict(self) -> dict:
         """The settings; embeddings (where given) as their shape, dtype and the SHA-256 of their values (what names

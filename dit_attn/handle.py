@@ -220,6 +220,7 @@ def apply(pipe_or_transformer, *edits, expert: str | None = None) -> Handle:
                                "its with-block) before applying again")
 
     family = family_of(transformer)
+    edits = tuple(e.resolved(family, type(pipe).__name__) if isinstance(e, NAG) else e for e in edits)
     maps = {name: family.layers(model) for name, model in models.items()}
     states = {name: EditState() for name in models}
     guidance = [e for e in edits if isinstance(e, HeadGuidance)]

@@ -58,12 +58,10 @@ def test_text_patch_with_the_prompt_itself_changes_nothing(kontext_pipe):
 
 
 @pytest.mark.parametrize("layers", [None, (1, 2)])  # the token path (every layer), the row path
-def test_nag_against_its_own_prompt_is_stock_and_its_paths_agree(kontext_pipe, layers, monkeypatch):
+def test_nag_against_its_own_prompt_is_stock(kontext_pipe, layers):
     """NAG with the reference image's tokens in the image stream: against the prompt itself (Z⁻ = Z⁺) it leaves the
-    stock run at the stock call count, the token path equals the row path (whose negative rows take the positive rows'
-    whole image stream), and NAG acts."""
-    from .test_nag_families import three_runs
-
+    stock run at the stock call count, and against another prompt it acts (token path = row path:
+    tests/test_nag.py::test_kontext_token_path_equals_row_path)."""
     settings = dict(scale=4.0, tau=1.2, alpha=0.5)
     with CallRecorder(kontext_pipe) as stock_rec:
         stock = kontext_call(kontext_pipe)
@@ -71,9 +69,19 @@ def test_nag_against_its_own_prompt_is_stock_and_its_paths_agree(kontext_pipe, l
         same = kontext_call(kontext_pipe)
     assert len(rec.calls) == len(stock_rec.calls)
     assert (same - stock).abs().max() <= 1e-5
-    if layers is None:
-        three_runs(kontext_pipe, lambda: kontext_call(kontext_pipe), kontext_pipe.transformer.transformer_blocks[0],
-                   lambda a, k: k["hidden_states"].shape, da.NAG("a blue square", **settings), monkeypatch)
-    else:
-        with da.apply(kontext_pipe, da.NAG("a blue square", layers=layers, **settings)):
-            assert (kontext_call(kontext_pipe) - stock).abs().max() > 1e-3
+    with da.apply(kontext_pipe, da.NAG("a blue square", layers=layers, **settings)):
+        assert (kontext_call(kontext_pipe) - stock).abs().max() > 1e-3
+
+
+def test_nag_defaults_follow_the_official_kontext_pipeline(kontext_pipe):
+    """In FluxKontextPipeline NAG's end defaults to 0.25 (the official Kontext NAG pipeline's): the same run as end=0.25,
+    another than end=1.0; a start past it is refused at apply."""
+    with da.apply(kontext_pipe, da.NAG("a blue square")) as handle:
+        default = kontext_call(kontext_pipe, num_inference_steps=4)
+    assert (handle.edits[0].end, handle.edits[0].alpha) == (0.25, 0.25)
+    with da.apply(kontext_pipe, da.NAG("a blue square", end=0.25)):
+        assert torch.equal(kontext_call(kontext_pipe, num_inference_steps=4), default)
+    with da.apply(kontext_pipe, da.NAG("a blue square", end=1.0)):
+        assert (kontext_call(kontext_pipe, num_inference_steps=4) - default).abs().max() > 1e-4
+    with pytest.raises(ValueError, match=r"start must be < end .* got start=0.5, end=0.25 \(FluxKontextPipeline's default end\)"):
+        da.apply(kontext_pipe, da.NAG("a blue square", start=0.5))

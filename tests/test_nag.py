@@ -524,3 +524,17 @@ def test_shared_image_keys_equal_two_attention_calls(family, request, monkeypatc
     # two SDPA calls at each NAG layer, 3 steps
     check_shared_image_keys(pipe, lambda: call(pipe, ["a red circle", "a green square"]), da.NAG(NEGATIVE, **SETTINGS),
                             2 * layers * 3, monkeypatch)
+
+
+def test_alpha_defaults_to_the_official_code_per_family(sd3_pipe, flux_pipe):
+    """alpha left None is the official code's for the model at apply: 0.125 on SD3 (its NAG pipeline's), 0.25 on
+    FLUX.1; the run equals the one with that alpha given. The settings keep None (the family's default)."""
+    nag = da.NAG(NEGATIVE)
+    assert nag.alpha is None and nag.end is None and nag.to_dict()["alpha"] is None
+    assert da.NAG.from_dict(nag.to_dict()) == nag
+    for pipe, call, alpha in ((sd3_pipe, sd3_call, 0.125), (flux_pipe, flux_call, 0.25)):
+        with da.apply(pipe, nag) as handle:
+            default = call(pipe)
+        assert (handle.edits[0].alpha, handle.edits[0].end) == (alpha, 1.0)
+        with da.apply(pipe, da.NAG(NEGATIVE, alpha=alpha)):
+            assert torch.equal(call(pipe), default)

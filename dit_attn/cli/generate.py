@@ -155,7 +155,7 @@ def add_commands(sub) -> None:
                      help="Normalized Attention Guidance away from this negative prompt (da.NAG; works with CFG off)")
     gen.add_argument("--nag-scale", type=finite_float, default=None, help="NAG scale (default 5.0; 1: no guidance)")
     gen.add_argument("--nag-tau", type=finite_float, default=None, help="NAG normalization threshold (default 2.5)")
-    gen.add_argument("--nag-alpha", type=finite_float, default=None, help="NAG blending in [0, 1] (default 0.25)")
+    gen.add_argument("--nag-alpha", type=finite_float, default=None, help="NAG blending in [0, 1] (default: the model's, 0.125 on SD3, 0.25 elsewhere)")
     gen.add_argument("--num-frames", "--frames", dest="num_frames", type=int, default=None,
                      help="video models: frames per video (Wan: 4k + 1; default: the model's)")
     gen.add_argument("--fps", type=finite_float, default=None, help="video models: frames per second of the file (default 16)")

@@ -80,6 +80,9 @@ class Family:
     # None: not taken on this family
     negative_embeds_extra: str | None = None
     negative_mask_required: bool = False
+    # NAG's defaults where the official code sets them per model (`NAG.resolved`): alpha, and end per pipeline class
+    nag_alpha: float = 0.25
+    nag_end_of_pipeline: dict[str, float] = {}
     text_edits_unsupported: str = ""  # why TextPatch/TextGuard/localize cannot run on this family ("" : they can)
     makes_videos: bool = False  # its pipelines return `.frames` (videos), not `.images`
     # its processors feed `capture.video.VideoCaptureRecorder` (cross maps from the cross-attention, self from attn1)

@@ -122,6 +122,7 @@ class Flux(Family):
     rotary = True
     nag = True
     negative_embeds_extra = "pooled"
+    nag_end_of_pipeline = {"FluxKontextPipeline": 0.25}  # the official Kontext NAG pipeline's: an edit's first quarter
     packs_latents = True
     reference_tokens_trail = True  # Kontext appends the reference image's tokens and keeps the leading ones
 

@@ -26,6 +26,7 @@ class SD3(Family):
     text_first = False
     nag = True
     negative_embeds_extra = "pooled"
+    nag_alpha = 0.125  # the official SD3 NAG pipeline's
 
     def layers(self, transformer) -> list[LayerInfo]:
         return [
