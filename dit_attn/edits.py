@@ -3,12 +3,11 @@ as embeddings); `apply` checks them against the model's layer/head map.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from .checks import SCOPES, TARGETS, check_fraction, check_radius, check_window_shape
 from .heads import normalize_heads
@@ -379,7 +378,7 @@ class NAG(Edit):
         if self.start >= end:
             raise ValueError(f"start must be < end (fractions of the denoising steps), got start={self.start}, end={end} "
                              f"({pipeline_name}'s default end)")
-        return dataclasses.replace(self, alpha=alpha, end=end)
+        return replace(self, alpha=alpha, end=end)
 
     def to_dict(self) -> dict:
         """The settings; embeddings (where given) as their shape, dtype and the SHA-256 of their values (what names
