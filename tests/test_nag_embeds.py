@@ -172,7 +172,7 @@ def test_nag_on_a_pipeline_without_text_encoders(name):
     pipe.set_progress_bar_config(disable=True)
     nag = da.NAG(NEGATIVE, **SETTINGS)
     reference, _ = guided(pipe, call, nag)
-    own = (sd3_embeds if name == "sd3" else flux_embeds)(pipe, PROMPTS)
+    own = embeds(pipe, PROMPTS)
     prompt_inputs = {"prompt_embeds": own["negative_prompt_embeds"],
                      "pooled_prompt_embeds": own["negative_pooled_prompt_embeds"]}
     given = embeds(pipe, NEGATIVE)

@@ -201,7 +201,7 @@ class Family:
             return embeds, pooled
         if self.negative_embeds_extra == "mask":
             return embeds, mask if mask is not None else self.all_tokens(embeds)
-        return embeds, self.no_extra(embeds)
+        return embeds, embeds.new_zeros(embeds.shape[0], 0)  # as `encode_prompts` where the calls take no extra
 
     @staticmethod
     def all_tokens(embeds: "torch.Tensor") -> "torch.Tensor":
@@ -209,10 +209,6 @@ class Family:
         import torch
 
         return torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-
-    def no_extra(self, embeds: "torch.Tensor") -> "torch.Tensor":
-        """The extra output of `encode_prompts` where the calls take none with the text (here an empty (1, 0))."""
-        return embeds.new_zeros(embeds.shape[0], 0)
 
     def nag_text_states(self, transformer, embeds: "torch.Tensor") -> "torch.Tensor | None":
         """For a family whose text enters only through cross-attention: the negative prompt's text states

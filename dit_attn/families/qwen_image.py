@@ -126,27 +126,23 @@ class QwenImage(Family):
         else:
             embeds, mask = self._with_mask(*pipe.encode_prompt(prompt=list(prompts), num_images_per_prompt=1,
                                                                max_sequence_length=max_sequence_length or 512))
-        if max_sequence_length is not None:
-            embeds, mask = embeds[:, :max_sequence_length], mask[:, :max_sequence_length]
-        if max_sequence_length is not None and embeds.shape[1] < max_sequence_length:
-            pad = max_sequence_length - embeds.shape[1]
-            embeds = torch.nn.functional.pad(embeds, (0, 0, 0, pad))
-            mask = torch.nn.functional.pad(mask, (0, pad))
-        return embeds, mask
+        return self._at_length(embeds, mask, max_sequence_length) if max_sequence_length is not None else (embeds, mask)
 
     @staticmethod
     def _with_mask(embeds, mask):
         """The pipelines give no mask when no prompt is padded."""
-        if mask is None:
-            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        return embeds, mask
+        return embeds, mask if mask is not None else Family.all_tokens(embeds)
+
+    @staticmethod
+    def _at_length(embeds, mask, length: int):
+        """(text states, mask) of exactly `length` tokens: cut there, or padded with masked zero states."""
+        embeds, mask = embeds[:, :length], mask[:, :length]
+        pad = length - embeds.shape[1]
+        return torch.nn.functional.pad(embeds, (0, 0, 0, pad)), torch.nn.functional.pad(mask, (0, pad))
 
     def given_negative(self, embeds, pooled, mask, text_len: int):
-        """At the call's text length as `encode_prompts` gives it: cut there, or padded with masked zero states."""
-        mask = (mask if mask is not None else self.all_tokens(embeds))[:, :text_len]
-        embeds = embeds[:, :text_len]
-        pad = text_len - embeds.shape[1]
-        return torch.nn.functional.pad(embeds, (0, 0, 0, pad)), torch.nn.functional.pad(mask, (0, pad))
+        """At the call's text length as `encode_prompts` gives it."""
+        return self._at_length(*self._with_mask(embeds, mask), text_len)
 
     def source_text_padded(self, extra) -> bool:
         return not bool((extra != 0).all())
