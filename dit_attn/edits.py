@@ -288,13 +288,16 @@ class NAG(Edit):
     elsewhere. The negative prompt runs as extra rows of the pipeline's own transformer
     call (one per conditional row), up to the last NAG layer. scale = 1 or alpha = 0 is stock.
 
+    negative_prompt: one string for every prompt of a call, or a list of them, one per prompt (as a
+    pipeline's own `negative_prompt` list): the call must have that many prompts.
+
     Instead of `negative_prompt`, the negative prompt's embeddings as the pipeline takes them for one
     prompt (a pipeline without its text encoder): `negative_prompt_embeds` (1, S, D), with
     `negative_pooled_prompt_embeds` (1, P) on SD3 / FLUX.1 and `negative_prompt_embeds_mask` (1, S)
     on Qwen-Image and Chroma (Qwen-Image: optional, all tokens valid without it).
     """
 
-    negative_prompt: str = ""
+    negative_prompt: str | tuple[str, ...] = ""
     scale: float = 5.0
     tau: float = 2.5
     alpha: float | None = None
@@ -313,8 +316,8 @@ class NAG(Edit):
             self._check_embeds()
         elif self.negative_pooled_prompt_embeds is not None or self.negative_prompt_embeds_mask is not None:
             raise ValueError("negative_pooled_prompt_embeds and negative_prompt_embeds_mask go with negative_prompt_embeds")
-        elif not isinstance(self.negative_prompt, str) or not self.negative_prompt.strip():
-            raise ValueError(f"negative_prompt must be a non-empty string, got {self.negative_prompt!r}")
+        else:
+            object.__setattr__(self, "negative_prompt", _check_negative_prompt(self.negative_prompt))
         for name in ("scale", "tau", "alpha"):
             value = getattr(self, name)
             if name == "alpha" and value is None:
@@ -366,6 +369,11 @@ class NAG(Edit):
         return f"NAG({', '.join(shown)})"
 
     @property
+    def per_prompt(self) -> bool:
+        """The negative prompt is a list, one per prompt of the call."""
+        return isinstance(self.negative_prompt, tuple)
+
+    @property
     def inert(self) -> bool:
         """scale 1 or alpha 0: the output is Z⁺, the stock one (no default alpha is 0)."""
         return self.scale == 1 or self.alpha == 0
@@ -396,6 +404,17 @@ class NAG(Edit):
             raise ValueError("these NAG settings name its negative prompt's embeddings by digest: rebuild the NAG "
                              "with the tensors (NAG(negative_prompt_embeds=...))")
         return super().from_dict(data)
+
+
+def _check_negative_prompt(value) -> str | tuple[str, ...]:
+    """NAG's negative prompt: a non-empty string, or a non-empty list of them (a tuple)."""
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(p, str) and p.strip() for p in value):
+            return tuple(value)
+    elif isinstance(value, str) and value.strip():
+        return value
+    raise ValueError("negative_prompt must be a non-empty string, or a list of them (one per prompt of the call), "
+                     f"got {value!r}")
 
 
 EMBEDDING_SETTINGS = ("negative_prompt_embeds", "negative_pooled_prompt_embeds", "negative_prompt_embeds_mask")

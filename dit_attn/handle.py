@@ -103,7 +103,7 @@ def _text_controller(pipe, family: Family, edits: tuple, state: EditState, layer
     """The controller of a TextPatch, TextGuard or NAG (at most one per apply: each adds source-prompt
     rows), or None."""
     from .localization.guard import GuardController
-    from .localization.patching import GivenNegativeController, TextPatchController
+    from .localization.patching import GivenNegativeController, PerPromptNegativeController, TextPatchController
 
     text_edits = [e for e in edits if isinstance(e, (TextPatch, TextGuard, NAG))]
     if not text_edits:
@@ -138,6 +138,8 @@ def _text_controller(pipe, family: Family, edits: tuple, state: EditState, layer
         state.nag = NAGSetting(frozenset(layers), float(edit.scale), float(edit.tau), float(edit.alpha), edit.norm)
         if given:
             return GivenNegativeController(pipe, family, layers, edit)
+        if edit.per_prompt:
+            return PerPromptNegativeController(pipe, family, layers, edit)
         return TextPatchController(pipe, family, layers, edit.start, lambda rows: [edit.negative_prompt] * rows,
                                    "NAG", edit.end)
     state.patch_layers = frozenset(edit.layers)

@@ -121,7 +121,8 @@ class HunyuanImage(Family):
         """(Qwen text states (N, S, D), the rest as one (N, S + S2 + S2·D2) tensor: the Qwen mask, the ByT5
         glyph mask and the glyph states (S2 × D2) flattened), from the pipeline's own `encode_prompt` at its
         padded lengths; `predict` reads the leading Qwen mask, `append_text_rows` all of it."""
-        embeds, mask, glyphs, glyph_mask = pipe.encode_prompt(prompt=list(prompts), num_images_per_prompt=1)
+        embeds, mask, glyphs, glyph_mask = pipe.encode_prompt(prompt=list(prompts), batch_size=len(prompts),
+                                                              num_images_per_prompt=1)
         packed = torch.cat([mask.to(embeds), glyph_mask.to(embeds), glyphs.to(embeds).flatten(1)], dim=1)
         return embeds, packed
 

@@ -238,10 +238,10 @@ class CallHook(_Hook):
         self._check_controlnet(call, cond, patch)
         nag_text = None
         if patch is not None and self.state.nag is not None:
-            nag_text = self.family.nag_text_states(module, patch.embeds[:1])
+            nag_text = self.family.nag_text_states(module, patch.embeds[:1] if patch.one_source else patch.embeds)
         if nag_text is not None:  # NAG in a cross-attention: the negative text rides in the call state, not in rows
-            return self._cross_attention_nag_forward(module, forward, call, current, cond, patch.targets, nag_text)
-        if patch is not None and carries_tokens(self.family, self.state, call):
+            return self._cross_attention_nag_forward(module, forward, call, current, cond, patch, nag_text)
+        if patch is not None and carries_tokens(self.family, self.state, call, patch):
             return nag_tokens_forward(self, module, forward, call, current, cond, patch)
         if cond is None and patch is None:
             return forward(**call)
@@ -280,7 +280,7 @@ class CallHook(_Hook):
             return
         if self.state.nag is None:
             raise NotImplementedError(f"{self.text.selector.edit_name} does not support ControlNet residuals yet")
-        if not carries_tokens(self.family, self.state, call):
+        if not carries_tokens(self.family, self.state, call, patch):
             raise NotImplementedError("NAG runs with ControlNet residuals on its token path only: give layers=None "
                                       "(every layer) or 0…k, not another layer set")
 
@@ -291,16 +291,20 @@ class CallHook(_Hook):
         return {name: take_rows(value, plan.stages[0].select) if name in self.family.rows.call_args else value
                 for name, value in call.items()}
 
-    def _cross_attention_nag_forward(self, module, forward, call: dict, current, cond, targets, nag_text):
-        """The call with NAG's negative text states in the call state; NAG guides the conditional rows and,
-        with HeadGuidance, their perturbed copies (appended at the call)."""
-        plan = None
+    def _cross_attention_nag_forward(self, module, forward, call: dict, current, cond, patch, nag_text):
+        """The call with NAG's negative text states in the call state (one for every guided row, or each guided
+        row's); NAG guides the conditional rows and, with HeadGuidance, their perturbed copies (appended at the
+        call)."""
+        plan, targets = None, patch.targets
         if cond is not None:
             plan = plan_rows(self.family.batch_size(call), cond=cond, fork_layer=0)
             call = self.rows_at_call(call, plan)
             rows = torch.isin(plan.stages[0].from_call, targets).nonzero().flatten()
+            call_rows = plan.stages[0].from_call[rows]
         else:
-            rows = targets
+            rows = call_rows = targets
+        if not patch.one_source:
+            nag_text = nag_text.index_select(0, patch.source_index(call_rows).to(nag_text.device))
         current.rows, current.nag_text, current.nag_rows = plan, nag_text, rows
         try:
             output = forward(**call)

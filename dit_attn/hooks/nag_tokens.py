@@ -38,6 +38,10 @@ NAG_TOKEN_HOOK = "dit_attn.nag_tokens"
 TOKEN_FAMILIES = ("sd3", "flux", "chroma", "bria", "longcat_image", "ovis_image", "flux2", "qwen_image", "z_image",
                   "hunyuan_image", "hunyuan_video15")
 
+# token-path families whose rows may each carry their own negative text (a negative prompt per prompt); the others
+# (Z-Image, HunyuanImage, HunyuanVideo 1.5 prepare one negative text for every row) run such calls on the row path
+PER_ROW_FAMILIES = ("sd3", "flux", "chroma", "bria", "longcat_image", "ovis_image", "flux2", "qwen_image")
+
 
 @dataclass(frozen=True)
 class NAGTokens:
@@ -81,12 +85,14 @@ def row_path():
         TOKEN_FAMILIES = families
 
 
-def carries_tokens(family, state: EditState, call: dict | None = None) -> bool:
-    """NAG runs on the token path: a family whose blocks carry it, NAG layers 0…k (and a call they fit)."""
+def carries_tokens(family, state: EditState, call: dict | None = None, patch=None) -> bool:
+    """NAG runs on the token path: a family whose blocks carry it, NAG layers 0…k (and a call they fit, with
+    negative rows the family's token path takes: one negative prompt, or one per row where `PER_ROW_FAMILIES`)."""
     nag = state.nag
     return (nag is not None and family.name in TOKEN_FAMILIES
             and nag.layers == frozenset(range(max(nag.layers) + 1))
-            and (call is None or family.nag_tokens_fit(call)))
+            and (call is None or family.nag_tokens_fit(call))
+            and (patch is None or patch.one_source or family.name in PER_ROW_FAMILIES))
 
 
 def nag_tokens_forward(hook, module, forward, call: dict, current, cond, patch):
@@ -131,8 +137,8 @@ def nag_tokens_forward(hook, module, forward, call: dict, current, cond, patch):
 def _sd3_token_call(module, call: dict, patch, batch: int) -> tuple[dict, torch.Tensor]:
     """(the call with [positive ; negative] text, the negative text's time-text embedding (call rows, D))."""
     text, pooled = call["encoder_hidden_states"], call["pooled_projections"]
-    negative = patch.embeds[:1].to(text).expand(batch, -1, -1)
-    temb = module.time_text_embed(call["timestep"], patch.pooled[:1].to(pooled).expand(batch, -1))
+    negative = patch.per_call_row(patch.embeds.to(text), batch)
+    temb = module.time_text_embed(call["timestep"], patch.per_call_row(patch.pooled.to(pooled), batch))
     return {**call, "encoder_hidden_states": torch.cat([text, negative], dim=1)}, temb
 
 
@@ -189,12 +195,13 @@ def _hunyuan_video15_negative_context(module, call: dict, patch, family) -> tupl
 def _qwen_token_call(call: dict, patch, batch: int) -> dict:
     """The call with [positive ; negative] text and its text mask ([the call's ; the negative prompt's own])."""
     text, mask = call["encoder_hidden_states"], call.get("encoder_hidden_states_mask")
-    negative = patch.embeds[:1].to(text).expand(batch, -1, -1)
-    negative_mask = patch.pooled[:1].to(text.device)  # Qwen-Image's spec keeps the text mask where others pool
+    negative = patch.per_call_row(patch.embeds.to(text), batch)
+    # Qwen-Image's spec keeps the text mask where others pool
+    negative_mask = patch.per_call_row(patch.pooled.to(text.device), batch)
     out = {**call, "encoder_hidden_states": torch.cat([text, negative], dim=1)}
     if mask is not None or not bool(negative_mask.bool().all()):
         mask = torch.ones(text.shape[:2], dtype=negative_mask.dtype, device=text.device) if mask is None else mask
-        out["encoder_hidden_states_mask"] = torch.cat([mask, negative_mask.to(mask.dtype).expand(batch, -1)], dim=1)
+        out["encoder_hidden_states_mask"] = torch.cat([mask, negative_mask.to(mask.dtype)], dim=1)
     return out
 
 

@@ -38,21 +38,21 @@ def flux_token_call(module, call: dict, patch, batch: int) -> tuple[dict, torch.
     None where the modulation does not depend on the prompt (Chroma))."""
     text = call["encoder_hidden_states"]
     n = text.shape[1]
-    negative = patch.embeds[:1].to(text).expand(batch, -1, -1)
+    negative = patch.per_call_row(patch.embeds.to(text), batch)
     out = {**call, "encoder_hidden_states": torch.cat([text, negative], dim=1)}
     ids = call["txt_ids"]
     ids = ids[0] if ids.ndim == 3 else ids
     out["txt_ids"] = torch.cat([ids, ids])  # the pipelines' text ids depend on the text length only
     mask = call.get("attention_mask")
     if mask is not None:  # Chroma: the negative prompt's own text mask
-        out["attention_mask"] = torch.cat([mask[:, :n], patch.pooled[:1].to(mask).expand(batch, -1), mask[:, n:]], 1)
+        out["attention_mask"] = torch.cat([mask[:, :n], patch.per_call_row(patch.pooled.to(mask), batch), mask[:, n:]], 1)
     pooled = call.get("pooled_projections")
     if pooled is None:
         return out, None
     dtype = module.x_embedder.weight.dtype  # as the model casts timestep and guidance
     timestep = call["timestep"].to(dtype) * 1000
     guidance = call.get("guidance")
-    negative_pooled = patch.pooled[:1].to(pooled).expand(batch, -1)
+    negative_pooled = patch.per_call_row(patch.pooled.to(pooled), batch)
     if guidance is None:
         return out, module.time_text_embed(timestep, negative_pooled)
     return out, module.time_text_embed(timestep, guidance.to(dtype) * 1000, negative_pooled)

@@ -4,6 +4,7 @@ Both are instance attributes set over the class's method and removed again on un
 instance-level attribute someone else set first is put back."""
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 
@@ -54,3 +55,21 @@ def capture_prompts(pipe, record: Callable) -> MethodWrap:
         return check_inputs
 
     return MethodWrap(pipe, "check_inputs", make)
+
+
+def prompt_count(method: Callable, args: tuple, kwargs: dict) -> int | None:
+    """How many prompts a pipeline call has, from the arguments of its `method(*args, **kwargs)` call (its
+    `check_inputs` or `encode_prompt`): its prompt (a string: 1; a list: its length) or, without one, its prompt
+    embeddings (their rows; Z-Image: a list); None if neither."""
+    try:
+        given = inspect.signature(method).bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        given = kwargs
+    prompt, embeds = given.get("prompt"), given.get("prompt_embeds")
+    if isinstance(prompt, str):
+        return 1
+    if isinstance(prompt, (list, tuple)):
+        return len(prompt)
+    if isinstance(embeds, (list, tuple)):
+        return len(embeds)
+    return int(embeds.shape[0]) if getattr(embeds, "ndim", 0) >= 2 else None

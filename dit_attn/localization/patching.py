@@ -15,7 +15,7 @@ import torch
 
 from ..families import Family
 from ..hooks.calls import take_rows
-from ..hooks.pipeline import MethodWrap
+from ..hooks.pipeline import MethodWrap, prompt_count
 from ..hooks.selection import CallSelector
 from ..hooks.steps import denoising_step
 
@@ -54,6 +54,21 @@ class PatchRows:
     patch_end: int
     family: Family
     text_padded: bool = True  # whether `pooled` marks padded text tokens (decided where the prompts were encoded)
+    one_source: bool = True  # every source row has the same prompt
+
+    def source_index(self, call_rows: torch.Tensor) -> torch.Tensor:
+        """The source row (index into `embeds`) of each of `call_rows` (indices of the call's rows): a target row's
+        own, 0 for a row that is no target."""
+        rows = call_rows.cpu()
+        index = torch.zeros(max(int(rows.max()), int(self.targets.max())) + 1, dtype=torch.long)
+        index[self.targets] = torch.arange(len(self.targets))
+        return index[rows].to(call_rows.device)
+
+    def per_call_row(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+        """x (N, ...) of the source rows → (batch, ...), each of the call's rows its source's (`source_index`)."""
+        if self.one_source:
+            return x[:1].expand(batch, *x.shape[1:])
+        return x.index_select(0, self.source_index(torch.arange(batch)).to(x.device))
 
     def extend(self, kwargs: dict) -> dict:
         """The call's inputs with the source rows appended."""
@@ -181,6 +196,7 @@ class TextPatchController:
             patch_end=max(self.layers) + 1,
             family=self.family,
             text_padded=text_padded,
+            one_source=len({p for _, p in rows}) == 1,
         )
 
     def _encoded(self, prompts: list[str], kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -203,6 +219,63 @@ class TextPatchController:
     @staticmethod
     def _joined(entries: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, bool]:
         return torch.cat([e[0] for e in entries]), torch.cat([e[1] for e in entries]), any(e[2] for e in entries)
+
+
+class PerPromptNegativeController(TextPatchController):
+    """NAG's controller with a negative prompt per prompt of the call (`NAG.per_prompt`): the rows of the call's
+    prompt i (its images) take negative prompt i. The call's prompts are counted from its `check_inputs` arguments
+    (a pipeline without one: its `encode_prompt`'s), and a call with another number of prompts is refused there,
+    before anything runs."""
+
+    def __init__(self, pipe, family: Family, layers: tuple[int, ...], nag):
+        super().__init__(pipe, family, layers, nag.start, self._row_negatives, "NAG", nag.end)
+        self.negatives = nag.negative_prompt
+        self.count: int | None = None  # the prompts of the pipeline call running now
+        self._check_wrap: MethodWrap | None = None
+
+    @property
+    def _checks_inputs(self) -> bool:
+        return hasattr(type(self.pipe), "check_inputs")
+
+    def install(self) -> None:
+        super().install()
+        if self._checks_inputs:
+            self._check_wrap = MethodWrap(self.pipe, "check_inputs", self._counting)
+
+    def unwrap(self) -> None:
+        super().unwrap()
+        if self._check_wrap is not None:
+            self._check_wrap.undo()
+            self._check_wrap = None
+
+    def _counting(self, original):
+        def check_inputs(*args, **kwargs):
+            self._count(prompt_count(original, args, kwargs))
+            return original(*args, **kwargs)
+        return check_inputs
+
+    def _watches_encoder(self) -> bool:
+        return super()._watches_encoder() or not self._checks_inputs
+
+    def _pipeline_encodes(self, args: tuple, kwargs: dict) -> None:
+        super()._pipeline_encodes(args, kwargs)
+        if not self._checks_inputs:
+            self._count(prompt_count(type(self.pipe).encode_prompt.__get__(self.pipe), args, kwargs))
+
+    def _count(self, count: int | None) -> None:
+        if count is not None and count != len(self.negatives):
+            raise ValueError(f"NAG has {len(self.negatives)} negative prompts and this call {count} prompts: give one "
+                             "negative prompt per prompt, or one string for every prompt")
+        self.count = count
+
+    def _row_negatives(self, rows: int) -> list[str]:
+        if self.count is None:
+            raise ValueError("NAG with a negative prompt per prompt counts the call's prompts: call the pipeline "
+                             "with prompt=... or prompt_embeds=...")
+        if rows % self.count:
+            raise RuntimeError(f"NAG: {rows} conditional rows for {self.count} prompts")
+        per_prompt = rows // self.count
+        return [self.negatives[i // per_prompt] for i in range(rows)]
 
 
 class GivenNegativeController(TextPatchController):

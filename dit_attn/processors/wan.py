@@ -121,6 +121,7 @@ class WanCrossAttnProcessor(LayerProcessor):
         key, value = _text_keys_values(attn, call.nag_text)
         rows = call.nag_rows.to(query.device)
         n = rows.numel()
+        # one negative text for every guided row, or each guided row's
         negative = self._dispatch(query.index_select(0, rows), key.expand(n, -1, -1, -1), value.expand(n, -1, -1, -1),
                                   None).flatten(2, 3).type_as(query)
         out = hidden_states.clone()

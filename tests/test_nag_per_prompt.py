@@ -1,0 +1,121 @@
+"""NAG with a negative prompt per prompt of the call (`NAG(negative_prompt=[...])`, as a pipeline's own
+`negative_prompt` list): each prompt's rows must come out as NAG with that prompt's negative alone gives them (which
+the other NAG tests check against stock attention), per family, on the token path (layers 0…k) and the row path (a
+layer subset), at the stock number of transformer calls; and the refusals."""
+import contextlib
+import json
+
+import pytest
+import torch
+
+import dit_attn as da
+
+from .conftest import CallRecorder, sd3_call
+from .test_nag_embeds import SETTINGS, build
+from .test_nag_families import hy_call
+
+torch.set_num_threads(1)
+
+NEGATIVES = ("a blue square", "a dog")
+
+
+def hunyuan_image():
+    from dit_attn.toy.hunyuan_image import build_hunyuan_image_pipeline
+
+    pipe = build_hunyuan_image_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=8, guidance_embeds=True)
+    return pipe, lambda p, **k: hy_call(p, **k)
+
+
+def pipeline(name):
+    if name == "hunyuan_image":
+        pipe, call = hunyuan_image()
+    else:
+        pipe, call, _ = build(name)
+        if name == "ovis_image":  # its call's default is one prompt
+            call = (lambda c: lambda p, **k: c(p, prompt=["a red circle", "a cat"], **k))(call)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, call
+
+
+def guided(pipe, call, edits, **kwargs):
+    """(output, transformer calls) of the call under `edits`."""
+    with CallRecorder(pipe) as rec, (da.apply(pipe, *edits) if edits else contextlib.nullcontext()):
+        out = call(pipe, **kwargs)
+    return out, len(rec.steps)
+
+
+def assert_rows_take_their_negatives(pipe, call, extra=(), per_prompt_rows=1, **kwargs):
+    """The per-prompt NAG's rows of prompt i equal those of NAG with negative i alone (same call, same noise),
+    at the stock call count; the two negatives give those rows different outputs."""
+    _, stock_calls = guided(pipe, call, (), **kwargs)
+    for layers in (None, (1,)):
+        alone = [guided(pipe, call, [da.NAG(n, layers=layers, **SETTINGS), *extra], **kwargs)[0] for n in NEGATIVES]
+        out, calls = guided(pipe, call, [da.NAG(list(NEGATIVES), layers=layers, **SETTINGS), *extra], **kwargs)
+        assert calls == stock_calls
+        assert out.shape[0] == len(NEGATIVES) * per_prompt_rows
+        for i, single in enumerate(alone):
+            rows = slice(i * per_prompt_rows, (i + 1) * per_prompt_rows)
+            assert (out[rows] - single[rows]).abs().max() <= 1e-5, (layers, i)
+        second = slice(per_prompt_rows, 2 * per_prompt_rows)
+        assert (alone[0][second] - alone[1][second]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux", "chroma", "qwen_image", "flux2", "z_image", "wan", "ovis_image",
+                                  "hunyuan_image"])
+def test_each_prompt_takes_its_negative(name):
+    """Z-Image and HunyuanImage prepare one negative text for every row on their token path: calls with differing
+    negatives run the row path there."""
+    pipe, call = pipeline(name)
+    assert_rows_take_their_negatives(pipe, call)
+
+
+def test_images_per_prompt_and_cfg_on_sd3():
+    pipe, call = pipeline("sd3")
+    assert_rows_take_their_negatives(pipe, call, per_prompt_rows=2, num_images_per_prompt=2)
+    assert_rows_take_their_negatives(pipe, call, guidance_scale=3.0)
+
+
+@pytest.mark.parametrize("name,heads", [("sd3", ["L1H2"]), ("wan", ["L1H1"])])
+def test_with_head_guidance(name, heads):
+    """HeadGuidance's perturbed copies are NAG-guided with their rows' own negatives (SD3: forked at a block;
+    Wan: at the call, its negative text in a cross-attention)."""
+    pipe, call = pipeline(name)
+    assert_rows_take_their_negatives(pipe, call, extra=(da.HeadGuidance(heads=heads, scale=2.0),))
+
+
+def test_calls_with_prompt_embeddings_are_counted():
+    """A call with prompt_embeds instead of prompt: its prompts are the embeddings' rows."""
+    pipe, _ = pipeline("sd3")
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=["a red circle", "a cat"], prompt_2=None, prompt_3=None,
+                                              do_classifier_free_guidance=False, max_sequence_length=8)
+
+    def call(p, **kwargs):
+        return sd3_call(p, None, steps=2, guidance_scale=1.0, prompt_embeds=embeds, pooled_prompt_embeds=pooled,
+                        **kwargs)
+
+    assert_rows_take_their_negatives(pipe, call)
+
+
+def test_another_number_of_prompts_is_refused_before_the_call_runs():
+    pipe, call = pipeline("sd3")
+    with pytest.raises(ValueError, match="NAG has 3 negative prompts and this call 2 prompts"):
+        with CallRecorder(pipe) as rec, da.apply(pipe, da.NAG(["a", "b", "c"])):
+            call(pipe)
+    assert rec.steps == []
+    z_pipe, z_call = pipeline("z_image")  # no check_inputs: counted at its encode_prompt
+    with da.apply(z_pipe, da.NAG(["a"])):
+        with pytest.raises(ValueError, match="NAG has 1 negative prompts and this call 2 prompts"):
+            z_call(z_pipe)
+
+
+@pytest.mark.parametrize("bad", [[], ["a", " "], ["a", 3], 5, None])
+def test_bad_lists_are_refused(bad):
+    with pytest.raises(ValueError, match="negative_prompt must be a non-empty string, or a list of them"):
+        da.NAG(bad)
+
+
+def test_settings_keep_the_list():
+    nag = da.NAG(["a", "b"], scale=3.0)
+    data = json.loads(json.dumps(nag.to_dict()))
+    assert data["negative_prompt"] == ["a", "b"]
+    assert da.NAG.from_dict(data) == nag and nag.per_prompt and not da.NAG("a").per_prompt
