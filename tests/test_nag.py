@@ -351,6 +351,40 @@ def test_batch_file_with_a_negative_prompt_per_line(tmp_path):
     assert len(set(images)) == 3  # same prompt and seed: each negative prompt changes the image
 
 
+def test_batch_calls_take_a_negative_prompt_per_line(tmp_path, monkeypatch):
+    """Lines that differ only in prompt, seed and negative prompt share one pipeline call (NAG with a negative
+    prompt per prompt) and give the images each line gives in a call of its own."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from dit_attn import loading
+    from dit_attn.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(line) for line in [
+        {"prompt": "a circle", "seed": 4, "nag_negative": "red"},
+        {"prompt": "a circle", "seed": 4, "nag_negative": "small"},
+        {"prompt": "a square", "nag_negative": "red"},
+        {"prompt": "a circle", "seed": 4, "nag_negative": "left", "nag_scale": 3},
+    ]) + "\n")
+    calls, stock = [], loading.call_pipeline
+    monkeypatch.setattr(loading, "call_pipeline", lambda pipe, **kw: calls.append(len(kw["prompt"])) or stock(pipe, **kw))
+    images = {}
+    for size in (1, 3):
+        out = tmp_path / f"b{size}"
+        assert main(["generate", "--prompts", str(prompts), "--steps", "2", "--size", "32", "--guidance-scale", "1",
+                     "--batch-size", str(size), "--out", str(out)]) == 0
+        lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+        assert [line["edits"][0]["negative_prompt"] for line in lines] == ["red", "small", "red", "left"]
+        images[size] = [np.asarray(Image.open(out / line["file"]), dtype=float) for line in lines]
+    assert calls == [1, 1, 1, 1, 3, 1]
+    for single, batched in zip(images[1], images[3]):
+        assert np.abs(single - batched).max() <= 2  # batching changes float rounding only
+    assert np.abs(images[3][0] - images[3][1]).max() > 8  # the two negatives of one call stay apart
+
+
 def _block_inputs(pipe, run):
     """(rows, text tokens) of every call's first block, and the final latents, of `run()`."""
     seen = []

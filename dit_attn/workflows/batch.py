@@ -33,7 +33,7 @@ import contextlib
 import errno
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..edits import NAG, HeadGuidance, LocalAttention, edit_from_dict
 from ..io import (as_stored, parse_heads, parse_radius, parse_size, read_png_settings, read_records, slug,
@@ -471,19 +471,37 @@ def regenerate(png_path: str | os.PathLike, pipe=None, *, device: str | None = N
 
 
 def batches(ready: list, size: int) -> list[list]:
-    """Consecutive (item, settings, edits) entries whose settings differ only in prompt and seed, at most `size` a batch."""
+    """Consecutive (item, settings, edits) entries whose settings differ only in prompt, seed and NAG's negative
+    prompt, at most `size` a batch (`call_edits` gives a batch's edits)."""
     if size < 1:
         raise ValueError(f"batch size must be >= 1, got {size}")
     groups: list[list] = []
     last_key = None
     for entry in ready:
-        key = {k: v for k, v in entry[1].items() if k not in ("prompt", "seed")}
+        key = _batch_key(entry[1])
         if groups and len(groups[-1]) < size and key == last_key:
             groups[-1].append(entry)
         else:
             groups.append([entry])
         last_key = key
     return groups
+
+
+def _batch_key(settings: dict) -> dict:
+    key = {k: v for k, v in settings.items() if k not in ("prompt", "seed", "edits")}
+    key["edits"] = [{k: v for k, v in data.items() if k != "negative_prompt"} if data["edit"] == "NAG" else data
+                    for data in settings.get("edits") or ()]
+    return key
+
+
+def call_edits(group: list) -> tuple:
+    """The edits of one pipeline call for a batch from `batches`: its entries' edits, NAG's negative prompt one per
+    prompt (`NAG(negative_prompt=[...])`) where the entries' differ."""
+    edits = group[0][2]
+    negatives = [next((e.negative_prompt for e in entry[2] if isinstance(e, NAG)), None) for entry in group]
+    if len(set(negatives)) == 1:
+        return edits
+    return tuple(replace(e, negative_prompt=tuple(negatives)) if isinstance(e, NAG) else e for e in edits)
 
 
 @dataclass
@@ -656,7 +674,7 @@ def _generate(todo: list, base: dict, run_settings: dict, out: str, manifest: Ma
 
     try:
         for group in batches(ready, batch_size):
-            edits, settings = group[0][2], group[0][1]
+            edits, settings = call_edits(group), group[0][1]
             group_units, advanced[0] = sum(units[id(entry)] for entry in group), 0
             video_call = {"output_type": "pil", **({"callback_on_step_end": step_ended} if step_callbacks else {})} if videos else {}
             try:
