@@ -12,7 +12,8 @@ import dit_attn as da
 
 from .conftest import CallRecorder, sd3_call
 from .test_nag_embeds import SETTINGS, build
-from .test_nag_families import hy_call
+from .test_nag_families import flux_clone, hy_call
+from .test_nag_families import hv_call as hv_video_call
 
 torch.set_num_threads(1)
 
@@ -29,6 +30,13 @@ def hunyuan_image():
 def pipeline(name):
     if name == "hunyuan_image":
         pipe, call = hunyuan_image()
+    elif name == "hunyuan_video15":
+        from dit_attn.toy.hunyuan_video15 import build_hunyuan_video15_pipeline
+
+        pipe, call = build_hunyuan_video15_pipeline(num_layers=2, num_heads=4, head_dim=8), hv_video_call
+    elif name in ("longcat", "bria"):
+        pipe, clone_call = flux_clone(name)
+        call = lambda p, **k: clone_call(prompt=["a red circle", "a cat"], **k)  # noqa: E731
     else:
         pipe, call, _ = build(name)
         if name == "ovis_image":  # its call's default is one prompt
@@ -61,7 +69,7 @@ def assert_rows_take_their_negatives(pipe, call, extra=(), per_prompt_rows=1, **
 
 
 @pytest.mark.parametrize("name", ["sd3", "flux", "chroma", "qwen_image", "flux2", "z_image", "wan", "ovis_image",
-                                  "hunyuan_image"])
+                                  "hunyuan_image", "hunyuan_video15", "longcat", "bria"])
 def test_each_prompt_takes_its_negative(name):
     """Z-Image and HunyuanImage prepare one negative text for every row on their token path: calls with differing
     negatives run the row path there."""
@@ -72,6 +80,12 @@ def test_each_prompt_takes_its_negative(name):
 def test_images_per_prompt_and_cfg_on_sd3():
     pipe, call = pipeline("sd3")
     assert_rows_take_their_negatives(pipe, call, per_prompt_rows=2, num_images_per_prompt=2)
+    assert_rows_take_their_negatives(pipe, call, guidance_scale=3.0)
+
+
+def test_cfg_in_the_call_on_bria():
+    """Bria's CFG is one transformer call [uncond ; cond]: the conditional rows take their prompts' negatives."""
+    pipe, call = pipeline("bria")
     assert_rows_take_their_negatives(pipe, call, guidance_scale=3.0)
 
 
