@@ -294,7 +294,10 @@ class NAG(Edit):
     Instead of `negative_prompt`, the negative prompt's embeddings as the pipeline takes them for one
     prompt (a pipeline without its text encoder): `negative_prompt_embeds` (1, S, D), with
     `negative_pooled_prompt_embeds` (1, P) on SD3 / FLUX.1 and `negative_prompt_embeds_mask` (1, S)
-    on Qwen-Image and Chroma (Qwen-Image: optional, all tokens valid without it).
+    on Qwen-Image and Chroma (Qwen-Image: optional, all tokens valid without it); HunyuanImage 2.1 and
+    HunyuanVideo 1.5 take the Qwen states with their mask and the ByT5 glyph states and mask,
+    `negative_prompt_embeds_2` (1, S2, D2) and `negative_prompt_embeds_mask_2` (1, S2), as their
+    pipelines' own arguments of those names.
     """
 
     negative_prompt: str | tuple[str, ...] = ""
@@ -308,14 +311,16 @@ class NAG(Edit):
     negative_prompt_embeds: object = field(default=None, compare=False, repr=False)
     negative_pooled_prompt_embeds: object = field(default=None, compare=False, repr=False)
     negative_prompt_embeds_mask: object = field(default=None, compare=False, repr=False)
+    negative_prompt_embeds_2: object = field(default=None, compare=False, repr=False)
+    negative_prompt_embeds_mask_2: object = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.negative_prompt_embeds is not None:
             if self.negative_prompt != "":
                 raise ValueError("give negative_prompt or negative_prompt_embeds, not both")
             self._check_embeds()
-        elif self.negative_pooled_prompt_embeds is not None or self.negative_prompt_embeds_mask is not None:
-            raise ValueError("negative_pooled_prompt_embeds and negative_prompt_embeds_mask go with negative_prompt_embeds")
+        elif any(getattr(self, name) is not None for name in EMBEDDING_SETTINGS):
+            raise ValueError(f"{', '.join(EMBEDDING_SETTINGS[1:])} go with negative_prompt_embeds")
         else:
             object.__setattr__(self, "negative_prompt", _check_negative_prompt(self.negative_prompt))
         for name in ("scale", "tau", "alpha"):
@@ -344,7 +349,8 @@ class NAG(Edit):
         import torch
 
         for name, ndim in (("negative_prompt_embeds", 3), ("negative_pooled_prompt_embeds", 2),
-                           ("negative_prompt_embeds_mask", 2)):
+                           ("negative_prompt_embeds_mask", 2), ("negative_prompt_embeds_2", 3),
+                           ("negative_prompt_embeds_mask_2", 2)):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -353,12 +359,18 @@ class NAG(Edit):
             if value.ndim != ndim or value.shape[0] != 1 or 0 in value.shape:
                 shape = "(1, S, D)" if ndim == 3 else ("(1, P)" if "pooled" in name else "(1, S)")
                 raise ValueError(f"{name} must be one prompt's, {shape}, got shape {tuple(value.shape)}")
-        embeds, mask = self.negative_prompt_embeds, self.negative_prompt_embeds_mask
-        if not embeds.is_floating_point():
-            raise TypeError(f"negative_prompt_embeds must be floating point, got {embeds.dtype}")
-        if mask is not None and mask.shape[1] != embeds.shape[1]:
-            raise ValueError(f"negative_prompt_embeds_mask covers {mask.shape[1]} tokens, negative_prompt_embeds has "
-                             f"{embeds.shape[1]}")
+        glyphs, glyph_mask = self.negative_prompt_embeds_2, self.negative_prompt_embeds_mask_2
+        if (glyphs is None) != (glyph_mask is None):
+            raise ValueError("negative_prompt_embeds_2 and negative_prompt_embeds_mask_2 go together")
+        for suffix in ("", "_2"):
+            embeds, mask = getattr(self, f"negative_prompt_embeds{suffix}"), getattr(self, f"negative_prompt_embeds_mask{suffix}")
+            if embeds is None:
+                continue
+            if not embeds.is_floating_point():
+                raise TypeError(f"negative_prompt_embeds{suffix} must be floating point, got {embeds.dtype}")
+            if mask is not None and mask.shape[1] != embeds.shape[1]:
+                raise ValueError(f"negative_prompt_embeds_mask{suffix} covers {mask.shape[1]} tokens, "
+                                 f"negative_prompt_embeds{suffix} has {embeds.shape[1]}")
 
     def __repr__(self) -> str:
         shown = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr]
@@ -417,7 +429,8 @@ def _check_negative_prompt(value) -> str | tuple[str, ...]:
                      f"got {value!r}")
 
 
-EMBEDDING_SETTINGS = ("negative_prompt_embeds", "negative_pooled_prompt_embeds", "negative_prompt_embeds_mask")
+EMBEDDING_SETTINGS = ("negative_prompt_embeds", "negative_pooled_prompt_embeds", "negative_prompt_embeds_mask",
+                      "negative_prompt_embeds_2", "negative_prompt_embeds_mask_2")
 
 
 def tensor_digest(value) -> dict:

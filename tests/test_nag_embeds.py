@@ -63,6 +63,14 @@ def ovis_embeds(pipe, prompt):
     return {"negative_prompt_embeds": embeds}
 
 
+def hunyuan_embeds(pipe, prompt):
+    """HunyuanImage 2.1 / HunyuanVideo 1.5: the Qwen states and mask and the ByT5 glyph states and mask."""
+    per_prompt = "num_videos_per_prompt" if "Video" in type(pipe).__name__ else "num_images_per_prompt"
+    embeds, mask, glyphs, glyph_mask = pipe.encode_prompt(prompt=[prompt], batch_size=1, **{per_prompt: 1})
+    return {"negative_prompt_embeds": embeds, "negative_prompt_embeds_mask": mask, "negative_prompt_embeds_2": glyphs,
+            "negative_prompt_embeds_mask_2": glyph_mask}
+
+
 def build(name):
     """(pipeline, call(pipe, **kwargs) → output, embeds(pipe, prompt) → NAG's embedding settings)."""
     from dit_attn.toy.configs import build_flux_pipeline, build_sd3_pipeline
@@ -107,13 +115,33 @@ def build(name):
         from .test_wan_nag import wan_call
 
         return build_wan_pipeline(num_layers=3, num_heads=4, head_dim=12), wan_call, wan_embeds
+    if name == "hunyuan_image":
+        from dit_attn.toy.hunyuan_image import build_hunyuan_image_pipeline
+
+        from .test_nag_families import hy_call
+
+        pipe = build_hunyuan_image_pipeline(num_layers=2, num_single_layers=2, num_heads=4, head_dim=8,
+                                            guidance_embeds=True)
+        return pipe, hy_call, hunyuan_embeds
+    if name == "hunyuan_video15":
+        from dit_attn.toy.hunyuan_video15 import build_hunyuan_video15_pipeline
+
+        from .test_nag_families import hv_call
+
+        return build_hunyuan_video15_pipeline(num_layers=2, num_heads=4, head_dim=8), hv_call, hunyuan_embeds
     from .test_nag_families import flux_clone
 
     pipe, call = flux_clone("ovis")
     return pipe, lambda p, **k: call(**k), ovis_embeds
 
 
-FAMILIES = ["sd3", "flux", "chroma", "qwen_image", "flux2", "z_image", "wan", "ovis_image"]
+FAMILIES = ["sd3", "flux", "chroma", "qwen_image", "flux2", "z_image", "wan", "ovis_image", "hunyuan_image",
+            "hunyuan_video15"]
+GLYPH_NEGATIVE = 'a blue square "NO"'  # quoted text: HunyuanImage's and HunyuanVideo 1.5's ByT5 glyph states
+
+
+def negative_of(name: str) -> str:
+    return GLYPH_NEGATIVE if name.startswith("hunyuan") else NEGATIVE
 
 
 def guided(pipe, call, nag, **kwargs):
@@ -130,9 +158,9 @@ def test_given_embeddings_guide_as_the_negative_prompt(name):
     pipe, call, embeds = build(name)
     pipe.set_progress_bar_config(disable=True)
     stock, stock_calls = guided(pipe, call, None)
-    given = embeds(pipe, NEGATIVE)
+    given = embeds(pipe, negative_of(name))
     for layers in (None, (1,)):
-        from_prompt, _ = guided(pipe, call, da.NAG(NEGATIVE, layers=layers, **SETTINGS))
+        from_prompt, _ = guided(pipe, call, da.NAG(negative_of(name), layers=layers, **SETTINGS))
         assert (from_prompt - stock).abs().max() > 1e-3
         out, calls = guided(pipe, call, da.NAG(**given, layers=layers, **SETTINGS))
         assert calls == stock_calls
@@ -140,16 +168,18 @@ def test_given_embeddings_guide_as_the_negative_prompt(name):
 
 
 @pytest.mark.parametrize("name,cfg", [("sd3", {"guidance_scale": 4.0, "negative_prompt": "a green cat"}),
-                                      ("qwen_image", {"true_cfg_scale": 3.0, "negative_prompt": "a green cat"})])
+                                      ("qwen_image", {"true_cfg_scale": 3.0, "negative_prompt": "a green cat"}),
+                                      ("hunyuan_video15", {"cfg": 4.0, "negative_prompt": ['a green cat "X"', "dark"]})])
 def test_given_embeddings_with_cfg(name, cfg):
     """With CFG on (SD3's batched unconditional rows; Qwen-Image's second call, its negative prompt encoded at its own
-    length) the given embeddings still guide as the negative prompt does."""
+    length; HunyuanVideo 1.5's guider call with its own glyph states) the given embeddings still guide as the negative
+    prompt does."""
     pipe, call, embeds = build(name)
     pipe.set_progress_bar_config(disable=True)
     stock, _ = guided(pipe, call, None, **cfg)
-    from_prompt, _ = guided(pipe, call, da.NAG(NEGATIVE, **SETTINGS), **cfg)
+    from_prompt, _ = guided(pipe, call, da.NAG(negative_of(name), **SETTINGS), **cfg)
     assert (from_prompt - stock).abs().max() > 1e-3
-    out, _ = guided(pipe, call, da.NAG(**embeds(pipe, NEGATIVE), **SETTINGS), **cfg)
+    out, _ = guided(pipe, call, da.NAG(**embeds(pipe, negative_of(name)), **SETTINGS), **cfg)
     assert (out - from_prompt).abs().max() <= 1e-6
 
 
@@ -189,6 +219,47 @@ def test_nag_on_a_pipeline_without_text_encoders(name):
         da.apply(bare, nag)
 
 
+@pytest.mark.parametrize("name", ["hunyuan_image", "hunyuan_video15"])
+def test_hunyuan_nag_on_a_pipeline_without_text_encoders(name):
+    """HunyuanImage 2.1 and HunyuanVideo 1.5 without their Qwen and ByT5 encoders, called with all four prompt inputs:
+    NAG with the negative prompt's four gives the full pipeline's output with the negative prompt."""
+    from .test_nag_families import HY_PROMPTS
+
+    pipe, call, embeds = build(name)
+    pipe.set_progress_bar_config(disable=True)
+    reference, _ = guided(pipe, call, da.NAG(GLYPH_NEGATIVE, **SETTINGS))
+    per_prompt = "num_videos_per_prompt" if name == "hunyuan_video15" else "num_images_per_prompt"
+    own = pipe.encode_prompt(prompt=HY_PROMPTS, batch_size=len(HY_PROMPTS), **{per_prompt: 1})
+    prompt_inputs = dict(zip(("prompt_embeds", "prompt_embeds_mask", "prompt_embeds_2", "prompt_embeds_mask_2"), own))
+    encoders = [k for k in pipe.components if k.startswith("text_encoder") or k.startswith("tokenizer")]
+    bare = type(pipe)(**{**pipeline_components(pipe), **{k: None for k in encoders}})
+    bare.set_progress_bar_config(disable=True)
+    with da.apply(bare, da.NAG(**embeds(pipe, GLYPH_NEGATIVE), **SETTINGS)):
+        out = call(bare, prompt=None, **prompt_inputs)
+    assert (out - reference).abs().max() <= 1e-6
+    with pytest.raises(ValueError, match=r"text_encoder=None: .* \(or give NAG negative_prompt_embeds\)"):
+        da.apply(bare, da.NAG(GLYPH_NEGATIVE))
+
+
+def test_hunyuan_glyph_states_are_checked_in_one_line():
+    pipe, call, embeds = build("hunyuan_image")
+    pipe.set_progress_bar_config(disable=True)
+    given = embeds(pipe, GLYPH_NEGATIVE)
+    without = {k: v for k, v in given.items() if not k.endswith("_2")}
+    with pytest.raises(ValueError, match="needs the ByT5 glyph states with negative_prompt_embeds: negative_prompt_embeds_2"):
+        da.apply(pipe, da.NAG(**without))
+    with pytest.raises(ValueError, match="negative_prompt_embeds_2 and negative_prompt_embeds_mask_2 go together"):
+        da.NAG(**{**without, "negative_prompt_embeds_2": given["negative_prompt_embeds_2"]})
+    short = {**given, "negative_prompt_embeds_2": given["negative_prompt_embeds_2"][:, :5],
+             "negative_prompt_embeds_mask_2": given["negative_prompt_embeds_mask_2"][:, :5]}
+    for layers in (None, (1,)):
+        with pytest.raises(ValueError, match="the call has 8 ByT5 glyph tokens, the source .* 5: encode"):
+            guided(pipe, call, da.NAG(**short, layers=layers))
+    wide = {**given, "negative_prompt_embeds_2": torch.randn(1, 8, 7)}
+    with pytest.raises(ValueError, match="negative_prompt_embeds_2 are 7 wide, this call's encoder_hidden_states_2 32"):
+        guided(pipe, call, da.NAG(**wide))
+
+
 def test_embeddings_at_another_text_length_are_refused_in_one_line():
     pipe, call, _ = build("flux")
     pipe.set_progress_bar_config(disable=True)
@@ -226,6 +297,9 @@ def test_settings_name_the_embeddings_by_digest():
     with pytest.raises(ValueError, match="rebuild the NAG with the tensors"):
         da.NAG.from_dict(settings)
     assert repr(nag).startswith("NAG(scale=3.0, tau=2.5,") and "negative_prompt_embeds=<tensor (1, 5, 8) float32>" in repr(nag)
+    glyphs = da.NAG(negative_prompt_embeds=embeds, negative_prompt_embeds_mask=torch.ones(1, 5),
+                    negative_prompt_embeds_2=torch.randn(1, 3, 2), negative_prompt_embeds_mask_2=torch.ones(1, 3)).to_dict()
+    assert glyphs["negative_prompt_embeds_2"]["shape"] == [1, 3, 2] and glyphs["negative_prompt_embeds_mask_2"]["shape"] == [1, 3]
     assert "negative_prompt_embeds" not in da.NAG("blurry").to_dict()  # a prompt's settings stay as they were
     assert da.NAG.from_dict(da.NAG("blurry").to_dict()) == da.NAG("blurry")
 
@@ -241,6 +315,11 @@ def test_bad_embeddings_are_refused_in_one_line():
         (dict(negative_prompt_embeds=embeds, negative_prompt_embeds_mask=torch.ones(1, 4)), ValueError,
          "covers 4 tokens, negative_prompt_embeds has 5"),
         (dict(negative_prompt_embeds=embeds, negative_pooled_prompt_embeds=torch.randn(4)), ValueError, r"\(1, P\)"),
+        (dict(negative_prompt_embeds=embeds, negative_prompt_embeds_2=torch.randn(3, 2),
+              negative_prompt_embeds_mask_2=torch.ones(1, 3)), ValueError, r"negative_prompt_embeds_2 must be one prompt's, \(1, S, D\)"),
+        (dict(negative_prompt_embeds=embeds, negative_prompt_embeds_2=torch.randn(1, 3, 2),
+              negative_prompt_embeds_mask_2=torch.ones(1, 4)), ValueError, "mask_2 covers 4 tokens, negative_prompt_embeds_2 has 3"),
+        (dict(negative_prompt_embeds_mask_2=torch.ones(1, 4)), ValueError, "go with negative_prompt_embeds"),
     ]
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message):
@@ -260,8 +339,9 @@ def test_families_refuse_embeddings_they_do_not_take():
     with pytest.raises(ValueError, match="qwen_image models take no negative_pooled_prompt_embeds"):
         family_named("QwenImageTransformer2DModel").check_given_negative(
             da.NAG(negative_prompt_embeds=embeds, negative_pooled_prompt_embeds=pooled))
-    with pytest.raises(NotImplementedError, match=r"NAG takes negative_prompt_embeds on sd3, flux, .* not on hunyuan_image"):
-        family_named("HunyuanImageTransformer2DModel").check_given_negative(da.NAG(negative_prompt_embeds=embeds))
+    with pytest.raises(ValueError, match="sd3 models take no negative_prompt_embeds_2"):
+        sd3.check_given_negative(da.NAG(negative_prompt_embeds=embeds, negative_pooled_prompt_embeds=pooled,
+                                        negative_prompt_embeds_2=embeds, negative_prompt_embeds_mask_2=mask))
 
 
 def test_qwen_image_edit_takes_embeddings_encoded_with_the_reference_image(qwen_edit):

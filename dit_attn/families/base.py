@@ -182,26 +182,39 @@ class Family:
             raise NotImplementedError(f"NAG takes negative_prompt_embeds on {', '.join(takes)} models, not on "
                                       f"{self.name}: give negative_prompt")
         pooled, mask = nag.negative_pooled_prompt_embeds, nag.negative_prompt_embeds_mask
+        masked = kind in ("mask", "glyphs")
         if kind == "pooled" and pooled is None:
             raise ValueError(f"NAG on {self.name} needs negative_pooled_prompt_embeds with negative_prompt_embeds")
         if kind != "pooled" and pooled is not None:
             raise ValueError(f"{self.name} models take no negative_pooled_prompt_embeds")
-        if kind == "mask" and self.negative_mask_required and mask is None:
+        if masked and self.negative_mask_required and mask is None:
             raise ValueError(f"NAG on {self.name} needs negative_prompt_embeds_mask with negative_prompt_embeds")
-        if kind != "mask" and mask is not None:
+        if not masked and mask is not None:
             raise ValueError(f"{self.name} models take no negative_prompt_embeds_mask")
+        if kind == "glyphs" and nag.negative_prompt_embeds_2 is None:
+            raise ValueError(f"NAG on {self.name} needs the ByT5 glyph states with negative_prompt_embeds: "
+                             "negative_prompt_embeds_2 and negative_prompt_embeds_mask_2 (from its encode_prompt)")
+        if kind != "glyphs" and nag.negative_prompt_embeds_2 is not None:
+            raise ValueError(f"{self.name} models take no negative_prompt_embeds_2 (HunyuanImage's ByT5 glyph states)")
 
-    def given_negative(self, embeds: "torch.Tensor", pooled, mask, text_len: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+    def given_negative(self, nag, text_len: int) -> tuple["torch.Tensor", "torch.Tensor"]:
         """(text states, extra) of NAG's negative prompt given as embeddings (checked by `check_given_negative`), as
         `encode_prompts` gives a prompt encoded at the call's `text_len` text tokens: here of that length."""
+        embeds = self.at_call_length(nag.negative_prompt_embeds, text_len)
+        if self.negative_embeds_extra == "pooled":
+            return embeds, nag.negative_pooled_prompt_embeds
+        if self.negative_embeds_extra == "mask":
+            mask = nag.negative_prompt_embeds_mask
+            return embeds, mask if mask is not None else self.all_tokens(embeds)
+        return embeds, embeds.new_zeros(embeds.shape[0], 0)  # as `encode_prompts` where the calls take no extra
+
+    @staticmethod
+    def at_call_length(embeds: "torch.Tensor", text_len: int) -> "torch.Tensor":
+        """Given negative text states, refused in one line unless they have the call's `text_len` tokens."""
         if embeds.shape[1] != text_len:
             raise ValueError(f"NAG's negative_prompt_embeds have {embeds.shape[1]} text tokens, this call's prompt "
                              f"{text_len}: encode the negative prompt as the call's (the same max_sequence_length)")
-        if self.negative_embeds_extra == "pooled":
-            return embeds, pooled
-        if self.negative_embeds_extra == "mask":
-            return embeds, mask if mask is not None else self.all_tokens(embeds)
-        return embeds, embeds.new_zeros(embeds.shape[0], 0)  # as `encode_prompts` where the calls take no extra
+        return embeds
 
     @staticmethod
     def all_tokens(embeds: "torch.Tensor") -> "torch.Tensor":

@@ -50,6 +50,7 @@ class HunyuanImage(Family):
     widen_at_call = True
     rotary = False  # a `rope` module with (cos, sin) tables, not a `pos_embed` with `theta`
     nag = True
+    negative_embeds_extra, negative_mask_required = "glyphs", True  # Qwen states and mask, ByT5 glyph states and mask
 
     # --- layers and processors -------------------------------------------------------------
     def _blocks(self, transformer) -> list:
@@ -123,8 +124,14 @@ class HunyuanImage(Family):
         padded lengths; `predict` reads the leading Qwen mask, `append_text_rows` all of it."""
         embeds, mask, glyphs, glyph_mask = pipe.encode_prompt(prompt=list(prompts), batch_size=len(prompts),
                                                               num_images_per_prompt=1)
-        packed = torch.cat([mask.to(embeds), glyph_mask.to(embeds), glyphs.to(embeds).flatten(1)], dim=1)
-        return embeds, packed
+        return embeds, packed_text(embeds, mask, glyphs, glyph_mask)
+
+    def given_negative(self, nag, text_len: int):
+        """The given Qwen states at the call's length, their mask and the glyph states packed as `encode_prompts`
+        packs them (the glyph length is checked against the call's in `text_inputs`)."""
+        embeds = self.at_call_length(nag.negative_prompt_embeds, text_len)
+        return embeds, packed_text(embeds, nag.negative_prompt_embeds_mask, nag.negative_prompt_embeds_2,
+                                   nag.negative_prompt_embeds_mask_2)
 
     def append_text_rows(self, call: dict, embeds, extra, padded: bool = True) -> dict:
         """The source prompts' states, masks and (when the call has them) glyph states appended as rows."""
@@ -143,6 +150,10 @@ class HunyuanImage(Family):
         glyphs, glyph_mask = call.get("encoder_hidden_states_2"), call.get("encoder_attention_mask_2")
         if glyphs is not None:
             glyph_len = glyphs.shape[1]
+            if extra.shape[1] != length + glyph_len * (1 + glyphs.shape[2]):
+                raise ValueError(f"{self.name}: the call has {glyph_len} ByT5 glyph tokens, the source (or NAG's given "
+                                 f"negative_prompt_embeds_2) {(extra.shape[1] - length) // (1 + glyphs.shape[2])}: encode "
+                                 "it with this pipeline's own encode_prompt")
             out["encoder_hidden_states_2"] = extra[:, length + glyph_len:].unflatten(1, glyphs.shape[1:]).to(glyphs)
             out["encoder_attention_mask_2"] = extra[:, length:length + glyph_len].to(glyph_mask)
         return out
@@ -163,3 +174,9 @@ class HunyuanImage(Family):
         return transformer(hidden_states=x_t.to(device, dtype), timestep=(t * 1000).to(device, dtype),
                            encoder_hidden_states=embeds.to(device, dtype), encoder_attention_mask=mask.to(device),
                            guidance=guide, return_dict=False)[0]
+
+
+def packed_text(embeds: torch.Tensor, mask: torch.Tensor, glyphs: torch.Tensor, glyph_mask: torch.Tensor) -> torch.Tensor:
+    """A prompt's text inputs beside its Qwen states, as one (N, S + S2 + S2·D2) tensor of the states' dtype: the
+    Qwen mask, the ByT5 glyph mask and the glyph states flattened (`HunyuanImage.text_inputs` unpacks it)."""
+    return torch.cat([mask.to(embeds), glyph_mask.to(embeds), glyphs.to(embeds).flatten(1)], dim=1)

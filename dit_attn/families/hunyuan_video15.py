@@ -33,7 +33,7 @@ import torch
 
 from ..heads import LayerInfo, head_dim
 from .base import CallRows, Family
-from .hunyuan_image import HunyuanImage
+from .hunyuan_image import HunyuanImage, packed_text
 
 _CONTEXT_INPUTS = ("encoder_hidden_states", "encoder_hidden_states_2", "image_embeds")
 
@@ -56,6 +56,7 @@ class HunyuanVideo15(Family):
     video_capture = False  # Capture: the joint recorder (cross and self maps from the [video ; context] attention)
     rotary = False  # a `rope` module of (cos, sin) tables, not a `pos_embed` with `theta`
     nag = True
+    negative_embeds_extra, negative_mask_required = "glyphs", True  # as HunyuanImage 2.1's
 
     # --- layers and processors -------------------------------------------------------------
     def layers(self, transformer) -> list[LayerInfo]:
@@ -113,12 +114,12 @@ class HunyuanVideo15(Family):
         lengths: the packing `append_text_rows` reads."""
         embeds, mask, glyphs, glyph_mask = pipe.encode_prompt(prompt=list(prompts), batch_size=len(prompts),
                                                               num_videos_per_prompt=1)
-        packed = torch.cat([mask.to(embeds), glyph_mask.to(embeds), glyphs.to(embeds).flatten(1)], dim=1)
-        return embeds, packed
+        return embeds, packed_text(embeds, mask, glyphs, glyph_mask)
 
     # the same Qwen and ByT5 call inputs as HunyuanImage 2.1's, packed the same way by `encode_prompts`
     append_text_rows = HunyuanImage.append_text_rows
     text_inputs = HunyuanImage.text_inputs
+    given_negative = HunyuanImage.given_negative
 
     def latent_patch(self, transformer) -> int:
         return int(transformer.config.patch_size)

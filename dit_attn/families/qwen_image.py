@@ -140,9 +140,9 @@ class QwenImage(Family):
         pad = length - embeds.shape[1]
         return torch.nn.functional.pad(embeds, (0, 0, 0, pad)), torch.nn.functional.pad(mask, (0, pad))
 
-    def given_negative(self, embeds, pooled, mask, text_len: int):
+    def given_negative(self, nag, text_len: int):
         """At the call's text length as `encode_prompts` gives it."""
-        return self._at_length(*self._with_mask(embeds, mask), text_len)
+        return self._at_length(*self._with_mask(nag.negative_prompt_embeds, nag.negative_prompt_embeds_mask), text_len)
 
     def source_text_padded(self, extra) -> bool:
         return not bool((extra != 0).all())

@@ -148,9 +148,9 @@ class ZImage(Family):
         """None: the pipeline's default; a source prompt keeps its own caption length in the call."""
         return None
 
-    def given_negative(self, embeds, pooled, mask, text_len: int):
+    def given_negative(self, nag, text_len: int):
         """Any length: a caption keeps its own length in the call (`encode_prompts`' mask keeps all of it)."""
-        return embeds, self.all_tokens(embeds)
+        return nag.negative_prompt_embeds, self.all_tokens(nag.negative_prompt_embeds)
 
     def append_text_rows(self, call: dict, embeds, extra, padded: bool = True) -> dict:
         """The source prompts' captions (their `extra` mask's tokens) appended to the call's `cap_feats`."""

@@ -287,23 +287,23 @@ class GivenNegativeController(TextPatchController):
 
     def __init__(self, pipe, family: Family, layers: tuple[int, ...], nag):
         super().__init__(pipe, family, layers, nag.start, lambda rows: [self.PROMPT] * rows, "NAG", nag.end)
-        self.given = (nag.negative_prompt_embeds, nag.negative_pooled_prompt_embeds, nag.negative_prompt_embeds_mask)
+        self.nag = nag
 
     def install(self) -> None:
         pass  # the pipeline's own encoding has nothing to tell
 
     def _encoded(self, prompts: list[str], kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        embeds, pooled, _ = self.given
-        for name, given, call_input in (("negative_prompt_embeds", embeds, "encoder_hidden_states"),
-                                        ("negative_pooled_prompt_embeds", pooled, "pooled_projections")):
-            width = getattr(kwargs.get(call_input), "shape", (None,))[-1]
+        for name, call_input in (("negative_prompt_embeds", "encoder_hidden_states"),
+                                 ("negative_pooled_prompt_embeds", "pooled_projections"),
+                                 ("negative_prompt_embeds_2", "encoder_hidden_states_2")):
+            given, width = getattr(self.nag, name), getattr(kwargs.get(call_input), "shape", (None,))[-1]
             if given is not None and width is not None and given.shape[-1] != width:
                 raise ValueError(f"NAG's {name} are {given.shape[-1]} wide, this call's {call_input} {width}: encode the "
                                  "negative prompt with this pipeline's own encode_prompt")
         return super()._encoded(prompts, kwargs)
 
     def _entries(self, prompts: list[str], text_len: int, device, dtype) -> dict[str, tuple]:
-        embeds, extra = self.family.given_negative(*self.given, text_len)
+        embeds, extra = self.family.given_negative(self.nag, text_len)
         embeds = embeds.to(device=device, dtype=dtype)
         extra = extra.to(device=device, dtype=dtype if extra.is_floating_point() else None)
         return {p: (embeds, extra, self.family.source_text_padded(extra)) for p in prompts}
