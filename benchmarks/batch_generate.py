@@ -1,12 +1,15 @@
 """Batch generation throughput on the tiny model: `dit-attn generate --prompts FILE` one prompt
 per pipeline call vs `--batch-size N`, same prompts and seeds, timed side by side in one run
 (each into a fresh output directory), with the largest pixel difference between the two.
+`--nag-negatives`: each line with its own NAG negative prompt (cycling through red, small, left), so a
+batched call runs NAG with a negative prompt per prompt.
 
-Run:  python benchmarks/batch_generate.py [--n 32] [--batch-size 8] [--threads 1]
+Run:  python benchmarks/batch_generate.py [--n 32] [--batch-size 8] [--threads 1] [--nag-negatives]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -32,12 +35,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--nag-negatives", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as work:
-        prompts_file = os.path.join(work, "prompts.txt")
+        prompts = held_out_prompts("shape", args.n // 2) + held_out_prompts("sign", args.n - args.n // 2)
+        prompts_file = os.path.join(work, "prompts.jsonl")
         with open(prompts_file, "w") as f:
-            f.write("\n".join(held_out_prompts("shape", args.n // 2) + held_out_prompts("sign", args.n - args.n // 2)))
+            for i, prompt in enumerate(prompts):
+                negative = {"nag_negative": ("red", "small", "left")[i % 3]} if args.nag_negatives else {}
+                f.write(json.dumps({"prompt": prompt, **negative}) + "\n")
         run(prompts_file, os.path.join(work, "warm"), args.batch_size, 1)  # loads and warms the model
         one = run(prompts_file, os.path.join(work, "one"), 1, args.num_inference_steps)
         batched = run(prompts_file, os.path.join(work, "batched"), args.batch_size, args.num_inference_steps)
@@ -46,7 +53,9 @@ def main() -> None:
                        - np.asarray(Image.open(os.path.join(work, "batched", name)), dtype=np.int16)).max())
             for name in os.listdir(os.path.join(work, "one")) if name.endswith(".png")
         )
-    print(f"tiny model, {args.n} prompts, {args.num_inference_steps} steps, threads {args.threads}, load {os.getloadavg()[0]:.2f}")
+    negatives = ", NAG with a negative prompt per line" if args.nag_negatives else ""
+    print(f"tiny model, {args.n} prompts{negatives}, {args.num_inference_steps} steps, threads {args.threads}, "
+          f"load {os.getloadavg()[0]:.2f}")
     print(f"one prompt per call: {one:.1f} s ({args.n / one:.2f} images/s)")
     print(f"--batch-size {args.batch_size}: {batched:.1f} s ({args.n / batched:.2f} images/s) -> {one / batched:.2f}x")
     print(f"largest pixel difference between the two: {diff}/255")

@@ -54,3 +54,14 @@ def test_import_dit_attn_loads_neither_torch_nor_diffusers():
             "dit_attn.cli.build_parser(); print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_no_benchmark_script_shadows_an_installed_module():
+    """`python benchmarks/X.py` puts its folder first on sys.path: a script named as a module that diffusers or its
+    dependencies import (e.g. `kernels`, which transformers imports) would be imported in its place."""
+    from importlib.metadata import packages_distributions
+
+    installed = set(packages_distributions()) | set(sys.stdlib_module_names)
+    scripts = PACKAGE.parent / "benchmarks"
+    clashes = sorted(p.relative_to(scripts).as_posix() for p in scripts.rglob("*.py") if p.stem in installed)
+    assert not clashes, f"rename {clashes}: each shadows an installed module of that name"

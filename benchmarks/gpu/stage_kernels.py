@@ -20,8 +20,8 @@ RADII, DRY_RADII = (8, 16, 32), (2, 3)
 
 
 def benchmark_kernels():
-    """benchmarks/kernels.py (its FLOP count and FLUX text length)."""
-    spec = importlib.util.spec_from_file_location("benchmark_kernels", os.path.join(report.ROOT, "benchmarks", "kernels.py"))
+    """benchmarks/attention_kernels.py (its FLOP count and FLUX text length)."""
+    spec = importlib.util.spec_from_file_location("benchmark_kernels", os.path.join(report.ROOT, "benchmarks", "attention_kernels.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

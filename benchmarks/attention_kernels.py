@@ -13,7 +13,7 @@ Everywhere it first prints the local kernel's work bound from its block lists (b
 pairs visited vs dense: the ceiling of the local speedup). On a CPU there is no GPU figure
 to take: the script says so and runs the Triton interpreter (TRITON_INTERPRET=1) at small sizes for correctness against `reference` only.
 
-    python benchmarks/kernels.py [--sizes 1024 2048] [--repeats 20]
+    python benchmarks/attention_kernels.py [--sizes 1024 2048] [--repeats 20]
 """
 from __future__ import annotations
 
