@@ -1,10 +1,10 @@
 """Batch generation throughput on the tiny model: `dit-attn generate --prompts FILE` one prompt
 per pipeline call vs `--batch-size N`, same prompts and seeds, timed side by side in one run
 (each into a fresh output directory), with the largest pixel difference between the two.
-`--nag-negatives`: each line with its own NAG negative prompt (cycling through red, small, left), so a
-batched call runs NAG with a negative prompt per prompt.
+`--nag-negatives shared`: every line with the NAG negative prompt "red"; `per-line`: each line its own
+(red, small, left in turn), so a batched call runs NAG with a negative prompt per prompt.
 
-Run:  python benchmarks/batch_generate.py [--n 32] [--batch-size 8] [--threads 1] [--nag-negatives]
+Run:  python benchmarks/batch_generate.py [--n 32] [--batch-size 8] [--threads 1] [--nag-negatives shared|per-line]
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--nag-negatives", action="store_true")
+    parser.add_argument("--nag-negatives", choices=("none", "shared", "per-line"), default="none")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as work:
@@ -43,7 +43,8 @@ def main() -> None:
         prompts_file = os.path.join(work, "prompts.jsonl")
         with open(prompts_file, "w") as f:
             for i, prompt in enumerate(prompts):
-                negative = {"nag_negative": ("red", "small", "left")[i % 3]} if args.nag_negatives else {}
+                negative = {"none": {}, "shared": {"nag_negative": "red"},
+                            "per-line": {"nag_negative": ("red", "small", "left")[i % 3]}}[args.nag_negatives]
                 f.write(json.dumps({"prompt": prompt, **negative}) + "\n")
         run(prompts_file, os.path.join(work, "warm"), args.batch_size, 1)  # loads and warms the model
         one = run(prompts_file, os.path.join(work, "one"), 1, args.num_inference_steps)
@@ -53,7 +54,7 @@ def main() -> None:
                        - np.asarray(Image.open(os.path.join(work, "batched", name)), dtype=np.int16)).max())
             for name in os.listdir(os.path.join(work, "one")) if name.endswith(".png")
         )
-    negatives = ", NAG with a negative prompt per line" if args.nag_negatives else ""
+    negatives = "" if args.nag_negatives == "none" else f", NAG negative prompts {args.nag_negatives}"
     print(f"tiny model, {args.n} prompts{negatives}, {args.num_inference_steps} steps, threads {args.threads}, "
           f"load {os.getloadavg()[0]:.2f}")
     print(f"one prompt per call: {one:.1f} s ({args.n / one:.2f} images/s)")
