@@ -180,7 +180,9 @@ def test_given_embeddings_with_cfg(name, cfg):
     from_prompt, _ = guided(pipe, call, da.NAG(negative_of(name), **SETTINGS), **cfg)
     assert (from_prompt - stock).abs().max() > 1e-3
     out, _ = guided(pipe, call, da.NAG(**embeds(pipe, negative_of(name)), **SETTINGS), **cfg)
-    assert (out - from_prompt).abs().max() <= 1e-6
+    # HunyuanVideo 1.5's Z⁻ already differs between the two runs by float rounding (≈ 2e-7); NAG's extrapolation
+    # (scale 4) and clipping amplify it
+    assert (out - from_prompt).abs().max() <= 2e-6
 
 
 def test_qwen_image_takes_embeddings_of_any_length_as_its_encoder_path_does():

@@ -30,7 +30,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from ..processors.state import EditState, plan_rows
-from .nag_tokens_flux import NAGTokenBlockHook, NAGTokenFluxBlock, flux_token_call, per_token_modulation
+from .nag_tokens_flux import NAGTokenBlockHook, NAGTokenFluxBlock, flux_token_call
 from .private import z_image_caption_segment, z_image_first_axis_rotation
 
 NAG_TOKEN_HOOK = "dit_attn.nag_tokens"
@@ -240,20 +240,11 @@ class NAGTokenBlock(NAGTokenBlockHook):
         hidden, text, temb = values["hidden_states"], values["encoder_hidden_states"], values["temb"]
         kwargs = values.get("joint_attention_kwargs") or {}
         temb_neg = tokens.negative_temb(self.state.call.rows, self.layer)
-        n = tokens.text_len
         if block.use_dual_attention:
             norm_hidden, gate_msa, shift_mlp, scale_mlp, gate_mlp, norm_hidden2, gate_msa2 = block.norm1(hidden, emb=temb)
         else:
             norm_hidden, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(hidden, emb=temb)
-        if block.context_pre_only:
-            norm_text = torch.cat([block.norm1_context(text[:, :n], temb), block.norm1_context(text[:, n:], temb_neg)], 1)
-        else:
-            pos = block.norm1_context(text[:, :n], emb=temb)
-            neg = block.norm1_context(text[:, n:], emb=temb_neg)
-            norm_text = torch.cat([pos[0], neg[0]], dim=1)
-            # per-token modulation: the positive segment's from temb, the negative segment's from temb_neg
-            c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = (
-                per_token_modulation(p, q, n, negative_tokens=text.shape[1] - n) for p, q in zip(pos[1:], neg[1:]))
+        norm_text, text, text_modulation = _modulated_text(block, text, tokens.text_len, temb, temb_neg)
 
         attn_output, text_attn_output = block.attn(hidden_states=norm_hidden, encoder_hidden_states=norm_text, **kwargs)
         hidden = hidden + gate_msa.unsqueeze(1) * attn_output
@@ -264,9 +255,25 @@ class NAGTokenBlock(NAGTokenBlockHook):
 
         if block.context_pre_only:
             return None, hidden
-        text = text + c_gate_msa * text_attn_output
+        c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = text_modulation
+        text = text + c_gate_msa * text_attn_output.reshape(text.shape)
         norm_text = block.norm2_context(text) * (1 + c_scale_mlp) + c_shift_mlp
-        return text + c_gate_mlp * block.ff_context(norm_text), hidden
+        text = text + c_gate_mlp * block.ff_context(norm_text)
+        return text.reshape(hidden.shape[0], -1, text.shape[-1]), hidden
+
+
+def _modulated_text(block, text: torch.Tensor, n: int, temb: torch.Tensor, temb_neg: torch.Tensor):
+    """(the block's modulated text input (B, 2n, C), the text as rows (2B, n, C), the block's four text modulations
+    for after attention (2B, 1, C); none for a `context_pre_only` block): each row's positive and negative segments
+    (n tokens each: the negative prompt is encoded, or given, at the call's text length) as two rows of one call of
+    the block's own norm1_context, modulated by temb and temb_neg."""
+    batch, tokens, channels = text.shape
+    text = text.reshape(2 * batch, n, channels)
+    embeddings = torch.stack([temb, temb_neg], dim=1).flatten(0, 1)
+    if block.context_pre_only:
+        return block.norm1_context(text, embeddings).view(batch, tokens, channels), text, ()
+    norm_text, *modulation = block.norm1_context(text, emb=embeddings)
+    return norm_text.view(batch, tokens, channels), text, [m[:, None] for m in modulation]
 
 
 class NAGTokenQwenBlock(NAGTokenBlockHook):

@@ -265,12 +265,10 @@ def _fp16_clip(x: torch.Tensor) -> torch.Tensor:
     return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
 
 
-def per_token_modulation(positive: torch.Tensor, negative: torch.Tensor, n: int, image: int = 0,
-                         negative_tokens: int | None = None) -> torch.Tensor:
-    """(B, C) modulations → (B, n + negative_tokens + image, C): positive for the positive text (n tokens) and the
-    image, negative for the negative text (negative_tokens, default n)."""
-    m = n if negative_tokens is None else negative_tokens
-    parts = [positive[:, None].expand(-1, n, -1), negative[:, None].expand(-1, m, -1)]
+def per_token_modulation(positive: torch.Tensor, negative: torch.Tensor, n: int, image: int = 0) -> torch.Tensor:
+    """(B, C) modulations → (B, 2n + image, C): positive for the positive text (n tokens) and the image, negative for
+    the negative text (n tokens)."""
+    parts = [positive[:, None].expand(-1, n, -1), negative[:, None].expand(-1, n, -1)]
     if image:
         parts.append(positive[:, None].expand(-1, image, -1))
     return torch.cat(parts, dim=1)

@@ -373,11 +373,21 @@ def nag_combination(nag: NAGSetting, positive: torch.Tensor, negative: torch.Ten
     """NAG's output from Z⁺ and Z⁻ (…, tokens, channels): extrapolate by the scale, clip each token's norm
     ratio at tau, blend by alpha."""
     guided = torch.lerp(negative, positive, nag.scale)  # scale·Z⁺ − (scale − 1)·Z⁻; Z⁺ itself at scale 1
-    p = 1 if nag.norm == "l1" else 2
-    ratio = (torch.linalg.vector_norm(guided, p, dim=-1, keepdim=True)
-             / torch.linalg.vector_norm(positive, p, dim=-1, keepdim=True))
-    guided = guided * torch.where(ratio > nag.tau, nag.tau / ratio, 1.0)
-    return torch.lerp(positive, guided, nag.alpha)  # Z⁺ itself at alpha 0
+    # the factor that brings the ratio ‖Z̃‖/‖Z⁺‖ down to tau where it exceeds it: tau·‖Z⁺‖/‖Z̃‖ below 1; 1 elsewhere,
+    # and where both norms are 0 (0/0)
+    factor = _token_norm(positive, nag.norm) * nag.tau / _token_norm(guided, nag.norm)
+    factor = torch.where(factor < 1.0, factor, 1.0)
+    return torch.lerp(positive, guided * factor.to(guided.dtype), nag.alpha)  # Z⁺ itself at alpha 0
+
+
+def _token_norm(x: torch.Tensor, norm: str) -> torch.Tensor:
+    """Each token's L1 or L2 norm over its channels (…, tokens, 1), accumulated and returned in float32 or wider."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    if norm == "l1":
+        # linalg.vector_norm's L1 is several times slower on the CPU; contiguous: the sum's order, and so its
+        # rounding, does not depend on the layout the attention output comes in
+        return x.abs().contiguous().sum(-1, keepdim=True, dtype=dtype)
+    return torch.linalg.vector_norm(x, 2, dim=-1, keepdim=True, dtype=dtype)
 
 
 def nag_guided_rows(nag: NAGSetting, positive: torch.Tensor, negative: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
