@@ -291,12 +291,13 @@ class NAG(Edit):
     negative_prompt: one string for every prompt of a call, or a list of them, one per prompt (as a
     pipeline's own `negative_prompt` list): the call must have that many prompts.
 
-    Instead of `negative_prompt`, the negative prompt's embeddings as the pipeline takes them for one
-    prompt (a pipeline without its text encoder): `negative_prompt_embeds` (1, S, D), with
-    `negative_pooled_prompt_embeds` (1, P) on SD3 / FLUX.1 and `negative_prompt_embeds_mask` (1, S)
+    Instead of `negative_prompt`, the negative prompt's embeddings as the pipeline takes them (a
+    pipeline without its text encoder), N rows: one for every prompt (N = 1) or one per prompt of the
+    call (the call must have N prompts): `negative_prompt_embeds` (N, S, D), with
+    `negative_pooled_prompt_embeds` (N, P) on SD3 / FLUX.1 and `negative_prompt_embeds_mask` (N, S)
     on Qwen-Image and Chroma (Qwen-Image: optional, all tokens valid without it); HunyuanImage 2.1 and
     HunyuanVideo 1.5 take the Qwen states with their mask and the ByT5 glyph states and mask,
-    `negative_prompt_embeds_2` (1, S2, D2) and `negative_prompt_embeds_mask_2` (1, S2), as their
+    `negative_prompt_embeds_2` (N, S2, D2) and `negative_prompt_embeds_mask_2` (N, S2), as their
     pipelines' own arguments of those names.
     """
 
@@ -356,9 +357,11 @@ class NAG(Edit):
                 continue
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-            if value.ndim != ndim or value.shape[0] != 1 or 0 in value.shape:
-                shape = "(1, S, D)" if ndim == 3 else ("(1, P)" if "pooled" in name else "(1, S)")
-                raise ValueError(f"{name} must be one prompt's, {shape}, got shape {tuple(value.shape)}")
+            rows = self.negative_prompt_embeds.shape[0] if self.negative_prompt_embeds.ndim == 3 else "N"
+            if value.ndim != ndim or 0 in value.shape or (name != "negative_prompt_embeds" and value.shape[0] != rows):
+                shape = f"({rows}, S, D)" if ndim == 3 else (f"({rows}, P)" if "pooled" in name else f"({rows}, S)")
+                raise ValueError(f"{name} must be {shape}, a row per negative prompt (one for every prompt, or one per "
+                                 f"prompt of the call), got shape {tuple(value.shape)}")
         glyphs, glyph_mask = self.negative_prompt_embeds_2, self.negative_prompt_embeds_mask_2
         if (glyphs is None) != (glyph_mask is None):
             raise ValueError("negative_prompt_embeds_2 and negative_prompt_embeds_mask_2 go together")
@@ -382,8 +385,9 @@ class NAG(Edit):
 
     @property
     def per_prompt(self) -> bool:
-        """The negative prompt is a list, one per prompt of the call."""
-        return isinstance(self.negative_prompt, tuple)
+        """The negative prompt is a list, or given embeddings of more than one row: one per prompt of the call."""
+        given = self.negative_prompt_embeds
+        return isinstance(self.negative_prompt, tuple) or (given is not None and given.shape[0] > 1)
 
     @property
     def inert(self) -> bool:

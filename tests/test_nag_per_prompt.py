@@ -11,7 +11,8 @@ import torch
 import dit_attn as da
 
 from .conftest import CallRecorder, sd3_call
-from .test_nag_embeds import SETTINGS, build
+from .test_nag_embeds import FAMILIES as EMBEDDING_FAMILIES
+from .test_nag_embeds import SETTINGS, build, hunyuan_embeds
 from .test_nag_families import flux_clone, hy_call
 from .test_nag_families import hv_call as hv_video_call
 
@@ -28,6 +29,13 @@ def hunyuan_image():
 
 
 def pipeline(name):
+    pipe, call, _ = pipeline_and_embeds(name)
+    return pipe, call
+
+
+def pipeline_and_embeds(name):
+    """(pipeline, call of two prompts, `test_nag_embeds`' embeds(pipe, prompt) of the family or None)."""
+    embeds = None
     if name == "hunyuan_image":
         pipe, call = hunyuan_image()
     elif name == "hunyuan_video15":
@@ -38,11 +46,13 @@ def pipeline(name):
         pipe, clone_call = flux_clone(name)
         call = lambda p, **k: clone_call(prompt=["a red circle", "a cat"], **k)  # noqa: E731
     else:
-        pipe, call, _ = build(name)
+        pipe, call, embeds = build(name)
         if name == "ovis_image":  # its call's default is one prompt
             call = (lambda c: lambda p, **k: c(p, prompt=["a red circle", "a cat"], **k))(call)
+    if name.startswith("hunyuan"):
+        embeds = hunyuan_embeds
     pipe.set_progress_bar_config(disable=True)
-    return pipe, call
+    return pipe, call, embeds
 
 
 def guided(pipe, call, edits, **kwargs):
@@ -120,6 +130,55 @@ def test_another_number_of_prompts_is_refused_before_the_call_runs():
     with da.apply(z_pipe, da.NAG(["a"])):
         with pytest.raises(ValueError, match="NAG has 1 negative prompts and this call 2 prompts"):
             z_call(z_pipe)
+
+
+def stacked_rows(settings: list[dict]) -> dict:
+    """NAG's embedding settings of several negative prompts (each its own, one row) as one setting of a row per
+    prompt; text states of other lengths padded with zero states that their mask leaves out (as a pipeline pads a
+    prompt list; Qwen-Image's optional mask: all tokens valid where it is not given)."""
+    settings = [dict(s) for s in settings]
+    text = settings[0]["negative_prompt_embeds"]
+    if any(s["negative_prompt_embeds"].shape[1] != text.shape[1] for s in settings):
+        for s in settings:
+            s.setdefault("negative_prompt_embeds_mask", torch.ones(s["negative_prompt_embeds"].shape[:2], dtype=torch.long))
+    out = {}
+    for name in settings[0]:
+        rows = [s[name] for s in settings]
+        length = max(r.shape[1] for r in rows)
+        out[name] = torch.cat([torch.nn.functional.pad(r, (0, 0) * (r.ndim - 2) + (0, length - r.shape[1])) for r in rows])
+    return out
+
+
+@pytest.mark.parametrize("name", EMBEDDING_FAMILIES)
+def test_given_embeddings_of_a_row_per_prompt_are_the_negative_prompt_list(name):
+    """NAG(negative_prompt_embeds=) of a row per prompt, each negative prompt's embeddings from the pipeline's own
+    encode_prompt, gives the output of NAG with the list of negative prompts (which `assert_rows_take_their_negatives`
+    checks against NAG with each alone), at the stock call count; token path (layers 0…k) and row path alike."""
+    pipe, call, embeds = pipeline_and_embeds(name)
+    # Z-Image takes a caption at its own length: negatives of one length
+    negatives = ("a blue square", "a green square") if name == "z_image" else NEGATIVES
+    given = stacked_rows([embeds(pipe, n) for n in negatives])
+    _, stock_calls = guided(pipe, call, ())
+    for layers in (None, (1,)):
+        listed, _ = guided(pipe, call, [da.NAG(list(negatives), layers=layers, **SETTINGS)])
+        out, calls = guided(pipe, call, [da.NAG(**given, layers=layers, **SETTINGS)])
+        assert calls == stock_calls
+        assert (out - listed).abs().max() <= 2e-6, layers
+    one, _ = guided(pipe, call, [da.NAG(negatives[0], **SETTINGS)])
+    assert (out - one).abs().max() > 1e-4  # the second prompt's rows take the second row
+
+
+def test_given_rows_for_another_number_of_prompts_are_refused_before_the_call_runs():
+    pipe, call, embeds = pipeline_and_embeds("sd3")
+    given = stacked_rows([embeds(pipe, n) for n in ("a", "b", "c")])
+    with pytest.raises(ValueError, match="negative_prompt_embeds have 3 rows and this call 2 prompts: give a row per"):
+        with CallRecorder(pipe) as rec, da.apply(pipe, da.NAG(**given)):
+            call(pipe)
+    assert rec.steps == []
+    with pytest.raises(ValueError, match=r"negative_pooled_prompt_embeds must be \(3, P\), a row per negative prompt"):
+        da.NAG(negative_prompt_embeds=given["negative_prompt_embeds"],
+               negative_pooled_prompt_embeds=given["negative_pooled_prompt_embeds"][:1])
+    assert da.NAG(**given).per_prompt and not da.NAG(**embeds(pipe, "a")).per_prompt
 
 
 @pytest.mark.parametrize("bad", [[], ["a", " "], ["a", 3], 5, None])

@@ -218,7 +218,7 @@ class Family:
 
     @staticmethod
     def all_tokens(embeds: "torch.Tensor") -> "torch.Tensor":
-        """A text mask keeping every token of (1, S, D) text states."""
+        """A text mask keeping every token of (N, S, D) text states."""
         import torch
 
         return torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)

@@ -278,19 +278,32 @@ class PerPromptNegativeController(TextPatchController):
         return [self.negatives[i // per_prompt] for i in range(rows)]
 
 
-class GivenNegativeController(TextPatchController):
+class GivenNegativeController(PerPromptNegativeController):
     """NAG's controller with the negative prompt given as embeddings (`NAG.negative_prompt_embeds`): the negative
     rows take them, at each call's text length as the family takes them (`Family.given_negative`), and nothing is
-    encoded."""
-
-    PROMPT = "<NAG.negative_prompt_embeds>"  # the one source prompt of every row, a key only
+    encoded. One given row is every prompt's; N rows are one per prompt, the call's prompts counted as
+    `PerPromptNegativeController` counts them."""
 
     def __init__(self, pipe, family: Family, layers: tuple[int, ...], nag):
-        super().__init__(pipe, family, layers, nag.start, lambda rows: [self.PROMPT] * rows, "NAG", nag.end)
+        super().__init__(pipe, family, layers, nag)
         self.nag = nag
+        # a key per given row (the controllers key their source rows by prompt)
+        self.negatives = [f"<NAG.negative_prompt_embeds[{i}]>" for i in range(nag.negative_prompt_embeds.shape[0])]
+        if len(self.negatives) == 1:
+            self.prompts_for = lambda rows: self.negatives * rows
 
     def install(self) -> None:
-        pass  # the pipeline's own encoding has nothing to tell
+        if len(self.negatives) > 1:
+            super().install()  # to count the call's prompts; with one row the pipeline's own encoding has nothing to tell
+
+    def _prepare_sources(self, result) -> None:
+        pass  # nothing to encode ahead of the call
+
+    def _count(self, count: int | None) -> None:
+        if count is not None and count != len(self.negatives):
+            raise ValueError(f"NAG's negative_prompt_embeds have {len(self.negatives)} rows and this call {count} "
+                             "prompts: give a row per prompt, or one row for every prompt")
+        self.count = count
 
     def _encoded(self, prompts: list[str], kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, bool]:
         for name, call_input in (("negative_prompt_embeds", "encoder_hidden_states"),
@@ -306,4 +319,10 @@ class GivenNegativeController(TextPatchController):
         embeds, extra = self.family.given_negative(self.nag, text_len)
         embeds = embeds.to(device=device, dtype=dtype)
         extra = extra.to(device=device, dtype=dtype if extra.is_floating_point() else None)
-        return {p: (embeds, extra, self.family.source_text_padded(extra)) for p in prompts}
+        rows = {key: i for i, key in enumerate(self.negatives)}
+        entries = {}
+        for p in prompts:
+            i = rows[p]
+            row_extra = extra[i : i + 1]
+            entries[p] = (embeds[i : i + 1], row_extra, self.family.source_text_padded(row_extra))
+        return entries

@@ -183,8 +183,8 @@ class CallState:
     image_len: int | None = None  # image tokens of the call, where the family reads them from the call (Z-Image)
     grid: tuple[int, int] | None = None  # image-token grid of the call
     grid_problem: str = ""  # why the call has no grid
-    # NAG in a cross-attention (Wan): the negative text states as the blocks see them (1, S, D), and the rows of
-    # the call that NAG guides (its conditional rows and their perturbed copies)
+    # NAG in a cross-attention (Wan): the negative text states as the blocks see them (1 or a row per source row,
+    # S, D), and the rows of the call that NAG guides (its conditional rows and their perturbed copies)
     nag_text: torch.Tensor | None = None
     nag_rows: torch.Tensor | None = None
     nag_tokens: object | None = None  # NAG's negative text as extra tokens of each row (`hooks.nag_tokens.NAGTokens`)
