@@ -23,25 +23,13 @@ import subprocess
 import sys
 
 import torch
+from timing import timer
 
 FLUX_TEXT = 512
 
 
 def flops(batch: int, heads: int, seq: int, dim: int) -> float:
     return 4.0 * batch * heads * seq * seq * dim  # QKᵀ and PV
-
-
-def time_cuda(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats  # ms
 
 
 def gpu_table(sizes: list[int], repeats: int) -> None:
@@ -75,7 +63,7 @@ def print_rows(cases: dict, pixels: int, seq: int, work: float, repeats: int) ->
     """One table row per case: time, dense-equivalent TFLOP/s (`work` FLOPs), time relative to the first case."""
     base = None
     for name, fn in cases.items():
-        ms = time_cuda(fn, repeats)
+        ms = timer("cuda", repeats, warmup=3)(fn)
         base = base or ms
         print(f"| {pixels}² | {seq} | {name} | {ms:.2f} | {work / ms / 1e9:.1f} | {ms / base:.2f} |")
 

@@ -1,8 +1,12 @@
-"""Wall-clock timers the CPU benchmarks share (run a script as `python benchmarks/NAME.py`: this folder is on its path)."""
+"""Timers the benchmarks share (run a script as `python benchmarks/NAME.py`: this folder is on its path; the GPU
+stages in benchmarks/gpu put it there)."""
 from __future__ import annotations
 
 import statistics
 import time
+from typing import Callable
+
+import torch
 
 
 def best_of(fn, repeats: int = 3) -> float:
@@ -24,3 +28,24 @@ def median_time(fn, reps: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def timer(device: str, repeats: int, warmup: int = 2) -> Callable[[Callable], float]:
+    """A function timing `fn()` in ms: CUDA events on a GPU, perf_counter on the CPU; mean of `repeats`."""
+    def measure(fn: Callable) -> float:
+        for _ in range(warmup):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeats):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / repeats
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - start) * 1e3 / repeats
+    return measure

@@ -11,11 +11,12 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Callable
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from timing import timer  # noqa: E402  (the stages' `report.timer`)
 
 
 def arguments(description: str) -> argparse.Namespace:
@@ -59,27 +60,6 @@ def machine() -> dict:
     else:
         info["gpu"] = f"none (CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     return info
-
-
-def timer(device: str, repeats: int, warmup: int = 2) -> Callable[[Callable], float]:
-    """A function timing `fn()` in ms: CUDA events on a GPU, perf_counter on the CPU; mean of `repeats`."""
-    def measure(fn: Callable) -> float:
-        for _ in range(warmup):
-            fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(repeats):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / repeats
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        return (time.perf_counter() - start) * 1e3 / repeats
-    return measure
 
 
 def synchronize(device: str) -> None:
