@@ -30,7 +30,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from ..processors.state import EditState, plan_rows
-from .nag_tokens_flux import NAGTokenBlockHook, NAGTokenFluxBlock, flux_token_call
+from .nag_tokens_flux import NAGTokenBlockHook, NAGTokenFluxBlock, flux_token_call, modulated_text, text_after_attention
 from .private import z_image_caption_segment, z_image_first_axis_rotation
 
 NAG_TOKEN_HOOK = "dit_attn.nag_tokens"
@@ -244,7 +244,7 @@ class NAGTokenBlock(NAGTokenBlockHook):
             norm_hidden, gate_msa, shift_mlp, scale_mlp, gate_mlp, norm_hidden2, gate_msa2 = block.norm1(hidden, emb=temb)
         else:
             norm_hidden, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(hidden, emb=temb)
-        norm_text, text, text_modulation = _modulated_text(block, text, tokens.text_len, temb, temb_neg)
+        norm_text, text, text_modulation = modulated_text(block, text, tokens.text_len, temb, temb_neg)
 
         attn_output, text_attn_output = block.attn(hidden_states=norm_hidden, encoder_hidden_states=norm_text, **kwargs)
         hidden = hidden + gate_msa.unsqueeze(1) * attn_output
@@ -255,25 +255,7 @@ class NAGTokenBlock(NAGTokenBlockHook):
 
         if block.context_pre_only:
             return None, hidden
-        c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = text_modulation
-        text = text + c_gate_msa * text_attn_output.reshape(text.shape)
-        norm_text = block.norm2_context(text) * (1 + c_scale_mlp) + c_shift_mlp
-        text = text + c_gate_mlp * block.ff_context(norm_text)
-        return text.reshape(hidden.shape[0], -1, text.shape[-1]), hidden
-
-
-def _modulated_text(block, text: torch.Tensor, n: int, temb: torch.Tensor, temb_neg: torch.Tensor):
-    """(the block's modulated text input (B, 2n, C), the text as rows (2B, n, C), the block's four text modulations
-    for after attention (2B, 1, C); none for a `context_pre_only` block): each row's positive and negative segments
-    (n tokens each: the negative prompt is encoded, or given, at the call's text length) as two rows of one call of
-    the block's own norm1_context, modulated by temb and temb_neg."""
-    batch, tokens, channels = text.shape
-    text = text.reshape(2 * batch, n, channels)
-    embeddings = torch.stack([temb, temb_neg], dim=1).flatten(0, 1)
-    if block.context_pre_only:
-        return block.norm1_context(text, embeddings).view(batch, tokens, channels), text, ()
-    norm_text, *modulation = block.norm1_context(text, emb=embeddings)
-    return norm_text.view(batch, tokens, channels), text, [m[:, None] for m in modulation]
+        return text_after_attention(block, text, text_attn_output, text_modulation), hidden
 
 
 class NAGTokenQwenBlock(NAGTokenBlockHook):

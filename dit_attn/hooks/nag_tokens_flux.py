@@ -274,6 +274,30 @@ def per_token_modulation(positive: torch.Tensor, negative: torch.Tensor, n: int,
     return torch.cat(parts, dim=1)
 
 
+def modulated_text(block, text: torch.Tensor, n: int, temb: torch.Tensor, temb_neg: torch.Tensor):
+    """(the block's modulated text input (B, 2n, C), the text as rows (2B, n, C), the block's four text modulations
+    for after attention (2B, 1, C); none for a `context_pre_only` block): each row's positive and negative segments
+    (n tokens each: the negative prompt is encoded, or given, at the call's text length) as two rows of one call of
+    the block's own norm1_context, modulated by temb and temb_neg."""
+    batch, tokens, channels = text.shape
+    text = text.reshape(2 * batch, n, channels)
+    embeddings = torch.stack([temb, temb_neg], dim=1).flatten(0, 1)
+    if getattr(block, "context_pre_only", False):  # SD3's last block (FLUX.1's double blocks have no such flag)
+        return block.norm1_context(text, embeddings).view(batch, tokens, channels), text, ()
+    norm_text, *modulation = block.norm1_context(text, emb=embeddings)
+    return norm_text.view(batch, tokens, channels), text, [m[:, None] for m in modulation]
+
+
+def text_after_attention(block, text: torch.Tensor, text_attn_output: torch.Tensor, modulation) -> torch.Tensor:
+    """The text stream's rest of an SD3 / FLUX.1 double block from `modulated_text`'s text rows and modulations and the
+    text's attention output (B, 2n, C): (B, 2n, C)."""
+    c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = modulation
+    rows = text + c_gate_msa * text_attn_output.reshape(text.shape)
+    norm_text = block.norm2_context(rows) * (1 + c_scale_mlp) + c_shift_mlp
+    rows = rows + c_gate_mlp * block.ff_context(norm_text)
+    return rows.reshape(text_attn_output.shape)
+
+
 class NAGTokenBlockHook(ModelHook):
     """A block's hook for the token path: stock forward outside token-path calls; in them `token_forward` gets
     the block's inputs by name."""
@@ -347,11 +371,7 @@ class NAGTokenFluxBlock(NAGTokenBlockHook):
         hidden, text, temb = values["hidden_states"], values["encoder_hidden_states"], values["temb"]
         kwargs = values.get("joint_attention_kwargs") or {}
         norm_hidden, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(hidden, emb=temb)
-        pos = block.norm1_context(text[:, :n], emb=temb)
-        neg = block.norm1_context(text[:, n:], emb=temb_neg)
-        norm_text = torch.cat([pos[0], neg[0]], dim=1)
-        c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = (
-            per_token_modulation(p, q, n) for p, q in zip(pos[1:], neg[1:]))
+        norm_text, text, text_modulation = modulated_text(block, text, n, temb, temb_neg)
 
         outputs = block.attn(hidden_states=norm_hidden, encoder_hidden_states=norm_text,
                              image_rotary_emb=values.get("image_rotary_emb"), **kwargs)
@@ -361,11 +381,7 @@ class NAGTokenFluxBlock(NAGTokenBlockHook):
         hidden = hidden + gate_mlp.unsqueeze(1) * block.ff(norm_hidden)
         if len(outputs) == 3:  # an IP-Adapter's image-prompt output
             hidden = hidden + outputs[2]
-
-        text = text + c_gate_msa * text_attn_output
-        norm_text = block.norm2_context(text) * (1 + c_scale_mlp) + c_shift_mlp
-        text = text + c_gate_mlp * block.ff_context(norm_text)
-        return _fp16_clip(text), hidden
+        return _fp16_clip(text_after_attention(block, text, text_attn_output, text_modulation)), hidden
 
     @staticmethod
     def _single(block, values: dict, n: int, temb_neg: torch.Tensor):
