@@ -5,7 +5,9 @@ queries and both texts' queries attending [image ; positive text] and [image ; n
 - "shared": every query's attention over the image keys once, merged by log-sum-exp with its attention over its
   own text (`hooks.nag_tokens_flux.image_first_attention_sharing_image_keys`, what SD3's processor runs);
 
-side by side with one stock SDPA call over [image ; positive text] for scale, at growing image-token counts.
+side by side with one stock SDPA call over [image ; positive text] for scale and one over [image ; positive text ;
+negative text] ("appended": the attention of a stock call with the negative text appended, the token path's floor),
+at growing image-token counts.
 `nag_tokens_flux.SHARED_IMAGE_KEYS_FROM` (the image tokens from which the token path takes the merge) comes from
 this crossover. Microseconds per layer call, best of --repeats runs of --calls calls.
 
@@ -51,24 +53,28 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}, {args.heads} heads × "
           f"{args.head_dim}, {args.text_tokens} tokens each text, float32; µs per layer call, best of {args.repeats}; "
           f"SHARED_IMAGE_KEYS_FROM = {nag_tokens_flux.SHARED_IMAGE_KEYS_FROM}")
-    print(f"{'image tokens':>12} {'stock call':>11} {'two calls':>10} {'shared':>10} {'shared / two':>13}")
+    print(f"{'image tokens':>12} {'stock call':>11} {'appended':>9} {'two calls':>10} {'shared':>10} {'shared / two':>13} "
+          f"{'two / appended':>15}")
     for image in args.image_tokens:
         def tensors(tokens):
             return [torch.randn(args.batch, args.heads, tokens, args.head_dim, generator=generator) for _ in range(3)]
         image_qkv, positive_text, negative_text = tensors(image), tensors(args.text_tokens), tensors(args.text_tokens)
         positive = [torch.cat([x, t], dim=2) for x, t in zip(image_qkv, positive_text)]
         negative = [torch.cat([x, t], dim=2) for x, t in zip(image_qkv, negative_text)]
+        appended = [torch.cat([x, t], dim=2) for x, t in zip(positive, negative_text)]
         two = (F.scaled_dot_product_attention(*positive), F.scaled_dot_product_attention(*negative))
         shared = nag_tokens_flux.image_first_attention_sharing_image_keys(positive, negative, image)
         error = max((a - b).abs().max().item() for a, b in zip(two, shared))
         if error > 1e-4:
             raise SystemExit(f"the merge differs from two calls by {error:.2e} at {image} image tokens")
         stock = microseconds(lambda: F.scaled_dot_product_attention(*positive), args.calls, args.repeats)
+        floor = microseconds(lambda: F.scaled_dot_product_attention(*appended), args.calls, args.repeats)
         two_calls = microseconds(lambda: (F.scaled_dot_product_attention(*positive),
                                           F.scaled_dot_product_attention(*negative)), args.calls, args.repeats)
         merged = microseconds(lambda: nag_tokens_flux.image_first_attention_sharing_image_keys(positive, negative, image),
                               args.calls, args.repeats)
-        print(f"{image:>12} {stock:>11.0f} {two_calls:>10.0f} {merged:>10.0f} {merged / two_calls:>12.2f}x")
+        print(f"{image:>12} {stock:>11.0f} {floor:>9.0f} {two_calls:>10.0f} {merged:>10.0f} {merged / two_calls:>12.2f}x "
+              f"{two_calls / floor:>14.2f}x")
 
 
 if __name__ == "__main__":
