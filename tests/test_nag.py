@@ -27,6 +27,28 @@ def nag_formula(zp, zn, scale, tau, alpha, p=1):
     return alpha * guided + (1 - alpha) * zp, ratio
 
 
+def test_combination_is_the_formula_on_every_token():
+    """`nag_combination` against the paper's formula, both norms; a token whose Z⁺ is zero (ratio ∞: clipped to 0) or
+    whose Z⁺ and Z̃ are both zero (0/0: left as is) included; the attention output's layout changes no bit."""
+    from dit_attn.processors.state import NAGSetting, nag_combination
+
+    generator = torch.Generator().manual_seed(0)
+    zp, zn = (torch.randn(2, 6, 16, generator=generator) for _ in range(2))
+    zn[1] = zp[1] + 0.01 * zn[1]  # Z⁻ near Z⁺: ratios near 1, not clipped
+    zp[0, 0] = 0  # ratio ∞
+    zp[0, 1], zn[0, 1] = 0, 0  # 0 / 0
+    for norm, p in (("l1", 1), ("l2", 2)):
+        setting = NAGSetting(frozenset(), scale=4.0, tau=1.2, alpha=0.5, norm=norm)
+        want, ratio = nag_formula(zp, zn, 4.0, 1.2, 0.5, p)
+        assert bool((ratio > 1.2).any()) and bool((ratio < 1.2).any())
+        got = nag_combination(setting, zp, zn)
+        assert torch.allclose(got, torch.nan_to_num(want), atol=1e-6) and bool(torch.isfinite(got).all())
+        assert bool((got[0, :2] == 0).all())
+        transposed = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (zp, zn)]  # channels strided
+        assert torch.equal(nag_combination(setting, *transposed), got)
+    assert nag_combination(setting, zp.bfloat16(), zn.bfloat16()).dtype == torch.bfloat16
+
+
 def encode(pipe, prompt):
     with torch.no_grad():
         if "Flux" not in type(pipe).__name__:

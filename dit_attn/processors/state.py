@@ -381,12 +381,11 @@ def nag_combination(nag: NAGSetting, positive: torch.Tensor, negative: torch.Ten
 
 
 def _token_norm(x: torch.Tensor, norm: str) -> torch.Tensor:
-    """Each token's L1 or L2 norm over its channels (…, tokens, 1), accumulated and returned in float32 or wider."""
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    """Each token's L1 or L2 norm over its channels (…, tokens, 1), accumulated and returned in float32 or wider.
+    Contiguous first: the sum's order, and so its rounding, does not depend on the layout the attention output comes in."""
+    x, dtype = x.contiguous(), torch.promote_types(x.dtype, torch.float32)
     if norm == "l1":
-        # linalg.vector_norm's L1 is several times slower on the CPU; contiguous: the sum's order, and so its
-        # rounding, does not depend on the layout the attention output comes in
-        return x.abs().contiguous().sum(-1, keepdim=True, dtype=dtype)
+        return x.abs().sum(-1, keepdim=True, dtype=dtype)  # linalg.vector_norm's L1 is several times slower on the CPU
     return torch.linalg.vector_norm(x, 2, dim=-1, keepdim=True, dtype=dtype)
 
 
