@@ -99,7 +99,33 @@ def test_cfg_in_the_call_on_bria():
     assert_rows_take_their_negatives(pipe, call, guidance_scale=3.0)
 
 
-@pytest.mark.parametrize("name,heads", [("sd3", ["L1H2"]), ("wan", ["L1H1"])])
+@pytest.mark.parametrize("name", ["hunyuan_image", "hunyuan_video15"])
+def test_hunyuan_rows_with_their_own_negatives_keep_the_token_path(name):
+    """HunyuanImage and HunyuanVideo 1.5 prepare each row's own negative text: a call with a negative prompt per prompt
+    keeps its rows (the negative text rides as tokens), as with one negative prompt."""
+    pipe, call = pipeline(name)
+    seen = []
+    block = pipe.transformer.transformer_blocks[0]
+
+    def record(module, args, kwargs):
+        inputs = {**dict(zip(("hidden_states", "encoder_hidden_states"), args)), **kwargs}
+        # the text as the model hands it to the block (the token path appends the negative text in the block's hook)
+        seen.append((inputs["hidden_states"].shape[0], inputs["encoder_hidden_states"].shape[1]))
+
+    hook = block.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        for edits in ((), [da.NAG(NEGATIVES[0], **SETTINGS)], [da.NAG(list(NEGATIVES), **SETTINGS)]):
+            seen.clear()
+            guided(pipe, call, edits)
+            if not edits:
+                stock = set(seen)
+            else:  # the row path would add a negative row per conditional row
+                assert set(seen) == stock
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("name,heads", [("sd3", ["L1H2"]), ("wan", ["L1H1"]), ("hunyuan_image", ["L1H1"])])
 def test_with_head_guidance(name, heads):
     """HeadGuidance's perturbed copies are NAG-guided with their rows' own negatives (SD3: forked at a block;
     Wan: at the call, its negative text in a cross-attention)."""

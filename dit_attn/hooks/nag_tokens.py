@@ -18,8 +18,9 @@ text's rotary positions and with its own text mask. Z-Image's main blocks take o
 the negative caption segment, embedded and refined once per call as the model does a caption, joins every row's
 stream at the first block ([image ; caption ; negative caption]), its rotary positions shifted per row so that the
 image sits where it would after the negative caption (as in a negative row, whose image follows its own caption).
-HunyuanImage and HunyuanVideo 1.5 likewise append the negative text (context), prepared once per call as the model
-prepares a row's, to every row's text in the first block, with its own key mask (the text has no positions).
+HunyuanImage and HunyuanVideo 1.5 likewise append the negative text (context), prepared as the model prepares a row's
+(once per call, or per row where the rows have their own negative prompts), to every row's text in the first block,
+with its own key mask (the text has no positions).
 """
 from __future__ import annotations
 
@@ -38,9 +39,10 @@ NAG_TOKEN_HOOK = "dit_attn.nag_tokens"
 TOKEN_FAMILIES = ("sd3", "flux", "chroma", "bria", "longcat_image", "ovis_image", "flux2", "qwen_image", "z_image",
                   "hunyuan_image", "hunyuan_video15")
 
-# token-path families whose rows may each carry their own negative text (a negative prompt per prompt); the others
-# (Z-Image, HunyuanImage, HunyuanVideo 1.5 prepare one negative text for every row) run such calls on the row path
-PER_ROW_FAMILIES = ("sd3", "flux", "chroma", "bria", "longcat_image", "ovis_image", "flux2", "qwen_image")
+# token-path families whose rows may each carry their own negative text (a negative prompt per prompt); Z-Image
+# (one negative caption segment for every row) runs such calls on the row path
+PER_ROW_FAMILIES = ("sd3", "flux", "chroma", "bria", "longcat_image", "ovis_image", "flux2", "qwen_image",
+                    "hunyuan_image", "hunyuan_video15")
 
 
 @dataclass(frozen=True)
@@ -108,10 +110,11 @@ def nag_tokens_forward(hook, module, forward, call: dict, current, cond, patch):
     if hook.family.name == "z_image":
         text_len, negative = _z_image_negative_segment(module, call, patch)
     elif hook.family.name == "hunyuan_image":
-        negative = _hunyuan_image_negative_text(module, call, patch, hook.family)
+        negative = _hunyuan_image_negative_text(module, call, _negatives_of_rows(call, patch, plan, batch), hook.family)
         text_len = negative[0].shape[1]
     elif hook.family.name == "hunyuan_video15":
-        negative = _hunyuan_video15_negative_context(module, call, patch, hook.family)
+        negative = _hunyuan_video15_negative_context(module, call, _negatives_of_rows(call, patch, plan, batch),
+                                                     hook.family)
         text_len = negative[0].shape[1]
     else:
         text_len = call["encoder_hidden_states"].shape[1]  # these families fork HeadGuidance's copies at a block
@@ -154,14 +157,28 @@ def _z_image_negative_segment(module, call: dict, patch) -> tuple[int, tuple[tor
     return max(padded), (states, rotary * shift[:, None])
 
 
-def _hunyuan_image_negative_text(module, call: dict, patch, family) -> tuple[torch.Tensor, torch.Tensor]:
-    """`NAGTokens.negative`: the negative prompt's text as the model's forward prepares a row's before the blocks,
-    refined by its token refiner at the call's timestep and, with ByT5 glyph states, joined with them; with their
-    key masks. The model reorders each row's tokens valid first: the text has no positions, so the order changes
-    nothing but the summation order of attention. Every prompt of the call is padded to its lengths."""
-    inputs = family.text_inputs(call, patch.embeds[:1], patch.pooled[:1])
+def _negatives_of_rows(call: dict, patch, plan, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(text states, extra, timestep) of the negative prompt that HunyuanImage and HunyuanVideo 1.5 prepare for the
+    rows of a call widened at the call (`plan`'s first stage; None: the call's `batch` rows): one negative prompt's
+    once (its one row, the call's first timestep), or each row's own source prompt's with the row's timestep (a row NAG
+    does not guide takes the first source's, which its image queries never see)."""
+    if patch.one_source:
+        return patch.embeds[:1], patch.pooled[:1], call["timestep"][:1]
+    rows = plan.stages[0].from_call if plan is not None else torch.arange(batch)
+    index = patch.source_index(rows)
+    embeds = patch.embeds.index_select(0, index.to(patch.embeds.device))
+    return embeds, patch.pooled.index_select(0, index.to(patch.pooled.device)), call["timestep"]
+
+
+def _hunyuan_image_negative_text(module, call: dict, negatives, family) -> tuple[torch.Tensor, torch.Tensor]:
+    """`NAGTokens.negative`: the negative prompt's text (`_negatives_of_rows`) as the model's forward prepares a row's
+    before the blocks, refined by its token refiner at the timestep and, with ByT5 glyph states, joined with them;
+    with their key masks. The model reorders each row's tokens valid first: the text has no positions, so the order
+    changes nothing but the summation order of attention. Every prompt of the call is padded to its lengths."""
+    embeds, extra, timestep = negatives
+    inputs = family.text_inputs(call, embeds, extra)
     mask = inputs["encoder_attention_mask"].bool()
-    text = module.context_embedder(inputs["encoder_hidden_states"], call["timestep"][:1], mask)
+    text = module.context_embedder(inputs["encoder_hidden_states"], timestep, mask)
     glyphs = inputs.get("encoder_hidden_states_2")
     if module.context_embedder_2 is None or glyphs is None:
         return text, mask
@@ -169,15 +186,16 @@ def _hunyuan_image_negative_text(module, call: dict, patch, family) -> tuple[tor
     return torch.cat([module.context_embedder_2(glyphs), text], dim=1), torch.cat([glyph_mask, mask], dim=1)
 
 
-def _hunyuan_video15_negative_context(module, call: dict, patch, family) -> tuple[torch.Tensor, torch.Tensor]:
+def _hunyuan_video15_negative_context(module, call: dict, negatives, family) -> tuple[torch.Tensor, torch.Tensor]:
     """`NAGTokens.negative`: each row's negative context as the model's forward prepares a row's before the blocks:
     the row's image context (SigLIP states of image-to-video; zeros, masked, when the call's are all zero), the
-    negative prompt's glyph states and its Qwen text refined at the call's timestep, each with its context-type
-    embedding, with their key masks. As on HunyuanImage the model's valid-first reordering changes nothing (the
-    context has no positions), and every prompt of the call is padded to its lengths."""
-    inputs = family.text_inputs(call, patch.embeds[:1], patch.pooled[:1])
+    negative prompt's glyph states and its Qwen text (`_negatives_of_rows`) refined at the timestep, each with its
+    context-type embedding, with their key masks. As on HunyuanImage the model's valid-first reordering changes
+    nothing (the context has no positions), and every prompt of the call is padded to its lengths."""
+    embeds, extra, timestep = negatives
+    inputs = family.text_inputs(call, embeds, extra)
     mask = inputs["encoder_attention_mask"]
-    text = module.context_embedder(inputs["encoder_hidden_states"], call["timestep"][:1], mask)
+    text = module.context_embedder(inputs["encoder_hidden_states"], timestep, mask)
     glyphs = module.context_embedder_2(inputs["encoder_hidden_states_2"])
     image_embeds = call["image_embeds"]
     image = module.image_embedder(image_embeds)
