@@ -81,8 +81,8 @@ def assert_rows_take_their_negatives(pipe, call, extra=(), per_prompt_rows=1, **
 @pytest.mark.parametrize("name", ["sd3", "flux", "chroma", "qwen_image", "flux2", "z_image", "wan", "ovis_image",
                                   "hunyuan_image", "hunyuan_video15", "longcat", "bria"])
 def test_each_prompt_takes_its_negative(name):
-    """Z-Image and HunyuanImage prepare one negative text for every row on their token path: calls with differing
-    negatives run the row path there."""
+    """Z-Image prepares one negative caption for every row on its token path: calls with differing negatives run the
+    row path there; the other families keep the token path."""
     pipe, call = pipeline(name)
     assert_rows_take_their_negatives(pipe, call)
 
