@@ -7,7 +7,11 @@ At --size 128 every toy has 1024 image tokens (Qwen-Image's, FLUX.2's and Hunyua
 HunyuanVideo 1.5 makes 9 frames at half the size (1280 video tokens at --size 128). A "guider" entry of a condition's
 settings is set as the pipeline's guider (HunyuanVideo 1.5 takes its CFG scale from it).
 
+--per-prompt: calls of two prompts, NAG with a negative prompt per prompt ('a blue square', 'a dog'); the families
+that prepare each row's negative text (all but Z-Image) keep the token path there.
+
 Run:  python benchmarks/nag_families.py [--threads 1] [--size 128] [--steps 8] [--repeats 3] [--only Z-Image]
+                                        [--per-prompt]
 """
 from __future__ import annotations
 
@@ -71,10 +75,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per condition")
     parser.add_argument("--only", default="", help="the models whose name contains this text (default: all)")
+    parser.add_argument("--per-prompt", action="store_true", help="two prompts, a negative prompt per prompt")
     args = parser.parse_args()
+    prompt, nag_negative = "a red circle", NEGATIVE
+    if args.per_prompt:
+        prompt, nag_negative = ["a red circle", "a cat"], [NEGATIVE, "a dog"]
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {args.threads}; {args.size}×{args.size}, {args.steps} steps, "
-          "negative prompt 'a blue square'")
+          f"prompt {prompt!r}, NAG's negative prompt {nag_negative!r} (CFG's 'a blue square')")
     print("| model | plain s | NAG s (× plain) | NAG as rows s (× plain) | CFG s (× plain) |\n|---|---|---|---|---|")
     for name, pipe, common, plain_kwargs, cfg_kwargs in cases(args.size):
         if args.only not in name:
@@ -85,18 +93,20 @@ def main() -> None:
             if guider is not None:
                 pipe.guider = guider
             size = dict(height=args.size, width=args.size)
-            pipe(prompt="a red circle", num_inference_steps=args.steps, output_type="latent",
+            pipe(prompt=prompt, num_inference_steps=args.steps, output_type="latent",
                  generator=torch.Generator().manual_seed(0), **{**size, **common}, **kwargs)
 
         plain = best_of(lambda: generate(**plain_kwargs), args.repeats)
-        with da.apply(pipe, da.NAG(NEGATIVE)):
+        with da.apply(pipe, da.NAG(nag_negative)):
             nag = best_of(lambda: generate(**plain_kwargs), args.repeats)
         rows = "(its path)"
         if family_of(pipe.transformer).name in nag_tokens.TOKEN_FAMILIES:
-            with nag_tokens.row_path(), da.apply(pipe, da.NAG(NEGATIVE)):
+            with nag_tokens.row_path(), da.apply(pipe, da.NAG(nag_negative)):
                 seconds = best_of(lambda: generate(**plain_kwargs), args.repeats)
             rows = f"{seconds:.3f} ({seconds / plain:.2f}×)"
         cfg = "—"
+        if cfg_kwargs is not None and args.per_prompt and isinstance(cfg_kwargs.get("negative_prompt"), str):
+            cfg_kwargs = {**cfg_kwargs, "negative_prompt": [cfg_kwargs["negative_prompt"]] * len(prompt)}
         if cfg_kwargs is not None:
             seconds = best_of(lambda: generate(**cfg_kwargs), args.repeats)
             cfg = f"{seconds:.3f} ({seconds / plain:.2f}×)"
