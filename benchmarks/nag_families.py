@@ -7,8 +7,8 @@ At --size 128 every toy has 1024 image tokens (Qwen-Image's, FLUX.2's and Hunyua
 HunyuanVideo 1.5 makes 9 frames at half the size (1280 video tokens at --size 128). A "guider" entry of a condition's
 settings is set as the pipeline's guider (HunyuanVideo 1.5 takes its CFG scale from it).
 
---per-prompt: calls of two prompts, NAG with a negative prompt per prompt ('a blue square', 'a dog'); the families
-that prepare each row's negative text (all but Z-Image) keep the token path there.
+--per-prompt: calls of two prompts, NAG with a negative prompt per prompt ('a blue square', 'a dog'); every family keeps
+its token path there.
 
 Run:  python benchmarks/nag_families.py [--threads 1] [--size 128] [--steps 8] [--repeats 3] [--only Z-Image]
                                         [--per-prompt]

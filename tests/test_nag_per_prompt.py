@@ -62,15 +62,15 @@ def guided(pipe, call, edits, **kwargs):
     return out, len(rec.steps)
 
 
-def assert_rows_take_their_negatives(pipe, call, extra=(), per_prompt_rows=1, **kwargs):
+def assert_rows_take_their_negatives(pipe, call, extra=(), per_prompt_rows=1, negatives=NEGATIVES, **kwargs):
     """The per-prompt NAG's rows of prompt i equal those of NAG with negative i alone (same call, same noise),
     at the stock call count; the two negatives give those rows different outputs."""
     _, stock_calls = guided(pipe, call, (), **kwargs)
     for layers in (None, (1,)):
-        alone = [guided(pipe, call, [da.NAG(n, layers=layers, **SETTINGS), *extra], **kwargs)[0] for n in NEGATIVES]
-        out, calls = guided(pipe, call, [da.NAG(list(NEGATIVES), layers=layers, **SETTINGS), *extra], **kwargs)
+        alone = [guided(pipe, call, [da.NAG(n, layers=layers, **SETTINGS), *extra], **kwargs)[0] for n in negatives]
+        out, calls = guided(pipe, call, [da.NAG(list(negatives), layers=layers, **SETTINGS), *extra], **kwargs)
         assert calls == stock_calls
-        assert out.shape[0] == len(NEGATIVES) * per_prompt_rows
+        assert out.shape[0] == len(negatives) * per_prompt_rows
         for i, single in enumerate(alone):
             rows = slice(i * per_prompt_rows, (i + 1) * per_prompt_rows)
             assert (out[rows] - single[rows]).abs().max() <= 1e-5, (layers, i)
@@ -87,6 +87,15 @@ def test_each_prompt_takes_its_negative(name):
     assert_rows_take_their_negatives(pipe, call)
 
 
+def test_z_image_negative_captions_of_other_lengths():
+    """Z-Image's negative caption segments are padded to multiples of 32 tokens: a 32- and a 64-token one ride in one
+    call, the shorter padded under a key mask on the token path."""
+    pipe, call = pipeline("z_image")
+    negatives = ("a dog", "a blue square " * 12)
+    assert_rows_take_their_negatives(pipe, call, negatives=negatives)
+    assert_rows_take_their_negatives(pipe, call, negatives=negatives, guidance_scale=3.0)  # CFG: one call, cond first
+
+
 def test_images_per_prompt_and_cfg_on_sd3():
     pipe, call = pipeline("sd3")
     assert_rows_take_their_negatives(pipe, call, per_prompt_rows=2, num_images_per_prompt=2)
@@ -99,33 +108,30 @@ def test_cfg_in_the_call_on_bria():
     assert_rows_take_their_negatives(pipe, call, guidance_scale=3.0)
 
 
-@pytest.mark.parametrize("name", ["hunyuan_image", "hunyuan_video15"])
-def test_hunyuan_rows_with_their_own_negatives_keep_the_token_path(name):
-    """HunyuanImage and HunyuanVideo 1.5 prepare each row's own negative text: a call with a negative prompt per prompt
-    keeps its rows (the negative text rides as tokens), as with one negative prompt."""
+@pytest.mark.parametrize("name", ["z_image", "hunyuan_image", "hunyuan_video15"])
+def test_rows_with_their_own_negatives_keep_the_token_path(name):
+    """Z-Image, HunyuanImage and HunyuanVideo 1.5 prepare each row's own negative text (Z-Image: negative captions of
+    other lengths padded under a key mask): a call with a negative prompt per prompt keeps its rows (the negative
+    text rides as tokens), as with one negative prompt; the row path would add a negative row per conditional row."""
     pipe, call = pipeline(name)
     seen = []
-    block = pipe.transformer.transformer_blocks[0]
-
-    def record(module, args, kwargs):
-        inputs = {**dict(zip(("hidden_states", "encoder_hidden_states"), args)), **kwargs}
-        # the text as the model hands it to the block (the token path appends the negative text in the block's hook)
-        seen.append((inputs["hidden_states"].shape[0], inputs["encoder_hidden_states"].shape[1]))
-
-    hook = block.register_forward_pre_hook(record, with_kwargs=True)
+    blocks = pipe.transformer.layers if name == "z_image" else pipe.transformer.transformer_blocks
+    hook = blocks[0].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[0] if args else next(iter(kwargs.values()))).shape[0]),
+        with_kwargs=True)
     try:
         for edits in ((), [da.NAG(NEGATIVES[0], **SETTINGS)], [da.NAG(list(NEGATIVES), **SETTINGS)]):
             seen.clear()
             guided(pipe, call, edits)
             if not edits:
-                stock = set(seen)
-            else:  # the row path would add a negative row per conditional row
-                assert set(seen) == stock
+                stock = list(seen)
+            assert seen == stock, edits
     finally:
         hook.remove()
 
 
-@pytest.mark.parametrize("name,heads", [("sd3", ["L1H2"]), ("wan", ["L1H1"]), ("hunyuan_image", ["L1H1"])])
+@pytest.mark.parametrize("name,heads", [("sd3", ["L1H2"]), ("wan", ["L1H1"]), ("hunyuan_image", ["L1H1"]),
+                                        ("z_image", ["L1H1"])])
 def test_with_head_guidance(name, heads):
     """HeadGuidance's perturbed copies are NAG-guided with their rows' own negatives (SD3: forked at a block;
     Wan: at the call, its negative text in a cross-attention)."""

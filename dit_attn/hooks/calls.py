@@ -241,7 +241,7 @@ class CallHook(_Hook):
             nag_text = self.family.nag_text_states(module, patch.embeds[:1] if patch.one_source else patch.embeds)
         if nag_text is not None:  # NAG in a cross-attention: the negative text rides in the call state, not in rows
             return self._cross_attention_nag_forward(module, forward, call, current, cond, patch, nag_text)
-        if patch is not None and carries_tokens(self.family, self.state, call, patch):
+        if patch is not None and carries_tokens(self.family, self.state, call):
             return nag_tokens_forward(self, module, forward, call, current, cond, patch)
         if cond is None and patch is None:
             return forward(**call)
@@ -280,7 +280,7 @@ class CallHook(_Hook):
             return
         if self.state.nag is None:
             raise NotImplementedError(f"{self.text.selector.edit_name} does not support ControlNet residuals yet")
-        if not carries_tokens(self.family, self.state, call, patch):
+        if not carries_tokens(self.family, self.state, call):
             raise NotImplementedError("NAG runs with ControlNet residuals on its token path only: give layers=None "
                                       "(every layer) or 0…k, not another layer set")
 

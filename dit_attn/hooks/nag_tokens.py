@@ -39,12 +39,6 @@ NAG_TOKEN_HOOK = "dit_attn.nag_tokens"
 TOKEN_FAMILIES = ("sd3", "flux", "chroma", "bria", "longcat_image", "ovis_image", "flux2", "qwen_image", "z_image",
                   "hunyuan_image", "hunyuan_video15")
 
-# token-path families whose rows may each carry their own negative text (a negative prompt per prompt); Z-Image
-# (one negative caption segment for every row) runs such calls on the row path
-PER_ROW_FAMILIES = ("sd3", "flux", "chroma", "bria", "longcat_image", "ovis_image", "flux2", "qwen_image",
-                    "hunyuan_image", "hunyuan_video15")
-
-
 @dataclass(frozen=True)
 class NAGTokens:
     """The negative text tokens of the call running now."""
@@ -58,9 +52,10 @@ class NAGTokens:
     # perturbed copies, found before the blocks run (no data-dependent indexing inside them)
     stage_rows: dict[int, torch.Tensor]
     # the negative text (1 or rows, L, D) the first block appends to every row's stream, and Z-Image: each row's
-    # rotary table for it (rows, L, ·) (text_len: the positive caption segment's length, the rows' longest padded
-    # caption); HunyuanImage and HunyuanVideo 1.5: its key mask (1 or rows, L)
-    negative: tuple[torch.Tensor, torch.Tensor] | None = None
+    # rotary table for it (rows, L, ·) and its key mask (rows, L; None: every key valid) (text_len: the positive
+    # caption segment's length, the rows' longest padded caption); HunyuanImage and HunyuanVideo 1.5: its key mask
+    # (1 or rows, L)
+    negative: tuple | None = None
 
     def rows_of(self, stage) -> torch.Tensor:
         """The rows NAG guides in a RowPlan stage (None: the call's rows)."""
@@ -87,14 +82,13 @@ def row_path():
         TOKEN_FAMILIES = families
 
 
-def carries_tokens(family, state: EditState, call: dict | None = None, patch=None) -> bool:
-    """NAG runs on the token path: a family whose blocks carry it, NAG layers 0…k (and a call they fit, with
-    negative rows the family's token path takes: one negative prompt, or one per row where `PER_ROW_FAMILIES`)."""
+def carries_tokens(family, state: EditState, call: dict | None = None) -> bool:
+    """NAG runs on the token path: a family whose blocks carry it, NAG layers 0…k (and a call they fit); each row
+    may have its own negative prompt."""
     nag = state.nag
     return (nag is not None and family.name in TOKEN_FAMILIES
             and nag.layers == frozenset(range(max(nag.layers) + 1))
-            and (call is None or family.nag_tokens_fit(call))
-            and (patch is None or patch.one_source or family.name in PER_ROW_FAMILIES))
+            and (call is None or family.nag_tokens_fit(call)))
 
 
 def nag_tokens_forward(hook, module, forward, call: dict, current, cond, patch):
@@ -108,9 +102,10 @@ def nag_tokens_forward(hook, module, forward, call: dict, current, cond, patch):
         call = hook.rows_at_call(call, plan) if at_call else call
     negative, temb = None, None
     if hook.family.name == "z_image":
-        text_len, negative = _z_image_negative_segment(module, call, patch)
+        text_len, negative = _z_image_negative_segment(module, call, patch, _row_sources(patch, plan, batch))
     elif hook.family.name == "hunyuan_image":
-        negative = _hunyuan_image_negative_text(module, call, _negatives_of_rows(call, patch, plan, batch), hook.family)
+        negative = _hunyuan_image_negative_text(module, call, _negatives_of_rows(call, patch, plan, batch),
+                                                hook.family)
         text_len = negative[0].shape[1]
     elif hook.family.name == "hunyuan_video15":
         negative = _hunyuan_video15_negative_context(module, call, _negatives_of_rows(call, patch, plan, batch),
@@ -145,29 +140,55 @@ def _sd3_token_call(module, call: dict, patch, batch: int) -> tuple[dict, torch.
     return {**call, "encoder_hidden_states": torch.cat([text, negative], dim=1)}, temb
 
 
-def _z_image_negative_segment(module, call: dict, patch) -> tuple[int, tuple[torch.Tensor, torch.Tensor]]:
+def _row_sources(patch, plan, batch: int) -> torch.Tensor | None:
+    """The source row (index into `patch.embeds`) of each row of a call widened at the call (`plan`'s first stage;
+    None: the call's `batch` rows); a row NAG does not guide takes the first source, which its image queries never
+    see. None where one negative prompt serves every row."""
+    if patch.one_source:
+        return None
+    return patch.source_index(plan.stages[0].from_call if plan is not None else torch.arange(batch))
+
+
+def _z_image_negative_segment(module, call: dict, patch, sources) -> tuple[int, tuple]:
     """(the positive caption segment's length, `NAGTokens.negative`). A row's image follows its own padded caption on
-    the first rotary axis; the negative caption's positions move by (that caption's length − its own) in each row."""
+    the first rotary axis; the negative caption's positions move by (that caption's length − its own) in each row.
+    sources (`_row_sources`): each row's negative caption; segments of other lengths are padded to the longest with
+    zero states and tables under a key mask, as the model pads its rows."""
     from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
 
     padded = [len(c) + (-len(c)) % SEQ_MULTI_OF for c in call["cap_feats"]]
-    caption = patch.embeds[0, : int((patch.pooled[0] != 0).sum())].to(call["cap_feats"][0])
-    states, rotary = z_image_caption_segment(module, caption)
-    shift = z_image_first_axis_rotation(module, [p - states.shape[1] for p in padded])
-    return max(padded), (states, rotary * shift[:, None])
+    rows = [0] * len(padded) if sources is None else sources.tolist()
+    segments = {}
+    for k in sorted(set(rows)):
+        caption = patch.embeds[k, : int((patch.pooled[k] != 0).sum())].to(call["cap_feats"][0])
+        segments[k] = z_image_caption_segment(module, caption)
+    lengths = [segments[k][0].shape[1] for k in rows]
+    shift = z_image_first_axis_rotation(module, [p - length for p, length in zip(padded, lengths)])
+    if sources is None:
+        states, rotary = segments[0]
+        return max(padded), (states, rotary * shift[:, None], None)
+    longest = max(lengths)
+
+    def padded_to_longest(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, 0, 0, longest - x.shape[1]))
+
+    states = torch.cat([padded_to_longest(segments[k][0]) for k in rows])
+    rotary = torch.cat([padded_to_longest(segments[k][1]) for k in rows]) * shift[:, None]
+    mask = None
+    if min(lengths) < longest:
+        mask = torch.arange(longest, device=states.device)[None] < torch.tensor(lengths, device=states.device)[:, None]
+    return max(padded), (states, rotary, mask)
 
 
 def _negatives_of_rows(call: dict, patch, plan, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(text states, extra, timestep) of the negative prompt that HunyuanImage and HunyuanVideo 1.5 prepare for the
-    rows of a call widened at the call (`plan`'s first stage; None: the call's `batch` rows): one negative prompt's
-    once (its one row, the call's first timestep), or each row's own source prompt's with the row's timestep (a row NAG
-    does not guide takes the first source's, which its image queries never see)."""
-    if patch.one_source:
+    rows of the call (`_row_sources`): one negative prompt's once (its one row, the call's first timestep), or each
+    row's own source prompt's with the row's timestep."""
+    sources = _row_sources(patch, plan, batch)
+    if sources is None:
         return patch.embeds[:1], patch.pooled[:1], call["timestep"][:1]
-    rows = plan.stages[0].from_call if plan is not None else torch.arange(batch)
-    index = patch.source_index(rows)
-    embeds = patch.embeds.index_select(0, index.to(patch.embeds.device))
-    return embeds, patch.pooled.index_select(0, index.to(patch.pooled.device)), call["timestep"]
+    embeds = patch.embeds.index_select(0, sources.to(patch.embeds.device))
+    return embeds, patch.pooled.index_select(0, sources.to(patch.pooled.device)), call["timestep"]
 
 
 def _hunyuan_image_negative_text(module, call: dict, negatives, family) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,7 +340,7 @@ class NAGTokenAppendingBlock(NAGTokenBlockHook):
 
 class NAGTokenZImageBlock(NAGTokenAppendingBlock):
     """A Z-Image main block: one [image ; caption] stream per row, the negative caption segment after it with its
-    rows' rotary tables and all its keys valid."""
+    rows' rotary tables and key mask."""
 
     stream = "x"
 
@@ -327,10 +348,16 @@ class NAGTokenZImageBlock(NAGTokenAppendingBlock):
         return values["freqs_cis"].shape[1]  # the model passes its own tables to each block
 
     def extend(self, values: dict, tokens) -> None:
-        mask, negative = values["attn_mask"], tokens.negative[0]
-        values["freqs_cis"] = torch.cat([values["freqs_cis"], tokens.negative[1]], dim=1)
-        if mask is not None:
-            values["attn_mask"] = torch.cat([mask, mask.new_ones(mask.shape[0], negative.shape[1])], dim=1)
+        mask, (negative, rotary, negative_mask) = values["attn_mask"], tokens.negative
+        stock = values["freqs_cis"].shape[1]
+        values["freqs_cis"] = torch.cat([values["freqs_cis"], rotary], dim=1)
+        if mask is None and negative_mask is None:
+            return
+        rows = rotary.shape[0]
+        if mask is None:
+            mask = torch.ones(rows, stock, dtype=torch.bool, device=rotary.device)
+        keep = mask.new_ones(rows, negative.shape[1]) if negative_mask is None else negative_mask.to(mask.dtype)
+        values["attn_mask"] = torch.cat([mask, keep], dim=1)
 
 
 class NAGTokenHunyuanImageBlock(NAGTokenAppendingBlock):
