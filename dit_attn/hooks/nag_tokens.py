@@ -15,9 +15,10 @@ image queries never see them. From block k+1 on the negative tokens are dropped.
 The FLUX layout (FLUX.1 and the models on its blocks, Chroma, FLUX.2) runs the same path in its double and
 single blocks: `hooks.nag_tokens_flux`; Qwen-Image in its dual-stream blocks, the negative text at the positive
 text's rotary positions and with its own text mask. Z-Image's main blocks take one [image ; caption] stream per row:
-the negative caption segment, embedded and refined once per call as the model does a caption, joins every row's
-stream at the first block ([image ; caption ; negative caption]), its rotary positions shifted per row so that the
-image sits where it would after the negative caption (as in a negative row, whose image follows its own caption).
+the negative caption segment, embedded and refined once per call as the model does a caption (each distinct one where
+the rows have their own, the shorter padded under a key mask), joins every row's stream at the first block
+([image ; caption ; negative caption]), its rotary positions shifted per row so that the image sits where it would
+after the negative caption (as in a negative row, whose image follows its own caption).
 HunyuanImage and HunyuanVideo 1.5 likewise append the negative text (context), prepared as the model prepares a row's
 (once per call, or per row where the rows have their own negative prompts), to every row's text in the first block,
 with its own key mask (the text has no positions).
