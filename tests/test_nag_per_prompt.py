@@ -1,7 +1,8 @@
 """NAG with a negative prompt per prompt of the call (`NAG(negative_prompt=[...])`, as a pipeline's own
 `negative_prompt` list): each prompt's rows must come out as NAG with that prompt's negative alone gives them (which
 the other NAG tests check against stock attention), per family, on the token path (layers 0…k) and the row path (a
-layer subset), at the stock number of transformer calls; and the refusals."""
+layer subset), at the stock number of transformer calls; given embeddings of a row per prompt as the list; and the
+refusals."""
 import contextlib
 import json
 
@@ -81,8 +82,7 @@ def assert_rows_take_their_negatives(pipe, call, extra=(), per_prompt_rows=1, ne
 @pytest.mark.parametrize("name", ["sd3", "flux", "chroma", "qwen_image", "flux2", "z_image", "wan", "ovis_image",
                                   "hunyuan_image", "hunyuan_video15", "longcat", "bria"])
 def test_each_prompt_takes_its_negative(name):
-    """Z-Image prepares one negative caption for every row on its token path: calls with differing negatives run the
-    row path there; the other families keep the token path."""
+    """Every family, on its token path (layers 0…k) and its row path (a layer subset)."""
     pipe, call = pipeline(name)
     assert_rows_take_their_negatives(pipe, call)
 
@@ -134,7 +134,8 @@ def test_rows_with_their_own_negatives_keep_the_token_path(name):
                                         ("z_image", ["L1H1"])])
 def test_with_head_guidance(name, heads):
     """HeadGuidance's perturbed copies are NAG-guided with their rows' own negatives (SD3: forked at a block;
-    Wan: at the call, its negative text in a cross-attention)."""
+    Wan: at the call, its negative text in a cross-attention; HunyuanImage, Z-Image: at the call, each copy's negative
+    text as tokens of its row)."""
     pipe, call = pipeline(name)
     assert_rows_take_their_negatives(pipe, call, extra=(da.HeadGuidance(heads=heads, scale=2.0),))
 
