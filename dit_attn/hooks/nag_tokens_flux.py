@@ -143,10 +143,11 @@ def shared_image_keys_attention(query, key, value, n: int, text_bias: torch.Tens
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     parts = [slice(2 * n, None), slice(0, n), slice(n, 2 * n)]  # image, positive text, negative text
     biases = (None, None) if text_bias is None else (text_bias[..., :n], text_bias[..., n:])
-    z_pos, positive, z_neg, negative = attention_sharing_image_keys(
+    on_positive, on_negative = attention_sharing_image_keys(
         *(q[:, :, part] for part in parts), *((k[:, :, part], v[:, :, part]) for part in parts), biases)
-    text = torch.cat([positive, negative], dim=2)
-    return text.transpose(1, 2), z_pos.transpose(1, 2), z_neg.transpose(1, 2)
+    image = on_negative.shape[2] - n
+    text = torch.cat([on_positive[:, :, :n], on_negative[:, :, image:]], dim=2)
+    return text.transpose(1, 2), on_positive[:, :, n:].transpose(1, 2), on_negative[:, :, :image].transpose(1, 2)
 
 
 def image_first_attention_sharing_image_keys(positive: tuple, negative: tuple, image_tokens: int):
@@ -155,10 +156,11 @@ def image_first_attention_sharing_image_keys(positive: tuple, negative: tuple, i
     call, of the second)."""
     i = image_tokens
     (q, k, v), (q_neg, k_neg, v_neg) = positive, negative
-    z_pos, on_positive, z_neg, on_negative = attention_sharing_image_keys(
+    on_positive, on_negative = attention_sharing_image_keys(
         q[:, :, :i], q[:, :, i:], q_neg[:, :, i:], (k[:, :, :i], v[:, :, :i]), (k[:, :, i:], v[:, :, i:]),
         (k_neg[:, :, i:], v_neg[:, :, i:]))
-    return torch.cat([z_pos, on_positive], dim=2), torch.cat([z_neg, on_negative], dim=2)
+    text = on_positive.shape[2] - i
+    return torch.cat([on_positive[:, :, text:], on_positive[:, :, :text]], dim=2), on_negative
 
 
 def image_first_nag_token_attend(processor, attn, query, key, value, keys: torch.Tensor | None, image: int,
@@ -180,10 +182,10 @@ def image_first_nag_token_attend(processor, attn, query, key, value, keys: torch
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))
         parts = slice(0, image), slice(image, n), slice(n, None)
         biases = (None, None) if bias is None else (bias[..., :text_len], bias[..., text_len:])
-        z_pos, text, z_neg, negative = attention_sharing_image_keys(
+        on_positive, on_negative = attention_sharing_image_keys(
             *(q[:, :, part] for part in parts), *((k[:, :, part], v[:, :, part]) for part in parts), biases)
-        out = torch.cat([z_pos, text], dim=2).transpose(1, 2)
-        out_neg = torch.cat([z_neg, negative], dim=2).transpose(1, 2)
+        out = torch.cat([on_positive[:, :, text_len:], on_positive[:, :, :text_len]], dim=2).transpose(1, 2)
+        out_neg = on_negative.transpose(1, 2)
     else:
         mask = keys[:, None, None, :] if keys is not None else None
         positive = [x[:, :n] for x in (query, key, value)]
@@ -202,14 +204,16 @@ def attention_sharing_image_keys(image_query, positive_query, negative_query, im
     negative text's attending [image ; negative text], from (B, H, ·, D) queries and the (key, value) of the image
     and of each text: every query's attention over the image keys, the bulk of both, computed once and merged with
     its attention over its text by log-sum-exp (biases: additive key masks of the two texts, or None).
-    (Z⁺, the positive text's outputs, Z⁻, the negative text's outputs)."""
-    i, p = image_query.shape[2], positive_query.shape[2]
-    out, lse = _attention_lse(torch.cat([image_query, positive_query, negative_query], dim=2), *image)
-    for_positive = out[:, :, : i + p], lse[:, :, : i + p]
-    for_negative = tuple(torch.cat([x[:, :, :i], x[:, :, i + p:]], dim=2) for x in (out, lse))
-    on_positive = _merge(for_positive, _attention_lse(torch.cat([image_query, positive_query], dim=2), *positive, biases[0]))
-    on_negative = _merge(for_negative, _attention_lse(torch.cat([image_query, negative_query], dim=2), *negative, biases[1]))
-    return on_positive[:, :, :i], on_positive[:, :, i:], on_negative[:, :, :i], on_negative[:, :, i:]
+    (the outputs of [positive text ; image] (the image's: Z⁺), of [image ; negative text] (the image's: Z⁻)): the
+    queries ride as [positive text ; image ; negative text], so that each side is one slice of them."""
+    p = positive_query.shape[2]
+    queries = torch.cat([positive_query, image_query, negative_query], dim=2)
+    out, lse = _attention_lse(queries, *image)
+    positive_side = slice(None, p + image_query.shape[2])
+    on_positive = _merge((out[:, :, positive_side], lse[:, :, positive_side]),
+                         _attention_lse(queries[:, :, positive_side], *positive, biases[0]))
+    on_negative = _merge((out[:, :, p:], lse[:, :, p:]), _attention_lse(queries[:, :, p:], *negative, biases[1]))
+    return on_positive, on_negative
 
 
 def nag_token_attention(processor, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
