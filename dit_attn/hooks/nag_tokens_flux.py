@@ -10,7 +10,8 @@ Chroma its own text mask). At a NAG layer the image queries attend [positive tex
 [negative text ; image] (Z⁻), the positive text queries [positive text ; image] (their stock update), the
 negative text queries [negative text ; image]: what the negative rows of the row path compute, where each
 negative row takes its positive row's image q/k/v at every NAG layer (SD3's choice, followed here).
-Where the layer's attention is the default SDPA on the CPU, unmasked or with a mask on text keys only, the image
+Where the layer's attention is the default SDPA, on the CPU unmasked or with a mask on text keys only, on CUDA
+unmasked where `kernels.lse` found an op that returns the log-sum-exp, and the image has enough tokens, the image
 queries' attention over the image keys, shared by Z⁺ and Z⁻, runs once (`shared_image_keys_attention`); elsewhere
 two attention calls.
 
@@ -29,6 +30,7 @@ import torch
 from diffusers.hooks import ModelHook
 from diffusers.models.embeddings import apply_rotary_emb
 
+from ..kernels import lse
 from ..processors.state import POOL_MODULE, EditState, nag_guided_rows
 from .private import flux_qkv_projections
 
@@ -78,27 +80,23 @@ def _split_mask(mask: torch.Tensor | None, n: int):
 # below, its extra calls and merges cost more than the pass over the image keys they save
 # (`python benchmarks/nag_attention.py`: the crossover lies at 100-200 image tokens on one CPU thread)
 SHARED_IMAGE_KEYS_FROM: int | None = 160
+# the same on CUDA: a guess (1024² images have 4096 image tokens), to be set from `benchmarks/gpu/stage_steps.py`
+SHARED_IMAGE_KEYS_FROM_CUDA: int | None = 1024
 
 
-def shares_image_keys(query: torch.Tensor, capture, image_tokens: int) -> bool:
-    """The shared-image-keys merge may replace two default SDPA calls on these queries."""
-    return (SHARED_IMAGE_KEYS_FROM is not None and image_tokens >= SHARED_IMAGE_KEYS_FROM
-            and query.device.type == "cpu" and capture is None
-            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
+def shares_image_keys(query: torch.Tensor, capture, image_tokens: int, masked: bool = False) -> bool:
+    """The shared-image-keys merge may replace two default SDPA calls on these (B, H, L, D) queries (`masked`: the
+    call has a key mask, `_text_key_bias`'s)."""
+    start = {"cpu": SHARED_IMAGE_KEYS_FROM, "cuda": SHARED_IMAGE_KEYS_FROM_CUDA}.get(query.device.type)
+    return (start is not None and image_tokens >= start and capture is None
+            and lse.usable(query, masked))
 
 
-def layer_shares_image_keys(processor, query: torch.Tensor, image_tokens: int) -> bool:
-    """The layer's attention is diffusers' default SDPA on the CPU, with nothing recorded: `shared_image_keys_attention`
-    may replace its two calls."""
+def layer_shares_image_keys(processor, query: torch.Tensor, image_tokens: int, masked: bool = False) -> bool:
+    """The layer's attention is diffusers' default SDPA with nothing recorded: `shared_image_keys_attention` may
+    replace its two calls on these (B, S, H, D) queries."""
     return (processor._attention_backend is None and processor._parallel_config is None
-            and shares_image_keys(query, processor.state.capture, image_tokens))
-
-
-def _attention_lse(q, k, v, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, H, L, D) → (softmax attention (B, H, L, D), the log-sum-exp of each query's scaled logits (B, H, L) float32):
-    the CPU kernel F.scaled_dot_product_attention runs, through its aten op (the only one that returns the lse);
-    bias: an additive key mask (B, 1, 1, keys) in q's dtype."""
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias)
+            and shares_image_keys(query.transpose(1, 2), processor.state.capture, image_tokens, masked))
 
 
 def _text_key_bias(mask: torch.Tensor | None, n: int, dtype) -> tuple[bool, torch.Tensor | None]:
@@ -125,13 +123,6 @@ def _each_text_key_bias(positive: torch.Tensor, negative: torch.Tensor, dtype):
     bias = [torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))
             for keep in (positive, negative)]
     return True, torch.cat(bias, dim=-1)
-
-
-def _merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """The attention over the union of two disjoint key sets from each set's (output, lse)."""
-    (out_a, lse_a), (out_b, lse_b) = a, b
-    weight = torch.sigmoid(lse_b - lse_a).unsqueeze(-1)  # the share of the softmax mass on b's keys
-    return (out_a.float() + (out_b.float() - out_a.float()) * weight).to(out_a.dtype)
 
 
 def shared_image_keys_attention(query, key, value, n: int, text_bias: torch.Tensor | None = None):
@@ -174,7 +165,7 @@ def image_first_nag_token_attend(processor, attn, query, key, value, keys: torch
     plan = processor.state.plan(processor.layer, query.shape[0], (0, image_len), getattr(attn, POOL_MODULE, None))
     dtype = query.dtype
     shared, bias = False, None
-    if plan is None and layer_shares_image_keys(processor, query, image):
+    if plan is None and layer_shares_image_keys(processor, query, image, keys is not None):
         shared = keys is None
         if keys is not None:
             shared, bias = _each_text_key_bias(keys[:, None, None, image:n], keys[:, None, None, n:], dtype)
@@ -208,11 +199,12 @@ def attention_sharing_image_keys(image_query, positive_query, negative_query, im
     queries ride as [positive text ; image ; negative text], so that each side is one slice of them."""
     p = positive_query.shape[2]
     queries = torch.cat([positive_query, image_query, negative_query], dim=2)
-    out, lse = _attention_lse(queries, *image)
+    out, out_lse = lse.attention_with_lse(queries, *image)
     positive_side = slice(None, p + image_query.shape[2])
-    on_positive = _merge((out[:, :, positive_side], lse[:, :, positive_side]),
-                         _attention_lse(queries[:, :, positive_side], *positive, biases[0]))
-    on_negative = _merge((out[:, :, p:], lse[:, :, p:]), _attention_lse(queries[:, :, p:], *negative, biases[1]))
+    on_positive = lse.merge((out[:, :, positive_side], out_lse[:, :, positive_side]),
+                            lse.attention_with_lse(queries[:, :, positive_side], *positive, biases[0]))
+    on_negative = lse.merge((out[:, :, p:], out_lse[:, :, p:]),
+                            lse.attention_with_lse(queries[:, :, p:], *negative, biases[1]))
     return on_positive, on_negative
 
 
@@ -250,7 +242,7 @@ def nag_token_attend(processor, attn, query, key, value, attention_mask,
     dtype = query.dtype
     shared, text_bias = False, None
     # before the mask's checks: they sync a GPU
-    if plan is None and layer_shares_image_keys(processor, query, query.shape[1] - 2 * n):
+    if plan is None and layer_shares_image_keys(processor, query, query.shape[1] - 2 * n, attention_mask is not None):
         shared, text_bias = _text_key_bias(attention_mask, n, dtype)
     if shared:
         text, z_pos, z_neg = (x.flatten(2, 3).to(dtype)

@@ -31,8 +31,8 @@ class SD3AttnProcessor(LayerProcessor):
                pool=None, negative: tuple[torch.Tensor, ...] | None = None):
         """The attention call, (B, H, S, D) with [image ; text] tokens. negative: NAG's second (q, k, v) of the
         same rows, [image ; negative text], attended with the same plan: then (output, negative output); where
-        the layer's attention is plain SDPA on the CPU the image keys' part of both runs once
-        (`hooks.nag_tokens_flux`)."""
+        the layer's attention is plain SDPA and `hooks.nag_tokens_flux.shares_image_keys` the image keys' part of
+        both runs once."""
         plan = self.state.plan(self.layer, query.shape[0], (0, image_tokens), pool, perturbed=self.joint)
         scale = self.state.scale_for(self.layer, image_tokens, query.shape[-1])
         if (negative is not None and plan is None and scale is None

@@ -1,0 +1,122 @@
+"""Attention with the log-sum-exp of each query's scaled logits, and the merge of attentions over disjoint key sets.
+
+NAG's token path attends the image queries over [image ; positive text] and over [image ; negative text]; from
+each part's output and log-sum-exp the image keys' part runs once for both (`merge`). torch returns the
+log-sum-exp only from its fused kernels' own ops: on the CPU `_scaled_dot_product_flash_attention_for_cpu` (any
+float dtype, an additive key mask), on CUDA cuDNN's and flash attention's (float16 / bfloat16, no mask). A CUDA
+op serves a (device, dtype, head dim) only once it matched the float32 definition on a small input there
+(`usable`), the first of them that does; where none does, or where gradients are on (the ops give the
+log-sum-exp none), callers make their plain attention calls instead.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+
+import torch
+
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+# the largest mismatch an op may show on the check's input, relative to max(|reference|, 1)
+TOLERANCES = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+_verdicts: dict[tuple[str, torch.dtype, int], str | None] = {}  # (device, dtype, head dim) → the op's name or None
+_lock = threading.Lock()
+
+
+def _cpu(q, k, v, bias=None):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias)[:2]
+
+
+def _cudnn(q, k, v, bias=None):
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)[:2]
+
+
+def _flash(q, k, v, bias=None):
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)[:2]
+
+
+CUDA_OPS = {"cudnn": _cudnn, "flash": _flash}  # in the order they are tried
+
+
+def usable(q: torch.Tensor, masked: bool = False) -> bool:
+    """`attention_with_lse` may serve these (B, H, L, D) queries (with an additive key mask where `masked`)."""
+    if torch.is_grad_enabled() and q.requires_grad:
+        return False
+    if q.device.type == "cpu":
+        return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    return q.device.type == "cuda" and not masked and _cuda_op(str(q.device), q.dtype, q.shape[-1]) is not None
+
+
+@torch.compiler.assume_constant_result
+def _cuda_op(device: str, dtype: torch.dtype, head_dim: int) -> str | None:
+    key = (device, dtype, head_dim)
+    with _lock:
+        if key not in _verdicts:
+            _verdicts[key] = _first_passing(*key)
+        return _verdicts[key]
+
+
+def _first_passing(device: str, dtype: torch.dtype, head_dim: int) -> str | None:
+    if dtype not in CUDA_DTYPES:
+        return None
+    errors = []
+    for name, op in CUDA_OPS.items():
+        error = mismatch(op, device, dtype, head_dim)
+        if error is None:
+            return name
+        errors.append(f"{name}: {error}")
+    warnings.warn(f"dit-attn: no CUDA attention op returned a correct log-sum-exp for {dtype}, head dim {head_dim} on "
+                  f"{_device_name(device)} ({'; '.join(errors)}; torch {torch.__version__}): NAG makes "
+                  "two attention calls a layer there", RuntimeWarning, stacklevel=3)
+    return None
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else device
+
+
+def mismatch(op, device: str, dtype: torch.dtype, head_dim: int) -> str | None:
+    """None when `op` gives the output and the log-sum-exp of the float32 definition on a small input (strided views,
+    as the token path passes them), else the error or the largest mismatch."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 45, 2, head_dim, generator=generator).to(device, dtype).transpose(1, 2) for _ in range(3))
+    q, k, v = q[:, :, 3:], k[:, :, :29], v[:, :, :29]
+    logits = q.float() @ k.float().transpose(-1, -2) / math.sqrt(head_dim)
+    expected = (logits.softmax(-1) @ v.float(), logits.logsumexp(-1))
+    try:
+        got = attention_with_lse(q, k, v, op=op)
+    except Exception as err:  # an op this torch, device or dtype does not run
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    for name, a, b in zip(("output", "log-sum-exp"), got, expected):
+        if a.shape != b.shape:
+            return f"{name} of shape {tuple(a.shape)}, not {tuple(b.shape)}"
+        error = float(((a.float() - b).abs() / b.abs().clamp(min=1)).max())
+        if not error <= TOLERANCES[dtype]:
+            return f"{name} off by {error:.3g}"
+    return None
+
+
+def attention_with_lse(q, k, v, bias=None, op=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, L, D) → (softmax attention (B, H, L, D), the log-sum-exp of each query's scaled logits (B, H, L) float32);
+    bias: an additive key mask (B, 1, 1, keys) in q's dtype (the CPU only). Call where `usable`."""
+    if op is None:
+        op = _cpu if q.device.type == "cpu" else CUDA_OPS[_cuda_op(str(q.device), q.dtype, q.shape[-1])]
+    if op is not _cpu:
+        q, k, v = (x.contiguous() for x in (q, k, v))
+    out, lse = op(q, k, v, bias)
+    # cuDNN's comes as (B, H, L, 1), the memory-efficient kernel's padded along L
+    return out, lse.reshape(*q.shape[:2], -1)[..., : q.shape[2]].float()
+
+
+def merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The attention over the union of two disjoint key sets from each set's (output, lse)."""
+    (out_a, lse_a), (out_b, lse_b) = a, b
+    weight = torch.sigmoid(lse_b - lse_a).unsqueeze(-1)  # the share of the softmax mass on b's keys
+    return (out_a.float() + (out_b.float() - out_a.float()) * weight).to(out_a.dtype)
+
+
+def forget() -> None:
+    """Drop this process's verdicts on the CUDA ops."""
+    with _lock:
+        _verdicts.clear()
