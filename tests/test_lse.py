@@ -1,11 +1,16 @@
 """`kernels.lse`: attention with its log-sum-exp, checked against the float32 definition, and the check that decides
 which CUDA op (if any) serves NAG's shared-image-keys merge (run here on the CPU op and on broken stand-ins)."""
 import math
+import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from dit_attn.hooks import nag_tokens_flux
 from dit_attn.kernels import lse
+
+DEVICE = os.environ.get("DIT_ATTN_TEST_DEVICE", "cpu")  # cuda in the GPU run (benchmarks/gpu/stage_tests.py)
 
 
 def definition(q, k, v, bias=None):
@@ -85,3 +90,30 @@ def test_no_merge_where_gradients_flow():
     assert not lse.usable(q)
     with torch.no_grad():
         assert lse.usable(q)
+
+
+@pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="needs DIT_ATTN_TEST_DEVICE=cuda (the GPU run)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_a_cuda_op_passes_the_check(dtype, head_dim):
+    lse.forget()
+    assert lse._cuda_op(str(torch.device(DEVICE)), dtype, head_dim) is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nag_shared_image_keys_equals_two_attention_calls(dtype):
+    """FLUX's layout, (B, S, H, D) of [positive text ; negative text ; image] on the test device: the merge's
+    text and image outputs against two SDPA calls over [positive text ; image] and [negative text ; image]."""
+    generator = torch.Generator().manual_seed(2)
+    n, image, heads, dim = 24, 300, 4, 64
+    q, k, v = (torch.randn(2, 2 * n + image, heads, dim, generator=generator).to(DEVICE, dtype) for _ in range(3))
+    if not lse.usable(q.transpose(1, 2)):
+        pytest.skip(f"no log-sum-exp op for {dtype} on {DEVICE}")
+    text, z_pos, z_neg = nag_tokens_flux.shared_image_keys_attention(q, k, v, n)
+    positive, negative = ([torch.cat([x[:, part], x[:, 2 * n:]], 1).transpose(1, 2) for x in (q, k, v)]
+                          for part in (slice(0, n), slice(n, 2 * n)))
+    out, out_neg = (F.scaled_dot_product_attention(*side).transpose(1, 2) for side in (positive, negative))
+    tolerance = lse.TOLERANCES[dtype]
+    for got, want in ((text[:, :n], out[:, :n]), (text[:, n:], out_neg[:, :n]), (z_pos, out[:, n:]),
+                      (z_neg, out_neg[:, n:])):
+        assert float((got.float() - want.float()).abs().max()) <= tolerance

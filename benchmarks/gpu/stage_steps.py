@@ -2,8 +2,8 @@
 (24 layers × 24 heads × 64) and FLUX.1 (19 double + 38 single layers × 24 heads × 128), bf16, at
 1024² token counts (4096 image tokens; SD3 with 333 text tokens = 77 CLIP + 256 T5, FLUX with
 512 T5 tokens): stock CFG vs HeadGuidance at one layer (2/3 depth, all heads, u = 1, prefix
-shared) vs diffusers' StableDiffusion3PAGPipeline on the same layer; FLUX NAG (negative text as tokens, as rows)
-vs the unguided step and true CFG; and FLUX local attention r = 16 at 2048² (16384 image tokens) vs full attention.
+shared) vs diffusers' StableDiffusion3PAGPipeline on the same layer; FLUX NAG (negative text as tokens: by default,
+with the image keys shared by Z⁺ and Z⁻, with two attention calls; as rows) vs the unguided step and true CFG; and FLUX local attention r = 16 at 2048² (16384 image tokens) vs full attention.
 
 Per-step time from `callback_on_step_end` stamps (after a device synchronize): the gaps
 between consecutive steps, the first step left out; configurations interleaved in rounds;
@@ -59,6 +59,19 @@ def time_steps(pipe, device: str, steps: int, edit=None, within=contextlib.nullc
         pipe(PROMPT, num_inference_steps=steps, output_type="latent", generator=torch.Generator().manual_seed(0),
              callback_on_step_end=on_step_end, **call)
     return [1e3 * (b - a) for a, b in zip(stamps, stamps[1:])]
+
+
+@contextlib.contextmanager
+def shared_image_keys_from(tokens):
+    """NAG's token path forced to the shared-image-keys merge (0) or to two attention calls (None) on every device."""
+    from dit_attn.hooks import nag_tokens_flux
+
+    saved = nag_tokens_flux.SHARED_IMAGE_KEYS_FROM, nag_tokens_flux.SHARED_IMAGE_KEYS_FROM_CUDA
+    nag_tokens_flux.SHARED_IMAGE_KEYS_FROM = nag_tokens_flux.SHARED_IMAGE_KEYS_FROM_CUDA = tokens
+    try:
+        yield
+    finally:
+        nag_tokens_flux.SHARED_IMAGE_KEYS_FROM, nag_tokens_flux.SHARED_IMAGE_KEYS_FROM_CUDA = saved
 
 
 def run_group(out: report.Report, section: str, configs: list[tuple], device: str, steps: int, rounds: int,
@@ -133,17 +146,24 @@ def flux_groups(out, device, dtype, dry_run, steps, rounds) -> None:
     ]
     run_group(out, section, configs, device, steps, rounds, "stock true CFG 4")
 
-    # NAG's negative prompt without CFG: its text as extra tokens of each row (on CUDA two attention calls a layer),
-    # its negative rows through the blocks, and true CFG's second pass
+    # NAG's negative prompt without CFG: its text as extra tokens of each row (the default, and forced to the
+    # shared-image-keys merge or to two attention calls a layer), its negative rows through the blocks, and true
+    # CFG's second pass
     section = f"FLUX.1 shape, NAG, {side * side} image tokens"
     nag = da.NAG(NEGATIVE)
     configs = [
         ("stock (guidance-distilled, 1 row)", pipe, None, call),
         ("NAG, negative text as tokens", pipe, nag, call),
+        ("NAG, tokens, image keys shared", pipe, nag, call, lambda: shared_image_keys_from(0)),
+        ("NAG, tokens, two attention calls", pipe, nag, call, lambda: shared_image_keys_from(None)),
         ("NAG, negative rows", pipe, nag, call, nag_tokens.row_path),
         ("stock true CFG 4", pipe, None, dict(call, negative_prompt=NEGATIVE, true_cfg_scale=4.0)),
     ]
     run_group(out, section, configs, device, steps, rounds, "stock (guidance-distilled, 1 row)")
+    from dit_attn.kernels import lse
+
+    out.note(f"NAG's log-sum-exp op per (device, dtype, head dim): "
+             f"{ {f'{d} {t} {h}': op for (d, t, h), op in lse._verdicts.items()} or 'none checked'}")
 
     side, radius = (8, 3) if dry_run else (128, 16)
     px = pixels_for(pipe, side)

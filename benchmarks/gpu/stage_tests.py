@@ -1,6 +1,7 @@
-"""Stage (a): tests/test_triton.py and tests/test_kernels.py on the GPU (DIT_ATTN_TEST_DEVICE=cuda:
-the Triton kernels compiled, not interpreted, in float32, float16 and bfloat16 against the
-reference; the kernels' other backends on CUDA tensors). One row per test with its outcome and
+"""Stage (a): tests/test_triton.py, tests/test_kernels.py and tests/test_lse.py on the GPU
+(DIT_ATTN_TEST_DEVICE=cuda: the Triton kernels compiled, not interpreted, in float32, float16 and bfloat16
+against the reference; the kernels' other backends on CUDA tensors; the CUDA ops that give NAG's merge its
+log-sum-exp). One row per test with its outcome and
 time. Dry run: the same files on the CPU, the interpreter-heavy kernel comparisons left out.
 Launch settings are the kernels' fixed fallbacks (DIT_ATTN_AUTOTUNE=0).
 Needs pytest and diffusers (tests/conftest.py builds toy pipelines)."""
@@ -15,7 +16,7 @@ import xml.etree.ElementTree as ElementTree
 
 import report
 
-FILES = ("tests/test_triton.py", "tests/test_kernels.py")
+FILES = ("tests/test_triton.py", "tests/test_kernels.py", "tests/test_lse.py")
 # the quick tests first, then each long Triton comparison on its own, so that one running out of
 # time leaves the others' outcomes; the dry run (the interpreter) takes the quick ones only
 QUICK = ("-k", "not matches_reference")

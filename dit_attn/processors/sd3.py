@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
 
 from .. import kernels
-from ..hooks.nag_tokens_flux import image_first_attention_sharing_image_keys, shares_image_keys
+from ..hooks import nag_tokens_flux
 from .ip_adapter import take_over_image_prompt
 from .state import POOL_MODULE, EditState, LayerProcessor, nag_guided_rows
 
@@ -36,8 +36,8 @@ class SD3AttnProcessor(LayerProcessor):
         plan = self.state.plan(self.layer, query.shape[0], (0, image_tokens), pool, perturbed=self.joint)
         scale = self.state.scale_for(self.layer, image_tokens, query.shape[-1])
         if (negative is not None and plan is None and scale is None
-                and shares_image_keys(query, self.state.capture, image_tokens)):
-            return image_first_attention_sharing_image_keys((query, key, value), negative, image_tokens)
+                and nag_tokens_flux.shares_image_keys(query, self.state.capture, image_tokens)):
+            return nag_tokens_flux.image_first_attention_sharing_image_keys((query, key, value), negative, image_tokens)
         backend = self.state.backend_for(plan)
         if self.state.capture is not None and self.joint:
             self.state.capture.record(self.layer, query, key, plan, None, (0, image_tokens), scale, "BHSD", self.state.call)
