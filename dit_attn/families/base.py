@@ -97,12 +97,16 @@ class Family:
         raise NotImplementedError
 
     def attention_processors(self, transformer) -> dict:
-        """The processors dit-attn replaces, by key ('<attention module>.processor')."""
-        return dict(transformer.attn_processors)
+        """The processors dit-attn replaces, by key ('<attention module>.processor'): diffusers' `attn_processors`
+        (a module's attribute lookups on its class: a missing one costs an exception on the module)."""
+        return {f"{name}.processor": module.get_processor() for name, module in transformer.named_modules()
+                if hasattr(type(module), "get_processor")}
 
     def set_processors(self, transformer, processors: dict) -> None:
-        """Give the attention modules of these keys these processors."""
-        transformer.set_attn_processor(dict(processors))  # set_attn_processor empties the dict it is given
+        """Give the attention modules of these keys these processors (`set_attn_processor`'s per-module call; it
+        wants a processor for every attention module of the model)."""
+        for key, processor in processors.items():
+            transformer.get_submodule(key.removesuffix(".processor")).set_processor(processor)
 
     def layer_of_key(self, key: str, transformer) -> int:
         """The layer index of a processor key such as 'transformer_blocks.3.attn.processor'."""

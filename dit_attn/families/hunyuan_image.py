@@ -70,10 +70,6 @@ class HunyuanImage(Family):
         return {f"{name}.{i}.attn.processor": block.attn.processor
                 for name in _BLOCK_LISTS for i, block in enumerate(getattr(transformer, name))}
 
-    def set_processors(self, transformer, processors: dict) -> None:
-        # set_attn_processor wants a processor for every attention module, the refiner's included
-        for key, processor in processors.items():
-            transformer.get_submodule(key.removesuffix(".processor")).set_processor(processor)
 
     def layer_of_key(self, key: str, transformer) -> int:
         block_list, index = key.split(".")[:2]

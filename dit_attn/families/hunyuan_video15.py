@@ -68,10 +68,6 @@ class HunyuanVideo15(Family):
         return {f"transformer_blocks.{i}.attn.processor": block.attn.processor
                 for i, block in enumerate(transformer.transformer_blocks)}
 
-    def set_processors(self, transformer, processors: dict) -> None:
-        # set_attn_processor wants a processor for every attention module, the refiner's included
-        for key, processor in processors.items():
-            transformer.get_submodule(key.removesuffix(".processor")).set_processor(processor)
 
     def layer_of_key(self, key: str, transformer) -> int:
         block_list, index = key.split(".")[:2]

@@ -40,10 +40,8 @@ class SD3(Family):
 
     def attention_processors(self, transformer) -> dict:
         # an IP-Adapter's image projection (`image_proj`) has attention modules of its own
-        return {key: p for key, p in transformer.attn_processors.items() if key.startswith("transformer_blocks.")}
-
-    def set_processors(self, transformer, processors: dict) -> None:
-        transformer.set_attn_processor({**transformer.attn_processors, **processors})
+        return {key: p for key, p in super().attention_processors(transformer).items()
+                if key.startswith("transformer_blocks.")}
 
     def processor_for(self, key: str, layer: int, state):
         from ..processors.sd3 import SD3AttnProcessor

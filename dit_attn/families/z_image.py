@@ -67,9 +67,6 @@ class ZImage(Family):
         return {f"layers.{i}.attention.processor": block.attention.processor
                 for i, block in enumerate(transformer.layers)}
 
-    def set_processors(self, transformer, processors: dict) -> None:
-        for key, processor in processors.items():
-            transformer.get_submodule(key.removesuffix(".processor")).set_processor(processor)
 
     def layer_of_key(self, key: str, transformer) -> int:
         block_list, index = key.split(".")[:2]

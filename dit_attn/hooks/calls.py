@@ -381,7 +381,7 @@ def _unregister(module: torch.nn.Module, name: str) -> None:
     """Take a hook out of a module's chain. If something outside diffusers' registry wrapped the
     module's forward after it (e.g. accelerate's offload hooks), removing it would drop that
     wrapper: the hook stays in place, inert."""
-    registry = getattr(module, "_diffusers_hook", None)
+    registry = module.__dict__.get("_diffusers_hook")  # not getattr: a module without it raises inside
     hook = registry.get_hook(name) if registry is not None else None
     if hook is None:
         return
