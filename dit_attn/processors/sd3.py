@@ -80,6 +80,10 @@ class SD3AttnProcessor(LayerProcessor):
             key = attn.norm_k(key)
 
         if encoder_hidden_states is not None:
+            tokens = self.state.nag_tokens_at(self.layer, batch_size)
+            if tokens is not None and self._image_queries_only(attn, residual.shape[1], batch_size):
+                return self._nag_tokens_image_queries(attn, (query, key, value), encoder_hidden_states, tokens,
+                                                      image_projections)
             context_query = attn.add_q_proj(encoder_hidden_states)
             context_key = attn.add_k_proj(encoder_hidden_states)
             context_value = attn.add_v_proj(encoder_hidden_states)
@@ -91,7 +95,6 @@ class SD3AttnProcessor(LayerProcessor):
             if attn.norm_added_k is not None:
                 context_key = attn.norm_added_k(context_key)
             context_key, context_value = self.state.patch_text(self.layer, context_key, context_value)
-            tokens = self.state.nag_tokens_at(self.layer, batch_size)
             if tokens is not None:
                 return self._nag_tokens_attention(attn, (query, key, value), (context_query, context_key, context_value),
                                                   tokens, image_projections)
@@ -131,6 +134,38 @@ class SD3AttnProcessor(LayerProcessor):
         if not attn.context_pre_only:
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
         return hidden_states, encoder_hidden_states, image_projections
+
+    def _image_queries_only(self, attn, image_tokens: int, batch: int) -> bool:
+        """SD3's last block drops its text's attention output (`context_pre_only`): where the layer's attention is
+        plain SDPA with nothing recorded, the token path attends the image queries only."""
+        return (attn.context_pre_only and self.state.capture is None
+                and self.state.plan(self.layer, batch, (0, image_tokens), perturbed=self.joint) is None
+                and self.state.scale_for(self.layer, image_tokens, attn.inner_dim // attn.heads) is None)
+
+    def _nag_tokens_image_queries(self, attn, image: tuple, text: torch.Tensor, tokens: tuple[int, torch.Tensor],
+                                  image_projections: tuple):
+        """`_nag_tokens_attention` at a `context_pre_only` block: the image queries attend [image ; positive text]
+        (Z⁺) and [image ; negative text] (Z⁻); the text output is empty."""
+        text_len, rows = tokens
+        query, key, value = image
+        head_dim = query.shape[-1]
+        context_key = _split_heads(attn.add_k_proj(text), attn.heads, head_dim)
+        context_value = _split_heads(attn.add_v_proj(text), attn.heads, head_dim)
+        if attn.norm_added_k is not None:
+            context_key = attn.norm_added_k(context_key)
+        context_key, context_value = self.state.patch_text(self.layer, context_key, context_value)
+        parts = slice(0, text_len), slice(text_len, None)
+        if nag_tokens_flux.shares_image_keys(query, None, query.shape[2]):
+            none = query[:, :, :0]
+            outputs = nag_tokens_flux.attention_sharing_image_keys(
+                query, none, none, (key, value), *((context_key[:, :, part], context_value[:, :, part]) for part in parts))
+        else:
+            outputs = (F.scaled_dot_product_attention(query, torch.cat([key, context_key[:, :, part]], dim=2),
+                                                      torch.cat([value, context_value[:, :, part]], dim=2))
+                       for part in parts)
+        out, out_neg = (x.transpose(1, 2).flatten(2).to(query.dtype) for x in outputs)
+        # the block unpacks two outputs and drops the text's
+        return nag_guided_rows(self.state.nag, out, out_neg, rows), out[:, :0], image_projections
 
     @staticmethod
     def output(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
