@@ -74,7 +74,7 @@ class ZeroTokenCollapse:
     @staticmethod
     def _stock(module, family) -> bool:
         return all(type(p).__name__ in family.stock_processors and getattr(p, "_attention_backend", None) is None
-                   for p in module.attn_processors.values())
+                   for p in family.attention_processors(module).values())
 
     def remove(self) -> None:
         for handle in self.handles:
