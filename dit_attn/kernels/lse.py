@@ -3,7 +3,7 @@
 NAG's token path attends the image queries over [image ; positive text] and over [image ; negative text]; from
 each part's output and log-sum-exp the image keys' part runs once for both (`merge`). torch returns the
 log-sum-exp only from its fused kernels' own ops: on the CPU `_scaled_dot_product_flash_attention_for_cpu` (any
-float dtype, an additive key mask), on CUDA cuDNN's and flash attention's (float16 / bfloat16, no mask). A CUDA
+float dtype, an additive key mask), on CUDA flash attention's and cuDNN's (float16 / bfloat16, no mask). A CUDA
 op serves a (device, dtype, head dim) only once it matched the float32 definition on a small input there
 (`usable`), the first of them that does; where none does, or where gradients are on (the ops give the
 log-sum-exp none), callers make their plain attention calls instead.
@@ -36,7 +36,9 @@ def _flash(q, k, v, bias=None):
     return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)[:2]
 
 
-CUDA_OPS = {"cudnn": _cudnn, "flash": _flash}  # in the order they are tried
+# in the order they are tried: flash attention's kernel takes any sequence length; cuDNN picks its plans by shape,
+# so its check on one small input says less
+CUDA_OPS = {"flash": _flash, "cudnn": _cudnn}
 
 
 def usable(q: torch.Tensor, masked: bool = False) -> bool:
@@ -105,7 +107,7 @@ def attention_with_lse(q, k, v, bias=None, op=None) -> tuple[torch.Tensor, torch
     if op is not _cpu:
         q, k, v = (x.contiguous() for x in (q, k, v))
     out, lse = op(q, k, v, bias)
-    # cuDNN's comes as (B, H, L, 1), the memory-efficient kernel's padded along L
+    # (B, H, L), (B, H, L, 1) or padded along L, as the op gives it
     return out, lse.reshape(*q.shape[:2], -1)[..., : q.shape[2]].float()
 
 
