@@ -139,7 +139,8 @@ class SD3AttnProcessor(LayerProcessor):
         """SD3's last block drops its text's attention output (`context_pre_only`): where the layer's attention is
         plain SDPA with nothing recorded, the token path attends the image queries only."""
         return (attn.context_pre_only and self.state.capture is None
-                and self.state.plan(self.layer, batch, (0, image_tokens), perturbed=self.joint) is None
+                and self.state.plan(self.layer, batch, (0, image_tokens), getattr(attn, POOL_MODULE, None),
+                                    perturbed=self.joint) is None
                 and self.state.scale_for(self.layer, image_tokens, attn.inner_dim // attn.heads) is None)
 
     def _nag_tokens_image_queries(self, attn, image: tuple, text: torch.Tensor, tokens: tuple[int, torch.Tensor],
