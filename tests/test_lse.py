@@ -38,6 +38,20 @@ def test_attention_with_lse_on_strided_views_and_a_key_mask():
     torch.testing.assert_close(row_lse.double(), expected_lse, atol=1e-5, rtol=1e-5)
 
 
+def test_masked_lse_in_query_chunks(monkeypatch):
+    """The matrix-product path CUDA takes under a key mask, here on the CPU with chunks of 3 queries."""
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 10, 16, dtype=torch.bfloat16) for _ in range(3))
+    bias = torch.zeros(2, 1, 1, 10, dtype=torch.bfloat16)
+    bias[0, ..., 4:] = float("-inf")
+    monkeypatch.setattr(lse, "MASKED_LOGITS", 2 * 3 * 10 * 3)
+    out, row_lse = lse.masked_lse(q, k, v, bias)
+    expected, expected_lse = definition(q, k, v, bias)
+    assert out.dtype == torch.bfloat16 and row_lse.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(row_lse.double(), expected_lse, atol=1e-5, rtol=1e-5)
+
+
 def test_merge_of_two_key_sets_is_attention_over_their_union():
     torch.manual_seed(1)
     q, k, v = (torch.randn(1, 2, 24, 8) for _ in range(3))
@@ -101,18 +115,33 @@ def test_a_cuda_op_passes_the_check(dtype, head_dim):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_nag_shared_image_keys_equals_two_attention_calls(dtype):
-    """FLUX's layout, (B, S, H, D) of [positive text ; negative text ; image] on the test device: the merge's
-    text and image outputs against two SDPA calls over [positive text ; image] and [negative text ; image]."""
+@pytest.mark.parametrize("masked, texts_by_products", [(False, False), (True, False), (True, True)])
+def test_nag_shared_image_keys_equals_two_attention_calls(dtype, masked, texts_by_products, monkeypatch):
+    """FLUX's layout, (B, S, H, D) of [positive text ; negative text ; image] on the test device, with or without a
+    key mask on the texts (Qwen-Image's padded prompts): the merge's text and image outputs against two SDPA calls
+    over [positive text ; image] and [negative text ; image] under that mask. texts_by_products: the masked texts'
+    part by `masked_lse`, as on CUDA (on the CPU the fused op takes the mask)."""
+    if texts_by_products:
+        fused = lse.attention_with_lse
+        monkeypatch.setattr(lse, "attention_with_lse", lambda q, k, v, bias=None:
+                            fused(q, k, v) if bias is None else lse.masked_lse(q, k, v, bias))
     generator = torch.Generator().manual_seed(2)
     n, image, heads, dim = 24, 300, 4, 64
     q, k, v = (torch.randn(2, 2 * n + image, heads, dim, generator=generator).to(DEVICE, dtype) for _ in range(3))
     if not lse.usable(q.transpose(1, 2)):
         pytest.skip(f"no log-sum-exp op for {dtype} on {DEVICE}")
-    text, z_pos, z_neg = nag_tokens_flux.shared_image_keys_attention(q, k, v, n)
+    keys = torch.ones(2, 2 * n + image, dtype=torch.bool, device=DEVICE)
+    if masked:
+        keys[0, 10:n] = False  # the first row's positive text is 10 tokens, the second row's negative text 5
+        keys[1, n + 5 : 2 * n] = False
+    shared, text_bias = nag_tokens_flux._text_key_bias(keys if masked else None, n, dtype)
+    assert shared
+    text, z_pos, z_neg = nag_tokens_flux.shared_image_keys_attention(q, k, v, n, text_bias)
     positive, negative = ([torch.cat([x[:, part], x[:, 2 * n:]], 1).transpose(1, 2) for x in (q, k, v)]
                           for part in (slice(0, n), slice(n, 2 * n)))
-    out, out_neg = (F.scaled_dot_product_attention(*side).transpose(1, 2) for side in (positive, negative))
+    masks = [torch.cat([keys[:, part], keys[:, 2 * n:]], 1)[:, None, None] for part in (slice(0, n), slice(n, 2 * n))]
+    out, out_neg = (F.scaled_dot_product_attention(*side, attn_mask=mask if masked else None).transpose(1, 2)
+                    for side, mask in zip((positive, negative), masks))
     tolerance = lse.TOLERANCES[dtype]
     for got, want in ((text[:, :n], out[:, :n]), (text[:, n:], out_neg[:, :n]), (z_pos, out[:, n:]),
                       (z_neg, out_neg[:, n:])):

@@ -10,10 +10,10 @@ Chroma its own text mask). At a NAG layer the image queries attend [positive tex
 [negative text ; image] (Z⁻), the positive text queries [positive text ; image] (their stock update), the
 negative text queries [negative text ; image]: what the negative rows of the row path compute, where each
 negative row takes its positive row's image q/k/v at every NAG layer (SD3's choice, followed here).
-Where the layer's attention is the default SDPA, on the CPU unmasked or with a mask on text keys only, on CUDA
-unmasked where `kernels.lse` found an op that returns the log-sum-exp, and the image has enough tokens, the image
-queries' attention over the image keys, shared by Z⁺ and Z⁻, runs once (`shared_image_keys_attention`); elsewhere
-two attention calls.
+Where the layer's attention is the default SDPA, unmasked or with a mask on text keys only, on the CPU or on CUDA
+where `kernels.lse` found an op that returns the log-sum-exp, and the image has enough tokens, the image queries'
+attention over the image keys, shared by Z⁺ and Z⁻, runs once (`shared_image_keys_attention`); elsewhere two
+attention calls.
 
 FLUX.1 modulates the negative text with the time-text embedding of the negative pooled projection
 (`NAGTokenFluxBlock` runs the block step by step); the modulation of Chroma, Bria, LongCat-Image and
@@ -84,19 +84,17 @@ SHARED_IMAGE_KEYS_FROM: int | None = 160
 SHARED_IMAGE_KEYS_FROM_CUDA: int | None = 1024
 
 
-def shares_image_keys(query: torch.Tensor, capture, image_tokens: int, masked: bool = False) -> bool:
-    """The shared-image-keys merge may replace two default SDPA calls on these (B, H, L, D) queries (`masked`: the
-    call has a key mask, `_text_key_bias`'s)."""
+def shares_image_keys(query: torch.Tensor, capture, image_tokens: int) -> bool:
+    """The shared-image-keys merge may replace two default SDPA calls on these (B, H, L, D) queries."""
     start = {"cpu": SHARED_IMAGE_KEYS_FROM, "cuda": SHARED_IMAGE_KEYS_FROM_CUDA}.get(query.device.type)
-    return (start is not None and image_tokens >= start and capture is None
-            and lse.usable(query, masked))
+    return start is not None and image_tokens >= start and capture is None and lse.usable(query)
 
 
-def layer_shares_image_keys(processor, query: torch.Tensor, image_tokens: int, masked: bool = False) -> bool:
+def layer_shares_image_keys(processor, query: torch.Tensor, image_tokens: int) -> bool:
     """The layer's attention is diffusers' default SDPA with nothing recorded: `shared_image_keys_attention` may
     replace its two calls on these (B, S, H, D) queries."""
     return (processor._attention_backend is None and processor._parallel_config is None
-            and shares_image_keys(query.transpose(1, 2), processor.state.capture, image_tokens, masked))
+            and shares_image_keys(query.transpose(1, 2), processor.state.capture, image_tokens))
 
 
 def _text_key_bias(mask: torch.Tensor | None, n: int, dtype) -> tuple[bool, torch.Tensor | None]:
@@ -165,7 +163,7 @@ def image_first_nag_token_attend(processor, attn, query, key, value, keys: torch
     plan = processor.state.plan(processor.layer, query.shape[0], (0, image_len), getattr(attn, POOL_MODULE, None))
     dtype = query.dtype
     shared, bias = False, None
-    if plan is None and layer_shares_image_keys(processor, query, image, keys is not None):
+    if plan is None and layer_shares_image_keys(processor, query, image):
         shared = keys is None
         if keys is not None:
             shared, bias = _each_text_key_bias(keys[:, None, None, image:n], keys[:, None, None, n:], dtype)
@@ -242,7 +240,7 @@ def nag_token_attend(processor, attn, query, key, value, attention_mask,
     dtype = query.dtype
     shared, text_bias = False, None
     # before the mask's checks: they sync a GPU
-    if plan is None and layer_shares_image_keys(processor, query, query.shape[1] - 2 * n, attention_mask is not None):
+    if plan is None and layer_shares_image_keys(processor, query, query.shape[1] - 2 * n):
         shared, text_bias = _text_key_bias(attention_mask, n, dtype)
     if shared:
         text, z_pos, z_neg = (x.flatten(2, 3).to(dtype)

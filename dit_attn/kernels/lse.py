@@ -3,10 +3,10 @@
 NAG's token path attends the image queries over [image ; positive text] and over [image ; negative text]; from
 each part's output and log-sum-exp the image keys' part runs once for both (`merge`). torch returns the
 log-sum-exp only from its fused kernels' own ops: on the CPU `_scaled_dot_product_flash_attention_for_cpu` (any
-float dtype, an additive key mask), on CUDA flash attention's and cuDNN's (float16 / bfloat16, no mask). A CUDA
-op serves a (device, dtype, head dim) only once it matched the float32 definition on a small input there
-(`usable`), the first of them that does; where none does, or where gradients are on (the ops give the
-log-sum-exp none), callers make their plain attention calls instead.
+float dtype, an additive key mask), on CUDA flash attention's and cuDNN's (float16 / bfloat16, no mask: a masked
+text's few keys go by matrix products, `masked_lse`). A CUDA op serves a (device, dtype, head dim) only once it
+matched the float32 definition on a small input there (`usable`), the first of them that does; where none does,
+or where gradients are on (the ops give the log-sum-exp none), callers make their plain attention calls instead.
 """
 from __future__ import annotations
 
@@ -41,13 +41,13 @@ def _flash(q, k, v, bias=None):
 CUDA_OPS = {"flash": _flash, "cudnn": _cudnn}
 
 
-def usable(q: torch.Tensor, masked: bool = False) -> bool:
-    """`attention_with_lse` may serve these (B, H, L, D) queries (with an additive key mask where `masked`)."""
+def usable(q: torch.Tensor) -> bool:
+    """`attention_with_lse` may serve these (B, H, L, D) queries."""
     if torch.is_grad_enabled() and q.requires_grad:
         return False
     if q.device.type == "cpu":
         return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
-    return q.device.type == "cuda" and not masked and _cuda_op(str(q.device), q.dtype, q.shape[-1]) is not None
+    return q.device.type == "cuda" and _cuda_op(str(q.device), q.dtype, q.shape[-1]) is not None
 
 
 @torch.compiler.assume_constant_result
@@ -101,7 +101,10 @@ def mismatch(op, device: str, dtype: torch.dtype, head_dim: int) -> str | None:
 
 def attention_with_lse(q, k, v, bias=None, op=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, L, D) → (softmax attention (B, H, L, D), the log-sum-exp of each query's scaled logits (B, H, L) float32);
-    bias: an additive key mask (B, 1, 1, keys) in q's dtype (the CPU only). Call where `usable`."""
+    bias: an additive key mask (B, 1, 1, keys) in q's dtype, off the CPU for a few keys (a text's: `masked_lse`).
+    Call where `usable`."""
+    if bias is not None and q.device.type != "cpu" and op is None:
+        return masked_lse(q, k, v, bias)
     if op is None:
         op = _cpu if q.device.type == "cpu" else CUDA_OPS[_cuda_op(str(q.device), q.dtype, q.shape[-1])]
     if op is not _cpu:
@@ -109,6 +112,25 @@ def attention_with_lse(q, k, v, bias=None, op=None) -> tuple[torch.Tensor, torch
     out, lse = op(q, k, v, bias)
     # (B, H, L), (B, H, L, 1) or padded along L, as the op gives it
     return out, lse.reshape(*q.shape[:2], -1)[..., : q.shape[2]].float()
+
+
+# the float32 logits `masked_lse` holds at once, in elements (256 MB)
+MASKED_LOGITS = 1 << 26
+
+
+def masked_lse(q, k, v, bias) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_with_lse` under an additive key mask by matrix products in float32, queries in chunks of at most
+    `MASKED_LOGITS` logits: for a few keys (the fused CUDA ops take no mask)."""
+    scale = 1 / math.sqrt(q.shape[-1])
+    chunk = max(1, MASKED_LOGITS // max(1, q.shape[0] * q.shape[1] * k.shape[2]))
+    k_t, v, bias = k.float().transpose(-1, -2), v.float(), bias.float()
+    outs, lses = [], []
+    for start in range(0, q.shape[2], chunk):
+        logits = torch.matmul(q[:, :, start : start + chunk].float(), k_t).mul_(scale).add_(bias)
+        lse = logits.logsumexp(-1)
+        outs.append(torch.matmul(logits.sub_(lse.unsqueeze(-1)).exp_(), v).to(q.dtype))
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
 def merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
