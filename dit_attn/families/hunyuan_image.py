@@ -70,7 +70,6 @@ class HunyuanImage(Family):
         return {f"{name}.{i}.attn.processor": block.attn.processor
                 for name in _BLOCK_LISTS for i, block in enumerate(getattr(transformer, name))}
 
-
     def layer_of_key(self, key: str, transformer) -> int:
         block_list, index = key.split(".")[:2]
         if block_list not in _BLOCK_LISTS:

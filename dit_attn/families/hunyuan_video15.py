@@ -68,7 +68,6 @@ class HunyuanVideo15(Family):
         return {f"transformer_blocks.{i}.attn.processor": block.attn.processor
                 for i, block in enumerate(transformer.transformer_blocks)}
 
-
     def layer_of_key(self, key: str, transformer) -> int:
         block_list, index = key.split(".")[:2]
         if block_list != "transformer_blocks":

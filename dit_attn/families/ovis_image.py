@@ -46,7 +46,6 @@ class OvisImage(Flux):
     def attention_processors(self, transformer) -> dict:
         return {f"{name}.processor": module.processor for name, module in _attention_modules(transformer)}
 
-
     def conditional_rows(self, pipe, batch: int, call: dict, context: str | None):
         """The "cond" call is conditional; the CFG call under cache context "uncond" is left stock."""
         if context == "uncond":

@@ -67,7 +67,6 @@ class ZImage(Family):
         return {f"layers.{i}.attention.processor": block.attention.processor
                 for i, block in enumerate(transformer.layers)}
 
-
     def layer_of_key(self, key: str, transformer) -> int:
         block_list, index = key.split(".")[:2]
         if block_list != "layers":
