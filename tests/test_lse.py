@@ -84,7 +84,10 @@ def test_the_check_catches_a_wrong_op(op, message):
 
 def test_the_first_op_that_passes_serves(monkeypatch):
     monkeypatch.setattr(lse, "CUDA_OPS", {"unsupported": _unsupported, "shifted": _shifted_lse, "right": lse._cpu})
-    assert lse._first_passing("cpu", torch.bfloat16, 32) == "right"
+    lse.forget()
+    assert lse._cuda_op("cpu", torch.bfloat16, 32) == "right"
+    assert lse.verdicts() == {"cpu bfloat16, head dim 32": "right"}
+    lse.forget()
 
 
 def test_without_a_passing_op_a_warning_names_each_failure(monkeypatch):

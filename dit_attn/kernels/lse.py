@@ -140,6 +140,13 @@ def merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Ten
     return (out_a.float() + (out_b.float() - out_a.float()) * weight).to(out_a.dtype)
 
 
+def verdicts() -> dict[str, str | None]:
+    """This process's choices so far: {"device dtype, head dim D": the CUDA op's name, or None (two calls)}."""
+    with _lock:
+        return {f"{device} {str(dtype).removeprefix('torch.')}, head dim {dim}": op
+                for (device, dtype, dim), op in _verdicts.items()}
+
+
 def forget() -> None:
     """Drop this process's verdicts on the CUDA ops."""
     with _lock:
