@@ -10,7 +10,8 @@ ablation, with each NAG layer's output left Z⁺ ("Z+ kept": what the combinatio
 --text-tokens T5 tokens; its CFG is true CFG (a second call with the negative prompt).
 
 The conditions run interleaved, one call of --images images each per round; the time of a
-condition is the median over --rounds rounds after one warm-up round, divided by the images.
+condition is the median over --rounds rounds after one warm-up round, divided by the images. Each NAG call
+includes its `da.apply` and removal (their cost alone is printed too).
 
 Run:  python benchmarks/nag_cost.py [--model tiny|flux-toy] [--threads 1] [--rounds 5] [--steps 12] [--images 2]
                                     [--size 64] [--text-tokens 32]
@@ -134,6 +135,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, model {args.model}, {args.size}x{args.size} "
           f"({text} text + {image} image tokens), {args.steps} steps, {args.images} images per call, "
           f"median of {args.rounds} rounds")
+    edit, start = da.NAG(NEGATIVE), time.perf_counter()
+    for _ in range(20):
+        with da.apply(pipe, edit):
+            pass
+    print(f"apply and remove of the NAG edit: {(time.perf_counter() - start) / 20 * 1e3:.2f} ms a call")
     base = statistics.median(times["unguided (CFG off)"])
     print(f"{'condition':<40} {'s/image':>8} {'vs unguided':>12}")
     for name, values in times.items():
