@@ -112,10 +112,12 @@ class CountSDPA(TorchFunctionMode):
 
 
 def check_shared_image_keys(pipe, call, nag, saved_sdpa_calls: int, monkeypatch) -> None:
-    """NAG's token path with the image keys' part of Z⁺ and Z⁻ computed once (merged by log-sum-exp) and with two
-    attention calls per NAG layer each give the row path's steps, and the merge saves `saved_sdpa_calls` SDPA calls."""
+    """NAG's token path with the image keys' part of Z⁺ and Z⁻ computed once (merged by log-sum-exp), the same with
+    any masked text's part by matrix products (`kernels.lse.masked_lse`, what CUDA runs), and with two attention
+    calls per NAG layer each give the row path's steps, and the merge saves `saved_sdpa_calls` SDPA calls."""
     import dit_attn as da
     from dit_attn.hooks import nag_tokens, nag_tokens_flux
+    from dit_attn.kernels import lse
 
     def run():
         with CallRecorder(pipe) as rec, da.apply(pipe, nag), CountSDPA() as sdpa:
@@ -124,13 +126,18 @@ def check_shared_image_keys(pipe, call, nag, saved_sdpa_calls: int, monkeypatch)
 
     monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS_FROM", 0)
     shared, shared_sdpa = run()
+    with monkeypatch.context() as patch:
+        fused = lse.attention_with_lse
+        patch.setattr(lse, "attention_with_lse",
+                      lambda q, k, v, bias=None: fused(q, k, v) if bias is None else lse.masked_lse(q, k, v, bias))
+        by_products, _ = run()
     monkeypatch.setattr(nag_tokens_flux, "SHARED_IMAGE_KEYS_FROM", None)
     two_calls, two_calls_sdpa = run()
     assert two_calls_sdpa - shared_sdpa == saved_sdpa_calls
     monkeypatch.setattr(nag_tokens, "TOKEN_FAMILIES", ())
     rows, _ = run()
-    for a, b, want in zip(shared, two_calls, rows, strict=True):
-        assert (a - want).abs().max() <= 1e-5 and (b - want).abs().max() <= 1e-5
+    for a, b, c, want in zip(shared, by_products, two_calls, rows, strict=True):
+        assert max((x - want).abs().max() for x in (a, b, c)) <= 1e-5
 
 
 class PerturbSDPA(TorchFunctionMode):
