@@ -137,7 +137,8 @@ def merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Ten
     """The attention over the union of two disjoint key sets from each set's (output, lse)."""
     (out_a, lse_a), (out_b, lse_b) = a, b
     weight = torch.sigmoid(lse_b - lse_a).unsqueeze(-1)  # the share of the softmax mass on b's keys
-    return (out_a.float() + (out_b.float() - out_a.float()) * weight).to(out_a.dtype)
+    # one pass in the outputs' dtype: a half-precision weight rounds below the outputs' own rounding
+    return torch.lerp(out_a, out_b.to(out_a.dtype), weight.to(out_a.dtype))
 
 
 def verdicts() -> dict[str, str | None]:
