@@ -80,8 +80,10 @@ def _split_mask(mask: torch.Tensor | None, n: int):
 # below, its extra calls and merges cost more than the pass over the image keys they save
 # (`python benchmarks/nag_attention.py`: the crossover lies at 100-200 image tokens on one CPU thread)
 SHARED_IMAGE_KEYS_FROM: int | None = 160
-# the same on CUDA: a guess (1024² images have 4096 image tokens), to be set from `benchmarks/gpu/stage_steps.py`
-SHARED_IMAGE_KEYS_FROM_CUDA: int | None = 1024
+# the same on CUDA, not measured yet (`benchmarks/gpu/stage_steps.py` times both ways): from 1024² images of FLUX.1's
+# layout, where the merge attends ≈ 60% of the two calls' query-key pairs, enough to win against a faster kernel in
+# those calls (the merge's log-sum-exp op may be flash attention where SDPA takes cuDNN's)
+SHARED_IMAGE_KEYS_FROM_CUDA: int | None = 4096
 
 
 def shares_image_keys(query: torch.Tensor, capture, image_tokens: int) -> bool:

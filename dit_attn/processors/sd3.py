@@ -158,8 +158,8 @@ class SD3AttnProcessor(LayerProcessor):
         parts = slice(0, text_len), slice(text_len, None)
         if nag_tokens_flux.shares_image_keys(query, None, query.shape[2]):
             none = query[:, :, :0]
-            outputs = nag_tokens_flux.attention_sharing_image_keys(
-                query, none, none, (key, value), *((context_key[:, :, part], context_value[:, :, part]) for part in parts))
+            texts = ((context_key[:, :, part], context_value[:, :, part]) for part in parts)
+            outputs = nag_tokens_flux.attention_sharing_image_keys(query, none, none, (key, value), *texts)
         else:
             outputs = (F.scaled_dot_product_attention(query, torch.cat([key, context_key[:, :, part]], dim=2),
                                                       torch.cat([value, context_value[:, :, part]], dim=2))
