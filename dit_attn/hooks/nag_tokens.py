@@ -40,6 +40,7 @@ NAG_TOKEN_HOOK = "dit_attn.nag_tokens"
 TOKEN_FAMILIES = ("sd3", "flux", "chroma", "bria", "longcat_image", "ovis_image", "flux2", "qwen_image", "z_image",
                   "hunyuan_image", "hunyuan_video15")
 
+
 @dataclass(frozen=True)
 class NAGTokens:
     """The negative text tokens of the call running now."""

@@ -84,17 +84,10 @@ class SD3AttnProcessor(LayerProcessor):
             if tokens is not None and self._image_queries_only(attn, residual.shape[1], batch_size):
                 return self._nag_tokens_image_queries(attn, (query, key, value), encoder_hidden_states, tokens,
                                                       image_projections)
-            context_query = attn.add_q_proj(encoder_hidden_states)
-            context_key = attn.add_k_proj(encoder_hidden_states)
-            context_value = attn.add_v_proj(encoder_hidden_states)
-            context_query, context_key, context_value = (
-                _split_heads(x, attn.heads, head_dim) for x in (context_query, context_key, context_value)
-            )
+            context_query = _split_heads(attn.add_q_proj(encoder_hidden_states), attn.heads, head_dim)
             if attn.norm_added_q is not None:
                 context_query = attn.norm_added_q(context_query)
-            if attn.norm_added_k is not None:
-                context_key = attn.norm_added_k(context_key)
-            context_key, context_value = self.state.patch_text(self.layer, context_key, context_value)
+            context_key, context_value = self._text_keys_values(attn, encoder_hidden_states, head_dim)
             if tokens is not None:
                 return self._nag_tokens_attention(attn, (query, key, value), (context_query, context_key, context_value),
                                                   tokens, image_projections)
@@ -135,6 +128,14 @@ class SD3AttnProcessor(LayerProcessor):
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
         return hidden_states, encoder_hidden_states, image_projections
 
+    def _text_keys_values(self, attn, text: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text tokens' keys (after their norm) and values (B, H, S, D), with TextPatch's rows patched."""
+        key = _split_heads(attn.add_k_proj(text), attn.heads, head_dim)
+        value = _split_heads(attn.add_v_proj(text), attn.heads, head_dim)
+        if attn.norm_added_k is not None:
+            key = attn.norm_added_k(key)
+        return self.state.patch_text(self.layer, key, value)
+
     def _image_queries_only(self, attn, image_tokens: int, batch: int) -> bool:
         """SD3's last block drops its text's attention output (`context_pre_only`): where the layer's attention is
         plain SDPA with nothing recorded, the token path attends the image queries only."""
@@ -149,12 +150,7 @@ class SD3AttnProcessor(LayerProcessor):
         (Z⁺) and [image ; negative text] (Z⁻); the text output is empty."""
         text_len, rows = tokens
         query, key, value = image
-        head_dim = query.shape[-1]
-        context_key = _split_heads(attn.add_k_proj(text), attn.heads, head_dim)
-        context_value = _split_heads(attn.add_v_proj(text), attn.heads, head_dim)
-        if attn.norm_added_k is not None:
-            context_key = attn.norm_added_k(context_key)
-        context_key, context_value = self.state.patch_text(self.layer, context_key, context_value)
+        context_key, context_value = self._text_keys_values(attn, text, query.shape[-1])
         parts = slice(0, text_len), slice(text_len, None)
         if nag_tokens_flux.shares_image_keys(query, None, query.shape[2]):
             none = query[:, :, :0]
